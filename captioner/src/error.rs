@@ -1,0 +1,109 @@
+//! The error every public prepare entry point returns.
+//!
+//! The stage runtime turns it into a retry (nak with a delay) or a
+//! permanent failure, so each variant answers [`PrepareError::is_retryable`]
+//! and, where a server asked for it, [`PrepareError::retry_after`]. Messages
+//! are shown to users as the job's failure reason: they are lowercase, have
+//! no trailing period, name the offending file(s) or setting, and include the
+//! wrapped error's message inline (the wrapped error is kept in a public
+//! field, not as `source()`, so the text is not repeated in error chains).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::caption::CaptionError;
+use crate::fetch::FetchError;
+use crate::unpack::UnpackError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error("dataset input {path} does not exist")]
+    InputNotFound { path: PathBuf },
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error("could not unpack {archive}: {error}")]
+    Unpack { archive: String, error: UnpackError },
+    #[error("dataset has more than {limit} files (limits.max_files)")]
+    TooManyFiles { limit: usize },
+    #[error("downloaded dataset exceeds {limit} bytes (limits.max_total_bytes)")]
+    InputTooLarge { limit: u64 },
+    #[error("{}", no_usable_images_message(bad))]
+    NoUsableImages {
+        /// Every image that failed to decode or was too small, by its name
+        /// relative to the dataset root.
+        bad: Vec<String>,
+    },
+    #[error("dataset has {found} usable images, fewer than min_images ({required})")]
+    TooFewImages { found: usize, required: usize },
+    #[error("captioning {file} failed: {error}")]
+    Caption { file: String, error: CaptionError },
+    #[error("invalid setting {field}: {reason}")]
+    InvalidSettings { field: &'static str, reason: String },
+    #[error("i/o error on {path}: {error}")]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("a background task was cancelled before it finished")]
+    Interrupted,
+}
+
+fn no_usable_images_message(bad: &[String]) -> String {
+    if bad.is_empty() {
+        "no usable images in the dataset: no image files found".to_owned()
+    } else {
+        format!(
+            "no usable images in the dataset; unreadable or too small: {}",
+            bad.join(", ")
+        )
+    }
+}
+
+impl PrepareError {
+    /// True when the same input may prepare successfully later: network
+    /// and server trouble, a captioning backend that is down, local disk
+    /// errors, cancellation. A bad dataset or bad settings is final.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            PrepareError::Fetch(e) => e.is_retryable(),
+            PrepareError::Unpack { error, .. } => error.is_retryable(),
+            PrepareError::Caption { error, .. } => error.is_retryable(),
+            PrepareError::Io { .. } | PrepareError::Interrupted => true,
+            PrepareError::InputNotFound { .. }
+            | PrepareError::TooManyFiles { .. }
+            | PrepareError::InputTooLarge { .. }
+            | PrepareError::NoUsableImages { .. }
+            | PrepareError::TooFewImages { .. }
+            | PrepareError::InvalidSettings { .. } => false,
+        }
+    }
+
+    /// How long a server asked us to wait before trying again, if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            PrepareError::Fetch(e) => e.retry_after(),
+            PrepareError::Caption { error, .. } => error.retry_after(),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> PrepareError {
+        let path = path.into();
+        move |error| PrepareError::Io { path, error }
+    }
+}
+
+/// Runs blocking work (file walks, decoding, hashing) on the blocking pool.
+/// A panic in `f` is a bug and is re-raised; a cancelled task (runtime
+/// shutting down) is [`PrepareError::Interrupted`].
+pub(crate) async fn blocking<T, F>(f: F) -> Result<T, PrepareError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(value) => Ok(value),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Err(PrepareError::Interrupted),
+    }
+}

@@ -1,0 +1,44 @@
+//! Trainyard's prepare stage library: turn a user's dataset source into a
+//! clean, captioned folder described by a manifest.
+//!
+//! Users hand us zips from every operating system, loose image URLs and
+//! folders with captions in various states; trainers want one flat folder
+//! of decodable images, each with a one-line `<stem>.txt` caption that
+//! starts with the trigger word. Everything between those two is here, as a
+//! library with no NATS or artifact-store code, so the stage wiring stays
+//! thin and every step is testable on local files:
+//!
+//! - [`fetch`]: the one guarded HTTP client for user URLs (no private
+//!   addresses after DNS, byte and time limits);
+//! - [`unpack`]: the one guarded zip reader (no path escapes, no links,
+//!   bounded size and entry count);
+//! - `dataset` and `images` (internal): junk removal, flattening, nested
+//!   zips, sidecars, full decode of every image, the prepared folder;
+//! - [`caption`]: caption backends and the caption/trigger-word policy;
+//! - [`manifest`]: `manifest.json` with sizes and sha256 per image;
+//! - [`sample`]: a bundled, procedurally drawn sample dataset.
+//!
+//! The entry points are [`fetch_source`] (remote → [`LocalInput`]) and
+//! [`prepare_local`] ([`LocalInput`] → [`PreparedDataset`]). Every error is
+//! a [`PrepareError`] that says whether a retry can help.
+
+pub mod caption;
+mod dataset;
+mod error;
+pub mod fetch;
+mod images;
+pub mod manifest;
+mod prepare;
+pub mod sample;
+mod source;
+pub mod unpack;
+
+pub use caption::{CaptionBackend, CaptionError, ImageInfo, TemplateCaptioner};
+pub use dataset::IMAGE_EXTENSIONS;
+pub use error::PrepareError;
+pub use fetch::{FetchError, FetchPolicy, GuardedClient};
+pub use images::MIN_SIDE;
+pub use manifest::{CaptionSource, DatasetManifest, DropReason, DroppedFile, ManifestEntry};
+pub use prepare::{LocalInput, PrepareSettings, PreparedDataset, prepare_local};
+pub use source::{RemoteSource, fetch_images, fetch_source, fetch_zip};
+pub use unpack::{UnpackError, UnpackLimits};

@@ -1,0 +1,84 @@
+//! Job events: state changes, progress, metrics, log lines and checkpoints,
+//! published to `TY_EVENTS` under `ty.event.<tenant>.<job>.<kind>`. `Watch`,
+//! dashboards and webhooks read them; the coordinator's job record stays the
+//! truth. Secrets never reach an event: callers pass only redacted data.
+
+use crate::topology::{EventKind, subject};
+use async_nats::jetstream;
+use prost::Message;
+use trainyard_proto::v1::{self, job_event::Kind};
+use trainyard_proto::{JobId, TenantId};
+
+/// Publishes the events of one job.
+#[derive(Clone)]
+pub struct EventSink {
+    js: jetstream::Context,
+    tenant: TenantId,
+    job: JobId,
+}
+
+impl EventSink {
+    pub fn new(js: jetstream::Context, tenant: TenantId, job: JobId) -> Self {
+        Self { js, tenant, job }
+    }
+
+    pub fn job(&self) -> &JobId {
+        &self.job
+    }
+
+    pub fn tenant(&self) -> &TenantId {
+        &self.tenant
+    }
+
+    /// Publishes and waits for the stream's ack, so events of one publisher
+    /// are stored in order. A failure is logged, never fatal to the task.
+    pub async fn emit(&self, kind: Kind) {
+        let event_kind = match &kind {
+            Kind::State(_) => EventKind::State,
+            Kind::Progress(_) => EventKind::Progress,
+            Kind::Metric(_) => EventKind::Metric,
+            Kind::Log(_) => EventKind::Log,
+            Kind::Checkpoint(_) => EventKind::Checkpoint,
+        };
+        let event = v1::JobEvent {
+            job_id: self.job.to_string(),
+            tenant: self.tenant.to_string(),
+            at_ms: crate::now_ms(),
+            kind: Some(kind),
+        };
+        let subject = subject::event(&self.tenant, &self.job, event_kind);
+        let result = match self.js.publish(subject, event.encode_to_vec().into()).await {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(error) = result {
+            tracing::warn!(job = %self.job, %error, "could not publish job event");
+        }
+    }
+
+    pub async fn progress(&self, progress: v1::Progress) {
+        self.emit(Kind::Progress(progress)).await;
+    }
+
+    pub async fn log(&self, stage: v1::Stage, stream: &str, line: &str) {
+        self.emit(Kind::Log(v1::LogLine {
+            stage: stage as i32,
+            stream: stream.to_string(),
+            line: line.to_string(),
+        }))
+        .await;
+    }
+
+    pub async fn metric(&self, name: &str, value: f64, step: u32) {
+        self.emit(Kind::Metric(v1::Metric {
+            name: name.to_string(),
+            value,
+            step,
+        }))
+        .await;
+    }
+
+    pub async fn checkpoint(&self, checkpoint: v1::Checkpoint) {
+        self.emit(Kind::Checkpoint(checkpoint)).await;
+    }
+}

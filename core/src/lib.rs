@@ -1,0 +1,27 @@
+//! What every Trainyard service shares: configuration, the NATS topology
+//! (subjects, streams, consumers and KV buckets as typed constructors), the
+//! stage runtime that owns acks, the artifact store, events, the trainer
+//! subprocess constructor, telemetry and shutdown.
+//!
+//! Services depend on this crate and on `trainyard-proto`; nothing here knows
+//! about a particular stage.
+
+pub mod config;
+pub mod events;
+pub mod nats;
+pub mod process;
+pub mod runtime;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+pub mod topology;
+
+pub use config::Config;
+
+/// Milliseconds since the Unix epoch, the unit of every timestamp we store.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,516 @@
+//! The stage runtime: the one run loop every stage service uses. A stage
+//! implements [`StageHandler::handle`]; the runtime owns everything about
+//! delivery, so no stage touches acks or delivery counts.
+//!
+//! ```text
+//!  pull (one message per free slot)
+//!    │
+//!    ├─ undecodable / bad ids ───────────────▶ DLQ copy, failed result, TERM
+//!    ├─ delivered > max_deliver ─────────────▶ DLQ copy, failed result, TERM
+//!    ├─ job final, cancelled or attempt stale ▶ TERM (nothing to do)
+//!    ▼
+//!  handle(task, ctx) ── in-progress ack every ack_wait/3 while it runs
+//!    ├─ Ok(outcome) ──────────▶ publish result (dedup id), then ACK
+//!    ├─ Retry{delay} ─────────▶ NAK with delay (or, out of deliveries: DLQ, failed result, TERM)
+//!    ├─ Fail(error) ──────────▶ publish failed result, TERM
+//!    ├─ Cancelled ────────────▶ TERM (the coordinator already recorded it)
+//!    └─ Interrupted ──────────▶ NAK without delay (service stopping; another replica resumes)
+//! ```
+//!
+//! A cancel message on `ty.control.<job>.cancel` cancels the task's
+//! [`TaskContext::cancel`] token. Shutdown stops pulling at once, lets
+//! running tasks finish for the drain grace, then cancels their
+//! [`TaskContext::stop`] token and waits for them to hand the task back.
+
+use crate::config::NatsConfig;
+use crate::events::EventSink;
+use crate::topology::{self, Topology, subject};
+use async_nats::jetstream::{self, AckKind};
+use futures::StreamExt;
+use prost::Message as _;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use trainyard_proto::v1::{
+    self, DeadLetter, ErrorKind, JobError, JobRecord, Stage, StageResult, stage_result::Outcome,
+};
+use trainyard_proto::{Attempt, IdError, JobId, TenantId};
+
+/// Who a task is for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskMeta {
+    pub tenant: TenantId,
+    pub job: JobId,
+    pub attempt: Attempt,
+}
+
+/// A task message of some stage.
+pub trait StageTask: prost::Message + Default + Send + 'static {
+    fn meta(&self) -> Result<TaskMeta, IdError>;
+}
+
+macro_rules! stage_task {
+    ($t:ty) => {
+        impl StageTask for $t {
+            fn meta(&self) -> Result<TaskMeta, IdError> {
+                Ok(TaskMeta {
+                    tenant: TenantId::parse(&self.tenant)?,
+                    job: JobId::parse(&self.job_id)?,
+                    attempt: Attempt(self.attempt),
+                })
+            }
+        }
+    };
+}
+stage_task!(v1::PrepareTask);
+stage_task!(v1::TrainTask);
+stage_task!(v1::DeliverTask);
+
+/// How a task ended, when it did not succeed. Retry intent is part of the type.
+#[derive(Debug)]
+pub enum StageError {
+    /// Transient: try again after `delay` (the same attempt, redelivered).
+    Retry { error: JobError, delay: Duration },
+    /// Permanent: the job fails with this error.
+    Fail(JobError),
+    /// The job was cancelled while the task ran.
+    Cancelled,
+    /// The service is stopping; hand the task back at once.
+    Interrupted,
+}
+
+impl StageError {
+    pub fn fail(kind: ErrorKind, message: impl Into<String>) -> Self {
+        StageError::Fail(job_error(kind, message, false))
+    }
+
+    pub fn retry(kind: ErrorKind, message: impl Into<String>, delay: Duration) -> Self {
+        StageError::Retry {
+            error: job_error(kind, message, true),
+            delay,
+        }
+    }
+}
+
+pub fn job_error(kind: ErrorKind, message: impl Into<String>, retryable: bool) -> JobError {
+    JobError {
+        kind: kind as i32,
+        message: message.into(),
+        retryable,
+        stage: Stage::Unspecified as i32,
+    }
+}
+
+/// What a handler gets besides its task: who it is for, where to send
+/// events, and the tokens that tell it to stop.
+pub struct TaskContext {
+    pub meta: TaskMeta,
+    pub stage: Stage,
+    /// Deliveries of this message so far, from 1.
+    pub delivered: u32,
+    pub worker_id: String,
+    pub events: EventSink,
+    /// Cancelled when the job is cancelled.
+    pub cancel: CancellationToken,
+    /// Cancelled when the service must hand the task back (shutdown past its grace).
+    pub stop: CancellationToken,
+}
+
+/// A stage's logic. Everything else is the runtime's.
+pub trait StageHandler: Send + Sync + 'static {
+    type Task: StageTask;
+    fn handle(
+        &self,
+        task: Self::Task,
+        ctx: TaskContext,
+    ) -> impl Future<Output = Result<Outcome, StageError>> + Send;
+}
+
+/// How one stage service runs.
+#[derive(Clone, Debug)]
+pub struct RunnerConfig {
+    pub stage: Stage,
+    /// GPU pool, for the training stage.
+    pub pool: String,
+    /// Tasks handled at once.
+    pub concurrency: usize,
+    pub worker_id: String,
+    pub nats: NatsConfig,
+    /// How long running tasks may go on after shutdown is asked.
+    pub drain_grace: Duration,
+}
+
+impl RunnerConfig {
+    pub fn new(stage: Stage, nats: &NatsConfig) -> Self {
+        Self {
+            stage,
+            pool: "default".into(),
+            concurrency: 1,
+            worker_id: format!("{}-{}", stage.name(), uuid::Uuid::now_v7().simple()),
+            nats: nats.clone(),
+            drain_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+type Inflight = Arc<Mutex<HashMap<JobId, CancellationToken>>>;
+
+/// Runs a stage until `shutdown` is cancelled and the running tasks drain.
+pub async fn run_stage<H: StageHandler>(
+    client: async_nats::Client,
+    topo: Topology,
+    config: RunnerConfig,
+    handler: Arc<H>,
+    shutdown: CancellationToken,
+) -> Result<(), async_nats::Error> {
+    let consumer =
+        topology::task_consumer(&topo.js, config.stage, &config.pool, &config.nats).await?;
+    let inflight: Inflight = Arc::default();
+    let stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let mut cancels = client.subscribe(subject::all_cancels()).await?;
+    let cancel_map = inflight.clone();
+    let cancel_listener = shutdown.child_token();
+    let listener_stop = cancel_listener.clone();
+    // Lives until shutdown; it only cancels tokens.
+    tracker.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = listener_stop.cancelled() => break,
+                msg = cancels.next() => {
+                    let Some(msg) = msg else { break };
+                    if let Some(job) = subject::job_of_cancel(&msg.subject)
+                        && let Some(token) = cancel_map.lock().expect("inflight lock").get(&job)
+                    {
+                        tracing::info!(%job, "cancel received for a running task");
+                        token.cancel();
+                    }
+                }
+            }
+        }
+    });
+    let slots = Arc::new(Semaphore::new(config.concurrency.max(1)));
+    let shared = Arc::new(Shared {
+        topo,
+        config: config.clone(),
+        inflight,
+    });
+    tracing::info!(
+        stage = config.stage.name(),
+        worker = %config.worker_id,
+        "stage runtime started"
+    );
+    'pull: loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break 'pull,
+            permit = slots.clone().acquire_owned() => permit.expect("semaphore never closes"),
+        };
+        let batch = tokio::select! {
+            _ = shutdown.cancelled() => break 'pull,
+            batch = consumer.batch().max_messages(1).expires(Duration::from_secs(5)).messages() => batch,
+        };
+        let mut batch = match batch {
+            Ok(batch) => batch,
+            Err(error) => {
+                tracing::warn!(%error, "pull request failed; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break 'pull,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                }
+            }
+        };
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => break 'pull,
+            message = batch.next() => message,
+        };
+        match message {
+            Some(Ok(message)) => {
+                let shared = shared.clone();
+                let handler = handler.clone();
+                let stop = stop.clone();
+                // Tracked: shutdown waits for it; it ends with its task.
+                tracker.spawn(async move {
+                    shared.process(message, handler.as_ref(), stop).await;
+                    drop(permit);
+                });
+            }
+            Some(Err(error)) => tracing::debug!(%error, "pull ended with a status"),
+            None => {}
+        }
+    }
+    cancel_listener.cancel();
+    tracker.close();
+    if tokio::time::timeout(config.drain_grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain grace over; handing running tasks back");
+        stop.cancel();
+        tracker.wait().await;
+    }
+    tracing::info!(stage = config.stage.name(), "stage runtime stopped");
+    Ok(())
+}
+
+struct Shared {
+    topo: Topology,
+    config: RunnerConfig,
+    inflight: Inflight,
+}
+
+impl Shared {
+    async fn process<H: StageHandler>(
+        &self,
+        message: jetstream::Message,
+        handler: &H,
+        stop: CancellationToken,
+    ) {
+        let stage = self.config.stage;
+        let delivered = message
+            .info()
+            .map(|i| i.delivered.max(1) as u32)
+            .unwrap_or(1);
+        let header_meta = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Msg-Id"))
+            .and_then(|id| topology::parse_task_msg_id(id.as_str()))
+            .map(|(tenant, job, _, attempt)| TaskMeta {
+                tenant,
+                job,
+                attempt,
+            });
+        let decoded = H::Task::decode(message.payload.clone())
+            .map_err(|e| {
+                format!(
+                    "task is not a valid {} message: {e}",
+                    std::any::type_name::<H::Task>()
+                )
+            })
+            .and_then(|task| {
+                task.meta()
+                    .map(|meta| (task, meta))
+                    .map_err(|e| format!("task has a bad id: {e}"))
+            });
+        let (task, meta) = match decoded {
+            Ok(ok) => ok,
+            Err(reason) => {
+                tracing::error!(stage = stage.name(), %reason, "poison task");
+                self.dead_letter(&message, header_meta.as_ref(), &reason, delivered)
+                    .await;
+                if let Some(meta) = &header_meta {
+                    self.publish_failure(meta, job_error(ErrorKind::Poison, reason, false))
+                        .await;
+                }
+                self.settle(&message, AckKind::Term).await;
+                return;
+            }
+        };
+        if delivered > self.config.nats.max_deliver {
+            let reason = format!("{} task ran out of deliveries ({delivered})", stage.name());
+            self.dead_letter(&message, Some(&meta), &reason, delivered)
+                .await;
+            self.publish_failure(&meta, job_error(ErrorKind::Poison, reason, false))
+                .await;
+            self.settle(&message, AckKind::Term).await;
+            return;
+        }
+        match self.current(&meta).await {
+            Current::Run => {}
+            Current::Skip(why) => {
+                tracing::info!(job = %meta.job, attempt = %meta.attempt, why, "dropping task");
+                self.settle(&message, AckKind::Term).await;
+                return;
+            }
+            Current::Unknown => {
+                // The KV could not be read: try again shortly.
+                self.settle(&message, AckKind::Nak(Some(Duration::from_secs(2))))
+                    .await;
+                return;
+            }
+        }
+        let cancel = CancellationToken::new();
+        self.inflight
+            .lock()
+            .expect("inflight lock")
+            .insert(meta.job.clone(), cancel.clone());
+        let ctx = TaskContext {
+            meta: meta.clone(),
+            stage,
+            delivered,
+            worker_id: self.config.worker_id.clone(),
+            events: EventSink::new(self.topo.js.clone(), meta.tenant.clone(), meta.job.clone()),
+            cancel,
+            stop,
+        };
+        let result = self
+            .with_heartbeat(&message, handler.handle(task, ctx))
+            .await;
+        self.inflight
+            .lock()
+            .expect("inflight lock")
+            .remove(&meta.job);
+        match result {
+            Ok(outcome) => {
+                if self.publish_result(&meta, outcome).await {
+                    self.settle(&message, AckKind::Ack).await;
+                } else {
+                    self.settle(&message, AckKind::Nak(Some(Duration::from_secs(5))))
+                        .await;
+                }
+            }
+            Err(StageError::Retry { mut error, delay }) => {
+                if delivered >= self.config.nats.max_deliver {
+                    error.message =
+                        format!("gave up after {delivered} deliveries: {}", error.message);
+                    error.retryable = false;
+                    self.dead_letter(&message, Some(&meta), &error.message, delivered)
+                        .await;
+                    self.publish_failure(&meta, error).await;
+                    self.settle(&message, AckKind::Term).await;
+                } else {
+                    tracing::warn!(job = %meta.job, delivered, ?delay, error = %error.message, "retrying task");
+                    self.settle(&message, AckKind::Nak(Some(delay))).await;
+                }
+            }
+            Err(StageError::Fail(error)) => {
+                tracing::warn!(job = %meta.job, error = %error.message, "task failed");
+                self.publish_failure(&meta, error).await;
+                self.settle(&message, AckKind::Term).await;
+            }
+            Err(StageError::Cancelled) => self.settle(&message, AckKind::Term).await,
+            Err(StageError::Interrupted) => self.settle(&message, AckKind::Nak(None)).await,
+        }
+    }
+
+    /// Runs the handler, sending an in-progress ack every ack_wait/3.
+    async fn with_heartbeat<F: Future<Output = Result<Outcome, StageError>>>(
+        &self,
+        message: &jetstream::Message,
+        work: F,
+    ) -> Result<Outcome, StageError> {
+        let period = (self.config.nats.ack_wait() / 3).max(Duration::from_millis(200));
+        let mut ticker = tokio::time::interval(period);
+        ticker.tick().await;
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                result = &mut work => return result,
+                _ = ticker.tick() => {
+                    if let Err(error) = message.ack_with(AckKind::Progress).await {
+                        tracing::debug!(%error, "in-progress ack failed");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn current(&self, meta: &TaskMeta) -> Current {
+        let key = topology::job_key(&meta.tenant, &meta.job);
+        let entry = match self.topo.jobs.get(key).await {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return Current::Skip("no job record"),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read job record");
+                return Current::Unknown;
+            }
+        };
+        let Ok(record) = JobRecord::decode(entry) else {
+            return Current::Skip("job record unreadable");
+        };
+        let state = record.state();
+        if state.is_final() {
+            return Current::Skip("job already finished");
+        }
+        if record.stage() != self.config.stage || record.attempt != meta.attempt.0 {
+            return Current::Skip("stale attempt");
+        }
+        Current::Run
+    }
+
+    async fn publish_result(&self, meta: &TaskMeta, outcome: Outcome) -> bool {
+        let stage = self.config.stage;
+        let result = StageResult {
+            job_id: meta.job.to_string(),
+            tenant: meta.tenant.to_string(),
+            stage: stage as i32,
+            attempt: meta.attempt.0,
+            worker_id: self.config.worker_id.clone(),
+            outcome: Some(outcome),
+        };
+        let id = topology::result_msg_id(&meta.tenant, &meta.job, stage, meta.attempt);
+        match crate::nats::publish_durable(
+            &self.topo.js,
+            subject::result(stage),
+            &id,
+            None,
+            result.encode_to_vec().into(),
+        )
+        .await
+        {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::error!(job = %meta.job, %error, "could not publish stage result");
+                false
+            }
+        }
+    }
+
+    async fn publish_failure(&self, meta: &TaskMeta, mut error: JobError) {
+        error.stage = self.config.stage as i32;
+        self.publish_result(meta, Outcome::Failed(error)).await;
+    }
+
+    async fn dead_letter(
+        &self,
+        message: &jetstream::Message,
+        meta: Option<&TaskMeta>,
+        reason: &str,
+        delivered: u32,
+    ) {
+        let stage = self.config.stage;
+        let letter = DeadLetter {
+            stage: stage as i32,
+            subject: message.subject.to_string(),
+            reason: reason.to_string(),
+            payload: message.payload.to_vec(),
+            deliveries: delivered as u64,
+            job_id: meta.map(|m| m.job.to_string()).unwrap_or_default(),
+            tenant: meta.map(|m| m.tenant.to_string()).unwrap_or_default(),
+            at_ms: crate::now_ms(),
+        };
+        let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let id = format!("dlq.{}.{seq}", stage.name());
+        if let Err(error) = crate::nats::publish_durable(
+            &self.topo.js,
+            subject::dlq(stage),
+            &id,
+            None,
+            letter.encode_to_vec().into(),
+        )
+        .await
+        {
+            tracing::error!(%error, "could not write dead letter");
+        }
+    }
+
+    async fn settle(&self, message: &jetstream::Message, kind: AckKind) {
+        let result = match kind {
+            AckKind::Ack => message.double_ack().await,
+            other => message.ack_with(other).await,
+        };
+        if let Err(error) = result {
+            tracing::warn!(%error, "could not settle task message");
+        }
+    }
+}
+
+enum Current {
+    Run,
+    Skip(&'static str),
+    Unknown,
+}

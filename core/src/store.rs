@@ -1,0 +1,493 @@
+//! The artifact store: one `object_store` abstraction for every byte a job
+//! produces or consumes. A store is opened at a URI (`file:///abs/dir`, a
+//! local path, or `s3://bucket/prefix`, configured from the usual `AWS_*`
+//! variables) and addresses objects by keys below it.
+//!
+//! Layout by job (see [`keys`]): `jobs/<job>/dataset/…`,
+//! `jobs/<job>/checkpoints/<step>/…`, `jobs/<job>/output/…`, and
+//! `models/<name>/…` for base models.
+//!
+//! Files move as streams: a blocking thread reads (or writes) the local file
+//! and hashes it, the async side feeds a multipart upload, so a 2 GB
+//! checkpoint never sits in memory or on a runtime thread. Every put returns
+//! the object's size and sha256; readers verify them.
+
+use bytes::Bytes;
+use futures::StreamExt;
+use object_store::path::Path as StorePath;
+use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart};
+use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use trainyard_proto::JobId;
+use trainyard_proto::v1::Artifact;
+
+const CHUNK: usize = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("unsupported store uri {0:?}: use file://, a local path or s3://")]
+    BadUri(String),
+    #[error("object {0} not found")]
+    NotFound(String),
+    #[error("object {key} failed its checksum: expected {expected}, got {actual}")]
+    Checksum {
+        key: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("artifact store: {0}")]
+    Backend(#[from] object_store::Error),
+    #[error("local file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl StoreError {
+    /// Store trouble is worth a retry unless the object or the URI is wrong.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Backend(_) | StoreError::Io { .. })
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Keys of the job layout.
+pub mod keys {
+    use super::*;
+
+    pub fn dataset(job: &JobId) -> String {
+        format!("jobs/{job}/dataset")
+    }
+
+    pub fn input(job: &JobId) -> String {
+        format!("jobs/{job}/input")
+    }
+
+    pub fn checkpoint(job: &JobId, step: u32) -> String {
+        format!("jobs/{job}/checkpoints/{step:08}")
+    }
+
+    pub fn output(job: &JobId) -> String {
+        format!("jobs/{job}/output")
+    }
+
+    pub fn model(name: &str) -> String {
+        format!("models/{name}")
+    }
+}
+
+/// A store rooted at a URI.
+#[derive(Clone, Debug)]
+pub struct ArtifactStore {
+    root: String,
+    store: Arc<dyn ObjectStore>,
+    prefix: StorePath,
+}
+
+impl ArtifactStore {
+    /// Opens the store at `uri`. A local root is created when missing.
+    pub fn open(uri: &str) -> Result<Self, StoreError> {
+        if let Some(rest) = uri.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(StoreError::BadUri(uri.into()));
+            }
+            let mut builder =
+                object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+            if std::env::var("AWS_ENDPOINT_URL")
+                .map(|e| e.starts_with("http://"))
+                .unwrap_or(false)
+            {
+                builder = builder.with_allow_http(true);
+            }
+            if let Ok(endpoint) = std::env::var("AWS_ENDPOINT_URL") {
+                builder = builder.with_endpoint(endpoint);
+            }
+            let store = builder.build()?;
+            let prefix = prefix.trim_matches('/');
+            return Ok(Self {
+                root: format!("s3://{bucket}/{prefix}")
+                    .trim_end_matches('/')
+                    .to_string(),
+                store: Arc::new(store),
+                prefix: StorePath::from(prefix),
+            });
+        }
+        let local = match uri.strip_prefix("file://") {
+            Some(path) => PathBuf::from(path),
+            None if uri.contains("://") => return Err(StoreError::BadUri(uri.into())),
+            None => PathBuf::from(uri),
+        };
+        if local.as_os_str().is_empty() {
+            return Err(StoreError::BadUri(uri.into()));
+        }
+        std::fs::create_dir_all(&local).map_err(io_err(&local))?;
+        let local = std::fs::canonicalize(&local).map_err(io_err(&local))?;
+        let store = object_store::local::LocalFileSystem::new_with_prefix(&local)?
+            .with_automatic_cleanup(true);
+        Ok(Self {
+            root: format!("file://{}", local.display()),
+            store: Arc::new(store),
+            prefix: StorePath::default(),
+        })
+    }
+
+    /// The root URI, without a trailing slash.
+    pub fn root(&self) -> &str {
+        &self.root
+    }
+
+    /// The URI of a key in this store.
+    pub fn uri(&self, key: &str) -> String {
+        format!("{}/{}", self.root, key.trim_start_matches('/'))
+    }
+
+    /// The key of a URI inside this store, if it is inside.
+    pub fn key_of(&self, uri: &str) -> Option<String> {
+        let rest = uri.strip_prefix(&self.root)?;
+        if rest.is_empty() {
+            return Some(String::new());
+        }
+        rest.strip_prefix('/').map(str::to_string)
+    }
+
+    fn path(&self, key: &str) -> StorePath {
+        let mut path = self.prefix.clone();
+        for part in key.split('/').filter(|p| !p.is_empty()) {
+            path = path.join(part);
+        }
+        path
+    }
+
+    /// Stores a local file under `key`, streaming, and returns its artifact
+    /// (name = last path segment). The object appears whole or not at all.
+    pub async fn put_file(&self, local: &Path, key: &str) -> Result<Artifact, StoreError> {
+        let upload = self.store.put_multipart(&self.path(key)).await?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, CHUNK);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(2);
+        let path = local.to_owned();
+        let reader = tokio::task::spawn_blocking(move || -> Result<(u64, String), StoreError> {
+            let mut file = std::fs::File::open(&path).map_err(io_err(&path))?;
+            let mut hasher = Sha256::new();
+            let mut size = 0u64;
+            loop {
+                let mut buf = vec![0u8; CHUNK];
+                let n = file.read(&mut buf).map_err(io_err(&path))?;
+                if n == 0 {
+                    break;
+                }
+                buf.truncate(n);
+                hasher.update(&buf);
+                size += n as u64;
+                if tx.blocking_send(Bytes::from(buf)).is_err() {
+                    break;
+                }
+            }
+            Ok((size, hex::encode(hasher.finalize())))
+        });
+        while let Some(chunk) = rx.recv().await {
+            writer.wait_for_capacity(4).await?;
+            writer.put(chunk);
+        }
+        let read = reader.await.map_err(|e| StoreError::Io {
+            path: local.to_owned(),
+            source: std::io::Error::other(e),
+        });
+        match read {
+            Ok(Ok((size, sha256))) => {
+                writer.finish().await?;
+                Ok(self.artifact(key, size, sha256))
+            }
+            Ok(Err(e)) | Err(e) => {
+                let _ = writer.abort().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Stores bytes under `key`.
+    pub async fn put_bytes(&self, key: &str, bytes: Bytes) -> Result<Artifact, StoreError> {
+        let size = bytes.len() as u64;
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        self.store.put(&self.path(key), bytes.into()).await?;
+        Ok(self.artifact(key, size, sha256))
+    }
+
+    fn artifact(&self, key: &str, size: u64, sha256: String) -> Artifact {
+        Artifact {
+            name: key.rsplit('/').next().unwrap_or(key).to_string(),
+            uri: self.uri(key),
+            size,
+            sha256,
+        }
+    }
+
+    /// Reads a whole (small) object.
+    pub async fn get_bytes(&self, key: &str) -> Result<Bytes, StoreError> {
+        match self.store.get(&self.path(key)).await {
+            Ok(result) => Ok(result.bytes().await?),
+            Err(object_store::Error::NotFound { .. }) => Err(StoreError::NotFound(self.uri(key))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Whether an object exists.
+    pub async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        match self.store.head(&self.path(key)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Downloads `key` to `local` (through a temporary file renamed at the
+    /// end) and returns its size and sha256. With `expect_sha256`, a mismatch
+    /// is an error and the file is not left behind.
+    pub async fn get_file(
+        &self,
+        key: &str,
+        local: &Path,
+        expect_sha256: Option<&str>,
+    ) -> Result<(u64, String), StoreError> {
+        let result = match self.store.get(&self.path(key)).await {
+            Ok(result) => result,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(StoreError::NotFound(self.uri(key)));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(parent) = local.parent() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(io_err(parent))?;
+        }
+        let partial = local.with_extension("partial");
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(2);
+        let target = partial.clone();
+        let writer = tokio::task::spawn_blocking(move || -> Result<(u64, String), StoreError> {
+            let mut file = std::fs::File::create(&target).map_err(io_err(&target))?;
+            let mut hasher = Sha256::new();
+            let mut size = 0u64;
+            while let Some(chunk) = rx.blocking_recv() {
+                hasher.update(&chunk);
+                size += chunk.len() as u64;
+                file.write_all(&chunk).map_err(io_err(&target))?;
+            }
+            file.sync_all().map_err(io_err(&target))?;
+            Ok((size, hex::encode(hasher.finalize())))
+        });
+        let mut stream = result.into_stream();
+        let mut failure = None;
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(chunk) => {
+                    if tx.send(chunk).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    failure = Some(StoreError::from(e));
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let written = writer.await.map_err(|e| StoreError::Io {
+            path: partial.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        let (size, sha256) = match (failure, written) {
+            (None, Ok(done)) => done,
+            (Some(e), _) | (None, Err(e)) => {
+                let _ = tokio::fs::remove_file(&partial).await;
+                return Err(e);
+            }
+        };
+        if let Some(expected) = expect_sha256
+            && expected != sha256
+        {
+            let _ = tokio::fs::remove_file(&partial).await;
+            return Err(StoreError::Checksum {
+                key: self.uri(key),
+                expected: expected.to_string(),
+                actual: sha256,
+            });
+        }
+        tokio::fs::rename(&partial, local)
+            .await
+            .map_err(io_err(local))?;
+        Ok((size, sha256))
+    }
+
+    /// Keys below a prefix, with their sizes, sorted.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        let base = self.path(prefix);
+        let mut items = Vec::new();
+        let mut stream = self.store.list(Some(&base));
+        while let Some(meta) = stream.next().await {
+            let meta = meta?;
+            let full = meta.location.as_ref();
+            let key = match self.prefix.as_ref() {
+                "" => full.to_string(),
+                p => full
+                    .strip_prefix(p)
+                    .unwrap_or(full)
+                    .trim_start_matches('/')
+                    .to_string(),
+            };
+            items.push((key, meta.size));
+        }
+        items.sort();
+        Ok(items)
+    }
+
+    /// Uploads every regular file below `dir` to `prefix/<relative path>`.
+    /// `last` names files uploaded after all others (a manifest), so a reader
+    /// that finds it knows the rest is there.
+    pub async fn put_dir(
+        &self,
+        dir: &Path,
+        prefix: &str,
+        last: &[&str],
+    ) -> Result<Vec<Artifact>, StoreError> {
+        let root = dir.to_owned();
+        let mut files = tokio::task::spawn_blocking(move || walk(&root))
+            .await
+            .map_err(|e| StoreError::Io {
+                path: dir.to_owned(),
+                source: std::io::Error::other(e),
+            })??;
+        files.sort_by_key(|rel| (last.contains(&rel.as_str()), rel.clone()));
+        let mut artifacts = Vec::with_capacity(files.len());
+        for rel in files {
+            let key = format!("{}/{rel}", prefix.trim_end_matches('/'));
+            let mut artifact = self.put_file(&dir.join(&rel), &key).await?;
+            artifact.name = rel;
+            artifacts.push(artifact);
+        }
+        Ok(artifacts)
+    }
+
+    /// Downloads every object below `prefix` into `dir`, keeping relative paths.
+    pub async fn get_dir(
+        &self,
+        prefix: &str,
+        dir: &Path,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let prefix = prefix.trim_end_matches('/');
+        let mut fetched = Vec::new();
+        for (key, size) in self.list(prefix).await? {
+            let Some(rel) = key.strip_prefix(prefix).map(|r| r.trim_start_matches('/')) else {
+                continue;
+            };
+            if rel.is_empty() || rel.split('/').any(|p| p == ".." || p.is_empty()) {
+                continue;
+            }
+            self.get_file(&key, &dir.join(rel), None).await?;
+            fetched.push((rel.to_string(), size));
+        }
+        Ok(fetched)
+    }
+
+    /// Removes every object below a prefix.
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<(), StoreError> {
+        for (key, _) in self.list(prefix).await? {
+            match self.store.delete(&self.path(&key)).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Relative paths of the regular files below `root` (links are skipped).
+fn walk(root: &Path) -> Result<Vec<String>, StoreError> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let entry = entry.map_err(io_err(&dir))?;
+            let kind = entry.file_type().map_err(io_err(&entry.path()))?;
+            if kind.is_dir() {
+                stack.push(entry.path());
+            } else if kind.is_file()
+                && let Ok(rel) = entry.path().strip_prefix(root)
+            {
+                out.push(rel.to_string_lossy().replace('\\', "/"));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// sha256 of a local file, in hex, computed on a blocking thread.
+pub async fn sha256_file(path: &Path) -> Result<(u64, String), StoreError> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut file = std::fs::File::open(&path).map_err(io_err(&path))?;
+        let mut hasher = Sha256::new();
+        let size = std::io::copy(&mut file, &mut hasher).map_err(io_err(&path))?;
+        Ok((size, hex::encode(hasher.finalize())))
+    })
+    .await
+    .map_err(|e| StoreError::Io {
+        path: PathBuf::new(),
+        source: std::io::Error::other(e),
+    })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn files_round_trip_with_checksums() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::open(dir.path().join("store").to_str().unwrap()).unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir_all(src.join("sub")).unwrap();
+        std::fs::write(src.join("a.bin"), vec![7u8; 9 << 20]).unwrap();
+        std::fs::write(src.join("sub/manifest.json"), b"{}").unwrap();
+        std::fs::write(src.join("sub/b.txt"), b"hello").unwrap();
+        let artifacts = store
+            .put_dir(&src, "jobs/j-1/dataset", &["sub/manifest.json"])
+            .await
+            .unwrap();
+        assert_eq!(artifacts.last().unwrap().name, "sub/manifest.json");
+        let big = artifacts.iter().find(|a| a.name == "a.bin").unwrap();
+        assert_eq!(big.size, 9 << 20);
+        assert_eq!(store.key_of(&big.uri).unwrap(), "jobs/j-1/dataset/a.bin");
+
+        let out = dir.path().join("out");
+        let got = store.get_dir("jobs/j-1/dataset", &out).await.unwrap();
+        assert_eq!(got.len(), 3);
+        assert_eq!(std::fs::read(out.join("sub/b.txt")).unwrap(), b"hello");
+        let (_, sha) = sha256_file(&out.join("a.bin")).await.unwrap();
+        assert_eq!(sha, big.sha256);
+
+        let err = store
+            .get_file("jobs/j-1/dataset/sub/b.txt", &out.join("x"), Some("00"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Checksum { .. }));
+        assert!(!out.join("x").exists());
+        assert!(matches!(
+            store.get_bytes("nope").await.unwrap_err(),
+            StoreError::NotFound(_)
+        ));
+        assert!(matches!(
+            ArtifactStore::open("gopher://x").unwrap_err(),
+            StoreError::BadUri(_)
+        ));
+    }
+}

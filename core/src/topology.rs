@@ -1,0 +1,370 @@
+//! The NATS layout of DESIGN.md as typed constructors: every subject, stream,
+//! consumer and bucket name comes from here, never from a literal in a service.
+//!
+//! | name | kind | subjects / keys |
+//! |---|---|---|
+//! | `TY_TASKS` | work queue | `ty.task.prepare`, `ty.task.train.<pool>`, `ty.task.deliver` |
+//! | `TY_RESULTS` | work queue | `ty.result.<stage>` |
+//! | `TY_EVENTS` | limits | `ty.event.<tenant>.<job>.<kind>` |
+//! | `TY_DLQ` | limits | `ty.dlq.<stage>` |
+//! | `ty_jobs` | KV | `<tenant>.<job>` |
+//! | `ty_idem` | KV | `<tenant>.<sha256 of idempotency key>` |
+//! | `ty_workers` | KV with TTL | `<stage>.<worker>` |
+
+use crate::config::NatsConfig;
+use async_nats::jetstream::{self, consumer, kv, stream};
+use std::time::Duration;
+use trainyard_proto::v1::Stage;
+use trainyard_proto::{Attempt, JobId, TenantId};
+
+pub const TASKS_STREAM: &str = "TY_TASKS";
+pub const RESULTS_STREAM: &str = "TY_RESULTS";
+pub const EVENTS_STREAM: &str = "TY_EVENTS";
+pub const DLQ_STREAM: &str = "TY_DLQ";
+pub const JOBS_BUCKET: &str = "ty_jobs";
+pub const IDEM_BUCKET: &str = "ty_idem";
+pub const WORKERS_BUCKET: &str = "ty_workers";
+/// The coordinator replicas share this durable consumer of `TY_RESULTS`.
+pub const RESULTS_CONSUMER: &str = "ty-coordinator";
+/// Header carrying the caller's bearer token on the NATS API.
+pub const AUTH_HEADER: &str = "authorization";
+
+/// What a job event is about; the last subject token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    State,
+    Progress,
+    Metric,
+    Log,
+    Checkpoint,
+}
+
+impl EventKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            EventKind::State => "state",
+            EventKind::Progress => "progress",
+            EventKind::Metric => "metric",
+            EventKind::Log => "log",
+            EventKind::Checkpoint => "checkpoint",
+        }
+    }
+}
+
+/// An operation of the NATS request/reply API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApiOp {
+    Submit,
+    Get,
+    List,
+    Cancel,
+}
+
+impl ApiOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            ApiOp::Submit => "submit",
+            ApiOp::Get => "get",
+            ApiOp::List => "list",
+            ApiOp::Cancel => "cancel",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<ApiOp> {
+        [ApiOp::Submit, ApiOp::Get, ApiOp::List, ApiOp::Cancel]
+            .into_iter()
+            .find(|op| op.name() == name)
+    }
+}
+
+/// Subject constructors.
+pub mod subject {
+    use super::*;
+
+    /// The task subject of a stage; `pool` matters only for training.
+    pub fn task(stage: Stage, pool: &str) -> String {
+        match stage {
+            Stage::Train => format!("ty.task.train.{pool}"),
+            other => format!("ty.task.{}", other.name()),
+        }
+    }
+
+    pub fn all_tasks() -> &'static str {
+        "ty.task.>"
+    }
+
+    pub fn result(stage: Stage) -> String {
+        format!("ty.result.{}", stage.name())
+    }
+
+    pub fn all_results() -> &'static str {
+        "ty.result.>"
+    }
+
+    pub fn event(tenant: &TenantId, job: &JobId, kind: EventKind) -> String {
+        format!("ty.event.{tenant}.{job}.{}", kind.name())
+    }
+
+    /// Every event of one job.
+    pub fn job_events(tenant: &TenantId, job: &JobId) -> String {
+        format!("ty.event.{tenant}.{job}.>")
+    }
+
+    pub fn all_events() -> &'static str {
+        "ty.event.>"
+    }
+
+    pub fn dlq(stage: Stage) -> String {
+        format!("ty.dlq.{}", stage.name())
+    }
+
+    pub fn all_dlq() -> &'static str {
+        "ty.dlq.>"
+    }
+
+    pub fn cancel(job: &JobId) -> String {
+        format!("ty.control.{job}.cancel")
+    }
+
+    pub fn all_cancels() -> &'static str {
+        "ty.control.*.cancel"
+    }
+
+    /// The job id in a cancel subject.
+    pub fn job_of_cancel(subject: &str) -> Option<JobId> {
+        let rest = subject.strip_prefix("ty.control.")?;
+        let job = rest.strip_suffix(".cancel")?;
+        JobId::parse(job).ok()
+    }
+
+    pub fn api(op: ApiOp) -> String {
+        format!("ty.api.{}", op.name())
+    }
+
+    pub fn all_api() -> &'static str {
+        "ty.api.*"
+    }
+}
+
+/// KV key of a job record.
+pub fn job_key(tenant: &TenantId, job: &JobId) -> String {
+    format!("{tenant}.{job}")
+}
+
+/// The `Nats-Msg-Id` of a task: one per job, stage and attempt, so a
+/// republished task within the dedup window is dropped by the server.
+pub fn task_msg_id(tenant: &TenantId, job: &JobId, stage: Stage, attempt: Attempt) -> String {
+    format!("{tenant}.{job}.{}.{attempt}", stage.name())
+}
+
+/// The `Nats-Msg-Id` of a stage result for one attempt.
+pub fn result_msg_id(tenant: &TenantId, job: &JobId, stage: Stage, attempt: Attempt) -> String {
+    format!("{}.result", task_msg_id(tenant, job, stage, attempt))
+}
+
+/// Reads tenant, job, stage and attempt back from a task's `Nats-Msg-Id`,
+/// so even an undecodable task can be traced to its job.
+pub fn parse_task_msg_id(id: &str) -> Option<(TenantId, JobId, Stage, Attempt)> {
+    let mut parts = id.split('.');
+    let tenant = TenantId::parse(parts.next()?).ok()?;
+    let job = JobId::parse(parts.next()?).ok()?;
+    let stage = Stage::from_name(parts.next()?)?;
+    let attempt = Attempt(parts.next()?.parse().ok()?);
+    parts
+        .next()
+        .is_none()
+        .then_some((tenant, job, stage, attempt))
+}
+
+/// The durable consumer name of a stage (per pool for training).
+pub fn consumer_name(stage: Stage, pool: &str) -> String {
+    match stage {
+        Stage::Train => format!("ty-train-{pool}"),
+        other => format!("ty-{}", other.name()),
+    }
+}
+
+/// Handles on the JetStream objects every service uses.
+#[derive(Clone)]
+pub struct Topology {
+    pub js: jetstream::Context,
+    pub jobs: kv::Store,
+    pub idem: kv::Store,
+    pub workers: kv::Store,
+}
+
+/// Creates (or finds) every stream and bucket. Idempotent: each service
+/// calls it at start-up, so start order does not matter.
+pub async fn ensure(
+    js: &jetstream::Context,
+    config: &NatsConfig,
+) -> Result<Topology, async_nats::Error> {
+    let replicas = config.replicas.max(1);
+    let dedup = Duration::from_secs(config.dedup_window_secs.max(1));
+    let streams = [
+        stream::Config {
+            name: TASKS_STREAM.into(),
+            subjects: vec![subject::all_tasks().into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            // Unconsumed work is never dropped: a full stream refuses new tasks.
+            discard: stream::DiscardPolicy::New,
+            duplicate_window: dedup,
+            num_replicas: replicas,
+            ..Default::default()
+        },
+        stream::Config {
+            name: RESULTS_STREAM.into(),
+            subjects: vec![subject::all_results().into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            discard: stream::DiscardPolicy::New,
+            duplicate_window: dedup,
+            num_replicas: replicas,
+            ..Default::default()
+        },
+        stream::Config {
+            name: EVENTS_STREAM.into(),
+            subjects: vec![subject::all_events().into()],
+            retention: stream::RetentionPolicy::Limits,
+            max_age: Duration::from_secs(config.event_max_age_secs.max(60)),
+            max_messages_per_subject: 20_000,
+            num_replicas: replicas,
+            ..Default::default()
+        },
+        stream::Config {
+            name: DLQ_STREAM.into(),
+            subjects: vec![subject::all_dlq().into()],
+            retention: stream::RetentionPolicy::Limits,
+            num_replicas: replicas,
+            ..Default::default()
+        },
+    ];
+    for config in streams {
+        js.get_or_create_stream(config).await?;
+    }
+    let jobs = bucket(js, JOBS_BUCKET, 5, None, replicas).await?;
+    let idem = bucket(js, IDEM_BUCKET, 1, None, replicas).await?;
+    let workers = bucket(
+        js,
+        WORKERS_BUCKET,
+        1,
+        Some(Duration::from_secs(60)),
+        replicas,
+    )
+    .await?;
+    Ok(Topology {
+        js: js.clone(),
+        jobs,
+        idem,
+        workers,
+    })
+}
+
+async fn bucket(
+    js: &jetstream::Context,
+    name: &str,
+    history: i64,
+    max_age: Option<Duration>,
+    replicas: usize,
+) -> Result<kv::Store, async_nats::Error> {
+    if let Ok(store) = js.get_key_value(name).await {
+        return Ok(store);
+    }
+    let created = js
+        .create_key_value(kv::Config {
+            bucket: name.into(),
+            history,
+            max_age: max_age.unwrap_or_default(),
+            num_replicas: replicas,
+            ..Default::default()
+        })
+        .await;
+    match created {
+        Ok(store) => Ok(store),
+        // Another service created it between our two calls.
+        Err(_) => Ok(js.get_key_value(name).await?),
+    }
+}
+
+/// The pull consumer a stage service reads its tasks from. Deliveries are
+/// unlimited here: the stage runtime counts them and dead-letters a task
+/// itself, because the server's max-deliveries advisory may go unheard.
+pub async fn task_consumer(
+    js: &jetstream::Context,
+    stage: Stage,
+    pool: &str,
+    config: &NatsConfig,
+) -> Result<consumer::PullConsumer, async_nats::Error> {
+    let stream = js.get_stream(TASKS_STREAM).await?;
+    let name = consumer_name(stage, pool);
+    let consumer = stream
+        .get_or_create_consumer(
+            &name,
+            consumer::pull::Config {
+                durable_name: Some(name.clone()),
+                filter_subject: subject::task(stage, pool),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: config.ack_wait(),
+                max_deliver: -1,
+                max_ack_pending: 1000,
+                ..Default::default()
+            },
+        )
+        .await?;
+    Ok(consumer)
+}
+
+/// The consumer the coordinator replicas share for stage results.
+pub async fn results_consumer(
+    js: &jetstream::Context,
+    config: &NatsConfig,
+) -> Result<consumer::PullConsumer, async_nats::Error> {
+    let stream = js.get_stream(RESULTS_STREAM).await?;
+    let consumer = stream
+        .get_or_create_consumer(
+            RESULTS_CONSUMER,
+            consumer::pull::Config {
+                durable_name: Some(RESULTS_CONSUMER.into()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: config.ack_wait(),
+                max_deliver: -1,
+                ..Default::default()
+            },
+        )
+        .await?;
+    Ok(consumer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_ids_round_trip() {
+        let tenant = TenantId::parse("acme").unwrap();
+        let job = JobId::generate();
+        let id = task_msg_id(&tenant, &job, Stage::Train, Attempt(3));
+        assert_eq!(
+            parse_task_msg_id(&id),
+            Some((tenant.clone(), job.clone(), Stage::Train, Attempt(3)))
+        );
+        assert_eq!(parse_task_msg_id("garbage"), None);
+        assert_eq!(
+            parse_task_msg_id(&result_msg_id(&tenant, &job, Stage::Train, Attempt(3))),
+            None
+        );
+    }
+
+    #[test]
+    fn subjects_follow_the_layout() {
+        let tenant = TenantId::parse("acme").unwrap();
+        let job = JobId::parse("j-1").unwrap();
+        assert_eq!(subject::task(Stage::Train, "a100"), "ty.task.train.a100");
+        assert_eq!(subject::task(Stage::Prepare, "a100"), "ty.task.prepare");
+        assert_eq!(
+            subject::event(&tenant, &job, EventKind::Progress),
+            "ty.event.acme.j-1.progress"
+        );
+        assert_eq!(subject::job_of_cancel(&subject::cancel(&job)), Some(job));
+        assert_eq!(ApiOp::from_name("list"), Some(ApiOp::List));
+    }
+}
