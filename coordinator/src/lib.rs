@@ -1,1 +1,128 @@
-//! stub
+//! The coordinator: the only writer of job state.
+//!
+//! It serves the job API over gRPC ([`grpc`]) and NATS request/reply
+//! ([`nats_api`]), both thin layers over [`api::JobApi`]; applies stage
+//! results to records through the pure state machine in [`job`]
+//! ([`results`]); and repairs jobs whose task went missing ([`reconcile`]).
+//! It keeps no state of its own: run one replica or several.
+
+pub mod api;
+pub mod effects;
+pub mod grpc;
+pub mod job;
+pub mod nats_api;
+pub mod reconcile;
+pub mod repo;
+pub mod results;
+pub mod validate;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use trainyard_core::{Config, topology};
+use trainyard_proto::v1::job_service_server::JobServiceServer;
+
+/// Binds the gRPC port and then serves until `shutdown`. `ready` receives
+/// the bound address (useful with port 0).
+pub async fn run(
+    config: Config,
+    shutdown: CancellationToken,
+    ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+) -> anyhow::Result<()> {
+    let client = trainyard_core::nats::connect(&config.nats.url, "ty-coordinator").await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let topo = topology::ensure(&js, &config.nats)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let repo = repo::JobRepo::new(topo.jobs.clone(), js.clone());
+    let effects = effects::Effects {
+        client: client.clone(),
+        js: js.clone(),
+    };
+    let api = api::JobApi {
+        repo: repo.clone(),
+        idem: topo.idem.clone(),
+        js: js.clone(),
+        effects: effects.clone(),
+    };
+    let auth = api::Auth::new(&config.coordinator.tokens);
+
+    match reconcile::reconcile(&js, &repo, &effects, 0).await {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(republished = n, "start-up reconcile published lost tasks again"),
+        Err(error) => tracing::warn!(%error, "start-up reconcile failed"),
+    }
+
+    let listener = TcpListener::bind(&config.coordinator.grpc_addr).await?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "gRPC listening");
+    if let Some(ready) = ready {
+        let _ = ready.send(addr);
+    }
+
+    let tasks = TaskTracker::new();
+    let consumer = topology::results_consumer(&js, &config.nats)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    {
+        let (repo, effects, stop) = (repo.clone(), effects.clone(), shutdown.child_token());
+        // Ends on shutdown; an error stops the whole coordinator.
+        let failed = shutdown.clone();
+        tasks.spawn(async move {
+            if let Err(error) = results::run(consumer, repo, effects, stop).await {
+                tracing::error!(%error, "result loop failed");
+                failed.cancel();
+            }
+        });
+    }
+    {
+        let (client, api, auth, stop) = (client.clone(), api.clone(), auth.clone(), shutdown.child_token());
+        tasks.spawn(async move {
+            if let Err(error) = nats_api::serve(client, api, auth, stop).await {
+                tracing::error!(%error, "nats api failed");
+            }
+        });
+    }
+    {
+        let (js, repo, effects, stop) = (js.clone(), repo.clone(), effects.clone(), shutdown.child_token());
+        let every = Duration::from_secs(config.coordinator.reconcile_interval_secs.max(1));
+        let stale_ms = (config.coordinator.stale_after_secs * 1000) as i64;
+        tasks.spawn(async move {
+            let mut ticker = tokio::time::interval(every);
+            ticker.tick().await;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = ticker.tick() => {
+                        if let Err(error) = reconcile::reconcile(&js, &repo, &effects, stale_ms).await {
+                            tracing::warn!(%error, "reconcile pass failed");
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<JobServiceServer<grpc::GrpcJobService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(trainyard_proto::v1::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let service = JobServiceServer::new(grpc::GrpcJobService { api, auth });
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let stop = shutdown.clone();
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await })
+        .await?;
+    tasks.close();
+    tasks.wait().await;
+    tracing::info!("coordinator stopped");
+    Ok(())
+}

@@ -333,6 +333,9 @@ impl Shared {
                 return;
             }
         }
+        if delivered == 1 {
+            self.publish_started(&meta, delivered).await;
+        }
         let cancel = CancellationToken::new();
         self.inflight
             .lock()
@@ -457,6 +460,32 @@ impl Shared {
                 tracing::error!(job = %meta.job, %error, "could not publish stage result");
                 false
             }
+        }
+    }
+
+    async fn publish_started(&self, meta: &TaskMeta, delivered: u32) {
+        let result = StageResult {
+            job_id: meta.job.to_string(),
+            tenant: meta.tenant.to_string(),
+            stage: self.config.stage as i32,
+            attempt: meta.attempt.0,
+            worker_id: self.config.worker_id.clone(),
+            outcome: Some(Outcome::Started(v1::StageStarted { delivered })),
+        };
+        let id = format!(
+            "{}.started",
+            topology::task_msg_id(&meta.tenant, &meta.job, self.config.stage, meta.attempt)
+        );
+        if let Err(error) = crate::nats::publish_durable(
+            &self.topo.js,
+            subject::result(self.config.stage),
+            &id,
+            None,
+            result.encode_to_vec().into(),
+        )
+        .await
+        {
+            tracing::warn!(job = %meta.job, %error, "could not report task start");
         }
     }
 

@@ -33,6 +33,14 @@ pub const PRETRAIN_LR: f64 = 2e-3;
 
 /// What `make-base` produced.
 pub struct Summary {
+    /// Absolute path of the written file.
+    pub path: std::path::PathBuf,
+    /// Seed used.
+    pub seed: u64,
+    /// Architecture.
+    pub spec: ModelSpec,
+    /// Pretraining steps run.
+    pub pretrain_steps: u64,
     /// Number of parameters.
     pub params: usize,
     /// Mean pretraining loss over the first and last 10 steps (0 without pretraining).
@@ -57,10 +65,36 @@ pub fn make_base(out: &Path, seed: u64, resolution: usize, pretrain_steps: u64) 
     let map = model.to_tensor_map()?;
     let params = map.values().map(|t| t.data.len()).sum();
     stfile::write_atomic(out, &stfile::to_bytes(&map, &meta)?)?;
+    let path = std::path::absolute(out).unwrap_or_else(|_| out.to_path_buf());
     Ok(Summary {
+        path,
+        seed,
+        spec,
+        pretrain_steps,
         params,
         pretrain_loss,
     })
+}
+
+impl Summary {
+    /// The `ty-base ...` line printed on stdout.
+    pub fn line(&self) -> String {
+        let mut line = format!(
+            "ty-base path={} params={} seed={} resolution={} pretrain_steps={}",
+            self.path.display(),
+            self.params,
+            self.seed,
+            self.spec.resolution,
+            self.pretrain_steps
+        );
+        if self.pretrain_steps > 0 {
+            let (first, last) = self.pretrain_loss;
+            line.push_str(&format!(
+                " pretrain_loss_first={first:.6} pretrain_loss_last={last:.6}"
+            ));
+        }
+        line
+    }
 }
 
 /// PyTorch-default initialisation: linear weights and biases uniform in

@@ -83,22 +83,29 @@ fn main() {
     let cli = Cli::parse();
     single_threaded_math();
     let result = match cli.command {
-        Command::MakeBase { out, seed, resolution, pretrain_steps } => {
-            base::make_base(&out, seed, resolution, pretrain_steps).map(|s| {
-            let path = std::path::absolute(&out).unwrap_or(out);
+        Command::MakeBase {
+            out,
+            seed,
+            resolution,
+            pretrain_steps,
+        } => base::make_base(&out, seed, resolution, pretrain_steps).map(|summary| {
+            train::emit(&summary.line());
+            0
+        }),
+        Command::MakeDemoDataset {
+            out,
+            count,
+            size,
+            seed,
+            trigger,
+        } => demo::make_demo_dataset(&out, count, size, seed, &trigger).map(|()| {
+            let dir = std::path::absolute(&out).unwrap_or(out);
             train::emit(&format!(
-                "ty-base path={} params={} seed={seed} resolution={resolution} pretrain_loss_first={:.6} pretrain_loss_last={:.6}",
-                path.display(),
-                s.params,
-                s.pretrain_loss.0,
-                s.pretrain_loss.1
+                "ty-demo-dataset dir={} images={count}",
+                dir.display()
             ));
             0
-        })
-        }
-        Command::MakeDemoDataset { out, count, size, seed, trigger } => {
-            demo::make_demo_dataset(&out, count, size, seed, &trigger).map(|()| 0)
-        }
+        }),
         Command::Train { config } => train::run(&config).map(|outcome| match outcome {
             train::Outcome::Done => 0,
             train::Outcome::Interrupted => train::EXIT_INTERRUPTED,

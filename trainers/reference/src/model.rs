@@ -63,7 +63,9 @@ pub struct ModelSpec {
 impl ModelSpec {
     /// Checks the resolution is supported.
     pub fn new(resolution: usize) -> std::result::Result<Self, String> {
-        if resolution % PATCH != 0 || !(MIN_RESOLUTION..=MAX_RESOLUTION).contains(&resolution) {
+        if !resolution.is_multiple_of(PATCH)
+            || !(MIN_RESOLUTION..=MAX_RESOLUTION).contains(&resolution)
+        {
             return Err(format!(
                 "resolution must be a multiple of {PATCH} between {MIN_RESOLUTION} and {MAX_RESOLUTION}, got {resolution}"
             ));

@@ -38,13 +38,30 @@ impl Fixture {
         let dataset = dir.path().join("dataset");
         std::fs::create_dir(&dataset).unwrap();
         for i in 0..count {
-            draw_shape(i).save(dataset.join(format!("img{i}.png"))).unwrap();
-            std::fs::write(dataset.join(format!("img{i}.txt")), format!("tyzx, shape {}, plain", i % 2)).unwrap();
+            draw_shape(i)
+                .save(dataset.join(format!("img{i}.png")))
+                .unwrap();
+            std::fs::write(
+                dataset.join(format!("img{i}.txt")),
+                format!("tyzx, shape {}, plain", i % 2),
+            )
+            .unwrap();
         }
         let base = dir.path().join("base.safetensors");
-        let out = run(&["make-base", "--out", base.to_str().unwrap(), "--resolution", &resolution.to_string()]);
+        let out = run(&[
+            "make-base",
+            "--out",
+            base.to_str().unwrap(),
+            "--resolution",
+            &resolution.to_string(),
+        ]);
         assert!(out.status.success(), "make-base failed: {}", out.stderr);
-        Fixture { dir, dataset, base, resolution }
+        Fixture {
+            dir,
+            dataset,
+            base,
+            resolution,
+        }
     }
 
     /// Writes a config with sensible small defaults, then `overrides`
@@ -80,10 +97,18 @@ impl Fixture {
 pub fn draw_shape(i: usize) -> image::RgbImage {
     let colors = [[200u8, 30, 30], [30, 60, 200], [20, 20, 20]];
     let c = colors[i % colors.len()];
-    let (cx, cy, r) = (16.0 + (i % 3) as f32 * 4.0, 18.0, 8.0 + (i % 2) as f32 * 3.0);
+    let (cx, cy, r) = (
+        16.0 + (i % 3) as f32 * 4.0,
+        18.0,
+        8.0 + (i % 2) as f32 * 3.0,
+    );
     image::RgbImage::from_fn(40, 36, |x, y| {
         let (dx, dy) = (x as f32 - cx, y as f32 - cy);
-        let inside = if i % 2 == 0 { dx * dx + dy * dy < r * r } else { dx.abs() < r && dy.abs() < r };
+        let inside = if i.is_multiple_of(2) {
+            dx * dx + dy * dy < r * r
+        } else {
+            dx.abs() < r && dy.abs() < r
+        };
         image::Rgb(if inside { c } else { [235, 230, 220] })
     })
 }
@@ -99,7 +124,10 @@ pub struct Output {
 impl Output {
     /// The first stdout line starting with `prefix`.
     pub fn line(&self, prefix: &str) -> Option<&str> {
-        self.lines.iter().find(|l| l.starts_with(prefix)).map(String::as_str)
+        self.lines
+            .iter()
+            .find(|l| l.starts_with(prefix))
+            .map(String::as_str)
     }
 
     pub fn count(&self, prefix: &str) -> usize {
@@ -111,7 +139,10 @@ impl Output {
 pub fn fields(line: &str) -> BTreeMap<String, String> {
     line.split_whitespace()
         .skip(1)
-        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+        .filter_map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        })
         .collect()
 }
 
@@ -146,7 +177,13 @@ pub fn spawn(args: &[&str]) -> Running {
         let _ = stderr_pipe.read_to_string(&mut s);
         s
     });
-    Running { child, rx, lines: Vec::new(), stderr, deadline: Instant::now() + TIMEOUT }
+    Running {
+        child,
+        rx,
+        lines: Vec::new(),
+        stderr,
+        deadline: Instant::now() + TIMEOUT,
+    }
 }
 
 pub fn train(config: &Path) -> Running {
@@ -168,7 +205,11 @@ impl Running {
                 }
                 Err(e) => {
                     let _ = self.child.kill();
-                    let why = if e == RecvTimeoutError::Timeout { "timed out" } else { "stdout closed" };
+                    let why = if e == RecvTimeoutError::Timeout {
+                        "timed out"
+                    } else {
+                        "stdout closed"
+                    };
                     panic!("{why} waiting for a line; got {:#?}", self.lines);
                 }
             }
@@ -196,7 +237,11 @@ impl Running {
         }
         let status = self.child.wait().expect("wait");
         let stderr = self.stderr.join().unwrap_or_default();
-        Output { status, lines: self.lines, stderr }
+        Output {
+            status,
+            lines: self.lines,
+            stderr,
+        }
     }
 }
 
@@ -206,7 +251,10 @@ pub fn run(args: &[&str]) -> Output {
 }
 
 /// Tensors (name → (shape, f32 data)) and metadata of a safetensors file.
-pub type Loaded = (BTreeMap<String, (Vec<usize>, Vec<f32>)>, BTreeMap<String, String>);
+pub type Loaded = (
+    BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    BTreeMap<String, String>,
+);
 
 pub fn read_safetensors(path: &Path) -> Loaded {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
@@ -215,9 +263,18 @@ pub fn read_safetensors(path: &Path) -> Loaded {
     let mut tensors = BTreeMap::new();
     for (name, view) in st.tensors() {
         assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
-        let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        let data = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         tensors.insert(name, (view.shape().to_vec(), data));
     }
-    let meta = meta.metadata().clone().unwrap_or_default().into_iter().collect();
+    let meta = meta
+        .metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
     (tensors, meta)
 }

@@ -1,0 +1,316 @@
+//! The job API, once: gRPC and the NATS request/reply front-ends both call
+//! these methods with an authenticated tenant. Errors are [`ApiError`]
+//! kinds, mapped to a gRPC status in one place ([`ApiError::to_status`]).
+
+use crate::effects::Effects;
+use crate::job::{self, Decision, Event};
+use crate::repo::{JobRepo, RepoError};
+use crate::validate;
+use async_nats::jetstream::{self, consumer};
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use prost::Message;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use trainyard_core::topology::{EVENTS_STREAM, subject};
+use trainyard_proto::v1::{
+    CancelResponse, JobEvent, JobRecord, JobSpec, JobState, ListResponse, SubmitResponse,
+    job_event::Kind,
+};
+use trainyard_proto::{JobId, TenantId};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("missing or unknown bearer token")]
+    Unauthenticated,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The gRPC status code name, also used on the NATS API.
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            ApiError::Invalid(_) => tonic::Code::InvalidArgument,
+            ApiError::Unauthenticated => tonic::Code::Unauthenticated,
+            ApiError::NotFound(_) => tonic::Code::NotFound,
+            ApiError::Unavailable(_) => tonic::Code::Unavailable,
+            ApiError::Internal(_) => tonic::Code::Internal,
+        }
+    }
+
+    pub fn to_status(&self) -> tonic::Status {
+        tonic::Status::new(self.code(), self.to_string())
+    }
+}
+
+impl From<RepoError> for ApiError {
+    fn from(error: RepoError) -> Self {
+        match error {
+            RepoError::NotFound(_) => ApiError::NotFound("job not found".into()),
+            RepoError::Unavailable(m) => ApiError::Unavailable(m),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<JobEvent, ApiError>> + Send>>;
+
+/// Maps bearer tokens to tenants.
+#[derive(Clone)]
+pub struct Auth {
+    tokens: BTreeMap<String, TenantId>,
+}
+
+impl Auth {
+    pub fn new(tokens: &BTreeMap<String, String>) -> Self {
+        Self {
+            tokens: tokens
+                .iter()
+                .filter_map(|(token, tenant)| Some((token.clone(), TenantId::parse(tenant).ok()?)))
+                .collect(),
+        }
+    }
+
+    /// The tenant of an `authorization` header value (`Bearer <token>`).
+    pub fn tenant(&self, header: Option<&str>) -> Result<TenantId, ApiError> {
+        let token = header
+            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+            .ok_or(ApiError::Unauthenticated)?;
+        self.tokens.get(token.trim()).cloned().ok_or(ApiError::Unauthenticated)
+    }
+}
+
+#[derive(Clone)]
+pub struct JobApi {
+    pub repo: JobRepo,
+    pub idem: jetstream::kv::Store,
+    pub js: jetstream::Context,
+    pub effects: Effects,
+}
+
+fn parse_job(id: &str) -> Result<JobId, ApiError> {
+    JobId::parse(id).map_err(|e| ApiError::Invalid(format!("job_id: {e}")))
+}
+
+impl JobApi {
+    pub async fn submit(&self, tenant: &TenantId, spec: Option<JobSpec>) -> Result<SubmitResponse, ApiError> {
+        let spec = spec.ok_or_else(|| ApiError::Invalid("spec: is required".into()))?;
+        let spec = validate::normalise(spec).map_err(|e| ApiError::Invalid(e.to_string()))?;
+        let mut job = JobId::generate();
+        if !spec.idempotency_key.is_empty() {
+            let key = format!(
+                "{tenant}.{}",
+                hex::encode(&Sha256::digest(spec.idempotency_key.as_bytes())[..16])
+            );
+            match self.idem.create(&key, Bytes::from(job.to_string())).await {
+                Ok(_) => {}
+                Err(e) if e.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => {
+                    let first = self
+                        .idem
+                        .get(&key)
+                        .await
+                        .map_err(|e| ApiError::Unavailable(e.to_string()))?
+                        .ok_or_else(|| ApiError::Unavailable("idempotency record vanished; retry".into()))?;
+                    let first = parse_job(&String::from_utf8_lossy(&first))?;
+                    match self.repo.get(tenant, &first).await {
+                        Ok(found) => {
+                            return Ok(SubmitResponse {
+                                job: Some(found.record.redacted()),
+                                duplicate: true,
+                            });
+                        }
+                        // The first submission stopped between its two writes: finish it.
+                        Err(RepoError::NotFound(_)) => job = first,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Err(e) => return Err(ApiError::Unavailable(e.to_string())),
+            }
+        }
+        let record = JobRecord {
+            job_id: job.to_string(),
+            tenant: tenant.to_string(),
+            spec: Some(spec),
+            ..Default::default()
+        };
+        let (record, effects) = job::submitted(record, trainyard_core::now_ms());
+        match self.repo.create(&record).await {
+            Ok(_) => {}
+            Err(RepoError::Exists(_)) => {
+                let found = self.repo.get(tenant, &job).await?;
+                return Ok(SubmitResponse {
+                    job: Some(found.record.redacted()),
+                    duplicate: true,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tracing::info!(%job, %tenant, "job submitted");
+        self.effects
+            .run(&record, effects)
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("job {job} stored but not queued yet: {e}; retry with the same idempotency key")))?;
+        Ok(SubmitResponse {
+            job: Some(record.redacted()),
+            duplicate: false,
+        })
+    }
+
+    pub async fn get(&self, tenant: &TenantId, job_id: &str) -> Result<JobRecord, ApiError> {
+        let job = parse_job(job_id)?;
+        Ok(self.repo.get(tenant, &job).await?.record.redacted())
+    }
+
+    pub async fn list(
+        &self,
+        tenant: &TenantId,
+        state: JobState,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<ListResponse, ApiError> {
+        let size = match page_size {
+            0 => 50,
+            n => n.min(500),
+        } as usize;
+        let after = if page_token.is_empty() { None } else { Some(parse_job(page_token)?) };
+        let mut jobs = Vec::new();
+        let mut next_page_token = String::new();
+        for id in self.repo.ids_of(tenant).await? {
+            if after.as_ref().is_some_and(|after| &id >= after) {
+                continue;
+            }
+            let record = match self.repo.get(tenant, &id).await {
+                Ok(v) => v.record,
+                Err(RepoError::NotFound(_)) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if state != JobState::Unspecified && record.state() != state {
+                continue;
+            }
+            if jobs.len() == size {
+                next_page_token = jobs.last().map(|r: &JobRecord| r.job_id.clone()).unwrap_or_default();
+                break;
+            }
+            jobs.push(record.redacted());
+        }
+        Ok(ListResponse {
+            jobs,
+            next_page_token,
+        })
+    }
+
+    pub async fn cancel(&self, tenant: &TenantId, job_id: &str, reason: &str) -> Result<CancelResponse, ApiError> {
+        let job = parse_job(job_id)?;
+        let reason = if reason.is_empty() { "cancelled by client" } else { reason };
+        let now = trainyard_core::now_ms();
+        let (stored, decision) = self
+            .repo
+            .update(tenant, &job, |record| async move {
+                match job::transition(&record, &Event::Cancel { reason: reason.to_string() }, now) {
+                    Decision::Apply(next, effects) => (Some(*next), (effects, record)),
+                    Decision::Ignore(_) => (None, (Vec::new(), record)),
+                }
+            })
+            .await?;
+        let (effects, before) = decision;
+        let record = match stored {
+            Some(record) => {
+                tracing::info!(%job, "job cancelled");
+                let _ = self.effects.run(&record, effects).await;
+                record
+            }
+            None => before,
+        };
+        Ok(CancelResponse {
+            job: Some(record.redacted()),
+        })
+    }
+
+    /// The job's events from the start, then live; ends after the final state.
+    pub async fn watch(&self, tenant: &TenantId, job_id: &str) -> Result<EventStream, ApiError> {
+        let job = parse_job(job_id)?;
+        let record = self.repo.get(tenant, &job).await?.record;
+        let stream = self
+            .js
+            .get_stream(EVENTS_STREAM)
+            .await
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        let messages = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: subject::job_events(&tenant.clone(), &job),
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?
+            .messages()
+            .await
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        let final_record = record.state().is_final().then_some(record);
+        let state = WatchState {
+            messages: Box::pin(messages),
+            final_record,
+            done: false,
+        };
+        Ok(Box::pin(futures::stream::unfold(state, next_event)))
+    }
+}
+
+struct WatchState {
+    messages: Pin<Box<consumer::pull::Ordered>>,
+    /// Set when the job was already final at the start: if its events were
+    /// purged, the stream ends with a state event made from the record.
+    final_record: Option<JobRecord>,
+    done: bool,
+}
+
+async fn next_event(mut state: WatchState) -> Option<(Result<JobEvent, ApiError>, WatchState)> {
+    if state.done {
+        return None;
+    }
+    loop {
+        let message = match state.final_record.as_ref() {
+            // Replaying a finished job: stop when the stored events run out.
+            Some(_) => tokio::time::timeout(std::time::Duration::from_secs(2), state.messages.next())
+                .await
+                .ok()
+                .flatten(),
+            None => state.messages.next().await,
+        };
+        let Some(message) = message else {
+            let record = state.final_record.take()?;
+            state.done = true;
+            let event = JobEvent {
+                job_id: record.job_id.clone(),
+                tenant: record.tenant.clone(),
+                at_ms: record.updated_at_ms,
+                kind: Some(Kind::State(job::state_changed(&record))),
+            };
+            return Some((Ok(event), state));
+        };
+        let message = match message {
+            Ok(message) => message,
+            Err(e) => {
+                state.done = true;
+                return Some((Err(ApiError::Unavailable(e.to_string())), state));
+            }
+        };
+        let Ok(event) = JobEvent::decode(message.payload.clone()) else {
+            continue;
+        };
+        if let Some(Kind::State(change)) = &event.kind
+            && JobState::try_from(change.state).unwrap_or_default().is_final()
+        {
+            state.done = true;
+        }
+        return Some((Ok(event), state));
+    }
+}

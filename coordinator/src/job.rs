@@ -1,0 +1,321 @@
+//! The job state machine, pure: `transition(record, event, now) -> Decision`.
+//! No I/O here; the result loop stores the new record by compare-and-set and
+//! then carries out the effects. Tested without any server.
+//!
+//! `QUEUED → PREPARING → TRAINING → DELIVERING → SUCCEEDED`, and from any
+//! non-final state `FAILED` or `CANCELLED`. A result counts only for the
+//! record's current stage and attempt; anything else is ignored, so a
+//! redelivered or late result changes nothing.
+
+use trainyard_proto::v1::{
+    Checkpoint, DeliverTask, JobRecord, JobState, PrepareTask, Stage, StageResult,
+    StateChanged, TrainTask, stage_result::Outcome,
+};
+
+/// What happened to a job.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// A stage reported on an attempt.
+    Result(StageResult),
+    /// A client asked to cancel.
+    Cancel { reason: String },
+}
+
+/// A task to publish.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Task {
+    Prepare(PrepareTask),
+    Train(TrainTask),
+    Deliver(DeliverTask),
+}
+
+/// What the shell must do once the new record is stored.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Effect {
+    Publish(Task),
+    EmitState(StateChanged),
+    /// Tell running stages to stop this job now.
+    SendCancel,
+}
+
+#[derive(Debug, PartialEq)]
+pub enum Decision {
+    /// Store this record, then run the effects.
+    Apply(Box<JobRecord>, Vec<Effect>),
+    /// Nothing to change (stale, duplicate or late event).
+    Ignore(&'static str),
+}
+
+/// The record a new submission starts with. Its prepare task is published
+/// right after it is stored.
+pub fn submitted(mut record: JobRecord, now_ms: i64) -> (JobRecord, Vec<Effect>) {
+    record.state = JobState::Queued as i32;
+    record.stage = Stage::Prepare as i32;
+    record.attempt = 1;
+    record.created_at_ms = now_ms;
+    record.updated_at_ms = now_ms;
+    record.times.get_or_insert_default().queued_at_ms = now_ms;
+    let effects = vec![
+        Effect::EmitState(state_changed(&record)),
+        Effect::Publish(current_task(&record).expect("a queued job has a prepare task")),
+    ];
+    (record, effects)
+}
+
+pub fn transition(record: &JobRecord, event: &Event, now_ms: i64) -> Decision {
+    let state = record.state();
+    if state.is_final() {
+        return Decision::Ignore("job already finished");
+    }
+    match event {
+        Event::Cancel { reason } => {
+            let mut next = record.clone();
+            next.state = JobState::Cancelled as i32;
+            next.cancel_reason = reason.clone();
+            finish(&mut next, now_ms);
+            let effects = vec![Effect::SendCancel, Effect::EmitState(state_changed(&next))];
+            Decision::Apply(Box::new(next), effects)
+        }
+        Event::Result(result) => on_result(record, result, now_ms),
+    }
+}
+
+fn on_result(record: &JobRecord, result: &StageResult, now_ms: i64) -> Decision {
+    if result.stage != record.stage || result.attempt != record.attempt {
+        return Decision::Ignore("result for another stage or attempt");
+    }
+    let Some(outcome) = &result.outcome else {
+        return Decision::Ignore("result without an outcome");
+    };
+    let mut next = record.clone();
+    next.updated_at_ms = now_ms;
+    let times = next.times.get_or_insert_default();
+    match (record.stage(), outcome) {
+        (Stage::Prepare, Outcome::Started(_)) => {
+            if record.state() != JobState::Queued {
+                return Decision::Ignore("prepare already started");
+            }
+            next.state = JobState::Preparing as i32;
+            times.preparing_at_ms = now_ms;
+            let effects = vec![Effect::EmitState(state_changed(&next))];
+            Decision::Apply(Box::new(next), effects)
+        }
+        (_, Outcome::Started(_)) => Decision::Ignore("start of a later stage changes no state"),
+        (_, Outcome::Failed(error)) => {
+            next.state = JobState::Failed as i32;
+            next.error = Some(error.clone());
+            finish(&mut next, now_ms);
+            let effects = vec![Effect::EmitState(state_changed(&next))];
+            Decision::Apply(Box::new(next), effects)
+        }
+        (Stage::Prepare, Outcome::Prepared(out)) => {
+            next.dataset_uri = out.dataset_uri.clone();
+            next.image_count = out.image_count;
+            next.state = JobState::Training as i32;
+            next.stage = Stage::Train as i32;
+            next.attempt = 1;
+            times.training_at_ms = now_ms;
+            advance(next)
+        }
+        (Stage::Train, Outcome::Trained(out)) => {
+            next.artifacts = out.artifacts.clone();
+            next.summary = out.summary.clone();
+            if out.last_checkpoint.is_some() {
+                next.latest_checkpoint = out.last_checkpoint.clone();
+            }
+            next.state = JobState::Delivering as i32;
+            next.stage = Stage::Deliver as i32;
+            next.attempt = 1;
+            times.delivering_at_ms = now_ms;
+            advance(next)
+        }
+        (Stage::Deliver, Outcome::Delivered(out)) => {
+            next.delivered = out.files.clone();
+            next.manifest_uri = out.manifest_uri.clone();
+            next.state = JobState::Succeeded as i32;
+            finish(&mut next, now_ms);
+            let effects = vec![Effect::EmitState(state_changed(&next))];
+            Decision::Apply(Box::new(next), effects)
+        }
+        _ => Decision::Ignore("outcome does not belong to the stage"),
+    }
+}
+
+fn advance(next: JobRecord) -> Decision {
+    let mut effects = vec![Effect::EmitState(state_changed(&next))];
+    effects.extend(current_task(&next).map(Effect::Publish));
+    Decision::Apply(Box::new(next), effects)
+}
+
+fn finish(record: &mut JobRecord, now_ms: i64) {
+    record.updated_at_ms = now_ms;
+    record.times.get_or_insert_default().finished_at_ms = now_ms;
+}
+
+pub fn state_changed(record: &JobRecord) -> StateChanged {
+    StateChanged {
+        state: record.state,
+        stage: record.stage,
+        attempt: record.attempt,
+        error: record.error.clone(),
+    }
+}
+
+/// The task of the record's current stage and attempt; `None` when final.
+/// Publishing it again is safe: its dedup id is the same.
+pub fn current_task(record: &JobRecord) -> Option<Task> {
+    if record.state().is_final() {
+        return None;
+    }
+    let spec = record.spec.clone();
+    let (job_id, tenant, attempt) = (record.job_id.clone(), record.tenant.clone(), record.attempt);
+    Some(match record.stage() {
+        Stage::Prepare => Task::Prepare(PrepareTask {
+            job_id,
+            tenant,
+            attempt,
+            spec,
+        }),
+        Stage::Train => Task::Train(TrainTask {
+            job_id,
+            tenant,
+            attempt,
+            spec,
+            dataset_uri: record.dataset_uri.clone(),
+            resume_from: record.latest_checkpoint.clone().filter(|c: &Checkpoint| !c.uri.is_empty()),
+        }),
+        Stage::Deliver => Task::Deliver(DeliverTask {
+            job_id,
+            tenant,
+            attempt,
+            spec,
+            artifacts: record.artifacts.clone(),
+            summary: record.summary.clone(),
+            dataset_uri: record.dataset_uri.clone(),
+        }),
+        Stage::Unspecified => return None,
+    })
+}
+
+/// Whether moving from `from` to `to` is a legal transition.
+pub fn is_legal(from: JobState, to: JobState) -> bool {
+    use JobState::*;
+    if from == to {
+        return true;
+    }
+    matches!(
+        (from, to),
+        (Queued, Preparing)
+            | (Queued | Preparing, Training)
+            | (Training, Delivering)
+            | (Delivering, Succeeded)
+            | (Queued | Preparing | Training | Delivering, Failed | Cancelled)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trainyard_proto::v1::{
+        DeliverOutput, ErrorKind, JobError, PrepareOutput, StageStarted, TrainOutput,
+    };
+
+    fn queued() -> JobRecord {
+        submitted(
+            JobRecord {
+                job_id: "j-1".into(),
+                tenant: "acme".into(),
+                ..Default::default()
+            },
+            1,
+        )
+        .0
+    }
+
+    fn result(stage: Stage, attempt: u32, outcome: Outcome) -> Event {
+        Event::Result(StageResult {
+            job_id: "j-1".into(),
+            tenant: "acme".into(),
+            stage: stage as i32,
+            attempt,
+            worker_id: "w".into(),
+            outcome: Some(outcome),
+        })
+    }
+
+    fn apply(record: &JobRecord, event: Event) -> (JobRecord, Vec<Effect>) {
+        match transition(record, &event, 2) {
+            Decision::Apply(next, effects) => {
+                assert!(is_legal(record.state(), next.state()));
+                (*next, effects)
+            }
+            Decision::Ignore(why) => panic!("ignored: {why}"),
+        }
+    }
+
+    #[test]
+    fn happy_path_walks_every_state_and_publishes_each_task() {
+        let (record, effects) = submitted(JobRecord::default(), 1);
+        assert!(matches!(effects[1], Effect::Publish(Task::Prepare(_))));
+        let mut record = JobRecord { job_id: "j-1".into(), ..record };
+        record = apply(&record, result(Stage::Prepare, 1, Outcome::Started(StageStarted { delivered: 1 }))).0;
+        assert_eq!(record.state(), JobState::Preparing);
+        let (next, effects) = apply(
+            &record,
+            result(Stage::Prepare, 1, Outcome::Prepared(PrepareOutput {
+                dataset_uri: "file:///d".into(),
+                ..Default::default()
+            })),
+        );
+        assert_eq!(next.state(), JobState::Training);
+        assert!(effects.iter().any(|e| matches!(e, Effect::Publish(Task::Train(t)) if t.dataset_uri == "file:///d")));
+        let (next, effects) = apply(&next, result(Stage::Train, 1, Outcome::Trained(TrainOutput::default())));
+        assert_eq!(next.state(), JobState::Delivering);
+        assert!(effects.iter().any(|e| matches!(e, Effect::Publish(Task::Deliver(_)))));
+        let (next, _) = apply(&next, result(Stage::Deliver, 1, Outcome::Delivered(DeliverOutput::default())));
+        assert_eq!(next.state(), JobState::Succeeded);
+        assert!(next.times.unwrap().finished_at_ms > 0);
+    }
+
+    #[test]
+    fn stale_duplicate_and_late_results_are_ignored() {
+        let record = queued();
+        let prepared = result(Stage::Prepare, 1, Outcome::Prepared(PrepareOutput::default()));
+        let (training, _) = apply(&record, prepared.clone());
+        // The same result again: the record moved on, nothing changes.
+        assert!(matches!(transition(&training, &prepared, 3), Decision::Ignore(_)));
+        // A result for an older attempt.
+        let old = result(Stage::Train, 0, Outcome::Trained(TrainOutput::default()));
+        assert!(matches!(transition(&training, &old, 3), Decision::Ignore(_)));
+        // Anything after a final state.
+        let (cancelled, effects) = apply(&training, Event::Cancel { reason: "user".into() });
+        assert_eq!(cancelled.state(), JobState::Cancelled);
+        assert!(effects.contains(&Effect::SendCancel));
+        let late = result(Stage::Train, 1, Outcome::Trained(TrainOutput::default()));
+        assert!(matches!(transition(&cancelled, &late, 4), Decision::Ignore(_)));
+        assert!(matches!(
+            transition(&cancelled, &Event::Cancel { reason: String::new() }, 4),
+            Decision::Ignore(_)
+        ));
+    }
+
+    #[test]
+    fn a_failure_ends_the_job_with_its_error() {
+        let error = JobError {
+            kind: ErrorKind::BadDataset as i32,
+            message: "no usable image: a.png".into(),
+            ..Default::default()
+        };
+        let (failed, _) = apply(&queued(), result(Stage::Prepare, 1, Outcome::Failed(error.clone())));
+        assert_eq!(failed.state(), JobState::Failed);
+        assert_eq!(failed.error, Some(error));
+        assert_eq!(current_task(&failed), None);
+    }
+
+    #[test]
+    fn legal_transitions() {
+        assert!(is_legal(JobState::Queued, JobState::Preparing));
+        assert!(!is_legal(JobState::Succeeded, JobState::Failed));
+        assert!(!is_legal(JobState::Training, JobState::Preparing));
+    }
+}

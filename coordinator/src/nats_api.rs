@@ -1,0 +1,82 @@
+//! The job API as NATS request/reply on `ty.api.<op>`, for services that
+//! speak NATS rather than gRPC. Same auth (an `authorization: Bearer …`
+//! header), same methods, an `ApiReply` back. A bad request gets an error
+//! reply; it never stops the listener.
+
+use crate::api::{ApiError, Auth, JobApi};
+use futures::StreamExt;
+use prost::Message;
+use tokio_util::sync::CancellationToken;
+use trainyard_core::topology::{ApiOp, AUTH_HEADER, subject};
+use trainyard_proto::v1::{
+    ApiReply, CancelRequest, GetRequest, GetResponse, ListRequest, SubmitRequest, api_reply::Result as Reply,
+};
+
+pub async fn serve(
+    client: async_nats::Client,
+    api: JobApi,
+    auth: Auth,
+    shutdown: CancellationToken,
+) -> Result<(), async_nats::Error> {
+    let mut requests = client
+        .queue_subscribe(subject::all_api(), "ty-coordinator".into())
+        .await?;
+    loop {
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            message = requests.next() => match message { Some(m) => m, None => break },
+        };
+        let Some(reply_to) = message.reply.clone() else {
+            continue;
+        };
+        let reply = handle(&api, &auth, &message).await;
+        let reply = match reply {
+            Ok(result) => ApiReply { result: Some(result) },
+            Err(error) => ApiReply {
+                result: Some(Reply::Error(trainyard_proto::v1::ApiError {
+                    code: format!("{:?}", error.code()),
+                    message: error.to_string(),
+                })),
+            },
+        };
+        if let Err(error) = client.publish(reply_to, reply.encode_to_vec().into()).await {
+            tracing::warn!(%error, "could not send api reply");
+        }
+    }
+    let _ = requests.unsubscribe().await;
+    Ok(())
+}
+
+async fn handle(api: &JobApi, auth: &Auth, message: &async_nats::Message) -> Result<Reply, ApiError> {
+    let header = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(AUTH_HEADER))
+        .map(|v| v.as_str());
+    let tenant = auth.tenant(header)?;
+    let op = message
+        .subject
+        .rsplit('.')
+        .next()
+        .and_then(ApiOp::from_name)
+        .ok_or_else(|| ApiError::Invalid("unknown api operation".into()))?;
+    let bad = |e: prost::DecodeError| ApiError::Invalid(format!("request is not valid protobuf: {e}"));
+    let payload = message.payload.clone();
+    Ok(match op {
+        ApiOp::Submit => Reply::Submit(api.submit(&tenant, SubmitRequest::decode(payload).map_err(bad)?.spec).await?),
+        ApiOp::Get => {
+            let request = GetRequest::decode(payload).map_err(bad)?;
+            Reply::Get(GetResponse {
+                job: Some(api.get(&tenant, &request.job_id).await?),
+            })
+        }
+        ApiOp::List => {
+            let request = ListRequest::decode(payload).map_err(bad)?;
+            Reply::List(api.list(&tenant, request.state(), request.page_size, &request.page_token).await?)
+        }
+        ApiOp::Cancel => {
+            let request = CancelRequest::decode(payload).map_err(bad)?;
+            Reply::Cancel(api.cancel(&tenant, &request.job_id, &request.reason).await?)
+        }
+    })
+}

@@ -1,0 +1,104 @@
+//! Applies stage results to job records. Each result is applied with a
+//! compare-and-set through the pure state machine, then its effects run,
+//! then it is acked. A result that changes nothing (duplicate, stale, late)
+//! is acked too; if its job is still running, the current task is published
+//! again under its dedup id, which repairs a crash between the record write
+//! and the task publish.
+
+use crate::effects::Effects;
+use crate::job::{self, Decision, Event};
+use crate::repo::{JobRepo, RepoError};
+use async_nats::jetstream::{AckKind, consumer::PullConsumer};
+use futures::StreamExt;
+use prost::Message;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use trainyard_proto::v1::{StageResult, stage_result::Outcome};
+use trainyard_proto::{JobId, TenantId};
+
+pub async fn run(
+    consumer: PullConsumer,
+    repo: JobRepo,
+    effects: Effects,
+    shutdown: CancellationToken,
+) -> Result<(), async_nats::Error> {
+    let mut messages = consumer.messages().await?;
+    loop {
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            message = messages.next() => match message {
+                Some(Ok(m)) => m,
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "result stream error");
+                    continue;
+                }
+                None => break,
+            },
+        };
+        let ack = match StageResult::decode(message.payload.clone()) {
+            Ok(result) => apply(&repo, &effects, result).await,
+            Err(error) => {
+                tracing::error!(%error, "undecodable stage result dropped");
+                AckKind::Term
+            }
+        };
+        if let Err(error) = message.ack_with(ack).await {
+            tracing::warn!(%error, "could not ack stage result");
+        }
+    }
+    Ok(())
+}
+
+async fn apply(repo: &JobRepo, effects: &Effects, result: StageResult) -> AckKind {
+    let (Ok(tenant), Ok(job)) = (TenantId::parse(&result.tenant), JobId::parse(&result.job_id)) else {
+        tracing::error!(job = %result.job_id, "stage result with bad ids dropped");
+        return AckKind::Term;
+    };
+    let started = matches!(result.outcome, Some(Outcome::Started(_)));
+    let now = trainyard_core::now_ms();
+    let event = Event::Result(result);
+    let outcome = repo
+        .update(&tenant, &job, |record| {
+            let decision = job::transition(&record, &event, now);
+            async move {
+                match decision {
+                    Decision::Apply(next, effects) => (Some(*next), (effects, None)),
+                    Decision::Ignore(why) => (None, (Vec::new(), Some((why, record)))),
+                }
+            }
+        })
+        .await;
+    match outcome {
+        Ok((Some(record), (todo, _))) => {
+            tracing::info!(%job, state = ?record.state(), stage = ?record.stage(), "job advanced");
+            match effects.run(&record, todo).await {
+                Ok(()) => AckKind::Ack,
+                // The record moved; the redelivered result is ignored and republishes the task.
+                Err(error) => {
+                    tracing::warn!(%job, %error, "effects failed; will retry");
+                    AckKind::Nak(Some(Duration::from_secs(2)))
+                }
+            }
+        }
+        Ok((None, (_, ignored))) => {
+            if let Some((why, record)) = ignored {
+                tracing::debug!(%job, why, "result ignored");
+                if !started && let Some(task) = job::current_task(&record) {
+                    if let Err(error) = effects.publish_task(&tenant, &job, task).await {
+                        tracing::warn!(%job, %error, "could not republish current task");
+                        return AckKind::Nak(Some(Duration::from_secs(2)));
+                    }
+                }
+            }
+            AckKind::Ack
+        }
+        Err(RepoError::NotFound(_)) | Err(RepoError::Corrupt(_)) => {
+            tracing::warn!(%job, "result for an unknown job dropped");
+            AckKind::Term
+        }
+        Err(error) => {
+            tracing::warn!(%job, %error, "cannot apply result now");
+            AckKind::Nak(Some(Duration::from_secs(2)))
+        }
+    }
+}
