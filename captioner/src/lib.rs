@@ -31,6 +31,7 @@ pub mod manifest;
 mod prepare;
 pub mod sample;
 mod source;
+pub mod stage;
 pub mod unpack;
 
 pub use caption::{CaptionBackend, CaptionError, ImageInfo, TemplateCaptioner};
@@ -42,3 +43,18 @@ pub use manifest::{CaptionSource, DatasetManifest, DropReason, DroppedFile, Mani
 pub use prepare::{LocalInput, PrepareSettings, PreparedDataset, prepare_local};
 pub use source::{RemoteSource, fetch_images, fetch_source, fetch_zip};
 pub use unpack::{UnpackError, UnpackLimits};
+
+/// Runs the prepare stage until `shutdown`.
+pub async fn run(
+    config: trainyard_core::Config,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let (client, topo) = trainyard_core::service::connect(&config, "ty-captioner").await?;
+    let handler = stage::PrepareStage::new(&config)?;
+    let mut runner = trainyard_core::runtime::RunnerConfig::new(
+        trainyard_proto::v1::Stage::Prepare,
+        &config.nats,
+    );
+    runner.concurrency = config.captioner.concurrency;
+    trainyard_core::service::run_stage(client, topo, runner, handler, shutdown).await
+}

@@ -31,11 +31,8 @@ pub async fn run(
     shutdown: CancellationToken,
     ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> anyhow::Result<()> {
-    let client = trainyard_core::nats::connect(&config.nats.url, "ty-coordinator").await?;
-    let js = async_nats::jetstream::new(client.clone());
-    let topo = topology::ensure(&js, &config.nats)
-        .await
-        .map_err(|e| anyhow::anyhow!(e))?;
+    let (client, topo) = trainyard_core::service::connect(&config, "ty-coordinator").await?;
+    let js = topo.js.clone();
     let repo = repo::JobRepo::new(topo.jobs.clone(), js.clone());
     let effects = effects::Effects {
         client: client.clone(),

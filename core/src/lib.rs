@@ -9,8 +9,10 @@
 pub mod config;
 pub mod events;
 pub mod nats;
+pub mod natsd;
 pub mod process;
 pub mod runtime;
+pub mod service;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

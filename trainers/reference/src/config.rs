@@ -65,8 +65,8 @@ pub struct Fault {
     /// `std::process::abort()` without saving anything.
     #[serde(default)]
     pub crash_at_step: Option<u64>,
-    /// Stop printing and sleep until killed (one SIGTERM is ignored like a
-    /// wedged trainer would; a second one or SIGKILL ends it).
+    /// Stop printing and sleep until killed. SIGTERM/SIGINT are ignored
+    /// (like a wedged trainer), so only SIGKILL ends it.
     #[serde(default)]
     pub hang_at_step: Option<u64>,
     /// Exit 0 without writing the final adapter or a `ty-done` line.

@@ -51,18 +51,17 @@ pub fn emit(line: &str) {
     let _ = out.flush();
 }
 
-/// First SIGTERM/SIGINT sets the flag (the loop then checkpoints and exits);
-/// a second one exits immediately with [`EXIT_INTERRUPTED`].
+/// SIGTERM/SIGINT only set a flag; the loop checks it after each step,
+/// checkpoints and exits [`EXIT_INTERRUPTED`]. Repeated signals do not force
+/// an early exit (a supervisor signalling both the process and its group
+/// must not cost us the checkpoint); SIGKILL is the way to force one.
 fn install_signal_flag() -> Result<Arc<AtomicBool>> {
     let flag = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        let io = |e| TrainerError::Io {
+        signal_hook::flag::register(sig, Arc::clone(&flag)).map_err(|e| TrainerError::Io {
             context: "cannot install signal handler".into(),
             source: e,
-        };
-        signal_hook::flag::register_conditional_shutdown(sig, EXIT_INTERRUPTED, Arc::clone(&flag))
-            .map_err(io)?;
-        signal_hook::flag::register(sig, Arc::clone(&flag)).map_err(io)?;
+        })?;
     }
     Ok(flag)
 }

@@ -6,6 +6,7 @@ mod common;
 use common::{Fixture, fields, train};
 use nix::sys::signal::Signal;
 use serde_json::json;
+use std::os::unix::process::ExitStatusExt;
 
 fn expect_error(out: &common::Output, kind: &str) {
     assert_eq!(out.status.code(), Some(2), "stderr: {}", out.stderr);
@@ -117,9 +118,16 @@ fn hang_fault_goes_silent_until_killed() {
     let mut running =
         train(&fx.config("hang", json!({"steps": 1000, "fault": {"hang_at_step": 2}})));
     running.wait_line(|l| l.starts_with("ty-progress step=2 "));
+    running.signal(Signal::SIGTERM); // ignored by a wedged trainer
     running.signal(Signal::SIGKILL);
     let out = running.finish();
-    assert_eq!(out.status.code(), None, "killed by a signal");
+    assert_eq!(
+        out.status.signal(),
+        Some(Signal::SIGKILL as i32),
+        "{:?}",
+        out.status
+    );
+    assert!(out.line("ty-checkpoint").is_none() && out.line("ty-interrupted").is_none());
     let last = out.lines.last().unwrap();
     assert_eq!(
         fields(last)["step"],

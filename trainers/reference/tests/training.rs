@@ -168,7 +168,7 @@ fn crash_and_resume_matches_an_uninterrupted_run_byte_for_byte() {
     let b = train(&fx.config("b", b_cfg.clone())).finish();
     assert_eq!(
         b.status.signal(),
-        Some(libc_sigabrt()),
+        Some(Signal::SIGABRT as i32),
         "expected an abort: {:?}",
         b.status
     );
@@ -205,10 +205,6 @@ fn crash_and_resume_matches_an_uninterrupted_run_byte_for_byte() {
         (f["loss_first"].clone(), f["loss_last"].clone())
     };
     assert_eq!(summary(&a), summary(&resumed));
-}
-
-fn libc_sigabrt() -> i32 {
-    Signal::SIGABRT as i32
 }
 
 #[test]

@@ -1,0 +1,1 @@
+//! Finding, installing and running a local nats-server (filled in by the CLI work).

@@ -1,0 +1,57 @@
+//! What every service binary does before its own work: the common flags,
+//! loading the config, starting telemetry, connecting to NATS and making
+//! sure the topology exists. Keeps each `main.rs` a few lines long.
+
+use crate::config::Config;
+use crate::topology::{self, Topology};
+use std::path::PathBuf;
+
+/// Flags shared by every service binary.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ServiceArgs {
+    /// TOML config file (see deploy/trainyard.toml).
+    #[arg(long, env = "TY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Override one key, e.g. --set nats.url=nats://10.0.0.5:4222 (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Print the effective configuration and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+impl ServiceArgs {
+    /// Loads the config; `None` when `--print-config` printed it.
+    pub fn load(&self, service: &str) -> anyhow::Result<Option<Config>> {
+        let config = Config::load(self.config.as_deref(), &self.overrides)?;
+        if self.print_config {
+            print!("{}", config.to_toml());
+            return Ok(None);
+        }
+        crate::telemetry::init(service, &config.telemetry);
+        Ok(Some(config))
+    }
+}
+
+/// Connects and ensures streams and buckets exist.
+pub async fn connect(config: &Config, name: &str) -> anyhow::Result<(async_nats::Client, Topology)> {
+    let client = crate::nats::connect(&config.nats.url, name).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let topo = topology::ensure(&js, &config.nats)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot set up NATS streams and buckets: {e}"))?;
+    Ok((client, topo))
+}
+
+/// Runs a stage with the shared runtime until `shutdown`.
+pub async fn run_stage<H: crate::runtime::StageHandler>(
+    client: async_nats::Client,
+    topo: Topology,
+    runner: crate::runtime::RunnerConfig,
+    handler: H,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    crate::runtime::run_stage(client, topo, runner, std::sync::Arc::new(handler), shutdown)
+        .await
+        .map_err(|e| anyhow::anyhow!("stage runtime failed: {e}"))
+}
