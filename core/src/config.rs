@@ -181,6 +181,8 @@ impl Default for WorkerConfig {
 pub struct UploaderConfig {
     pub work_dir: PathBuf,
     pub concurrency: usize,
+    /// Local folders a job may deliver to; empty allows any (single-user set-ups).
+    pub allowed_local_roots: Vec<PathBuf>,
 }
 
 impl Default for UploaderConfig {
@@ -188,6 +190,7 @@ impl Default for UploaderConfig {
         Self {
             work_dir: ".trainyard/work/uploader".into(),
             concurrency: 4,
+            allowed_local_roots: Vec::new(),
         }
     }
 }

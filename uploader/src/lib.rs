@@ -1,1 +1,20 @@
-//! stub
+//! The uploader: the deliver stage. Copies a job's outputs to every
+//! destination in its spec and to the artifact store's `jobs/<job>/output/`,
+//! verifies each copy's sha256 by reading it back, and writes a
+//! `manifest.json` (files, sizes, sha256, a summary of the spec, final
+//! metrics) beside them.
+
+pub mod deliver;
+
+use trainyard_core::Config;
+use trainyard_core::runtime::RunnerConfig;
+use trainyard_proto::v1::Stage;
+
+/// Runs the deliver stage until `shutdown`.
+pub async fn run(config: Config, shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
+    let stage = deliver::DeliverStage::new(&config)?;
+    let (client, topo) = trainyard_core::service::connect(&config, "ty-uploader").await?;
+    let mut runner = RunnerConfig::new(Stage::Deliver, &config.nats);
+    runner.concurrency = config.uploader.concurrency;
+    trainyard_core::service::run_stage(client, topo, runner, stage, shutdown).await
+}

@@ -1,1 +1,42 @@
-//! stub
+//! The worker: the training stage, on a GPU machine (or a CPU for the
+//! reference trainer). [`train`] is the stage, [`backend`] the trainers it
+//! drives, [`models`] the base-model cache.
+
+pub mod backend;
+pub mod models;
+pub mod train;
+
+use std::time::Duration;
+use trainyard_core::Config;
+use trainyard_core::runtime::RunnerConfig;
+use trainyard_core::store::ArtifactStore;
+use trainyard_proto::v1::Stage;
+
+/// Runs the training stage for `worker.pool` until `shutdown`.
+pub async fn run(config: Config, shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
+    let trainer_bin = models::find_trainer(config.worker.reference_trainer.as_deref()).ok_or_else(|| {
+        anyhow::anyhow!("ty-reference-trainer not found beside this program or on PATH; set worker.reference_trainer")
+    })?;
+    let store = ArtifactStore::open(&config.store.uri)?;
+    std::fs::create_dir_all(&config.worker.work_dir)?;
+    std::fs::create_dir_all(&config.worker.model_cache_dir)?;
+    let stage = train::TrainStage {
+        models: models::Models::new(
+            store.clone(),
+            std::fs::canonicalize(&config.worker.model_cache_dir)?,
+            trainer_bin.clone(),
+        ),
+        store,
+        work_root: std::fs::canonicalize(&config.worker.work_dir)?,
+        trainer_bin,
+        stop_grace: Duration::from_secs(config.worker.stop_grace_secs),
+        progress_interval: Duration::from_millis(config.worker.progress_interval_ms),
+    };
+    let (client, topo) = trainyard_core::service::connect(&config, "ty-worker").await?;
+    let mut runner = RunnerConfig::new(Stage::Train, &config.nats);
+    runner.pool = config.worker.pool.clone();
+    runner.concurrency = config.worker.concurrency;
+    // The trainer gets its own grace after SIGTERM; the runtime waits a bit longer.
+    runner.drain_grace = Duration::from_secs(1);
+    trainyard_core::service::run_stage(client, topo, runner, stage, shutdown).await
+}

@@ -1,0 +1,239 @@
+//! One delivery: fetch each output from the artifact store (checking the
+//! sha256 the worker recorded), copy it to each destination, read the copy
+//! back to verify it, then write the manifest.
+
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use trainyard_core::Config;
+use trainyard_core::runtime::{StageError, StageHandler, TaskContext};
+use trainyard_core::store::{ArtifactStore, StoreError, keys};
+use trainyard_proto::v1::{
+    Artifact, DeliverOutput, DeliverTask, DeliveredFile, ErrorKind, JobSpec, Progress, Stage,
+    stage_result::Outcome,
+};
+
+pub struct DeliverStage {
+    store: ArtifactStore,
+    work_root: PathBuf,
+    allowed_roots: Vec<PathBuf>,
+}
+
+fn store_error(error: StoreError) -> StageError {
+    if error.is_retryable() {
+        StageError::retry(ErrorKind::Storage, error.to_string(), Duration::from_secs(5))
+    } else {
+        StageError::fail(ErrorKind::Storage, error.to_string())
+    }
+}
+
+#[derive(Serialize)]
+struct Manifest<'a> {
+    version: u32,
+    job_id: &'a str,
+    name: &'a str,
+    files: Vec<ManifestFile>,
+    spec: SpecSummary,
+    metrics: Metrics,
+    delivered_at_ms: i64,
+}
+
+#[derive(Serialize)]
+struct ManifestFile {
+    name: String,
+    size: u64,
+    sha256: String,
+    uris: Vec<String>,
+}
+
+#[derive(Serialize, Default)]
+struct SpecSummary {
+    backend: String,
+    base_model: String,
+    steps: u32,
+    learning_rate: f64,
+    rank: u32,
+    alpha: f64,
+    resolution: u32,
+    batch_size: u32,
+    trigger_word: String,
+    labels: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Serialize, Default)]
+struct Metrics {
+    steps: u32,
+    loss_first: Option<f32>,
+    loss_last: Option<f32>,
+    train_seconds: f64,
+    image_count: Option<u32>,
+}
+
+fn summary(spec: &JobSpec) -> SpecSummary {
+    let t = spec.training.clone().unwrap_or_default();
+    SpecSummary {
+        backend: t.backend,
+        base_model: spec.base_model.as_ref().map(|m| m.uri.clone()).unwrap_or_default(),
+        steps: t.steps,
+        learning_rate: t.learning_rate,
+        rank: t.rank,
+        alpha: t.alpha,
+        resolution: t.resolution,
+        batch_size: t.batch_size,
+        trigger_word: spec.caption.as_ref().map(|c| c.trigger_word.clone()).unwrap_or_default(),
+        labels: spec.labels.clone().into_iter().collect(),
+    }
+}
+
+fn finite(v: f32) -> Option<f32> {
+    v.is_finite().then_some(v)
+}
+
+impl DeliverStage {
+    pub fn new(config: &Config) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&config.uploader.work_dir)?;
+        Ok(Self {
+            store: ArtifactStore::open(&config.store.uri)?,
+            work_root: std::fs::canonicalize(&config.uploader.work_dir)?,
+            allowed_roots: config.uploader.allowed_local_roots.clone(),
+        })
+    }
+
+    /// Opens a destination, refusing local paths outside the allowed roots.
+    fn destination(&self, uri: &str) -> Result<ArtifactStore, StageError> {
+        let local = uri.strip_prefix("file://").or_else(|| uri.starts_with('/').then_some(uri));
+        if let Some(path) = local {
+            let path = Path::new(path);
+            if path.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+                return Err(StageError::fail(ErrorKind::InvalidSpec, format!("destination {uri} contains '..'")));
+            }
+            if !self.allowed_roots.is_empty() && !self.allowed_roots.iter().any(|root| path.starts_with(root)) {
+                return Err(StageError::fail(
+                    ErrorKind::InvalidSpec,
+                    format!("destination {uri} is outside the uploader's allowed local roots"),
+                ));
+            }
+        }
+        ArtifactStore::open(uri).map_err(|e| StageError::fail(ErrorKind::InvalidSpec, format!("destination {uri}: {e}")))
+    }
+
+    async fn deliver(&self, task: DeliverTask, ctx: &TaskContext, work: &Path) -> Result<Outcome, StageError> {
+        let spec = task.spec.unwrap_or_default();
+        let job = ctx.meta.job.as_str();
+        if task.artifacts.is_empty() {
+            return Err(StageError::fail(ErrorKind::Internal, "nothing to deliver: the training stage stored no output"));
+        }
+        let mut destinations = vec![(String::new(), self.store.clone(), keys::output(&ctx.meta.job))];
+        for destination in &spec.destinations {
+            destinations.push((destination.uri.clone(), self.destination(&destination.uri)?, job.to_string()));
+        }
+        let mut delivered = Vec::new();
+        let mut files = Vec::new();
+        for artifact in &task.artifacts {
+            let local = self.fetch(artifact, work).await?;
+            let mut uris = Vec::new();
+            for (label, store, prefix) in &destinations {
+                note(ctx, &format!("delivering {} to {}", artifact.name, store.root())).await;
+                let key = format!("{prefix}/{}", artifact.name);
+                // The artifact store already holds the worker's verified copy.
+                let copy = if label.is_empty() && store.key_of(&artifact.uri).as_deref() == Some(key.as_str()) {
+                    artifact.clone()
+                } else {
+                    let copy = store.put_file(&local, &key).await.map_err(store_error)?;
+                    verify(store, &key, &copy.sha256, work).await?;
+                    copy
+                };
+                uris.push(copy.uri.clone());
+                delivered.push(DeliveredFile {
+                    destination: if label.is_empty() { store.root().to_string() } else { label.clone() },
+                    uri: copy.uri,
+                    size: copy.size,
+                    sha256: copy.sha256,
+                });
+            }
+            files.push(ManifestFile {
+                name: artifact.name.clone(),
+                size: artifact.size,
+                sha256: artifact.sha256.clone(),
+                uris,
+            });
+        }
+        let train = task.summary.unwrap_or_default();
+        let manifest = Manifest {
+            version: 1,
+            job_id: job,
+            name: &spec.name,
+            files,
+            spec: summary(&spec),
+            metrics: Metrics {
+                steps: train.steps,
+                loss_first: finite(train.loss_first),
+                loss_last: finite(train.loss_last),
+                train_seconds: train.seconds,
+                image_count: None,
+            },
+            delivered_at_ms: trainyard_core::now_ms(),
+        };
+        let body = bytes::Bytes::from(serde_json::to_vec_pretty(&manifest).unwrap_or_default());
+        let mut manifest_uri = String::new();
+        for (_, store, prefix) in &destinations {
+            let stored = store
+                .put_bytes(&format!("{prefix}/manifest.json"), body.clone())
+                .await
+                .map_err(store_error)?;
+            if manifest_uri.is_empty() {
+                manifest_uri = stored.uri;
+            }
+        }
+        Ok(Outcome::Delivered(DeliverOutput {
+            files: delivered,
+            manifest_uri,
+        }))
+    }
+
+    /// Downloads an artifact and checks it against its recorded sha256.
+    async fn fetch(&self, artifact: &Artifact, work: &Path) -> Result<PathBuf, StageError> {
+        let key = self.store.key_of(&artifact.uri).ok_or_else(|| {
+            StageError::fail(ErrorKind::Internal, format!("artifact {} is not in the artifact store", artifact.uri))
+        })?;
+        let local = work.join("outputs").join(&artifact.name);
+        self.store
+            .get_file(&key, &local, Some(&artifact.sha256))
+            .await
+            .map_err(store_error)?;
+        Ok(local)
+    }
+}
+
+/// Reads a delivered object back and compares its sha256.
+async fn verify(store: &ArtifactStore, key: &str, sha256: &str, work: &Path) -> Result<(), StageError> {
+    let check = work.join("verify").join(key.replace('/', "_"));
+    let result = store.get_file(key, &check, Some(sha256)).await;
+    let _ = tokio::fs::remove_file(&check).await;
+    result.map(|_| ()).map_err(store_error)
+}
+
+async fn note(ctx: &TaskContext, message: &str) {
+    ctx.events
+        .progress(Progress {
+            stage: Stage::Deliver as i32,
+            message: message.to_string(),
+            ..Default::default()
+        })
+        .await;
+}
+
+impl StageHandler for DeliverStage {
+    type Task = DeliverTask;
+
+    async fn handle(&self, task: DeliverTask, ctx: TaskContext) -> Result<Outcome, StageError> {
+        let work = self.work_root.join(format!("{}-{}", ctx.meta.job, ctx.meta.attempt));
+        let _ = tokio::fs::remove_dir_all(&work).await;
+        let result = tokio::select! {
+            result = self.deliver(task, &ctx, &work) => result,
+            _ = ctx.cancel.cancelled() => Err(StageError::Cancelled),
+        };
+        let _ = tokio::fs::remove_dir_all(&work).await;
+        result
+    }
+}
