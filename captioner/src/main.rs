@@ -3,7 +3,10 @@
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(version, about = "Trainyard captioner: fetch, unpack, validate and caption datasets")]
+#[command(
+    version,
+    about = "Trainyard captioner: fetch, unpack, validate and caption datasets"
+)]
 struct Args {
     #[command(flatten)]
     service: trainyard_core::service::ServiceArgs,

@@ -46,7 +46,12 @@ impl PrepareStage {
         })
     }
 
-    async fn prepare(&self, task: PrepareTask, ctx: &TaskContext, work: &Path) -> Result<Outcome, StageError> {
+    async fn prepare(
+        &self,
+        task: PrepareTask,
+        ctx: &TaskContext,
+        work: &Path,
+    ) -> Result<Outcome, StageError> {
         let spec = task
             .spec
             .ok_or_else(|| StageError::fail(ErrorKind::InvalidSpec, "task has no job spec"))?;
@@ -57,16 +62,24 @@ impl PrepareStage {
         let caption = spec.caption.unwrap_or_default();
         note(ctx, "fetching dataset").await;
         let input = match source {
-            Source::ZipUrl(url) => fetch(&self.client, RemoteSource::ZipUrl(url), work, &self.limits).await?,
+            Source::ZipUrl(url) => {
+                fetch(&self.client, RemoteSource::ZipUrl(url), work, &self.limits).await?
+            }
             Source::ImageUrls(list) => {
-                fetch(&self.client, RemoteSource::ImageUrls(list.urls), work, &self.limits).await?
+                fetch(
+                    &self.client,
+                    RemoteSource::ImageUrls(list.urls),
+                    work,
+                    &self.limits,
+                )
+                .await?
             }
             Source::ArtifactUri(uri) => self.fetch_artifact(&uri, work).await?,
         };
         let mut settings = PrepareSettings {
             trigger_word: caption.trigger_word,
             overwrite_sidecar: caption.overwrite_sidecar,
-            limits: self.limits.clone(),
+            limits: self.limits,
             ..PrepareSettings::default()
         };
         if !caption.template.is_empty() {
@@ -77,14 +90,23 @@ impl PrepareStage {
         let prepared = prepare_local(input, work, &settings, &captioner)
             .await
             .map_err(prepare_error)?;
-        note(ctx, &format!("storing {} images", prepared.manifest.images.len())).await;
+        note(
+            ctx,
+            &format!("storing {} images", prepared.manifest.images.len()),
+        )
+        .await;
         let prefix = keys::dataset(&ctx.meta.job);
         // A crashed earlier delivery may have left part of a set: start clean.
-        self.store.delete_prefix(&prefix).await.map_err(store_error)?;
+        self.store
+            .delete_prefix(&prefix)
+            .await
+            .map_err(store_error)?;
         for file in prepared.files() {
             let rel = file
                 .strip_prefix(&prepared.dir)
-                .map_err(|_| StageError::fail(ErrorKind::Internal, "prepared file outside its folder"))?
+                .map_err(|_| {
+                    StageError::fail(ErrorKind::Internal, "prepared file outside its folder")
+                })?
                 .to_string_lossy()
                 .replace('\\', "/");
             self.store
@@ -119,13 +141,19 @@ impl PrepareStage {
         let key = self.store.key_of(uri).ok_or_else(|| {
             StageError::fail(
                 ErrorKind::InvalidSpec,
-                format!("dataset.artifact_uri must be inside the artifact store {}", self.store.root()),
+                format!(
+                    "dataset.artifact_uri must be inside the artifact store {}",
+                    self.store.root()
+                ),
             )
         })?;
         let download = work.join("download");
         if key.ends_with(".zip") {
             let local = download.join("dataset.zip");
-            self.store.get_file(&key, &local, None).await.map_err(store_error)?;
+            self.store
+                .get_file(&key, &local, None)
+                .await
+                .map_err(store_error)?;
             return Ok(LocalInput::Zip(local));
         }
         let dir = download.join("dataset");
@@ -156,7 +184,9 @@ async fn fetch(
     work: &Path,
     limits: &UnpackLimits,
 ) -> Result<LocalInput, StageError> {
-    fetch_source(client, &source, work, limits).await.map_err(prepare_error)
+    fetch_source(client, &source, work, limits)
+        .await
+        .map_err(prepare_error)
 }
 
 fn prepare_error(error: PrepareError) -> StageError {
@@ -176,7 +206,11 @@ fn prepare_error(error: PrepareError) -> StageError {
 
 fn store_error(error: StoreError) -> StageError {
     if error.is_retryable() {
-        StageError::retry(ErrorKind::Storage, error.to_string(), Duration::from_secs(5))
+        StageError::retry(
+            ErrorKind::Storage,
+            error.to_string(),
+            Duration::from_secs(5),
+        )
     } else {
         StageError::fail(ErrorKind::Storage, error.to_string())
     }
@@ -186,7 +220,9 @@ impl StageHandler for PrepareStage {
     type Task = PrepareTask;
 
     async fn handle(&self, task: PrepareTask, ctx: TaskContext) -> Result<Outcome, StageError> {
-        let work = self.work_root.join(format!("{}-{}", ctx.meta.job, ctx.meta.attempt));
+        let work = self
+            .work_root
+            .join(format!("{}-{}", ctx.meta.job, ctx.meta.attempt));
         let _ = tokio::fs::remove_dir_all(&work).await;
         if let Err(e) = tokio::fs::create_dir_all(&work).await {
             return Err(StageError::retry(

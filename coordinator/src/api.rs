@@ -82,9 +82,15 @@ impl Auth {
     /// The tenant of an `authorization` header value (`Bearer <token>`).
     pub fn tenant(&self, header: Option<&str>) -> Result<TenantId, ApiError> {
         let token = header
-            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+            .and_then(|h| {
+                h.strip_prefix("Bearer ")
+                    .or_else(|| h.strip_prefix("bearer "))
+            })
             .ok_or(ApiError::Unauthenticated)?;
-        self.tokens.get(token.trim()).cloned().ok_or(ApiError::Unauthenticated)
+        self.tokens
+            .get(token.trim())
+            .cloned()
+            .ok_or(ApiError::Unauthenticated)
     }
 }
 
@@ -101,7 +107,11 @@ fn parse_job(id: &str) -> Result<JobId, ApiError> {
 }
 
 impl JobApi {
-    pub async fn submit(&self, tenant: &TenantId, spec: Option<JobSpec>) -> Result<SubmitResponse, ApiError> {
+    pub async fn submit(
+        &self,
+        tenant: &TenantId,
+        spec: Option<JobSpec>,
+    ) -> Result<SubmitResponse, ApiError> {
         let spec = spec.ok_or_else(|| ApiError::Invalid("spec: is required".into()))?;
         let spec = validate::normalise(spec).map_err(|e| ApiError::Invalid(e.to_string()))?;
         let mut job = JobId::generate();
@@ -118,7 +128,9 @@ impl JobApi {
                         .get(&key)
                         .await
                         .map_err(|e| ApiError::Unavailable(e.to_string()))?
-                        .ok_or_else(|| ApiError::Unavailable("idempotency record vanished; retry".into()))?;
+                        .ok_or_else(|| {
+                            ApiError::Unavailable("idempotency record vanished; retry".into())
+                        })?;
                     let first = parse_job(&String::from_utf8_lossy(&first))?;
                     match self.repo.get(tenant, &first).await {
                         Ok(found) => {
@@ -154,10 +166,11 @@ impl JobApi {
             Err(e) => return Err(e.into()),
         }
         tracing::info!(%job, %tenant, "job submitted");
-        self.effects
-            .run(&record, effects)
-            .await
-            .map_err(|e| ApiError::Unavailable(format!("job {job} stored but not queued yet: {e}; retry with the same idempotency key")))?;
+        self.effects.run(&record, effects).await.map_err(|e| {
+            ApiError::Unavailable(format!(
+                "job {job} stored but not queued yet: {e}; retry with the same idempotency key"
+            ))
+        })?;
         Ok(SubmitResponse {
             job: Some(record.redacted()),
             duplicate: false,
@@ -180,7 +193,11 @@ impl JobApi {
             0 => 50,
             n => n.min(500),
         } as usize;
-        let after = if page_token.is_empty() { None } else { Some(parse_job(page_token)?) };
+        let after = if page_token.is_empty() {
+            None
+        } else {
+            Some(parse_job(page_token)?)
+        };
         let mut jobs = Vec::new();
         let mut next_page_token = String::new();
         for id in self.repo.ids_of(tenant).await? {
@@ -196,7 +213,10 @@ impl JobApi {
                 continue;
             }
             if jobs.len() == size {
-                next_page_token = jobs.last().map(|r: &JobRecord| r.job_id.clone()).unwrap_or_default();
+                next_page_token = jobs
+                    .last()
+                    .map(|r: &JobRecord| r.job_id.clone())
+                    .unwrap_or_default();
                 break;
             }
             jobs.push(record.redacted());
@@ -207,14 +227,29 @@ impl JobApi {
         })
     }
 
-    pub async fn cancel(&self, tenant: &TenantId, job_id: &str, reason: &str) -> Result<CancelResponse, ApiError> {
+    pub async fn cancel(
+        &self,
+        tenant: &TenantId,
+        job_id: &str,
+        reason: &str,
+    ) -> Result<CancelResponse, ApiError> {
         let job = parse_job(job_id)?;
-        let reason = if reason.is_empty() { "cancelled by client" } else { reason };
+        let reason = if reason.is_empty() {
+            "cancelled by client"
+        } else {
+            reason
+        };
         let now = trainyard_core::now_ms();
         let (stored, decision) = self
             .repo
             .update(tenant, &job, |record| async move {
-                match job::transition(&record, &Event::Cancel { reason: reason.to_string() }, now) {
+                match job::transition(
+                    &record,
+                    &Event::Cancel {
+                        reason: reason.to_string(),
+                    },
+                    now,
+                ) {
                     Decision::Apply(next, effects) => (Some(*next), (effects, record)),
                     Decision::Ignore(_) => (None, (Vec::new(), record)),
                 }
@@ -279,10 +314,12 @@ async fn next_event(mut state: WatchState) -> Option<(Result<JobEvent, ApiError>
     loop {
         let message = match state.final_record.as_ref() {
             // Replaying a finished job: stop when the stored events run out.
-            Some(_) => tokio::time::timeout(std::time::Duration::from_secs(2), state.messages.next())
-                .await
-                .ok()
-                .flatten(),
+            Some(_) => {
+                tokio::time::timeout(std::time::Duration::from_secs(2), state.messages.next())
+                    .await
+                    .ok()
+                    .flatten()
+            }
             None => state.messages.next().await,
         };
         let Some(message) = message else {
@@ -307,7 +344,9 @@ async fn next_event(mut state: WatchState) -> Option<(Result<JobEvent, ApiError>
             continue;
         };
         if let Some(Kind::State(change)) = &event.kind
-            && JobState::try_from(change.state).unwrap_or_default().is_final()
+            && JobState::try_from(change.state)
+                .unwrap_or_default()
+                .is_final()
         {
             state.done = true;
         }

@@ -20,16 +20,23 @@ impl Effects {
     /// Runs every effect; a failed publish is returned so the caller can
     /// retry (the record is already stored, the reconciler also repairs it).
     pub async fn run(&self, record: &JobRecord, effects: Vec<Effect>) -> Result<(), String> {
-        let (Ok(tenant), Ok(job)) = (TenantId::parse(&record.tenant), JobId::parse(&record.job_id)) else {
+        let (Ok(tenant), Ok(job)) = (
+            TenantId::parse(&record.tenant),
+            JobId::parse(&record.job_id),
+        ) else {
             return Err("record has bad ids".into());
         };
         let events = EventSink::new(self.js.clone(), tenant.clone(), job.clone());
         for effect in effects {
             match effect {
                 Effect::EmitState(state) => events.emit(Kind::State(state)).await,
-                Effect::Publish(task) => self.publish_task(&tenant, &job, task).await?,
+                Effect::Publish(task) => self.publish_task(&tenant, &job, *task).await?,
                 Effect::SendCancel => {
-                    if let Err(error) = self.client.publish(subject::cancel(&job), "cancel".into()).await {
+                    if let Err(error) = self
+                        .client
+                        .publish(subject::cancel(&job), "cancel".into())
+                        .await
+                    {
                         tracing::warn!(%job, %error, "could not send cancel message");
                     }
                 }
@@ -38,7 +45,12 @@ impl Effects {
         Ok(())
     }
 
-    pub async fn publish_task(&self, tenant: &TenantId, job: &JobId, task: Task) -> Result<(), String> {
+    pub async fn publish_task(
+        &self,
+        tenant: &TenantId,
+        job: &JobId,
+        task: Task,
+    ) -> Result<(), String> {
         let (stage, attempt, pool, payload) = match &task {
             Task::Prepare(t) => (Stage::Prepare, t.attempt, String::new(), t.encode_to_vec()),
             Task::Train(t) => (
@@ -49,11 +61,21 @@ impl Effects {
             ),
             Task::Deliver(t) => (Stage::Deliver, t.attempt, String::new(), t.encode_to_vec()),
         };
-        let pool = if pool.is_empty() { "default".to_string() } else { pool };
+        let pool = if pool.is_empty() {
+            "default".to_string()
+        } else {
+            pool
+        };
         let id = topology::task_msg_id(tenant, job, stage, Attempt(attempt));
-        trainyard_core::nats::publish_durable(&self.js, subject::task(stage, &pool), &id, None, payload.into())
-            .await
-            .map_err(|e| format!("could not publish {} task: {e}", stage.name()))?;
+        trainyard_core::nats::publish_durable(
+            &self.js,
+            subject::task(stage, &pool),
+            &id,
+            None,
+            payload.into(),
+        )
+        .await
+        .map_err(|e| format!("could not publish {} task: {e}", stage.name()))?;
         tracing::info!(%job, stage = stage.name(), attempt, "task published");
         Ok(())
     }

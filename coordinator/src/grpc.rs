@@ -31,7 +31,10 @@ type WatchStream = Pin<Box<dyn futures::Stream<Item = Result<JobEvent, Status>> 
 
 #[tonic::async_trait]
 impl JobService for GrpcJobService {
-    async fn submit(&self, request: Request<SubmitRequest>) -> Result<Response<SubmitResponse>, Status> {
+    async fn submit(
+        &self,
+        request: Request<SubmitRequest>,
+    ) -> Result<Response<SubmitResponse>, Status> {
         let tenant = self.tenant(&request)?;
         let spec = request.into_inner().spec;
         self.api
@@ -61,7 +64,10 @@ impl JobService for GrpcJobService {
             .map_err(|e| e.to_status())
     }
 
-    async fn cancel(&self, request: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {
+    async fn cancel(
+        &self,
+        request: Request<CancelRequest>,
+    ) -> Result<Response<CancelResponse>, Status> {
         let tenant = self.tenant(&request)?;
         let r = request.get_ref();
         self.api
@@ -73,7 +79,10 @@ impl JobService for GrpcJobService {
 
     type WatchStream = WatchStream;
 
-    async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         let tenant = self.tenant(&request)?;
         let events = self
             .api

@@ -8,8 +8,8 @@
 //! redelivered or late result changes nothing.
 
 use trainyard_proto::v1::{
-    Checkpoint, DeliverTask, JobRecord, JobState, PrepareTask, Stage, StageResult,
-    StateChanged, TrainTask, stage_result::Outcome,
+    Checkpoint, DeliverTask, JobRecord, JobState, PrepareTask, Stage, StageResult, StateChanged,
+    TrainTask, stage_result::Outcome,
 };
 
 /// What happened to a job.
@@ -32,7 +32,7 @@ pub enum Task {
 /// What the shell must do once the new record is stored.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Effect {
-    Publish(Task),
+    Publish(Box<Task>),
     EmitState(StateChanged),
     /// Tell running stages to stop this job now.
     SendCancel,
@@ -57,7 +57,9 @@ pub fn submitted(mut record: JobRecord, now_ms: i64) -> (JobRecord, Vec<Effect>)
     record.times.get_or_insert_default().queued_at_ms = now_ms;
     let effects = vec![
         Effect::EmitState(state_changed(&record)),
-        Effect::Publish(current_task(&record).expect("a queued job has a prepare task")),
+        Effect::Publish(Box::new(
+            current_task(&record).expect("a queued job has a prepare task"),
+        )),
     ];
     (record, effects)
 }
@@ -143,7 +145,7 @@ fn on_result(record: &JobRecord, result: &StageResult, now_ms: i64) -> Decision 
 
 fn advance(next: JobRecord) -> Decision {
     let mut effects = vec![Effect::EmitState(state_changed(&next))];
-    effects.extend(current_task(&next).map(Effect::Publish));
+    effects.extend(current_task(&next).map(|t| Effect::Publish(Box::new(t))));
     Decision::Apply(Box::new(next), effects)
 }
 
@@ -182,7 +184,10 @@ pub fn current_task(record: &JobRecord) -> Option<Task> {
             attempt,
             spec,
             dataset_uri: record.dataset_uri.clone(),
-            resume_from: record.latest_checkpoint.clone().filter(|c: &Checkpoint| !c.uri.is_empty()),
+            resume_from: record
+                .latest_checkpoint
+                .clone()
+                .filter(|c: &Checkpoint| !c.uri.is_empty()),
         }),
         Stage::Deliver => Task::Deliver(DeliverTask {
             job_id,
@@ -209,7 +214,10 @@ pub fn is_legal(from: JobState, to: JobState) -> bool {
             | (Queued | Preparing, Training)
             | (Training, Delivering)
             | (Delivering, Succeeded)
-            | (Queued | Preparing | Training | Delivering, Failed | Cancelled)
+            | (
+                Queued | Preparing | Training | Delivering,
+                Failed | Cancelled
+            )
     )
 }
 
@@ -256,23 +264,56 @@ mod tests {
     #[test]
     fn happy_path_walks_every_state_and_publishes_each_task() {
         let (record, effects) = submitted(JobRecord::default(), 1);
-        assert!(matches!(effects[1], Effect::Publish(Task::Prepare(_))));
-        let mut record = JobRecord { job_id: "j-1".into(), ..record };
-        record = apply(&record, result(Stage::Prepare, 1, Outcome::Started(StageStarted { delivered: 1 }))).0;
+        assert!(matches!(&effects[1], Effect::Publish(t) if matches!(**t, Task::Prepare(_))));
+        let mut record = JobRecord {
+            job_id: "j-1".into(),
+            ..record
+        };
+        record = apply(
+            &record,
+            result(
+                Stage::Prepare,
+                1,
+                Outcome::Started(StageStarted { delivered: 1 }),
+            ),
+        )
+        .0;
         assert_eq!(record.state(), JobState::Preparing);
         let (next, effects) = apply(
             &record,
-            result(Stage::Prepare, 1, Outcome::Prepared(PrepareOutput {
-                dataset_uri: "file:///d".into(),
-                ..Default::default()
-            })),
+            result(
+                Stage::Prepare,
+                1,
+                Outcome::Prepared(PrepareOutput {
+                    dataset_uri: "file:///d".into(),
+                    ..Default::default()
+                }),
+            ),
         );
         assert_eq!(next.state(), JobState::Training);
-        assert!(effects.iter().any(|e| matches!(e, Effect::Publish(Task::Train(t)) if t.dataset_uri == "file:///d")));
-        let (next, effects) = apply(&next, result(Stage::Train, 1, Outcome::Trained(TrainOutput::default())));
+        assert!(
+            effects.iter().any(
+                |e| matches!(e, Effect::Publish(t) if matches!(&**t, Task::Train(t) if t.dataset_uri == "file:///d"))
+            )
+        );
+        let (next, effects) = apply(
+            &next,
+            result(Stage::Train, 1, Outcome::Trained(TrainOutput::default())),
+        );
         assert_eq!(next.state(), JobState::Delivering);
-        assert!(effects.iter().any(|e| matches!(e, Effect::Publish(Task::Deliver(_)))));
-        let (next, _) = apply(&next, result(Stage::Deliver, 1, Outcome::Delivered(DeliverOutput::default())));
+        assert!(
+            effects
+                .iter()
+                .any(|e| matches!(e, Effect::Publish(t) if matches!(**t, Task::Deliver(_))))
+        );
+        let (next, _) = apply(
+            &next,
+            result(
+                Stage::Deliver,
+                1,
+                Outcome::Delivered(DeliverOutput::default()),
+            ),
+        );
         assert_eq!(next.state(), JobState::Succeeded);
         assert!(next.times.unwrap().finished_at_ms > 0);
     }
@@ -280,21 +321,45 @@ mod tests {
     #[test]
     fn stale_duplicate_and_late_results_are_ignored() {
         let record = queued();
-        let prepared = result(Stage::Prepare, 1, Outcome::Prepared(PrepareOutput::default()));
+        let prepared = result(
+            Stage::Prepare,
+            1,
+            Outcome::Prepared(PrepareOutput::default()),
+        );
         let (training, _) = apply(&record, prepared.clone());
         // The same result again: the record moved on, nothing changes.
-        assert!(matches!(transition(&training, &prepared, 3), Decision::Ignore(_)));
+        assert!(matches!(
+            transition(&training, &prepared, 3),
+            Decision::Ignore(_)
+        ));
         // A result for an older attempt.
         let old = result(Stage::Train, 0, Outcome::Trained(TrainOutput::default()));
-        assert!(matches!(transition(&training, &old, 3), Decision::Ignore(_)));
+        assert!(matches!(
+            transition(&training, &old, 3),
+            Decision::Ignore(_)
+        ));
         // Anything after a final state.
-        let (cancelled, effects) = apply(&training, Event::Cancel { reason: "user".into() });
+        let (cancelled, effects) = apply(
+            &training,
+            Event::Cancel {
+                reason: "user".into(),
+            },
+        );
         assert_eq!(cancelled.state(), JobState::Cancelled);
         assert!(effects.contains(&Effect::SendCancel));
         let late = result(Stage::Train, 1, Outcome::Trained(TrainOutput::default()));
-        assert!(matches!(transition(&cancelled, &late, 4), Decision::Ignore(_)));
         assert!(matches!(
-            transition(&cancelled, &Event::Cancel { reason: String::new() }, 4),
+            transition(&cancelled, &late, 4),
+            Decision::Ignore(_)
+        ));
+        assert!(matches!(
+            transition(
+                &cancelled,
+                &Event::Cancel {
+                    reason: String::new()
+                },
+                4
+            ),
             Decision::Ignore(_)
         ));
     }
@@ -306,7 +371,10 @@ mod tests {
             message: "no usable image: a.png".into(),
             ..Default::default()
         };
-        let (failed, _) = apply(&queued(), result(Stage::Prepare, 1, Outcome::Failed(error.clone())));
+        let (failed, _) = apply(
+            &queued(),
+            result(Stage::Prepare, 1, Outcome::Failed(error.clone())),
+        );
         assert_eq!(failed.state(), JobState::Failed);
         assert_eq!(failed.error, Some(error));
         assert_eq!(current_task(&failed), None);

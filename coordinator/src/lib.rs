@@ -48,7 +48,10 @@ pub async fn run(
 
     match reconcile::reconcile(&js, &repo, &effects, 0).await {
         Ok(0) => {}
-        Ok(n) => tracing::warn!(republished = n, "start-up reconcile published lost tasks again"),
+        Ok(n) => tracing::warn!(
+            republished = n,
+            "start-up reconcile published lost tasks again"
+        ),
         Err(error) => tracing::warn!(%error, "start-up reconcile failed"),
     }
 
@@ -75,7 +78,12 @@ pub async fn run(
         });
     }
     {
-        let (client, api, auth, stop) = (client.clone(), api.clone(), auth.clone(), shutdown.child_token());
+        let (client, api, auth, stop) = (
+            client.clone(),
+            api.clone(),
+            auth.clone(),
+            shutdown.child_token(),
+        );
         tasks.spawn(async move {
             if let Err(error) = nats_api::serve(client, api, auth, stop).await {
                 tracing::error!(%error, "nats api failed");
@@ -83,7 +91,12 @@ pub async fn run(
         });
     }
     {
-        let (js, repo, effects, stop) = (js.clone(), repo.clone(), effects.clone(), shutdown.child_token());
+        let (js, repo, effects, stop) = (
+            js.clone(),
+            repo.clone(),
+            effects.clone(),
+            shutdown.child_token(),
+        );
         let every = Duration::from_secs(config.coordinator.reconcile_interval_secs.max(1));
         let stale_ms = (config.coordinator.stale_after_secs * 1000) as i64;
         tasks.spawn(async move {

@@ -7,9 +7,10 @@ use crate::api::{ApiError, Auth, JobApi};
 use futures::StreamExt;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
-use trainyard_core::topology::{ApiOp, AUTH_HEADER, subject};
+use trainyard_core::topology::{AUTH_HEADER, ApiOp, subject};
 use trainyard_proto::v1::{
-    ApiReply, CancelRequest, GetRequest, GetResponse, ListRequest, SubmitRequest, api_reply::Result as Reply,
+    ApiReply, CancelRequest, GetRequest, GetResponse, ListRequest, SubmitRequest,
+    api_reply::Result as Reply,
 };
 
 pub async fn serve(
@@ -31,7 +32,9 @@ pub async fn serve(
         };
         let reply = handle(&api, &auth, &message).await;
         let reply = match reply {
-            Ok(result) => ApiReply { result: Some(result) },
+            Ok(result) => ApiReply {
+                result: Some(result),
+            },
             Err(error) => ApiReply {
                 result: Some(Reply::Error(trainyard_proto::v1::ApiError {
                     code: format!("{:?}", error.code()),
@@ -47,7 +50,11 @@ pub async fn serve(
     Ok(())
 }
 
-async fn handle(api: &JobApi, auth: &Auth, message: &async_nats::Message) -> Result<Reply, ApiError> {
+async fn handle(
+    api: &JobApi,
+    auth: &Auth,
+    message: &async_nats::Message,
+) -> Result<Reply, ApiError> {
     let header = message
         .headers
         .as_ref()
@@ -60,10 +67,14 @@ async fn handle(api: &JobApi, auth: &Auth, message: &async_nats::Message) -> Res
         .next()
         .and_then(ApiOp::from_name)
         .ok_or_else(|| ApiError::Invalid("unknown api operation".into()))?;
-    let bad = |e: prost::DecodeError| ApiError::Invalid(format!("request is not valid protobuf: {e}"));
+    let bad =
+        |e: prost::DecodeError| ApiError::Invalid(format!("request is not valid protobuf: {e}"));
     let payload = message.payload.clone();
     Ok(match op {
-        ApiOp::Submit => Reply::Submit(api.submit(&tenant, SubmitRequest::decode(payload).map_err(bad)?.spec).await?),
+        ApiOp::Submit => Reply::Submit(
+            api.submit(&tenant, SubmitRequest::decode(payload).map_err(bad)?.spec)
+                .await?,
+        ),
         ApiOp::Get => {
             let request = GetRequest::decode(payload).map_err(bad)?;
             Reply::Get(GetResponse {
@@ -72,11 +83,22 @@ async fn handle(api: &JobApi, auth: &Auth, message: &async_nats::Message) -> Res
         }
         ApiOp::List => {
             let request = ListRequest::decode(payload).map_err(bad)?;
-            Reply::List(api.list(&tenant, request.state(), request.page_size, &request.page_token).await?)
+            Reply::List(
+                api.list(
+                    &tenant,
+                    request.state(),
+                    request.page_size,
+                    &request.page_token,
+                )
+                .await?,
+            )
         }
         ApiOp::Cancel => {
             let request = CancelRequest::decode(payload).map_err(bad)?;
-            Reply::Cancel(api.cancel(&tenant, &request.job_id, &request.reason).await?)
+            Reply::Cancel(
+                api.cancel(&tenant, &request.job_id, &request.reason)
+                    .await?,
+            )
         }
     })
 }

@@ -16,7 +16,10 @@ use trainyard_proto::v1::Stage;
 use trainyard_proto::{Attempt, JobId, TenantId};
 
 /// Message ids present in a stream right now.
-async fn ids_in(js: &jetstream::Context, stream: &str) -> Result<HashSet<String>, async_nats::Error> {
+async fn ids_in(
+    js: &jetstream::Context,
+    stream: &str,
+) -> Result<HashSet<String>, async_nats::Error> {
     let stream = js.get_stream(stream).await?;
     let mut ids = HashSet::new();
     let total = stream.get_info().await?.state.messages;
@@ -32,7 +35,9 @@ async fn ids_in(js: &jetstream::Context, stream: &str) -> Result<HashSet<String>
         .await?
         .messages()
         .await?;
-    while let Ok(Some(Ok(message))) = tokio::time::timeout(Duration::from_secs(5), messages.next()).await {
+    while let Ok(Some(Ok(message))) =
+        tokio::time::timeout(Duration::from_secs(5), messages.next()).await
+    {
         if let Some(id) = message.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")) {
             ids.insert(id.as_str().to_string());
         }
@@ -62,7 +67,10 @@ pub async fn reconcile(
         if now - record.updated_at_ms < stale_after_ms {
             continue;
         }
-        let (Ok(tenant), Ok(job)) = (TenantId::parse(&record.tenant), JobId::parse(&record.job_id)) else {
+        let (Ok(tenant), Ok(job)) = (
+            TenantId::parse(&record.tenant),
+            JobId::parse(&record.job_id),
+        ) else {
             continue;
         };
         let stage: Stage = record.stage();

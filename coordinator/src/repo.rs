@@ -54,7 +54,8 @@ impl JobRepo {
             .map_err(|e| RepoError::Unavailable(e.to_string()))?
             .filter(|e| e.operation == kv::Operation::Put)
             .ok_or_else(|| RepoError::NotFound(key.to_string()))?;
-        let record = JobRecord::decode(entry.value).map_err(|_| RepoError::Corrupt(key.to_string()))?;
+        let record =
+            JobRecord::decode(entry.value).map_err(|_| RepoError::Corrupt(key.to_string()))?;
         Ok(Versioned {
             record,
             revision: entry.revision,
@@ -64,7 +65,11 @@ impl JobRepo {
     /// Stores a new record; fails if the key exists.
     pub async fn create(&self, record: &JobRecord) -> Result<u64, RepoError> {
         let key = format!("{}.{}", record.tenant, record.job_id);
-        match self.kv.create(&key, Bytes::from(record.encode_to_vec())).await {
+        match self
+            .kv
+            .create(&key, Bytes::from(record.encode_to_vec()))
+            .await
+        {
             Ok(revision) => Ok(revision),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Err(RepoError::Exists(key)),
             Err(e) => Err(RepoError::Unavailable(e.to_string())),
@@ -123,7 +128,10 @@ impl JobRepo {
             .await
             .map_err(|e| RepoError::Unavailable(e.to_string()))?
         {
-            if let Some(id) = subject.strip_prefix(&prefix).and_then(|s| JobId::parse(s).ok()) {
+            if let Some(id) = subject
+                .strip_prefix(&prefix)
+                .and_then(|s| JobId::parse(s).ok())
+            {
                 ids.push(id);
             }
         }
@@ -145,7 +153,11 @@ impl JobRepo {
         let mut records = Vec::new();
         for key in keys {
             match self.get_key(&key).await {
-                Ok(v) if !JobState::try_from(v.record.state).unwrap_or_default().is_final() => {
+                Ok(v)
+                    if !JobState::try_from(v.record.state)
+                        .unwrap_or_default()
+                        .is_final() =>
+                {
                     records.push(v.record)
                 }
                 Ok(_) | Err(RepoError::NotFound(_)) | Err(RepoError::Corrupt(_)) => {}

@@ -50,7 +50,10 @@ pub async fn run(
 }
 
 async fn apply(repo: &JobRepo, effects: &Effects, result: StageResult) -> AckKind {
-    let (Ok(tenant), Ok(job)) = (TenantId::parse(&result.tenant), JobId::parse(&result.job_id)) else {
+    let (Ok(tenant), Ok(job)) = (
+        TenantId::parse(&result.tenant),
+        JobId::parse(&result.job_id),
+    ) else {
         tracing::error!(job = %result.job_id, "stage result with bad ids dropped");
         return AckKind::Term;
     };
@@ -83,11 +86,12 @@ async fn apply(repo: &JobRepo, effects: &Effects, result: StageResult) -> AckKin
         Ok((None, (_, ignored))) => {
             if let Some((why, record)) = ignored {
                 tracing::debug!(%job, why, "result ignored");
-                if !started && let Some(task) = job::current_task(&record) {
-                    if let Err(error) = effects.publish_task(&tenant, &job, task).await {
-                        tracing::warn!(%job, %error, "could not republish current task");
-                        return AckKind::Nak(Some(Duration::from_secs(2)));
-                    }
+                if !started
+                    && let Some(task) = job::current_task(&record)
+                    && let Err(error) = effects.publish_task(&tenant, &job, task).await
+                {
+                    tracing::warn!(%job, %error, "could not republish current task");
+                    return AckKind::Nak(Some(Duration::from_secs(2)));
                 }
             }
             AckKind::Ack

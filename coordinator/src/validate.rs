@@ -48,7 +48,12 @@ pub fn normalise(mut spec: JobSpec) -> Result<JobSpec, FieldError> {
         return Err(bad("idempotency_key", "is longer than 256 characters"));
     }
     match spec.dataset.as_ref().and_then(|d| d.source.as_ref()) {
-        None => return Err(bad("dataset", "is empty: give a zip_url, image_urls or artifact_uri")),
+        None => {
+            return Err(bad(
+                "dataset",
+                "is empty: give a zip_url, image_urls or artifact_uri",
+            ));
+        }
         Some(Source::ZipUrl(url)) if !is_http(url) => {
             return Err(bad("dataset.zip_url", "must be an http(s) URL"));
         }
@@ -62,7 +67,10 @@ pub fn normalise(mut spec: JobSpec) -> Result<JobSpec, FieldError> {
             return Err(bad("dataset.image_urls", "must all be http(s) URLs"));
         }
         Some(Source::ArtifactUri(uri)) if !is_store_uri(uri) => {
-            return Err(bad("dataset.artifact_uri", "must be a file:///, s3:// or absolute path URI"));
+            return Err(bad(
+                "dataset.artifact_uri",
+                "must be a file:///, s3:// or absolute path URI",
+            ));
         }
         Some(_) => {}
     }
@@ -76,7 +84,11 @@ pub fn normalise(mut spec: JobSpec) -> Result<JobSpec, FieldError> {
     if !BACKENDS.contains(&training.backend.as_str()) {
         return Err(bad(
             "training.backend",
-            format!("unknown backend {:?}; known: {}", training.backend, BACKENDS.join(", ")),
+            format!(
+                "unknown backend {:?}; known: {}",
+                training.backend,
+                BACKENDS.join(", ")
+            ),
         ));
     }
     if training.steps == 0 {
@@ -95,7 +107,10 @@ pub fn normalise(mut spec: JobSpec) -> Result<JobSpec, FieldError> {
         return Err(bad("training.learning_rate", "must be a positive number"));
     }
     if !(training.alpha.is_finite() && training.alpha >= 0.0) {
-        return Err(bad("training.alpha", "must be a non-negative number (0 means alpha = rank)"));
+        return Err(bad(
+            "training.alpha",
+            "must be a non-negative number (0 means alpha = rank)",
+        ));
     }
     if training.alpha == 0.0 {
         training.alpha = f64::from(training.rank);
@@ -104,7 +119,10 @@ pub fn normalise(mut spec: JobSpec) -> Result<JobSpec, FieldError> {
         training.resolution = 32;
     }
     if training.resolution % 8 != 0 || !(8..=4096).contains(&training.resolution) {
-        return Err(bad("training.resolution", "must be a multiple of 8 from 8 to 4096"));
+        return Err(bad(
+            "training.resolution",
+            "must be a multiple of 8 from 8 to 4096",
+        ));
     }
     if training.batch_size == 0 {
         training.batch_size = 1;
@@ -130,22 +148,41 @@ pub fn normalise(mut spec: JobSpec) -> Result<JobSpec, FieldError> {
     if caption.backend != "template" {
         return Err(bad(
             "caption.backend",
-            format!("unknown caption backend {:?}; known: template", caption.backend),
+            format!(
+                "unknown caption backend {:?}; known: template",
+                caption.backend
+            ),
         ));
     }
     if caption.trigger_word.len() > 100 || caption.trigger_word.contains(['\n', '\r']) {
-        return Err(bad("caption.trigger_word", "must be one line of at most 100 characters"));
+        return Err(bad(
+            "caption.trigger_word",
+            "must be one line of at most 100 characters",
+        ));
     }
     for destination in &spec.destinations {
         if !is_store_uri(&destination.uri) {
-            return Err(bad("destinations", format!("{:?} is not a file:///, s3:// or absolute path", destination.uri)));
+            return Err(bad(
+                "destinations",
+                format!(
+                    "{:?} is not a file:///, s3:// or absolute path",
+                    destination.uri
+                ),
+            ));
         }
     }
     if spec.pool.is_empty() {
         spec.pool = "default".into();
     }
-    if !spec.pool.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-        return Err(bad("pool", "may hold only ascii letters, digits, '-' and '_'"));
+    if !spec
+        .pool
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(bad(
+            "pool",
+            "may hold only ascii letters, digits, '-' and '_'",
+        ));
     }
     Ok(spec)
 }
@@ -178,7 +215,10 @@ mod tests {
     fn defaults_are_filled() {
         let spec = normalise(valid()).unwrap();
         let t = spec.training.unwrap();
-        assert_eq!((t.backend.as_str(), t.alpha, t.resolution, t.batch_size), ("reference", 4.0, 32, 1));
+        assert_eq!(
+            (t.backend.as_str(), t.alpha, t.resolution, t.batch_size),
+            ("reference", 4.0, 32, 1)
+        );
         assert_eq!(spec.base_model.unwrap().uri, "reference-denoiser-v1");
         assert_eq!(spec.pool, "default");
     }
@@ -198,7 +238,9 @@ mod tests {
         s.dataset = None;
         assert_eq!(field_of(s), "dataset");
         let mut s = valid();
-        s.dataset = Some(DatasetSource { source: Some(Source::ZipUrl("ftp://x".into())) });
+        s.dataset = Some(DatasetSource {
+            source: Some(Source::ZipUrl("ftp://x".into())),
+        });
         assert_eq!(field_of(s), "dataset.zip_url");
         let mut s = valid();
         s.training.as_mut().unwrap().learning_rate = f64::NAN;

@@ -34,7 +34,10 @@ impl ServiceArgs {
 }
 
 /// Connects and ensures streams and buckets exist.
-pub async fn connect(config: &Config, name: &str) -> anyhow::Result<(async_nats::Client, Topology)> {
+pub async fn connect(
+    config: &Config,
+    name: &str,
+) -> anyhow::Result<(async_nats::Client, Topology)> {
     let client = crate::nats::connect(&config.nats.url, name).await?;
     let js = async_nats::jetstream::new(client.clone());
     let topo = topology::ensure(&js, &config.nats)

@@ -74,11 +74,13 @@ mod tests {
 
     #[test]
     fn redaction_removes_every_secret_value() {
-        let mut spec = JobSpec::default();
-        spec.secrets = Some(Secrets {
-            hf_token: "hf_abc".into(),
-            values: [("AWS_SECRET_ACCESS_KEY".to_string(), "s3cr3t".to_string())].into(),
-        });
+        let spec = JobSpec {
+            secrets: Some(Secrets {
+                hf_token: "hf_abc".into(),
+                values: [("AWS_SECRET_ACCESS_KEY".to_string(), "s3cr3t".to_string())].into(),
+            }),
+            ..Default::default()
+        };
         let record = JobRecord {
             spec: Some(spec),
             ..Default::default()

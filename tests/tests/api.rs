@@ -23,23 +23,53 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
     let fleet = Fleet::start_with(coordinator_only(), |_| {}).await;
     let mut client = fleet.client(TOKEN).await;
     let base = spec("file:///data/set.zip", 10);
-    let cases: Vec<(&str, Box<dyn Fn(&mut trainyard_proto::v1::JobSpec)>)> = vec![
-        ("training.steps", Box::new(|s| s.training.as_mut().unwrap().steps = 0)),
-        ("training.backend", Box::new(|s| s.training.as_mut().unwrap().backend = "dreambooth9000".into())),
-        ("dataset", Box::new(|s| s.dataset = Some(DatasetSource { source: None }))),
-        ("training.rank", Box::new(|s| s.training.as_mut().unwrap().rank = 0)),
+    type Change = Box<dyn Fn(&mut trainyard_proto::v1::JobSpec)>;
+    let cases: Vec<(&str, Change)> = vec![
+        (
+            "training.steps",
+            Box::new(|s| s.training.as_mut().unwrap().steps = 0),
+        ),
+        (
+            "training.backend",
+            Box::new(|s| s.training.as_mut().unwrap().backend = "dreambooth9000".into()),
+        ),
+        (
+            "dataset",
+            Box::new(|s| s.dataset = Some(DatasetSource { source: None })),
+        ),
+        (
+            "training.rank",
+            Box::new(|s| s.training.as_mut().unwrap().rank = 0),
+        ),
     ];
     for (field, change) in cases {
         let mut spec = base.clone();
         change(&mut spec);
-        let status = client.submit(SubmitRequest { spec: Some(spec) }).await.unwrap_err();
+        let status = client
+            .submit(SubmitRequest { spec: Some(spec) })
+            .await
+            .unwrap_err();
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{field}");
-        assert!(status.message().starts_with(field), "{field}: {}", status.message());
+        assert!(
+            status.message().starts_with(field),
+            "{field}: {}",
+            status.message()
+        );
     }
-    let status = client.submit(SubmitRequest { spec: None }).await.unwrap_err();
+    let status = client
+        .submit(SubmitRequest { spec: None })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
-    let list = client.list(ListRequest::default()).await.unwrap().into_inner();
-    assert!(list.jobs.is_empty(), "no job was created by a bad submission");
+    let list = client
+        .list(ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        list.jobs.is_empty(),
+        "no job was created by a bad submission"
+    );
     fleet.stop().await;
 }
 
@@ -49,16 +79,36 @@ async fn same_idempotency_key_returns_the_same_job() {
     let mut client = fleet.client(TOKEN).await;
     let mut spec = spec("file:///data/set.zip", 10);
     spec.idempotency_key = "upload-7f3a".into();
-    let first = client.submit(SubmitRequest { spec: Some(spec.clone()) }).await.unwrap().into_inner();
-    let second = client.submit(SubmitRequest { spec: Some(spec.clone()) }).await.unwrap().into_inner();
+    let first = client
+        .submit(SubmitRequest {
+            spec: Some(spec.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let second = client
+        .submit(SubmitRequest {
+            spec: Some(spec.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!first.duplicate);
     assert!(second.duplicate);
     assert_eq!(first.job.unwrap().job_id, second.job.unwrap().job_id);
     // Another tenant with the same key gets its own job.
     let mut other = fleet.client(OTHER_TOKEN).await;
-    let theirs = other.submit(SubmitRequest { spec: Some(spec) }).await.unwrap().into_inner();
+    let theirs = other
+        .submit(SubmitRequest { spec: Some(spec) })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!theirs.duplicate);
-    let list = client.list(ListRequest::default()).await.unwrap().into_inner();
+    let list = client
+        .list(ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(list.jobs.len(), 1);
     fleet.stop().await;
 }
@@ -71,7 +121,9 @@ async fn list_and_get_show_only_the_callers_jobs() {
     let mut mine = Vec::new();
     for _ in 0..3 {
         let job = acme
-            .submit(SubmitRequest { spec: Some(spec("file:///data/a.zip", 10)) })
+            .submit(SubmitRequest {
+                spec: Some(spec("file:///data/a.zip", 10)),
+            })
             .await
             .unwrap()
             .into_inner()
@@ -80,30 +132,52 @@ async fn list_and_get_show_only_the_callers_jobs() {
         mine.push(job.job_id);
     }
     let theirs = globex
-        .submit(SubmitRequest { spec: Some(spec("file:///data/b.zip", 10)) })
+        .submit(SubmitRequest {
+            spec: Some(spec("file:///data/b.zip", 10)),
+        })
         .await
         .unwrap()
         .into_inner()
         .job
         .unwrap();
     // Pages of two, newest first.
-    let page = acme.list(ListRequest { page_size: 2, ..Default::default() }).await.unwrap().into_inner();
+    let page = acme
+        .list(ListRequest {
+            page_size: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(page.jobs.len(), 2);
     assert_eq!(page.jobs[0].job_id, mine[2]);
     assert!(!page.next_page_token.is_empty());
     let rest = acme
-        .list(ListRequest { page_size: 2, page_token: page.next_page_token, ..Default::default() })
+        .list(ListRequest {
+            page_size: 2,
+            page_token: page.next_page_token,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(rest.jobs.len(), 1);
     assert_eq!(rest.jobs[0].job_id, mine[0]);
     assert!(rest.next_page_token.is_empty());
-    let globex_list = globex.list(ListRequest::default()).await.unwrap().into_inner();
+    let globex_list = globex
+        .list(ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(globex_list.jobs.len(), 1);
     assert_eq!(globex_list.jobs[0].job_id, theirs.job_id);
     // Another tenant's job is not found, not forbidden: its existence is not revealed.
-    let status = acme.get(GetRequest { job_id: theirs.job_id }).await.unwrap_err();
+    let status = acme
+        .get(GetRequest {
+            job_id: theirs.job_id,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), tonic::Code::NotFound);
     fleet.stop().await;
 }
@@ -117,7 +191,13 @@ async fn secrets_are_never_echoed_and_unknown_tokens_are_refused() {
         hf_token: "hf_SUPERSECRET".into(),
         ..Default::default()
     });
-    let job = client.submit(SubmitRequest { spec: Some(spec) }).await.unwrap().into_inner().job.unwrap();
+    let job = client
+        .submit(SubmitRequest { spec: Some(spec) })
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap();
     assert!(!format!("{job:?}").contains("hf_SUPERSECRET"));
     let got = get(&mut client, &job.job_id).await;
     assert!(!format!("{got:?}").contains("hf_SUPERSECRET"));
@@ -144,22 +224,41 @@ async fn the_api_answers_over_nats_request_reply() {
             .await
             .expect("reply in time")
             .expect("request");
-            ApiReply::decode(reply.payload).expect("ApiReply").result.expect("result")
+            ApiReply::decode(reply.payload)
+                .expect("ApiReply")
+                .result
+                .expect("result")
         }
     };
     let submitted = request(
         "submit",
         TOKEN,
-        SubmitRequest { spec: Some(spec("file:///data/set.zip", 10)) }.encode_to_vec(),
+        SubmitRequest {
+            spec: Some(spec("file:///data/set.zip", 10)),
+        }
+        .encode_to_vec(),
     )
     .await;
-    let Reply::Submit(submitted) = submitted else { panic!("{submitted:?}") };
+    let Reply::Submit(submitted) = submitted else {
+        panic!("{submitted:?}")
+    };
     let id = submitted.job.unwrap().job_id;
-    let got = request("get", TOKEN, GetRequest { job_id: id.clone() }.encode_to_vec()).await;
+    let got = request(
+        "get",
+        TOKEN,
+        GetRequest { job_id: id.clone() }.encode_to_vec(),
+    )
+    .await;
     assert!(matches!(got, Reply::Get(ref g) if g.job.as_ref().unwrap().job_id == id));
     let denied = request("get", "wrong", GetRequest { job_id: id }.encode_to_vec()).await;
-    assert!(matches!(denied, Reply::Error(ref e) if e.code == "Unauthenticated"), "{denied:?}");
+    assert!(
+        matches!(denied, Reply::Error(ref e) if e.code == "Unauthenticated"),
+        "{denied:?}"
+    );
     let garbage = request("submit", TOKEN, vec![0xff, 0xff, 0xff]).await;
-    assert!(matches!(garbage, Reply::Error(ref e) if e.code == "InvalidArgument"), "{garbage:?}");
+    assert!(
+        matches!(garbage, Reply::Error(ref e) if e.code == "InvalidArgument"),
+        "{garbage:?}"
+    );
     fleet.stop().await;
 }

@@ -10,7 +10,9 @@ use trainyard_tests::*;
 async fn run_to_end(fleet: &Fleet, dataset_uri: String) -> trainyard_proto::v1::JobRecord {
     let mut client = fleet.client(TOKEN).await;
     let job = client
-        .submit(SubmitRequest { spec: Some(spec(&dataset_uri, 20)) })
+        .submit(SubmitRequest {
+            spec: Some(spec(&dataset_uri, 20)),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -36,7 +38,11 @@ async fn a_zip_of_broken_images_fails_naming_the_files() {
     assert_eq!(record.state(), JobState::Failed);
     let error = record.error.unwrap();
     assert_eq!(error.kind(), trainyard_proto::v1::ErrorKind::BadDataset);
-    assert!(error.message.contains("cat.png") && error.message.contains("dog.jpg"), "{}", error.message);
+    assert!(
+        error.message.contains("cat.png") && error.message.contains("dog.jpg"),
+        "{}",
+        error.message
+    );
     assert_eq!(error.stage(), Stage::Prepare);
     fleet.stop().await;
 }
@@ -61,7 +67,12 @@ async fn a_zip_entry_escaping_the_folder_fails_and_writes_nothing_outside() {
     let mut stack = vec![fleet.dir.path().to_path_buf()];
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(&dir).unwrap().flatten() {
-            assert_ne!(entry.file_name(), "evil", "escaped file at {}", entry.path().display());
+            assert_ne!(
+                entry.file_name(),
+                "evil",
+                "escaped file at {}",
+                entry.path().display()
+            );
             if entry.file_type().unwrap().is_dir() {
                 stack.push(entry.path());
             }
@@ -74,7 +85,10 @@ async fn a_zip_entry_escaping_the_folder_fails_and_writes_nothing_outside() {
 fn image_bytes() -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     let files = trainyard_captioner::sample::write_sample_dataset(dir.path()).unwrap();
-    let png = files.iter().find(|p| p.extension().is_some_and(|e| e == "png")).unwrap();
+    let png = files
+        .iter()
+        .find(|p| p.extension().is_some_and(|e| e == "png"))
+        .unwrap();
     std::fs::read(png).unwrap()
 }
 
@@ -83,11 +97,14 @@ async fn a_poison_task_is_dead_lettered_and_the_service_keeps_serving() {
     let fleet = Fleet::start().await;
     let nats = fleet.nats_client().await;
     let js = async_nats::jetstream::new(nats);
-    js.publish(subject::task(Stage::Prepare, "default"), bytes::Bytes::from_static(b"\xff\xff not protobuf"))
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    js.publish(
+        subject::task(Stage::Prepare, "default"),
+        bytes::Bytes::from_static(b"\xff\xff not protobuf"),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
     // The DLQ gets one record for it.
     let mut dlq = js.get_stream(DLQ_STREAM).await.unwrap();
     wait_for("dead letter", Duration::from_secs(30), || {
@@ -104,7 +121,10 @@ async fn a_poison_task_is_dead_lettered_and_the_service_keeps_serving() {
     wait_for("poison task removed", Duration::from_secs(10), || {
         let js = js.clone();
         async move {
-            let mut tasks = js.get_stream(trainyard_core::topology::TASKS_STREAM).await.ok()?;
+            let mut tasks = js
+                .get_stream(trainyard_core::topology::TASKS_STREAM)
+                .await
+                .ok()?;
             (tasks.info().await.ok()?.state.messages == 0).then_some(())
         }
     })

@@ -21,7 +21,11 @@ pub struct DeliverStage {
 
 fn store_error(error: StoreError) -> StageError {
     if error.is_retryable() {
-        StageError::retry(ErrorKind::Storage, error.to_string(), Duration::from_secs(5))
+        StageError::retry(
+            ErrorKind::Storage,
+            error.to_string(),
+            Duration::from_secs(5),
+        )
     } else {
         StageError::fail(ErrorKind::Storage, error.to_string())
     }
@@ -73,14 +77,22 @@ fn summary(spec: &JobSpec) -> SpecSummary {
     let t = spec.training.clone().unwrap_or_default();
     SpecSummary {
         backend: t.backend,
-        base_model: spec.base_model.as_ref().map(|m| m.uri.clone()).unwrap_or_default(),
+        base_model: spec
+            .base_model
+            .as_ref()
+            .map(|m| m.uri.clone())
+            .unwrap_or_default(),
         steps: t.steps,
         learning_rate: t.learning_rate,
         rank: t.rank,
         alpha: t.alpha,
         resolution: t.resolution,
         batch_size: t.batch_size,
-        trigger_word: spec.caption.as_ref().map(|c| c.trigger_word.clone()).unwrap_or_default(),
+        trigger_word: spec
+            .caption
+            .as_ref()
+            .map(|c| c.trigger_word.clone())
+            .unwrap_or_default(),
         labels: spec.labels.clone().into_iter().collect(),
     }
 }
@@ -101,31 +113,59 @@ impl DeliverStage {
 
     /// Opens a destination, refusing local paths outside the allowed roots.
     fn destination(&self, uri: &str) -> Result<ArtifactStore, StageError> {
-        let local = uri.strip_prefix("file://").or_else(|| uri.starts_with('/').then_some(uri));
+        let local = uri
+            .strip_prefix("file://")
+            .or_else(|| uri.starts_with('/').then_some(uri));
         if let Some(path) = local {
             let path = Path::new(path);
-            if path.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
-                return Err(StageError::fail(ErrorKind::InvalidSpec, format!("destination {uri} contains '..'")));
+            if path
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+            {
+                return Err(StageError::fail(
+                    ErrorKind::InvalidSpec,
+                    format!("destination {uri} contains '..'"),
+                ));
             }
-            if !self.allowed_roots.is_empty() && !self.allowed_roots.iter().any(|root| path.starts_with(root)) {
+            if !self.allowed_roots.is_empty()
+                && !self.allowed_roots.iter().any(|root| path.starts_with(root))
+            {
                 return Err(StageError::fail(
                     ErrorKind::InvalidSpec,
                     format!("destination {uri} is outside the uploader's allowed local roots"),
                 ));
             }
         }
-        ArtifactStore::open(uri).map_err(|e| StageError::fail(ErrorKind::InvalidSpec, format!("destination {uri}: {e}")))
+        ArtifactStore::open(uri).map_err(|e| {
+            StageError::fail(ErrorKind::InvalidSpec, format!("destination {uri}: {e}"))
+        })
     }
 
-    async fn deliver(&self, task: DeliverTask, ctx: &TaskContext, work: &Path) -> Result<Outcome, StageError> {
+    async fn deliver(
+        &self,
+        task: DeliverTask,
+        ctx: &TaskContext,
+        work: &Path,
+    ) -> Result<Outcome, StageError> {
         let spec = task.spec.unwrap_or_default();
         let job = ctx.meta.job.as_str();
         if task.artifacts.is_empty() {
-            return Err(StageError::fail(ErrorKind::Internal, "nothing to deliver: the training stage stored no output"));
+            return Err(StageError::fail(
+                ErrorKind::Internal,
+                "nothing to deliver: the training stage stored no output",
+            ));
         }
-        let mut destinations = vec![(String::new(), self.store.clone(), keys::output(&ctx.meta.job))];
+        let mut destinations = vec![(
+            String::new(),
+            self.store.clone(),
+            keys::output(&ctx.meta.job),
+        )];
         for destination in &spec.destinations {
-            destinations.push((destination.uri.clone(), self.destination(&destination.uri)?, job.to_string()));
+            destinations.push((
+                destination.uri.clone(),
+                self.destination(&destination.uri)?,
+                job.to_string(),
+            ));
         }
         let mut delivered = Vec::new();
         let mut files = Vec::new();
@@ -133,10 +173,16 @@ impl DeliverStage {
             let local = self.fetch(artifact, work).await?;
             let mut uris = Vec::new();
             for (label, store, prefix) in &destinations {
-                note(ctx, &format!("delivering {} to {}", artifact.name, store.root())).await;
+                note(
+                    ctx,
+                    &format!("delivering {} to {}", artifact.name, store.root()),
+                )
+                .await;
                 let key = format!("{prefix}/{}", artifact.name);
                 // The artifact store already holds the worker's verified copy.
-                let copy = if label.is_empty() && store.key_of(&artifact.uri).as_deref() == Some(key.as_str()) {
+                let copy = if label.is_empty()
+                    && store.key_of(&artifact.uri).as_deref() == Some(key.as_str())
+                {
                     artifact.clone()
                 } else {
                     let copy = store.put_file(&local, &key).await.map_err(store_error)?;
@@ -145,7 +191,11 @@ impl DeliverStage {
                 };
                 uris.push(copy.uri.clone());
                 delivered.push(DeliveredFile {
-                    destination: if label.is_empty() { store.root().to_string() } else { label.clone() },
+                    destination: if label.is_empty() {
+                        store.root().to_string()
+                    } else {
+                        label.clone()
+                    },
                     uri: copy.uri,
                     size: copy.size,
                     sha256: copy.sha256,
@@ -194,7 +244,10 @@ impl DeliverStage {
     /// Downloads an artifact and checks it against its recorded sha256.
     async fn fetch(&self, artifact: &Artifact, work: &Path) -> Result<PathBuf, StageError> {
         let key = self.store.key_of(&artifact.uri).ok_or_else(|| {
-            StageError::fail(ErrorKind::Internal, format!("artifact {} is not in the artifact store", artifact.uri))
+            StageError::fail(
+                ErrorKind::Internal,
+                format!("artifact {} is not in the artifact store", artifact.uri),
+            )
         })?;
         let local = work.join("outputs").join(&artifact.name);
         self.store
@@ -206,7 +259,12 @@ impl DeliverStage {
 }
 
 /// Reads a delivered object back and compares its sha256.
-async fn verify(store: &ArtifactStore, key: &str, sha256: &str, work: &Path) -> Result<(), StageError> {
+async fn verify(
+    store: &ArtifactStore,
+    key: &str,
+    sha256: &str,
+    work: &Path,
+) -> Result<(), StageError> {
     let check = work.join("verify").join(key.replace('/', "_"));
     let result = store.get_file(key, &check, Some(sha256)).await;
     let _ = tokio::fs::remove_file(&check).await;
@@ -227,7 +285,9 @@ impl StageHandler for DeliverStage {
     type Task = DeliverTask;
 
     async fn handle(&self, task: DeliverTask, ctx: TaskContext) -> Result<Outcome, StageError> {
-        let work = self.work_root.join(format!("{}-{}", ctx.meta.job, ctx.meta.attempt));
+        let work = self
+            .work_root
+            .join(format!("{}-{}", ctx.meta.job, ctx.meta.attempt));
         let _ = tokio::fs::remove_dir_all(&work).await;
         let result = tokio::select! {
             result = self.deliver(task, &ctx, &work) => result,

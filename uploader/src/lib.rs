@@ -11,7 +11,10 @@ use trainyard_core::runtime::RunnerConfig;
 use trainyard_proto::v1::Stage;
 
 /// Runs the deliver stage until `shutdown`.
-pub async fn run(config: Config, shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
     let stage = deliver::DeliverStage::new(&config)?;
     let (client, topo) = trainyard_core::service::connect(&config, "ty-uploader").await?;
     let mut runner = RunnerConfig::new(Stage::Deliver, &config.nats);

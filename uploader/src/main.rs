@@ -3,7 +3,10 @@
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(version, about = "Trainyard uploader: delivers outputs to their destinations")]
+#[command(
+    version,
+    about = "Trainyard uploader: delivers outputs to their destinations"
+)]
 struct Args {
     #[command(flatten)]
     service: trainyard_core::service::ServiceArgs,

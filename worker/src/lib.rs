@@ -13,7 +13,10 @@ use trainyard_core::store::ArtifactStore;
 use trainyard_proto::v1::Stage;
 
 /// Runs the training stage for `worker.pool` until `shutdown`.
-pub async fn run(config: Config, shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
     let trainer_bin = models::find_trainer(config.worker.reference_trainer.as_deref()).ok_or_else(|| {
         anyhow::anyhow!("ty-reference-trainer not found beside this program or on PATH; set worker.reference_trainer")
     })?;

@@ -65,7 +65,11 @@ impl Models {
                 name: REFERENCE_MODEL.into(),
             });
         }
-        let Some(key) = self.store.key_of(uri).filter(|k| k.ends_with(".safetensors")) else {
+        let Some(key) = self
+            .store
+            .key_of(uri)
+            .filter(|k| k.ends_with(".safetensors"))
+        else {
             return Err(StageError::fail(
                 ErrorKind::Model,
                 format!(
@@ -77,12 +81,22 @@ impl Models {
         let path = self.cached(&name, &key, None).await?;
         Ok(ResolvedModel {
             path,
-            name: key.rsplit('/').next().unwrap_or(&key).trim_end_matches(".safetensors").into(),
+            name: key
+                .rsplit('/')
+                .next()
+                .unwrap_or(&key)
+                .trim_end_matches(".safetensors")
+                .into(),
         })
     }
 
     /// The local copy of `key`, fetched (or, for the reference model, made) once.
-    async fn cached(&self, name: &str, key: &str, make_at: Option<u32>) -> Result<PathBuf, StageError> {
+    async fn cached(
+        &self,
+        name: &str,
+        key: &str,
+        make_at: Option<u32>,
+    ) -> Result<PathBuf, StageError> {
         let lock = self.lock_for(name);
         let _guard = lock.lock().await;
         let local = self.cache_dir.join(name).join("model.safetensors");
@@ -90,7 +104,11 @@ impl Models {
             tracing::debug!(model = name, "model cache hit");
             return Ok(local);
         }
-        let exists = self.store.exists(key).await.map_err(|e| retry(e.to_string()))?;
+        let exists = self
+            .store
+            .exists(key)
+            .await
+            .map_err(|e| retry(e.to_string()))?;
         if !exists {
             let Some(resolution) = make_at else {
                 return Err(StageError::fail(
@@ -137,7 +155,10 @@ impl Models {
         if !status.success() {
             return Err(StageError::fail(
                 ErrorKind::Model,
-                format!("making the reference base model failed: {}", tail.join(" | ")),
+                format!(
+                    "making the reference base model failed: {}",
+                    tail.join(" | ")
+                ),
             ));
         }
         self.store

@@ -34,14 +34,22 @@ pub struct TrainStage {
 
 fn store_error(error: StoreError) -> StageError {
     if error.is_retryable() {
-        StageError::retry(ErrorKind::Storage, error.to_string(), Duration::from_secs(5))
+        StageError::retry(
+            ErrorKind::Storage,
+            error.to_string(),
+            Duration::from_secs(5),
+        )
     } else {
         StageError::fail(ErrorKind::Storage, error.to_string())
     }
 }
 
 fn local_error(what: &str, error: std::io::Error) -> StageError {
-    StageError::retry(ErrorKind::Internal, format!("{what}: {error}"), Duration::from_secs(5))
+    StageError::retry(
+        ErrorKind::Internal,
+        format!("{what}: {error}"),
+        Duration::from_secs(5),
+    )
 }
 
 impl StageHandler for TrainStage {
@@ -57,7 +65,12 @@ impl StageHandler for TrainStage {
 }
 
 impl TrainStage {
-    async fn train(&self, task: TrainTask, ctx: &TaskContext, work: &Path) -> Result<Outcome, StageError> {
+    async fn train(
+        &self,
+        task: TrainTask,
+        ctx: &TaskContext,
+        work: &Path,
+    ) -> Result<Outcome, StageError> {
         let started = Instant::now();
         let spec = task
             .spec
@@ -120,7 +133,10 @@ impl TrainStage {
     ) -> Result<TrainInputs, StageError> {
         note(ctx, "fetching dataset").await;
         let key = self.store.key_of(dataset_uri).ok_or_else(|| {
-            StageError::fail(ErrorKind::InvalidSpec, format!("dataset {dataset_uri} is not in the artifact store"))
+            StageError::fail(
+                ErrorKind::InvalidSpec,
+                format!("dataset {dataset_uri} is not in the artifact store"),
+            )
         })?;
         self.store
             .get_dir(&key, &inputs.dataset_dir)
@@ -128,12 +144,18 @@ impl TrainStage {
             .map_err(store_error)?;
         verify_manifest(&inputs.dataset_dir).await?;
         note(ctx, "fetching base model").await;
-        let model = self.models.resolve(&model_uri, inputs.settings.resolution).await?;
+        let model = self
+            .models
+            .resolve(&model_uri, inputs.settings.resolution)
+            .await?;
         inputs.base_model = model.path;
         inputs.base_model_name = model.name;
         if let Some(checkpoint) = resume_from.filter(|c| !c.uri.is_empty()) {
             let key = self.store.key_of(&checkpoint.uri).ok_or_else(|| {
-                StageError::fail(ErrorKind::Internal, "checkpoint is not in the artifact store")
+                StageError::fail(
+                    ErrorKind::Internal,
+                    "checkpoint is not in the artifact store",
+                )
             })?;
             let dir = backend.checkpoint_dir(&inputs.output_dir, checkpoint.step);
             self.store.get_dir(&key, &dir).await.map_err(store_error)?;
@@ -149,19 +171,30 @@ async fn verify_manifest(dir: &Path) -> Result<(), StageError> {
     let bad = |m: String| StageError::retry(ErrorKind::Storage, m, Duration::from_secs(5));
     let text = tokio::fs::read(dir.join("manifest.json"))
         .await
-        .map_err(|e| bad(format!("prepared dataset has no readable manifest.json: {e}")))?;
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&text).map_err(|e| bad(format!("manifest.json is not valid json: {e}")))?;
+        .map_err(|e| {
+            bad(format!(
+                "prepared dataset has no readable manifest.json: {e}"
+            ))
+        })?;
+    let manifest: serde_json::Value = serde_json::from_slice(&text)
+        .map_err(|e| bad(format!("manifest.json is not valid json: {e}")))?;
     let images = manifest["images"].as_array().cloned().unwrap_or_default();
     if images.is_empty() {
-        return Err(StageError::fail(ErrorKind::BadDataset, "prepared dataset lists no images"));
+        return Err(StageError::fail(
+            ErrorKind::BadDataset,
+            "prepared dataset lists no images",
+        ));
     }
     for image in images {
-        let (Some(file), Some(expected)) = (image["file"].as_str(), image["sha256"].as_str()) else {
+        let (Some(file), Some(expected)) = (image["file"].as_str(), image["sha256"].as_str())
+        else {
             return Err(bad("manifest.json entry without file or sha256".into()));
         };
         if file.contains("..") || file.starts_with('/') {
-            return Err(StageError::fail(ErrorKind::BadDataset, format!("manifest names unsafe path {file}")));
+            return Err(StageError::fail(
+                ErrorKind::BadDataset,
+                format!("manifest names unsafe path {file}"),
+            ));
         }
         let (_, actual) = sha256_file(&dir.join(file)).await.map_err(store_error)?;
         if actual != expected {
@@ -200,7 +233,11 @@ struct Seen {
 }
 
 impl Run<'_> {
-    async fn supervise(&self, command: trainyard_core::process::CommandSpec, started: Instant) -> Result<Outcome, StageError> {
+    async fn supervise(
+        &self,
+        command: trainyard_core::process::CommandSpec,
+        started: Instant,
+    ) -> Result<Outcome, StageError> {
         let job = &self.ctx.meta.job;
         let (mut child, mut lines) = ChildGroup::spawn(&command).map_err(|e| {
             StageError::fail(
@@ -211,7 +248,11 @@ impl Run<'_> {
         tracing::info!(%job, pid = child.pid(), backend = self.backend.name(), "trainer started");
         self.ctx
             .events
-            .log(Stage::Train, "worker", &format!("trainer started pid={}", child.pid()))
+            .log(
+                Stage::Train,
+                "worker",
+                &format!("trainer started pid={}", child.pid()),
+            )
             .await;
         let mut seen = Seen::default();
         let mut uploads = FuturesUnordered::new();
@@ -288,7 +329,13 @@ impl Run<'_> {
         }
         seen.tail.push_back(line.clone());
         match self.backend.parse_line(&line) {
-            Some(LineEvent::Progress { step, total, loss, lr, samples_per_sec }) => {
+            Some(LineEvent::Progress {
+                step,
+                total,
+                loss,
+                lr,
+                samples_per_sec,
+            }) => {
                 let now = Instant::now();
                 let (t0, s0) = *seen.first_step_at.get_or_insert((now, step));
                 let eta = if step > s0 {
@@ -314,7 +361,10 @@ impl Run<'_> {
                     seen.last_emit = Some(now);
                     self.ctx.events.progress(progress.clone()).await;
                     if let Some(loss) = loss {
-                        self.ctx.events.metric("train/loss", f64::from(loss), step).await;
+                        self.ctx
+                            .events
+                            .metric("train/loss", f64::from(loss), step)
+                            .await;
                     }
                 }
                 seen.last_progress = Some(progress);
@@ -324,26 +374,41 @@ impl Run<'_> {
                 let store = self.stage.store.clone();
                 let key = keys::checkpoint(&self.ctx.meta.job, step);
                 Some(Box::pin(async move {
-                    store.put_dir(&dir, &key, &["state.json"]).await.map_err(store_error)?;
+                    store
+                        .put_dir(&dir, &key, &["state.json"])
+                        .await
+                        .map_err(store_error)?;
                     Ok(Checkpoint {
                         step,
                         uri: store.uri(&key),
                     })
                 }))
             }
-            Some(LineEvent::Done { steps, loss_first, loss_last, .. }) => {
+            Some(LineEvent::Done {
+                steps,
+                loss_first,
+                loss_last,
+                ..
+            }) => {
                 seen.done = Some((steps, loss_first, loss_last));
                 None
             }
             Some(LineEvent::Resumed { step }) => {
                 self.ctx
                     .events
-                    .log(Stage::Train, "worker", &format!("trainer resumed at step {step}"))
+                    .log(
+                        Stage::Train,
+                        "worker",
+                        &format!("trainer resumed at step {step}"),
+                    )
                     .await;
                 None
             }
             None => {
-                self.ctx.events.log(Stage::Train, stream.name(), &line).await;
+                self.ctx
+                    .events
+                    .log(Stage::Train, stream.name(), &line)
+                    .await;
                 None
             }
         }
@@ -352,7 +417,11 @@ impl Run<'_> {
     async fn on_uploaded(&self, checkpoint: Checkpoint, seen: &mut Seen) {
         tracing::info!(job = %self.ctx.meta.job, step = checkpoint.step, "checkpoint stored");
         self.ctx.events.checkpoint(checkpoint.clone()).await;
-        if seen.latest_uploaded.as_ref().is_none_or(|c| c.step < checkpoint.step) {
+        if seen
+            .latest_uploaded
+            .as_ref()
+            .is_none_or(|c| c.step < checkpoint.step)
+        {
             seen.latest_uploaded = Some(checkpoint);
         }
     }
@@ -369,7 +438,12 @@ impl Run<'_> {
             .map(|n| n.to_string_lossy().to_string())
             .unwrap_or_else(|| "lora.safetensors".into());
         let key = format!("{}/{name}", keys::output(&self.ctx.meta.job));
-        let artifact = self.stage.store.put_file(&adapter, &key).await.map_err(store_error)?;
+        let artifact = self
+            .stage
+            .store
+            .put_file(&adapter, &key)
+            .await
+            .map_err(store_error)?;
         let (steps, loss_first, loss_last) = done.unwrap_or_else(|| {
             let p = seen.last_progress.clone().unwrap_or_default();
             (p.step, f32::NAN, p.loss)

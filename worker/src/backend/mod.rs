@@ -46,8 +46,13 @@ pub enum LineEvent {
         samples_per_sec: Option<f32>,
     },
     /// A checkpoint is complete on disk.
-    Checkpoint { step: u32, dir: PathBuf },
-    Resumed { step: u32 },
+    Checkpoint {
+        step: u32,
+        dir: PathBuf,
+    },
+    Resumed {
+        step: u32,
+    },
     Done {
         adapter: PathBuf,
         steps: u32,
@@ -98,19 +103,43 @@ pub(crate) fn classify_common(status: ExitStatus, tail: &[String]) -> Option<Job
             .cloned()
     };
     if let Some(line) = find(&["CUDA out of memory", "OutOfMemoryError"]) {
-        return Some(error(ErrorKind::Oom, format!("out of GPU memory: {line}"), true));
+        return Some(error(
+            ErrorKind::Oom,
+            format!("out of GPU memory: {line}"),
+            true,
+        ));
     }
     if let Some(line) = find(&["No space left on device"]) {
-        return Some(error(ErrorKind::Trainer, format!("disk full: {line}"), true));
+        return Some(error(
+            ErrorKind::Trainer,
+            format!("disk full: {line}"),
+            true,
+        ));
     }
-    if let Some(line) = find(&["GatedRepoError", "401 Client Error", "RepositoryNotFoundError"]) {
-        return Some(error(ErrorKind::Auth, format!("model access denied: {line}"), false));
+    if let Some(line) = find(&[
+        "GatedRepoError",
+        "401 Client Error",
+        "RepositoryNotFoundError",
+    ]) {
+        return Some(error(
+            ErrorKind::Auth,
+            format!("model access denied: {line}"),
+            false,
+        ));
     }
     if let Some(line) = find(&["ModuleNotFoundError", "ImportError"]) {
-        return Some(error(ErrorKind::Trainer, format!("trainer environment broken: {line}"), false));
+        return Some(error(
+            ErrorKind::Trainer,
+            format!("trainer environment broken: {line}"),
+            false,
+        ));
     }
     if let Some(line) = find(&["SafetensorError: Error while deserializing header"]) {
-        return Some(error(ErrorKind::Model, format!("corrupt weights: {line}"), true));
+        return Some(error(
+            ErrorKind::Model,
+            format!("corrupt weights: {line}"),
+            true,
+        ));
     }
     if status.signal() == Some(9) || status.code() == Some(137) {
         return Some(error(

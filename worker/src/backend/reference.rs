@@ -88,7 +88,9 @@ impl TrainerBackend for Reference {
             match key.as_str() {
                 "fault_crash_at_step" => fault.crash_at_step = n,
                 "fault_hang_at_step" => fault.hang_at_step = n,
-                "fault_exit_zero_without_output_at_step" => fault.exit_zero_without_output_at_step = n,
+                "fault_exit_zero_without_output_at_step" => {
+                    fault.exit_zero_without_output_at_step = n
+                }
                 "fault_oom_at_step" => fault.oom_at_step = n,
                 _ => {
                     return Err(BackendError::InvalidSettings(format!(
@@ -173,13 +175,18 @@ impl TrainerBackend for Reference {
                 let name = e.file_name().to_string_lossy().to_string();
                 let step = name.strip_prefix("step-")?.parse::<u32>().ok()?;
                 // The trainer renames a finished checkpoint into place.
-                e.path().join("state.json").exists().then(|| (step, e.path()))
+                e.path()
+                    .join("state.json")
+                    .exists()
+                    .then(|| (step, e.path()))
             })
             .max_by_key(|(step, _)| *step)
     }
 
     fn checkpoint_dir(&self, output_dir: &Path, step: u32) -> PathBuf {
-        output_dir.join("checkpoints").join(format!("step-{step:08}"))
+        output_dir
+            .join("checkpoints")
+            .join(format!("step-{step:08}"))
     }
 
     fn final_adapter(&self, inputs: &TrainInputs) -> Option<PathBuf> {
@@ -247,7 +254,9 @@ mod tests {
         assert_eq!(b.parse_line("ty-progress step=nan"), None);
         assert_eq!(b.parse_line("random noise"), None);
         assert!(matches!(
-            b.parse_line("ty-done adapter=/o/lora.safetensors steps=200 loss_first=1.3 loss_last=0.7"),
+            b.parse_line(
+                "ty-done adapter=/o/lora.safetensors steps=200 loss_first=1.3 loss_last=0.7"
+            ),
             Some(LineEvent::Done { steps: 200, .. })
         ));
     }
@@ -256,7 +265,10 @@ mod tests {
     fn classifies_failures() {
         let b = backend();
         let status = ExitStatus::from_raw(2 << 8);
-        let e = b.classify(status, &["ty-error kind=dataset message=no usable image".into()]);
+        let e = b.classify(
+            status,
+            &["ty-error kind=dataset message=no usable image".into()],
+        );
         assert_eq!((e.kind(), e.retryable), (ErrorKind::BadDataset, false));
         let e = b.classify(
             ExitStatus::from_raw(1 << 8),
