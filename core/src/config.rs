@@ -359,6 +359,13 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_config_file_is_the_defaults() {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/trainyard.toml");
+        let documented = Config::load_from(Some(&file), &[], &[]).unwrap();
+        assert_eq!(documented.to_toml(), Config::default().to_toml());
+    }
+
+    #[test]
     fn printed_config_loads_back() {
         let config = Config::default();
         let dir = tempfile::tempdir().unwrap();
