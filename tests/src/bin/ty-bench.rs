@@ -1,0 +1,172 @@
+//! `ty-bench`: the numbers of BENCHMARKS.md, measured on a real fleet of
+//! separate processes (nats-server and the four service binaries built
+//! beside this one): idle RSS of each service, time from submit to the first
+//! training step, and wall time of the sample job end to end.
+//!
+//! Run: `cargo build --release --bins && target/release/ty-bench [--steps 200] [--runs 3]`
+
+use futures::StreamExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use trainyard_core::natsd::{NatsServer, find_nats_server};
+use trainyard_core::store::ArtifactStore;
+use trainyard_proto::v1::{JobState, Stage, SubmitRequest, WatchRequest, job_event::Kind};
+use trainyard_tests::{Bearer, spec};
+
+struct Service(Child, &'static str);
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn arg(name: &str, default: u32) -> u32 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let steps = arg("--steps", 200);
+    let runs = arg("--runs", 3);
+    let bin_dir: PathBuf = std::env::current_exe()?
+        .parent()
+        .expect("bin dir")
+        .to_owned();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("root")
+        .to_owned();
+    let dir = tempfile::tempdir()?;
+    let nats = NatsServer::start(&find_nats_server(&root)?, &dir.path().join("nats"))?;
+    let port = free_port();
+    let store_dir = dir.path().join("store");
+    let mut services = Vec::new();
+    for name in ["ty-coordinator", "ty-captioner", "ty-worker", "ty-uploader"] {
+        let child = Command::new(bin_dir.join(name))
+            .env("TY_NATS__URL", nats.url())
+            .env("TY_STORE__URI", &store_dir)
+            .env("TY_COORDINATOR__GRPC_ADDR", format!("127.0.0.1:{port}"))
+            .env("TY_CAPTIONER__WORK_DIR", dir.path().join("work/c"))
+            .env("TY_WORKER__WORK_DIR", dir.path().join("work/w"))
+            .env("TY_WORKER__MODEL_CACHE_DIR", dir.path().join("cache"))
+            .env("TY_UPLOADER__WORK_DIR", dir.path().join("work/u"))
+            .env("TY_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()?;
+        services.push(Service(child, name));
+    }
+    // Ready: gRPC answers and every stage consumer exists.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let channel = loop {
+        match tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))?
+            .connect()
+            .await
+        {
+            Ok(c) => break c,
+            Err(e) if Instant::now() > deadline => {
+                anyhow::bail!("coordinator never answered: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await?);
+    loop {
+        if let Ok(stream) = js.get_stream(trainyard_core::topology::TASKS_STREAM).await {
+            let names: Vec<String> = stream
+                .consumer_names()
+                .filter_map(|n| async { n.ok() })
+                .collect()
+                .await;
+            if names.len() >= 3 {
+                break;
+            }
+        }
+        anyhow::ensure!(Instant::now() < deadline, "stage consumers never appeared");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Let start-up allocations settle before reading idle memory.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    println!("idle RSS");
+    for service in &services {
+        println!("  {:<16} {:>7} KiB", service.1, rss_kib(service.0.id()));
+    }
+    println!("  {:<16} {:>7} KiB", "nats-server", rss_kib(nats.pid()));
+
+    let store = ArtifactStore::open(store_dir.to_str().expect("utf-8 path"))?;
+    let sample = dir.path().join("sample");
+    trainyard_captioner::sample::write_sample_dataset(&sample)?;
+    store.put_dir(&sample, "uploads/sample", &[]).await?;
+    let mut client = trainyard_proto::v1::job_service_client::JobServiceClient::with_interceptor(
+        channel,
+        Bearer("dev-token".into()),
+    );
+    println!("\nsample job, {steps} steps (run 1 also generates the base model)");
+    println!("  run  submit→first step  submit→succeeded  worker peak RSS");
+    for run in 1..=runs {
+        let started = Instant::now();
+        let job = client
+            .submit(SubmitRequest {
+                spec: Some(spec(&store.uri("uploads/sample"), steps)),
+            })
+            .await?
+            .into_inner()
+            .job
+            .expect("job");
+        let mut events = client
+            .watch(WatchRequest {
+                job_id: job.job_id.clone(),
+            })
+            .await?
+            .into_inner();
+        let mut first_step = None;
+        let mut peak = 0;
+        let worker_pid = services[2].0.id();
+        while let Some(event) = events.next().await {
+            peak = peak.max(rss_kib(worker_pid));
+            match event?.kind {
+                Some(Kind::Progress(p)) if p.stage() == Stage::Train && p.step > 0 => {
+                    first_step.get_or_insert(started.elapsed());
+                }
+                Some(Kind::State(s)) if s.state().is_final() => {
+                    anyhow::ensure!(
+                        s.state() == JobState::Succeeded,
+                        "job ended {:?}",
+                        s.state()
+                    );
+                }
+                _ => {}
+            }
+        }
+        println!(
+            "  {run:>3}  {:>14.2} s  {:>14.2} s  {:>12} KiB",
+            first_step.unwrap_or_default().as_secs_f64(),
+            started.elapsed().as_secs_f64(),
+            peak
+        );
+    }
+    Ok(())
+}
