@@ -110,23 +110,19 @@ impl Fleet {
         let store = ArtifactStore::open(&config.store.uri).expect("store");
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        if services.coordinator {
-            let (c, s) = (config.clone(), shutdown.child_token());
-            tasks.spawn(async move {
-                trainyard_coordinator::run(c, s, Some(ready_tx))
-                    .await
-                    .expect("coordinator")
-            });
-        }
-        let grpc = if services.coordinator {
-            tokio::time::timeout(Duration::from_secs(30), ready_rx)
-                .await
-                .expect("coordinator ready in time")
-                .expect("coordinator ready")
-        } else {
-            "127.0.0.1:1".parse().expect("addr")
+        let mut fleet = Fleet {
+            dir,
+            nats,
+            config,
+            grpc: "127.0.0.1:1".parse().expect("addr"),
+            store,
+            shutdown,
+            tasks,
         };
+        if services.coordinator {
+            fleet.start_coordinator().await;
+        }
+        let (config, shutdown, tasks) = (&fleet.config, &fleet.shutdown, &fleet.tasks);
         if services.captioner {
             let (c, s) = (config.clone(), shutdown.child_token());
             tasks.spawn(async move { trainyard_captioner::run(c, s).await.expect("captioner") });
@@ -139,15 +135,22 @@ impl Fleet {
             let (c, s) = (config.clone(), shutdown.child_token());
             tasks.spawn(async move { trainyard_uploader::run(c, s).await.expect("uploader") });
         }
-        Fleet {
-            dir,
-            nats,
-            config,
-            grpc,
-            store,
-            shutdown,
-            tasks,
-        }
+        fleet
+    }
+
+    /// Starts a coordinator (another replica, or the first one late).
+    pub async fn start_coordinator(&mut self) {
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let (c, s) = (self.config.clone(), self.shutdown.child_token());
+        self.tasks.spawn(async move {
+            trainyard_coordinator::run(c, s, Some(ready_tx))
+                .await
+                .expect("coordinator")
+        });
+        self.grpc = tokio::time::timeout(Duration::from_secs(30), ready_rx)
+            .await
+            .expect("coordinator ready in time")
+            .expect("coordinator ready");
     }
 
     pub async fn client(&self, token: &str) -> Client {
