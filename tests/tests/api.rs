@@ -262,3 +262,25 @@ async fn the_api_answers_over_nats_request_reply() {
     );
     fleet.stop().await;
 }
+
+#[tokio::test]
+async fn health_reports_the_job_service_serving() {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+    let fleet = Fleet::start_with(coordinator_only(), |_| {}).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", fleet.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = health
+        .check(HealthCheckRequest {
+            service: "trainyard.v1.JobService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status();
+    assert_eq!(status, ServingStatus::Serving);
+    fleet.stop().await;
+}
