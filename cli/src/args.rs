@@ -1,0 +1,222 @@
+//! The command line, as clap derive structs. No behaviour lives here.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use trainyard_core::service::ServiceArgs;
+use trainyard_proto::v1::JobState;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "yard",
+    version,
+    about = "Trainyard: submit, watch and fetch LoRA training jobs, or run the whole fleet locally",
+    after_help = "Start here: `yard demo` trains a small LoRA on a bundled dataset, end to end, on this machine."
+)]
+pub struct Cli {
+    /// The coordinator's gRPC endpoint.
+    #[arg(
+        long,
+        global = true,
+        env = "TY_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub server: String,
+    /// Bearer token sent with every call.
+    #[arg(
+        long,
+        global = true,
+        env = "TY_TOKEN",
+        default_value = "dev-token",
+        hide_env_values = true
+    )]
+    pub token: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the whole fleet on this machine: NATS, coordinator, captioner, worker, uploader.
+    Dev(DevArgs),
+    /// Start a local fleet, train the bundled sample end to end, print where the LoRA landed.
+    Demo(DemoArgs),
+    /// Submit a job: a local folder or zip (uploaded first), a zip URL, or image URLs.
+    Submit(Box<SubmitArgs>),
+    /// Follow a job until it ends, with progress bars.
+    Watch(WatchArgs),
+    /// List jobs, newest first.
+    List(ListArgs),
+    /// Show one job.
+    Get(GetArgs),
+    /// Cancel a job.
+    Cancel(CancelArgs),
+    /// Download a job's outputs into a folder, verifying each sha256.
+    Fetch(FetchArgs),
+}
+
+/// Where the local fleet keeps its state.
+#[derive(Args, Debug, Clone)]
+pub struct FleetArgs {
+    /// Folder for the NATS store, artifact store, work dirs and model cache.
+    #[arg(long, default_value = ".trainyard")]
+    pub data_dir: PathBuf,
+    /// Use this NATS server instead of the configured one (or a local one yard starts).
+    #[arg(long, value_name = "URL")]
+    pub nats_url: Option<String>,
+    #[command(flatten)]
+    pub service: ServiceArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct DevArgs {
+    #[command(flatten)]
+    pub fleet: FleetArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub fleet: FleetArgs,
+    /// Training steps.
+    #[arg(long, default_value_t = 200)]
+    pub steps: u32,
+}
+
+#[derive(Args, Debug)]
+pub struct SubmitArgs {
+    /// A local folder or .zip, an http(s) zip URL, one or more http(s) image
+    /// URLs, or an artifact-store URI (file:///…, s3://…).
+    #[arg(required = true, value_name = "FOLDER|ZIP|URL")]
+    pub sources: Vec<String>,
+    /// Display name.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Trigger word put in front of every caption.
+    #[arg(long)]
+    pub trigger: Option<String>,
+    #[arg(long, default_value_t = 200)]
+    pub steps: u32,
+    /// Learning rate.
+    #[arg(long, default_value_t = 0.002)]
+    pub lr: f64,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 4)]
+    pub rank: u32,
+    /// LoRA alpha (default: the rank).
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    #[arg(long, default_value_t = 32)]
+    pub resolution: u32,
+    #[arg(long, default_value_t = 2)]
+    pub batch_size: u32,
+    /// Times each image is seen per epoch.
+    #[arg(long)]
+    pub repeats: Option<u32>,
+    /// Save a checkpoint every N steps (0: only the final adapter).
+    #[arg(long, default_value_t = 50)]
+    pub save_every: u32,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Trainer backend.
+    #[arg(long, default_value = "reference")]
+    pub backend: String,
+    /// Base model: a preset name or an artifact-store URI (default: the backend's).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// GPU pool that trains the job.
+    #[arg(long)]
+    pub pool: Option<String>,
+    /// Where outputs are delivered besides the artifact store: a folder or a URI (repeatable).
+    #[arg(long = "dest", value_name = "DIR_OR_URI")]
+    pub destinations: Vec<String>,
+    /// Submitting again with the same key returns the first job.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// A label, key=value (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Keep following the job after submitting it.
+    #[arg(long)]
+    pub watch: bool,
+    /// Config for the artifact store the upload goes to.
+    #[command(flatten)]
+    pub service: ServiceArgs,
+}
+
+fn parse_label(raw: &str) -> Result<(String, String), String> {
+    match raw.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{raw:?} is not of the form key=value")),
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct WatchArgs {
+    pub job: String,
+    /// Also print the trainer's and services' log lines.
+    #[arg(long)]
+    pub logs: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    /// Only jobs in this state.
+    #[arg(long)]
+    pub state: Option<StateArg>,
+    /// At most this many jobs.
+    #[arg(long, default_value_t = 20)]
+    pub limit: u32,
+    /// One JSON record per line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct GetArgs {
+    pub job: String,
+    /// The whole record as protobuf JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CancelArgs {
+    pub job: String,
+    #[arg(long)]
+    pub reason: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct FetchArgs {
+    pub job: String,
+    /// Folder to download into (created when missing).
+    pub dir: PathBuf,
+    /// Config for the artifact store the outputs are in.
+    #[command(flatten)]
+    pub service: ServiceArgs,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum StateArg {
+    Queued,
+    Preparing,
+    Training,
+    Delivering,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl From<StateArg> for JobState {
+    fn from(state: StateArg) -> Self {
+        match state {
+            StateArg::Queued => JobState::Queued,
+            StateArg::Preparing => JobState::Preparing,
+            StateArg::Training => JobState::Training,
+            StateArg::Delivering => JobState::Delivering,
+            StateArg::Succeeded => JobState::Succeeded,
+            StateArg::Failed => JobState::Failed,
+            StateArg::Cancelled => JobState::Cancelled,
+        }
+    }
+}

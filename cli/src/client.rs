@@ -1,0 +1,131 @@
+//! The gRPC client every command uses: a channel to the coordinator and a
+//! bearer token on every call. Also how a failed call reads on the terminal.
+
+use anyhow::Context;
+use std::time::Duration;
+use tonic::metadata::{AsciiMetadataValue, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use trainyard_core::Config;
+use trainyard_core::service::ServiceArgs;
+use trainyard_proto::v1::job_service_client::JobServiceClient;
+
+pub type Client = JobServiceClient<InterceptedService<Channel, BearerAuth>>;
+
+/// Adds `authorization: Bearer <token>` to every request.
+#[derive(Clone)]
+pub struct BearerAuth(AsciiMetadataValue);
+
+impl Interceptor for BearerAuth {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+/// Connects to the coordinator at `server` (`http://host:port`).
+pub async fn connect(server: &str, token: &str) -> anyhow::Result<Client> {
+    let header: AsciiMetadataValue = MetadataValue::try_from(format!("Bearer {token}"))
+        .context("the token holds characters a header cannot carry")?;
+    let channel = Endpoint::from_shared(server.to_string())
+        .with_context(|| format!("{server:?} is not a valid server URL"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach the coordinator at {server}: {} (is `yard dev` running? set --server or TY_SERVER)",
+                error_chain(&e)
+            )
+        })?;
+    Ok(JobServiceClient::with_interceptor(
+        channel,
+        BearerAuth(header),
+    ))
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// The canonical name of a gRPC code, as the NATS API spells it too.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// How an error is printed: `<CODE>: <message>` for a gRPC status, the
+/// whole cause chain otherwise.
+pub fn describe(error: &anyhow::Error) -> String {
+    match error.downcast_ref::<tonic::Status>() {
+        Some(status) if status.message().is_empty() => code_name(status.code()).to_string(),
+        Some(status) => format!("{}: {}", code_name(status.code()), status.message()),
+        None => format!("{error:#}"),
+    }
+}
+
+/// Loads the layered config from the shared service flags; `None` when
+/// `--print-config` printed it. `quiet` lowers the default log level to
+/// warnings, so service logs do not run through a client's output.
+pub fn load_config(
+    args: &ServiceArgs,
+    service: &str,
+    quiet: bool,
+) -> anyhow::Result<Option<Config>> {
+    let mut config = Config::load(args.config.as_deref(), &args.overrides)?;
+    if args.print_config {
+        print!("{}", config.to_toml());
+        return Ok(None);
+    }
+    if quiet && config.telemetry.log_filter == Config::default().telemetry.log_filter {
+        config.telemetry.log_filter = "warn".into();
+    }
+    trainyard_core::telemetry::init(service, &config.telemetry);
+    Ok(Some(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_print_as_code_and_message() {
+        let error = anyhow::Error::new(tonic::Status::not_found("job not found"));
+        assert_eq!(describe(&error), "NOT_FOUND: job not found");
+        let error = anyhow::Error::new(tonic::Status::unauthenticated(""));
+        assert_eq!(describe(&error), "UNAUTHENTICATED");
+        let error = anyhow::anyhow!("plain");
+        assert_eq!(describe(&error.context("outer")), "outer: plain");
+    }
+}

@@ -1,0 +1,195 @@
+//! The client commands: submit, watch, list, get, cancel, fetch.
+
+use crate::args::{CancelArgs, FetchArgs, GetArgs, ListArgs, SubmitArgs, WatchArgs};
+use crate::client::{Client, load_config};
+use crate::view::{self, display_uri, record_text, state_name};
+use crate::watch::{WatchOptions, watch};
+use anyhow::{Context, bail};
+use indicatif::HumanBytes;
+use std::path::{Component, Path, PathBuf};
+use std::process::ExitCode;
+use trainyard_core::store::ArtifactStore;
+use trainyard_proto::v1::{Artifact, CancelRequest, GetRequest, JobRecord, JobState, ListRequest};
+
+/// Exit code of a job that ended in any state but SUCCEEDED.
+pub const JOB_NOT_SUCCEEDED: u8 = 3;
+
+pub fn exit_code_of(record: &JobRecord) -> ExitCode {
+    if record.state() == JobState::Succeeded {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(JOB_NOT_SUCCEEDED)
+    }
+}
+
+/// Checks the dataset and flags before touching the network, so a typo
+/// fails fast, then uploads (for a local dataset) and submits.
+pub async fn submit(server: &str, token: &str, args: SubmitArgs) -> anyhow::Result<ExitCode> {
+    let dataset = crate::submit::classify(&args.sources)?;
+    let mut spec = crate::submit::spec_from_args(&args)?;
+    let Some(config) = load_config(&args.service, "yard", true)? else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let client = &mut crate::client::connect(server, token).await?;
+    spec.dataset = Some(crate::submit::dataset_source(dataset, &config.store.uri).await?);
+    let record = crate::submit::submit(client, spec).await?;
+    println!("{}", record.job_id);
+    if !args.watch {
+        return Ok(ExitCode::SUCCESS);
+    }
+    watch_job(client, &record.job_id, WatchOptions::default()).await
+}
+
+pub async fn watch_cmd(client: &mut Client, args: WatchArgs) -> anyhow::Result<ExitCode> {
+    watch_job(client, &args.job, WatchOptions { logs: args.logs }).await
+}
+
+async fn watch_job(
+    client: &mut Client,
+    job: &str,
+    options: WatchOptions,
+) -> anyhow::Result<ExitCode> {
+    let outcome = watch(client, job, options).await?;
+    print!("{}", record_text(&outcome.record));
+    Ok(exit_code_of(&outcome.record))
+}
+
+pub async fn list(client: &mut Client, args: ListArgs) -> anyhow::Result<ExitCode> {
+    let state = args.state.map(JobState::from).unwrap_or_default();
+    let mut jobs: Vec<JobRecord> = Vec::new();
+    let mut page_token = String::new();
+    while jobs.len() < args.limit as usize {
+        let page = client
+            .list(ListRequest {
+                state: state as i32,
+                page_size: (args.limit as usize - jobs.len()).min(500) as u32,
+                page_token,
+            })
+            .await?
+            .into_inner();
+        jobs.extend(page.jobs);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    jobs.truncate(args.limit as usize);
+    if args.json {
+        for job in &jobs {
+            println!("{}", view::record_json(job, false)?);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if jobs.is_empty() {
+        eprintln!("no jobs");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<36}  {:<10}  {:<12}  {:<16}  NAME",
+        "JOB", "STATE", "PROGRESS", "CREATED"
+    );
+    let now = trainyard_core::now_ms();
+    for job in &jobs {
+        println!("{}", view::list_line(job, now));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn get_record(client: &mut Client, job: &str) -> anyhow::Result<JobRecord> {
+    client
+        .get(GetRequest {
+            job_id: job.to_string(),
+        })
+        .await?
+        .into_inner()
+        .job
+        .ok_or_else(|| anyhow::anyhow!("the coordinator answered without a job"))
+}
+
+pub async fn get(client: &mut Client, args: GetArgs) -> anyhow::Result<ExitCode> {
+    let record = get_record(client, &args.job).await?;
+    if args.json {
+        println!("{}", view::record_json(&record, true)?);
+    } else {
+        print!("{}", record_text(&record));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn cancel(client: &mut Client, args: CancelArgs) -> anyhow::Result<ExitCode> {
+    let record = client
+        .cancel(CancelRequest {
+            job_id: args.job.clone(),
+            reason: args.reason.unwrap_or_default(),
+        })
+        .await?
+        .into_inner()
+        .job
+        .ok_or_else(|| anyhow::anyhow!("the coordinator answered without a job"))?;
+    match record.state() {
+        JobState::Cancelled => println!("{} CANCELLED", record.job_id),
+        state => println!(
+            "{} was already {}; nothing to cancel",
+            record.job_id,
+            state_name(state)
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn fetch(client: &mut Client, args: FetchArgs) -> anyhow::Result<ExitCode> {
+    let Some(config) = load_config(&args.service, "yard", true)? else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let record = get_record(client, &args.job).await?;
+    if record.artifacts.is_empty() {
+        bail!(
+            "job {} has no outputs yet (it is {})",
+            record.job_id,
+            state_name(record.state())
+        );
+    }
+    let store = ArtifactStore::open(&config.store.uri)?;
+    for artifact in &record.artifacts {
+        let local = fetch_artifact(&store, artifact, &args.dir).await?;
+        println!(
+            "{}  {:>10}  sha256 {} ok",
+            local.display(),
+            HumanBytes(artifact.size).to_string(),
+            &artifact.sha256[..artifact.sha256.len().min(12)]
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Downloads one artifact to `dir/<name>`, checking its sha256. An artifact
+/// outside the configured store is read from its own folder.
+pub async fn fetch_artifact(
+    store: &ArtifactStore,
+    artifact: &Artifact,
+    dir: &Path,
+) -> anyhow::Result<PathBuf> {
+    let rel = Path::new(&artifact.name);
+    if artifact.name.is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+        bail!(
+            "artifact name {:?} is not a plain relative path",
+            artifact.name
+        );
+    }
+    let local = dir.join(rel);
+    let expect = (!artifact.sha256.is_empty()).then_some(artifact.sha256.as_str());
+    let fetched = match store.key_of(&artifact.uri) {
+        Some(key) => store.get_file(&key, &local, expect).await,
+        None => {
+            let (parent, name) = artifact
+                .uri
+                .rsplit_once('/')
+                .ok_or_else(|| anyhow::anyhow!("artifact uri {:?} has no folder", artifact.uri))?;
+            let own = ArtifactStore::open(parent)
+                .with_context(|| format!("{} is outside the configured store", artifact.uri))?;
+            own.get_file(name, &local, expect).await
+        }
+    };
+    fetched.with_context(|| format!("cannot fetch {}", display_uri(&artifact.uri)))?;
+    Ok(local)
+}

@@ -1,0 +1,290 @@
+//! `yard submit`: turn the command line into a `JobSpec`, uploading a local
+//! folder or zip into the artifact store first, and submit it.
+//!
+//! Local data never travels in a message: it goes to the artifact store at
+//! `uploads/<uuid>/…`, and the spec carries the store URI. The captioner
+//! accepts only URIs inside the store it is configured with, so the
+//! submitting machine and the fleet must share `store.uri`.
+
+use crate::args::SubmitArgs;
+use crate::client::Client;
+use anyhow::{Context, bail};
+use indicatif::HumanBytes;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use trainyard_core::store::ArtifactStore;
+use trainyard_proto::v1::dataset_source::Source;
+use trainyard_proto::v1::{
+    CaptionSettings, DatasetSource, Destination, ImageUrls, JobRecord, JobSpec, ModelRef,
+    SubmitRequest, TrainingSettings,
+};
+
+/// Where a dataset comes from, as given on the command line.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DatasetArg {
+    LocalDir(PathBuf),
+    LocalZip(PathBuf),
+    ZipUrl(String),
+    ImageUrls(Vec<String>),
+    StoreUri(String),
+}
+
+fn is_http(s: &str) -> bool {
+    s.starts_with("https://") || s.starts_with("http://")
+}
+
+fn is_image_url(url: &str) -> bool {
+    let path = url
+        .split(['?', '#'])
+        .next()
+        .unwrap_or(url)
+        .to_ascii_lowercase();
+    path.rsplit_once('.')
+        .is_some_and(|(_, ext)| trainyard_captioner::IMAGE_EXTENSIONS.contains(&ext))
+}
+
+/// Classifies the positional sources of `yard submit`.
+pub fn classify(sources: &[String]) -> anyhow::Result<DatasetArg> {
+    let [first, rest @ ..] = sources else {
+        bail!("give a dataset: a folder, a .zip, a zip URL or image URLs");
+    };
+    if is_http(first) {
+        if rest.is_empty() && !is_image_url(first) {
+            return Ok(DatasetArg::ZipUrl(first.clone()));
+        }
+        if let Some(bad) = sources.iter().find(|s| !is_http(s) || !is_image_url(s)) {
+            bail!(
+                "{bad:?} is not an image URL; several sources must all be http(s) image URLs ({})",
+                trainyard_captioner::IMAGE_EXTENSIONS.join(", ")
+            );
+        }
+        return Ok(DatasetArg::ImageUrls(sources.to_vec()));
+    }
+    if !rest.is_empty() {
+        bail!("give one local folder or zip; several sources must all be http(s) image URLs");
+    }
+    if first.starts_with("file://") || first.starts_with("s3://") {
+        return Ok(DatasetArg::StoreUri(first.clone()));
+    }
+    let path = PathBuf::from(first);
+    let meta = std::fs::metadata(&path)
+        .with_context(|| format!("dataset {} cannot be read", path.display()))?;
+    if meta.is_dir() {
+        return Ok(DatasetArg::LocalDir(path));
+    }
+    let is_zip = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("zip"));
+    if meta.is_file() && is_zip {
+        return Ok(DatasetArg::LocalZip(path));
+    }
+    bail!(
+        "dataset {} is neither a folder nor a .zip file",
+        path.display()
+    )
+}
+
+/// Puts a local dataset into the store and returns its URI; other sources
+/// become their `DatasetSource` directly.
+pub async fn dataset_source(arg: DatasetArg, store_uri: &str) -> anyhow::Result<DatasetSource> {
+    let source = match arg {
+        DatasetArg::ZipUrl(url) => Source::ZipUrl(url),
+        DatasetArg::ImageUrls(urls) => Source::ImageUrls(ImageUrls { urls }),
+        DatasetArg::StoreUri(uri) => Source::ArtifactUri(uri),
+        DatasetArg::LocalDir(dir) => Source::ArtifactUri(upload_dir(&dir, store_uri).await?),
+        DatasetArg::LocalZip(zip) => Source::ArtifactUri(upload_zip(&zip, store_uri).await?),
+    };
+    Ok(DatasetSource {
+        source: Some(source),
+    })
+}
+
+fn upload_prefix() -> String {
+    format!("uploads/{}", uuid::Uuid::now_v7().simple())
+}
+
+async fn upload_dir(dir: &Path, store_uri: &str) -> anyhow::Result<String> {
+    let store = ArtifactStore::open(store_uri)?;
+    let prefix = upload_prefix();
+    let artifacts = store
+        .put_dir(dir, &prefix, &[])
+        .await
+        .with_context(|| format!("cannot upload {}", dir.display()))?;
+    if artifacts.is_empty() {
+        let _ = store.delete_prefix(&prefix).await;
+        bail!("dataset folder {} holds no files", dir.display());
+    }
+    let bytes: u64 = artifacts.iter().map(|a| a.size).sum();
+    let uri = store.uri(&prefix);
+    eprintln!(
+        "uploaded {} files ({}) to {uri}",
+        artifacts.len(),
+        HumanBytes(bytes)
+    );
+    Ok(uri)
+}
+
+async fn upload_zip(zip: &Path, store_uri: &str) -> anyhow::Result<String> {
+    let store = ArtifactStore::open(store_uri)?;
+    let name = zip
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".zip") && !n.contains('/'))
+        .unwrap_or_else(|| "dataset.zip".into());
+    let key = format!("{}/{name}", upload_prefix());
+    let artifact = store
+        .put_file(zip, &key)
+        .await
+        .with_context(|| format!("cannot upload {}", zip.display()))?;
+    eprintln!(
+        "uploaded {} ({}) to {}",
+        name,
+        HumanBytes(artifact.size),
+        artifact.uri
+    );
+    Ok(artifact.uri)
+}
+
+/// A destination as the fleet expects it: URIs as given, local folders absolute.
+fn destination(raw: &str) -> anyhow::Result<Destination> {
+    let uri = if raw.contains("://") {
+        raw.to_string()
+    } else {
+        std::path::absolute(raw)
+            .with_context(|| format!("destination {raw:?}"))?
+            .to_string_lossy()
+            .into_owned()
+    };
+    Ok(Destination { uri })
+}
+
+/// The spec of `yard submit`, without its dataset.
+pub fn spec_from_args(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
+    Ok(JobSpec {
+        name: args.name.clone().unwrap_or_default(),
+        labels: args.labels.iter().cloned().collect::<HashMap<_, _>>(),
+        idempotency_key: args.idempotency_key.clone().unwrap_or_default(),
+        dataset: None,
+        caption: Some(CaptionSettings {
+            trigger_word: args.trigger.clone().unwrap_or_default(),
+            ..Default::default()
+        }),
+        base_model: args.model.clone().map(|uri| ModelRef { uri }),
+        training: Some(TrainingSettings {
+            backend: args.backend.clone(),
+            steps: args.steps,
+            learning_rate: args.lr,
+            rank: args.rank,
+            alpha: args.alpha.unwrap_or(0.0),
+            resolution: args.resolution,
+            batch_size: args.batch_size,
+            repeats: args.repeats.unwrap_or(0),
+            save_every: args.save_every,
+            seed: args.seed.unwrap_or(0),
+            extras: Default::default(),
+        }),
+        destinations: args
+            .destinations
+            .iter()
+            .map(|d| destination(d))
+            .collect::<anyhow::Result<_>>()?,
+        secrets: None,
+        pool: args.pool.clone().unwrap_or_default(),
+    })
+}
+
+/// Submits `spec`, returning the stored record (or the first job of the
+/// same idempotency key).
+pub async fn submit(client: &mut Client, spec: JobSpec) -> anyhow::Result<JobRecord> {
+    let response = client
+        .submit(SubmitRequest { spec: Some(spec) })
+        .await?
+        .into_inner();
+    let record = response
+        .job
+        .ok_or_else(|| anyhow::anyhow!("the coordinator answered without a job"))?;
+    if response.duplicate {
+        eprintln!("the idempotency key matched an earlier job; not submitted again");
+    }
+    Ok(record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn sources_are_classified() {
+        assert_eq!(
+            classify(&strings(&["https://x.test/set.zip"])).unwrap(),
+            DatasetArg::ZipUrl("https://x.test/set.zip".into())
+        );
+        assert_eq!(
+            classify(&strings(&[
+                "https://x.test/a.PNG?sig=1",
+                "http://x.test/b.jpg"
+            ]))
+            .unwrap(),
+            DatasetArg::ImageUrls(strings(&[
+                "https://x.test/a.PNG?sig=1",
+                "http://x.test/b.jpg"
+            ]))
+        );
+        assert!(classify(&strings(&["https://x.test/a.png", "https://x.test/b.zip"])).is_err());
+        assert_eq!(
+            classify(&strings(&["s3://bucket/uploads/x"])).unwrap(),
+            DatasetArg::StoreUri("s3://bucket/uploads/x".into())
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let zip = dir.path().join("set.ZIP");
+        std::fs::write(&zip, b"PK").unwrap();
+        let txt = dir.path().join("notes.txt");
+        std::fs::write(&txt, b"x").unwrap();
+        let d = dir.path().to_string_lossy().into_owned();
+        assert_eq!(
+            classify(std::slice::from_ref(&d)).unwrap(),
+            DatasetArg::LocalDir(dir.path().into())
+        );
+        assert_eq!(
+            classify(&[zip.to_string_lossy().into_owned()]).unwrap(),
+            DatasetArg::LocalZip(zip.clone())
+        );
+        assert!(classify(&[txt.to_string_lossy().into_owned()]).is_err());
+        assert!(classify(&[format!("{d}/missing")]).is_err());
+        assert!(classify(&[d.clone(), d]).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_folder_is_uploaded_under_one_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(data.join("sub")).unwrap();
+        std::fs::write(data.join("a.png"), b"png").unwrap();
+        std::fs::write(data.join("sub/a.txt"), b"caption").unwrap();
+        let store_uri = dir.path().join("store").to_string_lossy().into_owned();
+        let source = dataset_source(DatasetArg::LocalDir(data), &store_uri)
+            .await
+            .unwrap();
+        let Some(Source::ArtifactUri(uri)) = source.source else {
+            panic!("expected an artifact uri");
+        };
+        let store = ArtifactStore::open(&store_uri).unwrap();
+        let key = store.key_of(&uri).unwrap();
+        assert!(key.starts_with("uploads/"));
+        let listed: Vec<String> = store
+            .list(&key)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(
+            listed,
+            vec![format!("{key}/a.png"), format!("{key}/sub/a.txt")]
+        );
+    }
+}

@@ -1,0 +1,216 @@
+//! How records read on a terminal, and as protobuf JSON.
+
+use indicatif::{HumanBytes, HumanDuration};
+use prost::Message;
+use prost_reflect::{DescriptorPool, DynamicMessage};
+use std::fmt::Write as _;
+use std::time::Duration;
+use trainyard_proto::v1::{JobError, JobRecord, JobState, Stage};
+
+/// `SUCCEEDED`, `TRAINING`, …
+pub fn state_name(state: JobState) -> &'static str {
+    let name = state.as_str_name();
+    name.strip_prefix("JOB_STATE_").unwrap_or(name)
+}
+
+pub fn stage_name(stage: i32) -> &'static str {
+    Stage::try_from(stage).unwrap_or_default().name()
+}
+
+pub fn error_line(error: &JobError) -> String {
+    let kind = trainyard_proto::v1::ErrorKind::try_from(error.kind).unwrap_or_default();
+    let kind = kind
+        .as_str_name()
+        .strip_prefix("ERROR_KIND_")
+        .unwrap_or("UNKNOWN");
+    let retry = if error.retryable { ", retryable" } else { "" };
+    format!(
+        "{} failed ({}{retry}): {}",
+        stage_name(error.stage),
+        kind.to_lowercase(),
+        error.message
+    )
+}
+
+/// A local path for `file://` URIs, the URI otherwise.
+pub fn display_uri(uri: &str) -> &str {
+    uri.strip_prefix("file://").unwrap_or(uri)
+}
+
+fn seconds_between(from_ms: i64, to_ms: i64) -> Option<Duration> {
+    (from_ms > 0 && to_ms >= from_ms).then(|| Duration::from_millis((to_ms - from_ms) as u64))
+}
+
+/// Seconds as `12.3s`.
+pub fn secs(duration: Duration) -> String {
+    format!("{:.1}s", duration.as_secs_f64())
+}
+
+/// One line for `yard list`.
+pub fn list_line(record: &JobRecord, now_ms: i64) -> String {
+    let mut progress = String::new();
+    if let Some(p) = &record.progress
+        && !record.state().is_final()
+    {
+        if p.total_steps > 0 {
+            let _ = write!(progress, "{}/{}", p.step, p.total_steps);
+        } else if !p.message.is_empty() {
+            progress.push_str(&p.message);
+        }
+    }
+    let age = seconds_between(record.created_at_ms, now_ms)
+        .map(|d| format!("{} ago", HumanDuration(d)))
+        .unwrap_or_default();
+    let name = record.spec.as_ref().map(|s| s.name.as_str()).unwrap_or("");
+    format!(
+        "{:<36}  {:<10}  {:<12}  {:<16}  {name}",
+        record.job_id,
+        state_name(record.state()),
+        progress,
+        age
+    )
+}
+
+/// The human-readable record for `yard get` and the end of `yard watch`.
+pub fn record_text(record: &JobRecord) -> String {
+    let mut out = String::new();
+    let state = record.state();
+    let _ = writeln!(out, "job      {}", record.job_id);
+    if let Some(spec) = record.spec.as_ref().filter(|s| !s.name.is_empty()) {
+        let _ = writeln!(out, "name     {}", spec.name);
+    }
+    let mut state_line = state_name(state).to_string();
+    if !state.is_final() && record.attempt > 0 {
+        let _ = write!(
+            state_line,
+            " ({} attempt {})",
+            stage_name(record.stage),
+            record.attempt
+        );
+    }
+    let _ = writeln!(out, "state    {state_line}");
+    if let Some(error) = &record.error {
+        let _ = writeln!(out, "error    {}", error_line(error));
+    }
+    if !record.cancel_reason.is_empty() {
+        let _ = writeln!(out, "reason   {}", record.cancel_reason);
+    }
+    if let Some(t) = &record.times {
+        let mut parts = Vec::new();
+        let stages = [
+            ("queued", t.queued_at_ms, t.preparing_at_ms),
+            ("prepare", t.preparing_at_ms, t.training_at_ms),
+            ("train", t.training_at_ms, t.delivering_at_ms),
+            ("deliver", t.delivering_at_ms, t.finished_at_ms),
+        ];
+        for (name, from, to) in stages {
+            if let Some(d) = seconds_between(from, to) {
+                parts.push(format!("{name} {}", secs(d)));
+            }
+        }
+        if let Some(d) = seconds_between(record.created_at_ms, t.finished_at_ms) {
+            parts.push(format!("total {}", secs(d)));
+        }
+        if !parts.is_empty() {
+            let _ = writeln!(out, "times    {}", parts.join(", "));
+        }
+    }
+    if record.image_count > 0 {
+        let _ = writeln!(out, "dataset  {} images", record.image_count);
+    }
+    if let Some(s) = &record.summary {
+        let _ = writeln!(
+            out,
+            "trained  {} steps with {}, loss {:.4} → {:.4} in {}",
+            s.steps,
+            s.backend,
+            s.loss_first,
+            s.loss_last,
+            secs(Duration::from_secs_f64(s.seconds.max(0.0)))
+        );
+    }
+    if let Some(c) = record
+        .latest_checkpoint
+        .as_ref()
+        .filter(|c| !c.uri.is_empty())
+    {
+        let _ = writeln!(out, "checkpoint step {}  {}", c.step, display_uri(&c.uri));
+    }
+    if !record.artifacts.is_empty() {
+        let _ = writeln!(out, "outputs");
+        for a in &record.artifacts {
+            let _ = writeln!(
+                out,
+                "  {:<28} {:>10}  {}",
+                a.name,
+                HumanBytes(a.size).to_string(),
+                a.uri
+            );
+        }
+    }
+    if !record.delivered.is_empty() {
+        let _ = writeln!(out, "delivered");
+        for d in &record.delivered {
+            let _ = writeln!(
+                out,
+                "  {:>10}  {}",
+                HumanBytes(d.size).to_string(),
+                display_uri(&d.uri)
+            );
+        }
+    }
+    if !record.manifest_uri.is_empty() {
+        let _ = writeln!(out, "manifest {}", display_uri(&record.manifest_uri));
+    }
+    out
+}
+
+/// The record as canonical protobuf JSON, from the contract's descriptors.
+pub fn record_json(record: &JobRecord, pretty: bool) -> anyhow::Result<String> {
+    let pool = DescriptorPool::decode(trainyard_proto::v1::FILE_DESCRIPTOR_SET)?;
+    let descriptor = pool
+        .get_message_by_name("trainyard.v1.JobRecord")
+        .ok_or_else(|| anyhow::anyhow!("the contract has no trainyard.v1.JobRecord"))?;
+    let message = DynamicMessage::decode(descriptor, record.encode_to_vec().as_slice())?;
+    Ok(if pretty {
+        serde_json::to_string_pretty(&message)?
+    } else {
+        serde_json::to_string(&message)?
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trainyard_proto::v1::{Artifact, ErrorKind};
+
+    #[test]
+    fn records_read_well_and_serialise_as_proto_json() {
+        let record = JobRecord {
+            job_id: "j-1".into(),
+            state: JobState::Failed as i32,
+            error: Some(JobError {
+                kind: ErrorKind::BadDataset as i32,
+                message: "no usable image".into(),
+                retryable: false,
+                stage: Stage::Prepare as i32,
+            }),
+            artifacts: vec![Artifact {
+                name: "lora.safetensors".into(),
+                uri: "file:///s/jobs/j-1/output/lora.safetensors".into(),
+                size: 2048,
+                sha256: "ab".into(),
+            }],
+            ..Default::default()
+        };
+        let text = record_text(&record);
+        assert!(text.contains("state    FAILED"));
+        assert!(text.contains("prepare failed (bad_dataset): no usable image"));
+        assert!(text.contains("lora.safetensors"));
+        let json: serde_json::Value =
+            serde_json::from_str(&record_json(&record, false).unwrap()).unwrap();
+        assert_eq!(json["jobId"], "j-1");
+        assert_eq!(json["state"], "JOB_STATE_FAILED");
+        assert_eq!(json["artifacts"][0]["size"], "2048");
+    }
+}
