@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use trainyard_core::Config;
 use trainyard_core::runtime::{StageError, StageHandler, TaskContext};
-use trainyard_core::store::{ArtifactStore, StoreError, keys};
+use trainyard_core::store::{ArtifactStore, keys};
 use trainyard_proto::v1::{
     ErrorKind, PrepareOutput, PrepareTask, Progress, Stage, dataset_source::Source,
     stage_result::Outcome,
@@ -100,7 +100,7 @@ impl PrepareStage {
         self.store
             .delete_prefix(&prefix)
             .await
-            .map_err(store_error)?;
+            .map_err(StageError::from)?;
         for file in prepared.files() {
             let rel = file
                 .strip_prefix(&prepared.dir)
@@ -112,7 +112,7 @@ impl PrepareStage {
             self.store
                 .put_file(&file, &format!("{prefix}/{rel}"))
                 .await
-                .map_err(store_error)?;
+                .map_err(StageError::from)?;
         }
         let manifest = &prepared.manifest;
         let sidecar = manifest
@@ -153,11 +153,15 @@ impl PrepareStage {
             self.store
                 .get_file(&key, &local, None)
                 .await
-                .map_err(store_error)?;
+                .map_err(StageError::from)?;
             return Ok(LocalInput::Zip(local));
         }
         let dir = download.join("dataset");
-        let files = self.store.get_dir(&key, &dir).await.map_err(store_error)?;
+        let files = self
+            .store
+            .get_dir(&key, &dir)
+            .await
+            .map_err(StageError::from)?;
         if files.is_empty() {
             return Err(StageError::fail(
                 ErrorKind::BadDataset,
@@ -201,18 +205,6 @@ fn prepare_error(error: PrepareError) -> StageError {
         StageError::retry(kind, error.to_string(), delay)
     } else {
         StageError::fail(kind, error.to_string())
-    }
-}
-
-fn store_error(error: StoreError) -> StageError {
-    if error.is_retryable() {
-        StageError::retry(
-            ErrorKind::Storage,
-            error.to_string(),
-            Duration::from_secs(5),
-        )
-    } else {
-        StageError::fail(ErrorKind::Storage, error.to_string())
     }
 }
 

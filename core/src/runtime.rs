@@ -96,6 +96,21 @@ impl StageError {
     }
 }
 
+/// Artifact-store trouble is worth a retry unless the object or URI is wrong.
+impl From<crate::store::StoreError> for StageError {
+    fn from(error: crate::store::StoreError) -> Self {
+        if error.is_retryable() {
+            StageError::retry(
+                ErrorKind::Storage,
+                error.to_string(),
+                Duration::from_secs(5),
+            )
+        } else {
+            StageError::fail(ErrorKind::Storage, error.to_string())
+        }
+    }
+}
+
 pub fn job_error(kind: ErrorKind, message: impl Into<String>, retryable: bool) -> JobError {
     JobError {
         kind: kind as i32,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use trainyard_core::Config;
 use trainyard_core::runtime::{StageError, StageHandler, TaskContext};
-use trainyard_core::store::{ArtifactStore, StoreError, keys};
+use trainyard_core::store::{ArtifactStore, keys};
 use trainyard_proto::v1::{
     Artifact, DeliverOutput, DeliverTask, DeliveredFile, ErrorKind, JobSpec, Progress, Stage,
     stage_result::Outcome,
@@ -17,18 +17,6 @@ pub struct DeliverStage {
     store: ArtifactStore,
     work_root: PathBuf,
     allowed_roots: Vec<PathBuf>,
-}
-
-fn store_error(error: StoreError) -> StageError {
-    if error.is_retryable() {
-        StageError::retry(
-            ErrorKind::Storage,
-            error.to_string(),
-            Duration::from_secs(5),
-        )
-    } else {
-        StageError::fail(ErrorKind::Storage, error.to_string())
-    }
 }
 
 #[derive(Serialize)]
@@ -185,7 +173,10 @@ impl DeliverStage {
                 {
                     artifact.clone()
                 } else {
-                    let copy = store.put_file(&local, &key).await.map_err(store_error)?;
+                    let copy = store
+                        .put_file(&local, &key)
+                        .await
+                        .map_err(StageError::from)?;
                     verify(store, &key, &copy.sha256, work).await?;
                     copy
                 };
@@ -230,7 +221,7 @@ impl DeliverStage {
             let stored = store
                 .put_bytes(&format!("{prefix}/manifest.json"), body.clone())
                 .await
-                .map_err(store_error)?;
+                .map_err(StageError::from)?;
             if manifest_uri.is_empty() {
                 manifest_uri = stored.uri;
             }
@@ -253,7 +244,7 @@ impl DeliverStage {
         self.store
             .get_file(&key, &local, Some(&artifact.sha256))
             .await
-            .map_err(store_error)?;
+            .map_err(StageError::from)?;
         Ok(local)
     }
 }
@@ -268,7 +259,7 @@ async fn verify(
     let check = work.join("verify").join(key.replace('/', "_"));
     let result = store.get_file(key, &check, Some(sha256)).await;
     let _ = tokio::fs::remove_file(&check).await;
-    result.map(|_| ()).map_err(store_error)
+    result.map(|_| ()).map_err(StageError::from)
 }
 
 async fn note(ctx: &TaskContext, message: &str) {

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use trainyard_core::process::{ChildGroup, OutputStream};
 use trainyard_core::runtime::{StageError, StageHandler, TaskContext};
-use trainyard_core::store::{ArtifactStore, StoreError, keys, sha256_file};
+use trainyard_core::store::{ArtifactStore, keys, sha256_file};
 use trainyard_proto::v1::{
     Checkpoint, ErrorKind, Progress, Stage, TrainOutput, TrainSummary, TrainTask,
     stage_result::Outcome,
@@ -30,18 +30,6 @@ pub struct TrainStage {
     pub trainer_bin: PathBuf,
     pub stop_grace: Duration,
     pub progress_interval: Duration,
-}
-
-fn store_error(error: StoreError) -> StageError {
-    if error.is_retryable() {
-        StageError::retry(
-            ErrorKind::Storage,
-            error.to_string(),
-            Duration::from_secs(5),
-        )
-    } else {
-        StageError::fail(ErrorKind::Storage, error.to_string())
-    }
 }
 
 fn local_error(what: &str, error: std::io::Error) -> StageError {
@@ -141,7 +129,7 @@ impl TrainStage {
         self.store
             .get_dir(&key, &inputs.dataset_dir)
             .await
-            .map_err(store_error)?;
+            .map_err(StageError::from)?;
         verify_manifest(&inputs.dataset_dir).await?;
         note(ctx, "fetching base model").await;
         let model = self
@@ -158,7 +146,10 @@ impl TrainStage {
                 )
             })?;
             let dir = backend.checkpoint_dir(&inputs.output_dir, checkpoint.step);
-            self.store.get_dir(&key, &dir).await.map_err(store_error)?;
+            self.store
+                .get_dir(&key, &dir)
+                .await
+                .map_err(StageError::from)?;
             note(ctx, &format!("resuming from step {}", checkpoint.step)).await;
             inputs.resume_from = Some(dir);
         }
@@ -196,7 +187,9 @@ async fn verify_manifest(dir: &Path) -> Result<(), StageError> {
                 format!("manifest names unsafe path {file}"),
             ));
         }
-        let (_, actual) = sha256_file(&dir.join(file)).await.map_err(store_error)?;
+        let (_, actual) = sha256_file(&dir.join(file))
+            .await
+            .map_err(StageError::from)?;
         if actual != expected {
             return Err(bad(format!("dataset file {file} failed its checksum")));
         }
@@ -377,7 +370,7 @@ impl Run<'_> {
                     store
                         .put_dir(&dir, &key, &["state.json"])
                         .await
-                        .map_err(store_error)?;
+                        .map_err(StageError::from)?;
                     Ok(Checkpoint {
                         step,
                         uri: store.uri(&key),
@@ -443,7 +436,7 @@ impl Run<'_> {
             .store
             .put_file(&adapter, &key)
             .await
-            .map_err(store_error)?;
+            .map_err(StageError::from)?;
         let (steps, loss_first, loss_last) = done.unwrap_or_else(|| {
             let p = seen.last_progress.clone().unwrap_or_default();
             (p.step, f32::NAN, p.loss)
