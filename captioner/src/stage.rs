@@ -39,7 +39,7 @@ impl PrepareStage {
         };
         std::fs::create_dir_all(&config.captioner.work_dir)?;
         Ok(Self {
-            store: ArtifactStore::open(&config.store.uri)?,
+            store: ArtifactStore::open_with(&config.store.uri, &config.store.s3)?,
             client: GuardedClient::new(policy)?,
             work_root: std::fs::canonicalize(&config.captioner.work_dir)?,
             limits,

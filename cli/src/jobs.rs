@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use indicatif::HumanBytes;
 use std::path::{Component, Path, PathBuf};
 use std::process::ExitCode;
-use trainyard_core::store::ArtifactStore;
+use trainyard_core::store::{ArtifactStore, S3Options};
 use trainyard_proto::v1::{Artifact, CancelRequest, GetRequest, JobRecord, JobState, ListRequest};
 
 /// Exit code of a job that ended in any state but SUCCEEDED.
@@ -31,7 +31,7 @@ pub async fn submit(server: &str, token: &str, args: SubmitArgs) -> anyhow::Resu
         return Ok(ExitCode::SUCCESS);
     };
     let client = &mut crate::client::connect(server, token).await?;
-    spec.dataset = Some(crate::submit::dataset_source(dataset, &config.store.uri).await?);
+    spec.dataset = Some(crate::submit::dataset_source(dataset, &config.store).await?);
     let record = crate::submit::submit(client, spec).await?;
     println!("{}", record.job_id);
     if !args.watch {
@@ -149,9 +149,9 @@ pub async fn fetch(client: &mut Client, args: FetchArgs) -> anyhow::Result<ExitC
             state_name(record.state())
         );
     }
-    let store = ArtifactStore::open(&config.store.uri)?;
+    let store = ArtifactStore::open_with(&config.store.uri, &config.store.s3)?;
     for artifact in &record.artifacts {
-        let local = fetch_artifact(&store, artifact, &args.dir).await?;
+        let local = fetch_artifact(&store, &config.store.s3, artifact, &args.dir).await?;
         println!(
             "{}  {:>10}  sha256 {} ok",
             local.display(),
@@ -163,9 +163,11 @@ pub async fn fetch(client: &mut Client, args: FetchArgs) -> anyhow::Result<ExitC
 }
 
 /// Downloads one artifact to `dir/<name>`, checking its sha256. An artifact
-/// outside the configured store is read from its own folder.
+/// outside the configured store is read from its own folder (through `s3`
+/// when it is on S3).
 pub async fn fetch_artifact(
     store: &ArtifactStore,
+    s3: &S3Options,
     artifact: &Artifact,
     dir: &Path,
 ) -> anyhow::Result<PathBuf> {
@@ -185,7 +187,7 @@ pub async fn fetch_artifact(
                 .uri
                 .rsplit_once('/')
                 .ok_or_else(|| anyhow::anyhow!("artifact uri {:?} has no folder", artifact.uri))?;
-            let own = ArtifactStore::open(parent)
+            let own = ArtifactStore::open_with(parent, s3)
                 .with_context(|| format!("{} is outside the configured store", artifact.uri))?;
             own.get_file(name, &local, expect).await
         }

@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use trainyard_captioner::sample::{SAMPLE_TRIGGER_WORD, write_sample_dataset};
 use trainyard_core::Config;
+use trainyard_core::config::StoreConfig;
 use trainyard_proto::v1::{
     CaptionSettings, Destination, JobRecord, JobSpec, JobState, TrainingSettings,
 };
@@ -139,7 +140,7 @@ pub async fn demo(args: DemoArgs, token: &str) -> anyhow::Result<ExitCode> {
 
     let run = run_demo_job(
         fleet.server_url(),
-        fleet.config.store.uri.clone(),
+        fleet.config.store.clone(),
         &token,
         &data_dir,
         args.steps,
@@ -188,7 +189,7 @@ pub async fn demo(args: DemoArgs, token: &str) -> anyhow::Result<ExitCode> {
 
 async fn run_demo_job(
     server_url: String,
-    store_uri: String,
+    store: StoreConfig,
     token: &str,
     data_dir: &Path,
     steps: u32,
@@ -202,7 +203,7 @@ async fn run_demo_job(
     let mut spec = demo_spec(steps, &sample, &outputs);
     let mut client = client::connect(&server_url, token).await?;
     let dataset = crate::submit::DatasetArg::LocalDir(sample.clone());
-    spec.dataset = Some(crate::submit::dataset_source(dataset, &store_uri).await?);
+    spec.dataset = Some(crate::submit::dataset_source(dataset, &store).await?);
     let submitted = Instant::now();
     let record = crate::submit::submit(&mut client, spec).await?;
     println!("submitted {} (sample: {})", record.job_id, sample.display());

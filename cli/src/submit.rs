@@ -12,6 +12,7 @@ use anyhow::{Context, bail};
 use indicatif::HumanBytes;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use trainyard_core::config::StoreConfig;
 use trainyard_core::store::ArtifactStore;
 use trainyard_proto::v1::dataset_source::Source;
 use trainyard_proto::v1::{
@@ -86,13 +87,16 @@ pub fn classify(sources: &[String]) -> anyhow::Result<DatasetArg> {
 
 /// Puts a local dataset into the store and returns its URI; other sources
 /// become their `DatasetSource` directly.
-pub async fn dataset_source(arg: DatasetArg, store_uri: &str) -> anyhow::Result<DatasetSource> {
+pub async fn dataset_source(
+    arg: DatasetArg,
+    store: &StoreConfig,
+) -> anyhow::Result<DatasetSource> {
     let source = match arg {
         DatasetArg::ZipUrl(url) => Source::ZipUrl(url),
         DatasetArg::ImageUrls(urls) => Source::ImageUrls(ImageUrls { urls }),
         DatasetArg::StoreUri(uri) => Source::ArtifactUri(uri),
-        DatasetArg::LocalDir(dir) => Source::ArtifactUri(upload_dir(&dir, store_uri).await?),
-        DatasetArg::LocalZip(zip) => Source::ArtifactUri(upload_zip(&zip, store_uri).await?),
+        DatasetArg::LocalDir(dir) => Source::ArtifactUri(upload_dir(&dir, store).await?),
+        DatasetArg::LocalZip(zip) => Source::ArtifactUri(upload_zip(&zip, store).await?),
     };
     Ok(DatasetSource {
         source: Some(source),
@@ -103,8 +107,8 @@ fn upload_prefix() -> String {
     format!("uploads/{}", uuid::Uuid::now_v7().simple())
 }
 
-async fn upload_dir(dir: &Path, store_uri: &str) -> anyhow::Result<String> {
-    let store = ArtifactStore::open(store_uri)?;
+async fn upload_dir(dir: &Path, store: &StoreConfig) -> anyhow::Result<String> {
+    let store = ArtifactStore::open_with(&store.uri, &store.s3)?;
     let prefix = upload_prefix();
     let artifacts = store
         .put_dir(dir, &prefix, &[])
@@ -124,8 +128,8 @@ async fn upload_dir(dir: &Path, store_uri: &str) -> anyhow::Result<String> {
     Ok(uri)
 }
 
-async fn upload_zip(zip: &Path, store_uri: &str) -> anyhow::Result<String> {
-    let store = ArtifactStore::open(store_uri)?;
+async fn upload_zip(zip: &Path, store: &StoreConfig) -> anyhow::Result<String> {
+    let store = ArtifactStore::open_with(&store.uri, &store.s3)?;
     let name = zip
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -266,7 +270,11 @@ mod tests {
         std::fs::write(data.join("a.png"), b"png").unwrap();
         std::fs::write(data.join("sub/a.txt"), b"caption").unwrap();
         let store_uri = dir.path().join("store").to_string_lossy().into_owned();
-        let source = dataset_source(DatasetArg::LocalDir(data), &store_uri)
+        let config = StoreConfig {
+            uri: store_uri.clone(),
+            ..StoreConfig::default()
+        };
+        let source = dataset_source(DatasetArg::LocalDir(data), &config)
             .await
             .unwrap();
         let Some(Source::ArtifactUri(uri)) = source.source else {

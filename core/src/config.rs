@@ -1,6 +1,7 @@
 //! Layered configuration, loaded and validated once at start-up:
 //! built-in defaults → a TOML file → `TY_<SECTION>__<KEY>` environment
-//! variables → `--set section.key=value` flags. Unknown keys are errors, so
+//! variables → `--set section.key=value` flags (a nested key:
+//! `TY_STORE__S3__REGION`, `--set store.s3.region=…`). Unknown keys are errors, so
 //! a typo never silently falls back to a default.
 //!
 //! One file configures every service; each reads its own section plus
@@ -83,13 +84,71 @@ impl NatsConfig {
 pub struct StoreConfig {
     /// The artifact store: `file:///abs/dir`, a local path, or `s3://bucket/prefix`.
     pub uri: String,
+    /// How `s3://` URIs are reached: the artifact store's and the uploader's
+    /// destinations alike.
+    pub s3: S3Options,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             uri: ".trainyard/store".into(),
+            s3: S3Options::default(),
         }
+    }
+}
+
+/// The `[store.s3]` table. Every field is optional: an unset one falls back
+/// to the standard `AWS_*` environment (`AWS_ENDPOINT_URL`, `AWS_REGION`,
+/// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_ALLOW_HTTP`,
+/// `AWS_VIRTUAL_HOSTED_STYLE_REQUEST`, …), then to `object_store`'s defaults.
+/// Debug output and `--print-config` never show the secret.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Options {
+    /// Endpoint URL of an S3-compatible server, e.g. `http://127.0.0.1:9000`
+    /// (MinIO, moto, Ceph…). Unset: AWS itself, or `AWS_ENDPOINT_URL`.
+    pub endpoint: Option<String>,
+    /// Region, e.g. `eu-west-1`. Unset: `AWS_REGION`, else `us-east-1`.
+    pub region: Option<String>,
+    /// Access key id. Unset: `AWS_ACCESS_KEY_ID`, else the instance's role.
+    pub access_key_id: Option<String>,
+    /// Secret access key (redacted when printed). Unset: `AWS_SECRET_ACCESS_KEY`.
+    pub secret_access_key: Option<String>,
+    /// Allow plain `http://` endpoints. Unset: `AWS_ALLOW_HTTP`, else true
+    /// exactly when the endpoint starts with `http://`.
+    pub allow_http: Option<bool>,
+    /// Address buckets as `https://<bucket>.<endpoint>` instead of
+    /// `https://<endpoint>/<bucket>`. Unset: `AWS_VIRTUAL_HOSTED_STYLE_REQUEST`,
+    /// else path style.
+    pub virtual_hosted_style: Option<bool>,
+}
+
+/// What a secret is printed as.
+pub const REDACTED: &str = "[redacted]";
+
+impl S3Options {
+    /// A copy safe to show: the secret, when set, is replaced by [`REDACTED`].
+    pub fn redacted(&self) -> S3Options {
+        let mut shown = self.clone();
+        if shown.secret_access_key.is_some() {
+            shown.secret_access_key = Some(REDACTED.into());
+        }
+        shown
+    }
+}
+
+impl std::fmt::Debug for S3Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = self.redacted();
+        f.debug_struct("S3Options")
+            .field("endpoint", &shown.endpoint)
+            .field("region", &shown.region)
+            .field("access_key_id", &shown.access_key_id)
+            .field("secret_access_key", &shown.secret_access_key)
+            .field("allow_http", &shown.allow_http)
+            .field("virtual_hosted_style", &shown.virtual_hosted_style)
+            .finish()
     }
 }
 
@@ -250,7 +309,7 @@ impl Config {
             set_path(
                 &mut layered,
                 &section.to_lowercase(),
-                &key.to_lowercase(),
+                &key.to_lowercase().replace("__", "."),
                 value,
             );
         }
@@ -304,25 +363,40 @@ impl Config {
         Ok(())
     }
 
-    /// The configuration as TOML, for `--print-config`.
+    /// The configuration as TOML, for `--print-config`, secrets redacted.
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_default()
+        let mut shown = self.clone();
+        shown.store.s3 = shown.store.s3.redacted();
+        toml::to_string_pretty(&shown).unwrap_or_default()
     }
 }
 
 /// Sets `section.key` to `raw`, read as a TOML value when it parses as one
 /// (numbers, booleans, arrays, inline tables) and as a string otherwise.
+/// A dotted key reaches into a nested table (`store` + `s3.endpoint`).
 fn set_path(table: &mut toml::Table, section: &str, key: &str, raw: &str) {
     let value = format!("v = {raw}")
         .parse::<toml::Table>()
         .ok()
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(raw.to_string()));
-    let entry = table
-        .entry(section.to_string())
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-    if let toml::Value::Table(inner) = entry {
-        inner.insert(key.to_string(), value);
+    let mut parts = std::iter::once(section).chain(key.split('.')).peekable();
+    let mut current = table;
+    while let Some(part) = parts.next() {
+        if parts.peek().is_none() {
+            current.insert(part.to_string(), value);
+            return;
+        }
+        let entry = current
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        let toml::Value::Table(inner) = entry else {
+            return;
+        };
+        current = inner;
     }
 }
 
@@ -363,6 +437,41 @@ mod tests {
         let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/trainyard.toml");
         let documented = Config::load_from(Some(&file), &[], &[]).unwrap();
         assert_eq!(documented.to_toml(), Config::default().to_toml());
+    }
+
+    #[test]
+    fn s3_options_layer_and_the_secret_is_never_shown() {
+        let env = vec![
+            (
+                "TY_STORE__S3__ENDPOINT".to_string(),
+                "http://127.0.0.1:9000".to_string(),
+            ),
+            (
+                "TY_STORE__S3__SECRET_ACCESS_KEY".to_string(),
+                "s3cr3t-value".to_string(),
+            ),
+        ];
+        let config = Config::load_from(
+            None,
+            &env,
+            &[
+                "store.s3.allow_http=true".to_string(),
+                "store.s3.access_key_id=AKIDEXAMPLE".to_string(),
+            ],
+        )
+        .unwrap();
+        let s3 = &config.store.s3;
+        assert_eq!(s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(s3.secret_access_key.as_deref(), Some("s3cr3t-value"));
+        assert_eq!(s3.access_key_id.as_deref(), Some("AKIDEXAMPLE"));
+        assert_eq!(s3.allow_http, Some(true));
+        assert_eq!(s3.region, None);
+        assert!(!config.to_toml().contains("s3cr3t-value"));
+        assert!(config.to_toml().contains(REDACTED));
+        assert!(!format!("{config:?}").contains("s3cr3t-value"));
+        assert!(format!("{config:?}").contains("AKIDEXAMPLE"));
+        let err = Config::load_from(None, &[], &["store.s3.endpoit=x".to_string()]).unwrap_err();
+        assert!(matches!(err, ConfigError::Invalid(_)));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The artifact store: one `object_store` abstraction for every byte a job
 //! produces or consumes. A store is opened at a URI (`file:///abs/dir`, a
-//! local path, or `s3://bucket/prefix`, configured from the usual `AWS_*`
-//! variables) and addresses objects by keys below it.
+//! local path, or `s3://bucket/prefix`, configured by [`S3Options`] — the
+//! `[store.s3]` table — over the usual `AWS_*` variables) and addresses
+//! objects by keys below it.
 //!
 //! Layout by job (see [`keys`]): `jobs/<job>/dataset/…`,
 //! `jobs/<job>/checkpoints/<step>/…`, `jobs/<job>/output/…`, and
@@ -14,6 +15,7 @@
 
 use bytes::Bytes;
 use futures::StreamExt;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart};
 use sha2::{Digest, Sha256};
@@ -22,6 +24,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use trainyard_proto::JobId;
 use trainyard_proto::v1::Artifact;
+
+pub use crate::config::S3Options;
 
 const CHUNK: usize = 4 << 20;
 
@@ -94,25 +98,22 @@ pub struct ArtifactStore {
 }
 
 impl ArtifactStore {
-    /// Opens the store at `uri`. A local root is created when missing.
+    /// Opens the store at `uri` with S3 settings from the `AWS_*` environment
+    /// only. A local root is created when missing.
     pub fn open(uri: &str) -> Result<Self, StoreError> {
+        Self::open_with(uri, &S3Options::default())
+    }
+
+    /// Opens the store at `uri`; an `s3://` one is reached with `s3`, whose
+    /// unset fields fall back to the `AWS_*` environment. A local root is
+    /// created when missing.
+    pub fn open_with(uri: &str, s3: &S3Options) -> Result<Self, StoreError> {
         if let Some(rest) = uri.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             if bucket.is_empty() {
                 return Err(StoreError::BadUri(uri.into()));
             }
-            let mut builder =
-                object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
-            if std::env::var("AWS_ENDPOINT_URL")
-                .map(|e| e.starts_with("http://"))
-                .unwrap_or(false)
-            {
-                builder = builder.with_allow_http(true);
-            }
-            if let Ok(endpoint) = std::env::var("AWS_ENDPOINT_URL") {
-                builder = builder.with_endpoint(endpoint);
-            }
-            let store = builder.build()?;
+            let store = s3_builder(bucket, s3).build()?;
             let prefix = prefix.trim_matches('/');
             return Ok(Self {
                 root: format!("s3://{bucket}/{prefix}")
@@ -410,6 +411,39 @@ impl ArtifactStore {
     }
 }
 
+/// The S3 client settings: the `AWS_*` environment, then every field set in
+/// `options` on top. An `http://` endpoint is allowed unless said otherwise.
+fn s3_builder(bucket: &str, options: &S3Options) -> AmazonS3Builder {
+    let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+    if let Some(endpoint) = &options.endpoint {
+        // AWS_ENDPOINT_URL_S3 would win over a plain endpoint: set both.
+        builder = builder
+            .with_endpoint(endpoint)
+            .with_config(AmazonS3ConfigKey::S3Endpoint, endpoint);
+    }
+    if let Some(region) = &options.region {
+        builder = builder.with_region(region);
+    }
+    if let Some(id) = &options.access_key_id {
+        builder = builder.with_access_key_id(id);
+    }
+    if let Some(secret) = &options.secret_access_key {
+        builder = builder.with_secret_access_key(secret);
+    }
+    if let Some(virtual_hosted) = options.virtual_hosted_style {
+        builder = builder.with_virtual_hosted_style_request(virtual_hosted);
+    }
+    let plain_http = [AmazonS3ConfigKey::S3Endpoint, AmazonS3ConfigKey::Endpoint]
+        .iter()
+        .find_map(|key| builder.get_config_value(key))
+        .is_some_and(|endpoint| endpoint.starts_with("http://"));
+    match options.allow_http {
+        Some(allow) => builder.with_allow_http(allow),
+        None if plain_http => builder.with_allow_http(true),
+        None => builder,
+    }
+}
+
 /// Relative paths of the regular files below `root` (links are skipped).
 fn walk(root: &Path) -> Result<Vec<String>, StoreError> {
     let mut out = Vec::new();
@@ -449,6 +483,57 @@ pub async fn sha256_file(path: &Path) -> Result<(u64, String), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn s3_options_reach_the_client() {
+        use object_store::ClientConfigKey;
+        let options = S3Options {
+            endpoint: Some("http://127.0.0.1:9".into()),
+            region: Some("eu-west-3".into()),
+            access_key_id: Some("id".into()),
+            secret_access_key: Some("secret".into()),
+            allow_http: None,
+            virtual_hosted_style: Some(false),
+        };
+        let builder = s3_builder("bucket", &options);
+        let value = |key: AmazonS3ConfigKey| builder.get_config_value(&key);
+        assert_eq!(
+            value(AmazonS3ConfigKey::S3Endpoint).as_deref(),
+            Some("http://127.0.0.1:9")
+        );
+        assert_eq!(
+            value(AmazonS3ConfigKey::Region).as_deref(),
+            Some("eu-west-3")
+        );
+        assert_eq!(value(AmazonS3ConfigKey::AccessKeyId).as_deref(), Some("id"));
+        assert_eq!(
+            value(AmazonS3ConfigKey::Client(ClientConfigKey::AllowHttp)).as_deref(),
+            Some("true"),
+            "an http:// endpoint is allowed by default"
+        );
+        let refused = S3Options {
+            allow_http: Some(false),
+            ..options
+        };
+        assert_eq!(
+            s3_builder("bucket", &refused)
+                .get_config_value(&AmazonS3ConfigKey::Client(ClientConfigKey::AllowHttp))
+                .as_deref(),
+            Some("false")
+        );
+        let store = ArtifactStore::open_with("s3://bucket/some/prefix/", &refused).unwrap();
+        assert_eq!(store.root(), "s3://bucket/some/prefix");
+        assert_eq!(store.uri("a/b"), "s3://bucket/some/prefix/a/b");
+        assert_eq!(
+            store.key_of("s3://bucket/some/prefix/a/b").as_deref(),
+            Some("a/b")
+        );
+        assert_eq!(store.key_of("s3://bucket/some/prefixed/a"), None);
+        assert!(matches!(
+            ArtifactStore::open_with("s3:///x", &refused).unwrap_err(),
+            StoreError::BadUri(_)
+        ));
+    }
 
     #[tokio::test]
     async fn files_round_trip_with_checksums() {

@@ -4,10 +4,9 @@
 
 use serde::Serialize;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 use trainyard_core::Config;
 use trainyard_core::runtime::{StageError, StageHandler, TaskContext};
-use trainyard_core::store::{ArtifactStore, keys};
+use trainyard_core::store::{ArtifactStore, S3Options, keys};
 use trainyard_proto::v1::{
     Artifact, DeliverOutput, DeliverTask, DeliveredFile, ErrorKind, JobSpec, Progress, Stage,
     stage_result::Outcome,
@@ -17,6 +16,8 @@ pub struct DeliverStage {
     store: ArtifactStore,
     work_root: PathBuf,
     allowed_roots: Vec<PathBuf>,
+    /// How `s3://` destinations are reached (`[store.s3]`).
+    s3: S3Options,
 }
 
 #[derive(Serialize)]
@@ -93,9 +94,10 @@ impl DeliverStage {
     pub fn new(config: &Config) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&config.uploader.work_dir)?;
         Ok(Self {
-            store: ArtifactStore::open(&config.store.uri)?,
+            store: ArtifactStore::open_with(&config.store.uri, &config.store.s3)?,
             work_root: std::fs::canonicalize(&config.uploader.work_dir)?,
             allowed_roots: config.uploader.allowed_local_roots.clone(),
+            s3: config.store.s3.clone(),
         })
     }
 
@@ -124,7 +126,7 @@ impl DeliverStage {
                 ));
             }
         }
-        ArtifactStore::open(uri).map_err(|e| {
+        ArtifactStore::open_with(uri, &self.s3).map_err(|e| {
             StageError::fail(ErrorKind::InvalidSpec, format!("destination {uri}: {e}"))
         })
     }

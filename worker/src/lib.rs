@@ -20,7 +20,7 @@ pub async fn run(
     let trainer_bin = models::find_trainer(config.worker.reference_trainer.as_deref()).ok_or_else(|| {
         anyhow::anyhow!("ty-reference-trainer not found beside this program or on PATH; set worker.reference_trainer")
     })?;
-    let store = ArtifactStore::open(&config.store.uri)?;
+    let store = ArtifactStore::open_with(&config.store.uri, &config.store.s3)?;
     std::fs::create_dir_all(&config.worker.work_dir)?;
     std::fs::create_dir_all(&config.worker.model_cache_dir)?;
     let stage = train::TrainStage {
