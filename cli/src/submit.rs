@@ -87,10 +87,7 @@ pub fn classify(sources: &[String]) -> anyhow::Result<DatasetArg> {
 
 /// Puts a local dataset into the store and returns its URI; other sources
 /// become their `DatasetSource` directly.
-pub async fn dataset_source(
-    arg: DatasetArg,
-    store: &StoreConfig,
-) -> anyhow::Result<DatasetSource> {
+pub async fn dataset_source(arg: DatasetArg, store: &StoreConfig) -> anyhow::Result<DatasetSource> {
     let source = match arg {
         DatasetArg::ZipUrl(url) => Source::ZipUrl(url),
         DatasetArg::ImageUrls(urls) => Source::ImageUrls(ImageUrls { urls }),

@@ -55,6 +55,9 @@ pub async fn run(
         Err(error) => tracing::warn!(%error, "start-up reconcile failed"),
     }
 
+    let api_requests = nats_api::subscribe(&client)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot subscribe to the NATS API: {e}"))?;
     let listener = TcpListener::bind(&config.coordinator.grpc_addr).await?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "gRPC listening");
@@ -85,7 +88,7 @@ pub async fn run(
             shutdown.child_token(),
         );
         tasks.spawn(async move {
-            if let Err(error) = nats_api::serve(client, api, auth, stop).await {
+            if let Err(error) = nats_api::serve(client, api_requests, api, auth, stop).await {
                 tracing::error!(%error, "nats api failed");
             }
         });

