@@ -27,7 +27,12 @@ use trainyard_proto::v1::Artifact;
 
 pub use crate::config::S3Options;
 
+/// Bytes read from or written to a local file at a time.
 const CHUNK: usize = 4 << 20;
+/// Size of each part of a multipart upload. S3 refuses parts under 5 MiB
+/// (all but the last) with `EntityTooSmall`, and allows 10,000 parts: 8 MiB
+/// parts carry objects up to ~78 GiB.
+const PART: usize = 8 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -173,7 +178,7 @@ impl ArtifactStore {
     /// (name = last path segment). The object appears whole or not at all.
     pub async fn put_file(&self, local: &Path, key: &str) -> Result<Artifact, StoreError> {
         let upload = self.store.put_multipart(&self.path(key)).await?;
-        let mut writer = WriteMultipart::new_with_chunk_size(upload, CHUNK);
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, PART);
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(2);
         let path = local.to_owned();
         let reader = tokio::task::spawn_blocking(move || -> Result<(u64, String), StoreError> {

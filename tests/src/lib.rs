@@ -108,7 +108,7 @@ impl Fleet {
         config.worker.progress_interval_ms = 0;
         config.uploader.work_dir = dir.path().join("work/uploader");
         tweak(&mut config);
-        let store = ArtifactStore::open(&config.store.uri).expect("store");
+        let store = ArtifactStore::open_with(&config.store.uri, &config.store.s3).expect("store");
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let mut fleet = Fleet {
