@@ -18,7 +18,7 @@ use trainyard_core::store::{ArtifactStore, S3Options};
 use trainyard_proto::v1::job_service_client::JobServiceClient;
 use trainyard_proto::v1::{
     CaptionSettings, DatasetSource, Destination, GetRequest, JobEvent, JobRecord, JobSpec,
-    TrainingSettings, WatchRequest, dataset_source::Source,
+    SubmitRequest, TrainingSettings, WatchRequest, dataset_source::Source,
 };
 
 pub const TOKEN: &str = "token-acme";
@@ -265,6 +265,17 @@ pub async fn watch_all(client: &mut Client, job: &str, timeout: Duration) -> Vec
     )
     .await
     .expect("job finished in time")
+}
+
+/// Submits and returns the new job's record.
+pub async fn submit(client: &mut Client, spec: JobSpec) -> JobRecord {
+    client
+        .submit(SubmitRequest { spec: Some(spec) })
+        .await
+        .expect("submit")
+        .into_inner()
+        .job
+        .expect("job")
 }
 
 pub async fn get(client: &mut Client, job: &str) -> JobRecord {

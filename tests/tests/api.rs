@@ -120,26 +120,10 @@ async fn list_and_get_show_only_the_callers_jobs() {
     let mut globex = fleet.client(OTHER_TOKEN).await;
     let mut mine = Vec::new();
     for _ in 0..3 {
-        let job = acme
-            .submit(SubmitRequest {
-                spec: Some(spec("file:///data/a.zip", 10)),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .job
-            .unwrap();
+        let job = submit(&mut acme, spec("file:///data/a.zip", 10)).await;
         mine.push(job.job_id);
     }
-    let theirs = globex
-        .submit(SubmitRequest {
-            spec: Some(spec("file:///data/b.zip", 10)),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .job
-        .unwrap();
+    let theirs = submit(&mut globex, spec("file:///data/b.zip", 10)).await;
     // Pages of two, newest first.
     let page = acme
         .list(ListRequest {
@@ -191,13 +175,7 @@ async fn secrets_are_never_echoed_and_unknown_tokens_are_refused() {
         hf_token: "hf_SUPERSECRET".into(),
         ..Default::default()
     });
-    let job = client
-        .submit(SubmitRequest { spec: Some(spec) })
-        .await
-        .unwrap()
-        .into_inner()
-        .job
-        .unwrap();
+    let job = submit(&mut client, spec).await;
     assert!(!format!("{job:?}").contains("hf_SUPERSECRET"));
     let got = get(&mut client, &job.job_id).await;
     assert!(!format!("{got:?}").contains("hf_SUPERSECRET"));

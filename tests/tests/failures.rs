@@ -4,20 +4,12 @@
 use prost::Message;
 use std::time::Duration;
 use trainyard_core::topology::{DLQ_STREAM, subject};
-use trainyard_proto::v1::{DeadLetter, JobState, Stage, SubmitRequest};
+use trainyard_proto::v1::{DeadLetter, JobState, Stage};
 use trainyard_tests::*;
 
 async fn run_to_end(fleet: &Fleet, dataset_uri: String) -> trainyard_proto::v1::JobRecord {
     let mut client = fleet.client(TOKEN).await;
-    let job = client
-        .submit(SubmitRequest {
-            spec: Some(spec(&dataset_uri, 20)),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .job
-        .unwrap();
+    let job = submit(&mut client, spec(&dataset_uri, 20)).await;
     watch_all(&mut client, &job.job_id, Duration::from_secs(60)).await;
     get(&mut client, &job.job_id).await
 }

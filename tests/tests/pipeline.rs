@@ -3,7 +3,7 @@
 //! ends as a real LoRA file.
 
 use std::time::Duration;
-use trainyard_proto::v1::{CancelRequest, JobState, Stage, SubmitRequest, job_event::Kind};
+use trainyard_proto::v1::{CancelRequest, JobState, Stage, job_event::Kind};
 use trainyard_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -12,13 +12,7 @@ async fn sample_job_trains_a_lora_and_delivers_it() {
     let mut client = fleet.client(TOKEN).await;
     let outputs = fleet.outputs_dir();
     let spec = with_destination(spec(&fleet.sample_uri().await, 120), &outputs);
-    let job = client
-        .submit(SubmitRequest { spec: Some(spec) })
-        .await
-        .expect("submit")
-        .into_inner()
-        .job
-        .expect("job");
+    let job = submit(&mut client, spec).await;
     assert_eq!(job.state(), JobState::Queued);
 
     let events = watch_all(&mut client, &job.job_id, Duration::from_secs(180)).await;
@@ -138,13 +132,7 @@ async fn cancel_during_training_kills_the_trainer_and_skips_delivery() {
     let mut client = fleet.client(TOKEN).await;
     let outputs = fleet.outputs_dir();
     let spec = with_destination(spec(&fleet.sample_uri().await, 100_000), &outputs);
-    let job = client
-        .submit(SubmitRequest { spec: Some(spec) })
-        .await
-        .unwrap()
-        .into_inner()
-        .job
-        .unwrap();
+    let job = submit(&mut client, spec).await;
     let mut events = client
         .watch(trainyard_proto::v1::WatchRequest {
             job_id: job.job_id.clone(),

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 use trainyard_core::store::{ArtifactStore, StoreError};
-use trainyard_proto::v1::{Destination, JobRecord, JobState, SubmitRequest, job_event::Kind};
+use trainyard_proto::v1::{Destination, JobRecord, JobState, job_event::Kind};
 use trainyard_tests::*;
 
 /// 17 MiB of varied bytes: three parts of a multipart upload (S3 refuses
@@ -139,13 +139,7 @@ async fn the_artifact_store_works_on_s3() {
 /// Runs `spec` on `fleet` to its end and returns the final record.
 async fn run_job(fleet: &Fleet, spec: trainyard_proto::v1::JobSpec) -> JobRecord {
     let mut client = fleet.client(TOKEN).await;
-    let job = client
-        .submit(SubmitRequest { spec: Some(spec) })
-        .await
-        .expect("submit")
-        .into_inner()
-        .job
-        .expect("job");
+    let job = submit(&mut client, spec).await;
     let events = watch_all(&mut client, &job.job_id, Duration::from_secs(180)).await;
     let record = get(&mut client, &job.job_id).await;
     assert_eq!(
