@@ -14,8 +14,7 @@ use trainyard_core::Config;
 use trainyard_core::runtime::{StageError, StageHandler, TaskContext};
 use trainyard_core::store::{ArtifactStore, keys};
 use trainyard_proto::v1::{
-    ErrorKind, PrepareOutput, PrepareTask, Progress, Stage, dataset_source::Source,
-    stage_result::Outcome,
+    ErrorKind, PrepareOutput, PrepareTask, dataset_source::Source, stage_result::Outcome,
 };
 
 pub struct PrepareStage {
@@ -60,7 +59,7 @@ impl PrepareStage {
             .and_then(|d| d.source)
             .ok_or_else(|| StageError::fail(ErrorKind::InvalidSpec, "dataset: is empty"))?;
         let caption = spec.caption.unwrap_or_default();
-        note(ctx, "fetching dataset").await;
+        ctx.note("fetching dataset").await;
         let input = match source {
             Source::ZipUrl(url) => {
                 fetch(&self.client, RemoteSource::ZipUrl(url), work, &self.limits).await?
@@ -85,15 +84,15 @@ impl PrepareStage {
         if !caption.template.is_empty() {
             settings.template = caption.template;
         }
-        note(ctx, "unpacking, validating and captioning").await;
+        ctx.note("unpacking, validating and captioning").await;
         let captioner = settings.template_captioner();
         let prepared = prepare_local(input, work, &settings, &captioner)
             .await
             .map_err(prepare_error)?;
-        note(
-            ctx,
-            &format!("storing {} images", prepared.manifest.images.len()),
-        )
+        ctx.note(&format!(
+            "storing {} images",
+            prepared.manifest.images.len()
+        ))
         .await;
         let prefix = keys::dataset(&ctx.meta.job);
         // A crashed earlier delivery may have left part of a set: start clean.
@@ -170,16 +169,6 @@ impl PrepareStage {
         }
         Ok(LocalInput::Dir(dir))
     }
-}
-
-async fn note(ctx: &TaskContext, message: &str) {
-    ctx.events
-        .progress(Progress {
-            stage: Stage::Prepare as i32,
-            message: message.to_string(),
-            ..Default::default()
-        })
-        .await;
 }
 
 async fn fetch(

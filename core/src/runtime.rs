@@ -135,6 +135,19 @@ pub struct TaskContext {
     pub stop: CancellationToken,
 }
 
+impl TaskContext {
+    /// A short progress note for this stage ("fetching dataset").
+    pub async fn note(&self, message: &str) {
+        self.events
+            .progress(v1::Progress {
+                stage: self.stage as i32,
+                message: message.to_string(),
+                ..Default::default()
+            })
+            .await;
+    }
+}
+
 /// A stage's logic. Everything else is the runtime's.
 pub trait StageHandler: Send + Sync + 'static {
     type Task: StageTask;

@@ -8,8 +8,7 @@ use trainyard_core::Config;
 use trainyard_core::runtime::{StageError, StageHandler, TaskContext};
 use trainyard_core::store::{ArtifactStore, S3Options, keys};
 use trainyard_proto::v1::{
-    Artifact, DeliverOutput, DeliverTask, DeliveredFile, ErrorKind, JobSpec, Progress, Stage,
-    stage_result::Outcome,
+    Artifact, DeliverOutput, DeliverTask, DeliveredFile, ErrorKind, JobSpec, stage_result::Outcome,
 };
 
 pub struct DeliverStage {
@@ -163,11 +162,8 @@ impl DeliverStage {
             let local = self.fetch(artifact, work).await?;
             let mut uris = Vec::new();
             for (label, store, prefix) in &destinations {
-                note(
-                    ctx,
-                    &format!("delivering {} to {}", artifact.name, store.root()),
-                )
-                .await;
+                ctx.note(&format!("delivering {} to {}", artifact.name, store.root()))
+                    .await;
                 let key = format!("{prefix}/{}", artifact.name);
                 // The artifact store already holds the worker's verified copy.
                 let copy = if label.is_empty()
@@ -262,16 +258,6 @@ async fn verify(
     let result = store.get_file(key, &check, Some(sha256)).await;
     let _ = tokio::fs::remove_file(&check).await;
     result.map(|_| ()).map_err(StageError::from)
-}
-
-async fn note(ctx: &TaskContext, message: &str) {
-    ctx.events
-        .progress(Progress {
-            stage: Stage::Deliver as i32,
-            message: message.to_string(),
-            ..Default::default()
-        })
-        .await;
 }
 
 impl StageHandler for DeliverStage {

@@ -119,7 +119,7 @@ impl TrainStage {
         backend: &dyn TrainerBackend,
         ctx: &TaskContext,
     ) -> Result<TrainInputs, StageError> {
-        note(ctx, "fetching dataset").await;
+        ctx.note("fetching dataset").await;
         let key = self.store.key_of(dataset_uri).ok_or_else(|| {
             StageError::fail(
                 ErrorKind::InvalidSpec,
@@ -131,7 +131,7 @@ impl TrainStage {
             .await
             .map_err(StageError::from)?;
         verify_manifest(&inputs.dataset_dir).await?;
-        note(ctx, "fetching base model").await;
+        ctx.note("fetching base model").await;
         let model = self
             .models
             .resolve(&model_uri, inputs.settings.resolution)
@@ -150,7 +150,8 @@ impl TrainStage {
                 .get_dir(&key, &dir)
                 .await
                 .map_err(StageError::from)?;
-            note(ctx, &format!("resuming from step {}", checkpoint.step)).await;
+            ctx.note(&format!("resuming from step {}", checkpoint.step))
+                .await;
             inputs.resume_from = Some(dir);
         }
         Ok(inputs)
@@ -195,16 +196,6 @@ async fn verify_manifest(dir: &Path) -> Result<(), StageError> {
         }
     }
     Ok(())
-}
-
-async fn note(ctx: &TaskContext, message: &str) {
-    ctx.events
-        .progress(Progress {
-            stage: Stage::Train as i32,
-            message: message.to_string(),
-            ..Default::default()
-        })
-        .await;
 }
 
 /// One trainer run and everything that watches it.
