@@ -170,7 +170,10 @@ pub fn spec_from_args(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
             trigger_word: args.trigger.clone().unwrap_or_default(),
             ..Default::default()
         }),
-        base_model: args.model.clone().map(|uri| ModelRef { uri }),
+        base_model: args.model.clone().map(|uri| ModelRef {
+            uri,
+            ..Default::default()
+        }),
         training: Some(TrainingSettings {
             backend: args.backend.clone(),
             steps: args.steps,

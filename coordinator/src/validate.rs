@@ -3,14 +3,17 @@
 //! failed job an hour later. Valid specs are normalised: unset optional
 //! values get their documented defaults, and the stored spec is explicit.
 
+use trainyard_backends::BACKENDS;
+use trainyard_core::models::ModelSource;
 use trainyard_proto::v1::{JobSpec, dataset_source::Source};
 
-/// Trainer backends this fleet knows.
-pub const BACKENDS: &[&str] = &["reference"];
 /// The base model a backend uses when the spec names none.
-pub fn default_model(backend: &str) -> &'static str {
-    debug_assert!(BACKENDS.contains(&backend));
-    "reference-denoiser-v1"
+pub fn default_model(backend: &str) -> Option<&'static str> {
+    (backend == "reference").then_some("reference-denoiser-v1")
+}
+
+fn training_ref(spec: &JobSpec) -> &trainyard_proto::v1::TrainingSettings {
+    spec.training.as_ref().expect("checked above")
 }
 
 /// A field and what is wrong with it.
@@ -116,7 +119,11 @@ pub fn normalise(mut spec: JobSpec) -> Result<JobSpec, FieldError> {
         training.alpha = f64::from(training.rank);
     }
     if training.resolution == 0 {
-        training.resolution = 32;
+        training.resolution = if training.backend == "reference" {
+            32
+        } else {
+            1024
+        };
     }
     if training.resolution % 8 != 0 || !(8..=4096).contains(&training.resolution) {
         return Err(bad(
@@ -139,7 +146,20 @@ pub fn normalise(mut spec: JobSpec) -> Result<JobSpec, FieldError> {
     let backend = training.backend.clone();
     let model = spec.base_model.get_or_insert_default();
     if model.uri.is_empty() {
-        model.uri = default_model(&backend).into();
+        model.uri = default_model(&backend)
+            .ok_or_else(|| bad("base_model.uri", format!("is required for {backend}")))?
+            .into();
+    }
+    let source = ModelSource::parse(&model.uri).map_err(|e| bad("base_model.uri", e))?;
+    let family = source
+        .family(&model.family)
+        .map_err(|e| bad("base_model.family", e))?;
+    model.family = family.name().into();
+    if let Some(problem) = trainyard_backends::check_settings(training_ref(&spec), family)
+        .into_iter()
+        .next()
+    {
+        return Err(bad("training", problem));
     }
     let caption = spec.caption.get_or_insert_default();
     if caption.backend.is_empty() {

@@ -219,6 +219,52 @@ pub struct WorkerConfig {
     pub stop_grace_secs: u64,
     /// Least milliseconds between two progress events of one job.
     pub progress_interval_ms: u64,
+    /// Largest size of the model cache in bytes; least recently used models
+    /// that no run holds are evicted past it. 0 means no limit.
+    pub model_cache_max_bytes: u64,
+    /// The Hugging Face Hub (or a mirror) that `hf://` references and presets resolve against.
+    pub hf_endpoint: String,
+    /// Milliseconds between two looks for new complete checkpoints in a run's output folder.
+    pub checkpoint_scan_ms: u64,
+    /// Consecutive NaN losses after which a run is stopped as diverged.
+    pub nan_loss_steps: u32,
+    /// Where the trainers are installed.
+    pub trainers: TrainerPaths,
+}
+
+/// Where each trainer is installed on a worker; a backend whose path is
+/// empty is not offered by that worker.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainerPaths {
+    /// The Python that runs trainer scripts.
+    pub python: PathBuf,
+    /// `accelerate` (kohya, SimpleTuner).
+    pub accelerate: PathBuf,
+    /// `deepspeed` (diffusion-pipe).
+    pub deepspeed: PathBuf,
+    /// A kohya-ss/sd-scripts checkout.
+    pub kohya_dir: PathBuf,
+    /// A tdrussell/diffusion-pipe checkout.
+    pub diffusion_pipe_dir: PathBuf,
+    /// The folder holding SimpleTuner's `train.py` (`<site-packages>/simpletuner`).
+    pub simpletuner_dir: PathBuf,
+    /// An ostris/ai-toolkit checkout.
+    pub ai_toolkit_dir: PathBuf,
+}
+
+impl Default for TrainerPaths {
+    fn default() -> Self {
+        Self {
+            python: "python3".into(),
+            accelerate: "accelerate".into(),
+            deepspeed: "deepspeed".into(),
+            kohya_dir: PathBuf::new(),
+            diffusion_pipe_dir: PathBuf::new(),
+            simpletuner_dir: PathBuf::new(),
+            ai_toolkit_dir: PathBuf::new(),
+        }
+    }
 }
 
 impl Default for WorkerConfig {
@@ -231,6 +277,11 @@ impl Default for WorkerConfig {
             concurrency: 1,
             stop_grace_secs: 5,
             progress_interval_ms: 200,
+            model_cache_max_bytes: 0,
+            hf_endpoint: "https://huggingface.co".into(),
+            checkpoint_scan_ms: 1000,
+            nan_loss_steps: 20,
+            trainers: TrainerPaths::default(),
         }
     }
 }

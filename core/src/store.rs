@@ -94,6 +94,21 @@ pub mod keys {
     }
 }
 
+/// `checkpoint.json`: what a stored checkpoint holds.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CheckpointManifest {
+    pub step: u32,
+    pub files: Vec<CheckpointFile>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CheckpointFile {
+    /// Relative to the run's output folder.
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
 /// A store rooted at a URI.
 #[derive(Clone, Debug)]
 pub struct ArtifactStore {
@@ -402,6 +417,95 @@ impl ArtifactStore {
             fetched.push((rel.to_string(), size));
         }
         Ok(fetched)
+    }
+
+    /// Uploads a checkpoint: `files` (relative to `root`) to
+    /// `jobs/<job>/checkpoints/<step>/files/…`, then `checkpoint.json` listing
+    /// each file's size and sha256. A checkpoint without its manifest is
+    /// incomplete and never used.
+    pub async fn put_checkpoint(
+        &self,
+        job: &JobId,
+        step: u32,
+        root: &Path,
+        files: &[PathBuf],
+    ) -> Result<String, StoreError> {
+        let prefix = keys::checkpoint(job, step);
+        let mut listed = Vec::with_capacity(files.len());
+        for rel in files {
+            let rel_str = rel.to_string_lossy().replace('\\', "/");
+            if rel.is_absolute() || rel_str.split('/').any(|p| p == ".." || p.is_empty()) {
+                return Err(StoreError::Io {
+                    path: rel.clone(),
+                    source: std::io::Error::other("checkpoint file outside the output folder"),
+                });
+            }
+            let artifact = self
+                .put_file(&root.join(rel), &format!("{prefix}/files/{rel_str}"))
+                .await?;
+            listed.push(CheckpointFile {
+                path: rel_str,
+                size: artifact.size,
+                sha256: artifact.sha256,
+            });
+        }
+        let manifest = CheckpointManifest { step, files: listed };
+        let body = serde_json::to_vec_pretty(&manifest).map_err(|e| StoreError::Io {
+            path: PathBuf::from("checkpoint.json"),
+            source: std::io::Error::other(e),
+        })?;
+        self.put_bytes(&format!("{prefix}/checkpoint.json"), Bytes::from(body))
+            .await?;
+        Ok(self.uri(&prefix))
+    }
+
+    /// The newest complete checkpoint of a job (one with its manifest).
+    pub async fn latest_checkpoint(&self, job: &JobId) -> Result<Option<u32>, StoreError> {
+        let base = format!("jobs/{job}/checkpoints");
+        let newest = self
+            .list(&base)
+            .await?
+            .into_iter()
+            .filter_map(|(key, _)| {
+                let rest = key.strip_prefix(&base)?.trim_start_matches('/');
+                let (step, name) = rest.split_once('/')?;
+                (name == "checkpoint.json").then(|| step.parse::<u32>().ok())?
+            })
+            .max();
+        Ok(newest)
+    }
+
+    /// Puts a checkpoint stored by [`Self::put_checkpoint`] back under
+    /// `root`, each file checked against its sha256; returns the files.
+    pub async fn get_checkpoint(
+        &self,
+        prefix: &str,
+        root: &Path,
+    ) -> Result<(u32, Vec<PathBuf>), StoreError> {
+        let prefix = prefix.trim_end_matches('/');
+        let body = self.get_bytes(&format!("{prefix}/checkpoint.json")).await?;
+        let manifest: CheckpointManifest =
+            serde_json::from_slice(&body).map_err(|e| StoreError::Io {
+                path: PathBuf::from(format!("{prefix}/checkpoint.json")),
+                source: std::io::Error::other(e),
+            })?;
+        let mut files = Vec::with_capacity(manifest.files.len());
+        for file in &manifest.files {
+            if file.path.starts_with('/') || file.path.split('/').any(|p| p == ".." || p.is_empty()) {
+                return Err(StoreError::Io {
+                    path: PathBuf::from(&file.path),
+                    source: std::io::Error::other("checkpoint names a file outside its folder"),
+                });
+            }
+            self.get_file(
+                &format!("{prefix}/files/{}", file.path),
+                &root.join(&file.path),
+                Some(&file.sha256),
+            )
+            .await?;
+            files.push(PathBuf::from(&file.path));
+        }
+        Ok((manifest.step, files))
     }
 
     /// Removes every object below a prefix.

@@ -3,12 +3,17 @@
 //! crate's README: a JSON config, `ty-progress`/`ty-checkpoint`/`ty-done`
 //! lines on stdout, `ty-error kind=…` on stderr.
 
-use super::{BackendError, Launch, LineEvent, TrainInputs, TrainerBackend, classify_common, error};
+use super::{
+    BackendError, ExtraType, FoundCheckpoint, Launch, LineEvent, OutputParser, StopRequest,
+    TrainInputs, TrainerBackend, classify_common, error, typed_extras,
+};
+use crate::Extra;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
+use trainyard_core::models::ModelFamily;
 use trainyard_core::process::CommandSpec;
-use trainyard_proto::v1::{ErrorKind, JobError, extra_value::Kind};
+use trainyard_proto::v1::{ErrorKind, JobError, TrainingSettings};
 
 pub struct Reference {
     bin: PathBuf,
@@ -56,16 +61,63 @@ struct Fault {
 }
 
 /// Extras this backend accepts; anything else is refused by name.
-pub const EXTRAS: &[&str] = &[
-    "fault_crash_at_step",
-    "fault_hang_at_step",
-    "fault_exit_zero_without_output_at_step",
-    "fault_oom_at_step",
+pub const EXTRAS: &[(&str, ExtraType)] = &[
+    ("fault_crash_at_step", ExtraType::Int),
+    ("fault_hang_at_step", ExtraType::Int),
+    ("fault_exit_zero_without_output_at_step", ExtraType::Int),
+    ("fault_oom_at_step", ExtraType::Int),
 ];
+
+const CHECKPOINT_FILES: &[&str] = &["adapter.safetensors", "optimizer.safetensors", "state.json"];
+
+struct Parser;
 
 fn kv<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line.split_whitespace()
         .find_map(|part| part.strip_prefix(key)?.strip_prefix('='))
+}
+
+impl OutputParser for Parser {
+    fn line(&mut self, line: &str) -> Vec<LineEvent> {
+        parse(line).into_iter().collect()
+    }
+}
+
+fn parse(line: &str) -> Option<LineEvent> {
+        let num = |key: &str| kv(line, key).and_then(|v| v.parse::<f64>().ok());
+        if line.starts_with("ty-progress ") {
+            return Some(LineEvent::Progress {
+                step: num("step")? as u32,
+                total: num("total")? as u32,
+                loss: num("loss").map(|v| v as f32),
+                lr: num("lr"),
+                samples_per_sec: num("samples_per_sec").map(|v| v as f32),
+                epoch: num("epoch").map(|v| v as f32),
+            });
+        }
+        if line.starts_with("ty-checkpoint ") {
+            return Some(LineEvent::Saved {
+                step: Some(num("step")? as u32),
+            });
+        }
+        if line.starts_with("ty-resumed ") {
+            return Some(LineEvent::Resumed {
+                step: num("step")? as u32,
+            });
+        }
+        if line.starts_with("ty-done ") {
+            return Some(LineEvent::Done);
+        }
+        None
+}
+
+/// Where the trainer keeps the checkpoint of `step`.
+fn checkpoint_dir(output_dir: &Path, step: u32) -> PathBuf {
+    output_dir.join("checkpoints").join(format!("step-{step:08}"))
+}
+
+fn libc_sigterm() -> i32 {
+    15
 }
 
 impl TrainerBackend for Reference {
@@ -73,38 +125,55 @@ impl TrainerBackend for Reference {
         "reference"
     }
 
+    fn families(&self) -> &'static [ModelFamily] {
+        &[ModelFamily::Reference]
+    }
+
+    fn parts(&self, _family: ModelFamily) -> &'static [&'static str] {
+        &[trainyard_core::models::part::FILE]
+    }
+
+    fn check(&self, settings: &TrainingSettings, _family: ModelFamily) -> Vec<String> {
+        typed_extras("reference", &settings.extras, EXTRAS)
+            .err()
+            .unwrap_or_default()
+    }
+
+    fn parser(&self, _inputs: &TrainInputs) -> Box<dyn OutputParser> {
+        Box::new(Parser)
+    }
+
+    fn stop_request(&self, _inputs: &TrainInputs) -> StopRequest {
+        // The reference trainer saves a checkpoint on SIGTERM and exits.
+        StopRequest::Signal(libc_sigterm())
+    }
+
     fn render(&self, inputs: &TrainInputs) -> Result<Launch, BackendError> {
         let s = &inputs.settings;
+        let extras = typed_extras("reference", &s.extras, EXTRAS)
+            .map_err(|p| BackendError::InvalidSettings(p.join("; ")))?;
         let mut fault = Fault::default();
-        let mut any_fault = false;
-        for (key, value) in &s.extras {
-            let Some(Kind::Int(n)) = value.kind else {
-                return Err(BackendError::InvalidSettings(format!(
-                    "training.extras.{key}: unknown or not an integer; reference accepts {}",
-                    EXTRAS.join(", ")
-                )));
-            };
-            let n = Some(n.max(0) as u64);
+        for (key, value) in &extras {
+            let Extra::Int(n) = value else { continue };
+            let n = Some((*n).max(0) as u64);
             match key.as_str() {
                 "fault_crash_at_step" => fault.crash_at_step = n,
                 "fault_hang_at_step" => fault.hang_at_step = n,
                 "fault_exit_zero_without_output_at_step" => {
                     fault.exit_zero_without_output_at_step = n
                 }
-                "fault_oom_at_step" => fault.oom_at_step = n,
-                _ => {
-                    return Err(BackendError::InvalidSettings(format!(
-                        "training.extras.{key}: unknown key; reference accepts {}",
-                        EXTRAS.join(", ")
-                    )));
-                }
+                _ => fault.oom_at_step = n,
             }
-            any_fault = true;
         }
+        let any_fault = !extras.is_empty();
+        let resume_from = inputs
+            .resume
+            .as_ref()
+            .map(|r| checkpoint_dir(&inputs.output_dir, r.step));
         let config = Config {
             dataset_dir: &inputs.dataset_dir,
-            base_model: &inputs.base_model,
-            base_model_name: &inputs.base_model_name,
+            base_model: inputs.model.part(trainyard_core::models::part::FILE)?,
+            base_model_name: &inputs.model.reference,
             output_dir: &inputs.output_dir,
             output_name: &inputs.output_name,
             steps: u64::from(s.steps),
@@ -117,7 +186,7 @@ impl TrainerBackend for Reference {
             save_every: u64::from(s.save_every),
             seed: s.seed,
             trigger_word: (!inputs.trigger_word.is_empty()).then_some(inputs.trigger_word.as_str()),
-            resume_from: inputs.resume_from.as_deref(),
+            resume_from: resume_from.as_deref(),
             fault: any_fault.then_some(fault),
         };
         let path = inputs.run_dir.join("reference.json");
@@ -134,41 +203,8 @@ impl TrainerBackend for Reference {
         })
     }
 
-    fn parse_line(&self, line: &str) -> Option<LineEvent> {
-        let num = |key: &str| kv(line, key).and_then(|v| v.parse::<f64>().ok());
-        if line.starts_with("ty-progress ") {
-            return Some(LineEvent::Progress {
-                step: num("step")? as u32,
-                total: num("total")? as u32,
-                loss: num("loss").map(|v| v as f32),
-                lr: num("lr"),
-                samples_per_sec: num("samples_per_sec").map(|v| v as f32),
-            });
-        }
-        if line.starts_with("ty-checkpoint ") {
-            return Some(LineEvent::Checkpoint {
-                step: num("step")? as u32,
-                dir: PathBuf::from(kv(line, "dir")?),
-            });
-        }
-        if line.starts_with("ty-resumed ") {
-            return Some(LineEvent::Resumed {
-                step: num("step")? as u32,
-            });
-        }
-        if line.starts_with("ty-done ") {
-            return Some(LineEvent::Done {
-                adapter: PathBuf::from(kv(line, "adapter")?),
-                steps: num("steps")? as u32,
-                loss_first: num("loss_first")? as f32,
-                loss_last: num("loss_last")? as f32,
-            });
-        }
-        None
-    }
-
-    fn latest_checkpoint(&self, output_dir: &Path) -> Option<(u32, PathBuf)> {
-        let entries = std::fs::read_dir(output_dir.join("checkpoints")).ok()?;
+    fn latest_checkpoint(&self, inputs: &TrainInputs) -> Option<FoundCheckpoint> {
+        let entries = std::fs::read_dir(inputs.output_dir.join("checkpoints")).ok()?;
         entries
             .filter_map(Result::ok)
             .filter_map(|e| {
@@ -181,12 +217,13 @@ impl TrainerBackend for Reference {
                     .then(|| (step, e.path()))
             })
             .max_by_key(|(step, _)| *step)
-    }
-
-    fn checkpoint_dir(&self, output_dir: &Path, step: u32) -> PathBuf {
-        output_dir
-            .join("checkpoints")
-            .join(format!("step-{step:08}"))
+            .map(|(step, _)| FoundCheckpoint {
+                step,
+                files: CHECKPOINT_FILES
+                    .iter()
+                    .map(|f| Path::new("checkpoints").join(format!("step-{step:08}")).join(f))
+                    .collect(),
+            })
     }
 
     fn final_adapter(&self, inputs: &TrainInputs) -> Option<PathBuf> {
@@ -233,32 +270,28 @@ mod tests {
 
     #[test]
     fn parses_the_protocol_lines() {
-        let b = backend();
         assert_eq!(
-            b.parse_line("ty-progress step=12 total=200 loss=0.501234 lr=0.002 samples_per_sec=120.50 epoch=3"),
+            parse("ty-progress step=12 total=200 loss=0.501234 lr=0.002 samples_per_sec=120.50 epoch=3"),
             Some(LineEvent::Progress {
                 step: 12,
                 total: 200,
                 loss: Some(0.501234),
                 lr: Some(0.002),
                 samples_per_sec: Some(120.5),
+                epoch: Some(3.0),
             })
         );
         assert_eq!(
-            b.parse_line("ty-checkpoint step=50 dir=/w/out/checkpoints/step-00000050"),
-            Some(LineEvent::Checkpoint {
-                step: 50,
-                dir: "/w/out/checkpoints/step-00000050".into()
-            })
+            parse("ty-checkpoint step=50 dir=/w/out/checkpoints/step-00000050"),
+            Some(LineEvent::Saved { step: Some(50) })
         );
-        assert_eq!(b.parse_line("ty-progress step=nan"), None);
-        assert_eq!(b.parse_line("random noise"), None);
-        assert!(matches!(
-            b.parse_line(
-                "ty-done adapter=/o/lora.safetensors steps=200 loss_first=1.3 loss_last=0.7"
-            ),
-            Some(LineEvent::Done { steps: 200, .. })
-        ));
+        assert_eq!(parse("ty-resumed step=50"), Some(LineEvent::Resumed { step: 50 }));
+        assert_eq!(parse("ty-progress step=nan"), None);
+        assert_eq!(parse("random noise"), None);
+        assert_eq!(
+            parse("ty-done adapter=/o/lora.safetensors steps=200 loss_first=1.3 loss_last=0.7"),
+            Some(LineEvent::Done)
+        );
     }
 
     #[test]

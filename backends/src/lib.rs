@@ -1,0 +1,349 @@
+//! Trainer backends. A backend is data plus a few functions with no I/O
+//! beyond reading the trainer's output folder: check the settings, render the
+//! input files and the argv, parse output lines (and webhook bodies), find
+//! the newest *complete* checkpoint, say how to ask the trainer to save and
+//! stop, name the final adapter, and classify a failure. The worker's run
+//! loop (`trainyard-worker`'s `train` module) does all the I/O around them,
+//! the same way for every trainer.
+//!
+//! Checkpoints are described by files relative to the run's output folder,
+//! so the worker can upload them and, on another machine, put them back in
+//! the same place before a resumed run.
+
+pub mod common;
+pub mod reference;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use trainyard_core::models::ModelFamily;
+use trainyard_core::process::CommandSpec;
+use trainyard_proto::v1::{ExtraValue, JobError, TrainingSettings, extra_value::Kind};
+
+pub use common::{classify_common, error};
+
+/// Where the trainers are installed on this worker (`[worker.trainers]`).
+#[derive(Clone, Debug, Default)]
+pub struct Tools {
+    /// `ty-reference-trainer`.
+    pub reference: PathBuf,
+    pub python: PathBuf,
+    pub accelerate: PathBuf,
+    pub deepspeed: PathBuf,
+    /// A kohya-ss/sd-scripts checkout.
+    pub kohya_dir: PathBuf,
+    /// A tdrussell/diffusion-pipe checkout.
+    pub diffusion_pipe_dir: PathBuf,
+    /// The folder holding SimpleTuner's `train.py` (`<site-packages>/simpletuner`).
+    pub simpletuner_dir: PathBuf,
+    /// An ostris/ai-toolkit checkout.
+    pub ai_toolkit_dir: PathBuf,
+}
+
+/// A base model on local disk: its family and the paths of its parts
+/// (`trainyard_core::models::part`), files or folders.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelFiles {
+    /// The reference as the job gave it.
+    pub reference: String,
+    pub family: ModelFamily,
+    pub parts: BTreeMap<String, PathBuf>,
+}
+
+impl ModelFiles {
+    pub fn part(&self, role: &str) -> Result<&Path, BackendError> {
+        self.parts.get(role).map(PathBuf::as_path).ok_or_else(|| {
+            BackendError::InvalidSettings(format!(
+                "base_model: {} has no {role} part, which this backend needs for {}",
+                self.reference, self.family
+            ))
+        })
+    }
+}
+
+/// A checkpoint being continued from, already restored under `output_dir`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resume {
+    pub step: u32,
+    /// The restored files, relative to `output_dir`.
+    pub files: Vec<PathBuf>,
+}
+
+/// Everything a backend needs to render a run, all local paths.
+#[derive(Clone, Debug)]
+pub struct TrainInputs {
+    pub job_id: String,
+    /// Images with `<stem>.txt` captions, or `train.jsonl` for text models.
+    pub dataset_dir: PathBuf,
+    pub model: ModelFiles,
+    /// The run's own folder: config files go here; the trainer's cwd.
+    pub run_dir: PathBuf,
+    /// Where the trainer writes checkpoints and the final adapter. Empty at
+    /// the start of a run except for a restored checkpoint.
+    pub output_dir: PathBuf,
+    /// File stem of the adapter (kohya's `--output_name`, ai-toolkit's `name`).
+    pub output_name: String,
+    pub settings: TrainingSettings,
+    pub trigger_word: String,
+    pub resume: Option<Resume>,
+    /// A loopback URL that turns POSTed JSON into `OutputParser::webhook`
+    /// calls, when the backend asked for one.
+    pub webhook_url: Option<String>,
+}
+
+/// A rendered run: files to write, then the command.
+#[derive(Clone, Debug)]
+pub struct Launch {
+    pub files: Vec<(PathBuf, Vec<u8>)>,
+    pub command: CommandSpec,
+}
+
+/// What an output line (or webhook body) meant.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LineEvent {
+    /// `step` is absolute: a resumed run continues its count.
+    Progress {
+        step: u32,
+        total: u32,
+        loss: Option<f32>,
+        lr: Option<f64>,
+        samples_per_sec: Option<f32>,
+        epoch: Option<f32>,
+    },
+    /// Any other scalar the trainer reports (`grad_norm`, `rewards/margins`, …).
+    Metric {
+        name: String,
+        value: f64,
+        step: u32,
+    },
+    /// The trainer says it saved (a hint: the run loop then looks for a
+    /// complete checkpoint with `latest_checkpoint`).
+    Saved { step: Option<u32> },
+    /// The trainer loaded a checkpoint and continues from `step`.
+    Resumed { step: u32 },
+    /// The trainer says it finished.
+    Done,
+}
+
+/// A complete checkpoint found in the output folder.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FoundCheckpoint {
+    pub step: u32,
+    /// Relative to `output_dir`; together, everything a resume needs.
+    pub files: Vec<PathBuf>,
+}
+
+/// How to ask a running trainer to save before it is stopped.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StopRequest {
+    /// Write the file; the trainer saves and exits by itself.
+    SaveAndExit { path: PathBuf, body: Vec<u8> },
+    /// Write the file; the trainer saves and goes on, so the worker stops it
+    /// once a newer complete checkpoint is there.
+    SaveAndContinue { path: PathBuf, body: Vec<u8> },
+    /// Signal the process group; the trainer saves and exits.
+    Signal(i32),
+    /// The trainer cannot save on demand: it is terminated and work since
+    /// its last checkpoint is lost.
+    Unsupported,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BackendError {
+    #[error("{0}")]
+    InvalidSettings(String),
+}
+
+/// Turns a run's output into events. One per run, so it may keep state
+/// (a step offset after a resume, the name of the run, …).
+pub trait OutputParser: Send {
+    fn line(&mut self, line: &str) -> Vec<LineEvent>;
+    /// A JSON body POSTed to `TrainInputs::webhook_url`.
+    fn webhook(&mut self, _body: &serde_json::Value) -> Vec<LineEvent> {
+        Vec::new()
+    }
+}
+
+pub trait TrainerBackend: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Model families this backend trains.
+    fn families(&self) -> &'static [ModelFamily];
+    /// The model parts a run of `family` needs (the cache fetches only these).
+    fn parts(&self, family: ModelFamily) -> &'static [&'static str];
+    /// Every problem with the settings for this family, before any file is
+    /// fetched (extras against the allow-list, unsupported combinations).
+    fn check(&self, settings: &TrainingSettings, family: ModelFamily) -> Vec<String>;
+    /// Whether the run wants a loopback webhook URL.
+    fn wants_webhook(&self) -> bool {
+        false
+    }
+    fn render(&self, inputs: &TrainInputs) -> Result<Launch, BackendError>;
+    fn parser(&self, inputs: &TrainInputs) -> Box<dyn OutputParser>;
+    /// The newest complete checkpoint under `inputs.output_dir`.
+    fn latest_checkpoint(&self, inputs: &TrainInputs) -> Option<FoundCheckpoint>;
+    fn stop_request(&self, inputs: &TrainInputs) -> StopRequest;
+    /// The final adapter, if the run produced it.
+    fn final_adapter(&self, inputs: &TrainInputs) -> Option<PathBuf>;
+    /// Why a run that did not finish failed, from its exit and last lines.
+    fn classify(&self, status: ExitStatus, tail: &[String]) -> JobError;
+}
+
+/// Backends this build knows, by the name a job spec uses.
+pub const BACKENDS: &[&str] = &["reference"];
+
+/// Looks a backend up by the name in the job spec.
+pub fn by_name(name: &str, tools: &Tools) -> Option<Box<dyn TrainerBackend>> {
+    match name {
+        "reference" => Some(Box::new(reference::Reference::new(tools.reference.clone()))),
+        _ => None,
+    }
+}
+
+/// Settings checks that need no trainer installed: the family is one the
+/// backend trains, and the backend's own checks. Used by submission,
+/// preflight and the worker alike.
+pub fn check_settings(settings: &TrainingSettings, family: ModelFamily) -> Vec<String> {
+    let Some(backend) = by_name(&settings.backend, &Tools::default()) else {
+        return vec![format!(
+            "training.backend: unknown backend {:?}; known: {}",
+            settings.backend,
+            BACKENDS.join(", ")
+        )];
+    };
+    if !backend.families().contains(&family) {
+        return vec![format!(
+            "base_model: {} does not train {family} models; it trains {}",
+            backend.name(),
+            backend
+                .families()
+                .iter()
+                .map(|f| f.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )];
+    }
+    backend.check(settings, family)
+}
+
+/// The type of an allowed extra.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExtraType {
+    Text,
+    Int,
+    Float,
+    Flag,
+}
+
+impl ExtraType {
+    fn name(self) -> &'static str {
+        match self {
+            ExtraType::Text => "text",
+            ExtraType::Int => "integer",
+            ExtraType::Float => "number",
+            ExtraType::Flag => "boolean",
+        }
+    }
+}
+
+/// A typed extra value, as it goes into a config file.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[serde(untagged)]
+pub enum Extra {
+    Text(String),
+    Int(i64),
+    Float(f64),
+    Flag(bool),
+}
+
+/// Checks `extras` against an allow-list of `(key, type)`; an integer is
+/// accepted where a number is expected. Returns the typed values, or one
+/// message per bad key naming the allowed ones.
+pub fn typed_extras(
+    backend: &str,
+    extras: &std::collections::HashMap<String, ExtraValue>,
+    allowed: &[(&str, ExtraType)],
+) -> Result<BTreeMap<String, Extra>, Vec<String>> {
+    let list = || {
+        allowed
+            .iter()
+            .map(|(k, t)| format!("{k} ({})", t.name()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut out = BTreeMap::new();
+    let mut problems = Vec::new();
+    let mut keys: Vec<_> = extras.keys().collect();
+    keys.sort();
+    for key in keys {
+        let value = &extras[key];
+        let Some((_, ty)) = allowed.iter().find(|(k, _)| k == key) else {
+            problems.push(format!(
+                "training.extras.{key}: unknown key for {backend}; allowed: {}",
+                list()
+            ));
+            continue;
+        };
+        let typed = match (ty, value.kind.as_ref()) {
+            (ExtraType::Text, Some(Kind::Text(s))) => Some(Extra::Text(s.clone())),
+            (ExtraType::Int, Some(Kind::Int(n))) => Some(Extra::Int(*n)),
+            (ExtraType::Float, Some(Kind::Float(x))) => Some(Extra::Float(*x)),
+            (ExtraType::Float, Some(Kind::Int(n))) => Some(Extra::Float(*n as f64)),
+            (ExtraType::Flag, Some(Kind::Flag(b))) => Some(Extra::Flag(*b)),
+            _ => None,
+        };
+        match typed {
+            Some(v) => {
+                out.insert(key.clone(), v);
+            }
+            None => problems.push(format!(
+                "training.extras.{key}: must be a {} for {backend}",
+                ty.name()
+            )),
+        }
+    }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(problems)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn extra(kind: Kind) -> ExtraValue {
+        ExtraValue { kind: Some(kind) }
+    }
+
+    #[test]
+    fn extras_are_checked_against_the_allow_list() {
+        let allowed = [("optimizer_type", ExtraType::Text), ("max_grad_norm", ExtraType::Float)];
+        let mut extras = HashMap::new();
+        extras.insert("optimizer_type".into(), extra(Kind::Text("adamw8bit".into())));
+        extras.insert("max_grad_norm".into(), extra(Kind::Int(1)));
+        let typed = typed_extras("kohya", &extras, &allowed).unwrap();
+        assert_eq!(typed["max_grad_norm"], Extra::Float(1.0));
+        extras.insert("optimiser".into(), extra(Kind::Text("x".into())));
+        extras.insert("optimizer_type".into(), extra(Kind::Int(3)));
+        let problems = typed_extras("kohya", &extras, &allowed).unwrap_err();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("optimiser: unknown key for kohya; allowed: optimizer_type (text)"));
+        assert!(problems[1].contains("optimizer_type: must be a text"));
+    }
+
+    #[test]
+    fn unknown_backends_and_families_are_named() {
+        let settings = TrainingSettings {
+            backend: "nope".into(),
+            ..Default::default()
+        };
+        assert!(check_settings(&settings, ModelFamily::Flux)[0].contains("unknown backend"));
+        let settings = TrainingSettings {
+            backend: "reference".into(),
+            ..Default::default()
+        };
+        assert!(check_settings(&settings, ModelFamily::Flux)[0].contains("does not train flux"));
+    }
+}
