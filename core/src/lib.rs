@@ -1,12 +1,13 @@
 //! What every Trainyard service shares: configuration, the NATS topology
 //! (subjects, streams, consumers and KV buckets as typed constructors), the
-//! stage runtime that owns acks, the artifact store, events, the trainer
-//! subprocess constructor, telemetry and shutdown.
+//! stage runtime that owns acks, the artifact store, delivery destinations,
+//! events, the trainer subprocess constructor, telemetry and shutdown.
 //!
 //! Services depend on this crate and on `trainyard-proto`; nothing here knows
 //! about a particular stage.
 
 pub mod config;
+pub mod destination;
 pub mod events;
 pub mod models;
 pub mod nats;

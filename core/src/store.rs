@@ -508,13 +508,18 @@ impl ArtifactStore {
         Ok((manifest.step, files))
     }
 
+    /// Removes one object; a missing one is not an error.
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        match self.store.delete(&self.path(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Removes every object below a prefix.
     pub async fn delete_prefix(&self, prefix: &str) -> Result<(), StoreError> {
         for (key, _) in self.list(prefix).await? {
-            match self.store.delete(&self.path(&key)).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
+            self.delete(&key).await?;
         }
         Ok(())
     }

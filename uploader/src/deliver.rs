@@ -5,8 +5,9 @@
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use trainyard_core::Config;
+use trainyard_core::destination::Destinations;
 use trainyard_core::runtime::{StageError, StageHandler, TaskContext};
-use trainyard_core::store::{ArtifactStore, S3Options, keys};
+use trainyard_core::store::{ArtifactStore, keys};
 use trainyard_proto::v1::{
     Artifact, DeliverOutput, DeliverTask, DeliveredFile, ErrorKind, JobSpec, stage_result::Outcome,
 };
@@ -14,9 +15,9 @@ use trainyard_proto::v1::{
 pub struct DeliverStage {
     store: ArtifactStore,
     work_root: PathBuf,
-    allowed_roots: Vec<PathBuf>,
-    /// How `s3://` destinations are reached (`[store.s3]`).
-    s3: S3Options,
+    /// The allowed local roots and how `s3://` is reached; preflight
+    /// probes destinations with the same rules.
+    destinations: Destinations,
 }
 
 #[derive(Serialize)]
@@ -95,39 +96,18 @@ impl DeliverStage {
         Ok(Self {
             store: ArtifactStore::open_with(&config.store.uri, &config.store.s3)?,
             work_root: std::fs::canonicalize(&config.uploader.work_dir)?,
-            allowed_roots: config.uploader.allowed_local_roots.clone(),
-            s3: config.store.s3.clone(),
+            destinations: Destinations::new(
+                config.uploader.allowed_local_roots.clone(),
+                config.store.s3.clone(),
+            ),
         })
     }
 
     /// Opens a destination, refusing local paths outside the allowed roots.
     fn destination(&self, uri: &str) -> Result<ArtifactStore, StageError> {
-        let local = uri
-            .strip_prefix("file://")
-            .or_else(|| uri.starts_with('/').then_some(uri));
-        if let Some(path) = local {
-            let path = Path::new(path);
-            if path
-                .components()
-                .any(|c| matches!(c, std::path::Component::ParentDir))
-            {
-                return Err(StageError::fail(
-                    ErrorKind::InvalidSpec,
-                    format!("destination {uri} contains '..'"),
-                ));
-            }
-            if !self.allowed_roots.is_empty()
-                && !self.allowed_roots.iter().any(|root| path.starts_with(root))
-            {
-                return Err(StageError::fail(
-                    ErrorKind::InvalidSpec,
-                    format!("destination {uri} is outside the uploader's allowed local roots"),
-                ));
-            }
-        }
-        ArtifactStore::open_with(uri, &self.s3).map_err(|e| {
-            StageError::fail(ErrorKind::InvalidSpec, format!("destination {uri}: {e}"))
-        })
+        self.destinations
+            .open(uri)
+            .map_err(|e| StageError::fail(ErrorKind::InvalidSpec, e.to_string()))
     }
 
     async fn deliver(
