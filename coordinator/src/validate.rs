@@ -5,31 +5,50 @@
 
 use trainyard_backends::BACKENDS;
 use trainyard_core::models::ModelSource;
-use trainyard_proto::v1::{JobSpec, dataset_source::Source};
+use trainyard_proto::v1::{JobSpec, TrainingSettings, dataset_source::Source};
 
 /// The base model a backend uses when the spec names none.
 pub fn default_model(backend: &str) -> Option<&'static str> {
     (backend == "reference").then_some("reference-denoiser-v1")
 }
 
-fn training_ref(spec: &JobSpec) -> &trainyard_proto::v1::TrainingSettings {
-    spec.training.as_ref().expect("checked above")
-}
-
 /// A field and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {problem}")]
 pub struct FieldError {
-    pub field: &'static str,
+    /// The field's path in the spec, e.g. `training.extras.optimizer`.
+    pub field: String,
     pub problem: String,
 }
 
-fn bad(field: &'static str, problem: impl Into<String>) -> FieldError {
-    FieldError {
-        field,
-        problem: problem.into(),
+impl FieldError {
+    pub fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+
+    /// A problem a library reported as `field.path: what is wrong`; one
+    /// without a field path is about `fallback`.
+    pub fn parse(fallback: &str, text: &str) -> Self {
+        let is_path = |head: &str| {
+            !head.is_empty()
+                && head
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        };
+        match text.split_once(": ") {
+            Some((head, rest)) if is_path(head) => Self::new(head, rest),
+            _ => Self::new(fallback, text),
+        }
     }
 }
+
+/// Every problem of a spec, in field order.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", self.0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+pub struct Invalid(pub Vec<FieldError>);
 
 fn is_http(url: &str) -> bool {
     url.starts_with("https://") || url.starts_with("http://")
@@ -39,83 +58,140 @@ fn is_store_uri(uri: &str) -> bool {
     uri.starts_with("file:///") || uri.starts_with("s3://") || uri.starts_with('/')
 }
 
-/// Checks a spec and fills defaults; the first problem found is returned.
-pub fn normalise(mut spec: JobSpec) -> Result<JobSpec, FieldError> {
-    if spec.name.len() > 200 {
-        return Err(bad("name", "is longer than 200 characters"));
+/// Collects problems; checks go on after one fails, so a client sees every
+/// problem of its spec at once.
+#[derive(Default)]
+struct Problems(Vec<FieldError>);
+
+impl Problems {
+    fn add(&mut self, field: &str, problem: impl Into<String>) {
+        self.0.push(FieldError::new(field, problem));
     }
-    if spec.labels.len() > 64 {
-        return Err(bad("labels", "holds more than 64 labels"));
+
+    fn check(&mut self, ok: bool, field: &str, problem: &str) {
+        if !ok {
+            self.add(field, problem);
+        }
     }
-    if spec.idempotency_key.len() > 256 {
-        return Err(bad("idempotency_key", "is longer than 256 characters"));
+}
+
+/// Checks a spec and fills defaults; every problem found is returned.
+pub fn normalise(mut spec: JobSpec) -> Result<JobSpec, Invalid> {
+    let mut p = Problems::default();
+    p.check(
+        spec.name.len() <= 200,
+        "name",
+        "is longer than 200 characters",
+    );
+    p.check(
+        spec.labels.len() <= 64,
+        "labels",
+        "holds more than 64 labels",
+    );
+    p.check(
+        spec.idempotency_key.len() <= 256,
+        "idempotency_key",
+        "is longer than 256 characters",
+    );
+    check_dataset(&spec, &mut p);
+    if let Some(training) = spec.training.as_mut() {
+        normalise_training(training, &mut p);
+    } else {
+        p.add("training", "is required");
     }
+    normalise_model(&mut spec, &mut p);
+    normalise_caption(&mut spec, &mut p);
+    for destination in &spec.destinations {
+        if !is_store_uri(&destination.uri) {
+            p.add(
+                "destinations",
+                format!(
+                    "{:?} is not a file:///, s3:// or absolute path",
+                    destination.uri
+                ),
+            );
+        }
+    }
+    if spec.pool.is_empty() {
+        spec.pool = "default".into();
+    }
+    p.check(
+        spec.pool
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+        "pool",
+        "may hold only ascii letters, digits, '-' and '_'",
+    );
+    if p.0.is_empty() {
+        Ok(spec)
+    } else {
+        Err(Invalid(p.0))
+    }
+}
+
+fn check_dataset(spec: &JobSpec, p: &mut Problems) {
     match spec.dataset.as_ref().and_then(|d| d.source.as_ref()) {
-        None => {
-            return Err(bad(
-                "dataset",
-                "is empty: give a zip_url, image_urls or artifact_uri",
-            ));
+        None => p.add(
+            "dataset",
+            "is empty: give a zip_url, image_urls or artifact_uri",
+        ),
+        Some(Source::ZipUrl(url)) => {
+            p.check(is_http(url), "dataset.zip_url", "must be an http(s) URL");
         }
-        Some(Source::ZipUrl(url)) if !is_http(url) => {
-            return Err(bad("dataset.zip_url", "must be an http(s) URL"));
+        Some(Source::ImageUrls(list)) => {
+            if list.urls.is_empty() {
+                p.add("dataset.image_urls", "is empty");
+            } else if list.urls.len() > 10_000 {
+                p.add("dataset.image_urls", "holds more than 10000 URLs");
+            } else if !list.urls.iter().all(|u| is_http(u)) {
+                p.add("dataset.image_urls", "must all be http(s) URLs");
+            }
         }
-        Some(Source::ImageUrls(list)) if list.urls.is_empty() => {
-            return Err(bad("dataset.image_urls", "is empty"));
-        }
-        Some(Source::ImageUrls(list)) if list.urls.len() > 10_000 => {
-            return Err(bad("dataset.image_urls", "holds more than 10000 URLs"));
-        }
-        Some(Source::ImageUrls(list)) if !list.urls.iter().all(|u| is_http(u)) => {
-            return Err(bad("dataset.image_urls", "must all be http(s) URLs"));
-        }
-        Some(Source::ArtifactUri(uri)) if !is_store_uri(uri) => {
-            return Err(bad(
-                "dataset.artifact_uri",
-                "must be a file:///, s3:// or absolute path URI",
-            ));
-        }
-        Some(_) => {}
+        Some(Source::ArtifactUri(uri)) => p.check(
+            is_store_uri(uri),
+            "dataset.artifact_uri",
+            "must be a file:///, s3:// or absolute path URI",
+        ),
     }
-    let training = spec
-        .training
-        .as_mut()
-        .ok_or_else(|| bad("training", "is required"))?;
+}
+
+fn normalise_training(training: &mut TrainingSettings, p: &mut Problems) {
     if training.backend.is_empty() {
         training.backend = "reference".into();
     }
     if !BACKENDS.contains(&training.backend.as_str()) {
-        return Err(bad(
+        p.add(
             "training.backend",
             format!(
                 "unknown backend {:?}; known: {}",
                 training.backend,
                 BACKENDS.join(", ")
             ),
-        ));
+        );
     }
-    if training.steps == 0 {
-        return Err(bad("training.steps", "must be at least 1"));
-    }
-    if training.steps > 1_000_000 {
-        return Err(bad("training.steps", "must be at most 1000000"));
-    }
-    if training.rank == 0 {
-        return Err(bad("training.rank", "must be at least 1"));
-    }
-    if training.rank > 1024 {
-        return Err(bad("training.rank", "must be at most 1024"));
-    }
-    if !(training.learning_rate.is_finite() && training.learning_rate > 0.0) {
-        return Err(bad("training.learning_rate", "must be a positive number"));
-    }
+    p.check(training.steps >= 1, "training.steps", "must be at least 1");
+    p.check(
+        training.steps <= 1_000_000,
+        "training.steps",
+        "must be at most 1000000",
+    );
+    p.check(training.rank >= 1, "training.rank", "must be at least 1");
+    p.check(
+        training.rank <= 1024,
+        "training.rank",
+        "must be at most 1024",
+    );
+    p.check(
+        training.learning_rate.is_finite() && training.learning_rate > 0.0,
+        "training.learning_rate",
+        "must be a positive number",
+    );
     if !(training.alpha.is_finite() && training.alpha >= 0.0) {
-        return Err(bad(
+        p.add(
             "training.alpha",
             "must be a non-negative number (0 means alpha = rank)",
-        ));
-    }
-    if training.alpha == 0.0 {
+        );
+    } else if training.alpha == 0.0 {
         training.alpha = f64::from(training.rank);
     }
     if training.resolution == 0 {
@@ -125,86 +201,88 @@ pub fn normalise(mut spec: JobSpec) -> Result<JobSpec, FieldError> {
             1024
         };
     }
-    if training.resolution % 8 != 0 || !(8..=4096).contains(&training.resolution) {
-        return Err(bad(
-            "training.resolution",
-            "must be a multiple of 8 from 8 to 4096",
-        ));
-    }
+    p.check(
+        training.resolution % 8 == 0 && (8..=4096).contains(&training.resolution),
+        "training.resolution",
+        "must be a multiple of 8 from 8 to 4096",
+    );
     if training.batch_size == 0 {
         training.batch_size = 1;
     }
-    if training.batch_size > 1024 {
-        return Err(bad("training.batch_size", "must be at most 1024"));
-    }
+    p.check(
+        training.batch_size <= 1024,
+        "training.batch_size",
+        "must be at most 1024",
+    );
     if training.repeats == 0 {
         training.repeats = 1;
     }
     if training.save_every > training.steps {
         training.save_every = 0;
     }
-    let backend = training.backend.clone();
+}
+
+/// Fills the default model, resolves the family, and runs the backend's
+/// own settings checks (which need the family).
+fn normalise_model(spec: &mut JobSpec, p: &mut Problems) {
+    let backend = spec
+        .training
+        .as_ref()
+        .map(|t| t.backend.clone())
+        .unwrap_or_default();
     let model = spec.base_model.get_or_insert_default();
     if model.uri.is_empty() {
-        model.uri = default_model(&backend)
-            .ok_or_else(|| bad("base_model.uri", format!("is required for {backend}")))?
-            .into();
+        match default_model(&backend) {
+            Some(uri) => model.uri = uri.into(),
+            None => {
+                p.add("base_model.uri", format!("is required for {backend}"));
+                return;
+            }
+        }
     }
-    let source = ModelSource::parse(&model.uri).map_err(|e| bad("base_model.uri", e))?;
-    let family = source
-        .family(&model.family)
-        .map_err(|e| bad("base_model.family", e))?;
+    let source = match ModelSource::parse(&model.uri) {
+        Ok(source) => source,
+        Err(e) => {
+            p.0.push(FieldError::parse("base_model.uri", &e));
+            return;
+        }
+    };
+    let family = match source.family(&model.family) {
+        Ok(family) => family,
+        Err(e) => {
+            p.0.push(FieldError::parse("base_model.family", &e));
+            return;
+        }
+    };
     model.family = family.name().into();
-    if let Some(problem) = trainyard_backends::check_settings(training_ref(&spec), family)
-        .into_iter()
-        .next()
+    if let Some(training) = &spec.training
+        && BACKENDS.contains(&training.backend.as_str())
     {
-        return Err(bad("training", problem));
+        for problem in trainyard_backends::check_settings(training, family) {
+            p.0.push(FieldError::parse("training", &problem));
+        }
     }
+}
+
+fn normalise_caption(spec: &mut JobSpec, p: &mut Problems) {
     let caption = spec.caption.get_or_insert_default();
     if caption.backend.is_empty() {
         caption.backend = "template".into();
     }
     if caption.backend != "template" {
-        return Err(bad(
+        p.add(
             "caption.backend",
             format!(
                 "unknown caption backend {:?}; known: template",
                 caption.backend
             ),
-        ));
+        );
     }
-    if caption.trigger_word.len() > 100 || caption.trigger_word.contains(['\n', '\r']) {
-        return Err(bad(
-            "caption.trigger_word",
-            "must be one line of at most 100 characters",
-        ));
-    }
-    for destination in &spec.destinations {
-        if !is_store_uri(&destination.uri) {
-            return Err(bad(
-                "destinations",
-                format!(
-                    "{:?} is not a file:///, s3:// or absolute path",
-                    destination.uri
-                ),
-            ));
-        }
-    }
-    if spec.pool.is_empty() {
-        spec.pool = "default".into();
-    }
-    if !spec
-        .pool
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        return Err(bad(
-            "pool",
-            "may hold only ascii letters, digits, '-' and '_'",
-        ));
-    }
-    Ok(spec)
+    p.check(
+        caption.trigger_word.len() <= 100 && !caption.trigger_word.contains(['\n', '\r']),
+        "caption.trigger_word",
+        "must be one line of at most 100 characters",
+    );
 }
 
 #[cfg(test)]
@@ -227,8 +305,8 @@ mod tests {
         }
     }
 
-    fn field_of(spec: JobSpec) -> &'static str {
-        normalise(spec).unwrap_err().field
+    fn field_of(spec: JobSpec) -> String {
+        normalise(spec).unwrap_err().0.remove(0).field
     }
 
     #[test]
@@ -268,5 +346,60 @@ mod tests {
         let mut s = valid();
         s.pool = "a.b".into();
         assert_eq!(field_of(s), "pool");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let mut s = valid();
+        let t = s.training.as_mut().unwrap();
+        t.steps = 0;
+        t.rank = 0;
+        t.extras.insert(
+            "fault_crash_at_stpe".into(),
+            trainyard_proto::v1::ExtraValue::default(),
+        );
+        s.pool = "a.b".into();
+        let Invalid(problems) = normalise(s).unwrap_err();
+        let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "training.steps",
+                "training.rank",
+                "training.extras.fault_crash_at_stpe",
+                "pool"
+            ]
+        );
+        assert!(
+            problems[2].problem.starts_with("unknown key for reference"),
+            "{}",
+            problems[2]
+        );
+    }
+
+    #[test]
+    fn library_problems_keep_their_field() {
+        assert_eq!(
+            FieldError::parse("training", "training.extras.x: must be a number"),
+            FieldError::new("training.extras.x", "must be a number")
+        );
+        assert_eq!(
+            FieldError::parse("base_model.uri", "\"x.bin\": must be a .safetensors file"),
+            FieldError::new("base_model.uri", "\"x.bin\": must be a .safetensors file")
+        );
+        let mut s = valid();
+        s.base_model = Some(trainyard_proto::v1::ModelRef {
+            uri: "reference-denoiser-v1".into(),
+            family: "flux".into(),
+        });
+        let Invalid(problems) = normalise(s).unwrap_err();
+        assert_eq!(problems[0].field, "base_model.family");
+        assert!(
+            !problems[0]
+                .to_string()
+                .contains("family: base_model.family"),
+            "{}",
+            problems[0]
+        );
     }
 }
