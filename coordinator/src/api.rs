@@ -6,6 +6,7 @@ use crate::effects::Effects;
 use crate::job::{self, Decision, Event};
 use crate::repo::{JobRepo, RepoError};
 use crate::validate;
+use async_nats::RequestErrorKind;
 use async_nats::jetstream::{self, consumer};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -13,10 +14,11 @@ use prost::Message;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::pin::Pin;
+use std::time::Duration;
 use trainyard_core::topology::{EVENTS_STREAM, subject};
 use trainyard_proto::v1::{
-    CancelResponse, JobEvent, JobRecord, JobSpec, JobState, ListResponse, SubmitResponse,
-    job_event::Kind,
+    CancelResponse, JobEvent, JobRecord, JobSpec, JobState, ListResponse, PreflightRequest,
+    Problem, SubmitResponse, ValidateReply, job_event::Kind,
 };
 use trainyard_proto::{JobId, TenantId};
 
@@ -100,6 +102,10 @@ pub struct JobApi {
     pub idem: jetstream::kv::Store,
     pub js: jetstream::Context,
     pub effects: Effects,
+    /// For `ty.preflight` requests to the captioners.
+    pub client: async_nats::Client,
+    /// How long a captioner may take to answer a preflight request.
+    pub validate_timeout: Duration,
 }
 
 fn parse_job(id: &str) -> Result<JobId, ApiError> {
@@ -174,6 +180,65 @@ impl JobApi {
         Ok(SubmitResponse {
             job: Some(record.redacted()),
             duplicate: false,
+        })
+    }
+
+    /// Every check a job passes before training, without creating it: the
+    /// submission checks here, then the dataset, model and destination
+    /// checks by a captioner (which can fetch and unpack the dataset).
+    pub async fn validate(
+        &self,
+        tenant: &TenantId,
+        spec: Option<JobSpec>,
+    ) -> Result<ValidateReply, ApiError> {
+        let spec = spec.ok_or_else(|| ApiError::Invalid("spec: is required".into()))?;
+        let spec = match validate::normalise(spec) {
+            Ok(spec) => spec,
+            // The captioner needs a normalised spec: stop at these.
+            Err(validate::Invalid(problems)) => {
+                return Ok(ValidateReply {
+                    ok: false,
+                    problems: problems
+                        .into_iter()
+                        .map(|p| Problem {
+                            check: p.field,
+                            message: p.problem,
+                        })
+                        .collect(),
+                    ..Default::default()
+                });
+            }
+        };
+        let request = PreflightRequest {
+            tenant: tenant.to_string(),
+            spec: Some(spec),
+        };
+        let request = async_nats::Request::new()
+            .payload(request.encode_to_vec().into())
+            .timeout(Some(self.validate_timeout));
+        let reply = self
+            .client
+            .send_request(subject::preflight(), request)
+            .await
+            .map_err(|e| match e.kind() {
+                RequestErrorKind::NoResponders => ApiError::Unavailable(
+                    "no captioner is running to fetch and check the dataset; start one and retry"
+                        .into(),
+                ),
+                RequestErrorKind::TimedOut => ApiError::Unavailable(format!(
+                    "no captioner answered within {}s (coordinator.validate_timeout_secs); \
+                     the dataset may be large or every captioner busy",
+                    self.validate_timeout.as_secs()
+                )),
+                RequestErrorKind::MaxPayloadExceeded => {
+                    ApiError::Invalid(format!("spec: too large to send for checking: {e}"))
+                }
+                _ => ApiError::Unavailable(format!("preflight request failed: {e}")),
+            })?;
+        ValidateReply::decode(reply.payload).map_err(|e| {
+            ApiError::Internal(format!(
+                "a captioner answered with an undecodable reply: {e}"
+            ))
         })
     }
 

@@ -9,7 +9,7 @@ use trainyard_proto::TenantId;
 use trainyard_proto::v1::job_service_server::JobService;
 use trainyard_proto::v1::{
     CancelRequest, CancelResponse, GetRequest, GetResponse, JobEvent, ListRequest, ListResponse,
-    SubmitRequest, SubmitResponse, WatchRequest,
+    SubmitRequest, SubmitResponse, ValidateReply, ValidateRequest, WatchRequest,
 };
 
 pub struct GrpcJobService {
@@ -72,6 +72,19 @@ impl JobService for GrpcJobService {
         let r = request.get_ref();
         self.api
             .cancel(&tenant, &r.job_id, &r.reason)
+            .await
+            .map(Response::new)
+            .map_err(|e| e.to_status())
+    }
+
+    async fn validate(
+        &self,
+        request: Request<ValidateRequest>,
+    ) -> Result<Response<ValidateReply>, Status> {
+        let tenant = self.tenant(&request)?;
+        let spec = request.into_inner().spec;
+        self.api
+            .validate(&tenant, spec)
             .await
             .map(Response::new)
             .map_err(|e| e.to_status())

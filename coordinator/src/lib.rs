@@ -43,6 +43,8 @@ pub async fn run(
         idem: topo.idem.clone(),
         js: js.clone(),
         effects: effects.clone(),
+        client: client.clone(),
+        validate_timeout: Duration::from_secs(config.coordinator.validate_timeout_secs.max(1)),
     };
     let auth = api::Auth::new(&config.coordinator.tokens);
 

@@ -9,7 +9,7 @@ use prost::Message;
 use tokio_util::sync::CancellationToken;
 use trainyard_core::topology::{AUTH_HEADER, ApiOp, subject};
 use trainyard_proto::v1::{
-    ApiReply, CancelRequest, GetRequest, GetResponse, ListRequest, SubmitRequest,
+    ApiReply, CancelRequest, GetRequest, GetResponse, ListRequest, SubmitRequest, ValidateRequest,
     api_reply::Result as Reply,
 };
 
@@ -110,5 +110,9 @@ async fn handle(
                     .await?,
             )
         }
+        ApiOp::Validate => Reply::Validate(
+            api.validate(&tenant, ValidateRequest::decode(payload).map_err(bad)?.spec)
+                .await?,
+        ),
     })
 }

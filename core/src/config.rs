@@ -164,6 +164,9 @@ pub struct CoordinatorConfig {
     /// A running job whose record has not changed for this long, with no task
     /// in flight, gets its task published again.
     pub stale_after_secs: u64,
+    /// How long `Validate` waits for a captioner to fetch the dataset and
+    /// run the checks before answering UNAVAILABLE.
+    pub validate_timeout_secs: u64,
 }
 
 impl Default for CoordinatorConfig {
@@ -173,6 +176,7 @@ impl Default for CoordinatorConfig {
             tokens: [("dev-token".to_string(), "dev".to_string())].into(),
             reconcile_interval_secs: 60,
             stale_after_secs: 120,
+            validate_timeout_secs: 300,
         }
     }
 }

@@ -10,6 +10,10 @@
 //! | `ty_jobs` | KV | `<tenant>.<job>` |
 //! | `ty_idem` | KV | `<tenant>.<sha256 of idempotency key>` |
 //! | `ty_workers` | KV with TTL | `<stage>.<worker>` |
+//!
+//! Plain NATS request/reply (no stream): `ty.api.<op>` (the job API, served
+//! by the coordinators) and `ty.preflight` (a job's preflight without a job,
+//! served by the captioners in the [`PREFLIGHT_QUEUE`] queue group).
 
 use crate::config::NatsConfig;
 use async_nats::jetstream::{self, consumer, kv, stream};
@@ -26,6 +30,8 @@ pub const IDEM_BUCKET: &str = "ty_idem";
 pub const WORKERS_BUCKET: &str = "ty_workers";
 /// The coordinator replicas share this durable consumer of `TY_RESULTS`.
 pub const RESULTS_CONSUMER: &str = "ty-coordinator";
+/// The queue group captioners serve `ty.preflight` in: one answers each request.
+pub const PREFLIGHT_QUEUE: &str = "ty-captioner";
 /// Header carrying the caller's bearer token on the NATS API.
 pub const AUTH_HEADER: &str = "authorization";
 
@@ -58,6 +64,7 @@ pub enum ApiOp {
     Get,
     List,
     Cancel,
+    Validate,
 }
 
 impl ApiOp {
@@ -67,13 +74,20 @@ impl ApiOp {
             ApiOp::Get => "get",
             ApiOp::List => "list",
             ApiOp::Cancel => "cancel",
+            ApiOp::Validate => "validate",
         }
     }
 
     pub fn from_name(name: &str) -> Option<ApiOp> {
-        [ApiOp::Submit, ApiOp::Get, ApiOp::List, ApiOp::Cancel]
-            .into_iter()
-            .find(|op| op.name() == name)
+        [
+            ApiOp::Submit,
+            ApiOp::Get,
+            ApiOp::List,
+            ApiOp::Cancel,
+            ApiOp::Validate,
+        ]
+        .into_iter()
+        .find(|op| op.name() == name)
     }
 }
 
@@ -143,6 +157,11 @@ pub mod subject {
 
     pub fn all_api() -> &'static str {
         "ty.api.*"
+    }
+
+    /// Preflight without a job: a `PreflightRequest` in, a `ValidateReply` out.
+    pub fn preflight() -> &'static str {
+        "ty.preflight"
     }
 }
 
