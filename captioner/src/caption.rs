@@ -91,6 +91,12 @@ pub trait CaptionBackend: Send + Sync {
         false
     }
 
+    /// True when captioning costs nothing but local CPU (no service, model
+    /// or money), so `Validate` may run it to show the real captions.
+    fn is_local(&self) -> bool {
+        false
+    }
+
     async fn caption(&self, image: &ImageInfo) -> Result<String, CaptionError>;
 }
 
@@ -150,6 +156,10 @@ impl CaptionBackend for TemplateCaptioner {
 
     fn inserts_trigger(&self) -> bool {
         self.template.contains("{trigger}")
+    }
+
+    fn is_local(&self) -> bool {
+        true
     }
 
     async fn caption(&self, image: &ImageInfo) -> Result<String, CaptionError> {

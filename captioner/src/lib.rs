@@ -16,7 +16,11 @@
 //!   zips, sidecars, full decode of every image, the prepared folder;
 //! - [`caption`]: caption backends and the caption/trigger-word policy;
 //! - [`manifest`]: `manifest.json` with sizes and sha256 per image;
+//! - [`preflight`]: the checks a job passes before a GPU is held;
 //! - [`sample`]: a bundled, procedurally drawn sample dataset.
+//!
+//! The service around it: [`stage`] (the prepare stage on the shared
+//! runtime) and [`validate`] (preflight without a job, for `Validate`).
 //!
 //! The entry points are [`fetch_source`] (remote → [`LocalInput`]) and
 //! [`prepare_local`] ([`LocalInput`] → [`PreparedDataset`]). Every error is
@@ -28,11 +32,13 @@ mod error;
 pub mod fetch;
 mod images;
 pub mod manifest;
+pub mod preflight;
 mod prepare;
 pub mod sample;
 mod source;
 pub mod stage;
 pub mod unpack;
+pub mod validate;
 
 pub use caption::{CaptionBackend, CaptionError, ImageInfo, TemplateCaptioner};
 pub use dataset::IMAGE_EXTENSIONS;
@@ -44,17 +50,36 @@ pub use prepare::{LocalInput, PrepareSettings, PreparedDataset, prepare_local};
 pub use source::{RemoteSource, fetch_images, fetch_source, fetch_zip};
 pub use unpack::{UnpackError, UnpackLimits};
 
-/// Runs the prepare stage until `shutdown`.
+/// Runs the prepare stage, and answers `ty.preflight` requests, until
+/// `shutdown`.
 pub async fn run(
     config: trainyard_core::Config,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
     let (client, topo) = trainyard_core::service::connect(&config, "ty-captioner").await?;
     let handler = stage::PrepareStage::new(&config)?;
+    let validator = std::sync::Arc::new(validate::Validator::new(&config)?);
+    let requests = validate::subscribe(&client)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot subscribe to preflight requests: {e}"))?;
+    let tasks = tokio_util::task::TaskTracker::new();
+    // Ends with the stage runtime, whichever way that ends.
+    let stop = shutdown.child_token();
+    tasks.spawn(validate::serve(
+        client.clone(),
+        requests,
+        validator,
+        config.captioner.concurrency,
+        stop.clone(),
+    ));
     let mut runner = trainyard_core::runtime::RunnerConfig::new(
         trainyard_proto::v1::Stage::Prepare,
         &config.nats,
     );
     runner.concurrency = config.captioner.concurrency;
-    trainyard_core::service::run_stage(client, topo, runner, handler, shutdown).await
+    let result = trainyard_core::service::run_stage(client, topo, runner, handler, shutdown).await;
+    stop.cancel();
+    tasks.close();
+    tasks.wait().await;
+    result
 }

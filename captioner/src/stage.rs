@@ -1,31 +1,127 @@
 //! The prepare stage on the shared runtime: fetch the dataset named by the
-//! job spec, prepare it with [`crate::prepare_local`], and store the
-//! prepared folder (manifest last) at `jobs/<job>/dataset/` in the artifact
-//! store. Errors keep their retry intent: a 503 from a dataset host is a
-//! retry with the server's delay, a zip with no usable image fails the job.
+//! job spec, prepare it with [`crate::prepare_local`], run preflight, and
+//! store the prepared folder (manifest last) at `jobs/<job>/dataset/` in the
+//! artifact store.
+//!
+//! ```text
+//! fetch ─▶ prepare (unpack, check, caption) ─▶ dataset checks ─┐
+//! access checks (base model, destinations) ────────────────────┴▶ verdict ─▶ store
+//! ```
+//!
+//! Preflight decides before anything is stored or a GPU is held: any
+//! problem fails the job at once with every problem listed. Errors keep
+//! their retry intent: a 503 from a dataset host is a retry with the
+//! server's delay, a zip with no usable image fails the job.
 
+use crate::caption::{CaptionBackend, TemplateCaptioner};
+use crate::preflight::{self, AccessChecks, Problem, Report, check, images};
 use crate::{
-    FetchPolicy, GuardedClient, LocalInput, PrepareError, PrepareSettings, RemoteSource,
-    UnpackLimits, fetch_source, prepare_local,
+    FetchPolicy, GuardedClient, LocalInput, PrepareError, PrepareSettings, PreparedDataset,
+    RemoteSource, UnpackLimits, fetch_source, prepare_local,
 };
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use trainyard_core::Config;
+use trainyard_core::destination::Destinations;
 use trainyard_core::runtime::{StageError, StageHandler, TaskContext};
 use trainyard_core::store::{ArtifactStore, keys};
 use trainyard_proto::v1::{
-    ErrorKind, PrepareOutput, PrepareTask, dataset_source::Source, stage_result::Outcome,
+    CaptionSettings, ErrorKind, JobSpec, PrepareOutput, PrepareTask, dataset_source::Source,
+    stage_result::Outcome,
 };
 
-pub struct PrepareStage {
+/// Fetching and preparing a job's dataset, shared by the stage and the
+/// `Validate` responder.
+pub struct Datasets {
     store: ArtifactStore,
     client: GuardedClient,
-    work_root: PathBuf,
     limits: UnpackLimits,
+    /// Work folders are made below this one.
+    pub work_root: PathBuf,
 }
 
-impl PrepareStage {
-    pub fn new(config: &Config) -> anyhow::Result<Self> {
+/// Why a dataset could not be prepared: a [`PrepareError`] (which knows
+/// its retry intent and, for too few images, the count) or a stage error
+/// from reading the artifact store.
+#[derive(Debug)]
+pub enum DatasetError {
+    Prepare(PrepareError),
+    Stage(StageError),
+}
+
+/// What a dataset error means for preflight.
+pub enum Finding {
+    /// A problem with the dataset itself: listed with the others.
+    Problem(Problem),
+    /// Could not be prepared now; the error keeps the retry delay.
+    Retry(StageError),
+    /// Cancelled or stopping: nothing to report.
+    Stop(StageError),
+}
+
+impl DatasetError {
+    pub fn into_stage_error(self) -> StageError {
+        match self {
+            DatasetError::Prepare(e) => prepare_error(e),
+            DatasetError::Stage(e) => e,
+        }
+    }
+
+    /// Permanent failures become problems; too few images says how many
+    /// the backend needs and why.
+    pub fn into_finding(self, spec: &JobSpec) -> Finding {
+        let too_few = match &self {
+            DatasetError::Prepare(PrepareError::NoUsableImages { bad }) => {
+                let detail = if bad.is_empty() {
+                    "no image files found".to_owned()
+                } else {
+                    format!("unreadable or too small: {}", preflight::list_names(bad))
+                };
+                Some((0, Some(detail)))
+            }
+            DatasetError::Prepare(PrepareError::TooFewImages { found, .. }) => {
+                Some((*found as u32, None))
+            }
+            _ => None,
+        };
+        if let Some((found, detail)) = too_few
+            && let Some(message) = images::too_few_images(spec, found, detail.as_deref())
+        {
+            return Finding::Problem(Problem::new(check::IMAGES, ErrorKind::BadDataset, message));
+        }
+        match self.into_stage_error() {
+            StageError::Fail(e) => {
+                Finding::Problem(Problem::new(check::DATASET, e.kind(), e.message))
+            }
+            retry @ StageError::Retry { .. } => Finding::Retry(retry),
+            stop => Finding::Stop(stop),
+        }
+    }
+}
+
+impl From<PrepareError> for DatasetError {
+    fn from(error: PrepareError) -> Self {
+        DatasetError::Prepare(error)
+    }
+}
+
+impl From<StageError> for DatasetError {
+    fn from(error: StageError) -> Self {
+        DatasetError::Stage(error)
+    }
+}
+
+/// The caption backend a job's settings select.
+pub fn caption_backend(caption: &CaptionSettings) -> TemplateCaptioner {
+    if caption.template.is_empty() {
+        TemplateCaptioner::default()
+    } else {
+        TemplateCaptioner::new(caption.template.clone())
+    }
+}
+
+impl Datasets {
+    pub fn new(config: &Config, store: ArtifactStore) -> anyhow::Result<Self> {
         let policy = FetchPolicy {
             allow_private_addresses: config.captioner.allow_private_urls,
             max_bytes: config.captioner.max_dataset_bytes,
@@ -38,10 +134,165 @@ impl PrepareStage {
         };
         std::fs::create_dir_all(&config.captioner.work_dir)?;
         Ok(Self {
-            store: ArtifactStore::open_with(&config.store.uri, &config.store.s3)?,
+            store,
             client: GuardedClient::new(policy)?,
             work_root: std::fs::canonicalize(&config.captioner.work_dir)?,
             limits,
+        })
+    }
+
+    /// Fetches and prepares `spec`'s dataset under `work`, captioning with
+    /// `captioner`; progress notes go to `ctx` when there is a job.
+    pub async fn prepare(
+        &self,
+        spec: &JobSpec,
+        work: &Path,
+        captioner: &dyn CaptionBackend,
+        ctx: Option<&TaskContext>,
+    ) -> Result<PreparedDataset, DatasetError> {
+        let note = async |message: &str| {
+            if let Some(ctx) = ctx {
+                ctx.note(message).await;
+            }
+        };
+        let source = spec
+            .dataset
+            .as_ref()
+            .and_then(|d| d.source.clone())
+            .ok_or_else(|| StageError::fail(ErrorKind::InvalidSpec, "dataset: is empty"))?;
+        let caption = spec.caption.clone().unwrap_or_default();
+        note("fetching dataset").await;
+        let input = match source {
+            Source::ZipUrl(url) => self.fetch(RemoteSource::ZipUrl(url), work).await?,
+            Source::ImageUrls(list) => self.fetch(RemoteSource::ImageUrls(list.urls), work).await?,
+            Source::ArtifactUri(uri) => self.fetch_artifact(&uri, work).await?,
+        };
+        let settings = PrepareSettings {
+            trigger_word: caption.trigger_word,
+            overwrite_sidecar: caption.overwrite_sidecar,
+            limits: self.limits,
+            ..PrepareSettings::default()
+        };
+        note("unpacking, validating and captioning").await;
+        Ok(prepare_local(input, work, &settings, captioner).await?)
+    }
+
+    async fn fetch(&self, source: RemoteSource, work: &Path) -> Result<LocalInput, PrepareError> {
+        fetch_source(&self.client, &source, work, &self.limits).await
+    }
+
+    /// A dataset already in the artifact store: a zip file or a folder.
+    /// Only URIs inside the configured store are accepted, so a job cannot
+    /// read files of the machine the captioner runs on.
+    async fn fetch_artifact(&self, uri: &str, work: &Path) -> Result<LocalInput, StageError> {
+        let key = self.store.key_of(uri).ok_or_else(|| {
+            StageError::fail(
+                ErrorKind::InvalidSpec,
+                format!(
+                    "dataset.artifact_uri must be inside the artifact store {}",
+                    self.store.root()
+                ),
+            )
+        })?;
+        let download = work.join("download");
+        if key.ends_with(".zip") {
+            let local = download.join("dataset.zip");
+            self.store
+                .get_file(&key, &local, None)
+                .await
+                .map_err(StageError::from)?;
+            return Ok(LocalInput::Zip(local));
+        }
+        let dir = download.join("dataset");
+        let files = self
+            .store
+            .get_dir(&key, &dir)
+            .await
+            .map_err(StageError::from)?;
+        if files.is_empty() {
+            return Err(StageError::fail(
+                ErrorKind::BadDataset,
+                format!("dataset.artifact_uri {uri} holds no files"),
+            ));
+        }
+        Ok(LocalInput::Dir(dir))
+    }
+}
+
+fn prepare_error(error: PrepareError) -> StageError {
+    let kind = match &error {
+        PrepareError::Fetch(_) => ErrorKind::Fetch,
+        PrepareError::InvalidSettings { .. } => ErrorKind::InvalidSpec,
+        PrepareError::Io { .. } | PrepareError::Interrupted => ErrorKind::Internal,
+        _ => ErrorKind::BadDataset,
+    };
+    if error.is_retryable() {
+        let delay = error.retry_after().unwrap_or(Duration::from_secs(5));
+        StageError::retry(kind, error.to_string(), delay)
+    } else {
+        StageError::fail(kind, error.to_string())
+    }
+}
+
+/// What preflight made of a job: the report, the prepared dataset when
+/// there is one, and the error to retry with when the dataset could not be
+/// prepared *now* (also listed in the report as not checked).
+pub struct Checked {
+    pub report: Report,
+    pub prepared: Option<PreparedDataset>,
+    pub retry: Option<StageError>,
+}
+
+/// Runs the dataset checks on a prepared dataset (or lists why there is
+/// none) and merges the access checks after them. Only cancellation and
+/// shutdown are errors.
+pub async fn preflight(
+    spec: &JobSpec,
+    dataset: Result<PreparedDataset, DatasetError>,
+    access: Report,
+) -> Result<Checked, StageError> {
+    let mut report = Report::default();
+    let mut retry = None;
+    let prepared = match dataset {
+        Ok(prepared) => {
+            report.merge(images::check(spec, &prepared).await);
+            Some(prepared)
+        }
+        Err(error) => {
+            match error.into_finding(spec) {
+                Finding::Problem(problem) => report.problems.push(problem),
+                Finding::Retry(error) => {
+                    if let StageError::Retry { error, .. } = &error {
+                        report.unchecked(check::DATASET, error.message.clone());
+                    }
+                    retry = Some(error);
+                }
+                Finding::Stop(error) => return Err(error),
+            }
+            None
+        }
+    };
+    report.merge(access);
+    Ok(Checked {
+        report,
+        prepared,
+        retry,
+    })
+}
+
+pub struct PrepareStage {
+    store: ArtifactStore,
+    datasets: Datasets,
+    access: AccessChecks,
+}
+
+impl PrepareStage {
+    pub fn new(config: &Config) -> anyhow::Result<Self> {
+        let store = ArtifactStore::open_with(&config.store.uri, &config.store.s3)?;
+        Ok(Self {
+            datasets: Datasets::new(config, store.clone())?,
+            access: access_checks(config, store.clone()),
+            store,
         })
     }
 
@@ -54,41 +305,44 @@ impl PrepareStage {
         let spec = task
             .spec
             .ok_or_else(|| StageError::fail(ErrorKind::InvalidSpec, "task has no job spec"))?;
-        let source = spec
-            .dataset
-            .and_then(|d| d.source)
-            .ok_or_else(|| StageError::fail(ErrorKind::InvalidSpec, "dataset: is empty"))?;
-        let caption = spec.caption.unwrap_or_default();
-        ctx.note("fetching dataset").await;
-        let input = match source {
-            Source::ZipUrl(url) => {
-                fetch(&self.client, RemoteSource::ZipUrl(url), work, &self.limits).await?
-            }
-            Source::ImageUrls(list) => {
-                fetch(
-                    &self.client,
-                    RemoteSource::ImageUrls(list.urls),
-                    work,
-                    &self.limits,
-                )
-                .await?
-            }
-            Source::ArtifactUri(uri) => self.fetch_artifact(&uri, work).await?,
-        };
-        let mut settings = PrepareSettings {
-            trigger_word: caption.trigger_word,
-            overwrite_sidecar: caption.overwrite_sidecar,
-            limits: self.limits,
-            ..PrepareSettings::default()
-        };
-        if !caption.template.is_empty() {
-            settings.template = caption.template;
+        let captioner = caption_backend(&spec.caption.clone().unwrap_or_default());
+        let (dataset, access) = tokio::join!(
+            self.datasets.prepare(&spec, work, &captioner, Some(ctx)),
+            self.access.run(&spec)
+        );
+        let Checked {
+            report,
+            prepared,
+            retry,
+        } = preflight(&spec, dataset, access).await?;
+        for warning in &report.warnings {
+            ctx.events
+                .log(ctx.stage, "preflight", &format!("warning: {warning}"))
+                .await;
         }
-        ctx.note("unpacking, validating and captioning").await;
-        let captioner = settings.template_captioner();
-        let prepared = prepare_local(input, work, &settings, &captioner)
-            .await
-            .map_err(prepare_error)?;
+        // The dataset host's own retry delay, unless other problems fail the job anyway.
+        if let Some(retry) = retry
+            && report.problems.is_empty()
+        {
+            return Err(retry);
+        }
+        report.verdict()?;
+        let prepared = prepared.ok_or_else(|| {
+            StageError::fail(ErrorKind::Internal, "preflight passed without a dataset")
+        })?;
+        if let Some(estimate) = &report.estimate {
+            let line = format!("preflight ok: {}", preflight::describe(estimate));
+            tracing::info!(job = %ctx.meta.job, estimate = %line, "preflight passed");
+            ctx.note(&line).await;
+        }
+        self.store_dataset(&prepared, ctx).await
+    }
+
+    async fn store_dataset(
+        &self,
+        prepared: &PreparedDataset,
+        ctx: &TaskContext,
+    ) -> Result<Outcome, StageError> {
         ctx.note(&format!(
             "storing {} images",
             prepared.manifest.images.len()
@@ -132,69 +386,20 @@ impl PrepareStage {
                 .collect(),
         }))
     }
-
-    /// A dataset already in the artifact store: a zip file or a folder.
-    /// Only URIs inside the configured store are accepted, so a job cannot
-    /// read files of the machine the captioner runs on.
-    async fn fetch_artifact(&self, uri: &str, work: &Path) -> Result<LocalInput, StageError> {
-        let key = self.store.key_of(uri).ok_or_else(|| {
-            StageError::fail(
-                ErrorKind::InvalidSpec,
-                format!(
-                    "dataset.artifact_uri must be inside the artifact store {}",
-                    self.store.root()
-                ),
-            )
-        })?;
-        let download = work.join("download");
-        if key.ends_with(".zip") {
-            let local = download.join("dataset.zip");
-            self.store
-                .get_file(&key, &local, None)
-                .await
-                .map_err(StageError::from)?;
-            return Ok(LocalInput::Zip(local));
-        }
-        let dir = download.join("dataset");
-        let files = self
-            .store
-            .get_dir(&key, &dir)
-            .await
-            .map_err(StageError::from)?;
-        if files.is_empty() {
-            return Err(StageError::fail(
-                ErrorKind::BadDataset,
-                format!("dataset.artifact_uri {uri} holds no files"),
-            ));
-        }
-        Ok(LocalInput::Dir(dir))
-    }
 }
 
-async fn fetch(
-    client: &GuardedClient,
-    source: RemoteSource,
-    work: &Path,
-    limits: &UnpackLimits,
-) -> Result<LocalInput, StageError> {
-    fetch_source(client, &source, work, limits)
-        .await
-        .map_err(prepare_error)
-}
-
-fn prepare_error(error: PrepareError) -> StageError {
-    let kind = match &error {
-        PrepareError::Fetch(_) => ErrorKind::Fetch,
-        PrepareError::InvalidSettings { .. } => ErrorKind::InvalidSpec,
-        PrepareError::Io { .. } | PrepareError::Interrupted => ErrorKind::Internal,
-        _ => ErrorKind::BadDataset,
-    };
-    if error.is_retryable() {
-        let delay = error.retry_after().unwrap_or(Duration::from_secs(5));
-        StageError::retry(kind, error.to_string(), delay)
-    } else {
-        StageError::fail(kind, error.to_string())
-    }
+/// The access checks as this service's config sets them up: the artifact
+/// store, and destinations under the uploader's rules (`[uploader]
+/// allowed_local_roots`, `[store.s3]`). A `file://` destination is probed
+/// on this machine, so it should see the same folders as the uploaders.
+pub fn access_checks(config: &Config, store: ArtifactStore) -> AccessChecks {
+    AccessChecks::new(
+        store,
+        Destinations::new(
+            config.uploader.allowed_local_roots.clone(),
+            config.store.s3.clone(),
+        ),
+    )
 }
 
 impl StageHandler for PrepareStage {
@@ -202,6 +407,7 @@ impl StageHandler for PrepareStage {
 
     async fn handle(&self, task: PrepareTask, ctx: TaskContext) -> Result<Outcome, StageError> {
         let work = self
+            .datasets
             .work_root
             .join(format!("{}-{}", ctx.meta.job, ctx.meta.attempt));
         let _ = tokio::fs::remove_dir_all(&work).await;

@@ -202,7 +202,7 @@ fn normalise_training(training: &mut TrainingSettings, p: &mut Problems) {
         };
     }
     p.check(
-        training.resolution % 8 == 0 && (8..=4096).contains(&training.resolution),
+        training.resolution.is_multiple_of(8) && (8..=4096).contains(&training.resolution),
         "training.resolution",
         "must be a multiple of 8 from 8 to 4096",
     );

@@ -1,0 +1,146 @@
+//! Access checks: what a job reads and writes besides its dataset. They
+//! need nothing from the dataset, so the prepare stage runs them while the
+//! dataset is fetched.
+//!
+//! - The base model: an artifact-store `.safetensors` must exist in the
+//!   store; a preset needs each part the backend uses
+//!   (`TrainerBackend::parts`) to be readable on the Hub with the job's
+//!   `secrets.hf_token`, as does an `hf://` reference. A preset with no Hub
+//!   parts (the reference denoiser) is made by the worker itself.
+//! - Each destination: writable now, probed through
+//!   [`Destinations`], the same rules the uploader opens them with.
+
+use super::{Report, check};
+use trainyard_backends::Tools;
+use trainyard_core::destination::{Destinations, ProbeFailure};
+use trainyard_core::models::{HubRef, ModelSource};
+use trainyard_core::store::ArtifactStore;
+use trainyard_proto::v1::{ErrorKind, JobSpec};
+
+/// What the access checks reach: the artifact store and the destinations.
+#[derive(Clone, Debug)]
+pub struct AccessChecks {
+    store: ArtifactStore,
+    destinations: Destinations,
+}
+
+impl AccessChecks {
+    pub fn new(store: ArtifactStore, destinations: Destinations) -> Self {
+        Self {
+            store,
+            destinations,
+        }
+    }
+
+    /// The model and destination checks, concurrently.
+    pub async fn run(&self, spec: &JobSpec) -> Report {
+        let (mut model, destinations) = tokio::join!(self.model(spec), self.destinations(spec));
+        model.merge(destinations);
+        model
+    }
+
+    /// The base model is there and may be read.
+    pub async fn model(&self, spec: &JobSpec) -> Report {
+        let mut report = Report::default();
+        let model = spec.base_model.clone().unwrap_or_default();
+        let backend = spec
+            .training
+            .as_ref()
+            .map(|t| t.backend.clone())
+            .unwrap_or_default();
+        let source = match ModelSource::parse(&model.uri) {
+            Ok(source) => source,
+            Err(e) => {
+                report.problem(check::BASE_MODEL, ErrorKind::InvalidSpec, e);
+                return report;
+            }
+        };
+        match source {
+            ModelSource::Store(uri) => self.store_model(&uri, &mut report).await,
+            // Made by the worker (the reference denoiser): nothing to reach.
+            ModelSource::Preset(preset) if preset.parts.is_empty() => {}
+            ModelSource::Preset(preset) => {
+                let family = preset.family;
+                let Some(trainer) = trainyard_backends::by_name(&backend, &Tools::default()) else {
+                    return report;
+                };
+                for role in trainer.parts(family) {
+                    match preset.part(role) {
+                        None => report.problem(
+                            check::BASE_MODEL,
+                            ErrorKind::Model,
+                            format!(
+                                "preset {} has no {role} part, which {backend} needs for {family}",
+                                preset.name
+                            ),
+                        ),
+                        Some(part) => {
+                            let hub = HubRef {
+                                repo: part.repo.to_owned(),
+                                revision: part.revision.to_owned(),
+                                path: part.file.map(str::to_owned),
+                            };
+                            self.hub_model(&hub, &mut report).await;
+                        }
+                    }
+                }
+            }
+            ModelSource::Hub(hub) => self.hub_model(&hub, &mut report).await,
+        }
+        report
+    }
+
+    async fn store_model(&self, uri: &str, report: &mut Report) {
+        let Some(key) = self.store.key_of(uri) else {
+            report.problem(
+                check::BASE_MODEL,
+                ErrorKind::Model,
+                format!(
+                    "{uri} is not in the artifact store {}; workers read base models only from there",
+                    self.store.root()
+                ),
+            );
+            return;
+        };
+        match self.store.exists(&key).await {
+            Ok(true) => {}
+            Ok(false) => report.problem(
+                check::BASE_MODEL,
+                ErrorKind::Model,
+                format!("{uri} does not exist in the artifact store"),
+            ),
+            Err(e) => report.unchecked(check::BASE_MODEL, format!("{uri}: {e}")),
+        }
+    }
+
+    async fn hub_model(&self, hub: &HubRef, report: &mut Report) {
+        report.warnings.push(format!(
+            "base_model: access to hf://{}@{} is not checked before training",
+            hub.repo, hub.revision
+        ));
+    }
+
+    /// Every destination is writable now.
+    pub async fn destinations(&self, spec: &JobSpec) -> Report {
+        let probes = spec
+            .destinations
+            .iter()
+            .map(|d| async move { (d.uri.as_str(), self.destinations.probe(&d.uri).await) });
+        let mut report = Report::default();
+        for (uri, result) in futures::future::join_all(probes).await {
+            let Err(error) = result else { continue };
+            match error.failure {
+                ProbeFailure::Refused => {
+                    report.problem(check::DESTINATIONS, ErrorKind::Storage, error.message)
+                }
+                ProbeFailure::Denied => {
+                    report.problem(check::DESTINATIONS, ErrorKind::Auth, error.message)
+                }
+                ProbeFailure::Unavailable => {
+                    report.unchecked(check::DESTINATIONS, format!("{uri}: {}", error.message))
+                }
+            }
+        }
+        report
+    }
+}
