@@ -111,11 +111,7 @@ pub enum LineEvent {
         epoch: Option<f32>,
     },
     /// Any other scalar the trainer reports (`grad_norm`, `rewards/margins`, …).
-    Metric {
-        name: String,
-        value: f64,
-        step: u32,
-    },
+    Metric { name: String, value: f64, step: u32 },
     /// The trainer says it saved (a hint: the run loop then looks for a
     /// complete checkpoint with `latest_checkpoint`).
     Saved { step: Option<u32> },
@@ -319,9 +315,15 @@ mod tests {
 
     #[test]
     fn extras_are_checked_against_the_allow_list() {
-        let allowed = [("optimizer_type", ExtraType::Text), ("max_grad_norm", ExtraType::Float)];
+        let allowed = [
+            ("optimizer_type", ExtraType::Text),
+            ("max_grad_norm", ExtraType::Float),
+        ];
         let mut extras = HashMap::new();
-        extras.insert("optimizer_type".into(), extra(Kind::Text("adamw8bit".into())));
+        extras.insert(
+            "optimizer_type".into(),
+            extra(Kind::Text("adamw8bit".into())),
+        );
         extras.insert("max_grad_norm".into(), extra(Kind::Int(1)));
         let typed = typed_extras("kohya", &extras, &allowed).unwrap();
         assert_eq!(typed["max_grad_norm"], Extra::Float(1.0));
@@ -329,7 +331,10 @@ mod tests {
         extras.insert("optimizer_type".into(), extra(Kind::Int(3)));
         let problems = typed_extras("kohya", &extras, &allowed).unwrap_err();
         assert_eq!(problems.len(), 2, "{problems:?}");
-        assert!(problems[0].contains("optimiser: unknown key for kohya; allowed: optimizer_type (text)"));
+        assert!(
+            problems[0]
+                .contains("optimiser: unknown key for kohya; allowed: optimizer_type (text)")
+        );
         assert!(problems[1].contains("optimizer_type: must be a text"));
     }
 
