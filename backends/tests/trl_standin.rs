@@ -417,6 +417,18 @@ async fn nan_losses_and_bad_inputs_are_recognised() {
         error.message
     );
 
+    // An empty dataset.
+    std::fs::write(fixture.dataset.join("train.jsonl"), "").unwrap();
+    let done = Run::start(&backend, &inputs, &[]).finish().await;
+    let error = backend.classify(done.status, done.tail());
+    assert_eq!(
+        (error.kind(), error.retryable),
+        (ErrorKind::BadDataset, false),
+        "{}",
+        error.message
+    );
+    assert!(error.message.contains("has no rows"), "{}", error.message);
+
     // No dataset file.
     std::fs::remove_file(fixture.dataset.join("train.jsonl")).unwrap();
     let done = Run::start(&backend, &inputs, &[]).finish().await;
@@ -427,4 +439,30 @@ async fn nan_losses_and_bad_inputs_are_recognised() {
         "{}",
         error.message
     );
+}
+
+#[tokio::test]
+async fn a_hung_run_prints_nothing_more_until_killed() {
+    let fixture = Fixture::new("sft");
+    let backend = Trl::new(python_wrapper());
+    let inputs = fixture.inputs("hang", "sft", 6, 0);
+    let mut run = Run::start(&backend, &inputs, &[("STANDIN_FAULT", "hang@3")]);
+    run.until("step 2", |e| {
+        matches!(e, LineEvent::Progress { step: 2, .. })
+    })
+    .await;
+    // Whatever step 2 still prints, then silence: no step 3 and no exit.
+    let quiet = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(line) = run.rx.recv().await {
+            run.events.extend(run.parser.line(&line.line));
+        }
+    })
+    .await;
+    assert!(quiet.is_err(), "the hung trainer closed its output");
+    assert!(
+        !run.events
+            .iter()
+            .any(|e| matches!(e, LineEvent::Progress { step: 3.., .. }))
+    );
+    run.kill().await;
 }
