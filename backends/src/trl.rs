@@ -72,7 +72,9 @@ impl Method {
     }
 
     /// Extras this method accepts: real `TrainingArguments` / `SFTConfig` /
-    /// `DPOConfig` / `ORPOConfig` field names, plus the LoRA ones.
+    /// `DPOConfig` / `ORPOConfig` field names, plus the LoRA ones. Not
+    /// `save_total_limit`: pruning would delete checkpoints the worker may
+    /// still be uploading.
     pub fn extras(self) -> Vec<(&'static str, ExtraType)> {
         let mut allowed = vec![
             ("gradient_accumulation_steps", ExtraType::Int),
@@ -85,7 +87,6 @@ impl Method {
             ("bf16", ExtraType::Flag),
             ("fp16", ExtraType::Flag),
             ("gradient_checkpointing", ExtraType::Flag),
-            ("save_total_limit", ExtraType::Int),
             ("max_length", ExtraType::Int),
             ("lora_dropout", ExtraType::Float),
             ("lora_target_modules", ExtraType::Text),
@@ -204,9 +205,7 @@ fn check_values(extras: &BTreeMap<String, Extra>) -> Vec<String> {
     let mut bad = |key: &str, what: &str| problems.push(format!("training.extras.{key}: {what}"));
     for (key, value) in extras {
         match (key.as_str(), value) {
-            ("gradient_accumulation_steps" | "max_length" | "save_total_limit", Extra::Int(n))
-                if *n < 1 =>
-            {
+            ("gradient_accumulation_steps" | "max_length", Extra::Int(n)) if *n < 1 => {
                 bad(key, "must be at least 1")
             }
             ("warmup_steps", Extra::Int(n)) if *n < 0 => bad(key, "must not be negative"),
