@@ -12,6 +12,7 @@
 
 pub mod common;
 pub mod reference;
+pub mod trl;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -185,12 +186,13 @@ pub trait TrainerBackend: Send + Sync {
 }
 
 /// Backends this build knows, by the name a job spec uses.
-pub const BACKENDS: &[&str] = &["reference"];
+pub const BACKENDS: &[&str] = &["reference", "trl"];
 
 /// Looks a backend up by the name in the job spec.
 pub fn by_name(name: &str, tools: &Tools) -> Option<Box<dyn TrainerBackend>> {
     match name {
         "reference" => Some(Box::new(reference::Reference::new(tools.reference.clone()))),
+        "trl" => Some(Box::new(trl::Trl::new(tools.python.clone()))),
         _ => None,
     }
 }
