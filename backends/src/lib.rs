@@ -197,6 +197,52 @@ pub fn by_name(name: &str, tools: &Tools) -> Option<Box<dyn TrainerBackend>> {
     }
 }
 
+/// Why this worker cannot run backend `name`: the `[worker.trainers]`
+/// paths it needs are not set. `None` when it can.
+pub fn not_installed(name: &str, tools: &Tools) -> Option<String> {
+    let needs: Vec<(&str, &Path)> = match name {
+        "reference" => vec![("reference_trainer", &tools.reference)],
+        "kohya" => vec![
+            ("accelerate", &tools.accelerate),
+            ("kohya_dir", &tools.kohya_dir),
+        ],
+        "diffusion-pipe" => vec![
+            ("deepspeed", &tools.deepspeed),
+            ("diffusion_pipe_dir", &tools.diffusion_pipe_dir),
+        ],
+        "simpletuner" => vec![
+            ("accelerate", &tools.accelerate),
+            ("simpletuner_dir", &tools.simpletuner_dir),
+        ],
+        "ai-toolkit" => vec![
+            ("python", &tools.python),
+            ("ai_toolkit_dir", &tools.ai_toolkit_dir),
+        ],
+        "trl" => vec![("python", &tools.python)],
+        _ => return Some(format!("unknown backend {name:?}")),
+    };
+    let missing: Vec<&str> = needs
+        .iter()
+        .filter(|(_, path)| path.as_os_str().is_empty())
+        .map(|(key, _)| *key)
+        .collect();
+    (!missing.is_empty()).then(|| {
+        format!(
+            "{name} is not installed on this worker: set worker.trainers.{}",
+            missing.join(", worker.trainers.")
+        )
+    })
+}
+
+/// Backends this worker can run with its tools.
+pub fn installed(tools: &Tools) -> Vec<&'static str> {
+    BACKENDS
+        .iter()
+        .copied()
+        .filter(|name| not_installed(name, tools).is_none())
+        .collect()
+}
+
 /// Settings checks that need no trainer installed: the family is one the
 /// backend trains, and the backend's own checks. Used by submission,
 /// preflight and the worker alike.

@@ -98,6 +98,14 @@ impl TrainStage {
                     format!("training.backend: unknown backend {:?}", settings.backend),
                 )
             })?;
+        if let Some(missing) = trainyard_backends::not_installed(&settings.backend, &self.tools) {
+            // Another worker of the pool may have it: hand the task back.
+            return Err(StageError::retry(
+                ErrorKind::Trainer,
+                missing,
+                Duration::from_secs(30),
+            ));
+        }
         let mut inputs = TrainInputs {
             job_id: ctx.meta.job.to_string(),
             dataset_dir: work.join("dataset"),
