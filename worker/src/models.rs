@@ -13,17 +13,18 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use trainyard_backends::ModelFiles;
+use trainyard_core::models::ModelSource;
 use trainyard_core::process::{ChildGroup, CommandSpec};
 use trainyard_core::runtime::StageError;
 use trainyard_core::store::{ArtifactStore, keys};
-use trainyard_proto::v1::ErrorKind;
+use trainyard_proto::v1::{ErrorKind, ModelRef};
 
 pub const REFERENCE_MODEL: &str = "reference-denoiser-v1";
 
-pub struct ResolvedModel {
-    pub path: PathBuf,
-    pub name: String,
-}
+/// Held while a run uses a model, so the cache never evicts it.
+#[derive(Debug)]
+pub struct ModelLease;
 
 pub struct Models {
     store: ArtifactStore,
@@ -55,39 +56,50 @@ impl Models {
             .clone()
     }
 
-    pub async fn resolve(&self, uri: &str, resolution: u32) -> Result<ResolvedModel, StageError> {
-        if uri == REFERENCE_MODEL {
-            let name = format!("{REFERENCE_MODEL}-r{resolution}");
-            let key = format!("{}/model.safetensors", keys::model(&name));
-            let path = self.cached(&name, &key, Some(resolution)).await?;
-            return Ok(ResolvedModel {
-                path,
-                name: REFERENCE_MODEL.into(),
-            });
-        }
-        let Some(key) = self
-            .store
-            .key_of(uri)
-            .filter(|k| k.ends_with(".safetensors"))
-        else {
-            return Err(StageError::fail(
-                ErrorKind::Model,
-                format!(
-                    "base_model: unknown model {uri:?}; use {REFERENCE_MODEL} or a .safetensors URI in the artifact store"
-                ),
-            ));
+    /// The local files of the parts a run needs.
+    pub async fn resolve(
+        &self,
+        model: &ModelRef,
+        parts: &[&str],
+        resolution: u32,
+        _hf_token: Option<&str>,
+    ) -> Result<(ModelFiles, ModelLease), StageError> {
+        let source = ModelSource::parse(&model.uri)
+            .map_err(|e| StageError::fail(ErrorKind::Model, format!("base_model: {e}")))?;
+        let family = source
+            .family(&model.family)
+            .map_err(|e| StageError::fail(ErrorKind::Model, e))?;
+        let path = match source {
+            ModelSource::Preset(p) if p.name == REFERENCE_MODEL => {
+                let name = format!("{REFERENCE_MODEL}-r{resolution}");
+                let key = format!("{}/model.safetensors", keys::model(&name));
+                self.cached(&name, &key, Some(resolution)).await?
+            }
+            ModelSource::Store(uri) => {
+                let key = self.store.key_of(&uri).ok_or_else(|| {
+                    StageError::fail(
+                        ErrorKind::Model,
+                        format!("base_model: {uri} is not in the artifact store"),
+                    )
+                })?;
+                self.cached(&key.replace('/', "_"), &key, None).await?
+            }
+            _ => {
+                return Err(StageError::fail(
+                    ErrorKind::Model,
+                    format!("base_model: {} cannot be fetched by this worker", model.uri),
+                ));
+            }
         };
-        let name = key.replace('/', "_");
-        let path = self.cached(&name, &key, None).await?;
-        Ok(ResolvedModel {
-            path,
-            name: key
-                .rsplit('/')
-                .next()
-                .unwrap_or(&key)
-                .trim_end_matches(".safetensors")
-                .into(),
-        })
+        let files = ModelFiles {
+            reference: model.uri.clone(),
+            family,
+            parts: parts
+                .iter()
+                .map(|p| (p.to_string(), path.clone()))
+                .collect(),
+        };
+        Ok((files, ModelLease))
     }
 
     /// The local copy of `key`, fetched (or, for the reference model, made) once.
