@@ -152,12 +152,25 @@ impl Destinations {
                 ProbeFailure::Refused => "the bucket does not exist or cannot hold objects",
                 ProbeFailure::Unavailable => "could not be reached",
             };
+            tracing::info!(%uri, error = %e, "destination probe failed");
             ProbeError::new(
                 failure,
-                format!("destination {uri} is not writable: {why} ({e})"),
+                format!("destination {uri} is not writable: {why} ({})", brief(&e)),
             )
         })
     }
+}
+
+/// The gist of a store error: the HTTP status an S3 server answered with,
+/// else the first line (servers append whole XML bodies).
+fn brief(error: &StoreError) -> String {
+    let text = error.to_string();
+    if let Some((_, rest)) = text.split_once("status code: ") {
+        let status = rest.split(':').next().unwrap_or(rest).trim();
+        return format!("the server answered {status}");
+    }
+    let line = text.lines().next().unwrap_or_default();
+    line.chars().take(200).collect()
 }
 
 fn probe_name() -> String {

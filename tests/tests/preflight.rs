@@ -447,3 +447,33 @@ async fn a_job_passing_preflight_notes_the_estimate() {
     );
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_s3_destination_without_its_bucket() {
+    let s3 = S3Server::start();
+    s3.create_bucket("deliveries").await;
+    let options = s3.options();
+    let fleet = Fleet::start_with(prepare_fleet(), |config| config.store.s3 = options).await;
+    let mut client = fleet.client(TOKEN).await;
+    let mut spec = spec(&fleet.sample_uri().await, 10);
+    spec.destinations = vec![
+        Destination {
+            uri: "s3://deliveries/out".into(),
+        },
+        Destination {
+            uri: "s3://no-such-bucket/out".into(),
+        },
+    ];
+    let reply = validate(&mut client, &spec).await;
+    let message = only_problem(&reply, "destinations");
+    assert_eq!(
+        message,
+        "destination s3://no-such-bucket/out is not writable: the bucket does not exist or \
+         cannot hold objects (the server answered 404 Not Found)"
+    );
+    // The probe of the good bucket left nothing behind.
+    let bucket = trainyard_core::store::ArtifactStore::open_with("s3://deliveries", &s3.options())
+        .expect("bucket");
+    assert_eq!(bucket.list("").await.expect("list"), []);
+    fleet.stop().await;
+}
