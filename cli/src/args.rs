@@ -42,6 +42,11 @@ pub enum Command {
     Demo(DemoArgs),
     /// Submit a job: a local folder or zip (uploaded first), a zip URL, or image URLs.
     Submit(Box<SubmitArgs>),
+    /// Check a job without submitting it: the spec, the dataset (fetched and
+    /// unpacked by a captioner), the base model and the destinations; prints
+    /// every problem and the step estimate. Takes the flags of `submit`
+    /// (--watch and --idempotency-key do nothing here).
+    Validate(Box<SubmitArgs>),
     /// Follow a job until it ends, with progress bars.
     Watch(WatchArgs),
     /// List jobs, newest first.

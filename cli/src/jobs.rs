@@ -1,4 +1,4 @@
-//! The client commands: submit, watch, list, get, cancel, fetch.
+//! The client commands: submit, validate, watch, list, get, cancel, fetch.
 
 use crate::args::{CancelArgs, FetchArgs, GetArgs, ListArgs, SubmitArgs, WatchArgs};
 use crate::client::{Client, load_config};
@@ -9,10 +9,14 @@ use indicatif::HumanBytes;
 use std::path::{Component, Path, PathBuf};
 use std::process::ExitCode;
 use trainyard_core::store::{ArtifactStore, S3Options};
-use trainyard_proto::v1::{Artifact, CancelRequest, GetRequest, JobRecord, JobState, ListRequest};
+use trainyard_proto::v1::{
+    Artifact, CancelRequest, GetRequest, JobRecord, JobState, ListRequest, ValidateRequest,
+};
 
 /// Exit code of a job that ended in any state but SUCCEEDED.
 pub const JOB_NOT_SUCCEEDED: u8 = 3;
+/// Exit code of `yard validate` when the job would fail its checks.
+pub const NOT_VALID: u8 = 4;
 
 pub fn exit_code_of(record: &JobRecord) -> ExitCode {
     if record.state() == JobState::Succeeded {
@@ -38,6 +42,35 @@ pub async fn submit(server: &str, token: &str, args: SubmitArgs) -> anyhow::Resu
         return Ok(ExitCode::SUCCESS);
     }
     watch_job(client, &record.job_id, WatchOptions::default()).await
+}
+
+/// Like `submit` up to the call, then `Validate` instead: prints every
+/// problem, the warnings and the estimate. A local dataset is uploaded for
+/// the check and removed afterwards.
+pub async fn validate(server: &str, token: &str, args: SubmitArgs) -> anyhow::Result<ExitCode> {
+    let dataset = crate::submit::classify(&args.sources)?;
+    let uploaded = matches!(
+        dataset,
+        crate::submit::DatasetArg::LocalDir(_) | crate::submit::DatasetArg::LocalZip(_)
+    );
+    let mut spec = crate::submit::spec_from_args(&args)?;
+    let Some(config) = load_config(&args.service, "yard", true)? else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let client = &mut crate::client::connect(server, token).await?;
+    let source = crate::submit::dataset_source(dataset, &config.store).await?;
+    spec.dataset = Some(source.clone());
+    let reply = client.validate(ValidateRequest { spec: Some(spec) }).await;
+    if uploaded {
+        crate::submit::remove_upload(&source, &config.store).await;
+    }
+    let reply = reply?.into_inner();
+    print!("{}", view::validate_text(&reply));
+    Ok(if reply.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(NOT_VALID)
+    })
 }
 
 pub async fn watch_cmd(client: &mut Client, args: WatchArgs) -> anyhow::Result<ExitCode> {

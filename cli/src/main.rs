@@ -32,6 +32,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dev(args) => local::dev(args, &token).await,
         Command::Demo(args) => local::demo(args, &token).await,
         Command::Submit(args) => jobs::submit(&server, &token, *args).await,
+        Command::Validate(args) => jobs::validate(&server, &token, *args).await,
         Command::Watch(args) => {
             jobs::watch_cmd(&mut client::connect(&server, &token).await?, args).await
         }

@@ -100,6 +100,27 @@ pub async fn dataset_source(arg: DatasetArg, store: &StoreConfig) -> anyhow::Res
     })
 }
 
+/// Removes what [`dataset_source`] uploaded for `source` (its
+/// `uploads/<id>/` folder); a failure is only reported.
+pub async fn remove_upload(source: &DatasetSource, store: &StoreConfig) {
+    let Some(Source::ArtifactUri(uri)) = &source.source else {
+        return;
+    };
+    let Ok(store) = ArtifactStore::open_with(&store.uri, &store.s3) else {
+        return;
+    };
+    let Some(key) = store.key_of(uri) else {
+        return;
+    };
+    let mut parts = key.split('/');
+    let (Some("uploads"), Some(id)) = (parts.next(), parts.next()) else {
+        return;
+    };
+    if let Err(e) = store.delete_prefix(&format!("uploads/{id}")).await {
+        eprintln!("could not remove the upload {uri}: {e}");
+    }
+}
+
 fn upload_prefix() -> String {
     format!("uploads/{}", uuid::Uuid::now_v7().simple())
 }

@@ -5,7 +5,7 @@ use prost::Message;
 use prost_reflect::{DescriptorPool, DynamicMessage};
 use std::fmt::Write as _;
 use std::time::Duration;
-use trainyard_proto::v1::{JobError, JobRecord, JobState, Stage};
+use trainyard_proto::v1::{JobError, JobRecord, JobState, Stage, ValidateReply};
 
 /// `SUCCEEDED`, `TRAINING`, …
 pub fn state_name(state: JobState) -> &'static str {
@@ -165,6 +165,41 @@ pub fn record_text(record: &JobRecord) -> String {
     out
 }
 
+/// What `yard validate` prints: every problem, the warnings, the estimate,
+/// and the verdict last.
+pub fn validate_text(reply: &ValidateReply) -> String {
+    let mut out = String::new();
+    for problem in &reply.problems {
+        let mut lines = problem.message.lines();
+        let _ = writeln!(
+            out,
+            "problem  {}: {}",
+            problem.check,
+            lines.next().unwrap_or_default()
+        );
+        for line in lines {
+            let _ = writeln!(out, "         {line}");
+        }
+    }
+    for warning in &reply.warnings {
+        let _ = writeln!(out, "warning  {warning}");
+    }
+    if let Some(estimate) = &reply.estimate {
+        let _ = writeln!(
+            out,
+            "estimate {}",
+            trainyard_captioner::preflight::describe(estimate)
+        );
+    }
+    let verdict = match reply.problems.len() {
+        0 if reply.ok => "ok: a job with these settings passes its checks".to_owned(),
+        1 => "not ok: 1 problem".to_owned(),
+        n => format!("not ok: {n} problems"),
+    };
+    let _ = writeln!(out, "{verdict}");
+    out
+}
+
 /// The record as canonical protobuf JSON, from the contract's descriptors.
 pub fn record_json(record: &JobRecord, pretty: bool) -> anyhow::Result<String> {
     let pool = DescriptorPool::decode(trainyard_proto::v1::FILE_DESCRIPTOR_SET)?;
@@ -212,5 +247,41 @@ mod tests {
         assert_eq!(json["jobId"], "j-1");
         assert_eq!(json["state"], "JOB_STATE_FAILED");
         assert_eq!(json["artifacts"][0]["size"], "2048");
+    }
+
+    #[test]
+    fn validate_replies_read_well() {
+        use trainyard_proto::v1::{Problem, StepEstimate};
+        let reply = ValidateReply {
+            ok: false,
+            problems: vec![
+                Problem {
+                    check: "dataset.resolution".into(),
+                    message: "1 image is smaller than training.resolution 128".into(),
+                },
+                Problem {
+                    check: "base_model".into(),
+                    message: "file:///m.safetensors does not exist in the artifact store".into(),
+                },
+            ],
+            warnings: vec!["1 file was left out of the dataset: notes.md".into()],
+            estimate: Some(StepEstimate {
+                images: 12,
+                repeats: 10,
+                batch_size: 1,
+                steps_per_epoch: 120,
+                epochs: 200.0 / 120.0,
+                total_steps: 200,
+                unit: "images".into(),
+            }),
+        };
+        assert_eq!(
+            validate_text(&reply),
+            "problem  dataset.resolution: 1 image is smaller than training.resolution 128\n\
+             problem  base_model: file:///m.safetensors does not exist in the artifact store\n\
+             warning  1 file was left out of the dataset: notes.md\n\
+             estimate 12 images × 10 repeats ÷ batch 1 = 120 steps per epoch; 200 steps ≈ 1.7 epochs\n\
+             not ok: 2 problems\n"
+        );
     }
 }
