@@ -11,6 +11,7 @@
 //! the same place before a resumed run.
 
 pub mod common;
+pub mod kohya;
 pub mod reference;
 pub mod trl;
 
@@ -186,12 +187,16 @@ pub trait TrainerBackend: Send + Sync {
 }
 
 /// Backends this build knows, by the name a job spec uses.
-pub const BACKENDS: &[&str] = &["reference", "trl"];
+pub const BACKENDS: &[&str] = &["reference", "kohya", "trl"];
 
 /// Looks a backend up by the name in the job spec.
 pub fn by_name(name: &str, tools: &Tools) -> Option<Box<dyn TrainerBackend>> {
     match name {
         "reference" => Some(Box::new(reference::Reference::new(tools.reference.clone()))),
+        "kohya" => Some(Box::new(kohya::Kohya::new(
+            tools.accelerate.clone(),
+            tools.kohya_dir.clone(),
+        ))),
         "trl" => Some(Box::new(trl::Trl::new(tools.python.clone()))),
         _ => None,
     }
