@@ -40,6 +40,30 @@ fn trainer_processes(job: &str) -> Vec<u32> {
     pids
 }
 
+/// Real trainers want images of at least their training resolution.
+const RESOLUTION: u32 = 256;
+
+/// The bundled sample, scaled up to the training resolution, in the store.
+async fn dataset_uri(fleet: &Fleet) -> String {
+    let local = fleet.dir.path().join("sample-256");
+    trainyard_captioner::sample::write_sample_dataset(&local).expect("sample");
+    for entry in std::fs::read_dir(&local).expect("sample dir") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "png") {
+            let img = image::open(&path).expect("sample image");
+            img.resize_exact(RESOLUTION, RESOLUTION, image::imageops::FilterType::Nearest)
+                .save(&path)
+                .expect("scaled image");
+        }
+    }
+    fleet
+        .store
+        .put_dir(&local, "uploads/sample-256", &[])
+        .await
+        .expect("upload");
+    fleet.store.uri("uploads/sample-256")
+}
+
 fn standins() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("standins")
 }
@@ -64,9 +88,10 @@ async fn train_kill_and_resume(case: Case) {
     .await;
     let mut client = fleet.client(TOKEN).await;
     let outputs = fleet.outputs_dir();
-    let mut spec = with_destination(spec(&fleet.sample_uri().await, 30), &outputs);
+    let mut spec = with_destination(spec(&dataset_uri(&fleet).await, 30), &outputs);
     let training = spec.training.as_mut().unwrap();
     training.backend = case.backend.into();
+    training.resolution = RESOLUTION;
     training.save_every = 5;
     training.batch_size = 1;
     spec.base_model = Some(ModelRef {
