@@ -11,6 +11,7 @@
 //! the same place before a resumed run.
 
 pub mod common;
+pub mod diffusion_pipe;
 pub mod reference;
 
 use std::collections::BTreeMap;
@@ -189,12 +190,16 @@ pub trait TrainerBackend: Send + Sync {
 }
 
 /// Backends this build knows, by the name a job spec uses.
-pub const BACKENDS: &[&str] = &["reference"];
+pub const BACKENDS: &[&str] = &["reference", "diffusion-pipe"];
 
 /// Looks a backend up by the name in the job spec.
 pub fn by_name(name: &str, tools: &Tools) -> Option<Box<dyn TrainerBackend>> {
     match name {
         "reference" => Some(Box::new(reference::Reference::new(tools.reference.clone()))),
+        "diffusion-pipe" => Some(Box::new(diffusion_pipe::DiffusionPipe::new(
+            tools.deepspeed.clone(),
+            tools.diffusion_pipe_dir.clone(),
+        ))),
         _ => None,
     }
 }
