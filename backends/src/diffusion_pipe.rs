@@ -241,32 +241,34 @@ impl TrainerBackend for DiffusionPipe {
         }
     }
 
-    /// The weights of the last save: `step{max_steps}/`, or the highest
-    /// `epoch{N}/` if the epochs ran out first.
+    /// The weights of the last save: `step{N}/` with N at least `max_steps`
+    /// (a run resumed from the checkpoint written just before the final
+    /// save trains one step more), else the highest `epoch{N}/` if the
+    /// epochs ran out first.
     fn final_adapter(&self, inputs: &TrainInputs) -> Option<PathBuf> {
         let run = newest_run_dir(&inputs.output_dir)?;
         let file = weights_file(inputs.model.family);
-        let by_steps = run
-            .join(format!("step{}", inputs.settings.steps))
-            .join(file);
-        if by_steps.is_file() {
-            return Some(by_steps);
-        }
-        std::fs::read_dir(&run)
+        let saves: Vec<(&str, u32, PathBuf)> = std::fs::read_dir(&run)
             .ok()?
             .filter_map(Result::ok)
             .filter_map(|e| {
-                let n = e
-                    .file_name()
-                    .to_str()?
-                    .strip_prefix("epoch")?
-                    .parse::<u32>()
-                    .ok()?;
-                Some((n, e.path().join(file)))
+                let name = e.file_name().into_string().ok()?;
+                let (kind, n) = match name.strip_prefix("step") {
+                    Some(n) => ("step", n),
+                    None => ("epoch", name.strip_prefix("epoch")?),
+                };
+                Some((kind, n.parse().ok()?, e.path().join(file)))
             })
-            .filter(|(_, path)| path.is_file())
-            .max_by_key(|(n, _)| *n)
-            .map(|(_, path)| path)
+            .filter(|(_, _, path)| path.is_file())
+            .collect();
+        let last = |kind: &str, min: u32| {
+            saves
+                .iter()
+                .filter(|(k, n, _)| *k == kind && *n >= min)
+                .max_by_key(|(_, n, _)| *n)
+                .map(|(_, _, path)| path.clone())
+        };
+        last("step", inputs.settings.steps).or_else(|| last("epoch", 0))
     }
 
     fn classify(&self, status: ExitStatus, tail: &[String]) -> JobError {

@@ -499,7 +499,10 @@ fn output_folder_lookups_follow_the_newest_run_folder() {
             body: vec![]
         }
     );
-    // The final adapter is step{steps}/ with the family's file name.
+    // The final adapter is step{steps}/ with the family's file name; an
+    // intermediate save is not it.
+    std::fs::create_dir_all(run.join("step200")).unwrap();
+    std::fs::write(run.join("step200/lora.safetensors"), b"x").unwrap();
     assert!(b.final_adapter(&i).is_none());
     std::fs::create_dir_all(run.join("step1200")).unwrap();
     std::fs::write(run.join("step1200/adapter_model.safetensors"), b"x").unwrap();
@@ -508,5 +511,13 @@ fn output_folder_lookups_follow_the_newest_run_folder() {
     assert_eq!(
         b.final_adapter(&i),
         Some(run.join("step1200/lora.safetensors"))
+    );
+    // Resumed from the checkpoint written just before the final save, the
+    // trainer runs one more step and saves that.
+    std::fs::create_dir_all(run.join("step1201")).unwrap();
+    std::fs::write(run.join("step1201/lora.safetensors"), b"x").unwrap();
+    assert_eq!(
+        b.final_adapter(&i),
+        Some(run.join("step1201/lora.safetensors"))
     );
 }

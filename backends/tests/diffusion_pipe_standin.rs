@@ -113,15 +113,23 @@ struct Run {
 
 impl Run {
     fn start(backend: &dyn TrainerBackend, inputs: &TrainInputs, env: &[(&str, &str)]) -> Run {
-        assert!(
-            backend
-                .check(&inputs.settings, inputs.model.family)
-                .is_empty()
-        );
+        Self::start_edited(backend, inputs, env, |_| {})
+    }
+
+    /// Renders and writes the files, lets `edit` change them, and starts.
+    fn start_edited(
+        backend: &dyn TrainerBackend,
+        inputs: &TrainInputs,
+        env: &[(&str, &str)],
+        edit: impl FnOnce(&Path),
+    ) -> Run {
+        let problems = backend.check(&inputs.settings, inputs.model.family);
+        assert!(problems.is_empty(), "{problems:?}");
         let launch = backend.render(inputs).expect("renders");
         for (path, body) in &launch.files {
             std::fs::write(path, body).unwrap();
         }
+        edit(&inputs.run_dir);
         let mut spec = launch.command;
         spec.env.push(("PYTHONUNBUFFERED".into(), "1".into()));
         spec.env
@@ -224,7 +232,7 @@ async fn a_killed_run_resumes_from_the_checkpoint_files_alone() {
         with_extra(inputs, "gradient_accumulation_steps", Kind::Int(2))
     };
     let first = settings("first");
-    let mut run = Run::start(b.as_ref(), &first, &[("STANDIN_STEP_SECONDS", "0.05")]);
+    let mut run = Run::start(b.as_ref(), &first, &[("STANDIN_STEP_SECONDS", "0.1")]);
     let found = checkpoint_at_least(&mut run, b.as_ref(), &first, 7).await;
     run.child.signal(Signal::SIGKILL);
     run.finish().await;
@@ -331,7 +339,9 @@ async fn a_stop_request_saves_a_checkpoint_and_the_trainer_exits_by_itself() {
     let found = b
         .latest_checkpoint(&inputs)
         .expect("a checkpoint from the stop");
-    assert!(found.step > first, "{found:?} after step {first}");
+    // The trainer looks for the file after every step, so the checkpoint
+    // is at the step it was in (or a later one) and it ran no step after.
+    assert!(found.step >= first, "{found:?} after step {first}");
     assert_eq!(Some(&found.step), run.progress_steps().last());
     assert!(!path.exists(), "the trainer consumed the stop file");
     assert!(b.final_adapter(&inputs).is_none());
@@ -438,4 +448,102 @@ fn alpha_other_than_rank_is_refused_before_anything_runs() {
         problems,
         ["training.alpha: diffusion-pipe forces alpha = rank (4); got 8"]
     );
+}
+
+/// Rewrites one of the rendered TOMLs in the run folder.
+fn edit_toml(run_dir: &Path, file: &str, edit: impl FnOnce(&mut toml::Table)) {
+    let path = run_dir.join(file);
+    let mut table: toml::Table = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut table);
+    std::fs::write(&path, toml::to_string(&table).unwrap()).unwrap();
+}
+
+fn table<'a>(t: &'a mut toml::Table, key: &str) -> &'a mut toml::Table {
+    t.get_mut(key).and_then(toml::Value::as_table_mut).unwrap()
+}
+
+/// What the real train.py rejects, the stand-in rejects with the same text,
+/// and classify names the cause.
+#[tokio::test]
+async fn config_mistakes_fail_as_the_real_trainer_fails_them() {
+    let fx = Fixture::new();
+    let b = backend();
+    type Edit = fn(&mut toml::Table);
+    let cases: &[(&str, Edit, &str)] = &[
+        (
+            "nosave",
+            |c| drop(c.remove("save_every_n_steps")),
+            "AssertionError",
+        ),
+        (
+            "alpha",
+            |c| drop(table(c, "adapter").insert("alpha".into(), 8.into())),
+            "This script forces alpha=rank",
+        ),
+        (
+            "type",
+            |c| drop(table(c, "model").insert("type".into(), "flux2-dev".into())),
+            "Model type flux2-dev is not implemented",
+        ),
+        (
+            "dtype",
+            |c| drop(table(c, "model").remove("dtype")),
+            "KeyError: 'dtype'",
+        ),
+    ];
+    for (name, edit, needle) in cases {
+        let inputs = fx.inputs(name, 10, 0);
+        let mut run = Run::start_edited(b.as_ref(), &inputs, &[], |dir| {
+            edit_toml(dir, "config.toml", edit)
+        });
+        let status = run.finish().await;
+        assert!(!status.success(), "{name}");
+        let e = b.classify(status, &run.tail());
+        assert_eq!(
+            (e.kind(), e.retryable),
+            (ErrorKind::InvalidSpec, false),
+            "{name}: {}",
+            e.message
+        );
+        assert!(e.message.contains(needle), "{name}: {}", e.message);
+    }
+}
+
+#[tokio::test]
+async fn dataset_mistakes_are_bad_datasets() {
+    let fx = Fixture::new();
+    let b = backend();
+    // A folder with a caption and a manifest but no image.
+    let empty = fx.root.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    std::fs::write(empty.join("manifest.json"), "{}").unwrap();
+    std::fs::write(empty.join("a.txt"), "ohwx").unwrap();
+    // Images without captions are skipped, which leaves nothing to train on.
+    let uncaptioned = fx.root.path().join("uncaptioned");
+    std::fs::create_dir_all(&uncaptioned).unwrap();
+    for stem in ["x", "y"] {
+        std::fs::write(uncaptioned.join(format!("{stem}.png")), b"png").unwrap();
+    }
+    let cases = [
+        (empty, "had no images/videos!"),
+        (fx.root.path().join("absent"), "Invalid path"),
+        (uncaptioned, "is being completely dropped"),
+    ];
+    for (i, (dataset, needle)) in cases.into_iter().enumerate() {
+        let mut inputs = fx.inputs(&format!("dataset{i}"), 10, 0);
+        inputs.dataset_dir = dataset;
+        let mut run = Run::start(b.as_ref(), &inputs, &[]);
+        let status = run.finish().await;
+        let e = b.classify(status, &run.tail());
+        assert_eq!(
+            (e.kind(), e.retryable),
+            (ErrorKind::BadDataset, false),
+            "{}",
+            e.message
+        );
+        assert!(e.message.contains(needle), "{}", e.message);
+        // It failed before it made a run folder: nothing to save or stop.
+        assert!(b.latest_checkpoint(&inputs).is_none());
+        assert_eq!(b.stop_request(&inputs), StopRequest::Unsupported);
+    }
 }
