@@ -24,9 +24,13 @@
 //! - **Command.** `deepspeed --num_gpus=1 <checkout>/train.py --deepspeed
 //!   --config <run>/config.toml [--resume_from_checkpoint <run folder>]`, in
 //!   the checkout folder: the model code opens `configs/…` and puts
-//!   `submodules/…` on `sys.path` relative to the working directory.
+//!   `submodules/…` on `sys.path` relative to the working directory. With
+//!   `--num_gpus` the DeepSpeed runner ignores and removes
+//!   `CUDA_VISIBLE_DEVICES` and uses the first GPU; picking another one
+//!   needs `--include localhost:N`, which the inputs do not carry.
 //! - **Stop.** The file `<run folder>/save_quit` makes the trainer write a
-//!   checkpoint at the end of the current step and exit 0 (`Saver.process_step`).
+//!   checkpoint at the end of the current step and exit 0, without the
+//!   final adapter (`Saver.process_step`).
 
 mod config;
 mod output;

@@ -35,7 +35,9 @@ import time
 import tomllib
 from datetime import datetime, timezone
 
-import standin_io as dsio
+# Leave no __pycache__ in the source tree.
+sys.dont_write_bytecode = True
+import standin_io as dsio  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument('--config', help='Path to TOML configuration file.')
@@ -182,8 +184,8 @@ def load_dataset(dataset_config, model_type):
                 captioned += 1
             else:
                 print(f'Cound not find caption for {f}. Skipping image.')
-        print(f'caching latents: (1.0, 1)')
-        print(f'caching text embeddings: (1.0, 1)')
+        print('caching latents: (1.0, 1)')
+        print('caching text embeddings: (1.0, 1)')
         examples += captioned * num_repeats * max(len(resolutions), 1)
     return examples
 
@@ -332,7 +334,7 @@ def main():
     micro_batches_per_epoch = examples_per_epoch // micro_batch
     if micro_batches_per_epoch == 0:
         dsio.ds_log('WARNING', 'dataset.py:226:_make_divisible_by',
-                  f"size bucket (1024, 1024, 1) is being completely dropped because it doesn't have enough images")
+                  "size bucket (1024, 1024, 1) is being completely dropped because it doesn't have enough images")
         raise RuntimeError('stand-in: every size bucket was dropped; there is no batch to train on')
     if args.cache_only:
         sys.exit(0)
