@@ -11,6 +11,7 @@
 //! the same place before a resumed run.
 
 pub mod common;
+pub mod diffusion_pipe;
 pub mod kohya;
 pub mod reference;
 pub mod trl;
@@ -187,7 +188,7 @@ pub trait TrainerBackend: Send + Sync {
 }
 
 /// Backends this build knows, by the name a job spec uses.
-pub const BACKENDS: &[&str] = &["reference", "kohya", "trl"];
+pub const BACKENDS: &[&str] = &["reference", "kohya", "diffusion-pipe", "trl"];
 
 /// Looks a backend up by the name in the job spec.
 pub fn by_name(name: &str, tools: &Tools) -> Option<Box<dyn TrainerBackend>> {
@@ -198,6 +199,10 @@ pub fn by_name(name: &str, tools: &Tools) -> Option<Box<dyn TrainerBackend>> {
             tools.kohya_dir.clone(),
         ))),
         "trl" => Some(Box::new(trl::Trl::new(tools.python.clone()))),
+        "diffusion-pipe" => Some(Box::new(diffusion_pipe::DiffusionPipe::new(
+            tools.deepspeed.clone(),
+            tools.diffusion_pipe_dir.clone(),
+        ))),
         _ => None,
     }
 }
