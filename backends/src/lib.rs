@@ -10,8 +10,10 @@
 //! so the worker can upload them and, on another machine, put them back in
 //! the same place before a resumed run.
 
+pub mod ai_toolkit;
 pub mod common;
 pub mod reference;
+pub mod simpletuner;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -111,11 +113,7 @@ pub enum LineEvent {
         epoch: Option<f32>,
     },
     /// Any other scalar the trainer reports (`grad_norm`, `rewards/margins`, …).
-    Metric {
-        name: String,
-        value: f64,
-        step: u32,
-    },
+    Metric { name: String, value: f64, step: u32 },
     /// The trainer says it saved (a hint: the run loop then looks for a
     /// complete checkpoint with `latest_checkpoint`).
     Saved { step: Option<u32> },
@@ -189,12 +187,14 @@ pub trait TrainerBackend: Send + Sync {
 }
 
 /// Backends this build knows, by the name a job spec uses.
-pub const BACKENDS: &[&str] = &["reference"];
+pub const BACKENDS: &[&str] = &["reference", "simpletuner", "ai-toolkit"];
 
 /// Looks a backend up by the name in the job spec.
 pub fn by_name(name: &str, tools: &Tools) -> Option<Box<dyn TrainerBackend>> {
     match name {
         "reference" => Some(Box::new(reference::Reference::new(tools.reference.clone()))),
+        "simpletuner" => Some(Box::new(simpletuner::SimpleTuner::new(tools))),
+        "ai-toolkit" => Some(Box::new(ai_toolkit::AiToolkit::new(tools))),
         _ => None,
     }
 }
@@ -319,9 +319,15 @@ mod tests {
 
     #[test]
     fn extras_are_checked_against_the_allow_list() {
-        let allowed = [("optimizer_type", ExtraType::Text), ("max_grad_norm", ExtraType::Float)];
+        let allowed = [
+            ("optimizer_type", ExtraType::Text),
+            ("max_grad_norm", ExtraType::Float),
+        ];
         let mut extras = HashMap::new();
-        extras.insert("optimizer_type".into(), extra(Kind::Text("adamw8bit".into())));
+        extras.insert(
+            "optimizer_type".into(),
+            extra(Kind::Text("adamw8bit".into())),
+        );
         extras.insert("max_grad_norm".into(), extra(Kind::Int(1)));
         let typed = typed_extras("kohya", &extras, &allowed).unwrap();
         assert_eq!(typed["max_grad_norm"], Extra::Float(1.0));
@@ -329,7 +335,10 @@ mod tests {
         extras.insert("optimizer_type".into(), extra(Kind::Int(3)));
         let problems = typed_extras("kohya", &extras, &allowed).unwrap_err();
         assert_eq!(problems.len(), 2, "{problems:?}");
-        assert!(problems[0].contains("optimiser: unknown key for kohya; allowed: optimizer_type (text)"));
+        assert!(
+            problems[0]
+                .contains("optimiser: unknown key for kohya; allowed: optimizer_type (text)")
+        );
         assert!(problems[1].contains("optimizer_type: must be a text"));
     }
 
