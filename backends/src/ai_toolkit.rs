@@ -492,10 +492,16 @@ impl OutputParser for Parser {
             return Vec::new();
         }
         if let Some(path) = line.strip_prefix("Saved checkpoint to ") {
-            // The final save has no step in its name.
-            let step = step_of(&STEP_FILE, path.trim());
+            let path = Path::new(path.trim());
+            let step = path.to_str().and_then(|p| step_of(&STEP_FILE, p));
             self.saving = step;
-            return vec![LineEvent::Saved { step }];
+            // The final save, `<name>.safetensors`, ends the run; run.py
+            // prints no summary after a success.
+            let last = path.file_name() == Some(format!("{}.safetensors", self.name).as_ref());
+            return match last {
+                true => vec![LineEvent::Saved { step }, LineEvent::Done],
+                false => vec![LineEvent::Saved { step }],
+            };
         }
         if line.starts_with("Saved optimizer to ") {
             return vec![LineEvent::Saved {
@@ -513,6 +519,7 @@ impl OutputParser for Parser {
             self.resumed = Some(step);
             return vec![LineEvent::Resumed { step }];
         }
+        // Versions that print the summary after a success too.
         if COMPLETED.is_match(line) {
             return vec![LineEvent::Done];
         }

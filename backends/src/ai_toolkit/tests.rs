@@ -270,6 +270,7 @@ fn parses_saves_resumes_and_the_result() {
             LineEvent::Saved { step: Some(250) },
             LineEvent::Resumed { step: 250 },
             LineEvent::Saved { step: None },
+            LineEvent::Done,
             LineEvent::Saved { step: None },
             LineEvent::Done,
         ]

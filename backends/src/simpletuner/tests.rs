@@ -199,7 +199,10 @@ fn parser() -> Box<dyn OutputParser> {
     backend().parser(&run)
 }
 
-fn progress(events: &[LineEvent]) -> Option<(u32, u32, Option<f32>, Option<f64>, Option<f32>)> {
+/// Step, total, loss, learning rate and epoch of the first progress event.
+type Seen = (u32, u32, Option<f32>, Option<f64>, Option<f32>);
+
+fn progress(events: &[LineEvent]) -> Option<Seen> {
     events.iter().find_map(|e| match e {
         LineEvent::Progress {
             step,
