@@ -27,10 +27,13 @@ async fn a_killed_run_resumes_from_the_restored_step_file_and_optimizer() {
     })
     .await;
     let found = found.expect("a complete checkpoint");
+    // Taken while the trainer runs on, as the worker uploads it.
+    let mut second = fx.inputs("ai-toolkit", "second", 60, 10);
+    second.resume = Some(restore(&found, &first.output_dir, &second.output_dir));
+    let step = found.step;
     assert!(
-        run.events
-            .iter()
-            .any(|e| matches!(e, LineEvent::Saved { step: Some(_) }))
+        run.until(|s| s.events.contains(&LineEvent::Saved { step: Some(step) }))
+            .await
     );
     let status = run.kill().await;
     assert_eq!(status.signal(), Some(9), "{status:?}");
@@ -48,8 +51,6 @@ async fn a_killed_run_resumes_from_the_restored_step_file_and_optimizer() {
         ]
     );
 
-    let mut second = fx.inputs("ai-toolkit", "second", 60, 10);
-    second.resume = Some(restore(&found, &first.output_dir, &second.output_dir));
     let done = Session::start(&b, &second, &[("STANDIN_STEP_SECONDS", "0.01")], None)
         .finish()
         .await;
