@@ -496,10 +496,12 @@ impl OutputParser for Parser {
                 let step = step as u32;
                 let metrics = progress.get("metrics");
                 let metric = |key: &str| metrics.and_then(|m| m.get(key)).and_then(Value::as_f64);
+                // The startup status reports the loss accumulator, still 0.
+                let startup = text(progress, "label").as_deref() == Some("Training initialisation");
                 let mut events = vec![LineEvent::Progress {
                     step,
                     total: total as u32,
-                    loss: metric("loss").map(|v| v as f32),
+                    loss: metric("loss").filter(|_| !startup).map(|v| v as f32),
                     lr: metric("learning_rate"),
                     samples_per_sec: None,
                     epoch: metric("epoch").map(|v| v as f32),

@@ -302,6 +302,16 @@ fn parses_the_webhook_events() {
             step: 12
         }
     );
+    let startup = json!({
+        "type": "training.status", "job_id": "job123", "title": "Running", "message": "***** Running training *****",
+        "data": {"status": "running", "global_step": 50},
+        "progress": {"label": "Training initialisation", "current": 50, "total": 100, "percent": 50.0,
+                     "metrics": {"loss": 0.0, "learning_rate": 0.0001, "epoch": 2, "total_epochs": 4}}
+    });
+    assert_eq!(
+        progress(&p.webhook(&startup)),
+        Some((50, 100, None, Some(1e-4), Some(2.0)))
+    );
     let stage = |key: &str, status: &str, message: &str| {
         json!({"type": "lifecycle.stage", "severity": "info", "job_id": "job123",
                "stage": {"key": key, "label": "x", "status": status},
