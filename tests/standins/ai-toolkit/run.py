@@ -38,6 +38,8 @@ import time
 import traceback
 import zipfile
 
+# Keep the test tree free of __pycache__ folders.
+sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from toolkit.yaml_subset import load as load_yaml  # noqa: E402
