@@ -680,6 +680,11 @@ impl Run<'_> {
         if seen.stored_step.is_some_and(|s| found.step <= s) {
             return Ok(());
         }
+        // A checkpoint of the last step is not worth storing (the run is
+        // about to finish) and some trainers cannot resume from one.
+        if found.step >= self.inputs.settings.steps {
+            return Ok(());
+        }
         let staged = self
             .stage_checkpoint(&found)
             .map_err(|e| local_error("cannot stage checkpoint", e))?;
