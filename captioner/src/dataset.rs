@@ -299,7 +299,7 @@ impl<'a> Walker<'a> {
 
 /// Descends while the folder holds exactly one non-junk entry and that
 /// entry is a real folder (not a symlink).
-fn flatten(root: &Path) -> Result<PathBuf, PrepareError> {
+pub fn flatten(root: &Path) -> Result<PathBuf, PrepareError> {
     let mut root = root.to_owned();
     loop {
         let entries: Vec<_> = sorted_entries(&root)?
@@ -315,7 +315,7 @@ fn flatten(root: &Path) -> Result<PathBuf, PrepareError> {
     }
 }
 
-fn sorted_entries(dir: &Path) -> Result<Vec<(String, PathBuf)>, PrepareError> {
+pub fn sorted_entries(dir: &Path) -> Result<Vec<(String, PathBuf)>, PrepareError> {
     let mut entries = Vec::new();
     for entry in fs::read_dir(dir).map_err(PrepareError::io(dir))? {
         let entry = entry.map_err(PrepareError::io(dir))?;

@@ -35,6 +35,11 @@ pub enum PrepareError {
     },
     #[error("dataset has {found} usable images, fewer than min_images ({required})")]
     TooFewImages { found: usize, required: usize },
+    #[error("{}", no_text_dataset_message(found))]
+    NoTextDataset {
+        /// The files the dataset does hold, by name.
+        found: Vec<String>,
+    },
     #[error("captioning {file} failed: {error}")]
     Caption { file: String, error: CaptionError },
     #[error("invalid setting {field}: {reason}")]
@@ -59,6 +64,15 @@ fn no_usable_images_message(bad: &[String]) -> String {
     }
 }
 
+fn no_text_dataset_message(found: &[String]) -> String {
+    let held = if found.is_empty() {
+        "it holds no files".to_owned()
+    } else {
+        format!("it holds {}", found.join(", "))
+    };
+    format!("a language-model dataset is one train.jsonl (or a single .jsonl file); {held}")
+}
+
 impl PrepareError {
     /// True when the same input may prepare successfully later: network
     /// and server trouble, a captioning backend that is down, local disk
@@ -74,6 +88,7 @@ impl PrepareError {
             | PrepareError::InputTooLarge { .. }
             | PrepareError::NoUsableImages { .. }
             | PrepareError::TooFewImages { .. }
+            | PrepareError::NoTextDataset { .. }
             | PrepareError::InvalidSettings { .. } => false,
         }
     }

@@ -16,6 +16,7 @@
 //!   zips, sidecars, full decode of every image, the prepared folder;
 //! - [`caption`]: caption backends and the caption/trigger-word policy;
 //! - [`manifest`]: `manifest.json` with sizes and sha256 per image;
+//! - [`text`]: datasets for language models (one `train.jsonl`);
 //! - [`preflight`]: the checks a job passes before a GPU is held;
 //! - [`sample`]: a bundled, procedurally drawn sample dataset.
 //!
@@ -37,6 +38,7 @@ mod prepare;
 pub mod sample;
 mod source;
 pub mod stage;
+pub mod text;
 pub mod unpack;
 pub mod validate;
 
@@ -45,7 +47,9 @@ pub use dataset::IMAGE_EXTENSIONS;
 pub use error::PrepareError;
 pub use fetch::{FetchError, FetchPolicy, GuardedClient};
 pub use images::MIN_SIDE;
-pub use manifest::{CaptionSource, DatasetManifest, DropReason, DroppedFile, ManifestEntry};
+pub use manifest::{
+    CaptionSource, DatasetManifest, DropReason, DroppedFile, ManifestEntry, TextEntry,
+};
 pub use prepare::{LocalInput, PrepareSettings, PreparedDataset, prepare_local};
 pub use source::{RemoteSource, fetch_images, fetch_source, fetch_zip};
 pub use unpack::{UnpackError, UnpackLimits};

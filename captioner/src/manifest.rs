@@ -23,6 +23,19 @@ pub struct DatasetManifest {
     pub caption_backend: String,
     pub images: Vec<ManifestEntry>,
     pub dropped: Vec<DroppedFile>,
+    /// The text files of a dataset for a language model (`train.jsonl`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub texts: Vec<TextEntry>,
+}
+
+/// One text file of a prepared dataset, a file name inside the prepared folder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TextEntry {
+    pub file: String,
+    /// Bytes of `file`.
+    pub size: u64,
+    /// Lower-case hex sha256 of `file`.
+    pub sha256: String,
 }
 
 /// One image of the prepared dataset. Paths are file names inside the

@@ -125,9 +125,9 @@ impl PreparedDataset {
         self.dir.join(MANIFEST_FILE_NAME)
     }
 
-    /// Every file of the dataset, each image followed by its caption, and
-    /// `manifest.json` last — upload in this order so a reader that sees the
-    /// manifest can rely on everything it lists.
+    /// Every file of the dataset, each image followed by its caption, then
+    /// the text files, and `manifest.json` last — upload in this order so a
+    /// reader that sees the manifest can rely on everything it lists.
     pub fn files(&self) -> Vec<PathBuf> {
         let mut files: Vec<PathBuf> = self
             .manifest
@@ -135,6 +135,7 @@ impl PreparedDataset {
             .iter()
             .flat_map(|e| [self.dir.join(&e.file), self.dir.join(&e.caption_file)])
             .collect();
+        files.extend(self.manifest.texts.iter().map(|t| self.dir.join(&t.file)));
         files.push(self.manifest_path());
         files
     }
@@ -237,6 +238,7 @@ pub async fn prepare_local(
         caption_backend: captioner.name().to_owned(),
         images: entries,
         dropped,
+        texts: Vec::new(),
     };
     manifest
         .write_to_dir(&prepared)

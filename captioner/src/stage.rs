@@ -167,6 +167,10 @@ impl Datasets {
             Source::ImageUrls(list) => self.fetch(RemoteSource::ImageUrls(list.urls), work).await?,
             Source::ArtifactUri(uri) => self.fetch_artifact(&uri, work).await?,
         };
+        if preflight::is_text(spec) {
+            note("unpacking and checking the text dataset").await;
+            return Ok(crate::text::prepare_text(input, work, self.limits).await?);
+        }
         let settings = PrepareSettings {
             trigger_word: caption.trigger_word,
             overwrite_sidecar: caption.overwrite_sidecar,
@@ -181,7 +185,8 @@ impl Datasets {
         fetch_source(&self.client, &source, work, &self.limits).await
     }
 
-    /// A dataset already in the artifact store: a zip file or a folder.
+    /// A dataset already in the artifact store: a zip file, a folder, or
+    /// (for a language model) a `.jsonl` file.
     /// Only URIs inside the configured store are accepted, so a job cannot
     /// read files of the machine the captioner runs on.
     async fn fetch_artifact(&self, uri: &str, work: &Path) -> Result<LocalInput, StageError> {
@@ -195,6 +200,14 @@ impl Datasets {
             )
         })?;
         let download = work.join("download");
+        if key.ends_with(".jsonl") {
+            let local = download.join(crate::text::TRAIN_JSONL);
+            self.store
+                .get_file(&key, &local, None)
+                .await
+                .map_err(StageError::from)?;
+            return Ok(LocalInput::Files(vec![local]));
+        }
         if key.ends_with(".zip") {
             let local = download.join("dataset.zip");
             self.store
@@ -255,7 +268,7 @@ pub async fn preflight(
     let mut retry = None;
     let prepared = match dataset {
         Ok(prepared) => {
-            report.merge(images::check(spec, &prepared).await);
+            report.merge(preflight::check_dataset(spec, &prepared).await);
             Some(prepared)
         }
         Err(error) => {
@@ -343,10 +356,11 @@ impl PrepareStage {
         prepared: &PreparedDataset,
         ctx: &TaskContext,
     ) -> Result<Outcome, StageError> {
-        ctx.note(&format!(
-            "storing {} images",
-            prepared.manifest.images.len()
-        ))
+        let manifest = &prepared.manifest;
+        ctx.note(&match manifest.texts.len() {
+            0 => format!("storing {} images", manifest.images.len()),
+            n => format!("storing {n} text file{}", if n == 1 { "" } else { "s" }),
+        })
         .await;
         let prefix = keys::dataset(&ctx.meta.job);
         // A crashed earlier delivery may have left part of a set: start clean.
@@ -367,7 +381,6 @@ impl PrepareStage {
                 .await
                 .map_err(StageError::from)?;
         }
-        let manifest = &prepared.manifest;
         let sidecar = manifest
             .images
             .iter()

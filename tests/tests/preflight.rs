@@ -477,3 +477,101 @@ async fn an_s3_destination_without_its_bucket() {
     assert_eq!(bucket.list("").await.expect("list"), []);
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_text_dataset_is_checked_row_by_row() {
+    let fleet = Fleet::start_with(prepare_fleet(), |_| {}).await;
+    let mut client = fleet.client(TOKEN).await;
+    let model = fleet
+        .store
+        .put_bytes(
+            "models/tiny-llm.safetensors",
+            bytes::Bytes::from_static(b"weights"),
+        )
+        .await
+        .expect("model")
+        .uri;
+    let text_spec = |dataset: &str| {
+        let mut spec = spec(dataset, 30);
+        let training = spec.training.as_mut().unwrap();
+        training.backend = "trl".into();
+        training.batch_size = 2;
+        spec.base_model = Some(ModelRef {
+            uri: model.clone(),
+            family: "llm".into(),
+        });
+        spec.caption = None;
+        spec
+    };
+    let rows = "{\"prompt\": \"2+2?\", \"completion\": \"4\"}\n".repeat(5);
+    let good = fleet
+        .store
+        .put_bytes("uploads/good/train.jsonl", rows.clone().into())
+        .await
+        .expect("dataset")
+        .uri;
+    let reply = validate(&mut client, &text_spec(&good)).await;
+    assert!(reply.ok, "{:#?}", lines(&reply));
+    let e = reply.estimate.expect("estimate");
+    assert_eq!(
+        (
+            e.images,
+            e.batch_size,
+            e.steps_per_epoch,
+            e.total_steps,
+            e.unit.as_str()
+        ),
+        (5, 2, 3, 30, "examples")
+    );
+
+    let broken = fleet
+        .zip_uri(
+            "broken-text",
+            &[(
+                "chat/train.jsonl",
+                format!("{rows}{{\"prompt\": \"3+3?\"\n").into_bytes(),
+            )],
+        )
+        .await;
+    let reply = validate(&mut client, &text_spec(&broken)).await;
+    let message = only_problem(&reply, "dataset.jsonl");
+    assert!(
+        message.starts_with("train.jsonl for sft: line 6: not valid JSON"),
+        "{message}"
+    );
+
+    // As a job: stored with its sha256 in the manifest, which the worker checks.
+    let job = submit(&mut client, text_spec(&good)).await;
+    let events = events_until(
+        &mut client,
+        &job.job_id,
+        |e| matches!(&e.kind, Some(Kind::State(s)) if s.state() == JobState::Training),
+    )
+    .await;
+    assert!(
+        events.iter().any(|e| matches!(&e.kind, Some(Kind::Progress(p))
+            if p.message == "preflight ok: 5 examples ÷ batch 2 = 3 steps per epoch; 30 steps ≈ 10.0 epochs")),
+        "{events:#?}"
+    );
+    let prefix = format!("jobs/{}/dataset", job.job_id);
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &fleet
+            .store
+            .get_bytes(&format!("{prefix}/manifest.json"))
+            .await
+            .expect("manifest"),
+    )
+    .expect("json");
+    let stored = fleet
+        .store
+        .get_bytes(&format!("{prefix}/train.jsonl"))
+        .await
+        .expect("train.jsonl");
+    assert_eq!(stored, rows.as_bytes());
+    assert_eq!(manifest["texts"][0]["file"], "train.jsonl");
+    assert_eq!(
+        manifest["texts"][0]["sha256"].as_str(),
+        Some(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(rows.as_bytes())).as_str())
+    );
+    fleet.stop().await;
+}

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use super::{Report, check, estimate, list_names};
+use super::{Report, check, effective_batch, estimate, list_names};
 use crate::manifest::{DatasetManifest, DropReason, MANIFEST_FILE_NAME};
 use crate::prepare::PreparedDataset;
 use trainyard_proto::v1::{ErrorKind, JobSpec};
@@ -206,7 +206,7 @@ pub async fn check(spec: &JobSpec, dataset: &PreparedDataset) -> Report {
     }
 
     if count > 0 {
-        let e = estimate(count, "images", t.steps, t.repeats, t.batch_size);
+        let e = estimate(count, "images", t.steps, t.repeats, effective_batch(&t));
         if e.epochs < 1.0 {
             report.warnings.push(format!(
                 "training.steps {} is less than one epoch ({} steps): some images are never trained on",

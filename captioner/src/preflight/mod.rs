@@ -11,6 +11,8 @@
 //! - [`images`]: the prepared image dataset against the backend and the
 //!   settings: enough images, image sizes against the resolution, caption
 //!   coverage, the trigger word, and the step estimate;
+//! - [`text`]: a language model's `train.jsonl` against the method, and the
+//!   step estimate in examples;
 //! - [`access`]: the base model is there and readable with the job's token,
 //!   and each destination is writable now.
 //!
@@ -21,13 +23,18 @@
 
 pub mod access;
 pub mod images;
+pub mod text;
 
 pub use access::AccessChecks;
 
+use crate::prepare::PreparedDataset;
 use std::fmt::Write as _;
 use std::time::Duration;
+use trainyard_core::models::ModelFamily;
 use trainyard_core::runtime::StageError;
-use trainyard_proto::v1::{self, ErrorKind, StepEstimate, ValidateReply};
+use trainyard_proto::v1::{
+    self, ErrorKind, JobSpec, StepEstimate, TrainingSettings, ValidateReply, extra_value,
+};
 
 /// Names of the checks, as they appear in problems.
 pub mod check {
@@ -35,6 +42,7 @@ pub mod check {
     pub const RESOLUTION: &str = "dataset.resolution";
     pub const CAPTIONS: &str = "dataset.captions";
     pub const TRIGGER_WORD: &str = "dataset.trigger_word";
+    pub const JSONL: &str = "dataset.jsonl";
     pub const DATASET: &str = "dataset";
     pub const BASE_MODEL: &str = "base_model";
     pub const DESTINATIONS: &str = "destinations";
@@ -158,6 +166,38 @@ impl Report {
             estimate: self.estimate.clone(),
         }
     }
+}
+
+/// Whether `spec` trains a language model on text (after normalisation,
+/// `base_model.family` names the family).
+pub fn is_text(spec: &JobSpec) -> bool {
+    spec.base_model
+        .as_ref()
+        .and_then(|m| ModelFamily::from_name(&m.family))
+        .is_some_and(ModelFamily::is_text)
+}
+
+/// The dataset checks that fit `spec`: images or text.
+pub async fn check_dataset(spec: &JobSpec, dataset: &PreparedDataset) -> Report {
+    if is_text(spec) {
+        text::check(spec, dataset).await
+    } else {
+        images::check(spec, dataset).await
+    }
+}
+
+/// Samples per optimizer step: the batch times
+/// `extras.gradient_accumulation_steps` when a backend takes it.
+pub fn effective_batch(t: &TrainingSettings) -> u32 {
+    let accumulation = match t
+        .extras
+        .get("gradient_accumulation_steps")
+        .and_then(|v| v.kind.as_ref())
+    {
+        Some(extra_value::Kind::Int(n)) if *n > 0 => u32::try_from(*n).unwrap_or(u32::MAX),
+        _ => 1,
+    };
+    t.batch_size.max(1).saturating_mul(accumulation)
 }
 
 /// The estimate for `items` images (or examples) at these settings.
