@@ -1,5 +1,6 @@
-//! Submission checks. Every problem names the field it is about, so a client
-//! gets `INVALID_ARGUMENT: training.steps must be at least 1` and not a
+//! Submission checks. Every problem names the field it is about, and every
+//! problem of a spec is reported at once, so a client gets
+//! `INVALID_ARGUMENT: training.steps: must be at least 1; pool: …` and not a
 //! failed job an hour later. Valid specs are normalised: unset optional
 //! values get their documented defaults, and the stored spec is explicit.
 
