@@ -20,8 +20,9 @@
 //! - [`preflight`]: the checks a job passes before a GPU is held;
 //! - [`sample`]: a bundled, procedurally drawn sample dataset.
 //!
-//! The service around it: [`stage`] (the prepare stage on the shared
-//! runtime) and [`validate`] (preflight without a job, for `Validate`).
+//! The service around it: [`datasets`] (a job's dataset fetched and
+//! prepared), [`stage`] (the prepare stage on the shared runtime) and
+//! [`validate`] (preflight without a job, for `Validate`).
 //!
 //! The entry points are [`fetch_source`] (remote → [`LocalInput`]) and
 //! [`prepare_local`] ([`LocalInput`] → [`PreparedDataset`]). Every error is
@@ -29,6 +30,7 @@
 
 pub mod caption;
 mod dataset;
+pub mod datasets;
 mod error;
 pub mod fetch;
 mod images;

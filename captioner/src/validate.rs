@@ -13,9 +13,10 @@
 //! caption checks see the real captions.
 
 use crate::caption::{CaptionBackend, CaptionError, ImageInfo};
+use crate::datasets::{Datasets, access_checks, caption_backend};
 use crate::manifest::CaptionSource;
+use crate::preflight::Checked;
 use crate::preflight::{AccessChecks, Report, check};
-use crate::stage::{Checked, Datasets, access_checks, caption_backend, preflight};
 use async_trait::async_trait;
 use futures::StreamExt;
 use prost::Message;
@@ -96,7 +97,7 @@ impl Validator {
             self.datasets.prepare(spec, &work, &captioner, None),
             self.access.run(spec)
         );
-        match preflight(spec, dataset, access).await {
+        match crate::preflight::run(spec, dataset, access).await {
             Ok(Checked {
                 report: checked,
                 prepared,

@@ -27,6 +27,7 @@ pub mod text;
 
 pub use access::AccessChecks;
 
+use crate::datasets::{DatasetError, Finding};
 use crate::prepare::PreparedDataset;
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -166,6 +167,52 @@ impl Report {
             estimate: self.estimate.clone(),
         }
     }
+}
+
+/// What preflight made of a job: the report, the prepared dataset when
+/// there is one, and the error to retry with when the dataset could not be
+/// prepared *now* (also listed in the report as not checked).
+pub struct Checked {
+    pub report: Report,
+    pub prepared: Option<PreparedDataset>,
+    pub retry: Option<StageError>,
+}
+
+/// Runs the dataset checks on a prepared dataset (or lists why there is
+/// none) and merges the access checks after them. Only cancellation and
+/// shutdown are errors.
+pub async fn run(
+    spec: &JobSpec,
+    dataset: Result<PreparedDataset, DatasetError>,
+    access: Report,
+) -> Result<Checked, StageError> {
+    let mut report = Report::default();
+    let mut retry = None;
+    let prepared = match dataset {
+        Ok(prepared) => {
+            report.merge(check_dataset(spec, &prepared).await);
+            Some(prepared)
+        }
+        Err(error) => {
+            match error.into_finding(spec) {
+                Finding::Problem(problem) => report.problems.push(problem),
+                Finding::Retry(error) => {
+                    if let StageError::Retry { error, .. } = &error {
+                        report.unchecked(check::DATASET, error.message.clone());
+                    }
+                    retry = Some(error);
+                }
+                Finding::Stop(error) => return Err(error),
+            }
+            None
+        }
+    };
+    report.merge(access);
+    Ok(Checked {
+        report,
+        prepared,
+        retry,
+    })
 }
 
 /// Whether `spec` trains a language model on text (after normalisation,

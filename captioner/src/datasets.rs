@@ -1,0 +1,250 @@
+//! A job's dataset, fetched and prepared: shared by the prepare stage and
+//! the `Validate` responder, so both see the same dataset. Image datasets go
+//! through [`crate::prepare_local`], a language model's through
+//! [`crate::text::prepare_text`]. Failures are [`DatasetError`]s, which
+//! preflight turns into problems (or a retry).
+
+use crate::caption::{CaptionBackend, TemplateCaptioner};
+use crate::preflight::{self, AccessChecks, Problem, check, images};
+use crate::{
+    FetchPolicy, GuardedClient, LocalInput, PrepareError, PrepareSettings, PreparedDataset,
+    RemoteSource, UnpackLimits, fetch_source, prepare_local,
+};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use trainyard_core::Config;
+use trainyard_core::destination::Destinations;
+use trainyard_core::runtime::{StageError, TaskContext};
+use trainyard_core::store::ArtifactStore;
+use trainyard_proto::v1::{CaptionSettings, ErrorKind, JobSpec, dataset_source::Source};
+
+/// Fetching and preparing a job's dataset, shared by the stage and the
+/// `Validate` responder.
+pub struct Datasets {
+    store: ArtifactStore,
+    client: GuardedClient,
+    limits: UnpackLimits,
+    /// Work folders are made below this one.
+    pub work_root: PathBuf,
+}
+
+/// Why a dataset could not be prepared: a [`PrepareError`] (which knows
+/// its retry intent and, for too few images, the count) or a stage error
+/// from reading the artifact store.
+#[derive(Debug)]
+pub enum DatasetError {
+    Prepare(PrepareError),
+    Stage(StageError),
+}
+
+/// What a dataset error means for preflight.
+pub enum Finding {
+    /// A problem with the dataset itself: listed with the others.
+    Problem(Problem),
+    /// Could not be prepared now; the error keeps the retry delay.
+    Retry(StageError),
+    /// Cancelled or stopping: nothing to report.
+    Stop(StageError),
+}
+
+impl DatasetError {
+    pub fn into_stage_error(self) -> StageError {
+        match self {
+            DatasetError::Prepare(e) => prepare_error(e),
+            DatasetError::Stage(e) => e,
+        }
+    }
+
+    /// Permanent failures become problems; too few images says how many
+    /// the backend needs and why.
+    pub fn into_finding(self, spec: &JobSpec) -> Finding {
+        let too_few = match &self {
+            DatasetError::Prepare(PrepareError::NoUsableImages { bad }) => {
+                let detail = if bad.is_empty() {
+                    "no image files found".to_owned()
+                } else {
+                    format!("unreadable or too small: {}", preflight::list_names(bad))
+                };
+                Some((0, Some(detail)))
+            }
+            DatasetError::Prepare(PrepareError::TooFewImages { found, .. }) => {
+                Some((*found as u32, None))
+            }
+            _ => None,
+        };
+        if let Some((found, detail)) = too_few
+            && let Some(message) = images::too_few_images(spec, found, detail.as_deref())
+        {
+            return Finding::Problem(Problem::new(check::IMAGES, ErrorKind::BadDataset, message));
+        }
+        match self.into_stage_error() {
+            StageError::Fail(e) => {
+                Finding::Problem(Problem::new(check::DATASET, e.kind(), e.message))
+            }
+            retry @ StageError::Retry { .. } => Finding::Retry(retry),
+            stop => Finding::Stop(stop),
+        }
+    }
+}
+
+impl From<PrepareError> for DatasetError {
+    fn from(error: PrepareError) -> Self {
+        DatasetError::Prepare(error)
+    }
+}
+
+impl From<StageError> for DatasetError {
+    fn from(error: StageError) -> Self {
+        DatasetError::Stage(error)
+    }
+}
+
+/// The caption backend a job's settings select.
+pub fn caption_backend(caption: &CaptionSettings) -> TemplateCaptioner {
+    if caption.template.is_empty() {
+        TemplateCaptioner::default()
+    } else {
+        TemplateCaptioner::new(caption.template.clone())
+    }
+}
+
+impl Datasets {
+    pub fn new(config: &Config, store: ArtifactStore) -> anyhow::Result<Self> {
+        let policy = FetchPolicy {
+            allow_private_addresses: config.captioner.allow_private_urls,
+            max_bytes: config.captioner.max_dataset_bytes,
+            ..FetchPolicy::default()
+        };
+        let limits = UnpackLimits {
+            max_total_bytes: config.captioner.max_dataset_bytes,
+            max_files: config.captioner.max_files,
+            ..UnpackLimits::default()
+        };
+        std::fs::create_dir_all(&config.captioner.work_dir)?;
+        Ok(Self {
+            store,
+            client: GuardedClient::new(policy)?,
+            work_root: std::fs::canonicalize(&config.captioner.work_dir)?,
+            limits,
+        })
+    }
+
+    /// Fetches and prepares `spec`'s dataset under `work`, captioning with
+    /// `captioner`; progress notes go to `ctx` when there is a job.
+    pub async fn prepare(
+        &self,
+        spec: &JobSpec,
+        work: &Path,
+        captioner: &dyn CaptionBackend,
+        ctx: Option<&TaskContext>,
+    ) -> Result<PreparedDataset, DatasetError> {
+        let note = async |message: &str| {
+            if let Some(ctx) = ctx {
+                ctx.note(message).await;
+            }
+        };
+        let source = spec
+            .dataset
+            .as_ref()
+            .and_then(|d| d.source.clone())
+            .ok_or_else(|| StageError::fail(ErrorKind::InvalidSpec, "dataset: is empty"))?;
+        let caption = spec.caption.clone().unwrap_or_default();
+        note("fetching dataset").await;
+        let input = match source {
+            Source::ZipUrl(url) => self.fetch(RemoteSource::ZipUrl(url), work).await?,
+            Source::ImageUrls(list) => self.fetch(RemoteSource::ImageUrls(list.urls), work).await?,
+            Source::ArtifactUri(uri) => self.fetch_artifact(&uri, work).await?,
+        };
+        if preflight::is_text(spec) {
+            note("unpacking and checking the text dataset").await;
+            return Ok(crate::text::prepare_text(input, work, self.limits).await?);
+        }
+        let settings = PrepareSettings {
+            trigger_word: caption.trigger_word,
+            overwrite_sidecar: caption.overwrite_sidecar,
+            limits: self.limits,
+            ..PrepareSettings::default()
+        };
+        note("unpacking, validating and captioning").await;
+        Ok(prepare_local(input, work, &settings, captioner).await?)
+    }
+
+    async fn fetch(&self, source: RemoteSource, work: &Path) -> Result<LocalInput, PrepareError> {
+        fetch_source(&self.client, &source, work, &self.limits).await
+    }
+
+    /// A dataset already in the artifact store: a zip file, a folder, or
+    /// (for a language model) a `.jsonl` file.
+    /// Only URIs inside the configured store are accepted, so a job cannot
+    /// read files of the machine the captioner runs on.
+    async fn fetch_artifact(&self, uri: &str, work: &Path) -> Result<LocalInput, StageError> {
+        let key = self.store.key_of(uri).ok_or_else(|| {
+            StageError::fail(
+                ErrorKind::InvalidSpec,
+                format!(
+                    "dataset.artifact_uri must be inside the artifact store {}",
+                    self.store.root()
+                ),
+            )
+        })?;
+        let download = work.join("download");
+        if key.ends_with(".jsonl") {
+            let local = download.join(crate::text::TRAIN_JSONL);
+            self.store
+                .get_file(&key, &local, None)
+                .await
+                .map_err(StageError::from)?;
+            return Ok(LocalInput::Files(vec![local]));
+        }
+        if key.ends_with(".zip") {
+            let local = download.join("dataset.zip");
+            self.store
+                .get_file(&key, &local, None)
+                .await
+                .map_err(StageError::from)?;
+            return Ok(LocalInput::Zip(local));
+        }
+        let dir = download.join("dataset");
+        let files = self
+            .store
+            .get_dir(&key, &dir)
+            .await
+            .map_err(StageError::from)?;
+        if files.is_empty() {
+            return Err(StageError::fail(
+                ErrorKind::BadDataset,
+                format!("dataset.artifact_uri {uri} holds no files"),
+            ));
+        }
+        Ok(LocalInput::Dir(dir))
+    }
+}
+
+fn prepare_error(error: PrepareError) -> StageError {
+    let kind = match &error {
+        PrepareError::Fetch(_) => ErrorKind::Fetch,
+        PrepareError::InvalidSettings { .. } => ErrorKind::InvalidSpec,
+        PrepareError::Io { .. } | PrepareError::Interrupted => ErrorKind::Internal,
+        _ => ErrorKind::BadDataset,
+    };
+    if error.is_retryable() {
+        let delay = error.retry_after().unwrap_or(Duration::from_secs(5));
+        StageError::retry(kind, error.to_string(), delay)
+    } else {
+        StageError::fail(kind, error.to_string())
+    }
+}
+
+/// The access checks as this service's config sets them up: the artifact
+/// store, and destinations under the uploader's rules (`[uploader]
+/// allowed_local_roots`, `[store.s3]`). A `file://` destination is probed
+/// on this machine, so it should see the same folders as the uploaders.
+pub fn access_checks(config: &Config, store: ArtifactStore) -> AccessChecks {
+    AccessChecks::new(
+        store,
+        Destinations::new(
+            config.uploader.allowed_local_roots.clone(),
+            config.store.s3.clone(),
+        ),
+    )
+}
