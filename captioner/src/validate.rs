@@ -5,7 +5,8 @@
 //! subject in one queue group, so one of them answers each request: it
 //! prepares the dataset in a scratch folder (removed afterwards), runs the
 //! same checks as the prepare stage and replies with a `ValidateReply`.
-//! Nothing is stored and no job is created.
+//! Nothing is stored and no job is created. Each captioner answers up to
+//! `captioner.concurrency` requests at a time, beside its stage's tasks.
 //!
 //! A caption backend that calls a service or a model is not called: images
 //! without a sidecar get a stand-in caption, and the reply says which
