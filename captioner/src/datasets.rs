@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use trainyard_core::Config;
 use trainyard_core::destination::Destinations;
+use trainyard_core::hub::HubClient;
 use trainyard_core::runtime::{StageError, TaskContext};
 use trainyard_core::store::ArtifactStore;
 use trainyard_proto::v1::{CaptionSettings, ErrorKind, JobSpec, dataset_source::Source};
@@ -236,15 +237,17 @@ fn prepare_error(error: PrepareError) -> StageError {
 }
 
 /// The access checks as this service's config sets them up: the artifact
-/// store, and destinations under the uploader's rules (`[uploader]
+/// store, the Hub the workers fetch from (`worker.hf_endpoint`), and
+/// destinations under the uploader's rules (`[uploader]
 /// allowed_local_roots`, `[store.s3]`). A `file://` destination is probed
 /// on this machine, so it should see the same folders as the uploaders.
-pub fn access_checks(config: &Config, store: ArtifactStore) -> AccessChecks {
-    AccessChecks::new(
+pub fn access_checks(config: &Config, store: ArtifactStore) -> anyhow::Result<AccessChecks> {
+    Ok(AccessChecks::new(
         store,
+        HubClient::new(&config.worker.hf_endpoint)?,
         Destinations::new(
             config.uploader.allowed_local_roots.clone(),
             config.store.s3.clone(),
         ),
-    )
+    ))
 }

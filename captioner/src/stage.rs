@@ -34,7 +34,7 @@ impl PrepareStage {
         let store = ArtifactStore::open_with(&config.store.uri, &config.store.s3)?;
         Ok(Self {
             datasets: Datasets::new(config, store.clone())?,
-            access: access_checks(config, store.clone()),
+            access: access_checks(config, store.clone())?,
             store,
         })
     }

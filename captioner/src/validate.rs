@@ -73,7 +73,7 @@ impl Validator {
         let store = ArtifactStore::open_with(&config.store.uri, &config.store.s3)?;
         Ok(Self {
             datasets: Datasets::new(config, store.clone())?,
-            access: access_checks(config, store),
+            access: access_checks(config, store)?,
         })
     }
 

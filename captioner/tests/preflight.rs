@@ -12,6 +12,7 @@ use trainyard_captioner::{
     LocalInput, PrepareSettings, PreparedDataset, TemplateCaptioner, prepare_local,
 };
 use trainyard_core::destination::Destinations;
+use trainyard_core::hub::HubClient;
 use trainyard_core::store::{ArtifactStore, S3Options};
 use trainyard_proto::v1::{
     CaptionSettings, Destination, ErrorKind, JobSpec, ModelRef, TrainingSettings,
@@ -248,8 +249,10 @@ async fn missing_models_and_unwritable_destinations_are_problems() {
             .await
             .unwrap();
         let allowed = tmp.path().join("outputs");
+        // No Hub model here: nothing listens on the endpoint.
         let access = AccessChecks::new(
             store.clone(),
+            HubClient::new("http://127.0.0.1:9").unwrap(),
             Destinations::new(vec![allowed.clone()], S3Options::default()),
         );
         let file = allowed.join("a-file");

@@ -8,9 +8,10 @@ use std::path::Path;
 use std::time::Duration;
 use trainyard_core::topology::{TASKS_STREAM, consumer_name};
 use trainyard_proto::v1::{
-    CaptionSettings, Destination, ErrorKind, JobEvent, JobSpec, JobState, ModelRef, Stage,
+    CaptionSettings, Destination, ErrorKind, JobEvent, JobSpec, JobState, ModelRef, Secrets, Stage,
     ValidateReply, ValidateRequest, WatchRequest, job_event::Kind,
 };
+use trainyard_tests::hub::FakeHub;
 use trainyard_tests::*;
 
 fn prepare_fleet() -> Services {
@@ -572,6 +573,106 @@ async fn a_text_dataset_is_checked_row_by_row() {
     assert_eq!(
         manifest["texts"][0]["sha256"].as_str(),
         Some(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(rows.as_bytes())).as_str())
+    );
+    fleet.stop().await;
+}
+
+/// A fleet that fetches base models from a loopback Hub holding flux1-dev
+/// (gated, readable with `HF_TOKEN`).
+async fn hub_fleet() -> (Fleet, FakeHub) {
+    let hub = FakeHub::start(HF_TOKEN).await;
+    hub.add_presets(&["flux1-dev"]);
+    let endpoint = hub.endpoint();
+    let fleet = Fleet::start_with(prepare_fleet(), move |config| {
+        config.worker.hf_endpoint = endpoint;
+    })
+    .await;
+    (fleet, hub)
+}
+
+const HF_TOKEN: &str = "hf_preflight_test";
+
+fn flux_spec(dataset: &str, model: &str, token: Option<&str>) -> JobSpec {
+    let mut spec = spec(dataset, 10);
+    let training = spec.training.as_mut().unwrap();
+    training.backend = "kohya".into();
+    training.resolution = 64;
+    spec.base_model = Some(ModelRef {
+        uri: model.into(),
+        family: "flux".into(),
+    });
+    spec.secrets = token.map(|t| Secrets {
+        hf_token: t.into(),
+        ..Default::default()
+    });
+    spec
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gated_preset_needs_a_token_that_may_read_it() {
+    let (fleet, _hub) = hub_fleet().await;
+    let mut client = fleet.client(TOKEN).await;
+    let sample = fleet.sample_uri().await;
+
+    let reply = validate(&mut client, &flux_spec(&sample, "flux1-dev", None)).await;
+    assert!(!reply.ok);
+    assert!(!reply.problems.is_empty());
+    for problem in &reply.problems {
+        assert_eq!(problem.check, "base_model", "{:#?}", lines(&reply));
+        assert!(
+            problem
+                .message
+                .starts_with("hf://black-forest-labs/FLUX.1-dev@main/"),
+            "only the gated repository is refused: {:#?}",
+            lines(&reply)
+        );
+        assert!(
+            problem.message.ends_with(
+                "is a gated repository and no token was given; set secrets.hf_token to a \
+                 token of an account that has accepted the model's licence"
+            ),
+            "{}",
+            problem.message
+        );
+    }
+
+    let reply = validate(
+        &mut client,
+        &flux_spec(&sample, "flux1-dev", Some("hf_someone_else")),
+    )
+    .await;
+    assert!(
+        reply
+            .problems
+            .iter()
+            .all(|p| p.message.contains("the token has not been granted access")),
+        "{:#?}",
+        lines(&reply)
+    );
+
+    let reply = validate(
+        &mut client,
+        &flux_spec(&sample, "flux1-dev", Some(HF_TOKEN)),
+    )
+    .await;
+    assert!(reply.ok, "{:#?}", lines(&reply));
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hf_reference_that_does_not_exist() {
+    let (fleet, _hub) = hub_fleet().await;
+    let mut client = fleet.client(TOKEN).await;
+    let spec = flux_spec(
+        &fleet.sample_uri().await,
+        "hf://nobody/no-such-model@main/flux.safetensors",
+        None,
+    );
+    let reply = validate(&mut client, &spec).await;
+    assert_eq!(
+        only_problem(&reply, "base_model"),
+        "hf://nobody/no-such-model@main/flux.safetensors cannot be read: repository \
+         nobody/no-such-model not found"
     );
     fleet.stop().await;
 }

@@ -5,29 +5,34 @@
 //! - The base model: an artifact-store `.safetensors` must exist in the
 //!   store; a preset needs each part the backend uses
 //!   (`TrainerBackend::parts`) to be readable on the Hub with the job's
-//!   `secrets.hf_token`, as does an `hf://` reference. A preset with no Hub
-//!   parts (the reference denoiser) is made by the worker itself.
+//!   `secrets.hf_token`, as does an `hf://` reference (a `HEAD` per file, the
+//!   revision listing for a snapshot: nothing is downloaded). A preset with
+//!   no Hub parts (the reference denoiser) is made by the worker itself.
 //! - Each destination: writable now, probed through
 //!   [`Destinations`], the same rules the uploader opens them with.
 
 use super::{Report, check};
 use trainyard_backends::Tools;
 use trainyard_core::destination::{Destinations, ProbeFailure};
+use trainyard_core::hub::HubClient;
 use trainyard_core::models::{HubRef, ModelSource};
 use trainyard_core::store::ArtifactStore;
 use trainyard_proto::v1::{ErrorKind, JobSpec};
 
-/// What the access checks reach: the artifact store and the destinations.
+/// What the access checks reach: the artifact store, the Hub and the
+/// destinations.
 #[derive(Clone, Debug)]
 pub struct AccessChecks {
     store: ArtifactStore,
+    hub: HubClient,
     destinations: Destinations,
 }
 
 impl AccessChecks {
-    pub fn new(store: ArtifactStore, destinations: Destinations) -> Self {
+    pub fn new(store: ArtifactStore, hub: HubClient, destinations: Destinations) -> Self {
         Self {
             store,
+            hub,
             destinations,
         }
     }
@@ -48,6 +53,11 @@ impl AccessChecks {
             .as_ref()
             .map(|t| t.backend.clone())
             .unwrap_or_default();
+        let token = spec
+            .secrets
+            .as_ref()
+            .map(|s| s.hf_token.as_str())
+            .filter(|t| !t.is_empty());
         let source = match ModelSource::parse(&model.uri) {
             Ok(source) => source,
             Err(e) => {
@@ -64,6 +74,7 @@ impl AccessChecks {
                 let Some(trainer) = trainyard_backends::by_name(&backend, &Tools::default()) else {
                     return report;
                 };
+                let mut parts = Vec::new();
                 for role in trainer.parts(family) {
                     match preset.part(role) {
                         None => report.problem(
@@ -74,18 +85,19 @@ impl AccessChecks {
                                 preset.name
                             ),
                         ),
-                        Some(part) => {
-                            let hub = HubRef {
-                                repo: part.repo.to_owned(),
-                                revision: part.revision.to_owned(),
-                                path: part.file.map(str::to_owned),
-                            };
-                            self.hub_model(&hub, &mut report).await;
-                        }
+                        Some(part) => parts.push(HubRef {
+                            repo: part.repo.to_owned(),
+                            revision: part.revision.to_owned(),
+                            path: part.file.map(str::to_owned),
+                        }),
                     }
                 }
+                let checks = parts.iter().map(|r| self.hub_model(r, token));
+                for found in futures::future::join_all(checks).await {
+                    report.merge(found);
+                }
             }
-            ModelSource::Hub(hub) => self.hub_model(&hub, &mut report).await,
+            ModelSource::Hub(hub) => report.merge(self.hub_model(&hub, token).await),
         }
         report
     }
@@ -113,11 +125,37 @@ impl AccessChecks {
         }
     }
 
-    async fn hub_model(&self, hub: &HubRef, report: &mut Report) {
-        report.warnings.push(format!(
-            "base_model: access to hf://{}@{} is not checked before training",
-            hub.repo, hub.revision
-        ));
+    /// One file or snapshot on the Hub exists and `token` may read it.
+    async fn hub_model(&self, hub: &HubRef, token: Option<&str>) -> Report {
+        let mut report = Report::default();
+        let Err(error) = self.hub.check_access(hub, token).await else {
+            return report;
+        };
+        let name = match &hub.path {
+            Some(path) => format!("hf://{}@{}/{path}", hub.repo, hub.revision),
+            None => format!("hf://{}@{}", hub.repo, hub.revision),
+        };
+        if error.is_auth() {
+            let hint = if token.is_some() {
+                "use a token of an account that has accepted the model's licence"
+            } else {
+                "set secrets.hf_token to a token of an account that has accepted the model's licence"
+            };
+            report.problem(
+                check::BASE_MODEL,
+                ErrorKind::Auth,
+                format!("{name} cannot be read: {error}; {hint}"),
+            );
+        } else if error.is_retryable() {
+            report.unchecked(check::BASE_MODEL, format!("{name}: {error}"));
+        } else {
+            report.problem(
+                check::BASE_MODEL,
+                ErrorKind::Model,
+                format!("{name} cannot be read: {error}"),
+            );
+        }
+        report
     }
 
     /// Every destination is writable now.
