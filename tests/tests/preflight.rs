@@ -577,29 +577,36 @@ async fn a_text_dataset_is_checked_row_by_row() {
     fleet.stop().await;
 }
 
-/// A fleet that fetches base models from a loopback Hub holding flux1-dev
-/// (gated, readable with `HF_TOKEN`).
-async fn hub_fleet() -> (Fleet, FakeHub) {
+/// A fleet that fetches base models from a loopback Hub holding
+/// llama-3.2-1b-instruct (gated, readable with `HF_TOKEN`), and a
+/// `train.jsonl` for it.
+async fn hub_fleet() -> (Fleet, FakeHub, String) {
     let hub = FakeHub::start(HF_TOKEN).await;
-    hub.add_presets(&["flux1-dev"]);
+    hub.add_presets(&["llama-3.2-1b-instruct"]);
     let endpoint = hub.endpoint();
     let fleet = Fleet::start_with(prepare_fleet(), move |config| {
         config.worker.hf_endpoint = endpoint;
     })
     .await;
-    (fleet, hub)
+    let rows = "{\"prompt\": \"2+2?\", \"completion\": \"4\"}\n".repeat(4);
+    let dataset = fleet
+        .store
+        .put_bytes("uploads/chat/train.jsonl", rows.into())
+        .await
+        .expect("dataset")
+        .uri;
+    (fleet, hub, dataset)
 }
 
 const HF_TOKEN: &str = "hf_preflight_test";
 
-fn flux_spec(dataset: &str, model: &str, token: Option<&str>) -> JobSpec {
+fn llm_spec(dataset: &str, model: &str, token: Option<&str>) -> JobSpec {
     let mut spec = spec(dataset, 10);
-    let training = spec.training.as_mut().unwrap();
-    training.backend = "kohya".into();
-    training.resolution = 64;
+    spec.training.as_mut().unwrap().backend = "trl".into();
+    spec.caption = None;
     spec.base_model = Some(ModelRef {
         uri: model.into(),
-        family: "flux".into(),
+        family: "llm".into(),
     });
     spec.secrets = token.map(|t| Secrets {
         hf_token: t.into(),
@@ -610,69 +617,55 @@ fn flux_spec(dataset: &str, model: &str, token: Option<&str>) -> JobSpec {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gated_preset_needs_a_token_that_may_read_it() {
-    let (fleet, _hub) = hub_fleet().await;
+    let (fleet, _hub, dataset) = hub_fleet().await;
     let mut client = fleet.client(TOKEN).await;
-    let sample = fleet.sample_uri().await;
+    let model = "llama-3.2-1b-instruct";
 
-    let reply = validate(&mut client, &flux_spec(&sample, "flux1-dev", None)).await;
-    assert!(!reply.ok);
-    assert!(!reply.problems.is_empty());
-    for problem in &reply.problems {
-        assert_eq!(problem.check, "base_model", "{:#?}", lines(&reply));
-        assert!(
-            problem
-                .message
-                .starts_with("hf://black-forest-labs/FLUX.1-dev@main/"),
-            "only the gated repository is refused: {:#?}",
-            lines(&reply)
-        );
-        assert!(
-            problem.message.ends_with(
-                "is a gated repository and no token was given; set secrets.hf_token to a \
-                 token of an account that has accepted the model's licence"
-            ),
-            "{}",
-            problem.message
-        );
-    }
-
-    let reply = validate(
-        &mut client,
-        &flux_spec(&sample, "flux1-dev", Some("hf_someone_else")),
-    )
-    .await;
-    assert!(
-        reply
-            .problems
-            .iter()
-            .all(|p| p.message.contains("the token has not been granted access")),
-        "{:#?}",
-        lines(&reply)
+    let reply = validate(&mut client, &llm_spec(&dataset, model, None)).await;
+    assert_eq!(
+        only_problem(&reply, "base_model"),
+        "hf://meta-llama/Llama-3.2-1B-Instruct@main cannot be read: meta-llama/Llama-3.2-1B-Instruct \
+         is a gated repository and no token was given; set secrets.hf_token to a token of an \
+         account that has accepted the model's licence"
     );
 
     let reply = validate(
         &mut client,
-        &flux_spec(&sample, "flux1-dev", Some(HF_TOKEN)),
+        &llm_spec(&dataset, model, Some("hf_someone_else")),
     )
     .await;
+    let message = only_problem(&reply, "base_model");
+    assert!(
+        message.contains("the token has not been granted access to it; use a token of an account"),
+        "{message}"
+    );
+
+    let reply = validate(&mut client, &llm_spec(&dataset, model, Some(HF_TOKEN))).await;
     assert!(reply.ok, "{:#?}", lines(&reply));
+    assert_eq!(reply.estimate.expect("estimate").unit, "examples");
     fleet.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_hf_reference_that_does_not_exist() {
-    let (fleet, _hub) = hub_fleet().await;
+    let (fleet, _hub, dataset) = hub_fleet().await;
     let mut client = fleet.client(TOKEN).await;
-    let spec = flux_spec(
-        &fleet.sample_uri().await,
-        "hf://nobody/no-such-model@main/flux.safetensors",
-        None,
+    let spec = llm_spec(&dataset, "hf://nobody/no-such-model@main", None);
+    let reply = validate(&mut client, &spec).await;
+    assert_eq!(
+        only_problem(&reply, "base_model"),
+        "hf://nobody/no-such-model@main cannot be read: repository nobody/no-such-model not found"
+    );
+    let spec = llm_spec(
+        &dataset,
+        "hf://meta-llama/Llama-3.2-1B-Instruct@main/no-such-file.safetensors",
+        Some(HF_TOKEN),
     );
     let reply = validate(&mut client, &spec).await;
     assert_eq!(
         only_problem(&reply, "base_model"),
-        "hf://nobody/no-such-model@main/flux.safetensors cannot be read: repository \
-         nobody/no-such-model not found"
+        "hf://meta-llama/Llama-3.2-1B-Instruct@main/no-such-file.safetensors cannot be read: \
+         no-such-file.safetensors not found in meta-llama/Llama-3.2-1B-Instruct@main"
     );
     fleet.stop().await;
 }
