@@ -377,6 +377,11 @@ impl Run<'_> {
                     None => lines_open = false,
                 },
                 Some(body) = recv_webhook(&mut webhook) => {
+                    // Failures reported only by webhook must reach `classify`.
+                    let text = body.to_string();
+                    if text.to_ascii_lowercase().contains("error") {
+                        push_tail(&mut seen, format!("webhook: {text}"));
+                    }
                     let events = seen.parser.webhook(&body);
                     if let Err(e) = self.on_events(events, None, &mut seen).await {
                         break Verdict::Abort(e);
@@ -524,10 +529,7 @@ impl Run<'_> {
     }
 
     async fn on_line(&self, line: OutputLine, seen: &mut Seen) -> Result<(), StageError> {
-        if seen.tail.len() == TAIL_LINES {
-            seen.tail.pop_front();
-        }
-        seen.tail.push_back(line.line.clone());
+        push_tail(seen, line.line.clone());
         let events = seen.parser.line(&line.line);
         let raw = events.is_empty().then_some(&line);
         self.on_events(events, raw, seen).await
@@ -780,6 +782,13 @@ impl Run<'_> {
             last_checkpoint: latest_uploaded,
         }))
     }
+}
+
+fn push_tail(seen: &mut Seen, line: String) {
+    if seen.tail.len() == TAIL_LINES {
+        seen.tail.pop_front();
+    }
+    seen.tail.push_back(line);
 }
 
 fn abort_upload(seen: &mut Seen) {
