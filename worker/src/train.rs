@@ -29,6 +29,8 @@ use trainyard_proto::v1::{
 };
 
 const TAIL_LINES: usize = 40;
+/// Checkpoint files larger than this are hard-linked into staging, not copied.
+const LINK_ABOVE: u64 = 256 << 20;
 
 pub struct TrainStage {
     pub store: ArtifactStore,
@@ -297,8 +299,8 @@ struct Run<'a> {
     backend: &'a dyn TrainerBackend,
     ctx: &'a TaskContext,
     inputs: &'a TrainInputs,
-    /// Checkpoint files are linked here before upload, so a trainer that
-    /// prunes or rewrites them mid-upload cannot tear the stored copy.
+    /// Checkpoint files are copied (large ones linked) here before upload,
+    /// so a trainer that prunes or rewrites them cannot tear the stored copy.
     staging: PathBuf,
 }
 
@@ -708,7 +710,7 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Links (or copies) a checkpoint's files into a staging folder.
+    /// Copies (or links) a checkpoint's files into a staging folder.
     fn stage_checkpoint(&self, found: &FoundCheckpoint) -> std::io::Result<PathBuf> {
         let dir = self.staging.join(format!("{:08}", found.step));
         let _ = std::fs::remove_dir_all(&dir);
@@ -718,7 +720,10 @@ impl Run<'_> {
             if let Some(parent) = to.parent() {
                 std::fs::create_dir_all(parent)?;
             }
-            if std::fs::hard_link(&from, &to).is_err() {
+            // Small files are copied: some trainers rewrite a file in place
+            // (ai-toolkit's optimizer.pt) and a link would follow the rewrite.
+            let large = std::fs::metadata(&from)?.len() > LINK_ABOVE;
+            if !(large && std::fs::hard_link(&from, &to).is_ok()) {
                 std::fs::copy(&from, &to)?;
             }
         }
