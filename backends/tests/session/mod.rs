@@ -1,10 +1,5 @@
 //! Fixtures shared by the SimpleTuner and ai-toolkit stand-in tests: a run session driving a stand-in, a webhook listener, checkpoint restore.
-//! Fixtures shared by the SimpleTuner and ai-toolkit stand-in tests: a run session driving a stand-in, a webhook listener, checkpoint restore.
-//! Fixtures shared by the SimpleTuner and ai-toolkit stand-in tests: a run session driving a stand-in, a webhook listener, checkpoint restore.
-//! Fixtures shared by the SimpleTuner and ai-toolkit stand-in tests: a run session driving a stand-in, a webhook listener, checkpoint restore.
 //!
-//! Fixtures shared by the SimpleTuner and ai-toolkit stand-in tests: a run session driving a stand-in, a webhook listener, checkpoint restore.
-//! Fixtures shared by the SimpleTuner and ai-toolkit stand-in tests: a run session driving a stand-in, a webhook listener, checkpoint restore.
 
 #![allow(dead_code)] // each test binary uses a different subset
 
