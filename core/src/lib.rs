@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod events;
+pub mod hub;
 pub mod models;
 pub mod nats;
 pub mod natsd;

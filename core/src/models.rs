@@ -116,11 +116,7 @@ impl Preset {
     }
 }
 
-const fn file(
-    role: &'static str,
-    repo: &'static str,
-    path: &'static str,
-) -> HubPart {
+const fn file(role: &'static str, repo: &'static str, path: &'static str) -> HubPart {
     HubPart {
         role,
         repo,
@@ -193,7 +189,11 @@ pub const PRESETS: &[Preset] = &[
                 "black-forest-labs/FLUX.1-schnell",
                 "flux1-schnell.safetensors",
             ),
-            file(part::AE, "black-forest-labs/FLUX.1-schnell", "ae.safetensors"),
+            file(
+                part::AE,
+                "black-forest-labs/FLUX.1-schnell",
+                "ae.safetensors",
+            ),
             file(part::CLIP_L, FLUX_ENCODERS, "clip_l.safetensors"),
             file(part::T5XXL, FLUX_ENCODERS, "t5xxl_fp16.safetensors"),
             folder(
@@ -354,7 +354,11 @@ impl ModelSource {
         }
         Err(format!(
             "unknown model {uri:?}: use a preset ({}), hf://org/repo@revision/file, or a .safetensors URI in the artifact store",
-            PRESETS.iter().map(|p| p.name).collect::<Vec<_>>().join(", ")
+            PRESETS
+                .iter()
+                .map(|p| p.name)
+                .collect::<Vec<_>>()
+                .join(", ")
         ))
     }
 
@@ -512,7 +516,10 @@ mod tests {
         assert!(glob_match("**/*.json", "a/b/config.json"));
         assert!(glob_match("*.safetensors", "model.safetensors"));
         assert!(!glob_match("*.safetensors", "sub/model.safetensors"));
-        assert!(glob_match("google/umt5-xxl/*", "google/umt5-xxl/spiece.model"));
+        assert!(glob_match(
+            "google/umt5-xxl/*",
+            "google/umt5-xxl/spiece.model"
+        ));
     }
 
     #[test]

@@ -449,7 +449,10 @@ impl ArtifactStore {
                 sha256: artifact.sha256,
             });
         }
-        let manifest = CheckpointManifest { step, files: listed };
+        let manifest = CheckpointManifest {
+            step,
+            files: listed,
+        };
         let body = serde_json::to_vec_pretty(&manifest).map_err(|e| StoreError::Io {
             path: PathBuf::from("checkpoint.json"),
             source: std::io::Error::other(e),
@@ -491,7 +494,8 @@ impl ArtifactStore {
             })?;
         let mut files = Vec::with_capacity(manifest.files.len());
         for file in &manifest.files {
-            if file.path.starts_with('/') || file.path.split('/').any(|p| p == ".." || p.is_empty()) {
+            if file.path.starts_with('/') || file.path.split('/').any(|p| p == ".." || p.is_empty())
+            {
                 return Err(StoreError::Io {
                     path: PathBuf::from(&file.path),
                     source: std::io::Error::other("checkpoint names a file outside its folder"),
