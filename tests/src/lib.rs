@@ -4,6 +4,8 @@
 //! (moto) on loopback for the S3 suites, and helpers that wait on events with
 //! a deadline instead of sleeping.
 
+pub mod hub;
+
 use futures::StreamExt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
