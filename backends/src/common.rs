@@ -199,7 +199,9 @@ mod tests {
 
     #[test]
     fn tqdm_bars_in_both_rate_units() {
-        let bar = tqdm("steps: 100%|██████████| 10000/10000 [3:17:44<00:00,  1.19s/it, avr_loss=0.109]").unwrap();
+        let bar =
+            tqdm("steps: 100%|██████████| 10000/10000 [3:17:44<00:00,  1.19s/it, avr_loss=0.109]")
+                .unwrap();
         assert_eq!((bar.desc, bar.n, bar.total), ("steps", 10000, 10000));
         assert!((bar.it_per_sec.unwrap() - 1.0 / 1.19).abs() < 1e-4);
         assert_eq!(postfix_value(bar.postfix, "avr_loss"), Some(0.109));
@@ -209,7 +211,8 @@ mod tests {
         assert_eq!(postfix_value(bar.postfix, "loss"), Some(0.4123));
         let bar = tqdm("steps:   0%|          | 0/100 [00:00<?, ?it/s]").unwrap();
         assert_eq!((bar.n, bar.it_per_sec), (0, None));
-        let bar = tqdm("steps:  10%|#         | 10/100 [00:10<01:30,  1.00it/s, avr_loss=nan]").unwrap();
+        let bar =
+            tqdm("steps:  10%|#         | 10/100 [00:10<01:30,  1.00it/s, avr_loss=nan]").unwrap();
         assert!(postfix_value(bar.postfix, "avr_loss").unwrap().is_nan());
     }
 
@@ -217,14 +220,46 @@ mod tests {
     fn failure_table() {
         let fail = ExitStatus::from_raw(1 << 8);
         let cases: &[(&str, ErrorKind, bool)] = &[
-            ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", ErrorKind::Oom, true),
-            ("RuntimeError: CUDA error: an illegal memory access was encountered", ErrorKind::Trainer, true),
-            ("OSError: [Errno 28] No space left on device", ErrorKind::Trainer, true),
-            ("safetensors_rust.SafetensorError: Error while deserializing header: HeaderTooLarge", ErrorKind::Model, true),
-            ("huggingface_hub.errors.GatedRepoError: 401 Client Error.", ErrorKind::Auth, false),
-            ("ModuleNotFoundError: No module named 'bitsandbytes'", ErrorKind::Trainer, false),
-            ("No data found. Please verify arguments (train_data_dir must be the parent of folders with images)", ErrorKind::BadDataset, false),
-            ("FileNotFoundError: [Errno 2] No such file or directory: '/models/ae.safetensors'", ErrorKind::InvalidSpec, false),
+            (
+                "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
+                ErrorKind::Oom,
+                true,
+            ),
+            (
+                "RuntimeError: CUDA error: an illegal memory access was encountered",
+                ErrorKind::Trainer,
+                true,
+            ),
+            (
+                "OSError: [Errno 28] No space left on device",
+                ErrorKind::Trainer,
+                true,
+            ),
+            (
+                "safetensors_rust.SafetensorError: Error while deserializing header: HeaderTooLarge",
+                ErrorKind::Model,
+                true,
+            ),
+            (
+                "huggingface_hub.errors.GatedRepoError: 401 Client Error.",
+                ErrorKind::Auth,
+                false,
+            ),
+            (
+                "ModuleNotFoundError: No module named 'bitsandbytes'",
+                ErrorKind::Trainer,
+                false,
+            ),
+            (
+                "No data found. Please verify arguments (train_data_dir must be the parent of folders with images)",
+                ErrorKind::BadDataset,
+                false,
+            ),
+            (
+                "FileNotFoundError: [Errno 2] No such file or directory: '/models/ae.safetensors'",
+                ErrorKind::InvalidSpec,
+                false,
+            ),
         ];
         for (line, kind, retryable) in cases {
             let e = classify_common(fail, &["noise".into(), line.to_string()]).unwrap();

@@ -11,7 +11,9 @@
 //! the same place before a resumed run.
 
 pub mod common;
+pub mod kohya;
 pub mod reference;
+pub mod trl;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -111,11 +113,7 @@ pub enum LineEvent {
         epoch: Option<f32>,
     },
     /// Any other scalar the trainer reports (`grad_norm`, `rewards/margins`, …).
-    Metric {
-        name: String,
-        value: f64,
-        step: u32,
-    },
+    Metric { name: String, value: f64, step: u32 },
     /// The trainer says it saved (a hint: the run loop then looks for a
     /// complete checkpoint with `latest_checkpoint`).
     Saved { step: Option<u32> },
@@ -189,14 +187,65 @@ pub trait TrainerBackend: Send + Sync {
 }
 
 /// Backends this build knows, by the name a job spec uses.
-pub const BACKENDS: &[&str] = &["reference"];
+pub const BACKENDS: &[&str] = &["reference", "kohya", "trl"];
 
 /// Looks a backend up by the name in the job spec.
 pub fn by_name(name: &str, tools: &Tools) -> Option<Box<dyn TrainerBackend>> {
     match name {
         "reference" => Some(Box::new(reference::Reference::new(tools.reference.clone()))),
+        "kohya" => Some(Box::new(kohya::Kohya::new(
+            tools.accelerate.clone(),
+            tools.kohya_dir.clone(),
+        ))),
+        "trl" => Some(Box::new(trl::Trl::new(tools.python.clone()))),
         _ => None,
     }
+}
+
+/// Why this worker cannot run backend `name`: the `[worker.trainers]`
+/// paths it needs are not set. `None` when it can.
+pub fn not_installed(name: &str, tools: &Tools) -> Option<String> {
+    let needs: Vec<(&str, &Path)> = match name {
+        "reference" => vec![("reference_trainer", &tools.reference)],
+        "kohya" => vec![
+            ("accelerate", &tools.accelerate),
+            ("kohya_dir", &tools.kohya_dir),
+        ],
+        "diffusion-pipe" => vec![
+            ("deepspeed", &tools.deepspeed),
+            ("diffusion_pipe_dir", &tools.diffusion_pipe_dir),
+        ],
+        "simpletuner" => vec![
+            ("accelerate", &tools.accelerate),
+            ("simpletuner_dir", &tools.simpletuner_dir),
+        ],
+        "ai-toolkit" => vec![
+            ("python", &tools.python),
+            ("ai_toolkit_dir", &tools.ai_toolkit_dir),
+        ],
+        "trl" => vec![("python", &tools.python)],
+        _ => return Some(format!("unknown backend {name:?}")),
+    };
+    let missing: Vec<&str> = needs
+        .iter()
+        .filter(|(_, path)| path.as_os_str().is_empty())
+        .map(|(key, _)| *key)
+        .collect();
+    (!missing.is_empty()).then(|| {
+        format!(
+            "{name} is not installed on this worker: set worker.trainers.{}",
+            missing.join(", worker.trainers.")
+        )
+    })
+}
+
+/// Backends this worker can run with its tools.
+pub fn installed(tools: &Tools) -> Vec<&'static str> {
+    BACKENDS
+        .iter()
+        .copied()
+        .filter(|name| not_installed(name, tools).is_none())
+        .collect()
 }
 
 /// Settings checks that need no trainer installed: the family is one the
@@ -319,9 +368,15 @@ mod tests {
 
     #[test]
     fn extras_are_checked_against_the_allow_list() {
-        let allowed = [("optimizer_type", ExtraType::Text), ("max_grad_norm", ExtraType::Float)];
+        let allowed = [
+            ("optimizer_type", ExtraType::Text),
+            ("max_grad_norm", ExtraType::Float),
+        ];
         let mut extras = HashMap::new();
-        extras.insert("optimizer_type".into(), extra(Kind::Text("adamw8bit".into())));
+        extras.insert(
+            "optimizer_type".into(),
+            extra(Kind::Text("adamw8bit".into())),
+        );
         extras.insert("max_grad_norm".into(), extra(Kind::Int(1)));
         let typed = typed_extras("kohya", &extras, &allowed).unwrap();
         assert_eq!(typed["max_grad_norm"], Extra::Float(1.0));
@@ -329,7 +384,10 @@ mod tests {
         extras.insert("optimizer_type".into(), extra(Kind::Int(3)));
         let problems = typed_extras("kohya", &extras, &allowed).unwrap_err();
         assert_eq!(problems.len(), 2, "{problems:?}");
-        assert!(problems[0].contains("optimiser: unknown key for kohya; allowed: optimizer_type (text)"));
+        assert!(
+            problems[0]
+                .contains("optimiser: unknown key for kohya; allowed: optimizer_type (text)")
+        );
         assert!(problems[1].contains("optimizer_type: must be a text"));
     }
 

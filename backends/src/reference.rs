@@ -84,36 +84,38 @@ impl OutputParser for Parser {
 }
 
 fn parse(line: &str) -> Option<LineEvent> {
-        let num = |key: &str| kv(line, key).and_then(|v| v.parse::<f64>().ok());
-        if line.starts_with("ty-progress ") {
-            return Some(LineEvent::Progress {
-                step: num("step")? as u32,
-                total: num("total")? as u32,
-                loss: num("loss").map(|v| v as f32),
-                lr: num("lr"),
-                samples_per_sec: num("samples_per_sec").map(|v| v as f32),
-                epoch: num("epoch").map(|v| v as f32),
-            });
-        }
-        if line.starts_with("ty-checkpoint ") {
-            return Some(LineEvent::Saved {
-                step: Some(num("step")? as u32),
-            });
-        }
-        if line.starts_with("ty-resumed ") {
-            return Some(LineEvent::Resumed {
-                step: num("step")? as u32,
-            });
-        }
-        if line.starts_with("ty-done ") {
-            return Some(LineEvent::Done);
-        }
-        None
+    let num = |key: &str| kv(line, key).and_then(|v| v.parse::<f64>().ok());
+    if line.starts_with("ty-progress ") {
+        return Some(LineEvent::Progress {
+            step: num("step")? as u32,
+            total: num("total")? as u32,
+            loss: num("loss").map(|v| v as f32),
+            lr: num("lr"),
+            samples_per_sec: num("samples_per_sec").map(|v| v as f32),
+            epoch: num("epoch").map(|v| v as f32),
+        });
+    }
+    if line.starts_with("ty-checkpoint ") {
+        return Some(LineEvent::Saved {
+            step: Some(num("step")? as u32),
+        });
+    }
+    if line.starts_with("ty-resumed ") {
+        return Some(LineEvent::Resumed {
+            step: num("step")? as u32,
+        });
+    }
+    if line.starts_with("ty-done ") {
+        return Some(LineEvent::Done);
+    }
+    None
 }
 
 /// Where the trainer keeps the checkpoint of `step`.
 fn checkpoint_dir(output_dir: &Path, step: u32) -> PathBuf {
-    output_dir.join("checkpoints").join(format!("step-{step:08}"))
+    output_dir
+        .join("checkpoints")
+        .join(format!("step-{step:08}"))
 }
 
 fn libc_sigterm() -> i32 {
@@ -221,7 +223,11 @@ impl TrainerBackend for Reference {
                 step,
                 files: CHECKPOINT_FILES
                     .iter()
-                    .map(|f| Path::new("checkpoints").join(format!("step-{step:08}")).join(f))
+                    .map(|f| {
+                        Path::new("checkpoints")
+                            .join(format!("step-{step:08}"))
+                            .join(f)
+                    })
                     .collect(),
             })
     }
@@ -271,7 +277,9 @@ mod tests {
     #[test]
     fn parses_the_protocol_lines() {
         assert_eq!(
-            parse("ty-progress step=12 total=200 loss=0.501234 lr=0.002 samples_per_sec=120.50 epoch=3"),
+            parse(
+                "ty-progress step=12 total=200 loss=0.501234 lr=0.002 samples_per_sec=120.50 epoch=3"
+            ),
             Some(LineEvent::Progress {
                 step: 12,
                 total: 200,
@@ -285,7 +293,10 @@ mod tests {
             parse("ty-checkpoint step=50 dir=/w/out/checkpoints/step-00000050"),
             Some(LineEvent::Saved { step: Some(50) })
         );
-        assert_eq!(parse("ty-resumed step=50"), Some(LineEvent::Resumed { step: 50 }));
+        assert_eq!(
+            parse("ty-resumed step=50"),
+            Some(LineEvent::Resumed { step: 50 })
+        );
         assert_eq!(parse("ty-progress step=nan"), None);
         assert_eq!(parse("random noise"), None);
         assert_eq!(

@@ -120,9 +120,23 @@ pub struct SubmitArgs {
     /// Trainer backend.
     #[arg(long, default_value = "reference")]
     pub backend: String,
-    /// Base model: a preset name or an artifact-store URI (default: the backend's).
+    /// Base model: a preset name, hf://org/repo@revision/path, or an
+    /// artifact-store URI (default: the backend's, where it has one).
     #[arg(long)]
     pub model: Option<String>,
+    /// Model family of a non-preset model: flux, sdxl, wan, qwen_image, z_image, llm.
+    #[arg(long)]
+    pub family: Option<String>,
+    /// For language-model backends: sft, dpo or orpo.
+    #[arg(long)]
+    pub method: Option<String>,
+    /// A backend option, key=value; the value is typed as an integer, a
+    /// number, true/false, or text (repeatable).
+    #[arg(long = "extra", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub extras: Vec<(String, String)>,
+    /// Hugging Face token for gated models (sent as the job's secret, never stored in logs).
+    #[arg(long, env = "HF_TOKEN", hide_env_values = true)]
+    pub hf_token: Option<String>,
     /// GPU pool that trains the job.
     #[arg(long)]
     pub pool: Option<String>,

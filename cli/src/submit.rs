@@ -16,8 +16,8 @@ use trainyard_core::config::StoreConfig;
 use trainyard_core::store::ArtifactStore;
 use trainyard_proto::v1::dataset_source::Source;
 use trainyard_proto::v1::{
-    CaptionSettings, DatasetSource, Destination, ImageUrls, JobRecord, JobSpec, ModelRef,
-    SubmitRequest, TrainingSettings,
+    CaptionSettings, DatasetSource, Destination, ExtraValue, ImageUrls, JobRecord, JobSpec,
+    ModelRef, Secrets, SubmitRequest, TrainingSettings, extra_value,
 };
 
 /// Where a dataset comes from, as given on the command line.
@@ -159,6 +159,20 @@ fn destination(raw: &str) -> anyhow::Result<Destination> {
     Ok(Destination { uri })
 }
 
+/// `--extra key=value`: an integer, a number, a boolean, else text.
+fn typed_extra(raw: &str) -> ExtraValue {
+    let kind = if let Ok(n) = raw.parse::<i64>() {
+        extra_value::Kind::Int(n)
+    } else if let Ok(x) = raw.parse::<f64>() {
+        extra_value::Kind::Float(x)
+    } else if let Ok(b) = raw.parse::<bool>() {
+        extra_value::Kind::Flag(b)
+    } else {
+        extra_value::Kind::Text(raw.to_string())
+    };
+    ExtraValue { kind: Some(kind) }
+}
+
 /// The spec of `yard submit`, without its dataset.
 pub fn spec_from_args(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
     Ok(JobSpec {
@@ -172,7 +186,7 @@ pub fn spec_from_args(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
         }),
         base_model: args.model.clone().map(|uri| ModelRef {
             uri,
-            ..Default::default()
+            family: args.family.clone().unwrap_or_default(),
         }),
         training: Some(TrainingSettings {
             backend: args.backend.clone(),
@@ -185,14 +199,22 @@ pub fn spec_from_args(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
             repeats: args.repeats.unwrap_or(0),
             save_every: args.save_every,
             seed: args.seed.unwrap_or(0),
-            extras: Default::default(),
+            extras: args
+                .extras
+                .iter()
+                .map(|(k, v)| (k.clone(), typed_extra(v)))
+                .collect(),
+            method: args.method.clone().unwrap_or_default(),
         }),
         destinations: args
             .destinations
             .iter()
             .map(|d| destination(d))
             .collect::<anyhow::Result<_>>()?,
-        secrets: None,
+        secrets: args.hf_token.clone().map(|hf_token| Secrets {
+            hf_token,
+            ..Default::default()
+        }),
         pool: args.pool.clone().unwrap_or_default(),
     })
 }

@@ -251,6 +251,8 @@ pub struct TrainerPaths {
     pub simpletuner_dir: PathBuf,
     /// An ostris/ai-toolkit checkout.
     pub ai_toolkit_dir: PathBuf,
+    /// Environment added to every trainer (`CUDA_VISIBLE_DEVICES`, `HF_HOME`, …).
+    pub env: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for TrainerPaths {
@@ -263,6 +265,7 @@ impl Default for TrainerPaths {
             diffusion_pipe_dir: PathBuf::new(),
             simpletuner_dir: PathBuf::new(),
             ai_toolkit_dir: PathBuf::new(),
+            env: Default::default(),
         }
     }
 }

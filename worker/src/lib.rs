@@ -1,10 +1,11 @@
 //! The worker: the training stage, on a GPU machine (or a CPU for the
-//! reference trainer). [`train`] is the stage, [`backend`] the trainers it
-//! drives, [`models`] the base-model cache.
+//! reference trainer). [`train`] is the stage, [`models`] the base-model
+//! cache, [`webhook`] the loopback receiver for trainers that report over
+//! HTTP. The trainers it drives are `trainyard-backends`.
 
-pub mod backend;
 pub mod models;
 pub mod train;
+pub mod webhook;
 
 use std::time::Duration;
 use trainyard_core::Config;
@@ -33,9 +34,18 @@ pub async fn run(
         )?,
         store,
         work_root: std::fs::canonicalize(&config.worker.work_dir)?,
-        trainer_bin,
+        tools: tools(&config.worker.trainers, trainer_bin),
         stop_grace: Duration::from_secs(config.worker.stop_grace_secs),
         progress_interval: Duration::from_millis(config.worker.progress_interval_ms),
+        checkpoint_scan: Duration::from_millis(config.worker.checkpoint_scan_ms.max(50)),
+        nan_loss_steps: config.worker.nan_loss_steps,
+        trainer_env: config
+            .worker
+            .trainers
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     };
     let (client, topo) = trainyard_core::service::connect(&config, "ty-worker").await?;
     let mut runner = RunnerConfig::new(Stage::Train, &config.nats);
@@ -44,4 +54,21 @@ pub async fn run(
     // The trainer gets its own grace after SIGTERM; the runtime waits a bit longer.
     runner.drain_grace = Duration::from_secs(1);
     trainyard_core::service::run_stage(client, topo, runner, stage, shutdown).await
+}
+
+/// The backends' view of `[worker.trainers]`.
+pub fn tools(
+    paths: &trainyard_core::config::TrainerPaths,
+    reference: std::path::PathBuf,
+) -> trainyard_backends::Tools {
+    trainyard_backends::Tools {
+        reference,
+        python: paths.python.clone(),
+        accelerate: paths.accelerate.clone(),
+        deepspeed: paths.deepspeed.clone(),
+        kohya_dir: paths.kohya_dir.clone(),
+        diffusion_pipe_dir: paths.diffusion_pipe_dir.clone(),
+        simpletuner_dir: paths.simpletuner_dir.clone(),
+        ai_toolkit_dir: paths.ai_toolkit_dir.clone(),
+    }
 }

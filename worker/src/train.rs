@@ -1,23 +1,30 @@
 //! The training stage on the shared runtime: fetch the prepared dataset
-//! (verifying its manifest checksums) and the base model, render the
-//! backend's run, launch it as a child process group, turn its output into
-//! progress, metric and log events, upload checkpoints as they appear, and
-//! store the final adapter. Cancel kills the trainer at once; shutdown
-//! forwards SIGTERM so the trainer can save, uploads that state, and hands
-//! the task back.
+//! (verifying its manifest checksums), the base model's parts and the newest
+//! stored checkpoint, render the backend's run, launch it as a child process
+//! group, turn its output (and webhook posts) into progress, metric and log
+//! events, upload every new complete checkpoint, and store the final
+//! adapter.
+//!
+//! Cancel kills the trainer at once. Shutdown asks the trainer to save the
+//! way its backend allows ([`StopRequest`]), uploads that state, and hands
+//! the task back; the next attempt, on any worker, continues from it.
 
-use crate::backend::{self, LineEvent, TrainInputs, TrainerBackend};
 use crate::models::Models;
-use futures::StreamExt;
-use futures::stream::FuturesUnordered;
+use crate::webhook::Webhook;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use trainyard_core::process::{ChildGroup, OutputStream};
+use tokio::task::JoinHandle;
+use trainyard_backends::{
+    FoundCheckpoint, LineEvent, OutputParser, Resume, StopRequest, Tools, TrainInputs,
+    TrainerBackend,
+};
+use trainyard_core::models::ModelSource;
+use trainyard_core::process::{ChildGroup, CommandSpec, OutputLine};
 use trainyard_core::runtime::{StageError, StageHandler, TaskContext};
 use trainyard_core::store::{ArtifactStore, keys, sha256_file};
 use trainyard_proto::v1::{
-    Checkpoint, ErrorKind, Progress, Stage, TrainOutput, TrainSummary, TrainTask,
+    Checkpoint, ErrorKind, JobSpec, Progress, Stage, TrainOutput, TrainSummary, TrainTask,
     stage_result::Outcome,
 };
 
@@ -27,9 +34,14 @@ pub struct TrainStage {
     pub store: ArtifactStore,
     pub models: Models,
     pub work_root: PathBuf,
-    pub trainer_bin: PathBuf,
+    pub tools: Tools,
+    /// How long a trainer gets to save and exit when the worker stops.
     pub stop_grace: Duration,
     pub progress_interval: Duration,
+    pub checkpoint_scan: Duration,
+    pub nan_loss_steps: u32,
+    /// Added to every trainer's environment (`[worker.trainers] env`).
+    pub trainer_env: Vec<(String, String)>,
 }
 
 fn local_error(what: &str, error: std::io::Error) -> StageError {
@@ -62,25 +74,56 @@ impl TrainStage {
         let started = Instant::now();
         let spec = task
             .spec
+            .clone()
             .ok_or_else(|| StageError::fail(ErrorKind::InvalidSpec, "task has no job spec"))?;
         let settings = spec
             .training
+            .clone()
             .ok_or_else(|| StageError::fail(ErrorKind::InvalidSpec, "training: is required"))?;
-        let backend = backend::by_name(&settings.backend, &self.trainer_bin).ok_or_else(|| {
-            StageError::fail(
+        let model_ref = spec.base_model.clone().unwrap_or_default();
+        let family = ModelSource::parse(&model_ref.uri)
+            .and_then(|source| source.family(&model_ref.family))
+            .map_err(|e| StageError::fail(ErrorKind::InvalidSpec, e))?;
+        let problems = trainyard_backends::check_settings(&settings, family);
+        if !problems.is_empty() {
+            return Err(StageError::fail(
                 ErrorKind::InvalidSpec,
-                format!("training.backend: unknown backend {:?}", settings.backend),
-            )
-        })?;
-        let inputs = TrainInputs {
+                problems.join("; "),
+            ));
+        }
+        let backend =
+            trainyard_backends::by_name(&settings.backend, &self.tools).ok_or_else(|| {
+                StageError::fail(
+                    ErrorKind::InvalidSpec,
+                    format!("training.backend: unknown backend {:?}", settings.backend),
+                )
+            })?;
+        if let Some(missing) = trainyard_backends::not_installed(&settings.backend, &self.tools) {
+            // Another worker of the pool may have it: hand the task back.
+            return Err(StageError::retry(
+                ErrorKind::Trainer,
+                missing,
+                Duration::from_secs(30),
+            ));
+        }
+        let mut inputs = TrainInputs {
+            job_id: ctx.meta.job.to_string(),
             dataset_dir: work.join("dataset"),
-            base_model: PathBuf::new(),
-            base_model_name: String::new(),
+            model: trainyard_backends::ModelFiles {
+                reference: model_ref.uri.clone(),
+                family,
+                parts: Default::default(),
+            },
             run_dir: work.join("run"),
             output_dir: work.join("output"),
             output_name: "lora".into(),
-            trigger_word: spec.caption.map(|c| c.trigger_word).unwrap_or_default(),
-            resume_from: None,
+            trigger_word: spec
+                .caption
+                .as_ref()
+                .map(|c| c.trigger_word.clone())
+                .unwrap_or_default(),
+            resume: None,
+            webhook_url: None,
             settings,
         };
         for dir in [&inputs.run_dir, &inputs.output_dir, &inputs.dataset_dir] {
@@ -88,42 +131,66 @@ impl TrainStage {
                 .await
                 .map_err(|e| local_error("cannot create work dir", e))?;
         }
-        let inputs = tokio::select! {
-            inputs = self.fetch_inputs(inputs, &task.dataset_uri, spec.base_model.map(|m| m.uri).unwrap_or_default(), task.resume_from, backend.as_ref(), ctx) => inputs?,
+        let fetched = tokio::select! {
+            fetched = self.fetch_inputs(&mut inputs, &task, &spec, backend.as_ref(), ctx) => fetched?,
             _ = ctx.cancel.cancelled() => return Err(StageError::Cancelled),
             _ = ctx.stop.cancelled() => return Err(StageError::Interrupted),
         };
+        let _lease = fetched;
+        let mut webhook = None;
+        if backend.wants_webhook() {
+            let hook = Webhook::bind()
+                .await
+                .map_err(|e| local_error("cannot open the webhook listener", e))?;
+            inputs.webhook_url = Some(hook.url.clone());
+            webhook = Some(hook);
+        }
         let launch = backend
             .render(&inputs)
             .map_err(|e| StageError::fail(ErrorKind::InvalidSpec, e.to_string()))?;
         for (path, body) in &launch.files {
+            if let Some(parent) = path.parent() {
+                tokio::fs::create_dir_all(parent)
+                    .await
+                    .map_err(|e| local_error("cannot create config folder", e))?;
+            }
             tokio::fs::write(path, body)
                 .await
                 .map_err(|e| local_error("cannot write trainer config", e))?;
+        }
+        let mut command = launch.command;
+        let defaults = [("PYTHONUNBUFFERED", "1"), ("PYTHONIOENCODING", "utf-8")]
+            .map(|(k, v)| (k.to_string(), v.to_string()));
+        for (key, value) in defaults.into_iter().chain(self.trainer_env.iter().cloned()) {
+            if !command.env.iter().any(|(k, _)| *k == key) {
+                command.env.push((key, value));
+            }
         }
         let run = Run {
             stage: self,
             backend: backend.as_ref(),
             ctx,
             inputs: &inputs,
+            staging: work.join("staging"),
         };
-        run.supervise(launch.command, started).await
+        run.supervise(command, webhook, started).await
     }
 
+    /// Fetches the dataset, the model parts and the newest checkpoint into
+    /// the run's folders; returns the model lease that keeps them cached.
     async fn fetch_inputs(
         &self,
-        mut inputs: TrainInputs,
-        dataset_uri: &str,
-        model_uri: String,
-        resume_from: Option<Checkpoint>,
+        inputs: &mut TrainInputs,
+        task: &TrainTask,
+        spec: &JobSpec,
         backend: &dyn TrainerBackend,
         ctx: &TaskContext,
-    ) -> Result<TrainInputs, StageError> {
+    ) -> Result<crate::models::ModelLease, StageError> {
         ctx.note("fetching dataset").await;
-        let key = self.store.key_of(dataset_uri).ok_or_else(|| {
+        let key = self.store.key_of(&task.dataset_uri).ok_or_else(|| {
             StageError::fail(
                 ErrorKind::InvalidSpec,
-                format!("dataset {dataset_uri} is not in the artifact store"),
+                format!("dataset {} is not in the artifact store", task.dataset_uri),
             )
         })?;
         self.store
@@ -132,33 +199,58 @@ impl TrainStage {
             .map_err(StageError::from)?;
         verify_manifest(&inputs.dataset_dir).await?;
         ctx.note("fetching base model").await;
-        let model = self
+        let token = spec
+            .secrets
+            .as_ref()
+            .map(|s| s.hf_token.as_str())
+            .filter(|t| !t.is_empty());
+        let model_ref = spec.base_model.clone().unwrap_or_default();
+        let (model, lease) = self
             .models
-            .resolve(&model_uri, inputs.settings.resolution)
+            .resolve(
+                &model_ref,
+                backend.parts(inputs.model.family),
+                inputs.settings.resolution,
+                token,
+            )
             .await?;
-        inputs.base_model = model.path;
-        inputs.base_model_name = model.name;
-        if let Some(checkpoint) = resume_from.filter(|c| !c.uri.is_empty()) {
-            let key = self.store.key_of(&checkpoint.uri).ok_or_else(|| {
-                StageError::fail(
-                    ErrorKind::Internal,
-                    "checkpoint is not in the artifact store",
-                )
-            })?;
-            let dir = backend.checkpoint_dir(&inputs.output_dir, checkpoint.step);
-            self.store
-                .get_dir(&key, &dir)
+        inputs.model = model;
+        // The newest complete checkpoint in the store wins over the one the
+        // task names: a retried or redelivered attempt continues from the
+        // latest state any earlier attempt uploaded.
+        let stored = self
+            .store
+            .latest_checkpoint(&ctx.meta.job)
+            .await
+            .map_err(StageError::from)?;
+        let named = task.resume_from.as_ref().filter(|c| !c.uri.is_empty());
+        let prefix = match (stored, named) {
+            (_, Some(named)) if stored.is_none_or(|step| named.step > step) => {
+                Some(self.store.key_of(&named.uri).ok_or_else(|| {
+                    StageError::fail(
+                        ErrorKind::Internal,
+                        "checkpoint is not in the artifact store",
+                    )
+                })?)
+            }
+            (Some(step), _) => Some(keys::checkpoint(&ctx.meta.job, step)),
+            (None, _) => None,
+        };
+        if let Some(prefix) = prefix {
+            let (step, files) = self
+                .store
+                .get_checkpoint(&prefix, &inputs.output_dir)
                 .await
                 .map_err(StageError::from)?;
-            ctx.note(&format!("resuming from step {}", checkpoint.step))
-                .await;
-            inputs.resume_from = Some(dir);
+            ctx.note(&format!("resuming from step {step}")).await;
+            tracing::info!(job = %ctx.meta.job, step, "restored checkpoint");
+            inputs.resume = Some(Resume { step, files });
         }
-        Ok(inputs)
+        Ok(lease)
     }
 }
 
-/// Checks every image against the sha256 the prepare stage recorded.
+/// Checks every dataset file against the sha256 the prepare stage recorded.
 async fn verify_manifest(dir: &Path) -> Result<(), StageError> {
     let bad = |m: String| StageError::retry(ErrorKind::Storage, m, Duration::from_secs(5));
     let text = tokio::fs::read(dir.join("manifest.json"))
@@ -170,15 +262,16 @@ async fn verify_manifest(dir: &Path) -> Result<(), StageError> {
         })?;
     let manifest: serde_json::Value = serde_json::from_slice(&text)
         .map_err(|e| bad(format!("manifest.json is not valid json: {e}")))?;
-    let images = manifest["images"].as_array().cloned().unwrap_or_default();
-    if images.is_empty() {
+    let mut entries = manifest["images"].as_array().cloned().unwrap_or_default();
+    entries.extend(manifest["texts"].as_array().cloned().unwrap_or_default());
+    if entries.is_empty() {
         return Err(StageError::fail(
             ErrorKind::BadDataset,
-            "prepared dataset lists no images",
+            "prepared dataset lists no images or text files",
         ));
     }
-    for image in images {
-        let (Some(file), Some(expected)) = (image["file"].as_str(), image["sha256"].as_str())
+    for entry in entries {
+        let (Some(file), Some(expected)) = (entry["file"].as_str(), entry["sha256"].as_str())
         else {
             return Err(bad("manifest.json entry without file or sha256".into()));
         };
@@ -204,22 +297,37 @@ struct Run<'a> {
     backend: &'a dyn TrainerBackend,
     ctx: &'a TaskContext,
     inputs: &'a TrainInputs,
+    /// Checkpoint files are linked here before upload, so a trainer that
+    /// prunes or rewrites them mid-upload cannot tear the stored copy.
+    staging: PathBuf,
 }
 
-#[derive(Default)]
 struct Seen {
+    parser: Box<dyn OutputParser>,
     tail: VecDeque<String>,
     last_progress: Option<Progress>,
     last_emit: Option<Instant>,
     first_step_at: Option<(Instant, u32)>,
-    done: Option<(u32, f32, f32)>,
+    loss_first: Option<f32>,
+    nan_run: u32,
+    /// The step of the newest checkpoint stored (or restored).
+    stored_step: Option<u32>,
     latest_uploaded: Option<Checkpoint>,
+    upload: Option<JoinHandle<Result<Checkpoint, StageError>>>,
+    resume_checked: bool,
+}
+
+/// Why the run loop stopped the trainer itself.
+enum Verdict {
+    Exited(std::process::ExitStatus),
+    Abort(StageError),
 }
 
 impl Run<'_> {
     async fn supervise(
         &self,
-        command: trainyard_core::process::CommandSpec,
+        command: CommandSpec,
+        mut webhook: Option<Webhook>,
         started: Instant,
     ) -> Result<Outcome, StageError> {
         let job = &self.ctx.meta.job;
@@ -235,186 +343,418 @@ impl Run<'_> {
             .log(
                 Stage::Train,
                 "worker",
-                &format!("trainer started pid={}", child.pid()),
+                &format!(
+                    "{} trainer started pid={}",
+                    self.backend.name(),
+                    child.pid()
+                ),
             )
             .await;
-        let mut seen = Seen::default();
-        let mut uploads = FuturesUnordered::new();
+        let mut seen = Seen {
+            parser: self.backend.parser(self.inputs),
+            tail: VecDeque::new(),
+            last_progress: None,
+            last_emit: None,
+            first_step_at: None,
+            loss_first: None,
+            nan_run: 0,
+            stored_step: self.inputs.resume.as_ref().map(|r| r.step),
+            latest_uploaded: None,
+            upload: None,
+            resume_checked: self.inputs.resume.is_none(),
+        };
+        let mut scan = tokio::time::interval(self.stage.checkpoint_scan);
+        scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut lines_open = true;
-        let status = loop {
+        let verdict = loop {
             tokio::select! {
                 line = lines.recv(), if lines_open => match line {
                     Some(line) => {
-                        if let Some(upload) = self.on_line(line.stream, line.line, &mut seen).await {
-                            uploads.push(upload);
+                        if let Err(e) = self.on_line(line, &mut seen).await {
+                            break Verdict::Abort(e);
                         }
                     }
                     None => lines_open = false,
                 },
-                Some(done) = uploads.next() => self.on_uploaded(done?, &mut seen).await,
-                status = child.wait(), if !lines_open => break status.map_err(|e| local_error("waiting for trainer", e))?,
+                Some(body) = recv_webhook(&mut webhook) => {
+                    let events = seen.parser.webhook(&body);
+                    if let Err(e) = self.on_events(events, None, &mut seen).await {
+                        break Verdict::Abort(e);
+                    }
+                }
+                _ = scan.tick() => {
+                    if let Err(e) = self.poll_checkpoints(&mut seen).await {
+                        break Verdict::Abort(e);
+                    }
+                }
+                status = child.wait() => break Verdict::Exited(
+                    status.map_err(|e| local_error("waiting for trainer", e))?,
+                ),
                 _ = self.ctx.cancel.cancelled() => {
                     let _ = child.stop(Duration::from_millis(200)).await;
+                    abort_upload(&mut seen);
                     tracing::info!(%job, "trainer killed: job cancelled");
                     return Err(StageError::Cancelled);
                 }
                 _ = self.ctx.stop.cancelled() => {
-                    tracing::info!(%job, "stopping: asking the trainer to save");
-                    let _ = child.stop(self.stage.stop_grace).await;
-                    while let Some(line) = lines.recv().await {
-                        if let Some(upload) = self.on_line(line.stream, line.line, &mut seen).await {
-                            uploads.push(upload);
-                        }
-                    }
-                    while let Some(done) = uploads.next().await {
-                        if let Ok(checkpoint) = done {
-                            self.on_uploaded(checkpoint, &mut seen).await;
-                        }
-                    }
+                    self.stop(&mut child, &mut lines, &mut seen).await;
                     return Err(StageError::Interrupted);
                 }
             }
         };
-        while let Some(done) = uploads.next().await {
-            self.on_uploaded(done?, &mut seen).await;
-        }
+        let status = match verdict {
+            Verdict::Exited(status) => status,
+            Verdict::Abort(error) => {
+                let _ = child.stop(Duration::from_secs(2)).await;
+                self.finish_uploads(&mut seen).await;
+                return Err(error);
+            }
+        };
+        // The leader is gone and its group killed: read what is left.
+        self.drain(&mut lines, &mut seen).await;
         let tail: Vec<String> = seen.tail.iter().cloned().collect();
         let adapter = self.backend.final_adapter(self.inputs);
-        match (status.success(), adapter, seen.done) {
-            (true, Some(adapter), done) => self.finish(adapter, done, &seen, started).await,
-            (true, None, _) => Err(StageError::retry(
+        if let (true, Some(adapter)) = (status.success(), &adapter) {
+            self.finish_uploads(&mut seen).await;
+            let summary = (
+                seen.last_progress.clone().unwrap_or_default(),
+                seen.loss_first,
+                seen.latest_uploaded.clone(),
+            );
+            return self.finish(adapter, summary, started).await;
+        }
+        // Keep whatever state the failed run saved for the next attempt.
+        self.finish_uploads(&mut seen).await;
+        let _ = self.poll_checkpoints(&mut seen).await;
+        self.finish_uploads(&mut seen).await;
+        if status.success() {
+            let last = tail.last().cloned().unwrap_or_default();
+            return Err(StageError::retry(
                 ErrorKind::Trainer,
-                "trainer exited 0 without writing the final adapter",
+                format!(
+                    "trainer exited 0 without writing the final adapter (interrupted or no data); last line: {last}"
+                ),
                 Duration::from_secs(5),
-            )),
-            (false, _, _) => {
-                let error = self.backend.classify(status, &tail);
-                tracing::warn!(%job, %status, error = %error.message, "trainer failed");
-                if error.retryable {
-                    Err(StageError::Retry {
-                        error,
-                        delay: Duration::from_secs(5),
-                    })
-                } else {
-                    Err(StageError::Fail(error))
-                }
-            }
+            ));
+        }
+        let error = self.backend.classify(status, &tail);
+        tracing::warn!(%job, %status, error = %error.message, "trainer failed");
+        if error.retryable {
+            Err(StageError::Retry {
+                error,
+                delay: Duration::from_secs(5),
+            })
+        } else {
+            Err(StageError::Fail(error))
         }
     }
 
-    async fn on_line(
+    /// Asks the trainer to save as its backend allows, waits up to the
+    /// grace, stops the group, and uploads the newest complete checkpoint.
+    async fn stop(
         &self,
-        stream: OutputStream,
-        line: String,
+        child: &mut ChildGroup,
+        lines: &mut tokio::sync::mpsc::Receiver<OutputLine>,
         seen: &mut Seen,
-    ) -> Option<futures::future::BoxFuture<'static, Result<Checkpoint, StageError>>> {
+    ) {
+        let job = &self.ctx.meta.job;
+        let grace = self.stage.stop_grace;
+        let before = seen.stored_step;
+        let request = self.backend.stop_request(self.inputs);
+        tracing::info!(%job, ?request, "stopping: asking the trainer to save");
+        let write = |path: &Path, body: &[u8]| {
+            if let Err(e) = std::fs::write(path, body) {
+                tracing::warn!(%job, path = %path.display(), error = %e, "cannot write the stop file");
+            }
+        };
+        let deadline = tokio::time::Instant::now() + grace;
+        match &request {
+            StopRequest::SaveAndExit { path, body } => write(path, body),
+            StopRequest::SaveAndContinue { path, body } => write(path, body),
+            StopRequest::Signal(signal) => match nix::sys::signal::Signal::try_from(*signal) {
+                Ok(signal) => child.signal(signal),
+                Err(_) => tracing::warn!(%job, signal, "backend asked for an unknown signal"),
+            },
+            StopRequest::Unsupported => {}
+        }
+        if request != StopRequest::Unsupported {
+            // Wait for the trainer to exit (or, for save-and-continue, for a
+            // newer complete checkpoint), reading its output meanwhile.
+            let mut scan = tokio::time::interval(self.stage.checkpoint_scan.min(grace));
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    line = lines.recv() => match line {
+                        Some(line) => { let _ = self.on_line(line, seen).await; }
+                        None => break,
+                    },
+                    _ = scan.tick(), if matches!(request, StopRequest::SaveAndContinue { .. }) => {
+                        let newer = self
+                            .backend
+                            .latest_checkpoint(self.inputs)
+                            .is_some_and(|c| before.is_none_or(|b| c.step > b));
+                        if newer {
+                            break;
+                        }
+                    }
+                    _ = child.wait() => break,
+                }
+            }
+        }
+        let _ = child
+            .stop(
+                deadline
+                    .saturating_duration_since(tokio::time::Instant::now())
+                    .max(Duration::from_millis(500)),
+            )
+            .await;
+        self.drain(lines, seen).await;
+        self.finish_uploads(seen).await;
+        let _ = self.poll_checkpoints(seen).await;
+        self.finish_uploads(seen).await;
+        tracing::info!(%job, step = ?seen.stored_step, "trainer stopped; task handed back");
+    }
+
+    /// Reads the lines still buffered after the group is gone.
+    async fn drain(&self, lines: &mut tokio::sync::mpsc::Receiver<OutputLine>, seen: &mut Seen) {
+        while let Ok(Some(line)) = tokio::time::timeout(Duration::from_secs(2), lines.recv()).await
+        {
+            let _ = self.on_line(line, seen).await;
+        }
+    }
+
+    async fn on_line(&self, line: OutputLine, seen: &mut Seen) -> Result<(), StageError> {
         if seen.tail.len() == TAIL_LINES {
             seen.tail.pop_front();
         }
-        seen.tail.push_back(line.clone());
-        match self.backend.parse_line(&line) {
-            Some(LineEvent::Progress {
-                step,
-                total,
-                loss,
-                lr,
-                samples_per_sec,
-            }) => {
-                let now = Instant::now();
-                let (t0, s0) = *seen.first_step_at.get_or_insert((now, step));
-                let eta = if step > s0 {
-                    let per_step = now.duration_since(t0).as_secs_f32() / (step - s0) as f32;
-                    per_step * total.saturating_sub(step) as f32
-                } else {
-                    0.0
-                };
-                let progress = Progress {
-                    stage: Stage::Train as i32,
-                    step,
-                    total_steps: total,
-                    loss: loss.unwrap_or(f32::NAN),
-                    learning_rate: lr.unwrap_or_default(),
-                    samples_per_second: samples_per_sec.unwrap_or_default(),
-                    eta_seconds: eta,
-                    message: String::new(),
-                };
-                let due = seen
-                    .last_emit
-                    .is_none_or(|at| now.duration_since(at) >= self.stage.progress_interval);
-                if due || step == total {
-                    seen.last_emit = Some(now);
-                    self.ctx.events.progress(progress.clone()).await;
-                    if let Some(loss) = loss {
-                        self.ctx
-                            .events
-                            .metric("train/loss", f64::from(loss), step)
-                            .await;
-                    }
-                }
-                seen.last_progress = Some(progress);
-                None
-            }
-            Some(LineEvent::Checkpoint { step, dir }) => {
-                let store = self.stage.store.clone();
-                let key = keys::checkpoint(&self.ctx.meta.job, step);
-                Some(Box::pin(async move {
-                    store
-                        .put_dir(&dir, &key, &["state.json"])
-                        .await
-                        .map_err(StageError::from)?;
-                    Ok(Checkpoint {
-                        step,
-                        uri: store.uri(&key),
-                    })
-                }))
-            }
-            Some(LineEvent::Done {
-                steps,
-                loss_first,
-                loss_last,
-                ..
-            }) => {
-                seen.done = Some((steps, loss_first, loss_last));
-                None
-            }
-            Some(LineEvent::Resumed { step }) => {
-                self.ctx
-                    .events
-                    .log(
-                        Stage::Train,
-                        "worker",
-                        &format!("trainer resumed at step {step}"),
-                    )
-                    .await;
-                None
-            }
-            None => {
-                self.ctx
-                    .events
-                    .log(Stage::Train, stream.name(), &line)
-                    .await;
-                None
-            }
-        }
+        seen.tail.push_back(line.line.clone());
+        let events = seen.parser.line(&line.line);
+        let raw = events.is_empty().then_some(&line);
+        self.on_events(events, raw, seen).await
     }
 
-    async fn on_uploaded(&self, checkpoint: Checkpoint, seen: &mut Seen) {
+    async fn on_events(
+        &self,
+        events: Vec<LineEvent>,
+        raw: Option<&OutputLine>,
+        seen: &mut Seen,
+    ) -> Result<(), StageError> {
+        if let Some(line) = raw {
+            self.ctx
+                .events
+                .log(Stage::Train, line.stream.name(), &line.line)
+                .await;
+        }
+        for event in events {
+            match event {
+                LineEvent::Progress {
+                    step,
+                    total,
+                    loss,
+                    lr,
+                    samples_per_sec,
+                    epoch,
+                } => {
+                    self.on_progress(step, total, loss, lr, samples_per_sec, epoch, seen)
+                        .await?
+                }
+                LineEvent::Metric { name, value, step } => {
+                    self.ctx
+                        .events
+                        .metric(&format!("train/{name}"), value, step)
+                        .await;
+                }
+                LineEvent::Saved { .. } => self.poll_checkpoints(seen).await?,
+                LineEvent::Resumed { step } => {
+                    if let Some(resume) = &self.inputs.resume
+                        && step < resume.step
+                    {
+                        return Err(restarted(step, resume.step));
+                    }
+                    self.ctx
+                        .events
+                        .log(
+                            Stage::Train,
+                            "worker",
+                            &format!("trainer resumed at step {step}"),
+                        )
+                        .await;
+                }
+                LineEvent::Done => {}
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn on_progress(
+        &self,
+        step: u32,
+        total: u32,
+        loss: Option<f32>,
+        lr: Option<f64>,
+        samples_per_sec: Option<f32>,
+        epoch: Option<f32>,
+        seen: &mut Seen,
+    ) -> Result<(), StageError> {
+        if !seen.resume_checked {
+            seen.resume_checked = true;
+            if let Some(resume) = &self.inputs.resume
+                && step < resume.step
+            {
+                return Err(restarted(step, resume.step));
+            }
+        }
+        match loss {
+            Some(l) if !l.is_finite() => {
+                seen.nan_run += 1;
+                if seen.nan_run >= self.stage.nan_loss_steps.max(1) {
+                    return Err(StageError::fail(
+                        ErrorKind::Trainer,
+                        format!(
+                            "training diverged: loss is {l} for {} steps in a row (at step {step}); lower the learning rate or check the data",
+                            seen.nan_run
+                        ),
+                    ));
+                }
+            }
+            Some(l) => {
+                seen.nan_run = 0;
+                seen.loss_first.get_or_insert(l);
+            }
+            None => {}
+        }
+        let now = Instant::now();
+        let (t0, s0) = *seen.first_step_at.get_or_insert((now, step));
+        let eta = if step > s0 {
+            let per_step = now.duration_since(t0).as_secs_f32() / (step - s0) as f32;
+            per_step * total.saturating_sub(step) as f32
+        } else {
+            0.0
+        };
+        let progress = Progress {
+            stage: Stage::Train as i32,
+            step,
+            total_steps: total,
+            loss: loss.unwrap_or(f32::NAN),
+            learning_rate: lr.unwrap_or_default(),
+            samples_per_second: samples_per_sec.unwrap_or_default(),
+            eta_seconds: eta,
+            message: String::new(),
+        };
+        let due = seen
+            .last_emit
+            .is_none_or(|at| now.duration_since(at) >= self.stage.progress_interval);
+        if due || step == total {
+            seen.last_emit = Some(now);
+            self.ctx.events.progress(progress.clone()).await;
+            let metrics = [
+                ("train/loss", loss.map(f64::from)),
+                ("train/learning_rate", lr),
+                ("train/samples_per_second", samples_per_sec.map(f64::from)),
+                ("train/epoch", epoch.map(f64::from)),
+            ];
+            for (name, value) in metrics {
+                if let Some(value) = value {
+                    self.ctx.events.metric(name, value, step).await;
+                }
+            }
+        }
+        seen.last_progress = Some(progress);
+        Ok(())
+    }
+
+    /// Uploads the newest complete checkpoint if it is newer than the last
+    /// one stored, one upload at a time.
+    async fn poll_checkpoints(&self, seen: &mut Seen) -> Result<(), StageError> {
+        if let Some(upload) = &seen.upload {
+            if !upload.is_finished() {
+                return Ok(());
+            }
+            let upload = seen.upload.take().expect("checked");
+            self.uploaded(upload.await, seen).await?;
+        }
+        let Some(found) = self.backend.latest_checkpoint(self.inputs) else {
+            return Ok(());
+        };
+        if seen.stored_step.is_some_and(|s| found.step <= s) {
+            return Ok(());
+        }
+        // A checkpoint of the last step is not worth storing (the run is
+        // about to finish) and some trainers cannot resume from one.
+        if found.step >= self.inputs.settings.steps {
+            return Ok(());
+        }
+        let staged = self
+            .stage_checkpoint(&found)
+            .map_err(|e| local_error("cannot stage checkpoint", e))?;
+        seen.stored_step = Some(found.step);
+        let store = self.stage.store.clone();
+        let job = self.ctx.meta.job.clone();
+        let staging = self.staging.clone();
+        seen.upload = Some(tokio::spawn(async move {
+            let uri = store
+                .put_checkpoint(&job, found.step, &staged, &found.files)
+                .await;
+            let _ = tokio::fs::remove_dir_all(&staged).await;
+            let _ = staging;
+            Ok(Checkpoint {
+                step: found.step,
+                uri: uri.map_err(StageError::from)?,
+            })
+        }));
+        Ok(())
+    }
+
+    /// Links (or copies) a checkpoint's files into a staging folder.
+    fn stage_checkpoint(&self, found: &FoundCheckpoint) -> std::io::Result<PathBuf> {
+        let dir = self.staging.join(format!("{:08}", found.step));
+        let _ = std::fs::remove_dir_all(&dir);
+        for rel in &found.files {
+            let from = self.inputs.output_dir.join(rel);
+            let to = dir.join(rel);
+            if let Some(parent) = to.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            if std::fs::hard_link(&from, &to).is_err() {
+                std::fs::copy(&from, &to)?;
+            }
+        }
+        Ok(dir)
+    }
+
+    async fn uploaded(
+        &self,
+        joined: Result<Result<Checkpoint, StageError>, tokio::task::JoinError>,
+        seen: &mut Seen,
+    ) -> Result<(), StageError> {
+        let checkpoint = joined.map_err(|e| {
+            StageError::retry(
+                ErrorKind::Internal,
+                format!("checkpoint upload task failed: {e}"),
+                Duration::from_secs(5),
+            )
+        })??;
         tracing::info!(job = %self.ctx.meta.job, step = checkpoint.step, "checkpoint stored");
         self.ctx.events.checkpoint(checkpoint.clone()).await;
-        if seen
-            .latest_uploaded
-            .as_ref()
-            .is_none_or(|c| c.step < checkpoint.step)
+        seen.latest_uploaded = Some(checkpoint);
+        Ok(())
+    }
+
+    /// Waits for a running upload; a failed one is logged (the next attempt
+    /// resumes from an older checkpoint).
+    async fn finish_uploads(&self, seen: &mut Seen) {
+        if let Some(upload) = seen.upload.take()
+            && let Err(e) = self.uploaded(upload.await, seen).await
         {
-            seen.latest_uploaded = Some(checkpoint);
+            tracing::warn!(job = %self.ctx.meta.job, error = ?e, "checkpoint upload failed");
         }
     }
 
     async fn finish(
         &self,
-        adapter: PathBuf,
-        done: Option<(u32, f32, f32)>,
-        seen: &Seen,
+        adapter: &Path,
+        (last, loss_first, latest_uploaded): (Progress, Option<f32>, Option<Checkpoint>),
         started: Instant,
     ) -> Result<Outcome, StageError> {
         let name = adapter
@@ -425,23 +765,42 @@ impl Run<'_> {
         let artifact = self
             .stage
             .store
-            .put_file(&adapter, &key)
+            .put_file(adapter, &key)
             .await
             .map_err(StageError::from)?;
-        let (steps, loss_first, loss_last) = done.unwrap_or_else(|| {
-            let p = seen.last_progress.clone().unwrap_or_default();
-            (p.step, f32::NAN, p.loss)
-        });
         Ok(Outcome::Trained(TrainOutput {
             artifacts: vec![artifact],
             summary: Some(TrainSummary {
-                steps,
-                loss_first,
-                loss_last,
+                steps: last.step,
+                loss_first: loss_first.unwrap_or(f32::NAN),
+                loss_last: last.loss,
                 seconds: started.elapsed().as_secs_f64(),
                 backend: self.backend.name().into(),
             }),
-            last_checkpoint: seen.latest_uploaded.clone(),
+            last_checkpoint: latest_uploaded,
         }))
+    }
+}
+
+fn abort_upload(seen: &mut Seen) {
+    if let Some(upload) = seen.upload.take() {
+        upload.abort();
+    }
+}
+
+fn restarted(step: u32, checkpoint: u32) -> StageError {
+    StageError::retry(
+        ErrorKind::Trainer,
+        format!(
+            "trainer restarted at step {step} although the checkpoint of step {checkpoint} was restored"
+        ),
+        Duration::from_secs(5),
+    )
+}
+
+async fn recv_webhook(webhook: &mut Option<Webhook>) -> Option<serde_json::Value> {
+    match webhook {
+        Some(hook) => hook.bodies.recv().await,
+        None => std::future::pending().await,
     }
 }

@@ -146,6 +146,18 @@ impl Models {
         Ok(())
     }
 
+    async fn fetch_linked(
+        &self,
+        ctx: &Ctx<'_>,
+        link: String,
+        info: HubFileInfo,
+        expected: Expected,
+    ) -> Result<super::cache::Pin, StageError> {
+        let pin = self.fetch_blob(ctx, &link, &info, &expected).await?;
+        self.cache.link(&link, pin.sha()).await?;
+        Ok(pin)
+    }
+
     async fn fetch_blob(
         &self,
         ctx: &Ctx<'_>,
@@ -204,25 +216,29 @@ impl Models {
                 include.join(", ")
             )));
         }
-        let fetches = files.into_iter().map(|entry| {
-            let link = format!("{dir}/{}", entry.path);
-            let info = HubFileInfo {
-                commit: Some(commit.clone()),
-                etag: entry.sha256.clone().or(entry.git_blob_id.clone()),
-                size: entry.size,
-                location: self.hub.file_url(repo, &commit, &entry.path),
-            };
-            let expected = Expected {
-                sha256: entry.sha256.clone(),
-                git_blob_id: entry.git_blob_id.clone().filter(|_| entry.sha256.is_none()),
-                size: entry.size,
-            };
-            async move {
-                let pin = self.fetch_blob(ctx, &link, &info, &expected).await?;
-                self.cache.link(&link, pin.sha()).await?;
-                Ok::<_, StageError>(pin)
-            }
-        });
+        let jobs: Vec<(String, HubFileInfo, Expected)> = files
+            .into_iter()
+            .map(|entry| {
+                let info = HubFileInfo {
+                    commit: Some(commit.clone()),
+                    etag: entry.sha256.clone().or(entry.git_blob_id.clone()),
+                    size: entry.size,
+                    location: self.hub.file_url(repo, &commit, &entry.path),
+                };
+                let expected = Expected {
+                    sha256: entry.sha256.clone(),
+                    git_blob_id: entry.git_blob_id.clone().filter(|_| entry.sha256.is_none()),
+                    size: entry.size,
+                };
+                (format!("{dir}/{}", entry.path), info, expected)
+            })
+            .collect();
+        // Futures of a plain async fn (not of a closure), collected first:
+        // the stream stays `Send` for the stage's handler.
+        let fetches: Vec<_> = jobs
+            .into_iter()
+            .map(|(link, info, expected)| self.fetch_linked(ctx, link, info, expected))
+            .collect();
         use futures::StreamExt;
         let mut results = futures::stream::iter(fetches).buffer_unordered(PARALLEL_FILES);
         let mut first_error = None;

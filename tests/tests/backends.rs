@@ -1,0 +1,239 @@
+//! Every trainer backend through the whole fleet, against its stand-in
+//! (`tests/standins/<tool>/`, a program that prints the tool's exact output,
+//! writes its checkpoint layout and honours its resume arguments), with base
+//! models from a loopback Hub: the job is submitted over gRPC, prepared,
+//! trained by the worker as a real child process group, which the test kills
+//! with SIGKILL after the first stored checkpoint; the retried attempt must
+//! continue from that checkpoint (never from step 0) and the job must end
+//! with its adapter delivered.
+
+use std::path::PathBuf;
+use std::time::Duration;
+use trainyard_proto::v1::{JobState, ModelRef, Secrets, Stage, job_event::Kind};
+use trainyard_tests::hub::FakeHub;
+use trainyard_tests::*;
+
+const HF_TOKEN: &str = "hf_test_token_backends";
+
+struct Case {
+    backend: &'static str,
+    model: &'static str,
+    /// The adapter file name the worker stores.
+    adapter: &'static str,
+}
+
+/// Pids of processes of a job's trainer: its argv or its working folder
+/// names the job (every run lives in the worker's `<work>/<job>/` folder).
+fn trainer_processes(job: &str) -> Vec<u32> {
+    let mut pids = processes_mentioning(job);
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for pid in entries
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        {
+            let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
+            if cwd.to_string_lossy().contains(job) && !pids.contains(&pid) {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+/// Real trainers want images of at least their training resolution.
+const RESOLUTION: u32 = 256;
+
+/// The bundled sample, scaled up to the training resolution, in the store.
+async fn dataset_uri(fleet: &Fleet) -> String {
+    let local = fleet.dir.path().join("sample-256");
+    trainyard_captioner::sample::write_sample_dataset(&local).expect("sample");
+    for entry in std::fs::read_dir(&local).expect("sample dir") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "png") {
+            let img = image::open(&path).expect("sample image");
+            img.resize_exact(RESOLUTION, RESOLUTION, image::imageops::FilterType::Nearest)
+                .save(&path)
+                .expect("scaled image");
+        }
+    }
+    fleet
+        .store
+        .put_dir(&local, "uploads/sample-256", &[])
+        .await
+        .expect("upload");
+    fleet.store.uri("uploads/sample-256")
+}
+
+fn standins() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("standins")
+}
+
+async fn train_kill_and_resume(case: Case) {
+    let hub = FakeHub::start(HF_TOKEN).await;
+    hub.add_presets(&[case.model]);
+    let root = standins();
+    let fleet = Fleet::start_with(Services::ALL, |c| {
+        c.worker.hf_endpoint = hub.endpoint();
+        c.worker.checkpoint_scan_ms = 100;
+        let t = &mut c.worker.trainers;
+        t.python = "python3".into();
+        t.accelerate = root.join("bin/accelerate");
+        t.deepspeed = root.join("bin/deepspeed");
+        t.kohya_dir = root.join("kohya");
+        t.diffusion_pipe_dir = root.join("diffusion-pipe");
+        t.simpletuner_dir = root.join("simpletuner");
+        t.ai_toolkit_dir = root.join("ai-toolkit");
+        t.env = [("STANDIN_STEP_SECONDS".to_string(), "0.1".to_string())].into();
+    })
+    .await;
+    let mut client = fleet.client(TOKEN).await;
+    let outputs = fleet.outputs_dir();
+    let mut spec = with_destination(spec(&dataset_uri(&fleet).await, 30), &outputs);
+    let training = spec.training.as_mut().unwrap();
+    training.backend = case.backend.into();
+    training.resolution = RESOLUTION;
+    training.save_every = 5;
+    training.batch_size = 1;
+    spec.base_model = Some(ModelRef {
+        uri: case.model.into(),
+        ..Default::default()
+    });
+    spec.secrets = Some(Secrets {
+        hf_token: HF_TOKEN.into(),
+        ..Default::default()
+    });
+    let job = submit(&mut client, spec).await;
+
+    // Follow the job; kill the trainer once a checkpoint is stored.
+    let mut stream = client
+        .watch(trainyard_proto::v1::WatchRequest {
+            job_id: job.job_id.clone(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut events = Vec::new();
+    let mut killed_after = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    loop {
+        let event = tokio::time::timeout_at(deadline, stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("{} job did not finish in time: {events:#?}", case.backend))
+            .expect("watch stream");
+        let Some(event) = event else { break };
+        if let Some(Kind::Checkpoint(c)) = &event.kind
+            && killed_after.is_none()
+        {
+            let pids = trainer_processes(&job.job_id);
+            assert!(!pids.is_empty(), "the trainer of {} runs", job.job_id);
+            for pid in pids {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            killed_after = Some(c.step);
+        }
+        events.push(event);
+    }
+    let checkpoint = killed_after.expect("a checkpoint was stored before the kill");
+
+    let record = get(&mut client, &job.job_id).await;
+    assert_eq!(
+        record.state(),
+        JobState::Succeeded,
+        "{}: {:?}\n{events:#?}",
+        case.backend,
+        record.error
+    );
+    // The second attempt restored the checkpoint and its first step
+    // continued from it.
+    let resumed_at = events
+        .iter()
+        .position(|e| {
+            matches!(&e.kind, Some(Kind::Progress(p)) if p.message.starts_with("resuming from step"))
+        })
+        .unwrap_or_else(|| panic!("{}: no resume after the kill: {events:#?}", case.backend));
+    let first_step = events[resumed_at..]
+        .iter()
+        .find_map(|e| match &e.kind {
+            Some(Kind::Progress(p)) if p.stage() == Stage::Train && p.step > 0 => Some(p.step),
+            _ => None,
+        })
+        .expect("progress after the resume");
+    assert!(
+        first_step > checkpoint,
+        "{}: resumed run started at step {first_step}, checkpoint was {checkpoint}",
+        case.backend
+    );
+    let last_step = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(Kind::Progress(p)) if p.stage() == Stage::Train => Some(p.step),
+            _ => None,
+        })
+        .max();
+    assert_eq!(last_step, Some(30), "{}: trained to the end", case.backend);
+    let delivered = outputs.join(&job.job_id).join(case.adapter);
+    assert!(
+        delivered.is_file(),
+        "{}: {} delivered",
+        case.backend,
+        delivered.display()
+    );
+    let summary = record.summary.expect("summary");
+    assert_eq!(summary.backend, case.backend);
+    // Nothing of the trainer is left running.
+    assert!(trainer_processes(&job.job_id).is_empty());
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kohya_flux_resumes_after_a_kill() {
+    train_kill_and_resume(Case {
+        backend: "kohya",
+        model: "flux1-dev",
+        adapter: "lora.safetensors",
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kohya_sdxl_resumes_after_a_kill() {
+    train_kill_and_resume(Case {
+        backend: "kohya",
+        model: "sdxl-base-1.0",
+        adapter: "lora.safetensors",
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diffusion_pipe_qwen_image_resumes_after_a_kill() {
+    train_kill_and_resume(Case {
+        backend: "diffusion-pipe",
+        model: "qwen-image",
+        adapter: "adapter_model.safetensors",
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simpletuner_flux_resumes_after_a_kill() {
+    train_kill_and_resume(Case {
+        backend: "simpletuner",
+        model: "flux1-dev",
+        adapter: "pytorch_lora_weights.safetensors",
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ai_toolkit_flux_resumes_after_a_kill() {
+    train_kill_and_resume(Case {
+        backend: "ai-toolkit",
+        model: "flux1-dev",
+        adapter: "lora.safetensors",
+    })
+    .await;
+}

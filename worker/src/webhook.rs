@@ -1,0 +1,166 @@
+//! A loopback webhook receiver for trainers that report through HTTP
+//! (SimpleTuner's `webhook_config`). One per run: it listens on
+//! `127.0.0.1:0` under a random path, answers every POST with 200, and
+//! hands the JSON bodies to the run loop, which feeds them to the backend's
+//! parser next to the output lines.
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Bodies larger than this are refused (webhook events are small).
+const MAX_BODY: usize = 1 << 20;
+
+pub struct Webhook {
+    pub url: String,
+    pub bodies: mpsc::Receiver<serde_json::Value>,
+    stop: CancellationToken,
+}
+
+impl Drop for Webhook {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Webhook {
+    pub async fn bind() -> std::io::Result<Webhook> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let secret = uuid::Uuid::now_v7().simple().to_string();
+        let path = format!("/hook/{secret}");
+        let (tx, rx) = mpsc::channel(256);
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let expected = path.clone();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = token.cancelled() => return,
+                    accepted = listener.accept() => accepted,
+                };
+                let Ok((stream, _)) = accepted else { continue };
+                let tx = tx.clone();
+                let expected = expected.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = serve(stream, &expected, &tx).await {
+                        tracing::debug!(error = %e, "webhook connection ended");
+                    }
+                });
+            }
+        });
+        Ok(Webhook {
+            url: format!("http://127.0.0.1:{port}{path}"),
+            bodies: rx,
+            stop,
+        })
+    }
+}
+
+/// Serves one keep-alive connection: `POST <path>` with a Content-Length body.
+async fn serve(
+    stream: tokio::net::TcpStream,
+    expected_path: &str,
+    tx: &mpsc::Sender<serde_json::Value>,
+) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line).await? == 0 {
+            return Ok(());
+        }
+        let mut parts = request_line.split_whitespace();
+        let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let mut length = 0usize;
+        let mut close = false;
+        loop {
+            let mut header = String::new();
+            if reader.read_line(&mut header).await? == 0 {
+                return Ok(());
+            }
+            let header = header.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':') {
+                let value = value.trim();
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.parse().unwrap_or(usize::MAX);
+                } else if name.eq_ignore_ascii_case("connection") {
+                    close = value.eq_ignore_ascii_case("close");
+                }
+            }
+        }
+        let status = if length > MAX_BODY {
+            "413 Payload Too Large"
+        } else if method != "POST" || path != expected_path {
+            "404 Not Found"
+        } else {
+            "200 OK"
+        };
+        if length > MAX_BODY {
+            close = true;
+        } else {
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).await?;
+            if status.starts_with("200") {
+                match serde_json::from_slice(&body) {
+                    Ok(value) => {
+                        let _ = tx.send(value).await;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "webhook body is not JSON"),
+                }
+            }
+        }
+        let reply = format!(
+            "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: {}\r\n\r\n",
+            if close { "close" } else { "keep-alive" }
+        );
+        write.write_all(reply.as_bytes()).await?;
+        if close {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    async fn post(url: &str, body: &str) -> String {
+        let rest = url.strip_prefix("http://").unwrap();
+        let (host, path) = rest.split_once('/').unwrap();
+        let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
+        let request = format!(
+            "POST /{path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).await.unwrap();
+        reply
+    }
+
+    #[tokio::test]
+    async fn posted_json_reaches_the_run_and_other_paths_do_not() {
+        let mut hook = Webhook::bind().await.unwrap();
+        let reply = post(
+            &hook.url,
+            r#"{"type":"training.status","progress":{"current":3}}"#,
+        )
+        .await;
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        let body = tokio::time::timeout(std::time::Duration::from_secs(5), hook.bodies.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(body["progress"]["current"], 3);
+        let wrong = hook.url.rsplit_once('/').unwrap().0.to_string() + "/guess";
+        let reply = post(&wrong, "{}").await;
+        assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
+        assert!(hook.bodies.try_recv().is_err());
+    }
+}
