@@ -465,6 +465,10 @@ impl Cache {
         self.lock().index.blobs.values().map(|b| b.size).sum()
     }
 
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
     pub fn leases(&self) -> usize {
         self.lock().leases
     }

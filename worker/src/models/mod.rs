@@ -121,6 +121,11 @@ impl Models {
         self.cache.total_bytes()
     }
 
+    /// The cache's size limit; 0 means none.
+    pub fn max_bytes(&self) -> u64 {
+        self.cache.max_bytes()
+    }
+
     /// Leases held right now: runs using a model.
     pub fn leases(&self) -> usize {
         self.cache.leases()
