@@ -251,14 +251,7 @@ pub async fn ensure(
     }
     let jobs = bucket(js, JOBS_BUCKET, 5, None, replicas).await?;
     let idem = bucket(js, IDEM_BUCKET, 1, None, replicas).await?;
-    let workers = bucket(
-        js,
-        WORKERS_BUCKET,
-        1,
-        Some(WORKER_HEARTBEAT * 3),
-        replicas,
-    )
-    .await?;
+    let workers = bucket(js, WORKERS_BUCKET, 1, Some(WORKER_HEARTBEAT * 3), replicas).await?;
     Ok(Topology {
         js: js.clone(),
         jobs,
