@@ -33,6 +33,8 @@ use trainyard_proto::v1::ErrorKind;
 
 const INDEX: &str = "index.json";
 const BLOBS: &str = "blobs";
+/// Partial downloads older than this are deleted at start-up.
+const STALE_PARTIAL: Duration = Duration::from_secs(24 * 3600);
 
 /// What a blob must be, as far as the source says.
 #[derive(Clone, Debug, Default)]
@@ -646,6 +648,17 @@ fn load_index(root: &Path) -> Index {
     if let Ok(dir) = std::fs::read_dir(&blobs) {
         for item in dir.flatten() {
             let name = item.file_name().to_string_lossy().into_owned();
+            // A partial download nobody resumed for a day is not coming back.
+            let stale = item
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > STALE_PARTIAL);
+            if name.ends_with(".incomplete") && stale {
+                let _ = std::fs::remove_file(item.path());
+                continue;
+            }
             let is_sha = name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit());
             if is_sha && !index.blobs.contains_key(&name) {
                 let size = item.metadata().map(|m| m.len()).unwrap_or(0);
@@ -664,4 +677,56 @@ fn load_index(root: &Path) -> Index {
     index.aliases.retain(|_, sha| present.contains(sha));
     index.links.retain(|_, sha| present.contains(sha));
     index
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_index_is_reconciled_with_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = dir.path().join(BLOBS);
+        std::fs::create_dir_all(&blobs).unwrap();
+        let on_disk = "a".repeat(64);
+        std::fs::write(blobs.join(&on_disk), b"12345").unwrap();
+        std::fs::write(blobs.join("b.incomplete"), b"12").unwrap();
+        let gone = "b".repeat(64);
+        let mut index = Index::default();
+        let entry = BlobEntry {
+            size: 9,
+            last_used_ms: 1,
+            seq: 1,
+        };
+        index.blobs.insert(gone.clone(), entry);
+        index.links.insert("snapshots/x/f".into(), gone.clone());
+        index.aliases.insert("git-1".into(), gone.clone());
+        std::fs::write(dir.path().join(INDEX), serde_json::to_vec(&index).unwrap()).unwrap();
+
+        let cache = Cache::open(dir.path().to_owned(), 0);
+        // The unknown blob is adopted; the missing one and its links are forgotten.
+        assert_eq!(cache.total_bytes(), 5);
+        let state = cache.lock();
+        assert!(state.index.blobs.contains_key(&on_disk));
+        assert!(state.index.links.is_empty() && state.index.aliases.is_empty());
+        // A fresh partial download stays for the next attempt.
+        assert!(blobs.join("b.incomplete").exists());
+    }
+
+    #[test]
+    fn content_checks() {
+        let expected = Expected {
+            sha256: Some("ab".repeat(32)),
+            git_blob_id: None,
+            size: Some(3),
+        };
+        assert!(check(&expected, 3, &"ab".repeat(32), None).is_none());
+        assert!(check(&expected, 4, &"ab".repeat(32), None).is_some());
+        assert!(check(&expected, 3, &"cd".repeat(32), None).is_some());
+        let git = Expected {
+            git_blob_id: Some("1".repeat(40)),
+            ..Expected::default()
+        };
+        assert!(check(&git, 3, "x", Some(&"2".repeat(40))).is_some());
+    }
 }
