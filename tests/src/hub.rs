@@ -327,7 +327,7 @@ pub fn safetensors_file(source: &str) -> Bytes {
         "weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
     });
     let mut header = serde_json::to_vec(&header).expect("json");
-    while header.len() % 8 != 0 {
+    while !header.len().is_multiple_of(8) {
         header.push(b' ');
     }
     let mut out = (header.len() as u64).to_le_bytes().to_vec();
@@ -347,10 +347,14 @@ fn error(status: StatusCode, code: &str) -> Response {
         .expect("response")
 }
 
-/// The repository if this caller may read it, else the error answer.
-fn access(inner: &Inner, repo: &str, headers: &HeaderMap) -> Result<FakeRepo, Response> {
+/// The repository if this caller may read it, else the status and error code.
+fn access(
+    inner: &Inner,
+    repo: &str,
+    headers: &HeaderMap,
+) -> Result<FakeRepo, (StatusCode, &'static str)> {
     let Some(found) = lock(&inner.repos).get(repo).cloned() else {
-        return Err(error(StatusCode::NOT_FOUND, "RepoNotFound"));
+        return Err((StatusCode::NOT_FOUND, "RepoNotFound"));
     };
     if found.gated {
         let bearer = headers
@@ -358,9 +362,9 @@ fn access(inner: &Inner, repo: &str, headers: &HeaderMap) -> Result<FakeRepo, Re
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         match bearer {
-            None => return Err(error(StatusCode::UNAUTHORIZED, "GatedRepo")),
+            None => return Err((StatusCode::UNAUTHORIZED, "GatedRepo")),
             Some(t) if t != *lock(&inner.token) => {
-                return Err(error(StatusCode::FORBIDDEN, "GatedRepo"));
+                return Err((StatusCode::FORBIDDEN, "GatedRepo"));
             }
             Some(_) => {}
         }
@@ -418,7 +422,7 @@ fn percent_decode(s: &str) -> String {
 fn revision(inner: &Inner, repo: &str, rev: &str, blobs: bool, headers: &HeaderMap) -> Response {
     let found = match access(inner, repo, headers) {
         Ok(found) => found,
-        Err(response) => return response,
+        Err((status, code)) => return error(status, code),
     };
     if rev != "main" && rev != found.commit {
         return error(StatusCode::NOT_FOUND, "RevisionNotFound");
@@ -462,7 +466,7 @@ async fn resolve(
 ) -> Response {
     let found = match access(inner, repo, headers) {
         Ok(found) => found,
-        Err(response) => return response,
+        Err((status, code)) => return error(status, code),
     };
     if rev != "main" && rev != found.commit {
         return error(StatusCode::NOT_FOUND, "RevisionNotFound");
