@@ -109,7 +109,7 @@ const SIGNATURES: &[Signature] = &[
         what: "model access denied",
     },
     Signature {
-        pattern: r"ModuleNotFoundError|ImportError",
+        pattern: r"^\s*(?:[\w.]+\.)?(?:ModuleNotFoundError|ImportError): ",
         kind: ErrorKind::Trainer,
         retryable: false,
         what: "trainer environment broken",
@@ -127,7 +127,7 @@ const SIGNATURES: &[Signature] = &[
         what: "training diverged",
     },
     Signature {
-        pattern: r"FileNotFoundError|No such file or directory|not directory: ",
+        pattern: r"^\s*(?:[\w.]+\.)?(?:FileNotFoundError: |OSError: .*No such file or directory)|^not directory: ",
         kind: ErrorKind::InvalidSpec,
         retryable: false,
         what: "missing file",
@@ -141,20 +141,33 @@ static COMPILED: LazyLock<Vec<(Regex, &'static Signature)>> = LazyLock::new(|| {
         .collect()
 });
 
+/// How many signatures (from the top of the table) outrank a kill by
+/// signal 9: a kill explains the rest (a dying process prints anything).
+const STRONG: usize = 4;
+
 /// Failure signatures shared by every trainer, checked in order of the table
 /// (an OOM wins over the `FileNotFoundError` a dying process may also print);
-/// the message carries the matching line. A kill by signal 9 with no other
-/// signature is the host OOM killer or the system.
+/// the message carries the matching line. A kill by signal 9 with no strong
+/// signature is the host OOM killer or the system. Interpreter-teardown noise
+/// (`Exception ignored in …`, `sys.meta_path is None`) is never a cause.
 pub fn classify_common(status: ExitStatus, tail: &[String]) -> Option<JobError> {
     use std::os::unix::process::ExitStatusExt;
-    for (regex, sig) in COMPILED.iter() {
-        if let Some(line) = tail.iter().rev().find(|l| regex.is_match(l)) {
-            return Some(error(
+    let relevant: Vec<&String> = tail
+        .iter()
+        .filter(|l| !l.contains("sys.meta_path is None") && !l.starts_with("Exception ignored in"))
+        .collect();
+    let find = |from: usize, to: usize| {
+        COMPILED[from..to].iter().find_map(|(regex, sig)| {
+            let line = relevant.iter().rev().find(|l| regex.is_match(l))?;
+            Some(error(
                 sig.kind,
                 format!("{}: {}", sig.what, line.trim()),
                 sig.retryable,
-            ));
-        }
+            ))
+        })
+    };
+    if let Some(found) = find(0, STRONG) {
+        return Some(found);
     }
     let killed = tail
         .iter()
@@ -174,7 +187,7 @@ pub fn classify_common(status: ExitStatus, tail: &[String]) -> Option<JobError> 
             true,
         ));
     }
-    None
+    find(STRONG, COMPILED.len())
 }
 
 /// The generic fallback: the exit status and the last line.
@@ -266,6 +279,29 @@ mod tests {
             assert_eq!((e.kind(), e.retryable), (*kind, *retryable), "{line}");
             assert!(e.message.contains(line.trim()), "{}", e.message);
         }
+        // A kill explains the import warnings a starting process printed;
+        // teardown noise after a transient error is never the cause.
+        let e = classify_common(
+            ExitStatus::from_raw(9),
+            &["ModuleNotFoundError: No module named 'triton'".into()],
+        )
+        .unwrap();
+        assert_eq!(
+            (e.kind(), e.retryable),
+            (ErrorKind::Oom, true),
+            "{}",
+            e.message
+        );
+        assert!(
+            classify_common(
+                fail,
+                &[
+                    "ImportError: sys.meta_path is None, Python is likely shutting down".into(),
+                    "Exception ignored in: <function _TemporaryFileCloser.__del__> FileNotFoundError: '/tmp/x'".into(),
+                ],
+            )
+            .is_none()
+        );
         let e = classify_common(ExitStatus::from_raw(9), &[]).unwrap();
         assert_eq!((e.kind(), e.retryable), (ErrorKind::Oom, true));
         assert!(classify_common(fail, &["just text".into()]).is_none());

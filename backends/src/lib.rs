@@ -10,9 +10,12 @@
 //! so the worker can upload them and, on another machine, put them back in
 //! the same place before a resumed run.
 
+pub mod ai_toolkit;
 pub mod common;
+pub mod diffusion_pipe;
 pub mod kohya;
 pub mod reference;
+pub mod simpletuner;
 pub mod trl;
 
 use std::collections::BTreeMap;
@@ -187,7 +190,14 @@ pub trait TrainerBackend: Send + Sync {
 }
 
 /// Backends this build knows, by the name a job spec uses.
-pub const BACKENDS: &[&str] = &["reference", "kohya", "trl"];
+pub const BACKENDS: &[&str] = &[
+    "reference",
+    "kohya",
+    "diffusion-pipe",
+    "simpletuner",
+    "ai-toolkit",
+    "trl",
+];
 
 /// Looks a backend up by the name in the job spec.
 pub fn by_name(name: &str, tools: &Tools) -> Option<Box<dyn TrainerBackend>> {
@@ -198,6 +208,12 @@ pub fn by_name(name: &str, tools: &Tools) -> Option<Box<dyn TrainerBackend>> {
             tools.kohya_dir.clone(),
         ))),
         "trl" => Some(Box::new(trl::Trl::new(tools.python.clone()))),
+        "diffusion-pipe" => Some(Box::new(diffusion_pipe::DiffusionPipe::new(
+            tools.deepspeed.clone(),
+            tools.diffusion_pipe_dir.clone(),
+        ))),
+        "simpletuner" => Some(Box::new(simpletuner::SimpleTuner::new(tools))),
+        "ai-toolkit" => Some(Box::new(ai_toolkit::AiToolkit::new(tools))),
         _ => None,
     }
 }

@@ -215,7 +215,8 @@ pub struct WorkerConfig {
     pub reference_trainer: Option<PathBuf>,
     /// Trainings at once (one per GPU).
     pub concurrency: usize,
-    /// Seconds a trainer gets to save after SIGTERM before SIGKILL.
+    /// Seconds a trainer gets, when the worker stops, to save (by its
+    /// backend's stop file or signal) and exit before its group is killed.
     pub stop_grace_secs: u64,
     /// Least milliseconds between two progress events of one job.
     pub progress_interval_ms: u64,

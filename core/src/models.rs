@@ -150,6 +150,7 @@ const DIFFUSERS_FILES: &[&str] = &[
 ];
 
 const FLUX_ENCODERS: &str = "comfyanonymous/flux_text_encoders";
+const Z_IMAGE_COMFY: &str = "Comfy-Org/z_image_turbo";
 
 /// The presets every worker knows.
 pub const PRESETS: &[Preset] = &[
@@ -272,21 +273,18 @@ pub const PRESETS: &[Preset] = &[
         name: "z-image-turbo",
         family: ModelFamily::ZImage,
         gated: false,
+        // diffusion-pipe loads each Z-Image part as one ComfyUI-format file.
         parts: &[
-            folder(
+            file(
                 part::TRANSFORMER,
-                "Tongyi-MAI/Z-Image-Turbo",
-                &["transformer/*.safetensors", "transformer/*.json"],
+                Z_IMAGE_COMFY,
+                "split_files/diffusion_models/z_image_turbo_bf16.safetensors",
             ),
-            folder(
-                part::AE,
-                "Tongyi-MAI/Z-Image-Turbo",
-                &["vae/*.safetensors", "vae/*.json"],
-            ),
-            folder(
+            file(part::AE, Z_IMAGE_COMFY, "split_files/vae/ae.safetensors"),
+            file(
                 part::TEXT_ENCODER,
-                "Tongyi-MAI/Z-Image-Turbo",
-                &["text_encoder/*.safetensors", "text_encoder/*.json"],
+                Z_IMAGE_COMFY,
+                "split_files/text_encoders/qwen_3_4b.safetensors",
             ),
             folder(part::DIFFUSERS, "Tongyi-MAI/Z-Image-Turbo", DIFFUSERS_FILES),
         ],

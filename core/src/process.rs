@@ -129,7 +129,10 @@ impl ChildGroup {
 
 impl Drop for ChildGroup {
     fn drop(&mut self) {
-        let _ = killpg(self.pgid, Signal::SIGKILL);
+        // Once reaped (and its group killed), the pgid may belong to a new process.
+        if !self.exited {
+            let _ = killpg(self.pgid, Signal::SIGKILL);
+        }
     }
 }
 

@@ -46,6 +46,8 @@ pub enum StoreError {
         expected: String,
         actual: String,
     },
+    #[error("object {0} is corrupt")]
+    Corrupt(String),
     #[error("artifact store: {0}")]
     Backend(#[from] object_store::Error),
     #[error("local file {path}: {source}")]
@@ -431,6 +433,16 @@ impl ArtifactStore {
         files: &[PathBuf],
     ) -> Result<String, StoreError> {
         let prefix = keys::checkpoint(job, step);
+        // Storing a step again (a second attempt got there too): the old
+        // manifest goes first, so no reader pairs it with the new files.
+        match self
+            .store
+            .delete(&self.path(&format!("{prefix}/checkpoint.json")))
+            .await
+        {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
         let mut listed = Vec::with_capacity(files.len());
         for rel in files {
             let rel_str = rel.to_string_lossy().replace('\\', "/");
@@ -462,10 +474,11 @@ impl ArtifactStore {
         Ok(self.uri(&prefix))
     }
 
-    /// The newest complete checkpoint of a job (one with its manifest).
-    pub async fn latest_checkpoint(&self, job: &JobId) -> Result<Option<u32>, StoreError> {
+    /// The steps of a job's complete checkpoints (those with a manifest),
+    /// newest first.
+    pub async fn checkpoints(&self, job: &JobId) -> Result<Vec<u32>, StoreError> {
         let base = format!("jobs/{job}/checkpoints");
-        let newest = self
+        let mut steps: Vec<u32> = self
             .list(&base)
             .await?
             .into_iter()
@@ -474,8 +487,9 @@ impl ArtifactStore {
                 let (step, name) = rest.split_once('/')?;
                 (name == "checkpoint.json").then(|| step.parse::<u32>().ok())?
             })
-            .max();
-        Ok(newest)
+            .collect();
+        steps.sort_unstable_by(|a, b| b.cmp(a));
+        Ok(steps)
     }
 
     /// Puts a checkpoint stored by [`Self::put_checkpoint`] back under
@@ -487,19 +501,16 @@ impl ArtifactStore {
     ) -> Result<(u32, Vec<PathBuf>), StoreError> {
         let prefix = prefix.trim_end_matches('/');
         let body = self.get_bytes(&format!("{prefix}/checkpoint.json")).await?;
-        let manifest: CheckpointManifest =
-            serde_json::from_slice(&body).map_err(|e| StoreError::Io {
-                path: PathBuf::from(format!("{prefix}/checkpoint.json")),
-                source: std::io::Error::other(e),
-            })?;
+        let manifest: CheckpointManifest = serde_json::from_slice(&body)
+            .map_err(|e| StoreError::Corrupt(format!("{prefix}/checkpoint.json: {e}")))?;
         let mut files = Vec::with_capacity(manifest.files.len());
         for file in &manifest.files {
             if file.path.starts_with('/') || file.path.split('/').any(|p| p == ".." || p.is_empty())
             {
-                return Err(StoreError::Io {
-                    path: PathBuf::from(&file.path),
-                    source: std::io::Error::other("checkpoint names a file outside its folder"),
-                });
+                return Err(StoreError::Corrupt(format!(
+                    "{prefix}/checkpoint.json names {} outside its folder",
+                    file.path
+                )));
             }
             self.get_file(
                 &format!("{prefix}/files/{}", file.path),

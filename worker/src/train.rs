@@ -16,8 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use trainyard_backends::{
-    FoundCheckpoint, LineEvent, OutputParser, Resume, StopRequest, Tools, TrainInputs,
-    TrainerBackend,
+    LineEvent, OutputParser, Resume, StopRequest, Tools, TrainInputs, TrainerBackend,
 };
 use trainyard_core::models::ModelSource;
 use trainyard_core::process::{ChildGroup, CommandSpec, OutputLine};
@@ -159,9 +158,18 @@ impl TrainStage {
                 .map_err(|e| local_error("cannot write trainer config", e))?;
         }
         let mut command = launch.command;
-        let defaults = [("PYTHONUNBUFFERED", "1"), ("PYTHONIOENCODING", "utf-8")]
+        let mut defaults = vec![("PYTHONUNBUFFERED", "1"), ("PYTHONIOENCODING", "utf-8")];
+        if webhook.is_some() {
+            // The webhook is on loopback: never through a configured proxy.
+            defaults.extend([
+                ("NO_PROXY", "127.0.0.1,localhost"),
+                ("no_proxy", "127.0.0.1,localhost"),
+            ]);
+        }
+        let defaults = defaults
+            .into_iter()
             .map(|(k, v)| (k.to_string(), v.to_string()));
-        for (key, value) in defaults.into_iter().chain(self.trainer_env.iter().cloned()) {
+        for (key, value) in defaults.chain(self.trainer_env.iter().cloned()) {
             if !command.env.iter().any(|(k, _)| *k == key) {
                 command.env.push((key, value));
             }
@@ -217,34 +225,39 @@ impl TrainStage {
         inputs.model = model;
         // The newest complete checkpoint in the store wins over the one the
         // task names: a retried or redelivered attempt continues from the
-        // latest state any earlier attempt uploaded.
-        let stored = self
+        // latest state any earlier attempt uploaded. One that cannot be
+        // restored is skipped for the next older one.
+        let mut candidates: Vec<String> = self
             .store
-            .latest_checkpoint(&ctx.meta.job)
+            .checkpoints(&ctx.meta.job)
             .await
-            .map_err(StageError::from)?;
-        let named = task.resume_from.as_ref().filter(|c| !c.uri.is_empty());
-        let prefix = match (stored, named) {
-            (_, Some(named)) if stored.is_none_or(|step| named.step > step) => {
-                Some(self.store.key_of(&named.uri).ok_or_else(|| {
-                    StageError::fail(
-                        ErrorKind::Internal,
-                        "checkpoint is not in the artifact store",
-                    )
-                })?)
+            .map_err(StageError::from)?
+            .into_iter()
+            .map(|step| keys::checkpoint(&ctx.meta.job, step))
+            .collect();
+        if let Some(named) = task.resume_from.as_ref().filter(|c| !c.uri.is_empty())
+            && let Some(key) = self.store.key_of(&named.uri)
+            && !candidates.contains(&key)
+        {
+            candidates.push(key);
+        }
+        for prefix in candidates {
+            match self.store.get_checkpoint(&prefix, &inputs.output_dir).await {
+                Ok((step, files)) => {
+                    ctx.note(&format!("resuming from step {step}")).await;
+                    tracing::info!(job = %ctx.meta.job, step, "restored checkpoint");
+                    inputs.resume = Some(Resume { step, files });
+                    break;
+                }
+                Err(e) if e.is_retryable() => return Err(StageError::from(e)),
+                Err(e) => {
+                    tracing::warn!(job = %ctx.meta.job, checkpoint = %prefix, error = %e, "checkpoint cannot be restored; trying an older one");
+                    let _ = tokio::fs::remove_dir_all(&inputs.output_dir).await;
+                    tokio::fs::create_dir_all(&inputs.output_dir)
+                        .await
+                        .map_err(|e| local_error("cannot create work dir", e))?;
+                }
             }
-            (Some(step), _) => Some(keys::checkpoint(&ctx.meta.job, step)),
-            (None, _) => None,
-        };
-        if let Some(prefix) = prefix {
-            let (step, files) = self
-                .store
-                .get_checkpoint(&prefix, &inputs.output_dir)
-                .await
-                .map_err(StageError::from)?;
-            ctx.note(&format!("resuming from step {step}")).await;
-            tracing::info!(job = %ctx.meta.job, step, "restored checkpoint");
-            inputs.resume = Some(Resume { step, files });
         }
         Ok(lease)
     }
@@ -297,8 +310,8 @@ struct Run<'a> {
     backend: &'a dyn TrainerBackend,
     ctx: &'a TaskContext,
     inputs: &'a TrainInputs,
-    /// Checkpoint files are linked here before upload, so a trainer that
-    /// prunes or rewrites them mid-upload cannot tear the stored copy.
+    /// Checkpoint files are copied here before upload, so a trainer that
+    /// prunes or rewrites them cannot tear the stored copy.
     staging: PathBuf,
 }
 
@@ -309,11 +322,14 @@ struct Seen {
     last_emit: Option<Instant>,
     first_step_at: Option<(Instant, u32)>,
     loss_first: Option<f32>,
+    /// Consecutive steps whose loss was not finite, and the last such step.
     nan_run: u32,
+    nan_step: Option<u32>,
     /// The step of the newest checkpoint stored (or restored).
     stored_step: Option<u32>,
     latest_uploaded: Option<Checkpoint>,
-    upload: Option<JoinHandle<Result<Checkpoint, StageError>>>,
+    /// The upload in flight and its step.
+    upload: Option<(u32, JoinHandle<Result<Checkpoint, StageError>>)>,
     resume_checked: bool,
 }
 
@@ -358,6 +374,7 @@ impl Run<'_> {
             first_step_at: None,
             loss_first: None,
             nan_run: 0,
+            nan_step: None,
             stored_step: self.inputs.resume.as_ref().map(|r| r.step),
             latest_uploaded: None,
             upload: None,
@@ -377,6 +394,11 @@ impl Run<'_> {
                     None => lines_open = false,
                 },
                 Some(body) = recv_webhook(&mut webhook) => {
+                    // Failures reported only by webhook must reach `classify`.
+                    let text = body.to_string();
+                    if text.to_ascii_lowercase().contains("error") {
+                        push_tail(&mut seen, format!("webhook: {text}"));
+                    }
                     let events = seen.parser.webhook(&body);
                     if let Err(e) = self.on_events(events, None, &mut seen).await {
                         break Verdict::Abort(e);
@@ -392,12 +414,13 @@ impl Run<'_> {
                 ),
                 _ = self.ctx.cancel.cancelled() => {
                     let _ = child.stop(Duration::from_millis(200)).await;
-                    abort_upload(&mut seen);
+                    // A running upload finishes on its own (never torn off mid-way).
+                    seen.upload = None;
                     tracing::info!(%job, "trainer killed: job cancelled");
                     return Err(StageError::Cancelled);
                 }
                 _ = self.ctx.stop.cancelled() => {
-                    self.stop(&mut child, &mut lines, &mut seen).await;
+                    self.stop(&mut child, &mut lines, lines_open, &mut seen).await;
                     return Err(StageError::Interrupted);
                 }
             }
@@ -427,17 +450,15 @@ impl Run<'_> {
         self.finish_uploads(&mut seen).await;
         let _ = self.poll_checkpoints(&mut seen).await;
         self.finish_uploads(&mut seen).await;
-        if status.success() {
-            let last = tail.last().cloned().unwrap_or_default();
-            return Err(StageError::retry(
-                ErrorKind::Trainer,
-                format!(
-                    "trainer exited 0 without writing the final adapter (interrupted or no data); last line: {last}"
-                ),
-                Duration::from_secs(5),
-            ));
+        let mut error = self.backend.classify(status, &tail);
+        if status.success() && error.retryable {
+            // Exit 0 without the adapter: interrupted, unless the backend
+            // recognised a permanent cause (kohya's "No data found").
+            error.message = format!(
+                "trainer exited 0 without writing the final adapter: {}",
+                error.message
+            );
         }
-        let error = self.backend.classify(status, &tail);
         tracing::warn!(%job, %status, error = %error.message, "trainer failed");
         if error.retryable {
             Err(StageError::Retry {
@@ -455,10 +476,11 @@ impl Run<'_> {
         &self,
         child: &mut ChildGroup,
         lines: &mut tokio::sync::mpsc::Receiver<OutputLine>,
+        mut lines_open: bool,
         seen: &mut Seen,
     ) {
         let job = &self.ctx.meta.job;
-        let grace = self.stage.stop_grace;
+        let grace = self.stage.stop_grace.max(Duration::from_millis(100));
         let before = seen.stored_step;
         let request = self.backend.stop_request(self.inputs);
         tracing::info!(%job, ?request, "stopping: asking the trainer to save");
@@ -484,9 +506,9 @@ impl Run<'_> {
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep_until(deadline) => break,
-                    line = lines.recv() => match line {
+                    line = lines.recv(), if lines_open => match line {
                         Some(line) => { let _ = self.on_line(line, seen).await; }
-                        None => break,
+                        None => lines_open = false,
                     },
                     _ = scan.tick(), if matches!(request, StopRequest::SaveAndContinue { .. }) => {
                         let newer = self
@@ -516,18 +538,23 @@ impl Run<'_> {
     }
 
     /// Reads the lines still buffered after the group is gone.
+    /// Reads the lines still buffered after the group is gone: until the
+    /// pipes close, 2 s pass without a line, or 10 s in all (a process that
+    /// left the group may hold the pipes open).
     async fn drain(&self, lines: &mut tokio::sync::mpsc::Receiver<OutputLine>, seen: &mut Seen) {
-        while let Ok(Some(line)) = tokio::time::timeout(Duration::from_secs(2), lines.recv()).await
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while let Ok(Ok(Some(line))) = tokio::time::timeout_at(
+            deadline,
+            tokio::time::timeout(Duration::from_secs(2), lines.recv()),
+        )
+        .await
         {
             let _ = self.on_line(line, seen).await;
         }
     }
 
     async fn on_line(&self, line: OutputLine, seen: &mut Seen) -> Result<(), StageError> {
-        if seen.tail.len() == TAIL_LINES {
-            seen.tail.pop_front();
-        }
-        seen.tail.push_back(line.line.clone());
+        push_tail(seen, line.line.clone());
         let events = seen.parser.line(&line.line);
         let raw = events.is_empty().then_some(&line);
         self.on_events(events, raw, seen).await
@@ -607,7 +634,11 @@ impl Run<'_> {
         }
         match loss {
             Some(l) if !l.is_finite() => {
-                seen.nan_run += 1;
+                // Several events may report one step (bar, postfix, webhook).
+                if seen.nan_step != Some(step) {
+                    seen.nan_step = Some(step);
+                    seen.nan_run += 1;
+                }
                 if seen.nan_run >= self.stage.nan_loss_steps.max(1) {
                     return Err(StageError::fail(
                         ErrorKind::Trainer,
@@ -620,6 +651,7 @@ impl Run<'_> {
             }
             Some(l) => {
                 seen.nan_run = 0;
+                seen.nan_step = None;
                 seen.loss_first.get_or_insert(l);
             }
             None => {}
@@ -665,14 +697,16 @@ impl Run<'_> {
     }
 
     /// Uploads the newest complete checkpoint if it is newer than the last
-    /// one stored, one upload at a time.
+    /// one stored, one upload at a time. Store or staging trouble never
+    /// stops the trainer: the checkpoint is tried again at the next scan
+    /// (or a newer one is).
     async fn poll_checkpoints(&self, seen: &mut Seen) -> Result<(), StageError> {
-        if let Some(upload) = &seen.upload {
+        if let Some((_, upload)) = &seen.upload {
             if !upload.is_finished() {
                 return Ok(());
             }
-            let upload = seen.upload.take().expect("checked");
-            self.uploaded(upload.await, seen).await?;
+            let (step, upload) = seen.upload.take().expect("checked");
+            self.uploaded(step, upload.await, seen).await;
         }
         let Some(found) = self.backend.latest_checkpoint(self.inputs) else {
             return Ok(());
@@ -685,69 +719,75 @@ impl Run<'_> {
         if found.step >= self.inputs.settings.steps {
             return Ok(());
         }
-        let staged = self
-            .stage_checkpoint(&found)
-            .map_err(|e| local_error("cannot stage checkpoint", e))?;
-        seen.stored_step = Some(found.step);
+        let output_dir = self.inputs.output_dir.clone();
+        let dir = self.staging.join(format!("{:08}", found.step));
+        let files = found.files.clone();
+        let staged =
+            tokio::task::spawn_blocking(move || stage_checkpoint(&output_dir, &files, &dir))
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))
+                .and_then(|r| r);
+        let staged = match staged {
+            Ok(staged) => staged,
+            Err(e) => {
+                // Pruned or rewritten while being copied: try again later.
+                tracing::debug!(job = %self.ctx.meta.job, step = found.step, error = %e, "checkpoint changed while staging");
+                return Ok(());
+            }
+        };
         let store = self.stage.store.clone();
         let job = self.ctx.meta.job.clone();
-        let staging = self.staging.clone();
-        seen.upload = Some(tokio::spawn(async move {
-            let uri = store
-                .put_checkpoint(&job, found.step, &staged, &found.files)
-                .await;
-            let _ = tokio::fs::remove_dir_all(&staged).await;
-            let _ = staging;
-            Ok(Checkpoint {
-                step: found.step,
-                uri: uri.map_err(StageError::from)?,
-            })
-        }));
+        let step = found.step;
+        seen.upload = Some((
+            step,
+            tokio::spawn(async move {
+                let uri = store
+                    .put_checkpoint(&job, step, &staged, &found.files)
+                    .await;
+                let _ = tokio::fs::remove_dir_all(&staged).await;
+                Ok(Checkpoint {
+                    step,
+                    uri: uri.map_err(StageError::from)?,
+                })
+            }),
+        ));
         Ok(())
-    }
-
-    /// Links (or copies) a checkpoint's files into a staging folder.
-    fn stage_checkpoint(&self, found: &FoundCheckpoint) -> std::io::Result<PathBuf> {
-        let dir = self.staging.join(format!("{:08}", found.step));
-        let _ = std::fs::remove_dir_all(&dir);
-        for rel in &found.files {
-            let from = self.inputs.output_dir.join(rel);
-            let to = dir.join(rel);
-            if let Some(parent) = to.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            if std::fs::hard_link(&from, &to).is_err() {
-                std::fs::copy(&from, &to)?;
-            }
-        }
-        Ok(dir)
     }
 
     async fn uploaded(
         &self,
+        step: u32,
         joined: Result<Result<Checkpoint, StageError>, tokio::task::JoinError>,
         seen: &mut Seen,
-    ) -> Result<(), StageError> {
-        let checkpoint = joined.map_err(|e| {
-            StageError::retry(
-                ErrorKind::Internal,
-                format!("checkpoint upload task failed: {e}"),
-                Duration::from_secs(5),
-            )
-        })??;
-        tracing::info!(job = %self.ctx.meta.job, step = checkpoint.step, "checkpoint stored");
-        self.ctx.events.checkpoint(checkpoint.clone()).await;
-        seen.latest_uploaded = Some(checkpoint);
-        Ok(())
+    ) {
+        let result = joined
+            .map_err(|e| format!("upload task failed: {e}"))
+            .and_then(|r| r.map_err(|e| format!("{e:?}")));
+        match result {
+            Ok(checkpoint) => {
+                tracing::info!(job = %self.ctx.meta.job, step, "checkpoint stored");
+                seen.stored_step = Some(step).max(seen.stored_step);
+                self.ctx.events.checkpoint(checkpoint.clone()).await;
+                seen.latest_uploaded = Some(checkpoint);
+            }
+            Err(e) => {
+                tracing::warn!(job = %self.ctx.meta.job, step, error = %e, "checkpoint upload failed; it is tried again");
+                self.ctx
+                    .events
+                    .log(
+                        Stage::Train,
+                        "worker",
+                        &format!("checkpoint of step {step} could not be stored: {e}"),
+                    )
+                    .await;
+            }
+        }
     }
 
-    /// Waits for a running upload; a failed one is logged (the next attempt
-    /// resumes from an older checkpoint).
+    /// Waits for a running upload.
     async fn finish_uploads(&self, seen: &mut Seen) {
-        if let Some(upload) = seen.upload.take()
-            && let Err(e) = self.uploaded(upload.await, seen).await
-        {
-            tracing::warn!(job = %self.ctx.meta.job, error = ?e, "checkpoint upload failed");
+        if let Some((step, upload)) = seen.upload.take() {
+            self.uploaded(step, upload.await, seen).await;
         }
     }
 
@@ -782,10 +822,41 @@ impl Run<'_> {
     }
 }
 
-fn abort_upload(seen: &mut Seen) {
-    if let Some(upload) = seen.upload.take() {
-        upload.abort();
+/// Copies a checkpoint's files into a staging folder, failing if any of
+/// them changed while it was copied (some trainers rewrite files in place,
+/// ai-toolkit's `optimizer.pt`, or prune old checkpoints).
+fn stage_checkpoint(output_dir: &Path, files: &[PathBuf], dir: &Path) -> std::io::Result<PathBuf> {
+    let _ = std::fs::remove_dir_all(dir);
+    let result = (|| {
+        for rel in files {
+            let from = output_dir.join(rel);
+            let to = dir.join(rel);
+            if let Some(parent) = to.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            let stamp = |m: std::fs::Metadata| (m.len(), m.modified().ok());
+            let before = stamp(std::fs::metadata(&from)?);
+            std::fs::copy(&from, &to)?;
+            if stamp(std::fs::metadata(&from)?) != before {
+                return Err(std::io::Error::other(format!(
+                    "{} changed while it was copied",
+                    rel.display()
+                )));
+            }
+        }
+        Ok(dir.to_owned())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(dir);
     }
+    result
+}
+
+fn push_tail(seen: &mut Seen, line: String) {
+    if seen.tail.len() == TAIL_LINES {
+        seen.tail.pop_front();
+    }
+    seen.tail.push_back(line);
 }
 
 fn restarted(step: u32, checkpoint: u32) -> StageError {

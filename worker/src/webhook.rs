@@ -11,6 +11,10 @@ use tokio_util::sync::CancellationToken;
 
 /// Bodies larger than this are refused (webhook events are small).
 const MAX_BODY: usize = 1 << 20;
+/// Longest request or header line.
+const MAX_LINE: u64 = 8 << 10;
+/// A connection is closed after this long, whatever it is doing.
+const IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub struct Webhook {
     pub url: String,
@@ -40,11 +44,16 @@ impl Webhook {
                     _ = token.cancelled() => return,
                     accepted = listener.accept() => accepted,
                 };
-                let Ok((stream, _)) = accepted else { continue };
+                let Ok((stream, _)) = accepted else {
+                    // Out of descriptors or similar: do not spin.
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                };
                 let tx = tx.clone();
                 let expected = expected.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = serve(stream, &expected, &tx).await {
+                    let served = tokio::time::timeout(IDLE, serve(stream, &expected, &tx)).await;
+                    if let Ok(Err(e)) = served {
                         tracing::debug!(error = %e, "webhook connection ended");
                     }
                 });
@@ -68,16 +77,22 @@ async fn serve(
     let mut reader = BufReader::new(read);
     loop {
         let mut request_line = String::new();
-        if reader.read_line(&mut request_line).await? == 0 {
+        if (&mut reader)
+            .take(MAX_LINE)
+            .read_line(&mut request_line)
+            .await?
+            == 0
+        {
             return Ok(());
         }
         let mut parts = request_line.split_whitespace();
         let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
         let mut length = 0usize;
         let mut close = false;
+        let mut chunked = false;
         loop {
             let mut header = String::new();
-            if reader.read_line(&mut header).await? == 0 {
+            if (&mut reader).take(MAX_LINE).read_line(&mut header).await? == 0 {
                 return Ok(());
             }
             let header = header.trim_end();
@@ -88,37 +103,45 @@ async fn serve(
                 let value = value.trim();
                 if name.eq_ignore_ascii_case("content-length") {
                     length = value.parse().unwrap_or(usize::MAX);
+                } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                    chunked = !value.eq_ignore_ascii_case("identity");
                 } else if name.eq_ignore_ascii_case("connection") {
                     close = value.eq_ignore_ascii_case("close");
                 }
             }
         }
-        let status = if length > MAX_BODY {
+        let status = if chunked {
+            "411 Length Required"
+        } else if length > MAX_BODY {
             "413 Payload Too Large"
         } else if method != "POST" || path != expected_path {
             "404 Not Found"
         } else {
             "200 OK"
         };
-        if length > MAX_BODY {
+        let mut body = Vec::new();
+        if chunked || length > MAX_BODY {
             close = true;
         } else {
-            let mut body = vec![0; length];
+            body.resize(length, 0);
             reader.read_exact(&mut body).await?;
-            if status.starts_with("200") {
-                match serde_json::from_slice(&body) {
-                    Ok(value) => {
-                        let _ = tx.send(value).await;
-                    }
-                    Err(e) => tracing::debug!(error = %e, "webhook body is not JSON"),
-                }
-            }
         }
+        // Answer at once: the trainer posts from its training loop.
         let reply = format!(
             "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: {}\r\n\r\n",
             if close { "close" } else { "keep-alive" }
         );
         write.write_all(reply.as_bytes()).await?;
+        if status.starts_with("200") {
+            match serde_json::from_slice(&body) {
+                Ok(value) => {
+                    if tx.try_send(value).is_err() {
+                        tracing::debug!("webhook event dropped: the run is not reading");
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "webhook body is not JSON"),
+            }
+        }
         if close {
             return Ok(());
         }

@@ -1,0 +1,609 @@
+//! ostris/ai-toolkit, the trainers reference section 5.
+//!
+//! A run is `python run.py <run_dir>/job.yaml` in the ai-toolkit checkout,
+//! with one `sd_trainer` process rendered from structs. Everything lands in
+//! `<training_folder>/<name>/`: `<name>_<step:09>.safetensors` per save,
+//! `optimizer.pt` (overwritten at every save, after the weights) and
+//! `<name>.safetensors` at the end. Resuming needs no flag: ai-toolkit loads
+//! the newest `<name>*.safetensors` it finds, reads the step from its
+//! metadata, and reloads `optimizer.pt`, so a restored checkpoint is just
+//! those two files put back in place.
+//!
+//! ai-toolkit cannot be asked to save: SIGINT stops it with `Job stopped`
+//! and exit status 0, without saving.
+
+use super::{
+    BackendError, Extra, ExtraType, FoundCheckpoint, Launch, LineEvent, OutputParser, StopRequest,
+    Tools, TrainInputs, TrainerBackend, classify_common, error, typed_extras,
+};
+use crate::common::{self, unclassified};
+use regex::Regex;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::LazyLock;
+use trainyard_core::models::{ModelFamily, part};
+use trainyard_core::process::CommandSpec;
+use trainyard_proto::v1::{ErrorKind, JobError, TrainingSettings};
+
+const NAME: &str = "ai-toolkit";
+
+/// Which section of the process config an extra belongs to.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Section {
+    Train,
+    Model,
+    Dataset,
+    Save,
+}
+
+/// Extras: real ai-toolkit option names (`toolkit/config_modules.py`), the
+/// section they go in and their type.
+const OPTIONS: &[(&str, Section, ExtraType)] = &[
+    ("optimizer", Section::Train, ExtraType::Text),
+    ("lr_scheduler", Section::Train, ExtraType::Text),
+    ("noise_scheduler", Section::Train, ExtraType::Text),
+    ("timestep_type", Section::Train, ExtraType::Text),
+    ("dtype", Section::Train, ExtraType::Text),
+    ("gradient_checkpointing", Section::Train, ExtraType::Flag),
+    (
+        "gradient_accumulation_steps",
+        Section::Train,
+        ExtraType::Int,
+    ),
+    ("max_grad_norm", Section::Train, ExtraType::Float),
+    ("cache_text_embeddings", Section::Train, ExtraType::Flag),
+    ("unload_text_encoder", Section::Train, ExtraType::Flag),
+    ("linear_timesteps", Section::Train, ExtraType::Flag),
+    ("quantize", Section::Model, ExtraType::Flag),
+    ("quantize_te", Section::Model, ExtraType::Flag),
+    ("qtype", Section::Model, ExtraType::Text),
+    ("low_vram", Section::Model, ExtraType::Flag),
+    ("caption_dropout_rate", Section::Dataset, ExtraType::Float),
+    ("shuffle_tokens", Section::Dataset, ExtraType::Flag),
+    ("cache_latents_to_disk", Section::Dataset, ExtraType::Flag),
+    ("max_step_saves_to_keep", Section::Save, ExtraType::Int),
+];
+
+/// The `(key, type)` allow-list `typed_extras` takes.
+static EXTRAS: LazyLock<Vec<(&'static str, ExtraType)>> =
+    LazyLock::new(|| OPTIONS.iter().map(|(k, _, t)| (*k, *t)).collect());
+
+pub struct AiToolkit {
+    python: PathBuf,
+    dir: PathBuf,
+}
+
+impl AiToolkit {
+    pub fn new(tools: &Tools) -> Self {
+        Self {
+            python: tools.python.clone(),
+            dir: tools.ai_toolkit_dir.clone(),
+        }
+    }
+}
+
+/// The job file (`config/examples/train_lora_flux_24gb.yaml`).
+#[derive(Serialize)]
+struct JobFile<'a> {
+    job: &'static str,
+    config: JobConfig<'a>,
+    meta: Meta,
+}
+
+#[derive(Serialize)]
+struct JobConfig<'a> {
+    /// Folder and file stem of everything the run writes.
+    name: &'a str,
+    process: [Process<'a>; 1],
+}
+
+#[derive(Serialize)]
+struct Process<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    training_folder: &'a Path,
+    device: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trigger_word: Option<&'a str>,
+    network: Network,
+    save: Save,
+    datasets: [Dataset<'a>; 1],
+    train: Train,
+    model: Model<'a>,
+}
+
+#[derive(Serialize)]
+struct Network {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    linear: u32,
+    linear_alpha: f64,
+}
+
+#[derive(Serialize)]
+struct Save {
+    dtype: &'static str,
+    /// 0: no intermediate saves.
+    save_every: u32,
+    #[serde(flatten)]
+    options: BTreeMap<String, Extra>,
+}
+
+#[derive(Serialize)]
+struct Dataset<'a> {
+    folder_path: &'a Path,
+    caption_ext: &'static str,
+    resolution: [u32; 1],
+    num_repeats: u32,
+    #[serde(flatten)]
+    options: BTreeMap<String, Extra>,
+}
+
+#[derive(Serialize)]
+struct Train {
+    batch_size: u32,
+    steps: u32,
+    lr: f64,
+    train_unet: bool,
+    train_text_encoder: bool,
+    disable_sampling: bool,
+    #[serde(flatten)]
+    options: BTreeMap<String, Extra>,
+}
+
+#[derive(Serialize)]
+struct Model<'a> {
+    name_or_path: &'a Path,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    is_flux: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    is_xl: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    arch: Option<&'static str>,
+    #[serde(flatten)]
+    options: BTreeMap<String, Extra>,
+}
+
+#[derive(Serialize)]
+struct Meta {
+    name: &'static str,
+    version: &'static str,
+}
+
+/// The model block's family flag: `is_flux`/`is_xl`, or `arch`.
+fn model_flag(family: ModelFamily) -> Option<(Option<bool>, Option<bool>, Option<&'static str>)> {
+    match family {
+        ModelFamily::Flux => Some((Some(true), None, None)),
+        ModelFamily::Sdxl => Some((None, Some(true), None)),
+        ModelFamily::Wan => Some((None, None, Some("wan21"))),
+        ModelFamily::QwenImage => Some((None, None, Some("qwen_image"))),
+        _ => None,
+    }
+}
+
+/// Defaults per section, overridden by extras.
+fn defaults(family: ModelFamily, section: Section) -> BTreeMap<String, Extra> {
+    let text = |s: &str| Extra::Text(s.to_string());
+    let entries: Vec<(&str, Extra)> = match section {
+        Section::Train => vec![
+            ("gradient_checkpointing", Extra::Flag(true)),
+            (
+                "noise_scheduler",
+                text(if family == ModelFamily::Sdxl {
+                    "ddpm"
+                } else {
+                    "flowmatch"
+                }),
+            ),
+            ("optimizer", text("adamw8bit")),
+            ("dtype", text("bf16")),
+        ],
+        // 8-bit base weights for the large transformers, as the examples do.
+        Section::Model => vec![("quantize", Extra::Flag(family != ModelFamily::Sdxl))],
+        Section::Dataset => vec![("cache_latents_to_disk", Extra::Flag(true))],
+        // Older step files are pruned; keep a margin for the upload.
+        Section::Save => vec![("max_step_saves_to_keep", Extra::Int(3))],
+    };
+    entries
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+}
+
+fn section_options(
+    family: ModelFamily,
+    section: Section,
+    extras: &BTreeMap<String, Extra>,
+) -> BTreeMap<String, Extra> {
+    let mut options = defaults(family, section);
+    for (key, value) in extras {
+        if OPTIONS.iter().any(|(k, s, _)| k == key && *s == section) {
+            options.insert(key.clone(), value.clone());
+        }
+    }
+    options
+}
+
+/// `<output_dir>/<name>`, ai-toolkit's `save_root`.
+fn save_root(inputs: &TrainInputs) -> PathBuf {
+    inputs.output_dir.join(&inputs.output_name)
+}
+
+impl TrainerBackend for AiToolkit {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn families(&self) -> &'static [ModelFamily] {
+        &[
+            ModelFamily::Flux,
+            ModelFamily::Sdxl,
+            ModelFamily::Wan,
+            ModelFamily::QwenImage,
+        ]
+    }
+
+    fn parts(&self, _family: ModelFamily) -> &'static [&'static str] {
+        &[part::DIFFUSERS]
+    }
+
+    fn check(&self, settings: &TrainingSettings, family: ModelFamily) -> Vec<String> {
+        let mut problems = Vec::new();
+        if model_flag(family).is_none() {
+            problems.push(format!("base_model: {NAME} does not train {family} models"));
+        }
+        if let Err(bad) = typed_extras(NAME, &settings.extras, &EXTRAS) {
+            problems.extend(bad);
+        }
+        problems
+    }
+
+    fn render(&self, inputs: &TrainInputs) -> Result<Launch, BackendError> {
+        let s = &inputs.settings;
+        let family = inputs.model.family;
+        let problems = self.check(s, family);
+        if !problems.is_empty() {
+            return Err(BackendError::InvalidSettings(problems.join("; ")));
+        }
+        let (is_flux, is_xl, arch) = model_flag(family).unwrap_or_default();
+        if inputs.output_name.is_empty() || inputs.output_name.contains('/') {
+            return Err(BackendError::InvalidSettings(format!(
+                "output name {:?} is not a file stem",
+                inputs.output_name
+            )));
+        }
+        let extras = typed_extras(NAME, &s.extras, &EXTRAS).unwrap_or_default();
+        let options = |section| section_options(family, section, &extras);
+        let job = JobFile {
+            job: "extension",
+            config: JobConfig {
+                name: &inputs.output_name,
+                process: [Process {
+                    kind: "sd_trainer",
+                    training_folder: &inputs.output_dir,
+                    device: "cuda:0",
+                    trigger_word: (!inputs.trigger_word.is_empty())
+                        .then_some(inputs.trigger_word.as_str()),
+                    network: Network {
+                        kind: "lora",
+                        linear: s.rank,
+                        linear_alpha: if s.alpha > 0.0 {
+                            s.alpha
+                        } else {
+                            f64::from(s.rank)
+                        },
+                    },
+                    save: Save {
+                        dtype: "float16",
+                        save_every: s.save_every,
+                        options: options(Section::Save),
+                    },
+                    datasets: [Dataset {
+                        folder_path: &inputs.dataset_dir,
+                        caption_ext: "txt",
+                        resolution: [s.resolution],
+                        num_repeats: s.repeats.max(1),
+                        options: options(Section::Dataset),
+                    }],
+                    train: Train {
+                        batch_size: s.batch_size.max(1),
+                        steps: s.steps,
+                        lr: s.learning_rate,
+                        train_unet: true,
+                        train_text_encoder: false,
+                        disable_sampling: true,
+                        options: options(Section::Train),
+                    },
+                    model: Model {
+                        name_or_path: inputs.model.part(part::DIFFUSERS)?,
+                        is_flux,
+                        is_xl,
+                        arch,
+                        options: options(Section::Model),
+                    },
+                }],
+            },
+            meta: Meta {
+                name: "[name]",
+                version: "1.0",
+            },
+        };
+        let path = inputs.run_dir.join("job.yaml");
+        let body = serde_yaml::to_string(&job)
+            .map_err(|e| BackendError::InvalidSettings(e.to_string()))?;
+        Ok(Launch {
+            files: vec![(path.clone(), body.into_bytes())],
+            command: CommandSpec {
+                program: self.python.clone(),
+                args: vec!["run.py".into(), path.into()],
+                cwd: self.dir.clone(),
+                // run.py seeds torch, numpy and random from `SEED`.
+                env: vec![("SEED".into(), s.seed.to_string())],
+            },
+        })
+    }
+
+    fn parser(&self, inputs: &TrainInputs) -> Box<dyn OutputParser> {
+        Box::new(Parser {
+            name: inputs.output_name.clone(),
+            batch_size: inputs.settings.batch_size.max(1),
+            saving: None,
+            resumed: None,
+        })
+    }
+
+    fn latest_checkpoint(&self, inputs: &TrainInputs) -> Option<FoundCheckpoint> {
+        let root = save_root(inputs);
+        let prefix = format!("{}_", inputs.output_name);
+        let (step, weights) = std::fs::read_dir(&root)
+            .ok()?
+            .filter_map(Result::ok)
+            .filter_map(|entry| {
+                let name = entry.file_name().to_str()?.to_string();
+                let digits = name.strip_prefix(&prefix)?.strip_suffix(".safetensors")?;
+                let step = (digits.len() == 9 && digits.bytes().all(|b| b.is_ascii_digit()))
+                    .then(|| digits.parse::<u32>().ok())??;
+                Some((step, name))
+            })
+            .max_by_key(|(step, _)| *step)?;
+        // The optimizer state is written after the weights and overwritten
+        // at every save: it belongs to the newest step only once it is
+        // complete and no older than that step's weights.
+        let optimizer = root.join("optimizer.pt");
+        let weights_path = root.join(&weights);
+        let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let in_step = modified(&optimizer)? >= modified(&weights_path)?;
+        (in_step && safetensors_complete(&weights_path) && zip_complete(&optimizer)).then(|| {
+            let dir = PathBuf::from(&inputs.output_name);
+            FoundCheckpoint {
+                step,
+                files: vec![dir.join(weights), dir.join("optimizer.pt")],
+            }
+        })
+    }
+
+    fn stop_request(&self, _inputs: &TrainInputs) -> StopRequest {
+        StopRequest::Unsupported
+    }
+
+    fn final_adapter(&self, inputs: &TrainInputs) -> Option<PathBuf> {
+        let path = save_root(inputs).join(format!("{}.safetensors", inputs.output_name));
+        (path.is_file() && safetensors_complete(&path)).then_some(path)
+    }
+
+    fn classify(&self, status: ExitStatus, tail: &[String]) -> JobError {
+        classify(status, tail)
+    }
+}
+
+/// A safetensors file is complete when its length is the 8-byte header
+/// length, the header, and the data the header describes.
+fn safetensors_complete(path: &Path) -> bool {
+    let check = || -> Option<bool> {
+        let mut file = std::fs::File::open(path).ok()?;
+        let len = file.metadata().ok()?.len();
+        let mut n = [0u8; 8];
+        file.read_exact(&mut n).ok()?;
+        let n = u64::from_le_bytes(n);
+        if n > 100 << 20 || 8 + n > len {
+            return Some(false);
+        }
+        let mut header = vec![0u8; n as usize];
+        file.read_exact(&mut header).ok()?;
+        let header: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&header).ok()?;
+        let end = header
+            .iter()
+            .filter(|(k, _)| *k != "__metadata__")
+            .filter_map(|(_, t)| t.get("data_offsets")?.get(1)?.as_u64())
+            .max()
+            .unwrap_or(0);
+        Some(len == 8 + n + end)
+    };
+    check().unwrap_or(false)
+}
+
+/// `torch.save` writes a zip archive; it is complete once the end of
+/// central directory record (signature `PK\x05\x06`, then an optional
+/// comment) closes the file.
+fn zip_complete(path: &Path) -> bool {
+    let check = || -> Option<bool> {
+        let mut file = std::fs::File::open(path).ok()?;
+        let len = file.metadata().ok()?.len();
+        let window = len.min(22 + 0xFFFF);
+        if window < 22 {
+            return Some(false);
+        }
+        file.seek(SeekFrom::Start(len - window)).ok()?;
+        let mut tail = vec![0u8; window as usize];
+        file.read_exact(&mut tail).ok()?;
+        Some((0..=tail.len() - 22).rev().any(|i| {
+            let comment = u16::from_le_bytes([tail[i + 20], tail[i + 21]]) as usize;
+            tail[i..i + 4] == *b"PK\x05\x06" && i + 22 + comment == tail.len()
+        }))
+    };
+    check().unwrap_or(false)
+}
+
+static STEP_FILE: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"_(\d{9})\.safetensors$").expect("step file regex"));
+static SAVING: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^Saving at step (\d+)").expect("saving regex"));
+static RESUMING: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"#### IMPORTANT RESUMING FROM (.+) ####").expect("resuming regex")
+});
+static FOUND_STEP: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"^Found step (\d+) in metadata, starting from there").expect("found step regex")
+});
+static COMPLETED: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^\s*- 1 completed job$").expect("completed regex"));
+
+struct Parser {
+    /// The bar's description is the job name.
+    name: String,
+    batch_size: u32,
+    /// The step announced by `Saving at step N`, for the save lines after it.
+    saving: Option<u32>,
+    resumed: Option<u32>,
+}
+
+impl OutputParser for Parser {
+    fn line(&mut self, line: &str) -> Vec<LineEvent> {
+        if let Some(bar) = common::tqdm(line)
+            && bar.desc == self.name
+        {
+            return vec![LineEvent::Progress {
+                step: bar.n,
+                total: bar.total,
+                loss: common::postfix_value(bar.postfix, "loss").map(|v| v as f32),
+                lr: common::postfix_value(bar.postfix, "lr"),
+                samples_per_sec: bar.it_per_sec.map(|r| r * self.batch_size as f32),
+                epoch: None,
+            }];
+        }
+        let step_of = |re: &Regex, text: &str| -> Option<u32> {
+            re.captures(text)?.get(1)?.as_str().parse().ok()
+        };
+        if let Some(step) = step_of(&SAVING, line) {
+            self.saving = Some(step);
+            return Vec::new();
+        }
+        if let Some(path) = line.strip_prefix("Saved checkpoint to ") {
+            let path = Path::new(path.trim());
+            let step = path.to_str().and_then(|p| step_of(&STEP_FILE, p));
+            self.saving = step;
+            // The final save, `<name>.safetensors`, ends the run; run.py
+            // prints no summary after a success.
+            let last = path.file_name() == Some(format!("{}.safetensors", self.name).as_ref());
+            return match last {
+                true => vec![LineEvent::Saved { step }, LineEvent::Done],
+                false => vec![LineEvent::Saved { step }],
+            };
+        }
+        if line.starts_with("Saved optimizer to ") {
+            return vec![LineEvent::Saved {
+                step: self.saving.take(),
+            }];
+        }
+        let resumed = RESUMING
+            .captures(line)
+            .and_then(|c| step_of(&STEP_FILE, c.get(1)?.as_str().trim()))
+            .or_else(|| step_of(&FOUND_STEP, line));
+        if let Some(step) = resumed {
+            if self.resumed == Some(step) {
+                return Vec::new();
+            }
+            self.resumed = Some(step);
+            return vec![LineEvent::Resumed { step }];
+        }
+        // Versions that print the summary after a success too.
+        if COMPLETED.is_match(line) {
+            return vec![LineEvent::Done];
+        }
+        Vec::new()
+    }
+}
+
+struct Signature {
+    pattern: &'static str,
+    kind: ErrorKind,
+    retryable: bool,
+    what: &'static str,
+}
+
+/// ai-toolkit's own failures, checked before the error line and the
+/// shared table.
+const SIGNATURES: &[Signature] = &[
+    Signature {
+        pattern: r"OOM during training step 3 times in a row",
+        kind: ErrorKind::Oom,
+        retryable: true,
+        what: "out of GPU memory",
+    },
+    Signature {
+        pattern: r"^Job stopped$",
+        kind: ErrorKind::Trainer,
+        retryable: true,
+        what: "interrupted: ai-toolkit stopped on SIGINT without saving",
+    },
+    Signature {
+        pattern: r"no images found in ",
+        kind: ErrorKind::BadDataset,
+        retryable: false,
+        what: "no usable training data",
+    },
+    Signature {
+        pattern: r#"config file (?:error|is invalid)|Unknown process type"#,
+        kind: ErrorKind::Internal,
+        retryable: false,
+        what: "rendered job file rejected",
+    },
+    Signature {
+        pattern: r"Error no file named \S+ found in directory|HFValidationError: Repo id must be",
+        kind: ErrorKind::Model,
+        retryable: false,
+        what: "base model not readable",
+    },
+];
+
+static COMPILED: LazyLock<Vec<(Regex, &'static Signature)>> = LazyLock::new(|| {
+    SIGNATURES
+        .iter()
+        .map(|s| (Regex::new(s.pattern).expect("signature regex"), s))
+        .collect()
+});
+
+fn classify(status: ExitStatus, tail: &[String]) -> JobError {
+    for (regex, sig) in COMPILED.iter() {
+        if let Some(line) = tail.iter().rev().find(|l| regex.is_match(l.trim())) {
+            return error(
+                sig.kind,
+                format!("{}: {}", sig.what, line.trim()),
+                sig.retryable,
+            );
+        }
+    }
+    // run.py's own summary: `Error running job: <exception>` then ` - 1 failure`.
+    let failed = tail.iter().any(|l| l.trim() == "- 1 failure");
+    if let Some(line) = tail
+        .iter()
+        .rev()
+        .find(|l| l.starts_with("Error running job: "))
+        && failed
+    {
+        return classify_common(status, std::slice::from_ref(line)).unwrap_or_else(|| {
+            error(
+                ErrorKind::Trainer,
+                format!("ai-toolkit job failed: {}", line.trim()),
+                true,
+            )
+        });
+    }
+    classify_common(status, tail).unwrap_or_else(|| unclassified(NAME, status, tail))
+}
+
+#[cfg(test)]
+mod tests;

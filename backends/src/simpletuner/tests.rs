@@ -1,0 +1,486 @@
+use super::*;
+use crate::{ModelFiles, Resume};
+use serde_json::json;
+use std::collections::HashMap;
+use std::os::unix::process::ExitStatusExt;
+use trainyard_proto::v1::{ExtraValue, extra_value::Kind};
+
+fn backend() -> SimpleTuner {
+    SimpleTuner::new(&Tools {
+        accelerate: "/venv/bin/accelerate".into(),
+        simpletuner_dir: "/venv/lib/python3.11/site-packages/simpletuner".into(),
+        ..Tools::default()
+    })
+}
+
+fn inputs(family: ModelFamily) -> TrainInputs {
+    TrainInputs {
+        job_id: "job123".into(),
+        dataset_dir: "/job/img".into(),
+        model: ModelFiles {
+            reference: "preset".into(),
+            family,
+            parts: BTreeMap::from([(
+                part::DIFFUSERS.to_string(),
+                PathBuf::from("/models/diffusers"),
+            )]),
+        },
+        run_dir: "/job".into(),
+        output_dir: "/job/out".into(),
+        output_name: "job123".into(),
+        settings: TrainingSettings {
+            backend: NAME.into(),
+            steps: 2000,
+            learning_rate: 1e-4,
+            rank: 16,
+            alpha: 0.0,
+            resolution: 1024,
+            batch_size: 1,
+            repeats: 10,
+            save_every: 250,
+            seed: 42,
+            ..Default::default()
+        },
+        trigger_word: "ohwx".into(),
+        resume: None,
+        webhook_url: Some("http://127.0.0.1:40123/st".into()),
+    }
+}
+
+fn file(launch: &Launch, name: &str) -> Value {
+    let (_, body) = launch
+        .files
+        .iter()
+        .find(|(p, _)| p.file_name().unwrap() == name)
+        .unwrap_or_else(|| panic!("{name} not rendered"));
+    serde_json::from_slice(body).unwrap()
+}
+
+#[test]
+fn renders_the_documented_flux_run() {
+    let launch = backend().render(&inputs(ModelFamily::Flux)).unwrap();
+    assert_eq!(
+        file(&launch, "config.json"),
+        json!({
+            "model_family": "flux", "model_type": "lora",
+            "pretrained_model_name_or_path": "/models/diffusers", "output_dir": "/job/out",
+            "data_backend_config": "/job/multidatabackend.json", "max_train_steps": 2000,
+            "num_train_epochs": 0, "checkpoint_step_interval": 250, "checkpoints_total_limit": 3,
+            "resume_from_checkpoint": "latest", "train_batch_size": 1, "gradient_checkpointing": true,
+            "mixed_precision": "bf16", "optimizer": "adamw_bf16", "learning_rate": 1e-4,
+            "lr_scheduler": "constant", "lora_rank": 16, "lora_alpha": 16.0, "seed": 42,
+            "report_to": "none", "validation_disable": true, "disable_benchmark": true,
+            "webhook_config": "[{\"webhook_type\":\"raw\",\"callback_url\":\"http://127.0.0.1:40123/st\",\"log_level\":\"info\"}]"
+        })
+    );
+    assert_eq!(
+        file(&launch, "multidatabackend.json"),
+        json!([
+            {"id": "subject", "type": "local", "dataset_type": "image", "instance_data_dir": "/job/img",
+             "caption_strategy": "textfile", "resolution": 1024, "resolution_type": "pixel_area",
+             "repeats": 9, "crop": false, "cache_dir_vae": "/job/cache/vae", "metadata_backend": "discovery"},
+            {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds", "default": true,
+             "cache_dir": "/job/cache/text"}
+        ])
+    );
+    assert_eq!(file(&launch, "signal.json"), json!({}));
+    let cmd = &launch.command;
+    assert_eq!(cmd.program, Path::new("/venv/bin/accelerate"));
+    let args: Vec<_> = cmd.args.iter().map(|a| a.to_str().unwrap()).collect();
+    assert_eq!(
+        args,
+        [
+            "launch",
+            "--mixed_precision=bf16",
+            "--num_processes=1",
+            "--num_machines=1",
+            "--dynamo_backend=no",
+            "/venv/lib/python3.11/site-packages/simpletuner/train.py",
+        ]
+    );
+    assert_eq!(cmd.cwd, Path::new("/job"));
+    let env: HashMap<_, _> = cmd.env.iter().cloned().collect();
+    assert_eq!(env["CONFIG_BACKEND"], "json");
+    assert_eq!(env["CONFIG_PATH"], "/job/config.json");
+    assert_eq!(env["SIMPLETUNER_JOB_ID"], "job123");
+    assert_eq!(
+        env["SIMPLETUNER_ACCELERATE_SIGNAL_FILE"],
+        "/job/signal.json"
+    );
+    assert_eq!(env["TOKENIZERS_PARALLELISM"], "false");
+}
+
+#[test]
+fn every_family_gets_its_model_family_and_the_diffusers_part() {
+    let b = backend();
+    for (family, name) in [
+        (ModelFamily::Flux, "flux"),
+        (ModelFamily::Sdxl, "sdxl"),
+        (ModelFamily::Wan, "wan"),
+        (ModelFamily::QwenImage, "qwen_image"),
+    ] {
+        assert!(b.families().contains(&family));
+        assert_eq!(b.parts(family), [part::DIFFUSERS]);
+        let config = file(&b.render(&inputs(family)).unwrap(), "config.json");
+        assert_eq!(config["model_family"], name);
+        assert_eq!(config["pretrained_model_name_or_path"], "/models/diffusers");
+    }
+    let mut no_diffusers = inputs(ModelFamily::Sdxl);
+    no_diffusers.model.parts.clear();
+    assert!(b.render(&no_diffusers).is_err());
+    assert!(
+        !b.check(&inputs(ModelFamily::Llm).settings, ModelFamily::Llm)
+            .is_empty()
+    );
+}
+
+fn extra(kind: Kind) -> ExtraValue {
+    ExtraValue { kind: Some(kind) }
+}
+
+#[test]
+fn extras_override_defaults_and_unknown_ones_are_refused() {
+    let b = backend();
+    let mut run = inputs(ModelFamily::Flux);
+    run.webhook_url = None;
+    run.settings.save_every = 0;
+    run.settings.alpha = 8.0;
+    let extras = &mut run.settings.extras;
+    extras.insert("optimizer".into(), extra(Kind::Text("prodigy".into())));
+    extras.insert("mixed_precision".into(), extra(Kind::Text("fp16".into())));
+    extras.insert("flow_schedule_shift".into(), extra(Kind::Int(3)));
+    extras.insert("gradient_checkpointing".into(), extra(Kind::Flag(false)));
+    let launch = b.render(&run).unwrap();
+    let config = file(&launch, "config.json");
+    assert_eq!(config["optimizer"], "prodigy");
+    assert_eq!(config["flow_schedule_shift"], 3.0);
+    assert_eq!(config["gradient_checkpointing"], false);
+    assert_eq!(config["lora_alpha"], 8.0);
+    assert!(config.get("webhook_config").is_none());
+    assert!(config.get("checkpoint_step_interval").is_none());
+    assert_eq!(launch.command.args[1], "--mixed_precision=fp16");
+
+    run.settings
+        .extras
+        .insert("mixed_precision".into(), extra(Kind::Text("fp64".into())));
+    run.settings
+        .extras
+        .insert("lora_dim".into(), extra(Kind::Int(4)));
+    let problems = b.check(&run.settings, ModelFamily::Flux);
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert!(problems[0].contains("lora_dim: unknown key for simpletuner"));
+    assert!(problems[1].contains("mixed_precision: \"fp64\" is not one of"));
+    assert!(b.render(&run).is_err());
+}
+
+#[test]
+fn a_stop_bumps_the_manual_checkpoint_count() {
+    let run = inputs(ModelFamily::Flux);
+    assert!(backend().wants_webhook());
+    match backend().stop_request(&run) {
+        StopRequest::SaveAndContinue { path, body } => {
+            assert_eq!(path, Path::new("/job/signal.json"));
+            assert_eq!(
+                serde_json::from_slice::<Value>(&body).unwrap(),
+                json!({"manual_checkpoint": 1})
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+fn parser() -> Box<dyn OutputParser> {
+    let mut run = inputs(ModelFamily::Flux);
+    run.settings.batch_size = 2;
+    run.resume = Some(Resume {
+        step: 50,
+        files: vec![],
+    });
+    backend().parser(&run)
+}
+
+/// Step, total, loss, learning rate and epoch of the first progress event.
+type Seen = (u32, u32, Option<f32>, Option<f64>, Option<f32>);
+
+fn progress(events: &[LineEvent]) -> Option<Seen> {
+    events.iter().find_map(|e| match e {
+        LineEvent::Progress {
+            step,
+            total,
+            loss,
+            lr,
+            epoch,
+            ..
+        } => Some((*step, *total, *loss, *lr, *epoch)),
+        _ => None,
+    })
+}
+
+#[test]
+fn parses_the_step_bar_as_tqdm_writes_it() {
+    let mut p = parser();
+    // One stderr chunk: tqdm separates updates with `\r` only.
+    let chunk = "\rEpoch 1/5 Steps:   0%|          | 0/100 [00:00<?, ?it/s]\
+                 \rEpoch 1/5, Steps:  10%|█         | 10/100 [00:05<00:45,  1.98it/s, lr=0.0001, step_loss=0.123]\
+                 \rEpoch 2/5, Steps:  30%|███       | 30/100 [01:05<02:31,  2.17s/it, lr=5e-5, step_loss=nan]";
+    let parsed: Vec<_> = chunk
+        .split('\r')
+        .filter(|l| !l.is_empty())
+        .map(|l| p.line(l))
+        .collect();
+    assert_eq!(progress(&parsed[0]), Some((0, 100, None, None, Some(1.0))));
+    assert_eq!(
+        progress(&parsed[1]),
+        Some((10, 100, Some(0.123), Some(1e-4), Some(1.0)))
+    );
+    let (step, _, loss, lr, epoch) = progress(&parsed[2]).unwrap();
+    assert_eq!((step, lr, epoch), (30, Some(5e-5), Some(2.0)));
+    assert!(loss.unwrap().is_nan());
+    match &parsed[1][0] {
+        LineEvent::Progress {
+            samples_per_sec, ..
+        } => {
+            assert!((samples_per_sec.unwrap() - 3.96).abs() < 1e-3)
+        }
+        other => panic!("{other:?}"),
+    }
+    // Caching bars are not training progress.
+    assert!(
+        p.line("Processing bucket 1.0: 100%|██████████| 10/10 [00:01<00:00,  9.80it/s]")
+            .is_empty()
+    );
+}
+
+#[test]
+fn parses_the_startup_block_and_resume_lines() {
+    let mut p = parser();
+    let block = [
+        "[RANK 0] 2026-02-16 10:00:00,000 [INFO] ",
+        "***** Running training *****",
+        "-  Num batches = 30",
+        "-  Num Epochs = 4",
+        "  - Current Epoch = 2",
+        "-  Total optimization steps = 100",
+        "  - Steps completed: 50",
+        "-  Total optimization steps remaining = 50",
+    ];
+    let events: Vec<_> = block.iter().flat_map(|l| p.line(l)).collect();
+    assert_eq!(events, [LineEvent::Resumed { step: 50 }]);
+    // The same resume, logged again, is not a second event.
+    assert!(
+        p.line("[RANK 0] 2026-02-16 10:00:00,000 [INFO] Resuming from global_step 50.")
+            .is_empty()
+    );
+    let mut fresh = parser();
+    assert_eq!(
+        fresh.line("[RANK 0] 2026-02-16 10:00:00,000 [INFO] Resuming from global_step 8."),
+        [LineEvent::Resumed { step: 8 }]
+    );
+    assert!(fresh.line("  - Steps completed: 0").is_empty());
+}
+
+#[test]
+fn parses_the_webhook_events() {
+    let mut p = parser();
+    let status = json!({
+        "type": "training.status", "job_id": "job123", "title": "Running",
+        "data": {"status": "running", "global_step": 12, "final_epoch": 4},
+        "progress": {"current": 12, "total": 100, "percent": 12.0, "eta_seconds": 88.0,
+                     "metrics": {"loss": 0.2345, "learning_rate": 0.0001, "epoch": 1, "grad_norm": 0.5}},
+        "severity": "info", "timestamp": "2026-02-16T10:00:00+00:00"
+    });
+    let events = p.webhook(&status);
+    assert_eq!(
+        progress(&events),
+        Some((12, 100, Some(0.2345), Some(1e-4), Some(1.0)))
+    );
+    assert_eq!(
+        events[1],
+        LineEvent::Metric {
+            name: "grad_norm".into(),
+            value: 0.5,
+            step: 12
+        }
+    );
+    let startup = json!({
+        "type": "training.status", "job_id": "job123", "title": "Running", "message": "***** Running training *****",
+        "data": {"status": "running", "global_step": 50},
+        "progress": {"label": "Training initialisation", "current": 50, "total": 100, "percent": 50.0,
+                     "metrics": {"loss": 0.0, "learning_rate": 0.0001, "epoch": 2, "total_epochs": 4}}
+    });
+    assert_eq!(
+        progress(&p.webhook(&startup)),
+        Some((50, 100, None, Some(1e-4), Some(2.0)))
+    );
+    let stage = |key: &str, status: &str, message: &str| {
+        json!({"type": "lifecycle.stage", "severity": "info", "job_id": "job123",
+               "stage": {"key": key, "label": "x", "status": status},
+               "message": message, "title": message})
+    };
+    assert!(
+        p.webhook(&stage(
+            "checkpoint_save",
+            "running",
+            "Saving checkpoint to /job/out/checkpoint-250"
+        ))
+        .is_empty()
+    );
+    assert_eq!(
+        p.webhook(&stage(
+            "checkpoint_save",
+            "completed",
+            "Saved checkpoint to /job/out/checkpoint-250"
+        )),
+        [LineEvent::Saved { step: Some(250) }]
+    );
+    let checkpoint = json!({"type": "training.checkpoint", "severity": "info", "job_id": "job123",
+        "checkpoint": {"path": "/job/out/checkpoint-250", "label": "Checkpoint saved to /job/out/checkpoint-250",
+                       "is_final": false}, "title": "Checkpoint saved"});
+    assert!(p.webhook(&checkpoint).is_empty(), "the same save twice");
+    assert_eq!(
+        p.webhook(&stage(
+            "init_resume_checkpoint",
+            "completed",
+            "Resumed from global_step 40"
+        )),
+        [LineEvent::Resumed { step: 40 }]
+    );
+    assert_eq!(
+        p.webhook(&stage(
+            "training_complete",
+            "completed",
+            "Training run complete."
+        )),
+        [LineEvent::Done]
+    );
+    let error = json!({"type": "error", "title": "Training failed: RuntimeError",
+        "message": "Non-finite training loss detected (loss=nan)", "traceback": "Traceback …",
+        "severity": "error"});
+    assert!(p.webhook(&error).is_empty());
+    assert!(
+        p.webhook(&json!({"status": "failed", "type": "training.status"}))
+            .is_empty()
+    );
+    assert!(
+        p.webhook(&json!({"message": "`(job123)` Checkpoint: `Step 12`", "images": []}))
+            .is_empty()
+    );
+}
+
+#[test]
+fn latest_checkpoint_needs_the_guard_and_lists_every_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut run = inputs(ModelFamily::Flux);
+    run.output_dir = dir.path().to_path_buf();
+    let b = backend();
+    assert_eq!(b.latest_checkpoint(&run), None);
+    let write = |rel: &str| {
+        let path = dir.path().join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, b"x").unwrap();
+    };
+    for step in [
+        "checkpoint-10",
+        "checkpoint-20",
+        "checkpoint-30-tmp",
+        "checkpoint-40-rolling",
+    ] {
+        write(&format!("{step}/training_state.json"));
+        write(&format!("{step}/pytorch_lora_weights.safetensors"));
+    }
+    write("checkpoint-10/.guard");
+    write("checkpoint-10/sampler/state.json");
+    write("checkpoint-30-tmp/.guard");
+    write("checkpoint-40-rolling/.guard");
+    let found = b.latest_checkpoint(&run).unwrap();
+    assert_eq!(found.step, 10);
+    let files: Vec<_> = found.files.iter().map(|p| p.to_str().unwrap()).collect();
+    assert_eq!(
+        files,
+        [
+            "checkpoint-10/.guard",
+            "checkpoint-10/pytorch_lora_weights.safetensors",
+            "checkpoint-10/sampler/state.json",
+            "checkpoint-10/training_state.json",
+        ]
+    );
+    write("checkpoint-20/.guard");
+    assert_eq!(b.latest_checkpoint(&run).unwrap().step, 20);
+    assert_eq!(b.final_adapter(&run), None);
+    write("pytorch_lora_weights.safetensors");
+    assert_eq!(
+        b.final_adapter(&run),
+        Some(dir.path().join("pytorch_lora_weights.safetensors"))
+    );
+}
+
+fn tail(lines: &[&str]) -> Vec<String> {
+    lines.iter().map(|l| l.to_string()).collect()
+}
+
+#[test]
+fn classifies_simpletuner_failures() {
+    let failed = ExitStatus::from_raw(1 << 8);
+    let cases: &[(&[&str], ErrorKind, bool, &str)] = &[
+        (
+            &[
+                "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB.",
+                "[RANK 0] 2026-02-16 10:00:00,000 [ERROR] GPU circuit breaker triggered by CUDA error on GPU 0: CUDA out of memory. Tried to allocate 2.00 GiB.",
+                "subprocess.CalledProcessError: Command '['python3', 'train.py']' returned non-zero exit status 1.",
+            ],
+            ErrorKind::Oom,
+            true,
+            "out of GPU memory",
+        ),
+        (
+            &[
+                "[RANK 0] 2026-02-16 10:00:00,000 [ERROR] GPU circuit breaker triggered by CUDA error on GPU 0: CUDA error: an illegal memory access was encountered",
+            ],
+            ErrorKind::Trainer,
+            true,
+            "GPU device error",
+        ),
+        (
+            &["RuntimeError: Non-finite training loss detected (loss=nan)"],
+            ErrorKind::Trainer,
+            false,
+            "training diverged",
+        ),
+        (
+            &[
+                "Exception: No images were discovered by the bucket manager in the dataset: subject.",
+            ],
+            ErrorKind::BadDataset,
+            false,
+            "no usable training data",
+        ),
+        (
+            &[
+                "ValueError: Must provide at least one text embed backend in the data backend config file.",
+            ],
+            ErrorKind::Internal,
+            false,
+            "data backend config",
+        ),
+        (
+            &["OSError: Error no file named model_index.json found in directory /models/x."],
+            ErrorKind::Model,
+            false,
+            "base model",
+        ),
+        (
+            &["FileNotFoundError: [Errno 2] No such file or directory: '/job/img'"],
+            ErrorKind::InvalidSpec,
+            false,
+            "missing file",
+        ),
+    ];
+    for (lines, kind, retryable, what) in cases {
+        let e = classify(failed, &tail(lines));
+        assert_eq!((e.kind(), e.retryable), (*kind, *retryable), "{lines:?}");
+        assert!(e.message.contains(what), "{}", e.message);
+    }
+    let e = classify(failed, &tail(&["something odd", ""]));
+    assert_eq!(e.kind(), ErrorKind::Trainer);
+    assert!(e.message.contains("simpletuner exited with") && e.message.contains("something odd"));
+}

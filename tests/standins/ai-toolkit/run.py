@@ -1,0 +1,464 @@
+#!/usr/bin/env python3
+"""Stand-in for ostris/ai-toolkit's `run.py` with one `sd_trainer` process.
+
+Run as the real one is (`python run.py <job.yaml>`, cwd the checkout), it
+reads the YAML job file, checks it the way ai-toolkit does, and behaves
+like ai-toolkit at the process level:
+
+- `<training_folder>/<name>/<name>_<step:09>.safetensors` per save, with
+  `training_info` (step, epoch) in the safetensors metadata, then
+  `optimizer.pt` (a zip, as torch.save writes) overwritten at every save,
+  old step files pruned to `max_step_saves_to_keep`, and
+  `<name>/<name>.safetensors` at the end;
+- the bar on stderr, desc = name, initial = the resumed step:
+  `name:  13%|...| 250/2000 [..., lr: 1.0e-04 loss: 4.123e-01]`;
+- `Saving at step N`, `Saved checkpoint to ...`, `Saved optimizer to ...`;
+- automatic resume from the newest `<name>*.safetensors` and optimizer.pt
+  (`#### IMPORTANT RESUMING FROM ... ####`, `Found step N in metadata,
+  starting from there`);
+- SIGINT: `Job stopped` and exit status 0, without saving; a failure:
+  `Error running job: ...`, the Result block with ` - 1 failure`, the
+  traceback, exit status 1.
+
+Stand-in controls, from the environment:
+  STANDIN_STEP_SECONDS  sleep per step (default 0.02)
+  STANDIN_FAULT         oom@N (OOM at steps N..N+3: three skipped batches,
+                        then the abort) | hang@N | exit0@N | crash@N
+  STANDIN_NAN_FROM      N: the loss is nan from step N (ai-toolkit says
+                        "loss is nan" and goes on)
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import struct
+import sys
+import time
+import traceback
+import zipfile
+
+# Keep the test tree free of __pycache__ folders.
+sys.dont_write_bytecode = True
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from toolkit.yaml_subset import load as load_yaml  # noqa: E402
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+LORA_MODULES = {
+    "flux": ["transformer.transformer_blocks.0.attn.to_q", "transformer.single_transformer_blocks.0.attn.to_k"],
+    "qwen_image": ["transformer.transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.0.attn.add_k_proj"],
+    "wan21": ["diffusion_model.blocks.0.self_attn.q", "diffusion_model.blocks.0.cross_attn.k"],
+}
+SDXL_MODULES = ["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q",
+                "lora_unet_up_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"]
+
+
+class HFValidationError(ValueError):
+    pass
+
+
+HFValidationError.__module__ = "huggingface_hub.errors"
+
+
+def print_end_message(jobs_completed, jobs_failed):
+    failure_string = f"{jobs_failed} failure{'' if jobs_failed == 1 else 's'}" if jobs_failed > 0 else ""
+    completed_string = f"{jobs_completed} completed job{'' if jobs_completed == 1 else 's'}"
+    print("")
+    print("========================================")
+    print("Result:")
+    if len(completed_string) > 0:
+        print(f" - {completed_string}")
+    if len(failure_string) > 0:
+        print(f" - {failure_string}")
+    print("========================================")
+
+
+def fmt_interval(seconds):
+    minutes, s = divmod(int(seconds), 60)
+    h, m = divmod(minutes, 60)
+    return f"{h:d}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class ProgressBar:
+    """tqdm on a pipe, as toolkit/progress_bar.py's ToolkitProgressBar."""
+
+    def __init__(self, total, desc, initial=0):
+        self.total, self.desc, self.n = total, desc, initial
+        self.start, self.start_n, self.postfix = time.monotonic(), initial, ""
+        self.refresh()
+
+    def refresh(self):
+        elapsed = time.monotonic() - self.start
+        done = self.n - self.start_n
+        rate = done / elapsed if elapsed > 0 and done > 0 else None
+        frac = self.n / self.total if self.total else 0
+        full, partial = divmod(int(frac * 10 * 8), 8)
+        bar = "█" * full + ((" ▏▎▍▌▋▊▉"[partial] + " " * (9 - full)) if full < 10 else "")
+        remaining = fmt_interval((self.total - self.n) / rate) if rate else "?"
+        if rate is None:
+            rate_fmt = "?it/s"
+        elif rate >= 1:
+            rate_fmt = f"{rate:5.2f}it/s"
+        else:
+            rate_fmt = f"{1 / rate:5.2f}s/it"
+        postfix = f", {self.postfix}" if self.postfix else ""
+        sys.stderr.write(f"\r{self.desc}: {frac * 100:3.0f}%|{bar}| {self.n}/{self.total} "
+                         f"[{fmt_interval(elapsed)}<{remaining}, {rate_fmt}{postfix}]")
+        sys.stderr.flush()
+
+    def set_postfix_str(self, text):
+        self.postfix = text
+        self.refresh()
+
+    def update(self, k):
+        if k > 0:
+            self.n += k
+            self.refresh()
+        elapsed = time.monotonic() - self.start
+        rate = (self.n - self.start_n) / elapsed if elapsed > 0 else 0.0
+        self.postfix = f"it/s={rate:.3f}"
+
+    def close(self):
+        self.refresh()
+        sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def write_safetensors(path, tensors, metadata):
+    header, data = {}, b""
+    for name, (shape, values) in tensors.items():
+        raw = struct.pack(f"<{len(values)}f", *values)
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    header["__metadata__"] = metadata
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)) + encoded + data)
+
+
+class SafetensorError(Exception):
+    pass
+
+
+SafetensorError.__module__ = "safetensors_rust"
+
+
+def load_metadata_from_safetensors(path):
+    with open(path, "rb") as handle:
+        blob = handle.read()
+    (n,) = struct.unpack("<Q", blob[:8]) if len(blob) >= 8 else (len(blob),)
+    if 8 + n > len(blob):
+        raise SafetensorError("Error while deserializing header: HeaderTooLarge")
+    header = json.loads(blob[8:8 + n])
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != len(blob):
+        raise SafetensorError("Error while deserializing header: MetadataIncompleteBuffer")
+    meta = {}
+    for key, value in header.get("__metadata__", {}).items():
+        try:
+            meta[key] = json.loads(value) if value[:1] in "{[" else value
+        except ValueError:
+            meta[key] = value
+    return meta
+
+
+def fault():
+    spec = os.environ.get("STANDIN_FAULT", "")
+    if "@" not in spec:
+        return None, None
+    kind, step = spec.split("@", 1)
+    return kind, int(step)
+
+
+class SDTrainer:
+    def __init__(self, job, config):
+        self.job, self.config = job, config
+        self.name = job.name
+        self.training_folder = config.get("training_folder", "output")
+        self.save_root = os.path.join(self.training_folder, self.name)
+        self.trigger_word = config.get("trigger_word")
+        self.network = config.get("network") or {}
+        self.train = config.get("train") or {}
+        self.save_config = config.get("save") or {}
+        self.model = config.get("model") or {}
+        self.datasets = config.get("datasets") or []
+        if self.model.get("name_or_path") is None:
+            raise ValueError("name_or_path must be specified")
+        if self.network.get("type", "lora") not in ("lora", "locon", "lokr"):
+            raise ValueError(f"Unknown network type {self.network.get('type')}")
+        self.steps = int(self.train.get("steps", 1000))
+        self.lr = float(self.train.get("lr", 1e-6))
+        self.rank = int(self.network.get("linear", 4))
+        self.step_num = self.start_step = self.epoch_num = 0
+
+    def arch(self):
+        if self.model.get("is_flux"):
+            return "flux"
+        if self.model.get("is_xl"):
+            return "sdxl"
+        return self.model.get("arch", "sd1")
+
+    def tensors(self, step):
+        tensors = {}
+        if self.arch() == "sdxl":
+            for i, module in enumerate(SDXL_MODULES):
+                tensors[f"{module}.lora_down.weight"] = ([self.rank, 8], [math.sin(step + i + j) * 0.01 for j in range(self.rank * 8)])
+                tensors[f"{module}.lora_up.weight"] = ([8, self.rank], [math.cos(step + i + j) * 0.001 for j in range(self.rank * 8)])
+                tensors[f"{module}.alpha"] = ([], [float(self.network.get("linear_alpha", self.rank))])
+            return tensors
+        for i, module in enumerate(LORA_MODULES.get(self.arch(), LORA_MODULES["flux"])):
+            tensors[f"{module}.lora_A.weight"] = ([self.rank, 8], [math.sin(step + i + j) * 0.01 for j in range(self.rank * 8)])
+            tensors[f"{module}.lora_B.weight"] = ([8, self.rank], [math.cos(step + i + j) * 0.001 for j in range(self.rank * 8)])
+        return tensors
+
+    def load_model(self):
+        path = str(self.model["name_or_path"])
+        print(f"Loading {self.arch()} model")
+        if path.startswith(("/", ".")) and not os.path.exists(path):
+            raise HFValidationError(f"Repo id must be in the form 'repo_name' or 'namespace/repo_name': '{path}'. "
+                                    "Use `repo_type` argument if needed.")
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise OSError(f"Error no file named model_index.json found in directory {path}.")
+        if self.model.get("quantize"):
+            print("Quantizing transformer")
+        print("Model Loaded")
+
+    def get_latest_save_path(self):
+        if not os.path.exists(self.save_root):
+            return None
+        paths = []
+        for pattern in (f"{self.name}*.safetensors", f"{self.name}*.pt", f"{self.name}*"):
+            paths.extend(glob.glob(os.path.join(glob.escape(self.save_root), pattern)))
+        paths = [p for p in paths if os.path.exists(p)]
+        for suffix in ("_LoRA", "_refiner", "_t2i", "_cn"):
+            if suffix not in self.name:
+                paths = [p for p in paths if suffix not in p]
+        return max(paths, key=os.path.getctime) if paths else None
+
+    def load_datasets(self):
+        count = 0
+        for dataset in self.datasets:
+            folder = dataset["folder_path"]
+            caption_ext = dataset.get("caption_ext", "txt").lstrip(".")
+            print(f"Dataset: {folder}")
+            print("  -  Preprocessing image dimensions")
+            files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+            with open(os.path.join(folder, ".aitk_size.json"), "w") as handle:
+                json.dump({f: [1024, 1024] for f in files}, handle)
+            print(f"  -  Found {len(files)} images")
+            assert len(files) > 0, f"no images found in {folder}"
+            for name in files:
+                caption_file = os.path.join(folder, os.path.splitext(name)[0] + "." + caption_ext)
+                if os.path.exists(caption_file):
+                    with open(caption_file, encoding="utf-8") as handle:
+                        handle.read()
+            resolution = (dataset.get("resolution") or [512])[0]
+            print(f"Bucket sizes for {folder}:")
+            print(f"{resolution}x{resolution}: {len(files)} files")
+            print("1 buckets made")
+            if dataset.get("cache_latents_to_disk"):
+                print(f"Caching latents for {folder}")
+                print(" - Saving latents to disk")
+                cache = os.path.join(folder, "_latent_cache")
+                os.makedirs(cache, exist_ok=True)
+                bar = ProgressBar(len(files), "Caching latents to disk")
+                for name in files:
+                    with open(os.path.join(cache, os.path.splitext(name)[0] + ".safetensors"), "wb") as handle:
+                        handle.write(b"")
+                    bar.update(1)
+                bar.close()
+            count += len(files) * int(dataset.get("num_repeats", 1))
+        return count
+
+    def save(self, step=None):
+        os.makedirs(self.save_root, exist_ok=True)
+        step_num = f"_{str(step).zfill(9)}" if step is not None else ""
+        file_path = os.path.join(self.save_root, f"{self.name}{step_num}.safetensors")
+        meta = {"name": self.name, "version": "1.0",
+                "training_info": json.dumps({"step": self.step_num, "epoch": self.epoch_num}),
+                "ss_output_name": self.name}
+        write_safetensors(file_path, self.tensors(self.step_num), meta)
+        print(f"Saved checkpoint to {file_path}")
+        optimizer = os.path.join(self.save_root, "optimizer.pt")
+        with zipfile.ZipFile(optimizer, "w") as archive:
+            archive.writestr("optimizer/data.pkl", json.dumps({"step": self.step_num, "lr": self.lr}))
+            archive.writestr("optimizer/version", "3\n")
+        print(f"Saved optimizer to {optimizer}")
+        keep = int(self.save_config.get("max_step_saves_to_keep", 4))
+        saves = sorted(glob.glob(os.path.join(glob.escape(self.save_root), f"{self.name}_*.safetensors")),
+                       key=os.path.getctime)
+        for item in saves[:-keep] if keep > 0 else []:
+            print(f"Removing old save: {item}")
+            os.remove(item)
+
+    def run(self):
+        self.load_model()
+        alpha = self.network.get("linear_alpha", self.rank)
+        print(f"create LoRA network. base dim (rank): {self.rank}, alpha: {alpha}")
+        latest = self.get_latest_save_path()
+        if latest is not None:
+            print(f"#### IMPORTANT RESUMING FROM {latest} ####")
+            print(f"Loading from {latest}")
+            meta = load_metadata_from_safetensors(latest)
+            info = meta.get("training_info")
+            if isinstance(info, dict) and "step" in info:
+                self.step_num = self.start_step = int(info["step"])
+                self.epoch_num = int(info.get("epoch", 0))
+                print(f"Found step {self.step_num} in metadata, starting from there")
+        optimizer = os.path.join(self.save_root, "optimizer.pt")
+        if os.path.exists(optimizer):
+            try:
+                print(f"Loading optimizer state from {optimizer}")
+                with zipfile.ZipFile(optimizer) as archive:
+                    archive.read("optimizer/data.pkl")
+            except Exception as e:
+                print(f"Failed to load optimizer state from {optimizer}")
+                print(e)
+            print("Updating optimizer LR from params")
+        samples = self.load_datasets()
+        per_epoch = max(1, samples // max(1, int(self.train.get("batch_size", 1))))
+        if self.train.get("disable_sampling"):
+            print("Skipping first sample due to config setting")
+        bar = ProgressBar(self.steps, self.name, initial=self.step_num)
+        save_every = int(self.save_config.get("save_every", 1000) or 0)
+        kind, at = fault()
+        seconds = float(os.environ.get("STANDIN_STEP_SECONDS", "0.02"))
+        nan_from = os.environ.get("STANDIN_NAN_FROM")
+        consecutive_oom = 0
+        for step in range(self.start_step, self.steps):
+            self.step_num = step
+            if kind == "hang" and step == at:
+                while True:
+                    time.sleep(3600)
+            if kind == "exit0" and step == at:
+                sys.exit(0)
+            time.sleep(seconds)
+            try:
+                if kind == "crash" and step == at:
+                    raise RuntimeError(f"stand-in crash at step {step}")
+                if kind == "oom" and at <= step <= at + 3:
+                    consecutive_oom += 1
+                    if consecutive_oom > 3:
+                        raise RuntimeError("OOM during training step 3 times in a row, aborting training")
+                    print(f"# OOM during training step, skipping batch {consecutive_oom}/3 #")
+                    loss = None
+                else:
+                    consecutive_oom = 0
+                    loss = 0.05 + 0.45 * math.exp(-3.0 * step / max(self.steps, 1)) + 0.01 * math.sin(step)
+                    if nan_from and step >= int(nan_from):
+                        print("loss is nan")
+                        loss = float("nan")
+            except Exception:
+                traceback.print_exc()
+                print("Batch Items:")
+                for dataset in self.datasets:
+                    print(f" - {os.path.join(dataset['folder_path'], 'img0.png')}")
+                raise
+            if loss is not None:
+                bar.set_postfix_str(f"lr: {self.lr:.1e} loss: {loss:.3e}")
+            if step != self.start_step and save_every and step % save_every == 0:
+                print(f"\nSaving at step {step}")
+                self.save(step)
+            bar.update(step - bar.n)
+            self.step_num = step + 1
+            self.epoch_num = self.step_num // per_epoch
+        bar.close()
+        print("")
+        self.save()
+
+
+class ExtensionJob:
+    def __init__(self, config):
+        self.config = config["config"]
+        if "name" not in self.config:
+            raise ValueError('config file error. Missing "config.name" key')
+        self.name = self.config["name"]
+        if "process" not in self.config:
+            raise ValueError('config file is invalid. Missing "config.process" key')
+        if len(self.config["process"]) == 0:
+            raise ValueError('config file is invalid. "config.process" must be a list of processes')
+        self.process = []
+        for i, process in enumerate(self.config["process"]):
+            if "type" not in process:
+                raise ValueError(f'config file is invalid. Missing "config.process[{i}].type" key')
+            if process["type"] not in ("sd_trainer", "ui_trainer"):
+                raise ValueError(f'config file is invalid. Unknown process type: {process["type"]}')
+            self.process.append(SDTrainer(self, process))
+
+    def run(self):
+        print("")
+        print("#############################################")
+        print(f"# Running job: {self.name}")
+        print("#############################################")
+        print("")
+        print(f"Running  {len(self.process)} process{'' if len(self.process) == 1 else 'es'}")
+        for process in self.process:
+            process.run()
+
+    def cleanup(self):
+        pass
+
+
+def replace_name(value, name):
+    if isinstance(value, dict):
+        return {k: replace_name(v, name) for k, v in value.items()}
+    if isinstance(value, list):
+        return [replace_name(v, name) for v in value]
+    if isinstance(value, str):
+        return value.replace("[name]", name)
+    return value
+
+
+def get_job(config_path, name=None):
+    if not os.path.exists(config_path):
+        raise ValueError(f"Could not find config file {config_path}")
+    with open(config_path, encoding="utf-8") as handle:
+        text = handle.read()
+    config = json.loads(text) if config_path.endswith(".json") else load_yaml(text)
+    if not isinstance(config, dict):
+        raise ValueError(f"Config file {config_path} must be a mapping")
+    job_name = name or (config.get("config") or {}).get("name")
+    if job_name:
+        config = replace_name(config, job_name)
+    if not config.get("job"):
+        raise ValueError('config file is invalid. Missing "job" key')
+    if config["job"] != "extension":
+        raise ValueError(f"Unknown job type {config['job']}")
+    return ExtensionJob(config)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("config_file_list", nargs="+", type=str)
+    parser.add_argument("-r", "--recover", action="store_true")
+    parser.add_argument("-n", "--name", type=str, default=None)
+    parser.add_argument("-l", "--log", type=str, default=None)
+    args = parser.parse_args()
+    jobs_completed = 0
+    jobs_failed = 0
+    print(f"Running {len(args.config_file_list)} job{'' if len(args.config_file_list) == 1 else 's'}")
+    for config_file in args.config_file_list:
+        try:
+            job = get_job(config_file, args.name)
+            job.run()
+            job.cleanup()
+            jobs_completed += 1
+        except Exception as e:
+            print(f"Error running job: {e}")
+            jobs_failed += 1
+            if not args.recover:
+                print_end_message(jobs_completed, jobs_failed)
+                raise e
+        except KeyboardInterrupt:
+            if not args.recover:
+                print("")
+                print("========================================")
+                print("Job stopped")
+                print("========================================")
+                sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
