@@ -341,19 +341,27 @@ async fn folder_parts_are_real_folders() {
     let dir = &files.parts["llm"];
     assert!(dir.join("config.json").is_file() && dir.join("model.safetensors").is_file());
 
-    // A part whose patterns share a folder is that folder.
+    // Files deep in a repository link back to their blobs.
     let (files, _z) = models
         .resolve(
             &model("z-image-turbo", ""),
-            &["transformer", "ae"],
+            &["transformer", "ae", "text_encoder"],
             1024,
             None,
         )
         .await
         .expect("z-image parts");
-    assert!(files.parts["transformer"].ends_with("transformer"));
-    assert!(files.parts["transformer"].join("config.json").is_file());
-    assert!(files.parts["ae"].ends_with("vae"));
+    let transformer = &files.parts["transformer"];
+    assert!(transformer.ends_with("split_files/diffusion_models/z_image_turbo_bf16.safetensors"));
+    let want = s
+        .hub
+        .file(
+            "Comfy-Org/z_image_turbo",
+            "split_files/diffusion_models/z_image_turbo_bf16.safetensors",
+        )
+        .unwrap();
+    assert_eq!(read(transformer), want.data.to_vec());
+    assert!(files.parts["ae"].is_file() && files.parts["text_encoder"].is_file());
 
     let holdings = models.holdings();
     let sdxl = holdings
