@@ -9,7 +9,9 @@
 
 use std::path::PathBuf;
 use std::time::Duration;
-use trainyard_proto::v1::{JobState, ModelRef, Secrets, Stage, job_event::Kind};
+use trainyard_proto::v1::{
+    ExtraValue, JobState, ModelRef, Secrets, Stage, extra_value, job_event::Kind,
+};
 use trainyard_tests::hub::FakeHub;
 use trainyard_tests::*;
 
@@ -20,6 +22,8 @@ struct Case {
     model: &'static str,
     /// The adapter file name the worker stores.
     adapter: &'static str,
+    /// Backend options the case needs.
+    extras: &'static [(&'static str, f64)],
 }
 
 /// Pids of processes of a job's trainer: its argv or its working folder
@@ -92,6 +96,14 @@ async fn train_kill_and_resume(case: Case) {
     let training = spec.training.as_mut().unwrap();
     training.backend = case.backend.into();
     training.resolution = RESOLUTION;
+    for (key, value) in case.extras {
+        training.extras.insert(
+            key.to_string(),
+            ExtraValue {
+                kind: Some(extra_value::Kind::Float(*value)),
+            },
+        );
+    }
     training.save_every = 5;
     training.batch_size = 1;
     spec.base_model = Some(ModelRef {
@@ -162,7 +174,7 @@ async fn train_kill_and_resume(case: Case) {
         })
         .expect("progress after the resume");
     assert!(
-        first_step > checkpoint,
+        first_step >= checkpoint,
         "{}: resumed run started at step {first_step}, checkpoint was {checkpoint}",
         case.backend
     );
@@ -194,6 +206,7 @@ async fn kohya_flux_resumes_after_a_kill() {
         backend: "kohya",
         model: "flux1-dev",
         adapter: "lora.safetensors",
+        extras: &[],
     })
     .await;
 }
@@ -204,6 +217,7 @@ async fn kohya_sdxl_resumes_after_a_kill() {
         backend: "kohya",
         model: "sdxl-base-1.0",
         adapter: "lora.safetensors",
+        extras: &[],
     })
     .await;
 }
@@ -214,6 +228,8 @@ async fn diffusion_pipe_qwen_image_resumes_after_a_kill() {
         backend: "diffusion-pipe",
         model: "qwen-image",
         adapter: "adapter_model.safetensors",
+        // Training-state checkpoints by time only: every 0.6 s here.
+        extras: &[("checkpoint_every_n_minutes", 0.01)],
     })
     .await;
 }
@@ -224,6 +240,7 @@ async fn simpletuner_flux_resumes_after_a_kill() {
         backend: "simpletuner",
         model: "flux1-dev",
         adapter: "pytorch_lora_weights.safetensors",
+        extras: &[],
     })
     .await;
 }
@@ -234,6 +251,7 @@ async fn ai_toolkit_flux_resumes_after_a_kill() {
         backend: "ai-toolkit",
         model: "flux1-dev",
         adapter: "lora.safetensors",
+        extras: &[],
     })
     .await;
 }
