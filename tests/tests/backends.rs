@@ -72,11 +72,9 @@ fn standins() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("standins")
 }
 
-async fn train_kill_and_resume(case: Case) {
-    let hub = FakeHub::start(HF_TOKEN).await;
-    hub.add_presets(&[case.model]);
+async fn fleet_for(hub: &FakeHub, services: Services) -> Fleet {
     let root = standins();
-    let fleet = Fleet::start_with(Services::ALL, |c| {
+    Fleet::start_with(services, |c| {
         c.worker.hf_endpoint = hub.endpoint();
         c.worker.checkpoint_scan_ms = 100;
         let t = &mut c.worker.trainers;
@@ -89,10 +87,11 @@ async fn train_kill_and_resume(case: Case) {
         t.ai_toolkit_dir = root.join("ai-toolkit");
         t.env = [("STANDIN_STEP_SECONDS".to_string(), "0.1".to_string())].into();
     })
-    .await;
-    let mut client = fleet.client(TOKEN).await;
-    let outputs = fleet.outputs_dir();
-    let mut spec = with_destination(spec(&dataset_uri(&fleet).await, 30), &outputs);
+    .await
+}
+
+fn job_spec(case: &Case, dataset: &str, outputs: &std::path::Path) -> trainyard_proto::v1::JobSpec {
+    let mut spec = with_destination(spec(dataset, 30), outputs);
     let training = spec.training.as_mut().unwrap();
     training.backend = case.backend.into();
     training.resolution = RESOLUTION;
@@ -114,6 +113,16 @@ async fn train_kill_and_resume(case: Case) {
         hf_token: HF_TOKEN.into(),
         ..Default::default()
     });
+    spec
+}
+
+async fn train_kill_and_resume(case: Case) {
+    let hub = FakeHub::start(HF_TOKEN).await;
+    hub.add_presets(&[case.model]);
+    let fleet = fleet_for(&hub, Services::ALL).await;
+    let mut client = fleet.client(TOKEN).await;
+    let outputs = fleet.outputs_dir();
+    let spec = job_spec(&case, &dataset_uri(&fleet).await, &outputs);
     let job = submit(&mut client, spec).await;
 
     // Follow the job; kill the trainer once a checkpoint is stored.
@@ -254,4 +263,98 @@ async fn ai_toolkit_flux_resumes_after_a_kill() {
         extras: &[],
     })
     .await;
+}
+
+/// A worker told to stop asks diffusion-pipe to save through its
+/// `save_quit` file, stores that checkpoint and hands the task back; the next
+/// worker continues from it. No periodic checkpoint exists, so the only way
+/// to resume past step 0 is the state saved on request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_worker_saves_diffusion_pipe_state_and_the_next_one_resumes() {
+    let hub = FakeHub::start(HF_TOKEN).await;
+    let case = Case {
+        backend: "diffusion-pipe",
+        model: "qwen-image",
+        adapter: "adapter_model.safetensors",
+        extras: &[],
+    };
+    hub.add_presets(&[case.model]);
+    let services = Services {
+        worker: false,
+        ..Services::ALL
+    };
+    let fleet = fleet_for(&hub, services).await;
+    let (first, first_done) = fleet.start_worker();
+    let mut first_done = Some(first_done);
+    let mut second = None;
+    let mut client = fleet.client(TOKEN).await;
+    let outputs = fleet.outputs_dir();
+    let job = submit(
+        &mut client,
+        job_spec(&case, &dataset_uri(&fleet).await, &outputs),
+    )
+    .await;
+    let mut stream = client
+        .watch(trainyard_proto::v1::WatchRequest {
+            job_id: job.job_id.clone(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    let mut events = Vec::new();
+    let mut stopped_at = None;
+    let mut saved = None;
+    loop {
+        let event = tokio::time::timeout_at(deadline, stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("job did not finish in time: {events:#?}"))
+            .expect("watch stream");
+        let Some(event) = event else { break };
+        match &event.kind {
+            Some(Kind::Progress(p))
+                if p.stage() == Stage::Train && p.step >= 8 && stopped_at.is_none() =>
+            {
+                stopped_at = Some(p.step);
+                first.cancel();
+            }
+            Some(Kind::Checkpoint(c)) if saved.is_none() => {
+                saved = Some(c.step);
+                // The first worker is gone (its task handed back): start another.
+                let done = first_done.take().expect("first worker");
+                tokio::time::timeout(Duration::from_secs(60), done)
+                    .await
+                    .expect("first worker stopped in time")
+                    .expect("first worker");
+                second = Some(fleet.start_worker());
+                events.push(event);
+                continue;
+            }
+            _ => {}
+        }
+        events.push(event);
+        if saved.is_some()
+            && matches!(&events.last().unwrap().kind, Some(Kind::State(s)) if s.state() == JobState::Succeeded)
+        {
+            break;
+        }
+    }
+    assert!(second.is_some(), "a second worker took over");
+    let stopped_at = stopped_at.expect("training ran before the stop");
+    let saved = saved.expect("the stopped worker stored the state saved on request");
+    assert!(
+        saved >= stopped_at,
+        "saved at step {saved}, the run was at {stopped_at} when stopped"
+    );
+    let record = get(&mut client, &job.job_id).await;
+    assert_eq!(record.state(), JobState::Succeeded, "{:?}", record.error);
+    let resumed = events
+        .iter()
+        .any(|e| matches!(&e.kind, Some(Kind::Progress(p)) if p.message == format!("resuming from step {saved}")));
+    assert!(
+        resumed,
+        "the second worker resumed from step {saved}: {events:#?}"
+    );
+    assert!(outputs.join(&job.job_id).join(case.adapter).is_file());
+    fleet.stop().await;
 }
