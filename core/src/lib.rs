@@ -9,6 +9,7 @@
 pub mod config;
 pub mod destination;
 pub mod events;
+pub mod hub;
 pub mod models;
 pub mod nats;
 pub mod natsd;

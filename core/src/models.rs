@@ -526,7 +526,7 @@ mod tests {
             assert!(ModelSource::parse(p.name).is_ok());
             for part in p.parts {
                 assert!(part.repo.contains('/'), "{}: {}", p.name, part.repo);
-                assert!(part.file.is_some() != !part.include.is_empty());
+                assert_eq!(part.file.is_some(), part.include.is_empty());
             }
         }
     }

@@ -9,7 +9,7 @@
 //! | `TY_DLQ` | limits | `ty.dlq.<stage>` |
 //! | `ty_jobs` | KV | `<tenant>.<job>` |
 //! | `ty_idem` | KV | `<tenant>.<sha256 of idempotency key>` |
-//! | `ty_workers` | KV with TTL | `<stage>.<worker>` |
+//! | `ty_workers` | KV with TTL (3 heartbeats) | `<worker id>` → the worker's registry entry |
 //!
 //! Plain NATS request/reply (no stream): `ty.api.<op>` (the job API, served
 //! by the coordinators) and `ty.preflight` (a job's preflight without a job,
@@ -28,6 +28,9 @@ pub const DLQ_STREAM: &str = "TY_DLQ";
 pub const JOBS_BUCKET: &str = "ty_jobs";
 pub const IDEM_BUCKET: &str = "ty_idem";
 pub const WORKERS_BUCKET: &str = "ty_workers";
+/// How often a worker rewrites its registry entry. The bucket's entries
+/// expire after three missed beats, so a dead worker drops out by itself.
+pub const WORKER_HEARTBEAT: Duration = Duration::from_secs(5);
 /// The coordinator replicas share this durable consumer of `TY_RESULTS`.
 pub const RESULTS_CONSUMER: &str = "ty-coordinator";
 /// The queue group captioners serve `ty.preflight` in: one answers each request.
@@ -170,6 +173,11 @@ pub fn job_key(tenant: &TenantId, job: &JobId) -> String {
     format!("{tenant}.{job}")
 }
 
+/// KV key of a worker's registry entry.
+pub fn worker_key(worker_id: &str) -> String {
+    worker_id.to_string()
+}
+
 /// The `Nats-Msg-Id` of a task: one per job, stage and attempt, so a
 /// republished task within the dedup window is dropped by the server.
 pub fn task_msg_id(tenant: &TenantId, job: &JobId, stage: Stage, attempt: Attempt) -> String {
@@ -262,14 +270,7 @@ pub async fn ensure(
     }
     let jobs = bucket(js, JOBS_BUCKET, 5, None, replicas).await?;
     let idem = bucket(js, IDEM_BUCKET, 1, None, replicas).await?;
-    let workers = bucket(
-        js,
-        WORKERS_BUCKET,
-        1,
-        Some(Duration::from_secs(60)),
-        replicas,
-    )
-    .await?;
+    let workers = bucket(js, WORKERS_BUCKET, 1, Some(WORKER_HEARTBEAT * 3), replicas).await?;
     Ok(Topology {
         js: js.clone(),
         jobs,

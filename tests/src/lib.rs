@@ -4,6 +4,8 @@
 //! (moto) on loopback for the S3 suites, and helpers that wait on events with
 //! a deadline instead of sleeping.
 
+pub mod hub;
+
 use futures::StreamExt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -170,6 +172,16 @@ impl Fleet {
     }
 
     /// Stops every service and waits for them to drain.
+    /// Starts one more worker that can be stopped on its own (as SIGTERM
+    /// would): cancel the token, then await the handle.
+    pub fn start_worker(&self) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+        let token = self.shutdown.child_token();
+        let (c, s) = (self.config.clone(), token.clone());
+        let handle =
+            tokio::spawn(async move { trainyard_worker::run(c, s).await.expect("worker") });
+        (token, handle)
+    }
+
     pub async fn stop(self) {
         self.shutdown.cancel();
         self.tasks.close();

@@ -9,7 +9,9 @@
 
 use std::path::PathBuf;
 use std::time::Duration;
-use trainyard_proto::v1::{JobState, ModelRef, Secrets, Stage, job_event::Kind};
+use trainyard_proto::v1::{
+    ExtraValue, JobState, ModelRef, Secrets, Stage, extra_value, job_event::Kind,
+};
 use trainyard_tests::hub::FakeHub;
 use trainyard_tests::*;
 
@@ -20,6 +22,8 @@ struct Case {
     model: &'static str,
     /// The adapter file name the worker stores.
     adapter: &'static str,
+    /// Backend options the case needs.
+    extras: &'static [(&'static str, f64)],
 }
 
 /// Pids of processes of a job's trainer: its argv or its working folder
@@ -68,11 +72,9 @@ fn standins() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("standins")
 }
 
-async fn train_kill_and_resume(case: Case) {
-    let hub = FakeHub::start(HF_TOKEN).await;
-    hub.add_presets(&[case.model]);
+async fn fleet_for(hub: &FakeHub, services: Services) -> Fleet {
     let root = standins();
-    let fleet = Fleet::start_with(Services::ALL, |c| {
+    Fleet::start_with(services, |c| {
         c.worker.hf_endpoint = hub.endpoint();
         c.worker.checkpoint_scan_ms = 100;
         let t = &mut c.worker.trainers;
@@ -85,13 +87,22 @@ async fn train_kill_and_resume(case: Case) {
         t.ai_toolkit_dir = root.join("ai-toolkit");
         t.env = [("STANDIN_STEP_SECONDS".to_string(), "0.1".to_string())].into();
     })
-    .await;
-    let mut client = fleet.client(TOKEN).await;
-    let outputs = fleet.outputs_dir();
-    let mut spec = with_destination(spec(&dataset_uri(&fleet).await, 30), &outputs);
+    .await
+}
+
+fn job_spec(case: &Case, dataset: &str, outputs: &std::path::Path) -> trainyard_proto::v1::JobSpec {
+    let mut spec = with_destination(spec(dataset, 30), outputs);
     let training = spec.training.as_mut().unwrap();
     training.backend = case.backend.into();
     training.resolution = RESOLUTION;
+    for (key, value) in case.extras {
+        training.extras.insert(
+            key.to_string(),
+            ExtraValue {
+                kind: Some(extra_value::Kind::Float(*value)),
+            },
+        );
+    }
     training.save_every = 5;
     training.batch_size = 1;
     spec.base_model = Some(ModelRef {
@@ -102,6 +113,16 @@ async fn train_kill_and_resume(case: Case) {
         hf_token: HF_TOKEN.into(),
         ..Default::default()
     });
+    spec
+}
+
+async fn train_kill_and_resume(case: Case) {
+    let hub = FakeHub::start(HF_TOKEN).await;
+    hub.add_presets(&[case.model]);
+    let fleet = fleet_for(&hub, Services::ALL).await;
+    let mut client = fleet.client(TOKEN).await;
+    let outputs = fleet.outputs_dir();
+    let spec = job_spec(&case, &dataset_uri(&fleet).await, &outputs);
     let job = submit(&mut client, spec).await;
 
     // Follow the job; kill the trainer once a checkpoint is stored.
@@ -162,7 +183,7 @@ async fn train_kill_and_resume(case: Case) {
         })
         .expect("progress after the resume");
     assert!(
-        first_step > checkpoint,
+        first_step >= checkpoint,
         "{}: resumed run started at step {first_step}, checkpoint was {checkpoint}",
         case.backend
     );
@@ -194,6 +215,7 @@ async fn kohya_flux_resumes_after_a_kill() {
         backend: "kohya",
         model: "flux1-dev",
         adapter: "lora.safetensors",
+        extras: &[],
     })
     .await;
 }
@@ -204,6 +226,7 @@ async fn kohya_sdxl_resumes_after_a_kill() {
         backend: "kohya",
         model: "sdxl-base-1.0",
         adapter: "lora.safetensors",
+        extras: &[],
     })
     .await;
 }
@@ -214,6 +237,8 @@ async fn diffusion_pipe_qwen_image_resumes_after_a_kill() {
         backend: "diffusion-pipe",
         model: "qwen-image",
         adapter: "adapter_model.safetensors",
+        // Training-state checkpoints by time only: every 0.6 s here.
+        extras: &[("checkpoint_every_n_minutes", 0.01)],
     })
     .await;
 }
@@ -224,6 +249,7 @@ async fn simpletuner_flux_resumes_after_a_kill() {
         backend: "simpletuner",
         model: "flux1-dev",
         adapter: "pytorch_lora_weights.safetensors",
+        extras: &[],
     })
     .await;
 }
@@ -234,6 +260,101 @@ async fn ai_toolkit_flux_resumes_after_a_kill() {
         backend: "ai-toolkit",
         model: "flux1-dev",
         adapter: "lora.safetensors",
+        extras: &[],
     })
     .await;
+}
+
+/// A worker told to stop asks diffusion-pipe to save through its
+/// `save_quit` file, stores that checkpoint and hands the task back; the next
+/// worker continues from it. No periodic checkpoint exists, so the only way
+/// to resume past step 0 is the state saved on request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_worker_saves_diffusion_pipe_state_and_the_next_one_resumes() {
+    let hub = FakeHub::start(HF_TOKEN).await;
+    let case = Case {
+        backend: "diffusion-pipe",
+        model: "qwen-image",
+        adapter: "adapter_model.safetensors",
+        extras: &[],
+    };
+    hub.add_presets(&[case.model]);
+    let services = Services {
+        worker: false,
+        ..Services::ALL
+    };
+    let fleet = fleet_for(&hub, services).await;
+    let (first, first_done) = fleet.start_worker();
+    let mut first_done = Some(first_done);
+    let mut second = None;
+    let mut client = fleet.client(TOKEN).await;
+    let outputs = fleet.outputs_dir();
+    let job = submit(
+        &mut client,
+        job_spec(&case, &dataset_uri(&fleet).await, &outputs),
+    )
+    .await;
+    let mut stream = client
+        .watch(trainyard_proto::v1::WatchRequest {
+            job_id: job.job_id.clone(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    let mut events = Vec::new();
+    let mut stopped_at = None;
+    let mut saved = None;
+    loop {
+        let event = tokio::time::timeout_at(deadline, stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("job did not finish in time: {events:#?}"))
+            .expect("watch stream");
+        let Some(event) = event else { break };
+        match &event.kind {
+            Some(Kind::Progress(p))
+                if p.stage() == Stage::Train && p.step >= 8 && stopped_at.is_none() =>
+            {
+                stopped_at = Some(p.step);
+                first.cancel();
+            }
+            Some(Kind::Checkpoint(c)) if saved.is_none() => {
+                saved = Some(c.step);
+                // The first worker is gone (its task handed back): start another.
+                let done = first_done.take().expect("first worker");
+                tokio::time::timeout(Duration::from_secs(60), done)
+                    .await
+                    .expect("first worker stopped in time")
+                    .expect("first worker");
+                second = Some(fleet.start_worker());
+                events.push(event);
+                continue;
+            }
+            _ => {}
+        }
+        events.push(event);
+        if saved.is_some()
+            && matches!(&events.last().unwrap().kind, Some(Kind::State(s)) if s.state() == JobState::Succeeded)
+        {
+            break;
+        }
+    }
+    assert!(second.is_some(), "a second worker took over");
+    let stopped_at = stopped_at.expect("training ran before the stop");
+    let saved = saved.expect("the stopped worker stored the state saved on request");
+    assert!(
+        saved >= stopped_at,
+        "saved at step {saved}, the run was at {stopped_at} when stopped"
+    );
+    let record = get(&mut client, &job.job_id).await;
+    assert_eq!(record.state(), JobState::Succeeded, "{:?}", record.error);
+    let resumed = events
+        .iter()
+        .any(|e| matches!(&e.kind, Some(Kind::Progress(p)) if p.message == format!("resuming from step {saved}")));
+    assert!(
+        resumed,
+        "the second worker resumed from step {saved}: {events:#?}"
+    );
+    assert!(outputs.join(&job.job_id).join(case.adapter).is_file());
+    fleet.stop().await;
 }

@@ -1,9 +1,11 @@
 //! The worker: the training stage, on a GPU machine (or a CPU for the
 //! reference trainer). [`train`] is the stage, [`models`] the base-model
-//! cache, [`webhook`] the loopback receiver for trainers that report over
-//! HTTP. The trainers it drives are `trainyard-backends`.
+//! cache, [`registry`] this worker's entry in the worker registry,
+//! [`webhook`] the loopback receiver for trainers that report over HTTP. The
+//! trainers it drives are `trainyard-backends`.
 
 pub mod models;
+pub mod registry;
 pub mod train;
 pub mod webhook;
 
@@ -29,7 +31,9 @@ pub async fn run(
             store.clone(),
             std::fs::canonicalize(&config.worker.model_cache_dir)?,
             trainer_bin.clone(),
-        ),
+            &config.worker.hf_endpoint,
+            config.worker.model_cache_max_bytes,
+        )?,
         store,
         work_root: std::fs::canonicalize(&config.worker.work_dir)?,
         tools: tools(&config.worker.trainers, trainer_bin),
@@ -51,7 +55,10 @@ pub async fn run(
     runner.concurrency = config.worker.concurrency;
     // The trainer gets its own grace after SIGTERM; the runtime waits a bit longer.
     runner.drain_grace = Duration::from_secs(1);
-    trainyard_core::service::run_stage(client, topo, runner, stage, shutdown).await
+    let heartbeat = registry::Heartbeat::for_stage(topo.workers.clone(), &runner, &stage);
+    let result = trainyard_core::service::run_stage(client, topo, runner, stage, shutdown).await;
+    heartbeat.stop().await;
+    result
 }
 
 /// The backends' view of `[worker.trainers]`.

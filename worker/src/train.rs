@@ -439,6 +439,14 @@ impl Run<'_> {
         let adapter = self.backend.final_adapter(self.inputs);
         if let (true, Some(adapter)) = (status.success(), &adapter) {
             self.finish_uploads(&mut seen).await;
+            // Some bars stop one short (ai-toolkit counts from 0): a run
+            // that wrote its adapter did every step.
+            if let Some(last) = seen.last_progress.as_mut()
+                && last.step < last.total_steps
+            {
+                last.step = last.total_steps;
+                self.ctx.events.progress(last.clone()).await;
+            }
             let summary = (
                 seen.last_progress.clone().unwrap_or_default(),
                 seen.loss_first,

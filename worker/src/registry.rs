@@ -1,0 +1,170 @@
+//! The worker registry: every worker keeps an entry in the `ty_workers` KV
+//! bucket saying what it can run (backends whose trainers are installed),
+//! what base models its cache holds and how busy it is, rewritten every
+//! [`WORKER_HEARTBEAT`]. Entries expire after three missed beats, so a
+//! crashed worker drops out by itself; a clean shutdown deletes its entry.
+//! Scheduling can read the bucket to prefer workers that hold a job's model.
+//!
+//! [`WORKER_HEARTBEAT`]: trainyard_core::topology::WORKER_HEARTBEAT
+
+use crate::models::{CachedModel, Models};
+use crate::train::TrainStage;
+use async_nats::jetstream::kv;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use trainyard_core::runtime::RunnerConfig;
+use trainyard_core::topology::{WORKER_HEARTBEAT, worker_key};
+
+/// One worker's entry, JSON in the bucket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerEntry {
+    pub worker_id: String,
+    pub pool: String,
+    /// Backends whose `[worker.trainers]` paths are set.
+    pub backends: Vec<String>,
+    /// Base models in the cache, with the parts held.
+    pub models: Vec<CachedModel>,
+    pub cache_bytes: u64,
+    /// The cache's size limit; 0 means none.
+    pub cache_max_bytes: u64,
+    /// Trainings at once.
+    pub slots: usize,
+    /// Trainings running now (runs holding a model).
+    pub busy_slots: usize,
+    /// Milliseconds since the Unix epoch.
+    pub started_at: i64,
+    /// Milliseconds since the Unix epoch.
+    pub updated_at: i64,
+}
+
+/// What does not change while the worker runs.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub worker_id: String,
+    pub pool: String,
+    pub backends: Vec<String>,
+    pub slots: usize,
+    pub cache_max_bytes: u64,
+}
+
+impl Identity {
+    /// This worker's identity from its runner settings and training stage.
+    pub fn of(runner: &RunnerConfig, stage: &TrainStage) -> Self {
+        Self {
+            worker_id: runner.worker_id.clone(),
+            pool: runner.pool.clone(),
+            backends: trainyard_backends::installed(&stage.tools)
+                .into_iter()
+                .map(String::from)
+                .collect(),
+            slots: runner.concurrency,
+            cache_max_bytes: stage.models.max_bytes(),
+        }
+    }
+}
+
+/// The heartbeat task; [`Heartbeat::stop`] deletes the entry. Dropping it
+/// stops the task too (which then deletes the entry on its own).
+pub struct Heartbeat {
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Heartbeat {
+    /// Starts writing the entry now and every `interval`. Errors writing
+    /// are logged and the next beat tries again; on stop the entry is deleted.
+    pub fn start(kv: kv::Store, identity: Identity, models: Models, interval: Duration) -> Self {
+        let stop = CancellationToken::new();
+        let cancelled = stop.clone();
+        let started_at = trainyard_core::now_ms();
+        let task = tokio::spawn(async move {
+            let key = worker_key(&identity.worker_id);
+            let mut ticks = tokio::time::interval(interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = cancelled.cancelled() => break,
+                    _ = ticks.tick() => {}
+                }
+                let entry = snapshot(&identity, &models, started_at);
+                let put = match serde_json::to_vec(&entry) {
+                    Ok(json) => kv
+                        .put(&key, json.into())
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(e) = put {
+                    tracing::warn!(error = %e, "cannot write this worker's registry entry");
+                }
+            }
+            if let Err(e) = kv.delete(&key).await {
+                tracing::warn!(error = %e, "cannot delete this worker's registry entry");
+            }
+        });
+        Self {
+            stop,
+            task: Some(task),
+        }
+    }
+
+    /// The heartbeat of a worker running `stage`, every [`WORKER_HEARTBEAT`].
+    pub fn for_stage(kv: kv::Store, runner: &RunnerConfig, stage: &TrainStage) -> Self {
+        Self::start(
+            kv,
+            Identity::of(runner, stage),
+            stage.models.clone(),
+            WORKER_HEARTBEAT,
+        )
+    }
+
+    /// Stops the heartbeat and waits until the entry is deleted.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take()
+            && let Err(e) = task.await
+        {
+            tracing::warn!(error = %e, "registry heartbeat task failed");
+        }
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// The entry as of now.
+pub fn snapshot(identity: &Identity, models: &Models, started_at: i64) -> WorkerEntry {
+    WorkerEntry {
+        worker_id: identity.worker_id.clone(),
+        pool: identity.pool.clone(),
+        backends: identity.backends.clone(),
+        models: models.holdings(),
+        cache_bytes: models.cache_bytes(),
+        cache_max_bytes: identity.cache_max_bytes,
+        slots: identity.slots,
+        busy_slots: models.leases(),
+        started_at,
+        updated_at: trainyard_core::now_ms(),
+    }
+}
+
+/// Every live entry of the bucket, for schedulers and tools.
+pub async fn entries(kv: &kv::Store) -> Result<Vec<WorkerEntry>, async_nats::Error> {
+    use futures::StreamExt;
+    let mut keys = kv.keys().await?;
+    let mut out = Vec::new();
+    while let Some(key) = keys.next().await {
+        let key = key?;
+        if let Some(value) = kv.get(&key).await?
+            && let Ok(entry) = serde_json::from_slice::<WorkerEntry>(&value)
+        {
+            out.push(entry);
+        }
+    }
+    Ok(out)
+}
