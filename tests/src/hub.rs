@@ -311,6 +311,13 @@ pub fn fake_content(repo: &str, path: &str) -> Bytes {
     if path.ends_with(".safetensors") {
         return safetensors_file(&format!("{repo}/{path}"));
     }
+    if path == "config.json" {
+        // A transformers config names its architecture.
+        return Bytes::from(
+            serde_json::to_vec(&serde_json::json!({"_name_or_path": repo, "model_type": "fake"}))
+                .expect("json"),
+        );
+    }
     if path.ends_with(".json") {
         return Bytes::from(
             serde_json::to_vec(&serde_json::json!({"_name_or_path": repo, "file": path}))

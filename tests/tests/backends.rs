@@ -78,7 +78,8 @@ async fn fleet_for(hub: &FakeHub, services: Services) -> Fleet {
         c.worker.hf_endpoint = hub.endpoint();
         c.worker.checkpoint_scan_ms = 100;
         let t = &mut c.worker.trainers;
-        t.python = "python3".into();
+        // The TRL stand-in libraries first on PYTHONPATH; plain python3 otherwise.
+        t.python = root.join("trl/python3");
         t.accelerate = root.join("bin/accelerate");
         t.deepspeed = root.join("bin/deepspeed");
         t.kohya_dir = root.join("kohya");
@@ -116,13 +117,38 @@ fn job_spec(case: &Case, dataset: &str, outputs: &std::path::Path) -> trainyard_
     spec
 }
 
+/// A small SFT dataset in the store: prompt/completion rows.
+async fn jsonl_uri(fleet: &Fleet) -> String {
+    let rows: Vec<String> = (0..24)
+        .map(|i| {
+            serde_json::json!({
+                "prompt": format!("What is {i} plus {i}?"),
+                "completion": format!("{}", i + i),
+            })
+            .to_string()
+        })
+        .collect();
+    let key = "uploads/sft/train.jsonl";
+    fleet
+        .store
+        .put_bytes(key, (rows.join("\n") + "\n").into_bytes().into())
+        .await
+        .expect("upload jsonl");
+    fleet.store.uri(key)
+}
+
 async fn train_kill_and_resume(case: Case) {
     let hub = FakeHub::start(HF_TOKEN).await;
     hub.add_presets(&[case.model]);
     let fleet = fleet_for(&hub, Services::ALL).await;
     let mut client = fleet.client(TOKEN).await;
     let outputs = fleet.outputs_dir();
-    let spec = job_spec(&case, &dataset_uri(&fleet).await, &outputs);
+    let dataset = if case.backend == "trl" {
+        jsonl_uri(&fleet).await
+    } else {
+        dataset_uri(&fleet).await
+    };
+    let spec = job_spec(&case, &dataset, &outputs);
     let job = submit(&mut client, spec).await;
 
     // Follow the job; kill the trainer once a checkpoint is stored.
@@ -157,7 +183,12 @@ async fn train_kill_and_resume(case: Case) {
         }
         events.push(event);
     }
-    let checkpoint = killed_after.expect("a checkpoint was stored before the kill");
+    let checkpoint = killed_after.unwrap_or_else(|| {
+        panic!(
+            "{}: no checkpoint was stored before the kill: {events:#?}",
+            case.backend
+        )
+    });
 
     let record = get(&mut client, &job.job_id).await;
     assert_eq!(
@@ -260,6 +291,17 @@ async fn ai_toolkit_flux_resumes_after_a_kill() {
         backend: "ai-toolkit",
         model: "flux1-dev",
         adapter: "lora.safetensors",
+        extras: &[],
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trl_sft_resumes_after_a_kill() {
+    train_kill_and_resume(Case {
+        backend: "trl",
+        model: "qwen2.5-0.5b-instruct",
+        adapter: "adapter_model.safetensors",
         extras: &[],
     })
     .await;
