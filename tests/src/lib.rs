@@ -4,6 +4,7 @@
 //! (moto) on loopback for the S3 suites, and helpers that wait on events with
 //! a deadline instead of sleeping.
 
+pub mod chaos;
 pub mod hub;
 
 use futures::StreamExt;
@@ -75,7 +76,7 @@ pub struct Fleet {
     tasks: TaskTracker,
 }
 
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace")

@@ -1,0 +1,269 @@
+//! The fault suite's harness. Unlike [`crate::Fleet`], which runs the
+//! services as tasks of the test process, [`Chaos`] runs them as child
+//! processes of the real binaries (so they can be SIGKILLed, SIGSTOPped and
+//! SIGTERMed), against a nats-server of its own (one node, or a three-node
+//! cluster whose routes pass through cuttable TCP proxies), and
+//! [`checks::global`] verifies the invariants every fault test must keep.
+//! When a test fails, the tails of every service log are printed.
+
+pub mod checks;
+pub mod procs;
+
+pub use procs::{Proc, Service, bin_dir};
+
+use crate::{Bearer, Client, TOKEN, workspace_root};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+use trainyard_core::Config;
+use trainyard_core::natsd::{NatsServer, find_nats_server};
+use trainyard_core::store::ArtifactStore;
+use trainyard_core::topology::TASKS_STREAM;
+use trainyard_proto::v1::job_service_client::JobServiceClient;
+
+/// How long services get to start and be ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A fleet of service processes on loopback.
+pub struct Chaos {
+    pub dir: tempfile::TempDir,
+    pub nats: Option<NatsServer>,
+    /// The client URL(s) services connect to, comma-separated.
+    pub nats_url: String,
+    /// The settings every service starts from.
+    pub config: Config,
+    pub store: ArtifactStore,
+    pub procs: Vec<Proc>,
+    bin_dir: PathBuf,
+    grpc_port: u16,
+    names: usize,
+}
+
+/// A port free right now on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+impl Chaos {
+    /// One nats-server, a coordinator, a captioner, an uploader and
+    /// `workers` workers, ready to take jobs.
+    pub async fn start(workers: usize, tweak: impl FnOnce(&mut Config)) -> Chaos {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store_dir = dir.path().join("nats");
+        let nats = tokio::task::spawn_blocking(move || {
+            let binary = find_nats_server(&workspace_root()).expect("nats-server >= 2.10");
+            NatsServer::start(&binary, &store_dir).expect("nats-server starts")
+        })
+        .await
+        .expect("nats start task");
+        let url = nats.url();
+        let mut chaos = Chaos::with_nats(dir, Some(nats), url, tweak);
+        chaos.spawn(Service::Coordinator);
+        chaos.spawn(Service::Captioner);
+        chaos.spawn(Service::Uploader);
+        for _ in 0..workers {
+            chaos.spawn(Service::Worker);
+        }
+        chaos.wait_ready().await;
+        chaos
+    }
+
+    /// The fleet's settings around an already running NATS at `url`.
+    pub fn with_nats(
+        dir: tempfile::TempDir,
+        nats: Option<NatsServer>,
+        url: String,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Chaos {
+        let grpc_port = free_port();
+        let mut config = Config::default();
+        config.nats.url = url.clone();
+        config.nats.ack_wait_secs = 4;
+        config.store.uri = dir.path().join("store").display().to_string();
+        config.coordinator.grpc_addr = format!("127.0.0.1:{grpc_port}");
+        config.coordinator.tokens = [(TOKEN.to_string(), "acme".to_string())].into();
+        config.coordinator.reconcile_interval_secs = 2;
+        config.coordinator.stale_after_secs = 5;
+        config.captioner.allow_private_urls = true;
+        config.worker.model_cache_dir = dir.path().join("cache");
+        config.worker.progress_interval_ms = 0;
+        config.worker.checkpoint_scan_ms = 100;
+        config.worker.stop_grace_secs = 5;
+        config.uploader.allowed_local_roots = vec![dir.path().to_owned()];
+        tweak(&mut config);
+        let store = ArtifactStore::open_with(&config.store.uri, &config.store.s3).expect("store");
+        Chaos {
+            dir,
+            nats,
+            nats_url: url,
+            config,
+            store,
+            procs: Vec::new(),
+            bin_dir: bin_dir(),
+            grpc_port,
+            names: 0,
+        }
+    }
+
+    /// Starts one more process of `service` and returns its name
+    /// (`worker-3`); each gets its own work dir.
+    pub fn spawn(&mut self, service: Service) -> String {
+        self.names += 1;
+        let name = format!(
+            "{}-{}",
+            service.binary().trim_start_matches("ty-"),
+            self.names
+        );
+        let mut config = self.config.clone();
+        let work = self.dir.path().join("work").join(&name);
+        config.captioner.work_dir = work.clone();
+        config.worker.work_dir = work.clone();
+        config.uploader.work_dir = work;
+        let proc = Proc::spawn(&self.bin_dir, self.dir.path(), service, &name, config);
+        self.procs.push(proc);
+        name
+    }
+
+    /// Starts a process again with the same name, config and work dir.
+    pub fn restart(&mut self, name: &str) {
+        let index = self.index(name);
+        let old = &self.procs[index];
+        let proc = Proc::spawn(
+            &self.bin_dir,
+            self.dir.path(),
+            old.service,
+            &old.name,
+            old.config.clone(),
+        );
+        self.procs[index] = proc;
+    }
+
+    fn index(&self, name: &str) -> usize {
+        self.procs
+            .iter()
+            .position(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no process {name}"))
+    }
+
+    pub fn proc(&mut self, name: &str) -> &mut Proc {
+        let index = self.index(name);
+        &mut self.procs[index]
+    }
+
+    /// Names of the running processes of `service`.
+    pub fn running(&mut self, service: Service) -> Vec<String> {
+        self.procs
+            .iter_mut()
+            .filter(|p| p.service == service)
+            .filter_map(|p| p.is_running().then(|| p.name.clone()))
+            .collect()
+    }
+
+    /// Waits until gRPC answers and every stage consumer exists.
+    pub async fn wait_ready(&self) {
+        let js = self.js().await;
+        crate::wait_for("services ready", READY_TIMEOUT, || {
+            let js = js.clone();
+            let url = format!("http://127.0.0.1:{}", self.grpc_port);
+            async move {
+                Channel::from_shared(url).ok()?.connect().await.ok()?;
+                let stream = js.get_stream(TASKS_STREAM).await.ok()?;
+                use futures::StreamExt;
+                let names: Vec<String> = stream
+                    .consumer_names()
+                    .filter_map(|n| async { n.ok() })
+                    .collect()
+                    .await;
+                (names.len() >= 3).then_some(())
+            }
+        })
+        .await;
+    }
+
+    /// A gRPC client of the coordinator, retried until it connects.
+    pub async fn client(&self) -> Client {
+        let url = format!("http://127.0.0.1:{}", self.grpc_port);
+        let channel = crate::wait_for("coordinator answers", READY_TIMEOUT, || {
+            let url = url.clone();
+            async move { Channel::from_shared(url).ok()?.connect().await.ok() }
+        })
+        .await;
+        JobServiceClient::with_interceptor(channel, Bearer(TOKEN.into()))
+    }
+
+    pub async fn nats_client(&self) -> async_nats::Client {
+        async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(self.nats_url.as_str())
+            .await
+            .expect("nats connect")
+    }
+
+    pub async fn js(&self) -> async_nats::jetstream::Context {
+        async_nats::jetstream::new(self.nats_client().await)
+    }
+
+    /// Puts the bundled sample dataset in the store and returns its URI.
+    pub async fn sample_uri(&self) -> String {
+        let local = self.dir.path().join("sample");
+        trainyard_captioner::sample::write_sample_dataset(&local).expect("sample");
+        self.store
+            .put_dir(&local, "uploads/sample", &[])
+            .await
+            .expect("upload sample");
+        self.store.uri("uploads/sample")
+    }
+
+    /// The folder deliveries of a test go to.
+    pub fn outputs_dir(&self) -> PathBuf {
+        self.dir.path().join("outputs")
+    }
+
+    /// Waits until `what` shows in the log of `name`.
+    pub async fn wait_log(&self, name: &str, what: &str, timeout: Duration) {
+        let log = self.procs[self.index(name)].log.clone();
+        crate::wait_for(&format!("{what:?} in {name}'s log"), timeout, || {
+            let log = log.clone();
+            async move {
+                std::fs::read_to_string(&log)
+                    .ok()?
+                    .contains(what)
+                    .then_some(())
+            }
+        })
+        .await;
+    }
+
+    /// Stops every service with SIGTERM and waits for them (a clean stop).
+    pub async fn stop(mut self) {
+        for proc in &self.procs {
+            proc.signal(nix::sys::signal::Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for proc in &mut self.procs {
+            let left = deadline.saturating_duration_since(Instant::now());
+            proc.wait_exit(left.max(Duration::from_millis(1))).await;
+        }
+    }
+}
+
+impl Drop for Chaos {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for proc in &self.procs {
+                eprintln!(
+                    "----- {} ({}) -----\n{}",
+                    proc.name,
+                    proc.log.display(),
+                    proc.log_tail(60)
+                );
+            }
+            if let Some(nats) = &self.nats {
+                eprintln!("----- nats-server -----\n{}", nats.log_tail());
+            }
+        }
+    }
+}

@@ -1,0 +1,440 @@
+//! The fault suite: the services run as child processes of the real
+//! binaries and are killed, stopped and restarted while jobs run; after
+//! every case [`checks::global`] verifies that each job ended exactly once,
+//! by legal transitions, with its artifacts intact and nothing left behind.
+//!
+//! Needs `cargo build --workspace --bins` first (the binaries beside the
+//! test executable).
+
+use futures::StreamExt;
+use nix::sys::signal::Signal;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use trainyard_proto::v1::{
+    CancelRequest, JobEvent, JobSpec, JobState, Stage, WatchRequest, job_event::Kind,
+};
+use trainyard_tests::chaos::{Chaos, Service, checks};
+use trainyard_tests::*;
+
+const JOB_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// Every event of a job, collected in the background.
+#[derive(Clone, Default)]
+struct Events(Arc<Mutex<Vec<JobEvent>>>);
+
+impl Events {
+    async fn watch(chaos: &Chaos, job: &str) -> Events {
+        let events = Events::default();
+        let mut client = chaos.client().await;
+        let stream = client
+            .watch(WatchRequest { job_id: job.into() })
+            .await
+            .expect("watch")
+            .into_inner();
+        let sink = events.0.clone();
+        tokio::spawn(async move {
+            let mut stream = stream;
+            while let Some(Ok(event)) = stream.next().await {
+                sink.lock().expect("events").push(event);
+            }
+        });
+        events
+    }
+
+    fn train_steps(&self) -> Vec<u32> {
+        self.0
+            .lock()
+            .expect("events")
+            .iter()
+            .filter_map(|e| match &e.kind {
+                Some(Kind::Progress(p)) if p.stage() == Stage::Train && p.step > 0 => Some(p.step),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Training steps reported at or after `ms`.
+    fn steps_since(&self, ms: i64) -> Vec<u32> {
+        self.select(|e| match &e.kind {
+            Some(Kind::Progress(p)) if p.stage() == Stage::Train && p.step > 0 && e.at_ms >= ms => {
+                Some(p.step)
+            }
+            _ => None,
+        })
+    }
+
+    /// Training steps reported before `ms`.
+    fn steps_until(&self, ms: i64) -> Vec<u32> {
+        self.select(|e| match &e.kind {
+            Some(Kind::Progress(p)) if p.stage() == Stage::Train && p.step > 0 && e.at_ms < ms => {
+                Some(p.step)
+            }
+            _ => None,
+        })
+    }
+
+    /// Checkpoints recorded before `ms`.
+    fn checkpoints_until(&self, ms: i64) -> Vec<u32> {
+        self.select(|e| match &e.kind {
+            Some(Kind::Checkpoint(c)) if e.at_ms < ms => Some(c.step),
+            _ => None,
+        })
+    }
+
+    fn select(&self, pick: impl Fn(&JobEvent) -> Option<u32>) -> Vec<u32> {
+        self.0
+            .lock()
+            .expect("events")
+            .iter()
+            .filter_map(pick)
+            .collect()
+    }
+
+    fn checkpoints(&self) -> Vec<u32> {
+        self.0
+            .lock()
+            .expect("events")
+            .iter()
+            .filter_map(|e| match &e.kind {
+                Some(Kind::Checkpoint(c)) => Some(c.step),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+async fn state_of(chaos: &Chaos, job: &str) -> JobState {
+    get(&mut chaos.client().await, job).await.state()
+}
+
+async fn wait_state(chaos: &Chaos, job: &str, state: JobState) {
+    wait_for(&format!("{job} {state:?}"), JOB_TIMEOUT, || async {
+        (state_of(chaos, job).await == state).then_some(())
+    })
+    .await;
+}
+
+async fn wait_final(chaos: &Chaos, job: &str) -> JobState {
+    wait_for(&format!("{job} final"), JOB_TIMEOUT, || async {
+        let state = state_of(chaos, job).await;
+        state.is_final().then_some(state)
+    })
+    .await
+}
+
+fn quick_spec(chaos: &Chaos, dataset: &str, steps: u32) -> JobSpec {
+    let mut spec = with_destination(spec(dataset, steps), &chaos.outputs_dir());
+    if let Some(training) = spec.training.as_mut() {
+        training.save_every = 10;
+    }
+    spec
+}
+
+/// The worker whose trainer runs `job`.
+fn worker_running(chaos: &mut Chaos, job: &str) -> Option<String> {
+    let pids = processes_mentioning(job);
+    chaos.running(Service::Worker).into_iter().find(|name| {
+        let work = chaos
+            .proc(name)
+            .config
+            .worker
+            .work_dir
+            .display()
+            .to_string();
+        pids.iter().any(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&work))
+                .unwrap_or(false)
+        })
+    })
+}
+
+fn adapter_sha(record: &trainyard_proto::v1::JobRecord) -> String {
+    record
+        .artifacts
+        .iter()
+        .find(|a| a.name.ends_with(".safetensors"))
+        .map(|a| a.sha256.clone())
+        .expect("adapter artifact")
+}
+
+/// Case 1: many concurrent jobs, nothing injected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_jobs_all_finish_once() {
+    const JOBS: usize = 50;
+    let chaos = Chaos::start(2, |c| c.worker.concurrency = 2).await;
+    let sample = chaos.sample_uri().await;
+    let mut client = chaos.client().await;
+    let started = Instant::now();
+    let mut jobs = BTreeMap::new();
+    for _ in 0..JOBS {
+        let job = submit(&mut client, quick_spec(&chaos, &sample, 5)).await;
+        jobs.insert(job.job_id, JobState::Succeeded);
+    }
+    for job in jobs.keys() {
+        wait_final(&chaos, job).await;
+    }
+    eprintln!("{JOBS} jobs in {:?}", started.elapsed());
+    checks::global(&chaos, &jobs, 0).await;
+    chaos.stop().await;
+}
+
+/// Case 2: SIGKILL the captioner, then a worker, then the uploader, each
+/// while it holds the job's task; a fresh process takes the redelivered
+/// task and the job finishes once. The uploader dies right after the first
+/// delivered file appears (case 6: after an upload, before the ack), and
+/// the redelivery finds the file, checks it and carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_stage_survives_a_sigkill_mid_task() {
+    let mut chaos = Chaos::start(1, |_| {}).await;
+    let sample = chaos.sample_uri().await;
+    let mut client = chaos.client().await;
+    let job = submit(&mut client, quick_spec(&chaos, &sample, 40))
+        .await
+        .job_id;
+    let events = Events::watch(&chaos, &job).await;
+
+    // The captioner, as soon as it said it started.
+    wait_for("prepare started", JOB_TIMEOUT, || async {
+        (state_of(&chaos, &job).await != JobState::Queued).then_some(())
+    })
+    .await;
+    let captioner = chaos.running(Service::Captioner).remove(0);
+    chaos.proc(&captioner).kill();
+    chaos.spawn(Service::Captioner);
+
+    // The worker, a few steps in.
+    wait_for("training progress", JOB_TIMEOUT, || async {
+        (events.train_steps().iter().any(|s| *s >= 12)).then_some(())
+    })
+    .await;
+    let worker = worker_running(&mut chaos, &job).expect("a worker trains the job");
+    chaos.proc(&worker).kill();
+    chaos.spawn(Service::Worker);
+
+    // The uploader, once a delivered file shows.
+    let uploader = chaos.running(Service::Uploader).remove(0);
+    let delivered = chaos.outputs_dir().join(&job);
+    wait_for("a delivered file", JOB_TIMEOUT, || async {
+        std::fs::read_dir(&delivered)
+            .ok()?
+            .next()
+            .is_some()
+            .then_some(())
+    })
+    .await;
+    chaos.proc(&uploader).kill();
+    chaos.spawn(Service::Uploader);
+
+    assert_eq!(wait_final(&chaos, &job).await, JobState::Succeeded);
+    let jobs = BTreeMap::from([(job.clone(), JobState::Succeeded)]);
+    let records = checks::global(&chaos, &jobs, 0).await;
+    assert!(!records[&job].delivered.is_empty());
+    chaos.stop().await;
+}
+
+/// Cases 3 and 4: a worker dies mid-training (SIGKILL, or SIGTERM then
+/// SIGKILL after 5 s); another worker resumes from the latest checkpoint,
+/// redoing at most one checkpoint interval, and the adapter is byte for
+/// byte the one an uninterrupted run of the same seed makes.
+async fn worker_dies_mid_training(graceful: bool) {
+    const STEPS: u32 = 100;
+    const SAVE_EVERY: u32 = 10;
+    let mut chaos = Chaos::start(2, |_| {}).await;
+    let sample = chaos.sample_uri().await;
+    let mut client = chaos.client().await;
+    // Larger images make steps slow enough for a kill to land between
+    // checkpoints rather than in an upload.
+    let mut spec = quick_spec(&chaos, &sample, STEPS);
+    spec.training.as_mut().expect("training").resolution = 64;
+    let reference = submit(&mut client, spec.clone()).await.job_id;
+    assert_eq!(wait_final(&chaos, &reference).await, JobState::Succeeded);
+
+    let job = submit(&mut client, spec).await.job_id;
+    let events = Events::watch(&chaos, &job).await;
+    wait_for("a checkpoint past step 20", JOB_TIMEOUT, || async {
+        events
+            .checkpoints()
+            .iter()
+            .any(|s| *s >= 2 * SAVE_EVERY)
+            .then_some(())
+    })
+    .await;
+    let worker = worker_running(&mut chaos, &job).expect("a worker trains the job");
+    let killed_at = Instant::now();
+    if graceful {
+        chaos.proc(&worker).signal(Signal::SIGTERM);
+        let exited = tokio::time::timeout(
+            Duration::from_secs(5),
+            chaos.proc(&worker).wait_exit(Duration::from_secs(10)),
+        )
+        .await;
+        if exited.is_err() {
+            chaos.proc(&worker).kill();
+        }
+    } else {
+        chaos.proc(&worker).kill();
+    }
+    let gone_ms = trainyard_core::now_ms();
+    // Every event stamped after the worker was gone comes from another one.
+    let resumed_at = wait_for("training resumed elsewhere", JOB_TIMEOUT, || async {
+        events.steps_since(gone_ms).first().copied()
+    })
+    .await;
+    let detect = killed_at.elapsed();
+    let last_step = events
+        .steps_until(gone_ms)
+        .into_iter()
+        .max()
+        .expect("steps");
+    let last_checkpoint = events
+        .checkpoints_until(gone_ms)
+        .into_iter()
+        .max()
+        .expect("checkpoint");
+    let redone = last_step.saturating_sub(resumed_at - 1);
+    eprintln!(
+        "{}: last step {last_step}, latest checkpoint {last_checkpoint}; resumed at step \
+         {resumed_at} {detect:?} after the kill, {redone} steps redone",
+        if graceful { "SIGTERM" } else { "SIGKILL" }
+    );
+    assert!(
+        resumed_at > last_checkpoint,
+        "resumed at step {resumed_at}, the latest checkpoint was {last_checkpoint}"
+    );
+    assert!(redone <= SAVE_EVERY, "{redone} steps redone");
+    assert_eq!(wait_final(&chaos, &job).await, JobState::Succeeded);
+    assert_eq!(wait_final(&chaos, &job).await, JobState::Succeeded);
+    let jobs = BTreeMap::from([
+        (reference.clone(), JobState::Succeeded),
+        (job.clone(), JobState::Succeeded),
+    ]);
+    let records = checks::global(&chaos, &jobs, 0).await;
+    assert_eq!(
+        adapter_sha(&records[&job]),
+        adapter_sha(&records[&reference]),
+        "the resumed run's adapter equals the uninterrupted one"
+    );
+    chaos.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_worker_resumes_from_checkpoint_on_another() {
+    worker_dies_mid_training(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigtermed_worker_hands_its_job_to_another() {
+    worker_dies_mid_training(true).await;
+}
+
+/// Case 10: an undecodable task and a config the backend rejects are each
+/// termed on first delivery with one DLQ record; the job fails with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_tasks_are_dead_lettered_once() {
+    let chaos = Chaos::start(1, |_| {}).await;
+    let js = chaos.js().await;
+    js.publish(
+        trainyard_core::topology::subject::task(Stage::Train, "default"),
+        bytes::Bytes::from_static(b"\xff\xff not protobuf"),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("ack");
+    let sample = chaos.sample_uri().await;
+    let mut client = chaos.client().await;
+    let mut rejected = quick_spec(&chaos, &sample, 20);
+    rejected.training.as_mut().expect("training").extras.insert(
+        "fault_crash_at_step".into(),
+        trainyard_proto::v1::ExtraValue {
+            kind: Some(trainyard_proto::v1::extra_value::Kind::Int(0)),
+        },
+    );
+    let job = submit(&mut client, rejected).await.job_id;
+    assert_eq!(wait_final(&chaos, &job).await, JobState::Failed);
+    let record = get(&mut client, &job).await;
+    let error = record.error.expect("error");
+    assert!(!error.message.is_empty());
+    eprintln!("rejected config: {:?} {}", error.kind(), error.message);
+    let jobs = BTreeMap::from([(job, JobState::Failed)]);
+    let letters = checks::dead_letters(&js).await;
+    checks::global(&chaos, &jobs, letters.len().max(1)).await;
+    assert!(
+        letters
+            .iter()
+            .any(|l| l.job_id.is_empty() || l.payload.starts_with(b"\xff")),
+        "the undecodable task is dead-lettered: {letters:?}"
+    );
+    chaos.stop().await;
+}
+
+/// Case 14: cancel while queued, training and delivering → CANCELLED,
+/// nothing delivered, no trainer left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_in_each_stage_is_final() {
+    let mut chaos = Chaos::start(1, |_| {}).await;
+    let sample = chaos.sample_uri().await;
+    let mut client = chaos.client().await;
+    let cancel_client = client.clone();
+    let cancel = |job: String| {
+        let mut client = cancel_client.clone();
+        async move {
+            let record = client
+                .cancel(CancelRequest {
+                    job_id: job,
+                    reason: "test".into(),
+                })
+                .await
+                .expect("cancel")
+                .into_inner()
+                .job
+                .expect("job");
+            assert_eq!(record.state(), JobState::Cancelled);
+        }
+    };
+    let mut jobs = BTreeMap::new();
+
+    // Queued: the captioner is stopped.
+    let captioner = chaos.running(Service::Captioner).remove(0);
+    chaos.proc(&captioner).signal(Signal::SIGSTOP);
+    let queued = submit(&mut client, quick_spec(&chaos, &sample, 20))
+        .await
+        .job_id;
+    cancel(queued.clone()).await;
+    chaos.proc(&captioner).signal(Signal::SIGCONT);
+    jobs.insert(queued, JobState::Cancelled);
+
+    // Training: the trainer runs.
+    let training = submit(&mut client, quick_spec(&chaos, &sample, 100_000))
+        .await
+        .job_id;
+    let events = Events::watch(&chaos, &training).await;
+    wait_for("training progress", JOB_TIMEOUT, || async {
+        (!events.train_steps().is_empty()).then_some(())
+    })
+    .await;
+    cancel(training.clone()).await;
+    jobs.insert(training, JobState::Cancelled);
+
+    // Delivering: the uploader is stopped.
+    let uploader = chaos.running(Service::Uploader).remove(0);
+    chaos.proc(&uploader).signal(Signal::SIGSTOP);
+    let delivering = submit(&mut client, quick_spec(&chaos, &sample, 5))
+        .await
+        .job_id;
+    wait_state(&chaos, &delivering, JobState::Delivering).await;
+    cancel(delivering.clone()).await;
+    chaos.proc(&uploader).signal(Signal::SIGCONT);
+    jobs.insert(delivering.clone(), JobState::Cancelled);
+
+    checks::global(&chaos, &jobs, 0).await;
+    for job in jobs.keys() {
+        assert!(
+            !chaos.outputs_dir().join(job).exists(),
+            "{job}: nothing delivered"
+        );
+    }
+    chaos.stop().await;
+}
