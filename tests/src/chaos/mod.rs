@@ -237,6 +237,21 @@ impl Chaos {
         .await;
     }
 
+    /// Stops the single nats-server (SIGTERM, so it syncs its store) and
+    /// starts it again on the same port and store dir.
+    pub async fn restart_nats(&mut self) {
+        let nats = self.nats.take().expect("a single nats-server");
+        let (port, store) = (nats.port(), nats.store_dir().to_owned());
+        let nats = tokio::task::spawn_blocking(move || {
+            nats.stop();
+            let binary = find_nats_server(&workspace_root()).expect("nats-server >= 2.10");
+            NatsServer::start_on_port(&binary, &store, port).expect("nats-server restarts")
+        })
+        .await
+        .expect("nats restart task");
+        self.nats = Some(nats);
+    }
+
     /// Stops every service with SIGTERM and waits for them (a clean stop).
     pub async fn stop(mut self) {
         for proc in &self.procs {
