@@ -104,8 +104,20 @@ impl Events {
     }
 }
 
+/// The job's state; `Unspecified` while the coordinator cannot answer (a
+/// cluster electing a leader, a partition).
 async fn state_of(chaos: &Chaos, job: &str) -> JobState {
-    get(&mut chaos.client().await, job).await.state()
+    let mut client = chaos.client().await;
+    match client
+        .get(trainyard_proto::v1::GetRequest { job_id: job.into() })
+        .await
+    {
+        Ok(reply) => reply
+            .into_inner()
+            .job
+            .map_or(JobState::Unspecified, |r| r.state()),
+        Err(_) => JobState::Unspecified,
+    }
 }
 
 async fn wait_state(chaos: &Chaos, job: &str, state: JobState) {
@@ -197,7 +209,11 @@ async fn each_stage_survives_a_sigkill_mid_task() {
 
     // The captioner, as soon as it said it started.
     wait_for("prepare started", JOB_TIMEOUT, || async {
-        (state_of(&chaos, &job).await != JobState::Queued).then_some(())
+        (!matches!(
+            state_of(&chaos, &job).await,
+            JobState::Queued | JobState::Unspecified
+        ))
+        .then_some(())
     })
     .await;
     let captioner = chaos.running(Service::Captioner).remove(0);
@@ -525,6 +541,143 @@ async fn restarting_everything_mid_run_loses_nothing() {
         chaos.restart(&name);
     }
     chaos.wait_ready().await;
+    for job in jobs.keys() {
+        wait_final(&chaos, job).await;
+    }
+    checks::global(&chaos, &jobs, 0).await;
+    chaos.stop().await;
+}
+
+/// Case 11: on a three-node cluster, the task stream's leader is SIGKILLed
+/// while jobs run; every job finishes once, and the node, started again,
+/// catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_survives_the_stream_leader_dying() {
+    const JOBS: usize = 20;
+    let mut chaos = Chaos::start_cluster(2, |c| c.worker.concurrency = 2).await;
+    let sample = chaos.sample_uri().await;
+    let mut client = chaos.client().await;
+    let mut jobs = BTreeMap::new();
+    for _ in 0..JOBS {
+        let job = submit(&mut client, quick_spec(&chaos, &sample, 30))
+            .await
+            .job_id;
+        jobs.insert(job, JobState::Succeeded);
+    }
+    let js = chaos.js().await;
+    let cluster = chaos.cluster.as_mut().expect("cluster");
+    let leader = cluster
+        .leader_of(&js, trainyard_core::topology::TASKS_STREAM)
+        .await;
+    // Mid-run: some job has finished, most have not.
+    let first = jobs.keys().next().cloned().expect("a job");
+    wait_for("a job past its first stage", JOB_TIMEOUT, || async {
+        (!matches!(
+            state_of(&chaos, &first).await,
+            JobState::Queued | JobState::Unspecified
+        ))
+        .then_some(())
+    })
+    .await;
+    chaos.cluster.as_mut().expect("cluster").kill(leader);
+    let killed = Instant::now();
+    let new_leader = chaos
+        .cluster
+        .as_ref()
+        .expect("cluster")
+        .leader_of(&js, trainyard_core::topology::TASKS_STREAM)
+        .await;
+    assert_ne!(new_leader, leader);
+    eprintln!("new task stream leader after {:?}", killed.elapsed());
+    for job in jobs.keys() {
+        wait_final(&chaos, job).await;
+    }
+    checks::global(&chaos, &jobs, 0).await;
+    let cluster = chaos.cluster.as_mut().expect("cluster");
+    cluster.restart(leader);
+    cluster.wait_ready().await;
+    for stream in [
+        trainyard_core::topology::TASKS_STREAM,
+        trainyard_core::topology::RESULTS_STREAM,
+        "KV_ty_jobs",
+    ] {
+        cluster.wait_caught_up(&js, stream).await;
+    }
+    chaos.stop().await;
+}
+
+/// Case 12: the node the coordinator is connected to is cut off from the
+/// others while jobs run (results pile up on the majority side), then
+/// healed; no job is lost or done twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_coordinator_node_heals_without_loss() {
+    let dir_urls = |chaos: &Chaos, nodes: &[usize]| -> String {
+        let cluster = chaos.cluster.as_ref().expect("cluster");
+        nodes
+            .iter()
+            .map(|n| cluster.nodes[*n].url())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    // Start with every service on nodes 1 and 2, then a coordinator on node 0 only.
+    let mut chaos = Chaos::start_cluster(2, |_| {}).await;
+    let majority = dir_urls(&chaos, &[1, 2]);
+    let minority = dir_urls(&chaos, &[0]);
+    for proc in &mut chaos.procs {
+        proc.kill();
+    }
+    let names: Vec<(Service, String)> = chaos
+        .procs
+        .iter()
+        .map(|p| (p.service, p.name.clone()))
+        .collect();
+    chaos.procs.clear();
+    for (service, _) in names {
+        let url = if service == Service::Coordinator {
+            minority.clone()
+        } else {
+            majority.clone()
+        };
+        chaos.spawn_with(service, |c| c.nats.url = url);
+    }
+    chaos.wait_ready().await;
+    let sample = chaos.sample_uri().await;
+    let mut client = chaos.client().await;
+    let mut jobs = BTreeMap::new();
+    for _ in 0..6 {
+        let mut spec = quick_spec(&chaos, &sample, 60);
+        spec.training.as_mut().expect("training").resolution = 64;
+        let job = submit(&mut client, spec).await.job_id;
+        jobs.insert(job, JobState::Succeeded);
+    }
+    let first = jobs.keys().next().cloned().expect("a job");
+    wait_state(&chaos, &first, JobState::Training).await;
+
+    chaos.cluster.as_ref().expect("cluster").partition(0);
+    // The majority keeps working: results the coordinator cannot take yet
+    // pile up in its consumer.
+    let side = async_nats::jetstream::new(
+        async_nats::connect(trainyard_core::nats::server_addrs(&majority).expect("urls"))
+            .await
+            .expect("majority"),
+    );
+    wait_for(
+        "results waiting for the coordinator",
+        JOB_TIMEOUT,
+        || async {
+            let stream = side
+                .get_stream(trainyard_core::topology::RESULTS_STREAM)
+                .await
+                .ok()?;
+            let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
+                .get_consumer(trainyard_core::topology::RESULTS_CONSUMER)
+                .await
+                .ok()?;
+            (consumer.info().await.ok()?.num_pending > 0).then_some(())
+        },
+    )
+    .await;
+    chaos.cluster.as_ref().expect("cluster").heal(0);
     for job in jobs.keys() {
         wait_final(&chaos, job).await;
     }

@@ -7,8 +7,11 @@
 //! When a test fails, the tails of every service log are printed.
 
 pub mod checks;
+pub mod cluster;
 pub mod procs;
+pub mod proxy;
 
+pub use cluster::Cluster;
 pub use procs::{Proc, Service, bin_dir};
 
 use crate::{Bearer, Client, TOKEN, workspace_root};
@@ -28,6 +31,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct Chaos {
     pub dir: tempfile::TempDir,
     pub nats: Option<NatsServer>,
+    pub cluster: Option<Cluster>,
     /// The client URL(s) services connect to, comma-separated.
     pub nats_url: String,
     /// The settings every service starts from.
@@ -71,6 +75,42 @@ impl Chaos {
         chaos
     }
 
+    /// [`Chaos::start`] on a three-node cluster with R3 streams and KV;
+    /// services get every node's URL unless `tweak` says otherwise.
+    pub async fn start_cluster(workers: usize, tweak: impl FnOnce(&mut Config)) -> Chaos {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let binary = find_nats_server(&workspace_root()).expect("nats-server >= 2.10");
+        let cluster = Cluster::start(&binary, dir.path()).await;
+        let url = cluster.urls();
+        let mut chaos = Chaos::with_nats(dir, None, url, |config| {
+            config.nats.replicas = 3;
+            tweak(config);
+        });
+        chaos.cluster = Some(cluster);
+        // Services that race to create R3 streams on a fresh cluster time
+        // out and exit; create the topology once, first.
+        let js = chaos.js().await;
+        let nats = chaos.config.nats.clone();
+        crate::wait_for("R3 streams and buckets", READY_TIMEOUT, || {
+            let (js, nats) = (js.clone(), nats.clone());
+            async move {
+                trainyard_core::topology::ensure(&js, &nats)
+                    .await
+                    .ok()
+                    .map(|_| ())
+            }
+        })
+        .await;
+        chaos.spawn(Service::Coordinator);
+        chaos.spawn(Service::Captioner);
+        chaos.spawn(Service::Uploader);
+        for _ in 0..workers {
+            chaos.spawn(Service::Worker);
+        }
+        chaos.wait_ready().await;
+        chaos
+    }
+
     /// The fleet's settings around an already running NATS at `url`.
     pub fn with_nats(
         dir: tempfile::TempDir,
@@ -98,6 +138,7 @@ impl Chaos {
         Chaos {
             dir,
             nats,
+            cluster: None,
             nats_url: url,
             config,
             store,
@@ -111,6 +152,11 @@ impl Chaos {
     /// Starts one more process of `service` and returns its name
     /// (`worker-3`); each gets its own work dir.
     pub fn spawn(&mut self, service: Service) -> String {
+        self.spawn_with(service, |_| {})
+    }
+
+    /// [`Chaos::spawn`] with settings of its own (another NATS URL, say).
+    pub fn spawn_with(&mut self, service: Service, tweak: impl FnOnce(&mut Config)) -> String {
         self.names += 1;
         let name = format!(
             "{}-{}",
@@ -122,6 +168,7 @@ impl Chaos {
         config.captioner.work_dir = work.clone();
         config.worker.work_dir = work.clone();
         config.uploader.work_dir = work;
+        tweak(&mut config);
         let proc = Proc::spawn(&self.bin_dir, self.dir.path(), service, &name, config);
         self.procs.push(proc);
         name
@@ -197,7 +244,7 @@ impl Chaos {
     pub async fn nats_client(&self) -> async_nats::Client {
         async_nats::ConnectOptions::new()
             .retry_on_initial_connect()
-            .connect(self.nats_url.as_str())
+            .connect(trainyard_core::nats::server_addrs(&self.nats_url).expect("nats urls"))
             .await
             .expect("nats connect")
     }
@@ -278,6 +325,9 @@ impl Drop for Chaos {
             }
             if let Some(nats) = &self.nats {
                 eprintln!("----- nats-server -----\n{}", nats.log_tail());
+            }
+            for node in self.cluster.iter().flat_map(|c| &c.nodes) {
+                eprintln!("----- nats {} -----\n{}", node.name, node.log_tail(30));
             }
         }
     }

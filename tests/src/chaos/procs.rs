@@ -33,10 +33,13 @@ impl Service {
 
 /// Where `cargo build --workspace --bins` put the service binaries: the
 /// test executable lives in `target/<profile>/deps`, they in `target/<profile>`.
+/// `TY_TEST_BIN_DIR` names another folder (binaries copied elsewhere).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable");
     let deps = exe.parent().expect("deps dir");
-    let dir = if deps.file_name().is_some_and(|n| n == "deps") {
+    let dir = if let Some(dir) = std::env::var_os("TY_TEST_BIN_DIR") {
+        PathBuf::from(dir)
+    } else if deps.file_name().is_some_and(|n| n == "deps") {
         deps.parent().expect("profile dir").to_owned()
     } else {
         deps.to_owned()
@@ -85,6 +88,8 @@ impl Proc {
             .arg(&config_path)
             .env_remove("TY_LOG")
             .env_remove("TY_CONFIG")
+            .env("RUST_BACKTRACE", "0")
+            .env("RUST_LIB_BACKTRACE", "0")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
