@@ -90,7 +90,7 @@ async fn apply(
         return AckKind::Ack;
     }
     let started = matches!(result.outcome, Some(Outcome::Started(_)));
-    let event = Event::Result(result);
+    let event = Event::Result(Box::new(result));
     let outcome = repo
         .update(&tenant, &job, |record| {
             let decision = job::transition(&record, &event, now);

@@ -403,6 +403,23 @@ mod tests {
     }
 
     #[test]
+    fn results_under_different_claims_do_not_dedup_each_other() {
+        let tenant = TenantId::parse("acme").unwrap();
+        let job = JobId::generate();
+        let a = result_msg_id(&tenant, &job, Stage::Train, Attempt(1), "t1");
+        let b = result_msg_id(&tenant, &job, Stage::Train, Attempt(1), "t2");
+        assert_ne!(a, b);
+        assert_eq!(
+            a,
+            result_msg_id(&tenant, &job, Stage::Train, Attempt(1), "t1")
+        );
+        assert_eq!(
+            claim_key(&tenant, &job, Stage::Train),
+            format!("acme.{job}.train")
+        );
+    }
+
+    #[test]
     fn subjects_follow_the_layout() {
         let tenant = TenantId::parse("acme").unwrap();
         let job = JobId::parse("j-1").unwrap();
