@@ -16,7 +16,7 @@
 //!    │                  claim lost ──▶ cancel the handler; publish nothing, settle nothing
 //!    ▼
 //!  check the claim once more (CAS); lost ──▶ publish nothing, settle nothing
-//!    ├─ Ok(outcome) ──────────▶ publish result (with the claim, dedup id), then ACK
+//!    ├─ Ok(outcome) ──────────▶ publish result (with the claim, dedup id), renew, then ACK
 //!    ├─ Retry{delay} ─────────▶ release claim, NAK with delay (or, out of deliveries: DLQ, failed result, TERM)
 //!    ├─ Fail(error) ──────────▶ publish failed result, TERM
 //!    ├─ Cancelled ────────────▶ TERM (the coordinator already recorded it)
@@ -444,7 +444,13 @@ impl Shared {
         match result {
             Ok(outcome) => {
                 if self.publish_result(&meta, Some(&claim), outcome).await {
-                    self.settle(&message, AckKind::Ack).await;
+                    // A takeover between the report and the ack (this runtime
+                    // frozen in between) must not lose the new holder's message.
+                    if self.still_held(&mut held).await {
+                        self.settle(&message, AckKind::Ack).await;
+                    } else {
+                        tracing::warn!(job = %meta.job, "claim lost after reporting; message left to its holder");
+                    }
                 } else {
                     self.release(&mut held).await;
                     self.settle(&message, AckKind::Nak(Some(Duration::from_secs(5))))
