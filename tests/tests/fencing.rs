@@ -3,7 +3,9 @@
 //! process) loses its training task to another runtime. When it wakes, its
 //! late result is dropped and its message left alone; a result carrying its
 //! old claim is rejected by the coordinator; the job records exactly one
-//! completion, the live runtime's.
+//! completion, the live runtime's. A runtime (and the real worker) whose
+//! claim is taken over cancels its handler (kills its trainer) and leaves
+//! the message alone, so the task comes back once the other lease ends.
 
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
@@ -421,5 +423,76 @@ async fn a_runtime_that_loses_its_claim_cancels_its_handler_and_leaves_the_task_
     assert_eq!(record.artifacts.len(), 1);
     stop.cancel();
     runtime.await.expect("runtime ends");
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_loses_its_claim_kills_its_trainer_and_keeps_the_task_alive() {
+    let fleet = Fleet::start_with(Services::ALL, |config| config.nats.ack_wait_secs = 3).await;
+    let js = jetstream::new(fleet.nats_client().await);
+    let mut api = fleet.client(TOKEN).await;
+    let job = submit(&mut api, spec(&fleet.sample_uri().await, 100_000)).await;
+    let (tenant, job_id) = (
+        TenantId::parse(&job.tenant).expect("tenant"),
+        JobId::parse(&job.job_id).expect("job"),
+    );
+    wait_for("the trainer to run", Duration::from_secs(120), || {
+        let running = !processes_mentioning(&job.job_id).is_empty();
+        async move { running.then_some(()) }
+    })
+    .await;
+
+    // Another holder takes the claim over for a few seconds.
+    let kv = js
+        .get_key_value(topology::CLAIMS_BUCKET)
+        .await
+        .expect("claims bucket");
+    let key = topology::claim_key(&tenant, &job_id, Stage::Train);
+    let entry = kv.entry(key.clone()).await.expect("kv").expect("claim");
+    let mut thief = TaskClaim::decode(entry.value).expect("claim");
+    let worker = thief.worker_id.clone();
+    thief.worker_id = "w-thief".into();
+    thief.token = "thief".into();
+    thief.lease_until_ms = trainyard_core::now_ms() + 6_000;
+    kv.update(&key, thief.encode_to_vec().into(), entry.revision)
+        .await
+        .expect("take the claim over");
+
+    // The worker kills its trainer well before the other lease ends.
+    wait_for("the trainer to be killed", Duration::from_secs(5), || {
+        let gone = processes_mentioning(&job.job_id).is_empty();
+        async move { gone.then_some(()) }
+    })
+    .await;
+    assert!(
+        trainyard_core::now_ms() < thief.lease_until_ms,
+        "the trainer outlived the lost claim"
+    );
+    assert_eq!(get(&mut api, &job.job_id).await.state(), JobState::Training);
+    // The task was neither termed nor acked: once the other lease ends it
+    // comes back, and the worker claims and trains it again.
+    wait_for("the trainer to run again", Duration::from_secs(60), || {
+        let running = !processes_mentioning(&job.job_id).is_empty();
+        async move { running.then_some(()) }
+    })
+    .await;
+    let claim = Claims::stored(&kv, &tenant, &job_id, Stage::Train)
+        .await
+        .expect("claims")
+        .expect("claim");
+    assert_eq!(claim.worker_id, worker);
+    assert_ne!(claim.token, "thief");
+
+    api.cancel(trainyard_proto::v1::CancelRequest {
+        job_id: job.job_id.clone(),
+        reason: "test over".into(),
+    })
+    .await
+    .expect("cancel");
+    wait_for("the trainer to exit", Duration::from_secs(20), || {
+        let gone = processes_mentioning(&job.job_id).is_empty();
+        async move { gone.then_some(()) }
+    })
+    .await;
     fleet.stop().await;
 }
