@@ -15,8 +15,8 @@ use trainyard_proto::v1::{
 /// What happened to a job.
 #[derive(Clone, Debug)]
 pub enum Event {
-    /// A stage reported on an attempt.
-    Result(StageResult),
+    /// A stage reported on an attempt (boxed: a result is large).
+    Result(Box<StageResult>),
     /// A client asked to cancel.
     Cancel { reason: String },
 }
@@ -241,14 +241,15 @@ mod tests {
     }
 
     fn result(stage: Stage, attempt: u32, outcome: Outcome) -> Event {
-        Event::Result(StageResult {
+        Event::Result(Box::new(StageResult {
             job_id: "j-1".into(),
             tenant: "acme".into(),
             stage: stage as i32,
             attempt,
             worker_id: "w".into(),
+            claim: None,
             outcome: Some(outcome),
-        })
+        }))
     }
 
     fn apply(record: &JobRecord, event: Event) -> (JobRecord, Vec<Effect>) {

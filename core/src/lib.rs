@@ -6,6 +6,7 @@
 //! Services depend on this crate and on `trainyard-proto`; nothing here knows
 //! about a particular stage.
 
+pub mod claim;
 pub mod config;
 pub mod destination;
 pub mod events;

@@ -8,20 +8,33 @@
 //!    ├─ undecodable / bad ids ───────────────▶ DLQ copy, failed result, TERM
 //!    ├─ delivered > max_deliver ─────────────▶ DLQ copy, failed result, TERM
 //!    ├─ job final, cancelled or attempt stale ▶ TERM (nothing to do)
+//!    ├─ claim held by a live lease elsewhere ─▶ NAK with delay (lease end + margin)
 //!    ▼
-//!  handle(task, ctx) ── in-progress ack every ack_wait/3 while it runs
-//!    ├─ Ok(outcome) ──────────▶ publish result (dedup id), then ACK
-//!    ├─ Retry{delay} ─────────▶ NAK with delay (or, out of deliveries: DLQ, failed result, TERM)
+//!  claim (CAS in ty_claims)
+//!    ▼
+//!  handle(task, ctx) ── every ack_wait/3: renew the lease (CAS), then in-progress ack
+//!    │                  claim lost ──▶ cancel the handler; publish nothing, settle nothing
+//!    ▼
+//!  check the claim once more (CAS); lost ──▶ publish nothing, settle nothing
+//!    ├─ Ok(outcome) ──────────▶ publish result (with the claim, dedup id), renew, then ACK
+//!    ├─ Retry{delay} ─────────▶ release claim, NAK with delay (or, out of deliveries: DLQ, failed result, TERM)
 //!    ├─ Fail(error) ──────────▶ publish failed result, TERM
 //!    ├─ Cancelled ────────────▶ TERM (the coordinator already recorded it)
-//!    └─ Interrupted ──────────▶ NAK without delay (service stopping; another replica resumes)
+//!    └─ Interrupted ──────────▶ release claim, NAK without delay (service stopping; another replica resumes)
 //! ```
+//!
+//! Fencing (see [`crate::claim`]): a runtime that lost its claim (its lease
+//! ran out and another runtime took the task over) neither publishes nor
+//! acks — an ack from the old delivery would remove the message the new
+//! holder is working on. The coordinator checks the claim in each result as
+//! well, so a result that slips through still counts only once.
 //!
 //! A cancel message on `ty.control.<job>.cancel` cancels the task's
 //! [`TaskContext::cancel`] token. Shutdown stops pulling at once, lets
 //! running tasks finish for the drain grace, then cancels their
 //! [`TaskContext::stop`] token and waits for them to hand the task back.
 
+use crate::claim::{Acquire, Claims, Held, Renew};
 use crate::config::NatsConfig;
 use crate::events::EventSink;
 use crate::topology::{self, Topology, subject};
@@ -36,7 +49,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use trainyard_proto::v1::{
-    self, DeadLetter, ErrorKind, JobError, JobRecord, Stage, StageResult, stage_result::Outcome,
+    self, DeadLetter, ErrorKind, JobError, JobRecord, Stage, StageResult, TaskClaim,
+    stage_result::Outcome,
 };
 use trainyard_proto::{Attempt, IdError, JobId, TenantId};
 
@@ -129,7 +143,9 @@ pub struct TaskContext {
     pub delivered: u32,
     pub worker_id: String,
     pub events: EventSink,
-    /// Cancelled when the job is cancelled.
+    /// Cancelled when the job is cancelled, or when this runtime lost its
+    /// claim on the task to another one: stop at once (kill the trainer);
+    /// whatever the handler returns then is dropped.
     pub cancel: CancellationToken,
     /// Cancelled when the service must hand the task back (shutdown past its grace).
     pub stop: CancellationToken,
@@ -222,7 +238,9 @@ pub async fn run_stage<H: StageHandler>(
         }
     });
     let slots = Arc::new(Semaphore::new(config.concurrency.max(1)));
+    let claims = Claims::new(topo.claims.clone(), config.nats.ack_wait());
     let shared = Arc::new(Shared {
+        claims,
         topo,
         config: config.clone(),
         inflight,
@@ -285,6 +303,7 @@ pub async fn run_stage<H: StageHandler>(
 }
 
 struct Shared {
+    claims: Claims,
     topo: Topology,
     config: RunnerConfig,
     inflight: Inflight,
@@ -331,7 +350,7 @@ impl Shared {
                 self.dead_letter(&message, header_meta.as_ref(), &reason, delivered)
                     .await;
                 if let Some(meta) = &header_meta {
-                    self.publish_failure(meta, job_error(ErrorKind::Poison, reason, false))
+                    self.publish_failure(meta, None, job_error(ErrorKind::Poison, reason, false))
                         .await;
                 }
                 self.settle(&message, AckKind::Term).await;
@@ -342,7 +361,7 @@ impl Shared {
             let reason = format!("{} task ran out of deliveries ({delivered})", stage.name());
             self.dead_letter(&message, Some(&meta), &reason, delivered)
                 .await;
-            self.publish_failure(&meta, job_error(ErrorKind::Poison, reason, false))
+            self.publish_failure(&meta, None, job_error(ErrorKind::Poison, reason, false))
                 .await;
             self.settle(&message, AckKind::Term).await;
             return;
@@ -361,8 +380,32 @@ impl Shared {
                 return;
             }
         }
+        let mut held = match self
+            .claims
+            .acquire(
+                &meta.tenant,
+                &meta.job,
+                stage,
+                meta.attempt,
+                &self.config.worker_id,
+            )
+            .await
+        {
+            Acquire::Held(held) => held,
+            Acquire::Busy(wait) => {
+                tracing::info!(job = %meta.job, attempt = %meta.attempt, ?wait, "task claimed by a live runtime; retrying later");
+                self.settle(&message, AckKind::Nak(Some(wait))).await;
+                return;
+            }
+            Acquire::Unavailable(error) => {
+                tracing::warn!(%error, "cannot claim task");
+                self.settle(&message, AckKind::Nak(Some(Duration::from_secs(2))))
+                    .await;
+                return;
+            }
+        };
         if delivered == 1 {
-            self.publish_started(&meta, delivered).await;
+            self.publish_started(&meta, &held.claim, delivered).await;
         }
         let cancel = CancellationToken::new();
         self.inflight
@@ -375,21 +418,41 @@ impl Shared {
             delivered,
             worker_id: self.config.worker_id.clone(),
             events: EventSink::new(self.topo.js.clone(), meta.tenant.clone(), meta.job.clone()),
-            cancel,
+            cancel: cancel.clone(),
             stop,
         };
         let result = self
-            .with_heartbeat(&message, handler.handle(task, ctx))
+            .with_heartbeat(&message, &mut held, &cancel, handler.handle(task, ctx))
             .await;
         self.inflight
             .lock()
             .expect("inflight lock")
             .remove(&meta.job);
+        let result = match result {
+            Some(result) => result,
+            None => {
+                tracing::warn!(job = %meta.job, attempt = %meta.attempt, "claim lost while running; result dropped");
+                return;
+            }
+        };
+        // The handler's outcome counts only if the claim is still ours.
+        if !matches!(result, Err(StageError::Cancelled)) && !self.still_held(&mut held).await {
+            tracing::warn!(job = %meta.job, attempt = %meta.attempt, "claim lost before reporting; result dropped");
+            return;
+        }
+        let claim = held.claim.clone();
         match result {
             Ok(outcome) => {
-                if self.publish_result(&meta, outcome).await {
-                    self.settle(&message, AckKind::Ack).await;
+                if self.publish_result(&meta, Some(&claim), outcome).await {
+                    // A takeover between the report and the ack (this runtime
+                    // frozen in between) must not lose the new holder's message.
+                    if self.still_held(&mut held).await {
+                        self.settle(&message, AckKind::Ack).await;
+                    } else {
+                        tracing::warn!(job = %meta.job, "claim lost after reporting; message left to its holder");
+                    }
                 } else {
+                    self.release(&mut held).await;
                     self.settle(&message, AckKind::Nak(Some(Duration::from_secs(5))))
                         .await;
                 }
@@ -401,42 +464,78 @@ impl Shared {
                     error.retryable = false;
                     self.dead_letter(&message, Some(&meta), &error.message, delivered)
                         .await;
-                    self.publish_failure(&meta, error).await;
+                    self.publish_failure(&meta, Some(&claim), error).await;
                     self.settle(&message, AckKind::Term).await;
                 } else {
                     tracing::warn!(job = %meta.job, delivered, ?delay, error = %error.message, "retrying task");
+                    self.release(&mut held).await;
                     self.settle(&message, AckKind::Nak(Some(delay))).await;
                 }
             }
             Err(StageError::Fail(error)) => {
                 tracing::warn!(job = %meta.job, error = %error.message, "task failed");
-                self.publish_failure(&meta, error).await;
+                self.publish_failure(&meta, Some(&claim), error).await;
                 self.settle(&message, AckKind::Term).await;
             }
             Err(StageError::Cancelled) => self.settle(&message, AckKind::Term).await,
-            Err(StageError::Interrupted) => self.settle(&message, AckKind::Nak(None)).await,
+            Err(StageError::Interrupted) => {
+                self.release(&mut held).await;
+                self.settle(&message, AckKind::Nak(None)).await
+            }
         }
     }
 
-    /// Runs the handler, sending an in-progress ack every ack_wait/3.
+    /// Runs the handler; every ack_wait/3 renews the claim's lease and then
+    /// sends an in-progress ack. When the claim is lost (taken over, or the
+    /// lease ran out without a renewal getting through) it cancels the
+    /// handler, waits for it to stop and returns `None`.
     async fn with_heartbeat<F: Future<Output = Result<Outcome, StageError>>>(
         &self,
         message: &jetstream::Message,
+        held: &mut Held,
+        cancel: &CancellationToken,
         work: F,
-    ) -> Result<Outcome, StageError> {
+    ) -> Option<Result<Outcome, StageError>> {
         let period = (self.config.nats.ack_wait() / 3).max(Duration::from_millis(200));
         let mut ticker = tokio::time::interval(period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.tick().await;
         tokio::pin!(work);
         loop {
             tokio::select! {
-                result = &mut work => return result,
+                result = &mut work => return Some(result),
                 _ = ticker.tick() => {
+                    if !self.still_held(held).await {
+                        tracing::warn!(worker = %held.claim.worker_id, token = %held.claim.token, "claim lost; stopping the handler");
+                        cancel.cancel();
+                        // Dropped: the handler stops on its cancel token.
+                        let _ = work.await;
+                        return None;
+                    }
                     if let Err(error) = message.ack_with(AckKind::Progress).await {
                         tracing::debug!(%error, "in-progress ack failed");
                     }
                 }
             }
+        }
+    }
+
+    /// Renews the lease; false once the claim is someone else's, or its
+    /// lease ran out by this runtime's clock without a renewal getting through.
+    async fn still_held(&self, held: &mut Held) -> bool {
+        match self.claims.renew(held).await {
+            Renew::Renewed => true,
+            Renew::Lost => false,
+            Renew::Unavailable(error) => {
+                tracing::warn!(%error, "cannot renew claim");
+                !held.expired(crate::now_ms())
+            }
+        }
+    }
+
+    async fn release(&self, held: &mut Held) {
+        if let Renew::Unavailable(error) = self.claims.release(held).await {
+            tracing::debug!(%error, "could not release claim; its lease runs out by itself");
         }
     }
 
@@ -463,7 +562,12 @@ impl Shared {
         Current::Run
     }
 
-    async fn publish_result(&self, meta: &TaskMeta, outcome: Outcome) -> bool {
+    async fn publish_result(
+        &self,
+        meta: &TaskMeta,
+        claim: Option<&TaskClaim>,
+        outcome: Outcome,
+    ) -> bool {
         let stage = self.config.stage;
         let result = StageResult {
             job_id: meta.job.to_string(),
@@ -471,9 +575,11 @@ impl Shared {
             stage: stage as i32,
             attempt: meta.attempt.0,
             worker_id: self.config.worker_id.clone(),
+            claim: claim.cloned(),
             outcome: Some(outcome),
         };
-        let id = topology::result_msg_id(&meta.tenant, &meta.job, stage, meta.attempt);
+        let token = claim.map(|c| c.token.as_str()).unwrap_or_default();
+        let id = topology::result_msg_id(&meta.tenant, &meta.job, stage, meta.attempt, token);
         match crate::nats::publish_durable(
             &self.topo.js,
             subject::result(stage),
@@ -491,13 +597,14 @@ impl Shared {
         }
     }
 
-    async fn publish_started(&self, meta: &TaskMeta, delivered: u32) {
+    async fn publish_started(&self, meta: &TaskMeta, claim: &TaskClaim, delivered: u32) {
         let result = StageResult {
             job_id: meta.job.to_string(),
             tenant: meta.tenant.to_string(),
             stage: self.config.stage as i32,
             attempt: meta.attempt.0,
             worker_id: self.config.worker_id.clone(),
+            claim: Some(claim.clone()),
             outcome: Some(Outcome::Started(v1::StageStarted { delivered })),
         };
         let id = format!(
@@ -517,9 +624,15 @@ impl Shared {
         }
     }
 
-    async fn publish_failure(&self, meta: &TaskMeta, mut error: JobError) {
+    async fn publish_failure(
+        &self,
+        meta: &TaskMeta,
+        claim: Option<&TaskClaim>,
+        mut error: JobError,
+    ) {
         error.stage = self.config.stage as i32;
-        self.publish_result(meta, Outcome::Failed(error)).await;
+        self.publish_result(meta, claim, Outcome::Failed(error))
+            .await;
     }
 
     async fn dead_letter(
