@@ -229,7 +229,7 @@ fn prepare_error(error: PrepareError) -> StageError {
         _ => ErrorKind::BadDataset,
     };
     if error.is_retryable() {
-        let delay = error.retry_after().unwrap_or(Duration::from_secs(5));
+        let delay = error.retry_after().unwrap_or_default();
         StageError::retry(kind, error.to_string(), delay)
     } else {
         StageError::fail(kind, error.to_string())

@@ -6,12 +6,15 @@
 //!  pull (one message per free slot)
 //!    │
 //!    ├─ undecodable / bad ids ───────────────▶ DLQ copy, failed result, TERM
-//!    ├─ delivered > max_deliver ─────────────▶ DLQ copy, failed result, TERM
+//!    ├─ delivered > max attempts ────────────▶ DLQ copy, failed result, TERM
 //!    ├─ job final, cancelled or attempt stale ▶ TERM (nothing to do)
 //!    ▼
 //!  handle(task, ctx) ── in-progress ack every ack_wait/3 while it runs
 //!    ├─ Ok(outcome) ──────────▶ publish result (dedup id), then ACK
-//!    ├─ Retry{delay} ─────────▶ NAK with delay (or, out of deliveries: DLQ, failed result, TERM)
+//!    ├─ Retry{delay} ─────────▶ the retry policy (crate::retry) decides:
+//!    │                           NAK with its backoff delay (≥ delay, a server's Retry-After),
+//!    │                           or a fatal kind: failed result, TERM,
+//!    │                           or out of attempts: DLQ, failed result, TERM
 //!    ├─ Fail(error) ──────────▶ publish failed result, TERM
 //!    ├─ Cancelled ────────────▶ TERM (the coordinator already recorded it)
 //!    └─ Interrupted ──────────▶ NAK without delay (service stopping; another replica resumes)
@@ -22,7 +25,8 @@
 //! running tasks finish for the drain grace, then cancels their
 //! [`TaskContext::stop`] token and waits for them to hand the task back.
 
-use crate::config::NatsConfig;
+use crate::config::{NatsConfig, RetryConfig};
+use crate::retry::{Decision, Policy};
 use crate::events::EventSink;
 use crate::topology::{self, Topology, subject};
 use async_nats::jetstream::{self, AckKind};
@@ -51,10 +55,15 @@ pub struct TaskMeta {
 /// A task message of some stage.
 pub trait StageTask: prost::Message + Default + Send + 'static {
     fn meta(&self) -> Result<TaskMeta, IdError>;
+    /// The job's own retry policy, if its spec has one.
+    fn retry_policy(&self) -> Option<&v1::RetryPolicy>;
+    /// Takes in what earlier deliveries recorded in the job record (the
+    /// training stage: settings lightened after an OOM).
+    fn adjust(&mut self, _record: &JobRecord) {}
 }
 
 macro_rules! stage_task {
-    ($t:ty) => {
+    ($t:ty $(, $adjust:item)?) => {
         impl StageTask for $t {
             fn meta(&self) -> Result<TaskMeta, IdError> {
                 Ok(TaskMeta {
@@ -63,18 +72,41 @@ macro_rules! stage_task {
                     attempt: Attempt(self.attempt),
                 })
             }
+            fn retry_policy(&self) -> Option<&v1::RetryPolicy> {
+                self.spec.as_ref().and_then(|s| s.retry.as_ref())
+            }
+            $($adjust)?
         }
     };
 }
 stage_task!(v1::PrepareTask);
-stage_task!(v1::TrainTask);
+stage_task!(
+    v1::TrainTask,
+    fn adjust(&mut self, record: &JobRecord) {
+        if let (Some(lighter), Some(spec)) = (&record.effective_training, self.spec.as_mut()) {
+            spec.training = Some(lighter.clone());
+        }
+    }
+);
 stage_task!(v1::DeliverTask);
 
 /// How a task ended, when it did not succeed. Retry intent is part of the type.
 #[derive(Debug)]
 pub enum StageError {
-    /// Transient: try again after `delay` (the same attempt, redelivered).
+    /// Transient: try again (the same attempt, redelivered) after the retry
+    /// policy's delay, and not before `delay` (a server's `Retry-After`;
+    /// zero when the handler has no such hint). The policy may still fail
+    /// the job: a non-retryable kind, or out of attempts.
     Retry { error: JobError, delay: Duration },
+    /// Transient, and the next delivery should run with lighter training
+    /// settings (an OOM): the runtime records them in the job record
+    /// (`effective_training`, `adjustments`) before the NAK, and the next
+    /// delivery's task carries them ([`StageTask::adjust`]).
+    RetryLighter {
+        error: JobError,
+        training: v1::TrainingSettings,
+        adjustment: String,
+    },
     /// Permanent: the job fails with this error.
     Fail(JobError),
     /// The job was cancelled while the task ran.
@@ -100,11 +132,7 @@ impl StageError {
 impl From<crate::store::StoreError> for StageError {
     fn from(error: crate::store::StoreError) -> Self {
         if error.is_retryable() {
-            StageError::retry(
-                ErrorKind::Storage,
-                error.to_string(),
-                Duration::from_secs(5),
-            )
+            StageError::retry(ErrorKind::Storage, error.to_string(), Duration::ZERO)
         } else {
             StageError::fail(ErrorKind::Storage, error.to_string())
         }
@@ -170,6 +198,8 @@ pub struct RunnerConfig {
     pub nats: NatsConfig,
     /// How long running tasks may go on after shutdown is asked.
     pub drain_grace: Duration,
+    /// The `[retry]` section; the stage's policy is used.
+    pub retry: RetryConfig,
 }
 
 impl RunnerConfig {
@@ -181,6 +211,7 @@ impl RunnerConfig {
             worker_id: format!("{}-{}", stage.name(), uuid::Uuid::now_v7().simple()),
             nats: nats.clone(),
             drain_grace: Duration::from_secs(30),
+            retry: RetryConfig::default(),
         }
     }
 }
@@ -324,7 +355,7 @@ impl Shared {
                     .map(|meta| (task, meta))
                     .map_err(|e| format!("task has a bad id: {e}"))
             });
-        let (task, meta) = match decoded {
+        let (mut task, meta) = match decoded {
             Ok(ok) => ok,
             Err(reason) => {
                 tracing::error!(stage = stage.name(), %reason, "poison task");
@@ -338,7 +369,13 @@ impl Shared {
                 return;
             }
         };
-        if delivered > self.config.nats.max_deliver {
+        let policy = Policy::resolve(
+            self.config.retry.for_stage(stage),
+            task.retry_policy(),
+            stage,
+            self.config.nats.max_deliver,
+        );
+        if delivered > policy.max_attempts {
             let reason = format!("{} task ran out of deliveries ({delivered})", stage.name());
             self.dead_letter(&message, Some(&meta), &reason, delivered)
                 .await;
@@ -348,7 +385,7 @@ impl Shared {
             return;
         }
         match self.current(&meta).await {
-            Current::Run => {}
+            Current::Run(record) => task.adjust(&record),
             Current::Skip(why) => {
                 tracing::info!(job = %meta.job, attempt = %meta.attempt, why, "dropping task");
                 self.settle(&message, AckKind::Term).await;
@@ -394,19 +431,27 @@ impl Shared {
                         .await;
                 }
             }
-            Err(StageError::Retry { mut error, delay }) => {
-                if delivered >= self.config.nats.max_deliver {
-                    error.message =
-                        format!("gave up after {delivered} deliveries: {}", error.message);
-                    error.retryable = false;
-                    self.dead_letter(&message, Some(&meta), &error.message, delivered)
-                        .await;
-                    self.publish_failure(&meta, error).await;
-                    self.settle(&message, AckKind::Term).await;
-                } else {
-                    tracing::warn!(job = %meta.job, delivered, ?delay, error = %error.message, "retrying task");
-                    self.settle(&message, AckKind::Nak(Some(delay))).await;
+            Err(StageError::Retry { error, delay }) => {
+                self.retry(&message, &meta, &policy, delivered, error, delay)
+                    .await;
+            }
+            Err(StageError::RetryLighter {
+                error,
+                training,
+                adjustment,
+            }) => {
+                let decision = policy.decide(&error, delivered, Duration::ZERO);
+                if matches!(decision, Decision::Retry(_))
+                    && !self
+                        .record_adjustment(&meta, training, &adjustment)
+                        .await
+                {
+                    // The record moved (or cannot be written): the next
+                    // delivery runs with the settings it had.
+                    tracing::warn!(job = %meta.job, %adjustment, "could not record the lighter settings");
                 }
+                self.retry(&message, &meta, &policy, delivered, error, Duration::ZERO)
+                    .await;
             }
             Err(StageError::Fail(error)) => {
                 tracing::warn!(job = %meta.job, error = %error.message, "task failed");
@@ -416,6 +461,80 @@ impl Shared {
             Err(StageError::Cancelled) => self.settle(&message, AckKind::Term).await,
             Err(StageError::Interrupted) => self.settle(&message, AckKind::Nak(None)).await,
         }
+    }
+
+    /// Applies the retry policy to a transient failure.
+    async fn retry(
+        &self,
+        message: &jetstream::Message,
+        meta: &TaskMeta,
+        policy: &Policy,
+        delivered: u32,
+        mut error: JobError,
+        hint: Duration,
+    ) {
+        match policy.decide(&error, delivered, hint) {
+            Decision::Retry(delay) => {
+                tracing::warn!(job = %meta.job, delivered, ?delay, error = %error.message, "retrying task");
+                self.settle(message, AckKind::Nak(Some(delay))).await;
+            }
+            Decision::Fail => {
+                tracing::warn!(job = %meta.job, error = %error.message, "task failed with a non-retryable error");
+                error.retryable = false;
+                self.publish_failure(meta, error).await;
+                self.settle(message, AckKind::Term).await;
+            }
+            Decision::GiveUp => {
+                error.message = format!("gave up after {delivered} deliveries: {}", error.message);
+                error.retryable = false;
+                self.dead_letter(message, Some(meta), &error.message, delivered)
+                    .await;
+                self.publish_failure(meta, error).await;
+                self.settle(message, AckKind::Term).await;
+            }
+        }
+    }
+
+    /// Records lighter training settings in the job record by a
+    /// compare-and-set (read again when the coordinator moved it), only
+    /// while the record still is at this task's stage and attempt.
+    async fn record_adjustment(
+        &self,
+        meta: &TaskMeta,
+        training: v1::TrainingSettings,
+        adjustment: &str,
+    ) -> bool {
+        let key = topology::job_key(&meta.tenant, &meta.job);
+        for _ in 0..5 {
+            let Ok(Some(entry)) = self.topo.jobs.entry(key.clone()).await else {
+                return false;
+            };
+            let Ok(mut record) = JobRecord::decode(entry.value.clone()) else {
+                return false;
+            };
+            if record.state().is_final()
+                || record.stage() != self.config.stage
+                || record.attempt != meta.attempt.0
+            {
+                return false;
+            }
+            if record.effective_training.as_ref() == Some(&training) {
+                return true;
+            }
+            record.adjustments.push(adjustment.to_string());
+            record.effective_training = Some(training.clone());
+            record.updated_at_ms = crate::now_ms();
+            match self
+                .topo
+                .jobs
+                .update(key.clone(), record.encode_to_vec().into(), entry.revision)
+                .await
+            {
+                Ok(_) => return true,
+                Err(error) => tracing::debug!(%error, "job record moved; reading it again"),
+            }
+        }
+        false
     }
 
     /// Runs the handler, sending an in-progress ack every ack_wait/3.
@@ -442,9 +561,11 @@ impl Shared {
 
     async fn current(&self, meta: &TaskMeta) -> Current {
         let key = topology::job_key(&meta.tenant, &meta.job);
-        let entry = match self.topo.jobs.get(key).await {
-            Ok(Some(bytes)) => bytes,
-            Ok(None) => return Current::Skip("no job record"),
+        let entry = match self.topo.jobs.entry(key).await {
+            Ok(Some(entry)) if entry.operation == async_nats::jetstream::kv::Operation::Put => {
+                entry.value
+            }
+            Ok(_) => return Current::Skip("no job record"),
             Err(error) => {
                 tracing::warn!(%error, "cannot read job record");
                 return Current::Unknown;
@@ -460,7 +581,7 @@ impl Shared {
         if record.stage() != self.config.stage || record.attempt != meta.attempt.0 {
             return Current::Skip("stale attempt");
         }
-        Current::Run
+        Current::Run(Box::new(record))
     }
 
     async fn publish_result(&self, meta: &TaskMeta, outcome: Outcome) -> bool {
@@ -567,7 +688,7 @@ impl Shared {
 }
 
 enum Current {
-    Run,
+    Run(Box<JobRecord>),
     Skip(&'static str),
     Unknown,
 }
