@@ -11,7 +11,6 @@ use crate::{
     RemoteSource, UnpackLimits, fetch_source, prepare_local,
 };
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 use trainyard_core::Config;
 use trainyard_core::destination::Destinations;
 use trainyard_core::hub::HubClient;
