@@ -39,9 +39,7 @@ use std::process::ExitStatus;
 use std::sync::LazyLock;
 use trainyard_core::models::{ModelFamily, part};
 use trainyard_core::process::CommandSpec;
-use trainyard_proto::v1::{
-    ErrorKind, ExtraValue, JobError, TrainingSettings, extra_value::Kind,
-};
+use trainyard_proto::v1::{ErrorKind, ExtraValue, JobError, TrainingSettings, extra_value::Kind};
 
 pub struct Kohya {
     accelerate: PathBuf,
@@ -441,7 +439,11 @@ impl TrainerBackend for Kohya {
         if family != ModelFamily::Flux || flag("cpu_offload_checkpointing") == Some(true) {
             return None;
         }
-        let swapped = match settings.extras.get("blocks_to_swap").and_then(|v| v.kind.as_ref()) {
+        let swapped = match settings
+            .extras
+            .get("blocks_to_swap")
+            .and_then(|v| v.kind.as_ref())
+        {
             Some(Kind::Int(n)) => *n,
             _ => 0,
         };

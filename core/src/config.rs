@@ -407,11 +407,8 @@ pub fn error_kind_name(kind: trainyard_proto::v1::ErrorKind) -> String {
 
 /// The error kind a config name stands for.
 pub fn parse_error_kind(name: &str) -> Option<trainyard_proto::v1::ErrorKind> {
-    trainyard_proto::v1::ErrorKind::from_str_name(&format!(
-        "ERROR_KIND_{}",
-        name.to_uppercase()
-    ))
-    .filter(|k| *k != trainyard_proto::v1::ErrorKind::Unspecified)
+    trainyard_proto::v1::ErrorKind::from_str_name(&format!("ERROR_KIND_{}", name.to_uppercase()))
+        .filter(|k| *k != trainyard_proto::v1::ErrorKind::Unspecified)
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

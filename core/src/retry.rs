@@ -171,7 +171,10 @@ mod tests {
             assert!((high.as_secs_f64() * 1000.0 - nominal * 1.25).abs() < 2.0);
             for _ in 0..200 {
                 let d = p.delay(attempt, Duration::ZERO);
-                assert!(d >= low && d <= high, "attempt {attempt}: {d:?} not in {low:?}..{high:?}");
+                assert!(
+                    d >= low && d <= high,
+                    "attempt {attempt}: {d:?} not in {low:?}..{high:?}"
+                );
             }
         }
     }

@@ -26,8 +26,8 @@
 //! [`TaskContext::stop`] token and waits for them to hand the task back.
 
 use crate::config::{NatsConfig, RetryConfig};
-use crate::retry::{Decision, Policy};
 use crate::events::EventSink;
+use crate::retry::{Decision, Policy};
 use crate::topology::{self, Topology, subject};
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
@@ -442,9 +442,7 @@ impl Shared {
             }) => {
                 let decision = policy.decide(&error, delivered, Duration::ZERO);
                 if matches!(decision, Decision::Retry(_))
-                    && !self
-                        .record_adjustment(&meta, training, &adjustment)
-                        .await
+                    && !self.record_adjustment(&meta, training, &adjustment).await
                 {
                     // The record moved (or cannot be written): the next
                     // delivery runs with the settings it had.
