@@ -104,7 +104,7 @@ pub enum StageError {
     /// delivery's task carries them ([`StageTask::adjust`]).
     RetryLighter {
         error: JobError,
-        training: v1::TrainingSettings,
+        training: Box<v1::TrainingSettings>,
         adjustment: String,
     },
     /// Permanent: the job fails with this error.
@@ -442,7 +442,7 @@ impl Shared {
             }) => {
                 let decision = policy.decide(&error, delivered, Duration::ZERO);
                 if matches!(decision, Decision::Retry(_))
-                    && !self.record_adjustment(&meta, training, &adjustment).await
+                    && !self.record_adjustment(&meta, *training, &adjustment).await
                 {
                     // The record moved (or cannot be written): the next
                     // delivery runs with the settings it had.

@@ -478,7 +478,7 @@ impl Run<'_> {
                 tracing::info!(%job, %change, "next attempt runs with lighter settings");
                 return Err(StageError::RetryLighter {
                     error,
-                    training,
+                    training: Box::new(training),
                     adjustment: format!("oom: {change}"),
                 });
             }
