@@ -57,7 +57,11 @@ async fn apply(repo: &JobRepo, effects: &Effects, result: StageResult) -> AckKin
         tracing::error!(job = %result.job_id, "stage result with bad ids dropped");
         return AckKind::Term;
     };
-    let started = matches!(result.outcome, Some(Outcome::Started(_)));
+    // Neither a start nor an adjustment means the task is missing.
+    let started = matches!(
+        result.outcome,
+        Some(Outcome::Started(_) | Outcome::Adjusted(_))
+    );
     let now = trainyard_core::now_ms();
     let event = Event::Result(result);
     let outcome = repo

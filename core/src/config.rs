@@ -355,7 +355,7 @@ impl Default for RetryConfig {
 }
 
 fn fatal_kinds() -> Vec<String> {
-    ["invalid_spec", "bad_dataset", "model", "auth", "poison"]
+    ["invalid_spec", "auth", "poison"]
         .map(String::from)
         .to_vec()
 }
@@ -386,9 +386,11 @@ pub struct RetryPolicyConfig {
     pub max_attempts: u32,
     /// Fraction (0..1) by which each delay is spread at random.
     pub jitter: f64,
-    /// Error kinds that fail the job at once even when the error is
-    /// transient: invalid_spec, bad_dataset, fetch, model, trainer, oom,
-    /// storage, poison, auth, deadline_exceeded, internal.
+    /// Error kinds that fail the job at once even when the stage called the
+    /// error transient: invalid_spec, bad_dataset, fetch, model, trainer,
+    /// oom, storage, poison, auth, deadline_exceeded, internal. Errors the
+    /// stage called permanent (a bad dataset, an unknown model, a refused
+    /// token) are fatal whatever this lists.
     pub non_retryable: Vec<String>,
 }
 

@@ -11,6 +11,7 @@
 //!    ▼
 //!  handle(task, ctx) ── in-progress ack every ack_wait/3 while it runs
 //!    ├─ Ok(outcome) ──────────▶ publish result (dedup id), then ACK
+//!    ├─ RetryLighter ─────────▶ as Retry; when retried, a TrainingAdjusted result first
 //!    ├─ Retry{delay} ─────────▶ the retry policy (crate::retry) decides:
 //!    │                           NAK with its backoff delay (≥ delay, a server's Retry-After),
 //!    │                           or a fatal kind: failed result, TERM,
@@ -99,9 +100,10 @@ pub enum StageError {
     /// the job: a non-retryable kind, or out of attempts.
     Retry { error: JobError, delay: Duration },
     /// Transient, and the next delivery should run with lighter training
-    /// settings (an OOM): the runtime records them in the job record
-    /// (`effective_training`, `adjustments`) before the NAK, and the next
-    /// delivery's task carries them ([`StageTask::adjust`]).
+    /// settings (an OOM): when the policy retries, the runtime reports them
+    /// to the coordinator (a `TrainingAdjusted` result) before the NAK; the
+    /// coordinator records them (`effective_training`, `adjustments`) and
+    /// the next delivery's task carries them ([`StageTask::adjust`]).
     RetryLighter {
         error: JobError,
         training: Box<v1::TrainingSettings>,
@@ -441,12 +443,9 @@ impl Shared {
                 adjustment,
             }) => {
                 let decision = policy.decide(&error, delivered, Duration::ZERO);
-                if matches!(decision, Decision::Retry(_))
-                    && !self.record_adjustment(&meta, *training, &adjustment).await
-                {
-                    // The record moved (or cannot be written): the next
-                    // delivery runs with the settings it had.
-                    tracing::warn!(job = %meta.job, %adjustment, "could not record the lighter settings");
+                if matches!(decision, Decision::Retry(_)) {
+                    self.report_adjustment(&meta, delivered, *training, &adjustment)
+                        .await;
                 }
                 self.retry(&message, &meta, &policy, delivered, error, Duration::ZERO)
                     .await;
@@ -493,46 +492,45 @@ impl Shared {
         }
     }
 
-    /// Records lighter training settings in the job record by a
-    /// compare-and-set (read again when the coordinator moved it), only
-    /// while the record still is at this task's stage and attempt.
-    async fn record_adjustment(
+    /// Reports lighter training settings to the coordinator, which records
+    /// them in the job record; the next delivery reads them there
+    /// ([`StageTask::adjust`]). Published (and stored) before the NAK.
+    async fn report_adjustment(
         &self,
         meta: &TaskMeta,
+        delivered: u32,
         training: v1::TrainingSettings,
-        adjustment: &str,
-    ) -> bool {
-        let key = topology::job_key(&meta.tenant, &meta.job);
-        for _ in 0..5 {
-            let Ok(Some(entry)) = self.topo.jobs.entry(key.clone()).await else {
-                return false;
-            };
-            let Ok(mut record) = JobRecord::decode(entry.value.clone()) else {
-                return false;
-            };
-            if record.state().is_final()
-                || record.stage() != self.config.stage
-                || record.attempt != meta.attempt.0
-            {
-                return false;
-            }
-            if record.effective_training.as_ref() == Some(&training) {
-                return true;
-            }
-            record.adjustments.push(adjustment.to_string());
-            record.effective_training = Some(training.clone());
-            record.updated_at_ms = crate::now_ms();
-            match self
-                .topo
-                .jobs
-                .update(key.clone(), record.encode_to_vec().into(), entry.revision)
-                .await
-            {
-                Ok(_) => return true,
-                Err(error) => tracing::debug!(%error, "job record moved; reading it again"),
-            }
+        note: &str,
+    ) {
+        let stage = self.config.stage;
+        let result = StageResult {
+            job_id: meta.job.to_string(),
+            tenant: meta.tenant.to_string(),
+            stage: stage as i32,
+            attempt: meta.attempt.0,
+            worker_id: self.config.worker_id.clone(),
+            outcome: Some(Outcome::Adjusted(v1::TrainingAdjusted {
+                training: Some(Box::new(training)),
+                note: note.to_string(),
+                delivered,
+            })),
+        };
+        let id = format!(
+            "{}.adjusted.{delivered}",
+            topology::task_msg_id(&meta.tenant, &meta.job, stage, meta.attempt)
+        );
+        if let Err(error) = crate::nats::publish_durable(
+            &self.topo.js,
+            subject::result(stage),
+            &id,
+            None,
+            result.encode_to_vec().into(),
+        )
+        .await
+        {
+            // The next delivery runs with the settings it had.
+            tracing::warn!(job = %meta.job, %error, %note, "could not report lighter settings");
         }
-        false
     }
 
     /// Runs the handler, sending an in-progress ack every ack_wait/3.
