@@ -170,6 +170,28 @@ async fn a_dataset_always_answering_503_fails_after_the_cap_with_one_dead_letter
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_retryable_kind_fails_on_the_first_delivery_without_a_dead_letter() {
+    let fleet = fleet().await;
+    let server = flaky(usize::MAX, &[], Vec::new()).await;
+    let mut client = fleet.client(TOKEN).await;
+    let mut policy = prepare_policy(200, 0.0, 5);
+    policy.non_retryable = vec![ErrorKind::Fetch as i32];
+    let job = submit(&mut client, url_spec(&server.url, policy)).await;
+    watch_all(&mut client, &job.job_id, Duration::from_secs(60)).await;
+    let record = get(&mut client, &job.job_id).await;
+    assert_eq!(record.state(), JobState::Failed);
+    let error = record.error.unwrap();
+    assert_eq!(error.kind(), ErrorKind::Fetch);
+    assert!(!error.retryable);
+    assert!(error.message.contains("503"), "{}", error.message);
+    assert_eq!(server.requests.lock().unwrap().len(), 1);
+    let js = async_nats::jetstream::new(fleet.nats_client().await);
+    let mut dlq = js.get_stream(DLQ_STREAM).await.unwrap();
+    assert_eq!(dlq.info().await.unwrap().state.messages, 0);
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oom_is_retried_with_a_smaller_batch_recorded_in_the_record() {
     let fleet = Fleet::start().await;
     let mut client = fleet.client(TOKEN).await;
@@ -184,7 +206,8 @@ async fn an_oom_is_retried_with_a_smaller_batch_recorded_in_the_record() {
     );
     spec.retry = Some(RetryPolicy {
         stages: vec![Stage::Train as i32],
-        initial_delay_ms: 200,
+        // Long enough for the coordinator to record the adjustment first.
+        initial_delay_ms: 500,
         multiplier: 1.0,
         max_attempts: 3,
         jitter: Some(0.0),
