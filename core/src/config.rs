@@ -51,7 +51,8 @@ pub struct NatsConfig {
     pub url: String,
     /// Seconds a task may go without an ack or in-progress ack before redelivery.
     pub ack_wait_secs: u64,
-    /// Deliveries of one task before it goes to the dead-letter stream.
+    /// Ceiling on deliveries of one task: no retry policy (`[retry.*]` or a
+    /// job's) goes past it. The cap itself is the policy's `max_attempts`.
     pub max_deliver: u32,
     /// Replicas of every stream and bucket (3 on a cluster).
     pub replicas: usize,
