@@ -89,7 +89,11 @@ async fn apply(
         );
         return AckKind::Ack;
     }
-    let started = matches!(result.outcome, Some(Outcome::Started(_)));
+    // Neither a start nor an adjustment means the task is missing.
+    let started = matches!(
+        result.outcome,
+        Some(Outcome::Started(_) | Outcome::Adjusted(_))
+    );
     let event = Event::Result(Box::new(result));
     let outcome = repo
         .update(&tenant, &job, |record| {

@@ -15,6 +15,7 @@ pub mod models;
 pub mod nats;
 pub mod natsd;
 pub mod process;
+pub mod retry;
 pub mod runtime;
 pub mod service;
 pub mod shutdown;

@@ -6,7 +6,7 @@
 //!  pull (one message per free slot)
 //!    │
 //!    ├─ undecodable / bad ids ───────────────▶ DLQ copy, failed result, TERM
-//!    ├─ delivered > max_deliver ─────────────▶ DLQ copy, failed result, TERM
+//!    ├─ delivered > max attempts ────────────▶ DLQ copy, failed result, TERM
 //!    ├─ job final, cancelled or attempt stale ▶ TERM (nothing to do)
 //!    ├─ claim held by a live lease elsewhere ─▶ NAK with delay (lease end + margin)
 //!    ▼
@@ -17,7 +17,11 @@
 //!    ▼
 //!  check the claim once more (CAS); lost ──▶ publish nothing, settle nothing
 //!    ├─ Ok(outcome) ──────────▶ publish result (with the claim, dedup id), renew, then ACK
-//!    ├─ Retry{delay} ─────────▶ release claim, NAK with delay (or, out of deliveries: DLQ, failed result, TERM)
+//!    ├─ RetryLighter ─────────▶ as Retry; when retried, a TrainingAdjusted result first
+//!    ├─ Retry{delay} ─────────▶ the retry policy (crate::retry) decides:
+//!    │                           release the claim, NAK with its backoff delay (≥ delay,
+//!    │                           a server's Retry-After), or a fatal kind: failed result,
+//!    │                           TERM, or out of attempts: DLQ, failed result, TERM
 //!    ├─ Fail(error) ──────────▶ publish failed result, TERM
 //!    ├─ Cancelled ────────────▶ TERM (the coordinator already recorded it)
 //!    └─ Interrupted ──────────▶ release claim, NAK without delay (service stopping; another replica resumes)
@@ -35,8 +39,9 @@
 //! [`TaskContext::stop`] token and waits for them to hand the task back.
 
 use crate::claim::{Acquire, Claims, Held, Renew};
-use crate::config::NatsConfig;
+use crate::config::{NatsConfig, RetryConfig};
 use crate::events::EventSink;
+use crate::retry::{Decision, Policy};
 use crate::topology::{self, Topology, subject};
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
@@ -65,10 +70,15 @@ pub struct TaskMeta {
 /// A task message of some stage.
 pub trait StageTask: prost::Message + Default + Send + 'static {
     fn meta(&self) -> Result<TaskMeta, IdError>;
+    /// The job's own retry policy, if its spec has one.
+    fn retry_policy(&self) -> Option<&v1::RetryPolicy>;
+    /// Takes in what earlier deliveries recorded in the job record (the
+    /// training stage: settings lightened after an OOM).
+    fn adjust(&mut self, _record: &JobRecord) {}
 }
 
 macro_rules! stage_task {
-    ($t:ty) => {
+    ($t:ty $(, $adjust:item)?) => {
         impl StageTask for $t {
             fn meta(&self) -> Result<TaskMeta, IdError> {
                 Ok(TaskMeta {
@@ -77,18 +87,42 @@ macro_rules! stage_task {
                     attempt: Attempt(self.attempt),
                 })
             }
+            fn retry_policy(&self) -> Option<&v1::RetryPolicy> {
+                self.spec.as_ref().and_then(|s| s.retry.as_ref())
+            }
+            $($adjust)?
         }
     };
 }
 stage_task!(v1::PrepareTask);
-stage_task!(v1::TrainTask);
+stage_task!(
+    v1::TrainTask,
+    fn adjust(&mut self, record: &JobRecord) {
+        if let (Some(lighter), Some(spec)) = (&record.effective_training, self.spec.as_mut()) {
+            spec.training = Some(lighter.clone());
+        }
+    }
+);
 stage_task!(v1::DeliverTask);
 
 /// How a task ended, when it did not succeed. Retry intent is part of the type.
 #[derive(Debug)]
 pub enum StageError {
-    /// Transient: try again after `delay` (the same attempt, redelivered).
+    /// Transient: try again (the same attempt, redelivered) after the retry
+    /// policy's delay, and not before `delay` (a server's `Retry-After`;
+    /// zero when the handler has no such hint). The policy may still fail
+    /// the job: a non-retryable kind, or out of attempts.
     Retry { error: JobError, delay: Duration },
+    /// Transient, and the next delivery should run with lighter training
+    /// settings (an OOM): when the policy retries, the runtime reports them
+    /// to the coordinator (a `TrainingAdjusted` result) before the NAK; the
+    /// coordinator records them (`effective_training`, `adjustments`) and
+    /// the next delivery's task carries them ([`StageTask::adjust`]).
+    RetryLighter {
+        error: JobError,
+        training: Box<v1::TrainingSettings>,
+        adjustment: String,
+    },
     /// Permanent: the job fails with this error.
     Fail(JobError),
     /// The job was cancelled while the task ran.
@@ -114,11 +148,7 @@ impl StageError {
 impl From<crate::store::StoreError> for StageError {
     fn from(error: crate::store::StoreError) -> Self {
         if error.is_retryable() {
-            StageError::retry(
-                ErrorKind::Storage,
-                error.to_string(),
-                Duration::from_secs(5),
-            )
+            StageError::retry(ErrorKind::Storage, error.to_string(), Duration::ZERO)
         } else {
             StageError::fail(ErrorKind::Storage, error.to_string())
         }
@@ -186,6 +216,8 @@ pub struct RunnerConfig {
     pub nats: NatsConfig,
     /// How long running tasks may go on after shutdown is asked.
     pub drain_grace: Duration,
+    /// The `[retry]` section; the stage's policy is used.
+    pub retry: RetryConfig,
 }
 
 impl RunnerConfig {
@@ -197,6 +229,7 @@ impl RunnerConfig {
             worker_id: format!("{}-{}", stage.name(), uuid::Uuid::now_v7().simple()),
             nats: nats.clone(),
             drain_grace: Duration::from_secs(30),
+            retry: RetryConfig::default(),
         }
     }
 }
@@ -343,7 +376,7 @@ impl Shared {
                     .map(|meta| (task, meta))
                     .map_err(|e| format!("task has a bad id: {e}"))
             });
-        let (task, meta) = match decoded {
+        let (mut task, meta) = match decoded {
             Ok(ok) => ok,
             Err(reason) => {
                 tracing::error!(stage = stage.name(), %reason, "poison task");
@@ -357,7 +390,13 @@ impl Shared {
                 return;
             }
         };
-        if delivered > self.config.nats.max_deliver {
+        let policy = Policy::resolve(
+            self.config.retry.for_stage(stage),
+            task.retry_policy(),
+            stage,
+            self.config.nats.max_deliver,
+        );
+        if delivered > policy.max_attempts {
             let reason = format!("{} task ran out of deliveries ({delivered})", stage.name());
             self.dead_letter(&message, Some(&meta), &reason, delivered)
                 .await;
@@ -367,7 +406,7 @@ impl Shared {
             return;
         }
         match self.current(&meta).await {
-            Current::Run => {}
+            Current::Run(record) => task.adjust(&record),
             Current::Skip(why) => {
                 tracing::info!(job = %meta.job, attempt = %meta.attempt, why, "dropping task");
                 self.settle(&message, AckKind::Term).await;
@@ -457,20 +496,30 @@ impl Shared {
                         .await;
                 }
             }
-            Err(StageError::Retry { mut error, delay }) => {
-                if delivered >= self.config.nats.max_deliver {
-                    error.message =
-                        format!("gave up after {delivered} deliveries: {}", error.message);
-                    error.retryable = false;
-                    self.dead_letter(&message, Some(&meta), &error.message, delivered)
+            Err(StageError::Retry { error, delay }) => {
+                self.retry(&message, &meta, &mut held, &policy, delivered, error, delay)
+                    .await;
+            }
+            Err(StageError::RetryLighter {
+                error,
+                training,
+                adjustment,
+            }) => {
+                let decision = policy.decide(&error, delivered, Duration::ZERO);
+                if matches!(decision, Decision::Retry(_)) {
+                    self.report_adjustment(&meta, &claim, delivered, *training, &adjustment)
                         .await;
-                    self.publish_failure(&meta, Some(&claim), error).await;
-                    self.settle(&message, AckKind::Term).await;
-                } else {
-                    tracing::warn!(job = %meta.job, delivered, ?delay, error = %error.message, "retrying task");
-                    self.release(&mut held).await;
-                    self.settle(&message, AckKind::Nak(Some(delay))).await;
                 }
+                self.retry(
+                    &message,
+                    &meta,
+                    &mut held,
+                    &policy,
+                    delivered,
+                    error,
+                    Duration::ZERO,
+                )
+                .await;
             }
             Err(StageError::Fail(error)) => {
                 tracing::warn!(job = %meta.job, error = %error.message, "task failed");
@@ -482,6 +531,84 @@ impl Shared {
                 self.release(&mut held).await;
                 self.settle(&message, AckKind::Nak(None)).await
             }
+        }
+    }
+
+    /// Applies the retry policy to a transient failure.
+    #[allow(clippy::too_many_arguments)]
+    async fn retry(
+        &self,
+        message: &jetstream::Message,
+        meta: &TaskMeta,
+        held: &mut Held,
+        policy: &Policy,
+        delivered: u32,
+        mut error: JobError,
+        hint: Duration,
+    ) {
+        match policy.decide(&error, delivered, hint) {
+            Decision::Retry(delay) => {
+                tracing::warn!(job = %meta.job, delivered, ?delay, error = %error.message, "retrying task");
+                self.release(held).await;
+                self.settle(message, AckKind::Nak(Some(delay))).await;
+            }
+            Decision::Fail => {
+                tracing::warn!(job = %meta.job, error = %error.message, "task failed with a non-retryable error");
+                error.retryable = false;
+                self.publish_failure(meta, Some(&held.claim), error).await;
+                self.settle(message, AckKind::Term).await;
+            }
+            Decision::GiveUp => {
+                error.message = format!("gave up after {delivered} deliveries: {}", error.message);
+                error.retryable = false;
+                self.dead_letter(message, Some(meta), &error.message, delivered)
+                    .await;
+                self.publish_failure(meta, Some(&held.claim), error).await;
+                self.settle(message, AckKind::Term).await;
+            }
+        }
+    }
+
+    /// Reports lighter training settings to the coordinator, which records
+    /// them in the job record; the next delivery reads them there
+    /// ([`StageTask::adjust`]). Published (and stored) before the NAK.
+    async fn report_adjustment(
+        &self,
+        meta: &TaskMeta,
+        claim: &TaskClaim,
+        delivered: u32,
+        training: v1::TrainingSettings,
+        note: &str,
+    ) {
+        let stage = self.config.stage;
+        let result = StageResult {
+            job_id: meta.job.to_string(),
+            tenant: meta.tenant.to_string(),
+            stage: stage as i32,
+            attempt: meta.attempt.0,
+            worker_id: self.config.worker_id.clone(),
+            outcome: Some(Outcome::Adjusted(v1::TrainingAdjusted {
+                training: Some(Box::new(training)),
+                note: note.to_string(),
+                delivered,
+            })),
+            claim: Some(claim.clone()),
+        };
+        let id = format!(
+            "{}.adjusted.{delivered}",
+            topology::task_msg_id(&meta.tenant, &meta.job, stage, meta.attempt)
+        );
+        if let Err(error) = crate::nats::publish_durable(
+            &self.topo.js,
+            subject::result(stage),
+            &id,
+            None,
+            result.encode_to_vec().into(),
+        )
+        .await
+        {
+            // The next delivery runs with the settings it had.
+            tracing::warn!(job = %meta.job, %error, %note, "could not report lighter settings");
         }
     }
 
@@ -541,9 +668,11 @@ impl Shared {
 
     async fn current(&self, meta: &TaskMeta) -> Current {
         let key = topology::job_key(&meta.tenant, &meta.job);
-        let entry = match self.topo.jobs.get(key).await {
-            Ok(Some(bytes)) => bytes,
-            Ok(None) => return Current::Skip("no job record"),
+        let entry = match self.topo.jobs.entry(key).await {
+            Ok(Some(entry)) if entry.operation == async_nats::jetstream::kv::Operation::Put => {
+                entry.value
+            }
+            Ok(_) => return Current::Skip("no job record"),
             Err(error) => {
                 tracing::warn!(%error, "cannot read job record");
                 return Current::Unknown;
@@ -559,7 +688,7 @@ impl Shared {
         if record.stage() != self.config.stage || record.attempt != meta.attempt.0 {
             return Current::Skip("stale attempt");
         }
-        Current::Run
+        Current::Run(Box::new(record))
     }
 
     async fn publish_result(
@@ -680,7 +809,7 @@ impl Shared {
 }
 
 enum Current {
-    Run,
+    Run(Box<JobRecord>),
     Skip(&'static str),
     Unknown,
 }
