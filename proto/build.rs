@@ -22,6 +22,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Keeps StageResult small: only OOM retries carry settings.
+        .boxed(".trainyard.v1.TrainingAdjusted.training")
         .compile_fds(fds)?;
     Ok(())
 }

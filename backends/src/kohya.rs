@@ -39,7 +39,7 @@ use std::process::ExitStatus;
 use std::sync::LazyLock;
 use trainyard_core::models::{ModelFamily, part};
 use trainyard_core::process::CommandSpec;
-use trainyard_proto::v1::{ErrorKind, JobError, TrainingSettings};
+use trainyard_proto::v1::{ErrorKind, ExtraValue, JobError, TrainingSettings, extra_value::Kind};
 
 pub struct Kohya {
     accelerate: PathBuf,
@@ -410,6 +410,47 @@ impl TrainerBackend for Kohya {
         }
         classify_common(status, tail).unwrap_or_else(|| unclassified("kohya", status, tail))
     }
+
+    /// Halves the batch size; at 1, turns gradient checkpointing back on if
+    /// the job turned it off, then (FLUX) swaps more transformer blocks to
+    /// the CPU: 8, 18, then kohya's most, 35.
+    fn lighter(
+        &self,
+        settings: &TrainingSettings,
+        family: ModelFamily,
+    ) -> Option<(TrainingSettings, String)> {
+        if let Some(halved) = crate::halve_batch(settings) {
+            return Some(halved);
+        }
+        let flag = |key: &str| match settings.extras.get(key).and_then(|v| v.kind.as_ref()) {
+            Some(Kind::Flag(on)) => Some(*on),
+            _ => None,
+        };
+        let mut lighter = settings.clone();
+        let mut set = |key: &str, kind: Kind| {
+            lighter
+                .extras
+                .insert(key.into(), ExtraValue { kind: Some(kind) });
+        };
+        if flag("gradient_checkpointing") == Some(false) {
+            set("gradient_checkpointing", Kind::Flag(true));
+            return Some((lighter, "gradient_checkpointing on".into()));
+        }
+        if family != ModelFamily::Flux || flag("cpu_offload_checkpointing") == Some(true) {
+            return None;
+        }
+        let swapped = match settings
+            .extras
+            .get("blocks_to_swap")
+            .and_then(|v| v.kind.as_ref())
+        {
+            Some(Kind::Int(n)) => *n,
+            _ => 0,
+        };
+        let next = [8i64, 18, 35].into_iter().find(|n| *n > swapped)?;
+        set("blocks_to_swap", Kind::Int(next));
+        Some((lighter, format!("blocks_to_swap {swapped} → {next}")))
+    }
 }
 
 /// Every file under `out/rel`, as paths relative to `out`.
@@ -486,4 +527,49 @@ fn to_toml<T: Serialize>(value: &T) -> Result<Vec<u8>, BackendError> {
     toml::to_string(value)
         .map(String::into_bytes)
         .map_err(|e| BackendError::InvalidSettings(format!("kohya config: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::TrainerBackend;
+
+    #[test]
+    fn lighter_settings_halve_the_batch_then_turn_on_memory_savers() {
+        let kohya = Kohya::new("accelerate".into(), PathBuf::new());
+        let mut settings = TrainingSettings {
+            backend: "kohya".into(),
+            steps: 10,
+            learning_rate: 1e-4,
+            rank: 4,
+            resolution: 512,
+            batch_size: 2,
+            ..Default::default()
+        };
+        settings.extras.insert(
+            "gradient_checkpointing".into(),
+            ExtraValue {
+                kind: Some(Kind::Flag(false)),
+            },
+        );
+        let mut notes = Vec::new();
+        while let Some((next, note)) = kohya.lighter(&settings, ModelFamily::Flux) {
+            let problems = kohya.check(&next, ModelFamily::Flux);
+            assert!(problems.is_empty(), "{note}: {problems:?}");
+            notes.push(note);
+            settings = next;
+        }
+        assert_eq!(
+            notes,
+            [
+                "batch_size 2 → 1",
+                "gradient_checkpointing on",
+                "blocks_to_swap 0 → 8",
+                "blocks_to_swap 8 → 18",
+                "blocks_to_swap 18 → 35"
+            ]
+        );
+        settings.extras.remove("blocks_to_swap");
+        assert!(kohya.lighter(&settings, ModelFamily::Sdxl).is_none());
+    }
 }

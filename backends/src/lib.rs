@@ -187,6 +187,29 @@ pub trait TrainerBackend: Send + Sync {
     fn final_adapter(&self, inputs: &TrainInputs) -> Option<PathBuf>;
     /// Why a run that did not finish failed, from its exit and last lines.
     fn classify(&self, status: ExitStatus, tail: &[String]) -> JobError;
+    /// Settings that need less memory than `settings`, for the attempt after
+    /// an out-of-memory failure, with a note of what changed ("batch_size 4
+    /// → 2"); `None` when nothing lighter is left to try. The default halves
+    /// the batch size down to 1.
+    fn lighter(
+        &self,
+        settings: &TrainingSettings,
+        _family: ModelFamily,
+    ) -> Option<(TrainingSettings, String)> {
+        halve_batch(settings)
+    }
+}
+
+/// `settings` with the batch size halved (at least 1), or `None` at 1.
+pub fn halve_batch(settings: &TrainingSettings) -> Option<(TrainingSettings, String)> {
+    let batch = settings.batch_size.max(1);
+    if batch <= 1 {
+        return None;
+    }
+    let mut lighter = settings.clone();
+    lighter.batch_size = batch / 2;
+    let note = format!("batch_size {batch} → {}", lighter.batch_size);
+    Some((lighter, note))
 }
 
 /// Backends this build knows, by the name a job spec uses.
@@ -405,6 +428,23 @@ mod tests {
                 .contains("optimiser: unknown key for kohya; allowed: optimizer_type (text)")
         );
         assert!(problems[1].contains("optimizer_type: must be a text"));
+    }
+
+    #[test]
+    fn the_default_lighter_setting_halves_the_batch_down_to_one() {
+        let tools = Tools::default();
+        let reference = by_name("reference", &tools).unwrap();
+        let mut settings = TrainingSettings {
+            batch_size: 5,
+            ..Default::default()
+        };
+        let mut notes = Vec::new();
+        while let Some((next, note)) = reference.lighter(&settings, ModelFamily::Reference) {
+            notes.push(note);
+            settings = next;
+        }
+        assert_eq!(notes, ["batch_size 5 → 2", "batch_size 2 → 1"]);
+        assert_eq!(settings.batch_size, 1);
     }
 
     #[test]

@@ -11,7 +11,6 @@ use crate::{
     RemoteSource, UnpackLimits, fetch_source, prepare_local,
 };
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 use trainyard_core::Config;
 use trainyard_core::destination::Destinations;
 use trainyard_core::hub::HubClient;
@@ -229,7 +228,7 @@ fn prepare_error(error: PrepareError) -> StageError {
         _ => ErrorKind::BadDataset,
     };
     if error.is_retryable() {
-        let delay = error.retry_after().unwrap_or(Duration::from_secs(5));
+        let delay = error.retry_after().unwrap_or_default();
         StageError::retry(kind, error.to_string(), delay)
     } else {
         StageError::fail(kind, error.to_string())

@@ -83,6 +83,7 @@ pub async fn run(
         &config.nats,
     );
     runner.concurrency = config.captioner.concurrency;
+    runner.retry = config.retry.clone();
     let result = trainyard_core::service::run_stage(client, topo, runner, handler, shutdown).await;
     stop.cancel();
     tasks.close();

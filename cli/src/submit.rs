@@ -237,6 +237,7 @@ pub fn spec_from_args(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
             ..Default::default()
         }),
         pool: args.pool.clone().unwrap_or_default(),
+        retry: None,
     })
 }
 

@@ -95,6 +95,9 @@ pub fn record_text(record: &JobRecord) -> String {
     if !record.cancel_reason.is_empty() {
         let _ = writeln!(out, "reason   {}", record.cancel_reason);
     }
+    for adjustment in &record.adjustments {
+        let _ = writeln!(out, "adjusted {adjustment}");
+    }
     if let Some(t) = &record.times {
         let mut parts = Vec::new();
         let stages = [

@@ -15,8 +15,8 @@ use trainyard_proto::v1::{
 /// What happened to a job.
 #[derive(Clone, Debug)]
 pub enum Event {
-    /// A stage reported on an attempt.
-    Result(StageResult),
+    /// A stage reported on an attempt (boxed: a result is large).
+    Result(Box<StageResult>),
     /// A client asked to cancel.
     Cancel { reason: String },
 }
@@ -103,6 +103,15 @@ fn on_result(record: &JobRecord, result: &StageResult, now_ms: i64) -> Decision 
             Decision::Apply(Box::new(next), effects)
         }
         (_, Outcome::Started(_)) => Decision::Ignore("start of a later stage changes no state"),
+        (Stage::Train, Outcome::Adjusted(adjusted)) => {
+            let training = adjusted.training.as_deref().cloned();
+            if record.effective_training == training {
+                return Decision::Ignore("adjustment already recorded");
+            }
+            next.adjustments.push(adjusted.note.clone());
+            next.effective_training = training;
+            Decision::Apply(Box::new(next), Vec::new())
+        }
         (_, Outcome::Failed(error)) => {
             next.state = JobState::Failed as i32;
             next.error = Some(error.clone());
@@ -241,14 +250,15 @@ mod tests {
     }
 
     fn result(stage: Stage, attempt: u32, outcome: Outcome) -> Event {
-        Event::Result(StageResult {
+        Event::Result(Box::new(StageResult {
             job_id: "j-1".into(),
             tenant: "acme".into(),
             stage: stage as i32,
             attempt,
             worker_id: "w".into(),
+            claim: None,
             outcome: Some(outcome),
-        })
+        }))
     }
 
     fn apply(record: &JobRecord, event: Event) -> (JobRecord, Vec<Effect>) {
@@ -259,6 +269,43 @@ mod tests {
             }
             Decision::Ignore(why) => panic!("ignored: {why}"),
         }
+    }
+
+    #[test]
+    fn an_oom_adjustment_is_recorded_once_without_a_state_change() {
+        let record = JobRecord {
+            job_id: "j-1".into(),
+            state: JobState::Training as i32,
+            stage: Stage::Train as i32,
+            attempt: 1,
+            ..Default::default()
+        };
+        let adjusted = |batch: u32, note: &str| {
+            result(
+                Stage::Train,
+                1,
+                Outcome::Adjusted(trainyard_proto::v1::TrainingAdjusted {
+                    training: Some(Box::new(trainyard_proto::v1::TrainingSettings {
+                        batch_size: batch,
+                        ..Default::default()
+                    })),
+                    note: note.into(),
+                    delivered: 1,
+                }),
+            )
+        };
+        let (next, effects) = apply(&record, adjusted(2, "oom: batch_size 4 → 2"));
+        assert!(effects.is_empty());
+        assert_eq!(next.state(), JobState::Training);
+        assert_eq!(next.adjustments, ["oom: batch_size 4 → 2"]);
+        assert_eq!(next.effective_training.as_ref().unwrap().batch_size, 2);
+        assert!(matches!(
+            transition(&next, &adjusted(2, "oom: batch_size 4 → 2"), 3),
+            Decision::Ignore(_)
+        ));
+        let (next, _) = apply(&next, adjusted(1, "oom: batch_size 2 → 1"));
+        assert_eq!(next.adjustments.len(), 2);
+        assert_eq!(next.effective_training.unwrap().batch_size, 1);
     }
 
     #[test]

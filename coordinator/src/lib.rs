@@ -73,10 +73,11 @@ pub async fn run(
         .map_err(|e| anyhow::anyhow!(e))?;
     {
         let (repo, effects, stop) = (repo.clone(), effects.clone(), shutdown.child_token());
+        let claims = topo.claims.clone();
         // Ends on shutdown; an error stops the whole coordinator.
         let failed = shutdown.clone();
         tasks.spawn(async move {
-            if let Err(error) = results::run(consumer, repo, effects, stop).await {
+            if let Err(error) = results::run(consumer, repo, claims, effects, stop).await {
                 tracing::error!(%error, "result loop failed");
                 failed.cancel();
             }

@@ -4,21 +4,27 @@
 //! is acked too; if its job is still running, the current task is published
 //! again under its dedup id, which repairs a crash between the record write
 //! and the task publish.
+//!
+//! Fencing: a result counts only while the claim it carries is the live one
+//! in `ty_claims` ([`trainyard_core::claim::admits`]); a zombie's late
+//! result, or a duplicate run under an older claim, is acked and dropped.
 
 use crate::effects::Effects;
 use crate::job::{self, Decision, Event};
 use crate::repo::{JobRepo, RepoError};
-use async_nats::jetstream::{AckKind, consumer::PullConsumer};
+use async_nats::jetstream::{AckKind, consumer::PullConsumer, kv};
 use futures::StreamExt;
 use prost::Message;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+use trainyard_core::claim::{self, Claims};
 use trainyard_proto::v1::{StageResult, stage_result::Outcome};
-use trainyard_proto::{JobId, TenantId};
+use trainyard_proto::{Attempt, JobId, TenantId};
 
 pub async fn run(
     consumer: PullConsumer,
     repo: JobRepo,
+    claims: kv::Store,
     effects: Effects,
     shutdown: CancellationToken,
 ) -> Result<(), async_nats::Error> {
@@ -36,7 +42,7 @@ pub async fn run(
             },
         };
         let ack = match StageResult::decode(message.payload.clone()) {
-            Ok(result) => apply(&repo, &effects, result).await,
+            Ok(result) => apply(&repo, &claims, &effects, result).await,
             Err(error) => {
                 tracing::error!(%error, "undecodable stage result dropped");
                 AckKind::Term
@@ -49,7 +55,12 @@ pub async fn run(
     Ok(())
 }
 
-async fn apply(repo: &JobRepo, effects: &Effects, result: StageResult) -> AckKind {
+async fn apply(
+    repo: &JobRepo,
+    claims: &kv::Store,
+    effects: &Effects,
+    result: StageResult,
+) -> AckKind {
     let (Ok(tenant), Ok(job)) = (
         TenantId::parse(&result.tenant),
         JobId::parse(&result.job_id),
@@ -57,9 +68,33 @@ async fn apply(repo: &JobRepo, effects: &Effects, result: StageResult) -> AckKin
         tracing::error!(job = %result.job_id, "stage result with bad ids dropped");
         return AckKind::Term;
     };
-    let started = matches!(result.outcome, Some(Outcome::Started(_)));
+    let stored = match Claims::stored(claims, &tenant, &job, result.stage()).await {
+        Ok(stored) => stored,
+        Err(error) => {
+            tracing::warn!(%job, %error, "cannot read the task's claim");
+            return AckKind::Nak(Some(Duration::from_secs(2)));
+        }
+    };
     let now = trainyard_core::now_ms();
-    let event = Event::Result(result);
+    let attempt = Attempt(result.attempt);
+    if let Err(why) = claim::admits(result.claim.as_ref(), attempt, stored.as_ref(), now) {
+        tracing::warn!(
+            %job,
+            %attempt,
+            worker = %result.worker_id,
+            token = result.claim.as_ref().map(|c| c.token.as_str()).unwrap_or_default(),
+            live = stored.as_ref().map(|c| c.token.as_str()).unwrap_or_default(),
+            %why,
+            "fenced result dropped"
+        );
+        return AckKind::Ack;
+    }
+    // Neither a start nor an adjustment means the task is missing.
+    let started = matches!(
+        result.outcome,
+        Some(Outcome::Started(_) | Outcome::Adjusted(_))
+    );
+    let event = Event::Result(Box::new(result));
     let outcome = repo
         .update(&tenant, &job, |record| {
             let decision = job::transition(&record, &event, now);

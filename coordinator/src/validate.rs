@@ -6,7 +6,9 @@
 
 use trainyard_backends::BACKENDS;
 use trainyard_core::models::ModelSource;
-use trainyard_proto::v1::{JobSpec, TrainingSettings, dataset_source::Source};
+use trainyard_proto::v1::{
+    ErrorKind, JobSpec, RetryPolicy, Stage, TrainingSettings, dataset_source::Source,
+};
 
 /// The base model a backend uses when the spec names none.
 pub fn default_model(backend: &str) -> Option<&'static str> {
@@ -123,10 +125,71 @@ pub fn normalise(mut spec: JobSpec) -> Result<JobSpec, Invalid> {
         "pool",
         "may hold only ascii letters, digits, '-' and '_'",
     );
+    if let Some(retry) = &spec.retry {
+        check_retry(retry, &mut p);
+    }
     if p.0.is_empty() {
         Ok(spec)
     } else {
         Err(Invalid(p.0))
+    }
+}
+
+/// A job's retry override: zero fields keep the services' defaults; the
+/// rest must make sense. Attempts are capped by the services
+/// (`nats.max_deliver`), so they are only bounded loosely here.
+fn check_retry(retry: &RetryPolicy, p: &mut Problems) {
+    for (i, stage) in retry.stages.iter().enumerate() {
+        p.check(
+            matches!(
+                Stage::try_from(*stage),
+                Ok(Stage::Prepare | Stage::Train | Stage::Deliver)
+            ),
+            &format!("retry.stages[{i}]"),
+            "must be prepare, train or deliver",
+        );
+    }
+    const DAY_MS: u64 = 24 * 3600 * 1000;
+    p.check(
+        retry.initial_delay_ms <= DAY_MS,
+        "retry.initial_delay_ms",
+        "must be at most a day",
+    );
+    p.check(
+        retry.max_delay_ms <= DAY_MS,
+        "retry.max_delay_ms",
+        "must be at most a day",
+    );
+    p.check(
+        retry.max_delay_ms == 0
+            || retry.initial_delay_ms == 0
+            || retry.max_delay_ms >= retry.initial_delay_ms,
+        "retry.max_delay_ms",
+        "must not be below retry.initial_delay_ms",
+    );
+    p.check(
+        retry.multiplier == 0.0 || (retry.multiplier >= 1.0 && retry.multiplier <= 100.0),
+        "retry.multiplier",
+        "must be between 1 and 100 (0 keeps the default)",
+    );
+    p.check(
+        retry.max_attempts <= 100,
+        "retry.max_attempts",
+        "must be at most 100",
+    );
+    if let Some(jitter) = retry.jitter {
+        p.check(
+            (0.0..1.0).contains(&jitter),
+            "retry.jitter",
+            "must be at least 0 and below 1",
+        );
+    }
+    for (i, kind) in retry.non_retryable.iter().enumerate() {
+        p.check(
+            matches!(ErrorKind::try_from(*kind), Ok(k) if k != ErrorKind::Unspecified),
+            &format!("retry.non_retryable[{i}]"),
+            "is not an error kind",
+        );
     }
 }
 
@@ -375,6 +438,44 @@ mod tests {
             problems[2].problem.starts_with("unknown key for reference"),
             "{}",
             problems[2]
+        );
+    }
+
+    #[test]
+    fn a_retry_override_is_checked() {
+        let mut s = valid();
+        s.retry = Some(RetryPolicy {
+            stages: vec![Stage::Prepare as i32],
+            initial_delay_ms: 200,
+            multiplier: 2.0,
+            max_delay_ms: 1_000,
+            max_attempts: 3,
+            jitter: Some(0.1),
+            non_retryable: vec![ErrorKind::Auth as i32],
+        });
+        assert!(normalise(s).is_ok());
+        let mut s = valid();
+        s.retry = Some(RetryPolicy {
+            stages: vec![Stage::Unspecified as i32],
+            initial_delay_ms: 2_000,
+            multiplier: 0.5,
+            max_delay_ms: 1_000,
+            max_attempts: 1_000,
+            jitter: Some(1.0),
+            non_retryable: vec![77],
+        });
+        let Invalid(problems) = normalise(s).unwrap_err();
+        let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "retry.stages[0]",
+                "retry.max_delay_ms",
+                "retry.multiplier",
+                "retry.max_attempts",
+                "retry.jitter",
+                "retry.non_retryable[0]"
+            ]
         );
     }
 

@@ -40,6 +40,7 @@ pub struct Config {
     pub captioner: CaptionerConfig,
     pub worker: WorkerConfig,
     pub uploader: UploaderConfig,
+    pub retry: RetryConfig,
     pub telemetry: TelemetryConfig,
 }
 
@@ -50,7 +51,8 @@ pub struct NatsConfig {
     pub url: String,
     /// Seconds a task may go without an ack or in-progress ack before redelivery.
     pub ack_wait_secs: u64,
-    /// Deliveries of one task before it goes to the dead-letter stream.
+    /// Ceiling on deliveries of one task: no retry policy (`[retry.*]` or a
+    /// job's) goes past it. The cap itself is the policy's `max_attempts`.
     pub max_deliver: u32,
     /// Replicas of every stream and bucket (3 on a cluster).
     pub replicas: usize,
@@ -313,6 +315,105 @@ impl Default for UploaderConfig {
     }
 }
 
+/// The `[retry]` section: how each stage tries a failed task again.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    pub prepare: RetryPolicyConfig,
+    pub train: RetryPolicyConfig,
+    pub deliver: RetryPolicyConfig,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            prepare: RetryPolicyConfig {
+                initial_delay_ms: 2_000,
+                multiplier: 2.0,
+                max_delay_ms: 60_000,
+                max_attempts: 5,
+                jitter: 0.2,
+                non_retryable: fatal_kinds(),
+            },
+            train: RetryPolicyConfig {
+                initial_delay_ms: 10_000,
+                multiplier: 2.0,
+                max_delay_ms: 300_000,
+                max_attempts: 5,
+                jitter: 0.2,
+                non_retryable: fatal_kinds(),
+            },
+            deliver: RetryPolicyConfig {
+                initial_delay_ms: 5_000,
+                multiplier: 2.0,
+                max_delay_ms: 120_000,
+                max_attempts: 5,
+                jitter: 0.2,
+                non_retryable: fatal_kinds(),
+            },
+        }
+    }
+}
+
+fn fatal_kinds() -> Vec<String> {
+    ["invalid_spec", "auth", "poison"]
+        .map(String::from)
+        .to_vec()
+}
+
+impl RetryConfig {
+    pub fn for_stage(&self, stage: trainyard_proto::v1::Stage) -> &RetryPolicyConfig {
+        use trainyard_proto::v1::Stage;
+        match stage {
+            Stage::Train => &self.train,
+            Stage::Deliver => &self.deliver,
+            _ => &self.prepare,
+        }
+    }
+}
+
+/// One stage's retry policy (`[retry.prepare]`, `[retry.train]`,
+/// `[retry.deliver]`); see [`crate::retry`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryPolicyConfig {
+    /// Delay before the second delivery, in milliseconds.
+    pub initial_delay_ms: u64,
+    /// Each further delay is the previous one times this.
+    pub multiplier: f64,
+    /// No delay is longer than this, in milliseconds.
+    pub max_delay_ms: u64,
+    /// Deliveries of one task, the first included, before the job fails.
+    pub max_attempts: u32,
+    /// Fraction (0..1) by which each delay is spread at random.
+    pub jitter: f64,
+    /// Error kinds that fail the job at once even when the stage called the
+    /// error transient: invalid_spec, bad_dataset, fetch, model, trainer,
+    /// oom, storage, poison, auth, deadline_exceeded, internal. Errors the
+    /// stage called permanent (a bad dataset, an unknown model, a refused
+    /// token) are fatal whatever this lists.
+    pub non_retryable: Vec<String>,
+}
+
+impl Default for RetryPolicyConfig {
+    fn default() -> Self {
+        RetryConfig::default().prepare
+    }
+}
+
+/// An error kind's config name (`ErrorKind::BadDataset` → `bad_dataset`).
+pub fn error_kind_name(kind: trainyard_proto::v1::ErrorKind) -> String {
+    kind.as_str_name()
+        .trim_start_matches("ERROR_KIND_")
+        .to_lowercase()
+}
+
+/// The error kind a config name stands for.
+pub fn parse_error_kind(name: &str) -> Option<trainyard_proto::v1::ErrorKind> {
+    trainyard_proto::v1::ErrorKind::from_str_name(&format!("ERROR_KIND_{}", name.to_uppercase()))
+        .filter(|k| *k != trainyard_proto::v1::ErrorKind::Unspecified)
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
@@ -415,6 +516,35 @@ impl Config {
         }
         if self.nats.max_deliver == 0 {
             return bad("nats.max_deliver must be at least 1");
+        }
+        for (stage, policy) in [
+            ("prepare", &self.retry.prepare),
+            ("train", &self.retry.train),
+            ("deliver", &self.retry.deliver),
+        ] {
+            if policy.max_attempts == 0 {
+                return bad(&format!("retry.{stage}.max_attempts must be at least 1"));
+            }
+            if !(policy.multiplier >= 1.0 && policy.multiplier.is_finite()) {
+                return bad(&format!("retry.{stage}.multiplier must be at least 1"));
+            }
+            if !(0.0..1.0).contains(&policy.jitter) {
+                return bad(&format!("retry.{stage}.jitter must be in [0, 1)"));
+            }
+            if policy.max_delay_ms < policy.initial_delay_ms {
+                return bad(&format!(
+                    "retry.{stage}.max_delay_ms must not be below initial_delay_ms"
+                ));
+            }
+            if let Some(kind) = policy
+                .non_retryable
+                .iter()
+                .find(|k| parse_error_kind(k).is_none())
+            {
+                return bad(&format!(
+                    "retry.{stage}.non_retryable: unknown error kind {kind:?}"
+                ));
+            }
         }
         if !matches!(self.telemetry.log_format.as_str(), "text" | "json") {
             return bad("telemetry.log_format must be \"text\" or \"json\"");
@@ -531,6 +661,42 @@ mod tests {
         assert!(format!("{config:?}").contains("AKIDEXAMPLE"));
         let err = Config::load_from(None, &[], &["store.s3.endpoit=x".to_string()]).unwrap_err();
         assert!(matches!(err, ConfigError::Invalid(_)));
+    }
+
+    #[test]
+    fn retry_policies_layer_and_are_checked() {
+        let config = Config::load_from(
+            None,
+            &[("TY_RETRY__TRAIN__MAX_ATTEMPTS".into(), "9".into())],
+            &[
+                "retry.prepare.initial_delay_ms=250".to_string(),
+                "retry.deliver.non_retryable=[\"auth\"]".to_string(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.retry.train.max_attempts, 9);
+        assert_eq!(config.retry.prepare.initial_delay_ms, 250);
+        assert_eq!(config.retry.deliver.non_retryable, vec!["auth".to_string()]);
+        assert_eq!(config.retry.prepare.max_attempts, 5);
+        assert_eq!(
+            parse_error_kind("bad_dataset"),
+            Some(trainyard_proto::v1::ErrorKind::BadDataset)
+        );
+        assert_eq!(
+            error_kind_name(trainyard_proto::v1::ErrorKind::DeadlineExceeded),
+            "deadline_exceeded"
+        );
+        for bad in [
+            "retry.train.max_attempts=0",
+            "retry.train.multiplier=0.5",
+            "retry.train.jitter=1.5",
+            "retry.train.max_delay_ms=1",
+            "retry.train.non_retryable=[\"nope\"]",
+            "retry.train.nope=1",
+        ] {
+            let err = Config::load_from(None, &[], &[bad.to_string()]).unwrap_err();
+            assert!(matches!(err, ConfigError::Invalid(_)), "{bad}");
+        }
     }
 
     #[test]

