@@ -684,3 +684,53 @@ async fn partitioned_coordinator_node_heals_without_loss() {
     checks::global(&chaos, &jobs, 0).await;
     chaos.stop().await;
 }
+
+/// Case 5: a worker SIGSTOPped past `ack_wait` loses its task to another
+/// worker; after SIGCONT its late result is rejected, its trainer is gone,
+/// and the job completes once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_worker_woken_late_commits_nothing() {
+    let mut chaos = Chaos::start(2, |_| {}).await;
+    let sample = chaos.sample_uri().await;
+    let mut client = chaos.client().await;
+    let mut spec = quick_spec(&chaos, &sample, 80);
+    spec.training.as_mut().expect("training").resolution = 64;
+    let job = submit(&mut client, spec).await.job_id;
+    let events = Events::watch(&chaos, &job).await;
+    wait_for("training progress", JOB_TIMEOUT, || async {
+        (events.train_steps().iter().any(|s| *s >= 5)).then_some(())
+    })
+    .await;
+    let frozen = worker_running(&mut chaos, &job).expect("a worker trains the job");
+    // Freeze the worker and its trainer, as a stalled machine would.
+    let trainers = processes_mentioning(
+        &chaos
+            .proc(&frozen)
+            .config
+            .worker
+            .work_dir
+            .display()
+            .to_string(),
+    );
+    chaos.proc(&frozen).signal(Signal::SIGSTOP);
+    for pid in &trainers {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), Signal::SIGSTOP);
+    }
+    let stopped_ms = trainyard_core::now_ms();
+    wait_for("another worker trains the job", JOB_TIMEOUT, || async {
+        (!events.steps_since(stopped_ms).is_empty()).then_some(())
+    })
+    .await;
+    for pid in &trainers {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), Signal::SIGCONT);
+    }
+    chaos.proc(&frozen).signal(Signal::SIGCONT);
+    assert_eq!(wait_final(&chaos, &job).await, JobState::Succeeded);
+    let jobs = BTreeMap::from([(job.clone(), JobState::Succeeded)]);
+    checks::global(&chaos, &jobs, 0).await;
+    assert!(
+        chaos.proc(&frozen).is_running(),
+        "the woken worker keeps serving"
+    );
+    chaos.stop().await;
+}
