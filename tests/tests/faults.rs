@@ -734,3 +734,98 @@ async fn a_frozen_worker_woken_late_commits_nothing() {
     );
     chaos.stop().await;
 }
+
+/// An HTTP server whose `/data.zip` answers 503 for the first `failures`
+/// requests, then 200 with `zip`.
+async fn flaky_dataset(failures: usize, zip: Vec<u8>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let count = Arc::new(Mutex::new(0usize));
+    let zip = Arc::new(zip);
+    let app = axum::Router::new().route(
+        "/data.zip",
+        axum::routing::get(move || {
+            let (count, zip) = (count.clone(), zip.clone());
+            async move {
+                let n = {
+                    let mut count = count.lock().expect("count");
+                    *count += 1;
+                    *count
+                };
+                if n <= failures {
+                    (axum::http::StatusCode::SERVICE_UNAVAILABLE, Vec::new())
+                } else {
+                    (axum::http::StatusCode::OK, zip.as_ref().clone())
+                }
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}/data.zip")
+}
+
+/// Case 9: a dataset URL answering 503 twice then 200 succeeds; one that
+/// always answers 503 fails after the retry cap with one dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flaky_dataset_urls_retry_then_succeed_or_fail_at_the_cap() {
+    use trainyard_proto::v1::{DatasetSource, RetryPolicy, dataset_source::Source};
+    let chaos = Chaos::start(1, |_| {}).await;
+    let local = chaos.dir.path().join("zip-sample");
+    let files = trainyard_captioner::sample::write_sample_dataset(&local).expect("sample");
+    let entries: Vec<(String, Vec<u8>)> = files
+        .iter()
+        .map(|p| {
+            let name = p.file_name().expect("name").to_string_lossy().into_owned();
+            (name, std::fs::read(p).expect("read"))
+        })
+        .collect();
+    let refs: Vec<(&str, Vec<u8>)> = entries
+        .iter()
+        .map(|(n, b)| (n.as_str(), b.clone()))
+        .collect();
+    let zip = make_zip(&refs);
+    let policy = RetryPolicy {
+        stages: vec![Stage::Prepare as i32],
+        initial_delay_ms: 200,
+        multiplier: 2.0,
+        max_delay_ms: 2_000,
+        max_attempts: 3,
+        jitter: Some(0.0),
+        non_retryable: Vec::new(),
+    };
+    let url_spec = |url: String| {
+        let mut spec = quick_spec(&chaos, "file:///unused", 10);
+        spec.dataset = Some(DatasetSource {
+            source: Some(Source::ZipUrl(url)),
+        });
+        spec.retry = Some(policy.clone());
+        spec
+    };
+    let mut client = chaos.client().await;
+    let recovers = submit(&mut client, url_spec(flaky_dataset(2, zip).await))
+        .await
+        .job_id;
+    let never = submit(
+        &mut client,
+        url_spec(flaky_dataset(usize::MAX, Vec::new()).await),
+    )
+    .await
+    .job_id;
+    wait_final(&chaos, &recovers).await;
+    wait_final(&chaos, &never).await;
+    let jobs = BTreeMap::from([
+        (recovers, JobState::Succeeded),
+        (never.clone(), JobState::Failed),
+    ]);
+    let records = checks::global(&chaos, &jobs, 1).await;
+    let error = records[&never].error.clone().expect("error");
+    assert_eq!(error.kind(), trainyard_proto::v1::ErrorKind::Fetch);
+    let letters = checks::dead_letters(&chaos.js().await).await;
+    assert_eq!(letters[0].job_id, never);
+    assert_eq!(letters[0].deliveries, 3);
+    chaos.stop().await;
+}
