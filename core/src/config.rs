@@ -235,6 +235,62 @@ pub struct WorkerConfig {
     pub nan_loss_steps: u32,
     /// Where the trainers are installed.
     pub trainers: TrainerPaths,
+    /// When a trainer counts as stuck (killed, the task retried).
+    pub stuck: StuckConfig,
+}
+
+/// When the worker declares a trainer stuck: no new step for
+/// `stuck_after_secs` (the first step may take `first_step_secs`, while
+/// models load), or no output line at all for `silent_secs`. 0 turns a
+/// check off. `backends` overrides any of them per backend name
+/// (`[worker.stuck.backends.kohya] first_step_secs = 3600`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StuckConfig {
+    pub stuck_after_secs: u64,
+    pub first_step_secs: u64,
+    pub silent_secs: u64,
+    pub backends: BTreeMap<String, StuckOverride>,
+}
+
+/// Per-backend values of [`StuckConfig`]; absent fields keep the defaults.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StuckOverride {
+    pub stuck_after_secs: Option<u64>,
+    pub first_step_secs: Option<u64>,
+    pub silent_secs: Option<u64>,
+}
+
+/// The stuck limits of one backend; `None` is off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StuckLimits {
+    pub step: Option<Duration>,
+    pub first_step: Option<Duration>,
+    pub silent: Option<Duration>,
+}
+
+impl Default for StuckConfig {
+    fn default() -> Self {
+        Self {
+            stuck_after_secs: 30 * 60,
+            first_step_secs: 2 * 60 * 60,
+            silent_secs: 60 * 60,
+            backends: Default::default(),
+        }
+    }
+}
+
+impl StuckConfig {
+    pub fn limits(&self, backend: &str) -> StuckLimits {
+        let o = self.backends.get(backend).cloned().unwrap_or_default();
+        let secs = |v: u64| (v > 0).then(|| Duration::from_secs(v));
+        StuckLimits {
+            step: secs(o.stuck_after_secs.unwrap_or(self.stuck_after_secs)),
+            first_step: secs(o.first_step_secs.unwrap_or(self.first_step_secs)),
+            silent: secs(o.silent_secs.unwrap_or(self.silent_secs)),
+        }
+    }
 }
 
 /// Where each trainer is installed on a worker; a backend whose path is
@@ -290,6 +346,7 @@ impl Default for WorkerConfig {
             checkpoint_scan_ms: 1000,
             nan_loss_steps: 20,
             trainers: TrainerPaths::default(),
+            stuck: StuckConfig::default(),
         }
     }
 }

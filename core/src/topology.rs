@@ -46,6 +46,7 @@ pub enum EventKind {
     Metric,
     Log,
     Checkpoint,
+    Stuck,
 }
 
 impl EventKind {
@@ -56,6 +57,7 @@ impl EventKind {
             EventKind::Metric => "metric",
             EventKind::Log => "log",
             EventKind::Checkpoint => "checkpoint",
+            EventKind::Stuck => "stuck",
         }
     }
 }

@@ -41,6 +41,7 @@ pub async fn run(
         progress_interval: Duration::from_millis(config.worker.progress_interval_ms),
         checkpoint_scan: Duration::from_millis(config.worker.checkpoint_scan_ms.max(50)),
         nan_loss_steps: config.worker.nan_loss_steps,
+        stuck: config.worker.stuck.clone(),
         trainer_env: config
             .worker
             .trainers
