@@ -108,6 +108,14 @@ pub struct JobApi {
     pub validate_timeout: Duration,
 }
 
+/// The `ty_idem` key of a tenant's idempotency key.
+pub fn idem_key(tenant: &TenantId, key: &str) -> String {
+    format!(
+        "{tenant}.{}",
+        hex::encode(&Sha256::digest(key.as_bytes())[..16])
+    )
+}
+
 fn parse_job(id: &str) -> Result<JobId, ApiError> {
     JobId::parse(id).map_err(|e| ApiError::Invalid(format!("job_id: {e}")))
 }
@@ -122,10 +130,7 @@ impl JobApi {
         let spec = validate::normalise(spec).map_err(|e| ApiError::Invalid(e.to_string()))?;
         let mut job = JobId::generate();
         if !spec.idempotency_key.is_empty() {
-            let key = format!(
-                "{tenant}.{}",
-                hex::encode(&Sha256::digest(spec.idempotency_key.as_bytes())[..16])
-            );
+            let key = idem_key(tenant, &spec.idempotency_key);
             match self.idem.create(&key, Bytes::from(job.to_string())).await {
                 Ok(_) => {}
                 Err(e) if e.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => {

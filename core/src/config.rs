@@ -473,6 +473,15 @@ impl Config {
         if self.nats.max_deliver == 0 {
             return bad("nats.max_deliver must be at least 1");
         }
+        // A publish retried after a lost ack (a result after a redelivery, a
+        // task republished by the reconciler) must still be deduplicated.
+        if self.nats.dedup_window_secs <= self.nats.ack_wait_secs.max(1)
+            || self.nats.dedup_window_secs <= self.coordinator.stale_after_secs
+        {
+            return bad(
+                "nats.dedup_window_secs must be longer than nats.ack_wait_secs and coordinator.stale_after_secs",
+            );
+        }
         if !matches!(self.telemetry.log_format.as_str(), "text" | "json") {
             return bad("telemetry.log_format must be \"text\" or \"json\"");
         }
@@ -539,6 +548,31 @@ mod tests {
     }
 
     #[test]
+    fn stuck_limits_are_overridden_per_backend() {
+        let mut stuck = StuckConfig {
+            stuck_after_secs: 60,
+            first_step_secs: 600,
+            silent_secs: 0,
+            ..Default::default()
+        };
+        stuck.backends.insert(
+            "kohya".into(),
+            StuckOverride {
+                first_step_secs: Some(3600),
+                ..Default::default()
+            },
+        );
+        let kohya = stuck.limits("kohya");
+        assert_eq!(kohya.first_step, Some(Duration::from_secs(3600)));
+        assert_eq!(kohya.step, Some(Duration::from_secs(60)));
+        assert_eq!(kohya.silent, None);
+        assert_eq!(
+            stuck.limits("trl").first_step,
+            Some(Duration::from_secs(600))
+        );
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_are_refused() {
         let err = Config::load_from(None, &[], &["nats.nope=1".to_string()]).unwrap_err();
         assert!(matches!(err, ConfigError::Invalid(_)));
@@ -546,6 +580,9 @@ mod tests {
         assert!(matches!(err, ConfigError::Invalid(_)));
         let err = Config::load_from(None, &[], &["nats".to_string()]).unwrap_err();
         assert!(matches!(err, ConfigError::BadOverride(_)));
+        let err =
+            Config::load_from(None, &[], &["nats.dedup_window_secs=60".to_string()]).unwrap_err();
+        assert!(matches!(err, ConfigError::Invalid(_)));
     }
 
     #[test]
