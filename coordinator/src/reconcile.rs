@@ -18,43 +18,42 @@
 use crate::effects::Effects;
 use crate::job::{self, Effect};
 use crate::repo::{JobRepo, RepoError};
-use async_nats::jetstream::{self, consumer, kv};
-use futures::StreamExt;
+use async_nats::jetstream::stream::RawMessageErrorKind;
+use async_nats::jetstream::{self, kv};
 use std::collections::HashSet;
-use std::time::Duration;
 use trainyard_core::store::{ArtifactStore, keys};
-use trainyard_core::topology::{self, RESULTS_STREAM, TASKS_STREAM};
+use trainyard_core::topology::{self, RESULTS_STREAM, TASKS_STREAM, subject};
 use trainyard_proto::v1::{ErrorKind, JobError, JobRecord, JobState, Stage};
 use trainyard_proto::{Attempt, JobId, TenantId};
 
-/// Message ids present in a stream right now.
+/// Message ids present in a stream right now (pending or unacked). Read
+/// message by message with the stream's get API: a work-queue stream allows
+/// no extra consumer overlapping the stages' consumers.
 async fn ids_in(
     js: &jetstream::Context,
     stream: &str,
+    subjects: &str,
 ) -> Result<HashSet<String>, async_nats::Error> {
-    let stream = js.get_stream(stream).await?;
+    let mut stream = js.get_stream(stream).await?;
+    let state = stream.info().await?.state.clone();
     let mut ids = HashSet::new();
-    let total = stream.get_info().await?.state.messages;
-    if total == 0 {
+    if state.messages == 0 {
         return Ok(ids);
     }
-    let mut messages = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            deliver_policy: consumer::DeliverPolicy::All,
-            headers_only: true,
-            ..Default::default()
-        })
-        .await?
-        .messages()
-        .await?;
-    while let Ok(Some(Ok(message))) =
-        tokio::time::timeout(Duration::from_secs(5), messages.next()).await
-    {
-        if let Some(id) = message.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")) {
-            ids.insert(id.as_str().to_string());
-        }
-        if message.info().map(|i| i.pending).unwrap_or(0) == 0 {
-            break;
+    let mut sequence = state.first_sequence;
+    while sequence <= state.last_sequence {
+        match stream
+            .get_first_raw_message_by_subject(subjects, sequence)
+            .await
+        {
+            Ok(message) => {
+                if let Some(id) = message.headers.get("Nats-Msg-Id") {
+                    ids.insert(id.as_str().to_string());
+                }
+                sequence = message.sequence + 1;
+            }
+            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => break,
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(ids)
@@ -71,8 +70,8 @@ pub async fn reconcile(
     if records.is_empty() {
         return Ok(0);
     }
-    let tasks = ids_in(js, TASKS_STREAM).await?;
-    let results = ids_in(js, RESULTS_STREAM).await?;
+    let tasks = ids_in(js, TASKS_STREAM, subject::all_tasks()).await?;
+    let results = ids_in(js, RESULTS_STREAM, subject::all_results()).await?;
     let now = trainyard_core::now_ms();
     let mut republished = 0;
     for record in records {
