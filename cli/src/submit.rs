@@ -237,6 +237,8 @@ pub fn spec_from_args(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
             ..Default::default()
         }),
         pool: args.pool.clone().unwrap_or_default(),
+        timeout_secs: args.timeout_secs,
+        ttl_secs: args.ttl_secs,
     })
 }
 
