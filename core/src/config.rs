@@ -241,7 +241,9 @@ pub struct WorkerConfig {
 
 /// When the worker declares a trainer stuck: no new step for
 /// `stuck_after_secs` (the first step may take `first_step_secs`, while
-/// models load), or no output line at all for `silent_secs`. 0 turns a
+/// models load), no output line at all for `silent_secs`, or, where NVML
+/// is present, its GPUs at 0% for `gpu_idle_secs` after the first step
+/// (the reference backend trains on the CPU: off for it). 0 turns a
 /// check off. `backends` overrides any of them per backend name
 /// (`[worker.stuck.backends.kohya] first_step_secs = 3600`).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -250,6 +252,7 @@ pub struct StuckConfig {
     pub stuck_after_secs: u64,
     pub first_step_secs: u64,
     pub silent_secs: u64,
+    pub gpu_idle_secs: u64,
     pub backends: BTreeMap<String, StuckOverride>,
 }
 
@@ -260,6 +263,7 @@ pub struct StuckOverride {
     pub stuck_after_secs: Option<u64>,
     pub first_step_secs: Option<u64>,
     pub silent_secs: Option<u64>,
+    pub gpu_idle_secs: Option<u64>,
 }
 
 /// The stuck limits of one backend; `None` is off.
@@ -268,6 +272,7 @@ pub struct StuckLimits {
     pub step: Option<Duration>,
     pub first_step: Option<Duration>,
     pub silent: Option<Duration>,
+    pub gpu_idle: Option<Duration>,
 }
 
 impl Default for StuckConfig {
@@ -276,7 +281,15 @@ impl Default for StuckConfig {
             stuck_after_secs: 30 * 60,
             first_step_secs: 2 * 60 * 60,
             silent_secs: 60 * 60,
-            backends: Default::default(),
+            gpu_idle_secs: 15 * 60,
+            backends: [(
+                "reference".to_string(),
+                StuckOverride {
+                    gpu_idle_secs: Some(0),
+                    ..Default::default()
+                },
+            )]
+            .into(),
         }
     }
 }
@@ -289,6 +302,7 @@ impl StuckConfig {
             step: secs(o.stuck_after_secs.unwrap_or(self.stuck_after_secs)),
             first_step: secs(o.first_step_secs.unwrap_or(self.first_step_secs)),
             silent: secs(o.silent_secs.unwrap_or(self.silent_secs)),
+            gpu_idle: secs(o.gpu_idle_secs.unwrap_or(self.gpu_idle_secs)),
         }
     }
 }
@@ -566,6 +580,8 @@ mod tests {
         assert_eq!(kohya.first_step, Some(Duration::from_secs(3600)));
         assert_eq!(kohya.step, Some(Duration::from_secs(60)));
         assert_eq!(kohya.silent, None);
+        assert_eq!(kohya.gpu_idle, Some(Duration::from_secs(15 * 60)));
+        assert_eq!(StuckConfig::default().limits("reference").gpu_idle, None);
         assert_eq!(
             stuck.limits("trl").first_step,
             Some(Duration::from_secs(600))

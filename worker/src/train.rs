@@ -9,6 +9,7 @@
 //! way its backend allows ([`StopRequest`]), uploads that state, and hands
 //! the task back; the next attempt, on any worker, continues from it.
 
+use crate::gpu::{Gpus, visible_devices};
 use crate::models::Models;
 use crate::webhook::Webhook;
 use std::collections::VecDeque;
@@ -44,6 +45,8 @@ pub struct TrainStage {
     pub trainer_env: Vec<(String, String)>,
     /// When a trainer counts as stuck (`[worker.stuck]`).
     pub stuck: StuckConfig,
+    /// NVML, for the GPU idle check; absent on machines without it.
+    pub gpus: Gpus,
 }
 
 fn local_error(what: &str, error: std::io::Error) -> StageError {
@@ -340,6 +343,8 @@ struct Seen {
     /// until then): the stuck watchdog's clock.
     top_step: Option<u32>,
     step_at: tokio::time::Instant,
+    /// When the GPUs were last seen busy (or the first step, if later).
+    gpu_busy_at: tokio::time::Instant,
 }
 
 /// Why the run loop stopped the trainer itself.
@@ -350,8 +355,9 @@ enum Verdict {
 }
 
 /// Whether the trainer is stuck at `now`: no output for the silent limit,
-/// no first step within its allowance, or no new step since the last one
-/// for the step limit.
+/// no first step within its allowance, no new step since the last one for
+/// the step limit, or (sampled by the caller) idle GPUs since the first
+/// step for the GPU limit.
 fn stuck_at(limits: &StuckLimits, seen: &Seen, now: tokio::time::Instant) -> Option<Stuck> {
     let stuck = |cause: &str, since: tokio::time::Instant, what: String| {
         let seconds = now.duration_since(since).as_secs_f64();
@@ -367,6 +373,12 @@ fn stuck_at(limits: &StuckLimits, seen: &Seen, now: tokio::time::Instant) -> Opt
         && now.duration_since(seen.line_at) >= limit
     {
         return Some(stuck("silent", seen.line_at, "no output".into()));
+    }
+    if let Some(limit) = limits.gpu_idle
+        && seen.top_step.is_some()
+        && now.duration_since(seen.gpu_busy_at) >= limit
+    {
+        return Some(stuck("gpu_idle", seen.gpu_busy_at, "GPUs idle".into()));
     }
     match seen.top_step {
         None => limits
@@ -423,14 +435,30 @@ impl Run<'_> {
             line_at: tokio::time::Instant::now(),
             top_step: None,
             step_at: tokio::time::Instant::now(),
+            gpu_busy_at: tokio::time::Instant::now(),
         };
         let mut scan = tokio::time::interval(self.stage.checkpoint_scan);
         scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let limits = self.stage.stuck.limits(self.backend.name());
-        let shortest = [limits.step, limits.first_step, limits.silent]
-            .into_iter()
-            .flatten()
-            .min();
+        let mut limits = self.stage.stuck.limits(self.backend.name());
+        if !self.stage.gpus.present() {
+            limits.gpu_idle = None;
+        }
+        let devices = visible_devices(
+            self.stage
+                .trainer_env
+                .iter()
+                .find(|(k, _)| k == "CUDA_VISIBLE_DEVICES")
+                .map(|(_, v)| v.as_str()),
+        );
+        let shortest = [
+            limits.step,
+            limits.first_step,
+            limits.silent,
+            limits.gpu_idle,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         // Look a few times per limit, never more than every 100 ms nor
         // less than every 5 s.
         let mut watchdog = tokio::time::interval(
@@ -469,6 +497,12 @@ impl Run<'_> {
                     }
                 }
                 _ = watchdog.tick(), if shortest.is_some() => {
+                    if limits.gpu_idle.is_some()
+                        && seen.top_step.is_some()
+                        && self.stage.gpus.busiest(&devices).await.is_some_and(|busy| busy > 0)
+                    {
+                        seen.gpu_busy_at = tokio::time::Instant::now();
+                    }
                     if let Some(stuck) = stuck_at(&limits, &seen, tokio::time::Instant::now()) {
                         break Verdict::Stuck(stuck);
                     }
@@ -745,6 +779,10 @@ impl Run<'_> {
             None => {}
         }
         if seen.top_step.is_none_or(|top| step > top) {
+            if seen.top_step.is_none() {
+                // GPU idleness counts from the first step (loading is not idle).
+                seen.gpu_busy_at = tokio::time::Instant::now();
+            }
             seen.top_step = Some(step);
             seen.step_at = tokio::time::Instant::now();
         }
