@@ -145,6 +145,7 @@ impl JobApi {
                     let first = parse_job(&String::from_utf8_lossy(&first))?;
                     match self.repo.get(tenant, &first).await {
                         Ok(found) => {
+                            self.requeue(&found.record).await?;
                             return Ok(SubmitResponse {
                                 job: Some(found.record.redacted()),
                                 duplicate: true,
@@ -169,6 +170,7 @@ impl JobApi {
             Ok(_) => {}
             Err(RepoError::Exists(_)) => {
                 let found = self.repo.get(tenant, &job).await?;
+                self.requeue(&found.record).await?;
                 return Ok(SubmitResponse {
                     job: Some(found.record.redacted()),
                     duplicate: true,
@@ -186,6 +188,32 @@ impl JobApi {
             job: Some(record.redacted()),
             duplicate: false,
         })
+    }
+
+    /// A retried submission of a job still `QUEUED` publishes its first task
+    /// again: the first try may have stored the record and then failed to
+    /// publish (`UNAVAILABLE`). The dedup id makes a repeat harmless.
+    async fn requeue(&self, record: &JobRecord) -> Result<(), ApiError> {
+        if record.state() != JobState::Queued {
+            return Ok(());
+        }
+        let (Ok(tenant), Ok(job)) = (
+            TenantId::parse(&record.tenant),
+            JobId::parse(&record.job_id),
+        ) else {
+            return Ok(());
+        };
+        let Some(task) = job::current_task(record) else {
+            return Ok(());
+        };
+        self.effects
+            .publish_task(&tenant, &job, task)
+            .await
+            .map_err(|e| {
+                ApiError::Unavailable(format!(
+                    "job {job} stored but not queued yet: {e}; retry with the same idempotency key"
+                ))
+            })
     }
 
     /// Every check a job passes before training, without creating it: the

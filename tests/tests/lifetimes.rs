@@ -323,3 +323,55 @@ async fn a_submit_while_nats_is_down_is_unavailable_and_a_retry_with_the_key_que
     assert_eq!(tasks.info().await.unwrap().state.messages, 1);
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_submit_of_a_job_stored_but_not_queued_publishes_its_task_once() {
+    let only_coordinator = Services {
+        coordinator: true,
+        captioner: false,
+        worker: false,
+        uploader: false,
+    };
+    let fleet = Fleet::start_with(only_coordinator, |_| {}).await;
+    let js = async_nats::jetstream::new(fleet.nats_client().await);
+    let topo = topology::ensure(&js, &fleet.config.nats).await.unwrap();
+    let repo = JobRepo::new(topo.jobs.clone(), js.clone());
+    let sample = fleet.store.uri("uploads/sample");
+    let mut submitted = spec(&sample, 20);
+    submitted.idempotency_key = "stored-not-queued".into();
+    // A first try stored its idempotency key and record, then its publish failed.
+    let tenant = TenantId::parse("acme").unwrap();
+    let job = JobId::generate();
+    let key = trainyard_coordinator::api::idem_key(&tenant, "stored-not-queued");
+    topo.idem
+        .create(&key, job.to_string().into())
+        .await
+        .unwrap();
+    let (record, _) = job::submitted(
+        JobRecord {
+            job_id: job.to_string(),
+            tenant: tenant.to_string(),
+            spec: Some(trainyard_coordinator::validate::normalise(submitted.clone()).unwrap()),
+            ..Default::default()
+        },
+        trainyard_core::now_ms(),
+    );
+    repo.create(&record).await.unwrap();
+    let mut tasks = js.get_stream(TASKS_STREAM).await.unwrap();
+    assert_eq!(tasks.info().await.unwrap().state.messages, 0);
+
+    let mut client = fleet.client(TOKEN).await;
+    for _ in 0..2 {
+        let answer = client
+            .submit(SubmitRequest {
+                spec: Some(submitted.clone()),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(answer.duplicate);
+        assert_eq!(answer.job.unwrap().job_id, job.to_string());
+        assert_eq!(tasks.info().await.unwrap().state.messages, 1);
+    }
+    fleet.stop().await;
+}
