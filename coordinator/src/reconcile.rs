@@ -12,8 +12,8 @@
 //! - Deadlines: an unfinished job past `timeout_secs` from its submission
 //!   fails with `DEADLINE_EXCEEDED`, and its running task is cancelled.
 //! - TTLs: a finished job past `ttl_secs` from its end loses its artifacts
-//!   (`jobs/<job>/`), its idempotency key and then its record. A job that is
-//!   not final is never removed.
+//!   (`jobs/<job>/`), its events, its idempotency key and then its record.
+//!   A job that is not final is never removed.
 
 use crate::effects::Effects;
 use crate::job::{self, Effect};
@@ -22,7 +22,7 @@ use async_nats::jetstream::stream::RawMessageErrorKind;
 use async_nats::jetstream::{self, kv};
 use std::collections::HashSet;
 use trainyard_core::store::{ArtifactStore, keys};
-use trainyard_core::topology::{self, RESULTS_STREAM, TASKS_STREAM, subject};
+use trainyard_core::topology::{self, EVENTS_STREAM, RESULTS_STREAM, TASKS_STREAM, subject};
 use trainyard_proto::v1::{ErrorKind, JobError, JobRecord, JobState, Stage};
 use trainyard_proto::{Attempt, JobId, TenantId};
 
@@ -241,7 +241,7 @@ impl Lifetimes {
             Ok(failed) => tracing::warn!(failed, "jobs past their deadline failed"),
             Err(error) => tracing::warn!(%error, "deadline pass failed"),
         }
-        match expire(&self.repo, &self.idem, &self.store, now).await {
+        match expire(&self.repo, &self.effects.js, &self.idem, &self.store, now).await {
             Ok(0) => {}
             Ok(removed) => tracing::info!(removed, "finished jobs past their ttl removed"),
             Err(error) => tracing::warn!(%error, "ttl pass failed"),
@@ -265,11 +265,12 @@ pub fn expired(record: &JobRecord, now_ms: i64) -> bool {
     now_ms >= finished.saturating_add(ttl_ms)
 }
 
-/// Removes every finished job past its TTL: its artifacts first, then its
-/// idempotency key, then its record by CAS (a pass that stops half-way is
+/// Removes every finished job past its TTL: its artifacts and events
+/// first, then its idempotency key, then its record by CAS (a pass that stops half-way is
 /// finished by the next one). Returns how many records it removed.
 pub async fn expire(
     repo: &JobRepo,
+    js: &jetstream::Context,
     idem: &kv::Store,
     store: &ArtifactStore,
     now_ms: i64,
@@ -288,6 +289,19 @@ pub async fn expire(
         };
         if let Err(error) = store.delete_prefix(&keys::job(&job)).await {
             tracing::warn!(%job, %error, "could not remove the artifacts of an expired job");
+            continue;
+        }
+        let events = match js.get_stream(EVENTS_STREAM).await {
+            Ok(stream) => stream
+                .purge()
+                .filter(subject::job_events(&tenant, &job))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(error) = events {
+            tracing::warn!(%job, %error, "could not remove the events of an expired job");
             continue;
         }
         let key = record

@@ -108,6 +108,20 @@ async fn a_finished_job_is_removed_after_its_ttl_and_a_running_one_never() {
             .is_empty()
     );
 
+    let js = async_nats::jetstream::new(fleet.nats_client().await);
+    let events_filter = format!("ty.event.acme.{done_id}.>");
+    let events_of = |js: async_nats::jetstream::Context| {
+        let filter = events_filter.clone();
+        async move {
+            js.get_stream(topology::EVENTS_STREAM)
+                .await
+                .unwrap()
+                .get_first_raw_message_by_subject(filter, 1)
+                .await
+                .is_ok()
+        }
+    };
+    assert!(events_of(js.clone()).await);
     wait_for("the finished job removed", Duration::from_secs(30), || {
         let mut client = client.clone();
         let id = done.job_id.clone();
@@ -122,11 +136,14 @@ async fn a_finished_job_is_removed_after_its_ttl_and_a_running_one_never() {
             .unwrap()
             .is_empty()
     );
-    let js = async_nats::jetstream::new(fleet.nats_client().await);
     let topo = topology::ensure(&js, &fleet.config.nats).await.unwrap();
     let tenant = TenantId::parse("acme").unwrap();
     let idem = trainyard_coordinator::api::idem_key(&tenant, "ttl-once");
     assert!(topo.idem.get(&idem).await.unwrap().is_none());
+    assert!(
+        !events_of(js.clone()).await,
+        "events of the removed job are left"
+    );
 
     // Passes have run past the running job's TTL: it is still there.
     let record = get(&mut client, &running.job_id).await;
