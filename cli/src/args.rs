@@ -151,6 +151,13 @@ pub struct SubmitArgs {
     /// Submitting again with the same key returns the first job.
     #[arg(long)]
     pub idempotency_key: Option<String>,
+    /// Seconds the whole job may take from submission; past it the job
+    /// fails with deadline_exceeded (0 = no limit).
+    #[arg(long, default_value_t = 0)]
+    pub timeout_secs: u64,
+    /// Seconds a finished job's record and artifacts are kept (0 = kept).
+    #[arg(long, default_value_t = 0)]
+    pub ttl_secs: u64,
     /// A label, key=value (repeatable).
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,

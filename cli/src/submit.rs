@@ -238,6 +238,8 @@ pub fn spec_from_args(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
         }),
         pool: args.pool.clone().unwrap_or_default(),
         retry: None,
+        timeout_secs: args.timeout_secs,
+        ttl_secs: args.ttl_secs,
     })
 }
 

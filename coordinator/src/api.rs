@@ -108,6 +108,14 @@ pub struct JobApi {
     pub validate_timeout: Duration,
 }
 
+/// The `ty_idem` key of a tenant's idempotency key.
+pub fn idem_key(tenant: &TenantId, key: &str) -> String {
+    format!(
+        "{tenant}.{}",
+        hex::encode(&Sha256::digest(key.as_bytes())[..16])
+    )
+}
+
 fn parse_job(id: &str) -> Result<JobId, ApiError> {
     JobId::parse(id).map_err(|e| ApiError::Invalid(format!("job_id: {e}")))
 }
@@ -122,10 +130,7 @@ impl JobApi {
         let spec = validate::normalise(spec).map_err(|e| ApiError::Invalid(e.to_string()))?;
         let mut job = JobId::generate();
         if !spec.idempotency_key.is_empty() {
-            let key = format!(
-                "{tenant}.{}",
-                hex::encode(&Sha256::digest(spec.idempotency_key.as_bytes())[..16])
-            );
+            let key = idem_key(tenant, &spec.idempotency_key);
             match self.idem.create(&key, Bytes::from(job.to_string())).await {
                 Ok(_) => {}
                 Err(e) if e.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => {
@@ -140,6 +145,7 @@ impl JobApi {
                     let first = parse_job(&String::from_utf8_lossy(&first))?;
                     match self.repo.get(tenant, &first).await {
                         Ok(found) => {
+                            self.requeue(&found.record).await?;
                             return Ok(SubmitResponse {
                                 job: Some(found.record.redacted()),
                                 duplicate: true,
@@ -164,6 +170,7 @@ impl JobApi {
             Ok(_) => {}
             Err(RepoError::Exists(_)) => {
                 let found = self.repo.get(tenant, &job).await?;
+                self.requeue(&found.record).await?;
                 return Ok(SubmitResponse {
                     job: Some(found.record.redacted()),
                     duplicate: true,
@@ -181,6 +188,32 @@ impl JobApi {
             job: Some(record.redacted()),
             duplicate: false,
         })
+    }
+
+    /// A retried submission of a job still `QUEUED` publishes its first task
+    /// again: the first try may have stored the record and then failed to
+    /// publish (`UNAVAILABLE`). The dedup id makes a repeat harmless.
+    async fn requeue(&self, record: &JobRecord) -> Result<(), ApiError> {
+        if record.state() != JobState::Queued {
+            return Ok(());
+        }
+        let (Ok(tenant), Ok(job)) = (
+            TenantId::parse(&record.tenant),
+            JobId::parse(&record.job_id),
+        ) else {
+            return Ok(());
+        };
+        let Some(task) = job::current_task(record) else {
+            return Ok(());
+        };
+        self.effects
+            .publish_task(&tenant, &job, task)
+            .await
+            .map_err(|e| {
+                ApiError::Unavailable(format!(
+                    "job {job} stored but not queued yet: {e}; retry with the same idempotency key"
+                ))
+            })
     }
 
     /// Every check a job passes before training, without creating it: the

@@ -4,6 +4,7 @@
 
 use crate::job::{Effect, Task};
 use async_nats::jetstream;
+use async_nats::jetstream::publish::PublishAck;
 use prost::Message;
 use trainyard_core::events::EventSink;
 use trainyard_core::topology::{self, subject};
@@ -51,6 +52,17 @@ impl Effects {
         job: &JobId,
         task: Task,
     ) -> Result<(), String> {
+        self.publish_task_acked(tenant, job, task).await.map(|_| ())
+    }
+
+    /// Publishes a task and returns the stream's ack; `duplicate` in it
+    /// says the stream dropped the message as a repeat of its dedup id.
+    pub async fn publish_task_acked(
+        &self,
+        tenant: &TenantId,
+        job: &JobId,
+        task: Task,
+    ) -> Result<PublishAck, String> {
         let (stage, attempt, pool, payload) = match &task {
             Task::Prepare(t) => (Stage::Prepare, t.attempt, String::new(), t.encode_to_vec()),
             Task::Train(t) => (
@@ -67,16 +79,18 @@ impl Effects {
             pool
         };
         let id = topology::task_msg_id(tenant, job, stage, Attempt(attempt));
-        trainyard_core::nats::publish_durable(
-            &self.js,
-            subject::task(stage, &pool),
-            &id,
-            None,
-            payload.into(),
-        )
-        .await
-        .map_err(|e| format!("could not publish {} task: {e}", stage.name()))?;
-        tracing::info!(%job, stage = stage.name(), attempt, "task published");
-        Ok(())
+        let failed = |e: String| format!("could not publish {} task: {e}", stage.name());
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(payload.into())
+            .message_id(id);
+        let ack = self
+            .js
+            .send_publish(subject::task(stage, &pool), publish)
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        tracing::info!(%job, stage = stage.name(), attempt, duplicate = ack.duplicate, "task published");
+        Ok(ack)
     }
 }

@@ -48,6 +48,15 @@ pub async fn run(
     };
     let auth = api::Auth::new(&config.coordinator.tokens);
 
+    let store =
+        trainyard_core::store::ArtifactStore::open_with(&config.store.uri, &config.store.s3)?;
+    let lifetimes = reconcile::Lifetimes {
+        repo: repo.clone(),
+        effects: effects.clone(),
+        idem: topo.idem.clone(),
+        store,
+    };
+    lifetimes.pass().await;
     match reconcile::reconcile(&js, &repo, &effects, 0).await {
         Ok(0) => {}
         Ok(n) => tracing::warn!(
@@ -103,6 +112,7 @@ pub async fn run(
             effects.clone(),
             shutdown.child_token(),
         );
+        let lifetimes = lifetimes.clone();
         let every = Duration::from_secs(config.coordinator.reconcile_interval_secs.max(1));
         let stale_ms = (config.coordinator.stale_after_secs * 1000) as i64;
         tasks.spawn(async move {
@@ -112,6 +122,7 @@ pub async fn run(
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = ticker.tick() => {
+                        lifetimes.pass().await;
                         if let Err(error) = reconcile::reconcile(&js, &repo, &effects, stale_ms).await {
                             tracing::warn!(%error, "reconcile pass failed");
                         }

@@ -139,6 +139,50 @@ impl JobRepo {
         Ok(ids)
     }
 
+    /// Every record with its revision, across tenants (for the reconciler).
+    pub async fn all(&self) -> Result<Vec<Versioned>, RepoError> {
+        use futures::TryStreamExt;
+        let keys: Vec<String> = self
+            .kv
+            .keys()
+            .await
+            .map_err(|e| RepoError::Unavailable(e.to_string()))?
+            .try_collect()
+            .await
+            .map_err(|e| RepoError::Unavailable(e.to_string()))?;
+        let mut records = Vec::new();
+        for key in keys {
+            match self.get_key(&key).await {
+                Ok(v) => records.push(v),
+                Err(RepoError::NotFound(_)) | Err(RepoError::Corrupt(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(records)
+    }
+
+    /// Removes a record (and its history) if it is still at `revision`;
+    /// `Ok(false)` when it changed or is gone.
+    pub async fn remove(
+        &self,
+        tenant: &TenantId,
+        job: &JobId,
+        revision: u64,
+    ) -> Result<bool, RepoError> {
+        let key = topology::job_key(tenant, job);
+        match self.kv.purge_expect_revision(&key, Some(revision)).await {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == kv::PurgeErrorKind::WrongLastRevision => Ok(false),
+            // The server's "wrong last sequence" may arrive as another kind:
+            // a record that moved on (or is gone) was not removed by us.
+            Err(e) => match self.get_key(&key).await {
+                Ok(now) if now.revision != revision => Ok(false),
+                Err(RepoError::NotFound(_)) => Ok(false),
+                _ => Err(RepoError::Unavailable(e.to_string())),
+            },
+        }
+    }
+
     /// Every record that is not final, across tenants (for the reconciler).
     pub async fn unfinished(&self) -> Result<Vec<JobRecord>, RepoError> {
         use futures::TryStreamExt;

@@ -15,6 +15,11 @@ pub fn default_model(backend: &str) -> Option<&'static str> {
     (backend == "reference").then_some("reference-denoiser-v1")
 }
 
+/// The longest `timeout_secs` a job may ask for (30 days).
+pub const MAX_TIMEOUT_SECS: u64 = 30 * 24 * 3600;
+/// The longest `ttl_secs` a job may ask for (365 days).
+pub const MAX_TTL_SECS: u64 = 365 * 24 * 3600;
+
 /// A field and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {problem}")]
@@ -95,6 +100,16 @@ pub fn normalise(mut spec: JobSpec) -> Result<JobSpec, Invalid> {
         spec.idempotency_key.len() <= 256,
         "idempotency_key",
         "is longer than 256 characters",
+    );
+    p.check(
+        spec.timeout_secs <= MAX_TIMEOUT_SECS,
+        "timeout_secs",
+        "is longer than 30 days",
+    );
+    p.check(
+        spec.ttl_secs <= MAX_TTL_SECS,
+        "ttl_secs",
+        "is longer than 365 days",
     );
     check_dataset(&spec, &mut p);
     if let Some(training) = spec.training.as_mut() {
@@ -410,6 +425,12 @@ mod tests {
         let mut s = valid();
         s.pool = "a.b".into();
         assert_eq!(field_of(s), "pool");
+        let mut s = valid();
+        s.timeout_secs = MAX_TIMEOUT_SECS + 1;
+        assert_eq!(field_of(s), "timeout_secs");
+        let mut s = valid();
+        s.ttl_secs = MAX_TTL_SECS + 1;
+        assert_eq!(field_of(s), "ttl_secs");
     }
 
     #[test]

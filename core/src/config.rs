@@ -237,6 +237,76 @@ pub struct WorkerConfig {
     pub nan_loss_steps: u32,
     /// Where the trainers are installed.
     pub trainers: TrainerPaths,
+    /// When a trainer counts as stuck (killed, the task retried).
+    pub stuck: StuckConfig,
+}
+
+/// When the worker declares a trainer stuck: no new step for
+/// `stuck_after_secs` (the first step may take `first_step_secs`, while
+/// models load), no output line at all for `silent_secs`, or, where NVML
+/// is present, its GPUs at 0% for `gpu_idle_secs` after the first step
+/// (the reference backend trains on the CPU: off for it). 0 turns a
+/// check off. `backends` overrides any of them per backend name
+/// (`[worker.stuck.backends.kohya] first_step_secs = 3600`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StuckConfig {
+    pub stuck_after_secs: u64,
+    pub first_step_secs: u64,
+    pub silent_secs: u64,
+    pub gpu_idle_secs: u64,
+    pub backends: BTreeMap<String, StuckOverride>,
+}
+
+/// Per-backend values of [`StuckConfig`]; absent fields keep the defaults.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StuckOverride {
+    pub stuck_after_secs: Option<u64>,
+    pub first_step_secs: Option<u64>,
+    pub silent_secs: Option<u64>,
+    pub gpu_idle_secs: Option<u64>,
+}
+
+/// The stuck limits of one backend; `None` is off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StuckLimits {
+    pub step: Option<Duration>,
+    pub first_step: Option<Duration>,
+    pub silent: Option<Duration>,
+    pub gpu_idle: Option<Duration>,
+}
+
+impl Default for StuckConfig {
+    fn default() -> Self {
+        Self {
+            stuck_after_secs: 30 * 60,
+            first_step_secs: 2 * 60 * 60,
+            silent_secs: 60 * 60,
+            gpu_idle_secs: 15 * 60,
+            backends: [(
+                "reference".to_string(),
+                StuckOverride {
+                    gpu_idle_secs: Some(0),
+                    ..Default::default()
+                },
+            )]
+            .into(),
+        }
+    }
+}
+
+impl StuckConfig {
+    pub fn limits(&self, backend: &str) -> StuckLimits {
+        let o = self.backends.get(backend).cloned().unwrap_or_default();
+        let secs = |v: u64| (v > 0).then(|| Duration::from_secs(v));
+        StuckLimits {
+            step: secs(o.stuck_after_secs.unwrap_or(self.stuck_after_secs)),
+            first_step: secs(o.first_step_secs.unwrap_or(self.first_step_secs)),
+            silent: secs(o.silent_secs.unwrap_or(self.silent_secs)),
+            gpu_idle: secs(o.gpu_idle_secs.unwrap_or(self.gpu_idle_secs)),
+        }
+    }
 }
 
 /// Where each trainer is installed on a worker; a backend whose path is
@@ -292,6 +362,7 @@ impl Default for WorkerConfig {
             checkpoint_scan_ms: 1000,
             nan_loss_steps: 20,
             trainers: TrainerPaths::default(),
+            stuck: StuckConfig::default(),
         }
     }
 }
@@ -546,6 +617,15 @@ impl Config {
                 ));
             }
         }
+        // A publish retried after a lost ack (a result after a redelivery, a
+        // task republished by the reconciler) must still be deduplicated.
+        if self.nats.dedup_window_secs <= self.nats.ack_wait_secs.max(1)
+            || self.nats.dedup_window_secs <= self.coordinator.stale_after_secs
+        {
+            return bad(
+                "nats.dedup_window_secs must be longer than nats.ack_wait_secs and coordinator.stale_after_secs",
+            );
+        }
         if !matches!(self.telemetry.log_format.as_str(), "text" | "json") {
             return bad("telemetry.log_format must be \"text\" or \"json\"");
         }
@@ -612,6 +692,33 @@ mod tests {
     }
 
     #[test]
+    fn stuck_limits_are_overridden_per_backend() {
+        let mut stuck = StuckConfig {
+            stuck_after_secs: 60,
+            first_step_secs: 600,
+            silent_secs: 0,
+            ..Default::default()
+        };
+        stuck.backends.insert(
+            "kohya".into(),
+            StuckOverride {
+                first_step_secs: Some(3600),
+                ..Default::default()
+            },
+        );
+        let kohya = stuck.limits("kohya");
+        assert_eq!(kohya.first_step, Some(Duration::from_secs(3600)));
+        assert_eq!(kohya.step, Some(Duration::from_secs(60)));
+        assert_eq!(kohya.silent, None);
+        assert_eq!(kohya.gpu_idle, Some(Duration::from_secs(15 * 60)));
+        assert_eq!(StuckConfig::default().limits("reference").gpu_idle, None);
+        assert_eq!(
+            stuck.limits("trl").first_step,
+            Some(Duration::from_secs(600))
+        );
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_are_refused() {
         let err = Config::load_from(None, &[], &["nats.nope=1".to_string()]).unwrap_err();
         assert!(matches!(err, ConfigError::Invalid(_)));
@@ -619,6 +726,9 @@ mod tests {
         assert!(matches!(err, ConfigError::Invalid(_)));
         let err = Config::load_from(None, &[], &["nats".to_string()]).unwrap_err();
         assert!(matches!(err, ConfigError::BadOverride(_)));
+        let err =
+            Config::load_from(None, &[], &["nats.dedup_window_secs=60".to_string()]).unwrap_err();
+        assert!(matches!(err, ConfigError::Invalid(_)));
     }
 
     #[test]

@@ -39,6 +39,7 @@ impl EventSink {
             Kind::Metric(_) => EventKind::Metric,
             Kind::Log(_) => EventKind::Log,
             Kind::Checkpoint(_) => EventKind::Checkpoint,
+            Kind::Stuck(_) => EventKind::Stuck,
         };
         let event = v1::JobEvent {
             job_id: self.job.to_string(),
@@ -80,5 +81,9 @@ impl EventSink {
 
     pub async fn checkpoint(&self, checkpoint: v1::Checkpoint) {
         self.emit(Kind::Checkpoint(checkpoint)).await;
+    }
+
+    pub async fn stuck(&self, stuck: v1::Stuck) {
+        self.emit(Kind::Stuck(stuck)).await;
     }
 }

@@ -75,6 +75,11 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
 pub mod keys {
     use super::*;
 
+    /// Everything stored for a job.
+    pub fn job(job: &JobId) -> String {
+        format!("jobs/{job}")
+    }
+
     pub fn dataset(job: &JobId) -> String {
         format!("jobs/{job}/dataset")
     }

@@ -52,6 +52,7 @@ pub enum EventKind {
     Metric,
     Log,
     Checkpoint,
+    Stuck,
 }
 
 impl EventKind {
@@ -62,6 +63,7 @@ impl EventKind {
             EventKind::Metric => "metric",
             EventKind::Log => "log",
             EventKind::Checkpoint => "checkpoint",
+            EventKind::Stuck => "stuck",
         }
     }
 }

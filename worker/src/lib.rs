@@ -4,6 +4,7 @@
 //! [`webhook`] the loopback receiver for trainers that report over HTTP. The
 //! trainers it drives are `trainyard-backends`.
 
+pub mod gpu;
 pub mod models;
 pub mod registry;
 pub mod train;
@@ -41,6 +42,11 @@ pub async fn run(
         progress_interval: Duration::from_millis(config.worker.progress_interval_ms),
         checkpoint_scan: Duration::from_millis(config.worker.checkpoint_scan_ms.max(50)),
         nan_loss_steps: config.worker.nan_loss_steps,
+        stuck: config.worker.stuck.clone(),
+        // Loading NVML may take a while where a driver is present.
+        gpus: tokio::task::spawn_blocking(gpu::Gpus::probe)
+            .await
+            .unwrap_or_default(),
         trainer_env: config
             .worker
             .trainers

@@ -9,6 +9,7 @@
 //! way its backend allows ([`StopRequest`]), uploads that state, and hands
 //! the task back; the next attempt, on any worker, continues from it.
 
+use crate::gpu::{Gpus, visible_devices};
 use crate::models::Models;
 use crate::webhook::Webhook;
 use std::collections::VecDeque;
@@ -18,12 +19,13 @@ use tokio::task::JoinHandle;
 use trainyard_backends::{
     LineEvent, OutputParser, Resume, StopRequest, Tools, TrainInputs, TrainerBackend,
 };
+use trainyard_core::config::{StuckConfig, StuckLimits};
 use trainyard_core::models::ModelSource;
 use trainyard_core::process::{ChildGroup, CommandSpec, OutputLine};
 use trainyard_core::runtime::{StageError, StageHandler, TaskContext};
 use trainyard_core::store::{ArtifactStore, keys, sha256_file};
 use trainyard_proto::v1::{
-    Checkpoint, ErrorKind, JobSpec, Progress, Stage, TrainOutput, TrainSummary, TrainTask,
+    Checkpoint, ErrorKind, JobSpec, Progress, Stage, Stuck, TrainOutput, TrainSummary, TrainTask,
     stage_result::Outcome,
 };
 
@@ -41,6 +43,10 @@ pub struct TrainStage {
     pub nan_loss_steps: u32,
     /// Added to every trainer's environment (`[worker.trainers] env`).
     pub trainer_env: Vec<(String, String)>,
+    /// When a trainer counts as stuck (`[worker.stuck]`).
+    pub stuck: StuckConfig,
+    /// NVML, for the GPU idle check; absent on machines without it.
+    pub gpus: Gpus,
 }
 
 fn local_error(what: &str, error: std::io::Error) -> StageError {
@@ -331,12 +337,59 @@ struct Seen {
     /// The upload in flight and its step.
     upload: Option<(u32, JoinHandle<Result<Checkpoint, StageError>>)>,
     resume_checked: bool,
+    /// When the last output line (or webhook post) arrived.
+    line_at: tokio::time::Instant,
+    /// The highest step reported and when it was first seen (the start
+    /// until then): the stuck watchdog's clock.
+    top_step: Option<u32>,
+    step_at: tokio::time::Instant,
+    /// When the GPUs were last seen busy (or the first step, if later).
+    gpu_busy_at: tokio::time::Instant,
 }
 
 /// Why the run loop stopped the trainer itself.
 enum Verdict {
     Exited(std::process::ExitStatus),
     Abort(StageError),
+    Stuck(Stuck),
+}
+
+/// Whether the trainer is stuck at `now`: no output for the silent limit,
+/// no first step within its allowance, no new step since the last one for
+/// the step limit, or (sampled by the caller) idle GPUs since the first
+/// step for the GPU limit.
+fn stuck_at(limits: &StuckLimits, seen: &Seen, now: tokio::time::Instant) -> Option<Stuck> {
+    let stuck = |cause: &str, since: tokio::time::Instant, what: String| {
+        let seconds = now.duration_since(since).as_secs_f64();
+        Stuck {
+            stage: Stage::Train as i32,
+            step: seen.top_step.unwrap_or(0),
+            seconds,
+            cause: cause.into(),
+            message: format!("trainer stuck: {what} for {seconds:.0}s; killed"),
+        }
+    };
+    if let Some(limit) = limits.silent
+        && now.duration_since(seen.line_at) >= limit
+    {
+        return Some(stuck("silent", seen.line_at, "no output".into()));
+    }
+    if let Some(limit) = limits.gpu_idle
+        && seen.top_step.is_some()
+        && now.duration_since(seen.gpu_busy_at) >= limit
+    {
+        return Some(stuck("gpu_idle", seen.gpu_busy_at, "GPUs idle".into()));
+    }
+    match seen.top_step {
+        None => limits
+            .first_step
+            .filter(|limit| now.duration_since(seen.step_at) >= *limit)
+            .map(|_| stuck("first_step", seen.step_at, "no first step".into())),
+        Some(step) => limits
+            .step
+            .filter(|limit| now.duration_since(seen.step_at) >= *limit)
+            .map(|_| stuck("no_step", seen.step_at, format!("no step after {step}"))),
+    }
 }
 
 impl Run<'_> {
@@ -379,9 +432,42 @@ impl Run<'_> {
             latest_uploaded: None,
             upload: None,
             resume_checked: self.inputs.resume.is_none(),
+            line_at: tokio::time::Instant::now(),
+            top_step: None,
+            step_at: tokio::time::Instant::now(),
+            gpu_busy_at: tokio::time::Instant::now(),
         };
         let mut scan = tokio::time::interval(self.stage.checkpoint_scan);
         scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut limits = self.stage.stuck.limits(self.backend.name());
+        if !self.stage.gpus.present() {
+            limits.gpu_idle = None;
+        }
+        let devices = visible_devices(
+            self.stage
+                .trainer_env
+                .iter()
+                .find(|(k, _)| k == "CUDA_VISIBLE_DEVICES")
+                .map(|(_, v)| v.as_str()),
+        );
+        let shortest = [
+            limits.step,
+            limits.first_step,
+            limits.silent,
+            limits.gpu_idle,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        // Look a few times per limit, never more than every 100 ms nor
+        // less than every 5 s.
+        let mut watchdog = tokio::time::interval(
+            shortest
+                .map(|d| d / 4)
+                .unwrap_or(Duration::from_secs(5))
+                .clamp(Duration::from_millis(100), Duration::from_secs(5)),
+        );
+        watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut lines_open = true;
         let verdict = loop {
             tokio::select! {
@@ -394,6 +480,7 @@ impl Run<'_> {
                     None => lines_open = false,
                 },
                 Some(body) = recv_webhook(&mut webhook) => {
+                    seen.line_at = tokio::time::Instant::now();
                     // Failures reported only by webhook must reach `classify`.
                     let text = body.to_string();
                     if text.to_ascii_lowercase().contains("error") {
@@ -407,6 +494,17 @@ impl Run<'_> {
                 _ = scan.tick() => {
                     if let Err(e) = self.poll_checkpoints(&mut seen).await {
                         break Verdict::Abort(e);
+                    }
+                }
+                _ = watchdog.tick(), if shortest.is_some() => {
+                    if limits.gpu_idle.is_some()
+                        && seen.top_step.is_some()
+                        && self.stage.gpus.busiest(&devices).await.is_some_and(|busy| busy > 0)
+                    {
+                        seen.gpu_busy_at = tokio::time::Instant::now();
+                    }
+                    if let Some(stuck) = stuck_at(&limits, &seen, tokio::time::Instant::now()) {
+                        break Verdict::Stuck(stuck);
                     }
                 }
                 status = child.wait() => break Verdict::Exited(
@@ -431,6 +529,21 @@ impl Run<'_> {
                 let _ = child.stop(Duration::from_secs(2)).await;
                 self.finish_uploads(&mut seen).await;
                 return Err(error);
+            }
+            Verdict::Stuck(stuck) => {
+                tracing::warn!(%job, cause = %stuck.cause, step = stuck.step, seconds = stuck.seconds, "trainer stuck; killing it");
+                let _ = child.stop(Duration::from_secs(2)).await;
+                // Keep whatever state it saved: the retry resumes from it.
+                self.finish_uploads(&mut seen).await;
+                let _ = self.poll_checkpoints(&mut seen).await;
+                self.finish_uploads(&mut seen).await;
+                let message = stuck.message.clone();
+                self.ctx.events.stuck(stuck).await;
+                return Err(StageError::retry(
+                    ErrorKind::Trainer,
+                    message,
+                    Duration::from_secs(5),
+                ));
             }
         };
         // The leader is gone and its group killed: read what is left.
@@ -578,6 +691,7 @@ impl Run<'_> {
     }
 
     async fn on_line(&self, line: OutputLine, seen: &mut Seen) -> Result<(), StageError> {
+        seen.line_at = tokio::time::Instant::now();
         push_tail(seen, line.line.clone());
         let events = seen.parser.line(&line.line);
         let raw = events.is_empty().then_some(&line);
@@ -679,6 +793,14 @@ impl Run<'_> {
                 seen.loss_first.get_or_insert(l);
             }
             None => {}
+        }
+        if seen.top_step.is_none_or(|top| step > top) {
+            if seen.top_step.is_none() {
+                // GPU idleness counts from the first step (loading is not idle).
+                seen.gpu_busy_at = tokio::time::Instant::now();
+            }
+            seen.top_step = Some(step);
+            seen.step_at = tokio::time::Instant::now();
         }
         let now = Instant::now();
         let (t0, s0) = *seen.first_step_at.get_or_insert((now, step));
