@@ -592,7 +592,9 @@ async fn cluster_survives_the_stream_leader_dying() {
     for job in jobs.keys() {
         wait_final(&chaos, job).await;
     }
-    checks::global(&chaos, &jobs, 0).await;
+    // A state event published while the leader died may be lost (events
+    // are best effort); every job still ends once, moving forward.
+    checks::global_with_event_gaps(&chaos, &jobs, 0).await;
     let cluster = chaos.cluster.as_mut().expect("cluster");
     cluster.restart(leader);
     cluster.wait_ready().await;
