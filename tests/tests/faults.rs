@@ -683,7 +683,9 @@ async fn partitioned_coordinator_node_heals_without_loss() {
     for job in jobs.keys() {
         wait_final(&chaos, job).await;
     }
-    checks::global(&chaos, &jobs, 0).await;
+    // The coordinator's state events during the partition may be lost
+    // (events are best effort); every job still ends once, moving forward.
+    checks::global_with_event_gaps(&chaos, &jobs, 0).await;
     chaos.stop().await;
 }
 
