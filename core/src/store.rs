@@ -199,6 +199,7 @@ impl ArtifactStore {
     /// Stores a local file under `key`, streaming, and returns its artifact
     /// (name = last path segment). The object appears whole or not at all.
     pub async fn put_file(&self, local: &Path, key: &str) -> Result<Artifact, StoreError> {
+        self.remove_stale_staging(key).await;
         let upload = self.store.put_multipart(&self.path(key)).await?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, PART);
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(2);
@@ -536,6 +537,32 @@ impl ArtifactStore {
         }
     }
 
+    /// A local store writes a multipart upload to `<file>#<n>` and renames it
+    /// when complete; a process killed mid-upload leaves that staging file
+    /// behind, visible next to the real ones. Writing the key again removes it.
+    async fn remove_stale_staging(&self, key: &str) {
+        let Some(root) = self.root.strip_prefix("file://") else {
+            return;
+        };
+        let target = Path::new(root).join(self.path(key).as_ref());
+        let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else {
+            return;
+        };
+        let stem = format!("{}#", name.to_string_lossy());
+        let Ok(mut entries) = tokio::fs::read_dir(dir).await else {
+            return;
+        };
+        while let Ok(Some(entry)) = entries.next_entry().await {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            if file
+                .strip_prefix(&stem)
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            {
+                let _ = tokio::fs::remove_file(entry.path()).await;
+            }
+        }
+    }
+
     /// Removes every object below a prefix.
     pub async fn delete_prefix(&self, prefix: &str) -> Result<(), StoreError> {
         for (key, _) in self.list(prefix).await? {
@@ -617,6 +644,29 @@ pub async fn sha256_file(path: &Path) -> Result<(u64, String), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn writing_a_key_again_removes_a_killed_uploads_staging_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::open(&dir.path().join("store").display().to_string()).unwrap();
+        let folder = dir.path().join("store/jobs/j1/output");
+        std::fs::create_dir_all(&folder).unwrap();
+        // What a process killed mid-upload leaves behind.
+        std::fs::write(folder.join("lora.safetensors#1"), b"partial").unwrap();
+        std::fs::write(folder.join("lora.safetensors#notes"), b"kept").unwrap();
+        let local = dir.path().join("lora.safetensors");
+        std::fs::write(&local, b"whole adapter").unwrap();
+        store
+            .put_file(&local, "jobs/j1/output/lora.safetensors")
+            .await
+            .unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(&folder)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["lora.safetensors", "lora.safetensors#notes"]);
+    }
 
     #[test]
     fn s3_options_reach_the_client() {
