@@ -166,6 +166,12 @@ async fn check(
             );
         }
         let finals = seen.iter().filter(|s| s.is_final()).count();
+        if gaps && finals == 0 {
+            // A state event lost with a dying stream leader (a known gap):
+            // the record alone says how the job ended, and it must be final.
+            assert!(jobs[job].is_final(), "{job}: record final, events {seen:?}");
+            continue;
+        }
         assert_eq!(finals, 1, "{job}: one final state in {seen:?}");
         assert_eq!(path.last(), Some(&jobs[job]), "{job}: {seen:?}");
     }
