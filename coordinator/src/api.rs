@@ -438,10 +438,16 @@ async fn next_event(mut state: WatchState) -> Option<(Result<JobEvent, ApiError>
                 Ok(message) => message,
                 Err(_quiet) => {
                     // Read the record again; a failure waits for the next quiet spell.
-                    if let Ok(found) = state.repo.get(&state.tenant, &state.job).await
-                        && found.record.state().is_final()
-                    {
-                        state.final_record = Some(found.record);
+                    match state.repo.get(&state.tenant, &state.job).await {
+                        Ok(found) if found.record.state().is_final() => {
+                            state.final_record = Some(found.record);
+                        }
+                        Err(RepoError::NotFound(_)) => {
+                            state.done = true;
+                            let gone = ApiError::NotFound("job removed while watched".into());
+                            return Some((Err(gone), state));
+                        }
+                        _ => {}
                     }
                     continue;
                 }

@@ -99,7 +99,8 @@ enum InFlight {
     Unread,
     Read {
         tasks: HashSet<String>,
-        results: HashSet<String>,
+        /// Task ids with a result waiting in `TY_RESULTS`.
+        answered: HashSet<String>,
     },
     /// Reading failed: no task can be called lost in this pass.
     Unreadable,
@@ -156,11 +157,11 @@ impl Reconciler {
             if matches!(in_flight, InFlight::Unread) {
                 in_flight = self.in_flight().await;
             }
-            let InFlight::Read { tasks, results } = &in_flight else {
+            let InFlight::Read { tasks, answered } = &in_flight else {
                 continue;
             };
             let id = topology::task_msg_id(&tenant, &job, record.stage(), Attempt(record.attempt));
-            if tasks.contains(&id) || results.contains(&format!("{id}.result")) {
+            if tasks.contains(&id) || answered.contains(&id) {
                 continue;
             }
             if self.republish(&tenant, &job, record, now).await {
@@ -194,7 +195,10 @@ impl Reconciler {
         let tasks = ids_in(&self.js, TASKS_STREAM, subject::all_tasks()).await;
         let results = ids_in(&self.js, RESULTS_STREAM, subject::all_results()).await;
         match (tasks, results) {
-            (Ok(tasks), Ok(results)) => InFlight::Read { tasks, results },
+            (Ok(tasks), Ok(results)) => InFlight::Read {
+                tasks,
+                answered: results.iter().filter_map(|id| answered_task(id)).collect(),
+            },
             (Err(error), _) | (_, Err(error)) => {
                 tracing::warn!(%error, "cannot read the task and result streams; lost tasks wait for the next pass");
                 InFlight::Unreadable
@@ -344,6 +348,17 @@ impl Reconciler {
         }
         Ok(removed)
     }
+}
+
+/// The task id a result's message id answers (`<task>.result`, or
+/// `<task>.result.<claim token>`); `None` for a start or an adjustment
+/// report, which answer nothing.
+pub fn answered_task(result_id: &str) -> Option<String> {
+    let task = match result_id.strip_suffix(".result") {
+        Some(task) => task,
+        None => result_id.rsplit_once('.')?.0.strip_suffix(".result")?,
+    };
+    Some(task.to_string())
 }
 
 /// The record with its current stage's attempt raised, if it is still at
@@ -499,6 +514,19 @@ mod tests {
         ] {
             assert!(!expired(&record(running, 0, 1), i64::MAX));
         }
+    }
+
+    #[test]
+    fn a_result_answers_its_task_with_or_without_a_claim() {
+        let tenant = TenantId::parse("acme").unwrap();
+        let job = JobId::parse("j-1").unwrap();
+        let task = topology::task_msg_id(&tenant, &job, Stage::Train, Attempt(2));
+        for token in ["", "0190c3a1b2"] {
+            let id = topology::result_msg_id(&tenant, &job, Stage::Train, Attempt(2), token);
+            assert_eq!(answered_task(&id), Some(task.clone()), "{id}");
+        }
+        assert_eq!(answered_task(&format!("{task}.started")), None);
+        assert_eq!(answered_task(&format!("{task}.adjusted.2")), None);
     }
 
     #[test]
