@@ -215,3 +215,74 @@ async fn a_lost_final_state_event_still_ends_watch_and_is_published_again_once()
     assert_eq!(finals, 1);
     fleet.stop().await;
 }
+
+/// A job whose result waits in `TY_RESULTS` (the coordinator has not
+/// applied it yet) has its task answered: the reconciler neither publishes
+/// it again nor raises its attempt, whether the result carries a claim or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_with_a_result_waiting_is_not_republished() {
+    let none = Services {
+        coordinator: false,
+        captioner: false,
+        worker: false,
+        uploader: false,
+    };
+    let fleet = Fleet::start_with(none, |_| {}).await;
+    let nats = fleet.nats_client().await;
+    let js = async_nats::jetstream::new(nats.clone());
+    let topo = topology::ensure(&js, &fleet.config.nats).await.unwrap();
+    let repo = JobRepo::new(topo.jobs.clone(), js.clone());
+    let reconciler = Reconciler {
+        js: js.clone(),
+        repo: repo.clone(),
+        effects: Effects {
+            client: nats,
+            js: js.clone(),
+            repo: repo.clone(),
+        },
+        idem: topo.idem.clone(),
+        store: trainyard_core::store::ArtifactStore::open_with(
+            &fleet.config.store.uri,
+            &fleet.config.store.s3,
+        )
+        .unwrap(),
+    };
+    let tenant = TenantId::parse("acme").unwrap();
+    let sample = fleet.sample_uri().await;
+    for token in ["claim-token", ""] {
+        let spec = trainyard_coordinator::validate::normalise(spec(&sample, 20)).unwrap();
+        let job = JobId::generate();
+        let (record, _) = job::submitted(
+            JobRecord {
+                job_id: job.to_string(),
+                tenant: tenant.to_string(),
+                spec: Some(spec),
+                ..Default::default()
+            },
+            trainyard_core::now_ms(),
+        );
+        repo.create(&record).await.unwrap();
+        // The task was taken and answered; the answer is not applied yet.
+        let id = topology::result_msg_id(
+            &tenant,
+            &job,
+            trainyard_proto::v1::Stage::Prepare,
+            trainyard_proto::Attempt(1),
+            token,
+        );
+        trainyard_core::nats::publish_durable(
+            &js,
+            topology::subject::result(trainyard_proto::v1::Stage::Prepare),
+            &id,
+            None,
+            bytes::Bytes::from_static(b"a result"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(reconciler.pass(0).await.unwrap(), Pass::default(), "{id}");
+        assert_eq!(repo.get(&tenant, &job).await.unwrap().record.attempt, 1);
+    }
+    let mut tasks = js.get_stream(TASKS_STREAM).await.unwrap();
+    assert_eq!(tasks.info().await.unwrap().state.messages, 0);
+    fleet.stop().await;
+}
