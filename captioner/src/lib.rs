@@ -62,7 +62,11 @@ pub async fn run(
     config: trainyard_core::Config,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    let (client, topo) = trainyard_core::service::connect(&config, "ty-captioner").await?;
+    let Some((client, topo)) =
+        trainyard_core::service::connect(&config, "ty-captioner", &shutdown).await?
+    else {
+        return Ok(()); // stopped before NATS was ready
+    };
     let handler = stage::PrepareStage::new(&config)?;
     let validator = std::sync::Arc::new(validate::Validator::new(&config)?);
     let requests = validate::subscribe(&client)

@@ -392,17 +392,35 @@ impl JobApi {
             messages: Box::pin(messages),
             final_record,
             done: false,
+            repo: self.repo.clone(),
+            tenant: tenant.clone(),
+            job,
         };
         Ok(Box::pin(futures::stream::unfold(state, next_event)))
     }
 }
 
+/// How long a Watch of a running job waits for an event before it reads
+/// the record again.
+const WATCH_IDLE: Duration = Duration::from_secs(5);
+/// How long a Watch of a final job waits for more stored events before it
+/// ends with a state event made from the record.
+const REPLAY_IDLE: Duration = Duration::from_secs(2);
+
+/// A Watch ends with exactly one final state event, the record's: the
+/// stored one, or, when none comes (its publish was lost and the
+/// reconciler has not repeated it yet, or the events were purged), one
+/// made from the record. The record is read again whenever the job's events
+/// go quiet for [`WATCH_IDLE`]; once it is final, stored events are
+/// replayed until [`REPLAY_IDLE`] passes without one.
 struct WatchState {
     messages: Pin<Box<consumer::pull::Ordered>>,
-    /// Set when the job was already final at the start: if its events were
-    /// purged, the stream ends with a state event made from the record.
+    /// Set once the record is known to be final.
     final_record: Option<JobRecord>,
     done: bool,
+    repo: JobRepo,
+    tenant: TenantId,
+    job: JobId,
 }
 
 async fn next_event(mut state: WatchState) -> Option<(Result<JobEvent, ApiError>, WatchState)> {
@@ -412,13 +430,28 @@ async fn next_event(mut state: WatchState) -> Option<(Result<JobEvent, ApiError>
     loop {
         let message = match state.final_record.as_ref() {
             // Replaying a finished job: stop when the stored events run out.
-            Some(_) => {
-                tokio::time::timeout(std::time::Duration::from_secs(2), state.messages.next())
-                    .await
-                    .ok()
-                    .flatten()
-            }
-            None => state.messages.next().await,
+            Some(_) => tokio::time::timeout(REPLAY_IDLE, state.messages.next())
+                .await
+                .ok()
+                .flatten(),
+            None => match tokio::time::timeout(WATCH_IDLE, state.messages.next()).await {
+                Ok(message) => message,
+                Err(_quiet) => {
+                    // Read the record again; a failure waits for the next quiet spell.
+                    match state.repo.get(&state.tenant, &state.job).await {
+                        Ok(found) if found.record.state().is_final() => {
+                            state.final_record = Some(found.record);
+                        }
+                        Err(RepoError::NotFound(_)) => {
+                            state.done = true;
+                            let gone = ApiError::NotFound("job removed while watched".into());
+                            return Some((Err(gone), state));
+                        }
+                        _ => {}
+                    }
+                    continue;
+                }
+            },
         };
         let Some(message) = message else {
             let record = state.final_record.take()?;

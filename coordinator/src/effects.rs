@@ -1,20 +1,29 @@
 //! Carries out what the state machine decided, after the record is stored:
 //! publish the next task (its dedup id makes a repeat harmless), emit state
 //! events, send cancel messages.
+//!
+//! State events carry a dedup id per job and state
+//! ([`topology::state_event_msg_id`]). Once the events stream acknowledges
+//! a final state's event, the record is marked `final_event_stored` by
+//! CAS; a final record left unmarked (the stream's leader died under the
+//! publish, or this coordinator did) gets its event published again by the
+//! reconciler, so the events of every job end with its final state.
 
 use crate::job::{Effect, Task};
+use crate::repo::JobRepo;
 use async_nats::jetstream;
 use async_nats::jetstream::publish::PublishAck;
 use prost::Message;
-use trainyard_core::events::EventSink;
-use trainyard_core::topology::{self, subject};
-use trainyard_proto::v1::{JobRecord, Stage, job_event::Kind};
+use trainyard_core::topology::{self, EventKind, subject};
+use trainyard_proto::v1::{JobEvent, JobRecord, JobState, Stage, StateChanged, job_event::Kind};
 use trainyard_proto::{Attempt, JobId, TenantId};
 
 #[derive(Clone)]
 pub struct Effects {
     pub client: async_nats::Client,
     pub js: jetstream::Context,
+    /// To mark a record once its final state event is stored.
+    pub repo: JobRepo,
 }
 
 impl Effects {
@@ -27,10 +36,19 @@ impl Effects {
         ) else {
             return Err("record has bad ids".into());
         };
-        let events = EventSink::new(self.js.clone(), tenant.clone(), job.clone());
         for effect in effects {
             match effect {
-                Effect::EmitState(state) => events.emit(Kind::State(state)).await,
+                Effect::EmitState(state) => {
+                    let result = if state.state().is_final() {
+                        self.announce_final(&tenant, &job, state).await
+                    } else {
+                        self.emit_state(&tenant, &job, state).await
+                    };
+                    // The record is the truth; the reconciler repeats a lost final event.
+                    if let Err(error) = result {
+                        tracing::warn!(%job, %error, "state event not confirmed");
+                    }
+                }
                 Effect::Publish(task) => self.publish_task(&tenant, &job, *task).await?,
                 Effect::SendCancel => {
                     if let Err(error) = self
@@ -44,6 +62,65 @@ impl Effects {
             }
         }
         Ok(())
+    }
+
+    /// Publishes a state event and waits for the stream's ack.
+    pub async fn emit_state(
+        &self,
+        tenant: &TenantId,
+        job: &JobId,
+        state: StateChanged,
+    ) -> Result<(), String> {
+        let id = topology::state_event_msg_id(tenant, job, state.state());
+        let event = JobEvent {
+            job_id: job.to_string(),
+            tenant: tenant.to_string(),
+            at_ms: trainyard_core::now_ms(),
+            kind: Some(Kind::State(state)),
+        };
+        trainyard_core::nats::publish_durable(
+            &self.js,
+            subject::event(tenant, job, EventKind::State),
+            &id,
+            None,
+            event.encode_to_vec().into(),
+        )
+        .await
+        .map_err(|e| e.to_string())
+    }
+
+    /// Publishes the event of a final state, then marks the record.
+    pub async fn announce_final(
+        &self,
+        tenant: &TenantId,
+        job: &JobId,
+        state: StateChanged,
+    ) -> Result<(), String> {
+        let final_state = state.state();
+        self.emit_state(tenant, job, state).await?;
+        self.mark_final_event_stored(tenant, job, final_state).await
+    }
+
+    /// Marks the record, by CAS, as having its final state's event stored
+    /// (if it is still in `state` and not marked yet).
+    pub async fn mark_final_event_stored(
+        &self,
+        tenant: &TenantId,
+        job: &JobId,
+        state: JobState,
+    ) -> Result<(), String> {
+        self.repo
+            .update(tenant, job, |current| {
+                let next = (current.state() == state && !current.final_event_stored).then(|| {
+                    let mut next = current;
+                    next.final_event_stored = true;
+                    next
+                });
+                async move { (next, ()) }
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
     pub async fn publish_task(

@@ -31,12 +31,17 @@ pub async fn run(
     shutdown: CancellationToken,
     ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> anyhow::Result<()> {
-    let (client, topo) = trainyard_core::service::connect(&config, "ty-coordinator").await?;
+    let Some((client, topo)) =
+        trainyard_core::service::connect(&config, "ty-coordinator", &shutdown).await?
+    else {
+        return Ok(()); // stopped before NATS was ready
+    };
     let js = topo.js.clone();
     let repo = repo::JobRepo::new(topo.jobs.clone(), js.clone());
     let effects = effects::Effects {
         client: client.clone(),
         js: js.clone(),
+        repo: repo.clone(),
     };
     let api = api::JobApi {
         repo: repo.clone(),
@@ -50,21 +55,16 @@ pub async fn run(
 
     let store =
         trainyard_core::store::ArtifactStore::open_with(&config.store.uri, &config.store.s3)?;
-    let lifetimes = reconcile::Lifetimes {
+    let reconciler = reconcile::Reconciler {
+        js: js.clone(),
         repo: repo.clone(),
         effects: effects.clone(),
         idem: topo.idem.clone(),
         store,
     };
-    lifetimes.pass().await;
-    match reconcile::reconcile(&js, &repo, &effects, 0).await {
-        Ok(0) => {}
-        Ok(n) => tracing::warn!(
-            republished = n,
-            "start-up reconcile published lost tasks again"
-        ),
-        Err(error) => tracing::warn!(%error, "start-up reconcile failed"),
-    }
+    // On start-up every record counts as stale: this replica may be the
+    // one that died mid-way.
+    reconciler.pass_logged(0).await;
 
     let api_requests = nats_api::subscribe(&client)
         .await
@@ -106,13 +106,7 @@ pub async fn run(
         });
     }
     {
-        let (js, repo, effects, stop) = (
-            js.clone(),
-            repo.clone(),
-            effects.clone(),
-            shutdown.child_token(),
-        );
-        let lifetimes = lifetimes.clone();
+        let (reconciler, stop) = (reconciler.clone(), shutdown.child_token());
         let every = Duration::from_secs(config.coordinator.reconcile_interval_secs.max(1));
         let stale_ms = (config.coordinator.stale_after_secs * 1000) as i64;
         tasks.spawn(async move {
@@ -121,12 +115,7 @@ pub async fn run(
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => break,
-                    _ = ticker.tick() => {
-                        lifetimes.pass().await;
-                        if let Err(error) = reconcile::reconcile(&js, &repo, &effects, stale_ms).await {
-                            tracing::warn!(%error, "reconcile pass failed");
-                        }
-                    }
+                    _ = ticker.tick() => reconciler.pass_logged(stale_ms).await,
                 }
             }
         });

@@ -2,28 +2,39 @@
 //! coordinator replicas: every record write is a compare-and-set, and every
 //! publish carries a dedup id.
 //!
+//! One pass lists the job keys once, reads each record once and applies to
+//! it the checks that concern it:
+//!
+//! - Deadlines: an unfinished job past `timeout_secs` from its submission
+//!   fails with `DEADLINE_EXCEEDED`, and its running task is cancelled.
 //! - Lost tasks: an unfinished job whose record is stale and whose task is
 //!   neither in `TY_TASKS` (pending or being worked on) nor answered in
 //!   `TY_RESULTS` gets its current task published again, under the same
 //!   dedup id. If the stream drops that publish as a duplicate (the first
 //!   copy was consumed inside the dedup window, yet nothing answered it), the
 //!   attempt is raised by CAS and the new attempt's task, with a new id, is
-//!   published: the old attempt's late results are then ignored.
-//! - Deadlines: an unfinished job past `timeout_secs` from its submission
-//!   fails with `DEADLINE_EXCEEDED`, and its running task is cancelled.
+//!   published: the old attempt's late results are then ignored. The two
+//!   streams are read once per pass, and only when some record needs them.
+//! - Lost final state events: a stale final record not marked
+//!   `final_event_stored` gets its final state event published again
+//!   (unless the events stream holds it already), then the mark; see
+//!   [`crate::effects`].
 //! - TTLs: a finished job past `ttl_secs` from its end loses its artifacts
 //!   (`jobs/<job>/`), its events, its idempotency key and then its record.
 //!   A job that is not final is never removed.
 
 use crate::effects::Effects;
 use crate::job::{self, Effect};
-use crate::repo::{JobRepo, RepoError};
-use async_nats::jetstream::stream::RawMessageErrorKind;
+use crate::repo::{JobRepo, RepoError, Versioned};
+use async_nats::jetstream::stream::{LastRawMessageErrorKind, RawMessageErrorKind};
 use async_nats::jetstream::{self, kv};
+use prost::Message;
 use std::collections::HashSet;
 use trainyard_core::store::{ArtifactStore, keys};
-use trainyard_core::topology::{self, EVENTS_STREAM, RESULTS_STREAM, TASKS_STREAM, subject};
-use trainyard_proto::v1::{ErrorKind, JobError, JobRecord, JobState, Stage};
+use trainyard_core::topology::{
+    self, EVENTS_STREAM, EventKind, RESULTS_STREAM, TASKS_STREAM, subject,
+};
+use trainyard_proto::v1::{ErrorKind, JobError, JobEvent, JobRecord, JobState, job_event::Kind};
 use trainyard_proto::{Attempt, JobId, TenantId};
 
 /// Message ids present in a stream right now (pending or unacked). Read
@@ -59,54 +70,295 @@ async fn ids_in(
     Ok(ids)
 }
 
-/// One pass. Returns how many tasks were published again.
-pub async fn reconcile(
-    js: &jetstream::Context,
-    repo: &JobRepo,
-    effects: &Effects,
-    stale_after_ms: i64,
-) -> Result<usize, async_nats::Error> {
-    let records = repo.unfinished().await?;
-    if records.is_empty() {
-        return Ok(0);
-    }
-    let tasks = ids_in(js, TASKS_STREAM, subject::all_tasks()).await?;
-    let results = ids_in(js, RESULTS_STREAM, subject::all_results()).await?;
-    let now = trainyard_core::now_ms();
-    let mut republished = 0;
-    for record in records {
-        if now - record.updated_at_ms < stale_after_ms {
-            continue;
-        }
-        let (Ok(tenant), Ok(job)) = (
-            TenantId::parse(&record.tenant),
-            JobId::parse(&record.job_id),
-        ) else {
-            continue;
-        };
-        let stage: Stage = record.stage();
-        let id = topology::task_msg_id(&tenant, &job, stage, Attempt(record.attempt));
-        let answered = results.contains(&format!("{id}.result"));
-        if tasks.contains(&id) || answered {
-            continue;
-        }
-        let Some(task) = job::current_task(&record) else {
-            continue;
-        };
-        tracing::warn!(%job, stage = stage.name(), "task not in flight; publishing it again");
-        match effects.publish_task_acked(&tenant, &job, task).await {
-            Ok(ack) if !ack.duplicate => republished += 1,
-            Ok(_) => {
-                // Consumed inside the dedup window yet unanswered: the same
-                // id would be dropped again until the window ends.
-                if next_attempt(repo, effects, &record, now).await {
-                    republished += 1;
+/// What the reconciler needs.
+#[derive(Clone)]
+pub struct Reconciler {
+    pub js: jetstream::Context,
+    pub repo: JobRepo,
+    pub effects: Effects,
+    pub idem: kv::Store,
+    pub store: ArtifactStore,
+}
+
+/// What one pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pass {
+    /// Lost tasks published again (or as their next attempt).
+    pub republished: usize,
+    /// Jobs failed past their deadline.
+    pub failed: usize,
+    /// Final state events published again.
+    pub announced: usize,
+    /// Finished jobs past their TTL removed.
+    pub removed: usize,
+}
+
+/// The message ids in `TY_TASKS` and `TY_RESULTS`.
+enum InFlight {
+    /// Not read yet: no record has needed them so far.
+    Unread,
+    Read {
+        tasks: HashSet<String>,
+        /// Task ids with a result waiting in `TY_RESULTS`.
+        answered: HashSet<String>,
+    },
+    /// Reading failed: no task can be called lost in this pass.
+    Unreadable,
+}
+
+impl Reconciler {
+    /// One pass over every record; a record is stale once not updated for
+    /// `stale_after_ms`. A failure with one record is logged and the next
+    /// pass tries again; only a failure to list the records is an error.
+    pub async fn pass(&self, stale_after_ms: i64) -> Result<Pass, RepoError> {
+        let records = self.repo.all().await?;
+        let now = trainyard_core::now_ms();
+        let mut pass = Pass::default();
+        let mut in_flight = InFlight::Unread;
+        for found in records {
+            let record = &found.record;
+            let (Ok(tenant), Ok(job)) = (
+                TenantId::parse(&record.tenant),
+                JobId::parse(&record.job_id),
+            ) else {
+                continue;
+            };
+            let stale = now.saturating_sub(record.updated_at_ms) >= stale_after_ms;
+            if record.state().is_final() {
+                if expired(record, now) {
+                    match self.expire(&tenant, &job, &found).await {
+                        Ok(true) => pass.removed += 1,
+                        Ok(false) => {}
+                        Err(error) => {
+                            tracing::warn!(%job, %error, "could not remove an expired job")
+                        }
+                    }
+                } else if stale
+                    && !record.final_event_stored
+                    && self.announce(&tenant, &job, record).await
+                {
+                    pass.announced += 1;
                 }
+                continue;
             }
-            Err(error) => tracing::warn!(%job, %error, "could not publish the task again"),
+            if deadline_exceeded(record, now).is_some() {
+                match self.fail_past_deadline(&tenant, &job, now).await {
+                    Ok(true) => pass.failed += 1,
+                    Ok(false) => {}
+                    Err(error) => {
+                        tracing::warn!(%job, %error, "could not fail a job past its deadline")
+                    }
+                }
+                continue;
+            }
+            if !stale {
+                continue;
+            }
+            if matches!(in_flight, InFlight::Unread) {
+                in_flight = self.in_flight().await;
+            }
+            let InFlight::Read { tasks, answered } = &in_flight else {
+                continue;
+            };
+            let id = topology::task_msg_id(&tenant, &job, record.stage(), Attempt(record.attempt));
+            if tasks.contains(&id) || answered.contains(&id) {
+                continue;
+            }
+            if self.republish(&tenant, &job, record, now).await {
+                pass.republished += 1;
+            }
+        }
+        Ok(pass)
+    }
+
+    /// [`Reconciler::pass`] with every outcome logged.
+    pub async fn pass_logged(&self, stale_after_ms: i64) {
+        match self.pass(stale_after_ms).await {
+            Ok(pass) if pass == Pass::default() => {}
+            Ok(Pass {
+                republished,
+                failed,
+                announced,
+                removed,
+            }) => tracing::warn!(
+                republished,
+                failed,
+                announced,
+                removed,
+                "reconciler repaired jobs"
+            ),
+            Err(error) => tracing::warn!(%error, "reconcile pass failed"),
         }
     }
-    Ok(republished)
+
+    async fn in_flight(&self) -> InFlight {
+        let tasks = ids_in(&self.js, TASKS_STREAM, subject::all_tasks()).await;
+        let results = ids_in(&self.js, RESULTS_STREAM, subject::all_results()).await;
+        match (tasks, results) {
+            (Ok(tasks), Ok(results)) => InFlight::Read {
+                tasks,
+                answered: results.iter().filter_map(|id| answered_task(id)).collect(),
+            },
+            (Err(error), _) | (_, Err(error)) => {
+                tracing::warn!(%error, "cannot read the task and result streams; lost tasks wait for the next pass");
+                InFlight::Unreadable
+            }
+        }
+    }
+
+    /// Publishes the current task of a job that has none in flight, under
+    /// its dedup id; if the stream drops it as a duplicate, raises the
+    /// attempt. True when a task was published.
+    async fn republish(
+        &self,
+        tenant: &TenantId,
+        job: &JobId,
+        record: &JobRecord,
+        now: i64,
+    ) -> bool {
+        let Some(task) = job::current_task(record) else {
+            return false;
+        };
+        tracing::warn!(%job, stage = record.stage().name(), "task not in flight; publishing it again");
+        match self.effects.publish_task_acked(tenant, job, task).await {
+            Ok(ack) if !ack.duplicate => true,
+            // Consumed inside the dedup window yet unanswered: the same
+            // id would be dropped again until the window ends.
+            Ok(_) => next_attempt(&self.repo, &self.effects, record, now).await,
+            Err(error) => {
+                tracing::warn!(%job, %error, "could not publish the task again");
+                false
+            }
+        }
+    }
+
+    /// Fails a job past its deadline by CAS and cancels its running task.
+    /// False when another replica (or a result) changed it first.
+    async fn fail_past_deadline(
+        &self,
+        tenant: &TenantId,
+        job: &JobId,
+        now_ms: i64,
+    ) -> Result<bool, RepoError> {
+        let (stored, ()) = self
+            .repo
+            .update(tenant, job, |current| {
+                let next = deadline_exceeded(&current, now_ms);
+                async move { (next, ()) }
+            })
+            .await?;
+        let Some(next) = stored else {
+            return Ok(false);
+        };
+        tracing::warn!(%job, stage = next.stage().name(), "job past its deadline: failed");
+        let effects = vec![
+            Effect::SendCancel,
+            Effect::EmitState(job::state_changed(&next)),
+        ];
+        if let Err(error) = self.effects.run(&next, effects).await {
+            tracing::warn!(%job, %error, "could not announce the deadline");
+        }
+        Ok(true)
+    }
+
+    /// Makes sure the events stream holds the final state event of a final
+    /// record, then marks the record. True when the event was published
+    /// again (it was missing).
+    async fn announce(&self, tenant: &TenantId, job: &JobId, record: &JobRecord) -> bool {
+        let state = record.state();
+        let stored = match self.js.get_stream(EVENTS_STREAM).await {
+            Ok(stream) => match stream
+                .get_last_raw_message_by_subject(&subject::event(tenant, job, EventKind::State))
+                .await
+            {
+                Ok(last) => Ok(JobEvent::decode(last.payload).is_ok_and(
+                    |event| matches!(event.kind, Some(Kind::State(s)) if s.state() == state),
+                )),
+                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(false),
+                Err(e) => Err(e.to_string()),
+            },
+            Err(e) => Err(e.to_string()),
+        };
+        let result = match stored {
+            Ok(true) => self
+                .effects
+                .mark_final_event_stored(tenant, job, state)
+                .await
+                .map(|()| false),
+            Ok(false) => {
+                tracing::warn!(%job, state = state.as_str_name(), "final state event missing; publishing it again");
+                self.effects
+                    .announce_final(tenant, job, job::state_changed(record))
+                    .await
+                    .map(|()| true)
+            }
+            Err(error) => Err(error),
+        };
+        result.unwrap_or_else(|error| {
+            tracing::warn!(%job, %error, "could not make sure the final state event is stored");
+            false
+        })
+    }
+
+    /// Removes a finished job past its TTL: its artifacts and events
+    /// first, then its idempotency key, then its record by CAS (a pass that
+    /// stops half-way is finished by the next one). True when the record
+    /// was removed.
+    async fn expire(
+        &self,
+        tenant: &TenantId,
+        job: &JobId,
+        found: &Versioned,
+    ) -> Result<bool, String> {
+        self.store
+            .delete_prefix(&keys::job(job))
+            .await
+            .map_err(|e| format!("artifacts: {e}"))?;
+        self.js
+            .get_stream(EVENTS_STREAM)
+            .await
+            .map_err(|e| format!("events: {e}"))?
+            .purge()
+            .filter(subject::job_events(tenant, job))
+            .await
+            .map_err(|e| format!("events: {e}"))?;
+        let key = found
+            .record
+            .spec
+            .as_ref()
+            .map_or("", |s| s.idempotency_key.as_str());
+        if !key.is_empty() {
+            let key = crate::api::idem_key(tenant, key);
+            if let Ok(Some(entry)) = self.idem.entry(&key).await
+                && entry.value.as_ref() == job.as_str().as_bytes()
+            {
+                self.idem
+                    .purge_expect_revision(&key, Some(entry.revision))
+                    .await
+                    .map_err(|e| format!("idempotency key: {e}"))?;
+            }
+        }
+        let removed = self
+            .repo
+            .remove(tenant, job, found.revision)
+            .await
+            .map_err(|e| e.to_string())?;
+        if removed {
+            tracing::info!(%job, "finished job past its ttl: removed");
+        }
+        Ok(removed)
+    }
+}
+
+/// The task id a result's message id answers (`<task>.result`, or
+/// `<task>.result.<claim token>`); `None` for a start or an adjustment
+/// report, which answer nothing.
+pub fn answered_task(result_id: &str) -> Option<String> {
+    let task = match result_id.strip_suffix(".result") {
+        Some(task) => task,
+        None => result_id.rsplit_once('.')?.0.strip_suffix(".result")?,
+    };
+    Some(task.to_string())
 }
 
 /// The record with its current stage's attempt raised, if it is still at
@@ -184,71 +436,6 @@ pub fn deadline_exceeded(record: &JobRecord, now_ms: i64) -> Option<JobRecord> {
     Some(next)
 }
 
-/// Fails every unfinished job past its deadline, by CAS, and cancels its
-/// running task. Returns how many jobs it failed.
-pub async fn enforce_deadlines(
-    repo: &JobRepo,
-    effects: &Effects,
-    now_ms: i64,
-) -> Result<usize, RepoError> {
-    let mut failed = 0;
-    for record in repo.unfinished().await? {
-        if deadline_exceeded(&record, now_ms).is_none() {
-            continue;
-        }
-        let (Ok(tenant), Ok(job)) = (
-            TenantId::parse(&record.tenant),
-            JobId::parse(&record.job_id),
-        ) else {
-            continue;
-        };
-        let (stored, ()) = repo
-            .update(&tenant, &job, |current| {
-                let next = deadline_exceeded(&current, now_ms);
-                async move { (next, ()) }
-            })
-            .await?;
-        let Some(next) = stored else { continue };
-        tracing::warn!(%job, stage = next.stage().name(), "job past its deadline: failed");
-        failed += 1;
-        let effects_of = vec![
-            Effect::SendCancel,
-            Effect::EmitState(job::state_changed(&next)),
-        ];
-        if let Err(error) = effects.run(&next, effects_of).await {
-            tracing::warn!(%job, %error, "could not announce the deadline");
-        }
-    }
-    Ok(failed)
-}
-
-/// What the deadline and TTL passes need.
-#[derive(Clone)]
-pub struct Lifetimes {
-    pub repo: JobRepo,
-    pub effects: Effects,
-    pub idem: kv::Store,
-    pub store: ArtifactStore,
-}
-
-impl Lifetimes {
-    /// One deadline pass and one TTL pass; failures are logged and the next
-    /// pass tries again.
-    pub async fn pass(&self) {
-        let now = trainyard_core::now_ms();
-        match enforce_deadlines(&self.repo, &self.effects, now).await {
-            Ok(0) => {}
-            Ok(failed) => tracing::warn!(failed, "jobs past their deadline failed"),
-            Err(error) => tracing::warn!(%error, "deadline pass failed"),
-        }
-        match expire(&self.repo, &self.effects.js, &self.idem, &self.store, now).await {
-            Ok(0) => {}
-            Ok(removed) => tracing::info!(removed, "finished jobs past their ttl removed"),
-            Err(error) => tracing::warn!(%error, "ttl pass failed"),
-        }
-    }
-}
-
 /// Whether a finished job's TTL has run out.
 pub fn expired(record: &JobRecord, now_ms: i64) -> bool {
     let ttl = record.spec.as_ref().map_or(0, |s| s.ttl_secs);
@@ -265,71 +452,10 @@ pub fn expired(record: &JobRecord, now_ms: i64) -> bool {
     now_ms >= finished.saturating_add(ttl_ms)
 }
 
-/// Removes every finished job past its TTL: its artifacts and events
-/// first, then its idempotency key, then its record by CAS (a pass that stops half-way is
-/// finished by the next one). Returns how many records it removed.
-pub async fn expire(
-    repo: &JobRepo,
-    js: &jetstream::Context,
-    idem: &kv::Store,
-    store: &ArtifactStore,
-    now_ms: i64,
-) -> Result<usize, RepoError> {
-    let mut removed = 0;
-    for found in repo.all().await? {
-        let record = &found.record;
-        if !expired(record, now_ms) {
-            continue;
-        }
-        let (Ok(tenant), Ok(job)) = (
-            TenantId::parse(&record.tenant),
-            JobId::parse(&record.job_id),
-        ) else {
-            continue;
-        };
-        if let Err(error) = store.delete_prefix(&keys::job(&job)).await {
-            tracing::warn!(%job, %error, "could not remove the artifacts of an expired job");
-            continue;
-        }
-        let events = match js.get_stream(EVENTS_STREAM).await {
-            Ok(stream) => stream
-                .purge()
-                .filter(subject::job_events(&tenant, &job))
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        if let Err(error) = events {
-            tracing::warn!(%job, %error, "could not remove the events of an expired job");
-            continue;
-        }
-        let key = record
-            .spec
-            .as_ref()
-            .map_or("", |s| s.idempotency_key.as_str());
-        if !key.is_empty() {
-            let key = crate::api::idem_key(&tenant, key);
-            if let Ok(Some(entry)) = idem.entry(&key).await
-                && entry.value.as_ref() == job.as_str().as_bytes()
-                && let Err(error) = idem.purge_expect_revision(&key, Some(entry.revision)).await
-            {
-                tracing::warn!(%job, %error, "could not remove the idempotency key of an expired job");
-                continue;
-            }
-        }
-        if repo.remove(&tenant, &job, found.revision).await? {
-            tracing::info!(%job, "finished job past its ttl: removed");
-            removed += 1;
-        }
-    }
-    Ok(removed)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use trainyard_proto::v1::{JobSpec, StageTimes};
+    use trainyard_proto::v1::{JobSpec, Stage, StageTimes};
 
     fn record(state: JobState, timeout_secs: u64, ttl_secs: u64) -> JobRecord {
         JobRecord {
@@ -388,6 +514,19 @@ mod tests {
         ] {
             assert!(!expired(&record(running, 0, 1), i64::MAX));
         }
+    }
+
+    #[test]
+    fn a_result_answers_its_task_with_or_without_a_claim() {
+        let tenant = TenantId::parse("acme").unwrap();
+        let job = JobId::parse("j-1").unwrap();
+        let task = topology::task_msg_id(&tenant, &job, Stage::Train, Attempt(2));
+        for token in ["", "0190c3a1b2"] {
+            let id = topology::result_msg_id(&tenant, &job, Stage::Train, Attempt(2), token);
+            assert_eq!(answered_task(&id), Some(task.clone()), "{id}");
+        }
+        assert_eq!(answered_task(&format!("{task}.started")), None);
+        assert_eq!(answered_task(&format!("{task}.adjusted.2")), None);
     }
 
     #[test]

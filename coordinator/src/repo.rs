@@ -7,7 +7,7 @@ use bytes::Bytes;
 use prost::Message;
 use std::future::Future;
 use trainyard_core::topology::{self, JOBS_BUCKET};
-use trainyard_proto::v1::{JobRecord, JobState};
+use trainyard_proto::v1::JobRecord;
 use trainyard_proto::{JobId, TenantId};
 
 #[derive(Debug, thiserror::Error)]
@@ -181,33 +181,5 @@ impl JobRepo {
                 _ => Err(RepoError::Unavailable(e.to_string())),
             },
         }
-    }
-
-    /// Every record that is not final, across tenants (for the reconciler).
-    pub async fn unfinished(&self) -> Result<Vec<JobRecord>, RepoError> {
-        use futures::TryStreamExt;
-        let keys: Vec<String> = self
-            .kv
-            .keys()
-            .await
-            .map_err(|e| RepoError::Unavailable(e.to_string()))?
-            .try_collect()
-            .await
-            .map_err(|e| RepoError::Unavailable(e.to_string()))?;
-        let mut records = Vec::new();
-        for key in keys {
-            match self.get_key(&key).await {
-                Ok(v)
-                    if !JobState::try_from(v.record.state)
-                        .unwrap_or_default()
-                        .is_final() =>
-                {
-                    records.push(v.record)
-                }
-                Ok(_) | Err(RepoError::NotFound(_)) | Err(RepoError::Corrupt(_)) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(records)
     }
 }

@@ -5,7 +5,8 @@
 //! on delivery `k` (from 1) the runtime asks [`Policy::decide`]:
 //!
 //! - the error is not retryable, or its kind is in `non_retryable` →
-//!   [`Decision::Fail`]: failed result, TERM, the job is FAILED at once;
+//!   [`Decision::Fail`]: DLQ copy, failed result, TERM, the job is FAILED
+//!   at once;
 //! - `k` reached `max_attempts` → [`Decision::GiveUp`]: DLQ copy, failed
 //!   result, TERM (the cap is counted here on deliveries, not by the
 //!   server, whose max-deliveries advisory nobody may hear);
@@ -38,7 +39,7 @@ pub struct Policy {
 pub enum Decision {
     /// NAK with this delay.
     Retry(Duration),
-    /// A fatal error: fail the job now.
+    /// A fatal error: dead-letter and fail the job now.
     Fail,
     /// Out of attempts: dead-letter and fail the job.
     GiveUp,

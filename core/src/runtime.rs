@@ -20,12 +20,20 @@
 //!    ├─ RetryLighter ─────────▶ as Retry; when retried, a TrainingAdjusted result first
 //!    ├─ Retry{delay} ─────────▶ the retry policy (crate::retry) decides:
 //!    │                           release the claim, NAK with its backoff delay (≥ delay,
-//!    │                           a server's Retry-After), or a fatal kind: failed result,
-//!    │                           TERM, or out of attempts: DLQ, failed result, TERM
-//!    ├─ Fail(error) ──────────▶ publish failed result, TERM
-//!    ├─ Cancelled ────────────▶ TERM (the coordinator already recorded it)
+//!    │                           a server's Retry-After), or a fatal kind: DLQ, failed
+//!    │                           result, TERM, or out of attempts: DLQ, failed result, TERM
+//!    ├─ Fail(error) ──────────▶ DLQ, publish failed result, TERM
+//!    ├─ Cancelled ────────────▶ TERM (the coordinator already recorded it; no DLQ)
 //!    └─ Interrupted ──────────▶ release claim, NAK without delay (service stopping; another replica resumes)
 //! ```
+//!
+//! Every task termed without success writes exactly one dead letter to
+//! `TY_DLQ` first (the reason and the error kind, the payload, the
+//! deliveries), whatever ended it: undecodable, out of deliveries, or a
+//! fatal error (a non-retryable kind, a config the backend rejects). A
+//! cancelled task writes none: the job ended by the client's choice. The
+//! letter's dedup id is the task message's stream sequence, so a
+//! redelivery of the same message cannot add a second one.
 //!
 //! Fencing (see [`crate::claim`]): a runtime that lost its claim (its lease
 //! ran out and another runtime took the task over) neither publishes nor
@@ -380,8 +388,14 @@ impl Shared {
             Ok(ok) => ok,
             Err(reason) => {
                 tracing::error!(stage = stage.name(), %reason, "poison task");
-                self.dead_letter(&message, header_meta.as_ref(), &reason, delivered)
-                    .await;
+                self.dead_letter(
+                    &message,
+                    header_meta.as_ref(),
+                    &reason,
+                    ErrorKind::Poison,
+                    delivered,
+                )
+                .await;
                 if let Some(meta) = &header_meta {
                     self.publish_failure(meta, None, job_error(ErrorKind::Poison, reason, false))
                         .await;
@@ -398,7 +412,7 @@ impl Shared {
         );
         if delivered > policy.max_attempts {
             let reason = format!("{} task ran out of deliveries ({delivered})", stage.name());
-            self.dead_letter(&message, Some(&meta), &reason, delivered)
+            self.dead_letter(&message, Some(&meta), &reason, ErrorKind::Poison, delivered)
                 .await;
             self.publish_failure(&meta, None, job_error(ErrorKind::Poison, reason, false))
                 .await;
@@ -479,6 +493,15 @@ impl Shared {
             tracing::warn!(job = %meta.job, attempt = %meta.attempt, "claim lost before reporting; result dropped");
             return;
         }
+        // A cancel message arrived while it ran: the job is final already,
+        // and however the handler ended (a killed trainer looks like a
+        // failure) nothing is reported and nothing dead-lettered.
+        let result = match result {
+            Err(
+                StageError::Fail(_) | StageError::Retry { .. } | StageError::RetryLighter { .. },
+            ) if cancel.is_cancelled() => Err(StageError::Cancelled),
+            other => other,
+        };
         let claim = held.claim.clone();
         match result {
             Ok(outcome) => {
@@ -523,8 +546,8 @@ impl Shared {
             }
             Err(StageError::Fail(error)) => {
                 tracing::warn!(job = %meta.job, error = %error.message, "task failed");
-                self.publish_failure(&meta, Some(&claim), error).await;
-                self.settle(&message, AckKind::Term).await;
+                self.fail_fatally(&message, &meta, &claim, delivered, error)
+                    .await;
             }
             Err(StageError::Cancelled) => self.settle(&message, AckKind::Term).await,
             Err(StageError::Interrupted) => {
@@ -555,18 +578,32 @@ impl Shared {
             Decision::Fail => {
                 tracing::warn!(job = %meta.job, error = %error.message, "task failed with a non-retryable error");
                 error.retryable = false;
-                self.publish_failure(meta, Some(&held.claim), error).await;
-                self.settle(message, AckKind::Term).await;
+                self.fail_fatally(message, meta, &held.claim, delivered, error)
+                    .await;
             }
             Decision::GiveUp => {
                 error.message = format!("gave up after {delivered} deliveries: {}", error.message);
                 error.retryable = false;
-                self.dead_letter(message, Some(meta), &error.message, delivered)
+                self.fail_fatally(message, meta, &held.claim, delivered, error)
                     .await;
-                self.publish_failure(meta, Some(&held.claim), error).await;
-                self.settle(message, AckKind::Term).await;
             }
         }
+    }
+
+    /// Ends a task that failed for good: one dead letter (the reason and
+    /// kind), then the failed result, then TERM.
+    async fn fail_fatally(
+        &self,
+        message: &jetstream::Message,
+        meta: &TaskMeta,
+        claim: &TaskClaim,
+        delivered: u32,
+        error: JobError,
+    ) {
+        self.dead_letter(message, Some(meta), &error.message, error.kind(), delivered)
+            .await;
+        self.publish_failure(meta, Some(claim), error).await;
+        self.settle(message, AckKind::Term).await;
     }
 
     /// Reports lighter training settings to the coordinator, which records
@@ -769,10 +806,12 @@ impl Shared {
         message: &jetstream::Message,
         meta: Option<&TaskMeta>,
         reason: &str,
+        kind: ErrorKind,
         delivered: u32,
     ) {
         let stage = self.config.stage;
         let letter = DeadLetter {
+            kind: kind as i32,
             stage: stage as i32,
             subject: message.subject.to_string(),
             reason: reason.to_string(),

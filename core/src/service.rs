@@ -33,17 +33,20 @@ impl ServiceArgs {
     }
 }
 
-/// Connects and ensures streams and buckets exist.
+/// Connects and makes sure streams and buckets exist, retrying (with
+/// backoff, each failure logged) until they do: the server may not be up
+/// yet, or a fresh cluster may not yet place R3 streams. `None` when
+/// `shutdown` came first.
 pub async fn connect(
     config: &Config,
     name: &str,
-) -> anyhow::Result<(async_nats::Client, Topology)> {
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<Option<(async_nats::Client, Topology)>> {
     let client = crate::nats::connect(&config.nats.url, name).await?;
     let js = async_nats::jetstream::new(client.clone());
-    let topo = topology::ensure(&js, &config.nats)
+    Ok(topology::ensure_until(&js, &config.nats, shutdown)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot set up NATS streams and buckets: {e}"))?;
-    Ok((client, topo))
+        .map(|topo| (client, topo)))
 }
 
 /// Runs a stage with the shared runtime until `shutdown`.

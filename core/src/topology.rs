@@ -18,8 +18,10 @@
 
 use crate::config::NatsConfig;
 use async_nats::jetstream::{self, consumer, kv, stream};
+use backoff::backoff::Backoff as _;
 use std::time::Duration;
-use trainyard_proto::v1::Stage;
+use tokio_util::sync::CancellationToken;
+use trainyard_proto::v1::{JobState, Stage};
 use trainyard_proto::{Attempt, JobId, TenantId};
 
 pub const TASKS_STREAM: &str = "TY_TASKS";
@@ -197,6 +199,14 @@ pub fn task_msg_id(tenant: &TenantId, job: &JobId, stage: Stage, attempt: Attemp
     format!("{tenant}.{job}.{}.{attempt}", stage.name())
 }
 
+/// The `Nats-Msg-Id` of a job's state event for `state`: a job reaches
+/// each state once, so the coordinator and the reconciler announcing the
+/// same state (a final state whose first publish went unacknowledged) store
+/// it once within the events stream's dedup window.
+pub fn state_event_msg_id(tenant: &TenantId, job: &JobId, state: JobState) -> String {
+    format!("{tenant}.{job}.state.{}", state.as_str_name())
+}
+
 /// The `Nats-Msg-Id` of a stage result for one attempt under one claim
 /// (`claim_token` empty when no claim was taken). The token is part of it:
 /// a fenced result must not hide, by dedup, the result of the claim that
@@ -282,6 +292,7 @@ pub async fn ensure(
             retention: stream::RetentionPolicy::Limits,
             max_age: Duration::from_secs(config.event_max_age_secs.max(60)),
             max_messages_per_subject: 20_000,
+            duplicate_window: dedup,
             num_replicas: replicas,
             ..Default::default()
         },
@@ -307,6 +318,59 @@ pub async fn ensure(
         workers,
         claims,
     })
+}
+
+/// The first delay between two [`ensure_until`] attempts, and the longest.
+const ENSURE_FIRST_DELAY: Duration = Duration::from_millis(250);
+const ENSURE_MAX_DELAY: Duration = Duration::from_secs(5);
+
+/// [`ensure`], tried again with exponential backoff (250 ms doubling to
+/// 5 s, ±25 %) until it succeeds or `shutdown` is cancelled (`None`). A
+/// service may start before its NATS server is up, or on a fresh cluster
+/// whose nodes have not all joined yet, where an R3 stream cannot be
+/// placed and every attempt times out; it comes up once the cluster can
+/// take the streams. Each failure is logged.
+pub async fn ensure_until(
+    js: &jetstream::Context,
+    config: &NatsConfig,
+    shutdown: &CancellationToken,
+) -> Option<Topology> {
+    let mut delays = backoff::ExponentialBackoff {
+        current_interval: ENSURE_FIRST_DELAY,
+        initial_interval: ENSURE_FIRST_DELAY,
+        randomization_factor: 0.25,
+        multiplier: 2.0,
+        max_interval: ENSURE_MAX_DELAY,
+        max_elapsed_time: None,
+        ..Default::default()
+    };
+    let mut attempt = 1u32;
+    loop {
+        let error = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            result = ensure(js, config) => match result {
+                Ok(topology) => {
+                    if attempt > 1 {
+                        tracing::info!(attempt, "NATS streams and buckets ready");
+                    }
+                    return Some(topology);
+                }
+                Err(error) => error,
+            },
+        };
+        let delay = delays.next_backoff().unwrap_or(ENSURE_MAX_DELAY);
+        tracing::warn!(
+            attempt,
+            %error,
+            retry_in_ms = delay.as_millis() as u64,
+            "cannot set up NATS streams and buckets yet; retrying"
+        );
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
 }
 
 async fn bucket(

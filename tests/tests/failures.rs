@@ -4,7 +4,9 @@
 use prost::Message;
 use std::time::Duration;
 use trainyard_core::topology::{DLQ_STREAM, subject};
-use trainyard_proto::v1::{DeadLetter, JobState, Stage};
+use trainyard_proto::v1::{
+    DeadLetter, ErrorKind, ExtraValue, JobState, Stage, extra_value, job_event,
+};
 use trainyard_tests::*;
 
 async fn run_to_end(fleet: &Fleet, dataset_uri: String) -> trainyard_proto::v1::JobRecord {
@@ -36,6 +38,63 @@ async fn a_zip_of_broken_images_fails_naming_the_files() {
         error.message
     );
     assert_eq!(error.stage(), Stage::Prepare);
+    // A fatal failure: one dead letter, with the job, reason and kind.
+    let letters = dead_letters(&fleet).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].job_id, record.job_id);
+    assert_eq!(letters[0].kind(), ErrorKind::BadDataset);
+    assert_eq!(letters[0].deliveries, 1);
+    fleet.stop().await;
+}
+
+/// Every dead letter in `TY_DLQ`, decoded.
+async fn dead_letters(fleet: &Fleet) -> Vec<DeadLetter> {
+    let js = async_nats::jetstream::new(fleet.nats_client().await);
+    trainyard_tests::chaos::checks::dead_letters(&js).await
+}
+
+/// A config the backend rejects (the worker checks it, after submission)
+/// fails the job on the first delivery with the reason, and writes exactly
+/// one dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_the_backend_rejects_fails_at_once_with_one_dead_letter() {
+    let fleet = Fleet::start().await;
+    let mut spec = spec(&fleet.sample_uri().await, 20);
+    spec.training.as_mut().unwrap().extras.insert(
+        "fault_crash_at_step".into(),
+        ExtraValue {
+            kind: Some(extra_value::Kind::Int(0)),
+        },
+    );
+    let mut client = fleet.client(TOKEN).await;
+    let job = submit(&mut client, spec).await;
+    let events = watch_all(&mut client, &job.job_id, Duration::from_secs(60)).await;
+    let record = get(&mut client, &job.job_id).await;
+    assert_eq!(record.state(), JobState::Failed);
+    let error = record.error.unwrap();
+    assert_eq!(
+        (error.stage(), error.kind()),
+        (Stage::Train, ErrorKind::InvalidSpec)
+    );
+    assert!(error.message.contains("fault steps"), "{}", error.message);
+    let finals = events
+        .iter()
+        .filter(|e| matches!(&e.kind, Some(job_event::Kind::State(s)) if s.state().is_final()))
+        .count();
+    assert_eq!(finals, 1);
+    // The DLQ copy is written before the failed result, so it is there now.
+    let letters = dead_letters(&fleet).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert_eq!(
+        (letter.job_id.as_str(), letter.stage()),
+        (job.job_id.as_str(), Stage::Train)
+    );
+    assert_eq!(
+        (letter.kind(), letter.deliveries),
+        (ErrorKind::InvalidSpec, 1)
+    );
+    assert_eq!(letter.reason, error.message);
     fleet.stop().await;
 }
 

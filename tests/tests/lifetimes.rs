@@ -9,7 +9,7 @@ use futures::StreamExt;
 use std::path::Path;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use trainyard_coordinator::{effects::Effects, job, reconcile::reconcile, repo::JobRepo};
+use trainyard_coordinator::{effects::Effects, job, reconcile::Reconciler, repo::JobRepo};
 use trainyard_core::natsd::{NatsServer, find_nats_server};
 use trainyard_core::topology::{self, TASKS_STREAM};
 use trainyard_proto::v1::{
@@ -178,10 +178,22 @@ async fn a_task_lost_inside_the_dedup_window_is_republished_as_the_next_attempt(
     let js = async_nats::jetstream::new(nats.clone());
     let topo = topology::ensure(&js, &fleet.config.nats).await.unwrap();
     let repo = JobRepo::new(topo.jobs.clone(), js.clone());
-    let effects = Effects {
-        client: nats,
+    let reconciler = Reconciler {
         js: js.clone(),
+        repo: repo.clone(),
+        effects: Effects {
+            client: nats,
+            js: js.clone(),
+            repo: repo.clone(),
+        },
+        idem: topo.idem.clone(),
+        store: trainyard_core::store::ArtifactStore::open_with(
+            &fleet.config.store.uri,
+            &fleet.config.store.s3,
+        )
+        .unwrap(),
     };
+    let effects = &reconciler.effects;
     let sample = fleet.sample_uri().await;
     let spec = trainyard_coordinator::validate::normalise(spec(&sample, 20)).unwrap();
     let tenant = TenantId::parse("acme").unwrap();
@@ -209,7 +221,7 @@ async fn a_task_lost_inside_the_dedup_window_is_republished_as_the_next_attempt(
     assert_eq!(tasks.info().await.unwrap().state.messages, 0);
 
     // The same dedup id would be dropped: the reconciler raises the attempt.
-    assert_eq!(reconcile(&js, &repo, &effects, 0).await.unwrap(), 1);
+    assert_eq!(reconciler.pass(0).await.unwrap().republished, 1);
     assert_eq!(repo.get(&tenant, &job).await.unwrap().record.attempt, 2);
     assert_eq!(tasks.info().await.unwrap().state.messages, 1);
     let stored = tasks
@@ -226,7 +238,7 @@ async fn a_task_lost_inside_the_dedup_window_is_republished_as_the_next_attempt(
         topology::task_msg_id(&tenant, &job, Stage::Prepare, Attempt(2))
     );
     // In flight now: another pass (or replica) does nothing.
-    assert_eq!(reconcile(&js, &repo, &effects, 0).await.unwrap(), 0);
+    assert_eq!(reconciler.pass(0).await.unwrap().republished, 0);
     assert_eq!(tasks.info().await.unwrap().state.messages, 1);
 
     // The stages and a coordinator finish the job, once.

@@ -170,7 +170,7 @@ async fn a_dataset_always_answering_503_fails_after_the_cap_with_one_dead_letter
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_non_retryable_kind_fails_on_the_first_delivery_without_a_dead_letter() {
+async fn a_non_retryable_kind_fails_on_the_first_delivery_with_one_dead_letter() {
     let fleet = fleet().await;
     let server = flaky(usize::MAX, &[], Vec::new()).await;
     let mut client = fleet.client(TOKEN).await;
@@ -187,7 +187,16 @@ async fn a_non_retryable_kind_fails_on_the_first_delivery_without_a_dead_letter(
     assert_eq!(server.requests.lock().unwrap().len(), 1);
     let js = async_nats::jetstream::new(fleet.nats_client().await);
     let mut dlq = js.get_stream(DLQ_STREAM).await.unwrap();
-    assert_eq!(dlq.info().await.unwrap().state.messages, 0);
+    let state = dlq.info().await.unwrap().state.clone();
+    assert_eq!(state.messages, 1);
+    let letter = dlq.get_raw_message(state.first_sequence).await.unwrap();
+    let letter = DeadLetter::decode(letter.payload).unwrap();
+    assert_eq!(
+        (letter.job_id.as_str(), letter.kind()),
+        (job.job_id.as_str(), ErrorKind::Fetch)
+    );
+    assert_eq!(letter.deliveries, 1);
+    assert!(letter.reason.contains("503"), "{}", letter.reason);
     fleet.stop().await;
 }
 

@@ -16,7 +16,11 @@ pub async fn run(
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
     let stage = deliver::DeliverStage::new(&config)?;
-    let (client, topo) = trainyard_core::service::connect(&config, "ty-uploader").await?;
+    let Some((client, topo)) =
+        trainyard_core::service::connect(&config, "ty-uploader", &shutdown).await?
+    else {
+        return Ok(()); // stopped before NATS was ready
+    };
     let mut runner = RunnerConfig::new(Stage::Deliver, &config.nats);
     runner.concurrency = config.uploader.concurrency;
     runner.retry = config.retry.clone();

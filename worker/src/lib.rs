@@ -55,7 +55,11 @@ pub async fn run(
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
     };
-    let (client, topo) = trainyard_core::service::connect(&config, "ty-worker").await?;
+    let Some((client, topo)) =
+        trainyard_core::service::connect(&config, "ty-worker", &shutdown).await?
+    else {
+        return Ok(()); // stopped before NATS was ready
+    };
     let mut runner = RunnerConfig::new(Stage::Train, &config.nats);
     runner.pool = config.worker.pool.clone();
     runner.concurrency = config.worker.concurrency;
