@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use trainyard_core::Config;
 use trainyard_core::destination::Destinations;
 use trainyard_core::runtime::{StageError, StageHandler, TaskContext};
-use trainyard_core::store::{ArtifactStore, keys};
+use trainyard_core::store::{ArtifactStore, StoreError, keys};
 use trainyard_proto::v1::{
     Artifact, DeliverOutput, DeliverTask, DeliveredFile, ErrorKind, JobSpec, stage_result::Outcome,
 };
@@ -150,6 +150,16 @@ impl DeliverStage {
                     && store.key_of(&artifact.uri).as_deref() == Some(key.as_str())
                 {
                     artifact.clone()
+                } else if let Some(found) = already_there(store, &key, artifact, work).await? {
+                    // A delivery that died before its ack left it: keep it.
+                    let note = format!(
+                        "{} already in {}, sha256 verified; not copied again",
+                        artifact.name,
+                        store.root()
+                    );
+                    tracing::info!(%job, uri = %found.uri, "{note}");
+                    ctx.note(&note).await;
+                    found
                 } else {
                     let copy = store
                         .put_file(&local, &key)
@@ -204,6 +214,7 @@ impl DeliverStage {
                 manifest_uri = stored.uri;
             }
         }
+        crate::fault::exit_after(crate::fault::DELIVER_UPLOADED);
         Ok(Outcome::Delivered(DeliverOutput {
             files: delivered,
             manifest_uri,
@@ -224,6 +235,37 @@ impl DeliverStage {
             .await
             .map_err(StageError::from)?;
         Ok(local)
+    }
+}
+
+/// The copy of `artifact` at `key`, if an earlier delivery left one whose
+/// bytes match the recorded sha256; a missing or different object is
+/// `None` (copied again, whole).
+async fn already_there(
+    store: &ArtifactStore,
+    key: &str,
+    artifact: &Artifact,
+    work: &Path,
+) -> Result<Option<Artifact>, StageError> {
+    if !store.exists(key).await.map_err(StageError::from)? {
+        return Ok(None);
+    }
+    let check = work.join("verify").join(key.replace('/', "_"));
+    let result = store.get_file(key, &check, Some(&artifact.sha256)).await;
+    let _ = tokio::fs::remove_file(&check).await;
+    match result {
+        Ok((size, sha256)) => Ok(Some(Artifact {
+            name: artifact.name.clone(),
+            uri: store.uri(key),
+            size,
+            sha256,
+        })),
+        Err(StoreError::Checksum { actual, .. }) => {
+            tracing::warn!(key, %actual, expected = %artifact.sha256, "a different object is in the way; copying again");
+            Ok(None)
+        }
+        Err(StoreError::NotFound(_)) => Ok(None),
+        Err(e) => Err(e.into()),
     }
 }
 

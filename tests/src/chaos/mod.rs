@@ -157,6 +157,21 @@ impl Chaos {
 
     /// [`Chaos::spawn`] with settings of its own (another NATS URL, say).
     pub fn spawn_with(&mut self, service: Service, tweak: impl FnOnce(&mut Config)) -> String {
+        self.spawn_full(service, tweak, &[])
+    }
+
+    /// [`Chaos::spawn`] with environment variables of its own (a fault
+    /// hook such as the uploader's `TY_FAULT_EXIT_AFTER`).
+    pub fn spawn_env(&mut self, service: Service, env: &[(&str, &str)]) -> String {
+        self.spawn_full(service, |_| {}, env)
+    }
+
+    fn spawn_full(
+        &mut self,
+        service: Service,
+        tweak: impl FnOnce(&mut Config),
+        env: &[(&str, &str)],
+    ) -> String {
         self.names += 1;
         let name = format!(
             "{}-{}",
@@ -169,7 +184,11 @@ impl Chaos {
         config.worker.work_dir = work.clone();
         config.uploader.work_dir = work;
         tweak(&mut config);
-        let proc = Proc::spawn(&self.bin_dir, self.dir.path(), service, &name, config);
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let proc = Proc::spawn(&self.bin_dir, self.dir.path(), service, &name, config, env);
         self.procs.push(proc);
         name
     }
@@ -184,6 +203,7 @@ impl Chaos {
             old.service,
             &old.name,
             old.config.clone(),
+            old.env.clone(),
         );
         self.procs[index] = proc;
     }
