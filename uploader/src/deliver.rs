@@ -298,3 +298,56 @@ impl StageHandler for DeliverStage {
         result
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_earlier_copy_is_kept_only_when_its_sha256_matches() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::open(&dir.path().join("dest").display().to_string()).unwrap();
+        let work = dir.path().join("work");
+        // The recorded artifact (its sha256 is that of these bytes).
+        let recorded = store
+            .put_bytes("recorded/lora.safetensors", "whole adapter".into())
+            .await
+            .unwrap();
+        let key = "j1/lora.safetensors";
+
+        // Nothing there yet: copy it.
+        assert!(
+            already_there(&store, key, &recorded, &work)
+                .await
+                .unwrap()
+                .is_none()
+        );
+
+        // A whole earlier copy: kept, pointing at the destination.
+        store.put_bytes(key, "whole adapter".into()).await.unwrap();
+        let found = already_there(&store, key, &recorded, &work)
+            .await
+            .unwrap()
+            .expect("kept");
+        assert_eq!(found.uri, store.uri(key));
+        assert_eq!(
+            (found.size, &found.sha256),
+            (recorded.size, &recorded.sha256)
+        );
+        assert_eq!(found.name, "lora.safetensors");
+
+        // Different bytes in the way: copied again.
+        store.put_bytes(key, "something else".into()).await.unwrap();
+        assert!(
+            already_there(&store, key, &recorded, &work)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // The read-back leaves nothing in the work dir.
+        let left: Vec<_> = std::fs::read_dir(work.join("verify"))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{left:?}");
+    }
+}
