@@ -150,7 +150,7 @@ impl Chaos {
     }
 
     /// Starts one more process of `service` and returns its name
-    /// (`worker-3`); each gets its own work dir.
+    /// (`worker-3`); each gets its own work dir and model cache.
     pub fn spawn(&mut self, service: Service) -> String {
         self.spawn_with(service, |_| {})
     }
@@ -183,6 +183,9 @@ impl Chaos {
         config.captioner.work_dir = work.clone();
         config.worker.work_dir = work.clone();
         config.uploader.work_dir = work;
+        // One worker process owns a model cache folder (its index is not
+        // shared): two workers downloading into one race on the blob.
+        config.worker.model_cache_dir = self.dir.path().join("cache").join(&name);
         tweak(&mut config);
         let env = env
             .iter()
