@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use trainyard_proto::v1::{
-    CancelRequest, JobEvent, JobSpec, JobState, Stage, WatchRequest, job_event::Kind,
+    CancelRequest, JobEvent, JobSpec, JobState, Stage, Stuck, WatchRequest, job_event::Kind,
 };
 use trainyard_tests::chaos::{Chaos, Service, checks};
 use trainyard_tests::*;
@@ -88,6 +88,34 @@ impl Events {
             .expect("events")
             .iter()
             .filter_map(pick)
+            .collect()
+    }
+
+    /// The `stuck` events, in order, with when each was stamped.
+    fn stuck(&self) -> Vec<(i64, Stuck)> {
+        self.0
+            .lock()
+            .expect("events")
+            .iter()
+            .filter_map(|e| match &e.kind {
+                Some(Kind::Stuck(s)) => Some((e.at_ms, s.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The notes (progress messages) of `stage`.
+    fn notes(&self, stage: Stage) -> Vec<String> {
+        self.0
+            .lock()
+            .expect("events")
+            .iter()
+            .filter_map(|e| match &e.kind {
+                Some(Kind::Progress(p)) if p.stage() == stage && !p.message.is_empty() => {
+                    Some(p.message.clone())
+                }
+                _ => None,
+            })
             .collect()
     }
 
@@ -195,8 +223,7 @@ async fn concurrent_jobs_all_finish_once() {
 /// Case 2: SIGKILL the captioner, then a worker, then the uploader, each
 /// while it holds the job's task; a fresh process takes the redelivered
 /// task and the job finishes once. The uploader dies right after the first
-/// delivered file appears (case 6: after an upload, before the ack), and
-/// the redelivery finds the file, checks it and carries on.
+/// delivered file appears (case 6 has it die at an exact point instead).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_stage_survives_a_sigkill_mid_task() {
     let mut chaos = Chaos::start(1, |_| {}).await;
@@ -395,8 +422,9 @@ async fn poison_tasks_are_dead_lettered_once() {
     chaos.stop().await;
 }
 
-/// Case 14: cancel while queued, training and delivering → CANCELLED,
-/// nothing delivered, no trainer left.
+/// Case 14: cancel while queued, preparing (the captioner downloading a
+/// dataset that never ends), training and delivering → CANCELLED, nothing
+/// delivered, the task termed, no download or trainer left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_in_each_stage_is_final() {
     let mut chaos = Chaos::start(1, |_| {}).await;
@@ -430,6 +458,57 @@ async fn cancel_in_each_stage_is_final() {
     cancel(queued.clone()).await;
     chaos.proc(&captioner).signal(Signal::SIGCONT);
     jobs.insert(queued, JobState::Cancelled);
+
+    // Preparing: the captioner is downloading a dataset that never ends.
+    let (url, mut download) = held_dataset().await;
+    let mut spec = quick_spec(&chaos, "file:///unused", 5);
+    spec.dataset = Some(trainyard_proto::v1::DatasetSource {
+        source: Some(trainyard_proto::v1::dataset_source::Source::ZipUrl(url)),
+    });
+    let preparing = submit(&mut client, spec).await.job_id;
+    assert_eq!(next(&mut download, JOB_TIMEOUT).await, Download::Started);
+    wait_state(&chaos, &preparing, JobState::Preparing).await;
+    cancel(preparing.clone()).await;
+    // Promptly, the captioner drops the download, terms the task and
+    // clears its work dir.
+    assert_eq!(
+        next(&mut download, Duration::from_secs(10)).await,
+        Download::HungUp
+    );
+    chaos
+        .wait_log(
+            &captioner,
+            "cancel received for a running task",
+            Duration::from_secs(10),
+        )
+        .await;
+    let work = chaos.proc(&captioner).config.captioner.work_dir.clone();
+    wait_for("the captioner's work dir cleared", JOB_TIMEOUT, || async {
+        let left = std::fs::read_dir(&work)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with(&preparing))
+            })
+            .unwrap_or(false);
+        (!left).then_some(())
+    })
+    .await;
+    wait_for("the prepare task termed", JOB_TIMEOUT, || async {
+        let js = chaos.js().await;
+        let stream = js
+            .get_stream(trainyard_core::topology::TASKS_STREAM)
+            .await
+            .ok()?;
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
+            .get_consumer(&trainyard_core::topology::consumer_name(Stage::Prepare, ""))
+            .await
+            .ok()?;
+        let info = consumer.info().await.ok()?;
+        (info.num_ack_pending == 0 && info.num_pending == 0).then_some(())
+    })
+    .await;
+    jobs.insert(preparing, JobState::Cancelled);
 
     // Training: the trainer runs.
     let training = submit(&mut client, quick_spec(&chaos, &sample, 100_000))
@@ -742,6 +821,70 @@ async fn a_frozen_worker_woken_late_commits_nothing() {
     chaos.stop().await;
 }
 
+/// What the held dataset server saw.
+#[derive(Debug, PartialEq)]
+enum Download {
+    /// A client asked for the dataset.
+    Started,
+    /// A client hung up before the body was complete.
+    HungUp,
+}
+
+/// The next thing the held dataset server saw, within `timeout`.
+async fn next(
+    download: &mut tokio::sync::mpsc::UnboundedReceiver<Download>,
+    timeout: Duration,
+) -> Download {
+    tokio::time::timeout(timeout, download.recv())
+        .await
+        .expect("the dataset server heard from the captioner in time")
+        .expect("dataset server running")
+}
+
+/// A dataset URL whose download never finishes: the server sends the
+/// headers and the first bytes of an 8 MiB body, then holds the connection
+/// until the client hangs up. Each request and each hang-up is reported.
+async fn held_dataset() -> (String, tokio::sync::mpsc::UnboundedReceiver<Download>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = tx.send(Download::Started);
+                let head = "HTTP/1.1 200 OK\r\nContent-Type: application/zip\r\n\
+                            Content-Length: 8388608\r\n\r\n";
+                if socket.write_all(head.as_bytes()).await.is_err()
+                    || socket.write_all(&[0u8; 64 * 1024]).await.is_err()
+                {
+                    let _ = tx.send(Download::HungUp);
+                    return;
+                }
+                // Nothing more is sent: wait for the client to give up.
+                while let Ok(n) = socket.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                let _ = tx.send(Download::HungUp);
+            });
+        }
+    });
+    (format!("http://{addr}/data.zip"), rx)
+}
+
 /// An HTTP server whose `/data.zip` answers 503 for the first `failures`
 /// requests, then 200 with `zip`.
 async fn flaky_dataset(failures: usize, zip: Vec<u8>) -> String {
@@ -834,5 +977,224 @@ async fn flaky_dataset_urls_retry_then_succeed_or_fail_at_the_cap() {
     let letters = checks::dead_letters(&chaos.js().await).await;
     assert_eq!(letters[0].job_id, never);
     assert_eq!(letters[0].deliveries, 3);
+    chaos.stop().await;
+}
+
+/// Metadata that changes when a file is written again: inode (the stores
+/// write a staging file and rename it) and modification time.
+fn file_identities(dir: &std::path::Path) -> BTreeMap<String, (u64, std::time::SystemTime)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| {
+                    let meta = e.metadata().ok()?;
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    Some((name, (meta.ino(), meta.modified().ok()?)))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Case 6: the uploader dies right after its uploads, before the result is
+/// published or the task acked (the uploader's `deliver.uploaded` fault
+/// hook); the redelivered task goes to another uploader, which finds every
+/// file in place, verifies its sha256 instead of copying it again, and
+/// finishes the job once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_upload_before_ack_is_verified_not_redone() {
+    use trainyard_uploader::fault;
+    let mut chaos = Chaos::start(1, |_| {}).await;
+    let plain = chaos.running(Service::Uploader).remove(0);
+    chaos.proc(&plain).kill();
+    let doomed = chaos.spawn_env(
+        Service::Uploader,
+        &[(fault::EXIT_AFTER_ENV, fault::DELIVER_UPLOADED)],
+    );
+    let sample = chaos.sample_uri().await;
+    let mut client = chaos.client().await;
+    let job = submit(&mut client, quick_spec(&chaos, &sample, 10))
+        .await
+        .job_id;
+    let events = Events::watch(&chaos, &job).await;
+
+    let status = chaos.proc(&doomed).wait_exit(JOB_TIMEOUT).await;
+    assert_eq!(
+        status.code(),
+        Some(fault::EXIT_CODE),
+        "the uploader died at the hook: {status:?}"
+    );
+    assert_eq!(
+        state_of(&chaos, &job).await,
+        JobState::Delivering,
+        "no result was published"
+    );
+    let delivered_dir = chaos.outputs_dir().join(&job);
+    let mut left = file_identities(&delivered_dir);
+    // The manifest carries the delivery time: it is written again.
+    left.remove("manifest.json");
+    assert!(
+        left.keys().any(|n| n.ends_with(".safetensors")),
+        "the dead uploader delivered the adapter: {left:?}"
+    );
+
+    let again = chaos.spawn(Service::Uploader);
+    assert_eq!(wait_final(&chaos, &job).await, JobState::Succeeded);
+    let jobs = BTreeMap::from([(job.clone(), JobState::Succeeded)]);
+    let records = checks::global(&chaos, &jobs, 0).await;
+    let record = &records[&job];
+
+    // Every file the record lists in the destination is one the dead
+    // uploader wrote, untouched, and was found and verified.
+    let mut now = file_identities(&delivered_dir);
+    now.remove("manifest.json");
+    assert_eq!(now, left, "the delivered files were not written again");
+    let notes = events.notes(Stage::Deliver);
+    let local: Vec<&str> = record
+        .delivered
+        .iter()
+        .filter(|d| {
+            d.uri
+                .starts_with(&format!("file://{}/", delivered_dir.display()))
+        })
+        .map(|d| d.uri.rsplit('/').next().expect("name"))
+        .collect();
+    assert_eq!(local.len(), left.len(), "{:?}", record.delivered);
+    for name in local {
+        assert!(
+            left.contains_key(name),
+            "{name} delivered by the dead uploader"
+        );
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.starts_with(&format!("{name} already in "))
+                    && n.ends_with("sha256 verified; not copied again")),
+            "{name}: no verified-in-place note in {notes:?}"
+        );
+    }
+    chaos
+        .wait_log(
+            &again,
+            "sha256 verified; not copied again",
+            Duration::from_secs(5),
+        )
+        .await;
+    chaos.stop().await;
+}
+
+/// Case 8: a trainer that stops making steps is killed by the worker's
+/// stuck watchdog, which emits a `stuck` event and hands the task back. A
+/// trainer that hangs once is retried from its checkpoint and succeeds; one
+/// that hangs on every attempt fails the job at the retry cap, with the
+/// reason and one dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_trainers_are_killed_then_retried_or_failed_at_the_cap() {
+    use std::os::unix::fs::PermissionsExt;
+    use trainyard_proto::v1::{ErrorKind, ExtraValue, RetryPolicy, extra_value};
+    const HANG_AT: u32 = 12;
+    const STUCK_AFTER_SECS: u64 = 4;
+    // A wrapper around the real trainer: a fresh run (nothing to resume)
+    // hangs after step 12; a resumed run trains normally.
+    let wrap = tempfile::tempdir().expect("tempdir");
+    let real = trainyard_tests::chaos::bin_dir().join("ty-reference-trainer");
+    assert!(real.is_file(), "{} not built", real.display());
+    let script = wrap.path().join("hang-when-fresh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n\
+             if [ \"$1\" = train ] && [ \"$2\" = --config ] && grep -q '\"resume_from\": null' \"$3\"; then\n\
+             \x20 sed 's/\"fault\": null/\"fault\": {{\"hang_at_step\": {HANG_AT}}}/' \"$3\" > \"$3.hang\" || exit 1\n\
+             \x20 exec '{real}' train --config \"$3.hang\"\n\
+             fi\n\
+             exec '{real}' \"$@\"\n",
+            real = real.display()
+        ),
+    )
+    .expect("write wrapper");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let chaos = Chaos::start(2, |c| {
+        c.worker.reference_trainer = Some(script.clone());
+        c.worker.stuck.stuck_after_secs = STUCK_AFTER_SECS;
+        c.worker.stuck.first_step_secs = 60;
+        c.worker.stuck.silent_secs = 0;
+    })
+    .await;
+    let sample = chaos.sample_uri().await;
+    let mut client = chaos.client().await;
+    let policy = |max_attempts| RetryPolicy {
+        stages: vec![Stage::Train as i32],
+        initial_delay_ms: 200,
+        multiplier: 1.0,
+        max_delay_ms: 1_000,
+        max_attempts,
+        jitter: Some(0.0),
+        non_retryable: Vec::new(),
+    };
+    let mut once = quick_spec(&chaos, &sample, 40);
+    once.retry = Some(policy(3));
+    let mut always = quick_spec(&chaos, &sample, 40);
+    always.retry = Some(policy(2));
+    always.training.as_mut().expect("training").extras.insert(
+        "fault_hang_at_step".into(),
+        ExtraValue {
+            kind: Some(extra_value::Kind::Int(HANG_AT.into())),
+        },
+    );
+    let once = submit(&mut client, once).await.job_id;
+    let always = submit(&mut client, always).await.job_id;
+    let (once_events, always_events) = (
+        Events::watch(&chaos, &once).await,
+        Events::watch(&chaos, &always).await,
+    );
+    let started = Instant::now();
+    assert_eq!(wait_final(&chaos, &once).await, JobState::Succeeded);
+    assert_eq!(wait_final(&chaos, &always).await, JobState::Failed);
+    eprintln!("both hung jobs final after {:?}", started.elapsed());
+    let jobs = BTreeMap::from([
+        (once.clone(), JobState::Succeeded),
+        (always.clone(), JobState::Failed),
+    ]);
+    let records = checks::global(&chaos, &jobs, 1).await;
+
+    // Hung once: one stuck event at the hanging step, then a retry that
+    // resumed past the checkpoint stored before the hang.
+    let stuck = once_events.stuck();
+    assert_eq!(stuck.len(), 1, "{stuck:?}");
+    let (stuck_ms, first) = &stuck[0];
+    assert_eq!((first.step, first.cause.as_str()), (HANG_AT, "no_step"));
+    assert!(first.seconds >= STUCK_AFTER_SECS as f64, "{first:?}");
+    assert!(once_events.checkpoints().contains(&10));
+    let resumed = once_events.steps_since(*stuck_ms);
+    assert!(
+        resumed.first().is_some_and(|s| *s > 10),
+        "the retry resumed from the checkpoint: {resumed:?}"
+    );
+    assert!(resumed.contains(&40), "{resumed:?}");
+    assert!(!records[&once].delivered.is_empty());
+
+    // Hung every time: one stuck event per attempt, FAILED with the reason
+    // at the cap, one dead letter.
+    let stuck = always_events.stuck();
+    assert_eq!(stuck.len(), 2, "{stuck:?}");
+    for (_, s) in &stuck {
+        assert_eq!((s.step, s.cause.as_str()), (HANG_AT, "no_step"), "{s:?}");
+    }
+    let error = records[&always].error.clone().expect("error");
+    assert_eq!(error.stage(), Stage::Train);
+    assert_eq!(error.kind(), ErrorKind::Trainer, "{}", error.message);
+    assert!(
+        error.message.contains("stuck") && error.message.contains("2 deliveries"),
+        "{}",
+        error.message
+    );
+    let letters = checks::dead_letters(&chaos.js().await).await;
+    assert_eq!(letters[0].job_id, always);
+    assert_eq!(letters[0].stage(), Stage::Train);
+    assert_eq!(letters[0].deliveries, 2);
+    assert!(letters[0].reason.contains("stuck"), "{}", letters[0].reason);
     chaos.stop().await;
 }

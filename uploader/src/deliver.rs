@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use trainyard_core::Config;
 use trainyard_core::destination::Destinations;
 use trainyard_core::runtime::{StageError, StageHandler, TaskContext};
-use trainyard_core::store::{ArtifactStore, keys};
+use trainyard_core::store::{ArtifactStore, StoreError, keys};
 use trainyard_proto::v1::{
     Artifact, DeliverOutput, DeliverTask, DeliveredFile, ErrorKind, JobSpec, stage_result::Outcome,
 };
@@ -150,6 +150,16 @@ impl DeliverStage {
                     && store.key_of(&artifact.uri).as_deref() == Some(key.as_str())
                 {
                     artifact.clone()
+                } else if let Some(found) = already_there(store, &key, artifact, work).await? {
+                    // A delivery that died before its ack left it: keep it.
+                    let note = format!(
+                        "{} already in {}, sha256 verified; not copied again",
+                        artifact.name,
+                        store.root()
+                    );
+                    tracing::info!(%job, uri = %found.uri, "{note}");
+                    ctx.note(&note).await;
+                    found
                 } else {
                     let copy = store
                         .put_file(&local, &key)
@@ -204,6 +214,7 @@ impl DeliverStage {
                 manifest_uri = stored.uri;
             }
         }
+        crate::fault::exit_after(crate::fault::DELIVER_UPLOADED);
         Ok(Outcome::Delivered(DeliverOutput {
             files: delivered,
             manifest_uri,
@@ -224,6 +235,37 @@ impl DeliverStage {
             .await
             .map_err(StageError::from)?;
         Ok(local)
+    }
+}
+
+/// The copy of `artifact` at `key`, if an earlier delivery left one whose
+/// bytes match the recorded sha256; a missing or different object is
+/// `None` (copied again, whole).
+async fn already_there(
+    store: &ArtifactStore,
+    key: &str,
+    artifact: &Artifact,
+    work: &Path,
+) -> Result<Option<Artifact>, StageError> {
+    if !store.exists(key).await.map_err(StageError::from)? {
+        return Ok(None);
+    }
+    let check = work.join("verify").join(key.replace('/', "_"));
+    let result = store.get_file(key, &check, Some(&artifact.sha256)).await;
+    let _ = tokio::fs::remove_file(&check).await;
+    match result {
+        Ok((size, sha256)) => Ok(Some(Artifact {
+            name: artifact.name.clone(),
+            uri: store.uri(key),
+            size,
+            sha256,
+        })),
+        Err(StoreError::Checksum { actual, .. }) => {
+            tracing::warn!(key, %actual, expected = %artifact.sha256, "a different object is in the way; copying again");
+            Ok(None)
+        }
+        Err(StoreError::NotFound(_)) => Ok(None),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -254,5 +296,58 @@ impl StageHandler for DeliverStage {
         };
         let _ = tokio::fs::remove_dir_all(&work).await;
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_earlier_copy_is_kept_only_when_its_sha256_matches() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::open(&dir.path().join("dest").display().to_string()).unwrap();
+        let work = dir.path().join("work");
+        // The recorded artifact (its sha256 is that of these bytes).
+        let recorded = store
+            .put_bytes("recorded/lora.safetensors", "whole adapter".into())
+            .await
+            .unwrap();
+        let key = "j1/lora.safetensors";
+
+        // Nothing there yet: copy it.
+        assert!(
+            already_there(&store, key, &recorded, &work)
+                .await
+                .unwrap()
+                .is_none()
+        );
+
+        // A whole earlier copy: kept, pointing at the destination.
+        store.put_bytes(key, "whole adapter".into()).await.unwrap();
+        let found = already_there(&store, key, &recorded, &work)
+            .await
+            .unwrap()
+            .expect("kept");
+        assert_eq!(found.uri, store.uri(key));
+        assert_eq!(
+            (found.size, &found.sha256),
+            (recorded.size, &recorded.sha256)
+        );
+        assert_eq!(found.name, "lora.safetensors");
+
+        // Different bytes in the way: copied again.
+        store.put_bytes(key, "something else".into()).await.unwrap();
+        assert!(
+            already_there(&store, key, &recorded, &work)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // The read-back leaves nothing in the work dir.
+        let left: Vec<_> = std::fs::read_dir(work.join("verify"))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{left:?}");
     }
 }

@@ -150,13 +150,28 @@ impl Chaos {
     }
 
     /// Starts one more process of `service` and returns its name
-    /// (`worker-3`); each gets its own work dir.
+    /// (`worker-3`); each gets its own work dir and model cache.
     pub fn spawn(&mut self, service: Service) -> String {
         self.spawn_with(service, |_| {})
     }
 
     /// [`Chaos::spawn`] with settings of its own (another NATS URL, say).
     pub fn spawn_with(&mut self, service: Service, tweak: impl FnOnce(&mut Config)) -> String {
+        self.spawn_full(service, tweak, &[])
+    }
+
+    /// [`Chaos::spawn`] with environment variables of its own (a fault
+    /// hook such as the uploader's `TY_FAULT_EXIT_AFTER`).
+    pub fn spawn_env(&mut self, service: Service, env: &[(&str, &str)]) -> String {
+        self.spawn_full(service, |_| {}, env)
+    }
+
+    fn spawn_full(
+        &mut self,
+        service: Service,
+        tweak: impl FnOnce(&mut Config),
+        env: &[(&str, &str)],
+    ) -> String {
         self.names += 1;
         let name = format!(
             "{}-{}",
@@ -168,8 +183,15 @@ impl Chaos {
         config.captioner.work_dir = work.clone();
         config.worker.work_dir = work.clone();
         config.uploader.work_dir = work;
+        // One worker process owns a model cache folder (its index is not
+        // shared): two workers downloading into one race on the blob.
+        config.worker.model_cache_dir = self.dir.path().join("cache").join(&name);
         tweak(&mut config);
-        let proc = Proc::spawn(&self.bin_dir, self.dir.path(), service, &name, config);
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let proc = Proc::spawn(&self.bin_dir, self.dir.path(), service, &name, config, env);
         self.procs.push(proc);
         name
     }
@@ -184,6 +206,7 @@ impl Chaos {
             old.service,
             &old.name,
             old.config.clone(),
+            old.env.clone(),
         );
         self.procs[index] = proc;
     }

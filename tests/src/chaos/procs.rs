@@ -65,14 +65,24 @@ pub struct Proc {
     pub service: Service,
     pub name: String,
     pub config: Config,
+    /// Extra environment variables (a fault hook's, say).
+    pub env: Vec<(String, String)>,
     pub log: PathBuf,
     child: Child,
     exit: Option<ExitStatus>,
 }
 
 impl Proc {
-    /// Writes `config` to `<dir>/<name>.toml` and starts the service with it.
-    pub fn spawn(bin_dir: &Path, dir: &Path, service: Service, name: &str, config: Config) -> Proc {
+    /// Writes `config` to `<dir>/<name>.toml` and starts the service with it
+    /// and `env` added to its environment.
+    pub fn spawn(
+        bin_dir: &Path,
+        dir: &Path,
+        service: Service,
+        name: &str,
+        config: Config,
+        env: Vec<(String, String)>,
+    ) -> Proc {
         let config_path = dir.join(format!("{name}.toml"));
         std::fs::write(&config_path, config.to_toml()).expect("write service config");
         let log = dir.join(format!("{name}.log"));
@@ -90,6 +100,7 @@ impl Proc {
             .env_remove("TY_CONFIG")
             .env("RUST_BACKTRACE", "0")
             .env("RUST_LIB_BACKTRACE", "0")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -99,6 +110,7 @@ impl Proc {
             service,
             name: name.to_owned(),
             config,
+            env,
             log,
             child,
             exit: None,
