@@ -21,7 +21,7 @@ use trainyard_backends::{
 };
 use trainyard_core::config::{StuckConfig, StuckLimits};
 use trainyard_core::models::ModelSource;
-use trainyard_core::process::{ChildGroup, CommandSpec, OutputLine};
+use trainyard_core::process::{ChildGroup, CommandSpec, Guard, OutputLine};
 use trainyard_core::runtime::{StageError, StageHandler, TaskContext};
 use trainyard_core::store::{ArtifactStore, keys, sha256_file};
 use trainyard_proto::v1::{
@@ -31,6 +31,10 @@ use trainyard_proto::v1::{
 
 const TAIL_LINES: usize = 40;
 
+/// How long a trainer whose worker died gets between SIGTERM and SIGKILL.
+/// Short: nothing is left to upload what it would save.
+pub const ORPHAN_GRACE: Duration = Duration::from_secs(5);
+
 pub struct TrainStage {
     pub store: ArtifactStore,
     pub models: Models,
@@ -38,6 +42,9 @@ pub struct TrainStage {
     pub tools: Tools,
     /// How long a trainer gets to save and exit when the worker stops.
     pub stop_grace: Duration,
+    /// The trainer guard, which ends the trainer's group if this process
+    /// dies; `None` starts trainers directly.
+    pub guard: Option<Guard>,
     pub progress_interval: Duration,
     pub checkpoint_scan: Duration,
     pub nan_loss_steps: u32,
@@ -400,21 +407,26 @@ impl Run<'_> {
         started: Instant,
     ) -> Result<Outcome, StageError> {
         let job = &self.ctx.meta.job;
-        let (mut child, mut lines) = ChildGroup::spawn(&command).map_err(|e| {
+        let spawned = match &self.stage.guard {
+            Some(guard) => ChildGroup::spawn_guarded(&command, guard).await,
+            None => ChildGroup::spawn(&command),
+        };
+        let (mut child, mut lines) = spawned.map_err(|e| {
             StageError::fail(
                 ErrorKind::Trainer,
                 format!("cannot start trainer {}: {e}", command.program.display()),
             )
         })?;
-        tracing::info!(%job, pid = child.pid(), backend = self.backend.name(), "trainer started");
+        tracing::info!(%job, pid = child.trainer_pid(), pgid = child.pid(), backend = self.backend.name(), "trainer started");
         self.ctx
             .events
             .log(
                 Stage::Train,
                 "worker",
                 &format!(
-                    "{} trainer started pid={}",
+                    "{} trainer started pid={} pgid={}",
                     self.backend.name(),
+                    child.trainer_pid(),
                     child.pid()
                 ),
             )
