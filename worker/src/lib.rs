@@ -5,6 +5,7 @@
 //! trainers it drives are `trainyard-backends`.
 
 pub mod gpu;
+pub mod logs;
 pub mod models;
 pub mod registry;
 pub mod train;

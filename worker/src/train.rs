@@ -2,14 +2,15 @@
 //! (verifying its manifest checksums), the base model's parts and the newest
 //! stored checkpoint, render the backend's run, launch it as a child process
 //! group, turn its output (and webhook posts) into progress, metric and log
-//! events, upload every new complete checkpoint, and store the final
-//! adapter.
+//! events (log lines batched off the run loop, [`crate::logs`]), upload
+//! every new complete checkpoint, and store the final adapter.
 //!
 //! Cancel kills the trainer at once. Shutdown asks the trainer to save the
 //! way its backend allows ([`StopRequest`]), uploads that state, and hands
 //! the task back; the next attempt, on any worker, continues from it.
 
 use crate::gpu::{Gpus, visible_devices};
+use crate::logs::LogBatcher;
 use crate::models::Models;
 use crate::webhook::Webhook;
 use std::collections::VecDeque;
@@ -34,6 +35,9 @@ const TAIL_LINES: usize = 40;
 /// How long a trainer whose worker died gets between SIGTERM and SIGKILL.
 /// Short: nothing is left to upload what it would save.
 pub const ORPHAN_GRACE: Duration = Duration::from_secs(5);
+
+/// How long the log lines queued at the end of a run may take to publish.
+const LOG_CLOSE: Duration = Duration::from_secs(5);
 
 pub struct TrainStage {
     pub store: ArtifactStore,
@@ -187,14 +191,19 @@ impl TrainStage {
                 command.env.push((key, value));
             }
         }
+        let logs = LogBatcher::start(ctx.events.clone(), Stage::Train);
         let run = Run {
             stage: self,
             backend: backend.as_ref(),
             ctx,
             inputs: &inputs,
             staging: work.join("staging"),
+            logs: &logs,
         };
-        run.supervise(command, webhook, started).await
+        let result = run.supervise(command, webhook, started).await;
+        // The run's log lines go out before its result.
+        logs.close(LOG_CLOSE).await;
+        result
     }
 
     /// Fetches the dataset, the model parts and the newest checkpoint into
@@ -326,6 +335,8 @@ struct Run<'a> {
     /// Checkpoint files are copied here before upload, so a trainer that
     /// prunes or rewrites them cannot tear the stored copy.
     staging: PathBuf,
+    /// Log events, published off the run loop.
+    logs: &'a LogBatcher,
 }
 
 struct Seen {
@@ -418,19 +429,12 @@ impl Run<'_> {
             )
         })?;
         tracing::info!(%job, pid = child.trainer_pid(), pgid = child.pid(), backend = self.backend.name(), "trainer started");
-        self.ctx
-            .events
-            .log(
-                Stage::Train,
-                "worker",
-                &format!(
-                    "{} trainer started pid={} pgid={}",
-                    self.backend.name(),
-                    child.trainer_pid(),
-                    child.pid()
-                ),
-            )
-            .await;
+        self.logs.note(&format!(
+            "{} trainer started pid={} pgid={}",
+            self.backend.name(),
+            child.trainer_pid(),
+            child.pid()
+        ));
         let mut seen = Seen {
             parser: self.backend.parser(self.inputs),
             tail: VecDeque::new(),
@@ -717,10 +721,7 @@ impl Run<'_> {
         seen: &mut Seen,
     ) -> Result<(), StageError> {
         if let Some(line) = raw {
-            self.ctx
-                .events
-                .log(Stage::Train, line.stream.name(), &line.line)
-                .await;
+            self.logs.line(line.stream.name(), &line.line);
         }
         for event in events {
             match event {
@@ -748,14 +749,7 @@ impl Run<'_> {
                     {
                         return Err(restarted(step, resume.step));
                     }
-                    self.ctx
-                        .events
-                        .log(
-                            Stage::Train,
-                            "worker",
-                            &format!("trainer resumed at step {step}"),
-                        )
-                        .await;
+                    self.logs.note(&format!("trainer resumed at step {step}"));
                 }
                 LineEvent::Done => {}
             }
@@ -930,14 +924,9 @@ impl Run<'_> {
             }
             Err(e) => {
                 tracing::warn!(job = %self.ctx.meta.job, step, error = %e, "checkpoint upload failed; it is tried again");
-                self.ctx
-                    .events
-                    .log(
-                        Stage::Train,
-                        "worker",
-                        &format!("checkpoint of step {step} could not be stored: {e}"),
-                    )
-                    .await;
+                self.logs.note(&format!(
+                    "checkpoint of step {step} could not be stored: {e}"
+                ));
             }
         }
     }
