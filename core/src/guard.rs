@@ -123,6 +123,7 @@ const PASSED_ON: [Signal; 7] = [
 /// The guard's whole life; returns its exit code. Must run on a Tokio
 /// runtime (a current-thread one is enough).
 pub async fn run(args: GuardArgs) -> i32 {
+    // Caught for the guard's whole life; the streams are never read.
     let mut caught = Vec::new();
     for caught_signal in PASSED_ON {
         match signal(SignalKind::from_raw(caught_signal as i32)) {
@@ -171,7 +172,6 @@ pub async fn run(args: GuardArgs) -> i32 {
             },
         }
     };
-    drop(caught);
     match status {
         Ok(status) => {
             let _ = link
