@@ -58,6 +58,8 @@ struct Fault {
     exit_zero_without_output_at_step: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     oom_at_step: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    oom_min_batch_size: Option<u64>,
 }
 
 /// Extras this backend accepts; anything else is refused by name.
@@ -66,6 +68,7 @@ pub const EXTRAS: &[(&str, ExtraType)] = &[
     ("fault_hang_at_step", ExtraType::Int),
     ("fault_exit_zero_without_output_at_step", ExtraType::Int),
     ("fault_oom_at_step", ExtraType::Int),
+    ("fault_oom_min_batch_size", ExtraType::Int),
 ];
 
 const CHECKPOINT_FILES: &[&str] = &["adapter.safetensors", "optimizer.safetensors", "state.json"];
@@ -164,6 +167,7 @@ impl TrainerBackend for Reference {
                 "fault_exit_zero_without_output_at_step" => {
                     fault.exit_zero_without_output_at_step = n
                 }
+                "fault_oom_min_batch_size" => fault.oom_min_batch_size = n,
                 _ => fault.oom_at_step = n,
             }
         }

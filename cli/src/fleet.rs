@@ -132,6 +132,12 @@ impl Fleet {
                  `cargo build -p trainyard-reference-trainer` (same target dir) or set worker.reference_trainer"
             );
         }
+        if trainyard_worker::models::find_program(trainyard_core::guard::BINARY).is_none() {
+            bail!(
+                "{} not found beside yard or on PATH; build it with `cargo build -p trainyard-worker` (same target dir)",
+                trainyard_core::guard::BINARY
+            );
+        }
 
         let nats_store = data_dir.join("nats");
         let nats = match options.nats {

@@ -255,13 +255,16 @@ impl View {
         ));
     }
 
+    /// One event may hold several lines (the worker batches them).
     fn log(&mut self, line: &LogLine) {
-        self.line(&format!(
-            "{} {}: {}",
-            stage_name(line.stage),
-            line.stream,
-            line.line
-        ));
+        for text in line.line.split('\n') {
+            self.line(&format!(
+                "{} {}: {}",
+                stage_name(line.stage),
+                line.stream,
+                text
+            ));
+        }
     }
 
     fn finish(&mut self) {

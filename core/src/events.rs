@@ -61,6 +61,8 @@ impl EventSink {
         self.emit(Kind::Progress(progress)).await;
     }
 
+    /// A log event; `line` may hold several lines joined by `\n` (the
+    /// worker batches a trainer's output).
     pub async fn log(&self, stage: v1::Stage, stream: &str, line: &str) {
         self.emit(Kind::Log(v1::LogLine {
             stage: stage as i32,

@@ -10,6 +10,7 @@ pub mod claim;
 pub mod config;
 pub mod destination;
 pub mod events;
+pub mod guard;
 pub mod hub;
 pub mod models;
 pub mod nats;

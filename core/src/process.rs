@@ -6,7 +6,13 @@
 //! cancelled or panics never leaves a trainer holding the GPU. Arguments are
 //! an argv vector, never a shell line. Output is read line by line on its own
 //! tasks, split on `\r` as well as `\n` (progress bars) with ANSI escapes removed.
+//!
+//! Dropping the handle cannot help when the whole worker is SIGKILLed:
+//! [`ChildGroup::spawn_guarded`] puts the trainer guard ([`crate::guard`])
+//! at the head of the group, which ends the group when the worker is gone.
+//! Waiting after SIGKILL is bounded ([`ChildGroup::kill`]).
 
+use crate::guard::Message;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use std::ffi::OsString;
@@ -48,11 +54,29 @@ pub struct OutputLine {
     pub line: String,
 }
 
+/// Where the trainer guard ([`crate::guard`]) is, and how long it lets an
+/// orphaned trainer save before it SIGKILLs the group.
+#[derive(Clone, Debug)]
+pub struct Guard {
+    pub program: PathBuf,
+    pub grace: Duration,
+}
+
+/// How long the guard may take to start the trainer and say so.
+const GUARD_START: Duration = Duration::from_secs(30);
+/// How long to wait for the group leader after SIGKILL, unless changed
+/// with [`ChildGroup::set_kill_wait`].
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
 /// A running child and its process group.
 pub struct ChildGroup {
     child: tokio::process::Child,
     pgid: Pid,
     exited: bool,
+    /// The guard's link, when the child is a guard; with what was read of it.
+    link: Option<(tokio::net::UnixStream, Vec<u8>)>,
+    trainer_pid: u32,
+    kill_wait: Duration,
 }
 
 impl ChildGroup {
@@ -60,11 +84,68 @@ impl ChildGroup {
     /// stderr arrive on the returned channel until both pipes close.
     pub fn spawn(spec: &CommandSpec) -> std::io::Result<(ChildGroup, mpsc::Receiver<OutputLine>)> {
         let mut command = tokio::process::Command::new(&spec.program);
+        command.args(&spec.args).stdin(Stdio::null());
+        Self::launch(command, spec)
+    }
+
+    /// Starts the command under the trainer guard: the group outlives this
+    /// process by at most the guard's grace. Statuses, signals and output
+    /// are the command's own, as with [`ChildGroup::spawn`]; a command that
+    /// cannot be started is an error here too.
+    pub async fn spawn_guarded(
+        spec: &CommandSpec,
+        guard: &Guard,
+    ) -> std::io::Result<(ChildGroup, mpsc::Receiver<OutputLine>)> {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        let args = crate::guard::GuardArgs {
+            grace: guard.grace,
+            program: spec.program.clone().into(),
+            args: spec.args.clone(),
+        };
+        let mut command = tokio::process::Command::new(&guard.program);
         command
-            .args(&spec.args)
+            .args(args.to_args())
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)));
+        // The command (and with it the guard's end of the link) is dropped
+        // inside: only the guard holds that end now.
+        let (mut group, rx) = Self::launch(command, spec).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot start {}: {e}", guard.program.display()),
+            )
+        })?;
+        ours.set_nonblocking(true)?;
+        group.link = Some((tokio::net::UnixStream::from_std(ours)?, Vec::new()));
+        let said = tokio::time::timeout(GUARD_START, group.next_message())
+            .await
+            .ok()
+            .flatten();
+        match said {
+            Some(Message::Started(pid)) => {
+                group.trainer_pid = pid;
+                Ok((group, rx))
+            }
+            Some(Message::Failed(reason)) => {
+                let _ = group.kill().await;
+                Err(std::io::Error::new(std::io::ErrorKind::NotFound, reason))
+            }
+            _ => {
+                let _ = group.kill().await;
+                Err(std::io::Error::other(format!(
+                    "{} did not start the trainer",
+                    guard.program.display()
+                )))
+            }
+        }
+    }
+
+    fn launch(
+        mut command: tokio::process::Command,
+        spec: &CommandSpec,
+    ) -> std::io::Result<(ChildGroup, mpsc::Receiver<OutputLine>)> {
+        command
             .current_dir(&spec.cwd)
             .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
@@ -86,13 +167,28 @@ impl ChildGroup {
                 child,
                 pgid: Pid::from_raw(pid as i32),
                 exited: false,
+                link: None,
+                trainer_pid: pid,
+                kill_wait: KILL_WAIT,
             },
             rx,
         ))
     }
 
+    /// The process group's id (the guard's pid, when guarded).
     pub fn pid(&self) -> u32 {
         self.pgid.as_raw() as u32
+    }
+
+    /// The command's own pid.
+    pub fn trainer_pid(&self) -> u32 {
+        self.trainer_pid
+    }
+
+    /// How long [`ChildGroup::stop`] waits for the group after SIGKILL
+    /// before it gives up on it.
+    pub fn set_kill_wait(&mut self, wait: Duration) {
+        self.kill_wait = wait;
     }
 
     /// Sends a signal to the whole group.
@@ -102,12 +198,13 @@ impl ChildGroup {
         }
     }
 
+    /// Waits for the command to exit. Unbounded: for a group not yet signalled.
     pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
         let status = self.child.wait().await?;
         self.exited = true;
         // Anything the leader left behind in its group goes with it.
         let _ = killpg(self.pgid, Signal::SIGKILL);
-        Ok(status)
+        Ok(self.command_status(status).await)
     }
 
     /// SIGTERM to the group, then SIGKILL after `grace`.
@@ -117,11 +214,65 @@ impl ChildGroup {
             Ok(status) => {
                 self.exited = true;
                 let _ = killpg(self.pgid, Signal::SIGKILL);
-                status
+                Ok(self.command_status(status?).await)
             }
+            Err(_) => self.kill().await,
+        }
+    }
+
+    /// SIGKILL to the group; waits for it at most the kill wait. A process
+    /// in uninterruptible sleep (a wedged GPU driver call) can outlast
+    /// SIGKILL: then this gives up with a `TimedOut` error rather than hang
+    /// the caller.
+    pub async fn kill(&mut self) -> std::io::Result<ExitStatus> {
+        if !self.exited {
+            let _ = killpg(self.pgid, Signal::SIGKILL);
+        }
+        match tokio::time::timeout(self.kill_wait, self.wait()).await {
+            Ok(status) => status,
             Err(_) => {
-                let _ = killpg(self.pgid, Signal::SIGKILL);
-                self.wait().await
+                let message = format!(
+                    "process group {} did not exit within {:?} of SIGKILL (uninterruptible sleep?); giving up on it",
+                    self.pgid, self.kill_wait
+                );
+                tracing::error!(pgid = self.pgid.as_raw(), "{message}");
+                Err(std::io::Error::new(std::io::ErrorKind::TimedOut, message))
+            }
+        }
+    }
+
+    /// The command's status: the guard's report of it, or (not guarded, or
+    /// a guard killed with its group) the leader's own.
+    async fn command_status(&mut self, leader: ExitStatus) -> ExitStatus {
+        if self.link.is_none() {
+            return leader;
+        }
+        // The guard wrote before it exited, and nothing else holds its end:
+        // this ends at once; the bound is only a guard against surprises.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        while let Ok(Some(message)) = tokio::time::timeout_at(deadline, self.next_message()).await {
+            if let Message::Exit(status) = message {
+                return status;
+            }
+        }
+        leader
+    }
+
+    /// The next message on the guard's link; `None` at EOF or on an error.
+    async fn next_message(&mut self) -> Option<Message> {
+        let (link, buf) = self.link.as_mut()?;
+        loop {
+            if let Some(end) = buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=end).collect();
+                match Message::parse(String::from_utf8_lossy(&line).trim_end()) {
+                    Some(message) => return Some(message),
+                    None => continue,
+                }
+            }
+            let mut chunk = [0u8; 256];
+            match link.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
             }
         }
     }
@@ -248,5 +399,38 @@ mod tests {
         }
         let alive = !gone(grandchild);
         assert!(!alive, "grandchild {grandchild} survived the group kill");
+    }
+
+    #[tokio::test]
+    async fn waiting_after_sigkill_is_bounded() {
+        // The leader moves itself out of its group (into this test's), so
+        // the group SIGKILL misses it, as it would miss nothing but a
+        // process in uninterruptible sleep: the wait must end anyway.
+        let (mut child, mut rx) = ChildGroup::spawn(&CommandSpec {
+            program: "/usr/bin/perl".into(),
+            args: vec![
+                "-e".into(),
+                "setpgrp(0, getpgrp(getppid())) or die; $| = 1; print \"moved\\n\"; sleep 300"
+                    .into(),
+            ],
+            cwd: std::env::temp_dir(),
+            env: vec![],
+        })
+        .unwrap();
+        assert_eq!(rx.recv().await.unwrap().line, "moved");
+        child.set_kill_wait(Duration::from_millis(300));
+        let started = std::time::Instant::now();
+        let error = child.stop(Duration::from_millis(100)).await.unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut, "{error}");
+        assert!(error.to_string().contains("SIGKILL"), "{error}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // Clean up the survivor by its pid.
+        let pid = Pid::from_raw(child.trainer_pid() as i32);
+        nix::sys::signal::kill(pid, Signal::SIGKILL).unwrap();
+        let status = child.kill().await.unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9)
+        );
     }
 }

@@ -1,7 +1,8 @@
 //! The retry policy end to end: transient failures are naked with the
 //! policy's backoff (a server's Retry-After as a lower bound), a task out of
 //! attempts is dead-lettered once and its job FAILED, and an out-of-memory
-//! training is retried with a lighter setting recorded in the job record.
+//! training is retried with a lighter setting recorded in the job record
+//! (resuming the checkpoint stored before the OOM).
 //! Only lower bounds of timing are asserted.
 
 use axum::http::{HeaderValue, StatusCode, header};
@@ -252,5 +253,78 @@ async fn an_oom_is_retried_with_a_smaller_batch_recorded_in_the_record() {
         4,
         "the spec stays as submitted"
     );
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oom_after_a_checkpoint_resumes_it_with_the_smaller_batch_and_succeeds() {
+    let fleet = Fleet::start().await;
+    let mut client = fleet.client(TOKEN).await;
+    let mut spec = spec(&fleet.sample_uri().await, 20);
+    let training = spec.training.as_mut().unwrap();
+    training.batch_size = 4;
+    training.save_every = 5;
+    // Out of memory at step 8, only at batch size 4 and up: the checkpoint
+    // of step 5 is stored by then, and the lighter retry gets past step 8.
+    for (key, value) in [("fault_oom_at_step", 8), ("fault_oom_min_batch_size", 4)] {
+        training.extras.insert(
+            key.into(),
+            ExtraValue {
+                kind: Some(Kind::Int(value)),
+            },
+        );
+    }
+    spec.retry = Some(RetryPolicy {
+        stages: vec![Stage::Train as i32],
+        initial_delay_ms: 500,
+        multiplier: 1.0,
+        max_attempts: 3,
+        jitter: Some(0.0),
+        ..Default::default()
+    });
+    let job = submit(&mut client, spec).await;
+    let events = watch_all(&mut client, &job.job_id, Duration::from_secs(120)).await;
+    let record = get(&mut client, &job.job_id).await;
+    let logs: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(trainyard_proto::v1::job_event::Kind::Log(l)) => Some(l.line.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        record.state(),
+        JobState::Succeeded,
+        "{:?}; logs: {logs:#?}",
+        record.error
+    );
+    assert_eq!(record.adjustments, ["oom: batch_size 4 → 2"]);
+    assert_eq!(record.effective_training.as_ref().unwrap().batch_size, 2);
+    assert!(
+        logs.contains(&"trainer resumed at step 5"),
+        "the retry resumed the stored checkpoint: {logs:#?}"
+    );
+    // The second attempt's first step is 6, not 1.
+    let steps: Vec<u32> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(trainyard_proto::v1::job_event::Kind::Progress(p))
+                if p.stage() == Stage::Train && p.step > 0 =>
+            {
+                Some(p.step)
+            }
+            _ => None,
+        })
+        .collect();
+    let restart = steps
+        .windows(2)
+        .find(|w| w[1] < w[0])
+        .map(|w| w[1])
+        .expect("a second attempt reported progress");
+    assert!(
+        restart > 5,
+        "the retry started over at step {restart}: {steps:?}"
+    );
+    assert_eq!(steps.last(), Some(&20));
     fleet.stop().await;
 }

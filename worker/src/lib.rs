@@ -5,6 +5,7 @@
 //! trainers it drives are `trainyard-backends`.
 
 pub mod gpu;
+pub mod logs;
 pub mod models;
 pub mod registry;
 pub mod train;
@@ -24,6 +25,12 @@ pub async fn run(
     let trainer_bin = models::find_trainer(config.worker.reference_trainer.as_deref()).ok_or_else(|| {
         anyhow::anyhow!("ty-reference-trainer not found beside this program or on PATH; set worker.reference_trainer")
     })?;
+    let guard = models::find_program(trainyard_core::guard::BINARY).ok_or_else(|| {
+        anyhow::anyhow!(
+            "{} not found beside this program or on PATH; it is built and shipped with ty-worker",
+            trainyard_core::guard::BINARY
+        )
+    })?;
     let store = ArtifactStore::open_with(&config.store.uri, &config.store.s3)?;
     std::fs::create_dir_all(&config.worker.work_dir)?;
     std::fs::create_dir_all(&config.worker.model_cache_dir)?;
@@ -39,6 +46,10 @@ pub async fn run(
         work_root: std::fs::canonicalize(&config.worker.work_dir)?,
         tools: tools(&config.worker.trainers, trainer_bin),
         stop_grace: Duration::from_secs(config.worker.stop_grace_secs),
+        guard: Some(trainyard_core::process::Guard {
+            program: guard,
+            grace: train::ORPHAN_GRACE,
+        }),
         progress_interval: Duration::from_millis(config.worker.progress_interval_ms),
         checkpoint_scan: Duration::from_millis(config.worker.checkpoint_scan_ms.max(50)),
         nan_loss_steps: config.worker.nan_loss_steps,

@@ -2,14 +2,15 @@
 //! (verifying its manifest checksums), the base model's parts and the newest
 //! stored checkpoint, render the backend's run, launch it as a child process
 //! group, turn its output (and webhook posts) into progress, metric and log
-//! events, upload every new complete checkpoint, and store the final
-//! adapter.
+//! events (log lines batched off the run loop, [`crate::logs`]), upload
+//! every new complete checkpoint, and store the final adapter.
 //!
 //! Cancel kills the trainer at once. Shutdown asks the trainer to save the
 //! way its backend allows ([`StopRequest`]), uploads that state, and hands
 //! the task back; the next attempt, on any worker, continues from it.
 
 use crate::gpu::{Gpus, visible_devices};
+use crate::logs::LogBatcher;
 use crate::models::Models;
 use crate::webhook::Webhook;
 use std::collections::VecDeque;
@@ -21,7 +22,7 @@ use trainyard_backends::{
 };
 use trainyard_core::config::{StuckConfig, StuckLimits};
 use trainyard_core::models::ModelSource;
-use trainyard_core::process::{ChildGroup, CommandSpec, OutputLine};
+use trainyard_core::process::{ChildGroup, CommandSpec, Guard, OutputLine};
 use trainyard_core::runtime::{StageError, StageHandler, TaskContext};
 use trainyard_core::store::{ArtifactStore, keys, sha256_file};
 use trainyard_proto::v1::{
@@ -31,6 +32,13 @@ use trainyard_proto::v1::{
 
 const TAIL_LINES: usize = 40;
 
+/// How long a trainer whose worker died gets between SIGTERM and SIGKILL.
+/// Short: nothing is left to upload what it would save.
+pub const ORPHAN_GRACE: Duration = Duration::from_secs(5);
+
+/// How long the log lines queued at the end of a run may take to publish.
+const LOG_CLOSE: Duration = Duration::from_secs(5);
+
 pub struct TrainStage {
     pub store: ArtifactStore,
     pub models: Models,
@@ -38,6 +46,9 @@ pub struct TrainStage {
     pub tools: Tools,
     /// How long a trainer gets to save and exit when the worker stops.
     pub stop_grace: Duration,
+    /// The trainer guard, which ends the trainer's group if this process
+    /// dies; `None` starts trainers directly.
+    pub guard: Option<Guard>,
     pub progress_interval: Duration,
     pub checkpoint_scan: Duration,
     pub nan_loss_steps: u32,
@@ -180,14 +191,19 @@ impl TrainStage {
                 command.env.push((key, value));
             }
         }
+        let logs = LogBatcher::start(ctx.events.clone(), Stage::Train);
         let run = Run {
             stage: self,
             backend: backend.as_ref(),
             ctx,
             inputs: &inputs,
             staging: work.join("staging"),
+            logs: &logs,
         };
-        run.supervise(command, webhook, started).await
+        let result = run.supervise(command, webhook, started).await;
+        // The run's log lines go out before its result.
+        logs.close(LOG_CLOSE).await;
+        result
     }
 
     /// Fetches the dataset, the model parts and the newest checkpoint into
@@ -319,6 +335,8 @@ struct Run<'a> {
     /// Checkpoint files are copied here before upload, so a trainer that
     /// prunes or rewrites them cannot tear the stored copy.
     staging: PathBuf,
+    /// Log events, published off the run loop.
+    logs: &'a LogBatcher,
 }
 
 struct Seen {
@@ -400,25 +418,23 @@ impl Run<'_> {
         started: Instant,
     ) -> Result<Outcome, StageError> {
         let job = &self.ctx.meta.job;
-        let (mut child, mut lines) = ChildGroup::spawn(&command).map_err(|e| {
+        let spawned = match &self.stage.guard {
+            Some(guard) => ChildGroup::spawn_guarded(&command, guard).await,
+            None => ChildGroup::spawn(&command),
+        };
+        let (mut child, mut lines) = spawned.map_err(|e| {
             StageError::fail(
                 ErrorKind::Trainer,
                 format!("cannot start trainer {}: {e}", command.program.display()),
             )
         })?;
-        tracing::info!(%job, pid = child.pid(), backend = self.backend.name(), "trainer started");
-        self.ctx
-            .events
-            .log(
-                Stage::Train,
-                "worker",
-                &format!(
-                    "{} trainer started pid={}",
-                    self.backend.name(),
-                    child.pid()
-                ),
-            )
-            .await;
+        tracing::info!(%job, pid = child.trainer_pid(), pgid = child.pid(), backend = self.backend.name(), "trainer started");
+        self.logs.note(&format!(
+            "{} trainer started pid={} pgid={}",
+            self.backend.name(),
+            child.trainer_pid(),
+            child.pid()
+        ));
         let mut seen = Seen {
             parser: self.backend.parser(self.inputs),
             tail: VecDeque::new(),
@@ -705,10 +721,7 @@ impl Run<'_> {
         seen: &mut Seen,
     ) -> Result<(), StageError> {
         if let Some(line) = raw {
-            self.ctx
-                .events
-                .log(Stage::Train, line.stream.name(), &line.line)
-                .await;
+            self.logs.line(line.stream.name(), &line.line);
         }
         for event in events {
             match event {
@@ -736,14 +749,7 @@ impl Run<'_> {
                     {
                         return Err(restarted(step, resume.step));
                     }
-                    self.ctx
-                        .events
-                        .log(
-                            Stage::Train,
-                            "worker",
-                            &format!("trainer resumed at step {step}"),
-                        )
-                        .await;
+                    self.logs.note(&format!("trainer resumed at step {step}"));
                 }
                 LineEvent::Done => {}
             }
@@ -918,14 +924,9 @@ impl Run<'_> {
             }
             Err(e) => {
                 tracing::warn!(job = %self.ctx.meta.job, step, error = %e, "checkpoint upload failed; it is tried again");
-                self.ctx
-                    .events
-                    .log(
-                        Stage::Train,
-                        "worker",
-                        &format!("checkpoint of step {step} could not be stored: {e}"),
-                    )
-                    .await;
+                self.logs.note(&format!(
+                    "checkpoint of step {step} could not be stored: {e}"
+                ));
             }
         }
     }

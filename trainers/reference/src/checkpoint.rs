@@ -45,6 +45,11 @@ pub struct State {
     pub adam_step: u64,
     /// Loss of every step so far (index 0 = step 1), for the final summary.
     pub loss_history: Vec<f32>,
+    /// Position in the data stream after `step`: where a resumed run takes
+    /// its next sample, whatever its batch size. Absent in checkpoints
+    /// written before it was recorded (then `step × batch_size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub samples_seen: Option<u64>,
 }
 
 /// A checkpoint read back from disk.

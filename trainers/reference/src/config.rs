@@ -75,6 +75,10 @@ pub struct Fault {
     /// Print a PyTorch-style CUDA OOM message on stderr and exit 1.
     #[serde(default)]
     pub oom_at_step: Option<u64>,
+    /// Limits `oom_at_step` to runs whose `batch_size` is at least this, as
+    /// memory would: a lighter retry then gets past the step.
+    #[serde(default)]
+    pub oom_min_batch_size: Option<usize>,
 }
 
 /// What a [`Fault`] asks for at a given step.
@@ -91,23 +95,28 @@ pub enum FaultAction {
 }
 
 impl Fault {
-    /// The fault to trigger right after `step`, if any.
-    pub fn at(&self, step: u64) -> Option<FaultAction> {
+    /// The fault to trigger right after `step` of a run with `batch_size`, if any.
+    pub fn at(&self, step: u64, batch_size: usize) -> Option<FaultAction> {
+        let oom_at = self
+            .oom_at_step
+            .filter(|_| self.oom_min_batch_size.is_none_or(|min| batch_size >= min));
         [
             (self.crash_at_step, FaultAction::Crash),
             (self.hang_at_step, FaultAction::Hang),
             (self.exit_zero_without_output_at_step, FaultAction::ExitZero),
-            (self.oom_at_step, FaultAction::Oom),
+            (oom_at, FaultAction::Oom),
         ]
         .into_iter()
         .find_map(|(s, a)| (s == Some(step)).then_some(a))
     }
 }
 
-/// The fields that determine the numbers a run produces; a checkpoint may
-/// only be resumed by a config with the same hash. `steps`, `save_every`,
-/// paths, names and the fault hook are deliberately excluded so a run can be
-/// extended or moved; the base model and dataset are checked by content
+/// The fields that determine what a checkpoint means; a checkpoint may only
+/// be resumed by a config with the same hash. `steps`, `save_every`, paths,
+/// names and the fault hook are deliberately excluded so a run can be
+/// extended or moved, and `batch_size` so a run can continue lighter after
+/// running out of memory (as real trainers can; the data order continues
+/// where it stopped); the base model and dataset are checked by content
 /// (sha256 / fingerprint) instead of by path.
 #[derive(Serialize)]
 struct Hashed {
@@ -115,7 +124,8 @@ struct Hashed {
     rank: usize,
     alpha: f64,
     resolution: usize,
-    batch_size: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    batch_size: Option<usize>,
     repeats: usize,
     seed: u64,
 }
@@ -194,14 +204,24 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// Hex sha256 of the result-determining fields (see [`Hashed`]).
+    /// Hex sha256 of the fields a resume must keep (see [`Hashed`]).
     pub fn hash(&self) -> String {
+        self.hash_of(None)
+    }
+
+    /// The hash checkpoints were written with before `batch_size` was
+    /// left out of it; they still resume with the batch size they had.
+    pub fn hash_with_batch_size(&self) -> String {
+        self.hash_of(Some(self.batch_size))
+    }
+
+    fn hash_of(&self, batch_size: Option<usize>) -> String {
         let h = Hashed {
             learning_rate: self.learning_rate,
             rank: self.rank,
             alpha: self.alpha,
             resolution: self.resolution,
-            batch_size: self.batch_size,
+            batch_size,
             repeats: self.repeats,
             seed: self.seed,
         };
@@ -241,6 +261,9 @@ mod tests {
         let mut b = a.clone();
         b.steps = 500;
         assert_eq!(a.hash(), b.hash());
+        b.batch_size = 1;
+        assert_eq!(a.hash(), b.hash(), "a lighter batch may resume");
+        assert_ne!(a.hash_with_batch_size(), b.hash_with_batch_size());
         b.seed = 1;
         assert_ne!(a.hash(), b.hash());
     }
@@ -252,8 +275,14 @@ mod tests {
             oom_at_step: Some(5),
             ..Fault::default()
         };
-        assert_eq!(f.at(3), Some(FaultAction::Crash));
-        assert_eq!(f.at(5), Some(FaultAction::Oom));
-        assert_eq!(f.at(4), None);
+        assert_eq!(f.at(3, 1), Some(FaultAction::Crash));
+        assert_eq!(f.at(5, 1), Some(FaultAction::Oom));
+        assert_eq!(f.at(4, 1), None);
+        let heavy_only = Fault {
+            oom_min_batch_size: Some(4),
+            ..f
+        };
+        assert_eq!(heavy_only.at(5, 4), Some(FaultAction::Oom));
+        assert_eq!(heavy_only.at(5, 2), None);
     }
 }

@@ -78,6 +78,11 @@ struct Run {
     schedule: Schedule,
     history: Vec<f32>,
     device: Device,
+    /// Steps done before this process started (the resumed step), and the
+    /// data-stream position after them: a resume with another batch size
+    /// continues the stream where it stopped.
+    resumed_step: u64,
+    resumed_samples: u64,
 }
 
 /// Runs the job described by the config file at `config_path`.
@@ -96,7 +101,12 @@ pub fn run(config_path: &Path) -> Result<Outcome> {
             run.cfg.learning_rate,
             run.cfg.batch_size as f64 / secs
         ));
-        if let Some(action) = run.cfg.fault.as_ref().and_then(|f| f.at(step)) {
+        if let Some(action) = run
+            .cfg
+            .fault
+            .as_ref()
+            .and_then(|f| f.at(step, run.cfg.batch_size))
+        {
             fire(action, step);
         }
         if run.cfg.save_every > 0 && step % run.cfg.save_every == 0 {
@@ -165,6 +175,8 @@ impl Run {
             history: Vec::new(),
             device,
             cfg,
+            resumed_step: 0,
+            resumed_samples: 0,
         };
         if let Some(dir) = run.cfg.resume_from.clone() {
             run.resume(&dir)?;
@@ -181,9 +193,9 @@ impl Run {
                 dir.display()
             ))
         };
-        if s.config_hash != self.cfg.hash() {
+        if s.config_hash != self.cfg.hash() && s.config_hash != self.cfg.hash_with_batch_size() {
             return Err(mismatch(
-                "config (learning_rate/rank/alpha/resolution/batch_size/repeats/seed)",
+                "config (learning_rate/rank/alpha/resolution/repeats/seed)",
             ));
         }
         if s.base_model_sha256 != self.base_sha256 {
@@ -208,17 +220,31 @@ impl Run {
                 dir.display()
             )));
         }
+        // Older checkpoints have no position: they were written by a run
+        // with this batch size (their hash includes it).
+        self.resumed_samples = s
+            .samples_seen
+            .unwrap_or(s.step * self.cfg.batch_size as u64);
+        self.resumed_step = s.step;
         self.history = ck.state.loss_history;
         emit(&format!("ty-resumed step={}", self.history.len()));
         Ok(())
+    }
+
+    /// The data-stream position of the first sample of (1-based) `step`;
+    /// for a step before this process's first, where that first starts.
+    fn position(&self, step: u64) -> u64 {
+        let b = self.cfg.batch_size as u64;
+        self.resumed_samples + step.saturating_sub(self.resumed_step + 1) * b
     }
 
     /// One optimizer step (1-based `step`); returns its loss and epoch.
     fn step(&mut self, step: u64) -> Result<(f32, u64)> {
         let k = step - 1;
         let b = self.cfg.batch_size as u64;
+        let start = self.position(step);
         let mut r = rng::stream(Purpose::Step, self.cfg.seed, k);
-        let indices: Vec<usize> = (0..b).map(|i| self.order.image_at(k * b + i)).collect();
+        let indices: Vec<usize> = (0..b).map(|i| self.order.image_at(start + i)).collect();
         let x0: Vec<&[f32]> = indices
             .iter()
             .map(|&i| self.dataset.samples[i].patches.as_slice())
@@ -234,17 +260,16 @@ impl Run {
         }
         self.opt.step(&loss.backward()?, self.cfg.learning_rate)?;
         self.history.push(value);
-        Ok((value, self.order.epoch_of(k * b)))
+        Ok((value, self.order.epoch_of(start)))
     }
 
     fn adapter_bytes(&self) -> Result<Vec<u8>> {
         let step = self.history.len() as u64;
-        let b = self.cfg.batch_size as u64;
         let metadata = meta::adapter_metadata(&Inputs {
             cfg: &self.cfg,
             dataset: &self.dataset,
             step,
-            epoch: self.order.epoch_of(step.saturating_sub(1) * b),
+            epoch: self.order.epoch_of(self.position(step)),
             history: &self.history,
             base_sha256: &self.base_sha256,
         });
@@ -264,6 +289,7 @@ impl Run {
             dataset_fingerprint: self.dataset.fingerprint.clone(),
             adam_step: self.opt.step_count(),
             loss_history: self.history.clone(),
+            samples_seen: Some(self.position(step + 1)),
         };
         let optimizer = stfile::to_bytes(&opt_map, &opt_meta)?;
         let dir = checkpoint::save(&self.output_dir, &self.adapter_bytes()?, &optimizer, &state)?;

@@ -249,3 +249,38 @@ fn sigterm_checkpoints_exits_143_and_resumes_exactly() {
         "resume after SIGTERM changed the result"
     );
 }
+
+#[test]
+fn an_oom_run_resumes_with_a_smaller_batch_where_the_data_stopped() {
+    let fx = Fixture::new(3, 16);
+    // Out of memory at step 7, but only at batch size 4 and up.
+    let fault = json!({"oom_at_step": 7, "oom_min_batch_size": 4});
+    let heavy = json!({"steps": 12, "save_every": 5, "batch_size": 4, "fault": fault});
+    let out = train(&fx.config("oom", heavy)).finish();
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("CUDA out of memory"), "{}", out.stderr);
+    let checkpoint = fx.out_dir("oom").join("checkpoints/step-00000005");
+    let state = |dir: &std::path::Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join("state.json")).unwrap()).unwrap()
+    };
+    assert_eq!(state(&checkpoint)["samples_seen"], 20);
+
+    let lighter = json!({
+        "steps": 12, "save_every": 5, "batch_size": 2, "fault": fault, "resume_from": checkpoint
+    });
+    let resumed = train(&fx.config("oom", lighter)).finish();
+    assert_eq!(resumed.status.code(), Some(0), "{}", resumed.stderr);
+    assert_eq!(resumed.lines[0], "ty-resumed step=5");
+    assert_eq!(fields(resumed.line("ty-progress").unwrap())["step"], "6");
+    assert_eq!(resumed.count("ty-progress"), 7);
+    // Five steps of two samples after the twenty already seen.
+    let later = fx.out_dir("oom").join("checkpoints/step-00000010");
+    assert_eq!(state(&later)["samples_seen"], 30);
+    assert!(fx.out_dir("oom").join("lora.safetensors").is_file());
+
+    // What a checkpoint means still may not change.
+    let other_seed = json!({"steps": 12, "batch_size": 2, "seed": 7, "resume_from": checkpoint});
+    let refused = train(&fx.config("oom", other_seed)).finish();
+    assert_eq!(refused.status.code(), Some(2), "{}", refused.stderr);
+    assert!(refused.stderr.contains("differs"), "{}", refused.stderr);
+}

@@ -366,15 +366,20 @@ fn accept_parts<'a>(
 /// Finds `ty-reference-trainer`: the configured path, beside this
 /// executable (or one folder up, for test binaries in `target/*/deps`), or on PATH.
 pub fn find_trainer(configured: Option<&Path>) -> Option<PathBuf> {
-    const NAME: &str = "ty-reference-trainer";
-    if let Some(path) = configured {
-        return Some(path.to_owned());
+    match configured {
+        Some(path) => Some(path.to_owned()),
+        None => find_program("ty-reference-trainer"),
     }
+}
+
+/// Finds a program shipped with the worker: beside this executable (or one
+/// folder up, for test binaries in `target/*/deps`), or on PATH.
+pub fn find_program(name: &str) -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let mut dir = exe.parent();
     for _ in 0..2 {
         let Some(d) = dir else { break };
-        let candidate = d.join(NAME);
+        let candidate = d.join(name);
         if candidate.is_file() {
             return Some(candidate);
         }
@@ -382,7 +387,7 @@ pub fn find_trainer(configured: Option<&Path>) -> Option<PathBuf> {
     }
     std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
-            .map(|p| p.join(NAME))
+            .map(|p| p.join(name))
             .find(|p| p.is_file())
     })
 }

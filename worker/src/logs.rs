@@ -1,0 +1,194 @@
+//! Trainer output as log events, off the path that reads the trainer's
+//! pipes: lines are queued without waiting (a bounded queue; what does not
+//! fit is counted and reported as dropped) and a task of their own publishes
+//! them, consecutive lines of one stream joined by `\n` into one event, at
+//! most [`FLUSH_EVERY`] after the first of them or sooner when
+//! [`MAX_LINES`] lines or [`MAX_BYTES`] bytes are waiting. A slow or absent
+//! NATS then costs log lines, never trainer progress.
+//!
+//! The worker's own notes (`stream` "worker") go through the same queue, so
+//! they keep their place among the trainer's lines, and are always an
+//! event of their own.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use trainyard_core::events::EventSink;
+use trainyard_proto::v1::Stage;
+
+/// How long a line may wait for the lines that follow it.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(250);
+/// Lines per event, at most.
+pub const MAX_LINES: usize = 200;
+/// Bytes of text per event, about at most (well below NATS's payload limit).
+pub const MAX_BYTES: usize = 256 * 1024;
+/// Lines waiting to be published, at most; the last [`RESERVED`] places
+/// are kept for the worker's notes.
+const QUEUE: usize = 4096;
+const RESERVED: usize = 64;
+
+enum Entry {
+    Trainer { stream: &'static str, line: String },
+    Note(String),
+}
+
+/// The publishing task of one trainer run, and its queue.
+pub struct LogBatcher {
+    tx: mpsc::Sender<Entry>,
+    dropped: Arc<AtomicU64>,
+    task: JoinHandle<()>,
+}
+
+impl LogBatcher {
+    pub fn start(events: EventSink, stage: Stage) -> LogBatcher {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn(publish(events, stage, rx, dropped.clone()));
+        LogBatcher { tx, dropped, task }
+    }
+
+    /// Queues a line of the trainer's; never waits.
+    pub fn line(&self, stream: &'static str, line: &str) {
+        if self.tx.capacity() <= RESERVED {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let entry = Entry::Trainer {
+            stream,
+            line: line.to_string(),
+        };
+        if self.tx.try_send(entry).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Queues a note of the worker's, published as an event of its own; never waits.
+    pub fn note(&self, line: &str) {
+        if self.tx.try_send(Entry::Note(line.to_string())).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Publishes what is queued, for at most `timeout`; what is left then
+    /// is dropped (NATS is away: the run's result must not wait for it).
+    pub async fn close(self, timeout: Duration) {
+        let LogBatcher { tx, task, .. } = self;
+        drop(tx);
+        let abort = task.abort_handle();
+        if tokio::time::timeout(timeout, task).await.is_err() {
+            abort.abort();
+            tracing::warn!("trainer log lines not published in time were dropped");
+        }
+    }
+}
+
+/// Lines waiting to be published.
+#[derive(Default)]
+struct Pending {
+    lines: Vec<(&'static str, String)>,
+    bytes: usize,
+}
+
+impl Pending {
+    fn full(&self) -> bool {
+        self.lines.len() >= MAX_LINES || self.bytes >= MAX_BYTES
+    }
+
+    /// Consecutive lines of one stream, joined.
+    fn take_runs(&mut self) -> Vec<(&'static str, String)> {
+        self.bytes = 0;
+        let mut runs: Vec<(&'static str, String)> = Vec::new();
+        for (stream, line) in self.lines.drain(..) {
+            match runs.last_mut() {
+                Some((last, text)) if *last == stream => {
+                    text.push('\n');
+                    text.push_str(&line);
+                }
+                _ => runs.push((stream, line)),
+            }
+        }
+        runs
+    }
+}
+
+async fn publish(
+    events: EventSink,
+    stage: Stage,
+    mut rx: mpsc::Receiver<Entry>,
+    dropped: Arc<AtomicU64>,
+) {
+    let mut pending = Pending::default();
+    let mut flush_at = tokio::time::Instant::now();
+    loop {
+        let entry = tokio::select! {
+            entry = rx.recv() => entry,
+            _ = tokio::time::sleep_until(flush_at), if !pending.lines.is_empty() => {
+                flush(&events, stage, &mut pending, &dropped).await;
+                continue;
+            }
+        };
+        match entry {
+            Some(Entry::Trainer { stream, line }) => {
+                if pending.lines.is_empty() {
+                    flush_at = tokio::time::Instant::now() + FLUSH_EVERY;
+                }
+                pending.bytes += line.len();
+                pending.lines.push((stream, line));
+                if pending.full() {
+                    flush(&events, stage, &mut pending, &dropped).await;
+                }
+            }
+            Some(Entry::Note(line)) => {
+                flush(&events, stage, &mut pending, &dropped).await;
+                events.log(stage, "worker", &line).await;
+            }
+            None => {
+                flush(&events, stage, &mut pending, &dropped).await;
+                return;
+            }
+        }
+    }
+}
+
+async fn flush(events: &EventSink, stage: Stage, pending: &mut Pending, dropped: &AtomicU64) {
+    let lost = dropped.swap(0, Ordering::Relaxed);
+    if lost > 0 {
+        tracing::warn!(job = %events.job(), lost, "trainer log lines dropped: the event stream is slow");
+        let note = format!("{lost} trainer log lines dropped: the event stream was too slow");
+        events.log(stage, "worker", &note).await;
+    }
+    for (stream, text) in pending.take_runs() {
+        events.log(stage, stream, &text).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consecutive_lines_of_a_stream_are_joined() {
+        let mut pending = Pending::default();
+        for (stream, line) in [
+            ("stdout", "a"),
+            ("stdout", "b"),
+            ("stderr", "c"),
+            ("stdout", "d"),
+        ] {
+            pending.bytes += line.len();
+            pending.lines.push((stream, line.to_string()));
+        }
+        assert_eq!(
+            pending.take_runs(),
+            [
+                ("stdout", "a\nb".to_string()),
+                ("stderr", "c".to_string()),
+                ("stdout", "d".to_string())
+            ]
+        );
+        assert!(pending.lines.is_empty());
+        assert_eq!(pending.bytes, 0);
+    }
+}
