@@ -336,7 +336,10 @@ impl TrainerBackend for AiToolkit {
                 args: vec!["run.py".into(), path.into()],
                 cwd: self.dir.clone(),
                 // run.py seeds torch, numpy and random from `SEED`.
-                env: vec![("SEED".into(), s.seed.to_string())],
+                env: [("SEED".into(), s.seed.to_string())]
+                    .into_iter()
+                    .chain(inputs.slot.env())
+                    .collect(),
             },
         })
     }

@@ -348,7 +348,7 @@ impl TrainerBackend for Kohya {
                 program: self.accelerate.clone(),
                 args: argv,
                 cwd: inputs.run_dir.clone(),
-                env: vec![],
+                env: inputs.slot.env(),
             },
         })
     }

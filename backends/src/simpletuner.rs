@@ -323,6 +323,7 @@ impl TrainerBackend for SimpleTuner {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
+        .chain(inputs.slot.env())
         .collect();
         Ok(Launch {
             files: vec![

@@ -9,8 +9,8 @@ use std::process::ExitStatus;
 use std::time::Duration;
 use tokio::sync::mpsc::Receiver;
 use trainyard_backends::{
-    FoundCheckpoint, LineEvent, ModelFiles, OutputParser, Resume, StopRequest, Tools, TrainInputs,
-    TrainerBackend, by_name,
+    FoundCheckpoint, LineEvent, ModelFiles, OutputParser, Resume, Slot, StopRequest, Tools,
+    TrainInputs, TrainerBackend, by_name,
 };
 use trainyard_core::models::{ModelFamily, part};
 use trainyard_core::process::{ChildGroup, OutputLine};
@@ -90,6 +90,7 @@ impl Fixture {
             trigger_word: "ohwx".into(),
             resume: None,
             webhook_url: None,
+            slot: Default::default(),
         }
     }
 }
@@ -546,4 +547,59 @@ async fn dataset_mistakes_are_bad_datasets() {
         assert!(b.latest_checkpoint(&inputs).is_none());
         assert_eq!(b.stop_request(&inputs), StopRequest::Unsupported);
     }
+}
+
+/// Two runs on one worker at once: in the same slot the second cannot bind
+/// the rendezvous port the first holds; in slots 0 and 1 each has its own
+/// port and sees only its own GPU.
+#[tokio::test]
+async fn concurrent_runs_in_different_slots_do_not_collide() {
+    let fx = Fixture::new();
+    let b = backend();
+    let in_slot = |name: &str, steps: u32, index: u16| {
+        let mut inputs = fx.inputs(name, steps, 0);
+        inputs.slot = Slot {
+            index,
+            gpus: vec![u32::from(index)],
+        };
+        inputs
+    };
+    let hold = ("STANDIN_HOLD_PORT", "1");
+    let first = in_slot("first", 20, 0);
+    let mut running = Run::start(b.as_ref(), &first, &[hold, ("STANDIN_FAULT", "hang@3")]);
+    running
+        .until(|events| {
+            events
+                .iter()
+                .any(|e| matches!(e, LineEvent::Progress { .. }))
+                .then_some(())
+        })
+        .await;
+
+    let same = in_slot("same", 3, 0);
+    let mut clash = Run::start(b.as_ref(), &same, &[hold]);
+    let status = clash.finish().await;
+    assert!(!status.success());
+    assert!(
+        clash.lines.iter().any(|l| l.contains("EADDRINUSE")),
+        "{}",
+        clash.lines.join("\n")
+    );
+
+    let other = in_slot("other", 3, 1);
+    let mut beside = Run::start(b.as_ref(), &other, &[hold]);
+    let status = beside.finish().await;
+    assert!(status.success(), "{status}\n{}", beside.lines.join("\n"));
+    assert!(
+        beside
+            .lines
+            .iter()
+            .any(|l| l.contains("Setting CUDA_VISIBLE_DEVICES=1, MASTER_PORT=29501")),
+        "{}",
+        beside.lines.join("\n")
+    );
+    assert!(b.final_adapter(&other).is_some());
+
+    running.child.signal(Signal::SIGKILL);
+    running.finish().await;
 }

@@ -94,6 +94,7 @@ impl Fixture {
             trigger_word: String::new(),
             resume: None,
             webhook_url: None,
+            slot: Default::default(),
         }
     }
 }

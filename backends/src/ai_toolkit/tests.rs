@@ -42,6 +42,7 @@ fn inputs(family: ModelFamily) -> TrainInputs {
         trigger_word: "ohwx".into(),
         resume: None,
         webhook_url: None,
+        slot: Default::default(),
     }
 }
 

@@ -44,6 +44,7 @@ fn inputs(family: ModelFamily) -> TrainInputs {
         trigger_word: "ohwx".into(),
         resume: None,
         webhook_url: Some("http://127.0.0.1:40123/st".into()),
+        slot: Default::default(),
     }
 }
 

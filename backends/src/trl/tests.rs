@@ -48,6 +48,7 @@ fn inputs(method: &str, save_every: u32, extras: HashMap<String, ExtraValue>) ->
         trigger_word: String::new(),
         resume: None,
         webhook_url: None,
+        slot: Default::default(),
     }
 }
 

@@ -101,6 +101,7 @@ impl Fixture {
             trigger_word: "tyzx".into(),
             resume: None,
             webhook_url: None,
+            slot: Default::default(),
         }
     }
 }

@@ -105,6 +105,7 @@ impl Fixture {
             trigger_word: "ohwx".into(),
             resume: None,
             webhook_url: None,
+            slot: Default::default(),
         }
     }
 }
