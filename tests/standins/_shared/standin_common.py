@@ -6,9 +6,37 @@ Each stand-in puts this folder on `sys.path` from its entry script (the
 trl stand-in through `PYTHONPATH`, set by its `python3` wrapper).
 """
 import json
+import os
 import struct
 import sys
 import time
+
+
+# ---------------------------------------------------------------- faults
+
+
+def fault():
+    """`STANDIN_FAULT=<kind>@<step>` as `(kind, step)`, or `(None, None)`."""
+    spec = os.environ.get("STANDIN_FAULT", "")
+    if "@" not in spec:
+        return None, None
+    kind, step = spec.split("@", 1)
+    return kind, int(step)
+
+
+# The exceptions the real stacks raise, named as they print in a traceback.
+class OutOfMemoryError(RuntimeError):
+    pass
+
+
+OutOfMemoryError.__module__ = "torch"
+
+
+class HFValidationError(ValueError):
+    pass
+
+
+HFValidationError.__module__ = "huggingface_hub.errors"
 
 
 # ---------------------------------------------------------------- tqdm

@@ -42,7 +42,7 @@ sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "_shared"))
 
-from standin_common import Bar, read_safetensors_header, write_safetensors  # noqa: E402
+from standin_common import Bar, HFValidationError, fault, read_safetensors_header, write_safetensors  # noqa: E402
 from toolkit.yaml_subset import load as load_yaml  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -53,13 +53,6 @@ LORA_MODULES = {
 }
 SDXL_MODULES = ["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q",
                 "lora_unet_up_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"]
-
-
-class HFValidationError(ValueError):
-    pass
-
-
-HFValidationError.__module__ = "huggingface_hub.errors"
 
 
 def print_end_message(jobs_completed, jobs_failed):
@@ -97,14 +90,6 @@ def load_metadata_from_safetensors(path):
         except ValueError:
             meta[key] = value
     return meta
-
-
-def fault():
-    spec = os.environ.get("STANDIN_FAULT", "")
-    if "@" not in spec:
-        return None, None
-    kind, step = spec.split("@", 1)
-    return kind, int(step)
 
 
 class SDTrainer:

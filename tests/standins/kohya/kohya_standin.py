@@ -43,7 +43,8 @@ import time
 
 sys.dont_write_bytecode = True  # keep the test tree free of __pycache__
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "_shared"))
-from standin_common import Bar, read_safetensors_header, write_safetensors  # noqa: E402
+from standin_common import (  # noqa: E402
+    Bar, OutOfMemoryError, fault, read_safetensors_header, write_safetensors)  # noqa: E402
 
 try:
     import tomllib
@@ -59,13 +60,6 @@ NO_DATA = (
     " / 画像がありません。引数指定を確認してください（train_data_dirには画像があるフォルダではなく、"
     "画像があるフォルダの親フォルダを指定する必要があります）"
 )
-
-
-class OutOfMemoryError(RuntimeError):
-    pass
-
-
-OutOfMemoryError.__module__ = "torch"
 
 
 class MultipleInvalid(Exception):
@@ -459,14 +453,6 @@ class LossRecorder:
     @property
     def moving_average(self):
         return self.loss_total / len(self.loss_list) if self.loss_list else 0.0
-
-
-def fault():
-    spec = os.environ.get("STANDIN_FAULT", "")
-    if "@" not in spec:
-        return None, None
-    kind, step = spec.split("@", 1)
-    return kind, int(step)
 
 
 def oom():

@@ -37,7 +37,8 @@ import urllib.request
 
 sys.dont_write_bytecode = True  # keep the test tree free of __pycache__
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "_shared"))
-from standin_common import Bar, read_safetensors_header, write_safetensors  # noqa: E402
+from standin_common import (  # noqa: E402
+    Bar, HFValidationError, OutOfMemoryError, fault, read_safetensors_header, write_safetensors)  # noqa: E402
 
 MODEL_FAMILIES = [
     "sd1x", "sd2x", "sd3", "deepfloyd", "sana", "sdxl", "kolors", "flux", "wan",
@@ -62,20 +63,6 @@ LORA_MODULES = {
     "wan": ["transformer.blocks.0.attn1.to_q", "transformer.blocks.0.attn2.to_k"],
     "qwen_image": ["transformer.transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.0.attn.add_k_proj"],
 }
-
-
-class OutOfMemoryError(RuntimeError):
-    pass
-
-
-OutOfMemoryError.__module__ = "torch"
-
-
-class HFValidationError(ValueError):
-    pass
-
-
-HFValidationError.__module__ = "huggingface_hub.errors"
 
 
 def log(level, message):
@@ -160,14 +147,6 @@ def lora_tensors(family, rank, step):
         tensors[f"{module}.lora_A.weight"] = ([rank, 8], down)
         tensors[f"{module}.lora_B.weight"] = ([8, rank], up)
     return tensors
-
-
-def fault():
-    spec = os.environ.get("STANDIN_FAULT", "")
-    if "@" not in spec:
-        return None, None
-    kind, step = spec.split("@", 1)
-    return kind, int(step)
 
 
 def loss_at(step, total):

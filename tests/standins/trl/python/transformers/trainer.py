@@ -10,7 +10,8 @@ import sys
 import time
 import zipfile
 
-from standin_common import write_safetensors
+from standin_common import OutOfMemoryError, write_safetensors
+from standin_common import fault as _fault
 
 from .trainer_callback import (
     CallbackHandler,
@@ -22,11 +23,6 @@ from .trainer_callback import (
 from .trainer_utils import PREFIX_CHECKPOINT_DIR, _checkpoint_name, get_last_checkpoint
 
 
-class OutOfMemoryError(RuntimeError):
-    pass
-
-
-OutOfMemoryError.__module__ = "torch"
 OOM_MESSAGE = (
     "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 23.55 GiB of which "
     "1.06 GiB is free. Including non-PyTorch memory, this process has 22.48 GiB memory in use. Of the "
@@ -53,11 +49,6 @@ def torch_load(path):
         raise RuntimeError(
             "PytorchStreamReader failed reading zip archive: failed finding central directory"
         ) from None
-
-
-def _fault():
-    kind, _, step = os.environ.get("STANDIN_FAULT", "").partition("@")
-    return (kind, int(step)) if step else (None, None)
 
 
 class Trainer:
