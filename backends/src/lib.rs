@@ -27,6 +27,13 @@ use trainyard_proto::v1::{ExtraValue, JobError, TrainingSettings, extra_value::K
 
 pub use common::{classify_common, error};
 
+// The fixtures the integration tests use, under the name they use them by.
+#[cfg(test)]
+extern crate self as trainyard_backends;
+#[cfg(test)]
+#[path = "../tests/support/mod.rs"]
+mod test_support;
+
 /// Where the trainers are installed on this worker (`[worker.trainers]`).
 #[derive(Clone, Debug, Default)]
 pub struct Tools {

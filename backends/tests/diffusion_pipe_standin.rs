@@ -3,24 +3,25 @@
 //! through `ChildGroup`, the way the worker's run loop does: a kill and a
 //! resume from the checkpoint files alone, a graceful stop, and faults.
 
+mod support;
+
 use nix::sys::signal::Signal;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitStatus;
 use std::time::Duration;
+use support::{
+    captioned_dataset, diffusers_folder, diffusers_model, restore, run_inputs, standins,
+};
 use tokio::sync::mpsc::Receiver;
 use trainyard_backends::{
-    FoundCheckpoint, LineEvent, ModelFiles, OutputParser, Resume, Slot, StopRequest, Tools,
-    TrainInputs, TrainerBackend, by_name,
+    FoundCheckpoint, LineEvent, OutputParser, Slot, StopRequest, Tools, TrainInputs,
+    TrainerBackend, by_name,
 };
 use trainyard_core::models::{ModelFamily, part};
 use trainyard_core::process::{ChildGroup, OutputLine};
 use trainyard_proto::v1::{ErrorKind, ExtraValue, TrainingSettings, extra_value::Kind};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn standins() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/standins")
-}
 
 fn backend() -> Box<dyn TrainerBackend> {
     let tools = Tools {
@@ -39,17 +40,11 @@ struct Fixture {
 impl Fixture {
     fn new() -> Self {
         let root = tempfile::tempdir().unwrap();
-        let dataset = root.path().join("dataset");
-        std::fs::create_dir_all(&dataset).unwrap();
-        for stem in ["a", "b", "c"] {
-            std::fs::write(dataset.join(format!("{stem}.png")), b"\x89PNG\r\n\x1a\n").unwrap();
-            std::fs::write(dataset.join(format!("{stem}.txt")), format!("ohwx {stem}")).unwrap();
-        }
-        std::fs::write(dataset.join("manifest.json"), "{}").unwrap();
-        let model = root.path().join("flux/diffusers");
-        std::fs::create_dir_all(model.join("transformer")).unwrap();
-        std::fs::write(model.join("model_index.json"), "{}").unwrap();
-        std::fs::write(model.join("transformer/config.json"), "{}").unwrap();
+        captioned_dataset(
+            &root.path().join("dataset"),
+            ["a", "b", "c"].map(|stem| (stem, format!("ohwx {stem}"))),
+        );
+        diffusers_folder(&root.path().join("flux/diffusers"));
         Self { root }
     }
 
@@ -60,37 +55,31 @@ impl Fixture {
         std::fs::create_dir_all(&run_dir).unwrap();
         std::fs::create_dir_all(&output_dir).unwrap();
         TrainInputs {
-            job_id: name.into(),
-            dataset_dir: self.root.path().join("dataset"),
-            model: ModelFiles {
-                reference: "flux1-dev".into(),
-                family: ModelFamily::Flux,
-                parts: [(
-                    part::DIFFUSERS.to_string(),
-                    self.root.path().join("flux/diffusers"),
-                )]
-                .into(),
-            },
-            run_dir,
-            output_dir,
             output_name: "lora".into(),
-            settings: TrainingSettings {
-                backend: "diffusion-pipe".into(),
-                steps,
-                learning_rate: 1e-4,
-                rank: 4,
-                alpha: 4.0,
-                resolution: 512,
-                batch_size: 1,
-                repeats: 1,
-                save_every,
-                seed: 1,
-                ..Default::default()
-            },
-            trigger_word: "ohwx".into(),
-            resume: None,
-            webhook_url: None,
-            slot: Default::default(),
+            ..run_inputs(
+                name,
+                self.root.path().join("dataset"),
+                run_dir,
+                output_dir,
+                diffusers_model(
+                    "flux1-dev",
+                    ModelFamily::Flux,
+                    self.root.path().join("flux/diffusers"),
+                ),
+                TrainingSettings {
+                    backend: "diffusion-pipe".into(),
+                    steps,
+                    learning_rate: 1e-4,
+                    rank: 4,
+                    alpha: 4.0,
+                    resolution: 512,
+                    batch_size: 1,
+                    repeats: 1,
+                    save_every,
+                    seed: 1,
+                    ..Default::default()
+                },
+            )
         }
     }
 }
@@ -209,14 +198,6 @@ async fn checkpoint_at_least(
     .await
 }
 
-fn copy_files(files: &[PathBuf], from: &Path, to: &Path) {
-    for file in files {
-        let target = to.join(file);
-        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
-        std::fs::copy(from.join(file), target).unwrap();
-    }
-}
-
 #[tokio::test]
 async fn a_killed_run_resumes_from_the_checkpoint_files_alone() {
     let fx = Fixture::new();
@@ -252,11 +233,7 @@ async fn a_killed_run_resumes_from_the_checkpoint_files_alone() {
 
     // Another machine: a fresh output folder holding only the checkpoint files.
     let mut second = settings("second");
-    copy_files(&found.files, &first.output_dir, &second.output_dir);
-    second.resume = Some(Resume {
-        step: found.step,
-        files: found.files.clone(),
-    });
+    second.resume = Some(restore(&found, &first.output_dir, &second.output_dir));
     let mut resumed = Run::start(b.as_ref(), &second, &[("STANDIN_STEP_SECONDS", "0.005")]);
     let status = resumed.finish().await;
     assert!(status.success(), "{status}\n{}", resumed.lines.join("\n"));

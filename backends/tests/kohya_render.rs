@@ -4,6 +4,7 @@
 //! golden files.
 
 mod common;
+mod support;
 
 use common::{Fixture, settings};
 use std::collections::HashMap;
