@@ -6,6 +6,8 @@
 //! Golden files live in `tests/golden/diffusion-pipe/`; run with
 //! `UPDATE_GOLDEN=1` to rewrite them after an intended change.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -55,17 +57,15 @@ fn model(family: ModelFamily, parts: &[(&str, &str)]) -> ModelFiles {
 
 fn inputs(model: ModelFiles, settings: TrainingSettings) -> TrainInputs {
     TrainInputs {
-        job_id: "job-1".into(),
-        dataset_dir: "/jobs/job-1/dataset".into(),
-        model,
-        run_dir: "/jobs/job-1/run".into(),
-        output_dir: "/jobs/job-1/output".into(),
         output_name: "lora".into(),
-        settings,
-        trigger_word: "ohwx".into(),
-        resume: None,
-        webhook_url: None,
-        slot: Default::default(),
+        ..support::run_inputs(
+            "job-1",
+            "/jobs/job-1/dataset",
+            "/jobs/job-1/run",
+            "/jobs/job-1/output",
+            model,
+            settings,
+        )
     }
 }
 
@@ -105,14 +105,12 @@ fn render_golden(stem: &str, inputs: &TrainInputs) {
 /// The working directory, the environment and the argv, a line each.
 fn command_text(launch: &Launch) -> String {
     let c = &launch.command;
-    let mut argv = vec![c.program.display().to_string()];
-    argv.extend(c.args.iter().map(|a| a.to_string_lossy().into_owned()));
     let env: Vec<String> = c.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     format!(
         "cwd={}\n{}\n{}\n",
         c.cwd.display(),
         env.join("\n"),
-        argv.join("\n")
+        support::argv(launch).join("\n")
     )
 }
 
