@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::ExitStatus;
 use std::time::Duration;
 use support::{
-    captioned_dataset, diffusers_folder, diffusers_model, restore, run_inputs, standins,
+    captioned_dataset, diffusers_folder, diffusers_model, restore, run_inputs, small_run, standins,
 };
 use tokio::sync::mpsc::Receiver;
 use trainyard_backends::{
@@ -67,17 +67,8 @@ impl Fixture {
                     self.root.path().join("flux/diffusers"),
                 ),
                 TrainingSettings {
-                    backend: "diffusion-pipe".into(),
-                    steps,
-                    learning_rate: 1e-4,
-                    rank: 4,
-                    alpha: 4.0,
-                    resolution: 512,
-                    batch_size: 1,
-                    repeats: 1,
-                    save_every,
                     seed: 1,
-                    ..Default::default()
+                    ..small_run("diffusion-pipe", steps, save_every)
                 },
             )
         }

@@ -3,7 +3,9 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
-use crate::support::{captioned_dataset, diffusers_folder, diffusers_model, run_inputs, standins};
+use crate::support::{
+    captioned_dataset, diffusers_folder, diffusers_model, run_inputs, small_run, standins,
+};
 use serde_json::Value;
 use std::path::PathBuf;
 use std::process::ExitStatus;
@@ -14,7 +16,6 @@ use tokio::sync::mpsc;
 use trainyard_backends::{Launch, LineEvent, OutputParser, Tools, TrainInputs, TrainerBackend};
 use trainyard_core::models::ModelFamily;
 use trainyard_core::process::{ChildGroup, OutputLine};
-use trainyard_proto::v1::TrainingSettings;
 
 /// Generous bound on any one wait (a whole stand-in run takes seconds).
 pub const DEADLINE: Duration = Duration::from_secs(60);
@@ -66,19 +67,7 @@ impl Fixture {
                 &run_dir,
                 run_dir.join("out"),
                 diffusers_model("flux1-dev", ModelFamily::Flux, &self.model),
-                TrainingSettings {
-                    backend: backend.into(),
-                    steps,
-                    learning_rate: 1e-4,
-                    rank: 4,
-                    alpha: 4.0,
-                    resolution: 512,
-                    batch_size: 1,
-                    repeats: 1,
-                    save_every,
-                    seed: 7,
-                    ..Default::default()
-                },
+                small_run(backend, steps, save_every),
             )
         }
     }

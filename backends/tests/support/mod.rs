@@ -102,6 +102,23 @@ pub fn run_inputs(
     }
 }
 
+/// Settings for a short stand-in run: rank 4, 512 px, one image a step.
+pub fn small_run(backend: &str, steps: u32, save_every: u32) -> TrainingSettings {
+    TrainingSettings {
+        backend: backend.into(),
+        steps,
+        learning_rate: 1e-4,
+        rank: 4,
+        alpha: 4.0,
+        resolution: 512,
+        batch_size: 1,
+        repeats: 1,
+        save_every,
+        seed: 7,
+        ..Default::default()
+    }
+}
+
 /// The run the SimpleTuner and ai-toolkit unit tests render: fixed paths
 /// under `/job`, a diffusers model, 2000 steps saved every 250.
 pub fn diffusers_run(backend: &str, family: ModelFamily) -> TrainInputs {
