@@ -116,9 +116,9 @@ impl Signatures {
         })
     }
 
-    /// The first signature of `self.table[from..to]` (in table order) that
+    /// The first signature of `range` of the table (in table order) that
     /// matches a line, as an error naming the last such line.
-    fn find_in<'a>(&self, lines: &[&'a String], range: std::ops::Range<usize>) -> Option<JobError> {
+    fn find_in(&self, lines: &[&String], range: std::ops::Range<usize>) -> Option<JobError> {
         let compiled = &self.compiled()[range.clone()];
         compiled
             .iter()

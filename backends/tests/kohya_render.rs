@@ -49,7 +49,7 @@ fn rendered(fx: &Fixture, launch: &Launch) -> Vec<(String, String)> {
         .collect();
     out.push((
         "argv".into(),
-        support::argv(&launch).join("\n").replace(root, "$ROOT") + "\n",
+        support::argv(launch).join("\n").replace(root, "$ROOT") + "\n",
     ));
     assert_eq!(launch.command.cwd, fx.path("run"));
     out
