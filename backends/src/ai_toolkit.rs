@@ -16,7 +16,7 @@ use super::{
     BackendError, Extra, ExtraType, FoundCheckpoint, Launch, LineEvent, OutputParser, StopRequest,
     Tools, TrainInputs, TrainerBackend, classify_common, error, typed_extras,
 };
-use crate::common::{self, unclassified};
+use crate::common::{self, Signature, Signatures, unclassified};
 use regex::Regex;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -238,16 +238,11 @@ impl TrainerBackend for AiToolkit {
     }
 
     fn families(&self) -> &'static [ModelFamily] {
-        &[
-            ModelFamily::Flux,
-            ModelFamily::Sdxl,
-            ModelFamily::Wan,
-            ModelFamily::QwenImage,
-        ]
+        common::DIFFUSERS_FAMILIES
     }
 
     fn parts(&self, _family: ModelFamily) -> &'static [&'static str] {
-        &[part::DIFFUSERS]
+        common::DIFFUSERS_PARTS
     }
 
     fn check(&self, settings: &TrainingSettings, family: ModelFamily) -> Vec<String> {
@@ -341,7 +336,10 @@ impl TrainerBackend for AiToolkit {
                 args: vec!["run.py".into(), path.into()],
                 cwd: self.dir.clone(),
                 // run.py seeds torch, numpy and random from `SEED`.
-                env: vec![("SEED".into(), s.seed.to_string())],
+                env: [("SEED".into(), s.seed.to_string())]
+                    .into_iter()
+                    .chain(inputs.slot.env())
+                    .collect(),
             },
         })
     }
@@ -527,16 +525,9 @@ impl OutputParser for Parser {
     }
 }
 
-struct Signature {
-    pattern: &'static str,
-    kind: ErrorKind,
-    retryable: bool,
-    what: &'static str,
-}
-
 /// ai-toolkit's own failures, checked before the error line and the
 /// shared table.
-const SIGNATURES: &[Signature] = &[
+static SIGNATURES: Signatures = Signatures::new(&[
     Signature {
         pattern: r"OOM during training step 3 times in a row",
         kind: ErrorKind::Oom,
@@ -544,7 +535,7 @@ const SIGNATURES: &[Signature] = &[
         what: "out of GPU memory",
     },
     Signature {
-        pattern: r"^Job stopped$",
+        pattern: r"^\s*Job stopped\s*$",
         kind: ErrorKind::Trainer,
         retryable: true,
         what: "interrupted: ai-toolkit stopped on SIGINT without saving",
@@ -567,24 +558,11 @@ const SIGNATURES: &[Signature] = &[
         retryable: false,
         what: "base model not readable",
     },
-];
-
-static COMPILED: LazyLock<Vec<(Regex, &'static Signature)>> = LazyLock::new(|| {
-    SIGNATURES
-        .iter()
-        .map(|s| (Regex::new(s.pattern).expect("signature regex"), s))
-        .collect()
-});
+]);
 
 fn classify(status: ExitStatus, tail: &[String]) -> JobError {
-    for (regex, sig) in COMPILED.iter() {
-        if let Some(line) = tail.iter().rev().find(|l| regex.is_match(l.trim())) {
-            return error(
-                sig.kind,
-                format!("{}: {}", sig.what, line.trim()),
-                sig.retryable,
-            );
-        }
+    if let Some(known) = SIGNATURES.find(tail) {
+        return known;
     }
     // run.py's own summary: `Error running job: <exception>` then ` - 1 failure`.
     let failed = tail.iter().any(|l| l.trim() == "- 1 failure");

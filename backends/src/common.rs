@@ -4,7 +4,8 @@
 
 use regex::Regex;
 use std::process::ExitStatus;
-use std::sync::LazyLock;
+use std::sync::{LazyLock, OnceLock};
+use trainyard_core::models::{ModelFamily, part};
 use trainyard_proto::v1::{ErrorKind, JobError};
 
 /// A number as Python prints it: `1e-05`, `0.109`, `nan`, `inf`.
@@ -66,18 +67,85 @@ pub fn postfix_value(postfix: &str, key: &str) -> Option<f64> {
         .and_then(|c| num(&c["v"]))
 }
 
+/// The families SimpleTuner and ai-toolkit train, both from one diffusers
+/// folder (the same list for both, so they stay in step).
+pub const DIFFUSERS_FAMILIES: &[ModelFamily] = &[
+    ModelFamily::Flux,
+    ModelFamily::Sdxl,
+    ModelFamily::Wan,
+    ModelFamily::QwenImage,
+];
+
+/// The model parts a diffusers-folder trainer needs, whatever the family.
+pub const DIFFUSERS_PARTS: &[&str] = &[part::DIFFUSERS];
+
 pub fn error(kind: ErrorKind, message: impl Into<String>, retryable: bool) -> JobError {
     trainyard_core::runtime::job_error(kind, message, retryable)
 }
 
-struct Signature {
-    pattern: &'static str,
-    kind: ErrorKind,
-    retryable: bool,
-    what: &'static str,
+/// One known failure: a regex over an output line, the class it means,
+/// and a few words for the message (which also carries the line).
+pub struct Signature {
+    pub pattern: &'static str,
+    pub kind: ErrorKind,
+    pub retryable: bool,
+    pub what: &'static str,
 }
 
-const SIGNATURES: &[Signature] = &[
+/// A table of [`Signature`]s, checked in order, with its regexes compiled
+/// on first use. Each backend keeps its own table in a `static`.
+pub struct Signatures {
+    table: &'static [Signature],
+    compiled: OnceLock<Vec<Regex>>,
+}
+
+impl Signatures {
+    pub const fn new(table: &'static [Signature]) -> Self {
+        Self {
+            table,
+            compiled: OnceLock::new(),
+        }
+    }
+
+    fn compiled(&self) -> &[Regex] {
+        self.compiled.get_or_init(|| {
+            self.table
+                .iter()
+                .map(|s| Regex::new(s.pattern).expect("signature regex"))
+                .collect()
+        })
+    }
+
+    /// The first signature of `range` of the table (in table order) that
+    /// matches a line, as an error naming the last such line.
+    fn find_in(&self, lines: &[&String], range: std::ops::Range<usize>) -> Option<JobError> {
+        let compiled = &self.compiled()[range.clone()];
+        compiled
+            .iter()
+            .zip(&self.table[range])
+            .find_map(|(regex, sig)| {
+                let line = lines.iter().rev().find(|l| regex.is_match(l))?;
+                Some(error(
+                    sig.kind,
+                    format!("{}: {}", sig.what, line.trim()),
+                    sig.retryable,
+                ))
+            })
+    }
+
+    /// The first signature of the table that matches a line of `tail`.
+    pub fn find(&self, tail: &[String]) -> Option<JobError> {
+        let lines: Vec<&String> = tail.iter().collect();
+        self.find_in(&lines, 0..self.table.len())
+    }
+}
+
+/// A backend's own table first, then the shared one ([`classify_common`]).
+pub fn classify_with(table: &Signatures, status: ExitStatus, tail: &[String]) -> Option<JobError> {
+    table.find(tail).or_else(|| classify_common(status, tail))
+}
+
+static COMMON: Signatures = Signatures::new(&[
     Signature {
         pattern: r"OutOfMemoryError|CUDA out of memory|OOM during training step \d+ times in a row",
         kind: ErrorKind::Oom,
@@ -132,14 +200,7 @@ const SIGNATURES: &[Signature] = &[
         retryable: false,
         what: "missing file",
     },
-];
-
-static COMPILED: LazyLock<Vec<(Regex, &'static Signature)>> = LazyLock::new(|| {
-    SIGNATURES
-        .iter()
-        .map(|s| (Regex::new(s.pattern).expect("signature regex"), s))
-        .collect()
-});
+]);
 
 /// How many signatures (from the top of the table) outrank a kill by
 /// signal 9: a kill explains the rest (a dying process prints anything).
@@ -156,17 +217,7 @@ pub fn classify_common(status: ExitStatus, tail: &[String]) -> Option<JobError> 
         .iter()
         .filter(|l| !l.contains("sys.meta_path is None") && !l.starts_with("Exception ignored in"))
         .collect();
-    let find = |from: usize, to: usize| {
-        COMPILED[from..to].iter().find_map(|(regex, sig)| {
-            let line = relevant.iter().rev().find(|l| regex.is_match(l))?;
-            Some(error(
-                sig.kind,
-                format!("{}: {}", sig.what, line.trim()),
-                sig.retryable,
-            ))
-        })
-    };
-    if let Some(found) = find(0, STRONG) {
+    if let Some(found) = COMMON.find_in(&relevant, 0..STRONG) {
         return Some(found);
     }
     let killed = tail
@@ -187,7 +238,7 @@ pub fn classify_common(status: ExitStatus, tail: &[String]) -> Option<JobError> 
             true,
         ));
     }
-    find(STRONG, COMPILED.len())
+    COMMON.find_in(&relevant, STRONG..COMMON.table.len())
 }
 
 /// The generic fallback: the exit status and the last line.

@@ -26,8 +26,10 @@
 //!   the checkout folder: the model code opens `configs/…` and puts
 //!   `submodules/…` on `sys.path` relative to the working directory. With
 //!   `--num_gpus` the DeepSpeed runner ignores and removes
-//!   `CUDA_VISIBLE_DEVICES` and uses the first GPU; picking another one
-//!   needs `--include localhost:N`, which the inputs do not carry.
+//!   `CUDA_VISIBLE_DEVICES` and uses the first GPU, so a run whose slot has
+//!   GPUs of its own gets `--include=localhost:<gpus>` instead; a slot
+//!   other than 0 also gets `--master_port=29500+slot`, so concurrent runs
+//!   on one worker do not collide on the rendezvous port.
 //! - **Stop.** The file `<run folder>/save_quit` makes the trainer write a
 //!   checkpoint at the end of the current step and exit 0, without the
 //!   final adapter (`Saver.process_step`).
@@ -71,6 +73,27 @@ impl DiffusionPipe {
     pub fn new(deepspeed: PathBuf, dir: PathBuf) -> Self {
         Self { deepspeed, dir }
     }
+}
+
+/// DeepSpeed's default rendezvous port (`TORCH_DISTRIBUTED_DEFAULT_PORT`);
+/// slot N uses `MASTER_PORT_BASE + N`.
+pub const MASTER_PORT_BASE: u16 = 29500;
+
+/// The runner's flags for a slot. Without GPUs of its own the run takes
+/// the first GPU (`--num_gpus=1`); with them, `--include localhost:<gpus>`
+/// names them, since the runner given `--num_gpus` drops
+/// `CUDA_VISIBLE_DEVICES` (and refuses `--include` next to `--num_gpus`).
+/// Slot 0 keeps the default port, every other slot gets its own, so two
+/// runs on one worker never both bind 29500.
+fn launcher_args(slot: &crate::Slot) -> Vec<OsString> {
+    let mut args: Vec<OsString> = match slot.visible_devices() {
+        Some(devices) => vec![format!("--include=localhost:{devices}").into()],
+        None => vec!["--num_gpus=1".into()],
+    };
+    if slot.index > 0 {
+        args.push(format!("--master_port={}", slot.port(MASTER_PORT_BASE)).into());
+    }
+    args
 }
 
 /// The LoRA file in each save folder: Flux goes through diffusers'
@@ -163,13 +186,13 @@ impl TrainerBackend for DiffusionPipe {
         let config_path = inputs.run_dir.join(CONFIG_FILE);
         let dataset_path = inputs.run_dir.join(DATASET_FILE);
         let (config, dataset) = config::render(inputs, &dataset_path)?;
-        let mut args: Vec<OsString> = vec![
-            "--num_gpus=1".into(),
+        let mut args: Vec<OsString> = launcher_args(&inputs.slot);
+        args.extend([
             self.dir.join("train.py").into(),
             "--deepspeed".into(),
             "--config".into(),
             config_path.clone().into(),
-        ];
+        ]);
         if let Some(resume) = &inputs.resume {
             args.push("--resume_from_checkpoint".into());
             // Naming the folder keeps the choice exact; without a name the
@@ -182,14 +205,17 @@ impl TrainerBackend for DiffusionPipe {
                 program: self.deepspeed.clone(),
                 args,
                 cwd: self.dir.clone(),
-                env: vec![
+                env: [
                     ("NCCL_P2P_DISABLE".into(), "1".into()),
                     ("NCCL_IB_DISABLE".into(), "1".into()),
                     (
                         "PYTORCH_CUDA_ALLOC_CONF".into(),
                         "expandable_segments:True".into(),
                     ),
-                ],
+                ]
+                .into_iter()
+                .chain(inputs.slot.env())
+                .collect(),
             },
         })
     }

@@ -25,7 +25,7 @@
 mod options;
 mod parse;
 
-use crate::common::{classify_common, error, unclassified};
+use crate::common::{Signature, Signatures, classify_with, unclassified};
 use crate::{
     BackendError, FoundCheckpoint, Launch, OutputParser, StopRequest, TrainInputs, TrainerBackend,
 };
@@ -348,7 +348,7 @@ impl TrainerBackend for Kohya {
                 program: self.accelerate.clone(),
                 args: argv,
                 cwd: inputs.run_dir.clone(),
-                env: vec![],
+                env: inputs.slot.env(),
             },
         })
     }
@@ -403,12 +403,8 @@ impl TrainerBackend for Kohya {
     }
 
     fn classify(&self, status: ExitStatus, tail: &[String]) -> JobError {
-        for (regex, sig) in SIGNATURES.iter() {
-            if let Some(line) = tail.iter().rev().find(|l| regex.is_match(l)) {
-                return error(sig.1, format!("{}: {}", sig.3, line.trim()), sig.2);
-            }
-        }
-        classify_common(status, tail).unwrap_or_else(|| unclassified("kohya", status, tail))
+        classify_with(&SIGNATURES, status, tail)
+            .unwrap_or_else(|| unclassified("kohya", status, tail))
     }
 
     /// Halves the batch size; at 1, turns gradient checkpointing back on if
@@ -469,59 +465,50 @@ fn collect_files(out: &Path, rel: &Path, files: &mut Vec<PathBuf>) {
 }
 
 /// kohya's own failure signatures, checked before the shared table.
-type Signature = (&'static str, ErrorKind, bool, &'static str);
-
-const KOHYA_SIGNATURES: &[Signature] = &[
-    (
-        r"not directory: ",
-        ErrorKind::BadDataset,
-        false,
-        "dataset folder missing",
-    ),
-    (
-        r"No data found\. Please verify arguments",
-        ErrorKind::BadDataset,
-        false,
-        "no usable training images",
-    ),
-    (
-        r"caption file is empty|illegal char in file \(not UTF-8\)",
-        ErrorKind::BadDataset,
-        false,
-        "unreadable caption file",
-    ),
-    (
-        r"NaN detected in latents",
-        ErrorKind::BadDataset,
-        false,
-        "an image encodes to NaN latents (corrupt image or half-precision VAE)",
-    ),
-    (
-        r"max_train_steps should be greater than initial step",
-        ErrorKind::InvalidSpec,
-        false,
-        "the checkpoint resumed from is at or past the requested steps",
-    ),
-    (
-        r"Unsupported fp8 model dtype",
-        ErrorKind::Model,
-        false,
-        "the base model is in an fp8 format kohya cannot train on",
-    ),
-    (
-        r"error: unrecognized arguments|error: argument --",
-        ErrorKind::InvalidSpec,
-        false,
-        "kohya rejected its arguments",
-    ),
-];
-
-static SIGNATURES: LazyLock<Vec<(Regex, &'static Signature)>> = LazyLock::new(|| {
-    KOHYA_SIGNATURES
-        .iter()
-        .map(|s| (Regex::new(s.0).expect("signature regex"), s))
-        .collect()
-});
+static SIGNATURES: Signatures = Signatures::new(&[
+    Signature {
+        pattern: r"not directory: ",
+        kind: ErrorKind::BadDataset,
+        retryable: false,
+        what: "dataset folder missing",
+    },
+    Signature {
+        pattern: r"No data found\. Please verify arguments",
+        kind: ErrorKind::BadDataset,
+        retryable: false,
+        what: "no usable training images",
+    },
+    Signature {
+        pattern: r"caption file is empty|illegal char in file \(not UTF-8\)",
+        kind: ErrorKind::BadDataset,
+        retryable: false,
+        what: "unreadable caption file",
+    },
+    Signature {
+        pattern: r"NaN detected in latents",
+        kind: ErrorKind::BadDataset,
+        retryable: false,
+        what: "an image encodes to NaN latents (corrupt image or half-precision VAE)",
+    },
+    Signature {
+        pattern: r"max_train_steps should be greater than initial step",
+        kind: ErrorKind::InvalidSpec,
+        retryable: false,
+        what: "the checkpoint resumed from is at or past the requested steps",
+    },
+    Signature {
+        pattern: r"Unsupported fp8 model dtype",
+        kind: ErrorKind::Model,
+        retryable: false,
+        what: "the base model is in an fp8 format kohya cannot train on",
+    },
+    Signature {
+        pattern: r"error: unrecognized arguments|error: argument --",
+        kind: ErrorKind::InvalidSpec,
+        retryable: false,
+        what: "kohya rejected its arguments",
+    },
+]);
 
 fn to_toml<T: Serialize>(value: &T) -> Result<Vec<u8>, BackendError> {
     toml::to_string(value)

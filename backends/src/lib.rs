@@ -27,6 +27,13 @@ use trainyard_proto::v1::{ExtraValue, JobError, TrainingSettings, extra_value::K
 
 pub use common::{classify_common, error};
 
+// The fixtures the integration tests use, under the name they use them by.
+#[cfg(test)]
+extern crate self as trainyard_backends;
+#[cfg(test)]
+#[path = "../tests/support/mod.rs"]
+mod test_support;
+
 /// Where the trainers are installed on this worker (`[worker.trainers]`).
 #[derive(Clone, Debug, Default)]
 pub struct Tools {
@@ -94,6 +101,46 @@ pub struct TrainInputs {
     /// A loopback URL that turns POSTed JSON into `OutputParser::webhook`
     /// calls, when the backend asked for one.
     pub webhook_url: Option<String>,
+    /// Which of the worker's concurrent runs this is, and its GPUs.
+    pub slot: Slot,
+}
+
+/// A run's share of the worker: the worker runs up to `[worker]
+/// concurrency` trainings at once, each in a slot of its own, so two runs
+/// never share a GPU or a launcher's rendezvous port.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Slot {
+    /// From 0; no two runs on one worker hold the same index at once.
+    pub index: u16,
+    /// The device indices this run may use; empty when the worker does not
+    /// know its GPUs (then every device stays visible, as without slots).
+    pub gpus: Vec<u32>,
+}
+
+impl Slot {
+    /// `CUDA_VISIBLE_DEVICES` for the run (`1` or `2,3`), when it has GPUs of its own.
+    pub fn visible_devices(&self) -> Option<String> {
+        (!self.gpus.is_empty()).then(|| {
+            self.gpus
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+    }
+
+    /// The environment that confines the trainer to the slot's GPUs.
+    pub fn env(&self) -> Vec<(String, String)> {
+        self.visible_devices()
+            .map(|devices| ("CUDA_VISIBLE_DEVICES".to_string(), devices))
+            .into_iter()
+            .collect()
+    }
+
+    /// A rendezvous port of this slot's own: `base + index`.
+    pub fn port(&self, base: u16) -> u16 {
+        base.saturating_add(self.index)
+    }
 }
 
 /// A rendered run: files to write, then the command.

@@ -16,9 +16,9 @@
 
 use super::{
     BackendError, Extra, ExtraType, FoundCheckpoint, Launch, LineEvent, OutputParser, StopRequest,
-    Tools, TrainInputs, TrainerBackend, classify_common, error, typed_extras,
+    Tools, TrainInputs, TrainerBackend, typed_extras,
 };
-use crate::common::{self, unclassified};
+use crate::common::{self, Signature, Signatures, classify_with, unclassified};
 use regex::Regex;
 use serde::Serialize;
 use serde_json::Value;
@@ -199,16 +199,11 @@ impl TrainerBackend for SimpleTuner {
     }
 
     fn families(&self) -> &'static [ModelFamily] {
-        &[
-            ModelFamily::Flux,
-            ModelFamily::Sdxl,
-            ModelFamily::Wan,
-            ModelFamily::QwenImage,
-        ]
+        common::DIFFUSERS_FAMILIES
     }
 
     fn parts(&self, _family: ModelFamily) -> &'static [&'static str] {
-        &[part::DIFFUSERS]
+        common::DIFFUSERS_PARTS
     }
 
     fn check(&self, settings: &TrainingSettings, family: ModelFamily) -> Vec<String> {
@@ -328,6 +323,7 @@ impl TrainerBackend for SimpleTuner {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
+        .chain(inputs.slot.env())
         .collect();
         Ok(Launch {
             files: vec![
@@ -549,17 +545,10 @@ impl OutputParser for Parser {
     }
 }
 
-struct Signature {
-    pattern: &'static str,
-    kind: ErrorKind,
-    retryable: bool,
-    what: &'static str,
-}
-
 /// SimpleTuner's own failures, checked in order before the shared table.
 /// An OOM comes before the circuit breaker: SimpleTuner trips the breaker
 /// on any CUDA error, out-of-memory included (`gpu_circuit_breaker.py`).
-const SIGNATURES: &[Signature] = &[
+static SIGNATURES: Signatures = Signatures::new(&[
     Signature {
         pattern: r"Non-finite training loss detected",
         kind: ErrorKind::Trainer,
@@ -596,26 +585,10 @@ const SIGNATURES: &[Signature] = &[
         retryable: false,
         what: "base model not readable",
     },
-];
-
-static COMPILED: LazyLock<Vec<(Regex, &'static Signature)>> = LazyLock::new(|| {
-    SIGNATURES
-        .iter()
-        .map(|s| (Regex::new(s.pattern).expect("signature regex"), s))
-        .collect()
-});
+]);
 
 fn classify(status: ExitStatus, tail: &[String]) -> JobError {
-    for (regex, sig) in COMPILED.iter() {
-        if let Some(line) = tail.iter().rev().find(|l| regex.is_match(l)) {
-            return error(
-                sig.kind,
-                format!("{}: {}", sig.what, line.trim()),
-                sig.retryable,
-            );
-        }
-    }
-    classify_common(status, tail).unwrap_or_else(|| unclassified(NAME, status, tail))
+    classify_with(&SIGNATURES, status, tail).unwrap_or_else(|| unclassified(NAME, status, tail))
 }
 
 #[cfg(test)]

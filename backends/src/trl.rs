@@ -359,7 +359,10 @@ impl TrainerBackend for Trl {
                             .to_string_lossy()
                             .into_owned(),
                     ),
-                ],
+                ]
+                .into_iter()
+                .chain(inputs.slot.env())
+                .collect(),
             },
         })
     }

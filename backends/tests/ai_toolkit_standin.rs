@@ -2,6 +2,7 @@
 //! run as rendered: `python3 run.py <run_dir>/job.yaml` in the checkout.
 
 mod session;
+mod support;
 
 use nix::sys::signal::Signal;
 use session::{Fixture, Session, first_progress, max_progress, restore, tools};

@@ -6,12 +6,15 @@
 //! Golden files live in `tests/golden/diffusion-pipe/`; run with
 //! `UPDATE_GOLDEN=1` to rewrite them after an intended change.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use trainyard_backends::{
-    LineEvent, ModelFiles, Resume, StopRequest, Tools, TrainInputs, TrainerBackend, by_name,
+    Launch, LineEvent, ModelFiles, Resume, Slot, StopRequest, Tools, TrainInputs, TrainerBackend,
+    by_name,
 };
 use trainyard_core::models::{ModelFamily, part};
 use trainyard_proto::v1::{ErrorKind, ExtraValue, TrainingSettings, extra_value::Kind};
@@ -54,16 +57,15 @@ fn model(family: ModelFamily, parts: &[(&str, &str)]) -> ModelFiles {
 
 fn inputs(model: ModelFiles, settings: TrainingSettings) -> TrainInputs {
     TrainInputs {
-        job_id: "job-1".into(),
-        dataset_dir: "/jobs/job-1/dataset".into(),
-        model,
-        run_dir: "/jobs/job-1/run".into(),
-        output_dir: "/jobs/job-1/output".into(),
         output_name: "lora".into(),
-        settings,
-        trigger_word: "ohwx".into(),
-        resume: None,
-        webhook_url: None,
+        ..support::run_inputs(
+            "job-1",
+            "/jobs/job-1/dataset",
+            "/jobs/job-1/run",
+            "/jobs/job-1/output",
+            model,
+            settings,
+        )
     }
 }
 
@@ -97,19 +99,60 @@ fn render_golden(stem: &str, inputs: &TrainInputs) {
     }
     golden(&format!("{stem}.config.toml"), &text(0));
     golden(&format!("{stem}.dataset.toml"), &text(1));
+    golden(&format!("{stem}.argv"), &command_text(&launch));
+}
+
+/// The working directory, the environment and the argv, a line each.
+fn command_text(launch: &Launch) -> String {
     let c = &launch.command;
-    let mut argv = vec![c.program.display().to_string()];
-    argv.extend(c.args.iter().map(|a| a.to_string_lossy().into_owned()));
     let env: Vec<String> = c.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    golden(
-        &format!("{stem}.argv"),
-        &format!(
-            "cwd={}\n{}\n{}\n",
-            c.cwd.display(),
-            env.join("\n"),
-            argv.join("\n")
-        ),
+    format!(
+        "cwd={}\n{}\n{}\n",
+        c.cwd.display(),
+        env.join("\n"),
+        support::argv(launch).join("\n")
+    )
+}
+
+/// Two runs on one multi-GPU worker: each names its own GPU to the
+/// DeepSpeed runner (`--include`, since `--num_gpus` would drop
+/// `CUDA_VISIBLE_DEVICES`) and slot 1 moves off the default rendezvous
+/// port; the config files do not depend on the slot.
+#[test]
+fn each_slot_gets_its_own_gpu_and_rendezvous_port() {
+    let m = model(
+        ModelFamily::Flux,
+        &[(part::DIFFUSERS, "/models/flux1-dev/diffusers")],
     );
+    let unslotted = backend().render(&inputs(m.clone(), settings())).unwrap();
+    let mut launches = Vec::new();
+    for (index, gpu) in [(0u16, 0u32), (1, 1)] {
+        let mut slotted = inputs(m.clone(), settings());
+        slotted.slot = Slot {
+            index,
+            gpus: vec![gpu],
+        };
+        let launch = backend().render(&slotted).unwrap();
+        assert_eq!(launch.files, unslotted.files);
+        golden(&format!("flux.slot{index}.argv"), &command_text(&launch));
+        launches.push(launch);
+    }
+    let port = |l: &Launch| {
+        l.command
+            .args
+            .iter()
+            .find_map(|a| {
+                a.to_str()?
+                    .strip_prefix("--master_port=")?
+                    .parse::<u16>()
+                    .ok()
+            })
+            .unwrap_or(29500)
+    };
+    assert_ne!(port(&launches[0]), port(&launches[1]));
+    for launch in &launches {
+        assert!(!launch.command.args.iter().any(|a| a == "--num_gpus=1"));
+    }
 }
 
 #[test]

@@ -3,13 +3,18 @@
 //! through `ChildGroup`, the way the worker's run loop does: a kill and a
 //! resume from the checkpoint files alone, a graceful stop, and faults.
 
+mod support;
+
 use nix::sys::signal::Signal;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitStatus;
 use std::time::Duration;
+use support::{
+    captioned_dataset, diffusers_folder, diffusers_model, restore, run_inputs, small_run, standins,
+};
 use tokio::sync::mpsc::Receiver;
 use trainyard_backends::{
-    FoundCheckpoint, LineEvent, ModelFiles, OutputParser, Resume, StopRequest, Tools, TrainInputs,
+    FoundCheckpoint, LineEvent, OutputParser, Slot, StopRequest, Tools, TrainInputs,
     TrainerBackend, by_name,
 };
 use trainyard_core::models::{ModelFamily, part};
@@ -17,10 +22,6 @@ use trainyard_core::process::{ChildGroup, OutputLine};
 use trainyard_proto::v1::{ErrorKind, ExtraValue, TrainingSettings, extra_value::Kind};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn standins() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/standins")
-}
 
 fn backend() -> Box<dyn TrainerBackend> {
     let tools = Tools {
@@ -39,17 +40,11 @@ struct Fixture {
 impl Fixture {
     fn new() -> Self {
         let root = tempfile::tempdir().unwrap();
-        let dataset = root.path().join("dataset");
-        std::fs::create_dir_all(&dataset).unwrap();
-        for stem in ["a", "b", "c"] {
-            std::fs::write(dataset.join(format!("{stem}.png")), b"\x89PNG\r\n\x1a\n").unwrap();
-            std::fs::write(dataset.join(format!("{stem}.txt")), format!("ohwx {stem}")).unwrap();
-        }
-        std::fs::write(dataset.join("manifest.json"), "{}").unwrap();
-        let model = root.path().join("flux/diffusers");
-        std::fs::create_dir_all(model.join("transformer")).unwrap();
-        std::fs::write(model.join("model_index.json"), "{}").unwrap();
-        std::fs::write(model.join("transformer/config.json"), "{}").unwrap();
+        captioned_dataset(
+            &root.path().join("dataset"),
+            ["a", "b", "c"].map(|stem| (stem, format!("ohwx {stem}"))),
+        );
+        diffusers_folder(&root.path().join("flux/diffusers"));
         Self { root }
     }
 
@@ -60,36 +55,22 @@ impl Fixture {
         std::fs::create_dir_all(&run_dir).unwrap();
         std::fs::create_dir_all(&output_dir).unwrap();
         TrainInputs {
-            job_id: name.into(),
-            dataset_dir: self.root.path().join("dataset"),
-            model: ModelFiles {
-                reference: "flux1-dev".into(),
-                family: ModelFamily::Flux,
-                parts: [(
-                    part::DIFFUSERS.to_string(),
-                    self.root.path().join("flux/diffusers"),
-                )]
-                .into(),
-            },
-            run_dir,
-            output_dir,
             output_name: "lora".into(),
-            settings: TrainingSettings {
-                backend: "diffusion-pipe".into(),
-                steps,
-                learning_rate: 1e-4,
-                rank: 4,
-                alpha: 4.0,
-                resolution: 512,
-                batch_size: 1,
-                repeats: 1,
-                save_every,
-                seed: 1,
-                ..Default::default()
-            },
-            trigger_word: "ohwx".into(),
-            resume: None,
-            webhook_url: None,
+            ..run_inputs(
+                name,
+                self.root.path().join("dataset"),
+                run_dir,
+                output_dir,
+                diffusers_model(
+                    "flux1-dev",
+                    ModelFamily::Flux,
+                    self.root.path().join("flux/diffusers"),
+                ),
+                TrainingSettings {
+                    seed: 1,
+                    ..small_run("diffusion-pipe", steps, save_every)
+                },
+            )
         }
     }
 }
@@ -208,14 +189,6 @@ async fn checkpoint_at_least(
     .await
 }
 
-fn copy_files(files: &[PathBuf], from: &Path, to: &Path) {
-    for file in files {
-        let target = to.join(file);
-        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
-        std::fs::copy(from.join(file), target).unwrap();
-    }
-}
-
 #[tokio::test]
 async fn a_killed_run_resumes_from_the_checkpoint_files_alone() {
     let fx = Fixture::new();
@@ -251,11 +224,7 @@ async fn a_killed_run_resumes_from_the_checkpoint_files_alone() {
 
     // Another machine: a fresh output folder holding only the checkpoint files.
     let mut second = settings("second");
-    copy_files(&found.files, &first.output_dir, &second.output_dir);
-    second.resume = Some(Resume {
-        step: found.step,
-        files: found.files.clone(),
-    });
+    second.resume = Some(restore(&found, &first.output_dir, &second.output_dir));
     let mut resumed = Run::start(b.as_ref(), &second, &[("STANDIN_STEP_SECONDS", "0.005")]);
     let status = resumed.finish().await;
     assert!(status.success(), "{status}\n{}", resumed.lines.join("\n"));
@@ -546,4 +515,59 @@ async fn dataset_mistakes_are_bad_datasets() {
         assert!(b.latest_checkpoint(&inputs).is_none());
         assert_eq!(b.stop_request(&inputs), StopRequest::Unsupported);
     }
+}
+
+/// Two runs on one worker at once: in the same slot the second cannot bind
+/// the rendezvous port the first holds; in slots 0 and 1 each has its own
+/// port and sees only its own GPU.
+#[tokio::test]
+async fn concurrent_runs_in_different_slots_do_not_collide() {
+    let fx = Fixture::new();
+    let b = backend();
+    let in_slot = |name: &str, steps: u32, index: u16| {
+        let mut inputs = fx.inputs(name, steps, 0);
+        inputs.slot = Slot {
+            index,
+            gpus: vec![u32::from(index)],
+        };
+        inputs
+    };
+    let hold = ("STANDIN_HOLD_PORT", "1");
+    let first = in_slot("first", 20, 0);
+    let mut running = Run::start(b.as_ref(), &first, &[hold, ("STANDIN_FAULT", "hang@3")]);
+    running
+        .until(|events| {
+            events
+                .iter()
+                .any(|e| matches!(e, LineEvent::Progress { .. }))
+                .then_some(())
+        })
+        .await;
+
+    let same = in_slot("same", 3, 0);
+    let mut clash = Run::start(b.as_ref(), &same, &[hold]);
+    let status = clash.finish().await;
+    assert!(!status.success());
+    assert!(
+        clash.lines.iter().any(|l| l.contains("EADDRINUSE")),
+        "{}",
+        clash.lines.join("\n")
+    );
+
+    let other = in_slot("other", 3, 1);
+    let mut beside = Run::start(b.as_ref(), &other, &[hold]);
+    let status = beside.finish().await;
+    assert!(status.success(), "{status}\n{}", beside.lines.join("\n"));
+    assert!(
+        beside
+            .lines
+            .iter()
+            .any(|l| l.contains("Setting CUDA_VISIBLE_DEVICES=1, MASTER_PORT=29501")),
+        "{}",
+        beside.lines.join("\n")
+    );
+    assert!(b.final_adapter(&other).is_some());
+
+    running.child.signal(Signal::SIGKILL);
+    running.finish().await;
 }

@@ -2,6 +2,7 @@
 //! (`train_network.py`, `library/train_util.py`, accelerate, tqdm).
 
 mod common;
+mod support;
 
 use common::{Fixture, settings};
 use std::collections::HashMap;

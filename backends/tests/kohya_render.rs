@@ -4,6 +4,7 @@
 //! golden files.
 
 mod common;
+mod support;
 
 use common::{Fixture, settings};
 use std::collections::HashMap;
@@ -46,15 +47,10 @@ fn rendered(fx: &Fixture, launch: &Launch) -> Vec<(String, String)> {
             )
         })
         .collect();
-    let mut argv = vec![launch.command.program.to_string_lossy().into_owned()];
-    argv.extend(
-        launch
-            .command
-            .args
-            .iter()
-            .map(|a| a.to_string_lossy().into_owned()),
-    );
-    out.push(("argv".into(), argv.join("\n").replace(root, "$ROOT") + "\n"));
+    out.push((
+        "argv".into(),
+        support::argv(launch).join("\n").replace(root, "$ROOT") + "\n",
+    ));
     assert_eq!(launch.command.cwd, fx.path("run"));
     out
 }

@@ -4,12 +4,14 @@
 //! checkpoints, kill, restore only the checkpoint's files, resume.
 
 mod common;
+mod support;
 
-use common::{Fixture, safetensors_header, settings, standin_tools};
+use common::{Fixture, settings, standin_tools};
 use nix::sys::signal::Signal;
 use std::collections::HashMap;
 use std::process::ExitStatus;
 use std::time::Duration;
+use support::safetensors_header;
 use trainyard_backends::{
     FoundCheckpoint, LineEvent, Resume, TrainInputs, TrainerBackend, by_name,
 };

@@ -3,6 +3,7 @@
 //! webhook events received on loopback.
 
 mod session;
+mod support;
 
 use serde_json::Value;
 use session::{Fixture, Session, first_progress, max_progress, restore, tools, webhook_listener};

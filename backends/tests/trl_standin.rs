@@ -3,11 +3,14 @@
 //! (`tests/standins/trl/python`), started through the one subprocess
 //! constructor the worker uses.
 
+mod support;
+
 use std::collections::HashMap;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::Duration;
+use support::{run_inputs, standins, write_safetensors};
 use tokio::sync::mpsc;
 use trainyard_backends::trl::Trl;
 use trainyard_backends::{
@@ -21,7 +24,7 @@ use trainyard_proto::v1::{ErrorKind, TrainingSettings};
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 fn python_wrapper() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/standins/trl/python3")
+    standins().join("trl/python3")
 }
 
 /// A model folder, a dataset and an empty output folder in `root`.
@@ -43,10 +46,7 @@ impl Fixture {
         std::fs::write(model.join("config.json"), config).unwrap();
         let template = r#"{"chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"}"#;
         std::fs::write(model.join("tokenizer_config.json"), template).unwrap();
-        // An empty but valid safetensors file: header length, then `{}` padded to 8 bytes.
-        let mut weights = 8u64.to_le_bytes().to_vec();
-        weights.extend_from_slice(b"{}      ");
-        std::fs::write(model.join("model.safetensors"), weights).unwrap();
+        write_safetensors(&model.join("model.safetensors"));
         let row = match method {
             "sft" | "" => {
                 r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}"#
@@ -67,33 +67,33 @@ impl Fixture {
         let run_dir = self.root.join(run);
         let output_dir = run_dir.join("output");
         std::fs::create_dir_all(&output_dir).unwrap();
+        let model = ModelFiles {
+            reference: "hf://tiny/llm".into(),
+            family: ModelFamily::Llm,
+            parts: [(part::LLM.to_string(), self.model.clone())].into(),
+        };
         TrainInputs {
-            job_id: "job1".into(),
-            dataset_dir: self.dataset.clone(),
-            model: ModelFiles {
-                reference: "hf://tiny/llm".into(),
-                family: ModelFamily::Llm,
-                parts: [(part::LLM.to_string(), self.model.clone())].into(),
-            },
-            run_dir,
-            output_dir,
-            output_name: "job1".into(),
-            settings: TrainingSettings {
-                backend: "trl".into(),
-                method: method.into(),
-                steps,
-                learning_rate: 2e-4,
-                rank: 4,
-                alpha: 8.0,
-                batch_size: 1,
-                save_every,
-                seed: 1,
-                extras: HashMap::new(),
-                ..Default::default()
-            },
             trigger_word: String::new(),
-            resume: None,
-            webhook_url: None,
+            ..run_inputs(
+                "job1",
+                &self.dataset,
+                run_dir,
+                output_dir,
+                model,
+                TrainingSettings {
+                    backend: "trl".into(),
+                    method: method.into(),
+                    steps,
+                    learning_rate: 2e-4,
+                    rank: 4,
+                    alpha: 8.0,
+                    batch_size: 1,
+                    save_every,
+                    seed: 1,
+                    extras: HashMap::new(),
+                    ..Default::default()
+                },
+            )
         }
     }
 }

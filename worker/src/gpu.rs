@@ -5,7 +5,8 @@
 //! and the check is off.
 
 use nvml_wrapper::Nvml;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use trainyard_backends::Slot;
 
 /// This machine's GPUs as NVML sees them, or none.
 #[derive(Clone, Default)]
@@ -35,6 +36,14 @@ impl Gpus {
 
     pub fn present(&self) -> bool {
         self.nvml.is_some()
+    }
+
+    /// How many devices NVML sees; 0 without NVML.
+    pub fn count(&self) -> u32 {
+        self.nvml
+            .as_ref()
+            .and_then(|nvml| nvml.device_count().ok())
+            .unwrap_or(0)
     }
 
     /// The highest GPU utilisation, in percent, over `devices` (every
@@ -73,9 +82,113 @@ pub fn visible_devices(value: Option<&str>) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// The slots of this worker's concurrent runs. A run takes the lowest free
+/// index (so at most `[worker] concurrency` indices are ever in use) and,
+/// where the worker knows its GPUs, the GPU at that index among them:
+/// slot N gets `devices[N % len]`, one GPU per run as `concurrency` means.
+#[derive(Clone, Default)]
+pub struct Slots {
+    devices: Arc<Vec<u32>>,
+    taken: Arc<Mutex<Vec<bool>>>,
+}
+
+impl Slots {
+    /// `devices`: the GPUs runs may use, empty when unknown.
+    pub fn new(devices: Vec<u32>) -> Self {
+        Self {
+            devices: Arc::new(devices),
+            taken: Arc::default(),
+        }
+    }
+
+    /// The GPUs for runs: the indices of `CUDA_VISIBLE_DEVICES` in the
+    /// trainers' environment when it is set (none if they are UUIDs: the
+    /// setting then stays as it is), else every device NVML counts.
+    pub fn devices(trainer_env: Option<&str>, gpus: &Gpus) -> Vec<u32> {
+        match trainer_env {
+            Some(value) => visible_devices(Some(value)),
+            None => (0..gpus.count()).collect(),
+        }
+    }
+
+    /// A free slot, held until the lease is dropped.
+    pub fn take(&self) -> SlotLease {
+        let mut taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
+        let index = match taken.iter().position(|t| !t) {
+            Some(free) => free,
+            None => {
+                taken.push(false);
+                taken.len() - 1
+            }
+        };
+        taken[index] = true;
+        let gpus = match self.devices.len() {
+            0 => Vec::new(),
+            n => vec![self.devices[index % n]],
+        };
+        SlotLease {
+            slot: Slot {
+                index: u16::try_from(index).unwrap_or(u16::MAX),
+                gpus,
+            },
+            taken: self.taken.clone(),
+        }
+    }
+}
+
+/// A slot in use; dropping it frees the index.
+pub struct SlotLease {
+    slot: Slot,
+    taken: Arc<Mutex<Vec<bool>>>,
+}
+
+impl SlotLease {
+    pub fn slot(&self) -> &Slot {
+        &self.slot
+    }
+}
+
+impl Drop for SlotLease {
+    fn drop(&mut self) {
+        let mut taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = taken.get_mut(usize::from(self.slot.index)) {
+            *t = false;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn concurrent_runs_get_distinct_slots_and_gpus_and_free_them() {
+        let slots = Slots::new(vec![2, 5]);
+        let a = slots.take();
+        let b = slots.take();
+        assert_eq!((a.slot().index, a.slot().gpus.as_slice()), (0, &[2][..]));
+        assert_eq!((b.slot().index, b.slot().gpus.as_slice()), (1, &[5][..]));
+        // More runs than GPUs share them in turn, each with its own index.
+        let c = slots.take();
+        assert_eq!((c.slot().index, c.slot().gpus.as_slice()), (2, &[2][..]));
+        drop(a);
+        let d = slots.take();
+        assert_eq!((d.slot().index, d.slot().gpus.as_slice()), (0, &[2][..]));
+        drop((b, c, d));
+        assert_eq!(slots.take().slot().index, 0);
+        // Without known GPUs a slot is just an index.
+        let unknown = Slots::new(Vec::new());
+        let (x, y) = (unknown.take(), unknown.take());
+        assert_eq!((x.slot().index, y.slot().index), (0, 1));
+        assert!(x.slot().gpus.is_empty() && y.slot().gpus.is_empty());
+    }
+
+    #[test]
+    fn slot_gpus_come_from_the_trainer_environment_first() {
+        assert_eq!(Slots::devices(Some("3,1"), &Gpus::default()), vec![3, 1]);
+        assert!(Slots::devices(Some("GPU-1a2b"), &Gpus::default()).is_empty());
+        assert!(Slots::devices(None, &Gpus::default()).is_empty());
+    }
 
     #[test]
     fn visible_devices_are_parsed_or_all() {

@@ -34,6 +34,19 @@ pub async fn run(
     let store = ArtifactStore::open_with(&config.store.uri, &config.store.s3)?;
     std::fs::create_dir_all(&config.worker.work_dir)?;
     std::fs::create_dir_all(&config.worker.model_cache_dir)?;
+    // Loading NVML may take a while where a driver is present.
+    let gpus = tokio::task::spawn_blocking(gpu::Gpus::probe)
+        .await
+        .unwrap_or_default();
+    let slots = gpu::Slots::new(gpu::Slots::devices(
+        config
+            .worker
+            .trainers
+            .env
+            .get("CUDA_VISIBLE_DEVICES")
+            .map(String::as_str),
+        &gpus,
+    ));
     let stage = train::TrainStage {
         models: models::Models::new(
             store.clone(),
@@ -54,10 +67,8 @@ pub async fn run(
         checkpoint_scan: Duration::from_millis(config.worker.checkpoint_scan_ms.max(50)),
         nan_loss_steps: config.worker.nan_loss_steps,
         stuck: config.worker.stuck.clone(),
-        // Loading NVML may take a while where a driver is present.
-        gpus: tokio::task::spawn_blocking(gpu::Gpus::probe)
-            .await
-            .unwrap_or_default(),
+        gpus,
+        slots,
         trainer_env: config
             .worker
             .trainers

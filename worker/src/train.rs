@@ -9,7 +9,7 @@
 //! way its backend allows ([`StopRequest`]), uploads that state, and hands
 //! the task back; the next attempt, on any worker, continues from it.
 
-use crate::gpu::{Gpus, visible_devices};
+use crate::gpu::{Gpus, Slots, visible_devices};
 use crate::logs::LogBatcher;
 use crate::models::Models;
 use crate::webhook::Webhook;
@@ -58,6 +58,8 @@ pub struct TrainStage {
     pub stuck: StuckConfig,
     /// NVML, for the GPU idle check; absent on machines without it.
     pub gpus: Gpus,
+    /// Each concurrent run's index and GPU (`TrainInputs::slot`).
+    pub slots: Slots,
 }
 
 fn local_error(what: &str, error: std::io::Error) -> StageError {
@@ -122,6 +124,7 @@ impl TrainStage {
                 Duration::from_secs(30),
             ));
         }
+        let slot = self.slots.take();
         let mut inputs = TrainInputs {
             job_id: ctx.meta.job.to_string(),
             dataset_dir: work.join("dataset"),
@@ -140,6 +143,7 @@ impl TrainStage {
                 .unwrap_or_default(),
             resume: None,
             webhook_url: None,
+            slot: slot.slot().clone(),
             settings,
         };
         for dir in [&inputs.run_dir, &inputs.output_dir, &inputs.dataset_dir] {

@@ -1,5 +1,4 @@
 use super::*;
-use crate::ModelFiles;
 use std::os::unix::process::ExitStatusExt;
 use trainyard_proto::v1::{ExtraValue, extra_value::Kind};
 
@@ -12,37 +11,7 @@ fn backend() -> AiToolkit {
 }
 
 fn inputs(family: ModelFamily) -> TrainInputs {
-    TrainInputs {
-        job_id: "job123".into(),
-        dataset_dir: "/job/img".into(),
-        model: ModelFiles {
-            reference: "preset".into(),
-            family,
-            parts: BTreeMap::from([(
-                part::DIFFUSERS.to_string(),
-                PathBuf::from("/models/diffusers"),
-            )]),
-        },
-        run_dir: "/job".into(),
-        output_dir: "/job/out".into(),
-        output_name: "job123".into(),
-        settings: TrainingSettings {
-            backend: NAME.into(),
-            steps: 2000,
-            learning_rate: 1e-4,
-            rank: 16,
-            alpha: 0.0,
-            resolution: 1024,
-            batch_size: 1,
-            repeats: 10,
-            save_every: 250,
-            seed: 42,
-            ..Default::default()
-        },
-        trigger_word: "ohwx".into(),
-        resume: None,
-        webhook_url: None,
-    }
+    crate::test_support::diffusers_run(NAME, family)
 }
 
 const FLUX_JOB: &str = "\

@@ -2,7 +2,7 @@
 //! diffusion-pipe's own) and, when it fails, why.
 
 use super::NAME;
-use crate::common::{NUM, num, unclassified};
+use crate::common::{NUM, Signature, Signatures, num, unclassified};
 use crate::{LineEvent, OutputParser, classify_common, error};
 use regex::Regex;
 use std::os::unix::process::ExitStatusExt;
@@ -10,16 +10,9 @@ use std::process::ExitStatus;
 use std::sync::LazyLock;
 use trainyard_proto::v1::{ErrorKind, JobError};
 
-struct Signature {
-    pattern: &'static str,
-    kind: ErrorKind,
-    retryable: bool,
-    what: &'static str,
-}
-
 /// diffusion-pipe's own failures (trainers reference §3(f)), checked before
 /// the shared table.
-const SIGNATURES: &[Signature] = &[
+static SIGNATURES: Signatures = Signatures::new(&[
     Signature {
         pattern: r"This script forces alpha=rank",
         kind: ErrorKind::InvalidSpec,
@@ -57,14 +50,7 @@ const SIGNATURES: &[Signature] = &[
         retryable: true,
         what: "the restored checkpoint is incomplete",
     },
-];
-
-static COMPILED: LazyLock<Vec<(Regex, &'static Signature)>> = LazyLock::new(|| {
-    SIGNATURES
-        .iter()
-        .map(|s| (Regex::new(s.pattern).expect("signature regex"), s))
-        .collect()
-});
+]);
 
 /// The single-node runner's report of its child: `exits with return code = -9`
 /// when the child died by a signal (the runner itself then exits 1).
@@ -77,14 +63,8 @@ static EXCEPTION: LazyLock<Regex> = LazyLock::new(|| {
 });
 
 pub(super) fn classify(status: ExitStatus, tail: &[String]) -> JobError {
-    for (regex, sig) in COMPILED.iter() {
-        if let Some(line) = tail.iter().rev().find(|l| regex.is_match(l)) {
-            return error(
-                sig.kind,
-                format!("{}: {}", sig.what, line.trim()),
-                sig.retryable,
-            );
-        }
+    if let Some(known) = SIGNATURES.find(tail) {
+        return known;
     }
     // Anything raised while reading the config (the bare `assert` for a
     // missing save_every_n_* key, a KeyError for a missing dtype) is ours.

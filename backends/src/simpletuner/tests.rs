@@ -1,5 +1,5 @@
 use super::*;
-use crate::{ModelFiles, Resume};
+use crate::Resume;
 use serde_json::json;
 use std::collections::HashMap;
 use std::os::unix::process::ExitStatusExt;
@@ -15,35 +15,8 @@ fn backend() -> SimpleTuner {
 
 fn inputs(family: ModelFamily) -> TrainInputs {
     TrainInputs {
-        job_id: "job123".into(),
-        dataset_dir: "/job/img".into(),
-        model: ModelFiles {
-            reference: "preset".into(),
-            family,
-            parts: BTreeMap::from([(
-                part::DIFFUSERS.to_string(),
-                PathBuf::from("/models/diffusers"),
-            )]),
-        },
-        run_dir: "/job".into(),
-        output_dir: "/job/out".into(),
-        output_name: "job123".into(),
-        settings: TrainingSettings {
-            backend: NAME.into(),
-            steps: 2000,
-            learning_rate: 1e-4,
-            rank: 16,
-            alpha: 0.0,
-            resolution: 1024,
-            batch_size: 1,
-            repeats: 10,
-            save_every: 250,
-            seed: 42,
-            ..Default::default()
-        },
-        trigger_word: "ohwx".into(),
-        resume: None,
         webhook_url: Some("http://127.0.0.1:40123/st".into()),
+        ..crate::test_support::diffusers_run(NAME, family)
     }
 }
 

@@ -2,7 +2,7 @@
 //! class of a failure from its last lines.
 
 use super::ADAPTER;
-use crate::common::{NUM, error, num, unclassified};
+use crate::common::{NUM, Signature, Signatures, error, num, unclassified};
 use crate::{LineEvent, OutputParser, classify_common};
 use regex::Regex;
 use std::process::ExitStatus;
@@ -122,15 +122,8 @@ impl OutputParser for Parser {
     }
 }
 
-struct Signature {
-    pattern: &'static str,
-    kind: ErrorKind,
-    retryable: bool,
-    what: &'static str,
-}
-
 /// TRL-specific failures, checked before the shared table.
-const SIGNATURES: &[Signature] = &[
+static SIGNATURES: Signatures = Signatures::new(&[
     Signature {
         pattern: r"Either .datasets. or .dataset_name. must be provided",
         kind: ErrorKind::InvalidSpec,
@@ -167,27 +160,14 @@ const SIGNATURES: &[Signature] = &[
         retryable: true,
         what: "checkpoint to resume from is missing or corrupt",
     },
-];
-
-static COMPILED: LazyLock<Vec<(Regex, &'static Signature)>> = LazyLock::new(|| {
-    SIGNATURES
-        .iter()
-        .map(|s| (Regex::new(s.pattern).expect("signature regex"), s))
-        .collect()
-});
+]);
 
 static NAN_LOSS: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"'loss':\s*'?nan'?").expect("nan regex"));
 
 pub(super) fn classify(status: ExitStatus, tail: &[String]) -> JobError {
-    for (regex, sig) in COMPILED.iter() {
-        if let Some(line) = tail.iter().rev().find(|l| regex.is_match(l)) {
-            return error(
-                sig.kind,
-                format!("{}: {}", sig.what, line.trim()),
-                sig.retryable,
-            );
-        }
+    if let Some(known) = SIGNATURES.find(tail) {
+        return known;
     }
     // The run loop stops a run whose loss stays NaN; its kill must not read as OOM.
     let last_logs = tail

@@ -48,6 +48,7 @@ fn inputs(method: &str, save_every: u32, extras: HashMap<String, ExtraValue>) ->
         trigger_word: String::new(),
         resume: None,
         webhook_url: None,
+        slot: Default::default(),
     }
 }
 
@@ -58,15 +59,10 @@ fn rendered(inputs: &TrainInputs) -> (serde_json::Value, Vec<String>) {
     assert_eq!(launch.files[1].1, DRIVER.as_bytes());
     assert_eq!(launch.files[0].0, PathBuf::from("/run/job1/trl.json"));
     assert_eq!(launch.command.cwd, PathBuf::from("/run/job1"));
-    let mut argv = vec![launch.command.program.to_string_lossy().into_owned()];
-    argv.extend(
-        launch
-            .command
-            .args
-            .iter()
-            .map(|a| a.to_string_lossy().into_owned()),
-    );
-    (serde_json::from_slice(&launch.files[0].1).unwrap(), argv)
+    (
+        serde_json::from_slice(&launch.files[0].1).unwrap(),
+        crate::test_support::argv(&launch),
+    )
 }
 
 const ARGV: [&str; 4] = [

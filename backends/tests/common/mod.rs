@@ -1,45 +1,22 @@
-//! Fixtures shared by the kohya tests: a tiny captioned dataset, small but
-//! valid model files, and the inputs of a run inside a temporary folder.
+//! Fixtures of the kohya tests: a tiny captioned dataset, small but valid
+//! model files, and the inputs of a run inside a temporary folder (built
+//! from `support`).
 #![allow(dead_code)]
 
+use crate::support::{captioned_dataset, run_inputs, standins, write_safetensors};
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use trainyard_backends::{ModelFiles, Resume, Tools, TrainInputs};
 use trainyard_core::models::{ModelFamily, part};
 use trainyard_proto::v1::{ExtraValue, TrainingSettings};
 
-/// A 1×1 RGB PNG.
-pub const PNG: &[u8] = &[
-    0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x48, 0x44, 0x52,
-    0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x08, 0x02, 0x00, 0x00, 0x00, 0x90, 0x77, 0x53,
-    0xde, 0x00, 0x00, 0x00, 0x0c, 0x49, 0x44, 0x41, 0x54, 0x78, 0x9c, 0x63, 0xf8, 0xcf, 0xc0, 0x00,
-    0x00, 0x03, 0x01, 0x01, 0x00, 0xc9, 0xfe, 0x92, 0xef, 0x00, 0x00, 0x00, 0x00, 0x49, 0x45, 0x4e,
-    0x44, 0xae, 0x42, 0x60, 0x82,
-];
-
 /// The stand-ins shipped in the test tree.
 pub fn standin_tools() -> Tools {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/standins");
     Tools {
-        accelerate: root.join("bin/accelerate"),
-        kohya_dir: root.join("kohya"),
+        accelerate: standins().join("bin/accelerate"),
+        kohya_dir: standins().join("kohya"),
         ..Tools::default()
     }
-}
-
-/// An empty but well-formed safetensors file (8-byte header length + `{}`).
-pub fn write_safetensors(path: &Path) {
-    let header = b"{}      ";
-    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
-    bytes.extend_from_slice(header);
-    std::fs::write(path, bytes).unwrap();
-}
-
-/// The JSON header of a safetensors file.
-pub fn safetensors_header(path: &Path) -> serde_json::Value {
-    let bytes = std::fs::read(path).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    serde_json::from_slice(&bytes[8..8 + n]).unwrap()
 }
 
 pub struct Fixture {
@@ -50,17 +27,10 @@ impl Fixture {
     /// A dataset of `images` captioned PNGs and the model files of `family`.
     pub fn new(family: ModelFamily, images: usize) -> Self {
         let root = tempfile::tempdir().unwrap();
-        let dataset = root.path().join("dataset");
-        std::fs::create_dir_all(&dataset).unwrap();
-        for i in 0..images {
-            std::fs::write(dataset.join(format!("img{i}.png")), PNG).unwrap();
-            std::fs::write(
-                dataset.join(format!("img{i}.txt")),
-                format!("tyzx photo {i}\n"),
-            )
-            .unwrap();
-        }
-        std::fs::write(dataset.join("manifest.json"), "{}").unwrap();
+        captioned_dataset(
+            &root.path().join("dataset"),
+            (0..images).map(|i| (format!("img{i}"), format!("tyzx photo {i}\n"))),
+        );
         let models = root.path().join("models");
         std::fs::create_dir_all(&models).unwrap();
         for (_, file) in model_parts(family) {
@@ -81,26 +51,26 @@ impl Fixture {
             .into_iter()
             .map(|(role, file)| (role.to_string(), self.path("models").join(file)))
             .collect();
+        let model = ModelFiles {
+            reference: if family == ModelFamily::Flux {
+                "flux1-dev"
+            } else {
+                "sdxl-base-1.0"
+            }
+            .into(),
+            family,
+            parts,
+        };
         TrainInputs {
-            job_id: "job123".into(),
-            dataset_dir: self.path("dataset"),
-            model: ModelFiles {
-                reference: if family == ModelFamily::Flux {
-                    "flux1-dev"
-                } else {
-                    "sdxl-base-1.0"
-                }
-                .into(),
-                family,
-                parts,
-            },
-            run_dir: self.path("run"),
-            output_dir: self.path("out"),
-            output_name: "job123".into(),
-            settings,
             trigger_word: "tyzx".into(),
-            resume: None,
-            webhook_url: None,
+            ..run_inputs(
+                "job123",
+                self.path("dataset"),
+                self.path("run"),
+                self.path("out"),
+                model,
+                settings,
+            )
         }
     }
 }

@@ -3,34 +3,26 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+use crate::support::{
+    captioned_dataset, diffusers_folder, diffusers_model, run_inputs, small_run, standins,
+};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use trainyard_backends::{
-    FoundCheckpoint, Launch, LineEvent, ModelFiles, OutputParser, Resume, Tools, TrainInputs,
-    TrainerBackend,
-};
-use trainyard_core::models::{ModelFamily, part};
+use trainyard_backends::{Launch, LineEvent, OutputParser, Tools, TrainInputs, TrainerBackend};
+use trainyard_core::models::ModelFamily;
 use trainyard_core::process::{ChildGroup, OutputLine};
-use trainyard_proto::v1::TrainingSettings;
 
 /// Generous bound on any one wait (a whole stand-in run takes seconds).
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
-
 /// The stand-ins in place of the real installs.
 pub fn tools() -> Tools {
-    let standins = repo_root().join("tests/standins");
+    let standins = standins();
     Tools {
         python: "python3".into(),
         accelerate: standins.join("bin/accelerate"),
@@ -52,22 +44,11 @@ impl Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
         let dataset = dir.path().join("dataset");
         let model = dir.path().join("model");
-        std::fs::create_dir_all(&dataset).unwrap();
-        std::fs::create_dir_all(model.join("transformer")).unwrap();
-        for i in 0..images {
-            std::fs::write(dataset.join(format!("img{i}.png")), b"\x89PNG\r\n\x1a\n").unwrap();
-            std::fs::write(
-                dataset.join(format!("img{i}.txt")),
-                format!("ohwx, photo {i}"),
-            )
-            .unwrap();
-        }
-        std::fs::write(dataset.join("manifest.json"), b"{}").unwrap();
-        std::fs::write(
-            model.join("model_index.json"),
-            br#"{"_class_name": "FluxPipeline"}"#,
-        )
-        .unwrap();
+        captioned_dataset(
+            &dataset,
+            (0..images).map(|i| (format!("img{i}"), format!("ohwx, photo {i}"))),
+        );
+        diffusers_folder(&model);
         Fixture {
             dir,
             dataset,
@@ -79,49 +60,20 @@ impl Fixture {
     pub fn inputs(&self, backend: &str, run: &str, steps: u32, save_every: u32) -> TrainInputs {
         let run_dir = self.dir.path().join(run);
         TrainInputs {
-            job_id: format!("job-{run}"),
-            dataset_dir: self.dataset.clone(),
-            model: ModelFiles {
-                reference: "flux1-dev".into(),
-                family: ModelFamily::Flux,
-                parts: [(part::DIFFUSERS.to_string(), self.model.clone())].into(),
-            },
-            output_dir: run_dir.join("out"),
-            run_dir,
             output_name: "lora1".into(),
-            settings: TrainingSettings {
-                backend: backend.into(),
-                steps,
-                learning_rate: 1e-4,
-                rank: 4,
-                alpha: 4.0,
-                resolution: 512,
-                batch_size: 1,
-                repeats: 1,
-                save_every,
-                seed: 7,
-                ..Default::default()
-            },
-            trigger_word: "ohwx".into(),
-            resume: None,
-            webhook_url: None,
+            ..run_inputs(
+                &format!("job-{run}"),
+                &self.dataset,
+                &run_dir,
+                run_dir.join("out"),
+                diffusers_model("flux1-dev", ModelFamily::Flux, &self.model),
+                small_run(backend, steps, save_every),
+            )
         }
     }
 }
 
-/// Copies a checkpoint's files (and nothing else) into `to`, as the worker
-/// restores a stored checkpoint.
-pub fn restore(found: &FoundCheckpoint, from: &Path, to: &Path) -> Resume {
-    for file in &found.files {
-        let target = to.join(file);
-        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
-        std::fs::copy(from.join(file), target).unwrap();
-    }
-    Resume {
-        step: found.step,
-        files: found.files.clone(),
-    }
-}
+pub use crate::support::restore;
 
 /// A loopback HTTP listener that hands every POSTed JSON body to the
 /// returned channel before answering `200 OK`.

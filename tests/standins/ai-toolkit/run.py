@@ -32,7 +32,6 @@ import glob
 import json
 import math
 import os
-import struct
 import sys
 import time
 import traceback
@@ -41,7 +40,9 @@ import zipfile
 # Keep the test tree free of __pycache__ folders.
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "_shared"))
 
+from standin_common import Bar, HFValidationError, fault, read_safetensors_header, write_safetensors  # noqa: E402
 from toolkit.yaml_subset import load as load_yaml  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -52,13 +53,6 @@ LORA_MODULES = {
 }
 SDXL_MODULES = ["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q",
                 "lora_unet_up_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"]
-
-
-class HFValidationError(ValueError):
-    pass
-
-
-HFValidationError.__module__ = "huggingface_hub.errors"
 
 
 def print_end_message(jobs_completed, jobs_failed):
@@ -74,42 +68,9 @@ def print_end_message(jobs_completed, jobs_failed):
     print("========================================")
 
 
-def fmt_interval(seconds):
-    minutes, s = divmod(int(seconds), 60)
-    h, m = divmod(minutes, 60)
-    return f"{h:d}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
-
-
-class ProgressBar:
-    """tqdm on a pipe, as toolkit/progress_bar.py's ToolkitProgressBar."""
-
-    def __init__(self, total, desc, initial=0):
-        self.total, self.desc, self.n = total, desc, initial
-        self.start, self.start_n, self.postfix = time.monotonic(), initial, ""
-        self.refresh()
-
-    def refresh(self):
-        elapsed = time.monotonic() - self.start
-        done = self.n - self.start_n
-        rate = done / elapsed if elapsed > 0 and done > 0 else None
-        frac = self.n / self.total if self.total else 0
-        full, partial = divmod(int(frac * 10 * 8), 8)
-        bar = "█" * full + ((" ▏▎▍▌▋▊▉"[partial] + " " * (9 - full)) if full < 10 else "")
-        remaining = fmt_interval((self.total - self.n) / rate) if rate else "?"
-        if rate is None:
-            rate_fmt = "?it/s"
-        elif rate >= 1:
-            rate_fmt = f"{rate:5.2f}it/s"
-        else:
-            rate_fmt = f"{1 / rate:5.2f}s/it"
-        postfix = f", {self.postfix}" if self.postfix else ""
-        sys.stderr.write(f"\r{self.desc}: {frac * 100:3.0f}%|{bar}| {self.n}/{self.total} "
-                         f"[{fmt_interval(elapsed)}<{remaining}, {rate_fmt}{postfix}]")
-        sys.stderr.flush()
-
-    def set_postfix_str(self, text):
-        self.postfix = text
-        self.refresh()
+class ProgressBar(Bar):
+    """toolkit/progress_bar.py's ToolkitProgressBar: after an update the
+    postfix shows the rate, for the next refresh."""
 
     def update(self, k):
         if k > 0:
@@ -119,42 +80,9 @@ class ProgressBar:
         rate = (self.n - self.start_n) / elapsed if elapsed > 0 else 0.0
         self.postfix = f"it/s={rate:.3f}"
 
-    def close(self):
-        self.refresh()
-        sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
-def write_safetensors(path, tensors, metadata):
-    header, data = {}, b""
-    for name, (shape, values) in tensors.items():
-        raw = struct.pack(f"<{len(values)}f", *values)
-        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [len(data), len(data) + len(raw)]}
-        data += raw
-    header["__metadata__"] = metadata
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(encoded)) + encoded + data)
-
-
-class SafetensorError(Exception):
-    pass
-
-
-SafetensorError.__module__ = "safetensors_rust"
-
 
 def load_metadata_from_safetensors(path):
-    with open(path, "rb") as handle:
-        blob = handle.read()
-    (n,) = struct.unpack("<Q", blob[:8]) if len(blob) >= 8 else (len(blob),)
-    if 8 + n > len(blob):
-        raise SafetensorError("Error while deserializing header: HeaderTooLarge")
-    header = json.loads(blob[8:8 + n])
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end != len(blob):
-        raise SafetensorError("Error while deserializing header: MetadataIncompleteBuffer")
+    header = read_safetensors_header(path)
     meta = {}
     for key, value in header.get("__metadata__", {}).items():
         try:
@@ -162,14 +90,6 @@ def load_metadata_from_safetensors(path):
         except ValueError:
             meta[key] = value
     return meta
-
-
-def fault():
-    spec = os.environ.get("STANDIN_FAULT", "")
-    if "@" not in spec:
-        return None, None
-    kind, step = spec.split("@", 1)
-    return kind, int(step)
 
 
 class SDTrainer:

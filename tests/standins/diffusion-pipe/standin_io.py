@@ -10,6 +10,10 @@ import struct
 import sys
 from datetime import datetime
 
+sys.dont_write_bytecode = True  # keep the test tree free of __pycache__
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "_shared"))
+from standin_common import bf16, write_safetensors  # noqa: E402
+
 
 def ds_log(level, where, message):
     """A DeepSpeed logger line: `[date] [LEVEL] [file.py:line:func] message`."""
@@ -58,40 +62,17 @@ def state_size(model_type, rank):
     return sum(a * b for _, (a, b) in lora_shapes(model_type, rank))
 
 
-def _bf16(values):
-    # bfloat16 is the top half of a float32.
-    return b''.join(struct.pack('<f', v)[2:] for v in values)
-
-
-def write_safetensors(path, tensors, metadata=None):
-    """tensors: list of (name, shape, bf16 bytes)."""
-    header = {}
-    offset = 0
-    for name, shape, data in tensors:
-        header[name] = {'dtype': 'BF16', 'shape': shape, 'data_offsets': [offset, offset + len(data)]}
-        offset += len(data)
-    if metadata:
-        header['__metadata__'] = metadata
-    raw = json.dumps(header, separators=(',', ':')).encode()
-    raw += b' ' * (-len(raw) % 8)
-    with open(path, 'wb') as f:
-        f.write(struct.pack('<Q', len(raw)))
-        f.write(raw)
-        for _, _, data in tensors:
-            f.write(data)
-
-
 def save_adapter(save_dir, model_type, rank, state):
     """The LoRA as diffusion-pipe saves it for this model type."""
-    tensors = []
+    tensors = {}
     at = 0
     for name, (a, b) in lora_shapes(model_type, rank):
-        tensors.append((name, [a, b], _bf16(state[at:at + a * b])))
+        tensors[name] = ([a, b], bf16(state[at:at + a * b]))
         at += a * b
     if model_type == 'sdxl':
         for template in LORA_MODULES['sdxl']:
             for i in range(BLOCKS):
-                tensors.append((f'{template.format(i=i)}.alpha', [], _bf16([float(rank)])))
+                tensors[f'{template.format(i=i)}.alpha'] = ([], bf16([float(rank)]))
     write_safetensors(os.path.join(save_dir, weights_file(model_type)), tensors, {'format': 'pt'})
     if model_type not in WEIGHTS_FILE:
         config = {

@@ -37,7 +37,8 @@ from datetime import datetime, timezone
 
 # Leave no __pycache__ in the source tree.
 sys.dont_write_bytecode = True
-import standin_io as dsio  # noqa: E402
+import standin_io as dsio  # noqa: E402 (puts ../_shared on sys.path)
+from standin_common import HFValidationError, fault  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument('--config', help='Path to TOML configuration file.')
@@ -60,13 +61,6 @@ args = parser.parse_args()
 DTYPE_MAP = {'float32', 'float16', 'bfloat16', 'float8', 'float8_e4m3fn', 'float8_e5m2'}
 MODEL_TYPES = ('flux', 'sdxl', 'wan', 'qwen_image', 'z_image', 'ltx-video', 'hunyuan-video', 'chroma', 'lumina_2')
 SKIPPED_SUFFIXES = ('.txt', '.npz', '.json', '.parquet', '.bak', '.db')
-
-
-class HFValidationError(ValueError):
-    pass
-
-
-HFValidationError.__module__ = 'huggingface_hub.errors'
 
 
 def missing(path):
@@ -192,14 +186,6 @@ def load_dataset(dataset_config, model_type):
 
 def get_most_recent_run_dir(output_dir):
     return list(sorted(glob.glob(os.path.join(output_dir, '*'))))[-1]
-
-
-def fault():
-    spec = os.environ.get('STANDIN_FAULT', '')
-    if '@' not in spec:
-        return None, None
-    kind, at = spec.split('@', 1)
-    return kind, int(at)
 
 
 class Loader:

@@ -38,9 +38,13 @@ import math
 import os
 import pickle
 import random
-import struct
 import sys
 import time
+
+sys.dont_write_bytecode = True  # keep the test tree free of __pycache__
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "_shared"))
+from standin_common import (  # noqa: E402
+    Bar, OutOfMemoryError, fault, read_safetensors_header, write_safetensors)  # noqa: E402
 
 try:
     import tomllib
@@ -56,20 +60,6 @@ NO_DATA = (
     " / 画像がありません。引数指定を確認してください（train_data_dirには画像があるフォルダではなく、"
     "画像があるフォルダの親フォルダを指定する必要があります）"
 )
-
-
-class OutOfMemoryError(RuntimeError):
-    pass
-
-
-OutOfMemoryError.__module__ = "torch"
-
-
-class SafetensorError(Exception):
-    pass
-
-
-SafetensorError.__module__ = "safetensors_rust"
 
 
 class MultipleInvalid(Exception):
@@ -319,100 +309,6 @@ def split_top(s):
 # ---------------------------------------------------------------- safetensors
 
 
-def write_safetensors(path, tensors, metadata):
-    header = {"__metadata__": metadata} if metadata else {}
-    blob = b""
-    for name in sorted(tensors):
-        shape, values = tensors[name]
-        raw = struct.pack(f"<{len(values)}f", *values)
-        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [len(blob), len(blob) + len(raw)]}
-        blob += raw
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(head)) + head + blob)
-
-
-def read_safetensors_header(path):
-    """Like safe_open: FileNotFoundError for a missing file, SafetensorError for a bad one."""
-    with open(path, "rb") as f:
-        data = f.read()
-    if len(data) < 8:
-        raise SafetensorError("Error while deserializing header: HeaderTooSmall")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8:
-        raise SafetensorError("Error while deserializing header: HeaderTooLarge")
-    try:
-        header = json.loads(data[8 : 8 + n])
-    except ValueError:
-        raise SafetensorError("Error while deserializing header: InvalidHeaderDeserialization")
-    end = max([t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"] or [0])
-    if 8 + n + end != len(data):
-        raise SafetensorError("Error while deserializing header: MetadataIncompleteBuffer")
-    return header
-
-
-# ---------------------------------------------------------------- tqdm
-
-
-def format_interval(t):
-    m, s = divmod(int(t), 60)
-    h, m = divmod(m, 60)
-    return f"{h:d}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
-
-
-def format_num(n):
-    f = f"{n:.3g}".replace("+0", "+").replace("-0", "-")
-    n = str(n)
-    return f if len(f) < len(n) else n
-
-
-class Bar:
-    """tqdm's bar on a pipe: stderr, `\\r` before every refresh, no newline
-    until it closes; update() refreshes at most every 0.1 s, set_postfix()
-    always."""
-
-    def __init__(self, total, desc):
-        self.total, self.desc, self.n, self.postfix = total, desc, 0, ""
-        self.start = self.last = time.time()
-        self.display()
-
-    def display(self):
-        elapsed = time.time() - self.start
-        rate = self.n / elapsed if self.n and elapsed > 0 else None
-        frac = self.n / self.total if self.total else 0
-        full = int(frac * 10)
-        partial = " ▏▎▍▌▋▊▉"[int((frac * 10 - full) * 8)] if full < 10 else ""
-        bar = ("█" * full + partial).ljust(10)
-        if rate is None:
-            rate_fmt, remaining = "?it/s", "?"
-        else:
-            rate_fmt = f"{1 / rate:5.2f}s/it" if rate < 1 else f"{rate:5.2f}it/s"
-            remaining = format_interval((self.total - self.n) / rate)
-        postfix = f", {self.postfix}" if self.postfix else ""
-        text = (
-            f"{self.desc}: {frac * 100:3.0f}%|{bar}| {self.n}/{self.total} "
-            f"[{format_interval(elapsed)}<{remaining}, {rate_fmt}{postfix}]"
-        )
-        sys.stderr.write("\r" + text)
-        sys.stderr.flush()
-        self.last = time.time()
-
-    def update(self, n=1):
-        self.n += n
-        if time.time() - self.last >= 0.1:
-            self.display()
-
-    def set_postfix(self, **kw):
-        self.postfix = ", ".join(f"{k}={format_num(kw[k]) if isinstance(kw[k], float) else kw[k]}" for k in sorted(kw))
-        self.display()
-
-    def close(self):
-        self.display()
-        sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
 # ---------------------------------------------------------------- dataset
 
 GENERAL_KEYS = {"shuffle_caption", "caption_extension", "keep_tokens", "enable_bucket", "min_bucket_reso",
@@ -557,14 +453,6 @@ class LossRecorder:
     @property
     def moving_average(self):
         return self.loss_total / len(self.loss_list) if self.loss_list else 0.0
-
-
-def fault():
-    spec = os.environ.get("STANDIN_FAULT", "")
-    if "@" not in spec:
-        return None, None
-    kind, step = spec.split("@", 1)
-    return kind, int(step)
 
 
 def oom():
@@ -748,7 +636,7 @@ class Trainer:
         nan_from = int(os.environ.get("STANDIN_NAN_FROM", "0") or 0)
         step_seconds = float(os.environ.get("STANDIN_STEP_SECONDS", "0.02"))
         loss_recorder = LossRecorder()
-        bar = Bar(a.max_train_steps - initial_step, "steps")
+        bar = Bar(a.max_train_steps - initial_step, "steps", min_interval=0.1)
         name = a.output_name
         epoch = epoch_to_start
         for epoch in range(epoch_to_start, num_train_epochs):

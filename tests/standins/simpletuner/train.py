@@ -29,12 +29,16 @@ import datetime
 import json
 import math
 import os
-import struct
 import sys
 import time
 import traceback
 import urllib.error
 import urllib.request
+
+sys.dont_write_bytecode = True  # keep the test tree free of __pycache__
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "_shared"))
+from standin_common import (  # noqa: E402
+    Bar, HFValidationError, OutOfMemoryError, fault, read_safetensors_header, write_safetensors)  # noqa: E402
 
 MODEL_FAMILIES = [
     "sd1x", "sd2x", "sd3", "deepfloyd", "sana", "sdxl", "kolors", "flux", "wan",
@@ -59,20 +63,6 @@ LORA_MODULES = {
     "wan": ["transformer.blocks.0.attn1.to_q", "transformer.blocks.0.attn2.to_k"],
     "qwen_image": ["transformer.transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.0.attn.add_k_proj"],
 }
-
-
-class OutOfMemoryError(RuntimeError):
-    pass
-
-
-OutOfMemoryError.__module__ = "torch"
-
-
-class HFValidationError(ValueError):
-    pass
-
-
-HFValidationError.__module__ = "huggingface_hub.errors"
 
 
 def log(level, message):
@@ -149,95 +139,6 @@ class Webhooks:
         self.send_raw(event)
 
 
-def fmt_interval(seconds):
-    minutes, s = divmod(int(seconds), 60)
-    h, m = divmod(minutes, 60)
-    return f"{h:d}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
-
-
-def format_num(n):
-    f = "{0:.3g}".format(n).replace("+0", "+").replace("-0", "-")
-    n = str(n)
-    return f if len(f) < len(n) else n
-
-
-class Bar:
-    """A tqdm bar on a pipe: every refresh is `\\r` plus the line."""
-
-    def __init__(self, desc, total, initial=0):
-        self.desc, self.total, self.n = desc, total, initial
-        self.start, self.start_n, self.postfix = time.monotonic(), initial, ""
-        self.refresh()
-
-    def refresh(self):
-        elapsed = time.monotonic() - self.start
-        done = self.n - self.start_n
-        rate = done / elapsed if elapsed > 0 and done > 0 else None
-        frac = self.n / self.total if self.total else 0
-        full, partial = divmod(int(frac * 10 * 8), 8)
-        bar = "█" * full + ((" ▏▎▍▌▋▊▉"[partial] + " " * (9 - full)) if full < 10 else "")
-        remaining = fmt_interval((self.total - self.n) / rate) if rate else "?"
-        if rate is None:
-            rate_fmt = "?it/s"
-        elif rate >= 1:
-            rate_fmt = f"{rate:5.2f}it/s"
-        else:
-            rate_fmt = f"{1 / rate:5.2f}s/it"
-        postfix = f", {self.postfix}" if self.postfix else ""
-        line = (f"{self.desc}: {frac * 100:3.0f}%|{bar}| {self.n}/{self.total} "
-                f"[{fmt_interval(elapsed)}<{remaining}, {rate_fmt}{postfix}]")
-        sys.stderr.write("\r" + line)
-        sys.stderr.flush()
-
-    def update(self, k=1):
-        self.n += k
-        self.refresh()
-
-    def set_postfix(self, **kwargs):
-        self.postfix = ", ".join(f"{k}={format_num(kwargs[k])}" for k in sorted(kwargs))
-        self.refresh()
-
-    def close(self):
-        sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
-def write_safetensors(path, tensors, metadata):
-    """A real safetensors file: F32 tensors, 8-byte header length, padded JSON header."""
-    header, data = {}, b""
-    for name, (shape, values) in tensors.items():
-        raw = struct.pack(f"<{len(values)}f", *values)
-        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [len(data), len(data) + len(raw)]}
-        data += raw
-    header["__metadata__"] = metadata
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(encoded)) + encoded + data)
-
-
-def read_safetensors_header(path):
-    with open(path, "rb") as handle:
-        blob = handle.read()
-    if len(blob) < 8:
-        raise SafetensorError("Error while deserializing header: HeaderTooSmall")
-    (n,) = struct.unpack("<Q", blob[:8])
-    if 8 + n > len(blob):
-        raise SafetensorError("Error while deserializing header: HeaderTooLarge")
-    header = json.loads(blob[8:8 + n])
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end != len(blob):
-        raise SafetensorError("Error while deserializing header: MetadataIncompleteBuffer")
-    return header
-
-
-class SafetensorError(Exception):
-    pass
-
-
-SafetensorError.__module__ = "safetensors_rust"
-
-
 def lora_tensors(family, rank, step):
     tensors = {}
     for i, module in enumerate(LORA_MODULES.get(family, LORA_MODULES["flux"])):
@@ -246,14 +147,6 @@ def lora_tensors(family, rank, step):
         tensors[f"{module}.lora_A.weight"] = ([rank, 8], down)
         tensors[f"{module}.lora_B.weight"] = ([8, rank], up)
     return tensors
-
-
-def fault():
-    spec = os.environ.get("STANDIN_FAULT", "")
-    if "@" not in spec:
-        return None, None
-    kind, step = spec.split("@", 1)
-    return kind, int(step)
 
 
 def loss_at(step, total):
@@ -514,7 +407,7 @@ class Run:
                      message="\n".join(block), label="Training initialisation")
         manual_checkpoint = signal_consumer(os.environ.get("SIMPLETUNER_ACCELERATE_SIGNAL_FILE"),
                                             "manual_checkpoint")
-        bar = Bar(f"Epoch {first_epoch}/{epochs} Steps", total, initial=global_step)
+        bar = Bar(total, f"Epoch {first_epoch}/{epochs} Steps", initial=global_step)
         kind, at = fault()
         seconds = float(os.environ.get("STANDIN_STEP_SECONDS", "0.02"))
         epoch = first_epoch

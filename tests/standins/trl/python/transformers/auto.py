@@ -3,14 +3,9 @@ import json
 import os
 import struct
 
+from standin_common import SafetensorError
+
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-
-
-class SafetensorError(Exception):
-    pass
-
-
-SafetensorError.__module__ = "safetensors_rust"
 
 
 def _config(path):

@@ -6,10 +6,12 @@ import math
 import os
 import pickle
 import shutil
-import struct
 import sys
 import time
 import zipfile
+
+from standin_common import OutOfMemoryError, write_safetensors
+from standin_common import fault as _fault
 
 from .trainer_callback import (
     CallbackHandler,
@@ -21,11 +23,6 @@ from .trainer_callback import (
 from .trainer_utils import PREFIX_CHECKPOINT_DIR, _checkpoint_name, get_last_checkpoint
 
 
-class OutOfMemoryError(RuntimeError):
-    pass
-
-
-OutOfMemoryError.__module__ = "torch"
 OOM_MESSAGE = (
     "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 23.55 GiB of which "
     "1.06 GiB is free. Including non-PyTorch memory, this process has 22.48 GiB memory in use. Of the "
@@ -52,26 +49,6 @@ def torch_load(path):
         raise RuntimeError(
             "PytorchStreamReader failed reading zip archive: failed finding central directory"
         ) from None
-
-
-def write_safetensors(path, tensors):
-    """tensors: name -> (shape, float values); written as F32, header padded to 8 bytes."""
-    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
-    for name in sorted(tensors):
-        shape, values = tensors[name]
-        blob = struct.pack(f"<{len(values)}f", *values)
-        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
-
-
-def _fault():
-    kind, _, step = os.environ.get("STANDIN_FAULT", "").partition("@")
-    return (kind, int(step)) if step else (None, None)
 
 
 class Trainer:
@@ -249,7 +226,8 @@ class Trainer:
                     [lora.r, hidden], [0.01 * scale * ((i % 7) - 3) for i in range(lora.r * hidden)])
                 tensors[f"{prefix}.lora_B.weight"] = (
                     [hidden, lora.r], [0.001 * scale * ((i % 5) - 2) for i in range(lora.r * hidden)])
-        write_safetensors(os.path.join(output_dir, "adapter_model.safetensors"), tensors)
+        write_safetensors(os.path.join(output_dir, "adapter_model.safetensors"),
+                          dict(sorted(tensors.items())), {"format": "pt"})
         adapter_config = {
             "base_model_name_or_path": getattr(self.model, "name_or_path", None),
             "bias": lora.bias,

@@ -4,9 +4,9 @@ logs dict on stdout through `tqdm.write`)."""
 import dataclasses
 import json
 import os
-import sys
-import time
 from dataclasses import dataclass, field
+
+from standin_common import Bar
 
 
 @dataclass
@@ -100,58 +100,6 @@ class DefaultFlowCallback(TrainerCallback):
             if args.save_strategy not in ("no", "best"):
                 control.should_save = True
         return control
-
-
-def _clock(seconds):
-    minutes, seconds = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours:d}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes:02d}:{seconds:02d}"
-
-
-class Bar:
-    """Just enough of tqdm: `{pct:3.0f}%|{bar}| n/total [elapsed<remaining, rate]` with `\\r`."""
-
-    def __init__(self, total):
-        self.total = total
-        self.n = 0
-        self.start = time.time()
-        self.shown = ""
-        self.display()
-
-    def text(self):
-        elapsed = time.time() - self.start
-        fraction = self.n / self.total if self.total else 0
-        filled = int(fraction * 10)
-        bar = "█" * filled + " " * (10 - filled)
-        if self.n and elapsed > 0:
-            rate = self.n / elapsed
-            rate_text = f"{rate:5.2f}it/s" if rate >= 1 else f"{1 / rate:5.2f}s/it"
-            remaining = _clock((self.total - self.n) / rate)
-        else:
-            rate_text, remaining = "?it/s", "?"
-        return f"{fraction * 100:3.0f}%|{bar}| {self.n}/{self.total} [{_clock(elapsed)}<{remaining}, {rate_text}]"
-
-    def display(self):
-        self.shown = self.text()
-        sys.stderr.write("\r" + self.shown)
-        sys.stderr.flush()
-
-    def update(self, n):
-        self.n += n
-        self.display()
-
-    def write(self, message):
-        # tqdm.write: clear the bar, print the message on stdout, redraw the bar.
-        sys.stderr.write("\r" + " " * len(self.shown) + "\r")
-        sys.stderr.flush()
-        sys.stdout.write(message + "\n")
-        sys.stdout.flush()
-        self.display()
-
-    def close(self):
-        self.display()
-        sys.stderr.write("\n")
-        sys.stderr.flush()
 
 
 class ProgressCallback(TrainerCallback):
