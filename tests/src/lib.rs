@@ -6,6 +6,7 @@
 
 pub mod chaos;
 pub mod hub;
+pub mod otlp;
 
 use futures::StreamExt;
 use std::net::SocketAddr;
