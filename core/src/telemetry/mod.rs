@@ -7,7 +7,8 @@
 //!   `OTEL_EXPORTER_OTLP_ENDPOINT` (or `telemetry.otlp_endpoint`) is set;
 //!   without an endpoint there is no layer and no exporter. `OTEL_SERVICE_NAME`,
 //!   `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER`/`OTEL_TRACES_SAMPLER_ARG`
-//!   and `OTEL_SDK_DISABLED` are honoured.
+//!   `OTEL_TRACES_EXPORTER`/`OTEL_METRICS_EXPORTER` (`otlp` or `none`) and
+//!   `OTEL_SDK_DISABLED` are honoured.
 //! - Metrics: the instrument set of [`metrics`], read by a Prometheus scrape
 //!   endpoint (`telemetry.metrics_port`, 0 = off) and pushed over OTLP when an
 //!   endpoint is set.
@@ -121,6 +122,11 @@ pub struct TelemetrySettings {
     pub service_name: String,
     /// OTLP/gRPC endpoint; `None` = no export.
     pub otlp_endpoint: Option<String>,
+    /// Export spans to the endpoint (`OTEL_TRACES_EXPORTER=none` turns it off).
+    pub export_traces: bool,
+    /// Export metrics to the endpoint (`OTEL_METRICS_EXPORTER=none` turns it
+    /// off, e.g. when Prometheus scrapes `/metrics` instead).
+    pub export_metrics: bool,
     /// Extra resource attributes (`OTEL_RESOURCE_ATTRIBUTES`).
     pub resource_attributes: Vec<(String, String)>,
     pub sampler: SamplerSetting,
@@ -231,6 +237,17 @@ impl TelemetrySettings {
             }
             Some(endpoint.to_string())
         };
+        let exporter = |name: &str| -> Result<bool, TelemetryError> {
+            match lookup(env, name).map(str::trim).unwrap_or("otlp") {
+                "" | "otlp" => Ok(true),
+                "none" => Ok(false),
+                other => Err(TelemetryError::Config(format!(
+                    "{name}={other:?}: only \"otlp\" and \"none\" are supported"
+                ))),
+            }
+        };
+        let export_traces = exporter("OTEL_TRACES_EXPORTER")?;
+        let export_metrics = exporter("OTEL_METRICS_EXPORTER")?;
         let mut resource_attributes = match lookup(env, "OTEL_RESOURCE_ATTRIBUTES") {
             Some(v) => parse_resource_attributes(v)?,
             None => Vec::new(),
@@ -273,6 +290,8 @@ impl TelemetrySettings {
         Ok(Self {
             service_name,
             otlp_endpoint,
+            export_traces,
+            export_metrics,
             resource_attributes,
             sampler,
             metrics_listen,
@@ -413,8 +432,7 @@ impl Telemetry {
         let runtime = tokio::runtime::Handle::try_current().ok();
 
         let tracer = match &settings.otlp_endpoint {
-            None => None,
-            Some(endpoint) => {
+            Some(endpoint) if settings.export_traces => {
                 if runtime.is_none() {
                     return Err(TelemetryError::NoRuntime("the OTLP exporter"));
                 }
@@ -442,6 +460,7 @@ impl Telemetry {
                         .build(),
                 )
             }
+            _ => None,
         };
 
         let mut meter_builder = SdkMeterProvider::builder().with_resource(resource);
@@ -460,7 +479,11 @@ impl Telemetry {
                 Some(registry)
             }
         };
-        if let Some(endpoint) = &settings.otlp_endpoint {
+        if let Some(endpoint) = settings
+            .otlp_endpoint
+            .as_ref()
+            .filter(|_| settings.export_metrics)
+        {
             let exporter = opentelemetry_otlp::MetricExporter::builder()
                 .with_tonic()
                 .with_endpoint(endpoint.clone())

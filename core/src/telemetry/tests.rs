@@ -84,6 +84,13 @@ fn the_config_sets_endpoint_and_scrape_port_and_the_environment_wins() {
     )
     .unwrap();
     assert_eq!(s.otlp_endpoint, None);
+    let s = TelemetrySettings::resolve(
+        "ty-uploader",
+        &config,
+        &env(&[("OTEL_METRICS_EXPORTER", "none")]),
+    )
+    .unwrap();
+    assert!(s.export_traces && !s.export_metrics);
 }
 
 #[test]
