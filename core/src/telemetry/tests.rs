@@ -135,7 +135,7 @@ fn bad_settings_are_clear_errors() {
 fn otlp_export_needs_a_runtime() {
     let mut s = resolve(&[]).unwrap();
     s.otlp_endpoint = Some("http://127.0.0.1:4317".into());
-    let err = Telemetry::start(&s).err().expect("no runtime here");
+    let err = Telemetry::start(&s).expect_err("no runtime here");
     assert!(matches!(err, TelemetryError::NoRuntime(_)), "{err}");
 }
 
