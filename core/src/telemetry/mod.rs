@@ -369,12 +369,6 @@ pub fn init(service: &str, config: &TelemetryConfig) -> Result<Telemetry, Teleme
     }
     *installed = true;
     let _ = GLOBAL_METRICS.set(telemetry.metrics.clone());
-    if let Some(tracer) = &telemetry.tracer {
-        opentelemetry::global::set_tracer_provider(tracer.clone());
-    }
-    if let Some(meter) = &telemetry.meter {
-        opentelemetry::global::set_meter_provider(meter.clone());
-    }
     tracing::debug!(
         service,
         service_name = %settings.service_name,
