@@ -111,7 +111,9 @@ pub fn load_config(
     if quiet && config.telemetry.log_filter == Config::default().telemetry.log_filter {
         config.telemetry.log_filter = "warn".into();
     }
-    trainyard_core::telemetry::init(service, &config.telemetry);
+    trainyard_core::telemetry::init(service, &config.telemetry)
+        .map_err(|e| anyhow::anyhow!("cannot start telemetry: {e}"))?
+        .keep();
     Ok(Some(config))
 }
 

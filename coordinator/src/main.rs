@@ -11,9 +11,11 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let Some(config) = Args::parse().service.load("ty-coordinator")? else {
+    let Some((config, telemetry)) = Args::parse().service.load("ty-coordinator")? else {
         return Ok(());
     };
     let shutdown = trainyard_core::shutdown::on_signals();
-    trainyard_coordinator::run(config, shutdown, None).await
+    let result = trainyard_coordinator::run(config, shutdown, None).await;
+    telemetry.shutdown().await;
+    result
 }

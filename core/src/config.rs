@@ -492,6 +492,13 @@ pub struct TelemetryConfig {
     pub log_format: String,
     /// A `tracing` filter, e.g. "info,trainyard_worker=debug".
     pub log_filter: String,
+    /// OTLP/gRPC collector endpoint (e.g. "http://otel-collector:4317"); empty
+    /// means no trace or metric export. `OTEL_EXPORTER_OTLP_ENDPOINT` overrides.
+    pub otlp_endpoint: String,
+    /// Port of the Prometheus scrape endpoint (`/metrics`); 0 = off.
+    pub metrics_port: u16,
+    /// Address the scrape endpoint listens on.
+    pub metrics_host: String,
 }
 
 impl Default for TelemetryConfig {
@@ -499,6 +506,9 @@ impl Default for TelemetryConfig {
         Self {
             log_format: "text".into(),
             log_filter: "info".into(),
+            otlp_endpoint: String::new(),
+            metrics_port: 0,
+            metrics_host: "0.0.0.0".into(),
         }
     }
 }

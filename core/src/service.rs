@@ -21,15 +21,22 @@ pub struct ServiceArgs {
 }
 
 impl ServiceArgs {
-    /// Loads the config; `None` when `--print-config` printed it.
-    pub fn load(&self, service: &str) -> anyhow::Result<Option<Config>> {
+    /// Loads the config and starts telemetry; `None` when `--print-config`
+    /// printed it. Keep the [`Telemetry`](crate::telemetry::Telemetry) for
+    /// the life of the service and `shutdown().await` it at the end, so the
+    /// last spans and metrics are exported.
+    pub fn load(
+        &self,
+        service: &str,
+    ) -> anyhow::Result<Option<(Config, crate::telemetry::Telemetry)>> {
         let config = Config::load(self.config.as_deref(), &self.overrides)?;
         if self.print_config {
             print!("{}", config.to_toml());
             return Ok(None);
         }
-        crate::telemetry::init(service, &config.telemetry);
-        Ok(Some(config))
+        let telemetry = crate::telemetry::init(service, &config.telemetry)
+            .map_err(|e| anyhow::anyhow!("cannot start telemetry: {e}"))?;
+        Ok(Some((config, telemetry)))
     }
 }
 

