@@ -419,42 +419,54 @@ impl Shared {
             self.settle(&message, AckKind::Term).await;
             return;
         }
-        match self.current(&meta).await {
-            Current::Run(record) => task.adjust(&record),
-            Current::Skip(why) => {
-                tracing::info!(job = %meta.job, attempt = %meta.attempt, why, "dropping task");
-                self.settle(&message, AckKind::Term).await;
-                return;
+        // While the jobs or claims bucket cannot be read, keep the message
+        // (in-progress acks) and try again, rather than handing it back: every
+        // hand-back is a delivery, and a few seconds of outage must not use
+        // up the task's attempts without the handler ever running.
+        let mut waiting = Waiting::new(self.config.nats.ack_wait());
+        let mut held = loop {
+            match self.current(&meta).await {
+                Current::Run(record) => task.adjust(&record),
+                Current::Skip(why) => {
+                    tracing::info!(job = %meta.job, attempt = %meta.attempt, why, "dropping task");
+                    self.settle(&message, AckKind::Term).await;
+                    return;
+                }
+                Current::Unknown => {
+                    tracing::warn!(job = %meta.job, "job record unreadable; holding the task");
+                    if !waiting.pause(&message, &stop).await {
+                        self.settle(&message, AckKind::Nak(Some(Duration::from_secs(2))))
+                            .await;
+                        return;
+                    }
+                    continue;
+                }
             }
-            Current::Unknown => {
-                // The KV could not be read: try again shortly.
-                self.settle(&message, AckKind::Nak(Some(Duration::from_secs(2))))
-                    .await;
-                return;
-            }
-        }
-        let mut held = match self
-            .claims
-            .acquire(
-                &meta.tenant,
-                &meta.job,
-                stage,
-                meta.attempt,
-                &self.config.worker_id,
-            )
-            .await
-        {
-            Acquire::Held(held) => held,
-            Acquire::Busy(wait) => {
-                tracing::info!(job = %meta.job, attempt = %meta.attempt, ?wait, "task claimed by a live runtime; retrying later");
-                self.settle(&message, AckKind::Nak(Some(wait))).await;
-                return;
-            }
-            Acquire::Unavailable(error) => {
-                tracing::warn!(%error, "cannot claim task");
-                self.settle(&message, AckKind::Nak(Some(Duration::from_secs(2))))
-                    .await;
-                return;
+            match self
+                .claims
+                .acquire(
+                    &meta.tenant,
+                    &meta.job,
+                    stage,
+                    meta.attempt,
+                    &self.config.worker_id,
+                )
+                .await
+            {
+                Acquire::Held(held) => break held,
+                Acquire::Busy(wait) => {
+                    tracing::info!(job = %meta.job, attempt = %meta.attempt, ?wait, "task claimed by a live runtime; retrying later");
+                    self.settle(&message, AckKind::Nak(Some(wait))).await;
+                    return;
+                }
+                Acquire::Unavailable(error) => {
+                    tracing::warn!(%error, job = %meta.job, "cannot claim task; holding it");
+                    if !waiting.pause(&message, &stop).await {
+                        self.settle(&message, AckKind::Nak(Some(Duration::from_secs(2))))
+                            .await;
+                        return;
+                    }
+                }
             }
         };
         if delivered == 1 {
@@ -843,6 +855,49 @@ impl Shared {
         };
         if let Err(error) = result {
             tracing::warn!(%error, "could not settle task message");
+        }
+    }
+}
+
+/// Holding a task while the stores it needs cannot be read: waits with a
+/// growing pause (0.5 s doubling to 4 s) and keeps the message with an
+/// in-progress ack at least every `ack_wait/3`.
+struct Waiting {
+    pause: Duration,
+    ack_every: Duration,
+    last_ack: tokio::time::Instant,
+}
+
+impl Waiting {
+    fn new(ack_wait: Duration) -> Self {
+        Self {
+            pause: Duration::from_millis(500),
+            ack_every: (ack_wait / 3).max(Duration::from_millis(200)),
+            last_ack: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Waits once; false when the runtime is stopping or the message could
+    /// not be kept (the caller hands it back).
+    async fn pause(&mut self, message: &jetstream::Message, stop: &CancellationToken) -> bool {
+        let until = tokio::time::Instant::now() + self.pause;
+        self.pause = (self.pause * 2).min(Duration::from_secs(4));
+        loop {
+            let next_ack = self.last_ack + self.ack_every;
+            tokio::select! {
+                _ = stop.cancelled() => return false,
+                _ = tokio::time::sleep_until(until.min(next_ack)) => {}
+            }
+            if tokio::time::Instant::now() >= next_ack {
+                if let Err(error) = message.ack_with(AckKind::Progress).await {
+                    tracing::warn!(%error, "in-progress ack failed while holding a task");
+                    return false;
+                }
+                self.last_ack = tokio::time::Instant::now();
+            }
+            if tokio::time::Instant::now() >= until {
+                return true;
+            }
         }
     }
 }
