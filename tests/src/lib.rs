@@ -64,6 +64,23 @@ impl Services {
         worker: true,
         uploader: true,
     };
+    /// Only NATS and the store: the test plays the coordinator itself.
+    pub const NONE: Services = Services {
+        coordinator: false,
+        captioner: false,
+        worker: false,
+        uploader: false,
+    };
+}
+
+/// The coordinator's parts over a fleet's NATS and store, for tests that
+/// run the reconciler's passes by hand.
+pub struct CoordinatorParts {
+    pub nats: async_nats::Client,
+    pub js: async_nats::jetstream::Context,
+    pub topo: trainyard_core::topology::Topology,
+    pub repo: trainyard_coordinator::repo::JobRepo,
+    pub reconciler: trainyard_coordinator::reconcile::Reconciler,
 }
 
 /// A whole fleet on loopback.
@@ -167,6 +184,36 @@ impl Fleet {
             .await
             .expect("grpc connect");
         JobServiceClient::with_interceptor(channel, Bearer(token.into()))
+    }
+
+    /// The topology, the job repository and a reconciler, without a
+    /// running coordinator.
+    pub async fn coordinator_parts(&self) -> CoordinatorParts {
+        use trainyard_coordinator::{effects::Effects, reconcile::Reconciler, repo::JobRepo};
+        let nats = self.nats_client().await;
+        let js = async_nats::jetstream::new(nats.clone());
+        let topo = trainyard_core::topology::ensure(&js, &self.config.nats)
+            .await
+            .expect("topology");
+        let repo = JobRepo::new(topo.jobs.clone(), js.clone());
+        let reconciler = Reconciler {
+            js: js.clone(),
+            repo: repo.clone(),
+            effects: Effects {
+                client: nats.clone(),
+                js: js.clone(),
+                repo: repo.clone(),
+            },
+            idem: topo.idem.clone(),
+            store: self.store.clone(),
+        };
+        CoordinatorParts {
+            nats,
+            js,
+            topo,
+            repo,
+            reconciler,
+        }
     }
 
     pub async fn nats_client(&self) -> async_nats::Client {

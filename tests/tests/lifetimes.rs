@@ -9,7 +9,7 @@ use futures::StreamExt;
 use std::path::Path;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use trainyard_coordinator::{effects::Effects, job, reconcile::Reconciler, repo::JobRepo};
+use trainyard_coordinator::{job, repo::JobRepo};
 use trainyard_core::natsd::{NatsServer, find_nats_server};
 use trainyard_core::topology::{self, TASKS_STREAM};
 use trainyard_proto::v1::{
@@ -167,32 +167,14 @@ async fn a_finished_job_is_removed_after_its_ttl_and_a_running_one_never() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_lost_inside_the_dedup_window_is_republished_as_the_next_attempt() {
-    let none = Services {
-        coordinator: false,
-        captioner: false,
-        worker: false,
-        uploader: false,
-    };
+    let none = Services::NONE;
     let mut fleet = Fleet::start_with(none, |_| {}).await;
-    let nats = fleet.nats_client().await;
-    let js = async_nats::jetstream::new(nats.clone());
-    let topo = topology::ensure(&js, &fleet.config.nats).await.unwrap();
-    let repo = JobRepo::new(topo.jobs.clone(), js.clone());
-    let reconciler = Reconciler {
-        js: js.clone(),
-        repo: repo.clone(),
-        effects: Effects {
-            client: nats,
-            js: js.clone(),
-            repo: repo.clone(),
-        },
-        idem: topo.idem.clone(),
-        store: trainyard_core::store::ArtifactStore::open_with(
-            &fleet.config.store.uri,
-            &fleet.config.store.s3,
-        )
-        .unwrap(),
-    };
+    let CoordinatorParts {
+        js,
+        repo,
+        reconciler,
+        ..
+    } = fleet.coordinator_parts().await;
     let effects = &reconciler.effects;
     let sample = fleet.sample_uri().await;
     let spec = trainyard_coordinator::validate::normalise(spec(&sample, 20)).unwrap();

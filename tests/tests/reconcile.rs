@@ -6,8 +6,8 @@
 use futures::StreamExt;
 use std::time::Duration;
 use trainyard_coordinator::api::JobApi;
+use trainyard_coordinator::job;
 use trainyard_coordinator::reconcile::Pass;
-use trainyard_coordinator::{effects::Effects, job, reconcile::Reconciler, repo::JobRepo};
 use trainyard_core::topology::{self, TASKS_STREAM};
 use trainyard_proto::v1::job_event::Kind;
 use trainyard_proto::v1::{JobRecord, JobState};
@@ -23,25 +23,13 @@ async fn a_job_whose_task_was_never_published_is_finished_after_reconcile() {
         ..Services::ALL
     };
     let mut fleet = Fleet::start_with(stages, |_| {}).await;
-    let nats = fleet.nats_client().await;
-    let js = async_nats::jetstream::new(nats.clone());
-    let topo = topology::ensure(&js, &fleet.config.nats).await.unwrap();
-    let repo = JobRepo::new(topo.jobs.clone(), js.clone());
-    let reconciler = Reconciler {
-        js: js.clone(),
-        repo: repo.clone(),
-        effects: Effects {
-            client: nats,
-            js: js.clone(),
-            repo: repo.clone(),
-        },
-        idem: topo.idem.clone(),
-        store: trainyard_core::store::ArtifactStore::open_with(
-            &fleet.config.store.uri,
-            &fleet.config.store.s3,
-        )
-        .unwrap(),
-    };
+    let CoordinatorParts {
+        nats: _,
+        js,
+        topo: _,
+        repo,
+        reconciler,
+    } = fleet.coordinator_parts().await;
     let sample = fleet.sample_uri().await;
     let spec = trainyard_coordinator::validate::normalise(spec(&sample, 30)).unwrap();
     let job = JobId::generate();
@@ -90,33 +78,16 @@ async fn stored_states(js: &async_nats::jetstream::Context, job: &JobId) -> Vec<
 async fn a_lost_final_state_event_still_ends_watch_and_is_published_again_once() {
     // No services: the test is the coordinator, and no background
     // reconciler races its passes.
-    let none = Services {
-        coordinator: false,
-        captioner: false,
-        worker: false,
-        uploader: false,
-    };
+    let none = Services::NONE;
     let fleet = Fleet::start_with(none, |_| {}).await;
-    let nats = fleet.nats_client().await;
-    let js = async_nats::jetstream::new(nats.clone());
-    let topo = topology::ensure(&js, &fleet.config.nats).await.unwrap();
-    let repo = JobRepo::new(topo.jobs.clone(), js.clone());
-    let effects = Effects {
-        client: nats.clone(),
-        js: js.clone(),
-        repo: repo.clone(),
-    };
-    let reconciler = Reconciler {
-        js: js.clone(),
-        repo: repo.clone(),
-        effects: effects.clone(),
-        idem: topo.idem.clone(),
-        store: trainyard_core::store::ArtifactStore::open_with(
-            &fleet.config.store.uri,
-            &fleet.config.store.s3,
-        )
-        .unwrap(),
-    };
+    let CoordinatorParts {
+        nats,
+        js,
+        topo,
+        repo,
+        reconciler,
+    } = fleet.coordinator_parts().await;
+    let effects = reconciler.effects.clone();
     let api = JobApi {
         repo: repo.clone(),
         idem: topo.idem.clone(),
@@ -221,32 +192,15 @@ async fn a_lost_final_state_event_still_ends_watch_and_is_published_again_once()
 /// it again nor raises its attempt, whether the result carries a claim or not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_with_a_result_waiting_is_not_republished() {
-    let none = Services {
-        coordinator: false,
-        captioner: false,
-        worker: false,
-        uploader: false,
-    };
+    let none = Services::NONE;
     let fleet = Fleet::start_with(none, |_| {}).await;
-    let nats = fleet.nats_client().await;
-    let js = async_nats::jetstream::new(nats.clone());
-    let topo = topology::ensure(&js, &fleet.config.nats).await.unwrap();
-    let repo = JobRepo::new(topo.jobs.clone(), js.clone());
-    let reconciler = Reconciler {
-        js: js.clone(),
-        repo: repo.clone(),
-        effects: Effects {
-            client: nats,
-            js: js.clone(),
-            repo: repo.clone(),
-        },
-        idem: topo.idem.clone(),
-        store: trainyard_core::store::ArtifactStore::open_with(
-            &fleet.config.store.uri,
-            &fleet.config.store.s3,
-        )
-        .unwrap(),
-    };
+    let CoordinatorParts {
+        nats: _,
+        js,
+        topo: _,
+        repo,
+        reconciler,
+    } = fleet.coordinator_parts().await;
     let tenant = TenantId::parse("acme").unwrap();
     let sample = fleet.sample_uri().await;
     for token in ["claim-token", ""] {
