@@ -111,7 +111,12 @@ pub fn load_config(
     if quiet && config.telemetry.log_filter == Config::default().telemetry.log_filter {
         config.telemetry.log_filter = "warn".into();
     }
-    trainyard_core::telemetry::init(service, &config.telemetry)
+    // The services own the scrape port; `yard` beside one must not take it.
+    let telemetry = trainyard_core::config::TelemetryConfig {
+        metrics_port: 0,
+        ..config.telemetry.clone()
+    };
+    trainyard_core::telemetry::init(service, &telemetry)
         .map_err(|e| anyhow::anyhow!("cannot start telemetry: {e}"))?
         .keep();
     Ok(Some(config))

@@ -636,6 +636,10 @@ impl Config {
                 "nats.dedup_window_secs must be longer than nats.ack_wait_secs and coordinator.stale_after_secs",
             );
         }
+        // NATS refuses a stream whose dedup window outlasts its messages.
+        if self.nats.event_max_age_secs.max(60) < self.nats.dedup_window_secs {
+            return bad("nats.event_max_age_secs must be at least nats.dedup_window_secs");
+        }
         if !matches!(self.telemetry.log_format.as_str(), "text" | "json") {
             return bad("telemetry.log_format must be \"text\" or \"json\"");
         }
@@ -739,6 +743,12 @@ mod tests {
         let err =
             Config::load_from(None, &[], &["nats.dedup_window_secs=60".to_string()]).unwrap_err();
         assert!(matches!(err, ConfigError::Invalid(_)));
+        let err =
+            Config::load_from(None, &[], &["nats.event_max_age_secs=300".to_string()]).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Invalid(m) if m.contains("event_max_age_secs")),
+            "{err}"
+        );
     }
 
     #[test]

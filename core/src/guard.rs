@@ -10,8 +10,9 @@
 //!
 //! - signals the worker sends to the group reach the trainer directly; the
 //!   guard catches (and so ignores) the terminating ones;
-//! - when the trainer exits the guard writes its raw wait status on the link
-//!   and exits, so the worker sees the trainer's own exit code or signal;
+//! - when the trainer exits the guard writes its raw wait status on the link,
+//!   SIGKILLs whatever else is left in the group (a launcher's workers) and
+//!   exits, so the worker sees the trainer's own exit code or signal;
 //! - when the link reaches EOF the worker is gone: the guard sends SIGTERM
 //!   to the group, waits a grace, then SIGKILLs the group (itself included),
 //!   so launchers' grandchildren go too.
@@ -177,12 +178,47 @@ pub async fn run(args: GuardArgs) -> i32 {
             let _ = link
                 .write_all(Message::Exit(status).encode().as_bytes())
                 .await;
+            // What the trainer left behind (a launcher's workers) goes now,
+            // whether or not the worker is still there to do it.
+            kill_rest_of_group(group);
             status.code().unwrap_or(1)
         }
         Err(e) => {
             eprintln!("{BINARY}: cannot wait for the trainer: {e}");
             let _ = killpg(group, Signal::SIGKILL);
             1
+        }
+    }
+}
+
+/// SIGKILLs every other process of `group`, found in `/proc` (the guard
+/// itself stays to exit with the trainer's code).
+fn kill_rest_of_group(group: Pid) {
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid pgrp …`: comm may hold spaces and parens.
+        let pgrp = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(2))
+            .and_then(|f| f.parse::<i32>().ok());
+        if pgrp == Some(group.as_raw()) {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
         }
     }
 }

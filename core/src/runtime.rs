@@ -83,6 +83,20 @@ pub trait StageTask: prost::Message + Default + Send + 'static {
     /// Takes in what earlier deliveries recorded in the job record (the
     /// training stage: settings lightened after an OOM).
     fn adjust(&mut self, _record: &JobRecord) {}
+    /// Drops the spec's secrets (a dead letter keeps a copy of the task).
+    fn redact(&mut self);
+}
+
+/// A task message with its spec's secrets redacted, for a dead letter;
+/// bytes that do not decode are kept as they are (nothing to redact in).
+fn redacted_payload<T: StageTask>(payload: &[u8]) -> Vec<u8> {
+    match T::decode(payload) {
+        Ok(mut task) => {
+            task.redact();
+            task.encode_to_vec()
+        }
+        Err(_) => payload.to_vec(),
+    }
 }
 
 macro_rules! stage_task {
@@ -97,6 +111,11 @@ macro_rules! stage_task {
             }
             fn retry_policy(&self) -> Option<&v1::RetryPolicy> {
                 self.spec.as_ref().and_then(|s| s.retry.as_ref())
+            }
+            fn redact(&mut self) {
+                if let Some(spec) = self.spec.as_mut() {
+                    *spec = spec.redacted();
+                }
             }
             $($adjust)?
         }
@@ -285,6 +304,7 @@ pub async fn run_stage<H: StageHandler>(
         topo,
         config: config.clone(),
         inflight,
+        redact: redacted_payload::<H::Task>,
     });
     tracing::info!(
         stage = config.stage.name(),
@@ -348,6 +368,8 @@ struct Shared {
     topo: Topology,
     config: RunnerConfig,
     inflight: Inflight,
+    /// The stage's task type's [`redacted_payload`].
+    redact: fn(&[u8]) -> Vec<u8>,
 }
 
 impl Shared {
@@ -410,15 +432,6 @@ impl Shared {
             stage,
             self.config.nats.max_deliver,
         );
-        if delivered > policy.max_attempts {
-            let reason = format!("{} task ran out of deliveries ({delivered})", stage.name());
-            self.dead_letter(&message, Some(&meta), &reason, ErrorKind::Poison, delivered)
-                .await;
-            self.publish_failure(&meta, None, job_error(ErrorKind::Poison, reason, false))
-                .await;
-            self.settle(&message, AckKind::Term).await;
-            return;
-        }
         // While the jobs or claims bucket cannot be read, keep the message
         // (in-progress acks) and try again, rather than handing it back: every
         // hand-back is a delivery, and a few seconds of outage must not use
@@ -441,6 +454,17 @@ impl Shared {
                     }
                     continue;
                 }
+            }
+            // Checked against the record first: a redelivered task of a job
+            // already cancelled or finished is dropped above, with no letter.
+            if delivered > policy.max_attempts {
+                let reason = format!("{} task ran out of deliveries ({delivered})", stage.name());
+                self.dead_letter(&message, Some(&meta), &reason, ErrorKind::Poison, delivered)
+                    .await;
+                self.publish_failure(&meta, None, job_error(ErrorKind::Poison, reason, false))
+                    .await;
+                self.settle(&message, AckKind::Term).await;
+                return;
             }
             match self
                 .claims
@@ -827,7 +851,8 @@ impl Shared {
             stage: stage as i32,
             subject: message.subject.to_string(),
             reason: reason.to_string(),
-            payload: message.payload.to_vec(),
+            // Secrets never outlive their job in the dead-letter stream.
+            payload: (self.redact)(&message.payload),
             deliveries: delivered as u64,
             job_id: meta.map(|m| m.job.to_string()).unwrap_or_default(),
             tenant: meta.map(|m| m.tenant.to_string()).unwrap_or_default(),
@@ -861,25 +886,40 @@ impl Shared {
 
 /// Holding a task while the stores it needs cannot be read: waits with a
 /// growing pause (0.5 s doubling to 4 s) and keeps the message with an
-/// in-progress ack at least every `ack_wait/3`.
+/// in-progress ack at least every `ack_wait/3`, for at most [`Waiting::CAP`]
+/// ack waits (a lasting fault then hands the task back, which spends a
+/// delivery).
 struct Waiting {
     pause: Duration,
     ack_every: Duration,
     last_ack: tokio::time::Instant,
+    give_up: tokio::time::Instant,
 }
 
 impl Waiting {
+    /// How long one task is held at most, in ack waits.
+    const CAP: u32 = 10;
+
     fn new(ack_wait: Duration) -> Self {
+        let now = tokio::time::Instant::now();
         Self {
             pause: Duration::from_millis(500),
             ack_every: (ack_wait / 3).max(Duration::from_millis(200)),
-            last_ack: tokio::time::Instant::now(),
+            last_ack: now,
+            give_up: now + ack_wait * Self::CAP,
         }
     }
 
-    /// Waits once; false when the runtime is stopping or the message could
-    /// not be kept (the caller hands it back).
+    /// Waits once; false when the runtime is stopping, the hold is over its
+    /// cap, or the message could not be kept (the caller hands it back).
     async fn pause(&mut self, message: &jetstream::Message, stop: &CancellationToken) -> bool {
+        if tokio::time::Instant::now() >= self.give_up {
+            tracing::error!(
+                "stores unreadable for {} ack waits; handing the task back",
+                Self::CAP
+            );
+            return false;
+        }
         let until = tokio::time::Instant::now() + self.pause;
         self.pause = (self.pause * 2).min(Duration::from_secs(4));
         loop {

@@ -35,6 +35,8 @@ pub const CLAIMS_BUCKET: &str = "ty_claims";
 /// A claim is renewed with every in-progress ack, so only a claim left
 /// behind by a finished task gets this old; a day leaves room for any
 /// late result to be checked against it.
+/// How long dead letters are kept.
+pub const DLQ_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
 pub const CLAIM_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 /// How often a worker rewrites its registry entry. The bucket's entries
 /// expire after three missed beats, so a dead worker drops out by itself.
@@ -300,6 +302,8 @@ pub async fn ensure(
             name: DLQ_STREAM.into(),
             subjects: vec![subject::all_dlq().into()],
             retention: stream::RetentionPolicy::Limits,
+            // Long enough for an operator to look; never forever.
+            max_age: DLQ_MAX_AGE,
             num_replicas: replicas,
             ..Default::default()
         },

@@ -5,7 +5,7 @@ use prost::Message;
 use std::time::Duration;
 use trainyard_core::topology::{DLQ_STREAM, subject};
 use trainyard_proto::v1::{
-    DeadLetter, ErrorKind, ExtraValue, JobState, Stage, extra_value, job_event,
+    DeadLetter, ErrorKind, ExtraValue, JobState, Secrets, Stage, TrainTask, extra_value, job_event,
 };
 use trainyard_tests::*;
 
@@ -55,7 +55,7 @@ async fn dead_letters(fleet: &Fleet) -> Vec<DeadLetter> {
 
 /// A config the backend rejects (the worker checks it, after submission)
 /// fails the job on the first delivery with the reason, and writes exactly
-/// one dead letter.
+/// one dead letter, whose copy of the task holds none of the job's secrets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_config_the_backend_rejects_fails_at_once_with_one_dead_letter() {
     let fleet = Fleet::start().await;
@@ -66,6 +66,11 @@ async fn a_config_the_backend_rejects_fails_at_once_with_one_dead_letter() {
             kind: Some(extra_value::Kind::Int(0)),
         },
     );
+    const SECRET: &str = "hf_dead_letter_secret_value";
+    spec.secrets = Some(Secrets {
+        hf_token: SECRET.into(),
+        values: [("aws_secret_access_key".to_string(), SECRET.to_string())].into(),
+    });
     let mut client = fleet.client(TOKEN).await;
     let job = submit(&mut client, spec).await;
     let events = watch_all(&mut client, &job.job_id, Duration::from_secs(60)).await;
@@ -95,6 +100,15 @@ async fn a_config_the_backend_rejects_fails_at_once_with_one_dead_letter() {
         (ErrorKind::InvalidSpec, 1)
     );
     assert_eq!(letter.reason, error.message);
+    let task = TrainTask::decode(letter.payload.as_slice()).expect("the task, decodable");
+    assert_eq!(task.job_id, job.job_id);
+    let secrets = task.spec.unwrap().secrets.unwrap();
+    assert_eq!(secrets.hf_token, "[redacted]");
+    assert!(secrets.values.contains_key("aws_secret_access_key"));
+    assert!(
+        !String::from_utf8_lossy(&letter.encode_to_vec()).contains(SECRET),
+        "a secret is in the dead letter"
+    );
     fleet.stop().await;
 }
 

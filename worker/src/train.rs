@@ -463,13 +463,19 @@ impl Run<'_> {
         if !self.stage.gpus.present() {
             limits.gpu_idle = None;
         }
-        let devices = visible_devices(
-            self.stage
-                .trainer_env
-                .iter()
-                .find(|(k, _)| k == "CUDA_VISIBLE_DEVICES")
-                .map(|(_, v)| v.as_str()),
-        );
+        // This run's own GPUs where its slot names them: another run's busy
+        // GPU must not hide this one's idleness.
+        let devices = if self.inputs.slot.gpus.is_empty() {
+            visible_devices(
+                self.stage
+                    .trainer_env
+                    .iter()
+                    .find(|(k, _)| k == "CUDA_VISIBLE_DEVICES")
+                    .map(|(_, v)| v.as_str()),
+            )
+        } else {
+            self.inputs.slot.gpus.clone()
+        };
         let shortest = [
             limits.step,
             limits.first_step,
