@@ -83,6 +83,28 @@ pub struct CoordinatorParts {
     pub reconciler: trainyard_coordinator::reconcile::Reconciler,
 }
 
+/// Stores a QUEUED record for `spec` (tenant `acme`) as a submit would,
+/// without publishing its task: what a coordinator that crashed between the
+/// two steps leaves behind.
+pub async fn store_queued(
+    repo: &trainyard_coordinator::repo::JobRepo,
+    spec: JobSpec,
+) -> (trainyard_proto::JobId, JobRecord) {
+    let spec = trainyard_coordinator::validate::normalise(spec).expect("valid spec");
+    let job = trainyard_proto::JobId::generate();
+    let (record, _effects_never_run) = trainyard_coordinator::job::submitted(
+        JobRecord {
+            job_id: job.to_string(),
+            tenant: "acme".into(),
+            spec: Some(spec),
+            ..Default::default()
+        },
+        trainyard_core::now_ms(),
+    );
+    repo.create(&record).await.expect("record stored");
+    (job, record)
+}
+
 /// A whole fleet on loopback.
 pub struct Fleet {
     pub dir: tempfile::TempDir,

@@ -177,19 +177,8 @@ async fn a_task_lost_inside_the_dedup_window_is_republished_as_the_next_attempt(
     } = fleet.coordinator_parts().await;
     let effects = &reconciler.effects;
     let sample = fleet.sample_uri().await;
-    let spec = trainyard_coordinator::validate::normalise(spec(&sample, 20)).unwrap();
     let tenant = TenantId::parse("acme").unwrap();
-    let job = JobId::generate();
-    let (record, _) = job::submitted(
-        JobRecord {
-            job_id: job.to_string(),
-            tenant: tenant.to_string(),
-            spec: Some(spec),
-            ..Default::default()
-        },
-        trainyard_core::now_ms(),
-    );
-    repo.create(&record).await.unwrap();
+    let (job, record) = store_queued(&repo, spec(&sample, 20)).await;
     let task = job::current_task(&record).unwrap();
     effects.publish_task(&tenant, &job, task).await.unwrap();
     // A captioner takes the task and acks it, and its result is lost.

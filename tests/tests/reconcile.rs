@@ -9,8 +9,8 @@ use trainyard_coordinator::api::JobApi;
 use trainyard_coordinator::job;
 use trainyard_coordinator::reconcile::Pass;
 use trainyard_core::topology::{self, TASKS_STREAM};
+use trainyard_proto::v1::JobState;
 use trainyard_proto::v1::job_event::Kind;
-use trainyard_proto::v1::{JobRecord, JobState};
 use trainyard_proto::{JobId, TenantId};
 use trainyard_tests::chaos::checks::state_events;
 use trainyard_tests::*;
@@ -31,18 +31,7 @@ async fn a_job_whose_task_was_never_published_is_finished_after_reconcile() {
         reconciler,
     } = fleet.coordinator_parts().await;
     let sample = fleet.sample_uri().await;
-    let spec = trainyard_coordinator::validate::normalise(spec(&sample, 30)).unwrap();
-    let job = JobId::generate();
-    let (record, _effects_never_run) = job::submitted(
-        JobRecord {
-            job_id: job.to_string(),
-            tenant: "acme".into(),
-            spec: Some(spec),
-            ..Default::default()
-        },
-        trainyard_core::now_ms(),
-    );
-    repo.create(&record).await.unwrap();
+    let (job, _) = store_queued(&repo, spec(&sample, 30)).await;
     let mut tasks = js.get_stream(TASKS_STREAM).await.unwrap();
     assert_eq!(tasks.info().await.unwrap().state.messages, 0);
 
@@ -204,18 +193,7 @@ async fn a_job_with_a_result_waiting_is_not_republished() {
     let tenant = TenantId::parse("acme").unwrap();
     let sample = fleet.sample_uri().await;
     for token in ["claim-token", ""] {
-        let spec = trainyard_coordinator::validate::normalise(spec(&sample, 20)).unwrap();
-        let job = JobId::generate();
-        let (record, _) = job::submitted(
-            JobRecord {
-                job_id: job.to_string(),
-                tenant: tenant.to_string(),
-                spec: Some(spec),
-                ..Default::default()
-            },
-            trainyard_core::now_ms(),
-        );
-        repo.create(&record).await.unwrap();
+        let (job, _) = store_queued(&repo, spec(&sample, 20)).await;
         // The task was taken and answered; the answer is not applied yet.
         let id = topology::result_msg_id(
             &tenant,
