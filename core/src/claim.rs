@@ -89,6 +89,9 @@ pub fn admits(
 pub struct Held {
     pub claim: TaskClaim,
     pub revision: u64,
+    /// The claim was taken over from a holder of the same attempt whose
+    /// lease ran out without a release (it died or froze).
+    pub took_over: bool,
     key: String,
 }
 
@@ -161,6 +164,9 @@ impl Claims {
         if let Decision::Busy(wait) = decide(stored.as_ref(), attempt, now) {
             return Acquire::Busy(wait);
         }
+        let took_over = stored
+            .as_ref()
+            .is_some_and(|c| c.attempt == attempt.0 && !c.released);
         let claim = TaskClaim {
             stage: stage as i32,
             attempt: attempt.0,
@@ -193,6 +199,7 @@ impl Claims {
             Ok(revision) => Acquire::Held(Held {
                 claim,
                 revision,
+                took_over,
                 key,
             }),
             // Another runtime won the race: its lease is fresh.

@@ -3,7 +3,10 @@
 //! dashboards and webhooks read them; the coordinator's job record stays the
 //! truth. Secrets never reach an event: callers pass only redacted data.
 
+use crate::telemetry::propagation;
 use crate::topology::{EventKind, subject};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use async_nats::jetstream;
 use prost::Message;
 use trainyard_proto::v1::{self, job_event::Kind};
@@ -48,10 +51,40 @@ impl EventSink {
             kind: Some(kind),
         };
         let subject = subject::event(&self.tenant, &self.job, event_kind);
-        let result = match self.js.publish(subject, event.encode_to_vec().into()).await {
-            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+        // Every event carries the trace context it was published in, so a
+        // reader (webhooks, dashboards) can join the job's trace. Only state
+        // changes get a send span of their own: progress and log events are
+        // too many to be worth a span each.
+        let mut headers = async_nats::HeaderMap::new();
+        let span = match event_kind {
+            EventKind::State | EventKind::Checkpoint | EventKind::Stuck => {
+                let span = propagation::send_span(
+                    &subject::destination(&subject),
+                    propagation::JobAttrs {
+                        job_id: Some(self.job.as_str()),
+                        tenant: Some(self.tenant.as_str()),
+                        ..Default::default()
+                    },
+                );
+                propagation::inject_nats(&span.context(), &mut headers);
+                span
+            }
+            _ => {
+                propagation::inject_current_nats(&mut headers);
+                tracing::Span::none()
+            }
         };
+        let publish = async {
+            match self
+                .js
+                .publish_with_headers(subject, headers, event.encode_to_vec().into())
+                .await
+            {
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let result = publish.instrument(span).await;
         if let Err(error) = result {
             tracing::warn!(job = %self.job, %error, "could not publish job event");
         }

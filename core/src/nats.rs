@@ -34,6 +34,11 @@ pub fn server_addrs(url: &str) -> std::io::Result<Vec<async_nats::ServerAddr>> {
 }
 
 /// Publishes to a stream and waits for the server's ack, with a dedup id.
+///
+/// The publish is a messaging send span (a child of the current span) whose
+/// trace context goes along in the message's `traceparent` header, so the
+/// consumer's work joins the same trace. A dedup id that starts with
+/// `<tenant>.<job>` (tasks, results, state events) names the job in the span.
 pub async fn publish_durable(
     js: &jetstream::Context,
     subject: String,
@@ -41,19 +46,46 @@ pub async fn publish_durable(
     headers: Option<HeaderMap>,
     payload: Bytes,
 ) -> Result<(), jetstream::context::PublishError> {
+    use crate::telemetry::propagation;
+    use tracing::Instrument;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    let destination = crate::topology::subject::destination(&subject);
+    let mut ids = msg_id.splitn(3, '.');
+    let (tenant, job) = match (ids.next(), ids.next()) {
+        (Some(t), Some(j))
+            if trainyard_proto::TenantId::parse(t).is_ok()
+                && trainyard_proto::JobId::parse(j).is_ok() =>
+        {
+            (Some(t), Some(j))
+        }
+        _ => (None, None),
+    };
+    let span = propagation::send_span(
+        &destination,
+        propagation::JobAttrs {
+            job_id: job,
+            tenant,
+            ..Default::default()
+        },
+    );
+    let mut headers = headers.unwrap_or_default();
+    propagation::inject_nats(&span.context(), &mut headers);
     let mut publish = jetstream::message::PublishMessage::build()
         .payload(payload)
         .message_id(msg_id);
-    if let Some(headers) = headers {
-        for (name, values) in headers.iter() {
-            for value in values {
-                publish = publish.header(name.clone(), value.clone());
-            }
+    for (name, values) in headers.iter() {
+        for value in values {
+            publish = publish.header(name.clone(), value.clone());
         }
     }
-    let ack = js.send_publish(subject, publish).await?;
-    ack.await?;
-    Ok(())
+    async move {
+        let ack = js.send_publish(subject, publish).await?;
+        ack.await?;
+        Ok(())
+    }
+    .instrument(span)
+    .await
 }
 
 #[cfg(test)]

@@ -50,6 +50,7 @@ use crate::claim::{Acquire, Claims, Held, Renew};
 use crate::config::{NatsConfig, RetryConfig};
 use crate::events::EventSink;
 use crate::retry::{Decision, Policy};
+use crate::telemetry::{self, propagation};
 use crate::topology::{self, Topology, subject};
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
@@ -61,6 +62,7 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 use trainyard_proto::v1::{
     self, DeadLetter, ErrorKind, JobError, JobRecord, Stage, StageResult, TaskClaim,
     stage_result::Outcome,
@@ -298,6 +300,10 @@ pub async fn run_stage<H: StageHandler>(
         }
     });
     let slots = Arc::new(Semaphore::new(config.concurrency.max(1)));
+    let usage = Arc::new(SlotUsage::new(&config));
+    // Not tracked: it ends after the drain, once no task runs.
+    let accounting = CancellationToken::new();
+    let accounting_task = tokio::spawn(usage.clone().account(accounting.clone()));
     let claims = Claims::new(topo.claims.clone(), config.nats.ack_wait());
     let shared = Arc::new(Shared {
         claims,
@@ -305,6 +311,7 @@ pub async fn run_stage<H: StageHandler>(
         config: config.clone(),
         inflight,
         redact: redacted_payload::<H::Task>,
+        usage: usage.clone(),
     });
     tracing::info!(
         stage = config.stage.name(),
@@ -359,6 +366,8 @@ pub async fn run_stage<H: StageHandler>(
         stop.cancel();
         tracker.wait().await;
     }
+    accounting.cancel();
+    let _ = accounting_task.await;
     tracing::info!(stage = config.stage.name(), "stage runtime stopped");
     Ok(())
 }
@@ -370,9 +379,14 @@ struct Shared {
     inflight: Inflight,
     /// The stage's task type's [`redacted_payload`].
     redact: fn(&[u8]) -> Vec<u8>,
+    usage: Arc<SlotUsage>,
 }
 
 impl Shared {
+    /// Handles one task message inside its process span: a child of the
+    /// context the task's headers carry, so every attempt of a stage (a
+    /// retry, a redelivery after a lost worker) is a new span in the job's
+    /// trace, with the delivery number as `trainyard.attempt`.
     async fn process<H: StageHandler>(
         &self,
         message: jetstream::Message,
@@ -380,10 +394,8 @@ impl Shared {
         stop: CancellationToken,
     ) {
         let stage = self.config.stage;
-        let delivered = message
-            .info()
-            .map(|i| i.delivered.max(1) as u32)
-            .unwrap_or(1);
+        let info = message.info().ok();
+        let delivered = info.as_ref().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
         let header_meta = message
             .headers
             .as_ref()
@@ -394,6 +406,39 @@ impl Shared {
                 job,
                 attempt,
             });
+        let span = propagation::process_span(
+            message.headers.as_ref(),
+            &message.subject,
+            propagation::JobAttrs {
+                job_id: header_meta.as_ref().map(|m| m.job.as_str()),
+                tenant: header_meta.as_ref().map(|m| m.tenant.as_str()),
+                stage: Some(stage.name()),
+                attempt: Some(delivered),
+            },
+        );
+        if delivered == 1
+            && let Some(info) = &info
+        {
+            let published_ns = info.published.unix_timestamp_nanos();
+            let now_ns = i128::from(crate::now_ms()) * 1_000_000;
+            let waited = Duration::from_nanos((now_ns - published_ns).max(0) as u64);
+            telemetry::metrics().queue_waited(stage.name(), &self.config.pool, waited);
+        }
+        self.process_task(message, handler, stop, delivered, header_meta)
+            .instrument(span)
+            .await
+    }
+
+    async fn process_task<H: StageHandler>(
+        &self,
+        message: jetstream::Message,
+        handler: &H,
+        stop: CancellationToken,
+        delivered: u32,
+        header_meta: Option<TaskMeta>,
+    ) {
+        let stage = self.config.stage;
+        let metrics = telemetry::metrics();
         let decoded = H::Task::decode(message.payload.clone())
             .map_err(|e| {
                 format!(
@@ -407,7 +452,19 @@ impl Shared {
                     .map_err(|e| format!("task has a bad id: {e}"))
             });
         let (mut task, meta) = match decoded {
-            Ok(ok) => ok,
+            Ok(ok) => {
+                if header_meta.is_none() {
+                    propagation::record_job(
+                        &tracing::Span::current(),
+                        propagation::JobAttrs {
+                            job_id: Some(ok.1.job.as_str()),
+                            tenant: Some(ok.1.tenant.as_str()),
+                            ..Default::default()
+                        },
+                    );
+                }
+                ok
+            }
             Err(reason) => {
                 tracing::error!(stage = stage.name(), %reason, "poison task");
                 self.dead_letter(
@@ -495,6 +552,15 @@ impl Shared {
         };
         if delivered == 1 {
             self.publish_started(&meta, &held.claim, delivered).await;
+        } else {
+            // Handed back (a retry, a stopping service) or taken over from a
+            // holder whose lease ran out (a lost worker).
+            let reason = if held.took_over {
+                "worker_lost"
+            } else {
+                "handed_back"
+            };
+            metrics.task_redelivered(stage.name(), reason);
         }
         let cancel = CancellationToken::new();
         self.inflight
@@ -510,9 +576,21 @@ impl Shared {
             cancel: cancel.clone(),
             stop,
         };
+        let started = std::time::Instant::now();
+        let running = self.usage.start();
         let result = self
             .with_heartbeat(&message, &mut held, &cancel, handler.handle(task, ctx))
             .await;
+        drop(running);
+        let outcome = match &result {
+            None => "claim_lost",
+            Some(Ok(_)) => "ok",
+            Some(Err(StageError::Retry { .. } | StageError::RetryLighter { .. })) => "retry",
+            Some(Err(StageError::Fail(_))) => "failed",
+            Some(Err(StageError::Cancelled)) => "cancelled",
+            Some(Err(StageError::Interrupted)) => "interrupted",
+        };
+        metrics.stage_finished(stage.name(), &self.config.pool, outcome, started.elapsed());
         self.inflight
             .lock()
             .expect("inflight lock")
@@ -608,6 +686,7 @@ impl Shared {
         match policy.decide(&error, delivered, hint) {
             Decision::Retry(delay) => {
                 tracing::warn!(job = %meta.job, delivered, ?delay, error = %error.message, "retrying task");
+                telemetry::metrics().task_retried(self.config.stage.name(), &kind_label(error.kind()));
                 self.release(held).await;
                 self.settle(message, AckKind::Nak(Some(delay))).await;
             }
@@ -860,6 +939,7 @@ impl Shared {
         };
         let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
         let id = format!("dlq.{}.{seq}", stage.name());
+        telemetry::metrics().dead_lettered(stage.name(), &kind_label(kind));
         if let Err(error) = crate::nats::publish_durable(
             &self.topo.js,
             subject::dlq(stage),
@@ -939,6 +1019,85 @@ impl Waiting {
                 return true;
             }
         }
+    }
+}
+
+/// The label of an error kind in metrics: `ERROR_KIND_OOM` → `oom`.
+fn kind_label(kind: ErrorKind) -> String {
+    kind.as_str_name()
+        .trim_start_matches("ERROR_KIND_")
+        .to_ascii_lowercase()
+}
+
+/// How this runtime's task slots are used, for the busy and idle seconds
+/// counters: accounted every few seconds (and at the end), so a long task
+/// shows as busy while it runs, not only once it ends.
+struct SlotUsage {
+    stage: &'static str,
+    pool: String,
+    slots: usize,
+    running: std::sync::atomic::AtomicUsize,
+}
+
+/// A running task; dropping it frees the slot.
+struct Running<'a>(&'a SlotUsage);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0
+            .running
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        telemetry::metrics().running_changed(self.0.stage, &self.0.pool, -1);
+    }
+}
+
+impl SlotUsage {
+    const PERIOD: Duration = Duration::from_secs(5);
+
+    fn new(config: &RunnerConfig) -> Self {
+        Self {
+            stage: config.stage.name(),
+            pool: config.pool.clone(),
+            slots: config.concurrency.max(1),
+            running: Default::default(),
+        }
+    }
+
+    fn start(&self) -> Running<'_> {
+        self.running
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        telemetry::metrics().running_changed(self.stage, &self.pool, 1);
+        Running(self)
+    }
+
+    /// Adds busy and idle slot-seconds until `stop`, then once more.
+    async fn account(self: Arc<Self>, stop: CancellationToken) {
+        let metrics = telemetry::metrics();
+        metrics.slots_changed(self.stage, &self.pool, self.slots as i64);
+        let mut last = tokio::time::Instant::now();
+        loop {
+            let stopping = tokio::select! {
+                _ = stop.cancelled() => true,
+                _ = tokio::time::sleep(Self::PERIOD) => false,
+            };
+            let now = tokio::time::Instant::now();
+            let elapsed = now - last;
+            last = now;
+            let running = self
+                .running
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .min(self.slots);
+            metrics.slot_busy(self.stage, &self.pool, elapsed * running as u32);
+            metrics.slot_idle(
+                self.stage,
+                &self.pool,
+                elapsed * (self.slots - running) as u32,
+            );
+            if stopping {
+                break;
+            }
+        }
+        metrics.slots_changed(self.stage, &self.pool, -(self.slots as i64));
     }
 }
 

@@ -178,6 +178,18 @@ pub mod subject {
     pub fn preflight() -> &'static str {
         "ty.preflight"
     }
+
+    /// A subject with its job-specific tokens replaced by placeholders
+    /// (`ty.event.{tenant}.{job}.state`, `ty.control.{job}.cancel`): the
+    /// low-cardinality destination name spans are named after.
+    pub fn destination(subject: &str) -> String {
+        let tokens: Vec<&str> = subject.split('.').collect();
+        match tokens.as_slice() {
+            ["ty", "event", _, _, kind] => format!("ty.event.{{tenant}}.{{job}}.{kind}"),
+            ["ty", "control", _, "cancel"] => "ty.control.{job}.cancel".to_string(),
+            _ => subject.to_string(),
+        }
+    }
 }
 
 /// KV key of a job record.
@@ -455,6 +467,27 @@ pub async fn results_consumer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn destinations_leave_job_tokens_out() {
+        let tenant = TenantId::parse("acme").unwrap();
+        let job = JobId::generate();
+        assert_eq!(
+            subject::destination(&subject::event(&tenant, &job, EventKind::State)),
+            "ty.event.{tenant}.{job}.state"
+        );
+        assert_eq!(
+            subject::destination(&subject::cancel(&job)),
+            "ty.control.{job}.cancel"
+        );
+        for fixed in [
+            subject::task(Stage::Train, "a100"),
+            subject::result(Stage::Deliver),
+            subject::dlq(Stage::Prepare),
+        ] {
+            assert_eq!(subject::destination(&fixed), fixed);
+        }
+    }
 
     #[test]
     fn task_ids_round_trip() {

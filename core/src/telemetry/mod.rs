@@ -130,6 +130,9 @@ pub struct TelemetrySettings {
     /// Extra resource attributes (`OTEL_RESOURCE_ATTRIBUTES`).
     pub resource_attributes: Vec<(String, String)>,
     pub sampler: SamplerSetting,
+    /// Pass trace context on even when nothing is exported (off only with
+    /// `OTEL_SDK_DISABLED=true`).
+    pub propagate: bool,
     /// Where `/metrics` listens; `None` = no scrape endpoint (port 0 here
     /// means "any free port", which tests use).
     pub metrics_listen: Option<SocketAddr>,
@@ -294,6 +297,7 @@ impl TelemetrySettings {
             export_metrics,
             resource_attributes,
             sampler,
+            propagate: !disabled,
             metrics_listen,
             metric_export_interval: millis(env, "OTEL_METRIC_EXPORT_INTERVAL", 60_000)?,
             span_export_delay: millis(env, "OTEL_BSP_SCHEDULE_DELAY", 5_000)?,
@@ -456,6 +460,19 @@ impl Telemetry {
             }
             _ => None,
         };
+        // Without an exporter the spans still get ids, so the trace context a
+        // message arrives with goes on in what this service publishes: a
+        // service that exports nothing does not cut the job's trace in two
+        // for the services that do. Nothing is recorded or sent.
+        let propagator = match &tracer {
+            Some(_) => None,
+            None if !settings.propagate => None,
+            None => Some(
+                SdkTracerProvider::builder()
+                    .with_sampler(settings.sampler.sampler())
+                    .build(),
+            ),
+        };
 
         let mut meter_builder = SdkMeterProvider::builder().with_resource(resource);
         let mut any_reader = false;
@@ -521,7 +538,7 @@ impl Telemetry {
         let fmt_filter =
             EnvFilter::try_new(&settings.log_filter).unwrap_or_else(|_| EnvFilter::new("info"));
         let fmt_layer = log_layer(settings.json_logs, fmt_filter, std::io::stderr);
-        let otel_layer = tracer.as_ref().map(|provider| {
+        let otel_layer = tracer.as_ref().or(propagator.as_ref()).map(|provider| {
             tracing_opentelemetry::layer()
                 .with_tracer(provider.tracer(metrics::METER_NAME))
                 .with_tracked_inactivity(false)

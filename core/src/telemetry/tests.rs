@@ -430,3 +430,36 @@ fn init_twice_is_safe() {
         drop(first);
     });
 }
+
+/// What a service publishes while handling a message that carried `incoming`.
+fn passed_on(settings: &TelemetrySettings, incoming: &str) -> Option<String> {
+    let (_telemetry, dispatch) = Telemetry::start(settings).unwrap();
+    tracing::dispatcher::with_default(&dispatch, || {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("traceparent", incoming);
+        let process = propagation::process_span(
+            Some(&headers),
+            "ty.task.prepare",
+            propagation::JobAttrs::default(),
+        );
+        let _in_process = process.enter();
+        let send = propagation::send_span("ty.result.prepare", propagation::JobAttrs::default());
+        let mut out = async_nats::HeaderMap::new();
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        propagation::inject_nats(&send.context(), &mut out);
+        out.get("traceparent").map(|v| v.to_string())
+    })
+}
+
+#[test]
+fn a_service_without_an_exporter_passes_the_trace_on() {
+    let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let out = passed_on(&resolve(&[]).unwrap(), incoming).expect("a traceparent goes out");
+    let parts: Vec<&str> = out.split('-').collect();
+    assert_eq!(parts[1], "4bf92f3577b34da6a3ce929d0e0e4736", "{out}");
+    assert_ne!(parts[2], "00f067aa0ba902b7", "a span of its own: {out}");
+    assert_eq!(parts[3], "01");
+    // OTEL_SDK_DISABLED turns the whole SDK off, propagation included.
+    let disabled = resolve(&[("OTEL_SDK_DISABLED", "true")]).unwrap();
+    assert_eq!(passed_on(&disabled, incoming), None);
+}
