@@ -171,25 +171,6 @@ fn quick_spec(chaos: &Chaos, dataset: &str, steps: u32) -> JobSpec {
     spec
 }
 
-/// The worker whose trainer runs `job`.
-fn worker_running(chaos: &mut Chaos, job: &str) -> Option<String> {
-    let pids = processes_mentioning(job);
-    chaos.running(Service::Worker).into_iter().find(|name| {
-        let work = chaos
-            .proc(name)
-            .config
-            .worker
-            .work_dir
-            .display()
-            .to_string();
-        pids.iter().any(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(&work))
-                .unwrap_or(false)
-        })
-    })
-}
-
 fn adapter_sha(record: &trainyard_proto::v1::JobRecord) -> String {
     record
         .artifacts
@@ -252,7 +233,7 @@ async fn each_stage_survives_a_sigkill_mid_task() {
         (events.train_steps().iter().any(|s| *s >= 12)).then_some(())
     })
     .await;
-    let worker = worker_running(&mut chaos, &job).expect("a worker trains the job");
+    let worker = chaos.worker_running(&job).expect("a worker trains the job");
     chaos.proc(&worker).kill();
     chaos.spawn(Service::Worker);
 
@@ -304,7 +285,7 @@ async fn worker_dies_mid_training(graceful: bool) {
             .then_some(())
     })
     .await;
-    let worker = worker_running(&mut chaos, &job).expect("a worker trains the job");
+    let worker = chaos.worker_running(&job).expect("a worker trains the job");
     let killed_at = Instant::now();
     if graceful {
         chaos.proc(&worker).signal(Signal::SIGTERM);
@@ -787,7 +768,7 @@ async fn a_frozen_worker_woken_late_commits_nothing() {
         (events.train_steps().iter().any(|s| *s >= 5)).then_some(())
     })
     .await;
-    let frozen = worker_running(&mut chaos, &job).expect("a worker trains the job");
+    let frozen = chaos.worker_running(&job).expect("a worker trains the job");
     // Freeze the worker and its trainer, as a stalled machine would.
     let trainers = processes_mentioning(
         &chaos

@@ -38,6 +38,8 @@ pub struct Chaos {
     pub config: Config,
     pub store: ArtifactStore,
     pub procs: Vec<Proc>,
+    /// Environment variables every service started from now on gets.
+    pub env: Vec<(String, String)>,
     bin_dir: PathBuf,
     grpc_port: u16,
     names: usize,
@@ -55,6 +57,17 @@ impl Chaos {
     /// One nats-server, a coordinator, a captioner, an uploader and
     /// `workers` workers, ready to take jobs.
     pub async fn start(workers: usize, tweak: impl FnOnce(&mut Config)) -> Chaos {
+        Chaos::start_env(workers, tweak, &[]).await
+    }
+
+    /// [`Chaos::start`] with environment variables every service gets (an
+    /// OTLP endpoint, say); each process is then also named to telemetry
+    /// by its own name (`OTEL_SERVICE_NAME=worker-4`).
+    pub async fn start_env(
+        workers: usize,
+        tweak: impl FnOnce(&mut Config),
+        env: &[(&str, &str)],
+    ) -> Chaos {
         let dir = tempfile::tempdir().expect("tempdir");
         let store_dir = dir.path().join("nats");
         let nats = tokio::task::spawn_blocking(move || {
@@ -65,6 +78,10 @@ impl Chaos {
         .expect("nats start task");
         let url = nats.url();
         let mut chaos = Chaos::with_nats(dir, Some(nats), url, tweak);
+        chaos.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         chaos.spawn(Service::Coordinator);
         chaos.spawn(Service::Captioner);
         chaos.spawn(Service::Uploader);
@@ -143,6 +160,7 @@ impl Chaos {
             config,
             store,
             procs: Vec::new(),
+            env: Vec::new(),
             bin_dir: bin_dir(),
             grpc_port,
             names: 0,
@@ -187,10 +205,12 @@ impl Chaos {
         // shared): two workers downloading into one race on the blob.
         config.worker.model_cache_dir = self.dir.path().join("cache").join(&name);
         tweak(&mut config);
-        let env = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let mut all = self.env.clone();
+        if !all.is_empty() {
+            all.push(("OTEL_SERVICE_NAME".into(), name.clone()));
+        }
+        all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let env = all;
         let proc = Proc::spawn(&self.bin_dir, self.dir.path(), service, &name, config, env);
         self.procs.push(proc);
         name
@@ -290,6 +310,19 @@ impl Chaos {
     /// The folder deliveries of a test go to.
     pub fn outputs_dir(&self) -> PathBuf {
         self.dir.path().join("outputs")
+    }
+
+    /// The worker whose trainer runs `job`.
+    pub fn worker_running(&mut self, job: &str) -> Option<String> {
+        let pids = crate::processes_mentioning(job);
+        self.running(Service::Worker).into_iter().find(|name| {
+            let work = self.proc(name).config.worker.work_dir.display().to_string();
+            pids.iter().any(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .map(|c| String::from_utf8_lossy(&c).contains(&work))
+                    .unwrap_or(false)
+            })
+        })
     }
 
     /// Waits until `what` shows in the log of `name`.
