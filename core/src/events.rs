@@ -5,10 +5,10 @@
 
 use crate::telemetry::propagation;
 use crate::topology::{EventKind, subject};
-use tracing::Instrument;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 use async_nats::jetstream;
 use prost::Message;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use trainyard_proto::v1::{self, job_event::Kind};
 use trainyard_proto::{JobId, TenantId};
 

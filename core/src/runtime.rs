@@ -395,7 +395,10 @@ impl Shared {
     ) {
         let stage = self.config.stage;
         let info = message.info().ok();
-        let delivered = info.as_ref().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
+        let delivered = info
+            .as_ref()
+            .map(|i| i.delivered.max(1) as u32)
+            .unwrap_or(1);
         let header_meta = message
             .headers
             .as_ref()
@@ -686,7 +689,8 @@ impl Shared {
         match policy.decide(&error, delivered, hint) {
             Decision::Retry(delay) => {
                 tracing::warn!(job = %meta.job, delivered, ?delay, error = %error.message, "retrying task");
-                telemetry::metrics().task_retried(self.config.stage.name(), &kind_label(error.kind()));
+                telemetry::metrics()
+                    .task_retried(self.config.stage.name(), &kind_label(error.kind()));
                 self.release(held).await;
                 self.settle(message, AckKind::Nak(Some(delay))).await;
             }

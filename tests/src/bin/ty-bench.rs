@@ -4,6 +4,12 @@
 //! training step, and wall time of the sample job end to end.
 //!
 //! Run: `cargo build --release --bins && target/release/ty-bench [--steps 200] [--runs 3]`
+//!
+//! `ty-bench tracing [--jobs 12] [--steps 20] [--rounds 2]`: the pipeline's
+//! throughput (jobs through all four stages at once) with OpenTelemetry off
+//! (`OTEL_SDK_DISABLED`), with context propagation only (no endpoint, the
+//! default) and with spans and metrics exported over OTLP to a receiver in
+//! this process.
 
 use futures::StreamExt;
 use std::path::{Path, PathBuf};
@@ -48,38 +54,76 @@ fn arg(name: &str, default: u32) -> u32 {
         .unwrap_or(default)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let steps = arg("--steps", 200);
-    let runs = arg("--runs", 3);
-    let bin_dir: PathBuf = std::env::current_exe()?
-        .parent()
-        .expect("bin dir")
-        .to_owned();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("root")
-        .to_owned();
-    let dir = tempfile::tempdir()?;
-    let nats = NatsServer::start(&find_nats_server(&root)?, &dir.path().join("nats"))?;
-    let port = free_port();
-    let store_dir = dir.path().join("store");
-    let mut services = Vec::new();
-    for name in ["ty-coordinator", "ty-captioner", "ty-worker", "ty-uploader"] {
-        let child = Command::new(bin_dir.join(name))
-            .env("TY_NATS__URL", nats.url())
-            .env("TY_STORE__URI", &store_dir)
-            .env("TY_COORDINATOR__GRPC_ADDR", format!("127.0.0.1:{port}"))
-            .env("TY_CAPTIONER__WORK_DIR", dir.path().join("work/c"))
-            .env("TY_WORKER__WORK_DIR", dir.path().join("work/w"))
-            .env("TY_WORKER__MODEL_CACHE_DIR", dir.path().join("cache"))
-            .env("TY_UPLOADER__WORK_DIR", dir.path().join("work/u"))
-            .env("TY_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()?;
-        services.push(Service(child, name));
+/// A fleet of separate processes: nats-server and the four services.
+struct Fleet {
+    /// Kept for the fleet's life: nats and the store live in it.
+    _dir: tempfile::TempDir,
+    nats: NatsServer,
+    services: Vec<Service>,
+    channel: tonic::transport::Channel,
+    store: ArtifactStore,
+}
+
+impl Fleet {
+    /// Starts the fleet with `env` added to every service's environment and
+    /// waits until it takes jobs.
+    async fn start(env: &[(&str, String)]) -> anyhow::Result<Fleet> {
+        let bin_dir: PathBuf = std::env::current_exe()?
+            .parent()
+            .expect("bin dir")
+            .to_owned();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("root")
+            .to_owned();
+        let dir = tempfile::tempdir()?;
+        let nats = NatsServer::start(&find_nats_server(&root)?, &dir.path().join("nats"))?;
+        let port = free_port();
+        let store_dir = dir.path().join("store");
+        let mut services = Vec::new();
+        for name in ["ty-coordinator", "ty-captioner", "ty-worker", "ty-uploader"] {
+            let child = Command::new(bin_dir.join(name))
+                .env("TY_NATS__URL", nats.url())
+                .env("TY_STORE__URI", &store_dir)
+                .env("TY_COORDINATOR__GRPC_ADDR", format!("127.0.0.1:{port}"))
+                .env("TY_CAPTIONER__WORK_DIR", dir.path().join("work/c"))
+                .env("TY_WORKER__WORK_DIR", dir.path().join("work/w"))
+                .env("TY_WORKER__MODEL_CACHE_DIR", dir.path().join("cache"))
+                .env("TY_UPLOADER__WORK_DIR", dir.path().join("work/u"))
+                .env("TY_LOG", "warn")
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .stdin(Stdio::null())
+                .spawn()?;
+            services.push(Service(child, name));
+        }
+        let channel = ready(&nats, port).await?;
+        let store = ArtifactStore::open(store_dir.to_str().expect("utf-8 path"))?;
+        let sample = dir.path().join("sample");
+        trainyard_captioner::sample::write_sample_dataset(&sample)?;
+        store.put_dir(&sample, "uploads/sample", &[]).await?;
+        Ok(Fleet {
+            _dir: dir,
+            nats,
+            services,
+            channel,
+            store,
+        })
     }
-    // Ready: gRPC answers and every stage consumer exists.
+
+    fn client(
+        &self,
+    ) -> trainyard_proto::v1::job_service_client::JobServiceClient<
+        tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
+    > {
+        trainyard_proto::v1::job_service_client::JobServiceClient::with_interceptor(
+            self.channel.clone(),
+            Bearer("dev-token".into()),
+        )
+    }
+}
+
+/// Waits until gRPC answers and every stage consumer exists.
+async fn ready(nats: &NatsServer, port: u16) -> anyhow::Result<tonic::transport::Channel> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let channel = loop {
         match tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))?
@@ -108,18 +152,114 @@ async fn main() -> anyhow::Result<()> {
         anyhow::ensure!(Instant::now() < deadline, "stage consumers never appeared");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    Ok(channel)
+}
+
+/// Submits `jobs` jobs at once and waits for all of them; the wall time.
+async fn run_batch(fleet: &Fleet, jobs: u32, steps: u32) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let mut waits = Vec::new();
+    for _ in 0..jobs {
+        let mut client = fleet.client();
+        let job = client
+            .submit(SubmitRequest {
+                spec: Some(spec(&fleet.store.uri("uploads/sample"), steps)),
+            })
+            .await?
+            .into_inner()
+            .job
+            .expect("job");
+        waits.push(tokio::spawn(async move {
+            let mut events = client
+                .watch(WatchRequest {
+                    job_id: job.job_id.clone(),
+                })
+                .await?
+                .into_inner();
+            while let Some(event) = events.next().await {
+                if let Some(Kind::State(s)) = event?.kind
+                    && s.state().is_final()
+                {
+                    anyhow::ensure!(
+                        s.state() == JobState::Succeeded,
+                        "job ended {:?}",
+                        s.state()
+                    );
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for wait in waits {
+        wait.await??;
+    }
+    Ok(started.elapsed())
+}
+
+/// `ty-bench tracing`: throughput with telemetry off, propagating, exporting.
+async fn tracing_overhead() -> anyhow::Result<()> {
+    let jobs = arg("--jobs", 12);
+    let steps = arg("--steps", 20);
+    let rounds = arg("--rounds", 2);
+    let receiver = trainyard_tests::otlp::OtlpReceiver::start().await;
+    let modes: [(&str, Vec<(&str, String)>); 3] = [
+        (
+            "off (OTEL_SDK_DISABLED)",
+            vec![("OTEL_SDK_DISABLED", "true".into())],
+        ),
+        ("propagation only (no endpoint)", vec![]),
+        (
+            "OTLP export (spans + metrics)",
+            vec![
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint()),
+                ("OTEL_METRIC_EXPORT_INTERVAL", "1000".into()),
+            ],
+        ),
+    ];
+    println!("pipeline throughput, {jobs} jobs × {steps} steps at once, best of {rounds} rounds");
+    println!("  {:<34} {:>10} {:>10}", "telemetry", "wall", "jobs/min");
+    for (name, env) in &modes {
+        let fleet = Fleet::start(env).await?;
+        // A first job builds the base model and warms the cache.
+        run_batch(&fleet, 1, steps).await?;
+        let mut best = Duration::MAX;
+        for _ in 0..rounds {
+            best = best.min(run_batch(&fleet, jobs, steps).await?);
+        }
+        println!(
+            "  {:<34} {:>8.2} s {:>10.1}",
+            name,
+            best.as_secs_f64(),
+            f64::from(jobs) * 60.0 / best.as_secs_f64()
+        );
+        drop(fleet);
+    }
+    println!("  spans received over OTLP: {}", receiver.spans().len());
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("tracing") {
+        return tracing_overhead().await;
+    }
+    let steps = arg("--steps", 200);
+    let runs = arg("--runs", 3);
+    let fleet = Fleet::start(&[]).await?;
+    let (nats, services, channel, store) = (
+        &fleet.nats,
+        &fleet.services,
+        fleet.channel.clone(),
+        &fleet.store,
+    );
     // Let start-up allocations settle before reading idle memory.
     tokio::time::sleep(Duration::from_secs(2)).await;
     println!("idle RSS");
-    for service in &services {
+    for service in services {
         println!("  {:<16} {:>7} KiB", service.1, rss_kib(service.0.id()));
     }
     println!("  {:<16} {:>7} KiB", "nats-server", rss_kib(nats.pid()));
 
-    let store = ArtifactStore::open(store_dir.to_str().expect("utf-8 path"))?;
-    let sample = dir.path().join("sample");
-    trainyard_captioner::sample::write_sample_dataset(&sample)?;
-    store.put_dir(&sample, "uploads/sample", &[]).await?;
     let mut client = trainyard_proto::v1::job_service_client::JobServiceClient::with_interceptor(
         channel,
         Bearer("dev-token".into()),

@@ -68,16 +68,7 @@ impl Chaos {
         tweak: impl FnOnce(&mut Config),
         env: &[(&str, &str)],
     ) -> Chaos {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store_dir = dir.path().join("nats");
-        let nats = tokio::task::spawn_blocking(move || {
-            let binary = find_nats_server(&workspace_root()).expect("nats-server >= 2.10");
-            NatsServer::start(&binary, &store_dir).expect("nats-server starts")
-        })
-        .await
-        .expect("nats start task");
-        let url = nats.url();
-        let mut chaos = Chaos::with_nats(dir, Some(nats), url, tweak);
+        let mut chaos = Chaos::empty(tweak).await;
         chaos.env = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -90,6 +81,20 @@ impl Chaos {
         }
         chaos.wait_ready().await;
         chaos
+    }
+
+    /// A nats-server and the fleet's settings, no service running yet.
+    pub async fn empty(tweak: impl FnOnce(&mut Config)) -> Chaos {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store_dir = dir.path().join("nats");
+        let nats = tokio::task::spawn_blocking(move || {
+            let binary = find_nats_server(&workspace_root()).expect("nats-server >= 2.10");
+            NatsServer::start(&binary, &store_dir).expect("nats-server starts")
+        })
+        .await
+        .expect("nats start task");
+        let url = nats.url();
+        Chaos::with_nats(dir, Some(nats), url, tweak)
     }
 
     /// [`Chaos::start`] on a three-node cluster with R3 streams and KV;
