@@ -192,22 +192,38 @@ async fn a_job_is_one_trace_across_nats() {
     back.shutdown().await;
 }
 
-/// Without an endpoint nothing is traced and nothing travels in headers.
+/// Without an endpoint nothing is exported, but the trace context still
+/// travels in headers (a service without an exporter must not cut the job's
+/// trace for those that export); `OTEL_SDK_DISABLED=true` turns both off.
 #[tokio::test]
-async fn without_an_endpoint_there_is_no_trace() {
-    let (telemetry, dispatch) = Telemetry::start(&settings("ty-worker", &[])).unwrap();
-    assert!(!telemetry.tracing_enabled());
-    assert_eq!(telemetry.metrics_addr(), None);
-    let headers = async {
-        let span = send_span("ty.task.deliver", JobAttrs::default());
-        let _in = span.enter();
-        let mut headers = async_nats::HeaderMap::new();
-        inject_current_nats(&mut headers);
-        headers
+async fn without_an_endpoint_context_travels_but_nothing_is_exported() {
+    async fn headers(env: &[(&str, String)]) -> (bool, async_nats::HeaderMap) {
+        let (telemetry, dispatch) = Telemetry::start(&settings("ty-worker", env)).unwrap();
+        assert_eq!(telemetry.metrics_addr(), None);
+        let headers = async {
+            let span = send_span("ty.task.deliver", JobAttrs::default());
+            let _in = span.enter();
+            let mut headers = async_nats::HeaderMap::new();
+            inject_current_nats(&mut headers);
+            headers
+        }
+        .with_subscriber(dispatch)
+        .await;
+        (telemetry.tracing_enabled(), headers)
     }
-    .with_subscriber(dispatch)
-    .await;
-    assert!(headers.is_empty());
+    let (exporting, sent) = headers(&[]).await;
+    assert!(!exporting);
+    let traceparent = sent
+        .get("traceparent")
+        .expect("context travels")
+        .to_string();
+    assert!(
+        traceparent.starts_with("00-") && traceparent.ends_with("-01"),
+        "{traceparent}"
+    );
+    let (exporting, sent) = headers(&[("OTEL_SDK_DISABLED", "true".into())]).await;
+    assert!(!exporting);
+    assert!(sent.is_empty());
 }
 
 fn sample_value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
