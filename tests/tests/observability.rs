@@ -310,7 +310,7 @@ async fn calls_join_the_callers_trace() {
 
 /// A task the reconciler publishes again, with no message to answer, is
 /// sent under the trace context stored in the record: it rejoins the job's
-/// trace.
+/// trace. So does the cancel message of a job failed past its deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconciled_task_rejoins_the_jobs_trace() {
     shared();
@@ -333,8 +333,46 @@ async fn a_reconciled_task_rejoins_the_jobs_trace() {
     // What a coordinator that died after storing the record leaves: no task.
     parts.repo.create(&record).await.expect("record stored");
 
+    // A second job of another trace, past its deadline: the reconciler
+    // fails it and sends its cancel message under that trace.
+    let late_trace = "0af7651916cd43dd8448eb211c80319c";
+    let mut late_spec = record.spec.clone().unwrap();
+    late_spec.timeout_secs = 1;
+    let late = JobId::generate();
+    let (late_record, _) = trainyard_coordinator::job::submitted(
+        JobRecord {
+            job_id: late.to_string(),
+            tenant: "acme".into(),
+            spec: Some(late_spec),
+            trace_context: format!("00-{late_trace}-{stored_span}-01"),
+            ..Default::default()
+        },
+        trainyard_core::now_ms() - 10_000,
+    );
+    parts
+        .repo
+        .create(&late_record)
+        .await
+        .expect("record stored");
+    let mut cancels = parts.nats.subscribe(subject::cancel(&late)).await.unwrap();
+    parts.nats.flush().await.unwrap();
+
     let pass = parts.reconciler.pass(0).await.expect("pass");
-    assert_eq!(pass.republished, 1);
+    assert_eq!((pass.republished, pass.failed), (1, 1));
+    let cancel = tokio::time::timeout(WAIT, cancels.next())
+        .await
+        .expect("a cancel message in time")
+        .expect("a cancel message");
+    let traceparent = cancel
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("traceparent"))
+        .expect("the cancel message carries a traceparent");
+    assert_eq!(
+        traceparent.as_str().split('-').nth(1),
+        Some(late_trace),
+        "{traceparent:?}"
+    );
 
     let task = parts
         .js
@@ -360,8 +398,13 @@ async fn a_reconciled_task_rejoins_the_jobs_trace() {
             && spans
                 .iter()
                 .any(|s| s.name == "publish ty.task.prepare" && s.trace_id == TRACE)
+            && spans.iter().any(|s| s.name == "reconcile deadline")
     })
     .await;
+    let deadline = the_span(&spans, |s| s.name == "reconcile deadline");
+    assert_eq!(deadline.trace_id, late_trace);
+    assert_eq!(deadline.parent_span_id.as_deref(), Some(stored_span));
+    assert_eq!(deadline.attr("trainyard.job.id"), Some(late.as_str()));
     let repair = the_span(&spans, |s| s.name == "reconcile republish");
     assert_eq!(repair.parent_span_id.as_deref(), Some(stored_span));
     assert_eq!(repair.attr("trainyard.job.id"), Some(job.as_str()));
