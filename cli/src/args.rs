@@ -57,6 +57,8 @@ pub enum Command {
     Cancel(CancelArgs),
     /// Download a job's outputs into a folder, verifying each sha256.
     Fetch(FetchArgs),
+    /// Print a job's training metrics (loss, learning rate, ...) by step.
+    Metrics(MetricsArgs),
 }
 
 /// Where the local fleet keeps its state.
@@ -201,6 +203,17 @@ pub struct ListArgs {
 pub struct GetArgs {
     pub job: String,
     /// The whole record as protobuf JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct MetricsArgs {
+    pub job: String,
+    /// Only this metric ("train/loss"; repeatable).
+    #[arg(long = "name", value_name = "NAME")]
+    pub names: Vec<String>,
+    /// One JSON object per series.
     #[arg(long)]
     pub json: bool,
 }

@@ -13,7 +13,8 @@ use trainyard_proto::v1::job_service_client::JobServiceClient;
 
 pub type Client = JobServiceClient<InterceptedService<Channel, BearerAuth>>;
 
-/// Adds `authorization: Bearer <token>` to every request.
+/// Adds `authorization: Bearer <token>` and the current trace context
+/// (`traceparent`) to every request.
 #[derive(Clone)]
 pub struct BearerAuth(AsciiMetadataValue);
 
@@ -25,7 +26,8 @@ impl Interceptor for BearerAuth {
         request
             .metadata_mut()
             .insert("authorization", self.0.clone());
-        Ok(request)
+        // The current span's trace context (nothing with tracing off).
+        trainyard_core::telemetry::propagation::grpc_client_interceptor(request)
     }
 }
 
@@ -116,10 +118,28 @@ pub fn load_config(
         metrics_port: 0,
         ..config.telemetry.clone()
     };
-    trainyard_core::telemetry::init(service, &telemetry)
-        .map_err(|e| anyhow::anyhow!("cannot start telemetry: {e}"))?
-        .keep();
+    let telemetry = trainyard_core::telemetry::init(service, &telemetry)
+        .map_err(|e| anyhow::anyhow!("cannot start telemetry: {e}"))?;
+    let mut kept = TELEMETRY.lock().unwrap_or_else(|e| e.into_inner());
+    if kept.is_none() {
+        *kept = Some(telemetry);
+    } else {
+        telemetry.keep();
+    }
     Ok(Some(config))
+}
+
+/// The telemetry [`load_config`] started, flushed at exit.
+static TELEMETRY: std::sync::Mutex<Option<trainyard_core::telemetry::Telemetry>> =
+    std::sync::Mutex::new(None);
+
+/// Exports the spans still buffered (a submit's trace starts in `yard`)
+/// and stops the exporters; called once the command is done.
+pub async fn shutdown_telemetry() {
+    let telemetry = TELEMETRY.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(telemetry) = telemetry {
+        telemetry.shutdown().await;
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
-//! The client commands: submit, validate, watch, list, get, cancel, fetch.
+//! The client commands: submit, validate, watch, list, get, cancel, fetch,
+//! metrics.
 
-use crate::args::{CancelArgs, FetchArgs, GetArgs, ListArgs, SubmitArgs, WatchArgs};
+use crate::args::{CancelArgs, FetchArgs, GetArgs, ListArgs, MetricsArgs, SubmitArgs, WatchArgs};
 use crate::client::{Client, load_config};
 use crate::view::{self, display_uri, record_text, state_name};
 use crate::watch::{WatchOptions, watch};
@@ -8,9 +9,11 @@ use anyhow::{Context, bail};
 use indicatif::HumanBytes;
 use std::path::{Component, Path, PathBuf};
 use std::process::ExitCode;
+use tracing::Instrument;
 use trainyard_core::store::{ArtifactStore, S3Options};
 use trainyard_proto::v1::{
-    Artifact, CancelRequest, GetRequest, JobRecord, JobState, ListRequest, ValidateRequest,
+    Artifact, CancelRequest, GetMetricsRequest, GetRequest, JobRecord, JobState, ListRequest,
+    ValidateRequest,
 };
 
 /// Exit code of a job that ended in any state but SUCCEEDED.
@@ -36,7 +39,10 @@ pub async fn submit(server: &str, token: &str, args: SubmitArgs) -> anyhow::Resu
     };
     let client = &mut crate::client::connect(server, token).await?;
     spec.dataset = Some(crate::submit::dataset_source(dataset, &config.store).await?);
-    let record = crate::submit::submit(client, spec).await?;
+    // With an OTLP endpoint configured, the job's trace starts here: the
+    // client interceptor sends this span's context to the coordinator.
+    let span = tracing::info_span!("submit", otel.name = "yard submit", otel.kind = "client");
+    let record = crate::submit::submit(client, spec).instrument(span).await?;
     println!("{}", record.job_id);
     if !args.watch {
         return Ok(ExitCode::SUCCESS);
@@ -227,4 +233,37 @@ pub async fn fetch_artifact(
     };
     fetched.with_context(|| format!("cannot fetch {}", display_uri(&artifact.uri)))?;
     Ok(local)
+}
+
+/// Prints a job's metric series: a table of name, step and value, or with
+/// `--json` one object per series.
+pub async fn metrics(client: &mut Client, args: MetricsArgs) -> anyhow::Result<ExitCode> {
+    let reply = client
+        .get_metrics(GetMetricsRequest {
+            job_id: args.job.clone(),
+            names: args.names,
+        })
+        .await?
+        .into_inner();
+    if args.json {
+        for series in &reply.series {
+            let points: Vec<_> = series
+                .points
+                .iter()
+                .map(|p| serde_json::json!({"step": p.step, "value": p.value, "at_ms": p.at_ms}))
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({"name": series.name, "points": points})
+            );
+        }
+    } else if reply.series.is_empty() {
+        eprintln!("no metrics for {}", args.job);
+    } else {
+        print!("{}", view::metrics_table(&reply.series));
+    }
+    if reply.truncated {
+        eprintln!("(more points than one answer carries: the oldest are shown)");
+    }
+    Ok(ExitCode::SUCCESS)
 }

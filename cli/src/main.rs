@@ -17,7 +17,9 @@ use std::process::ExitCode;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli).await {
+    let result = run(cli).await;
+    client::shutdown_telemetry().await;
+    match result {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {}", client::describe(&error));
@@ -43,6 +45,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Fetch(args) => {
             jobs::fetch(&mut client::connect(&server, &token).await?, args).await
+        }
+        Command::Metrics(args) => {
+            jobs::metrics(&mut client::connect(&server, &token).await?, args).await
         }
     }
 }

@@ -217,6 +217,23 @@ pub fn record_json(record: &JobRecord, pretty: bool) -> anyhow::Result<String> {
     })
 }
 
+/// Metric series as a table: one line per point, grouped by name.
+pub fn metrics_table(series: &[trainyard_proto::v1::MetricSeries]) -> String {
+    let width = series
+        .iter()
+        .map(|s| s.name.len())
+        .max()
+        .unwrap_or(0)
+        .max("METRIC".len());
+    let mut out = format!("{:<width$}  {:>8}  VALUE\n", "METRIC", "STEP");
+    for s in series {
+        for p in &s.points {
+            out.push_str(&format!("{:<width$}  {:>8}  {}\n", s.name, p.step, p.value));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,7 +23,7 @@ fn help_lists_every_command() {
     assert!(output.status.success());
     let text = String::from_utf8_lossy(&output.stdout);
     for command in [
-        "dev", "demo", "submit", "validate", "watch", "list", "get", "cancel", "fetch",
+        "dev", "demo", "submit", "validate", "watch", "list", "get", "cancel", "fetch", "metrics",
     ] {
         assert!(text.contains(command), "{command} missing from:\n{text}");
     }

@@ -15,10 +15,12 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::time::Duration;
-use trainyard_core::topology::{EVENTS_STREAM, subject};
+use tracing::Instrument;
+use trainyard_core::topology::{EVENTS_STREAM, EventKind, subject};
 use trainyard_proto::v1::{
-    CancelResponse, JobEvent, JobRecord, JobSpec, JobState, ListResponse, PreflightRequest,
-    Problem, SubmitResponse, ValidateReply, job_event::Kind,
+    CancelResponse, GetMetricsResponse, JobEvent, JobRecord, JobSpec, JobState, ListResponse,
+    MetricPoint, MetricSeries, PreflightRequest, Problem, SubmitResponse, ValidateReply,
+    job_event::Kind,
 };
 use trainyard_proto::{JobId, TenantId};
 
@@ -163,6 +165,7 @@ impl JobApi {
             job_id: job.to_string(),
             tenant: tenant.to_string(),
             spec: Some(spec),
+            trace_context: crate::trace::current_context(),
             ..Default::default()
         };
         let (record, effects) = job::submitted(record, trainyard_core::now_ms());
@@ -179,6 +182,8 @@ impl JobApi {
             Err(e) => return Err(e.into()),
         }
         tracing::info!(%job, %tenant, "job submitted");
+        trainyard_core::telemetry::metrics()
+            .job_submitted(tenant.as_str(), crate::effects::backend_of(&record));
         self.effects.run(&record, effects).await.map_err(|e| {
             ApiError::Unavailable(format!(
                 "job {job} stored but not queued yet: {e}; retry with the same idempotency key"
@@ -357,13 +362,96 @@ impl JobApi {
         let record = match stored {
             Some(record) => {
                 tracing::info!(%job, "job cancelled");
-                let _ = self.effects.run(&record, effects).await;
+                // The cancel message and the state event join the job's trace.
+                let span = crate::trace::job_span("cancel", &record);
+                let _ = self.effects.run(&record, effects).instrument(span).await;
                 record
             }
             None => before,
         };
         Ok(CancelResponse {
             job: Some(record.redacted()),
+        })
+    }
+
+    /// The job's training metrics, one series per name, read from its
+    /// `metric` events with an ordered consumer. At most [`MAX_POINTS`]
+    /// points are read (the oldest first); `truncated` says there were more.
+    pub async fn get_metrics(
+        &self,
+        tenant: &TenantId,
+        job_id: &str,
+        names: &[String],
+    ) -> Result<GetMetricsResponse, ApiError> {
+        let job = parse_job(job_id)?;
+        // Tenant isolation: another tenant's job is not found.
+        self.repo.get(tenant, &job).await?;
+        let unavailable = |e: String| ApiError::Unavailable(format!("cannot read metrics: {e}"));
+        let filter = subject::event(tenant, &job, EventKind::Metric);
+        let stream = self
+            .js
+            .get_stream(EVENTS_STREAM)
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        let mut stored = 0usize;
+        let mut counts = stream
+            .info_with_subjects(&filter)
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        while let Some(entry) = counts.next().await {
+            stored += entry.map_err(|e| unavailable(e.to_string()))?.1;
+        }
+        let mut series: BTreeMap<String, Vec<MetricPoint>> = BTreeMap::new();
+        let mut truncated = false;
+        if stored > 0 {
+            let mut messages = stream
+                .create_consumer(consumer::pull::OrderedConfig {
+                    filter_subject: filter,
+                    deliver_policy: consumer::DeliverPolicy::All,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| unavailable(e.to_string()))?
+                .messages()
+                .await
+                .map_err(|e| unavailable(e.to_string()))?;
+            let mut read = 0usize;
+            loop {
+                let message = tokio::time::timeout(METRICS_READ_TIMEOUT, messages.next())
+                    .await
+                    .map_err(|_| unavailable("the events stream did not answer in time".into()))?
+                    .ok_or_else(|| unavailable("the events stream ended".into()))?
+                    .map_err(|e| unavailable(e.to_string()))?;
+                read += 1;
+                let pending = message.info().map(|i| i.pending).unwrap_or(0);
+                if let Ok(JobEvent {
+                    at_ms,
+                    kind: Some(Kind::Metric(metric)),
+                    ..
+                }) = JobEvent::decode(message.payload.clone())
+                    && (names.is_empty() || names.contains(&metric.name))
+                {
+                    series.entry(metric.name).or_default().push(MetricPoint {
+                        step: metric.step,
+                        value: metric.value,
+                        at_ms,
+                    });
+                }
+                if pending == 0 {
+                    break;
+                }
+                if read >= MAX_POINTS {
+                    truncated = true;
+                    break;
+                }
+            }
+        }
+        Ok(GetMetricsResponse {
+            series: series
+                .into_iter()
+                .map(|(name, points)| MetricSeries { name, points })
+                .collect(),
+            truncated,
         })
     }
 
@@ -399,6 +487,11 @@ impl JobApi {
         Ok(Box::pin(futures::stream::unfold(state, next_event)))
     }
 }
+
+/// Most metric events one GetMetrics reads.
+pub const MAX_POINTS: usize = 50_000;
+/// How long GetMetrics waits for the next stored metric event.
+const METRICS_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a Watch of a running job waits for an event before it reads
 /// the record again.

@@ -14,6 +14,8 @@ use crate::repo::JobRepo;
 use async_nats::jetstream;
 use async_nats::jetstream::publish::PublishAck;
 use prost::Message;
+use tracing::Instrument;
+use trainyard_core::telemetry::propagation::{self, JobAttrs};
 use trainyard_core::topology::{self, EventKind, subject};
 use trainyard_proto::v1::{JobEvent, JobRecord, JobState, Stage, StateChanged, job_event::Kind};
 use trainyard_proto::{Attempt, JobId, TenantId};
@@ -39,6 +41,15 @@ impl Effects {
         for effect in effects {
             match effect {
                 Effect::EmitState(state) => {
+                    if state.state().is_final() {
+                        // Once per job: only the transition that made the
+                        // record final runs this effect.
+                        trainyard_core::telemetry::metrics().job_finished(
+                            &record.tenant,
+                            backend_of(record),
+                            final_state_label(state.state()),
+                        );
+                    }
                     let result = if state.state().is_final() {
                         self.announce_final(&tenant, &job, state).await
                     } else {
@@ -51,9 +62,11 @@ impl Effects {
                 }
                 Effect::Publish(task) => self.publish_task(&tenant, &job, *task).await?,
                 Effect::SendCancel => {
+                    let mut headers = async_nats::HeaderMap::new();
+                    propagation::inject_current_nats(&mut headers);
                     if let Err(error) = self
                         .client
-                        .publish(subject::cancel(&job), "cancel".into())
+                        .publish_with_headers(subject::cancel(&job), headers, "cancel".into())
                         .await
                     {
                         tracing::warn!(%job, %error, "could not send cancel message");
@@ -157,17 +170,60 @@ impl Effects {
         };
         let id = topology::task_msg_id(tenant, job, stage, Attempt(attempt));
         let failed = |e: String| format!("could not publish {} task: {e}", stage.name());
-        let publish = jetstream::message::PublishMessage::build()
+        let subject = subject::task(stage, &pool);
+        // A child of the current span (the submit call, the result handled,
+        // the reconciler's job span); the task carries its context.
+        let span = propagation::send_span(
+            &subject,
+            JobAttrs {
+                job_id: Some(job.as_str()),
+                tenant: Some(tenant.as_str()),
+                stage: Some(stage.name()),
+                attempt: Some(attempt),
+            },
+        );
+        let mut publish = jetstream::message::PublishMessage::build()
             .payload(payload.into())
             .message_id(id);
-        let ack = self
-            .js
-            .send_publish(subject::task(stage, &pool), publish)
-            .await
-            .map_err(|e| failed(e.to_string()))?
-            .await
-            .map_err(|e| failed(e.to_string()))?;
+        let mut headers = async_nats::HeaderMap::new();
+        span.in_scope(|| propagation::inject_current_nats(&mut headers));
+        for (name, values) in headers.iter() {
+            for value in values {
+                publish = publish.header(name.clone(), value.clone());
+            }
+        }
+        let ack = async {
+            self.js
+                .send_publish(subject, publish)
+                .await
+                .map_err(|e| failed(e.to_string()))?
+                .await
+                .map_err(|e| failed(e.to_string()))
+        }
+        .instrument(span)
+        .await?;
         tracing::info!(%job, stage = stage.name(), attempt, duplicate = ack.duplicate, "task published");
         Ok(ack)
+    }
+}
+
+/// The training backend of a job, the `backend` label of its metrics.
+pub fn backend_of(record: &JobRecord) -> &str {
+    record
+        .spec
+        .as_ref()
+        .and_then(|s| s.training.as_ref())
+        .map(|t| t.backend.as_str())
+        .filter(|b| !b.is_empty())
+        .unwrap_or("unknown")
+}
+
+/// The `state` label of a finished job.
+fn final_state_label(state: JobState) -> &'static str {
+    match state {
+        JobState::Succeeded => "succeeded",
+        JobState::Failed => "failed",
+        JobState::Cancelled => "cancelled",
+        _ => "unknown",
     }
 }

@@ -1,16 +1,23 @@
 //! The tonic `JobService`: authentication and type plumbing only; the work
-//! is in [`crate::api::JobApi`].
+//! is in [`crate::api::JobApi`]. Every call runs inside a server span, a
+//! child of the trace context the caller sent in its metadata.
 
 use crate::api::{ApiError, Auth, JobApi};
 use futures::StreamExt;
 use std::pin::Pin;
 use tonic::{Request, Response, Status};
-use trainyard_proto::TenantId;
+use tracing::Instrument;
+use trainyard_core::telemetry::propagation::{self, JobAttrs};
 use trainyard_proto::v1::job_service_server::JobService;
 use trainyard_proto::v1::{
-    CancelRequest, CancelResponse, GetRequest, GetResponse, JobEvent, ListRequest, ListResponse,
-    SubmitRequest, SubmitResponse, ValidateReply, ValidateRequest, WatchRequest,
+    CancelRequest, CancelResponse, GetMetricsRequest, GetMetricsResponse, GetRequest, GetResponse,
+    JobEvent, ListRequest, ListResponse, SubmitRequest, SubmitResponse, ValidateReply,
+    ValidateRequest, WatchRequest,
 };
+use trainyard_proto::{JobId, TenantId};
+
+/// The gRPC service name, as in the method paths.
+const SERVICE: &str = "/trainyard.v1.JobService/";
 
 pub struct GrpcJobService {
     pub api: JobApi,
@@ -25,6 +32,42 @@ impl GrpcJobService {
             .and_then(|v| v.to_str().ok());
         self.auth.tenant(header).map_err(|e| e.to_status())
     }
+
+    /// The server span of `method`; carries the job id when the request
+    /// names one. The tenant is recorded once authenticated.
+    fn span<T>(request: &Request<T>, method: &str, job_id: Option<&str>) -> tracing::Span {
+        let span = propagation::rpc_server_span(&format!("{SERVICE}{method}"), request.metadata());
+        propagation::record_job(
+            &span,
+            JobAttrs {
+                job_id: job_id.filter(|id| JobId::parse(id).is_ok()),
+                ..Default::default()
+            },
+        );
+        span
+    }
+}
+
+/// Records the tenant in the current (server) span.
+fn record_tenant(tenant: &TenantId) {
+    propagation::record_job(
+        &tracing::Span::current(),
+        JobAttrs {
+            tenant: Some(tenant.as_str()),
+            ..Default::default()
+        },
+    );
+}
+
+/// Records the job id (known once a submit created it) in the current span.
+fn record_job_id(job_id: &str) {
+    propagation::record_job(
+        &tracing::Span::current(),
+        JobAttrs {
+            job_id: Some(job_id),
+            ..Default::default()
+        },
+    );
 }
 
 type WatchStream = Pin<Box<dyn futures::Stream<Item = Result<JobEvent, Status>> + Send>>;
@@ -35,74 +78,134 @@ impl JobService for GrpcJobService {
         &self,
         request: Request<SubmitRequest>,
     ) -> Result<Response<SubmitResponse>, Status> {
-        let tenant = self.tenant(&request)?;
-        let spec = request.into_inner().spec;
-        self.api
-            .submit(&tenant, spec)
-            .await
-            .map(Response::new)
-            .map_err(|e| e.to_status())
+        let span = Self::span(&request, "Submit", None);
+        async {
+            let tenant = self.tenant(&request)?;
+            record_tenant(&tenant);
+            let spec = request.into_inner().spec;
+            let response = self
+                .api
+                .submit(&tenant, spec)
+                .await
+                .map_err(|e| e.to_status())?;
+            if let Some(job) = &response.job {
+                record_job_id(&job.job_id);
+            }
+            Ok(Response::new(response))
+        }
+        .instrument(span)
+        .await
     }
 
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
-        let tenant = self.tenant(&request)?;
-        let job = self
-            .api
-            .get(&tenant, &request.get_ref().job_id)
-            .await
-            .map_err(|e| e.to_status())?;
-        Ok(Response::new(GetResponse { job: Some(job) }))
+        let span = Self::span(&request, "Get", Some(&request.get_ref().job_id));
+        async {
+            let tenant = self.tenant(&request)?;
+            record_tenant(&tenant);
+            let job = self
+                .api
+                .get(&tenant, &request.get_ref().job_id)
+                .await
+                .map_err(|e| e.to_status())?;
+            Ok(Response::new(GetResponse { job: Some(job) }))
+        }
+        .instrument(span)
+        .await
     }
 
     async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
-        let tenant = self.tenant(&request)?;
-        let r = request.get_ref();
-        self.api
-            .list(&tenant, r.state(), r.page_size, &r.page_token)
-            .await
-            .map(Response::new)
-            .map_err(|e| e.to_status())
+        let span = Self::span(&request, "List", None);
+        async {
+            let tenant = self.tenant(&request)?;
+            record_tenant(&tenant);
+            let r = request.get_ref();
+            self.api
+                .list(&tenant, r.state(), r.page_size, &r.page_token)
+                .await
+                .map(Response::new)
+                .map_err(|e| e.to_status())
+        }
+        .instrument(span)
+        .await
     }
 
     async fn cancel(
         &self,
         request: Request<CancelRequest>,
     ) -> Result<Response<CancelResponse>, Status> {
-        let tenant = self.tenant(&request)?;
-        let r = request.get_ref();
-        self.api
-            .cancel(&tenant, &r.job_id, &r.reason)
-            .await
-            .map(Response::new)
-            .map_err(|e| e.to_status())
+        let span = Self::span(&request, "Cancel", Some(&request.get_ref().job_id));
+        async {
+            let tenant = self.tenant(&request)?;
+            record_tenant(&tenant);
+            let r = request.get_ref();
+            self.api
+                .cancel(&tenant, &r.job_id, &r.reason)
+                .await
+                .map(Response::new)
+                .map_err(|e| e.to_status())
+        }
+        .instrument(span)
+        .await
     }
 
     async fn validate(
         &self,
         request: Request<ValidateRequest>,
     ) -> Result<Response<ValidateReply>, Status> {
-        let tenant = self.tenant(&request)?;
-        let spec = request.into_inner().spec;
-        self.api
-            .validate(&tenant, spec)
-            .await
-            .map(Response::new)
-            .map_err(|e| e.to_status())
+        let span = Self::span(&request, "Validate", None);
+        async {
+            let tenant = self.tenant(&request)?;
+            record_tenant(&tenant);
+            let spec = request.into_inner().spec;
+            self.api
+                .validate(&tenant, spec)
+                .await
+                .map(Response::new)
+                .map_err(|e| e.to_status())
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn get_metrics(
+        &self,
+        request: Request<GetMetricsRequest>,
+    ) -> Result<Response<GetMetricsResponse>, Status> {
+        let span = Self::span(&request, "GetMetrics", Some(&request.get_ref().job_id));
+        async {
+            let tenant = self.tenant(&request)?;
+            record_tenant(&tenant);
+            let r = request.get_ref();
+            self.api
+                .get_metrics(&tenant, &r.job_id, &r.names)
+                .await
+                .map(Response::new)
+                .map_err(|e| e.to_status())
+        }
+        .instrument(span)
+        .await
     }
 
     type WatchStream = WatchStream;
 
+    /// The span covers opening the watch, not the stream that follows.
     async fn watch(
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let tenant = self.tenant(&request)?;
-        let events = self
-            .api
-            .watch(&tenant, &request.get_ref().job_id)
-            .await
-            .map_err(|e| e.to_status())?;
-        let stream = events.map(|item| item.map_err(|e: ApiError| e.to_status()));
-        Ok(Response::new(Box::pin(stream)))
+        let span = Self::span(&request, "Watch", Some(&request.get_ref().job_id));
+        async {
+            let tenant = self.tenant(&request)?;
+            record_tenant(&tenant);
+            let events = self
+                .api
+                .watch(&tenant, &request.get_ref().job_id)
+                .await
+                .map_err(|e| e.to_status())?;
+            let stream = events.map(|item| item.map_err(|e: ApiError| e.to_status()));
+            Ok(Response::new(Box::pin(stream) as Self::WatchStream))
+        }
+        .instrument(span)
+        .await
     }
 }

@@ -3,10 +3,13 @@
 //! It serves the job API over gRPC ([`grpc`]) and NATS request/reply
 //! ([`nats_api`]), both thin layers over [`api::JobApi`]; applies stage
 //! results to records through the pure state machine in [`job`]
-//! ([`results`]); and repairs jobs whose task went missing ([`reconcile`]).
+//! ([`results`]); repairs jobs whose task went missing ([`reconcile`]);
+//! and reports the stage backlogs and dead-letter depth ([`backlog`]).
+//! Its spans join each job's trace ([`trace`]).
 //! It keeps no state of its own: run one replica or several.
 
 pub mod api;
+pub mod backlog;
 pub mod effects;
 pub mod grpc;
 pub mod job;
@@ -14,6 +17,7 @@ pub mod nats_api;
 pub mod reconcile;
 pub mod repo;
 pub mod results;
+pub mod trace;
 pub mod validate;
 
 use std::net::SocketAddr;
@@ -119,6 +123,12 @@ pub async fn run(
                 }
             }
         });
+    }
+
+    {
+        let (js, stop) = (js.clone(), shutdown.child_token());
+        let every = Duration::from_secs(config.coordinator.backlog_interval_secs.max(1));
+        tasks.spawn(backlog::run(js, every, stop));
     }
 
     let (health, health_service) = tonic_health::server::health_reporter();

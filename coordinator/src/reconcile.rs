@@ -22,14 +22,20 @@
 //! - TTLs: a finished job past `ttl_secs` from its end loses its artifacts
 //!   (`jobs/<job>/`), its events, its idempotency key and then its record.
 //!   A job that is not final is never removed.
+//!
+//! Each repair runs inside a span whose remote parent is the trace context
+//! the record stores ([`crate::trace::job_span`]): a republished task or
+//! final event rejoins the job's trace.
 
 use crate::effects::Effects;
 use crate::job::{self, Effect};
 use crate::repo::{JobRepo, RepoError, Versioned};
+use crate::trace::job_span;
 use async_nats::jetstream::stream::{LastRawMessageErrorKind, RawMessageErrorKind};
 use async_nats::jetstream::{self, kv};
 use prost::Message;
 use std::collections::HashSet;
+use tracing::Instrument;
 use trainyard_core::store::{ArtifactStore, keys};
 use trainyard_core::topology::{
     self, EVENTS_STREAM, EventKind, RESULTS_STREAM, TASKS_STREAM, subject,
@@ -126,7 +132,8 @@ impl Reconciler {
             let stale = now.saturating_sub(record.updated_at_ms) >= stale_after_ms;
             if record.state().is_final() {
                 if expired(record, now) {
-                    match self.expire(&tenant, &job, &found).await {
+                    let span = job_span("reconcile expire", record);
+                    match self.expire(&tenant, &job, &found).instrument(span).await {
                         Ok(true) => pass.removed += 1,
                         Ok(false) => {}
                         Err(error) => {
@@ -135,14 +142,22 @@ impl Reconciler {
                     }
                 } else if stale
                     && !record.final_event_stored
-                    && self.announce(&tenant, &job, record).await
+                    && self
+                        .announce(&tenant, &job, record)
+                        .instrument(job_span("reconcile announce", record))
+                        .await
                 {
                     pass.announced += 1;
                 }
                 continue;
             }
             if deadline_exceeded(record, now).is_some() {
-                match self.fail_past_deadline(&tenant, &job, now).await {
+                let span = job_span("reconcile deadline", record);
+                match self
+                    .fail_past_deadline(&tenant, &job, now)
+                    .instrument(span)
+                    .await
+                {
                     Ok(true) => pass.failed += 1,
                     Ok(false) => {}
                     Err(error) => {
@@ -164,7 +179,12 @@ impl Reconciler {
             if tasks.contains(&id) || answered.contains(&id) {
                 continue;
             }
-            if self.republish(&tenant, &job, record, now).await {
+            let span = job_span("reconcile republish", record);
+            if self
+                .republish(&tenant, &job, record, now)
+                .instrument(span)
+                .await
+            {
                 pass.republished += 1;
             }
         }

@@ -8,6 +8,10 @@
 //! Fencing: a result counts only while the claim it carries is the live one
 //! in `ty_claims` ([`trainyard_core::claim::admits`]); a zombie's late
 //! result, or a duplicate run under an older claim, is acked and dropped.
+//!
+//! Each result is handled inside a process span (`process ty.result.<stage>`),
+//! a child of the context its headers carry, so the task or event its
+//! effects publish continues the job's trace.
 
 use crate::effects::Effects;
 use crate::job::{self, Decision, Event};
@@ -17,7 +21,10 @@ use futures::StreamExt;
 use prost::Message;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use trainyard_core::claim::{self, Claims};
+use trainyard_core::telemetry::propagation::{self, JobAttrs};
+use trainyard_core::topology::subject;
 use trainyard_proto::v1::{StageResult, stage_result::Outcome};
 use trainyard_proto::{Attempt, JobId, TenantId};
 
@@ -42,7 +49,23 @@ pub async fn run(
             },
         };
         let ack = match StageResult::decode(message.payload.clone()) {
-            Ok(result) => apply(&repo, &claims, &effects, result).await,
+            Ok(result) => {
+                // A child of the result's publish: the next task the
+                // effects publish stays in the job's trace.
+                let span = propagation::process_span(
+                    message.headers.as_ref(),
+                    &subject::result(result.stage()),
+                    JobAttrs {
+                        job_id: Some(&result.job_id),
+                        tenant: Some(&result.tenant),
+                        stage: Some(result.stage().name()),
+                        attempt: Some(result.attempt),
+                    },
+                );
+                apply(&repo, &claims, &effects, result)
+                    .instrument(span)
+                    .await
+            }
             Err(error) => {
                 tracing::error!(%error, "undecodable stage result dropped");
                 AckKind::Term

@@ -169,6 +169,9 @@ pub struct CoordinatorConfig {
     /// How long `Validate` waits for a captioner to fetch the dataset and
     /// run the checks before answering UNAVAILABLE.
     pub validate_timeout_secs: u64,
+    /// Seconds between reads of the stage backlogs and the dead-letter
+    /// depth (JetStream consumer and stream info) for the metrics.
+    pub backlog_interval_secs: u64,
 }
 
 impl Default for CoordinatorConfig {
@@ -179,6 +182,7 @@ impl Default for CoordinatorConfig {
             reconcile_interval_secs: 60,
             stale_after_secs: 120,
             validate_timeout_secs: 300,
+            backlog_interval_secs: 5,
         }
     }
 }

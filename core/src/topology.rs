@@ -80,6 +80,7 @@ pub enum ApiOp {
     List,
     Cancel,
     Validate,
+    GetMetrics,
 }
 
 impl ApiOp {
@@ -90,6 +91,7 @@ impl ApiOp {
             ApiOp::List => "list",
             ApiOp::Cancel => "cancel",
             ApiOp::Validate => "validate",
+            ApiOp::GetMetrics => "metrics",
         }
     }
 
@@ -100,6 +102,7 @@ impl ApiOp {
             ApiOp::List,
             ApiOp::Cancel,
             ApiOp::Validate,
+            ApiOp::GetMetrics,
         ]
         .into_iter()
         .find(|op| op.name() == name)
