@@ -126,6 +126,7 @@ async fn query(port: u16, expr: &str) -> Vec<(BTreeMap<String, String>, f64)> {
 async fn every_service_serves_its_metrics_and_prometheus_scrapes_them() {
     let mut chaos = Chaos::empty(|config| {
         config.telemetry.metrics_host = "127.0.0.1".into();
+        config.coordinator.backlog_interval_secs = 1;
     })
     .await;
     let mut ports = BTreeMap::new();
@@ -169,16 +170,19 @@ async fn every_service_serves_its_metrics_and_prometheus_scrapes_them() {
         &[("state", "succeeded")],
         1.0,
     );
-    // The backlog poller reports every stage consumer (nothing waits now).
-    for stage in ["prepare", "train", "deliver"] {
-        let backlog = total(&coordinator, "trainyard_stage_backlog", &[("stage", stage)]);
-        assert_eq!(
-            backlog,
-            Some(0.0),
-            "backlog of {stage}: {:#?}",
-            names(&coordinator)
-        );
-    }
+    // The backlog poller (every second here) reports every stage consumer;
+    // nothing waits once the job is done.
+    let coordinator_port = ports["ty-coordinator"].1;
+    wait_for("an empty backlog for every stage", JOB_TIMEOUT, || async {
+        let scraped = scrape(coordinator_port).await;
+        ["prepare", "train", "deliver"]
+            .iter()
+            .all(|stage| {
+                total(&scraped, "trainyard_stage_backlog", &[("stage", stage)]) == Some(0.0)
+            })
+            .then_some(())
+    })
+    .await;
     for (service, stage) in [
         ("ty-captioner", "prepare"),
         ("ty-worker", "train"),
