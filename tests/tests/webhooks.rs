@@ -13,11 +13,18 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
+use trainyard_coordinator::webhooks::Deliverer;
+use trainyard_core::telemetry::propagation::{JobAttrs, inject_nats, send_span};
+use trainyard_core::telemetry::{Telemetry, TelemetrySettings};
+use trainyard_core::topology::{self, EventKind, subject};
 use trainyard_core::topology::{EVENTS_STREAM, WEBHOOKS_CONSUMER};
 use trainyard_proto::v1::{
     JobEvent, JobSpec, JobState, Secrets, SubmitRequest, Webhook, job_event::Kind,
 };
+use trainyard_proto::v1::{JobRecord, StateChanged};
+use trainyard_proto::{JobId, TenantId};
 use trainyard_tests::chaos::{Chaos, Service};
+use trainyard_tests::otlp::OtlpReceiver;
 use trainyard_tests::*;
 
 /// The signing secret: `whsec_` and the base64 of these key bytes.
@@ -514,4 +521,147 @@ async fn a_delivery_cut_by_a_coordinator_crash_is_made_after_restart() {
     }
     assert_eq!(hits[1].json()["data"]["state"], "succeeded");
     chaos.stop().await;
+}
+
+/// The POST runs in a `webhook.deliver` span, a child of the span that
+/// handles the state event, itself a child of the event's publisher: the
+/// delivery is part of the job's trace, and its `traceparent` says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_delivery_span_continues_the_state_events_trace() {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing::instrument::WithSubscriber;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    let otlp = OtlpReceiver::start().await;
+    let receiver = Receiver::start(&[]).await;
+    let fleet = Fleet::start_with(Services::NONE, with_webhooks).await;
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT".to_string(), otlp.endpoint()),
+        ("OTEL_BSP_SCHEDULE_DELAY".to_string(), "100".to_string()),
+    ];
+    let settings = TelemetrySettings::resolve("ty-coordinator", &Default::default(), &env).unwrap();
+    let (telemetry, dispatch) = Telemetry::start(&settings).unwrap();
+    let parts = fleet.coordinator_parts().await;
+
+    let (tenant, job) = (TenantId::parse("acme").unwrap(), JobId::generate());
+    let record = JobRecord {
+        job_id: job.to_string(),
+        tenant: tenant.to_string(),
+        state: JobState::Succeeded as i32,
+        spec: Some(hooked(
+            spec("file:///data/set.zip", 10),
+            &receiver.url(),
+            &[],
+        )),
+        ..Default::default()
+    };
+    parts.repo.create(&record).await.unwrap();
+    let hooks = &fleet.config.webhooks;
+    let deliverer = Deliverer::new(hooks, parts.repo.clone(), parts.js.clone())
+        .unwrap()
+        .expect("webhooks on");
+    let consumer = topology::webhooks_consumer(&parts.js, Deliverer::ack_wait(hooks))
+        .await
+        .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let loop_task = tokio::spawn(
+        deliverer
+            .run(consumer, stop.clone())
+            .with_subscriber(dispatch.clone()),
+    );
+
+    let event = JobEvent {
+        job_id: job.to_string(),
+        tenant: tenant.to_string(),
+        at_ms: trainyard_core::now_ms(),
+        kind: Some(Kind::State(StateChanged {
+            state: JobState::Succeeded as i32,
+            ..Default::default()
+        })),
+    };
+    let trace_id = async {
+        let publish = send_span(
+            "ty.event.{tenant}.{job}.state",
+            JobAttrs {
+                job_id: Some(&record.job_id),
+                tenant: Some("acme"),
+                ..Default::default()
+            },
+        );
+        let mut headers = async_nats::HeaderMap::new();
+        inject_nats(&publish.context(), &mut headers);
+        parts
+            .js
+            .publish_with_headers(
+                subject::event(&tenant, &job, EventKind::State),
+                headers,
+                event.encode_to_vec().into(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        publish.context().span().span_context().trace_id()
+    }
+    .with_subscriber(dispatch)
+    .await;
+
+    let hits = receiver.wait_hits(1, Duration::from_secs(30)).await;
+    verify(&hits[0]);
+    let traceparent = hits[0].header("traceparent").to_string();
+    let fields: Vec<&str> = traceparent.split('-').collect();
+    assert_eq!(fields.len(), 4, "{traceparent}");
+    assert_eq!(fields[1], trace_id.to_string(), "the job's trace");
+
+    telemetry.flush().await;
+    let spans = otlp
+        .wait_for_spans(Duration::from_secs(20), |s| {
+            s.iter().any(|s| s.name == "webhook.deliver")
+        })
+        .await;
+    let named = |name: &str| {
+        spans
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("span {name:?} in {spans:#?}"))
+    };
+    let publish = named("publish ty.event.{tenant}.{job}.state");
+    let process = named("process ty.event.{tenant}.{job}.state");
+    let deliver = named("webhook.deliver");
+    for span in [publish, process, deliver] {
+        assert_eq!(span.trace_id, trace_id.to_string(), "{}", span.name);
+    }
+    assert_eq!(
+        process.parent_span_id.as_deref(),
+        Some(publish.span_id.as_str())
+    );
+    assert_eq!(
+        deliver.parent_span_id.as_deref(),
+        Some(process.span_id.as_str())
+    );
+    assert_eq!(
+        fields[2], deliver.span_id,
+        "traceparent names the delivery span"
+    );
+    assert_eq!(
+        process.attr("trainyard.job.id"),
+        Some(record.job_id.as_str())
+    );
+    assert_eq!(deliver.attr("http.response.status_code"), Some("200"));
+    assert_eq!(
+        deliver.attr("trainyard.webhook.type"),
+        Some("job.completed")
+    );
+    assert!(
+        spans
+            .iter()
+            .flat_map(|s| s.attributes.values())
+            .all(|v| !v.contains(HF_TOKEN) && !v.contains("receiver-query-token")),
+        "no secret in a span"
+    );
+
+    stop.cancel();
+    loop_task.await.unwrap().unwrap();
+    telemetry.shutdown().await;
+    fleet.stop().await;
 }
