@@ -300,6 +300,7 @@ pub struct Deliverer {
     repo: JobRepo,
     js: jetstream::Context,
     client: reqwest::Client,
+    guard: Guard,
     secret: Secret,
     policy: retry::Policy,
     max_age: Duration,
@@ -335,6 +336,7 @@ impl Deliverer {
             repo,
             js,
             client,
+            guard: guard(config.allow_private_addresses),
             secret,
             policy,
             max_age: Duration::from_secs(config.max_age_secs.max(1)),
@@ -422,10 +424,14 @@ impl Deliverer {
             },
         );
         async {
-            for message in &outgoing {
-                match self.post(&url, message, delivered).await {
+            for (i, hook) in outgoing.iter().enumerate() {
+                if i > 0 {
+                    // The ack wait covers one POST: restart it for the next.
+                    let _ = message.ack_with(AckKind::Progress).await;
+                }
+                match self.post(&url, hook, delivered).await {
                     Outcome::Delivered => {
-                        tracing::info!(%job, kind = message.kind, attempt = delivered, "webhook delivered");
+                        tracing::info!(%job, kind = hook.kind, attempt = delivered, "webhook delivered");
                     }
                     Outcome::Refused(why) => {
                         return self.give_up(&tenant, &job, &record, &why).await;
@@ -458,9 +464,9 @@ impl Deliverer {
             trainyard.webhook.type = message.kind,
             trainyard.attempt = attempt,
         );
-        let parsed = match Url::parse(url) {
+        let parsed = match target(&self.guard, url) {
             Ok(u) => u,
-            Err(e) => return Outcome::Refused(format!("invalid url: {e}")),
+            Err(why) => return Outcome::Refused(why),
         };
         if let Some(host) = parsed.host_str() {
             span.record("server.address", host);
@@ -519,6 +525,16 @@ impl Deliverer {
             .await;
         AckKind::Term
     }
+}
+
+/// The URL to post to, checked again at delivery: reqwest connects to a
+/// literal IP without asking the resolver, so the guard looks at it here.
+fn target(guard: &Guard, url: &str) -> Result<Url, String> {
+    let parsed = Url::parse(url).map_err(|e| format!("invalid url: {e}"))?;
+    guard
+        .check_url(&parsed)
+        .map_err(|refusal| refusal.to_string())?;
+    Ok(parsed)
 }
 
 fn event_age(at_ms: i64) -> Duration {
@@ -696,6 +712,23 @@ mod tests {
         let json: serde_json::Value = serde_json::from_slice(body).unwrap();
         assert_eq!(json["data"]["error"]["message"], "dataset has no images");
         assert!(json["data"].get("artifacts").is_none());
+    }
+
+    #[test]
+    fn literal_private_targets_are_refused_at_delivery_too() {
+        let strict = guard(false);
+        for url in [
+            "http://127.0.0.1:9/x",
+            "http://0x7f000001/x",
+            "http://[::ffff:10.0.0.1]/x",
+            "http://169.254.169.254/latest/meta-data",
+        ] {
+            let why = target(&strict, url).unwrap_err();
+            assert!(why.contains("not a public address"), "{url}: {why}");
+        }
+        assert!(target(&strict, "ftp://hooks.example/x").is_err());
+        assert!(target(&strict, "https://hooks.example/x").is_ok());
+        assert!(target(&guard(true), "http://127.0.0.1:9/x").is_ok());
     }
 
     #[test]
