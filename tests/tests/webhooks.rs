@@ -33,7 +33,7 @@ const KEY: &[u8] = b"trainyard-webhook-test-key";
 const HF_TOKEN: &str = "hf_webhook_test_secret_token";
 
 /// What the receiver answers to the next request.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 enum Reply {
     Status(u16),
     /// A status with `Retry-After: <secs>`.
@@ -100,7 +100,7 @@ async fn hook(State(state): State<Arc<Recorded>>, headers: HeaderMap, body: Byte
 impl Receiver {
     async fn start(script: &[Reply]) -> Receiver {
         let state = Arc::new(Recorded::default());
-        state.replies.lock().unwrap().extend(script.iter().cloned());
+        state.replies.lock().unwrap().extend(script.iter().copied());
         let app = axum::Router::new()
             .route("/hook", axum::routing::post(hook))
             .with_state(state.clone());
@@ -380,6 +380,35 @@ async fn a_gone_receiver_is_given_up_after_one_try() {
         record.state(),
         JobState::Succeeded,
         "the job is not affected"
+    );
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_failing_every_time_is_given_up_after_the_last_attempt() {
+    let receiver = Receiver::start(&[Reply::Status(502); 5]).await;
+    let fleet = Fleet::start_with(Services::ALL, |config| {
+        with_webhooks(config);
+        config.webhooks.max_attempts = 3;
+    })
+    .await;
+    let mut client = fleet.client(TOKEN).await;
+    let spec = spec(&fleet.sample_uri().await, 10);
+    let job = submit(&mut client, hooked(spec, &receiver.url(), &[])).await;
+    watch_all(&mut client, &job.job_id, Duration::from_secs(180)).await;
+
+    let js = async_nats::jetstream::new(fleet.nats_client().await);
+    let line = wait_log(&js, &job.job_id, "webhook delivery failed").await;
+    assert_eq!(
+        line,
+        "webhook delivery failed: http 502 (gave up after 3 attempts)"
+    );
+    wait_idle(&js).await;
+    let hits = receiver.hits();
+    assert_eq!(hits.len(), 3, "max_attempts POSTs");
+    assert!(
+        hits.iter()
+            .all(|h| h.header("webhook-id") == hits[0].header("webhook-id"))
     );
     fleet.stop().await;
 }
