@@ -163,6 +163,15 @@ pub struct SubmitArgs {
     /// A label, key=value (repeatable).
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
+    /// An http(s) URL the fleet POSTs to (signed, Standard Webhooks) when
+    /// the job ends, instead of polling.
+    #[arg(long, value_name = "URL")]
+    pub webhook: Option<String>,
+    /// What the webhook is told (repeatable): completed (the final state,
+    /// the default) or state (every state change).
+    #[arg(long = "webhook-event", value_name = "EVENT", requires = "webhook",
+          value_parser = ["completed", "state"])]
+    pub webhook_events: Vec<String>,
     /// Keep following the job after submitting it.
     #[arg(long)]
     pub watch: bool,

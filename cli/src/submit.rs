@@ -17,7 +17,7 @@ use trainyard_core::store::ArtifactStore;
 use trainyard_proto::v1::dataset_source::Source;
 use trainyard_proto::v1::{
     CaptionSettings, DatasetSource, Destination, ExtraValue, ImageUrls, JobRecord, JobSpec,
-    ModelRef, Secrets, SubmitRequest, TrainingSettings, extra_value,
+    ModelRef, Secrets, SubmitRequest, TrainingSettings, Webhook, extra_value,
 };
 
 /// Where a dataset comes from, as given on the command line.
@@ -240,6 +240,10 @@ pub fn spec_from_args(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
         retry: None,
         timeout_secs: args.timeout_secs,
         ttl_secs: args.ttl_secs,
+        webhook: args.webhook.clone().map(|url| Webhook {
+            url,
+            events: args.webhook_events.clone(),
+        }),
     })
 }
 
@@ -306,6 +310,31 @@ mod tests {
         assert!(classify(&[txt.to_string_lossy().into_owned()]).is_err());
         assert!(classify(&[format!("{d}/missing")]).is_err());
         assert!(classify(&[d.clone(), d]).is_err());
+    }
+
+    #[test]
+    fn webhook_flags_make_the_spec_webhook() {
+        use clap::Parser;
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["yard", "submit", "s3://b/uploads/x"];
+            argv.extend_from_slice(extra);
+            match crate::args::Cli::try_parse_from(argv)?.command {
+                crate::args::Command::Submit(args) => Ok(spec_from_args(&args).unwrap()),
+                _ => unreachable!(),
+            }
+        };
+        assert_eq!(parse(&[]).unwrap().webhook, None);
+        let spec = parse(&["--webhook", "https://h.test/x", "--webhook-event", "state"]).unwrap();
+        assert_eq!(
+            spec.webhook,
+            Some(Webhook {
+                url: "https://h.test/x".into(),
+                events: strings(&["state"]),
+            })
+        );
+        let no_url: Result<_, clap::Error> = parse(&["--webhook-event", "state"]);
+        assert!(no_url.is_err());
+        assert!(parse(&["--webhook", "https://h.test/x", "--webhook-event", "done"]).is_err());
     }
 
     #[tokio::test]

@@ -108,6 +108,8 @@ pub struct JobApi {
     pub client: async_nats::Client,
     /// How long a captioner may take to answer a preflight request.
     pub validate_timeout: Duration,
+    /// What a job's webhook must satisfy on this fleet.
+    pub webhooks: crate::webhooks::SubmitRules,
 }
 
 /// The `ty_idem` key of a tenant's idempotency key.
@@ -130,6 +132,9 @@ impl JobApi {
     ) -> Result<SubmitResponse, ApiError> {
         let spec = spec.ok_or_else(|| ApiError::Invalid("spec: is required".into()))?;
         let spec = validate::normalise(spec).map_err(|e| ApiError::Invalid(e.to_string()))?;
+        self.webhooks
+            .check(&spec)
+            .map_err(|e| ApiError::Invalid(e.to_string()))?;
         let mut job = JobId::generate();
         if !spec.idempotency_key.is_empty() {
             let key = idem_key(tenant, &spec.idempotency_key);
@@ -230,7 +235,12 @@ impl JobApi {
         spec: Option<JobSpec>,
     ) -> Result<ValidateReply, ApiError> {
         let spec = spec.ok_or_else(|| ApiError::Invalid("spec: is required".into()))?;
-        let spec = match validate::normalise(spec) {
+        let spec = match validate::normalise(spec).and_then(|spec| {
+            self.webhooks
+                .check(&spec)
+                .map_err(|e| validate::Invalid(vec![e]))?;
+            Ok(spec)
+        }) {
             Ok(spec) => spec,
             // The captioner needs a normalised spec: stop at these.
             Err(validate::Invalid(problems)) => {

@@ -19,6 +19,7 @@ pub mod repo;
 pub mod results;
 pub mod trace;
 pub mod validate;
+pub mod webhooks;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -54,7 +55,9 @@ pub async fn run(
         effects: effects.clone(),
         client: client.clone(),
         validate_timeout: Duration::from_secs(config.coordinator.validate_timeout_secs.max(1)),
+        webhooks: webhooks::SubmitRules::from_config(&config.webhooks),
     };
+    let deliverer = webhooks::Deliverer::new(&config.webhooks, repo.clone(), js.clone())?;
     let auth = api::Auth::new(&config.coordinator.tokens);
 
     let store =
@@ -93,6 +96,18 @@ pub async fn run(
             if let Err(error) = results::run(consumer, repo, claims, effects, stop).await {
                 tracing::error!(%error, "result loop failed");
                 failed.cancel();
+            }
+        });
+    }
+    if let Some(deliverer) = deliverer {
+        let ack_wait = webhooks::Deliverer::ack_wait(&config.webhooks);
+        let consumer = topology::webhooks_consumer(&js, ack_wait)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        let stop = shutdown.child_token();
+        tasks.spawn(async move {
+            if let Err(error) = deliverer.run(consumer, stop).await {
+                tracing::error!(%error, "webhook loop failed");
             }
         });
     }

@@ -7,7 +7,7 @@
 use trainyard_backends::BACKENDS;
 use trainyard_core::models::ModelSource;
 use trainyard_proto::v1::{
-    ErrorKind, JobSpec, RetryPolicy, Stage, TrainingSettings, dataset_source::Source,
+    ErrorKind, JobSpec, RetryPolicy, Stage, TrainingSettings, Webhook, dataset_source::Source,
 };
 
 /// The base model a backend uses when the spec names none.
@@ -143,11 +143,55 @@ pub fn normalise(mut spec: JobSpec) -> Result<JobSpec, Invalid> {
     if let Some(retry) = &spec.retry {
         check_retry(retry, &mut p);
     }
+    if let Some(hook) = spec.webhook.as_mut() {
+        normalise_webhook(hook, &mut p);
+    }
     if p.0.is_empty() {
         Ok(spec)
     } else {
         Err(Invalid(p.0))
     }
+}
+
+/// A job's webhook: an http(s) URL without credentials, and known event
+/// names (none means `completed`; the stored spec lists them). Whether the
+/// fleet can deliver it (a secret, the address) is checked by the API
+/// with the fleet's config ([`crate::webhooks::SubmitRules`]).
+fn normalise_webhook(hook: &mut Webhook, p: &mut Problems) {
+    match reqwest::Url::parse(&hook.url) {
+        Err(e) => p.add("webhook.url", format!("is not a valid url: {e}")),
+        Ok(url) => {
+            p.check(
+                matches!(url.scheme(), "http" | "https"),
+                "webhook.url",
+                "must be an http:// or https:// url",
+            );
+            p.check(
+                url.username().is_empty() && url.password().is_none(),
+                "webhook.url",
+                "must not hold credentials (user:password@); put a token in the path or query",
+            );
+            p.check(url.host_str().is_some(), "webhook.url", "has no host");
+            p.check(
+                hook.url.len() <= 2048,
+                "webhook.url",
+                "is longer than 2048 characters",
+            );
+        }
+    }
+    for event in &hook.events {
+        if !crate::webhooks::EVENTS.contains(&event.as_str()) {
+            p.add(
+                "webhook.events",
+                format!("unknown event {event:?}; use \"completed\" or \"state\""),
+            );
+        }
+    }
+    if hook.events.is_empty() {
+        hook.events.push(crate::webhooks::COMPLETED.into());
+    }
+    hook.events.sort();
+    hook.events.dedup();
 }
 
 /// A job's retry override: zero fields keep the services' defaults; the
@@ -398,6 +442,34 @@ mod tests {
         );
         assert_eq!(spec.base_model.unwrap().uri, "reference-denoiser-v1");
         assert_eq!(spec.pool, "default");
+    }
+
+    #[test]
+    fn a_webhook_is_checked_and_its_events_filled() {
+        let hook = |url: &str, events: &[&str]| {
+            let mut s = valid();
+            s.webhook = Some(Webhook {
+                url: url.into(),
+                events: events.iter().map(|e| e.to_string()).collect(),
+            });
+            s
+        };
+        let spec = normalise(hook("https://hooks.example/x?t=1", &[])).unwrap();
+        assert_eq!(spec.webhook.unwrap().events, ["completed"]);
+        let spec = normalise(hook("http://h.example/", &["state", "completed", "state"])).unwrap();
+        assert_eq!(spec.webhook.unwrap().events, ["completed", "state"]);
+        for (url, events, problem) in [
+            ("ftp://h.example/x", &[][..], "http:// or https://"),
+            ("not a url", &[], "not a valid url"),
+            ("https://user:pw@h.example/", &[], "credentials"),
+        ] {
+            let err = normalise(hook(url, events)).unwrap_err();
+            assert_eq!(err.0[0].field, "webhook.url", "{url}");
+            assert!(err.0[0].problem.contains(problem), "{err}");
+        }
+        let err = normalise(hook("https://h.example/", &["done"])).unwrap_err();
+        assert_eq!(err.0[0].field, "webhook.events");
+        assert!(err.0[0].problem.contains("\"done\""), "{err}");
     }
 
     #[test]

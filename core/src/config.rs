@@ -42,6 +42,7 @@ pub struct Config {
     pub uploader: UploaderConfig,
     pub retry: RetryConfig,
     pub telemetry: TelemetryConfig,
+    pub webhooks: WebhooksConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -489,6 +490,72 @@ pub fn parse_error_kind(name: &str) -> Option<trainyard_proto::v1::ErrorKind> {
         .filter(|k| *k != trainyard_proto::v1::ErrorKind::Unspecified)
 }
 
+/// The `[webhooks]` table: how the coordinators sign and post job webhooks
+/// (`JobSpec.webhook`). Debug output and `--print-config` never show the
+/// secret.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// The signing secret, Standard Webhooks form `whsec_<base64>`. Empty:
+    /// webhooks are off and a job asking for one is refused at submit.
+    pub secret: String,
+    /// Allow private, loopback and link-local webhook targets. Only for
+    /// tests and fleets whose receivers are on a private network.
+    pub allow_private_addresses: bool,
+    /// Seconds one POST may take, connection included.
+    pub timeout_secs: u64,
+    /// POSTs of one webhook, the first included, before it is given up.
+    pub max_attempts: u32,
+    /// Delay before the second POST, in milliseconds; doubled for each
+    /// further one. A receiver's `Retry-After` is a lower bound.
+    pub initial_delay_ms: u64,
+    /// No delay is longer than this, in milliseconds.
+    pub max_delay_ms: u64,
+    /// A webhook whose state change is older than this (seconds) is given
+    /// up whatever the attempts left.
+    pub max_age_secs: u64,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            secret: String::new(),
+            allow_private_addresses: false,
+            timeout_secs: 10,
+            max_attempts: 8,
+            initial_delay_ms: 30_000,
+            max_delay_ms: 1_200_000,
+            max_age_secs: 7200,
+        }
+    }
+}
+
+impl WebhooksConfig {
+    /// A copy safe to show: the secret, when set, is [`REDACTED`].
+    pub fn redacted(&self) -> WebhooksConfig {
+        let mut shown = self.clone();
+        if !shown.secret.is_empty() {
+            shown.secret = REDACTED.into();
+        }
+        shown
+    }
+}
+
+impl std::fmt::Debug for WebhooksConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = self.redacted();
+        f.debug_struct("WebhooksConfig")
+            .field("secret", &shown.secret)
+            .field("allow_private_addresses", &shown.allow_private_addresses)
+            .field("timeout_secs", &shown.timeout_secs)
+            .field("max_attempts", &shown.max_attempts)
+            .field("initial_delay_ms", &shown.initial_delay_ms)
+            .field("max_delay_ms", &shown.max_delay_ms)
+            .field("max_age_secs", &shown.max_age_secs)
+            .finish()
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
@@ -631,6 +698,16 @@ impl Config {
                 ));
             }
         }
+        let hooks = &self.webhooks;
+        if !hooks.secret.is_empty() && !hooks.secret.starts_with("whsec_") {
+            return bad("webhooks.secret must have the form whsec_<base64>");
+        }
+        if hooks.timeout_secs == 0 || hooks.max_attempts == 0 {
+            return bad("webhooks.timeout_secs and webhooks.max_attempts must be at least 1");
+        }
+        if hooks.max_delay_ms < hooks.initial_delay_ms {
+            return bad("webhooks.max_delay_ms must not be below initial_delay_ms");
+        }
         // A publish retried after a lost ack (a result after a redelivery, a
         // task republished by the reconciler) must still be deduplicated.
         if self.nats.dedup_window_secs <= self.nats.ack_wait_secs.max(1)
@@ -654,6 +731,7 @@ impl Config {
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
         shown.store.s3 = shown.store.s3.redacted();
+        shown.webhooks = shown.webhooks.redacted();
         toml::to_string_pretty(&shown).unwrap_or_default()
     }
 }
@@ -795,6 +873,20 @@ mod tests {
         assert!(format!("{config:?}").contains("AKIDEXAMPLE"));
         let err = Config::load_from(None, &[], &["store.s3.endpoit=x".to_string()]).unwrap_err();
         assert!(matches!(err, ConfigError::Invalid(_)));
+    }
+
+    #[test]
+    fn the_webhook_secret_is_never_shown() {
+        let env = vec![(
+            "TY_WEBHOOKS__SECRET".to_string(),
+            "whsec_c2VjcmV0LXNpZ25pbmcta2V5".to_string(),
+        )];
+        let config = Config::load_from(None, &env, &["webhooks.max_attempts=3".into()]).unwrap();
+        assert_eq!(config.webhooks.secret, "whsec_c2VjcmV0LXNpZ25pbmcta2V5");
+        assert_eq!(config.webhooks.max_attempts, 3);
+        assert!(!config.to_toml().contains("c2VjcmV0LXNpZ25pbmcta2V5"));
+        assert!(!format!("{config:?}").contains("c2VjcmV0LXNpZ25pbmcta2V5"));
+        assert!(format!("{config:?}").contains(REDACTED));
     }
 
     #[test]

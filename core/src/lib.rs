@@ -15,6 +15,7 @@ pub mod hub;
 pub mod models;
 pub mod nats;
 pub mod natsd;
+pub mod netguard;
 pub mod process;
 pub mod retry;
 pub mod runtime;

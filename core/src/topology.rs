@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | `TY_TASKS` | work queue | `ty.task.prepare`, `ty.task.train.<pool>`, `ty.task.deliver` |
 //! | `TY_RESULTS` | work queue | `ty.result.<stage>` |
-//! | `TY_EVENTS` | limits | `ty.event.<tenant>.<job>.<kind>` |
+//! | `TY_EVENTS` | limits | `ty.event.<tenant>.<job>.<kind>`; consumer `ty-webhooks` on `ty.event.*.*.state` |
 //! | `TY_DLQ` | limits | `ty.dlq.<stage>` |
 //! | `ty_jobs` | KV | `<tenant>.<job>` |
 //! | `ty_idem` | KV | `<tenant>.<sha256 of idempotency key>` |
@@ -43,6 +43,9 @@ pub const CLAIM_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 pub const WORKER_HEARTBEAT: Duration = Duration::from_secs(5);
 /// The coordinator replicas share this durable consumer of `TY_RESULTS`.
 pub const RESULTS_CONSUMER: &str = "ty-coordinator";
+/// The coordinator replicas share this durable consumer of the state
+/// events in `TY_EVENTS`, to deliver job webhooks.
+pub const WEBHOOKS_CONSUMER: &str = "ty-webhooks";
 /// The queue group captioners serve `ty.preflight` in: one answers each request.
 pub const PREFLIGHT_QUEUE: &str = "ty-captioner";
 /// Header carrying the caller's bearer token on the NATS API.
@@ -144,6 +147,11 @@ pub mod subject {
 
     pub fn all_events() -> &'static str {
         "ty.event.>"
+    }
+
+    /// Every job's state events.
+    pub fn all_state_events() -> &'static str {
+        "ty.event.*.*.state"
     }
 
     pub fn dlq(stage: Stage) -> String {
@@ -459,6 +467,32 @@ pub async fn results_consumer(
                 durable_name: Some(RESULTS_CONSUMER.into()),
                 ack_policy: consumer::AckPolicy::Explicit,
                 ack_wait: config.ack_wait(),
+                max_deliver: -1,
+                ..Default::default()
+            },
+        )
+        .await?;
+    Ok(consumer)
+}
+
+/// The coordinators' shared durable consumer of state events, for webhooks.
+/// It starts at the events published after its creation (not the stream's
+/// history) and never gives up a message by itself: the webhook loop counts
+/// attempts and terminates. `ack_wait` must exceed one POST's timeout.
+pub async fn webhooks_consumer(
+    js: &jetstream::Context,
+    ack_wait: Duration,
+) -> Result<consumer::PullConsumer, async_nats::Error> {
+    let stream = js.get_stream(EVENTS_STREAM).await?;
+    let consumer = stream
+        .get_or_create_consumer(
+            WEBHOOKS_CONSUMER,
+            consumer::pull::Config {
+                durable_name: Some(WEBHOOKS_CONSUMER.into()),
+                filter_subject: subject::all_state_events().into(),
+                deliver_policy: consumer::DeliverPolicy::New,
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait,
                 max_deliver: -1,
                 ..Default::default()
             },

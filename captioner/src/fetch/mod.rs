@@ -16,9 +16,6 @@
 //! URLs in error messages have their query string and credentials removed,
 //! because presigned URLs carry secrets there.
 
-mod address;
-mod guard;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -27,8 +24,8 @@ use futures::StreamExt;
 use reqwest::{StatusCode, Url};
 use tokio::io::AsyncWriteExt;
 
-pub use address::is_forbidden_ip;
-use guard::{Guard, GuardedResolver, Refusal};
+pub use trainyard_core::netguard::is_forbidden_ip;
+use trainyard_core::netguard::{Guard, GuardedResolver, Refusal};
 
 /// Limits for every fetch. The default refuses private addresses.
 #[derive(Debug, Clone)]

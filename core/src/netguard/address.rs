@@ -1,7 +1,8 @@
 //! Which IP addresses a user-given URL may reach.
 //!
-//! A dataset URL comes from a tenant, and the captioner runs inside our
-//! network: without this check a URL could read cloud metadata
+//! Dataset and webhook URLs come from tenants, and the services that fetch
+//! or post to them run inside our network: without this check a URL could
+//! reach cloud metadata
 //! (`169.254.169.254`), an internal service on `10.x`, or the node itself.
 //! The check runs on the *resolved* addresses (see `guard.rs`) so a
 //! public name pointing at a private address is refused too.

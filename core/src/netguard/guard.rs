@@ -4,8 +4,8 @@
 //! reqwest resolves host *names* through the resolver but connects to
 //! literal-IP hosts directly, so literal IPs are checked here on every hop
 //! (and by the client before the first request). Errors raised here travel
-//! inside `reqwest::Error`; [`super::FetchError::from_reqwest`] finds them
-//! again by walking the source chain.
+//! inside `reqwest::Error`; a client finds them again by walking the
+//! error's source chain (see [`super::refusal_of`]).
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -19,7 +19,7 @@ use super::address::is_forbidden_ip;
 
 /// What the guard needs to know, shared by the resolver and redirect policy.
 #[derive(Debug, Clone)]
-pub(crate) struct Guard {
+pub struct Guard {
     pub allow_private: bool,
     /// Lower-cased host names exempt from the address check.
     pub trusted_hosts: Arc<[String]>,
@@ -28,7 +28,7 @@ pub(crate) struct Guard {
 
 /// Why a URL or hop was refused before any byte was sent to it.
 #[derive(Debug, Clone)]
-pub(crate) enum Refusal {
+pub enum Refusal {
     Scheme(String),
     NoHost,
     Forbidden { host: String, addr: Option<IpAddr> },
@@ -49,7 +49,7 @@ impl fmt::Display for Refusal {
 impl std::error::Error for Refusal {}
 
 impl Guard {
-    fn is_trusted(&self, host: &str) -> bool {
+    pub fn is_trusted(&self, host: &str) -> bool {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
         self.trusted_hosts.contains(&host)
     }
@@ -97,7 +97,7 @@ impl Guard {
 /// connects only to what this returns, so a DNS answer that changes between
 /// check and connect cannot slip a private address through.
 #[derive(Debug, Clone)]
-pub(crate) struct GuardedResolver(pub Guard);
+pub struct GuardedResolver(pub Guard);
 
 impl Resolve for GuardedResolver {
     fn resolve(&self, name: Name) -> Resolving {

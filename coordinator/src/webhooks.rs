@@ -1,0 +1,759 @@
+//! Job webhooks: a job whose spec has a `webhook` is told by HTTP POST when
+//! it changes state, instead of polling.
+//!
+//! Delivery is a loop of its own in every coordinator replica, on the
+//! shared durable consumer `ty-webhooks` of `TY_EVENTS` filtered to state
+//! events (`ty.event.*.*.state`), so each state event is handled by one
+//! replica and survives a crash (an unacked event is redelivered after the
+//! consumer's ack wait). For each event the job record is read; a job with
+//! no webhook, or whose `events` filter does not take this change, is
+//! acked at once. Otherwise the POST goes out through the address guard
+//! (no private, loopback or link-local target after DNS, unless
+//! `[webhooks] allow_private_addresses`; no redirects followed):
+//!
+//! - 2xx → ack;
+//! - 408, 425, 429, 5xx, connection errors and timeouts → NAK with the
+//!   delay `initial_delay_ms × 2^(k-1)` capped at `max_delay_ms` (a
+//!   `Retry-After` is a lower bound), until `max_attempts` POSTs or
+//!   `max_age_secs` after the state change;
+//! - any other status, a refused address, or out of attempts → given up:
+//!   an error log, a `log` event on the job ("webhook delivery failed: …")
+//!   and TERM.
+//!
+//! Requests are signed per Standard Webhooks: `webhook-id` (stable per job,
+//! webhook type and state, so a receiver can drop retried duplicates),
+//! `webhook-timestamp` (unix seconds of this attempt) and
+//! `webhook-signature: v1,<base64 HMAC-SHA256(secret, "{id}.{ts}.{body}")>`.
+//! The body never holds a secret: only ids, name, labels, state, error and
+//! outputs. Each POST runs in a `webhook.deliver` span, a child of the
+//! state event's trace context, and sends that span's `traceparent`.
+//!
+//! One replica posts one event at a time, so the state changes of a job
+//! reach its receiver in order unless a POST has to be retried.
+
+use crate::repo::{JobRepo, RepoError};
+use crate::validate::FieldError;
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use futures::StreamExt;
+use prost::Message;
+use reqwest::Url;
+use sha2::{Digest, Sha256};
+use std::time::{Duration, SystemTime};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use trainyard_core::config::{RetryPolicyConfig, WebhooksConfig, error_kind_name};
+use trainyard_core::events::EventSink;
+use trainyard_core::netguard::{self, Guard, GuardedResolver, Refusal};
+use trainyard_core::retry;
+use trainyard_core::telemetry::propagation::{self, JobAttrs};
+use trainyard_proto::v1::{JobEvent, JobRecord, JobSpec, JobState, Stage, job_event::Kind};
+use trainyard_proto::{JobId, TenantId};
+
+/// `events` value: the final state (SUCCEEDED, FAILED, CANCELLED).
+pub const COMPLETED: &str = "completed";
+/// `events` value: every state change.
+pub const STATE: &str = "state";
+/// Every `events` value a spec may name.
+pub const EVENTS: [&str; 2] = [COMPLETED, STATE];
+
+/// The signing secret: the bytes of a Standard Webhooks `whsec_<base64>`.
+#[derive(Clone)]
+pub struct Secret(Vec<u8>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+impl Secret {
+    pub fn parse(text: &str) -> Result<Secret, String> {
+        let encoded = text
+            .strip_prefix("whsec_")
+            .ok_or("webhooks.secret must have the form whsec_<base64>")?;
+        let bytes = BASE64
+            .decode(encoded.trim())
+            .map_err(|_| "webhooks.secret: the part after whsec_ is not valid base64")?;
+        if bytes.len() < 16 {
+            return Err("webhooks.secret: the key must be at least 16 bytes".into());
+        }
+        Ok(Secret(bytes))
+    }
+
+    /// The `webhook-signature` value for one message.
+    pub fn sign(&self, id: &str, timestamp: u64, body: &[u8]) -> String {
+        let mut signed = format!("{id}.{timestamp}.").into_bytes();
+        signed.extend_from_slice(body);
+        format!("v1,{}", BASE64.encode(hmac_sha256(&self.0, &signed)))
+    }
+}
+
+/// HMAC-SHA256 (RFC 2104).
+fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    const BLOCK: usize = 64;
+    let mut block = [0u8; BLOCK];
+    if key.len() > BLOCK {
+        block[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        block[..key.len()].copy_from_slice(key);
+    }
+    let pad = |byte: u8| block.iter().map(|b| b ^ byte).collect::<Vec<u8>>();
+    let inner = Sha256::new()
+        .chain_update(pad(0x36))
+        .chain_update(message)
+        .finalize();
+    Sha256::new()
+        .chain_update(pad(0x5c))
+        .chain_update(inner)
+        .finalize()
+        .into()
+}
+
+/// What submission checks of a webhook depend on the fleet's config.
+#[derive(Clone, Debug, Default)]
+pub struct SubmitRules {
+    /// A signing secret is configured.
+    pub enabled: bool,
+    pub allow_private_addresses: bool,
+}
+
+impl SubmitRules {
+    pub fn from_config(config: &WebhooksConfig) -> Self {
+        Self {
+            enabled: !config.secret.is_empty(),
+            allow_private_addresses: config.allow_private_addresses,
+        }
+    }
+
+    /// Refuses a webhook this fleet cannot deliver: none configured, or a
+    /// literal non-public address. (A name is resolved at delivery time.)
+    pub fn check(&self, spec: &JobSpec) -> Result<(), FieldError> {
+        let Some(hook) = &spec.webhook else {
+            return Ok(());
+        };
+        if !self.enabled {
+            return Err(FieldError::new(
+                "webhook",
+                "webhooks are not configured on this fleet",
+            ));
+        }
+        let guard = guard(self.allow_private_addresses);
+        let url =
+            Url::parse(&hook.url).map_err(|e| FieldError::new("webhook.url", e.to_string()))?;
+        guard
+            .check_url(&url)
+            .map_err(|refusal| FieldError::new("webhook.url", refusal.to_string()))
+    }
+}
+
+fn guard(allow_private: bool) -> Guard {
+    Guard {
+        allow_private,
+        trusted_hosts: Vec::new().into(),
+        max_redirects: 0,
+    }
+}
+
+/// `scheme://host[:port]/path` of a URL, for logs: no credentials, query.
+fn shown(url: &str) -> String {
+    match Url::parse(url) {
+        Ok(u) => {
+            let port = u.port().map(|p| format!(":{p}")).unwrap_or_default();
+            format!(
+                "{}://{}{port}{}",
+                u.scheme(),
+                u.host_str().unwrap_or(""),
+                u.path()
+            )
+        }
+        Err(_) => "<invalid url>".into(),
+    }
+}
+
+/// A state's name in webhook bodies: `succeeded`, `training`, ….
+pub fn state_name(state: JobState) -> String {
+    state
+        .as_str_name()
+        .trim_start_matches("JOB_STATE_")
+        .to_ascii_lowercase()
+}
+
+/// `2026-12-01T20:31:11.123Z` for a Unix time in milliseconds.
+fn rfc3339(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let millis = ms.rem_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// One webhook message: its type (`job.completed` or `job.state`), id and
+/// body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    pub kind: &'static str,
+    pub id: String,
+    pub body: Vec<u8>,
+}
+
+/// The webhook messages a state event of `record` calls for, given the
+/// spec's `events` filter (empty = `completed`).
+pub fn messages_for(record: &JobRecord, state: JobState, at_ms: i64) -> Vec<Outgoing> {
+    let Some(hook) = record.spec.as_ref().and_then(|s| s.webhook.as_ref()) else {
+        return Vec::new();
+    };
+    let wants = |name: &str| {
+        hook.events.iter().any(|e| e == name) || (name == COMPLETED && hook.events.is_empty())
+    };
+    let mut out = Vec::new();
+    if wants(STATE) {
+        out.push(("job.state", STATE));
+    }
+    if wants(COMPLETED) && state.is_final() {
+        out.push(("job.completed", COMPLETED));
+    }
+    out.into_iter()
+        .map(|(kind, event)| Outgoing {
+            kind,
+            id: format!("{}.{event}.{}", record.job_id, state_name(state)),
+            body: body(record, kind, state, at_ms),
+        })
+        .collect()
+}
+
+/// The JSON body: ids, name, labels, state, error or outputs. Never the
+/// spec itself, so never a secret.
+fn body(record: &JobRecord, kind: &str, state: JobState, at_ms: i64) -> Vec<u8> {
+    let spec = record.spec.clone().unwrap_or_default().redacted();
+    let mut data = serde_json::json!({
+        "job_id": record.job_id,
+        "tenant": record.tenant,
+        "name": spec.name,
+        "labels": spec.labels,
+        "state": state_name(state),
+    });
+    if state == JobState::Failed
+        && let Some(error) = &record.error
+    {
+        data["error"] = serde_json::json!({
+            "kind": error_kind_name(error.kind()),
+            "message": error.message,
+            "stage": error.stage().name(),
+        });
+    }
+    if state == JobState::Cancelled && !record.cancel_reason.is_empty() {
+        data["cancel_reason"] = record.cancel_reason.clone().into();
+    }
+    if state == JobState::Succeeded {
+        data["artifacts"] = record
+            .artifacts
+            .iter()
+            .map(|a| serde_json::json!({"name": a.name, "uri": a.uri, "size": a.size, "sha256": a.sha256}))
+            .collect();
+        data["delivered"] = record
+            .delivered
+            .iter()
+            .map(|d| serde_json::json!({"destination": d.destination, "uri": d.uri, "size": d.size, "sha256": d.sha256}))
+            .collect();
+    }
+    serde_json::to_vec(&serde_json::json!({
+        "type": kind,
+        "timestamp": rfc3339(at_ms),
+        "data": data,
+    }))
+    .unwrap_or_default()
+}
+
+/// How one POST went.
+#[derive(Debug)]
+enum Outcome {
+    Delivered,
+    /// Worth another try, after at least this long.
+    Retry {
+        why: String,
+        after: Duration,
+    },
+    /// Will fail again: give up now.
+    Refused(String),
+}
+
+/// Posts webhooks for the state events of the coordinators' consumer.
+#[derive(Clone)]
+pub struct Deliverer {
+    repo: JobRepo,
+    js: jetstream::Context,
+    client: reqwest::Client,
+    guard: Guard,
+    secret: Secret,
+    policy: retry::Policy,
+    max_age: Duration,
+}
+
+impl Deliverer {
+    /// `None` when no secret is configured (webhooks off).
+    pub fn new(
+        config: &WebhooksConfig,
+        repo: JobRepo,
+        js: jetstream::Context,
+    ) -> anyhow::Result<Option<Deliverer>> {
+        if config.secret.is_empty() {
+            return Ok(None);
+        }
+        let secret = Secret::parse(&config.secret).map_err(|e| anyhow::anyhow!(e))?;
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("trainyard-webhooks/", env!("CARGO_PKG_VERSION")))
+            .no_proxy()
+            .dns_resolver(GuardedResolver(guard(config.allow_private_addresses)))
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(config.timeout_secs.max(1)))
+            .build()?;
+        let policy = retry::Policy::from_config(&RetryPolicyConfig {
+            initial_delay_ms: config.initial_delay_ms,
+            multiplier: 2.0,
+            max_delay_ms: config.max_delay_ms,
+            max_attempts: config.max_attempts,
+            jitter: 0.1,
+            non_retryable: Vec::new(),
+        });
+        Ok(Some(Deliverer {
+            repo,
+            js,
+            client,
+            guard: guard(config.allow_private_addresses),
+            secret,
+            policy,
+            max_age: Duration::from_secs(config.max_age_secs.max(1)),
+        }))
+    }
+
+    /// The consumer's ack wait: one POST's timeout and a margin.
+    pub fn ack_wait(config: &WebhooksConfig) -> Duration {
+        Duration::from_secs(config.timeout_secs.max(1) + 5)
+    }
+
+    /// Handles state events until `shutdown`. An event being posted when
+    /// shutdown comes is left unacked, so another replica (or this one,
+    /// restarted) posts it after the ack wait.
+    pub async fn run(
+        self,
+        consumer: PullConsumer,
+        shutdown: CancellationToken,
+    ) -> Result<(), async_nats::Error> {
+        let mut messages = consumer.messages().await?;
+        loop {
+            let message = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                message = messages.next() => match message {
+                    Some(Ok(m)) => m,
+                    Some(Err(error)) => {
+                        tracing::warn!(%error, "webhook event stream error");
+                        continue;
+                    }
+                    None => break,
+                },
+            };
+            let ack = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                ack = self.handle(&message) => ack,
+            };
+            if let Err(error) = message.ack_with(ack).await {
+                tracing::warn!(%error, "could not ack a state event");
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle(&self, message: &jetstream::Message) -> AckKind {
+        let Ok(event) = JobEvent::decode(message.payload.clone()) else {
+            tracing::error!(subject = %message.subject, "undecodable state event skipped");
+            return AckKind::Term;
+        };
+        let Some(Kind::State(change)) = &event.kind else {
+            return AckKind::Ack;
+        };
+        let (Ok(tenant), Ok(job)) = (TenantId::parse(&event.tenant), JobId::parse(&event.job_id))
+        else {
+            return AckKind::Term;
+        };
+        let info = message.info().ok();
+        let delivered = info.as_ref().map_or(1, |i| i.delivered.max(1) as u32);
+        let record = match self.repo.get(&tenant, &job).await {
+            Ok(found) => found.record,
+            // Removed by its TTL: nobody left to tell.
+            Err(RepoError::NotFound(_)) => return AckKind::Ack,
+            Err(error) => {
+                tracing::warn!(%job, %error, "cannot read a job for its webhook");
+                return AckKind::Nak(Some(Duration::from_secs(2)));
+            }
+        };
+        let outgoing = messages_for(&record, change.state(), event.at_ms);
+        if outgoing.is_empty() {
+            return AckKind::Ack;
+        }
+        let url = record
+            .spec
+            .as_ref()
+            .and_then(|s| s.webhook.as_ref())
+            .map(|h| h.url.clone())
+            .unwrap_or_default();
+        let span = propagation::process_span(
+            message.headers.as_ref(),
+            "ty.event.{tenant}.{job}.state",
+            JobAttrs {
+                job_id: Some(&event.job_id),
+                tenant: Some(&event.tenant),
+                stage: None,
+                attempt: Some(delivered),
+            },
+        );
+        async {
+            for (i, hook) in outgoing.iter().enumerate() {
+                if i > 0 {
+                    // The ack wait covers one POST: restart it for the next.
+                    let _ = message.ack_with(AckKind::Progress).await;
+                }
+                match self.post(&url, hook, delivered).await {
+                    Outcome::Delivered => {
+                        tracing::info!(%job, kind = hook.kind, attempt = delivered, "webhook delivered");
+                    }
+                    Outcome::Refused(why) => {
+                        return self.give_up(&tenant, &job, &record, &why).await;
+                    }
+                    Outcome::Retry { why, after } => {
+                        let age = event_age(event.at_ms);
+                        if delivered >= self.policy.max_attempts || age >= self.max_age {
+                            let why = format!("{why} (gave up after {delivered} attempts)");
+                            return self.give_up(&tenant, &job, &record, &why).await;
+                        }
+                        let delay = self.policy.delay(delivered, after);
+                        tracing::warn!(%job, attempt = delivered, %why, retry_in_ms = delay.as_millis() as u64, "webhook not delivered; will retry");
+                        return AckKind::Nak(Some(delay));
+                    }
+                }
+            }
+            AckKind::Ack
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn post(&self, url: &str, message: &Outgoing, attempt: u32) -> Outcome {
+        let span = tracing::info_span!(
+            "webhook.deliver",
+            otel.kind = "client",
+            http.request.method = "POST",
+            server.address = tracing::field::Empty,
+            http.response.status_code = tracing::field::Empty,
+            trainyard.webhook.type = message.kind,
+            trainyard.attempt = attempt,
+        );
+        let parsed = match target(&self.guard, url) {
+            Ok(u) => u,
+            Err(why) => return Outcome::Refused(why),
+        };
+        if let Some(host) = parsed.host_str() {
+            span.record("server.address", host);
+        }
+        async {
+            let timestamp = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let mut request = self
+                .client
+                .post(parsed)
+                .header("content-type", "application/json")
+                .header("webhook-id", &message.id)
+                .header("webhook-timestamp", timestamp.to_string())
+                .header(
+                    "webhook-signature",
+                    self.secret.sign(&message.id, timestamp, &message.body),
+                );
+            let mut trace = async_nats::HeaderMap::new();
+            propagation::inject_current_nats(&mut trace);
+            for name in ["traceparent", "tracestate"] {
+                if let Some(value) = trace.get(name) {
+                    request = request.header(name, value.as_str());
+                }
+            }
+            let outcome = classify(request.body(message.body.clone()).send().await);
+            if let Some(status) = outcome.1 {
+                tracing::Span::current().record("http.response.status_code", status);
+            }
+            outcome.0
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn give_up(
+        &self,
+        tenant: &TenantId,
+        job: &JobId,
+        record: &JobRecord,
+        why: &str,
+    ) -> AckKind {
+        let url = record
+            .spec
+            .as_ref()
+            .and_then(|s| s.webhook.as_ref())
+            .map(|h| shown(&h.url))
+            .unwrap_or_default();
+        tracing::error!(%job, url = %url, %why, "webhook delivery failed; given up");
+        EventSink::new(self.js.clone(), tenant.clone(), job.clone())
+            .log(
+                record.stage.try_into().unwrap_or(Stage::Unspecified),
+                "webhook",
+                &format!("webhook delivery failed: {why}"),
+            )
+            .await;
+        AckKind::Term
+    }
+}
+
+/// The URL to post to, checked again at delivery: reqwest connects to a
+/// literal IP without asking the resolver, so the guard looks at it here.
+fn target(guard: &Guard, url: &str) -> Result<Url, String> {
+    let parsed = Url::parse(url).map_err(|e| format!("invalid url: {e}"))?;
+    guard
+        .check_url(&parsed)
+        .map_err(|refusal| refusal.to_string())?;
+    Ok(parsed)
+}
+
+fn event_age(at_ms: i64) -> Duration {
+    Duration::from_millis(trainyard_core::now_ms().saturating_sub(at_ms).max(0) as u64)
+}
+
+/// Sorts a POST's result; the status, when there is one, goes second.
+fn classify(result: Result<reqwest::Response, reqwest::Error>) -> (Outcome, Option<u16>) {
+    let response = match result {
+        Ok(response) => response,
+        Err(error) => {
+            if let Some(refusal) = netguard::refusal_of(&error) {
+                let why = match refusal {
+                    Refusal::Forbidden { host, .. } => {
+                        format!("host {host} is not a public address")
+                    }
+                    other => other.to_string(),
+                };
+                return (Outcome::Refused(why), None);
+            }
+            let why = if error.is_timeout() {
+                "timed out".to_string()
+            } else if error.is_connect() {
+                "could not connect".to_string()
+            } else {
+                "request failed".to_string()
+            };
+            return (
+                Outcome::Retry {
+                    why,
+                    after: Duration::ZERO,
+                },
+                None,
+            );
+        }
+    };
+    let status = response.status().as_u16();
+    let outcome = match status {
+        200..=299 => Outcome::Delivered,
+        408 | 425 | 429 | 500..=599 => Outcome::Retry {
+            why: format!("http {status}"),
+            after: retry_after(&response),
+        },
+        _ => Outcome::Refused(format!("http {status}")),
+    };
+    (outcome, Some(status))
+}
+
+/// `Retry-After` in delta-seconds (an HTTP date is ignored), at most an hour.
+fn retry_after(response: &reqwest::Response) -> Duration {
+    response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(Duration::ZERO, |s| Duration::from_secs(s.min(3600)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trainyard_proto::v1::{Artifact, JobError, Secrets, Webhook};
+
+    #[test]
+    fn hmac_matches_rfc_4231() {
+        // Test case 2.
+        let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
+        assert_eq!(
+            hex::encode(mac),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        // Test case 6: a key longer than a block.
+        let mac = hmac_sha256(
+            &[0xaa; 131],
+            b"Test Using Larger Than Block-Size Key - Hash Key First",
+        );
+        assert_eq!(
+            hex::encode(mac),
+            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
+        );
+    }
+
+    #[test]
+    fn signatures_match_the_standard_webhooks_example() {
+        let secret = Secret::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        assert_eq!(
+            secret.sign(
+                "msg_p5jXN8AQM9LWM0D4loKWxJek",
+                1614265330,
+                br#"{"test": 2432232314}"#
+            ),
+            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
+        assert!(Secret::parse("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").is_err());
+        assert!(Secret::parse("whsec_***").is_err());
+        assert!(!format!("{secret:?}").contains("MfKQ"));
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(1_614_265_330_123), "2021-02-25T15:02:10.123Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+
+    fn record(events: &[&str], state: JobState) -> JobRecord {
+        JobRecord {
+            job_id: "job1".into(),
+            tenant: "acme".into(),
+            state: state as i32,
+            spec: Some(JobSpec {
+                name: "portrait".into(),
+                secrets: Some(Secrets {
+                    hf_token: "hf_verysecret".into(),
+                    ..Default::default()
+                }),
+                webhook: Some(Webhook {
+                    url: "https://hooks.example/x?token=t".into(),
+                    events: events.iter().map(|e| e.to_string()).collect(),
+                }),
+                ..Default::default()
+            }),
+            artifacts: vec![Artifact {
+                name: "lora.safetensors".into(),
+                uri: "s3://b/jobs/job1/lora.safetensors".into(),
+                size: 42,
+                sha256: "ab".repeat(32),
+            }],
+            error: Some(JobError {
+                message: "dataset has no images".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_filter_picks_the_messages() {
+        let completed = record(&[], JobState::Training);
+        assert!(messages_for(&completed, JobState::Training, 0).is_empty());
+        let done = messages_for(&completed, JobState::Succeeded, 0);
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].kind, "job.completed");
+        assert_eq!(done[0].id, "job1.completed.succeeded");
+
+        let both = record(&[STATE, COMPLETED], JobState::Failed);
+        let kinds: Vec<_> = messages_for(&both, JobState::Failed, 0)
+            .into_iter()
+            .map(|m| m.kind)
+            .collect();
+        assert_eq!(kinds, ["job.state", "job.completed"]);
+        assert_eq!(
+            messages_for(&both, JobState::Preparing, 0)[0].id,
+            "job1.state.preparing"
+        );
+        let mut none = record(&[], JobState::Succeeded);
+        none.spec.as_mut().unwrap().webhook = None;
+        assert!(messages_for(&none, JobState::Succeeded, 0).is_empty());
+    }
+
+    #[test]
+    fn bodies_carry_outputs_or_errors_and_no_secret() {
+        let rec = record(&[], JobState::Succeeded);
+        let body = &messages_for(&rec, JobState::Succeeded, 1_000)[0].body;
+        let text = String::from_utf8(body.clone()).unwrap();
+        assert!(!text.contains("hf_verysecret"), "{text}");
+        assert!(!text.contains("token=t"), "{text}");
+        let json: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(json["type"], "job.completed");
+        assert_eq!(json["data"]["state"], "succeeded");
+        assert_eq!(json["data"]["artifacts"][0]["size"], 42);
+        assert!(json["data"].get("error").is_none());
+
+        let body = &messages_for(&rec, JobState::Failed, 1_000)[0].body;
+        let json: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(json["data"]["error"]["message"], "dataset has no images");
+        assert!(json["data"].get("artifacts").is_none());
+    }
+
+    #[test]
+    fn literal_private_targets_are_refused_at_delivery_too() {
+        let strict = guard(false);
+        for url in [
+            "http://127.0.0.1:9/x",
+            "http://0x7f000001/x",
+            "http://[::ffff:10.0.0.1]/x",
+            "http://169.254.169.254/latest/meta-data",
+        ] {
+            let why = target(&strict, url).unwrap_err();
+            assert!(why.contains("not a public address"), "{url}: {why}");
+        }
+        assert!(target(&strict, "ftp://hooks.example/x").is_err());
+        assert!(target(&strict, "https://hooks.example/x").is_ok());
+        assert!(target(&guard(true), "http://127.0.0.1:9/x").is_ok());
+    }
+
+    #[test]
+    fn submit_rules_refuse_what_cannot_be_delivered() {
+        let spec = record(&[], JobState::Queued).spec.unwrap();
+        let off = SubmitRules::default();
+        let err = off.check(&spec).unwrap_err();
+        assert_eq!(err.field, "webhook");
+        assert!(err.problem.contains("not configured"), "{err}");
+        let on = SubmitRules {
+            enabled: true,
+            allow_private_addresses: false,
+        };
+        on.check(&spec).unwrap();
+        let mut private = spec.clone();
+        private.webhook.as_mut().unwrap().url = "http://169.254.169.254/latest".into();
+        let err = on.check(&private).unwrap_err();
+        assert_eq!(err.field, "webhook.url");
+        assert!(err.problem.contains("not a public address"), "{err}");
+        SubmitRules {
+            enabled: true,
+            allow_private_addresses: true,
+        }
+        .check(&private)
+        .unwrap();
+        assert!(on.check(&JobSpec::default()).is_ok());
+    }
+}

@@ -1,0 +1,696 @@
+//! Job webhooks end to end: real jobs on a real fleet post to a real HTTP
+//! receiver on loopback, which records every request and answers as the
+//! test scripts it. Signatures are checked here with an HMAC written
+//! independently of the coordinator's.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use prost::Message;
+use sha2::{Digest, Sha256};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+use trainyard_coordinator::webhooks::Deliverer;
+use trainyard_core::telemetry::propagation::{JobAttrs, inject_nats, send_span};
+use trainyard_core::telemetry::{Telemetry, TelemetrySettings};
+use trainyard_core::topology::{self, EventKind, subject};
+use trainyard_core::topology::{EVENTS_STREAM, WEBHOOKS_CONSUMER};
+use trainyard_proto::v1::{
+    JobEvent, JobSpec, JobState, Secrets, SubmitRequest, Webhook, job_event::Kind,
+};
+use trainyard_proto::v1::{JobRecord, StateChanged};
+use trainyard_proto::{JobId, TenantId};
+use trainyard_tests::chaos::{Chaos, Service};
+use trainyard_tests::otlp::OtlpReceiver;
+use trainyard_tests::*;
+
+/// The signing secret: `whsec_` and the base64 of these key bytes.
+const SECRET: &str = "whsec_dHJhaW55YXJkLXdlYmhvb2stdGVzdC1rZXk=";
+const KEY: &[u8] = b"trainyard-webhook-test-key";
+const HF_TOKEN: &str = "hf_webhook_test_secret_token";
+
+/// What the receiver answers to the next request.
+#[derive(Clone, Copy, Debug)]
+enum Reply {
+    Status(u16),
+    /// A status with `Retry-After: <secs>`.
+    RetryAfter(u16, u64),
+    /// Never answers (the request stays open until the sender goes away).
+    Hang,
+}
+
+#[derive(Clone, Debug)]
+struct Hit {
+    headers: HeaderMap,
+    body: Vec<u8>,
+    at: Instant,
+}
+
+impl Hit {
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_else(|| panic!("header {name} missing: {:?}", self.headers))
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("json body")
+    }
+}
+
+#[derive(Default)]
+struct Recorded {
+    hits: Mutex<Vec<Hit>>,
+    replies: Mutex<VecDeque<Reply>>,
+}
+
+/// A webhook receiver on loopback; answers 200 once its script is used up.
+struct Receiver {
+    addr: SocketAddr,
+    state: Arc<Recorded>,
+}
+
+async fn hook(State(state): State<Arc<Recorded>>, headers: HeaderMap, body: Bytes) -> Response {
+    let reply = state
+        .replies
+        .lock()
+        .unwrap()
+        .pop_front()
+        .unwrap_or(Reply::Status(200));
+    state.hits.lock().unwrap().push(Hit {
+        headers,
+        body: body.to_vec(),
+        at: Instant::now(),
+    });
+    match reply {
+        Reply::Status(code) => StatusCode::from_u16(code).unwrap().into_response(),
+        Reply::RetryAfter(code, secs) => (
+            StatusCode::from_u16(code).unwrap(),
+            [("retry-after", secs.to_string())],
+        )
+            .into_response(),
+        Reply::Hang => std::future::pending().await,
+    }
+}
+
+impl Receiver {
+    async fn start(script: &[Reply]) -> Receiver {
+        let state = Arc::new(Recorded::default());
+        state.replies.lock().unwrap().extend(script.iter().copied());
+        let app = axum::Router::new()
+            .route("/hook", axum::routing::post(hook))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Receiver { addr, state }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/hook?token=receiver-query-token", self.addr)
+    }
+
+    fn hits(&self) -> Vec<Hit> {
+        self.state.hits.lock().unwrap().clone()
+    }
+
+    async fn wait_hits(&self, n: usize, timeout: Duration) -> Vec<Hit> {
+        wait_for(&format!("{n} webhook requests"), timeout, || async {
+            let hits = self.hits();
+            (hits.len() >= n).then_some(hits)
+        })
+        .await
+    }
+}
+
+/// HMAC-SHA256 per RFC 2104, written here on its own.
+fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
+    let mut k = if key.len() > 64 {
+        Sha256::digest(key).to_vec()
+    } else {
+        key.to_vec()
+    };
+    k.resize(64, 0);
+    let ipad: Vec<u8> = k.iter().map(|b| b ^ 0x36).collect();
+    let opad: Vec<u8> = k.iter().map(|b| b ^ 0x5c).collect();
+    let inner = Sha256::digest([ipad, data.to_vec()].concat());
+    Sha256::digest([opad, inner.to_vec()].concat()).to_vec()
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ABC[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Checks a request as a Standard Webhooks receiver would.
+fn verify(hit: &Hit) {
+    let id = hit.header("webhook-id");
+    let timestamp = hit.header("webhook-timestamp");
+    let ts: u64 = timestamp.parse().expect("unix seconds");
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(now.abs_diff(ts) < 300, "timestamp {ts} far from now {now}");
+    let mut signed = format!("{id}.{timestamp}.").into_bytes();
+    signed.extend_from_slice(&hit.body);
+    let expected = format!("v1,{}", base64(&hmac(KEY, &signed)));
+    let signatures = hit.header("webhook-signature");
+    assert!(
+        signatures.split(' ').any(|s| s == expected),
+        "signature {signatures} is not {expected}"
+    );
+    assert_eq!(hit.header("content-type"), "application/json");
+}
+
+fn with_webhooks(config: &mut trainyard_core::Config) {
+    config.webhooks.secret = SECRET.into();
+    config.webhooks.allow_private_addresses = true;
+    config.webhooks.timeout_secs = 5;
+    config.webhooks.initial_delay_ms = 200;
+    config.webhooks.max_delay_ms = 2000;
+}
+
+fn hooked(mut spec: JobSpec, url: &str, events: &[&str]) -> JobSpec {
+    spec.webhook = Some(Webhook {
+        url: url.into(),
+        events: events.iter().map(|e| e.to_string()).collect(),
+    });
+    spec.secrets = Some(Secrets {
+        hf_token: HF_TOKEN.into(),
+        ..Default::default()
+    });
+    spec
+}
+
+/// Waits until the webhook consumer has handled every state event (none
+/// pending, none awaiting an ack or a retry).
+async fn wait_idle(js: &async_nats::jetstream::Context) {
+    wait_for("webhook consumer idle", Duration::from_secs(60), || async {
+        let stream = js.get_stream(EVENTS_STREAM).await.ok()?;
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+            stream.get_consumer(WEBHOOKS_CONSUMER).await.ok()?;
+        let info = consumer.info().await.ok()?;
+        (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
+    })
+    .await;
+}
+
+/// The job's newest log event line.
+async fn last_log(js: &async_nats::jetstream::Context, job: &str) -> Option<String> {
+    let stream = js.get_stream(EVENTS_STREAM).await.ok()?;
+    let message = stream
+        .get_last_raw_message_by_subject(&format!("ty.event.acme.{job}.log"))
+        .await
+        .ok()?;
+    match JobEvent::decode(message.payload).ok()?.kind? {
+        Kind::Log(line) => Some(line.line),
+        _ => None,
+    }
+}
+
+async fn wait_log(js: &async_nats::jetstream::Context, job: &str, what: &str) -> String {
+    wait_for(
+        &format!("log event {what:?}"),
+        Duration::from_secs(60),
+        || async { last_log(js, job).await.filter(|l| l.contains(what)) },
+    )
+    .await
+}
+
+fn states_of(events: &[JobEvent]) -> Vec<JobState> {
+    events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(Kind::State(s)) => Some(s.state()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_job_posts_one_signed_completed_webhook() {
+    let receiver = Receiver::start(&[]).await;
+    let fleet = Fleet::start_with(Services::ALL, with_webhooks).await;
+    let mut client = fleet.client(TOKEN).await;
+    let outputs = fleet.outputs_dir();
+    let spec = with_destination(spec(&fleet.sample_uri().await, 20), &outputs);
+    let job = submit(&mut client, hooked(spec, &receiver.url(), &[])).await;
+    assert_eq!(
+        job.spec.as_ref().unwrap().webhook.as_ref().unwrap().events,
+        ["completed"]
+    );
+    let events = watch_all(&mut client, &job.job_id, Duration::from_secs(180)).await;
+    assert_eq!(states_of(&events).last(), Some(&JobState::Succeeded));
+
+    let hits = receiver.wait_hits(1, Duration::from_secs(60)).await;
+    let js = async_nats::jetstream::new(fleet.nats_client().await);
+    wait_idle(&js).await;
+    let hits_after = receiver.hits();
+    assert_eq!(hits_after.len(), 1, "exactly one POST: {hits_after:?}");
+    let hit = &hits[0];
+    verify(hit);
+    assert_eq!(
+        hit.header("webhook-id"),
+        format!("{}.completed.succeeded", job.job_id)
+    );
+    let text = String::from_utf8(hit.body.clone()).unwrap();
+    assert!(!text.contains(HF_TOKEN), "secret in the body: {text}");
+    assert!(
+        !text.contains("receiver-query-token"),
+        "url in the body: {text}"
+    );
+    let body = hit.json();
+    assert_eq!(body["type"], "job.completed");
+    assert!(body["timestamp"].as_str().unwrap().ends_with('Z'));
+    let data = &body["data"];
+    assert_eq!(data["job_id"], job.job_id.as_str());
+    assert_eq!(data["tenant"], "acme");
+    assert_eq!(data["state"], "succeeded");
+    assert_eq!(data["name"], "test");
+    let record = get(&mut client, &job.job_id).await;
+    let artifacts = data["artifacts"].as_array().expect("artifacts");
+    assert_eq!(artifacts.len(), record.artifacts.len());
+    assert!(!artifacts.is_empty());
+    for (sent, stored) in artifacts.iter().zip(&record.artifacts) {
+        assert_eq!(sent["uri"], stored.uri.as_str());
+        assert_eq!(sent["size"], stored.size);
+        assert_eq!(sent["sha256"], stored.sha256.as_str());
+    }
+    let delivered = data["delivered"].as_array().expect("delivered");
+    assert_eq!(delivered.len(), record.delivered.len());
+    assert!(!delivered.is_empty());
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_filter_posts_every_state_in_order() {
+    let receiver = Receiver::start(&[]).await;
+    let fleet = Fleet::start_with(Services::ALL, with_webhooks).await;
+    let mut client = fleet.client(TOKEN).await;
+    let spec = spec(&fleet.sample_uri().await, 10);
+    let job = submit(&mut client, hooked(spec, &receiver.url(), &["state"])).await;
+    let events = watch_all(&mut client, &job.job_id, Duration::from_secs(180)).await;
+    let states = states_of(&events);
+    assert_eq!(states.last(), Some(&JobState::Succeeded));
+
+    receiver
+        .wait_hits(states.len(), Duration::from_secs(60))
+        .await;
+    let js = async_nats::jetstream::new(fleet.nats_client().await);
+    wait_idle(&js).await;
+    let hits = receiver.hits();
+    assert_eq!(hits.len(), states.len(), "one POST per state: {hits:?}");
+    for (hit, state) in hits.iter().zip(&states) {
+        verify(hit);
+        let body = hit.json();
+        let name = state
+            .as_str_name()
+            .trim_start_matches("JOB_STATE_")
+            .to_ascii_lowercase();
+        assert_eq!(body["type"], "job.state");
+        assert_eq!(body["data"]["state"], name.as_str());
+        assert_eq!(
+            hit.header("webhook-id"),
+            format!("{}.state.{name}", job.job_id)
+        );
+    }
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_receiver_is_retried_with_the_same_id() {
+    let receiver = Receiver::start(&[Reply::Status(500), Reply::RetryAfter(503, 2)]).await;
+    let fleet = Fleet::start_with(Services::ALL, with_webhooks).await;
+    let mut client = fleet.client(TOKEN).await;
+    let spec = spec(&fleet.sample_uri().await, 10);
+    let job = submit(&mut client, hooked(spec, &receiver.url(), &["completed"])).await;
+    watch_all(&mut client, &job.job_id, Duration::from_secs(180)).await;
+
+    let hits = receiver.wait_hits(3, Duration::from_secs(60)).await;
+    let js = async_nats::jetstream::new(fleet.nats_client().await);
+    wait_idle(&js).await;
+    assert_eq!(receiver.hits().len(), 3, "delivered on the third try");
+    for hit in &hits {
+        verify(hit);
+        assert_eq!(hit.header("webhook-id"), hits[0].header("webhook-id"));
+        assert_eq!(hit.body, hits[0].body, "the same message each time");
+    }
+    // 200 ms ± 10 % after the first failure; the 503's Retry-After (2 s)
+    // holds the third try back.
+    assert!(hits[1].at - hits[0].at >= Duration::from_millis(150));
+    assert!(hits[2].at - hits[1].at >= Duration::from_millis(1900));
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gone_receiver_is_given_up_after_one_try() {
+    let receiver = Receiver::start(&[Reply::Status(410)]).await;
+    let fleet = Fleet::start_with(Services::ALL, with_webhooks).await;
+    let mut client = fleet.client(TOKEN).await;
+    let spec = spec(&fleet.sample_uri().await, 10);
+    let job = submit(&mut client, hooked(spec, &receiver.url(), &[])).await;
+    watch_all(&mut client, &job.job_id, Duration::from_secs(180)).await;
+
+    let js = async_nats::jetstream::new(fleet.nats_client().await);
+    let line = wait_log(&js, &job.job_id, "webhook delivery failed").await;
+    assert_eq!(line, "webhook delivery failed: http 410");
+    wait_idle(&js).await;
+    assert_eq!(receiver.hits().len(), 1, "no retry after a 410");
+    let record = get(&mut client, &job.job_id).await;
+    assert_eq!(
+        record.state(),
+        JobState::Succeeded,
+        "the job is not affected"
+    );
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_failing_every_time_is_given_up_after_the_last_attempt() {
+    let receiver = Receiver::start(&[Reply::Status(502); 5]).await;
+    let fleet = Fleet::start_with(Services::ALL, |config| {
+        with_webhooks(config);
+        config.webhooks.max_attempts = 3;
+    })
+    .await;
+    let mut client = fleet.client(TOKEN).await;
+    let spec = spec(&fleet.sample_uri().await, 10);
+    let job = submit(&mut client, hooked(spec, &receiver.url(), &[])).await;
+    watch_all(&mut client, &job.job_id, Duration::from_secs(180)).await;
+
+    let js = async_nats::jetstream::new(fleet.nats_client().await);
+    let line = wait_log(&js, &job.job_id, "webhook delivery failed").await;
+    assert_eq!(
+        line,
+        "webhook delivery failed: http 502 (gave up after 3 attempts)"
+    );
+    wait_idle(&js).await;
+    let hits = receiver.hits();
+    assert_eq!(hits.len(), 3, "max_attempts POSTs");
+    assert!(
+        hits.iter()
+            .all(|h| h.header("webhook-id") == hits[0].header("webhook-id"))
+    );
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_resolving_to_a_private_address_is_refused_at_delivery() {
+    let receiver = Receiver::start(&[]).await;
+    let fleet = Fleet::start_with(Services::ALL, |config| {
+        with_webhooks(config);
+        config.webhooks.allow_private_addresses = false;
+    })
+    .await;
+    let mut client = fleet.client(TOKEN).await;
+    let spec = spec(&fleet.sample_uri().await, 10);
+    // A name, so the submit check (literal addresses only) lets it through.
+    let url = format!("http://localhost:{}/hook", receiver.addr.port());
+    let job = submit(&mut client, hooked(spec, &url, &[])).await;
+    watch_all(&mut client, &job.job_id, Duration::from_secs(180)).await;
+
+    let js = async_nats::jetstream::new(fleet.nats_client().await);
+    let line = wait_log(&js, &job.job_id, "webhook delivery failed").await;
+    assert_eq!(
+        line,
+        "webhook delivery failed: host localhost is not a public address"
+    );
+    wait_idle(&js).await;
+    assert!(receiver.hits().is_empty(), "nothing reached the receiver");
+    fleet.stop().await;
+}
+
+async fn submit_error(client: &mut Client, spec: JobSpec) -> tonic::Status {
+    client
+        .submit(SubmitRequest { spec: Some(spec) })
+        .await
+        .expect_err("submit refused")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_refuses_webhooks_the_fleet_cannot_deliver() {
+    let coordinator_only = Services {
+        coordinator: true,
+        ..Services::NONE
+    };
+    let base = spec("file:///data/set.zip", 10);
+    {
+        let fleet = Fleet::start_with(coordinator_only, |_| {}).await;
+        let mut client = fleet.client(TOKEN).await;
+        let status = submit_error(
+            &mut client,
+            hooked(base.clone(), "https://hooks.example/x", &[]),
+        )
+        .await;
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            status.message(),
+            "webhook: webhooks are not configured on this fleet"
+        );
+        fleet.stop().await;
+    }
+    let fleet = Fleet::start_with(coordinator_only, |config| {
+        config.webhooks.secret = SECRET.into();
+    })
+    .await;
+    let mut client = fleet.client(TOKEN).await;
+    for (url, events, expected) in [
+        (
+            "ftp://hooks.example/x",
+            &[][..],
+            "webhook.url: must be an http",
+        ),
+        (
+            "https://u:p@hooks.example/x",
+            &[],
+            "webhook.url: must not hold credentials",
+        ),
+        (
+            "http://10.1.2.3/x",
+            &[],
+            "webhook.url: host 10.1.2.3 is not a public address",
+        ),
+        (
+            "http://[::1]:8080/x",
+            &[],
+            "webhook.url: host [::1] is not a public address",
+        ),
+        (
+            "https://hooks.example/x",
+            &["done"],
+            "webhook.events: unknown event \"done\"",
+        ),
+    ] {
+        let status = submit_error(&mut client, hooked(base.clone(), url, events)).await;
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{url}");
+        assert!(
+            status.message().starts_with(expected),
+            "{url}: {}",
+            status.message()
+        );
+    }
+    fleet.stop().await;
+}
+
+/// The coordinator is SIGKILLed while its POST is open; the state event was
+/// never acked, so the restarted coordinator posts it (same `webhook-id`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_cut_by_a_coordinator_crash_is_made_after_restart() {
+    let receiver = Receiver::start(&[Reply::Hang]).await;
+    let mut chaos = Chaos::start(1, |config| {
+        config.webhooks.allow_private_addresses = true;
+        config.webhooks.timeout_secs = 3;
+        config.webhooks.initial_delay_ms = 200;
+        config.webhooks.max_delay_ms = 1000;
+    })
+    .await;
+    // Service configs are written with their secrets redacted: a
+    // coordinator that signs webhooks gets its secret from the environment.
+    let first = chaos.running(Service::Coordinator).remove(0);
+    chaos.proc(&first).kill();
+    let coordinator = chaos.spawn_env(Service::Coordinator, &[("TY_WEBHOOKS__SECRET", SECRET)]);
+    let mut client = chaos.client().await;
+    let spec = spec(&chaos.sample_uri().await, 10);
+    let job = submit(&mut client, hooked(spec, &receiver.url(), &[])).await;
+
+    let first_try = receiver.wait_hits(1, Duration::from_secs(180)).await;
+    chaos.proc(&coordinator).kill();
+    let record = {
+        chaos.restart(&coordinator);
+        let mut client = chaos.client().await;
+        get(&mut client, &job.job_id).await
+    };
+    assert_eq!(record.state(), JobState::Succeeded);
+    let hits = receiver.wait_hits(2, Duration::from_secs(60)).await;
+    let js = chaos.js().await;
+    wait_idle(&js).await;
+    assert_eq!(receiver.hits().len(), 2, "one cut try, one delivery");
+    for hit in &hits {
+        verify(hit);
+        assert_eq!(hit.header("webhook-id"), first_try[0].header("webhook-id"));
+    }
+    assert_eq!(hits[1].json()["data"]["state"], "succeeded");
+    chaos.stop().await;
+}
+
+/// The POST runs in a `webhook.deliver` span, a child of the span that
+/// handles the state event, itself a child of the event's publisher: the
+/// delivery is part of the job's trace, and its `traceparent` says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_delivery_span_continues_the_state_events_trace() {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing::instrument::WithSubscriber;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    let otlp = OtlpReceiver::start().await;
+    let receiver = Receiver::start(&[]).await;
+    let fleet = Fleet::start_with(Services::NONE, with_webhooks).await;
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT".to_string(), otlp.endpoint()),
+        ("OTEL_BSP_SCHEDULE_DELAY".to_string(), "100".to_string()),
+    ];
+    let settings = TelemetrySettings::resolve("ty-coordinator", &Default::default(), &env).unwrap();
+    let (telemetry, dispatch) = Telemetry::start(&settings).unwrap();
+    let parts = fleet.coordinator_parts().await;
+
+    let (tenant, job) = (TenantId::parse("acme").unwrap(), JobId::generate());
+    let record = JobRecord {
+        job_id: job.to_string(),
+        tenant: tenant.to_string(),
+        state: JobState::Succeeded as i32,
+        spec: Some(hooked(
+            spec("file:///data/set.zip", 10),
+            &receiver.url(),
+            &[],
+        )),
+        ..Default::default()
+    };
+    parts.repo.create(&record).await.unwrap();
+    let hooks = &fleet.config.webhooks;
+    let deliverer = Deliverer::new(hooks, parts.repo.clone(), parts.js.clone())
+        .unwrap()
+        .expect("webhooks on");
+    let consumer = topology::webhooks_consumer(&parts.js, Deliverer::ack_wait(hooks))
+        .await
+        .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let loop_task = tokio::spawn(
+        deliverer
+            .run(consumer, stop.clone())
+            .with_subscriber(dispatch.clone()),
+    );
+
+    let event = JobEvent {
+        job_id: job.to_string(),
+        tenant: tenant.to_string(),
+        at_ms: trainyard_core::now_ms(),
+        kind: Some(Kind::State(StateChanged {
+            state: JobState::Succeeded as i32,
+            ..Default::default()
+        })),
+    };
+    let trace_id = async {
+        let publish = send_span(
+            "ty.event.{tenant}.{job}.state",
+            JobAttrs {
+                job_id: Some(&record.job_id),
+                tenant: Some("acme"),
+                ..Default::default()
+            },
+        );
+        let mut headers = async_nats::HeaderMap::new();
+        inject_nats(&publish.context(), &mut headers);
+        parts
+            .js
+            .publish_with_headers(
+                subject::event(&tenant, &job, EventKind::State),
+                headers,
+                event.encode_to_vec().into(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        publish.context().span().span_context().trace_id()
+    }
+    .with_subscriber(dispatch)
+    .await;
+
+    let hits = receiver.wait_hits(1, Duration::from_secs(30)).await;
+    verify(&hits[0]);
+    let traceparent = hits[0].header("traceparent").to_string();
+    let fields: Vec<&str> = traceparent.split('-').collect();
+    assert_eq!(fields.len(), 4, "{traceparent}");
+    assert_eq!(fields[1], trace_id.to_string(), "the job's trace");
+
+    telemetry.flush().await;
+    let spans = otlp
+        .wait_for_spans(Duration::from_secs(20), |s| {
+            s.iter().any(|s| s.name == "webhook.deliver")
+        })
+        .await;
+    let named = |name: &str| {
+        spans
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("span {name:?} in {spans:#?}"))
+    };
+    let publish = named("publish ty.event.{tenant}.{job}.state");
+    let process = named("process ty.event.{tenant}.{job}.state");
+    let deliver = named("webhook.deliver");
+    for span in [publish, process, deliver] {
+        assert_eq!(span.trace_id, trace_id.to_string(), "{}", span.name);
+    }
+    assert_eq!(
+        process.parent_span_id.as_deref(),
+        Some(publish.span_id.as_str())
+    );
+    assert_eq!(
+        deliver.parent_span_id.as_deref(),
+        Some(process.span_id.as_str())
+    );
+    assert_eq!(
+        fields[2], deliver.span_id,
+        "traceparent names the delivery span"
+    );
+    assert_eq!(
+        process.attr("trainyard.job.id"),
+        Some(record.job_id.as_str())
+    );
+    assert_eq!(deliver.attr("http.response.status_code"), Some("200"));
+    assert_eq!(
+        deliver.attr("trainyard.webhook.type"),
+        Some("job.completed")
+    );
+    assert!(
+        spans
+            .iter()
+            .flat_map(|s| s.attributes.values())
+            .all(|v| !v.contains(HF_TOKEN) && !v.contains("receiver-query-token")),
+        "no secret in a span"
+    );
+
+    stop.cancel();
+    loop_task.await.unwrap().unwrap();
+    telemetry.shutdown().await;
+    fleet.stop().await;
+}
