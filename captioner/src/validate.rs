@@ -26,6 +26,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
+use tracing::instrument::WithSubscriber;
 use trainyard_core::Config;
 use trainyard_core::store::ArtifactStore;
 use trainyard_core::telemetry::propagation::{
@@ -208,7 +209,8 @@ pub async fn serve(
                     tracing::warn!(%error, "could not send preflight reply");
                 }
             }
-            .instrument(span),
+            .instrument(span)
+            .with_current_subscriber(),
         );
     }
     let _ = requests.unsubscribe().await;

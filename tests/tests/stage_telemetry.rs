@@ -391,6 +391,78 @@ async fn a_deliver_task_traces_one_span_per_destination() {
     fleet.stop().await;
 }
 
+/// `ty.preflight`: the captioner handles a request in a process span under
+/// the requester's context, prepares inside it, and its reply carries it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preflight_request_is_traced_and_its_reply_carries_the_context() {
+    use prost::Message;
+    let receiver = OtlpReceiver::start().await;
+    let fleet = Fleet::start_with(Services::NONE, |_| {}).await;
+    let sample = fleet.sample_uri().await;
+    let client = fleet.nats_client().await;
+    let validator =
+        std::sync::Arc::new(trainyard_captioner::validate::Validator::new(&fleet.config).unwrap());
+    let requests = trainyard_captioner::validate::subscribe(&client)
+        .await
+        .unwrap();
+    let (telemetry, dispatch) = Telemetry::start(&settings("ty-captioner", &receiver)).unwrap();
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(
+        trainyard_captioner::validate::serve(client.clone(), requests, validator, 1, stop.clone())
+            .with_subscriber(dispatch),
+    );
+
+    let request = trainyard_proto::v1::PreflightRequest {
+        tenant: "acme".into(),
+        spec: Some(trainyard_coordinator::validate::normalise(spec(&sample, 20)).unwrap()),
+    };
+    let reply = tokio::time::timeout(
+        WAIT,
+        client.request_with_headers(
+            subject::preflight().to_string(),
+            task_headers(),
+            request.encode_to_vec().into(),
+        ),
+    )
+    .await
+    .expect("answered in time")
+    .expect("answered");
+    let answer = trainyard_proto::v1::ValidateReply::decode(reply.payload.clone()).unwrap();
+    assert!(answer.problems.is_empty(), "{answer:?}");
+    let traceparent = reply
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("traceparent"))
+        .expect("the reply carries a traceparent")
+        .as_str()
+        .to_string();
+    telemetry.flush().await;
+
+    let spans = receiver
+        .wait_for_spans(WAIT, |s| {
+            !named(s, &format!("process {}", subject::preflight())).is_empty()
+        })
+        .await;
+    let process = one(&spans, &format!("process {}", subject::preflight()));
+    assert_eq!(process.trace_id, TRACE_ID);
+    assert_eq!(process.parent_span_id.as_deref(), Some(TASK_SPAN_ID));
+    assert_eq!(process.attr("trainyard.tenant"), Some("acme"));
+    assert_eq!(
+        traceparent,
+        format!("00-{TRACE_ID}-{}-01", process.span_id),
+        "the reply's context is the process span's"
+    );
+    child_of(one(&spans, "prepare.fetch"), process);
+    assert_eq!(
+        one(&spans, "prepare.fetch").attr("trainyard.dataset.source"),
+        Some("artifact")
+    );
+    stop.cancel();
+    server.await.unwrap();
+    telemetry.shutdown().await;
+    fleet.stop().await;
+}
+
 /// A free loopback port for a service's `/metrics`.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
