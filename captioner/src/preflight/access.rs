@@ -62,7 +62,13 @@ impl AccessChecks {
         let source = match ModelSource::parse(&model.uri) {
             Ok(source) => source,
             Err(e) => {
-                report.problem(check::BASE_MODEL, ErrorKind::InvalidSpec, e);
+                // The message quotes the URI: never with its credentials.
+                let message = if model.uri.is_empty() {
+                    e
+                } else {
+                    e.replace(&model.uri, &display_url(&model.uri))
+                };
+                report.problem(check::BASE_MODEL, ErrorKind::InvalidSpec, message);
                 return report;
             }
         };
