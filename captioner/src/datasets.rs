@@ -155,7 +155,9 @@ impl Datasets {
         let input = self.fetch_any(source, work).await?;
         if preflight::is_text(spec) {
             note("unpacking and checking the text dataset").await;
-            return Ok(crate::text::prepare_text(input, work, self.limits).await?);
+            return Ok(crate::text::prepare_text(input, work, self.limits)
+                .instrument(tracing::info_span!("prepare.text"))
+                .await?);
         }
         let settings = PrepareSettings {
             trigger_word: caption.trigger_word,
