@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::{StreamExt, TryStreamExt};
+use tracing::Instrument;
 
 use crate::error::PrepareError;
 use crate::manifest::CaptionSource;
@@ -265,16 +266,55 @@ pub async fn caption_all(
     policy: &CaptionPolicy,
 ) -> Result<Vec<FinalCaption>, PrepareError> {
     let concurrency = policy.concurrency.max(1);
+    let span = tracing::info_span!(
+        "prepare.caption",
+        trainyard.caption.backend = backend.name(),
+        trainyard.images = jobs.len(),
+        trainyard.outcome = tracing::field::Empty,
+    );
+    // One `caption.call` span per image, children of `prepare.caption`.
     // Indices, not `&CaptionJob` items: a closure over borrowed items makes
     // the future fail `Send` (rust-lang/rust#102211), and the stage spawns it.
-    let mut results: Vec<(usize, FinalCaption)> = futures::stream::iter(0..jobs.len())
-        .map(|i| async move {
-            let caption = final_caption(&jobs[i], backend, policy).await?;
-            Ok::<_, PrepareError>((i, caption))
-        })
-        .buffer_unordered(concurrency)
-        .try_collect()
-        .await?;
+    let parent = span.clone();
+    let results: Result<Vec<(usize, FinalCaption)>, PrepareError> =
+        futures::stream::iter(0..jobs.len())
+            .map(|i| {
+                let call = tracing::info_span!(
+                    parent: &parent,
+                    "caption.call",
+                    trainyard.caption.backend = backend.name(),
+                    trainyard.image.index = jobs[i].image.index,
+                    trainyard.image.file = %jobs[i].image.file_name,
+                    trainyard.caption.source = tracing::field::Empty,
+                    trainyard.attempts = tracing::field::Empty,
+                    trainyard.outcome = tracing::field::Empty,
+                );
+                async move {
+                    let caption = final_caption(&jobs[i], backend, policy).await;
+                    let span = tracing::Span::current();
+                    match &caption {
+                        Ok(c) => {
+                            span.record("trainyard.outcome", "ok");
+                            span.record("trainyard.caption.source", c.source.kind());
+                        }
+                        Err(_) => {
+                            span.record("trainyard.outcome", "error");
+                            span.record("trainyard.caption.source", "backend");
+                        }
+                    }
+                    Ok::<_, PrepareError>((i, caption?))
+                }
+                .instrument(call)
+            })
+            .buffer_unordered(concurrency)
+            .try_collect()
+            .instrument(span.clone())
+            .await;
+    span.record(
+        "trainyard.outcome",
+        if results.is_ok() { "ok" } else { "error" },
+    );
+    let mut results = results?;
     results.sort_by_key(|(i, _)| *i);
     Ok(results.into_iter().map(|(_, c)| c).collect())
 }
@@ -318,6 +358,7 @@ async fn caption_with_retries(
     let attempts = policy.max_attempts.max(1);
     let mut attempt = 1;
     loop {
+        tracing::Span::current().record("trainyard.attempts", attempt);
         match backend.caption(image).await {
             Ok(caption) => return Ok(caption),
             Err(err) if err.is_retryable() && attempt < attempts => {

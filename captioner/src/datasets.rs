@@ -5,12 +5,14 @@
 //! preflight turns into problems (or a retry).
 
 use crate::caption::{CaptionBackend, TemplateCaptioner};
+use crate::fetch::url_host;
 use crate::preflight::{self, AccessChecks, Problem, check, images};
 use crate::{
     FetchPolicy, GuardedClient, LocalInput, PrepareError, PrepareSettings, PreparedDataset,
     RemoteSource, UnpackLimits, fetch_source, prepare_local,
 };
 use std::path::{Path, PathBuf};
+use tracing::Instrument;
 use trainyard_core::Config;
 use trainyard_core::destination::Destinations;
 use trainyard_core::hub::HubClient;
@@ -150,14 +152,12 @@ impl Datasets {
             .ok_or_else(|| StageError::fail(ErrorKind::InvalidSpec, "dataset: is empty"))?;
         let caption = spec.caption.clone().unwrap_or_default();
         note("fetching dataset").await;
-        let input = match source {
-            Source::ZipUrl(url) => self.fetch(RemoteSource::ZipUrl(url), work).await?,
-            Source::ImageUrls(list) => self.fetch(RemoteSource::ImageUrls(list.urls), work).await?,
-            Source::ArtifactUri(uri) => self.fetch_artifact(&uri, work).await?,
-        };
+        let input = self.fetch_any(source, work).await?;
         if preflight::is_text(spec) {
             note("unpacking and checking the text dataset").await;
-            return Ok(crate::text::prepare_text(input, work, self.limits).await?);
+            return Ok(crate::text::prepare_text(input, work, self.limits)
+                .instrument(tracing::info_span!("prepare.text"))
+                .await?);
         }
         let settings = PrepareSettings {
             trigger_word: caption.trigger_word,
@@ -167,6 +167,51 @@ impl Datasets {
         };
         note("unpacking, validating and captioning").await;
         Ok(prepare_local(input, work, &settings, captioner).await?)
+    }
+
+    /// Fetches the dataset inside a `prepare.fetch` span (source kind,
+    /// host only, bytes and files fetched) and counts the bytes.
+    async fn fetch_any(&self, source: Source, work: &Path) -> Result<LocalInput, DatasetError> {
+        let (kind, host) = match &source {
+            Source::ZipUrl(url) => ("zip_url", url_host(url)),
+            Source::ImageUrls(list) => ("image_urls", list.urls.first().and_then(|u| url_host(u))),
+            Source::ArtifactUri(_) => ("artifact", None),
+        };
+        let span = tracing::info_span!(
+            "prepare.fetch",
+            trainyard.dataset.source = kind,
+            server.address = tracing::field::Empty,
+            trainyard.files = tracing::field::Empty,
+            trainyard.bytes = tracing::field::Empty,
+            trainyard.outcome = tracing::field::Empty,
+        );
+        if let Some(host) = &host {
+            span.record("server.address", host.as_str());
+        }
+        let fetched = async {
+            Ok::<_, DatasetError>(match source {
+                Source::ZipUrl(url) => self.fetch(RemoteSource::ZipUrl(url), work).await?,
+                Source::ImageUrls(list) => {
+                    self.fetch(RemoteSource::ImageUrls(list.urls), work).await?
+                }
+                Source::ArtifactUri(uri) => self.fetch_artifact(&uri, work).await?,
+            })
+        }
+        .instrument(span.clone())
+        .await;
+        match &fetched {
+            Ok(input) => {
+                let (files, bytes) = input_size(input).await;
+                span.record("trainyard.files", files);
+                span.record("trainyard.bytes", bytes);
+                span.record("trainyard.outcome", "ok");
+                trainyard_core::telemetry::metrics().artifact_downloaded("prepare", bytes);
+            }
+            Err(_) => {
+                span.record("trainyard.outcome", "error");
+            }
+        }
+        fetched
     }
 
     async fn fetch(&self, source: RemoteSource, work: &Path) -> Result<LocalInput, PrepareError> {
@@ -218,6 +263,34 @@ impl Datasets {
         }
         Ok(LocalInput::Dir(dir))
     }
+}
+
+/// Files and bytes of a fetched dataset, as they lie on disk.
+async fn input_size(input: &LocalInput) -> (u64, u64) {
+    let roots: Vec<PathBuf> = match input {
+        LocalInput::Zip(path) | LocalInput::Dir(path) => vec![path.clone()],
+        LocalInput::Files(files) => files.clone(),
+    };
+    tokio::task::spawn_blocking(move || {
+        let mut total = (0, 0);
+        let mut stack = roots;
+        while let Some(path) = stack.pop() {
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if meta.is_dir() {
+                if let Ok(entries) = std::fs::read_dir(&path) {
+                    stack.extend(entries.flatten().map(|e| e.path()));
+                }
+            } else if meta.is_file() {
+                total.0 += 1;
+                total.1 += meta.len();
+            }
+        }
+        total
+    })
+    .await
+    .unwrap_or_default()
 }
 
 fn prepare_error(error: PrepareError) -> StageError {

@@ -64,6 +64,17 @@ pub enum CaptionSource {
     Backend(String),
 }
 
+impl CaptionSource {
+    /// `"sidecar"` or `"backend"`: where a caption came from, without the
+    /// backend's name (a span attribute).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CaptionSource::Sidecar => "sidecar",
+            CaptionSource::Backend(_) => "backend",
+        }
+    }
+}
+
 impl From<String> for CaptionSource {
     fn from(s: String) -> Self {
         if s == "sidecar" {

@@ -15,6 +15,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use tracing::Instrument;
+
 use crate::caption::{
     CaptionBackend, CaptionJob, CaptionPolicy, ImageInfo, TemplateCaptioner, caption_all,
 };
@@ -168,7 +170,17 @@ pub async fn prepare_local(
 
     let limits = settings.limits;
     let scratch2 = scratch.clone();
-    let collected = blocking(move || collect_input(input, &scratch2, limits)).await??;
+    let unpack = tracing::info_span!(
+        "prepare.unpack",
+        trainyard.files = tracing::field::Empty,
+        trainyard.bytes = tracing::field::Empty,
+    );
+    let (collected, files, bytes) = blocking(move || collect_input(input, &scratch2, limits))
+        .instrument(unpack.clone())
+        .await??;
+    unpack.record("trainyard.files", files);
+    unpack.record("trainyard.bytes", bytes);
+    drop(unpack);
     let Collected {
         images,
         mut dropped,
@@ -179,7 +191,14 @@ pub async fn prepare_local(
         "collected dataset"
     );
 
-    let (good, bad) = check_all(images).await?;
+    let validate = tracing::info_span!(
+        "prepare.validate_images",
+        trainyard.images = images.len(),
+        trainyard.rejected = tracing::field::Empty,
+    );
+    let (good, bad) = check_all(images).instrument(validate.clone()).await?;
+    validate.record("trainyard.rejected", bad.len());
+    drop(validate);
     if good.is_empty() {
         let bad = bad.into_iter().map(|d| d.name).collect();
         return Err(PrepareError::NoUsableImages { bad });
@@ -277,17 +296,27 @@ async fn check_input_exists(input: &LocalInput) -> Result<(), PrepareError> {
     Ok(())
 }
 
-/// Blocking: unpack (for zips) and collect.
+/// Blocking: unpack (for zips) and collect. Also returns the files seen
+/// (archive entries and walked files) and the bytes unpacked.
 fn collect_input(
     input: LocalInput,
     scratch: &Path,
     limits: UnpackLimits,
-) -> Result<Collected, PrepareError> {
+) -> Result<(Collected, usize, u64), PrepareError> {
     let mut budget = UnpackBudget::new(limits);
+    let collected = collect_with(input, scratch, &mut budget)?;
+    Ok((collected, budget.entries_used(), budget.bytes_used()))
+}
+
+fn collect_with(
+    input: LocalInput,
+    scratch: &Path,
+    budget: &mut UnpackBudget,
+) -> Result<Collected, PrepareError> {
     match input {
         LocalInput::Zip(archive) => {
             let dest = scratch.join("unpacked");
-            let report = unpack_zip_blocking(&archive, &dest, &mut budget).map_err(|error| {
+            let report = unpack_zip_blocking(&archive, &dest, budget).map_err(|error| {
                 PrepareError::Unpack {
                     archive: archive
                         .file_name()
@@ -296,7 +325,7 @@ fn collect_input(
                     error,
                 }
             })?;
-            let mut collected = collect_dir(&dest, scratch, &mut budget)?;
+            let mut collected = collect_dir(&dest, scratch, budget)?;
             collected.dropped.extend(
                 report
                     .skipped
@@ -306,7 +335,7 @@ fn collect_input(
             collected.dropped.sort_by(|a, b| a.name.cmp(&b.name));
             Ok(collected)
         }
-        LocalInput::Dir(dir) => collect_dir(&dir, scratch, &mut budget),
-        LocalInput::Files(files) => collect_files(&files, scratch, &mut budget),
+        LocalInput::Dir(dir) => collect_dir(&dir, scratch, budget),
+        LocalInput::Files(files) => collect_files(&files, scratch, budget),
     }
 }

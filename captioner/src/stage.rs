@@ -18,6 +18,7 @@ use crate::datasets::{Datasets, access_checks, caption_backend};
 use crate::preflight::{self, AccessChecks, Checked};
 use std::path::Path;
 use std::time::Duration;
+use tracing::Instrument;
 use trainyard_core::Config;
 use trainyard_core::runtime::{StageError, StageHandler, TaskContext};
 use trainyard_core::store::{ArtifactStore, keys};
@@ -93,24 +94,25 @@ impl PrepareStage {
         })
         .await;
         let prefix = keys::dataset(&ctx.meta.job);
-        // A crashed earlier delivery may have left part of a set: start clean.
-        self.store
-            .delete_prefix(&prefix)
-            .await
-            .map_err(StageError::from)?;
-        for file in prepared.files() {
-            let rel = file
-                .strip_prefix(&prepared.dir)
-                .map_err(|_| {
-                    StageError::fail(ErrorKind::Internal, "prepared file outside its folder")
-                })?
-                .to_string_lossy()
-                .replace('\\', "/");
-            self.store
-                .put_file(&file, &format!("{prefix}/{rel}"))
-                .await
-                .map_err(StageError::from)?;
-        }
+        let span = tracing::info_span!(
+            "prepare.store",
+            trainyard.files = tracing::field::Empty,
+            trainyard.bytes = tracing::field::Empty,
+            trainyard.outcome = tracing::field::Empty,
+        );
+        let mut stored = (0u64, 0u64);
+        let result = self
+            .upload(prepared, &prefix, &mut stored)
+            .instrument(span.clone())
+            .await;
+        span.record("trainyard.files", stored.0);
+        span.record("trainyard.bytes", stored.1);
+        span.record(
+            "trainyard.outcome",
+            if result.is_ok() { "ok" } else { "error" },
+        );
+        trainyard_core::telemetry::metrics().artifact_uploaded("prepare", stored.1);
+        result?;
         let sidecar = manifest
             .images
             .iter()
@@ -128,6 +130,40 @@ impl PrepareStage {
                 .map(|d| format!("{}: {:?}", d.name, d.reason))
                 .collect(),
         }))
+    }
+}
+
+impl PrepareStage {
+    /// Uploads every file of `prepared` under `prefix` (manifest last),
+    /// counting files and bytes stored into `stored` as it goes.
+    async fn upload(
+        &self,
+        prepared: &PreparedDataset,
+        prefix: &str,
+        stored: &mut (u64, u64),
+    ) -> Result<(), StageError> {
+        // A crashed earlier attempt may have left part of a set: start clean.
+        self.store
+            .delete_prefix(prefix)
+            .await
+            .map_err(StageError::from)?;
+        for file in prepared.files() {
+            let rel = file
+                .strip_prefix(&prepared.dir)
+                .map_err(|_| {
+                    StageError::fail(ErrorKind::Internal, "prepared file outside its folder")
+                })?
+                .to_string_lossy()
+                .replace('\\', "/");
+            let artifact = self
+                .store
+                .put_file(&file, &format!("{prefix}/{rel}"))
+                .await
+                .map_err(StageError::from)?;
+            stored.0 += 1;
+            stored.1 += artifact.size;
+        }
+        Ok(())
     }
 }
 

@@ -64,6 +64,16 @@ impl UnpackBudget {
         &self.limits
     }
 
+    /// Archive entries and walked files counted so far.
+    pub fn entries_used(&self) -> usize {
+        self.entries_used
+    }
+
+    /// Bytes unpacked from archives so far.
+    pub fn bytes_used(&self) -> u64 {
+        self.bytes_used
+    }
+
     /// Counts one more entry (archive entry or walked file).
     pub fn take_entry(&mut self) -> Result<(), UnpackError> {
         self.entries_used += 1;

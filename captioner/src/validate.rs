@@ -25,8 +25,13 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+use tracing::instrument::WithSubscriber;
 use trainyard_core::Config;
 use trainyard_core::store::ArtifactStore;
+use trainyard_core::telemetry::propagation::{
+    JobAttrs, inject_current_nats, process_span, record_job,
+};
 use trainyard_core::topology::{PREFLIGHT_QUEUE, subject};
 use trainyard_proto::v1::{JobSpec, PreflightRequest, ValidateReply};
 
@@ -177,23 +182,36 @@ pub async fn serve(
             slots.clone(),
             shutdown.clone(),
         );
+        // A child of the requester's span; the reply carries this one's
+        // context, so the check is part of the caller's trace.
+        let span = process_span(
+            message.headers.as_ref(),
+            subject::preflight(),
+            JobAttrs::default(),
+        );
         // Ends when its check does, or at shutdown with a "retry" answer.
-        tracker.spawn(async move {
-            let answer = tokio::select! {
-                answer = answer(&validator, &message.payload, &slots) => answer,
-                _ = stop.cancelled() => {
-                    let mut report = Report::default();
-                    report.unchecked(check::DATASET, "the captioner is stopping; retry");
-                    report.to_reply()
+        tracker.spawn(
+            async move {
+                let answer = tokio::select! {
+                    answer = answer(&validator, &message.payload, &slots) => answer,
+                    _ = stop.cancelled() => {
+                        let mut report = Report::default();
+                        report.unchecked(check::DATASET, "the captioner is stopping; retry");
+                        report.to_reply()
+                    }
+                };
+                let mut headers = async_nats::HeaderMap::new();
+                inject_current_nats(&mut headers);
+                if let Err(error) = client
+                    .publish_with_headers(reply_to, headers, answer.encode_to_vec().into())
+                    .await
+                {
+                    tracing::warn!(%error, "could not send preflight reply");
                 }
-            };
-            if let Err(error) = client
-                .publish(reply_to, answer.encode_to_vec().into())
-                .await
-            {
-                tracing::warn!(%error, "could not send preflight reply");
             }
-        });
+            .instrument(span)
+            .with_current_subscriber(),
+        );
     }
     let _ = requests.unsubscribe().await;
     tracker.close();
@@ -215,6 +233,13 @@ async fn answer(validator: &Validator, payload: &[u8], slots: &Semaphore) -> Val
     };
     let _slot = slots.acquire().await.expect("semaphore never closes");
     let spec = request.spec.unwrap_or_default();
+    record_job(
+        &tracing::Span::current(),
+        JobAttrs {
+            tenant: Some(&request.tenant),
+            ..JobAttrs::default()
+        },
+    );
     tracing::info!(tenant = %request.tenant, "preflight without a job");
     validator.check(&spec).await.to_reply()
 }

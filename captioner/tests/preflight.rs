@@ -314,6 +314,16 @@ async fn missing_models_and_unwritable_destinations_are_problems() {
                 .contains("is not in the artifact store"),
             "{report:#?}"
         );
+        // A URI's credentials and query never reach a message.
+        for uri in [
+            "s3://AKIA:SECRET@bucket/model.safetensors?X-Amz-Signature=SECRET",
+            "https://user:SECRET@models.example/m.safetensors?token=SECRET",
+        ] {
+            s.base_model.as_mut().unwrap().uri = uri.into();
+            let report = access.run(&s).await;
+            assert_eq!(checks(&report), [check::BASE_MODEL], "{report:#?}");
+            assert!(!format!("{report:?}").contains("SECRET"), "{report:#?}");
+        }
     })
     .await
 }

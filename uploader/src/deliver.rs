@@ -2,8 +2,10 @@
 //! sha256 the worker recorded), copy it to each destination, read the copy
 //! back to verify it, then write the manifest.
 
+use crate::display::{display_url, redact_in, scheme_and_bucket};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
+use tracing::Instrument;
 use trainyard_core::Config;
 use trainyard_core::destination::Destinations;
 use trainyard_core::runtime::{StageError, StageHandler, TaskContext};
@@ -104,10 +106,11 @@ impl DeliverStage {
     }
 
     /// Opens a destination, refusing local paths outside the allowed roots.
+    /// The error names it without credentials or query.
     fn destination(&self, uri: &str) -> Result<ArtifactStore, StageError> {
         self.destinations
             .open(uri)
-            .map_err(|e| StageError::fail(ErrorKind::InvalidSpec, e.to_string()))
+            .map_err(|e| StageError::fail(ErrorKind::InvalidSpec, redact_in(&e.to_string(), uri)))
     }
 
     async fn deliver(
@@ -124,69 +127,61 @@ impl DeliverStage {
                 "nothing to deliver: the training stage stored no output",
             ));
         }
-        let mut destinations = vec![(
-            String::new(),
-            self.store.clone(),
-            keys::output(&ctx.meta.job),
-        )];
+        let mut targets = vec![Target {
+            label: String::new(),
+            store: self.store.clone(),
+            prefix: keys::output(&ctx.meta.job),
+        }];
         for destination in &spec.destinations {
-            destinations.push((
-                destination.uri.clone(),
-                self.destination(&destination.uri)?,
-                job.to_string(),
-            ));
+            targets.push(Target {
+                label: destination.uri.clone(),
+                store: self.destination(&destination.uri)?,
+                prefix: job.to_string(),
+            });
         }
-        let mut delivered = Vec::new();
-        let mut files = Vec::new();
-        for artifact in &task.artifacts {
-            let local = self.fetch(artifact, work).await?;
-            let mut uris = Vec::new();
-            for (label, store, prefix) in &destinations {
-                ctx.note(&format!("delivering {} to {}", artifact.name, store.root()))
-                    .await;
-                let key = format!("{prefix}/{}", artifact.name);
-                // The artifact store already holds the worker's verified copy.
-                let copy = if label.is_empty()
-                    && store.key_of(&artifact.uri).as_deref() == Some(key.as_str())
-                {
-                    artifact.clone()
-                } else if let Some(found) = already_there(store, &key, artifact, work).await? {
-                    // A delivery that died before its ack left it: keep it.
-                    let note = format!(
-                        "{} already in {}, sha256 verified; not copied again",
-                        artifact.name,
-                        store.root()
-                    );
-                    tracing::info!(%job, uri = %found.uri, "{note}");
-                    ctx.note(&note).await;
-                    found
+        let locals = self.fetch_all(&task.artifacts, work).await?;
+        // Per artifact, its copy in each target, in target order.
+        let mut copies: Vec<Vec<DeliveredFile>> = vec![Vec::new(); task.artifacts.len()];
+        for target in &targets {
+            let span = target.span();
+            let mut tally = Tally::default();
+            let result = self
+                .deliver_to(target, &task.artifacts, &locals, ctx, work, &mut tally)
+                .instrument(span.clone())
+                .await;
+            span.record("trainyard.files", tally.files);
+            span.record("trainyard.bytes", tally.bytes);
+            trainyard_core::telemetry::metrics().artifact_uploaded("deliver", tally.bytes);
+            let delivered = match result {
+                Ok(delivered) => delivered,
+                Err(error) => {
+                    span.record("trainyard.outcome", "error");
+                    return Err(error);
+                }
+            };
+            span.record(
+                "trainyard.outcome",
+                if tally.copied > 0 {
+                    "verified"
                 } else {
-                    let copy = store
-                        .put_file(&local, &key)
-                        .await
-                        .map_err(StageError::from)?;
-                    verify(store, &key, &copy.sha256, work).await?;
-                    copy
-                };
-                uris.push(copy.uri.clone());
-                delivered.push(DeliveredFile {
-                    destination: if label.is_empty() {
-                        store.root().to_string()
-                    } else {
-                        label.clone()
-                    },
-                    uri: copy.uri,
-                    size: copy.size,
-                    sha256: copy.sha256,
-                });
+                    "already_present"
+                },
+            );
+            for (copy, list) in delivered.into_iter().zip(copies.iter_mut()) {
+                list.push(copy);
             }
-            files.push(ManifestFile {
+        }
+        let files = task
+            .artifacts
+            .iter()
+            .zip(&copies)
+            .map(|(artifact, copies)| ManifestFile {
                 name: artifact.name.clone(),
                 size: artifact.size,
                 sha256: artifact.sha256.clone(),
-                uris,
-            });
-        }
+                uris: copies.iter().map(|c| c.uri.clone()).collect(),
+            })
+            .collect();
         let train = task.summary.unwrap_or_default();
         let manifest = Manifest {
             version: 1,
@@ -204,25 +199,112 @@ impl DeliverStage {
             delivered_at_ms: trainyard_core::now_ms(),
         };
         let body = bytes::Bytes::from(serde_json::to_vec_pretty(&manifest).unwrap_or_default());
-        let mut manifest_uri = String::new();
-        for (_, store, prefix) in &destinations {
-            let stored = store
-                .put_bytes(&format!("{prefix}/manifest.json"), body.clone())
-                .await
-                .map_err(StageError::from)?;
-            if manifest_uri.is_empty() {
-                manifest_uri = stored.uri;
-            }
-        }
+        let span = tracing::info_span!(
+            "deliver.manifest",
+            trainyard.destinations = targets.len(),
+            trainyard.bytes = body.len(),
+        );
+        let manifest_uri = write_manifest(&targets, body).instrument(span).await?;
         crate::fault::exit_after(crate::fault::DELIVER_UPLOADED);
         Ok(Outcome::Delivered(DeliverOutput {
-            files: delivered,
+            files: copies.into_iter().flatten().collect(),
             manifest_uri,
         }))
     }
 
-    /// Downloads an artifact and checks it against its recorded sha256.
-    async fn fetch(&self, artifact: &Artifact, work: &Path) -> Result<PathBuf, StageError> {
+    /// Every artifact to `target`, in order: kept when it is already
+    /// there whole, else copied and read back.
+    async fn deliver_to(
+        &self,
+        target: &Target,
+        artifacts: &[Artifact],
+        locals: &[PathBuf],
+        ctx: &TaskContext,
+        work: &Path,
+        tally: &mut Tally,
+    ) -> Result<Vec<DeliveredFile>, StageError> {
+        let Target {
+            label,
+            store,
+            prefix,
+        } = target;
+        let shown = display_url(store.root());
+        let mut delivered = Vec::with_capacity(artifacts.len());
+        for (artifact, local) in artifacts.iter().zip(locals) {
+            ctx.note(&format!("delivering {} to {shown}", artifact.name))
+                .await;
+            let key = format!("{prefix}/{}", artifact.name);
+            // The artifact store already holds the worker's verified copy.
+            let copy = if label.is_empty()
+                && store.key_of(&artifact.uri).as_deref() == Some(key.as_str())
+            {
+                artifact.clone()
+            } else if let Some(found) = already_there(store, &key, artifact, work).await? {
+                // A delivery that died before its ack left it: keep it.
+                let note = format!(
+                    "{} already in {shown}, sha256 verified; not copied again",
+                    artifact.name,
+                );
+                tracing::info!(job = %ctx.meta.job, uri = %display_url(&found.uri), "{note}");
+                ctx.note(&note).await;
+                found
+            } else {
+                let copy = store
+                    .put_file(local, &key)
+                    .await
+                    .map_err(StageError::from)?;
+                tally.copied += 1;
+                tally.bytes += copy.size;
+                verify(store, &key, &copy.sha256, work).await?;
+                copy
+            };
+            tally.files += 1;
+            delivered.push(DeliveredFile {
+                destination: if label.is_empty() {
+                    store.root().to_string()
+                } else {
+                    label.clone()
+                },
+                uri: copy.uri,
+                size: copy.size,
+                sha256: copy.sha256,
+            });
+        }
+        Ok(delivered)
+    }
+
+    /// Downloads every artifact (checked against its sha256) inside a
+    /// `deliver.fetch` span, counting the bytes read from the store.
+    async fn fetch_all(
+        &self,
+        artifacts: &[Artifact],
+        work: &Path,
+    ) -> Result<Vec<PathBuf>, StageError> {
+        let span = tracing::info_span!(
+            "deliver.fetch",
+            trainyard.files = artifacts.len(),
+            trainyard.bytes = tracing::field::Empty,
+        );
+        let mut bytes = 0;
+        let result = async {
+            let mut locals = Vec::with_capacity(artifacts.len());
+            for artifact in artifacts {
+                let (local, size) = self.fetch(artifact, work).await?;
+                bytes += size;
+                locals.push(local);
+            }
+            Ok(locals)
+        }
+        .instrument(span.clone())
+        .await;
+        span.record("trainyard.bytes", bytes);
+        trainyard_core::telemetry::metrics().artifact_downloaded("deliver", bytes);
+        result
+    }
+
+    /// Downloads an artifact and checks it against its recorded sha256;
+    /// returns where it is and its size.
+    async fn fetch(&self, artifact: &Artifact, work: &Path) -> Result<(PathBuf, u64), StageError> {
         let key = self.store.key_of(&artifact.uri).ok_or_else(|| {
             StageError::fail(
                 ErrorKind::Internal,
@@ -230,12 +312,83 @@ impl DeliverStage {
             )
         })?;
         let local = work.join("outputs").join(&artifact.name);
-        self.store
+        let (size, _) = self
+            .store
             .get_file(&key, &local, Some(&artifact.sha256))
             .await
             .map_err(StageError::from)?;
-        Ok(local)
+        Ok((local, size))
     }
+}
+
+/// Where one delivery goes: a destination of the spec (`label` is its
+/// URI) or the artifact store's `jobs/<job>/output/` (`label` empty).
+struct Target {
+    label: String,
+    store: ArtifactStore,
+    prefix: String,
+}
+
+impl Target {
+    /// `deliver.destination` for a destination of the spec, named by its
+    /// scheme and bucket (never credentials or a query);
+    /// `deliver.output` for the artifact store's copy.
+    fn span(&self) -> tracing::Span {
+        let (scheme, bucket) = scheme_and_bucket(if self.label.is_empty() {
+            self.store.root()
+        } else {
+            &self.label
+        });
+        macro_rules! span {
+            ($name:literal) => {
+                tracing::info_span!(
+                    $name,
+                    trainyard.destination.scheme = scheme,
+                    trainyard.destination.bucket = tracing::field::Empty,
+                    trainyard.files = tracing::field::Empty,
+                    trainyard.bytes = tracing::field::Empty,
+                    trainyard.outcome = tracing::field::Empty,
+                )
+            };
+        }
+        let span = if self.label.is_empty() {
+            span!("deliver.output")
+        } else {
+            span!("deliver.destination")
+        };
+        if let Some(bucket) = bucket {
+            span.record("trainyard.destination.bucket", bucket.as_str());
+        }
+        span
+    }
+}
+
+/// What one target got.
+#[derive(Default)]
+struct Tally {
+    /// Artifacts delivered (copied or already there).
+    files: u64,
+    /// Artifacts copied now.
+    copied: u64,
+    /// Bytes written.
+    bytes: u64,
+}
+
+/// Writes the manifest to every target; returns the first one's URI.
+async fn write_manifest(targets: &[Target], body: bytes::Bytes) -> Result<String, StageError> {
+    let mut manifest_uri = String::new();
+    for target in targets {
+        let stored = target
+            .store
+            .put_bytes(&format!("{}/manifest.json", target.prefix), body.clone())
+            .await
+            .map_err(StageError::from)?;
+        trainyard_core::telemetry::metrics().artifact_uploaded("deliver", stored.size);
+        if manifest_uri.is_empty() {
+            manifest_uri = stored.uri;
+        }
+    }
+    Ok(manifest_uri)
 }
 
 /// The copy of `artifact` at `key`, if an earlier delivery left one whose

@@ -5,6 +5,7 @@
 //! metrics) beside them.
 
 pub mod deliver;
+pub mod display;
 pub mod fault;
 
 use trainyard_core::Config;

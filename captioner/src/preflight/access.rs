@@ -12,6 +12,7 @@
 //!   [`Destinations`], the same rules the uploader opens them with.
 
 use super::{Report, check};
+use crate::fetch::display_url;
 use trainyard_backends::Tools;
 use trainyard_core::destination::{Destinations, ProbeFailure};
 use trainyard_core::hub::HubClient;
@@ -61,7 +62,13 @@ impl AccessChecks {
         let source = match ModelSource::parse(&model.uri) {
             Ok(source) => source,
             Err(e) => {
-                report.problem(check::BASE_MODEL, ErrorKind::InvalidSpec, e);
+                // The message quotes the URI: never with its credentials.
+                let message = if model.uri.is_empty() {
+                    e
+                } else {
+                    e.replace(&model.uri, &display_url(&model.uri))
+                };
+                report.problem(check::BASE_MODEL, ErrorKind::InvalidSpec, message);
                 return report;
             }
         };
@@ -102,8 +109,9 @@ impl AccessChecks {
         report
     }
 
-    async fn store_model(&self, uri: &str, report: &mut Report) {
-        let Some(key) = self.store.key_of(uri) else {
+    async fn store_model(&self, raw: &str, report: &mut Report) {
+        let uri = display_url(raw);
+        let Some(key) = self.store.key_of(raw) else {
             report.problem(
                 check::BASE_MODEL,
                 ErrorKind::Model,
@@ -165,17 +173,24 @@ impl AccessChecks {
             .iter()
             .map(|d| async move { (d.uri.as_str(), self.destinations.probe(&d.uri).await) });
         let mut report = Report::default();
-        for (uri, result) in futures::future::join_all(probes).await {
+        for (raw, result) in futures::future::join_all(probes).await {
             let Err(error) = result else { continue };
+            // Messages name the destination: never with its credentials.
+            let uri = display_url(raw);
+            let message = if raw.is_empty() {
+                error.message
+            } else {
+                error.message.replace(raw, &uri)
+            };
             match error.failure {
                 ProbeFailure::Refused => {
-                    report.problem(check::DESTINATIONS, ErrorKind::Storage, error.message)
+                    report.problem(check::DESTINATIONS, ErrorKind::Storage, message)
                 }
                 ProbeFailure::Denied => {
-                    report.problem(check::DESTINATIONS, ErrorKind::Auth, error.message)
+                    report.problem(check::DESTINATIONS, ErrorKind::Auth, message)
                 }
                 ProbeFailure::Unavailable => {
-                    report.unchecked(check::DESTINATIONS, format!("{uri}: {}", error.message))
+                    report.unchecked(check::DESTINATIONS, format!("{uri}: {message}"))
                 }
             }
         }
