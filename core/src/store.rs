@@ -108,14 +108,19 @@ pub mod keys {
         format!("models/{name}")
     }
 
-    /// A job's log artifacts (`jobs/<job>/logs/train-attempt-<n>.log`).
+    /// A job's log artifacts.
     pub fn logs(job: &JobId) -> String {
         format!("jobs/{job}/logs")
     }
 
-    /// The trainer output of one attempt of the training stage.
-    pub fn train_log(job: &JobId, attempt: u32) -> String {
-        format!("{}/train-attempt-{attempt}.log", logs(job))
+    /// The trainer output of one run of the training stage: its attempt
+    /// and, as a transient failure is retried by redelivering the same
+    /// attempt, the delivery (`train-attempt-1-delivery-2.log`).
+    pub fn train_log(job: &JobId, attempt: u32, delivery: u32) -> String {
+        format!(
+            "{}/train-attempt-{attempt}-delivery-{delivery}.log",
+            logs(job)
+        )
     }
 }
 

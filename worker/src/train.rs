@@ -1002,15 +1002,15 @@ impl Run<'_> {
         }
     }
 
-    /// Stores the trainer's output of this attempt at
-    /// `jobs/<job>/logs/train-attempt-<n>.log` and says where in a log
-    /// event; trouble is logged, never the attempt's result.
+    /// Stores the trainer's output of this run at
+    /// `jobs/<job>/logs/train-attempt-<a>-delivery-<d>.log` and says where
+    /// in a log event; trouble is logged, never the run's result.
     async fn store_log(&self) {
         let Some(log) = lock(&self.log).take() else {
             return;
         };
         let job = &self.ctx.meta.job;
-        let key = keys::train_log(job, self.ctx.meta.attempt.0);
+        let key = keys::train_log(job, self.ctx.meta.attempt.0, self.ctx.delivered);
         let span = tracing::info_span!(
             "train.log.upload",
             trainyard.job.id = %job,

@@ -1,7 +1,7 @@
 //! The trainer's whole output of one attempt, kept as a log artifact: every
 //! line the worker reads from the trainer (stdout and stderr, as the run
 //! loop sees them) is appended to a file in the run's folder, stored at the
-//! end of the attempt under `jobs/<job>/logs/train-attempt-<n>.log`.
+//! end of the run under `jobs/<job>/logs/train-attempt-<a>-delivery-<d>.log`.
 //!
 //! The kept text is capped (`[worker] trainer_log_max_bytes`): the file is
 //! written in two halves of at most half the cap each, the older half
