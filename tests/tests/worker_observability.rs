@@ -8,11 +8,14 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 use trainyard_core::config::TelemetryConfig;
-use trainyard_proto::v1::{ExtraValue, JobState, RetryPolicy, Stage, extra_value, job_event};
+use trainyard_proto::v1::{
+    ExtraValue, JobState, RetryPolicy, Secrets, Stage, WatchRequest, extra_value, job_event,
+};
 use trainyard_tests::otlp::OtlpReceiver;
 use trainyard_tests::*;
 
 const WAIT: Duration = Duration::from_secs(30);
+const SECRET: &str = "hf_observability_secret_value";
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -85,6 +88,10 @@ async fn a_retried_job_leaves_logs_metrics_events_and_spans() {
             },
         );
     }
+    spec.secrets = Some(Secrets {
+        hf_token: SECRET.into(),
+        ..Default::default()
+    });
     spec.retry = Some(RetryPolicy {
         stages: vec![Stage::Train as i32],
         initial_delay_ms: 200,
@@ -190,6 +197,7 @@ async fn a_retried_job_leaves_logs_metrics_events_and_spans() {
         succeeded.contains("ty-progress step=60 ") && !succeeded.contains("out of memory"),
         "{succeeded}"
     );
+    assert!(!failed.contains(SECRET) && !succeeded.contains(SECRET));
     // Where they are is said in the job's log events.
     let notes: Vec<&str> = events
         .iter()
@@ -284,11 +292,11 @@ async fn a_retried_job_leaves_logs_metrics_events_and_spans() {
         [Some("miss"), Some("hit")],
         "model cache of attempts 1 and 2"
     );
-    // Nothing secret or signed travels in the worker's spans.
-    for span in spans.iter().filter(|s| s.name.starts_with("train.")) {
+    // Nothing secret or signed travels in the spans.
+    for span in &spans {
         for (key, value) in &span.attributes {
             assert!(
-                !value.contains("X-Amz-") && !key.contains("token"),
+                !value.contains(SECRET) && !value.contains("X-Amz-") && !key.contains("token"),
                 "{key}={value} in {}",
                 span.name
             );
@@ -297,4 +305,56 @@ async fn a_retried_job_leaves_logs_metrics_events_and_spans() {
 
     fleet.stop().await;
     telemetry.shutdown().await;
+}
+
+/// A worker that stops mid-run stores the trainer's output of the
+/// interrupted run too, before it hands the task back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_run_keeps_its_trainer_log() {
+    let fleet = Fleet::start_with(
+        Services {
+            worker: false,
+            ..Services::ALL
+        },
+        |_| {},
+    )
+    .await;
+    let (stop, worker) = fleet.start_worker();
+    let mut client = fleet.client(TOKEN).await;
+    let job = submit(&mut client, spec(&fleet.sample_uri().await, 100_000)).await;
+    let mut events = client
+        .watch(WatchRequest {
+            job_id: job.job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::timeout(Duration::from_secs(120), async {
+        use futures::StreamExt;
+        while let Some(Ok(event)) = events.next().await {
+            if let Some(job_event::Kind::Progress(p)) = event.kind
+                && p.stage() == Stage::Train
+                && p.step >= 3
+            {
+                return;
+            }
+        }
+        panic!("watch ended before training progressed");
+    })
+    .await
+    .expect("training started in time");
+    // The job stays unfinished: a watch left open would hold the coordinator.
+    drop(events);
+
+    stop.cancel();
+    worker.await.expect("worker stops");
+    let key = format!("jobs/{}/logs/train-attempt-1-delivery-1.log", job.job_id);
+    let text =
+        String::from_utf8(fleet.store.get_bytes(&key).await.expect("the log").to_vec()).unwrap();
+    assert!(text.contains("ty-progress step=3 "), "{text}");
+    assert!(
+        text.contains("ty-interrupted"),
+        "the trainer's last words: {text}"
+    );
+    fleet.stop().await;
 }
