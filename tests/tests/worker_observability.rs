@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 use trainyard_core::config::TelemetryConfig;
 use trainyard_proto::v1::{
-    ExtraValue, JobState, RetryPolicy, Secrets, Stage, WatchRequest, extra_value, job_event,
+    CancelRequest, ExtraValue, JobState, RetryPolicy, Secrets, Stage, WatchRequest, extra_value,
+    job_event,
 };
 use trainyard_tests::otlp::OtlpReceiver;
 use trainyard_tests::*;
@@ -307,6 +308,33 @@ async fn a_retried_job_leaves_logs_metrics_events_and_spans() {
     telemetry.shutdown().await;
 }
 
+/// Watches a job until its trainer reports `step`.
+async fn until_step(client: &mut Client, job_id: &str, step: u32) {
+    let mut events = client
+        .watch(WatchRequest {
+            job_id: job_id.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::timeout(Duration::from_secs(120), async {
+        use futures::StreamExt;
+        while let Some(Ok(event)) = events.next().await {
+            if let Some(job_event::Kind::Progress(p)) = event.kind
+                && p.stage() == Stage::Train
+                && p.step >= step
+            {
+                return;
+            }
+        }
+        panic!("watch ended before training progressed");
+    })
+    .await
+    .expect("training progressed in time");
+    // The watch is dropped here: left open on an unfinished job it would
+    // hold the coordinator at shutdown.
+}
+
 /// A worker that stops mid-run stores the trainer's output of the
 /// interrupted run too, before it hands the task back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,29 +350,7 @@ async fn an_interrupted_run_keeps_its_trainer_log() {
     let (stop, worker) = fleet.start_worker();
     let mut client = fleet.client(TOKEN).await;
     let job = submit(&mut client, spec(&fleet.sample_uri().await, 100_000)).await;
-    let mut events = client
-        .watch(WatchRequest {
-            job_id: job.job_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    tokio::time::timeout(Duration::from_secs(120), async {
-        use futures::StreamExt;
-        while let Some(Ok(event)) = events.next().await {
-            if let Some(job_event::Kind::Progress(p)) = event.kind
-                && p.stage() == Stage::Train
-                && p.step >= 3
-            {
-                return;
-            }
-        }
-        panic!("watch ended before training progressed");
-    })
-    .await
-    .expect("training started in time");
-    // The job stays unfinished: a watch left open would hold the coordinator.
-    drop(events);
+    until_step(&mut client, &job.job_id, 3).await;
 
     stop.cancel();
     worker.await.expect("worker stops");
@@ -356,5 +362,33 @@ async fn an_interrupted_run_keeps_its_trainer_log() {
         text.contains("ty-interrupted"),
         "the trainer's last words: {text}"
     );
+    fleet.stop().await;
+}
+
+/// A cancelled run's output is kept too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_run_keeps_its_trainer_log() {
+    let fleet = Fleet::start().await;
+    let mut client = fleet.client(TOKEN).await;
+    let job = submit(&mut client, spec(&fleet.sample_uri().await, 100_000)).await;
+    let key = format!("jobs/{}/logs/train-attempt-1-delivery-1.log", job.job_id);
+    until_step(&mut client, &job.job_id, 3).await;
+    client
+        .cancel(CancelRequest {
+            job_id: job.job_id.clone(),
+            reason: "test".into(),
+        })
+        .await
+        .unwrap();
+    let text = wait_for(
+        "the cancelled run's log",
+        Duration::from_secs(30),
+        || async {
+            let bytes = fleet.store.get_bytes(&key).await.ok()?;
+            Some(String::from_utf8(bytes.to_vec()).unwrap())
+        },
+    )
+    .await;
+    assert!(text.contains("ty-progress step=3 "), "{text}");
     fleet.stop().await;
 }

@@ -19,8 +19,8 @@
 //! ends); parsed values go out as `metric` events named `loss`,
 //! `learning_rate`, `samples_per_second`, `epoch` (and the trainer's own
 //! extra metrics under their names), throttled by [`MetricThrottle`]. The
-//! trainer's output is kept by [`TrainerLog`] and stored at the end of each
-//! attempt that was not cancelled.
+//! trainer's output is kept by [`TrainerLog`] and stored when each run
+//! ends, however it ends.
 
 use crate::gpu::{Gpus, Slots, visible_devices};
 use crate::logs::LogBatcher;
@@ -265,10 +265,9 @@ impl TrainStage {
             .instrument(span)
             .await;
         run.send_metrics(true).await;
-        if !matches!(result, Err(StageError::Cancelled)) {
-            // A cancelled job's files are being deleted: nothing to keep.
-            run.store_log().await;
-        }
+        // However the run ended (a cancelled one too: why it was cancelled
+        // may be in its output).
+        run.store_log().await;
         // The run's log lines go out before its result.
         logs.close(LOG_CLOSE).await;
         result
