@@ -244,6 +244,15 @@ pub struct WorkerConfig {
     pub trainers: TrainerPaths,
     /// When a trainer counts as stuck (killed, the task retried).
     pub stuck: StuckConfig,
+    /// Bytes of a trainer's output kept as the log artifact of an attempt
+    /// (the last ones when it wrote more); 0 keeps none.
+    pub trainer_log_max_bytes: u64,
+    /// Most `metric` events per second per metric (loss, learning rate, …)
+    /// of one run; the latest value wins. 0: every step's value.
+    pub metric_events_per_second: u32,
+    /// Milliseconds between two GPU readings for the metrics (NVML, where
+    /// a driver is present); 0 turns the readings off.
+    pub gpu_sample_ms: u64,
 }
 
 /// When the worker declares a trainer stuck: no new step for
@@ -368,6 +377,9 @@ impl Default for WorkerConfig {
             nan_loss_steps: 20,
             trainers: TrainerPaths::default(),
             stuck: StuckConfig::default(),
+            trainer_log_max_bytes: 64 << 20,
+            metric_events_per_second: 5,
+            gpu_sample_ms: 5000,
         }
     }
 }

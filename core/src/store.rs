@@ -5,13 +5,21 @@
 //! objects by keys below it.
 //!
 //! Layout by job (see [`keys`]): `jobs/<job>/dataset/…`,
-//! `jobs/<job>/checkpoints/<step>/…`, `jobs/<job>/output/…`, and
+//! `jobs/<job>/checkpoints/<step>/…`, `jobs/<job>/output/…`,
+//! `jobs/<job>/logs/…` (the trainer's output of each attempt), and
 //! `models/<name>/…` for base models.
 //!
 //! Files move as streams: a blocking thread reads (or writes) the local file
 //! and hashes it, the async side feeds a multipart upload, so a 2 GB
 //! checkpoint never sits in memory or on a runtime thread. Every put returns
 //! the object's size and sha256; readers verify them.
+//!
+//! A store labelled with a stage ([`ArtifactStore::for_stage`]) counts the
+//! bytes it moves: every completed put (`put_file`, `put_bytes`, and what is
+//! built on them) adds to `trainyard_artifact_uploaded_bytes_total{stage}`,
+//! every completed get (`get_file`, `get_bytes`, …) to
+//! `trainyard_artifact_downloaded_bytes_total{stage}`. An unlabelled store
+//! counts nothing.
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -99,6 +107,21 @@ pub mod keys {
     pub fn model(name: &str) -> String {
         format!("models/{name}")
     }
+
+    /// A job's log artifacts.
+    pub fn logs(job: &JobId) -> String {
+        format!("jobs/{job}/logs")
+    }
+
+    /// The trainer output of one run of the training stage: its attempt
+    /// and, as a transient failure is retried by redelivering the same
+    /// attempt, the delivery (`train-attempt-1-delivery-2.log`).
+    pub fn train_log(job: &JobId, attempt: u32, delivery: u32) -> String {
+        format!(
+            "{}/train-attempt-{attempt}-delivery-{delivery}.log",
+            logs(job)
+        )
+    }
 }
 
 /// `checkpoint.json`: what a stored checkpoint holds.
@@ -122,6 +145,8 @@ pub struct ArtifactStore {
     root: String,
     store: Arc<dyn ObjectStore>,
     prefix: StorePath,
+    /// The stage label its byte counters carry; `None` counts nothing.
+    stage: Option<&'static str>,
 }
 
 impl ArtifactStore {
@@ -148,6 +173,7 @@ impl ArtifactStore {
                     .to_string(),
                 store: Arc::new(store),
                 prefix: StorePath::from(prefix),
+                stage: None,
             });
         }
         let local = match uri.strip_prefix("file://") {
@@ -166,7 +192,27 @@ impl ArtifactStore {
             root: format!("file://{}", local.display()),
             store: Arc::new(store),
             prefix: StorePath::default(),
+            stage: None,
         })
+    }
+
+    /// This store, counting the bytes it moves under `stage` ("prepare",
+    /// "train", "deliver"): see the module documentation.
+    pub fn for_stage(mut self, stage: &'static str) -> Self {
+        self.stage = Some(stage);
+        self
+    }
+
+    fn count_up(&self, bytes: u64) {
+        if let Some(stage) = self.stage {
+            crate::telemetry::metrics().artifact_uploaded(stage, bytes);
+        }
+    }
+
+    fn count_down(&self, bytes: u64) {
+        if let Some(stage) = self.stage {
+            crate::telemetry::metrics().artifact_downloaded(stage, bytes);
+        }
     }
 
     /// The root URI, without a trailing slash.
@@ -234,6 +280,7 @@ impl ArtifactStore {
         match read {
             Ok(Ok((size, sha256))) => {
                 writer.finish().await?;
+                self.count_up(size);
                 Ok(self.artifact(key, size, sha256))
             }
             Ok(Err(e)) | Err(e) => {
@@ -248,6 +295,7 @@ impl ArtifactStore {
         let size = bytes.len() as u64;
         let sha256 = hex::encode(Sha256::digest(&bytes));
         self.store.put(&self.path(key), bytes.into()).await?;
+        self.count_up(size);
         Ok(self.artifact(key, size, sha256))
     }
 
@@ -263,7 +311,11 @@ impl ArtifactStore {
     /// Reads a whole (small) object.
     pub async fn get_bytes(&self, key: &str) -> Result<Bytes, StoreError> {
         match self.store.get(&self.path(key)).await {
-            Ok(result) => Ok(result.bytes().await?),
+            Ok(result) => {
+                let bytes = result.bytes().await?;
+                self.count_down(bytes.len() as u64);
+                Ok(bytes)
+            }
             Err(object_store::Error::NotFound { .. }) => Err(StoreError::NotFound(self.uri(key))),
             Err(e) => Err(e.into()),
         }
@@ -341,6 +393,8 @@ impl ArtifactStore {
                 return Err(e);
             }
         };
+        // Read from the store, whatever the checksum says.
+        self.count_down(size);
         if let Some(expected) = expect_sha256
             && expected != sha256
         {

@@ -3,10 +3,18 @@
 //! dataloader that never returns) even if it still prints. NVML is loaded
 //! at run time, so a machine without an NVIDIA driver simply has no probe
 //! and the check is off.
+//!
+//! The same probe feeds the GPU gauges ([`sampler`]): every
+//! `[worker] gpu_sample_ms`, each device's utilisation and memory go to
+//! `trainyard_gpu_*`. Without NVML there is no sampler and no GPU series.
 
 use nvml_wrapper::Nvml;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use trainyard_backends::Slot;
+use trainyard_core::telemetry::metrics::GpuSample;
 
 /// This machine's GPUs as NVML sees them, or none.
 #[derive(Clone, Default)]
@@ -67,6 +75,85 @@ impl Gpus {
         .ok()
         .flatten()
     }
+}
+
+/// One device's NVML reading as the metrics carry it (utilisation from
+/// percent to a 0–1 fraction).
+pub fn gpu_sample(
+    index: u32,
+    name: String,
+    memory_used: u64,
+    memory_total: u64,
+    utilization_percent: u32,
+) -> GpuSample {
+    GpuSample {
+        index,
+        name,
+        memory_used_bytes: memory_used,
+        memory_total_bytes: memory_total,
+        utilization: f64::from(utilization_percent.min(100)) / 100.0,
+    }
+}
+
+impl Gpus {
+    /// Every device's reading; empty without NVML. Devices that cannot be
+    /// read are left out.
+    pub async fn read(&self) -> Vec<GpuSample> {
+        let Some(nvml) = self.nvml.clone() else {
+            return Vec::new();
+        };
+        tokio::task::spawn_blocking(move || {
+            let count = nvml.device_count().unwrap_or(0);
+            (0..count)
+                .filter_map(|index| {
+                    let device = nvml.device_by_index(index).ok()?;
+                    let memory = device.memory_info().ok()?;
+                    let busy = device.utilization_rates().ok()?.gpu;
+                    Some(gpu_sample(
+                        index,
+                        device.name().unwrap_or_default(),
+                        memory.used,
+                        memory.total,
+                        busy,
+                    ))
+                })
+                .collect()
+        })
+        .await
+        .unwrap_or_default()
+    }
+}
+
+/// Reads the GPUs every `every` until `stop`, handing each reading to
+/// `record` (the worker: `Metrics::set_gpus`), and an empty one at the end;
+/// `None` (and one info line) without NVML or with `every` zero: no GPU
+/// series at all.
+pub fn sampler(
+    gpus: &Gpus,
+    every: Duration,
+    record: impl Fn(Vec<GpuSample>) + Send + Sync + 'static,
+    stop: CancellationToken,
+) -> Option<JoinHandle<()>> {
+    if !gpus.present() || every.is_zero() {
+        tracing::info!(
+            nvml = gpus.present(),
+            "GPU metrics off: no NVML or gpu_sample_ms = 0"
+        );
+        return None;
+    }
+    let gpus = gpus.clone();
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => record(gpus.read().await),
+                _ = stop.cancelled() => break,
+            }
+        }
+        // This worker no longer reports its GPUs.
+        record(Vec::new());
+    }))
 }
 
 /// The device indices of a `CUDA_VISIBLE_DEVICES` value; empty (every
@@ -195,6 +282,71 @@ mod tests {
         assert_eq!(visible_devices(Some("0, 2")), vec![0, 2]);
         assert!(visible_devices(Some("GPU-1a2b")).is_empty());
         assert!(visible_devices(None).is_empty());
+    }
+
+    #[test]
+    fn a_reading_maps_to_the_gauges_fields() {
+        let sample = gpu_sample(1, "NVIDIA A100".into(), 10 << 30, 80 << 30, 75);
+        assert_eq!(
+            sample,
+            GpuSample {
+                index: 1,
+                name: "NVIDIA A100".into(),
+                memory_used_bytes: 10 << 30,
+                memory_total_bytes: 80 << 30,
+                utilization: 0.75,
+            }
+        );
+        assert_eq!(gpu_sample(0, String::new(), 0, 0, 250).utilization, 1.0);
+    }
+
+    /// A reading becomes the three GPU gauges, labelled by device; no
+    /// reading (no NVML) leaves no GPU series at all.
+    #[tokio::test]
+    async fn readings_become_gauges_and_none_leave_no_series() {
+        use trainyard_core::telemetry::{Telemetry, TelemetrySettings};
+        let mut settings =
+            TelemetrySettings::resolve("ty-worker", &Default::default(), &[]).unwrap();
+        settings.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+        let (telemetry, _dispatch) = Telemetry::start(&settings).unwrap();
+        let metrics = telemetry.metrics();
+        metrics.set_gpus(Gpus::default().read().await);
+        let body = telemetry.render_prometheus().unwrap();
+        assert!(!body.contains("trainyard_gpu_"), "{body}");
+
+        metrics.set_gpus([gpu_sample(1, "A100".into(), 10 << 30, 80 << 30, 75)]);
+        let body = telemetry.render_prometheus().unwrap();
+        let value = |name: &str| {
+            body.lines()
+                .find(|l| l.starts_with(name) && l.contains("gpu=\"1\""))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("{name} in {body}"))
+        };
+        assert_eq!(value("trainyard_gpu_utilization_ratio"), 0.75);
+        assert_eq!(
+            value("trainyard_gpu_memory_used_bytes"),
+            (10u64 << 30) as f64
+        );
+        assert_eq!(
+            value("trainyard_gpu_memory_total_bytes"),
+            (80u64 << 30) as f64
+        );
+        telemetry.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn without_nvml_there_is_no_sampler() {
+        let recorded = Arc::new(Mutex::new(Vec::new()));
+        let sink = recorded.clone();
+        let started = sampler(
+            &Gpus::default(),
+            Duration::from_millis(10),
+            move |s| sink.lock().unwrap().push(s),
+            CancellationToken::new(),
+        );
+        assert!(started.is_none());
+        assert!(recorded.lock().unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -8,7 +8,9 @@ pub mod gpu;
 pub mod logs;
 pub mod models;
 pub mod registry;
+pub mod throttle;
 pub mod train;
+pub mod trainer_log;
 pub mod webhook;
 
 use std::time::Duration;
@@ -31,7 +33,7 @@ pub async fn run(
             trainyard_core::guard::BINARY
         )
     })?;
-    let store = ArtifactStore::open_with(&config.store.uri, &config.store.s3)?;
+    let store = ArtifactStore::open_with(&config.store.uri, &config.store.s3)?.for_stage("train");
     std::fs::create_dir_all(&config.worker.work_dir)?;
     std::fs::create_dir_all(&config.worker.model_cache_dir)?;
     // Loading NVML may take a while where a driver is present.
@@ -67,7 +69,9 @@ pub async fn run(
         checkpoint_scan: Duration::from_millis(config.worker.checkpoint_scan_ms.max(50)),
         nan_loss_steps: config.worker.nan_loss_steps,
         stuck: config.worker.stuck.clone(),
-        gpus,
+        trainer_log_max_bytes: config.worker.trainer_log_max_bytes,
+        metric_events_per_second: config.worker.metric_events_per_second,
+        gpus: gpus.clone(),
         slots,
         trainer_env: config
             .worker
@@ -89,7 +93,18 @@ pub async fn run(
     // The trainer gets its own grace after SIGTERM; the runtime waits a bit longer.
     runner.drain_grace = Duration::from_secs(1);
     let heartbeat = registry::Heartbeat::for_stage(topo.workers.clone(), &runner, &stage);
+    let sampling = shutdown.child_token();
+    let sampler = gpu::sampler(
+        &gpus,
+        Duration::from_millis(config.worker.gpu_sample_ms),
+        |reading| trainyard_core::telemetry::metrics().set_gpus(reading),
+        sampling.clone(),
+    );
     let result = trainyard_core::service::run_stage(client, topo, runner, stage, shutdown).await;
+    sampling.cancel();
+    if let Some(sampler) = sampler {
+        let _ = sampler.await;
+    }
     heartbeat.stop().await;
     result
 }

@@ -8,15 +8,33 @@
 //! Cancel kills the trainer at once. Shutdown asks the trainer to save the
 //! way its backend allows ([`StopRequest`]), uploads that state, and hands
 //! the task back; the next attempt, on any worker, continues from it.
+//!
+//! Observability: the handler runs inside the task's span; its steps are
+//! child spans `train.inputs` (dataset, restored checkpoint), `train.model`
+//! (`cache` = hit | miss, `bytes`, `fetched_bytes`), `train.run` (`backend`,
+//! `slot`, `resume_step`) with one `train.checkpoint.upload` (`step`,
+//! `bytes`) per stored checkpoint, `train.adapter.upload` and
+//! `train.log.upload`, each with `trainyard.job.id`. Every parsed progress
+//! sets the job's gauges (`trainyard_job_*`, removed when the handler
+//! ends); parsed values go out as `metric` events named `loss`,
+//! `learning_rate`, `samples_per_second`, `epoch` (and the trainer's own
+//! extra metrics under their names), throttled by [`MetricThrottle`]. The
+//! trainer's output is kept by [`TrainerLog`] and stored when each run
+//! ends, however it ends.
 
 use crate::gpu::{Gpus, Slots, visible_devices};
 use crate::logs::LogBatcher;
 use crate::models::Models;
+use crate::throttle::MetricThrottle;
+use crate::trainer_log::TrainerLog;
 use crate::webhook::Webhook;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
+use tracing::field::Empty;
 use trainyard_backends::{
     LineEvent, OutputParser, Resume, StopRequest, Tools, TrainInputs, TrainerBackend,
 };
@@ -25,6 +43,8 @@ use trainyard_core::models::ModelSource;
 use trainyard_core::process::{ChildGroup, CommandSpec, Guard, OutputLine};
 use trainyard_core::runtime::{StageError, StageHandler, TaskContext};
 use trainyard_core::store::{ArtifactStore, keys, sha256_file};
+use trainyard_core::telemetry::metrics;
+use trainyard_core::telemetry::metrics::JobProgress;
 use trainyard_proto::v1::{
     Checkpoint, ErrorKind, JobSpec, Progress, Stage, Stuck, TrainOutput, TrainSummary, TrainTask,
     stage_result::Outcome,
@@ -38,6 +58,15 @@ pub const ORPHAN_GRACE: Duration = Duration::from_secs(5);
 
 /// How long the log lines queued at the end of a run may take to publish.
 const LOG_CLOSE: Duration = Duration::from_secs(5);
+
+/// How long storing an attempt's trainer log may take before it is given up.
+const LOG_UPLOAD: Duration = Duration::from_secs(60);
+
+/// The `metric` event names of the values every progress may carry.
+const LOSS: &str = "loss";
+const LEARNING_RATE: &str = "learning_rate";
+const SAMPLES_PER_SECOND: &str = "samples_per_second";
+const EPOCH: &str = "epoch";
 
 pub struct TrainStage {
     pub store: ArtifactStore,
@@ -60,6 +89,19 @@ pub struct TrainStage {
     pub gpus: Gpus,
     /// Each concurrent run's index and GPU (`TrainInputs::slot`).
     pub slots: Slots,
+    /// Bytes of trainer output kept per attempt (`[worker] trainer_log_max_bytes`).
+    pub trainer_log_max_bytes: u64,
+    /// `[worker] metric_events_per_second`.
+    pub metric_events_per_second: u32,
+}
+
+/// Removes a job's gauges when its handling ends, however it ends.
+struct JobGauges<'a>(&'a str);
+
+impl Drop for JobGauges<'_> {
+    fn drop(&mut self) {
+        metrics().job_ended(self.0);
+    }
 }
 
 fn local_error(what: &str, error: std::io::Error) -> StageError {
@@ -76,6 +118,7 @@ impl StageHandler for TrainStage {
     async fn handle(&self, task: TrainTask, ctx: TaskContext) -> Result<Outcome, StageError> {
         let work = self.work_root.join(ctx.meta.job.as_str());
         let _ = tokio::fs::remove_dir_all(&work).await;
+        let _gauges = JobGauges(ctx.meta.job.as_str());
         let result = self.train(task, &ctx, &work).await;
         let _ = tokio::fs::remove_dir_all(&work).await;
         result
@@ -203,8 +246,28 @@ impl TrainStage {
             inputs: &inputs,
             staging: work.join("staging"),
             logs: &logs,
+            tenant: ctx.meta.tenant.to_string(),
+            throttle: Mutex::new(MetricThrottle::new(self.metric_events_per_second)),
+            log: Mutex::new(TrainerLog::create(work, self.trainer_log_max_bytes)),
         };
-        let result = run.supervise(command, webhook, started).await;
+        let span = tracing::info_span!(
+            "train.run",
+            trainyard.job.id = %ctx.meta.job,
+            backend = backend.name(),
+            slot = inputs.slot.index,
+            resume_step = Empty,
+        );
+        if let Some(resume) = &inputs.resume {
+            span.record("resume_step", resume.step);
+        }
+        let result = run
+            .supervise(command, webhook, started)
+            .instrument(span)
+            .await;
+        run.send_metrics(true).await;
+        // However the run ended (a cancelled one too: why it was cancelled
+        // may be in its output).
+        run.store_log().await;
         // The run's log lines go out before its result.
         logs.close(LOG_CLOSE).await;
         result
@@ -227,11 +290,25 @@ impl TrainStage {
                 format!("dataset {} is not in the artifact store", task.dataset_uri),
             )
         })?;
-        self.store
-            .get_dir(&key, &inputs.dataset_dir)
-            .await
-            .map_err(StageError::from)?;
-        verify_manifest(&inputs.dataset_dir).await?;
+        let span = tracing::info_span!(
+            "train.inputs",
+            trainyard.job.id = %ctx.meta.job,
+            files = Empty,
+            bytes = Empty,
+        );
+        async {
+            let fetched = self
+                .store
+                .get_dir(&key, &inputs.dataset_dir)
+                .await
+                .map_err(StageError::from)?;
+            let span = tracing::Span::current();
+            span.record("files", fetched.len());
+            span.record("bytes", fetched.iter().map(|(_, size)| size).sum::<u64>());
+            verify_manifest(&inputs.dataset_dir).await
+        }
+        .instrument(span)
+        .await?;
         ctx.note("fetching base model").await;
         let token = spec
             .secrets
@@ -239,6 +316,13 @@ impl TrainStage {
             .map(|s| s.hf_token.as_str())
             .filter(|t| !t.is_empty());
         let model_ref = spec.base_model.clone().unwrap_or_default();
+        let span = tracing::info_span!(
+            "train.model",
+            trainyard.job.id = %ctx.meta.job,
+            cache = Empty,
+            bytes = Empty,
+            fetched_bytes = Empty,
+        );
         let (model, lease) = self
             .models
             .resolve(
@@ -247,7 +331,12 @@ impl TrainStage {
                 inputs.settings.resolution,
                 token,
             )
+            .instrument(span.clone())
             .await?;
+        span.record("cache", if lease.hit() { "hit" } else { "miss" });
+        span.record("bytes", lease.bytes());
+        span.record("fetched_bytes", lease.fetched_bytes());
+        drop(span);
         inputs.model = model;
         // The newest complete checkpoint in the store wins over the one the
         // task names: a retried or redelivered attempt continues from the
@@ -267,9 +356,20 @@ impl TrainStage {
         {
             candidates.push(key);
         }
+        let restore = tracing::info_span!(
+            "train.checkpoint.restore",
+            trainyard.job.id = %ctx.meta.job,
+            step = Empty,
+        );
         for prefix in candidates {
-            match self.store.get_checkpoint(&prefix, &inputs.output_dir).await {
+            let restored = self
+                .store
+                .get_checkpoint(&prefix, &inputs.output_dir)
+                .instrument(restore.clone())
+                .await;
+            match restored {
                 Ok((step, files)) => {
+                    restore.record("step", step);
                     ctx.note(&format!("resuming from step {step}")).await;
                     tracing::info!(job = %ctx.meta.job, step, "restored checkpoint");
                     inputs.resume = Some(Resume { step, files });
@@ -341,6 +441,11 @@ struct Run<'a> {
     staging: PathBuf,
     /// Log events, published off the run loop.
     logs: &'a LogBatcher,
+    tenant: String,
+    /// Which parsed values go out as `metric` events.
+    throttle: Mutex<MetricThrottle>,
+    /// The trainer's whole output; `None` when not kept.
+    log: Mutex<Option<TrainerLog>>,
 }
 
 struct Seen {
@@ -518,6 +623,7 @@ impl Run<'_> {
                     }
                 }
                 _ = scan.tick() => {
+                    self.send_metrics(false).await;
                     if let Err(e) = self.poll_checkpoints(&mut seen).await {
                         break Verdict::Abort(e);
                     }
@@ -718,6 +824,9 @@ impl Run<'_> {
 
     async fn on_line(&self, line: OutputLine, seen: &mut Seen) -> Result<(), StageError> {
         seen.line_at = tokio::time::Instant::now();
+        if let Some(log) = lock(&self.log).as_mut() {
+            log.line(&line.line);
+        }
         push_tail(seen, line.line.clone());
         let events = seen.parser.line(&line.line);
         let raw = events.is_empty().then_some(&line);
@@ -747,10 +856,11 @@ impl Run<'_> {
                         .await?
                 }
                 LineEvent::Metric { name, value, step } => {
-                    self.ctx
-                        .events
-                        .metric(&format!("train/{name}"), value, step)
-                        .await;
+                    // The progress values keep their own source.
+                    if ![LOSS, LEARNING_RATE, SAMPLES_PER_SECOND, EPOCH].contains(&name.as_str()) {
+                        lock(&self.throttle).offer(&name, value, step);
+                        self.send_metrics(false).await;
+                    }
                 }
                 LineEvent::Saved { .. } => self.poll_checkpoints(seen).await?,
                 LineEvent::Resumed { step } => {
@@ -836,26 +946,110 @@ impl Run<'_> {
             eta_seconds: eta,
             message: String::new(),
         };
+        let finite = |v: f64| v.is_finite().then_some(v);
+        metrics().job_progress(
+            self.ctx.meta.job.as_str(),
+            JobProgress {
+                tenant: self.tenant.clone(),
+                backend: self.backend.name().to_string(),
+                step: u64::from(step),
+                total_steps: u64::from(total),
+                loss: loss.map(f64::from).and_then(finite),
+                learning_rate: lr.and_then(finite),
+                samples_per_second: samples_per_sec.map(f64::from).and_then(finite),
+                reported_at: trainyard_core::now_ms() as f64 / 1000.0,
+            },
+        );
+        {
+            let mut throttle = lock(&self.throttle);
+            let values = [
+                (LOSS, loss.map(f64::from)),
+                (LEARNING_RATE, lr),
+                (SAMPLES_PER_SECOND, samples_per_sec.map(f64::from)),
+                (EPOCH, epoch.map(f64::from)),
+            ];
+            for (name, value) in values {
+                if let Some(value) = value {
+                    throttle.offer(name, value, step);
+                }
+            }
+        }
         let due = seen
             .last_emit
             .is_none_or(|at| now.duration_since(at) >= self.stage.progress_interval);
         if due || step == total {
             seen.last_emit = Some(now);
             self.ctx.events.progress(progress.clone()).await;
-            let metrics = [
-                ("train/loss", loss.map(f64::from)),
-                ("train/learning_rate", lr),
-                ("train/samples_per_second", samples_per_sec.map(f64::from)),
-                ("train/epoch", epoch.map(f64::from)),
-            ];
-            for (name, value) in metrics {
-                if let Some(value) = value {
-                    self.ctx.events.metric(name, value, step).await;
-                }
-            }
         }
+        self.send_metrics(false).await;
         seen.last_progress = Some(progress);
         Ok(())
+    }
+
+    /// Publishes the `metric` events the throttle lets out now, or, at the
+    /// end of the run (`all`), every value still waiting.
+    async fn send_metrics(&self, all: bool) {
+        let due = {
+            let mut throttle = lock(&self.throttle);
+            match all {
+                true => throttle.flush(Instant::now()),
+                false => throttle.due(Instant::now()),
+            }
+        };
+        for (name, value, step) in due {
+            self.ctx.events.metric(&name, value, step).await;
+        }
+    }
+
+    /// Stores the trainer's output of this run at
+    /// `jobs/<job>/logs/train-attempt-<a>-delivery-<d>.log` and says where
+    /// in a log event; trouble is logged, never the run's result.
+    async fn store_log(&self) {
+        let Some(log) = lock(&self.log).take() else {
+            return;
+        };
+        let job = &self.ctx.meta.job;
+        let key = keys::train_log(job, self.ctx.meta.attempt.0, self.ctx.delivered);
+        let span = tracing::info_span!(
+            "train.log.upload",
+            trainyard.job.id = %job,
+            bytes = Empty,
+            truncated = Empty,
+        );
+        let stored = async {
+            let finished = tokio::task::spawn_blocking(move || log.finish())
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            let artifact = self
+                .stage
+                .store
+                .put_file(&finished.path, &key)
+                .await
+                .map_err(|e| e.to_string())?;
+            let span = tracing::Span::current();
+            span.record("bytes", artifact.size);
+            span.record("truncated", finished.truncated);
+            Ok::<_, String>((artifact, finished))
+        }
+        .instrument(span);
+        match tokio::time::timeout(LOG_UPLOAD, stored).await {
+            Ok(Ok((artifact, finished))) => {
+                tracing::info!(%job, key, bytes = artifact.size, "trainer log stored");
+                let cut = match finished.truncated {
+                    true => format!(", the last part of {} bytes", finished.total),
+                    false => String::new(),
+                };
+                self.logs.note(&format!(
+                    "trainer output stored at {} ({} bytes{cut})",
+                    artifact.uri, artifact.size
+                ));
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(%job, key, %error, "cannot store the trainer log");
+            }
+            Err(_) => tracing::warn!(%job, key, "storing the trainer log took too long; given up"),
+        }
     }
 
     /// Uploads the newest complete checkpoint if it is newer than the last
@@ -889,7 +1083,7 @@ impl Run<'_> {
                 .await
                 .map_err(|e| std::io::Error::other(e.to_string()))
                 .and_then(|r| r);
-        let staged = match staged {
+        let (staged, bytes) = match staged {
             Ok(staged) => staged,
             Err(e) => {
                 // Pruned or rewritten while being copied: try again later.
@@ -900,18 +1094,27 @@ impl Run<'_> {
         let store = self.stage.store.clone();
         let job = self.ctx.meta.job.clone();
         let step = found.step;
+        let span = tracing::info_span!(
+            "train.checkpoint.upload",
+            trainyard.job.id = %job,
+            step,
+            bytes,
+        );
         seen.upload = Some((
             step,
-            tokio::spawn(async move {
-                let uri = store
-                    .put_checkpoint(&job, step, &staged, &found.files)
-                    .await;
-                let _ = tokio::fs::remove_dir_all(&staged).await;
-                Ok(Checkpoint {
-                    step,
-                    uri: uri.map_err(StageError::from)?,
-                })
-            }),
+            tokio::spawn(
+                async move {
+                    let uri = store
+                        .put_checkpoint(&job, step, &staged, &found.files)
+                        .await;
+                    let _ = tokio::fs::remove_dir_all(&staged).await;
+                    Ok(Checkpoint {
+                        step,
+                        uri: uri.map_err(StageError::from)?,
+                    })
+                }
+                .instrument(span),
+            ),
         ));
         Ok(())
     }
@@ -959,12 +1162,19 @@ impl Run<'_> {
             .map(|n| n.to_string_lossy().to_string())
             .unwrap_or_else(|| "lora.safetensors".into());
         let key = format!("{}/{name}", keys::output(&self.ctx.meta.job));
+        let span = tracing::info_span!(
+            "train.adapter.upload",
+            trainyard.job.id = %self.ctx.meta.job,
+            bytes = Empty,
+        );
         let artifact = self
             .stage
             .store
             .put_file(adapter, &key)
+            .instrument(span.clone())
             .await
             .map_err(StageError::from)?;
+        span.record("bytes", artifact.size);
         Ok(Outcome::Trained(TrainOutput {
             artifacts: vec![artifact],
             summary: Some(TrainSummary {
@@ -981,10 +1191,16 @@ impl Run<'_> {
 
 /// Copies a checkpoint's files into a staging folder, failing if any of
 /// them changed while it was copied (some trainers rewrite files in place,
-/// ai-toolkit's `optimizer.pt`, or prune old checkpoints).
-fn stage_checkpoint(output_dir: &Path, files: &[PathBuf], dir: &Path) -> std::io::Result<PathBuf> {
+/// ai-toolkit's `optimizer.pt`, or prune old checkpoints); returns the
+/// folder and the bytes copied.
+fn stage_checkpoint(
+    output_dir: &Path,
+    files: &[PathBuf],
+    dir: &Path,
+) -> std::io::Result<(PathBuf, u64)> {
     let _ = std::fs::remove_dir_all(dir);
     let result = (|| {
+        let mut bytes = 0;
         for rel in files {
             let from = output_dir.join(rel);
             let to = dir.join(rel);
@@ -993,7 +1209,7 @@ fn stage_checkpoint(output_dir: &Path, files: &[PathBuf], dir: &Path) -> std::io
             }
             let stamp = |m: std::fs::Metadata| (m.len(), m.modified().ok());
             let before = stamp(std::fs::metadata(&from)?);
-            std::fs::copy(&from, &to)?;
+            bytes += std::fs::copy(&from, &to)?;
             if stamp(std::fs::metadata(&from)?) != before {
                 return Err(std::io::Error::other(format!(
                     "{} changed while it was copied",
@@ -1001,12 +1217,16 @@ fn stage_checkpoint(output_dir: &Path, files: &[PathBuf], dir: &Path) -> std::io
                 )));
             }
         }
-        Ok(dir.to_owned())
+        Ok((dir.to_owned(), bytes))
     })();
     if result.is_err() {
         let _ = std::fs::remove_dir_all(dir);
     }
     result
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn push_tail(seen: &mut Seen, line: String) {

@@ -19,6 +19,11 @@
 //!
 //! One worker process owns a cache folder: the index is not shared between
 //! processes.
+//!
+//! Every blob lookup counts as a hit (`trainyard_model_cache_hits_total`) or
+//! a miss (`…_misses_total`, and the bytes fetched in
+//! `…_fetched_bytes_total`); `trainyard_model_cache_size_bytes` follows the
+//! cache's size as blobs come and go.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -134,11 +139,24 @@ pub(crate) struct Cache {
 pub(crate) struct Pin {
     cache: Arc<Cache>,
     sha: String,
+    size: u64,
+    /// Whether this lookup fetched the blob (a miss).
+    fetched: bool,
 }
 
 impl Pin {
     pub fn sha(&self) -> &str {
         &self.sha
+    }
+
+    /// The blob's size on disk.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Whether the blob had to be fetched for this lookup.
+    pub fn fetched(&self) -> bool {
+        self.fetched
     }
 }
 
@@ -187,6 +205,8 @@ impl Cache {
     /// index are adopted as least recently used).
     pub fn open(root: PathBuf, max_bytes: u64) -> Arc<Self> {
         let index = load_index(&root);
+        trainyard_core::telemetry::metrics()
+            .set_model_cache_size(index.blobs.values().map(|b| b.size).sum());
         Arc::new(Self {
             root,
             max_bytes,
@@ -248,6 +268,8 @@ impl Cache {
         Pin {
             cache: self.clone(),
             sha: sha.to_string(),
+            size: state.index.blobs.get(sha).map_or(0, |b| b.size),
+            fetched: false,
         }
     }
 
@@ -292,6 +314,7 @@ impl Cache {
         let _guard = lock.lock().await;
         if let Some(pin) = self.pin_present(key).await {
             tracing::debug!(model_file = what, "model cache hit");
+            trainyard_core::telemetry::metrics().model_cache_hit();
             return Ok(pin);
         }
         self.evict(expected.size.unwrap_or(0)).await;
@@ -319,7 +342,7 @@ impl Cache {
                 tokio::fs::rename(&partial, &blob)
                     .await
                     .map_err(|e| io_retry("move into place", &blob, e))?;
-                let pin = {
+                let mut pin = {
                     let mut state = self.lock();
                     state.index.blobs.insert(
                         sha256.clone(),
@@ -336,6 +359,10 @@ impl Cache {
                 };
                 drop(_sha_guard);
                 drop(_guard);
+                pin.fetched = true;
+                let metrics = trainyard_core::telemetry::metrics();
+                metrics.model_cache_miss(size);
+                metrics.set_model_cache_size(self.total_bytes());
                 self.save().await;
                 self.evict(0).await;
                 return Ok(pin);
@@ -530,6 +557,7 @@ impl Cache {
             evicted = true;
         }
         if evicted {
+            trainyard_core::telemetry::metrics().set_model_cache_size(self.total_bytes());
             self.save().await;
         }
     }

@@ -74,6 +74,25 @@ impl ModelLease {
     pub fn blobs(&self) -> Vec<&str> {
         self.pins.iter().map(Pin::sha).collect()
     }
+
+    /// Bytes of the files held.
+    pub fn bytes(&self) -> u64 {
+        self.pins.iter().map(Pin::size).sum()
+    }
+
+    /// Bytes fetched to resolve the model; 0 when the cache had every file.
+    pub fn fetched_bytes(&self) -> u64 {
+        self.pins
+            .iter()
+            .filter(|p| p.fetched())
+            .map(Pin::size)
+            .sum()
+    }
+
+    /// Whether the cache had every file (nothing was fetched).
+    pub fn hit(&self) -> bool {
+        !self.pins.iter().any(Pin::fetched)
+    }
 }
 
 /// Base-model resolution and the cache behind it. Cheap to clone.
