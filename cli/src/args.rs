@@ -219,7 +219,7 @@ pub struct GetArgs {
 #[derive(Args, Debug)]
 pub struct MetricsArgs {
     pub job: String,
-    /// Only this metric ("train/loss"; repeatable).
+    /// Only this metric ("loss"; repeatable).
     #[arg(long = "name", value_name = "NAME")]
     pub names: Vec<String>,
     /// One JSON object per series.

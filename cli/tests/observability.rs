@@ -117,8 +117,8 @@ async fn yard_metrics_prints_a_jobs_series() {
         JobId::parse(&job.job_id).unwrap(),
     );
     for (name, step, value) in [
-        ("train/loss", 1, 0.5),
-        ("train/loss", 2, 0.25),
+        ("loss", 1, 0.5),
+        ("loss", 2, 0.25),
         ("train/lr", 2, 0.01),
     ] {
         let event = JobEvent {
@@ -156,8 +156,8 @@ async fn yard_metrics_prints_a_jobs_series() {
         rows,
         [
             vec!["METRIC", "STEP", "VALUE"],
-            vec!["train/loss", "1", "0.5"],
-            vec!["train/loss", "2", "0.25"],
+            vec!["loss", "1", "0.5"],
+            vec!["loss", "2", "0.25"],
             vec!["train/lr", "2", "0.01"],
         ],
         "{text}"

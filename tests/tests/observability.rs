@@ -464,7 +464,7 @@ async fn get_metrics_returns_a_jobs_series() {
             "plots",
             &job.job_id,
             at,
-            metric("train/loss", step, 1.0 / f64::from(step)),
+            metric("loss", step, 1.0 / f64::from(step)),
         )
         .await;
         publish_event(
@@ -472,7 +472,7 @@ async fn get_metrics_returns_a_jobs_series() {
             "plots",
             &job.job_id,
             at,
-            metric("train/learning_rate", step, 0.002),
+            metric("learning_rate", step, 0.002),
         )
         .await;
         // Progress events are not metric points.
@@ -485,7 +485,7 @@ async fn get_metrics_returns_a_jobs_series() {
         publish_event(&js, "plots", &job.job_id, at, progress).await;
     }
     // Another job's metrics stay out.
-    publish_event(&js, "plots", &other.job_id, 1, metric("train/loss", 1, 9.0)).await;
+    publish_event(&js, "plots", &other.job_id, 1, metric("loss", 1, 9.0)).await;
 
     let reply = client
         .get_metrics(GetMetricsRequest {
@@ -515,26 +515,26 @@ async fn get_metrics_returns_a_jobs_series() {
             .iter()
             .map(|s| s.name.as_str())
             .collect::<Vec<_>>(),
-        ["train/learning_rate", "train/loss"],
+        ["learning_rate", "loss"],
         "sorted by name"
     );
     assert_eq!(
-        series["train/loss"],
+        series["loss"],
         [(1, 1.0, 1_000), (2, 0.5, 2_000), (3, 1.0 / 3.0, 3_000)]
     );
-    assert_eq!(series["train/learning_rate"].len(), 3);
+    assert_eq!(series["learning_rate"].len(), 3);
 
     // A names filter.
     let only = client
         .get_metrics(GetMetricsRequest {
             job_id: job.job_id.clone(),
-            names: vec!["train/learning_rate".into()],
+            names: vec!["learning_rate".into()],
         })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(only.series.len(), 1);
-    assert_eq!(only.series[0].name, "train/learning_rate");
+    assert_eq!(only.series[0].name, "learning_rate");
 
     // A job without metric events has no series (and the call returns).
     let third = submit(&mut client, spec(&fleet.sample_uri().await, 5)).await;
@@ -585,7 +585,7 @@ async fn get_metrics_returns_a_jobs_series() {
             headers,
             GetMetricsRequest {
                 job_id: job.job_id.clone(),
-                names: vec!["train/loss".into()],
+                names: vec!["loss".into()],
             }
             .encode_to_vec()
             .into(),
@@ -682,14 +682,10 @@ async fn a_finished_jobs_metrics_and_counters() {
         .unwrap()
         .into_inner();
     let names: Vec<&str> = reply.series.iter().map(|s| s.name.as_str()).collect();
-    for name in ["train/loss", "train/learning_rate"] {
+    for name in ["loss", "learning_rate"] {
         assert!(names.contains(&name), "{name} in {names:?}");
     }
-    let loss = reply
-        .series
-        .iter()
-        .find(|s| s.name == "train/loss")
-        .unwrap();
+    let loss = reply.series.iter().find(|s| s.name == "loss").unwrap();
     assert!(!loss.points.is_empty());
     assert!(loss.points.windows(2).all(|w| w[0].step <= w[1].step));
     assert_eq!(loss.points.last().unwrap().step, 20);

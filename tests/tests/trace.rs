@@ -117,14 +117,22 @@ async fn a_job_is_one_trace_across_every_service_and_attempt() {
     let record = get(&mut client, &job).await;
     assert_eq!(record.state(), JobState::Succeeded, "{record:?}");
 
-    // The spans of the last stage arrive a moment after the job ends.
+    // The spans of the last stage arrive a moment after the job ends: wait
+    // until the coordinator applied the delivery and every parent is there
+    // (but those of the killed worker's process span, which never ended).
     let spans = receiver
         .wait_for_spans(Duration::from_secs(30), |spans| {
-            spans.iter().any(|s| {
-                s.trace_id == TRACE_ID
-                    && s.name == "process ty.result.deliver"
-                    && s.service.starts_with("coordinator")
-            })
+            let trace: Vec<&ReceivedSpan> =
+                spans.iter().filter(|s| s.trace_id == TRACE_ID).collect();
+            let ids: BTreeSet<&str> = trace.iter().map(|s| s.span_id.as_str()).collect();
+            let applied = trace.iter().any(|s| {
+                s.name == "process ty.result.deliver" && s.service.starts_with("coordinator")
+            });
+            applied
+                && trace.iter().all(|s| match s.parent_span_id.as_deref() {
+                    Some(p) => p == CLIENT_SPAN || ids.contains(p) || s.service == killed,
+                    None => true,
+                })
         })
         .await;
     let trace: Vec<ReceivedSpan> = spans

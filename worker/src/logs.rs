@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 use trainyard_core::events::EventSink;
 use trainyard_proto::v1::Stage;
 
@@ -45,7 +46,10 @@ impl LogBatcher {
     pub fn start(events: EventSink, stage: Stage) -> LogBatcher {
         let (tx, rx) = mpsc::channel(QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
-        let task = tokio::spawn(publish(events, stage, rx, dropped.clone()));
+        // In the caller's span: its log events carry the job's trace context.
+        let task = tokio::spawn(
+            publish(events, stage, rx, dropped.clone()).instrument(tracing::Span::current()),
+        );
         LogBatcher { tx, dropped, task }
     }
 
