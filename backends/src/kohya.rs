@@ -57,6 +57,32 @@ impl Kohya {
 
 /// The file accelerate writes last into a state folder.
 const STATE_COMPLETE: &str = "random_states_0.pkl";
+/// Whether the state's last file is there and written to its end, not just
+/// opened: accelerate writes it with `torch.save` (a zip archive, ending
+/// with its end-of-central-directory record) or, in older versions and
+/// plain `pickle` writers, as a pickle stream (ending with the STOP opcode
+/// `.`). A folder scanned while the file is being written, or left by a
+/// trainer killed in the middle of it, is not a checkpoint.
+fn written_whole(path: &Path) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    const TAIL: u64 = 64 * 1024 + 22;
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return false;
+    };
+    let Ok(len) = file.metadata().map(|m| m.len()) else {
+        return false;
+    };
+    let start = len.saturating_sub(TAIL);
+    let mut tail = Vec::new();
+    if len == 0
+        || file.seek(SeekFrom::Start(start)).is_err()
+        || file.read_to_end(&mut tail).is_err()
+    {
+        return false;
+    }
+    tail.last() == Some(&b'.') || tail.windows(4).any(|w| w == b"PK\x05\x06")
+}
+
 /// The extensions of the dataset contract that kohya's `glob_images` finds.
 const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp"];
 const ARGS_FILE: &str = "kohya-args.toml";
@@ -374,10 +400,7 @@ impl TrainerBackend for Kohya {
                     return None;
                 }
                 let step: u32 = c["s"].parse().ok()?;
-                e.path()
-                    .join(STATE_COMPLETE)
-                    .is_file()
-                    .then(|| (step, file_name.clone()))
+                written_whole(&e.path().join(STATE_COMPLETE)).then(|| (step, file_name.clone()))
             })
             .max_by_key(|(step, _)| *step)?;
         let mut files = Vec::new();
@@ -520,6 +543,30 @@ fn to_toml<T: Serialize>(value: &T) -> Result<Vec<u8>, BackendError> {
 mod tests {
     use super::*;
     use crate::TrainerBackend;
+
+    #[test]
+    fn a_state_file_counts_only_once_written_to_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STATE_COMPLETE);
+        assert!(!written_whole(&path), "missing");
+        std::fs::write(&path, b"").unwrap();
+        assert!(!written_whole(&path), "opened, nothing written");
+        // A pickle (protocol 4) cut before its STOP opcode, then whole.
+        let pickle = b"\x80\x04\x95\x0b\x00\x00\x00\x00\x00\x00\x00}\x94\x8c\x04step\x94K\x0as.";
+        std::fs::write(&path, &pickle[..pickle.len() - 3]).unwrap();
+        assert!(!written_whole(&path), "cut pickle");
+        std::fs::write(&path, pickle).unwrap();
+        assert!(written_whole(&path), "whole pickle");
+        // torch.save's zip archive: whole once its end record is written.
+        let mut zip = b"PK\x03\x04".to_vec();
+        zip.extend(std::iter::repeat_n(7u8, 100_000));
+        std::fs::write(&path, &zip).unwrap();
+        assert!(!written_whole(&path), "zip without its end record");
+        zip.extend(b"PK\x05\x06");
+        zip.extend([0u8; 18]);
+        std::fs::write(&path, &zip).unwrap();
+        assert!(written_whole(&path), "whole zip");
+    }
 
     #[test]
     fn lighter_settings_halve_the_batch_then_turn_on_memory_savers() {
