@@ -196,6 +196,47 @@ async fn run_batch(fleet: &Fleet, jobs: u32, steps: u32) -> anyhow::Result<Durat
     Ok(started.elapsed())
 }
 
+/// The telemetry work of handling one message, measured alone: extract the
+/// context from the task's headers, open the process span, open a send
+/// span for the result and inject its context, with one log line inside.
+async fn per_message_cost(env: &[(&str, String)], messages: u32) -> anyhow::Result<Duration> {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    use trainyard_core::telemetry::{Telemetry, TelemetrySettings, propagation};
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .chain([("TY_LOG".to_string(), "warn".to_string())])
+        .collect();
+    let settings = TelemetrySettings::resolve("ty-bench", &Default::default(), &env)?;
+    let (telemetry, dispatch) = Telemetry::start(&settings)?;
+    let mut incoming = async_nats::HeaderMap::new();
+    incoming.insert(
+        "traceparent",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    );
+    let job = propagation::JobAttrs {
+        job_id: Some("j-0123456789abcdef0123456789abcdef"),
+        tenant: Some("acme"),
+        stage: Some("train"),
+        attempt: Some(1),
+    };
+    let took = tracing::dispatcher::with_default(&dispatch, || {
+        let started = Instant::now();
+        for _ in 0..messages {
+            let process = propagation::process_span(Some(&incoming), "ty.task.train.default", job);
+            let _in = process.enter();
+            tracing::info!("handled");
+            let send = propagation::send_span("ty.result.train", job);
+            let mut out = async_nats::HeaderMap::new();
+            propagation::inject_nats(&send.context(), &mut out);
+            std::hint::black_box(out);
+        }
+        started.elapsed()
+    });
+    telemetry.shutdown().await;
+    Ok(took / messages)
+}
+
 /// `ty-bench tracing`: throughput with telemetry off, propagating, exporting.
 async fn tracing_overhead() -> anyhow::Result<()> {
     let jobs = arg("--jobs", 12);
@@ -216,6 +257,11 @@ async fn tracing_overhead() -> anyhow::Result<()> {
             ],
         ),
     ];
+    println!("telemetry work per message handled (process span, send span, inject, one log line)");
+    for (name, env) in &modes {
+        let cost = per_message_cost(env, 50_000).await?;
+        println!("  {name:<34} {:>8.2} µs", cost.as_secs_f64() * 1e6);
+    }
     println!("pipeline throughput, {jobs} jobs × {steps} steps at once, best of {rounds} rounds");
     println!("  {:<34} {:>10} {:>10}", "telemetry", "wall", "jobs/min");
     for (name, env) in &modes {
