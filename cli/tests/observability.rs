@@ -116,11 +116,7 @@ async fn yard_metrics_prints_a_jobs_series() {
         TenantId::parse(&job.tenant).unwrap(),
         JobId::parse(&job.job_id).unwrap(),
     );
-    for (name, step, value) in [
-        ("loss", 1, 0.5),
-        ("loss", 2, 0.25),
-        ("train/lr", 2, 0.01),
-    ] {
+    for (name, step, value) in [("loss", 1, 0.5), ("loss", 2, 0.25), ("train/lr", 2, 0.01)] {
         let event = JobEvent {
             job_id: job.job_id.clone(),
             tenant: job.tenant.clone(),

@@ -14,7 +14,9 @@ use prost::Message;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use trainyard_proto::v1::{JobState, Secrets, SubmitRequest, WatchRequest, job_event::Kind};
+use trainyard_proto::v1::{
+    JobState, Secrets, SubmitRequest, WatchRequest, Webhook, job_event::Kind,
+};
 use trainyard_tests::chaos::{Chaos, Service};
 use trainyard_tests::otlp::{OtlpReceiver, ReceivedSpan};
 use trainyard_tests::*;
@@ -24,6 +26,61 @@ const TRACE_ID: &str = "5b8efff798038103d269b633813fc60c";
 const CLIENT_SPAN: &str = "eee19b7ec3c1b174";
 const HF_TOKEN: &str = "hf_traceTestSecretToken7f3a9c";
 const API_KEY: &str = "sk-traceTestSecretValue51d2e8";
+const WEBHOOK_SECRET: &str = "whsec_dHJhaW55YXJkLXRyYWNlLXRlc3Qta2V5";
+
+/// A webhook receiver on loopback: answers every request 200 and hands over
+/// each request's head (request line and headers).
+async fn webhook_receiver() -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hooks", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                // The head, then as many body bytes as it announces.
+                let (head, body_len) = loop {
+                    let Ok(n) = socket.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    request.extend_from_slice(&buf[..n]);
+                    if let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&request[..end]).to_string();
+                        let len = head
+                            .lines()
+                            .find_map(|l| {
+                                let (k, v) = l.split_once(':')?;
+                                k.eq_ignore_ascii_case("content-length")
+                                    .then(|| v.trim().parse::<usize>().ok())?
+                            })
+                            .unwrap_or(0);
+                        break (head, end + 4 + len);
+                    }
+                };
+                while request.len() < body_len {
+                    let Ok(n) = socket.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    request.extend_from_slice(&buf[..n]);
+                }
+                let _ = socket
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .await;
+                let _ = tx.send(head);
+            });
+        }
+    });
+    (url, rx)
+}
 
 fn spans_of<'a>(spans: &'a [ReceivedSpan], name: &str) -> Vec<&'a ReceivedSpan> {
     spans.iter().filter(|s| s.name == name).collect()
@@ -38,10 +95,13 @@ fn services(spans: &[ReceivedSpan]) -> BTreeSet<String> {
 async fn a_job_is_one_trace_across_every_service_and_attempt() {
     let receiver = OtlpReceiver::start().await;
     let endpoint = receiver.endpoint();
+    let (webhook_url, mut webhooks) = webhook_receiver().await;
     let mut chaos = Chaos::start_env(
         2,
-        |_| {},
+        |config| config.webhooks.allow_private_addresses = true,
         &[
+            // The config file the harness writes leaves secrets out.
+            ("TY_WEBHOOKS__SECRET", WEBHOOK_SECRET),
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),
             ("TY_LOG_FORMAT", "json"),
@@ -55,6 +115,10 @@ async fn a_job_is_one_trace_across_every_service_and_attempt() {
     training.save_every = 10;
     // Larger images make steps slow enough for the kill to land mid-run.
     training.resolution = 64;
+    spec.webhook = Some(Webhook {
+        url: webhook_url,
+        events: vec![],
+    });
     spec.secrets = Some(Secrets {
         hf_token: HF_TOKEN.into(),
         values: [("api_key".to_string(), API_KEY.to_string())].into(),
@@ -128,7 +192,9 @@ async fn a_job_is_one_trace_across_every_service_and_attempt() {
             let applied = trace.iter().any(|s| {
                 s.name == "process ty.result.deliver" && s.service.starts_with("coordinator")
             });
+            let hooked = trace.iter().any(|s| s.name == "webhook.deliver");
             applied
+                && hooked
                 && trace.iter().all(|s| match s.parent_span_id.as_deref() {
                     Some(p) => p == CLIENT_SPAN || ids.contains(p) || s.service == killed,
                     None => true,
@@ -208,6 +274,47 @@ async fn a_job_is_one_trace_across_every_service_and_attempt() {
             assert!(parent.service.starts_with("coordinator"), "{parent:#?}");
         }
     }
+    // Each stage's own steps are spans of the trace, down to each caption
+    // call, each checkpoint upload, each destination and the webhook.
+    for name in [
+        "prepare.fetch",
+        "prepare.caption",
+        "caption.call",
+        "prepare.store",
+        "train.inputs",
+        "train.model",
+        "train.run",
+        "train.checkpoint.upload",
+        "train.adapter.upload",
+        "deliver.destination",
+        "deliver.manifest",
+        "webhook.deliver",
+    ] {
+        assert!(
+            !spans_of(&trace, name).is_empty(),
+            "no {name} span in {:#?}",
+            trace.iter().map(|s| &s.name).collect::<BTreeSet<_>>()
+        );
+    }
+    // The webhook POST carries the delivery's context: the receiver can
+    // join the job's trace.
+    let head = tokio::time::timeout(Duration::from_secs(30), webhooks.recv())
+        .await
+        .expect("a webhook within 30 s")
+        .expect("receiver running");
+    let traceparent = head
+        .lines()
+        .find_map(|l| l.strip_prefix("traceparent:"))
+        .map(str::trim)
+        .expect("a traceparent header");
+    assert!(traceparent.contains(TRACE_ID), "{traceparent}");
+    let deliver = spans_of(&trace, "webhook.deliver");
+    assert!(
+        deliver.iter().any(|s| traceparent.contains(&s.span_id)
+            || traceparent.contains(s.parent_span_id.as_deref().unwrap_or("-"))),
+        "{traceparent} names neither a webhook.deliver span nor its child"
+    );
+
     // The training stage ran twice: the survivor's span is the redelivered
     // attempt.
     let train: Vec<_> = spans_of(&trace, "process ty.task.train.default");
