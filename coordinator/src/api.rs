@@ -394,6 +394,13 @@ impl JobApi {
         names: &[String],
     ) -> Result<GetMetricsResponse, ApiError> {
         let job = parse_job(job_id)?;
+        if names.len() > MAX_METRIC_NAMES {
+            return Err(ApiError::Invalid(format!(
+                "names: at most {MAX_METRIC_NAMES} metric names, got {}",
+                names.len()
+            )));
+        }
+        let names: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
         // Tenant isolation: another tenant's job is not found.
         self.repo.get(tenant, &job).await?;
         let unavailable = |e: String| ApiError::Unavailable(format!("cannot read metrics: {e}"));
@@ -439,7 +446,7 @@ impl JobApi {
                     kind: Some(Kind::Metric(metric)),
                     ..
                 }) = JobEvent::decode(message.payload.clone())
-                    && (names.is_empty() || names.contains(&metric.name))
+                    && (names.is_empty() || names.contains(metric.name.as_str()))
                 {
                     series.entry(metric.name).or_default().push(MetricPoint {
                         step: metric.step,
@@ -498,8 +505,11 @@ impl JobApi {
     }
 }
 
-/// Most metric events one GetMetrics reads.
-pub const MAX_POINTS: usize = 50_000;
+/// Most metric events one GetMetrics reads: about 420 KiB of answer, under
+/// NATS' default 1 MiB message limit for the `ty.api.metrics` reply.
+pub const MAX_POINTS: usize = 20_000;
+/// Most names one GetMetrics may filter on.
+pub const MAX_METRIC_NAMES: usize = 64;
 /// How long GetMetrics waits for the next stored metric event.
 const METRICS_READ_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -14,7 +14,8 @@
 //! - 2xx → ack;
 //! - 408, 425, 429, 5xx, connection errors and timeouts → NAK with the
 //!   delay `initial_delay_ms × 2^(k-1)` capped at `max_delay_ms` (a
-//!   `Retry-After` is a lower bound), until `max_attempts` POSTs or
+//!   `Retry-After` is a lower bound), until `max_attempts` deliveries of the
+//!   event (each a POST, or a coordinator lost in the middle of one) or
 //!   `max_age_secs` after the state change;
 //! - any other status, a refused address, or out of attempts → given up:
 //!   an error log, a `log` event on the job ("webhook delivery failed: …")
@@ -28,8 +29,12 @@
 //! outputs. Each POST runs in a `webhook.deliver` span, a child of the
 //! state event's trace context, and sends that span's `traceparent`.
 //!
-//! One replica posts one event at a time, so the state changes of a job
-//! reach its receiver in order unless a POST has to be retried.
+//! A replica posts up to [`Deliverer::CONCURRENCY`] events at once, pulling
+//! one only when a slot is free; events waiting for a retry stay pending on
+//! the consumer (up to `topology::WEBHOOKS_MAX_ACK_PENDING`). As with other
+//! webhook senders, order is not guaranteed: a receiver orders a job's
+//! states by the body's `timestamp` (or its state) and drops repeats by
+//! `webhook-id`.
 
 use crate::repo::{JobRepo, RepoError};
 use crate::validate::FieldError;
@@ -43,6 +48,7 @@ use sha2::{Digest, Sha256};
 use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+use tracing::instrument::WithSubscriber;
 use trainyard_core::config::{RetryPolicyConfig, WebhooksConfig, error_kind_name};
 use trainyard_core::events::EventSink;
 use trainyard_core::netguard::{self, Guard, GuardedResolver, Refusal};
@@ -156,17 +162,13 @@ fn guard(allow_private: bool) -> Guard {
     }
 }
 
-/// `scheme://host[:port]/path` of a URL, for logs: no credentials, query.
+/// `scheme://host[:port]` of a URL, for logs: no credentials, path or
+/// query (receivers often carry their token in the path).
 fn shown(url: &str) -> String {
     match Url::parse(url) {
         Ok(u) => {
             let port = u.port().map(|p| format!(":{p}")).unwrap_or_default();
-            format!(
-                "{}://{}{port}{}",
-                u.scheme(),
-                u.host_str().unwrap_or(""),
-                u.path()
-            )
+            format!("{}://{}{port}", u.scheme(), u.host_str().unwrap_or(""))
         }
         Err(_) => "<invalid url>".into(),
     }
@@ -348,37 +350,73 @@ impl Deliverer {
         Duration::from_secs(config.timeout_secs.max(1) + 5)
     }
 
-    /// Handles state events until `shutdown`. An event being posted when
-    /// shutdown comes is left unacked, so another replica (or this one,
-    /// restarted) posts it after the ack wait.
+    /// Handles state events until `shutdown`, up to [`Self::CONCURRENCY`] at
+    /// once, each pulled only when a slot is free (nothing waits in a
+    /// client buffer while its ack wait runs, so the delivery count is the
+    /// number of real attempts). An event being posted when shutdown comes
+    /// is left unacked, so another replica (or this one, restarted) posts it
+    /// after the ack wait.
     pub async fn run(
         self,
         consumer: PullConsumer,
         shutdown: CancellationToken,
     ) -> Result<(), async_nats::Error> {
-        let mut messages = consumer.messages().await?;
-        loop {
-            let message = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                message = messages.next() => match message {
-                    Some(Ok(m)) => m,
-                    Some(Err(error)) => {
-                        tracing::warn!(%error, "webhook event stream error");
-                        continue;
+        let this = std::sync::Arc::new(self);
+        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(Self::CONCURRENCY));
+        let tracker = tokio_util::task::TaskTracker::new();
+        'pull: loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break 'pull,
+                permit = slots.clone().acquire_owned() => permit.expect("semaphore never closes"),
+            };
+            let batch = tokio::select! {
+                _ = shutdown.cancelled() => break 'pull,
+                batch = consumer.batch().max_messages(1).expires(Duration::from_secs(5)).messages() => batch,
+            };
+            let mut batch = match batch {
+                Ok(batch) => batch,
+                Err(error) => {
+                    tracing::warn!(%error, "webhook pull failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break 'pull,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
                     }
-                    None => break,
-                },
+                }
             };
-            let ack = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                ack = self.handle(&message) => ack,
+            let message = tokio::select! {
+                _ = shutdown.cancelled() => break 'pull,
+                message = batch.next() => message,
             };
-            if let Err(error) = message.ack_with(ack).await {
-                tracing::warn!(%error, "could not ack a state event");
+            match message {
+                Some(Ok(message)) => {
+                    let this = this.clone();
+                    let shutdown = shutdown.clone();
+                    tracker.spawn(
+                        async move {
+                            let ack = tokio::select! {
+                                _ = shutdown.cancelled() => return,
+                                ack = this.handle(&message) => ack,
+                            };
+                            if let Err(error) = message.ack_with(ack).await {
+                                tracing::warn!(%error, "could not ack a state event");
+                            }
+                            drop(permit);
+                        }
+                        .with_current_subscriber(),
+                    );
+                }
+                Some(Err(error)) => tracing::debug!(%error, "webhook pull ended with a status"),
+                None => {}
             }
         }
+        tracker.close();
+        tracker.wait().await;
         Ok(())
     }
+
+    /// Webhooks posted at once by one coordinator: a slow or silent
+    /// receiver holds one slot, not the whole fleet's deliveries.
+    pub const CONCURRENCY: usize = 8;
 
     async fn handle(&self, message: &jetstream::Message) -> AckKind {
         let Ok(event) = JobEvent::decode(message.payload.clone()) else {

@@ -63,6 +63,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
+use tracing::instrument::WithSubscriber;
 use trainyard_proto::v1::{
     self, DeadLetter, ErrorKind, JobError, JobRecord, Stage, StageResult, TaskClaim,
     stage_result::Outcome,
@@ -347,10 +348,13 @@ pub async fn run_stage<H: StageHandler>(
                 let handler = handler.clone();
                 let stop = stop.clone();
                 // Tracked: shutdown waits for it; it ends with its task.
-                tracker.spawn(async move {
-                    shared.process(message, handler.as_ref(), stop).await;
-                    drop(permit);
-                });
+                tracker.spawn(
+                    async move {
+                        shared.process(message, handler.as_ref(), stop).await;
+                        drop(permit);
+                    }
+                    .with_current_subscriber(),
+                );
             }
             Some(Err(error)) => tracing::debug!(%error, "pull ended with a status"),
             None => {}
@@ -585,15 +589,10 @@ impl Shared {
             .with_heartbeat(&message, &mut held, &cancel, handler.handle(task, ctx))
             .await;
         drop(running);
-        let outcome = match &result {
-            None => "claim_lost",
-            Some(Ok(_)) => "ok",
-            Some(Err(StageError::Retry { .. } | StageError::RetryLighter { .. })) => "retry",
-            Some(Err(StageError::Fail(_))) => "failed",
-            Some(Err(StageError::Cancelled)) => "cancelled",
-            Some(Err(StageError::Interrupted)) => "interrupted",
+        let took = started.elapsed();
+        let finished = |outcome: &str| {
+            metrics.stage_finished(stage.name(), &self.config.pool, outcome, took);
         };
-        metrics.stage_finished(stage.name(), &self.config.pool, outcome, started.elapsed());
         self.inflight
             .lock()
             .expect("inflight lock")
@@ -602,12 +601,14 @@ impl Shared {
             Some(result) => result,
             None => {
                 tracing::warn!(job = %meta.job, attempt = %meta.attempt, "claim lost while running; result dropped");
+                finished("claim_lost");
                 return;
             }
         };
         // The handler's outcome counts only if the claim is still ours.
         if !matches!(result, Err(StageError::Cancelled)) && !self.still_held(&mut held).await {
             tracing::warn!(job = %meta.job, attempt = %meta.attempt, "claim lost before reporting; result dropped");
+            finished("claim_lost");
             return;
         }
         // A cancel message arrived while it ran: the job is final already,
@@ -619,6 +620,13 @@ impl Shared {
             ) if cancel.is_cancelled() => Err(StageError::Cancelled),
             other => other,
         };
+        finished(match &result {
+            Ok(_) => "ok",
+            Err(StageError::Retry { .. } | StageError::RetryLighter { .. }) => "retry",
+            Err(StageError::Fail(_)) => "failed",
+            Err(StageError::Cancelled) => "cancelled",
+            Err(StageError::Interrupted) => "interrupted",
+        });
         let claim = held.claim.clone();
         match result {
             Ok(outcome) => {

@@ -494,12 +494,21 @@ pub async fn webhooks_consumer(
                 ack_policy: consumer::AckPolicy::Explicit,
                 ack_wait,
                 max_deliver: -1,
+                // Webhooks waiting for a retry stay pending on the consumer;
+                // at this many the server stops handing out new events, so
+                // it is far above what failing receivers hold at once.
+                max_ack_pending: WEBHOOKS_MAX_ACK_PENDING,
                 ..Default::default()
             },
         )
         .await?;
     Ok(consumer)
 }
+
+/// How many state events the webhook consumer lets be out at once
+/// (delivering, or waiting for a retry); an existing consumer keeps its
+/// old setting.
+pub const WEBHOOKS_MAX_ACK_PENDING: i64 = 100_000;
 
 #[cfg(test)]
 mod tests {

@@ -55,7 +55,26 @@ impl JobSpec {
                 *value = "[redacted]".into();
             }
         }
+        if let Some(hook) = spec.webhook.as_mut() {
+            hook.url = redacted_url(&hook.url);
+        }
         spec
+    }
+}
+
+/// A URL with everything after its host left out (`scheme://host[:port]/
+/// [redacted]`): receivers often carry their token in the path or query.
+fn redacted_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "[redacted]".into();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let host = &rest[..end];
+    // user:password@ is refused at submit; never show it anyway.
+    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+    match &rest[end..] {
+        "" | "/" => format!("{scheme}://{host}/"),
+        _ => format!("{scheme}://{host}/[redacted]"),
     }
 }
 
@@ -71,6 +90,32 @@ impl JobRecord {
 #[cfg(test)]
 mod tests {
     use crate::v1::{JobRecord, JobSpec, Secrets};
+
+    #[test]
+    fn webhook_urls_keep_only_their_host() {
+        use crate::v1::Webhook;
+        let spec = |url: &str| JobSpec {
+            webhook: Some(Webhook {
+                url: url.into(),
+                events: vec![],
+            }),
+            ..Default::default()
+        };
+        let shown = |url: &str| spec(url).redacted().webhook.unwrap().url;
+        assert_eq!(
+            shown("https://hooks.example.com/services/T0/B0/s3cr3t"),
+            "https://hooks.example.com/[redacted]"
+        );
+        assert_eq!(
+            shown("http://10.0.0.1:8080?token=s3cr3t"),
+            "http://10.0.0.1:8080/[redacted]"
+        );
+        assert_eq!(shown("https://h.example/"), "https://h.example/");
+        assert_eq!(
+            shown("https://u:p@h.example/x"),
+            "https://h.example/[redacted]"
+        );
+    }
 
     #[test]
     fn redaction_removes_every_secret_value() {

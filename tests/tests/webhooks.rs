@@ -645,7 +645,14 @@ async fn the_delivery_span_continues_the_state_events_trace() {
     telemetry.flush().await;
     let spans = otlp
         .wait_for_spans(Duration::from_secs(20), |s| {
-            s.iter().any(|s| s.name == "webhook.deliver")
+            // The process span ends after the delivery's: wait for all three.
+            [
+                "publish ty.event.{tenant}.{job}.state",
+                "process ty.event.{tenant}.{job}.state",
+                "webhook.deliver",
+            ]
+            .iter()
+            .all(|name| s.iter().any(|s| s.name == *name))
         })
         .await;
     let named = |name: &str| {
