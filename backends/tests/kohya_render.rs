@@ -235,7 +235,13 @@ fn settings_problems_are_all_reported() {
 
 fn touch(path: PathBuf) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(path, b"x").unwrap();
+    // A state's last file counts once written to its end (a pickle's STOP).
+    let whole: &[u8] = if path.ends_with("random_states_0.pkl") {
+        b"\x80\x04}\x94."
+    } else {
+        b"x"
+    };
+    std::fs::write(path, whole).unwrap();
 }
 
 fn out_inputs(fx: &Fixture) -> TrainInputs {
@@ -259,9 +265,15 @@ fn the_newest_complete_state_is_the_checkpoint() {
         touch(out.join("job123-step00000010-state").join(f));
     }
     touch(out.join("job123-step00000010.safetensors"));
-    // Newer, but accelerate has not written its last file yet.
+    // Newer, but accelerate has not written its last file yet (created,
+    // not written to its end).
     touch(out.join("job123-step00000020-state/model.safetensors"));
     touch(out.join("job123-step00000020.safetensors"));
+    std::fs::write(
+        out.join("job123-step00000020-state/random_states_0.pkl"),
+        b"\x80\x04}",
+    )
+    .unwrap();
     // Another run's name, and the end-of-training state: neither counts.
     touch(out.join("other-step00000030-state/random_states_0.pkl"));
     touch(out.join("job123-state/random_states_0.pkl"));

@@ -84,9 +84,13 @@ pub async fn run(
     }
 
     let tasks = TaskTracker::new();
-    let consumer = topology::results_consumer(&js, &config.nats)
-        .await
-        .map_err(|e| anyhow::anyhow!(e))?;
+    let Some(consumer) = topology::until_ready("the results consumer", &shutdown, || {
+        topology::results_consumer(&js, &config.nats)
+    })
+    .await
+    else {
+        return Ok(());
+    };
     {
         let (repo, effects, stop) = (repo.clone(), effects.clone(), shutdown.child_token());
         let claims = topo.claims.clone();
@@ -101,9 +105,13 @@ pub async fn run(
     }
     if let Some(deliverer) = deliverer {
         let ack_wait = webhooks::Deliverer::ack_wait(&config.webhooks);
-        let consumer = topology::webhooks_consumer(&js, ack_wait)
-            .await
-            .map_err(|e| anyhow::anyhow!(e))?;
+        let Some(consumer) = topology::until_ready("the webhooks consumer", &shutdown, || {
+            topology::webhooks_consumer(&js, ack_wait)
+        })
+        .await
+        else {
+            return Ok(());
+        };
         let stop = shutdown.child_token();
         tasks.spawn(async move {
             if let Err(error) = deliverer.run(consumer, stop).await {

@@ -274,8 +274,13 @@ pub async fn run_stage<H: StageHandler>(
     handler: Arc<H>,
     shutdown: CancellationToken,
 ) -> Result<(), async_nats::Error> {
-    let consumer =
-        topology::task_consumer(&topo.js, config.stage, &config.pool, &config.nats).await?;
+    let Some(consumer) = topology::until_ready("the stage's task consumer", &shutdown, || {
+        topology::task_consumer(&topo.js, config.stage, &config.pool, &config.nats)
+    })
+    .await
+    else {
+        return Ok(());
+    };
     let inflight: Inflight = Arc::default();
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();

@@ -362,6 +362,24 @@ pub async fn ensure_until(
     config: &NatsConfig,
     shutdown: &CancellationToken,
 ) -> Option<Topology> {
+    until_ready("NATS streams and buckets", shutdown, || ensure(js, config)).await
+}
+
+/// Runs `attempt` until it succeeds, with a growing pause between tries
+/// (logged as warnings); `None` once `shutdown` is cancelled. For what a
+/// service needs from NATS before it can work (streams, its consumer): a
+/// cluster that cannot take it yet (a node missing, a partition, a leader
+/// election) delays start-up instead of ending it.
+pub async fn until_ready<T, E, F, Fut>(
+    what: &str,
+    shutdown: &CancellationToken,
+    mut attempt: F,
+) -> Option<T>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
     let mut delays = backoff::ExponentialBackoff {
         current_interval: ENSURE_FIRST_DELAY,
         initial_interval: ENSURE_FIRST_DELAY,
@@ -371,28 +389,28 @@ pub async fn ensure_until(
         max_elapsed_time: None,
         ..Default::default()
     };
-    let mut attempt = 1u32;
+    let mut tries = 1u32;
     loop {
         let error = tokio::select! {
             _ = shutdown.cancelled() => return None,
-            result = ensure(js, config) => match result {
-                Ok(topology) => {
-                    if attempt > 1 {
-                        tracing::info!(attempt, "NATS streams and buckets ready");
+            result = attempt() => match result {
+                Ok(ready) => {
+                    if tries > 1 {
+                        tracing::info!(attempt = tries, "{what} ready");
                     }
-                    return Some(topology);
+                    return Some(ready);
                 }
                 Err(error) => error,
             },
         };
         let delay = delays.next_backoff().unwrap_or(ENSURE_MAX_DELAY);
         tracing::warn!(
-            attempt,
+            attempt = tries,
             %error,
             retry_in_ms = delay.as_millis() as u64,
-            "cannot set up NATS streams and buckets yet; retrying"
+            "cannot set up {what} yet; retrying"
         );
-        attempt = attempt.saturating_add(1);
+        tries = tries.saturating_add(1);
         tokio::select! {
             _ = shutdown.cancelled() => return None,
             _ = tokio::time::sleep(delay) => {}
