@@ -538,13 +538,31 @@ impl Telemetry {
         let fmt_filter =
             EnvFilter::try_new(&settings.log_filter).unwrap_or_else(|_| EnvFilter::new("info"));
         let fmt_layer = log_layer(settings.json_logs, fmt_filter, std::io::stderr);
-        let otel_layer = tracer.as_ref().or(propagator.as_ref()).map(|provider| {
+        let otel_layer = tracer.as_ref().map(|provider| {
             tracing_opentelemetry::layer()
                 .with_tracer(provider.tracer(metrics::METER_NAME))
                 .with_tracked_inactivity(false)
                 .with_filter(trace_filter())
         });
-        let dispatch = tracing::Dispatch::new(Registry::default().with(fmt_layer).with(otel_layer));
+        // Without an exporter only the spans' ids matter: no log events in
+        // spans, no code locations or thread names.
+        let propagation_layer = propagator.as_ref().map(|provider| {
+            let targets = trace_filter();
+            tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer(metrics::METER_NAME))
+                .with_tracked_inactivity(false)
+                .with_location(false)
+                .with_threads(false)
+                .with_filter(tracing_subscriber::filter::filter_fn(move |meta| {
+                    meta.is_span() && targets.would_enable(meta.target(), meta.level())
+                }))
+        });
+        let dispatch = tracing::Dispatch::new(
+            Registry::default()
+                .with(fmt_layer)
+                .with(otel_layer)
+                .with(propagation_layer),
+        );
 
         Ok((
             Telemetry {
