@@ -41,7 +41,6 @@ use crate::validate::FieldError;
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use futures::StreamExt;
 use prost::Message;
 use reqwest::Url;
 use sha2::{Digest, Sha256};
@@ -364,50 +363,24 @@ impl Deliverer {
         let this = std::sync::Arc::new(self);
         let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(Self::CONCURRENCY));
         let tracker = tokio_util::task::TaskTracker::new();
-        'pull: loop {
-            let permit = tokio::select! {
-                _ = shutdown.cancelled() => break 'pull,
-                permit = slots.clone().acquire_owned() => permit.expect("semaphore never closes"),
-            };
-            let batch = tokio::select! {
-                _ = shutdown.cancelled() => break 'pull,
-                batch = consumer.batch().max_messages(1).expires(Duration::from_secs(5)).messages() => batch,
-            };
-            let mut batch = match batch {
-                Ok(batch) => batch,
-                Err(error) => {
-                    tracing::warn!(%error, "webhook pull failed; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break 'pull,
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+        while let Some((message, permit)) =
+            trainyard_core::runtime::pull_in_slot(&consumer, &slots, &shutdown).await
+        {
+            let this = this.clone();
+            let shutdown = shutdown.clone();
+            tracker.spawn(
+                async move {
+                    let ack = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        ack = this.handle(&message) => ack,
+                    };
+                    if let Err(error) = message.ack_with(ack).await {
+                        tracing::warn!(%error, "could not ack a state event");
                     }
+                    drop(permit);
                 }
-            };
-            let message = tokio::select! {
-                _ = shutdown.cancelled() => break 'pull,
-                message = batch.next() => message,
-            };
-            match message {
-                Some(Ok(message)) => {
-                    let this = this.clone();
-                    let shutdown = shutdown.clone();
-                    tracker.spawn(
-                        async move {
-                            let ack = tokio::select! {
-                                _ = shutdown.cancelled() => return,
-                                ack = this.handle(&message) => ack,
-                            };
-                            if let Err(error) = message.ack_with(ack).await {
-                                tracing::warn!(%error, "could not ack a state event");
-                            }
-                            drop(permit);
-                        }
-                        .with_current_subscriber(),
-                    );
-                }
-                Some(Err(error)) => tracing::debug!(%error, "webhook pull ended with a status"),
-                None => {}
-            }
+                .with_current_subscriber(),
+            );
         }
         tracker.close();
         tracker.wait().await;

@@ -324,46 +324,18 @@ pub async fn run_stage<H: StageHandler>(
         worker = %config.worker_id,
         "stage runtime started"
     );
-    'pull: loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break 'pull,
-            permit = slots.clone().acquire_owned() => permit.expect("semaphore never closes"),
-        };
-        let batch = tokio::select! {
-            _ = shutdown.cancelled() => break 'pull,
-            batch = consumer.batch().max_messages(1).expires(Duration::from_secs(5)).messages() => batch,
-        };
-        let mut batch = match batch {
-            Ok(batch) => batch,
-            Err(error) => {
-                tracing::warn!(%error, "pull request failed; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break 'pull,
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
-                }
+    while let Some((message, permit)) = pull_in_slot(&consumer, &slots, &shutdown).await {
+        let shared = shared.clone();
+        let handler = handler.clone();
+        let stop = stop.clone();
+        // Tracked: shutdown waits for it; it ends with its task.
+        tracker.spawn(
+            async move {
+                shared.process(message, handler.as_ref(), stop).await;
+                drop(permit);
             }
-        };
-        let message = tokio::select! {
-            _ = shutdown.cancelled() => break 'pull,
-            message = batch.next() => message,
-        };
-        match message {
-            Some(Ok(message)) => {
-                let shared = shared.clone();
-                let handler = handler.clone();
-                let stop = stop.clone();
-                // Tracked: shutdown waits for it; it ends with its task.
-                tracker.spawn(
-                    async move {
-                        shared.process(message, handler.as_ref(), stop).await;
-                        drop(permit);
-                    }
-                    .with_current_subscriber(),
-                );
-            }
-            Some(Err(error)) => tracing::debug!(%error, "pull ended with a status"),
-            None => {}
-        }
+            .with_current_subscriber(),
+        );
     }
     cancel_listener.cancel();
     tracker.close();
@@ -379,6 +351,46 @@ pub async fn run_stage<H: StageHandler>(
     let _ = accounting_task.await;
     tracing::info!(stage = config.stage.name(), "stage runtime stopped");
     Ok(())
+}
+
+/// The next message of `consumer`, pulled only once one of `slots` is free
+/// (one message per pull: nothing waits in a client buffer while its ack
+/// wait runs), with the slot's permit; `None` once `shutdown` is cancelled.
+/// A failed pull is retried after a pause.
+pub async fn pull_in_slot(
+    consumer: &jetstream::consumer::PullConsumer,
+    slots: &Arc<Semaphore>,
+    shutdown: &CancellationToken,
+) -> Option<(jetstream::Message, tokio::sync::OwnedSemaphorePermit)> {
+    let permit = tokio::select! {
+        _ = shutdown.cancelled() => return None,
+        permit = slots.clone().acquire_owned() => permit.expect("semaphore never closes"),
+    };
+    loop {
+        let batch = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            batch = consumer.batch().max_messages(1).expires(Duration::from_secs(5)).messages() => batch,
+        };
+        let mut batch = match batch {
+            Ok(batch) => batch,
+            Err(error) => {
+                tracing::warn!(%error, "pull request failed; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                }
+            }
+        };
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            message = batch.next() => message,
+        };
+        match message {
+            Some(Ok(message)) => return Some((message, permit)),
+            Some(Err(error)) => tracing::debug!(%error, "pull ended with a status"),
+            None => {}
+        }
+    }
 }
 
 struct Shared {

@@ -7,6 +7,8 @@
 pub mod chaos;
 pub mod hub;
 pub mod otlp;
+pub mod prom;
+pub mod webhook;
 
 use futures::StreamExt;
 use std::net::SocketAddr;

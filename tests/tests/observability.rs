@@ -104,36 +104,16 @@ fn the_span(spans: &[ReceivedSpan], pred: impl Fn(&ReceivedSpan) -> bool) -> &Re
     found[0]
 }
 
-/// Scrapes `/metrics` and parses it with a Prometheus parser.
+/// Scrapes this process's `/metrics`.
 async fn scrape() -> prometheus_parse::Scrape {
-    let body = reqwest::get(format!("http://{}/metrics", shared().scrape))
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("scrape body");
-    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("parses")
-}
-
-/// The value of one series, if the scrape has it.
-fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let sample = scrape
-        .samples
-        .iter()
-        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))?;
-    match sample.value {
-        prometheus_parse::Value::Counter(v)
-        | prometheus_parse::Value::Gauge(v)
-        | prometheus_parse::Value::Untyped(v) => Some(v),
-        _ => None,
-    }
+    prom::scrape(shared().scrape).await
 }
 
 /// Waits until the scrape shows `name{labels}` at `want` (`None`: absent).
 async fn until_scraped(name: &str, labels: &[(&str, &str)], want: Option<f64>) {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let got = value(&scrape().await, name, labels);
+        let got = prom::value(&scrape().await, name, labels);
         if got == want {
             return;
         }
@@ -642,11 +622,11 @@ async fn jobs_are_counted_once_when_submitted_and_when_finished() {
     until_scraped("trainyard_jobs_finished_total", &finished, Some(1.0)).await;
     let now = scrape().await;
     assert_eq!(
-        value(&now, "trainyard_jobs_finished_total", &finished),
+        prom::value(&now, "trainyard_jobs_finished_total", &finished),
         Some(1.0)
     );
     assert_eq!(
-        value(&now, "trainyard_jobs_submitted_total", &submitted),
+        prom::value(&now, "trainyard_jobs_submitted_total", &submitted),
         Some(1.0)
     );
     fleet.stop().await;

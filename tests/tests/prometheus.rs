@@ -18,37 +18,7 @@ use trainyard_tests::*;
 const JOB_TIMEOUT: Duration = Duration::from_secs(240);
 
 async fn scrape(port: u16) -> prometheus_parse::Scrape {
-    let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .expect("GET /metrics")
-        .error_for_status()
-        .expect("200")
-        .text()
-        .await
-        .expect("body");
-    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
-        .expect("the endpoint's text parses")
-}
-
-/// The sum of a metric's samples whose labels include `labels` (a
-/// histogram's `_count` and `_sum` are metrics of their own here).
-fn total(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let mut found = None;
-    for sample in scrape.samples.iter().filter(|s| s.metric == name) {
-        if labels.iter().all(|(k, v)| sample.labels.get(k) == Some(*v)) {
-            let value = match sample.value {
-                prometheus_parse::Value::Counter(v)
-                | prometheus_parse::Value::Gauge(v)
-                | prometheus_parse::Value::Untyped(v) => v,
-                prometheus_parse::Value::Histogram(ref buckets) => {
-                    buckets.last().map(|b| b.count).unwrap_or(0.0)
-                }
-                prometheus_parse::Value::Summary(_) => continue,
-            };
-            *found.get_or_insert(0.0) += value;
-        }
-    }
-    found
+    prom::scrape(format!("127.0.0.1:{port}")).await
 }
 
 fn at_least(
@@ -58,7 +28,7 @@ fn at_least(
     labels: &[(&str, &str)],
     min: f64,
 ) {
-    let value = total(scrape, name, labels)
+    let value = prom::total(scrape, name, labels)
         .unwrap_or_else(|| panic!("{service}: no {name}{labels:?} in {:#?}", names(scrape)));
     assert!(
         value >= min,
@@ -178,7 +148,7 @@ async fn every_service_serves_its_metrics_and_prometheus_scrapes_them() {
         ["prepare", "train", "deliver"]
             .iter()
             .all(|stage| {
-                total(&scraped, "trainyard_stage_backlog", &[("stage", stage)]) == Some(0.0)
+                prom::total(&scraped, "trainyard_stage_backlog", &[("stage", stage)]) == Some(0.0)
             })
             .then_some(())
     })
@@ -197,7 +167,7 @@ async fn every_service_serves_its_metrics_and_prometheus_scrapes_them() {
             &labels,
             1.0,
         );
-        let took = total(&scraped, "trainyard_stage_duration_seconds_sum", &labels).unwrap();
+        let took = prom::total(&scraped, "trainyard_stage_duration_seconds_sum", &labels).unwrap();
         assert!(
             took > 0.0 && took < JOB_TIMEOUT.as_secs_f64(),
             "{service}: {took} s"
@@ -241,7 +211,7 @@ async fn every_service_serves_its_metrics_and_prometheus_scrapes_them() {
     );
     // The job ended: its per-job series are gone.
     assert_eq!(
-        total(&worker, "trainyard_job_step", &[("job_id", &job)]),
+        prom::total(&worker, "trainyard_job_step", &[("job_id", &job)]),
         None
     );
 

@@ -487,16 +487,7 @@ async fn scrape_counter(port: u16, name: &str, stage: &str) -> f64 {
         },
     )
     .await;
-    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
-        .expect("valid exposition format");
-    scrape
-        .samples
-        .iter()
-        .find(|s| s.metric == name && s.labels.get("stage") == Some(stage))
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
-            ref other => panic!("{name} is a counter: {other:?}"),
-        })
+    prom::value(&prom::parse(&body), name, &[("stage", stage)])
         .unwrap_or_else(|| panic!("{name}{{stage={stage}}} in {body}"))
 }
 

@@ -15,6 +15,7 @@ use trainyard_core::telemetry::propagation::{
 };
 use trainyard_core::telemetry::{Telemetry, TelemetrySettings, metrics};
 use trainyard_tests::otlp::{OtlpReceiver, ReceivedSpan};
+use trainyard_tests::prom;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -227,20 +228,7 @@ async fn without_an_endpoint_context_travels_but_nothing_is_exported() {
 }
 
 fn sample_value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let sample = scrape
-        .samples
-        .iter()
-        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .unwrap_or_else(|| panic!("{name} {labels:?} is scraped"));
-    match &sample.value {
-        prometheus_parse::Value::Counter(v)
-        | prometheus_parse::Value::Gauge(v)
-        | prometheus_parse::Value::Untyped(v) => *v,
-        prometheus_parse::Value::Histogram(buckets) => {
-            buckets.last().map(|b| b.count).unwrap_or_default()
-        }
-        prometheus_parse::Value::Summary(_) => panic!("no summaries"),
-    }
+    prom::value(scrape, name, labels).unwrap_or_else(|| panic!("{name} {labels:?} is scraped"))
 }
 
 /// Scrapes `/metrics` over HTTP and parses it with a Prometheus parser.
@@ -279,8 +267,7 @@ async fn the_scrape_endpoint_serves_the_catalog() {
         .to_string();
     assert!(content_type.starts_with("text/plain"), "{content_type}");
     let body = response.text().await.unwrap();
-    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
-        .expect("valid exposition format");
+    let scrape = prom::parse(&body);
 
     assert_eq!(
         sample_value(

@@ -19,6 +19,7 @@ use trainyard_proto::v1::{
 };
 use trainyard_tests::chaos::{Chaos, Service};
 use trainyard_tests::otlp::{OtlpReceiver, ReceivedSpan};
+use trainyard_tests::webhook::Receiver;
 use trainyard_tests::*;
 
 const JOB_TIMEOUT: Duration = Duration::from_secs(240);
@@ -27,60 +28,6 @@ const CLIENT_SPAN: &str = "eee19b7ec3c1b174";
 const HF_TOKEN: &str = "hf_traceTestSecretToken7f3a9c";
 const API_KEY: &str = "sk-traceTestSecretValue51d2e8";
 const WEBHOOK_SECRET: &str = "whsec_dHJhaW55YXJkLXRyYWNlLXRlc3Qta2V5";
-
-/// A webhook receiver on loopback: answers every request 200 and hands over
-/// each request's head (request line and headers).
-async fn webhook_receiver() -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hooks", listener.local_addr().unwrap());
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut request = Vec::new();
-                let mut buf = [0u8; 4096];
-                // The head, then as many body bytes as it announces.
-                let (head, body_len) = loop {
-                    let Ok(n) = socket.read(&mut buf).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    request.extend_from_slice(&buf[..n]);
-                    if let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&request[..end]).to_string();
-                        let len = head
-                            .lines()
-                            .find_map(|l| {
-                                let (k, v) = l.split_once(':')?;
-                                k.eq_ignore_ascii_case("content-length")
-                                    .then(|| v.trim().parse::<usize>().ok())?
-                            })
-                            .unwrap_or(0);
-                        break (head, end + 4 + len);
-                    }
-                };
-                while request.len() < body_len {
-                    let Ok(n) = socket.read(&mut buf).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    request.extend_from_slice(&buf[..n]);
-                }
-                let _ = socket
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-                    .await;
-                let _ = tx.send(head);
-            });
-        }
-    });
-    (url, rx)
-}
 
 fn spans_of<'a>(spans: &'a [ReceivedSpan], name: &str) -> Vec<&'a ReceivedSpan> {
     spans.iter().filter(|s| s.name == name).collect()
@@ -95,7 +42,7 @@ fn services(spans: &[ReceivedSpan]) -> BTreeSet<String> {
 async fn a_job_is_one_trace_across_every_service_and_attempt() {
     let receiver = OtlpReceiver::start().await;
     let endpoint = receiver.endpoint();
-    let (webhook_url, mut webhooks) = webhook_receiver().await;
+    let webhooks = Receiver::start(&[]).await;
     let mut chaos = Chaos::start_env(
         2,
         |config| config.webhooks.allow_private_addresses = true,
@@ -116,7 +63,7 @@ async fn a_job_is_one_trace_across_every_service_and_attempt() {
     // Larger images make steps slow enough for the kill to land mid-run.
     training.resolution = 64;
     spec.webhook = Some(Webhook {
-        url: webhook_url,
+        url: webhooks.url(),
         events: vec![],
     });
     spec.secrets = Some(Secrets {
@@ -298,15 +245,8 @@ async fn a_job_is_one_trace_across_every_service_and_attempt() {
     }
     // The webhook POST carries the delivery's context: the receiver can
     // join the job's trace.
-    let head = tokio::time::timeout(Duration::from_secs(30), webhooks.recv())
-        .await
-        .expect("a webhook within 30 s")
-        .expect("receiver running");
-    let traceparent = head
-        .lines()
-        .find_map(|l| l.strip_prefix("traceparent:"))
-        .map(str::trim)
-        .expect("a traceparent header");
+    let hits = webhooks.wait_hits(1, Duration::from_secs(30)).await;
+    let traceparent = hits[0].header("traceparent");
     assert!(traceparent.contains(TRACE_ID), "{traceparent}");
     let deliver = spans_of(&trace, "webhook.deliver");
     assert!(

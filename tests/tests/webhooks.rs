@@ -3,16 +3,9 @@
 //! test scripts it. Signatures are checked here with an HMAC written
 //! independently of the coordinator's.
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
 use prost::Message;
 use sha2::{Digest, Sha256};
-use std::collections::VecDeque;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 use trainyard_coordinator::webhooks::Deliverer;
 use trainyard_core::telemetry::propagation::{JobAttrs, inject_nats, send_span};
 use trainyard_core::telemetry::{Telemetry, TelemetrySettings};
@@ -25,107 +18,13 @@ use trainyard_proto::v1::{JobRecord, StateChanged};
 use trainyard_proto::{JobId, TenantId};
 use trainyard_tests::chaos::{Chaos, Service};
 use trainyard_tests::otlp::OtlpReceiver;
+use trainyard_tests::webhook::{Hit, Receiver, Reply};
 use trainyard_tests::*;
 
 /// The signing secret: `whsec_` and the base64 of these key bytes.
 const SECRET: &str = "whsec_dHJhaW55YXJkLXdlYmhvb2stdGVzdC1rZXk=";
 const KEY: &[u8] = b"trainyard-webhook-test-key";
 const HF_TOKEN: &str = "hf_webhook_test_secret_token";
-
-/// What the receiver answers to the next request.
-#[derive(Clone, Copy, Debug)]
-enum Reply {
-    Status(u16),
-    /// A status with `Retry-After: <secs>`.
-    RetryAfter(u16, u64),
-    /// Never answers (the request stays open until the sender goes away).
-    Hang,
-}
-
-#[derive(Clone, Debug)]
-struct Hit {
-    headers: HeaderMap,
-    body: Vec<u8>,
-    at: Instant,
-}
-
-impl Hit {
-    fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_else(|| panic!("header {name} missing: {:?}", self.headers))
-    }
-
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).expect("json body")
-    }
-}
-
-#[derive(Default)]
-struct Recorded {
-    hits: Mutex<Vec<Hit>>,
-    replies: Mutex<VecDeque<Reply>>,
-}
-
-/// A webhook receiver on loopback; answers 200 once its script is used up.
-struct Receiver {
-    addr: SocketAddr,
-    state: Arc<Recorded>,
-}
-
-async fn hook(State(state): State<Arc<Recorded>>, headers: HeaderMap, body: Bytes) -> Response {
-    let reply = state
-        .replies
-        .lock()
-        .unwrap()
-        .pop_front()
-        .unwrap_or(Reply::Status(200));
-    state.hits.lock().unwrap().push(Hit {
-        headers,
-        body: body.to_vec(),
-        at: Instant::now(),
-    });
-    match reply {
-        Reply::Status(code) => StatusCode::from_u16(code).unwrap().into_response(),
-        Reply::RetryAfter(code, secs) => (
-            StatusCode::from_u16(code).unwrap(),
-            [("retry-after", secs.to_string())],
-        )
-            .into_response(),
-        Reply::Hang => std::future::pending().await,
-    }
-}
-
-impl Receiver {
-    async fn start(script: &[Reply]) -> Receiver {
-        let state = Arc::new(Recorded::default());
-        state.replies.lock().unwrap().extend(script.iter().copied());
-        let app = axum::Router::new()
-            .route("/hook", axum::routing::post(hook))
-            .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        Receiver { addr, state }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}/hook?token=receiver-query-token", self.addr)
-    }
-
-    fn hits(&self) -> Vec<Hit> {
-        self.state.hits.lock().unwrap().clone()
-    }
-
-    async fn wait_hits(&self, n: usize, timeout: Duration) -> Vec<Hit> {
-        wait_for(&format!("{n} webhook requests"), timeout, || async {
-            let hits = self.hits();
-            (hits.len() >= n).then_some(hits)
-        })
-        .await
-    }
-}
 
 /// HMAC-SHA256 per RFC 2104, written here on its own.
 fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {

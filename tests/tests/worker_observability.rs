@@ -27,28 +27,7 @@ fn free_port() -> u16 {
 }
 
 async fn scrape(addr: std::net::SocketAddr) -> prometheus_parse::Scrape {
-    let body = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("body");
-    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
-        .expect("valid exposition format")
-}
-
-/// The value of the first sample of `name` whose labels include `labels`.
-fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    scrape
-        .samples
-        .iter()
-        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map(|s| match &s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => *v,
-            other => panic!("{name}: unexpected {other:?}"),
-        })
+    prom::scrape(addr).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,13 +91,13 @@ async fn a_retried_job_leaves_logs_metrics_events_and_spans() {
     };
     let during = wait_for("the job's step gauge", Duration::from_secs(120), || async {
         let s = scrape(addr).await;
-        value(&s, "trainyard_job_step", &[("job_id", job_id.as_str())]).map(|step| (s, step))
+        prom::value(&s, "trainyard_job_step", &[("job_id", job_id.as_str())]).map(|step| (s, step))
     })
     .await;
     let (during, step) = during;
     assert!(step >= 1.0, "step {step}");
     assert_eq!(
-        value(&during, "trainyard_job_total_steps", &[("job_id", &job_id)]),
+        prom::value(&during, "trainyard_job_total_steps", &[("job_id", &job_id)]),
         Some(60.0)
     );
     let row = during
@@ -227,7 +206,7 @@ async fn a_retried_job_leaves_logs_metrics_events_and_spans() {
             &[("stage", "train")][..],
         ),
     ] {
-        let v = value(&after, name, labels).unwrap_or_else(|| panic!("{name} is scraped"));
+        let v = prom::value(&after, name, labels).unwrap_or_else(|| panic!("{name} is scraped"));
         assert!(v > 0.0, "{name} = {v}");
     }
     assert!(

@@ -73,14 +73,20 @@ impl Chaos {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        chaos.spawn(Service::Coordinator);
-        chaos.spawn(Service::Captioner);
-        chaos.spawn(Service::Uploader);
-        for _ in 0..workers {
-            chaos.spawn(Service::Worker);
-        }
-        chaos.wait_ready().await;
+        chaos.spawn_fleet(workers).await;
         chaos
+    }
+
+    /// Starts a coordinator, a captioner, an uploader and `workers` workers
+    /// and waits until they take jobs.
+    pub async fn spawn_fleet(&mut self, workers: usize) {
+        self.spawn(Service::Coordinator);
+        self.spawn(Service::Captioner);
+        self.spawn(Service::Uploader);
+        for _ in 0..workers {
+            self.spawn(Service::Worker);
+        }
+        self.wait_ready().await;
     }
 
     /// A nats-server and the fleet's settings, no service running yet.
@@ -123,13 +129,7 @@ impl Chaos {
             }
         })
         .await;
-        chaos.spawn(Service::Coordinator);
-        chaos.spawn(Service::Captioner);
-        chaos.spawn(Service::Uploader);
-        for _ in 0..workers {
-            chaos.spawn(Service::Worker);
-        }
-        chaos.wait_ready().await;
+        chaos.spawn_fleet(workers).await;
         chaos
     }
 
