@@ -14,8 +14,7 @@ use crate::repo::JobRepo;
 use async_nats::jetstream;
 use async_nats::jetstream::publish::PublishAck;
 use prost::Message;
-use tracing::Instrument;
-use trainyard_core::telemetry::propagation::{self, JobAttrs};
+use trainyard_core::telemetry::propagation;
 use trainyard_core::topology::{self, EventKind, subject};
 use trainyard_proto::v1::{JobEvent, JobRecord, JobState, Stage, StateChanged, job_event::Kind};
 use trainyard_proto::{Attempt, JobId, TenantId};
@@ -99,6 +98,7 @@ impl Effects {
             event.encode_to_vec().into(),
         )
         .await
+        .map(|_| ())
         .map_err(|e| e.to_string())
     }
 
@@ -173,35 +173,10 @@ impl Effects {
         let subject = subject::task(stage, &pool);
         // A child of the current span (the submit call, the result handled,
         // the reconciler's job span); the task carries its context.
-        let span = propagation::send_span(
-            &subject,
-            JobAttrs {
-                job_id: Some(job.as_str()),
-                tenant: Some(tenant.as_str()),
-                stage: Some(stage.name()),
-                attempt: Some(attempt),
-            },
-        );
-        let mut publish = jetstream::message::PublishMessage::build()
-            .payload(payload.into())
-            .message_id(id);
-        let mut headers = async_nats::HeaderMap::new();
-        span.in_scope(|| propagation::inject_current_nats(&mut headers));
-        for (name, values) in headers.iter() {
-            for value in values {
-                publish = publish.header(name.clone(), value.clone());
-            }
-        }
-        let ack = async {
-            self.js
-                .send_publish(subject, publish)
+        let ack =
+            trainyard_core::nats::publish_durable(&self.js, subject, &id, None, payload.into())
                 .await
-                .map_err(|e| failed(e.to_string()))?
-                .await
-                .map_err(|e| failed(e.to_string()))
-        }
-        .instrument(span)
-        .await?;
+                .map_err(|e| failed(e.to_string()))?;
         tracing::info!(%job, stage = stage.name(), attempt, duplicate = ack.duplicate, "task published");
         Ok(ack)
     }

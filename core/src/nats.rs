@@ -38,14 +38,16 @@ pub fn server_addrs(url: &str) -> std::io::Result<Vec<async_nats::ServerAddr>> {
 /// The publish is a messaging send span (a child of the current span) whose
 /// trace context goes along in the message's `traceparent` header, so the
 /// consumer's work joins the same trace. A dedup id that starts with
-/// `<tenant>.<job>` (tasks, results, state events) names the job in the span.
+/// `<tenant>.<job>` (tasks, results, state events) names the job in the span,
+/// a task's id (`<tenant>.<job>.<stage>.<attempt>`) its stage and attempt too.
+/// Returns the stream's ack (`duplicate` when the dedup id was seen).
 pub async fn publish_durable(
     js: &jetstream::Context,
     subject: String,
     msg_id: &str,
     headers: Option<HeaderMap>,
     payload: Bytes,
-) -> Result<(), jetstream::context::PublishError> {
+) -> Result<jetstream::publish::PublishAck, jetstream::context::PublishError> {
     use crate::telemetry::propagation;
     use tracing::Instrument;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -61,12 +63,14 @@ pub async fn publish_durable(
         }
         _ => (None, None),
     };
+    let task = crate::topology::parse_task_msg_id(msg_id);
     let span = propagation::send_span(
         &destination,
         propagation::JobAttrs {
             job_id: job,
             tenant,
-            ..Default::default()
+            stage: task.as_ref().map(|(_, _, stage, _)| stage.name()),
+            attempt: task.as_ref().map(|(_, _, _, attempt)| attempt.0),
         },
     );
     let mut headers = headers.unwrap_or_default();
@@ -79,13 +83,9 @@ pub async fn publish_durable(
             publish = publish.header(name.clone(), value.clone());
         }
     }
-    async move {
-        let ack = js.send_publish(subject, publish).await?;
-        ack.await?;
-        Ok(())
-    }
-    .instrument(span)
-    .await
+    async move { js.send_publish(subject, publish).await?.await }
+        .instrument(span)
+        .await
 }
 
 #[cfg(test)]

@@ -899,7 +899,7 @@ impl Shared {
         )
         .await
         {
-            Ok(()) => true,
+            Ok(_) => true,
             Err(error) => {
                 tracing::error!(job = %meta.job, %error, "could not publish stage result");
                 false
