@@ -1,17 +1,17 @@
 //! The worker: the training stage, on a GPU machine (or a CPU for the
 //! reference trainer). [`train`] is the stage, [`models`] the base-model
 //! cache, [`registry`] this worker's entry in the worker registry,
-//! [`webhook`] the loopback receiver for trainers that report over HTTP. The
-//! trainers it drives are `trainyard-backends`.
+//! [`progress_receiver`] the loopback receiver for trainers that report
+//! their progress over HTTP. The trainers it drives are `trainyard-backends`.
 
 pub mod gpu;
 pub mod logs;
 pub mod models;
+pub mod progress_receiver;
 pub mod registry;
 pub mod throttle;
 pub mod train;
 pub mod trainer_log;
-pub mod webhook;
 
 use std::time::Duration;
 use trainyard_core::Config;

@@ -27,7 +27,7 @@ use crate::logs::LogBatcher;
 use crate::models::Models;
 use crate::throttle::MetricThrottle;
 use crate::trainer_log::TrainerLog;
-use crate::webhook::Webhook;
+use crate::progress_receiver::ProgressReceiver;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -202,9 +202,9 @@ impl TrainStage {
         let _lease = fetched;
         let mut webhook = None;
         if backend.wants_webhook() {
-            let hook = Webhook::bind()
+            let hook = ProgressReceiver::bind()
                 .await
-                .map_err(|e| local_error("cannot open the webhook listener", e))?;
+                .map_err(|e| local_error("cannot open the progress receiver", e))?;
             inputs.webhook_url = Some(hook.url.clone());
             webhook = Some(hook);
         }
@@ -523,7 +523,7 @@ impl Run<'_> {
     async fn supervise(
         &self,
         command: CommandSpec,
-        mut webhook: Option<Webhook>,
+        mut webhook: Option<ProgressReceiver>,
         started: Instant,
     ) -> Result<Outcome, StageError> {
         let job = &self.ctx.meta.job;
@@ -1246,7 +1246,7 @@ fn restarted(step: u32, checkpoint: u32) -> StageError {
     )
 }
 
-async fn recv_webhook(webhook: &mut Option<Webhook>) -> Option<serde_json::Value> {
+async fn recv_webhook(webhook: &mut Option<ProgressReceiver>) -> Option<serde_json::Value> {
     match webhook {
         Some(hook) => hook.bodies.recv().await,
         None => std::future::pending().await,
