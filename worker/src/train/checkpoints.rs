@@ -124,10 +124,7 @@ impl Run<'_> {
         joined: Result<Result<Checkpoint, StoreError>, tokio::task::JoinError>,
         uploads: &mut Uploads,
     ) {
-        let result = joined
-            .map_err(|e| format!("upload task failed: {e}"))
-            .and_then(|r| r.map_err(|e| e.to_string()));
-        match result {
+        match upload_result(joined) {
             Ok(checkpoint) => {
                 tracing::info!(job = %self.ctx.meta.job, step, "checkpoint stored");
                 uploads.stored_step = Some(step).max(uploads.stored_step);
@@ -149,6 +146,16 @@ impl Run<'_> {
             self.uploaded(step, upload.await, uploads).await;
         }
     }
+}
+
+/// A finished upload's checkpoint, or why it failed in words for people
+/// (the message, never a `Debug` dump).
+fn upload_result(
+    joined: Result<Result<Checkpoint, StoreError>, tokio::task::JoinError>,
+) -> Result<Checkpoint, String> {
+    joined
+        .map_err(|e| format!("upload task failed: {e}"))
+        .and_then(|r| r.map_err(|e| e.to_string()))
 }
 
 /// Copies a checkpoint's files into a staging folder, failing if any of
@@ -198,6 +205,17 @@ mod tests {
         assert!(!worth_storing(10, Some(10), 100));
         assert!(!worth_storing(5, Some(10), 100));
         assert!(!worth_storing(100, None, 100));
+    }
+
+    #[test]
+    fn a_failed_upload_is_told_by_its_message() {
+        let failed = upload_result(Ok(Err(StoreError::NotFound("jobs/j/ckpt".into()))));
+        assert_eq!(failed.unwrap_err(), "object jobs/j/ckpt not found");
+        let stored = Checkpoint {
+            step: 10,
+            uri: "file:///store/jobs/j/ckpt".into(),
+        };
+        assert_eq!(upload_result(Ok(Ok(stored.clone()))), Ok(stored));
     }
 
     #[test]
