@@ -24,8 +24,8 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::LazyLock;
-use trainyard_core::models::{ModelFamily, part};
 use trainyard_core::process::CommandSpec;
+use trainyard_models::{ModelFamily, part};
 use trainyard_proto::v1::{ErrorKind, JobError, TrainingSettings};
 
 const NAME: &str = "ai-toolkit";

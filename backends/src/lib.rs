@@ -21,8 +21,8 @@ pub mod trl;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
-use trainyard_core::models::ModelFamily;
 use trainyard_core::process::CommandSpec;
+use trainyard_models::ModelFamily;
 use trainyard_proto::v1::{ExtraValue, JobError, TrainingSettings, extra_value::Kind};
 
 pub use common::{classify_common, error};
@@ -53,7 +53,7 @@ pub struct Tools {
 }
 
 /// A base model on local disk: its family and the paths of its parts
-/// (`trainyard_core::models::part`), files or folders.
+/// (`trainyard_models::part`), files or folders.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelFiles {
     /// The reference as the job gave it.

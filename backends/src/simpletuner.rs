@@ -26,8 +26,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::LazyLock;
-use trainyard_core::models::{ModelFamily, part};
 use trainyard_core::process::CommandSpec;
+use trainyard_models::{ModelFamily, part};
 use trainyard_proto::v1::{ErrorKind, JobError, TrainingSettings, extra_value::Kind};
 
 const NAME: &str = "simpletuner";

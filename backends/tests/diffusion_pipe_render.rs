@@ -16,7 +16,7 @@ use trainyard_backends::{
     Launch, LineEvent, ModelFiles, Resume, Slot, StopRequest, Tools, TrainInputs, TrainerBackend,
     by_name,
 };
-use trainyard_core::models::{ModelFamily, part};
+use trainyard_models::{ModelFamily, part};
 use trainyard_proto::v1::{ErrorKind, ExtraValue, TrainingSettings, extra_value::Kind};
 
 fn backend() -> Box<dyn TrainerBackend> {

@@ -17,8 +17,8 @@ use trainyard_backends::{
     FoundCheckpoint, LineEvent, OutputParser, Slot, StopRequest, Tools, TrainInputs,
     TrainerBackend, by_name,
 };
-use trainyard_core::models::{ModelFamily, part};
 use trainyard_core::process::{ChildGroup, OutputLine};
+use trainyard_models::{ModelFamily, part};
 use trainyard_proto::v1::{ErrorKind, ExtraValue, TrainingSettings, extra_value::Kind};
 
 const WAIT: Duration = Duration::from_secs(60);

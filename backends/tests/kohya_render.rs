@@ -10,7 +10,7 @@ use common::{Fixture, settings};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use trainyard_backends::{Launch, StopRequest, Tools, TrainInputs, TrainerBackend, by_name};
-use trainyard_core::models::ModelFamily;
+use trainyard_models::ModelFamily;
 use trainyard_proto::v1::{ExtraValue, extra_value::Kind};
 
 fn backend() -> Box<dyn TrainerBackend> {

@@ -15,9 +15,9 @@ use std::path::{Path, PathBuf};
 use tracing::Instrument;
 use trainyard_core::Config;
 use trainyard_core::destination::Destinations;
-use trainyard_core::hub::HubClient;
 use trainyard_core::runtime::{StageError, TaskContext};
 use trainyard_core::store::ArtifactStore;
+use trainyard_models::hub::HubClient;
 use trainyard_proto::v1::{CaptionSettings, ErrorKind, JobSpec, dataset_source::Source};
 
 /// Fetching and preparing a job's dataset, shared by the stage and the

@@ -39,12 +39,12 @@ use trainyard_backends::{
     LineEvent, OutputParser, Resume, StopRequest, Tools, TrainInputs, TrainerBackend,
 };
 use trainyard_core::config::{StuckConfig, StuckLimits};
-use trainyard_core::models::ModelSource;
 use trainyard_core::process::{ChildGroup, CommandSpec, Guard, OutputLine};
 use trainyard_core::runtime::{StageError, StageHandler, TaskContext};
 use trainyard_core::store::{ArtifactStore, keys, sha256_file};
 use trainyard_core::telemetry::metrics;
 use trainyard_core::telemetry::metrics::JobProgress;
+use trainyard_models::ModelSource;
 use trainyard_proto::v1::{
     Checkpoint, ErrorKind, JobSpec, Progress, Stage, Stuck, TrainOutput, TrainSummary, TrainTask,
     stage_result::Outcome,

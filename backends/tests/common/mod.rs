@@ -7,7 +7,7 @@ use crate::support::{captioned_dataset, run_inputs, standins, write_safetensors}
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use trainyard_backends::{ModelFiles, Resume, Tools, TrainInputs};
-use trainyard_core::models::{ModelFamily, part};
+use trainyard_models::{ModelFamily, part};
 use trainyard_proto::v1::{ExtraValue, TrainingSettings};
 
 /// The stand-ins shipped in the test tree.

@@ -14,8 +14,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use trainyard_backends::{Launch, LineEvent, OutputParser, Tools, TrainInputs, TrainerBackend};
-use trainyard_core::models::ModelFamily;
 use trainyard_core::process::{ChildGroup, OutputLine};
+use trainyard_models::ModelFamily;
 
 /// Generous bound on any one wait (a whole stand-in run takes seconds).
 pub const DEADLINE: Duration = Duration::from_secs(60);

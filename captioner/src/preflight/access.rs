@@ -15,9 +15,9 @@ use super::{Report, check};
 use crate::fetch::display_url;
 use trainyard_backends::Tools;
 use trainyard_core::destination::{Destinations, ProbeFailure};
-use trainyard_core::hub::HubClient;
-use trainyard_core::models::{HubRef, ModelSource};
 use trainyard_core::store::ArtifactStore;
+use trainyard_models::hub::HubClient;
+use trainyard_models::{HubRef, ModelSource};
 use trainyard_proto::v1::{ErrorKind, JobSpec};
 
 /// What the access checks reach: the artifact store, the Hub and the

@@ -31,8 +31,8 @@ use crate::datasets::{DatasetError, Finding};
 use crate::prepare::PreparedDataset;
 use std::fmt::Write as _;
 use std::time::Duration;
-use trainyard_core::models::ModelFamily;
 use trainyard_core::runtime::StageError;
+use trainyard_models::ModelFamily;
 use trainyard_proto::v1::{
     self, ErrorKind, JobSpec, StepEstimate, TrainingSettings, ValidateReply, extra_value,
 };

@@ -23,7 +23,7 @@
 //! This client never retries: [`HubError::is_retryable`] says whether trying
 //! later can help, and the caller's runtime owns redelivery.
 
-use crate::models::HubRef;
+use crate::presets::HubRef;
 use reqwest::header::{self, HeaderMap};
 use reqwest::{StatusCode, Url};
 use std::path::{Path, PathBuf};
