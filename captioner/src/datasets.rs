@@ -5,7 +5,6 @@
 //! preflight turns into problems (or a retry).
 
 use crate::caption::{CaptionBackend, TemplateCaptioner};
-use crate::fetch::url_host;
 use crate::preflight::{self, AccessChecks, Problem, check, images};
 use crate::{
     FetchPolicy, GuardedClient, LocalInput, PrepareError, PrepareSettings, PreparedDataset,
@@ -15,6 +14,7 @@ use std::path::{Path, PathBuf};
 use tracing::Instrument;
 use trainyard_core::Config;
 use trainyard_core::destination::Destinations;
+use trainyard_core::redact::host as url_host;
 use trainyard_core::runtime::{StageError, TaskContext};
 use trainyard_core::store::ArtifactStore;
 use trainyard_models::hub::HubClient;

@@ -23,6 +23,8 @@ pub mod telemetry;
 pub mod topology;
 
 pub use config::Config;
+/// Showing URLs without their secrets (lives in proto, the bottom of the graph).
+pub use trainyard_proto::redact;
 
 /// Milliseconds since the Unix epoch, the unit of every timestamp we store.
 pub fn now_ms() -> i64 {
