@@ -79,8 +79,8 @@ pub struct AiToolkit {
 impl AiToolkit {
     pub fn new(tools: &Tools) -> Self {
         Self {
-            python: tools.python.clone(),
-            dir: tools.ai_toolkit_dir.clone(),
+            python: tools.trainers.python.clone(),
+            dir: tools.trainers.ai_toolkit_dir.clone(),
         }
     }
 }

@@ -97,8 +97,8 @@ pub struct SimpleTuner {
 impl SimpleTuner {
     pub fn new(tools: &Tools) -> Self {
         Self {
-            accelerate: tools.accelerate.clone(),
-            dir: tools.simpletuner_dir.clone(),
+            accelerate: tools.trainers.accelerate.clone(),
+            dir: tools.trainers.simpletuner_dir.clone(),
         }
     }
 }
