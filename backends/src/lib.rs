@@ -9,6 +9,8 @@
 //! Checkpoints are described by files relative to the run's output folder,
 //! so the worker can upload them and, on another machine, put them back in
 //! the same place before a resumed run.
+//!
+//! A new trainer is a module here plus one row of [`REGISTRY`].
 
 pub mod ai_toolkit;
 pub mod common;
