@@ -1,7 +1,8 @@
 //! What every Trainyard service shares: configuration, the NATS topology
 //! (subjects, streams, consumers and KV buckets as typed constructors), the
 //! stage runtime that owns acks, the artifact store, delivery destinations,
-//! events, the trainer subprocess constructor, telemetry and shutdown.
+//! events, the trainer subprocess constructor, telemetry and shutdown; and,
+//! re-exported from `trainyard-proto`, [`redact`]: how a URL may be shown.
 //!
 //! Services depend on this crate and on `trainyard-proto`; nothing here knows
 //! about a particular stage.
