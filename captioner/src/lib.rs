@@ -12,7 +12,7 @@
 //!   addresses after DNS, byte and time limits);
 //! - [`unpack`]: the one guarded zip reader (no path escapes, no links,
 //!   bounded size and entry count);
-//! - `dataset` and `images` (internal): junk removal, flattening, nested
+//! - `collect` and `images` (internal): junk removal, flattening, nested
 //!   zips, sidecars, full decode of every image, the prepared folder;
 //! - [`caption`]: caption backends and the caption/trigger-word policy;
 //! - [`manifest`]: `manifest.json` with sizes and sha256 per image;
@@ -29,7 +29,7 @@
 //! a [`PrepareError`] that says whether a retry can help.
 
 pub mod caption;
-mod dataset;
+mod collect;
 pub mod datasets;
 mod error;
 pub mod fetch;
@@ -45,8 +45,8 @@ pub mod unpack;
 pub mod validate;
 
 pub use caption::{CaptionBackend, CaptionError, ImageInfo, TemplateCaptioner};
-pub use dataset::IMAGE_EXTENSIONS;
-pub use error::PrepareError;
+pub use collect::IMAGE_EXTENSIONS;
+pub use error::{DatasetError, PrepareError};
 pub use fetch::{FetchError, FetchPolicy, GuardedClient};
 pub use images::MIN_SIDE;
 pub use manifest::{

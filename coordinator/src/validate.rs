@@ -5,7 +5,7 @@
 //! values get their documented defaults, and the stored spec is explicit.
 
 use trainyard_backends::BACKENDS;
-use trainyard_core::models::ModelSource;
+use trainyard_models::ModelSource;
 use trainyard_proto::v1::{
     ErrorKind, JobSpec, RetryPolicy, Stage, TrainingSettings, Webhook, dataset_source::Source,
 };

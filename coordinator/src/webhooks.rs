@@ -51,6 +51,7 @@ use tracing::instrument::WithSubscriber;
 use trainyard_core::config::{RetryPolicyConfig, WebhooksConfig, error_kind_name};
 use trainyard_core::events::EventSink;
 use trainyard_core::netguard::{self, Guard, GuardedResolver, Refusal};
+use trainyard_core::redact;
 use trainyard_core::retry;
 use trainyard_core::telemetry::propagation::{self, JobAttrs};
 use trainyard_proto::v1::{JobEvent, JobRecord, JobSpec, JobState, Stage, job_event::Kind};
@@ -158,18 +159,6 @@ fn guard(allow_private: bool) -> Guard {
         allow_private,
         trusted_hosts: Vec::new().into(),
         max_redirects: 0,
-    }
-}
-
-/// `scheme://host[:port]` of a URL, for logs: no credentials, path or
-/// query (receivers often carry their token in the path).
-fn shown(url: &str) -> String {
-    match Url::parse(url) {
-        Ok(u) => {
-            let port = u.port().map(|p| format!(":{p}")).unwrap_or_default();
-            format!("{}://{}{port}", u.scheme(), u.host_str().unwrap_or(""))
-        }
-        Err(_) => "<invalid url>".into(),
     }
 }
 
@@ -524,7 +513,7 @@ impl Deliverer {
             .spec
             .as_ref()
             .and_then(|s| s.webhook.as_ref())
-            .map(|h| shown(&h.url))
+            .map(|h| redact::origin(&h.url))
             .unwrap_or_default();
         tracing::error!(%job, url = %url, %why, "webhook delivery failed; given up");
         EventSink::new(self.js.clone(), tenant.clone(), job.clone())

@@ -116,12 +116,6 @@ pub fn tools(
 ) -> trainyard_backends::Tools {
     trainyard_backends::Tools {
         reference,
-        python: paths.python.clone(),
-        accelerate: paths.accelerate.clone(),
-        deepspeed: paths.deepspeed.clone(),
-        kohya_dir: paths.kohya_dir.clone(),
-        diffusion_pipe_dir: paths.diffusion_pipe_dir.clone(),
-        simpletuner_dir: paths.simpletuner_dir.clone(),
-        ai_toolkit_dir: paths.ai_toolkit_dir.clone(),
+        trainers: paths.clone(),
     }
 }

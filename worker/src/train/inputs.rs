@@ -11,7 +11,7 @@ use std::time::Duration;
 use tracing::Instrument;
 use tracing::field::Empty;
 use trainyard_backends::{ModelFiles, Resume, Slot, Tools, TrainInputs, TrainerBackend};
-use trainyard_core::models::{ModelFamily, ModelSource};
+use trainyard_models::{ModelFamily, ModelSource};
 use trainyard_core::process::CommandSpec;
 use trainyard_core::runtime::{StageError, TaskContext};
 use trainyard_core::store::{keys, sha256_file};
