@@ -133,10 +133,15 @@ impl TrainStage {
         work: &Path,
     ) -> Result<Outcome, StageError> {
         let started = Instant::now();
-        let spec = task
+        let mut spec = task
             .spec
             .clone()
             .ok_or_else(|| StageError::fail(ErrorKind::InvalidSpec, "task has no job spec"))?;
+        // The settings an earlier delivery lightened (an OOM), as the
+        // coordinator recorded them in the job record.
+        if let Some(lighter) = &ctx.record.effective_training {
+            spec.training = Some(lighter.clone());
+        }
         let settings = spec
             .training
             .clone()
@@ -715,16 +720,21 @@ impl Run<'_> {
         tracing::warn!(%job, %status, error = %error.message, "trainer failed");
         if error.retryable && error.kind() == ErrorKind::Oom {
             // Out of memory: the next delivery runs lighter, if the backend
-            // has something lighter; the runtime records it in the job record.
+            // has something lighter; the runtime reports it with the retry
+            // and the coordinator records it in the job record.
             if let Some((training, change)) = self
                 .backend
                 .lighter(&self.inputs.settings, self.inputs.model.family)
             {
                 tracing::info!(%job, %change, "next attempt runs with lighter settings");
-                return Err(StageError::RetryLighter {
+                return Err(StageError::RetryWithReport {
                     error,
-                    training: Box::new(training),
-                    adjustment: format!("oom: {change}"),
+                    delay: Duration::ZERO,
+                    report: Box::new(Outcome::Adjusted(trainyard_proto::v1::TrainingAdjusted {
+                        training: Some(Box::new(training)),
+                        note: format!("oom: {change}"),
+                        delivered: self.ctx.delivered,
+                    })),
                 });
             }
         }
