@@ -273,9 +273,6 @@ pub(super) fn plan(ended: Ended, policy: &Policy, stage: Stage, claim: &TaskClai
             release: true,
             ..Plan::settle(Why::Interrupted, Settle::Nak(None))
         },
-        Err(StageError::RetryLighter { .. }) => {
-            unreachable!("the runtime turns it into RetryWithReport")
-        }
     };
     Plan {
         finished: Some(finished),
@@ -328,11 +325,7 @@ fn retry(
 fn finished_label(result: &Result<Outcome, StageError>) -> &'static str {
     match result {
         Ok(_) => "ok",
-        Err(
-            StageError::Retry { .. }
-            | StageError::RetryWithReport { .. }
-            | StageError::RetryLighter { .. },
-        ) => "retry",
+        Err(StageError::Retry { .. } | StageError::RetryWithReport { .. }) => "retry",
         Err(StageError::Fail(_)) => "failed",
         Err(StageError::Cancelled) => "cancelled",
         Err(StageError::Interrupted) => "interrupted",

@@ -213,13 +213,12 @@ impl Shared {
     ) {
         let stage = self.config.stage;
         let Admitted {
-            mut task,
+            task,
             meta,
             record,
             mut held,
             policy,
         } = admitted;
-        task.adjust(&record);
         self.started(&meta, &held, target.delivered).await;
         let cancel = CancellationToken::new();
         self.inflight
@@ -245,8 +244,7 @@ impl Shared {
                 &cancel,
                 handler.handle(task, ctx),
             )
-            .await
-            .map(|r| r.map_err(|e| e.lighter_as_report(target.delivered)));
+            .await;
         drop(running);
         let took = started.elapsed();
         self.inflight

@@ -25,10 +25,6 @@ pub trait StageTask: prost::Message + Default + Send + 'static {
     fn retry_policy(&self) -> Option<&v1::RetryPolicy>;
     /// Drops the spec's secrets (a dead letter keeps a copy of the task).
     fn redact(&mut self);
-    /// Takes in what earlier deliveries recorded in the job record (the
-    /// training stage: settings lightened after an OOM). To go: a handler
-    /// reads [`TaskContext::record`] instead.
-    fn adjust(&mut self, _record: &JobRecord) {}
 }
 
 /// A task message with its spec's secrets redacted, for a dead letter;
@@ -44,7 +40,7 @@ pub(super) fn redacted_payload<T: StageTask>(payload: &[u8]) -> Vec<u8> {
 }
 
 macro_rules! stage_task {
-    ($t:ty $(, $adjust:item)?) => {
+    ($t:ty) => {
         impl StageTask for $t {
             fn meta(&self) -> Result<TaskMeta, IdError> {
                 Ok(TaskMeta {
@@ -61,19 +57,11 @@ macro_rules! stage_task {
                     *spec = spec.redacted();
                 }
             }
-            $($adjust)?
         }
     };
 }
 stage_task!(v1::PrepareTask);
-stage_task!(
-    v1::TrainTask,
-    fn adjust(&mut self, record: &JobRecord) {
-        if let (Some(lighter), Some(spec)) = (&record.effective_training, self.spec.as_mut()) {
-            spec.training = Some(lighter.clone());
-        }
-    }
-);
+stage_task!(v1::TrainTask);
 stage_task!(v1::DeliverTask);
 
 /// How a task ended, when it did not succeed. Retry intent is part of the
@@ -98,15 +86,6 @@ pub enum StageError {
         delay: Duration,
         report: Box<Outcome>,
     },
-    /// To go (a handler returns [`StageError::RetryWithReport`] instead):
-    /// transient, and the next delivery should run with lighter training
-    /// settings; the runtime reports them as a `TrainingAdjusted` result.
-    #[error("{}", error.message)]
-    RetryLighter {
-        error: JobError,
-        training: Box<v1::TrainingSettings>,
-        adjustment: String,
-    },
     /// Permanent: the job fails with this error.
     #[error("{}", .0.message)]
     Fail(JobError),
@@ -127,28 +106,6 @@ impl StageError {
         StageError::Retry {
             error: job_error(kind, message, true),
             delay,
-        }
-    }
-}
-
-impl StageError {
-    /// [`StageError::RetryLighter`] as the retry with a report it stands for.
-    pub(super) fn lighter_as_report(self, delivered: u32) -> StageError {
-        match self {
-            StageError::RetryLighter {
-                error,
-                training,
-                adjustment,
-            } => StageError::RetryWithReport {
-                error,
-                delay: Duration::ZERO,
-                report: Box::new(Outcome::Adjusted(v1::TrainingAdjusted {
-                    training: Some(training),
-                    note: adjustment,
-                    delivered,
-                })),
-            },
-            other => other,
         }
     }
 }
