@@ -176,22 +176,35 @@ fn live() -> RecordRead {
     record(JobState::Training, STAGE, 2)
 }
 
+fn term() -> Got {
+    Got::Settle(only(Settle::Term))
+}
+
+/// Letter, failed result without a claim (when the job is known), TERM.
+fn poison(job_known: bool) -> Got {
+    let mut shape = failed(ErrorKind::Poison, false);
+    if !job_known {
+        shape.report = None;
+    }
+    Got::Settle(shape)
+}
+
+/// Checks rows of (what, how admission went, how it should); returns how many.
+fn check_admits(rows: Vec<(&str, Got, Got)>) -> usize {
+    let count = rows.len();
+    for (row, got, want) in rows {
+        assert_eq!(got, want, "{row}");
+    }
+    count
+}
+
 #[test]
-fn admit_table() {
+fn admit_table_decode() {
     let m = meta();
-    let term = || Got::Settle(only(Settle::Term));
-    let poison = |job_known: bool| {
-        let mut shape = failed(ErrorKind::Poison, false);
-        if !job_known {
-            shape.report = None;
-        }
-        Got::Settle(shape)
-    };
     let decode = |payload: &[u8], header: Option<&TaskMeta>| {
         got(admit::task::<TrainTask>(payload, header, STAGE))
     };
-    let check = |read, delivered| got(admit::record(read, &m, STAGE, delivered, MAX_ATTEMPTS));
-    let rows: Vec<(&str, Got, Got)> = vec![
+    let rows = vec![
         (
             "undecodable, ids in its Nats-Msg-Id: letter, failed result, TERM",
             decode(b"\xff\xff\xff", Some(&m)),
@@ -213,10 +226,20 @@ fn admit_table() {
             poison(false),
         ),
         (
-            "a good task runs on",
+            "a good task goes on",
             decode(&task_bytes("acme", "j-1"), None),
             Got::Run,
         ),
+    ];
+    assert_eq!(check_admits(rows), 5);
+}
+
+#[test]
+fn admit_table_record() {
+    let m = meta();
+    let check = |read, delivered| got(admit::record(read, &m, STAGE, delivered, MAX_ATTEMPTS));
+    let down = || RecordRead::Unavailable("timed out".into());
+    let rows = vec![
         ("no job record: TERM", check(RecordRead::Missing, 1), term()),
         (
             "a record that does not decode: TERM",
@@ -250,16 +273,26 @@ fn admit_table() {
         ),
         (
             "the jobs bucket does not answer: hold",
-            check(RecordRead::Unavailable("timed out".into()), 1),
+            check(down(), 1),
             Got::Hold("job record"),
         ),
+        ("a live record: go on", check(live(), 1), Got::Run),
+    ];
+    assert_eq!(check_admits(rows), 9);
+}
+
+#[test]
+fn admit_table_deliveries_and_claim() {
+    let m = meta();
+    let check = |read, delivered| got(admit::record(read, &m, STAGE, delivered, MAX_ATTEMPTS));
+    let rows = vec![
         (
             "out of deliveries: letter, failed result without a claim, TERM",
             check(live(), MAX_ATTEMPTS + 1),
             poison(true),
         ),
         (
-            "out of deliveries, job cancelled: the record wins, TERM without a letter",
+            "out of deliveries, job cancelled: the record first, TERM without a letter",
             check(record(JobState::Cancelled, STAGE, 2), MAX_ATTEMPTS + 1),
             term(),
         ),
@@ -297,13 +330,8 @@ fn admit_table() {
             Got::Settle(only(nak(2_000))),
         ),
     ];
-    assert_eq!(rows.len(), ADMIT_ROWS);
-    for (row, got, want) in rows {
-        assert_eq!(got, want, "{row}");
-    }
+    assert_eq!(check_admits(rows), 8);
 }
-
-const ADMIT_ROWS: usize = 21;
 
 #[test]
 fn admitted_records_and_letters_say_why() {
@@ -372,26 +400,57 @@ fn ok() -> Result<Outcome, StageError> {
     Ok(Outcome::Started(StageStarted { delivered: 1 }))
 }
 
-/// The plan for a handler that ended with `result` on delivery
-/// `delivered`, the cancel token `cancelled`, the claim `held` at the check.
-fn planned(
-    result: Option<Result<Outcome, StageError>>,
-    delivered: u32,
-    cancelled: bool,
-    held: bool,
-) -> Plan {
-    let ended = Ended {
-        result,
-        cancelled,
-        still_held: held,
-        delivered,
-    };
+/// How a handler ended, for a row: on delivery 1, the cancel token not
+/// fired, the claim held at the check, unless a row says otherwise.
+fn ended(result: Result<Outcome, StageError>) -> Ended {
+    Ended {
+        result: Some(result),
+        cancelled: false,
+        still_held: true,
+        delivered: 1,
+    }
+}
+
+impl Ended {
+    fn on(self, delivered: u32) -> Ended {
+        Ended { delivered, ..self }
+    }
+
+    fn cancelled(self) -> Ended {
+        Ended {
+            cancelled: true,
+            ..self
+        }
+    }
+
+    /// The claim found lost at the check after the handler.
+    fn lost(self) -> Ended {
+        Ended {
+            still_held: false,
+            ..self
+        }
+    }
+}
+
+fn planned(ended: Ended) -> Plan {
     plan::plan(ended, &policy(), STAGE, &claim())
 }
 
-#[test]
-fn plan_table() {
-    let done = Shape {
+/// Checks rows of (what, how the handler ended, the plan's shape, the
+/// stage-duration label); returns how many.
+fn check_plans(rows: Vec<(&str, Ended, Shape, &str)>) -> usize {
+    let count = rows.len();
+    for (row, ended, want, label) in rows {
+        let plan = planned(ended);
+        assert_eq!(shape(&plan), want, "{row}");
+        assert_eq!(plan.finished, Some(label), "{row}");
+    }
+    count
+}
+
+/// Ok: the result under the claim, required before the ACK.
+fn done() -> Shape {
+    Shape {
         report: Some(Sent {
             what: "result",
             id: ReportId::Result,
@@ -399,268 +458,217 @@ fn plan_table() {
             required: true,
         }),
         ..only(Settle::Ack)
-    };
-    let leave = only(Settle::Leave);
-    let term = only(Settle::Term);
-    // (row, handler result (None: claim lost while running), delivered,
-    //  cancel fired, claim held at the check, shape, metric label)
-    #[allow(clippy::type_complexity)]
-    let rows: Vec<(
-        &str,
-        Option<Result<Outcome, StageError>>,
-        u32,
-        bool,
-        bool,
-        Shape,
-        &str,
-    )> = vec![
+    }
+}
+
+#[test]
+fn plan_table_ok_and_fail() {
+    let rows = vec![
+        ("Ok: result, then ACK", ended(ok()), done(), "ok"),
         (
-            "Ok: result, then ACK",
-            Some(ok()),
-            1,
-            false,
-            true,
-            done,
-            "ok",
+            "Fail: letter, failed result under the claim, TERM",
+            ended(Err(StageError::fail(ErrorKind::InvalidSpec, "no"))),
+            failed(ErrorKind::InvalidSpec, true),
+            "failed",
         ),
         (
-            "Ok after the cancel fired still counts",
-            Some(ok()),
-            1,
-            true,
-            true,
-            Shape {
-                report: Some(Sent {
-                    what: "result",
-                    id: ReportId::Result,
-                    claimed: true,
-                    required: true,
-                }),
-                ..only(Settle::Ack)
-            },
-            "ok",
+            "Interrupted: release, NAK without delay",
+            ended(Err(StageError::Interrupted)),
+            retried(Settle::Nak(None), None),
+            "interrupted",
         ),
+    ];
+    assert_eq!(check_plans(rows), 3);
+}
+
+#[test]
+fn plan_table_retry() {
+    let rows = vec![
         (
             "Retry: release, NAK 100 ms",
-            Some(Err(retry(0))),
-            1,
-            false,
-            true,
+            ended(Err(retry(0))),
             retried(nak(100), None),
             "retry",
         ),
         (
             "Retry on delivery 2: NAK 200 ms",
-            Some(Err(retry(0))),
-            2,
-            false,
-            true,
+            ended(Err(retry(0))).on(2),
             retried(nak(200), None),
             "retry",
         ),
         (
             "Retry with a Retry-After above the backoff: NAK after it",
-            Some(Err(retry(7_000))),
-            1,
-            false,
-            true,
+            ended(Err(retry(7_000))),
             retried(nak(7_000), None),
             "retry",
         ),
         (
             "Retry on the last delivery: gave up (letter, failed result, TERM)",
-            Some(Err(retry(0))),
-            MAX_ATTEMPTS,
-            false,
-            true,
+            ended(Err(retry(0))).on(MAX_ATTEMPTS),
             failed(ErrorKind::Fetch, true),
             "retry",
         ),
         (
             "Retry of a non-retryable error: letter, failed result, TERM",
-            Some(Err(StageError::Retry {
+            ended(Err(StageError::Retry {
                 error: fetch_error(false),
                 delay: Duration::ZERO,
             })),
-            1,
-            false,
-            true,
             failed(ErrorKind::Fetch, true),
             "retry",
         ),
         (
             "Retry of a kind the policy never retries: letter, failed result, TERM",
-            Some(Err(StageError::retry(
+            ended(Err(StageError::retry(
                 ErrorKind::BadDataset,
                 "x",
                 Duration::ZERO,
             ))),
-            1,
-            false,
-            true,
             failed(ErrorKind::BadDataset, true),
             "retry",
         ),
+    ];
+    assert_eq!(check_plans(rows), 6);
+}
+
+#[test]
+fn plan_table_retry_with_a_report() {
+    let rows = vec![
         (
-            "Retry with a report: the report under the claim, release, NAK",
-            Some(Err(retry_reporting())),
-            1,
-            false,
-            true,
+            "the report under the claim, release, NAK",
+            ended(Err(retry_reporting())),
             retried(nak(100), Some(1)),
             "retry",
         ),
         (
-            "Retry with a report on delivery 2: reported under delivery 2's id",
-            Some(Err(retry_reporting())),
-            2,
-            false,
-            true,
+            "on delivery 2: reported under delivery 2's id",
+            ended(Err(retry_reporting())).on(2),
             retried(nak(200), Some(2)),
             "retry",
         ),
         (
-            "Retry with a report, out of attempts: no report, gave up",
-            Some(Err(retry_reporting())),
-            MAX_ATTEMPTS,
-            false,
-            true,
+            "out of attempts: no report, gave up",
+            ended(Err(retry_reporting())).on(MAX_ATTEMPTS),
             failed(ErrorKind::Oom, true),
             "retry",
         ),
         (
-            "Fail: letter, failed result under the claim, TERM",
-            Some(Err(StageError::fail(ErrorKind::InvalidSpec, "no"))),
-            1,
-            false,
-            true,
-            failed(ErrorKind::InvalidSpec, true),
-            "failed",
+            "a kind the policy never retries: no report, failed",
+            ended(Err(StageError::RetryWithReport {
+                error: job_error(ErrorKind::BadDataset, "x", true),
+                delay: Duration::ZERO,
+                report: Box::new(ok().unwrap()),
+            })),
+            failed(ErrorKind::BadDataset, true),
+            "retry",
         ),
+    ];
+    assert_eq!(check_plans(rows), 4);
+}
+
+#[test]
+fn plan_table_cancel() {
+    let term = || only(Settle::Term);
+    let rows = vec![
         (
             "Cancelled: TERM, no letter",
-            Some(Err(StageError::Cancelled)),
-            1,
-            false,
-            true,
-            only(Settle::Term),
+            ended(Err(StageError::Cancelled)),
+            term(),
             "cancelled",
         ),
         (
             "Cancelled with the claim lost: TERM (the job is final)",
-            Some(Err(StageError::Cancelled)),
-            1,
-            true,
-            false,
-            only(Settle::Term),
+            ended(Err(StageError::Cancelled)).cancelled().lost(),
+            term(),
             "cancelled",
         ),
         (
             "Fail after the cancel fired: cancelled",
-            Some(Err(StageError::fail(ErrorKind::Trainer, "killed"))),
-            1,
-            true,
-            true,
-            only(Settle::Term),
+            ended(Err(StageError::fail(ErrorKind::Trainer, "killed"))).cancelled(),
+            term(),
             "cancelled",
         ),
         (
             "Retry after the cancel fired: cancelled",
-            Some(Err(retry(0))),
-            1,
-            true,
-            true,
-            only(Settle::Term),
+            ended(Err(retry(0))).cancelled(),
+            term(),
             "cancelled",
         ),
         (
-            "Retry with a report after the cancel fired: cancelled, nothing reported",
-            Some(Err(retry_reporting())),
-            1,
-            true,
-            true,
-            term,
+            "Retry with a report after the cancel fired: nothing reported",
+            ended(Err(retry_reporting())).cancelled(),
+            term(),
             "cancelled",
         ),
         (
-            "Interrupted: release, NAK without delay",
-            Some(Err(StageError::Interrupted)),
-            1,
-            false,
-            true,
-            retried(Settle::Nak(None), None),
-            "interrupted",
+            "Ok after the cancel fired still counts",
+            ended(ok()).cancelled(),
+            done(),
+            "ok",
         ),
         (
             "Interrupted after the cancel fired: still handed back",
-            Some(Err(StageError::Interrupted)),
-            1,
-            true,
-            true,
+            ended(Err(StageError::Interrupted)).cancelled(),
             retried(Settle::Nak(None), None),
             "interrupted",
         ),
+    ];
+    assert_eq!(check_plans(rows), 7);
+}
+
+#[test]
+fn plan_table_claim_lost() {
+    let leave = || only(Settle::Leave);
+    let while_running = Ended {
+        result: None,
+        ..ended(ok()).cancelled()
+    };
+    let rows = vec![
         (
-            "claim lost while running: nothing",
-            None,
-            1,
-            true,
-            true,
-            only(Settle::Leave),
+            "while running: nothing",
+            while_running,
+            leave(),
             "claim_lost",
         ),
         (
-            "claim lost before reporting Ok: nothing",
-            Some(ok()),
-            1,
-            false,
-            false,
-            only(Settle::Leave),
+            "before reporting Ok: nothing",
+            ended(ok()).lost(),
+            leave(),
             "claim_lost",
         ),
         (
-            "claim lost before reporting a Fail: no letter, nothing",
-            Some(Err(StageError::fail(ErrorKind::Trainer, "x"))),
-            1,
-            false,
-            false,
-            only(Settle::Leave),
+            "before reporting a Fail: no letter, nothing",
+            ended(Err(StageError::fail(ErrorKind::Trainer, "x"))).lost(),
+            leave(),
             "claim_lost",
         ),
         (
-            "claim lost before a Retry: no release, nothing",
-            Some(Err(retry(0))),
-            1,
-            false,
-            false,
-            only(Settle::Leave),
+            "before a Retry: no release, nothing",
+            ended(Err(retry(0))).lost(),
+            leave(),
             "claim_lost",
         ),
         (
-            "claim lost before an Interrupted: nothing",
-            Some(Err(StageError::Interrupted)),
-            1,
-            false,
-            false,
-            leave,
+            "before a Retry with a report: nothing reported",
+            ended(Err(retry_reporting())).lost(),
+            leave(),
+            "claim_lost",
+        ),
+        (
+            "before an Interrupted: nothing",
+            ended(Err(StageError::Interrupted)).lost(),
+            leave(),
             "claim_lost",
         ),
     ];
-    assert_eq!(rows.len(), PLAN_ROWS);
-    for (row, result, delivered, cancelled, held, want, label) in rows {
-        let plan = planned(result, delivered, cancelled, held);
-        assert_eq!(shape(&plan), want, "{row}");
-        assert_eq!(plan.finished, Some(label), "{row}");
-    }
+    assert_eq!(check_plans(rows), 6);
 }
-
-const PLAN_ROWS: usize = 24;
 
 /// What happens to a plan after its own steps: a required report not
 /// stored, a claim lost between the report and the ACK.
 #[test]
 fn settle_after_the_report_table() {
-    let ok = planned(Some(ok()), 1, false, true);
+    let ok = planned(ended(ok()));
     let rows: Vec<(&str, Shape, Shape)> = vec![
         (
             "Ok whose result was not stored: release, NAK 5 s",
@@ -683,17 +691,15 @@ fn settle_after_the_report_table() {
             only(Settle::Term),
         ),
     ];
-    assert_eq!(rows.len(), SETTLE_ROWS);
+    assert_eq!(rows.len(), 4);
     for (row, got, want) in rows {
         assert_eq!(got, want, "{row}");
     }
 }
 
-const SETTLE_ROWS: usize = 4;
-
 #[test]
 fn giving_up_says_after_how_many_deliveries() {
-    let plan = planned(Some(Err(retry(0))), MAX_ATTEMPTS, false, true);
+    let plan = planned(ended(Err(retry(0))).on(MAX_ATTEMPTS));
     assert_eq!(plan.why, Why::GaveUp);
     let Some(Report {
         outcome: Outcome::Failed(error),
@@ -715,7 +721,7 @@ fn giving_up_says_after_how_many_deliveries() {
 
 #[test]
 fn a_fatal_retry_is_no_longer_retryable_and_a_report_goes_out_as_given() {
-    let plan = planned(Some(Err(retry_reporting())), 1, false, true);
+    let plan = planned(ended(Err(retry_reporting())));
     let Some(Report {
         outcome: Outcome::Adjusted(adjusted),
         ..
@@ -731,16 +737,8 @@ fn a_fatal_retry_is_no_longer_retryable_and_a_report_goes_out_as_given() {
             ..
         }
     ));
-    let plan = planned(
-        Some(Err(StageError::retry(
-            ErrorKind::BadDataset,
-            "x",
-            Duration::ZERO,
-        ))),
-        1,
-        false,
-        true,
-    );
+    let fatal = StageError::retry(ErrorKind::BadDataset, "x", Duration::ZERO);
+    let plan = planned(ended(Err(fatal)));
     assert_eq!(plan.why, Why::Fatal);
     let Some(Report {
         outcome: Outcome::Failed(error),
