@@ -40,7 +40,7 @@
 //! from what the runtime read (the task, the job record, the claim, how
 //! the handler ended, the retry policy) to a [`plan::Plan`] (a dead letter,
 //! a report, a release, a settle), tested row by row without a server in
-//! `tests.rs`; `execute.rs` does the I/O a plan asks for, in that order.
+//! `tests/`; `execute.rs` does the I/O a plan asks for, in that order.
 //!
 //! Every task termed without success writes exactly one dead letter to
 //! `TY_DLQ` first (the reason and the error kind, the payload, the
