@@ -95,6 +95,19 @@ pub struct Held {
     key: String,
 }
 
+#[cfg(test)]
+impl Held {
+    /// A claim as if just taken, for tests of what the runtime decides with one.
+    pub(crate) fn for_tests(claim: TaskClaim) -> Held {
+        Held {
+            claim,
+            revision: 1,
+            took_over: false,
+            key: String::new(),
+        }
+    }
+}
+
 /// How acquiring went.
 #[derive(Debug)]
 pub enum Acquire {

@@ -71,6 +71,7 @@ fn context(fleet_js: &async_nats::jetstream::Context, stage: Stage, job: &JobId)
         stage,
         delivered: 1,
         worker_id: "test".into(),
+        record: Default::default(),
         events: EventSink::new(fleet_js.clone(), tenant, job.clone()),
         cancel: CancellationToken::new(),
         stop: CancellationToken::new(),

@@ -11,11 +11,11 @@ use std::time::Duration;
 use tracing::Instrument;
 use tracing::field::Empty;
 use trainyard_backends::{ModelFiles, Resume, Slot, Tools, TrainInputs, TrainerBackend};
-use trainyard_models::{ModelFamily, ModelSource};
 use trainyard_core::process::CommandSpec;
 use trainyard_core::runtime::{StageError, TaskContext};
 use trainyard_core::store::{keys, sha256_file};
-use trainyard_proto::v1::{ErrorKind, JobSpec, TrainTask, TrainingSettings};
+use trainyard_models::{ModelFamily, ModelSource};
+use trainyard_proto::v1::{ErrorKind, JobRecord, JobSpec, TrainTask, TrainingSettings};
 
 /// A task this worker can run: its spec, its training settings, the base
 /// model's family and the backend that trains it.
@@ -26,12 +26,20 @@ pub(super) struct Checked {
     pub backend: Box<dyn TrainerBackend>,
 }
 
-/// The training settings this attempt runs with.
-fn training_settings(task: &TrainTask) -> Result<(JobSpec, TrainingSettings), StageError> {
-    let spec = task
+/// The training settings this attempt runs with: the task's, or the
+/// lighter ones an earlier delivery reported after an OOM, as the
+/// coordinator recorded them in the job record (`effective_training`).
+fn training_settings(
+    task: &TrainTask,
+    record: &JobRecord,
+) -> Result<(JobSpec, TrainingSettings), StageError> {
+    let mut spec = task
         .spec
         .clone()
         .ok_or_else(|| StageError::fail(ErrorKind::InvalidSpec, "task has no job spec"))?;
+    if let Some(lighter) = &record.effective_training {
+        spec.training = Some(lighter.clone());
+    }
     let settings = spec
         .training
         .clone()
@@ -42,8 +50,12 @@ fn training_settings(task: &TrainTask) -> Result<(JobSpec, TrainingSettings), St
 /// Checks the task's settings against its model family and finds its
 /// backend; a backend this worker lacks hands the task back (another
 /// worker of the pool may have it).
-pub(super) fn check(task: &TrainTask, tools: &Tools) -> Result<Checked, StageError> {
-    let (spec, settings) = training_settings(task)?;
+pub(super) fn check(
+    task: &TrainTask,
+    record: &JobRecord,
+    tools: &Tools,
+) -> Result<Checked, StageError> {
+    let (spec, settings) = training_settings(task, record)?;
     let model_ref = spec.base_model.clone().unwrap_or_default();
     let family = ModelSource::parse(&model_ref.uri)
         .and_then(|source| source.family(&model_ref.family))

@@ -139,7 +139,7 @@ impl TrainStage {
         work: &Path,
     ) -> Result<Outcome, StageError> {
         let started = Instant::now();
-        let checked = inputs::check(&task, &self.tools)?;
+        let checked = inputs::check(&task, &ctx.record, &self.tools)?;
         let backend = checked.backend.as_ref();
         let slot = self.slots.take();
         let mut inputs = checked.inputs(ctx.meta.job.as_str(), work, slot.slot().clone());

@@ -23,7 +23,7 @@ use trainyard_backends::{LineEvent, OutputParser, TrainInputs, TrainerBackend};
 use trainyard_core::process::{ChildGroup, CommandSpec, OutputLine};
 use trainyard_core::runtime::{StageError, TaskContext};
 use trainyard_proto::v1::{
-    ErrorKind, JobError, Stuck, TrainOutput, TrainSummary, stage_result::Outcome,
+    ErrorKind, JobError, Stuck, TrainOutput, TrainSummary, TrainingAdjusted, stage_result::Outcome,
 };
 
 /// Output lines kept for the backend's failure classification.
@@ -339,7 +339,8 @@ impl<'a> Run<'a> {
     }
 
     /// Out of memory: the next delivery runs lighter, if the backend has
-    /// something lighter; the runtime records it in the job record.
+    /// something lighter; the runtime reports it with the retry and the
+    /// coordinator records it in the job record.
     fn retry_lighter(&self, error: JobError) -> StageError {
         let lighter = self
             .backend
@@ -351,10 +352,14 @@ impl<'a> Run<'a> {
             };
         };
         tracing::info!(job = %self.ctx.meta.job, %change, "next attempt runs with lighter settings");
-        StageError::RetryLighter {
+        StageError::RetryWithReport {
             error,
-            training: Box::new(training),
-            adjustment: format!("oom: {change}"),
+            delay: Duration::ZERO,
+            report: Box::new(Outcome::Adjusted(TrainingAdjusted {
+                training: Some(Box::new(training)),
+                note: format!("oom: {change}"),
+                delivered: self.ctx.delivered,
+            })),
         }
     }
 
