@@ -19,6 +19,7 @@ pub mod netguard;
 pub mod process;
 pub mod retry;
 pub mod runtime;
+pub mod serve;
 pub mod service;
 pub mod shutdown;
 pub mod store;
