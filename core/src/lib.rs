@@ -23,6 +23,7 @@ pub mod serve;
 pub mod service;
 pub mod shutdown;
 pub mod store;
+pub mod supervise;
 pub mod telemetry;
 pub mod topology;
 
