@@ -39,7 +39,8 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    /// The gRPC status code name, also used on the NATS API.
+    /// The status code of each kind: the one mapping, for gRPC
+    /// ([`Self::to_status`]) and the NATS API ([`Self::to_wire`]) alike.
     pub fn code(&self) -> tonic::Code {
         match self {
             ApiError::Invalid(_) => tonic::Code::InvalidArgument,
@@ -52,6 +53,14 @@ impl ApiError {
 
     pub fn to_status(&self) -> tonic::Status {
         tonic::Status::new(self.code(), self.to_string())
+    }
+
+    /// The error in an `ApiReply`: the code by its stable name.
+    pub fn to_wire(&self) -> trainyard_proto::v1::ApiError {
+        trainyard_proto::v1::ApiError {
+            code: trainyard_core::serve::code_name(self.code()).to_owned(),
+            message: self.to_string(),
+        }
     }
 }
 
