@@ -118,7 +118,7 @@ pub struct JobApi {
     /// How long a captioner may take to answer a preflight request.
     pub validate_timeout: Duration,
     /// What a job's webhook must satisfy on this fleet.
-    pub webhooks: crate::webhooks::SubmitRules,
+    pub webhooks: crate::validate::SubmitRules,
 }
 
 /// The `ty_idem` key of a tenant's idempotency key.

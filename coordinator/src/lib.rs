@@ -65,7 +65,7 @@ pub async fn run(
         effects: effects.clone(),
         client: client.clone(),
         validate_timeout: Duration::from_secs(config.coordinator.validate_timeout_secs.max(1)),
-        webhooks: webhooks::SubmitRules::from_config(&config.webhooks),
+        webhooks: validate::SubmitRules::from_config(&config.webhooks),
     };
     let deliverer = webhooks::Deliverer::new(&config.webhooks, repo.clone(), js.clone())?;
     let auth = api::Auth::new(&config.coordinator.tokens);

@@ -37,7 +37,6 @@
 //! `webhook-id`.
 
 use crate::repo::{JobRepo, RepoError};
-use crate::validate::FieldError;
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -53,7 +52,7 @@ use trainyard_core::events::EventSink;
 use trainyard_core::netguard::{self, Guard, GuardedResolver, Refusal};
 use trainyard_core::retry;
 use trainyard_core::telemetry::propagation::{self, JobAttrs};
-use trainyard_proto::v1::{JobEvent, JobRecord, JobSpec, JobState, Stage, job_event::Kind};
+use trainyard_proto::v1::{JobEvent, JobRecord, JobState, Stage, job_event::Kind};
 use trainyard_proto::{JobId, TenantId};
 
 /// `events` value: the final state (SUCCEEDED, FAILED, CANCELLED).
@@ -116,44 +115,9 @@ fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
         .into()
 }
 
-/// What submission checks of a webhook depend on the fleet's config.
-#[derive(Clone, Debug, Default)]
-pub struct SubmitRules {
-    /// A signing secret is configured.
-    pub enabled: bool,
-    pub allow_private_addresses: bool,
-}
-
-impl SubmitRules {
-    pub fn from_config(config: &WebhooksConfig) -> Self {
-        Self {
-            enabled: !config.secret.is_empty(),
-            allow_private_addresses: config.allow_private_addresses,
-        }
-    }
-
-    /// Refuses a webhook this fleet cannot deliver: none configured, or a
-    /// literal non-public address. (A name is resolved at delivery time.)
-    pub fn check(&self, spec: &JobSpec) -> Result<(), FieldError> {
-        let Some(hook) = &spec.webhook else {
-            return Ok(());
-        };
-        if !self.enabled {
-            return Err(FieldError::new(
-                "webhook",
-                "webhooks are not configured on this fleet",
-            ));
-        }
-        let guard = guard(self.allow_private_addresses);
-        let url =
-            Url::parse(&hook.url).map_err(|e| FieldError::new("webhook.url", e.to_string()))?;
-        guard
-            .check_url(&url)
-            .map_err(|refusal| FieldError::new("webhook.url", refusal.to_string()))
-    }
-}
-
-fn guard(allow_private: bool) -> Guard {
+/// The address guard of webhook targets: no redirects, private
+/// addresses only when allowed.
+pub(crate) fn guard(allow_private: bool) -> Guard {
     Guard {
         allow_private,
         trusted_hosts: Vec::new().into(),
@@ -607,7 +571,7 @@ fn retry_after(response: &reqwest::Response) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use trainyard_proto::v1::{Artifact, JobError, Secrets, Webhook};
+    use trainyard_proto::v1::{Artifact, JobError, JobSpec, Secrets, Webhook};
 
     #[test]
     fn hmac_matches_rfc_4231() {
@@ -740,31 +704,5 @@ mod tests {
         assert!(target(&strict, "ftp://hooks.example/x").is_err());
         assert!(target(&strict, "https://hooks.example/x").is_ok());
         assert!(target(&guard(true), "http://127.0.0.1:9/x").is_ok());
-    }
-
-    #[test]
-    fn submit_rules_refuse_what_cannot_be_delivered() {
-        let spec = record(&[], JobState::Queued).spec.unwrap();
-        let off = SubmitRules::default();
-        let err = off.check(&spec).unwrap_err();
-        assert_eq!(err.field, "webhook");
-        assert!(err.problem.contains("not configured"), "{err}");
-        let on = SubmitRules {
-            enabled: true,
-            allow_private_addresses: false,
-        };
-        on.check(&spec).unwrap();
-        let mut private = spec.clone();
-        private.webhook.as_mut().unwrap().url = "http://169.254.169.254/latest".into();
-        let err = on.check(&private).unwrap_err();
-        assert_eq!(err.field, "webhook.url");
-        assert!(err.problem.contains("not a public address"), "{err}");
-        SubmitRules {
-            enabled: true,
-            allow_private_addresses: true,
-        }
-        .check(&private)
-        .unwrap();
-        assert!(on.check(&JobSpec::default()).is_ok());
     }
 }
