@@ -72,16 +72,25 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// Why `webhooks.secret` cannot be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SecretError {
+    #[error("webhooks.secret must have the form whsec_<base64>")]
+    Form,
+    #[error("webhooks.secret: the part after whsec_ is not valid base64")]
+    Base64,
+    #[error("webhooks.secret: the key must be at least 16 bytes")]
+    TooShort,
+}
+
 impl Secret {
-    pub fn parse(text: &str) -> Result<Secret, String> {
-        let encoded = text
-            .strip_prefix("whsec_")
-            .ok_or("webhooks.secret must have the form whsec_<base64>")?;
+    pub fn parse(text: &str) -> Result<Secret, SecretError> {
+        let encoded = text.strip_prefix("whsec_").ok_or(SecretError::Form)?;
         let bytes = BASE64
             .decode(encoded.trim())
-            .map_err(|_| "webhooks.secret: the part after whsec_ is not valid base64")?;
+            .map_err(|_| SecretError::Base64)?;
         if bytes.len() < 16 {
-            return Err("webhooks.secret: the key must be at least 16 bytes".into());
+            return Err(SecretError::TooShort);
         }
         Ok(Secret(bytes))
     }
@@ -281,7 +290,7 @@ impl Deliverer {
         if config.secret.is_empty() {
             return Ok(None);
         }
-        let secret = Secret::parse(&config.secret).map_err(|e| anyhow::anyhow!(e))?;
+        let secret = Secret::parse(&config.secret)?;
         let client = reqwest::Client::builder()
             .user_agent(concat!("trainyard-webhooks/", env!("CARGO_PKG_VERSION")))
             .no_proxy()
@@ -441,7 +450,7 @@ impl Deliverer {
         );
         let parsed = match target(&self.guard, url) {
             Ok(u) => u,
-            Err(why) => return Outcome::Refused(why),
+            Err(why) => return Outcome::Refused(why.to_string()),
         };
         if let Some(host) = parsed.host_str() {
             span.record("server.address", host);
@@ -502,13 +511,20 @@ impl Deliverer {
     }
 }
 
+/// Why a webhook's URL is not posted to.
+#[derive(Debug, thiserror::Error)]
+enum TargetError {
+    #[error("invalid url: {0}")]
+    Invalid(#[from] url::ParseError),
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+}
+
 /// The URL to post to, checked again at delivery: reqwest connects to a
 /// literal IP without asking the resolver, so the guard looks at it here.
-fn target(guard: &Guard, url: &str) -> Result<Url, String> {
-    let parsed = Url::parse(url).map_err(|e| format!("invalid url: {e}"))?;
-    guard
-        .check_url(&parsed)
-        .map_err(|refusal| refusal.to_string())?;
+fn target(guard: &Guard, url: &str) -> Result<Url, TargetError> {
+    let parsed = Url::parse(url)?;
+    guard.check_url(&parsed)?;
     Ok(parsed)
 }
 
@@ -603,8 +619,15 @@ mod tests {
             ),
             "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
         );
-        assert!(Secret::parse("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").is_err());
-        assert!(Secret::parse("whsec_***").is_err());
+        assert_eq!(
+            Secret::parse("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap_err(),
+            SecretError::Form
+        );
+        assert_eq!(Secret::parse("whsec_***").unwrap_err(), SecretError::Base64);
+        assert_eq!(
+            Secret::parse("whsec_c2hvcnQ=").unwrap_err(),
+            SecretError::TooShort
+        );
         assert!(!format!("{secret:?}").contains("MfKQ"));
     }
 
@@ -699,9 +722,15 @@ mod tests {
             "http://169.254.169.254/latest/meta-data",
         ] {
             let why = target(&strict, url).unwrap_err();
-            assert!(why.contains("not a public address"), "{url}: {why}");
+            assert!(
+                matches!(why, TargetError::Refused(Refusal::Forbidden { .. })),
+                "{url}: {why}"
+            );
         }
-        assert!(target(&strict, "ftp://hooks.example/x").is_err());
+        assert!(matches!(
+            target(&strict, "ftp://hooks.example/x"),
+            Err(TargetError::Refused(Refusal::Scheme(_)))
+        ));
         assert!(target(&strict, "https://hooks.example/x").is_ok());
         assert!(target(&guard(true), "http://127.0.0.1:9/x").is_ok());
     }
