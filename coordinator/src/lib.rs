@@ -127,6 +127,7 @@ pub async fn run(
         })
         .await
         else {
+            loops.wait().await; // stopped while waiting: the loops end too
             return Ok(());
         };
         let js = js.clone();
