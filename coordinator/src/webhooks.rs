@@ -52,6 +52,7 @@ use trainyard_core::events::EventSink;
 use trainyard_core::netguard::{self, Guard, GuardedResolver, Refusal};
 use trainyard_core::retry;
 use trainyard_core::telemetry::propagation::{self, JobAttrs};
+use trainyard_core::topology::subject;
 use trainyard_proto::v1::{JobEvent, JobRecord, JobState, Stage, job_event::Kind};
 use trainyard_proto::{JobId, TenantId};
 
@@ -399,7 +400,7 @@ impl Deliverer {
             .unwrap_or_default();
         let span = propagation::process_span(
             message.headers.as_ref(),
-            "ty.event.{tenant}.{job}.state",
+            &subject::destination(&message.subject),
             JobAttrs {
                 job_id: Some(&event.job_id),
                 tenant: Some(&event.tenant),
