@@ -147,9 +147,9 @@ impl Claims {
         tenant: &TenantId,
         job: &JobId,
         stage: Stage,
-    ) -> Result<Option<TaskClaim>, String> {
+    ) -> Result<Option<TaskClaim>, kv::EntryError> {
         let key = crate::topology::claim_key(tenant, job, stage);
-        let entry = kv.entry(key).await.map_err(|e| e.to_string())?;
+        let entry = kv.entry(key).await?;
         Ok(entry
             .filter(|e| e.operation == kv::Operation::Put)
             .and_then(|e| TaskClaim::decode(e.value).ok()))

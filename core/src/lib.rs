@@ -17,9 +17,11 @@ pub mod netguard;
 pub mod process;
 pub mod retry;
 pub mod runtime;
+pub mod serve;
 pub mod service;
 pub mod shutdown;
 pub mod store;
+pub mod supervise;
 pub mod telemetry;
 pub mod topology;
 

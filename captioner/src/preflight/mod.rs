@@ -6,7 +6,7 @@
 //! costs seconds. So the prepare stage runs these checks once the dataset is
 //! captioned (the access checks alongside fetching), and fails the job with
 //! *every* problem listed; the `Validate` API runs the same checks without
-//! a job ([`crate::validate`]).
+//! a job ([`crate::preflight_server`]).
 //!
 //! - [`images`]: the prepared image dataset against the backend and the
 //!   settings: enough images, image sizes against the resolution, caption
