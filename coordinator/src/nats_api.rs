@@ -14,15 +14,13 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use trainyard_core::serve::{self, Responder, ServeError};
 use trainyard_core::telemetry::propagation::{self, JobAttrs};
-use trainyard_core::topology::{AUTH_HEADER, ApiOp, subject};
+use trainyard_core::topology::{self, AUTH_HEADER, ApiOp, subject};
 use trainyard_proto::JobId;
 use trainyard_proto::v1::{
     ApiReply, CancelRequest, GetMetricsRequest, GetRequest, GetResponse, ListRequest,
     SubmitRequest, ValidateRequest, api_reply::Result as Reply,
 };
 
-/// The queue group the coordinators serve `ty.api.*` in: one answers each request.
-pub const QUEUE: &str = "ty-coordinator";
 
 /// Requests one coordinator answers at once; more wait in the subscription.
 pub const CONCURRENCY: usize = 64;
@@ -32,7 +30,7 @@ pub const CONCURRENCY: usize = 64;
 pub async fn subscribe(
     client: &async_nats::Client,
 ) -> Result<async_nats::Subscriber, async_nats::Error> {
-    serve::subscribe(client, subject::all_api(), QUEUE).await
+    serve::subscribe(client, subject::all_api(), topology::API_QUEUE).await
 }
 
 /// Answers API requests until `shutdown`; a request running then finishes.

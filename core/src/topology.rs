@@ -46,6 +46,8 @@ pub const RESULTS_CONSUMER: &str = "ty-coordinator";
 /// The coordinator replicas share this durable consumer of the state
 /// events in `TY_EVENTS`, to deliver job webhooks.
 pub const WEBHOOKS_CONSUMER: &str = "ty-webhooks";
+/// The queue group the coordinators serve `ty.api.*` in: one answers each request.
+pub const API_QUEUE: &str = "ty-coordinator";
 /// The queue group captioners serve `ty.preflight` in: one answers each request.
 pub const PREFLIGHT_QUEUE: &str = "ty-captioner";
 /// Header carrying the caller's bearer token on the NATS API.
