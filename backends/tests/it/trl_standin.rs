@@ -3,7 +3,7 @@
 //! (`tests/standins/trl/python`), started through the one subprocess
 //! constructor the worker uses.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::os::unix::process::ExitStatusExt;

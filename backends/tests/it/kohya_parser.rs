@@ -1,8 +1,8 @@
 //! The kohya parser and failure classes on verbatim upstream lines
 //! (`train_network.py`, `library/train_util.py`, accelerate, tqdm).
 
-mod common;
-mod support;
+use crate::common;
+use crate::support;
 
 use common::{Fixture, settings};
 use std::collections::HashMap;

@@ -3,8 +3,8 @@
 //! write the files, spawn the process group, parse every line, find
 //! checkpoints, kill, restore only the checkpoint's files, resume.
 
-mod common;
-mod support;
+use crate::common;
+use crate::support;
 
 use common::{Fixture, settings, standin_tools};
 use nix::sys::signal::Signal;

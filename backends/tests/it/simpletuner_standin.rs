@@ -2,8 +2,8 @@
 //! launched through the accelerate stand-in exactly as rendered, with the
 //! webhook events received on loopback.
 
-mod session;
-mod support;
+use crate::session;
+use crate::support;
 
 use serde_json::Value;
 use session::{Fixture, Session, first_progress, max_progress, restore, tools, webhook_listener};

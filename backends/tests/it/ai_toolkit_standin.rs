@@ -1,8 +1,8 @@
 //! The ai-toolkit backend against its stand-in (`tests/standins/ai-toolkit`),
 //! run as rendered: `python3 run.py <run_dir>/job.yaml` in the checkout.
 
-mod session;
-mod support;
+use crate::session;
+use crate::support;
 
 use nix::sys::signal::Signal;
 use session::{Fixture, Session, first_progress, max_progress, restore, tools};

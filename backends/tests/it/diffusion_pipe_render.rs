@@ -6,7 +6,7 @@
 //! Golden files live in `tests/golden/diffusion-pipe/`; run with
 //! `UPDATE_GOLDEN=1` to rewrite them after an intended change.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;

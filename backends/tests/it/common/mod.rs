@@ -1,7 +1,6 @@
 //! Fixtures of the kohya tests: a tiny captioned dataset, small but valid
 //! model files, and the inputs of a run inside a temporary folder (built
 //! from `support`).
-#![allow(dead_code)]
 
 use crate::support::{captioned_dataset, run_inputs, standins, write_safetensors};
 use std::collections::{BTreeMap, HashMap};

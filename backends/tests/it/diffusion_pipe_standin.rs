@@ -3,7 +3,7 @@
 //! through `ChildGroup`, the way the worker's run loop does: a kill and a
 //! resume from the checkpoint files alone, a graceful stop, and faults.
 
-mod support;
+use crate::support;
 
 use nix::sys::signal::Signal;
 use std::path::Path;

@@ -3,8 +3,8 @@
 //! checkpoint, adapter and settings rules. `UPDATE_GOLDEN=1` rewrites the
 //! golden files.
 
-mod common;
-mod support;
+use crate::common;
+use crate::support;
 
 use common::{Fixture, settings};
 use std::collections::HashMap;
