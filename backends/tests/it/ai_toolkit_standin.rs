@@ -2,7 +2,6 @@
 //! run as rendered: `python3 run.py <run_dir>/job.yaml` in the checkout.
 
 use crate::session;
-use crate::support;
 
 use nix::sys::signal::Signal;
 use session::{Fixture, Session, first_progress, max_progress, restore, tools};

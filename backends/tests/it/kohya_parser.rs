@@ -2,7 +2,6 @@
 //! (`train_network.py`, `library/train_util.py`, accelerate, tqdm).
 
 use crate::common;
-use crate::support;
 
 use common::{Fixture, settings};
 use std::collections::HashMap;

@@ -3,7 +3,6 @@
 //! webhook events received on loopback.
 
 use crate::session;
-use crate::support;
 
 use serde_json::Value;
 use session::{Fixture, Session, first_progress, max_progress, restore, tools, webhook_listener};

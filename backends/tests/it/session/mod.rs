@@ -1,7 +1,6 @@
 //! Fixtures shared by the SimpleTuner and ai-toolkit stand-in tests: a run session driving a stand-in, a webhook listener, checkpoint restore.
 //!
 
-
 use crate::support::{
     captioned_dataset, diffusers_folder, diffusers_model, run_inputs, small_run, standins,
 };
