@@ -1,7 +1,7 @@
 //! Captioning through `prepare_local`: sidecars, templates, the trigger
 //! word, and backend retries and concurrency.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,6 +1,6 @@
 //! The guarded zip reader against hostile archives.
 
-mod common;
+use crate::common;
 
 use std::fs;
 

@@ -1,7 +1,7 @@
 //! Language-model datasets: `train.jsonl` found in a zip or folder, stored
 //! with its sha256, and checked row by row for the job's method.
 
-mod common;
+use crate::common;
 
 use common::{within, write_zip};
 use trainyard_captioner::preflight::{self, check};

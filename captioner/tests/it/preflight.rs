@@ -2,7 +2,7 @@
 //! problem naming the files, a passing dataset gets the step estimate, and
 //! the access checks find missing models and unwritable destinations.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

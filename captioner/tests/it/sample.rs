@@ -1,6 +1,6 @@
 //! The bundled sample dataset: deterministic, and prepares cleanly.
 
-mod common;
+use crate::common;
 
 use common::{tree, within};
 use trainyard_captioner::sample::{

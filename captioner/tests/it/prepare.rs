@@ -1,7 +1,7 @@
 //! `prepare_local` end to end on real files: normalisation, validation,
 //! the manifest.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;

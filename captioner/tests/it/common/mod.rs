@@ -1,8 +1,6 @@
 //! Shared test helpers: image and zip builders, a loopback HTTP server, and
 //! a deadline for every async test.
 
-#![allow(dead_code)]
-
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::{Cursor, Write};

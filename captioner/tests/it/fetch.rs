@@ -1,6 +1,6 @@
 //! The guarded client against a real loopback HTTP server.
 
-mod common;
+use crate::common;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
