@@ -29,4 +29,5 @@ mod startup;
 mod stuck;
 mod telemetry;
 mod trace;
+mod trainer_logs;
 mod webhooks;
