@@ -6,7 +6,10 @@
 //!
 //! Telemetry is process-wide (one global subscriber, one set of
 //! instruments): every test first calls [`shared`], which installs it with
-//! an OTLP receiver and a scrape endpoint on a runtime of its own.
+//! an OTLP receiver and a scrape endpoint on a runtime of its own. Each test
+//! counts spans and series as if its fleet were the only one, so each runs
+//! in a process of its own: nextest's, or under `cargo test` a child process
+//! of this binary that runs that test alone ([`alone`]).
 
 use async_nats::jetstream;
 use futures::StreamExt;
@@ -78,6 +81,34 @@ fn shared() -> &'static Shared {
         });
         rx.recv().expect("telemetry started")
     })
+}
+
+/// Whether the calling test is to run here: true in a process of its own
+/// (under nextest, or in the child below). Under `cargo test` this binary's
+/// tests are threads of one process and would share the telemetry, so the
+/// test runs this binary again with only itself, checks that it passed, and
+/// returns false.
+async fn alone(test: &str) -> bool {
+    const CHILD: &str = "TY_TEST_ALONE";
+    if std::env::var_os(CHILD).is_some()
+        || std::env::var("NEXTEST_EXECUTION_MODE").is_ok_and(|m| m == "process-per-test")
+    {
+        return true;
+    }
+    let exe = std::env::current_exe().expect("this test binary");
+    let out = tokio::process::Command::new(exe)
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD, test)
+        .output()
+        .await
+        .expect("this test binary runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains(" 1 passed;"),
+        "{test} failed in its own process:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    false
 }
 
 /// Exports the finished spans now and waits until `done` holds for them.
@@ -160,6 +191,9 @@ async fn coordinator_fleet(tenant: &str, tweak: impl FnOnce(&mut trainyard_core:
 /// the same with its request's headers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_join_the_callers_trace() {
+    if !alone("calls_join_the_callers_trace").await {
+        return;
+    }
     shared();
     let fleet = coordinator_fleet("spans", |_| {}).await;
     let mut client = fleet.client("token-spans").await;
@@ -293,6 +327,9 @@ async fn calls_join_the_callers_trace() {
 /// trace. So does the cancel message of a job failed past its deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconciled_task_rejoins_the_jobs_trace() {
+    if !alone("a_reconciled_task_rejoins_the_jobs_trace").await {
+        return;
+    }
     shared();
     let fleet = Fleet::start_with(Services::NONE, |_| {}).await;
     let parts = fleet.coordinator_parts().await;
@@ -431,6 +468,9 @@ fn metric(name: &str, step: u32, value: f64) -> Kind {
 /// order, over gRPC and NATS; another tenant's job is not found.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_metrics_returns_a_jobs_series() {
+    if !alone("get_metrics_returns_a_jobs_series").await {
+        return;
+    }
     shared();
     let fleet = coordinator_fleet("plots", |_| {}).await;
     let mut client = fleet.client("token-plots").await;
@@ -586,6 +626,9 @@ async fn get_metrics_returns_a_jobs_series() {
 /// as finished once, by its final state, from the transition that ended it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_are_counted_once_when_submitted_and_when_finished() {
+    if !alone("jobs_are_counted_once_when_submitted_and_when_finished").await {
+        return;
+    }
     shared();
     let fleet = coordinator_fleet("counted", |_| {}).await;
     let mut client = fleet.client("token-counted").await;
@@ -637,6 +680,9 @@ async fn jobs_are_counted_once_when_submitted_and_when_finished() {
 /// the job counts as succeeded once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_finished_jobs_metrics_and_counters() {
+    if !alone("a_finished_jobs_metrics_and_counters").await {
+        return;
+    }
     shared();
     let fleet = Fleet::start_with(Services::ALL, |config| {
         config
@@ -699,6 +745,9 @@ async fn a_finished_jobs_metrics_and_counters() {
 /// per stage; a consumer that is gone, with its tasks, is cleared.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backlog_and_dlq_gauges_follow_jetstream() {
+    if !alone("backlog_and_dlq_gauges_follow_jetstream").await {
+        return;
+    }
     shared();
     let fleet = coordinator_fleet("backlog", |config| {
         config.coordinator.backlog_interval_secs = 1;
