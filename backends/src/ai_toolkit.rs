@@ -24,8 +24,8 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::LazyLock;
-use trainyard_core::models::{ModelFamily, part};
 use trainyard_core::process::CommandSpec;
+use trainyard_models::{ModelFamily, part};
 use trainyard_proto::v1::{ErrorKind, JobError, TrainingSettings};
 
 const NAME: &str = "ai-toolkit";
@@ -79,8 +79,8 @@ pub struct AiToolkit {
 impl AiToolkit {
     pub fn new(tools: &Tools) -> Self {
         Self {
-            python: tools.python.clone(),
-            dir: tools.ai_toolkit_dir.clone(),
+            python: tools.trainers.python.clone(),
+            dir: tools.trainers.ai_toolkit_dir.clone(),
         }
     }
 }

@@ -5,7 +5,7 @@
 use regex::Regex;
 use std::process::ExitStatus;
 use std::sync::{LazyLock, OnceLock};
-use trainyard_core::models::{ModelFamily, part};
+use trainyard_models::{ModelFamily, part};
 use trainyard_proto::v1::{ErrorKind, JobError};
 
 /// A number as Python prints it: `1e-05`, `0.109`, `nan`, `inf`.

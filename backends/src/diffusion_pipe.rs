@@ -45,8 +45,8 @@ use crate::{
 use std::ffi::OsString;
 use std::path::{Component, Path, PathBuf};
 use std::process::ExitStatus;
-use trainyard_core::models::{ModelFamily, part};
 use trainyard_core::process::CommandSpec;
+use trainyard_models::{ModelFamily, part};
 use trainyard_proto::v1::{JobError, TrainingSettings};
 
 const NAME: &str = "diffusion-pipe";

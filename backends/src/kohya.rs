@@ -37,8 +37,8 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::LazyLock;
-use trainyard_core::models::{ModelFamily, part};
 use trainyard_core::process::CommandSpec;
+use trainyard_models::{ModelFamily, part};
 use trainyard_proto::v1::{ErrorKind, ExtraValue, JobError, TrainingSettings, extra_value::Kind};
 
 pub struct Kohya {

@@ -9,23 +9,29 @@
 //! Checkpoints are described by files relative to the run's output folder,
 //! so the worker can upload them and, on another machine, put them back in
 //! the same place before a resumed run.
+//!
+//! A new trainer is a module here plus one row of [`REGISTRY`].
 
 pub mod ai_toolkit;
 pub mod common;
 pub mod diffusion_pipe;
 pub mod kohya;
 pub mod reference;
+mod registry;
 pub mod simpletuner;
 pub mod trl;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
-use trainyard_core::models::ModelFamily;
 use trainyard_core::process::CommandSpec;
+use trainyard_models::ModelFamily;
 use trainyard_proto::v1::{ExtraValue, JobError, TrainingSettings, extra_value::Kind};
 
 pub use common::{classify_common, error};
+pub use registry::{
+    BACKENDS, BackendEntry, REGISTRY, Tool, Tools, by_name, entry, installed, not_installed,
+};
 
 // The fixtures the integration tests use, under the name they use them by.
 #[cfg(test)]
@@ -34,26 +40,8 @@ extern crate self as trainyard_backends;
 #[path = "../tests/support/mod.rs"]
 mod test_support;
 
-/// Where the trainers are installed on this worker (`[worker.trainers]`).
-#[derive(Clone, Debug, Default)]
-pub struct Tools {
-    /// `ty-reference-trainer`.
-    pub reference: PathBuf,
-    pub python: PathBuf,
-    pub accelerate: PathBuf,
-    pub deepspeed: PathBuf,
-    /// A kohya-ss/sd-scripts checkout.
-    pub kohya_dir: PathBuf,
-    /// A tdrussell/diffusion-pipe checkout.
-    pub diffusion_pipe_dir: PathBuf,
-    /// The folder holding SimpleTuner's `train.py` (`<site-packages>/simpletuner`).
-    pub simpletuner_dir: PathBuf,
-    /// An ostris/ai-toolkit checkout.
-    pub ai_toolkit_dir: PathBuf,
-}
-
 /// A base model on local disk: its family and the paths of its parts
-/// (`trainyard_core::models::part`), files or folders.
+/// (`trainyard_models::part`), files or folders.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelFiles {
     /// The reference as the job gave it.
@@ -257,81 +245,6 @@ pub fn halve_batch(settings: &TrainingSettings) -> Option<(TrainingSettings, Str
     lighter.batch_size = batch / 2;
     let note = format!("batch_size {batch} → {}", lighter.batch_size);
     Some((lighter, note))
-}
-
-/// Backends this build knows, by the name a job spec uses.
-pub const BACKENDS: &[&str] = &[
-    "reference",
-    "kohya",
-    "diffusion-pipe",
-    "simpletuner",
-    "ai-toolkit",
-    "trl",
-];
-
-/// Looks a backend up by the name in the job spec.
-pub fn by_name(name: &str, tools: &Tools) -> Option<Box<dyn TrainerBackend>> {
-    match name {
-        "reference" => Some(Box::new(reference::Reference::new(tools.reference.clone()))),
-        "kohya" => Some(Box::new(kohya::Kohya::new(
-            tools.accelerate.clone(),
-            tools.kohya_dir.clone(),
-        ))),
-        "trl" => Some(Box::new(trl::Trl::new(tools.python.clone()))),
-        "diffusion-pipe" => Some(Box::new(diffusion_pipe::DiffusionPipe::new(
-            tools.deepspeed.clone(),
-            tools.diffusion_pipe_dir.clone(),
-        ))),
-        "simpletuner" => Some(Box::new(simpletuner::SimpleTuner::new(tools))),
-        "ai-toolkit" => Some(Box::new(ai_toolkit::AiToolkit::new(tools))),
-        _ => None,
-    }
-}
-
-/// Why this worker cannot run backend `name`: the `[worker.trainers]`
-/// paths it needs are not set. `None` when it can.
-pub fn not_installed(name: &str, tools: &Tools) -> Option<String> {
-    let needs: Vec<(&str, &Path)> = match name {
-        "reference" => vec![("reference_trainer", &tools.reference)],
-        "kohya" => vec![
-            ("accelerate", &tools.accelerate),
-            ("kohya_dir", &tools.kohya_dir),
-        ],
-        "diffusion-pipe" => vec![
-            ("deepspeed", &tools.deepspeed),
-            ("diffusion_pipe_dir", &tools.diffusion_pipe_dir),
-        ],
-        "simpletuner" => vec![
-            ("accelerate", &tools.accelerate),
-            ("simpletuner_dir", &tools.simpletuner_dir),
-        ],
-        "ai-toolkit" => vec![
-            ("python", &tools.python),
-            ("ai_toolkit_dir", &tools.ai_toolkit_dir),
-        ],
-        "trl" => vec![("python", &tools.python)],
-        _ => return Some(format!("unknown backend {name:?}")),
-    };
-    let missing: Vec<&str> = needs
-        .iter()
-        .filter(|(_, path)| path.as_os_str().is_empty())
-        .map(|(key, _)| *key)
-        .collect();
-    (!missing.is_empty()).then(|| {
-        format!(
-            "{name} is not installed on this worker: set worker.trainers.{}",
-            missing.join(", worker.trainers.")
-        )
-    })
-}
-
-/// Backends this worker can run with its tools.
-pub fn installed(tools: &Tools) -> Vec<&'static str> {
-    BACKENDS
-        .iter()
-        .copied()
-        .filter(|name| not_installed(name, tools).is_none())
-        .collect()
 }
 
 /// Settings checks that need no trainer installed: the family is one the

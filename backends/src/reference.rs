@@ -11,8 +11,8 @@ use crate::Extra;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
-use trainyard_core::models::ModelFamily;
 use trainyard_core::process::CommandSpec;
+use trainyard_models::ModelFamily;
 use trainyard_proto::v1::{ErrorKind, JobError, TrainingSettings};
 
 pub struct Reference {
@@ -135,7 +135,7 @@ impl TrainerBackend for Reference {
     }
 
     fn parts(&self, _family: ModelFamily) -> &'static [&'static str] {
-        &[trainyard_core::models::part::FILE]
+        &[trainyard_models::part::FILE]
     }
 
     fn check(&self, settings: &TrainingSettings, _family: ModelFamily) -> Vec<String> {
@@ -178,7 +178,7 @@ impl TrainerBackend for Reference {
             .map(|r| checkpoint_dir(&inputs.output_dir, r.step));
         let config = Config {
             dataset_dir: &inputs.dataset_dir,
-            base_model: inputs.model.part(trainyard_core::models::part::FILE)?,
+            base_model: inputs.model.part(trainyard_models::part::FILE)?,
             base_model_name: &inputs.model.reference,
             output_dir: &inputs.output_dir,
             output_name: &inputs.output_name,

@@ -26,8 +26,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::LazyLock;
-use trainyard_core::models::{ModelFamily, part};
 use trainyard_core::process::CommandSpec;
+use trainyard_models::{ModelFamily, part};
 use trainyard_proto::v1::{ErrorKind, JobError, TrainingSettings, extra_value::Kind};
 
 const NAME: &str = "simpletuner";
@@ -97,8 +97,8 @@ pub struct SimpleTuner {
 impl SimpleTuner {
     pub fn new(tools: &Tools) -> Self {
         Self {
-            accelerate: tools.accelerate.clone(),
-            dir: tools.simpletuner_dir.clone(),
+            accelerate: tools.trainers.accelerate.clone(),
+            dir: tools.trainers.simpletuner_dir.clone(),
         }
     }
 }

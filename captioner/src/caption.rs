@@ -22,7 +22,6 @@ use async_trait::async_trait;
 use futures::{StreamExt, TryStreamExt};
 use tracing::Instrument;
 
-use crate::error::PrepareError;
 use crate::manifest::CaptionSource;
 
 /// One image to caption, as written in the prepared folder.
@@ -257,6 +256,14 @@ pub struct FinalCaption {
     pub source: CaptionSource,
 }
 
+/// An image whose caption could not be made, even after its retries
+/// (the prepare stage reports it as `PrepareError::Caption`).
+#[derive(Debug)]
+pub struct CaptionFailed {
+    pub file: String,
+    pub error: CaptionError,
+}
+
 /// Decides the final caption of every job, in order. Backend calls run at
 /// most `policy.concurrency` at a time; the first image that still fails
 /// after its retries fails the whole batch (with the file named).
@@ -264,7 +271,7 @@ pub async fn caption_all(
     jobs: &[CaptionJob],
     backend: &dyn CaptionBackend,
     policy: &CaptionPolicy,
-) -> Result<Vec<FinalCaption>, PrepareError> {
+) -> Result<Vec<FinalCaption>, CaptionFailed> {
     let concurrency = policy.concurrency.max(1);
     let span = tracing::info_span!(
         "prepare.caption",
@@ -276,7 +283,7 @@ pub async fn caption_all(
     // Indices, not `&CaptionJob` items: a closure over borrowed items makes
     // the future fail `Send` (rust-lang/rust#102211), and the stage spawns it.
     let parent = span.clone();
-    let results: Result<Vec<(usize, FinalCaption)>, PrepareError> =
+    let results: Result<Vec<(usize, FinalCaption)>, CaptionFailed> =
         futures::stream::iter(0..jobs.len())
             .map(|i| {
                 let call = tracing::info_span!(
@@ -302,7 +309,7 @@ pub async fn caption_all(
                             span.record("trainyard.caption.source", "backend");
                         }
                     }
-                    Ok::<_, PrepareError>((i, caption?))
+                    Ok::<_, CaptionFailed>((i, caption?))
                 }
                 .instrument(call)
             })
@@ -323,7 +330,7 @@ async fn final_caption(
     job: &CaptionJob,
     backend: &dyn CaptionBackend,
     policy: &CaptionPolicy,
-) -> Result<FinalCaption, PrepareError> {
+) -> Result<FinalCaption, CaptionFailed> {
     let trigger = &policy.trigger_word;
     if let Some(sidecar) = job.sidecar.as_deref().filter(|_| !policy.overwrite_sidecar) {
         return Ok(FinalCaption {
@@ -333,7 +340,7 @@ async fn final_caption(
     }
     let raw = caption_with_retries(backend, &job.image, policy)
         .await
-        .map_err(|error| PrepareError::Caption {
+        .map_err(|error| CaptionFailed {
             file: job.image.file_name.clone(),
             error,
         })?;

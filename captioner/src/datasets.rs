@@ -5,8 +5,8 @@
 //! preflight turns into problems (or a retry).
 
 use crate::caption::{CaptionBackend, TemplateCaptioner};
-use crate::fetch::url_host;
-use crate::preflight::{self, AccessChecks, Problem, check, images};
+use crate::error::DatasetError;
+use crate::preflight::{self, AccessChecks};
 use crate::{
     FetchPolicy, GuardedClient, LocalInput, PrepareError, PrepareSettings, PreparedDataset,
     RemoteSource, UnpackLimits, fetch_source, prepare_local,
@@ -15,9 +15,10 @@ use std::path::{Path, PathBuf};
 use tracing::Instrument;
 use trainyard_core::Config;
 use trainyard_core::destination::Destinations;
-use trainyard_core::hub::HubClient;
+use trainyard_core::redact::host as url_host;
 use trainyard_core::runtime::{StageError, TaskContext};
 use trainyard_core::store::ArtifactStore;
+use trainyard_models::hub::HubClient;
 use trainyard_proto::v1::{CaptionSettings, ErrorKind, JobSpec, dataset_source::Source};
 
 /// Fetching and preparing a job's dataset, shared by the stage and the
@@ -28,77 +29,6 @@ pub struct Datasets {
     limits: UnpackLimits,
     /// Work folders are made below this one.
     pub work_root: PathBuf,
-}
-
-/// Why a dataset could not be prepared: a [`PrepareError`] (which knows
-/// its retry intent and, for too few images, the count) or a stage error
-/// from reading the artifact store.
-#[derive(Debug)]
-pub enum DatasetError {
-    Prepare(PrepareError),
-    Stage(StageError),
-}
-
-/// What a dataset error means for preflight.
-pub enum Finding {
-    /// A problem with the dataset itself: listed with the others.
-    Problem(Problem),
-    /// Could not be prepared now; the error keeps the retry delay.
-    Retry(StageError),
-    /// Cancelled or stopping: nothing to report.
-    Stop(StageError),
-}
-
-impl DatasetError {
-    pub fn into_stage_error(self) -> StageError {
-        match self {
-            DatasetError::Prepare(e) => prepare_error(e),
-            DatasetError::Stage(e) => e,
-        }
-    }
-
-    /// Permanent failures become problems; too few images says how many
-    /// the backend needs and why.
-    pub fn into_finding(self, spec: &JobSpec) -> Finding {
-        let too_few = match &self {
-            DatasetError::Prepare(PrepareError::NoUsableImages { bad }) => {
-                let detail = if bad.is_empty() {
-                    "no image files found".to_owned()
-                } else {
-                    format!("unreadable or too small: {}", preflight::list_names(bad))
-                };
-                Some((0, Some(detail)))
-            }
-            DatasetError::Prepare(PrepareError::TooFewImages { found, .. }) => {
-                Some((*found as u32, None))
-            }
-            _ => None,
-        };
-        if let Some((found, detail)) = too_few
-            && let Some(message) = images::too_few_images(spec, found, detail.as_deref())
-        {
-            return Finding::Problem(Problem::new(check::IMAGES, ErrorKind::BadDataset, message));
-        }
-        match self.into_stage_error() {
-            StageError::Fail(e) => {
-                Finding::Problem(Problem::new(check::DATASET, e.kind(), e.message))
-            }
-            retry @ StageError::Retry { .. } => Finding::Retry(retry),
-            stop => Finding::Stop(stop),
-        }
-    }
-}
-
-impl From<PrepareError> for DatasetError {
-    fn from(error: PrepareError) -> Self {
-        DatasetError::Prepare(error)
-    }
-}
-
-impl From<StageError> for DatasetError {
-    fn from(error: StageError) -> Self {
-        DatasetError::Stage(error)
-    }
 }
 
 /// The caption backend a job's settings select.
@@ -291,21 +221,6 @@ async fn input_size(input: &LocalInput) -> (u64, u64) {
     })
     .await
     .unwrap_or_default()
-}
-
-fn prepare_error(error: PrepareError) -> StageError {
-    let kind = match &error {
-        PrepareError::Fetch(_) => ErrorKind::Fetch,
-        PrepareError::InvalidSettings { .. } => ErrorKind::InvalidSpec,
-        PrepareError::Io { .. } | PrepareError::Interrupted => ErrorKind::Internal,
-        _ => ErrorKind::BadDataset,
-    };
-    if error.is_retryable() {
-        let delay = error.retry_after().unwrap_or_default();
-        StageError::retry(kind, error.to_string(), delay)
-    } else {
-        StageError::fail(kind, error.to_string())
-    }
 }
 
 /// The access checks as this service's config sets them up: the artifact

@@ -11,9 +11,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::caption::CaptionError;
+use crate::caption::{CaptionError, CaptionFailed};
 use crate::fetch::FetchError;
 use crate::unpack::UnpackError;
+use trainyard_core::runtime::StageError;
+use trainyard_proto::v1::ErrorKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
@@ -51,6 +53,12 @@ pub enum PrepareError {
     },
     #[error("a background task was cancelled before it finished")]
     Interrupted,
+}
+
+impl From<CaptionFailed> for PrepareError {
+    fn from(CaptionFailed { file, error }: CaptionFailed) -> Self {
+        PrepareError::Caption { file, error }
+    }
 }
 
 fn no_usable_images_message(bad: &[String]) -> String {
@@ -105,6 +113,51 @@ impl PrepareError {
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> PrepareError {
         let path = path.into();
         move |error| PrepareError::Io { path, error }
+    }
+}
+
+/// Why a dataset could not be prepared: a [`PrepareError`] (which knows
+/// its retry intent and, for too few images, the count) or a stage error
+/// from reading the artifact store.
+#[derive(Debug)]
+pub enum DatasetError {
+    Prepare(PrepareError),
+    Stage(StageError),
+}
+
+impl DatasetError {
+    pub fn into_stage_error(self) -> StageError {
+        match self {
+            DatasetError::Prepare(e) => prepare_error(e),
+            DatasetError::Stage(e) => e,
+        }
+    }
+}
+
+impl From<PrepareError> for DatasetError {
+    fn from(error: PrepareError) -> Self {
+        DatasetError::Prepare(error)
+    }
+}
+
+impl From<StageError> for DatasetError {
+    fn from(error: StageError) -> Self {
+        DatasetError::Stage(error)
+    }
+}
+
+fn prepare_error(error: PrepareError) -> StageError {
+    let kind = match &error {
+        PrepareError::Fetch(_) => ErrorKind::Fetch,
+        PrepareError::InvalidSettings { .. } => ErrorKind::InvalidSpec,
+        PrepareError::Io { .. } | PrepareError::Interrupted => ErrorKind::Internal,
+        _ => ErrorKind::BadDataset,
+    };
+    if error.is_retryable() {
+        let delay = error.retry_after().unwrap_or_default();
+        StageError::retry(kind, error.to_string(), delay)
+    } else {
+        StageError::fail(kind, error.to_string())
     }
 }
 

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use futures::{StreamExt, TryStreamExt};
 use image::{ImageFormat, ImageReader, Limits};
 
-use crate::dataset::{Candidate, split_ext};
+use crate::collect::{Candidate, split_ext};
 use crate::error::{PrepareError, blocking};
 use crate::manifest::{DropReason, DroppedFile, copy_file_hashed_blocking, sha256_file_blocking};
 

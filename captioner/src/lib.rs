@@ -12,7 +12,7 @@
 //!   addresses after DNS, byte and time limits);
 //! - [`unpack`]: the one guarded zip reader (no path escapes, no links,
 //!   bounded size and entry count);
-//! - `dataset` and `images` (internal): junk removal, flattening, nested
+//! - `collect` and `images` (internal): junk removal, flattening, nested
 //!   zips, sidecars, full decode of every image, the prepared folder;
 //! - [`caption`]: caption backends and the caption/trigger-word policy;
 //! - [`manifest`]: `manifest.json` with sizes and sha256 per image;
@@ -22,31 +22,32 @@
 //!
 //! The service around it: [`datasets`] (a job's dataset fetched and
 //! prepared), [`stage`] (the prepare stage on the shared runtime) and
-//! [`validate`] (preflight without a job, for `Validate`).
+//! [`preflight_server`] (`ty.preflight`: preflight without a job, for the
+//! coordinator's `Validate`).
 //!
 //! The entry points are [`fetch_source`] (remote → [`LocalInput`]) and
 //! [`prepare_local`] ([`LocalInput`] → [`PreparedDataset`]). Every error is
 //! a [`PrepareError`] that says whether a retry can help.
 
 pub mod caption;
-mod dataset;
+mod collect;
 pub mod datasets;
 mod error;
 pub mod fetch;
 mod images;
 pub mod manifest;
 pub mod preflight;
+pub mod preflight_server;
 mod prepare;
 pub mod sample;
 mod source;
 pub mod stage;
 pub mod text;
 pub mod unpack;
-pub mod validate;
 
 pub use caption::{CaptionBackend, CaptionError, ImageInfo, TemplateCaptioner};
-pub use dataset::IMAGE_EXTENSIONS;
-pub use error::PrepareError;
+pub use collect::IMAGE_EXTENSIONS;
+pub use error::{DatasetError, PrepareError};
 pub use fetch::{FetchError, FetchPolicy, GuardedClient};
 pub use images::MIN_SIDE;
 pub use manifest::{
@@ -55,6 +56,8 @@ pub use manifest::{
 pub use prepare::{LocalInput, PrepareSettings, PreparedDataset, prepare_local};
 pub use source::{RemoteSource, fetch_images, fetch_source, fetch_zip};
 pub use unpack::{UnpackError, UnpackLimits};
+
+use trainyard_core::supervise::{Policy, Supervisor};
 
 /// Runs the prepare stage, and answers `ty.preflight` requests, until
 /// `shutdown`.
@@ -68,20 +71,30 @@ pub async fn run(
         return Ok(()); // stopped before NATS was ready
     };
     let handler = stage::PrepareStage::new(&config)?;
-    let validator = std::sync::Arc::new(validate::Validator::new(&config)?);
-    let requests = validate::subscribe(&client)
+    let server = std::sync::Arc::new(preflight_server::PreflightServer::new(&config)?);
+    let requests = preflight_server::subscribe(&client)
         .await
         .map_err(|e| anyhow::anyhow!("cannot subscribe to preflight requests: {e}"))?;
-    let tasks = tokio_util::task::TaskTracker::new();
-    // Ends with the stage runtime, whichever way that ends.
+    // Ends with the stage runtime, whichever way that ends; a failure is
+    // logged and the responder started again with backoff.
     let stop = shutdown.child_token();
-    tasks.spawn(validate::serve(
-        client.clone(),
-        requests,
-        validator,
-        config.captioner.concurrency,
-        stop.clone(),
-    ));
+    let loops = Supervisor::new(stop.clone());
+    {
+        let (client, concurrency) = (client.clone(), config.captioner.concurrency);
+        let mut first = Some(requests);
+        loops.spawn("preflight", Policy::restart(), move |stop| {
+            let (client, server, first) = (client.clone(), server.clone(), first.take());
+            async move {
+                let requests = match first {
+                    Some(requests) => requests,
+                    None => preflight_server::subscribe(&client).await?,
+                };
+                preflight_server::serve(client, requests, server, concurrency, stop)
+                    .await
+                    .map_err(async_nats::Error::from)
+            }
+        });
+    }
     let mut runner = trainyard_core::runtime::RunnerConfig::new(
         trainyard_proto::v1::Stage::Prepare,
         &config.nats,
@@ -90,7 +103,6 @@ pub async fn run(
     runner.retry = config.retry.clone();
     let result = trainyard_core::service::run_stage(client, topo, runner, handler, shutdown).await;
     stop.cancel();
-    tasks.close();
-    tasks.wait().await;
+    loops.wait().await;
     result
 }

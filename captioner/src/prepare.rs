@@ -20,7 +20,7 @@ use tracing::Instrument;
 use crate::caption::{
     CaptionBackend, CaptionJob, CaptionPolicy, ImageInfo, TemplateCaptioner, caption_all,
 };
-use crate::dataset::{Collected, collect_dir, collect_files, dropped_from_skip};
+use crate::collect::{Collected, collect_dir, collect_files, dropped_from_skip};
 use crate::error::{PrepareError, blocking};
 use crate::images::{check_all, write_all};
 use crate::manifest::{

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use futures::{StreamExt, TryStreamExt};
 use tokio::io::AsyncReadExt;
 
-use crate::dataset::{IMAGE_EXTENSIONS, split_ext};
+use crate::collect::{IMAGE_EXTENSIONS, split_ext};
 use crate::error::PrepareError;
 use crate::fetch::{Downloaded, GuardedClient};
 use crate::prepare::LocalInput;

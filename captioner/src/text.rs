@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::dataset::{flatten, sorted_entries};
+use crate::collect::{flatten, sorted_entries};
 use crate::error::{PrepareError, blocking};
 use crate::manifest::{
     DatasetManifest, MANIFEST_FILE_NAME, MANIFEST_VERSION, TextEntry, copy_file_hashed_blocking,
@@ -115,7 +115,7 @@ fn regular_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, PrepareError> {
     Ok(sorted_entries(dir)?
         .into_iter()
         .filter(|(name, path)| {
-            !crate::dataset::is_junk(name)
+            !crate::collect::is_junk(name)
                 && std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file())
         })
         .collect())

@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use trainyard_core::Config;
-use trainyard_core::natsd::{self, NatsServer};
+use trainyard_natsd::{self as natsd, NatsServer};
 
 /// How long services get to drain after the fleet is told to stop.
 const DRAIN_GRACE: Duration = Duration::from_secs(20);

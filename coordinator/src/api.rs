@@ -28,30 +28,58 @@ use trainyard_proto::{JobId, TenantId};
 pub enum ApiError {
     #[error("{0}")]
     Invalid(String),
+    /// The spec's problems, every one (the message is the user's guide).
+    #[error(transparent)]
+    Spec(#[from] validate::Invalid),
     #[error("missing or unknown bearer token")]
     Unauthenticated,
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
     Unavailable(String),
+    /// The record is stored but its first task is not published yet.
+    #[error("job {job} stored but not queued yet: {source}; retry with the same idempotency key")]
+    NotQueued {
+        job: JobId,
+        #[source]
+        source: crate::effects::EffectError,
+    },
+    /// A JetStream or KV call failed.
+    #[error("{0}")]
+    Nats(#[source] async_nats::Error),
+    /// A job's metric events could not be read.
+    #[error("cannot read metrics: {0}")]
+    Metrics(#[source] async_nats::Error),
     #[error("{0}")]
     Internal(String),
 }
 
 impl ApiError {
-    /// The gRPC status code name, also used on the NATS API.
+    /// The status code of each kind: the one mapping, for gRPC
+    /// ([`Self::to_status`]) and the NATS API ([`Self::to_wire`]) alike.
     pub fn code(&self) -> tonic::Code {
         match self {
-            ApiError::Invalid(_) => tonic::Code::InvalidArgument,
+            ApiError::Invalid(_) | ApiError::Spec(_) => tonic::Code::InvalidArgument,
             ApiError::Unauthenticated => tonic::Code::Unauthenticated,
             ApiError::NotFound(_) => tonic::Code::NotFound,
-            ApiError::Unavailable(_) => tonic::Code::Unavailable,
+            ApiError::Unavailable(_)
+            | ApiError::NotQueued { .. }
+            | ApiError::Nats(_)
+            | ApiError::Metrics(_) => tonic::Code::Unavailable,
             ApiError::Internal(_) => tonic::Code::Internal,
         }
     }
 
     pub fn to_status(&self) -> tonic::Status {
         tonic::Status::new(self.code(), self.to_string())
+    }
+
+    /// The error in an `ApiReply`: the code by its stable name.
+    pub fn to_wire(&self) -> trainyard_proto::v1::ApiError {
+        trainyard_proto::v1::ApiError {
+            code: trainyard_core::serve::code_name(self.code()).to_owned(),
+            message: self.to_string(),
+        }
     }
 }
 
@@ -109,7 +137,7 @@ pub struct JobApi {
     /// How long a captioner may take to answer a preflight request.
     pub validate_timeout: Duration,
     /// What a job's webhook must satisfy on this fleet.
-    pub webhooks: crate::webhooks::SubmitRules,
+    pub webhooks: crate::validate::SubmitRules,
 }
 
 /// The `ty_idem` key of a tenant's idempotency key.
@@ -131,10 +159,10 @@ impl JobApi {
         spec: Option<JobSpec>,
     ) -> Result<SubmitResponse, ApiError> {
         let spec = spec.ok_or_else(|| ApiError::Invalid("spec: is required".into()))?;
-        let spec = validate::normalise(spec).map_err(|e| ApiError::Invalid(e.to_string()))?;
+        let spec = validate::normalise(spec)?;
         self.webhooks
             .check(&spec)
-            .map_err(|e| ApiError::Invalid(e.to_string()))?;
+            .map_err(|e| validate::Invalid(vec![e]))?;
         let mut job = JobId::generate();
         if !spec.idempotency_key.is_empty() {
             let key = idem_key(tenant, &spec.idempotency_key);
@@ -145,7 +173,7 @@ impl JobApi {
                         .idem
                         .get(&key)
                         .await
-                        .map_err(|e| ApiError::Unavailable(e.to_string()))?
+                        .map_err(|e| ApiError::Nats(e.into()))?
                         .ok_or_else(|| {
                             ApiError::Unavailable("idempotency record vanished; retry".into())
                         })?;
@@ -163,7 +191,7 @@ impl JobApi {
                         Err(e) => return Err(e.into()),
                     }
                 }
-                Err(e) => return Err(ApiError::Unavailable(e.to_string())),
+                Err(e) => return Err(ApiError::Nats(e.into())),
             }
         }
         let record = JobRecord {
@@ -189,11 +217,13 @@ impl JobApi {
         tracing::info!(%job, %tenant, "job submitted");
         trainyard_core::telemetry::metrics()
             .job_submitted(tenant.as_str(), crate::effects::backend_of(&record));
-        self.effects.run(&record, effects).await.map_err(|e| {
-            ApiError::Unavailable(format!(
-                "job {job} stored but not queued yet: {e}; retry with the same idempotency key"
-            ))
-        })?;
+        self.effects
+            .run(&record, effects)
+            .await
+            .map_err(|source| ApiError::NotQueued {
+                job: job.clone(),
+                source,
+            })?;
         Ok(SubmitResponse {
             job: Some(record.redacted()),
             duplicate: false,
@@ -219,11 +249,7 @@ impl JobApi {
         self.effects
             .publish_task(&tenant, &job, task)
             .await
-            .map_err(|e| {
-                ApiError::Unavailable(format!(
-                    "job {job} stored but not queued yet: {e}; retry with the same idempotency key"
-                ))
-            })
+            .map_err(|source| ApiError::NotQueued { job, source })
     }
 
     /// Every check a job passes before training, without creating it: the
@@ -403,20 +429,19 @@ impl JobApi {
         let names: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
         // Tenant isolation: another tenant's job is not found.
         self.repo.get(tenant, &job).await?;
-        let unavailable = |e: String| ApiError::Unavailable(format!("cannot read metrics: {e}"));
         let filter = subject::event(tenant, &job, EventKind::Metric);
         let stream = self
             .js
             .get_stream(EVENTS_STREAM)
             .await
-            .map_err(|e| unavailable(e.to_string()))?;
+            .map_err(|e| ApiError::Metrics(e.into()))?;
         let mut stored = 0usize;
         let mut counts = stream
             .info_with_subjects(&filter)
             .await
-            .map_err(|e| unavailable(e.to_string()))?;
+            .map_err(|e| ApiError::Metrics(e.into()))?;
         while let Some(entry) = counts.next().await {
-            stored += entry.map_err(|e| unavailable(e.to_string()))?.1;
+            stored += entry.map_err(|e| ApiError::Metrics(e.into()))?.1;
         }
         let mut series: BTreeMap<String, Vec<MetricPoint>> = BTreeMap::new();
         let mut truncated = false;
@@ -428,17 +453,19 @@ impl JobApi {
                     ..Default::default()
                 })
                 .await
-                .map_err(|e| unavailable(e.to_string()))?
+                .map_err(|e| ApiError::Metrics(e.into()))?
                 .messages()
                 .await
-                .map_err(|e| unavailable(e.to_string()))?;
+                .map_err(|e| ApiError::Metrics(e.into()))?;
             let mut read = 0usize;
             loop {
                 let message = tokio::time::timeout(METRICS_READ_TIMEOUT, messages.next())
                     .await
-                    .map_err(|_| unavailable("the events stream did not answer in time".into()))?
-                    .ok_or_else(|| unavailable("the events stream ended".into()))?
-                    .map_err(|e| unavailable(e.to_string()))?;
+                    .map_err(|_| {
+                        ApiError::Metrics("the events stream did not answer in time".into())
+                    })?
+                    .ok_or_else(|| ApiError::Metrics("the events stream ended".into()))?
+                    .map_err(|e| ApiError::Metrics(e.into()))?;
                 read += 1;
                 let pending = message.info().map(|i| i.pending).unwrap_or(0);
                 if let Ok(JobEvent {
@@ -480,7 +507,7 @@ impl JobApi {
             .js
             .get_stream(EVENTS_STREAM)
             .await
-            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+            .map_err(|e| ApiError::Nats(e.into()))?;
         let messages = stream
             .create_consumer(consumer::pull::OrderedConfig {
                 filter_subject: subject::job_events(&tenant.clone(), &job),
@@ -488,10 +515,10 @@ impl JobApi {
                 ..Default::default()
             })
             .await
-            .map_err(|e| ApiError::Unavailable(e.to_string()))?
+            .map_err(|e| ApiError::Nats(e.into()))?
             .messages()
             .await
-            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+            .map_err(|e| ApiError::Nats(e.into()))?;
         let final_record = record.state().is_final().then_some(record);
         let state = WatchState {
             messages: Box::pin(messages),
@@ -581,7 +608,7 @@ async fn next_event(mut state: WatchState) -> Option<(Result<JobEvent, ApiError>
             Ok(message) => message,
             Err(e) => {
                 state.done = true;
-                return Some((Err(ApiError::Unavailable(e.to_string())), state));
+                return Some((Err(ApiError::Nats(e.into())), state));
             }
         };
         let Ok(event) = JobEvent::decode(message.payload.clone()) else {

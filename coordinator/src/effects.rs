@@ -10,14 +10,36 @@
 //! reconciler, so the events of every job end with its final state.
 
 use crate::job::{Effect, Task};
-use crate::repo::JobRepo;
+use crate::repo::{JobRepo, RepoError};
 use async_nats::jetstream;
+use async_nats::jetstream::context::PublishError;
 use async_nats::jetstream::publish::PublishAck;
 use prost::Message;
 use trainyard_core::telemetry::propagation;
 use trainyard_core::topology::{self, EventKind, subject};
 use trainyard_proto::v1::{JobEvent, JobRecord, JobState, Stage, StateChanged, job_event::Kind};
 use trainyard_proto::{Attempt, JobId, TenantId};
+
+/// Why an effect was not carried out. The record is stored either way:
+/// a caller retries, or leaves the repair to the reconciler.
+#[derive(Debug, thiserror::Error)]
+pub enum EffectError {
+    #[error("record has bad ids")]
+    BadIds,
+    /// The stream did not take a task.
+    #[error("could not publish {} task: {source}", stage.name())]
+    Task {
+        stage: Stage,
+        #[source]
+        source: PublishError,
+    },
+    /// The stream did not take a state event.
+    #[error(transparent)]
+    Event(PublishError),
+    /// The record could not be marked as having its final event stored.
+    #[error(transparent)]
+    Mark(#[from] RepoError),
+}
 
 #[derive(Clone)]
 pub struct Effects {
@@ -30,12 +52,12 @@ pub struct Effects {
 impl Effects {
     /// Runs every effect; a failed publish is returned so the caller can
     /// retry (the record is already stored, the reconciler also repairs it).
-    pub async fn run(&self, record: &JobRecord, effects: Vec<Effect>) -> Result<(), String> {
+    pub async fn run(&self, record: &JobRecord, effects: Vec<Effect>) -> Result<(), EffectError> {
         let (Ok(tenant), Ok(job)) = (
             TenantId::parse(&record.tenant),
             JobId::parse(&record.job_id),
         ) else {
-            return Err("record has bad ids".into());
+            return Err(EffectError::BadIds);
         };
         for effect in effects {
             match effect {
@@ -82,7 +104,7 @@ impl Effects {
         tenant: &TenantId,
         job: &JobId,
         state: StateChanged,
-    ) -> Result<(), String> {
+    ) -> Result<(), EffectError> {
         let id = topology::state_event_msg_id(tenant, job, state.state());
         let event = JobEvent {
             job_id: job.to_string(),
@@ -99,7 +121,7 @@ impl Effects {
         )
         .await
         .map(|_| ())
-        .map_err(|e| e.to_string())
+        .map_err(EffectError::Event)
     }
 
     /// Publishes the event of a final state, then marks the record.
@@ -108,7 +130,7 @@ impl Effects {
         tenant: &TenantId,
         job: &JobId,
         state: StateChanged,
-    ) -> Result<(), String> {
+    ) -> Result<(), EffectError> {
         let final_state = state.state();
         self.emit_state(tenant, job, state).await?;
         self.mark_final_event_stored(tenant, job, final_state).await
@@ -121,7 +143,7 @@ impl Effects {
         tenant: &TenantId,
         job: &JobId,
         state: JobState,
-    ) -> Result<(), String> {
+    ) -> Result<(), EffectError> {
         self.repo
             .update(tenant, job, |current| {
                 let next = (current.state() == state && !current.final_event_stored).then(|| {
@@ -133,7 +155,7 @@ impl Effects {
             })
             .await
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(EffectError::from)
     }
 
     pub async fn publish_task(
@@ -141,7 +163,7 @@ impl Effects {
         tenant: &TenantId,
         job: &JobId,
         task: Task,
-    ) -> Result<(), String> {
+    ) -> Result<(), EffectError> {
         self.publish_task_acked(tenant, job, task).await.map(|_| ())
     }
 
@@ -152,7 +174,7 @@ impl Effects {
         tenant: &TenantId,
         job: &JobId,
         task: Task,
-    ) -> Result<PublishAck, String> {
+    ) -> Result<PublishAck, EffectError> {
         let (stage, attempt, pool, payload) = match &task {
             Task::Prepare(t) => (Stage::Prepare, t.attempt, String::new(), t.encode_to_vec()),
             Task::Train(t) => (
@@ -169,14 +191,13 @@ impl Effects {
             pool
         };
         let id = topology::task_msg_id(tenant, job, stage, Attempt(attempt));
-        let failed = |e: String| format!("could not publish {} task: {e}", stage.name());
         let subject = subject::task(stage, &pool);
         // A child of the current span (the submit call, the result handled,
         // the reconciler's job span); the task carries its context.
         let ack =
             trainyard_core::nats::publish_durable(&self.js, subject, &id, None, payload.into())
                 .await
-                .map_err(|e| failed(e.to_string()))?;
+                .map_err(|source| EffectError::Task { stage, source })?;
         tracing::info!(%job, stage = stage.name(), attempt, duplicate = ack.duplicate, "task published");
         Ok(ack)
     }

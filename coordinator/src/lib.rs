@@ -7,6 +7,11 @@
 //! and reports the stage backlogs and dead-letter depth ([`backlog`]).
 //! Its spans join each job's trace ([`trace`]).
 //! It keeps no state of its own: run one replica or several.
+//!
+//! Its background loops run under [`trainyard_core::supervise`]: a failed
+//! result loop stops the coordinator; the NATS API, webhook, reconciler and
+//! backlog loops are restarted with backoff, and gRPC health says
+//! NOT_SERVING while one of them is down.
 
 pub mod api;
 pub mod backlog;
@@ -21,11 +26,16 @@ pub mod trace;
 pub mod validate;
 pub mod webhooks;
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::server::NamedService;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+use trainyard_core::supervise::{Down, Policy, Supervisor};
 use trainyard_core::{Config, topology};
 use trainyard_proto::v1::job_service_server::JobServiceServer;
 
@@ -55,7 +65,7 @@ pub async fn run(
         effects: effects.clone(),
         client: client.clone(),
         validate_timeout: Duration::from_secs(config.coordinator.validate_timeout_secs.max(1)),
-        webhooks: webhooks::SubmitRules::from_config(&config.webhooks),
+        webhooks: validate::SubmitRules::from_config(&config.webhooks),
     };
     let deliverer = webhooks::Deliverer::new(&config.webhooks, repo.clone(), js.clone())?;
     let auth = api::Auth::new(&config.coordinator.tokens);
@@ -83,7 +93,10 @@ pub async fn run(
         let _ = ready.send(addr);
     }
 
-    let tasks = TaskTracker::new();
+    // Every loop is supervised: the results loop stops the coordinator
+    // when it fails (it would accept jobs it never advances); the others
+    // are restarted, and gRPC health says NOT_SERVING while one is down.
+    let loops = Supervisor::new(shutdown.clone());
     let Some(consumer) = topology::until_ready("the results consumer", &shutdown, || {
         topology::results_consumer(&js, &config.nats)
     })
@@ -92,14 +105,18 @@ pub async fn run(
         return Ok(());
     };
     {
-        let (repo, effects, stop) = (repo.clone(), effects.clone(), shutdown.child_token());
-        let claims = topo.claims.clone();
-        // Ends on shutdown; an error stops the whole coordinator.
-        let failed = shutdown.clone();
-        tasks.spawn(async move {
-            if let Err(error) = results::run(consumer, repo, claims, effects, stop).await {
-                tracing::error!(%error, "result loop failed");
-                failed.cancel();
+        let (repo, effects, claims) = (repo.clone(), effects.clone(), topo.claims.clone());
+        let (js, nats) = (js.clone(), config.nats.clone());
+        let mut first = Some(consumer);
+        loops.spawn("results", Policy::ShutDown, move |stop| {
+            let (repo, effects, claims) = (repo.clone(), effects.clone(), claims.clone());
+            let (first, js, nats) = (first.take(), js.clone(), nats.clone());
+            async move {
+                let consumer = match first {
+                    Some(consumer) => consumer,
+                    None => topology::results_consumer(&js, &nats).await?,
+                };
+                results::run(consumer, repo, claims, effects, stop).await
             }
         });
     }
@@ -110,54 +127,75 @@ pub async fn run(
         })
         .await
         else {
+            loops.wait().await; // stopped while waiting: the loops end too
             return Ok(());
         };
-        let stop = shutdown.child_token();
-        tasks.spawn(async move {
-            if let Err(error) = deliverer.run(consumer, stop).await {
-                tracing::error!(%error, "webhook loop failed");
+        let js = js.clone();
+        let mut first = Some(consumer);
+        loops.spawn("webhooks", Policy::restart(), move |stop| {
+            let (deliverer, first, js) = (deliverer.clone(), first.take(), js.clone());
+            async move {
+                let consumer = match first {
+                    Some(consumer) => consumer,
+                    None => topology::webhooks_consumer(&js, ack_wait).await?,
+                };
+                deliverer.run(consumer, stop).await
             }
         });
     }
     {
-        let (client, api, auth, stop) = (
-            client.clone(),
-            api.clone(),
-            auth.clone(),
-            shutdown.child_token(),
-        );
-        tasks.spawn(async move {
-            if let Err(error) = nats_api::serve(client, api_requests, api, auth, stop).await {
-                tracing::error!(%error, "nats api failed");
+        let (client, api, auth) = (client.clone(), api.clone(), auth.clone());
+        let mut first = Some(api_requests);
+        loops.spawn("nats api", Policy::restart(), move |stop| {
+            let (client, api, auth, first) =
+                (client.clone(), api.clone(), auth.clone(), first.take());
+            async move {
+                let requests = match first {
+                    Some(requests) => requests,
+                    None => nats_api::subscribe(&client).await?,
+                };
+                nats_api::serve(client, requests, api, auth, stop)
+                    .await
+                    .map_err(async_nats::Error::from)
             }
         });
     }
     {
-        let (reconciler, stop) = (reconciler.clone(), shutdown.child_token());
         let every = Duration::from_secs(config.coordinator.reconcile_interval_secs.max(1));
         let stale_ms = (config.coordinator.stale_after_secs * 1000) as i64;
-        tasks.spawn(async move {
-            let mut ticker = tokio::time::interval(every);
-            ticker.tick().await;
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = ticker.tick() => reconciler.pass_logged(stale_ms).await,
+        loops.spawn("reconciler", Policy::restart(), move |stop| {
+            let reconciler = reconciler.clone();
+            async move {
+                let mut ticker = tokio::time::interval(every);
+                ticker.tick().await;
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = ticker.tick() => reconciler.pass_logged(stale_ms).await,
+                    }
                 }
+                Ok::<(), Infallible>(())
             }
         });
     }
-
     {
-        let (js, stop) = (js.clone(), shutdown.child_token());
+        let js = js.clone();
         let every = Duration::from_secs(config.coordinator.backlog_interval_secs.max(1));
-        tasks.spawn(backlog::run(js, every, stop));
+        loops.spawn("backlog", Policy::restart(), move |stop| {
+            let js = js.clone();
+            async move {
+                backlog::run(js, every, stop).await;
+                Ok::<(), Infallible>(())
+            }
+        });
     }
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<JobServiceServer<grpc::GrpcJobService>>()
         .await;
+    let tasks = TaskTracker::new();
+    tasks.spawn(report_health(health, loops.down(), shutdown.clone()));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(trainyard_proto::v1::FILE_DESCRIPTOR_SET)
         .build_v1()?;
@@ -170,8 +208,89 @@ pub async fn run(
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await })
         .await?;
+    loops.wait().await;
     tasks.close();
     tasks.wait().await;
     tracing::info!("coordinator stopped");
     Ok(())
+}
+
+/// Keeps gRPC health in step with the background loops: NOT_SERVING (for
+/// the job service and the server as a whole) while one is down.
+async fn report_health(
+    health: HealthReporter,
+    mut down: tokio::sync::watch::Receiver<Down>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let status = if down.borrow_and_update().is_empty() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        health
+            .set_service_status(
+                <JobServiceServer<grpc::GrpcJobService> as NamedService>::NAME,
+                status,
+            )
+            .await;
+        health.set_service_status("", status).await;
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            changed = down.changed() => if changed.is_err() { break },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_server::Health;
+    use tonic_health::server::HealthService;
+
+    #[tokio::test]
+    async fn health_says_not_serving_while_a_loop_is_down() {
+        let (reporter, _) = tonic_health::server::health_reporter();
+        let service = HealthService::from_health_reporter(reporter.clone());
+        reporter
+            .set_serving::<JobServiceServer<grpc::GrpcJobService>>()
+            .await;
+        let (down, watched) = tokio::sync::watch::channel(Down::new());
+        let shutdown = CancellationToken::new();
+        let reporting = tokio::spawn(report_health(reporter, watched, shutdown.clone()));
+        for name in [
+            <JobServiceServer<grpc::GrpcJobService> as NamedService>::NAME,
+            "",
+        ] {
+            let request = tonic::Request::new(HealthCheckRequest {
+                service: name.into(),
+            });
+            let mut statuses = service.watch(request).await.unwrap().into_inner();
+            let mut until = async |want: ServingStatus| {
+                while let Some(status) =
+                    tokio::time::timeout(Duration::from_secs(10), statuses.next())
+                        .await
+                        .expect("in time")
+                {
+                    if status.unwrap().status() == want.into() {
+                        return;
+                    }
+                }
+                panic!("the status stream ended");
+            };
+            until(ServingStatus::Serving).await;
+            down.send_modify(|d| {
+                d.insert("nats api");
+            });
+            until(ServingStatus::NotServing).await;
+            down.send_modify(|d| {
+                d.remove("nats api");
+            });
+            until(ServingStatus::Serving).await;
+        }
+        shutdown.cancel();
+        reporting.await.unwrap();
+    }
 }

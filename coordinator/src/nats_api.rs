@@ -1,79 +1,77 @@
 //! The job API as NATS request/reply on `ty.api.<op>`, for services that
 //! speak NATS rather than gRPC. Same auth (an `authorization: Bearer …`
 //! header), same methods, an `ApiReply` back. A bad request gets an error
-//! reply; it never stops the listener. Each request is handled inside a
+//! reply (its code from [`ApiError::code`], by its stable name); it never
+//! stops the listener. Served by [`trainyard_core::serve`]: up to
+//! [`CONCURRENCY`] requests at once, so a `Validate` waiting minutes for a
+//! captioner does not hold up a `Get`; each request is handled inside a
 //! process span, a child of the trace context its headers carry.
 
 use crate::api::{ApiError, Auth, JobApi};
-use futures::StreamExt;
+use bytes::Bytes;
 use prost::Message;
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
+use trainyard_core::serve::{self, Responder, ServeError};
 use trainyard_core::telemetry::propagation::{self, JobAttrs};
-use trainyard_core::topology::{AUTH_HEADER, ApiOp, subject};
+use trainyard_core::topology::{self, AUTH_HEADER, ApiOp, subject};
 use trainyard_proto::JobId;
 use trainyard_proto::v1::{
     ApiReply, CancelRequest, GetMetricsRequest, GetRequest, GetResponse, ListRequest,
     SubmitRequest, ValidateRequest, api_reply::Result as Reply,
 };
 
+
+/// Requests one coordinator answers at once; more wait in the subscription.
+pub const CONCURRENCY: usize = 64;
+
 /// Subscribes to the API subjects. Done before the coordinator reports
 /// ready, so a request sent right after start-up finds a responder.
 pub async fn subscribe(
     client: &async_nats::Client,
 ) -> Result<async_nats::Subscriber, async_nats::Error> {
-    let requests = client
-        .queue_subscribe(subject::all_api(), "ty-coordinator".into())
-        .await?;
-    client.flush().await?;
-    Ok(requests)
+    serve::subscribe(client, subject::all_api(), topology::API_QUEUE).await
 }
 
+/// Answers API requests until `shutdown`; a request running then finishes.
 pub async fn serve(
     client: async_nats::Client,
-    mut requests: async_nats::Subscriber,
+    requests: async_nats::Subscriber,
     api: JobApi,
     auth: Auth,
     shutdown: CancellationToken,
-) -> Result<(), async_nats::Error> {
-    loop {
-        let message = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            message = requests.next() => match message { Some(m) => m, None => break },
-        };
-        let Some(reply_to) = message.reply.clone() else {
-            continue;
-        };
-        // A child of the requester's context, if its headers carry one.
-        let op = message
-            .subject
-            .rsplit('.')
-            .next()
-            .and_then(ApiOp::from_name)
-            .map_or("unknown", ApiOp::name);
-        let span = propagation::process_span(
-            message.headers.as_ref(),
-            &format!("ty.api.{op}"),
-            JobAttrs::default(),
-        );
-        let reply = handle(&api, &auth, &message).instrument(span).await;
-        let reply = match reply {
-            Ok(result) => ApiReply {
-                result: Some(result),
-            },
-            Err(error) => ApiReply {
-                result: Some(Reply::Error(trainyard_proto::v1::ApiError {
-                    code: format!("{:?}", error.code()),
-                    message: error.to_string(),
-                })),
-            },
-        };
-        if let Err(error) = client.publish(reply_to, reply.encode_to_vec().into()).await {
-            tracing::warn!(%error, "could not send api reply");
-        }
+) -> Result<(), ServeError> {
+    let responder = Arc::new(NatsApi { api, auth });
+    serve::serve(requests, client, responder, CONCURRENCY, shutdown).await
+}
+
+/// The job API as a [`Responder`].
+pub struct NatsApi {
+    pub api: JobApi,
+    pub auth: Auth,
+}
+
+/// The operation of an API subject.
+fn op_of(api_subject: &str) -> Option<ApiOp> {
+    api_subject.rsplit('.').next().and_then(ApiOp::from_name)
+}
+
+impl Responder for NatsApi {
+    fn destination(&self, api_subject: &str) -> String {
+        op_of(api_subject).map_or_else(|| subject::all_api().to_owned(), subject::api)
     }
-    let _ = requests.unsubscribe().await;
-    Ok(())
+
+    async fn answer(&self, request: &async_nats::Message) -> Bytes {
+        let result = match handle(&self.api, &self.auth, request).await {
+            Ok(result) => result,
+            Err(error) => Reply::Error(error.to_wire()),
+        };
+        ApiReply {
+            result: Some(result),
+        }
+        .encode_to_vec()
+        .into()
+    }
 }
 
 async fn handle(
@@ -91,12 +89,8 @@ async fn handle(
         tenant: Some(tenant.as_str()),
         ..Default::default()
     });
-    let op = message
-        .subject
-        .rsplit('.')
-        .next()
-        .and_then(ApiOp::from_name)
-        .ok_or_else(|| ApiError::Invalid("unknown api operation".into()))?;
+    let op =
+        op_of(&message.subject).ok_or_else(|| ApiError::Invalid("unknown api operation".into()))?;
     let bad =
         |e: prost::DecodeError| ApiError::Invalid(format!("request is not valid protobuf: {e}"));
     let payload = message.payload.clone();

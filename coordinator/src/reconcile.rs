@@ -27,7 +27,7 @@
 //! the record stores ([`crate::trace::job_span`]): a republished task or
 //! final event rejoins the job's trace.
 
-use crate::effects::Effects;
+use crate::effects::{EffectError, Effects};
 use crate::job::{self, Effect};
 use crate::repo::{JobRepo, RepoError, Versioned};
 use crate::trace::job_span;
@@ -36,7 +36,7 @@ use async_nats::jetstream::{self, kv};
 use prost::Message;
 use std::collections::HashSet;
 use tracing::Instrument;
-use trainyard_core::store::{ArtifactStore, keys};
+use trainyard_core::store::{ArtifactStore, StoreError, keys};
 use trainyard_core::topology::{
     self, EVENTS_STREAM, EventKind, RESULTS_STREAM, TASKS_STREAM, subject,
 };
@@ -74,6 +74,21 @@ async fn ids_in(
         }
     }
     Ok(ids)
+}
+
+/// Why a repair of one job stopped half-way (the next pass goes on).
+#[derive(Debug, thiserror::Error)]
+pub enum RepairError {
+    #[error("artifacts: {0}")]
+    Artifacts(#[source] StoreError),
+    #[error("events: {0}")]
+    Events(#[source] async_nats::Error),
+    #[error("idempotency key: {0}")]
+    IdempotencyKey(#[source] async_nats::Error),
+    #[error(transparent)]
+    Record(#[from] RepoError),
+    #[error(transparent)]
+    Effect(#[from] EffectError),
 }
 
 /// What the reconciler needs.
@@ -295,22 +310,24 @@ impl Reconciler {
                     |event| matches!(event.kind, Some(Kind::State(s)) if s.state() == state),
                 )),
                 Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(false),
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(RepairError::Events(e.into())),
             },
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(RepairError::Events(e.into())),
         };
         let result = match stored {
             Ok(true) => self
                 .effects
                 .mark_final_event_stored(tenant, job, state)
                 .await
-                .map(|()| false),
+                .map(|()| false)
+                .map_err(RepairError::from),
             Ok(false) => {
                 tracing::warn!(%job, state = state.as_str_name(), "final state event missing; publishing it again");
                 self.effects
                     .announce_final(tenant, job, job::state_changed(record))
                     .await
                     .map(|()| true)
+                    .map_err(RepairError::from)
             }
             Err(error) => Err(error),
         };
@@ -329,19 +346,19 @@ impl Reconciler {
         tenant: &TenantId,
         job: &JobId,
         found: &Versioned,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, RepairError> {
         self.store
             .delete_prefix(&keys::job(job))
             .await
-            .map_err(|e| format!("artifacts: {e}"))?;
+            .map_err(RepairError::Artifacts)?;
         self.js
             .get_stream(EVENTS_STREAM)
             .await
-            .map_err(|e| format!("events: {e}"))?
+            .map_err(|e| RepairError::Events(e.into()))?
             .purge()
             .filter(subject::job_events(tenant, job))
             .await
-            .map_err(|e| format!("events: {e}"))?;
+            .map_err(|e| RepairError::Events(e.into()))?;
         let key = found
             .record
             .spec
@@ -355,14 +372,10 @@ impl Reconciler {
                 self.idem
                     .purge_expect_revision(&key, Some(entry.revision))
                     .await
-                    .map_err(|e| format!("idempotency key: {e}"))?;
+                    .map_err(|e| RepairError::IdempotencyKey(e.into()))?;
             }
         }
-        let removed = self
-            .repo
-            .remove(tenant, job, found.revision)
-            .await
-            .map_err(|e| e.to_string())?;
+        let removed = self.repo.remove(tenant, job, found.revision).await?;
         if removed {
             tracing::info!(%job, "finished job past its ttl: removed");
         }

@@ -37,7 +37,6 @@
 //! `webhook-id`.
 
 use crate::repo::{JobRepo, RepoError};
-use crate::validate::FieldError;
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -51,9 +50,11 @@ use tracing::instrument::WithSubscriber;
 use trainyard_core::config::{RetryPolicyConfig, WebhooksConfig, error_kind_name};
 use trainyard_core::events::EventSink;
 use trainyard_core::netguard::{self, Guard, GuardedResolver, Refusal};
+use trainyard_core::redact;
 use trainyard_core::retry;
 use trainyard_core::telemetry::propagation::{self, JobAttrs};
-use trainyard_proto::v1::{JobEvent, JobRecord, JobSpec, JobState, Stage, job_event::Kind};
+use trainyard_core::topology::subject;
+use trainyard_proto::v1::{JobEvent, JobRecord, JobState, Stage, job_event::Kind};
 use trainyard_proto::{JobId, TenantId};
 
 /// `events` value: the final state (SUCCEEDED, FAILED, CANCELLED).
@@ -73,16 +74,25 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// Why `webhooks.secret` cannot be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SecretError {
+    #[error("webhooks.secret must have the form whsec_<base64>")]
+    Form,
+    #[error("webhooks.secret: the part after whsec_ is not valid base64")]
+    Base64,
+    #[error("webhooks.secret: the key must be at least 16 bytes")]
+    TooShort,
+}
+
 impl Secret {
-    pub fn parse(text: &str) -> Result<Secret, String> {
-        let encoded = text
-            .strip_prefix("whsec_")
-            .ok_or("webhooks.secret must have the form whsec_<base64>")?;
+    pub fn parse(text: &str) -> Result<Secret, SecretError> {
+        let encoded = text.strip_prefix("whsec_").ok_or(SecretError::Form)?;
         let bytes = BASE64
             .decode(encoded.trim())
-            .map_err(|_| "webhooks.secret: the part after whsec_ is not valid base64")?;
+            .map_err(|_| SecretError::Base64)?;
         if bytes.len() < 16 {
-            return Err("webhooks.secret: the key must be at least 16 bytes".into());
+            return Err(SecretError::TooShort);
         }
         Ok(Secret(bytes))
     }
@@ -116,60 +126,13 @@ fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
         .into()
 }
 
-/// What submission checks of a webhook depend on the fleet's config.
-#[derive(Clone, Debug, Default)]
-pub struct SubmitRules {
-    /// A signing secret is configured.
-    pub enabled: bool,
-    pub allow_private_addresses: bool,
-}
-
-impl SubmitRules {
-    pub fn from_config(config: &WebhooksConfig) -> Self {
-        Self {
-            enabled: !config.secret.is_empty(),
-            allow_private_addresses: config.allow_private_addresses,
-        }
-    }
-
-    /// Refuses a webhook this fleet cannot deliver: none configured, or a
-    /// literal non-public address. (A name is resolved at delivery time.)
-    pub fn check(&self, spec: &JobSpec) -> Result<(), FieldError> {
-        let Some(hook) = &spec.webhook else {
-            return Ok(());
-        };
-        if !self.enabled {
-            return Err(FieldError::new(
-                "webhook",
-                "webhooks are not configured on this fleet",
-            ));
-        }
-        let guard = guard(self.allow_private_addresses);
-        let url =
-            Url::parse(&hook.url).map_err(|e| FieldError::new("webhook.url", e.to_string()))?;
-        guard
-            .check_url(&url)
-            .map_err(|refusal| FieldError::new("webhook.url", refusal.to_string()))
-    }
-}
-
-fn guard(allow_private: bool) -> Guard {
+/// The address guard of webhook targets: no redirects, private
+/// addresses only when allowed.
+pub(crate) fn guard(allow_private: bool) -> Guard {
     Guard {
         allow_private,
         trusted_hosts: Vec::new().into(),
         max_redirects: 0,
-    }
-}
-
-/// `scheme://host[:port]` of a URL, for logs: no credentials, path or
-/// query (receivers often carry their token in the path).
-fn shown(url: &str) -> String {
-    match Url::parse(url) {
-        Ok(u) => {
-            let port = u.port().map(|p| format!(":{p}")).unwrap_or_default();
-            format!("{}://{}{port}", u.scheme(), u.host_str().unwrap_or(""))
-        }
-        Err(_) => "<invalid url>".into(),
     }
 }
 
@@ -317,7 +280,7 @@ impl Deliverer {
         if config.secret.is_empty() {
             return Ok(None);
         }
-        let secret = Secret::parse(&config.secret).map_err(|e| anyhow::anyhow!(e))?;
+        let secret = Secret::parse(&config.secret)?;
         let client = reqwest::Client::builder()
             .user_agent(concat!("trainyard-webhooks/", env!("CARGO_PKG_VERSION")))
             .no_proxy()
@@ -426,7 +389,7 @@ impl Deliverer {
             .unwrap_or_default();
         let span = propagation::process_span(
             message.headers.as_ref(),
-            "ty.event.{tenant}.{job}.state",
+            &subject::destination(&message.subject),
             JobAttrs {
                 job_id: Some(&event.job_id),
                 tenant: Some(&event.tenant),
@@ -477,7 +440,7 @@ impl Deliverer {
         );
         let parsed = match target(&self.guard, url) {
             Ok(u) => u,
-            Err(why) => return Outcome::Refused(why),
+            Err(why) => return Outcome::Refused(why.to_string()),
         };
         if let Some(host) = parsed.host_str() {
             span.record("server.address", host);
@@ -524,7 +487,7 @@ impl Deliverer {
             .spec
             .as_ref()
             .and_then(|s| s.webhook.as_ref())
-            .map(|h| shown(&h.url))
+            .map(|h| redact::origin(&h.url))
             .unwrap_or_default();
         tracing::error!(%job, url = %url, %why, "webhook delivery failed; given up");
         EventSink::new(self.js.clone(), tenant.clone(), job.clone())
@@ -538,13 +501,20 @@ impl Deliverer {
     }
 }
 
+/// Why a webhook's URL is not posted to.
+#[derive(Debug, thiserror::Error)]
+enum TargetError {
+    #[error("invalid url: {0}")]
+    Invalid(#[from] url::ParseError),
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+}
+
 /// The URL to post to, checked again at delivery: reqwest connects to a
 /// literal IP without asking the resolver, so the guard looks at it here.
-fn target(guard: &Guard, url: &str) -> Result<Url, String> {
-    let parsed = Url::parse(url).map_err(|e| format!("invalid url: {e}"))?;
-    guard
-        .check_url(&parsed)
-        .map_err(|refusal| refusal.to_string())?;
+fn target(guard: &Guard, url: &str) -> Result<Url, TargetError> {
+    let parsed = Url::parse(url)?;
+    guard.check_url(&parsed)?;
     Ok(parsed)
 }
 
@@ -607,7 +577,7 @@ fn retry_after(response: &reqwest::Response) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use trainyard_proto::v1::{Artifact, JobError, Secrets, Webhook};
+    use trainyard_proto::v1::{Artifact, JobError, JobSpec, Secrets, Webhook};
 
     #[test]
     fn hmac_matches_rfc_4231() {
@@ -639,8 +609,15 @@ mod tests {
             ),
             "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
         );
-        assert!(Secret::parse("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").is_err());
-        assert!(Secret::parse("whsec_***").is_err());
+        assert_eq!(
+            Secret::parse("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap_err(),
+            SecretError::Form
+        );
+        assert_eq!(Secret::parse("whsec_***").unwrap_err(), SecretError::Base64);
+        assert_eq!(
+            Secret::parse("whsec_c2hvcnQ=").unwrap_err(),
+            SecretError::TooShort
+        );
         assert!(!format!("{secret:?}").contains("MfKQ"));
     }
 
@@ -735,36 +712,16 @@ mod tests {
             "http://169.254.169.254/latest/meta-data",
         ] {
             let why = target(&strict, url).unwrap_err();
-            assert!(why.contains("not a public address"), "{url}: {why}");
+            assert!(
+                matches!(why, TargetError::Refused(Refusal::Forbidden { .. })),
+                "{url}: {why}"
+            );
         }
-        assert!(target(&strict, "ftp://hooks.example/x").is_err());
+        assert!(matches!(
+            target(&strict, "ftp://hooks.example/x"),
+            Err(TargetError::Refused(Refusal::Scheme(_)))
+        ));
         assert!(target(&strict, "https://hooks.example/x").is_ok());
         assert!(target(&guard(true), "http://127.0.0.1:9/x").is_ok());
-    }
-
-    #[test]
-    fn submit_rules_refuse_what_cannot_be_delivered() {
-        let spec = record(&[], JobState::Queued).spec.unwrap();
-        let off = SubmitRules::default();
-        let err = off.check(&spec).unwrap_err();
-        assert_eq!(err.field, "webhook");
-        assert!(err.problem.contains("not configured"), "{err}");
-        let on = SubmitRules {
-            enabled: true,
-            allow_private_addresses: false,
-        };
-        on.check(&spec).unwrap();
-        let mut private = spec.clone();
-        private.webhook.as_mut().unwrap().url = "http://169.254.169.254/latest".into();
-        let err = on.check(&private).unwrap_err();
-        assert_eq!(err.field, "webhook.url");
-        assert!(err.problem.contains("not a public address"), "{err}");
-        SubmitRules {
-            enabled: true,
-            allow_private_addresses: true,
-        }
-        .check(&private)
-        .unwrap();
-        assert!(on.check(&JobSpec::default()).is_ok());
     }
 }

@@ -95,6 +95,19 @@ pub struct Held {
     key: String,
 }
 
+#[cfg(test)]
+impl Held {
+    /// A claim as if just taken, for tests of what the runtime decides with one.
+    pub(crate) fn for_tests(claim: TaskClaim) -> Held {
+        Held {
+            claim,
+            revision: 1,
+            took_over: false,
+            key: String::new(),
+        }
+    }
+}
+
 /// How acquiring went.
 #[derive(Debug)]
 pub enum Acquire {
@@ -134,9 +147,9 @@ impl Claims {
         tenant: &TenantId,
         job: &JobId,
         stage: Stage,
-    ) -> Result<Option<TaskClaim>, String> {
+    ) -> Result<Option<TaskClaim>, kv::EntryError> {
         let key = crate::topology::claim_key(tenant, job, stage);
-        let entry = kv.entry(key).await.map_err(|e| e.to_string())?;
+        let entry = kv.entry(key).await?;
         Ok(entry
             .filter(|e| e.operation == kv::Operation::Put)
             .and_then(|e| TaskClaim::decode(e.value).ok()))

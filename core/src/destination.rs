@@ -152,7 +152,7 @@ impl Destinations {
                 ProbeFailure::Refused => "the bucket does not exist or cannot hold objects",
                 ProbeFailure::Unavailable => "could not be reached",
             };
-            tracing::info!(%uri, error = %e, "destination probe failed");
+            tracing::info!(uri = %crate::redact::display_url(uri), error = %e, "destination probe failed");
             ProbeError::new(
                 failure,
                 format!("destination {uri} is not writable: {why} ({})", brief(&e)),

@@ -86,26 +86,36 @@ impl GuardArgs {
         out
     }
 
-    pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<GuardArgs, String> {
+    pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<GuardArgs, ArgsError> {
         let mut args = args.into_iter();
-        let usage = format!("usage: {BINARY} --grace-ms <milliseconds> -- <program> [args...]");
         if args.next().as_deref() != Some("--grace-ms".as_ref()) {
-            return Err(usage);
+            return Err(ArgsError::Usage);
         }
         let grace = args
             .next()
             .and_then(|ms| ms.to_str()?.parse::<u64>().ok())
-            .ok_or_else(|| format!("--grace-ms needs a whole number of milliseconds; {usage}"))?;
+            .ok_or(ArgsError::GraceMs)?;
         if args.next().as_deref() != Some("--".as_ref()) {
-            return Err(usage);
+            return Err(ArgsError::Usage);
         }
-        let program = args.next().ok_or(usage)?;
+        let program = args.next().ok_or(ArgsError::Usage)?;
         Ok(GuardArgs {
             grace: Duration::from_millis(grace),
             program,
             args: args.collect(),
         })
     }
+}
+
+/// Why the guard's arguments were refused; the message shows the usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ArgsError {
+    #[error("usage: {BINARY} --grace-ms <milliseconds> -- <program> [args...]")]
+    Usage,
+    #[error(
+        "--grace-ms needs a whole number of milliseconds; usage: {BINARY} --grace-ms <milliseconds> -- <program> [args...]"
+    )]
+    GraceMs,
 }
 
 /// Signals a worker may send the group to stop or poke a trainer; the guard
@@ -273,14 +283,16 @@ mod tests {
             args: vec!["-c".into(), "exit 3".into()],
         };
         assert_eq!(GuardArgs::parse(args.to_args()), Ok(args));
-        for bad in [
-            vec![],
-            vec!["--grace-ms", "soon", "--", "x"],
-            vec!["--grace-ms", "10", "x"],
-            vec!["--grace-ms", "10", "--"],
+        for (bad, kind) in [
+            (vec![], ArgsError::Usage),
+            (vec!["--grace-ms", "soon", "--", "x"], ArgsError::GraceMs),
+            (vec!["--grace-ms", "10", "x"], ArgsError::Usage),
+            (vec!["--grace-ms", "10", "--"], ArgsError::Usage),
         ] {
             let error = GuardArgs::parse(bad.into_iter().map(OsString::from)).unwrap_err();
-            assert!(error.contains("usage"), "{error}");
+            assert_eq!(error, kind);
+            // What the binary prints shows how to call it.
+            assert!(error.to_string().contains("usage"), "{error}");
         }
     }
 }

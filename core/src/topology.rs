@@ -46,6 +46,8 @@ pub const RESULTS_CONSUMER: &str = "ty-coordinator";
 /// The coordinator replicas share this durable consumer of the state
 /// events in `TY_EVENTS`, to deliver job webhooks.
 pub const WEBHOOKS_CONSUMER: &str = "ty-webhooks";
+/// The queue group the coordinators serve `ty.api.*` in: one answers each request.
+pub const API_QUEUE: &str = "ty-coordinator";
 /// The queue group captioners serve `ty.preflight` in: one answers each request.
 pub const PREFLIGHT_QUEUE: &str = "ty-captioner";
 /// Header carrying the caller's bearer token on the NATS API.
@@ -249,6 +251,36 @@ pub fn result_msg_id(
     } else {
         format!("{task}.result.{claim_token}")
     }
+}
+
+/// The `Nats-Msg-Id` of the `StageStarted` result a runtime reports when it
+/// first runs a task: one per job, stage and attempt.
+pub fn started_msg_id(tenant: &TenantId, job: &JobId, stage: Stage, attempt: Attempt) -> String {
+    format!("{}.started", task_msg_id(tenant, job, stage, attempt))
+}
+
+/// The `Nats-Msg-Id` of the report a handler sends with a retry (the
+/// training stage's lighter settings after an OOM), one per delivery: a
+/// redelivery reporting again is a new message, the same delivery's
+/// report twice is one. The `adjusted` token is kept from when the only
+/// such report was a `TrainingAdjusted`, so dedup across versions holds.
+pub fn retry_report_msg_id(
+    tenant: &TenantId,
+    job: &JobId,
+    stage: Stage,
+    attempt: Attempt,
+    delivered: u32,
+) -> String {
+    format!(
+        "{}.adjusted.{delivered}",
+        task_msg_id(tenant, job, stage, attempt)
+    )
+}
+
+/// The `Nats-Msg-Id` of a dead letter: the task message's stream sequence,
+/// so a redelivery of the same message cannot add a second letter.
+pub fn dead_letter_msg_id(stage: Stage, stream_sequence: u64) -> String {
+    format!("dlq.{}.{stream_sequence}", stage.name())
 }
 
 /// Reads tenant, job, stage and attempt back from a task's `Nats-Msg-Id`,
@@ -584,6 +616,23 @@ mod tests {
             claim_key(&tenant, &job, Stage::Train),
             format!("acme.{job}.train")
         );
+    }
+
+    #[test]
+    fn runtime_message_ids_keep_their_form() {
+        // Stream dedup compares these strings: a new form would let a
+        // redelivery after an upgrade store a second copy.
+        let tenant = TenantId::parse("acme").unwrap();
+        let job = JobId::parse("j-1").unwrap();
+        assert_eq!(
+            started_msg_id(&tenant, &job, Stage::Train, Attempt(2)),
+            "acme.j-1.train.2.started"
+        );
+        assert_eq!(
+            retry_report_msg_id(&tenant, &job, Stage::Train, Attempt(2), 3),
+            "acme.j-1.train.2.adjusted.3"
+        );
+        assert_eq!(dead_letter_msg_id(Stage::Prepare, 42), "dlq.prepare.42");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! this crate only adds Rust conveniences around the generated code.
 
 mod ids;
+pub mod redact;
 mod state;
 
 pub use ids::{Attempt, IdError, JobId, TenantId};

@@ -56,25 +56,9 @@ impl JobSpec {
             }
         }
         if let Some(hook) = spec.webhook.as_mut() {
-            hook.url = redacted_url(&hook.url);
+            hook.url = crate::redact::origin_masked(&hook.url);
         }
         spec
-    }
-}
-
-/// A URL with everything after its host left out (`scheme://host[:port]/
-/// [redacted]`): receivers often carry their token in the path or query.
-fn redacted_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return "[redacted]".into();
-    };
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let host = &rest[..end];
-    // user:password@ is refused at submit; never show it anyway.
-    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
-    match &rest[end..] {
-        "" | "/" => format!("{scheme}://{host}/"),
-        _ => format!("{scheme}://{host}/[redacted]"),
     }
 }
 

@@ -262,3 +262,70 @@ async fn health_reports_the_job_service_serving() {
     assert_eq!(status, ServingStatus::Serving);
     fleet.stop().await;
 }
+
+#[tokio::test]
+async fn a_slow_validate_does_not_hold_up_a_get_over_nats() {
+    use futures::StreamExt as _;
+    let fleet = Fleet::start_with(coordinator_only(), |c| {
+        c.coordinator.validate_timeout_secs = 600;
+    })
+    .await;
+    let nats = fleet.nats_client().await;
+    // A captioner that takes the preflight request and answers only when told.
+    let mut preflight = nats
+        .queue_subscribe("ty.preflight", "ty-captioner".into())
+        .await
+        .unwrap();
+    nats.flush().await.unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("authorization", format!("Bearer {TOKEN}").as_str());
+    let validate = {
+        let (nats, headers) = (nats.clone(), headers.clone());
+        let body = trainyard_proto::v1::ValidateRequest {
+            spec: Some(spec("file:///data/set.zip", 10)),
+        };
+        tokio::spawn(async move {
+            nats.request_with_headers("ty.api.validate", headers, body.encode_to_vec().into())
+                .await
+        })
+    };
+    let held = tokio::time::timeout(Duration::from_secs(10), preflight.next())
+        .await
+        .expect("the coordinator asks a captioner")
+        .expect("subscribed");
+    // The Validate waits on the captioner; a Get is answered meanwhile.
+    let body = GetRequest {
+        job_id: "j-missing".into(),
+    };
+    let got = tokio::time::timeout(
+        Duration::from_secs(10),
+        nats.request_with_headers("ty.api.get", headers, body.encode_to_vec().into()),
+    )
+    .await
+    .expect("a Get is not stalled by a running Validate")
+    .expect("request");
+    let got = ApiReply::decode(got.payload).unwrap().result.unwrap();
+    assert!(
+        matches!(got, Reply::Error(ref e) if e.code == "NotFound"),
+        "{got:?}"
+    );
+    assert!(!validate.is_finished());
+    let answer = trainyard_proto::v1::ValidateReply {
+        ok: true,
+        ..Default::default()
+    };
+    nats.publish(held.reply.unwrap(), answer.encode_to_vec().into())
+        .await
+        .unwrap();
+    let validated = tokio::time::timeout(Duration::from_secs(10), validate)
+        .await
+        .expect("validate answered")
+        .unwrap()
+        .expect("request");
+    let validated = ApiReply::decode(validated.payload).unwrap().result.unwrap();
+    assert!(
+        matches!(validated, Reply::Validate(ref v) if v.ok),
+        "{validated:?}"
+    );
+    fleet.stop().await;
+}

@@ -10,8 +10,8 @@ use std::path::Path;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use trainyard_coordinator::{job, repo::JobRepo};
-use trainyard_core::natsd::{NatsServer, find_nats_server};
 use trainyard_core::topology::{self, TASKS_STREAM};
+use trainyard_natsd::{NatsServer, find_nats_server};
 use trainyard_proto::v1::{
     CancelRequest, ErrorKind, ExtraValue, GetRequest, JobEvent, JobRecord, JobSpec, JobState,
     Stage, SubmitRequest, extra_value, job_event::Kind,

@@ -4,9 +4,9 @@
 
 use std::path::Path;
 use std::time::Duration;
-use trainyard_core::natsd::{NatsServer, find_nats_server};
 use trainyard_core::store::ArtifactStore;
 use trainyard_core::topology::{self, WORKER_HEARTBEAT, worker_key};
+use trainyard_natsd::{NatsServer, find_nats_server};
 use trainyard_proto::v1::ModelRef;
 use trainyard_tests::hub::FakeHub;
 use trainyard_tests::{Fleet, Services, wait_for};

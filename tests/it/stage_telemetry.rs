@@ -71,6 +71,7 @@ fn context(fleet_js: &async_nats::jetstream::Context, stage: Stage, job: &JobId)
         stage,
         delivered: 1,
         worker_id: "test".into(),
+        record: Default::default(),
         events: EventSink::new(fleet_js.clone(), tenant, job.clone()),
         cancel: CancellationToken::new(),
         stop: CancellationToken::new(),
@@ -400,16 +401,23 @@ async fn a_preflight_request_is_traced_and_its_reply_carries_the_context() {
     let fleet = Fleet::start_with(Services::NONE, |_| {}).await;
     let sample = fleet.sample_uri().await;
     let client = fleet.nats_client().await;
-    let validator =
-        std::sync::Arc::new(trainyard_captioner::validate::Validator::new(&fleet.config).unwrap());
-    let requests = trainyard_captioner::validate::subscribe(&client)
+    let validator = std::sync::Arc::new(
+        trainyard_captioner::preflight_server::PreflightServer::new(&fleet.config).unwrap(),
+    );
+    let requests = trainyard_captioner::preflight_server::subscribe(&client)
         .await
         .unwrap();
     let (telemetry, dispatch) = Telemetry::start(&settings("ty-captioner", &receiver)).unwrap();
     let stop = CancellationToken::new();
     let server = tokio::spawn(
-        trainyard_captioner::validate::serve(client.clone(), requests, validator, 1, stop.clone())
-            .with_subscriber(dispatch),
+        trainyard_captioner::preflight_server::serve(
+            client.clone(),
+            requests,
+            validator,
+            1,
+            stop.clone(),
+        )
+        .with_subscriber(dispatch),
     );
 
     let request = trainyard_proto::v1::PreflightRequest {
@@ -458,7 +466,7 @@ async fn a_preflight_request_is_traced_and_its_reply_carries_the_context() {
         Some("artifact")
     );
     stop.cancel();
-    server.await.unwrap();
+    server.await.unwrap().unwrap();
     telemetry.shutdown().await;
     fleet.stop().await;
 }

@@ -7,8 +7,8 @@
 //! real binaries).
 
 use std::time::Duration;
-use trainyard_core::natsd::{NatsServer, find_nats_server};
 use trainyard_core::topology::{JOBS_BUCKET, TASKS_STREAM, consumer_name};
+use trainyard_natsd::{NatsServer, find_nats_server};
 use trainyard_proto::v1::{GetRequest, Stage};
 use trainyard_tests::chaos::{Chaos, Cluster, Service, free_port};
 

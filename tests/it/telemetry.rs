@@ -9,11 +9,11 @@ use std::time::Duration;
 use tracing::Instrument;
 use tracing::instrument::WithSubscriber;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use trainyard_core::natsd::{NatsServer, find_nats_server};
 use trainyard_core::telemetry::propagation::{
     JobAttrs, inject_current_nats, inject_nats, process_span, send_span,
 };
 use trainyard_core::telemetry::{Telemetry, TelemetrySettings, metrics};
+use trainyard_natsd::{NatsServer, find_nats_server};
 use trainyard_tests::otlp::{OtlpReceiver, ReceivedSpan};
 use trainyard_tests::prom;
 

@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
-use trainyard_core::models::{PRESETS, preset};
+use trainyard_models::{PRESETS, preset};
 
 /// One file of a fake repository.
 #[derive(Clone, Debug)]
@@ -287,17 +287,13 @@ fn layout_for(role: &str, include: &[&str]) -> Vec<String> {
     };
     let mut files: Vec<String> = known
         .iter()
-        .filter(|f| {
-            include
-                .iter()
-                .any(|g| trainyard_core::models::glob_match(g, f))
-        })
+        .filter(|f| include.iter().any(|g| trainyard_models::glob_match(g, f)))
         .map(|f| f.to_string())
         .collect();
     for pattern in include {
         if !files
             .iter()
-            .any(|f| trainyard_core::models::glob_match(pattern, f))
+            .any(|f| trainyard_models::glob_match(pattern, f))
         {
             files.push(pattern.replace("**/", "").replace('*', "fake"));
         }

@@ -19,8 +19,8 @@ use tokio_util::task::TaskTracker;
 use tonic::service::Interceptor;
 use tonic::transport::Channel;
 use trainyard_core::Config;
-use trainyard_core::natsd::{NatsServer, find_nats_server};
 use trainyard_core::store::{ArtifactStore, S3Options};
+use trainyard_natsd::{NatsServer, find_nats_server};
 use trainyard_proto::v1::job_service_client::JobServiceClient;
 use trainyard_proto::v1::{
     CaptionSettings, DatasetSource, Destination, GetRequest, JobEvent, JobRecord, JobSpec,

@@ -2,12 +2,13 @@
 //! sha256 the worker recorded), copy it to each destination, read the copy
 //! back to verify it, then write the manifest.
 
-use crate::display::{display_url, redact_in, scheme_and_bucket};
+use crate::attributes::scheme_and_bucket;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use tracing::Instrument;
 use trainyard_core::Config;
 use trainyard_core::destination::Destinations;
+use trainyard_core::redact::{display_url, redact_in};
 use trainyard_core::runtime::{StageError, StageHandler, TaskContext};
 use trainyard_core::store::{ArtifactStore, StoreError, keys};
 use trainyard_proto::v1::{

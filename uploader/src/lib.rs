@@ -4,8 +4,8 @@
 //! `manifest.json` (files, sizes, sha256, a summary of the spec, final
 //! metrics) beside them.
 
+pub mod attributes;
 pub mod deliver;
-pub mod display;
 pub mod fault;
 
 use trainyard_core::Config;

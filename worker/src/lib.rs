@@ -1,17 +1,17 @@
 //! The worker: the training stage, on a GPU machine (or a CPU for the
 //! reference trainer). [`train`] is the stage, [`models`] the base-model
 //! cache, [`registry`] this worker's entry in the worker registry,
-//! [`webhook`] the loopback receiver for trainers that report over HTTP. The
-//! trainers it drives are `trainyard-backends`.
+//! [`progress_receiver`] the loopback receiver for trainers that report
+//! their progress over HTTP. The trainers it drives are `trainyard-backends`.
 
 pub mod gpu;
 pub mod logs;
 pub mod models;
+pub mod progress_receiver;
 pub mod registry;
 pub mod throttle;
 pub mod train;
 pub mod trainer_log;
-pub mod webhook;
 
 use std::time::Duration;
 use trainyard_core::Config;
@@ -116,12 +116,6 @@ pub fn tools(
 ) -> trainyard_backends::Tools {
     trainyard_backends::Tools {
         reference,
-        python: paths.python.clone(),
-        accelerate: paths.accelerate.clone(),
-        deepspeed: paths.deepspeed.clone(),
-        kohya_dir: paths.kohya_dir.clone(),
-        diffusion_pipe_dir: paths.diffusion_pipe_dir.clone(),
-        simpletuner_dir: paths.simpletuner_dir.clone(),
-        ai_toolkit_dir: paths.ai_toolkit_dir.clone(),
+        trainers: paths.clone(),
     }
 }

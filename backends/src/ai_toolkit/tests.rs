@@ -1,11 +1,15 @@
 use super::*;
 use std::os::unix::process::ExitStatusExt;
+use trainyard_core::config::TrainerPaths;
 use trainyard_proto::v1::{ExtraValue, extra_value::Kind};
 
 fn backend() -> AiToolkit {
     AiToolkit::new(&Tools {
-        python: "/venv/bin/python".into(),
-        ai_toolkit_dir: "/opt/ai-toolkit".into(),
+        trainers: TrainerPaths {
+            python: "/venv/bin/python".into(),
+            ai_toolkit_dir: "/opt/ai-toolkit".into(),
+            ..Tools::default().trainers
+        },
         ..Tools::default()
     })
 }

@@ -6,7 +6,7 @@ use crate::{BackendError, Extra, ExtraType, TrainInputs, typed_extras};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use trainyard_core::models::{ModelFamily, part};
+use trainyard_models::{ModelFamily, part};
 use trainyard_proto::v1::TrainingSettings;
 
 /// Training-state checkpoint period unless extras say otherwise.

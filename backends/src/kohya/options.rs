@@ -7,7 +7,7 @@
 use crate::{Extra, ExtraType, typed_extras};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
-use trainyard_core::models::ModelFamily;
+use trainyard_models::ModelFamily;
 use trainyard_proto::v1::TrainingSettings;
 
 /// One option value as it is written to the args TOML.

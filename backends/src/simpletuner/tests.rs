@@ -3,12 +3,16 @@ use crate::Resume;
 use serde_json::json;
 use std::collections::HashMap;
 use std::os::unix::process::ExitStatusExt;
+use trainyard_core::config::TrainerPaths;
 use trainyard_proto::v1::{ExtraValue, extra_value::Kind};
 
 fn backend() -> SimpleTuner {
     SimpleTuner::new(&Tools {
-        accelerate: "/venv/bin/accelerate".into(),
-        simpletuner_dir: "/venv/lib/python3.11/site-packages/simpletuner".into(),
+        trainers: TrainerPaths {
+            accelerate: "/venv/bin/accelerate".into(),
+            simpletuner_dir: "/venv/lib/python3.11/site-packages/simpletuner".into(),
+            ..Tools::default().trainers
+        },
         ..Tools::default()
     })
 }

@@ -16,13 +16,17 @@ use trainyard_backends::{
     Launch, LineEvent, ModelFiles, Resume, Slot, StopRequest, Tools, TrainInputs, TrainerBackend,
     by_name,
 };
-use trainyard_core::models::{ModelFamily, part};
+use trainyard_core::config::TrainerPaths;
+use trainyard_models::{ModelFamily, part};
 use trainyard_proto::v1::{ErrorKind, ExtraValue, TrainingSettings, extra_value::Kind};
 
 fn backend() -> Box<dyn TrainerBackend> {
     let tools = Tools {
-        deepspeed: "/opt/venv/bin/deepspeed".into(),
-        diffusion_pipe_dir: "/opt/diffusion-pipe".into(),
+        trainers: TrainerPaths {
+            deepspeed: "/opt/venv/bin/deepspeed".into(),
+            diffusion_pipe_dir: "/opt/diffusion-pipe".into(),
+            ..Tools::default().trainers
+        },
         ..Tools::default()
     };
     by_name("diffusion-pipe", &tools).expect("registered")

@@ -17,16 +17,20 @@ use trainyard_backends::{
     FoundCheckpoint, LineEvent, OutputParser, Slot, StopRequest, Tools, TrainInputs,
     TrainerBackend, by_name,
 };
-use trainyard_core::models::{ModelFamily, part};
+use trainyard_core::config::TrainerPaths;
 use trainyard_core::process::{ChildGroup, OutputLine};
+use trainyard_models::{ModelFamily, part};
 use trainyard_proto::v1::{ErrorKind, ExtraValue, TrainingSettings, extra_value::Kind};
 
 const WAIT: Duration = Duration::from_secs(60);
 
 fn backend() -> Box<dyn TrainerBackend> {
     let tools = Tools {
-        deepspeed: standins().join("bin/deepspeed"),
-        diffusion_pipe_dir: standins().join("diffusion-pipe"),
+        trainers: TrainerPaths {
+            deepspeed: standins().join("bin/deepspeed"),
+            diffusion_pipe_dir: standins().join("diffusion-pipe"),
+            ..Tools::default().trainers
+        },
         ..Tools::default()
     };
     by_name("diffusion-pipe", &tools).expect("registered")

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use trainyard_backends::{LineEvent, OutputParser, Tools, TrainerBackend, by_name};
-use trainyard_core::models::ModelFamily;
+use trainyard_models::ModelFamily;
 use trainyard_proto::v1::ErrorKind;
 
 fn backend() -> Box<dyn TrainerBackend> {

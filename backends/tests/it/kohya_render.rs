@@ -10,13 +10,17 @@ use common::{Fixture, settings};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use trainyard_backends::{Launch, StopRequest, Tools, TrainInputs, TrainerBackend, by_name};
-use trainyard_core::models::ModelFamily;
+use trainyard_core::config::TrainerPaths;
+use trainyard_models::ModelFamily;
 use trainyard_proto::v1::{ExtraValue, extra_value::Kind};
 
 fn backend() -> Box<dyn TrainerBackend> {
     let tools = Tools {
-        accelerate: "/opt/venv/bin/accelerate".into(),
-        kohya_dir: "/opt/sd-scripts".into(),
+        trainers: TrainerPaths {
+            accelerate: "/opt/venv/bin/accelerate".into(),
+            kohya_dir: "/opt/sd-scripts".into(),
+            ..Tools::default().trainers
+        },
         ..Tools::default()
     };
     by_name("kohya", &tools).expect("kohya is registered")

@@ -15,8 +15,8 @@ use support::safetensors_header;
 use trainyard_backends::{
     FoundCheckpoint, LineEvent, Resume, TrainInputs, TrainerBackend, by_name,
 };
-use trainyard_core::models::ModelFamily;
 use trainyard_core::process::{ChildGroup, CommandSpec};
+use trainyard_models::ModelFamily;
 use trainyard_proto::v1::ErrorKind;
 
 const DEADLINE: Duration = Duration::from_secs(60);

@@ -17,8 +17,8 @@ use trainyard_backends::{
     FoundCheckpoint, LineEvent, ModelFiles, OutputParser, Resume, StopRequest, TrainInputs,
     TrainerBackend,
 };
-use trainyard_core::models::{ModelFamily, part};
 use trainyard_core::process::{ChildGroup, OutputLine};
+use trainyard_models::{ModelFamily, part};
 use trainyard_proto::v1::{ErrorKind, TrainingSettings};
 
 const TIMEOUT: Duration = Duration::from_secs(60);

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use trainyard_backends::{FoundCheckpoint, Launch, ModelFiles, Resume, TrainInputs};
-use trainyard_core::models::{ModelFamily, part};
+use trainyard_models::{ModelFamily, part};
 use trainyard_proto::v1::TrainingSettings;
 
 /// A 1×1 RGB PNG.

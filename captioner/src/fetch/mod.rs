@@ -24,6 +24,8 @@ use futures::StreamExt;
 use reqwest::{StatusCode, Url};
 use tokio::io::AsyncWriteExt;
 
+use trainyard_core::redact::{display, display_url};
+
 pub use trainyard_core::netguard::is_forbidden_ip;
 use trainyard_core::netguard::{Guard, GuardedResolver, Refusal};
 
@@ -228,10 +230,10 @@ impl GuardedClient {
     /// partial download; on any error the partial file is removed.
     pub async fn download_to_file(&self, url: &str, dest: &Path) -> Result<Downloaded, FetchError> {
         let parsed = Url::parse(url).map_err(|e| FetchError::InvalidUrl {
-            url: redact_str(url),
+            url: display_url(url),
             reason: e.to_string(),
         })?;
-        let shown = redact(&parsed);
+        let shown = display(&parsed);
         self.guard
             .check_url(&parsed)
             .map_err(|r| FetchError::from_refusal(shown.clone(), r))?;
@@ -343,50 +345,6 @@ fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(when.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-/// `scheme://host[:port]/path` — no credentials, query or fragment.
-pub(crate) fn redact(url: &Url) -> String {
-    let mut shown = format!("{}://{}", url.scheme(), url.host_str().unwrap_or(""));
-    if let Some(port) = url.port() {
-        shown.push_str(&format!(":{port}"));
-    }
-    shown.push_str(url.path());
-    shown
-}
-
-fn redact_str(raw: &str) -> String {
-    let cut = raw.find(['?', '#']).unwrap_or(raw.len());
-    let raw = &raw[..cut];
-    // Credentials sit between `://` and the last `@` before the path.
-    let without_userinfo = |rest: &str| -> String {
-        let end = rest.find('/').unwrap_or(rest.len());
-        match rest[..end].rfind('@') {
-            Some(at) => rest[at + 1..].to_owned(),
-            None => rest.to_owned(),
-        }
-    };
-    let shown = match raw.split_once("://") {
-        Some((scheme, rest)) => format!("{scheme}://{}", without_userinfo(rest)),
-        None => without_userinfo(raw),
-    };
-    shown.chars().take(200).collect()
-}
-
-/// A user-given URL as it may appear in logs, span attributes and
-/// messages: `scheme://host[:port]/path`, without credentials, query
-/// string or fragment (presigned URLs carry their secrets there). Text
-/// that is not a URL loses the same parts as far as they can be told.
-pub fn display_url(raw: &str) -> String {
-    match Url::parse(raw) {
-        Ok(url) if url.has_host() => redact(&url),
-        _ => redact_str(raw),
-    }
-}
-
-/// The host of a URL (never its credentials), for a span attribute.
-pub fn url_host(raw: &str) -> Option<String> {
-    Url::parse(raw).ok()?.host_str().map(str::to_owned)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -401,49 +359,5 @@ mod tests {
             Some(Duration::from_secs(30))
         );
         assert_eq!(parse_retry_after("soon", now), None);
-    }
-
-    #[test]
-    fn redaction_drops_query_and_credentials() {
-        let url =
-            Url::parse("https://user:pw@bucket.example:8443/a/b.zip?X-Amz-Signature=s#f").unwrap();
-        assert_eq!(redact(&url), "https://bucket.example:8443/a/b.zip");
-        assert_eq!(redact_str("not a url?token=1"), "not a url");
-    }
-
-    #[test]
-    fn display_urls_keep_no_secret() {
-        for (raw, shown) in [
-            (
-                "https://user:SECRET@data.example/a.zip?token=SECRET#x",
-                "https://data.example/a.zip",
-            ),
-            (
-                "http://SECRET@127.0.0.1:8080/d?t=SECRET",
-                "http://127.0.0.1:8080/d",
-            ),
-            (
-                "s3://AKIA:SECRET@bucket/key?X-Amz-Signature=SECRET",
-                "s3://bucket/key",
-            ),
-            ("hf://org/repo", "hf://org/repo"),
-            ("no scheme?token=SECRET", "no scheme"),
-        ] {
-            let got = display_url(raw);
-            assert_eq!(got, shown, "{raw}");
-            assert!(!got.contains("SECRET"), "{got}");
-        }
-        for odd in [
-            "weird://u:SECRET@h@/p?q=SECRET",
-            "http://u:SECRET@/x",
-            "u:SECRET@h",
-        ] {
-            assert!(!display_url(odd).contains("SECRET"), "{odd}");
-        }
-        assert_eq!(
-            url_host("https://u:SECRET@data.example:9/x?q=1").as_deref(),
-            Some("data.example")
-        );
-        assert_eq!(url_host("not a url"), None);
     }
 }

@@ -12,12 +12,12 @@
 //!   [`Destinations`], the same rules the uploader opens them with.
 
 use super::{Report, check};
-use crate::fetch::display_url;
 use trainyard_backends::Tools;
 use trainyard_core::destination::{Destinations, ProbeFailure};
-use trainyard_core::hub::HubClient;
-use trainyard_core::models::{HubRef, ModelSource};
+use trainyard_core::redact::{display_url, redact_in};
 use trainyard_core::store::ArtifactStore;
+use trainyard_models::hub::HubClient;
+use trainyard_models::{HubRef, ModelSource};
 use trainyard_proto::v1::{ErrorKind, JobSpec};
 
 /// What the access checks reach: the artifact store, the Hub and the
@@ -63,11 +63,7 @@ impl AccessChecks {
             Ok(source) => source,
             Err(e) => {
                 // The message quotes the URI: never with its credentials.
-                let message = if model.uri.is_empty() {
-                    e
-                } else {
-                    e.replace(&model.uri, &display_url(&model.uri))
-                };
+                let message = redact_in(&e, &model.uri);
                 report.problem(check::BASE_MODEL, ErrorKind::InvalidSpec, message);
                 return report;
             }
@@ -117,7 +113,7 @@ impl AccessChecks {
                 ErrorKind::Model,
                 format!(
                     "{uri} is not in the artifact store {}; workers read base models only from there",
-                    self.store.root()
+                    display_url(self.store.root())
                 ),
             );
             return;
@@ -177,11 +173,7 @@ impl AccessChecks {
             let Err(error) = result else { continue };
             // Messages name the destination: never with its credentials.
             let uri = display_url(raw);
-            let message = if raw.is_empty() {
-                error.message
-            } else {
-                error.message.replace(raw, &uri)
-            };
+            let message = redact_in(&error.message, raw);
             match error.failure {
                 ProbeFailure::Refused => {
                     report.problem(check::DESTINATIONS, ErrorKind::Storage, message)

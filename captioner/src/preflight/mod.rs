@@ -6,7 +6,7 @@
 //! costs seconds. So the prepare stage runs these checks once the dataset is
 //! captioned (the access checks alongside fetching), and fails the job with
 //! *every* problem listed; the `Validate` API runs the same checks without
-//! a job ([`crate::validate`]).
+//! a job ([`crate::preflight_server`]).
 //!
 //! - [`images`]: the prepared image dataset against the backend and the
 //!   settings: enough images, image sizes against the resolution, caption
@@ -27,12 +27,12 @@ pub mod text;
 
 pub use access::AccessChecks;
 
-use crate::datasets::{DatasetError, Finding};
+use crate::error::{DatasetError, PrepareError};
 use crate::prepare::PreparedDataset;
 use std::fmt::Write as _;
 use std::time::Duration;
-use trainyard_core::models::ModelFamily;
 use trainyard_core::runtime::StageError;
+use trainyard_models::ModelFamily;
 use trainyard_proto::v1::{
     self, ErrorKind, JobSpec, StepEstimate, TrainingSettings, ValidateReply, extra_value,
 };
@@ -194,7 +194,7 @@ pub async fn run(
             Some(prepared)
         }
         Err(error) => {
-            match error.into_finding(spec) {
+            match finding(error, spec) {
                 Finding::Problem(problem) => report.problems.push(problem),
                 Finding::Retry(error) => {
                     if let StageError::Retry { error, .. } = &error {
@@ -213,6 +213,45 @@ pub async fn run(
         prepared,
         retry,
     })
+}
+
+/// What a dataset error means for preflight.
+pub enum Finding {
+    /// A problem with the dataset itself: listed with the others.
+    Problem(Problem),
+    /// Could not be prepared now; the error keeps the retry delay.
+    Retry(StageError),
+    /// Cancelled or stopping: nothing to report.
+    Stop(StageError),
+}
+
+/// Permanent failures become problems; too few images says how many
+/// the backend needs and why.
+pub fn finding(error: DatasetError, spec: &JobSpec) -> Finding {
+    let too_few = match &error {
+        DatasetError::Prepare(PrepareError::NoUsableImages { bad }) => {
+            let detail = if bad.is_empty() {
+                "no image files found".to_owned()
+            } else {
+                format!("unreadable or too small: {}", list_names(bad))
+            };
+            Some((0, Some(detail)))
+        }
+        DatasetError::Prepare(PrepareError::TooFewImages { found, .. }) => {
+            Some((*found as u32, None))
+        }
+        _ => None,
+    };
+    if let Some((found, detail)) = too_few
+        && let Some(message) = images::too_few_images(spec, found, detail.as_deref())
+    {
+        return Finding::Problem(Problem::new(check::IMAGES, ErrorKind::BadDataset, message));
+    }
+    match error.into_stage_error() {
+        StageError::Fail(e) => Finding::Problem(Problem::new(check::DATASET, e.kind(), e.message)),
+        retry @ StageError::Retry { .. } => Finding::Retry(retry),
+        stop => Finding::Stop(stop),
+    }
 }
 
 /// Whether `spec` trains a language model on text (after normalisation,

@@ -12,8 +12,8 @@ use trainyard_captioner::{
     LocalInput, PrepareSettings, PreparedDataset, TemplateCaptioner, prepare_local,
 };
 use trainyard_core::destination::Destinations;
-use trainyard_core::hub::HubClient;
 use trainyard_core::store::{ArtifactStore, S3Options};
+use trainyard_models::hub::HubClient;
 use trainyard_proto::v1::{
     CaptionSettings, Destination, ErrorKind, JobSpec, ModelRef, TrainingSettings,
 };

@@ -15,8 +15,8 @@ use futures::StreamExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use trainyard_core::natsd::{NatsServer, find_nats_server};
 use trainyard_core::store::ArtifactStore;
+use trainyard_natsd::{NatsServer, find_nats_server};
 use trainyard_proto::v1::{JobState, Stage, SubmitRequest, WatchRequest, job_event::Kind};
 use trainyard_tests::{Bearer, spec};
 

@@ -19,9 +19,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 use trainyard_core::Config;
-use trainyard_core::natsd::{NatsServer, find_nats_server};
 use trainyard_core::store::ArtifactStore;
 use trainyard_core::topology::TASKS_STREAM;
+use trainyard_natsd::{NatsServer, find_nats_server};
 use trainyard_proto::v1::job_service_client::JobServiceClient;
 
 /// How long services get to start and be ready.

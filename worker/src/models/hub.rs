@@ -7,9 +7,9 @@ use super::cache::{BlobKey, Expected};
 use super::{ModelLease, Models, fail};
 use std::path::PathBuf;
 use std::time::Duration;
-use trainyard_core::hub::{HubError, HubFileInfo};
-use trainyard_core::models::glob_match;
 use trainyard_core::runtime::StageError;
+use trainyard_models::glob_match;
+use trainyard_models::hub::{HubError, HubFileInfo};
 use trainyard_proto::v1::ErrorKind;
 
 /// Files of one snapshot fetched at once.

@@ -31,11 +31,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use trainyard_backends::ModelFiles;
-use trainyard_core::hub::{HubClient, HubError};
-use trainyard_core::models::{ModelSource, part};
 use trainyard_core::process::{ChildGroup, CommandSpec};
 use trainyard_core::runtime::StageError;
 use trainyard_core::store::{ArtifactStore, StoreError, keys};
+use trainyard_models::hub::{HubClient, HubError};
+use trainyard_models::{ModelSource, part};
 use trainyard_proto::v1::{ErrorKind, ModelRef};
 
 pub const REFERENCE_MODEL: &str = "reference-denoiser-v1";

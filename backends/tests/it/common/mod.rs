@@ -6,14 +6,18 @@ use crate::support::{captioned_dataset, run_inputs, standins, write_safetensors}
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use trainyard_backends::{ModelFiles, Resume, Tools, TrainInputs};
-use trainyard_core::models::{ModelFamily, part};
+use trainyard_core::config::TrainerPaths;
+use trainyard_models::{ModelFamily, part};
 use trainyard_proto::v1::{ExtraValue, TrainingSettings};
 
 /// The stand-ins shipped in the test tree.
 pub fn standin_tools() -> Tools {
     Tools {
-        accelerate: standins().join("bin/accelerate"),
-        kohya_dir: standins().join("kohya"),
+        trainers: TrainerPaths {
+            accelerate: standins().join("bin/accelerate"),
+            kohya_dir: standins().join("kohya"),
+            ..Tools::default().trainers
+        },
         ..Tools::default()
     }
 }

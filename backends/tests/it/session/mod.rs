@@ -12,8 +12,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use trainyard_backends::{Launch, LineEvent, OutputParser, Tools, TrainInputs, TrainerBackend};
-use trainyard_core::models::ModelFamily;
+use trainyard_core::config::TrainerPaths;
 use trainyard_core::process::{ChildGroup, OutputLine};
+use trainyard_models::ModelFamily;
 
 /// Generous bound on any one wait (a whole stand-in run takes seconds).
 pub const DEADLINE: Duration = Duration::from_secs(60);
@@ -22,10 +23,13 @@ pub const DEADLINE: Duration = Duration::from_secs(60);
 pub fn tools() -> Tools {
     let standins = standins();
     Tools {
-        python: "python3".into(),
-        accelerate: standins.join("bin/accelerate"),
-        simpletuner_dir: standins.join("simpletuner"),
-        ai_toolkit_dir: standins.join("ai-toolkit"),
+        trainers: TrainerPaths {
+            python: "python3".into(),
+            accelerate: standins.join("bin/accelerate"),
+            simpletuner_dir: standins.join("simpletuner"),
+            ai_toolkit_dir: standins.join("ai-toolkit"),
+            ..Tools::default().trainers
+        },
         ..Tools::default()
     }
 }

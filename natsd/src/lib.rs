@@ -14,10 +14,13 @@
 //! listens. It runs in its own process group, so a Ctrl-C in the terminal
 //! reaches `yard` (which drains the services first) and not the server,
 //! and it is stopped when the handle drops. It is a long-running server,
-//! not a trainer, so it does not go through [`crate::process`].
+//! not a trainer, so it does not go through `trainyard_core::process`.
 //!
 //! Everything here blocks (it spawns and polls a child process); call it
 //! from `spawn_blocking` inside a runtime.
+//!
+//! A crate of its own, not part of `trainyard-core`: only the CLI and the
+//! test harness start a nats-server; services connect to one they are given.
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;

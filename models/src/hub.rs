@@ -23,12 +23,13 @@
 //! This client never retries: [`HubError::is_retryable`] says whether trying
 //! later can help, and the caller's runtime owns redelivery.
 
-use crate::models::HubRef;
+use crate::presets::HubRef;
 use reqwest::header::{self, HeaderMap};
 use reqwest::{StatusCode, Url};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
+use trainyard_proto::redact::{display, display_url};
 
 pub const HEADER_REPO_COMMIT: &str = "x-repo-commit";
 pub const HEADER_LINKED_ETAG: &str = "x-linked-etag";
@@ -461,7 +462,7 @@ impl HubClient {
         if !status.is_success() {
             let not_found = |_: Option<&str>| HubError::Http {
                 status: status.as_u16(),
-                url: redact(&url),
+                url: display(&url),
             };
             return Err(status_error(
                 status,
@@ -625,21 +626,13 @@ fn status_error(
         },
         (_, 500..=599) => HubError::Server {
             status: status.as_u16(),
-            url: redact(url),
+            url: display(url),
         },
         (_, status) => HubError::Http {
             status,
-            url: redact(url),
+            url: display(url),
         },
     }
-}
-
-/// A URL without its query (CDN URLs carry signatures there).
-fn redact(url: &Url) -> String {
-    let mut url = url.clone();
-    url.set_query(None);
-    let _ = url.set_password(None);
-    url.into()
 }
 
 fn network(url: &Url, error: &reqwest::Error) -> HubError {
@@ -651,21 +644,21 @@ fn network(url: &Url, error: &reqwest::Error) -> HubError {
         source = cause.source();
     }
     HubError::Network {
-        url: redact(url),
+        url: display(url),
         message,
     }
 }
 
 fn protocol(url: &Url, message: &str) -> HubError {
     HubError::Protocol {
-        url: redact(url),
+        url: display(url),
         message: message.into(),
     }
 }
 
 fn protocol_str(url: &str, message: &str) -> HubError {
     HubError::Protocol {
-        url: url.split('?').next().unwrap_or_default().into(),
+        url: display_url(url),
         message: message.into(),
     }
 }

@@ -4,10 +4,14 @@
 //! failed job an hour later. Valid specs are normalised: unset optional
 //! values get their documented defaults, and the stored spec is explicit.
 
+mod webhook;
+
+pub use webhook::SubmitRules;
+
 use trainyard_backends::BACKENDS;
-use trainyard_core::models::ModelSource;
+use trainyard_models::ModelSource;
 use trainyard_proto::v1::{
-    ErrorKind, JobSpec, RetryPolicy, Stage, TrainingSettings, Webhook, dataset_source::Source,
+    ErrorKind, JobSpec, RetryPolicy, Stage, TrainingSettings, dataset_source::Source,
 };
 
 /// The base model a backend uses when the spec names none.
@@ -144,54 +148,13 @@ pub fn normalise(mut spec: JobSpec) -> Result<JobSpec, Invalid> {
         check_retry(retry, &mut p);
     }
     if let Some(hook) = spec.webhook.as_mut() {
-        normalise_webhook(hook, &mut p);
+        webhook::normalise(hook, &mut p);
     }
     if p.0.is_empty() {
         Ok(spec)
     } else {
         Err(Invalid(p.0))
     }
-}
-
-/// A job's webhook: an http(s) URL without credentials, and known event
-/// names (none means `completed`; the stored spec lists them). Whether the
-/// fleet can deliver it (a secret, the address) is checked by the API
-/// with the fleet's config ([`crate::webhooks::SubmitRules`]).
-fn normalise_webhook(hook: &mut Webhook, p: &mut Problems) {
-    match reqwest::Url::parse(&hook.url) {
-        Err(e) => p.add("webhook.url", format!("is not a valid url: {e}")),
-        Ok(url) => {
-            p.check(
-                matches!(url.scheme(), "http" | "https"),
-                "webhook.url",
-                "must be an http:// or https:// url",
-            );
-            p.check(
-                url.username().is_empty() && url.password().is_none(),
-                "webhook.url",
-                "must not hold credentials (user:password@); put a token in the path or query",
-            );
-            p.check(url.host_str().is_some(), "webhook.url", "has no host");
-            p.check(
-                hook.url.len() <= 2048,
-                "webhook.url",
-                "is longer than 2048 characters",
-            );
-        }
-    }
-    for event in &hook.events {
-        if !crate::webhooks::EVENTS.contains(&event.as_str()) {
-            p.add(
-                "webhook.events",
-                format!("unknown event {event:?}; use \"completed\" or \"state\""),
-            );
-        }
-    }
-    if hook.events.is_empty() {
-        hook.events.push(crate::webhooks::COMPLETED.into());
-    }
-    hook.events.sort();
-    hook.events.dedup();
 }
 
 /// A job's retry override: zero fields keep the services' defaults; the
@@ -411,7 +374,7 @@ fn normalise_caption(spec: &mut JobSpec, p: &mut Problems) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use trainyard_proto::v1::{DatasetSource, TrainingSettings};
+    use trainyard_proto::v1::{DatasetSource, TrainingSettings, Webhook};
 
     pub fn valid() -> JobSpec {
         JobSpec {

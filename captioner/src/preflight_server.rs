@@ -6,7 +6,8 @@
 //! prepares the dataset in a scratch folder (removed afterwards), runs the
 //! same checks as the prepare stage and replies with a `ValidateReply`.
 //! Nothing is stored and no job is created. Each captioner answers up to
-//! `captioner.concurrency` requests at a time, beside its stage's tasks.
+//! `captioner.concurrency` requests at a time, beside its stage's tasks;
+//! more wait in the subscription ([`trainyard_core::serve`]).
 //!
 //! A caption backend that calls a service or a model is not called: images
 //! without a sidecar get a stand-in caption, and the reply says which
@@ -19,24 +20,19 @@ use crate::manifest::CaptionSource;
 use crate::preflight::Checked;
 use crate::preflight::{AccessChecks, Report, check};
 use async_trait::async_trait;
-use futures::StreamExt;
+use bytes::Bytes;
 use prost::Message;
 use std::sync::Arc;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::Instrument;
-use tracing::instrument::WithSubscriber;
 use trainyard_core::Config;
+use trainyard_core::serve::{self, Responder, ServeError};
 use trainyard_core::store::ArtifactStore;
-use trainyard_core::telemetry::propagation::{
-    JobAttrs, inject_current_nats, process_span, record_job,
-};
+use trainyard_core::telemetry::propagation::{JobAttrs, record_job};
 use trainyard_core::topology::{PREFLIGHT_QUEUE, subject};
 use trainyard_proto::v1::{JobSpec, PreflightRequest, ValidateReply};
 
 /// Runs preflight for specs that are not jobs.
-pub struct Validator {
+pub struct PreflightServer {
     datasets: Datasets,
     access: AccessChecks,
 }
@@ -73,7 +69,7 @@ impl CaptionBackend for DryRun<'_> {
     }
 }
 
-impl Validator {
+impl PreflightServer {
     pub fn new(config: &Config) -> anyhow::Result<Self> {
         let store = ArtifactStore::open_with(&config.store.uri, &config.store.s3)?;
         Ok(Self {
@@ -87,7 +83,7 @@ impl Validator {
         let work = self
             .datasets
             .work_root
-            .join(format!("validate-{}", uuid::Uuid::now_v7().simple()));
+            .join(format!("preflight-{}", uuid::Uuid::now_v7().simple()));
         let mut report = Report::default();
         if let Err(e) = tokio::fs::create_dir_all(&work).await {
             report.unchecked(
@@ -139,7 +135,7 @@ impl Validator {
             ),
         }
         if let Err(error) = tokio::fs::remove_dir_all(&work).await {
-            tracing::warn!(path = %work.display(), %error, "could not remove validate work dir");
+            tracing::warn!(path = %work.display(), %error, "could not remove a preflight work dir");
         }
         report
     }
@@ -150,75 +146,38 @@ impl Validator {
 pub async fn subscribe(
     client: &async_nats::Client,
 ) -> Result<async_nats::Subscriber, async_nats::Error> {
-    let requests = client
-        .queue_subscribe(subject::preflight(), PREFLIGHT_QUEUE.into())
-        .await?;
-    client.flush().await?;
-    Ok(requests)
+    serve::subscribe(client, subject::preflight(), PREFLIGHT_QUEUE).await
 }
 
 /// Answers requests, `concurrency` at a time, until `shutdown`; checks
 /// still running then are abandoned with an answer that says so.
 pub async fn serve(
     client: async_nats::Client,
-    mut requests: async_nats::Subscriber,
-    validator: Arc<Validator>,
+    requests: async_nats::Subscriber,
+    server: Arc<PreflightServer>,
     concurrency: usize,
     shutdown: CancellationToken,
-) {
-    let slots = Arc::new(Semaphore::new(concurrency.max(1)));
-    let tracker = TaskTracker::new();
-    loop {
-        let message = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            message = requests.next() => match message { Some(m) => m, None => break },
-        };
-        let Some(reply_to) = message.reply.clone() else {
-            continue;
-        };
-        let (client, validator, slots, stop) = (
-            client.clone(),
-            validator.clone(),
-            slots.clone(),
-            shutdown.clone(),
-        );
-        // A child of the requester's span; the reply carries this one's
-        // context, so the check is part of the caller's trace.
-        let span = process_span(
-            message.headers.as_ref(),
-            subject::preflight(),
-            JobAttrs::default(),
-        );
-        // Ends when its check does, or at shutdown with a "retry" answer.
-        tracker.spawn(
-            async move {
-                let answer = tokio::select! {
-                    answer = answer(&validator, &message.payload, &slots) => answer,
-                    _ = stop.cancelled() => {
-                        let mut report = Report::default();
-                        report.unchecked(check::DATASET, "the captioner is stopping; retry");
-                        report.to_reply()
-                    }
-                };
-                let mut headers = async_nats::HeaderMap::new();
-                inject_current_nats(&mut headers);
-                if let Err(error) = client
-                    .publish_with_headers(reply_to, headers, answer.encode_to_vec().into())
-                    .await
-                {
-                    tracing::warn!(%error, "could not send preflight reply");
-                }
-            }
-            .instrument(span)
-            .with_current_subscriber(),
-        );
-    }
-    let _ = requests.unsubscribe().await;
-    tracker.close();
-    tracker.wait().await;
+) -> Result<(), ServeError> {
+    serve::serve(requests, client, server, concurrency, shutdown).await
 }
 
-async fn answer(validator: &Validator, payload: &[u8], slots: &Semaphore) -> ValidateReply {
+impl Responder for PreflightServer {
+    fn destination(&self, _subject: &str) -> String {
+        subject::preflight().to_owned()
+    }
+
+    async fn answer(&self, request: &async_nats::Message) -> Bytes {
+        answer(self, &request.payload).await.encode_to_vec().into()
+    }
+
+    fn stopping(&self) -> Option<Bytes> {
+        let mut report = Report::default();
+        report.unchecked(check::DATASET, "the captioner is stopping; retry");
+        Some(report.to_reply().encode_to_vec().into())
+    }
+}
+
+async fn answer(server: &PreflightServer, payload: &[u8]) -> ValidateReply {
     let request = match PreflightRequest::decode(payload) {
         Ok(request) => request,
         Err(e) => {
@@ -231,7 +190,6 @@ async fn answer(validator: &Validator, payload: &[u8], slots: &Semaphore) -> Val
             return report.to_reply();
         }
     };
-    let _slot = slots.acquire().await.expect("semaphore never closes");
     let spec = request.spec.unwrap_or_default();
     record_job(
         &tracing::Span::current(),
@@ -241,5 +199,122 @@ async fn answer(validator: &Validator, payload: &[u8], slots: &Semaphore) -> Val
         },
     );
     tracing::info!(tenant = %request.tenant, "preflight without a job");
-    validator.check(&spec).await.to_reply()
+    server.check(&spec).await.to_reply()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_nats::{HeaderMap, Subject};
+    use std::time::Duration;
+    use tokio::sync::mpsc;
+    use trainyard_core::serve::Replies;
+    use trainyard_proto::v1::{DatasetSource, dataset_source::Source};
+
+    #[derive(Clone)]
+    struct Sent(mpsc::UnboundedSender<Bytes>);
+
+    impl Replies for Sent {
+        async fn reply(
+            &self,
+            _to: Subject,
+            _headers: HeaderMap,
+            payload: Bytes,
+        ) -> Result<(), async_nats::Error> {
+            Ok(self.0.send(payload)?)
+        }
+    }
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// Preflight requests beyond `captioner.concurrency` wait in the
+    /// subscription: with one slot and a dataset server that never answers,
+    /// the second request is not taken; at shutdown both are answered
+    /// "retry".
+    #[tokio::test]
+    async fn requests_beyond_the_concurrency_wait_untaken() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.captioner.work_dir = dir.path().join("work");
+        config.captioner.allow_private_urls = true;
+        config.store.uri = dir.path().join("store").display().to_string();
+        let server = Arc::new(PreflightServer::new(&config).unwrap());
+
+        // A dataset server that takes connections and never answers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/set.zip", listener.local_addr().unwrap());
+        let (connected, mut connections) = mpsc::unbounded_channel();
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+                let _ = connected.send(());
+            }
+        });
+
+        let request = PreflightRequest {
+            tenant: "acme".into(),
+            spec: Some(JobSpec {
+                dataset: Some(DatasetSource {
+                    source: Some(Source::ZipUrl(url)),
+                }),
+                ..Default::default()
+            }),
+        };
+        let (requests, rx) = mpsc::channel::<async_nats::Message>(4);
+        for n in 0..2 {
+            requests
+                .send(async_nats::Message {
+                    subject: subject::preflight().into(),
+                    reply: Some(format!("_INBOX.{n}").into()),
+                    payload: request.encode_to_vec().into(),
+                    headers: None,
+                    status: None,
+                    description: None,
+                    length: 0,
+                })
+                .await
+                .unwrap();
+        }
+        let stream = Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|message| (message, rx))
+        }));
+        let (sent, mut replies) = mpsc::unbounded_channel();
+        let shutdown = CancellationToken::new();
+        let served = tokio::spawn(serve::serve(
+            stream,
+            Sent(sent),
+            server,
+            1,
+            shutdown.clone(),
+        ));
+
+        tokio::time::timeout(WAIT, connections.recv())
+            .await
+            .expect("the first check fetches the dataset")
+            .unwrap();
+        assert_eq!(
+            requests.max_capacity() - requests.capacity(),
+            1,
+            "the second request was taken without a free slot"
+        );
+        shutdown.cancel();
+        for _ in 0..2 {
+            let reply = tokio::time::timeout(WAIT, replies.recv())
+                .await
+                .expect("answered")
+                .unwrap();
+            let reply = ValidateReply::decode(reply).unwrap();
+            assert!(!reply.ok);
+            assert!(
+                reply
+                    .problems
+                    .iter()
+                    .any(|p| p.message.contains("the captioner is stopping; retry")),
+                "{reply:?}"
+            );
+        }
+        served.await.unwrap().unwrap();
+        drop(silent);
+    }
 }

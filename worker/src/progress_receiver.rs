@@ -1,35 +1,41 @@
-//! A loopback webhook receiver for trainers that report through HTTP
+//! A loopback receiver for trainers that report their progress through HTTP
 //! (SimpleTuner's `webhook_config`). One per run: it listens on
 //! `127.0.0.1:0` under a random path, answers every POST with 200, and
 //! hands the JSON bodies to the run loop, which feeds them to the backend's
 //! parser next to the output lines.
+//!
+//! Not to be confused with the coordinator's job webhooks (`webhooks`),
+//! which go out to users: this one only ever listens on loopback for the
+//! trainer the worker started. The backends' names for it (`wants_webhook`,
+//! `TrainInputs::webhook_url`, `OutputParser::webhook`) follow the trainer's
+//! own word for the feature.
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// Bodies larger than this are refused (webhook events are small).
+/// Bodies larger than this are refused (progress posts are small).
 const MAX_BODY: usize = 1 << 20;
 /// Longest request or header line.
 const MAX_LINE: u64 = 8 << 10;
 /// A connection is closed after this long, whatever it is doing.
 const IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
-pub struct Webhook {
+pub struct ProgressReceiver {
     pub url: String,
     pub bodies: mpsc::Receiver<serde_json::Value>,
     stop: CancellationToken,
 }
 
-impl Drop for Webhook {
+impl Drop for ProgressReceiver {
     fn drop(&mut self) {
         self.stop.cancel();
     }
 }
 
-impl Webhook {
-    pub async fn bind() -> std::io::Result<Webhook> {
+impl ProgressReceiver {
+    pub async fn bind() -> std::io::Result<ProgressReceiver> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
         let secret = uuid::Uuid::now_v7().simple().to_string();
@@ -54,12 +60,12 @@ impl Webhook {
                 tokio::spawn(async move {
                     let served = tokio::time::timeout(IDLE, serve(stream, &expected, &tx)).await;
                     if let Ok(Err(e)) = served {
-                        tracing::debug!(error = %e, "webhook connection ended");
+                        tracing::debug!(error = %e, "progress receiver connection ended");
                     }
                 });
             }
         });
-        Ok(Webhook {
+        Ok(ProgressReceiver {
             url: format!("http://127.0.0.1:{port}{path}"),
             bodies: rx,
             stop,
@@ -136,10 +142,10 @@ async fn serve(
             match serde_json::from_slice(&body) {
                 Ok(value) => {
                     if tx.try_send(value).is_err() {
-                        tracing::debug!("webhook event dropped: the run is not reading");
+                        tracing::debug!("progress post dropped: the run is not reading");
                     }
                 }
-                Err(e) => tracing::debug!(error = %e, "webhook body is not JSON"),
+                Err(e) => tracing::debug!(error = %e, "progress post body is not JSON"),
             }
         }
         if close {
@@ -169,7 +175,7 @@ mod tests {
 
     #[tokio::test]
     async fn posted_json_reaches_the_run_and_other_paths_do_not() {
-        let mut hook = Webhook::bind().await.unwrap();
+        let mut hook = ProgressReceiver::bind().await.unwrap();
         let reply = post(
             &hook.url,
             r#"{"type":"training.status","progress":{"current":3}}"#,

@@ -1,0 +1,402 @@
+//! What a run starts from: the task's training settings checked against its
+//! model family and this worker's trainers, the run's folders, the dataset
+//! (each file checked against the manifest's sha256), the base model's
+//! parts, the newest stored checkpoint, and the trainer's config files and
+//! environment. Everything here happens before the trainer starts.
+
+use super::{TrainStage, local_error};
+use crate::models::ModelLease;
+use std::path::Path;
+use std::time::Duration;
+use tracing::Instrument;
+use tracing::field::Empty;
+use trainyard_backends::{ModelFiles, Resume, Slot, Tools, TrainInputs, TrainerBackend};
+use trainyard_core::process::CommandSpec;
+use trainyard_core::runtime::{StageError, TaskContext};
+use trainyard_core::store::{keys, sha256_file};
+use trainyard_models::{ModelFamily, ModelSource};
+use trainyard_proto::v1::{ErrorKind, JobRecord, JobSpec, TrainTask, TrainingSettings};
+
+/// A task this worker can run: its spec, its training settings, the base
+/// model's family and the backend that trains it.
+pub(super) struct Checked {
+    pub spec: JobSpec,
+    pub settings: TrainingSettings,
+    pub family: ModelFamily,
+    pub backend: Box<dyn TrainerBackend>,
+}
+
+/// The training settings this attempt runs with: the task's, or the
+/// lighter ones an earlier delivery reported after an OOM, as the
+/// coordinator recorded them in the job record (`effective_training`).
+fn training_settings(
+    task: &TrainTask,
+    record: &JobRecord,
+) -> Result<(JobSpec, TrainingSettings), StageError> {
+    let mut spec = task
+        .spec
+        .clone()
+        .ok_or_else(|| StageError::fail(ErrorKind::InvalidSpec, "task has no job spec"))?;
+    if let Some(lighter) = &record.effective_training {
+        spec.training = Some(lighter.clone());
+    }
+    let settings = spec
+        .training
+        .clone()
+        .ok_or_else(|| StageError::fail(ErrorKind::InvalidSpec, "training: is required"))?;
+    Ok((spec, settings))
+}
+
+/// Checks the task's settings against its model family and finds its
+/// backend; a backend this worker lacks hands the task back (another
+/// worker of the pool may have it).
+pub(super) fn check(
+    task: &TrainTask,
+    record: &JobRecord,
+    tools: &Tools,
+) -> Result<Checked, StageError> {
+    let (spec, settings) = training_settings(task, record)?;
+    let model_ref = spec.base_model.clone().unwrap_or_default();
+    let family = ModelSource::parse(&model_ref.uri)
+        .and_then(|source| source.family(&model_ref.family))
+        .map_err(|e| StageError::fail(ErrorKind::InvalidSpec, e))?;
+    let problems = trainyard_backends::check_settings(&settings, family);
+    if !problems.is_empty() {
+        return Err(StageError::fail(
+            ErrorKind::InvalidSpec,
+            problems.join("; "),
+        ));
+    }
+    let backend = trainyard_backends::by_name(&settings.backend, tools).ok_or_else(|| {
+        StageError::fail(
+            ErrorKind::InvalidSpec,
+            format!("training.backend: unknown backend {:?}", settings.backend),
+        )
+    })?;
+    if let Some(missing) = trainyard_backends::not_installed(&settings.backend, tools) {
+        return Err(StageError::retry(
+            ErrorKind::Trainer,
+            missing,
+            Duration::from_secs(30),
+        ));
+    }
+    Ok(Checked {
+        spec,
+        settings,
+        family,
+        backend,
+    })
+}
+
+impl Checked {
+    /// The run's inputs under `work`, before anything is fetched.
+    pub(super) fn inputs(&self, job_id: &str, work: &Path, slot: Slot) -> TrainInputs {
+        TrainInputs {
+            job_id: job_id.to_string(),
+            dataset_dir: work.join("dataset"),
+            model: ModelFiles {
+                reference: self.spec.base_model.clone().unwrap_or_default().uri,
+                family: self.family,
+                parts: Default::default(),
+            },
+            run_dir: work.join("run"),
+            output_dir: work.join("output"),
+            output_name: "lora".into(),
+            trigger_word: self
+                .spec
+                .caption
+                .as_ref()
+                .map(|c| c.trigger_word.clone())
+                .unwrap_or_default(),
+            resume: None,
+            webhook_url: None,
+            slot,
+            settings: self.settings.clone(),
+        }
+    }
+}
+
+pub(super) async fn create_dirs(inputs: &TrainInputs) -> Result<(), StageError> {
+    for dir in [&inputs.run_dir, &inputs.output_dir, &inputs.dataset_dir] {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| local_error("cannot create work dir", e))?;
+    }
+    Ok(())
+}
+
+impl TrainStage {
+    /// Fetches the dataset, the model parts and the newest checkpoint into
+    /// the run's folders; returns the model lease that keeps them cached.
+    pub(super) async fn fetch_inputs(
+        &self,
+        inputs: &mut TrainInputs,
+        task: &TrainTask,
+        spec: &JobSpec,
+        backend: &dyn TrainerBackend,
+        ctx: &TaskContext,
+    ) -> Result<ModelLease, StageError> {
+        self.fetch_dataset(inputs, task, ctx).await?;
+        let lease = self.fetch_model(inputs, spec, backend, ctx).await?;
+        self.restore_checkpoint(inputs, task, ctx).await?;
+        Ok(lease)
+    }
+
+    async fn fetch_dataset(
+        &self,
+        inputs: &TrainInputs,
+        task: &TrainTask,
+        ctx: &TaskContext,
+    ) -> Result<(), StageError> {
+        ctx.note("fetching dataset").await;
+        let key = self.store.key_of(&task.dataset_uri).ok_or_else(|| {
+            StageError::fail(
+                ErrorKind::InvalidSpec,
+                format!("dataset {} is not in the artifact store", task.dataset_uri),
+            )
+        })?;
+        let span = tracing::info_span!(
+            "train.inputs",
+            trainyard.job.id = %ctx.meta.job,
+            files = Empty,
+            bytes = Empty,
+        );
+        async {
+            let fetched = self
+                .store
+                .get_dir(&key, &inputs.dataset_dir)
+                .await
+                .map_err(StageError::from)?;
+            let span = tracing::Span::current();
+            span.record("files", fetched.len());
+            span.record("bytes", fetched.iter().map(|(_, size)| size).sum::<u64>());
+            verify_manifest(&inputs.dataset_dir).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn fetch_model(
+        &self,
+        inputs: &mut TrainInputs,
+        spec: &JobSpec,
+        backend: &dyn TrainerBackend,
+        ctx: &TaskContext,
+    ) -> Result<ModelLease, StageError> {
+        ctx.note("fetching base model").await;
+        let token = spec
+            .secrets
+            .as_ref()
+            .map(|s| s.hf_token.as_str())
+            .filter(|t| !t.is_empty());
+        let model_ref = spec.base_model.clone().unwrap_or_default();
+        let span = tracing::info_span!(
+            "train.model",
+            trainyard.job.id = %ctx.meta.job,
+            cache = Empty,
+            bytes = Empty,
+            fetched_bytes = Empty,
+        );
+        let (model, lease) = self
+            .models
+            .resolve(
+                &model_ref,
+                backend.parts(inputs.model.family),
+                inputs.settings.resolution,
+                token,
+            )
+            .instrument(span.clone())
+            .await?;
+        span.record("cache", if lease.hit() { "hit" } else { "miss" });
+        span.record("bytes", lease.bytes());
+        span.record("fetched_bytes", lease.fetched_bytes());
+        inputs.model = model;
+        Ok(lease)
+    }
+
+    /// Restores the newest complete checkpoint in the store into the output
+    /// folder. It wins over the one the task names: a retried or
+    /// redelivered attempt continues from the latest state any earlier
+    /// attempt uploaded. One that cannot be restored is skipped for the
+    /// next older one.
+    async fn restore_checkpoint(
+        &self,
+        inputs: &mut TrainInputs,
+        task: &TrainTask,
+        ctx: &TaskContext,
+    ) -> Result<(), StageError> {
+        let mut candidates: Vec<String> = self
+            .store
+            .checkpoints(&ctx.meta.job)
+            .await
+            .map_err(StageError::from)?
+            .into_iter()
+            .map(|step| keys::checkpoint(&ctx.meta.job, step))
+            .collect();
+        if let Some(named) = task.resume_from.as_ref().filter(|c| !c.uri.is_empty())
+            && let Some(key) = self.store.key_of(&named.uri)
+            && !candidates.contains(&key)
+        {
+            candidates.push(key);
+        }
+        let restore = tracing::info_span!(
+            "train.checkpoint.restore",
+            trainyard.job.id = %ctx.meta.job,
+            step = Empty,
+        );
+        for prefix in candidates {
+            let restored = self
+                .store
+                .get_checkpoint(&prefix, &inputs.output_dir)
+                .instrument(restore.clone())
+                .await;
+            match restored {
+                Ok((step, files)) => {
+                    restore.record("step", step);
+                    ctx.note(&format!("resuming from step {step}")).await;
+                    tracing::info!(job = %ctx.meta.job, step, "restored checkpoint");
+                    inputs.resume = Some(Resume { step, files });
+                    break;
+                }
+                Err(e) if e.is_retryable() => return Err(StageError::from(e)),
+                Err(e) => {
+                    tracing::warn!(job = %ctx.meta.job, checkpoint = %prefix, error = %e, "checkpoint cannot be restored; trying an older one");
+                    let _ = tokio::fs::remove_dir_all(&inputs.output_dir).await;
+                    tokio::fs::create_dir_all(&inputs.output_dir)
+                        .await
+                        .map_err(|e| local_error("cannot create work dir", e))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Renders the backend's run, writes its config files, and returns the
+    /// command with the trainer's environment.
+    pub(super) async fn launch(
+        &self,
+        backend: &dyn TrainerBackend,
+        inputs: &TrainInputs,
+        receiver: bool,
+    ) -> Result<CommandSpec, StageError> {
+        let launch = backend
+            .render(inputs)
+            .map_err(|e| StageError::fail(ErrorKind::InvalidSpec, e.to_string()))?;
+        for (path, body) in &launch.files {
+            if let Some(parent) = path.parent() {
+                tokio::fs::create_dir_all(parent)
+                    .await
+                    .map_err(|e| local_error("cannot create config folder", e))?;
+            }
+            tokio::fs::write(path, body)
+                .await
+                .map_err(|e| local_error("cannot write trainer config", e))?;
+        }
+        let mut command = launch.command;
+        add_env(&mut command.env, receiver, &self.trainer_env);
+        Ok(command)
+    }
+}
+
+/// Adds the trainer's environment to what the backend set, which wins:
+/// unbuffered UTF-8 Python output, no proxy for loopback when a progress
+/// receiver listens there, then `[worker.trainers] env`.
+fn add_env(env: &mut Vec<(String, String)>, receiver: bool, trainer_env: &[(String, String)]) {
+    let mut defaults = vec![("PYTHONUNBUFFERED", "1"), ("PYTHONIOENCODING", "utf-8")];
+    if receiver {
+        // The progress receiver is on loopback: never through a configured proxy.
+        defaults.extend([
+            ("NO_PROXY", "127.0.0.1,localhost"),
+            ("no_proxy", "127.0.0.1,localhost"),
+        ]);
+    }
+    let defaults = defaults
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+    for (key, value) in defaults.chain(trainer_env.iter().cloned()) {
+        if !env.iter().any(|(k, _)| *k == key) {
+            env.push((key, value));
+        }
+    }
+}
+
+/// Checks every dataset file against the sha256 the prepare stage recorded.
+async fn verify_manifest(dir: &Path) -> Result<(), StageError> {
+    let bad = |m: String| StageError::retry(ErrorKind::Storage, m, Duration::from_secs(5));
+    let text = tokio::fs::read(dir.join("manifest.json"))
+        .await
+        .map_err(|e| {
+            bad(format!(
+                "prepared dataset has no readable manifest.json: {e}"
+            ))
+        })?;
+    let manifest: serde_json::Value = serde_json::from_slice(&text)
+        .map_err(|e| bad(format!("manifest.json is not valid json: {e}")))?;
+    let mut entries = manifest["images"].as_array().cloned().unwrap_or_default();
+    entries.extend(manifest["texts"].as_array().cloned().unwrap_or_default());
+    if entries.is_empty() {
+        return Err(StageError::fail(
+            ErrorKind::BadDataset,
+            "prepared dataset lists no images or text files",
+        ));
+    }
+    for entry in entries {
+        let (Some(file), Some(expected)) = (entry["file"].as_str(), entry["sha256"].as_str())
+        else {
+            return Err(bad("manifest.json entry without file or sha256".into()));
+        };
+        if file.contains("..") || file.starts_with('/') {
+            return Err(StageError::fail(
+                ErrorKind::BadDataset,
+                format!("manifest names unsafe path {file}"),
+            ));
+        }
+        let (_, actual) = sha256_file(&dir.join(file))
+            .await
+            .map_err(StageError::from)?;
+        if actual != expected {
+            return Err(bad(format!("dataset file {file} failed its checksum")));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_backends_environment_wins_over_defaults_and_the_workers() {
+        let mut env = pairs(&[("PYTHONUNBUFFERED", "0")]);
+        add_env(
+            &mut env,
+            false,
+            &pairs(&[("HF_HOME", "/cache"), ("PYTHONUNBUFFERED", "2")]),
+        );
+        assert_eq!(
+            env,
+            pairs(&[
+                ("PYTHONUNBUFFERED", "0"),
+                ("PYTHONIOENCODING", "utf-8"),
+                ("HF_HOME", "/cache"),
+            ])
+        );
+    }
+
+    #[test]
+    fn a_progress_receiver_on_loopback_bypasses_proxies() {
+        let mut env = Vec::new();
+        add_env(&mut env, true, &[]);
+        assert!(env.contains(&("NO_PROXY".into(), "127.0.0.1,localhost".into())));
+        assert!(env.contains(&("no_proxy".into(), "127.0.0.1,localhost".into())));
+        let mut env = Vec::new();
+        add_env(&mut env, false, &[]);
+        assert!(!env.iter().any(|(k, _)| k.eq_ignore_ascii_case("no_proxy")));
+    }
+}
