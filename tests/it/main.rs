@@ -1,0 +1,33 @@
+//! The end-to-end suites as one test binary, so the fleet links once instead
+//! of once per suite: each module is a suite of its own (its helpers stay
+//! inside it), run as `it` (`cargo nextest run -p trainyard-tests -E
+//! 'test(faults::)'`, or `cargo test -p trainyard-tests --test it faults::`).
+//!
+//! A suite that installs process-global state (the global tracing
+//! subscriber and metrics of `telemetry::init`) cannot share a process with
+//! the others, which start fleets that install it first: those live in
+//! `tests/global/`, one binary each (see `tests/Cargo.toml`).
+
+mod api;
+mod backends;
+mod failures;
+mod faults;
+mod fencing;
+mod lifetimes;
+mod model_cache;
+mod orphans;
+mod outage;
+mod pipeline;
+mod preflight;
+mod prometheus;
+mod reconcile;
+mod registry;
+mod retry;
+mod s3;
+mod stage_telemetry;
+mod startup;
+mod stuck;
+mod telemetry;
+mod trace;
+mod trainer_logs;
+mod webhooks;
