@@ -1,4 +1,4 @@
-//! A fault-injection hook for the fault suite (`tests/tests/faults.rs`).
+//! A fault-injection hook for the fault suite (`tests/it/faults.rs`).
 //!
 //! When the environment variable [`EXIT_AFTER_ENV`] names a point, the
 //! process exits at once with [`EXIT_CODE`] when it reaches that point, as a
