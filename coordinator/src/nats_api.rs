@@ -21,7 +21,6 @@ use trainyard_proto::v1::{
     SubmitRequest, ValidateRequest, api_reply::Result as Reply,
 };
 
-
 /// Requests one coordinator answers at once; more wait in the subscription.
 pub const CONCURRENCY: usize = 64;
 
