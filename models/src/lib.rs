@@ -12,5 +12,6 @@ pub mod hub;
 pub mod presets;
 
 pub use presets::{
-    HubPart, HubRef, ModelFamily, ModelSource, PRESETS, Preset, glob_match, part, preset,
+    HubPart, HubRef, ModelFamily, ModelField, ModelRefError, ModelSource, PRESETS, Preset,
+    glob_match, part, preset,
 };

@@ -333,54 +333,98 @@ pub enum ModelSource {
     Store(String),
 }
 
+/// The field of a spec's `base_model` a [`ModelRefError`] is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelField {
+    Uri,
+    Family,
+}
+
+impl ModelField {
+    /// The field's path in a job spec.
+    pub fn path(self) -> &'static str {
+        match self {
+            ModelField::Uri => "base_model.uri",
+            ModelField::Family => "base_model.family",
+        }
+    }
+}
+
+/// Why a `base_model` reference is refused: the field and, for people,
+/// what is wrong with it and what is accepted.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {problem}", field.path())]
+pub struct ModelRefError {
+    pub field: ModelField,
+    pub problem: String,
+}
+
+impl ModelRefError {
+    fn uri(problem: String) -> Self {
+        Self {
+            field: ModelField::Uri,
+            problem,
+        }
+    }
+
+    fn family(problem: String) -> Self {
+        Self {
+            field: ModelField::Family,
+            problem,
+        }
+    }
+}
+
 impl ModelSource {
     /// Parses a reference; the error says what forms are accepted.
-    pub fn parse(uri: &str) -> Result<Self, String> {
+    pub fn parse(uri: &str) -> Result<Self, ModelRefError> {
         if let Some(p) = preset(uri) {
             return Ok(ModelSource::Preset(p));
         }
         if let Some(rest) = uri.strip_prefix("hf://") {
-            return parse_hub(rest).map(ModelSource::Hub);
+            return parse_hub(rest)
+                .map(ModelSource::Hub)
+                .map_err(ModelRefError::uri);
         }
         if uri.starts_with("file:///") || uri.starts_with("s3://") || uri.starts_with('/') {
             if !uri.ends_with(".safetensors") {
-                return Err(format!(
+                return Err(ModelRefError::uri(format!(
                     "{uri:?}: an artifact-store model must be a .safetensors file"
-                ));
+                )));
             }
             return Ok(ModelSource::Store(uri.to_string()));
         }
-        Err(format!(
+        Err(ModelRefError::uri(format!(
             "unknown model {uri:?}: use a preset ({}), hf://org/repo@revision/file, or a .safetensors URI in the artifact store",
             PRESETS
                 .iter()
                 .map(|p| p.name)
                 .collect::<Vec<_>>()
                 .join(", ")
-        ))
+        )))
     }
 
     /// The family: the preset's, else the one the spec names.
-    pub fn family(&self, named: &str) -> Result<ModelFamily, String> {
+    pub fn family(&self, named: &str) -> Result<ModelFamily, ModelRefError> {
         match self {
             ModelSource::Preset(p) => {
                 if !named.is_empty() && named != p.family.name() {
-                    return Err(format!(
-                        "base_model.family: preset {} is {}, not {named}",
+                    return Err(ModelRefError::family(format!(
+                        "preset {} is {}, not {named}",
                         p.name, p.family
-                    ));
+                    )));
                 }
                 Ok(p.family)
             }
             _ => ModelFamily::from_name(named).ok_or_else(|| {
-                format!(
-                    "base_model.family: {named:?} is not a model family; use one of {}",
+                ModelRefError::family(format!(
+                    "{named:?} is not a model family; use one of {}",
                     ModelFamily::ALL
                         .iter()
                         .map(|f| f.name())
                         .collect::<Vec<_>>()
                         .join(", ")
-                )
+                ))
             }),
         }
     }
@@ -494,7 +538,8 @@ mod tests {
             assert!(ModelSource::parse(bad).is_err(), "{bad} was accepted");
         }
         let error = ModelSource::parse("llama").unwrap_err();
-        assert!(error.contains("flux1-dev"), "{error}");
+        assert_eq!(error.field, ModelField::Uri);
+        assert!(error.problem.contains("flux1-dev"), "{error}");
     }
 
     #[test]
@@ -504,7 +549,9 @@ mod tests {
         assert!(flux.family("sdxl").is_err());
         let hub = ModelSource::parse("hf://a/b@main/x.safetensors").unwrap();
         assert_eq!(hub.family("sdxl"), Ok(ModelFamily::Sdxl));
-        assert!(hub.family("").unwrap_err().contains("qwen_image"));
+        let error = hub.family("").unwrap_err();
+        assert_eq!(error.field, ModelField::Family);
+        assert!(error.problem.contains("qwen_image"));
     }
 
     #[test]

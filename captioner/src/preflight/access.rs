@@ -63,7 +63,7 @@ impl AccessChecks {
             Ok(source) => source,
             Err(e) => {
                 // The message quotes the URI: never with its credentials.
-                let message = redact_in(&e, &model.uri);
+                let message = redact_in(&e.problem, &model.uri);
                 report.problem(check::BASE_MODEL, ErrorKind::InvalidSpec, message);
                 return report;
             }

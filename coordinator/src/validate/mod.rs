@@ -329,14 +329,14 @@ fn normalise_model(spec: &mut JobSpec, p: &mut Problems) {
     let source = match ModelSource::parse(&model.uri) {
         Ok(source) => source,
         Err(e) => {
-            p.0.push(FieldError::parse("base_model.uri", &e));
+            p.0.push(FieldError::new(e.field.path(), e.problem));
             return;
         }
     };
     let family = match source.family(&model.family) {
         Ok(family) => family,
         Err(e) => {
-            p.0.push(FieldError::parse("base_model.family", &e));
+            p.0.push(FieldError::new(e.field.path(), e.problem));
             return;
         }
     };

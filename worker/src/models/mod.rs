@@ -166,11 +166,10 @@ impl Models {
         hf_token: Option<&str>,
     ) -> Result<(ModelFiles, ModelLease), StageError> {
         let hf_token = hf_token.filter(|t| !t.is_empty());
-        let source =
-            ModelSource::parse(&model.uri).map_err(|e| fail(format!("base_model.uri: {e}")))?;
+        let source = ModelSource::parse(&model.uri).map_err(|e| fail(e.to_string()))?;
         let family = source
             .family(&model.family)
-            .map_err(|e| StageError::fail(ErrorKind::InvalidSpec, e))?;
+            .map_err(|e| StageError::fail(ErrorKind::InvalidSpec, e.to_string()))?;
         let mut lease = ModelLease::new(&self.cache);
         let mut files = BTreeMap::new();
         let mut record_as = model.uri.clone();

@@ -59,7 +59,7 @@ pub(super) fn check(
     let model_ref = spec.base_model.clone().unwrap_or_default();
     let family = ModelSource::parse(&model_ref.uri)
         .and_then(|source| source.family(&model_ref.family))
-        .map_err(|e| StageError::fail(ErrorKind::InvalidSpec, e))?;
+        .map_err(|e| StageError::fail(ErrorKind::InvalidSpec, e.to_string()))?;
     let problems = trainyard_backends::check_settings(&settings, family);
     if !problems.is_empty() {
         return Err(StageError::fail(
