@@ -13,8 +13,9 @@
 //! and exit status 0, without saving.
 
 use super::{
-    BackendError, Extra, ExtraType, FoundCheckpoint, Launch, LineEvent, OutputParser, StopRequest,
-    Tools, TrainInputs, TrainerBackend, classify_common, error, typed_extras,
+    BackendError, Extra, ExtraType, FoundCheckpoint, Launch, LineEvent, OutputParser,
+    SettingProblem, StopRequest, Tools, TrainInputs, TrainerBackend, classify_common, error,
+    typed_extras,
 };
 use crate::common::{self, Signature, Signatures, unclassified};
 use regex::Regex;
@@ -245,10 +246,13 @@ impl TrainerBackend for AiToolkit {
         common::DIFFUSERS_PARTS
     }
 
-    fn check(&self, settings: &TrainingSettings, family: ModelFamily) -> Vec<String> {
+    fn check(&self, settings: &TrainingSettings, family: ModelFamily) -> Vec<SettingProblem> {
         let mut problems = Vec::new();
         if model_flag(family).is_none() {
-            problems.push(format!("base_model: {NAME} does not train {family} models"));
+            problems.push(SettingProblem::new(
+                "base_model",
+                format!("{NAME} does not train {family} models"),
+            ));
         }
         if let Err(bad) = typed_extras(NAME, &settings.extras, &EXTRAS) {
             problems.extend(bad);
@@ -261,7 +265,7 @@ impl TrainerBackend for AiToolkit {
         let family = inputs.model.family;
         let problems = self.check(s, family);
         if !problems.is_empty() {
-            return Err(BackendError::InvalidSettings(problems.join("; ")));
+            return Err(BackendError::invalid(&problems));
         }
         let (is_flux, is_xl, arch) = model_flag(family).unwrap_or_default();
         if inputs.output_name.is_empty() || inputs.output_name.contains('/') {

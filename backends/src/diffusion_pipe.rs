@@ -40,7 +40,8 @@ mod output;
 pub use config::DEFAULT_CHECKPOINT_MINUTES;
 
 use crate::{
-    BackendError, FoundCheckpoint, Launch, OutputParser, StopRequest, TrainInputs, TrainerBackend,
+    BackendError, FoundCheckpoint, Launch, OutputParser, SettingProblem, StopRequest, TrainInputs,
+    TrainerBackend,
 };
 use std::ffi::OsString;
 use std::path::{Component, Path, PathBuf};
@@ -178,7 +179,7 @@ impl TrainerBackend for DiffusionPipe {
         }
     }
 
-    fn check(&self, settings: &TrainingSettings, family: ModelFamily) -> Vec<String> {
+    fn check(&self, settings: &TrainingSettings, family: ModelFamily) -> Vec<SettingProblem> {
         config::check(settings, family)
     }
 

@@ -27,7 +27,8 @@ mod parse;
 
 use crate::common::{Signature, Signatures, classify_with, unclassified};
 use crate::{
-    BackendError, FoundCheckpoint, Launch, OutputParser, StopRequest, TrainInputs, TrainerBackend,
+    BackendError, FoundCheckpoint, Launch, OutputParser, SettingProblem, StopRequest, TrainInputs,
+    TrainerBackend,
 };
 use options::Opt;
 use regex::Regex;
@@ -178,18 +179,24 @@ fn family(f: ModelFamily) -> Option<Family> {
 }
 
 /// Checks of the plain settings that kohya (or this backend) needs.
-fn settings_problems(s: &TrainingSettings) -> Vec<String> {
+fn settings_problems(s: &TrainingSettings) -> Vec<SettingProblem> {
     let mut problems = Vec::new();
     if !s.resolution.is_multiple_of(64) || s.resolution < 256 {
-        problems.push(format!(
-            "training.resolution: kohya buckets images in steps of 64 pixels; {} must be a multiple of 64 of at least 256",
-            s.resolution
+        problems.push(SettingProblem::new(
+            "training.resolution",
+            format!(
+                "kohya buckets images in steps of 64 pixels; {} must be a multiple of 64 of at least 256",
+                s.resolution
+            ),
         ));
     }
     if u32::try_from(s.seed).is_err() {
-        problems.push(format!(
-            "training.seed: kohya seeds numpy, which needs a seed below 4294967296, not {}",
-            s.seed
+        problems.push(SettingProblem::new(
+            "training.seed",
+            format!(
+                "kohya seeds numpy, which needs a seed below 4294967296, not {}",
+                s.seed
+            ),
         ));
     }
     problems
@@ -238,8 +245,8 @@ fn state_dir_name(name: &str, step: u32) -> String {
     format!("{name}-step{step:08}-state")
 }
 
-fn invalid(problems: Vec<String>) -> BackendError {
-    BackendError::InvalidSettings(problems.join("; "))
+fn invalid(problems: Vec<SettingProblem>) -> BackendError {
+    BackendError::invalid(&problems)
 }
 
 impl TrainerBackend for Kohya {
@@ -255,7 +262,7 @@ impl TrainerBackend for Kohya {
         family(f).map(|f| f.parts).unwrap_or(&[])
     }
 
-    fn check(&self, settings: &TrainingSettings, f: ModelFamily) -> Vec<String> {
+    fn check(&self, settings: &TrainingSettings, f: ModelFamily) -> Vec<SettingProblem> {
         let mut problems = options::resolve(settings, f).err().unwrap_or_default();
         problems.extend(settings_problems(settings));
         problems

@@ -190,6 +190,13 @@ pub enum BackendError {
     InvalidSettings(String),
 }
 
+impl BackendError {
+    /// Settings problems found while rendering, as one error.
+    pub fn invalid(problems: &[SettingProblem]) -> Self {
+        Self::InvalidSettings(joined(problems))
+    }
+}
+
 /// Turns a run's output into events. One per run, so it may keep state
 /// (a step offset after a resume, the name of the run, …).
 pub trait OutputParser: Send {
@@ -208,7 +215,7 @@ pub trait TrainerBackend: Send + Sync {
     fn parts(&self, family: ModelFamily) -> &'static [&'static str];
     /// Every problem with the settings for this family, before any file is
     /// fetched (extras against the allow-list, unsupported combinations).
-    fn check(&self, settings: &TrainingSettings, family: ModelFamily) -> Vec<String>;
+    fn check(&self, settings: &TrainingSettings, family: ModelFamily) -> Vec<SettingProblem>;
     /// Whether the run wants a loopback webhook URL.
     fn wants_webhook(&self) -> bool {
         false
@@ -250,27 +257,72 @@ pub fn halve_batch(settings: &TrainingSettings) -> Option<(TrainingSettings, Str
 /// Settings checks that need no trainer installed: the family is one the
 /// backend trains, and the backend's own checks. Used by submission,
 /// preflight and the worker alike.
-pub fn check_settings(settings: &TrainingSettings, family: ModelFamily) -> Vec<String> {
+pub fn check_settings(settings: &TrainingSettings, family: ModelFamily) -> Vec<SettingProblem> {
     let Some(backend) = by_name(&settings.backend, &Tools::default()) else {
-        return vec![format!(
-            "training.backend: unknown backend {:?}; known: {}",
-            settings.backend,
-            BACKENDS.join(", ")
+        return vec![SettingProblem::new(
+            "training.backend",
+            format!(
+                "unknown backend {:?}; known: {}",
+                settings.backend,
+                BACKENDS.join(", ")
+            ),
         )];
     };
     if !backend.families().contains(&family) {
-        return vec![format!(
-            "base_model: {} does not train {family} models; it trains {}",
-            backend.name(),
-            backend
-                .families()
-                .iter()
-                .map(|f| f.name())
-                .collect::<Vec<_>>()
-                .join(", ")
+        return vec![SettingProblem::new(
+            "base_model",
+            format!(
+                "{} does not train {family} models; it trains {}",
+                backend.name(),
+                backend
+                    .families()
+                    .iter()
+                    .map(|f| f.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
         )];
     }
     backend.check(settings, family)
+}
+
+/// One problem with a job's training settings: the spec field it is about
+/// (`training.extras.optimizer_type`, `base_model`) and what is wrong, so
+/// submission can answer per field without parsing text. Shown as
+/// `field: problem`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SettingProblem {
+    pub field: String,
+    pub problem: String,
+}
+
+impl SettingProblem {
+    pub fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+
+    /// A problem with the extra `key` (`training.extras.{key}`).
+    pub fn extra(key: &str, problem: impl Into<String>) -> Self {
+        Self::new(format!("training.extras.{key}"), problem)
+    }
+}
+
+impl std::fmt::Display for SettingProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.problem)
+    }
+}
+
+/// `problems` as one line, `; `-separated.
+pub fn joined(problems: &[SettingProblem]) -> String {
+    problems
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The type of an allowed extra.
@@ -310,7 +362,7 @@ pub fn typed_extras(
     backend: &str,
     extras: &std::collections::HashMap<String, ExtraValue>,
     allowed: &[(&str, ExtraType)],
-) -> Result<BTreeMap<String, Extra>, Vec<String>> {
+) -> Result<BTreeMap<String, Extra>, Vec<SettingProblem>> {
     let list = || {
         allowed
             .iter()
@@ -325,9 +377,9 @@ pub fn typed_extras(
     for key in keys {
         let value = &extras[key];
         let Some((_, ty)) = allowed.iter().find(|(k, _)| k == key) else {
-            problems.push(format!(
-                "training.extras.{key}: unknown key for {backend}; allowed: {}",
-                list()
+            problems.push(SettingProblem::extra(
+                key,
+                format!("unknown key for {backend}; allowed: {}", list()),
             ));
             continue;
         };
@@ -343,9 +395,9 @@ pub fn typed_extras(
             Some(v) => {
                 out.insert(key.clone(), v);
             }
-            None => problems.push(format!(
-                "training.extras.{key}: must be a {} for {backend}",
-                ty.name()
+            None => problems.push(SettingProblem::extra(
+                key,
+                format!("must be a {} for {backend}", ty.name()),
             )),
         }
     }
@@ -383,11 +435,14 @@ mod tests {
         extras.insert("optimizer_type".into(), extra(Kind::Int(3)));
         let problems = typed_extras("kohya", &extras, &allowed).unwrap_err();
         assert_eq!(problems.len(), 2, "{problems:?}");
+        assert_eq!(problems[0].field, "training.extras.optimiser");
         assert!(
             problems[0]
+                .to_string()
                 .contains("optimiser: unknown key for kohya; allowed: optimizer_type (text)")
         );
-        assert!(problems[1].contains("optimizer_type: must be a text"));
+        assert_eq!(problems[1].field, "training.extras.optimizer_type");
+        assert!(problems[1].problem.contains("must be a text"));
     }
 
     #[test]
@@ -413,11 +468,19 @@ mod tests {
             backend: "nope".into(),
             ..Default::default()
         };
-        assert!(check_settings(&settings, ModelFamily::Flux)[0].contains("unknown backend"));
+        assert!(
+            check_settings(&settings, ModelFamily::Flux)[0]
+                .problem
+                .contains("unknown backend")
+        );
         let settings = TrainingSettings {
             backend: "reference".into(),
             ..Default::default()
         };
-        assert!(check_settings(&settings, ModelFamily::Flux)[0].contains("does not train flux"));
+        assert!(
+            check_settings(&settings, ModelFamily::Flux)[0]
+                .to_string()
+                .contains("base_model: reference does not train flux")
+        );
     }
 }

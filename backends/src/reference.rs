@@ -7,7 +7,7 @@ use super::{
     BackendError, ExtraType, FoundCheckpoint, Launch, LineEvent, OutputParser, StopRequest,
     TrainInputs, TrainerBackend, classify_common, error, typed_extras,
 };
-use crate::Extra;
+use crate::{Extra, SettingProblem};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -138,7 +138,7 @@ impl TrainerBackend for Reference {
         &[trainyard_models::part::FILE]
     }
 
-    fn check(&self, settings: &TrainingSettings, _family: ModelFamily) -> Vec<String> {
+    fn check(&self, settings: &TrainingSettings, _family: ModelFamily) -> Vec<SettingProblem> {
         typed_extras("reference", &settings.extras, EXTRAS)
             .err()
             .unwrap_or_default()
@@ -155,8 +155,8 @@ impl TrainerBackend for Reference {
 
     fn render(&self, inputs: &TrainInputs) -> Result<Launch, BackendError> {
         let s = &inputs.settings;
-        let extras = typed_extras("reference", &s.extras, EXTRAS)
-            .map_err(|p| BackendError::InvalidSettings(p.join("; ")))?;
+        let extras =
+            typed_extras("reference", &s.extras, EXTRAS).map_err(|p| BackendError::invalid(&p))?;
         let mut fault = Fault::default();
         for (key, value) in &extras {
             let Extra::Int(n) = value else { continue };

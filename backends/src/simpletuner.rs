@@ -15,8 +15,8 @@
 //! `manual_checkpoint` in the accelerate signal file; training goes on.
 
 use super::{
-    BackendError, Extra, ExtraType, FoundCheckpoint, Launch, LineEvent, OutputParser, StopRequest,
-    Tools, TrainInputs, TrainerBackend, typed_extras,
+    BackendError, Extra, ExtraType, FoundCheckpoint, Launch, LineEvent, OutputParser,
+    SettingProblem, StopRequest, Tools, TrainInputs, TrainerBackend, typed_extras,
 };
 use crate::common::{self, Signature, Signatures, classify_with, unclassified};
 use regex::Regex;
@@ -206,10 +206,13 @@ impl TrainerBackend for SimpleTuner {
         common::DIFFUSERS_PARTS
     }
 
-    fn check(&self, settings: &TrainingSettings, family: ModelFamily) -> Vec<String> {
+    fn check(&self, settings: &TrainingSettings, family: ModelFamily) -> Vec<SettingProblem> {
         let mut problems = Vec::new();
         if model_family(family).is_none() {
-            problems.push(format!("base_model: {NAME} does not train {family} models"));
+            problems.push(SettingProblem::new(
+                "base_model",
+                format!("{NAME} does not train {family} models"),
+            ));
         }
         if let Err(bad) = typed_extras(NAME, &settings.extras, EXTRAS) {
             problems.extend(bad);
@@ -220,9 +223,9 @@ impl TrainerBackend for SimpleTuner {
             .and_then(|v| v.kind.as_ref())
             && !MIXED_PRECISION.contains(&mp.as_str())
         {
-            problems.push(format!(
-                "training.extras.mixed_precision: {mp:?} is not one of {}",
-                MIXED_PRECISION.join(", ")
+            problems.push(SettingProblem::extra(
+                "mixed_precision",
+                format!("{mp:?} is not one of {}", MIXED_PRECISION.join(", ")),
             ));
         }
         problems
@@ -236,7 +239,7 @@ impl TrainerBackend for SimpleTuner {
         let s = &inputs.settings;
         let problems = self.check(s, inputs.model.family);
         if !problems.is_empty() {
-            return Err(BackendError::InvalidSettings(problems.join("; ")));
+            return Err(BackendError::invalid(&problems));
         }
         let family = model_family(inputs.model.family).unwrap_or_default();
         let mut options = default_options();

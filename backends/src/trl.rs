@@ -25,8 +25,8 @@ pub use jsonl::{JsonlFormat, JsonlStats, check_jsonl};
 use output::{Parser, classify};
 
 use crate::{
-    BackendError, Extra, ExtraType, FoundCheckpoint, Launch, OutputParser, StopRequest,
-    TrainInputs, TrainerBackend, typed_extras,
+    BackendError, Extra, ExtraType, FoundCheckpoint, Launch, OutputParser, SettingProblem,
+    StopRequest, TrainInputs, TrainerBackend, typed_extras,
 };
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -200,9 +200,9 @@ fn number(x: f64) -> serde_json::Number {
 }
 
 /// Value checks on top of the allow-list.
-fn check_values(extras: &BTreeMap<String, Extra>) -> Vec<String> {
+fn check_values(extras: &BTreeMap<String, Extra>) -> Vec<SettingProblem> {
     let mut problems = Vec::new();
-    let mut bad = |key: &str, what: &str| problems.push(format!("training.extras.{key}: {what}"));
+    let mut bad = |key: &str, what: &str| problems.push(SettingProblem::extra(key, what));
     for (key, value) in extras {
         match (key.as_str(), value) {
             ("gradient_accumulation_steps" | "max_length", Extra::Int(n)) if *n < 1 => {
@@ -235,23 +235,29 @@ fn check_values(extras: &BTreeMap<String, Extra>) -> Vec<String> {
     if extras.get("bf16") == Some(&Extra::Flag(true))
         && extras.get("fp16") == Some(&Extra::Flag(true))
     {
-        problems.push("training.extras: bf16 and fp16 cannot both be true".into());
+        problems.push(SettingProblem::new(
+            "training.extras",
+            "bf16 and fp16 cannot both be true",
+        ));
     }
     problems
 }
 
-fn method_of(settings: &TrainingSettings) -> Result<Method, String> {
+fn method_of(settings: &TrainingSettings) -> Result<Method, SettingProblem> {
     Method::parse(&settings.method).ok_or_else(|| {
-        format!(
-            "training.method: unknown method {:?} for trl; known: sft, dpo, orpo",
-            settings.method
+        SettingProblem::new(
+            "training.method",
+            format!(
+                "unknown method {:?} for trl; known: sft, dpo, orpo",
+                settings.method
+            ),
         )
     })
 }
 
 fn checked_extras(
     settings: &TrainingSettings,
-) -> Result<(Method, BTreeMap<String, Extra>), Vec<String>> {
+) -> Result<(Method, BTreeMap<String, Extra>), Vec<SettingProblem>> {
     let method = method_of(settings).map_err(|p| vec![p])?;
     let backend = format!("trl {}", method.name());
     let allowed = method.extras();
@@ -288,14 +294,13 @@ impl TrainerBackend for Trl {
         &[part::LLM]
     }
 
-    fn check(&self, settings: &TrainingSettings, _family: ModelFamily) -> Vec<String> {
+    fn check(&self, settings: &TrainingSettings, _family: ModelFamily) -> Vec<SettingProblem> {
         checked_extras(settings).err().unwrap_or_default()
     }
 
     fn render(&self, inputs: &TrainInputs) -> Result<Launch, BackendError> {
         let s = &inputs.settings;
-        let (method, mut extras) =
-            checked_extras(s).map_err(|p| BackendError::InvalidSettings(p.join("; ")))?;
+        let (method, mut extras) = checked_extras(s).map_err(|p| BackendError::invalid(&p))?;
         let target_modules = target_modules(&extras);
         let lora_dropout = match extras.remove("lora_dropout") {
             Some(Extra::Float(x)) => x,

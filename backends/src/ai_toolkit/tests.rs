@@ -157,6 +157,8 @@ fn extras_go_to_their_section() {
         .insert("quantize".into(), extra(Kind::Text("yes".into())));
     let problems = b.check(&run.settings, ModelFamily::Wan);
     assert_eq!(problems.len(), 2, "{problems:?}");
+    assert_eq!(problems[0].field, "training.extras.network_dim");
+    let problems = problems.iter().map(ToString::to_string).collect::<Vec<_>>();
     assert!(problems[0].contains("network_dim: unknown key for ai-toolkit"));
     assert!(problems[1].contains("quantize: must be a boolean"));
     assert!(b.render(&run).is_err());

@@ -2,7 +2,7 @@
 //! and the extras allow-list with where each key goes.
 
 use super::NAME;
-use crate::{BackendError, Extra, ExtraType, TrainInputs, typed_extras};
+use crate::{BackendError, Extra, ExtraType, SettingProblem, TrainInputs, typed_extras};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -275,37 +275,44 @@ fn extra_text<'a>(extras: &'a BTreeMap<String, Extra>, key: &str) -> Option<&'a 
 }
 
 /// Value checks the types alone do not catch.
-fn value_problems(extras: &BTreeMap<String, Extra>) -> Vec<String> {
+fn value_problems(extras: &BTreeMap<String, Extra>) -> Vec<SettingProblem> {
     let mut problems = Vec::new();
     for key in ["transformer_dtype", "diffusion_model_dtype", "save_dtype"] {
         if let Some(v) = extra_text(extras, key)
             && !DTYPES.contains(&v)
         {
-            problems.push(format!(
-                "training.extras.{key}: {v:?} is not a dtype diffusion-pipe knows; use one of {}",
-                DTYPES.join(", ")
+            problems.push(SettingProblem::extra(
+                key,
+                format!(
+                    "{v:?} is not a dtype diffusion-pipe knows; use one of {}",
+                    DTYPES.join(", ")
+                ),
             ));
         }
     }
     if let Some(v) = extra_text(extras, "timestep_sample_method")
         && !matches!(v, "logit_normal" | "uniform")
     {
-        problems.push(format!(
-            "training.extras.timestep_sample_method: {v:?} must be logit_normal or uniform"
+        problems.push(SettingProblem::extra(
+            "timestep_sample_method",
+            format!("{v:?} must be logit_normal or uniform"),
         ));
     }
     if extras.contains_key("checkpoint_every_n_minutes")
         && extras.contains_key("checkpoint_every_n_epochs")
     {
-        problems.push(
-            "training.extras: set only one of checkpoint_every_n_minutes and checkpoint_every_n_epochs"
-                .into(),
-        );
+        problems.push(SettingProblem::new(
+            "training.extras",
+            "set only one of checkpoint_every_n_minutes and checkpoint_every_n_epochs",
+        ));
     }
     if let Some(m) = extra_f64(extras, "checkpoint_every_n_minutes")
         && !(m.is_finite() && m > 0.0)
     {
-        problems.push("training.extras.checkpoint_every_n_minutes: must be above 0".into());
+        problems.push(SettingProblem::extra(
+            "checkpoint_every_n_minutes",
+            "must be above 0",
+        ));
     }
     for key in [
         "checkpoint_every_n_epochs",
@@ -317,21 +324,21 @@ fn value_problems(extras: &BTreeMap<String, Extra>) -> Vec<String> {
         if let Some(Extra::Int(n)) = extras.get(key)
             && *n < 1
         {
-            problems.push(format!("training.extras.{key}: must be at least 1"));
+            problems.push(SettingProblem::extra(key, "must be at least 1"));
         }
     }
     for key in ["warmup_steps", "blocks_to_swap"] {
         if let Some(Extra::Int(n)) = extras.get(key)
             && *n < 0
         {
-            problems.push(format!("training.extras.{key}: must not be negative"));
+            problems.push(SettingProblem::extra(key, "must not be negative"));
         }
     }
     problems
 }
 
-fn invalid(problems: Vec<String>) -> BackendError {
-    BackendError::InvalidSettings(problems.join("; "))
+fn invalid(problems: Vec<SettingProblem>) -> BackendError {
+    BackendError::invalid(&problems)
 }
 
 fn toml_text<T: Serialize>(value: &T) -> Result<Vec<u8>, BackendError> {
@@ -341,12 +348,15 @@ fn toml_text<T: Serialize>(value: &T) -> Result<Vec<u8>, BackendError> {
 }
 
 /// Every problem with the settings for this family.
-pub(super) fn check(settings: &TrainingSettings, family: ModelFamily) -> Vec<String> {
+pub(super) fn check(settings: &TrainingSettings, family: ModelFamily) -> Vec<SettingProblem> {
     let mut problems = Vec::new();
     if settings.alpha != 0.0 && settings.alpha != f64::from(settings.rank) {
-        problems.push(format!(
-            "training.alpha: {NAME} forces alpha = rank ({}); got {}",
-            settings.rank, settings.alpha
+        problems.push(SettingProblem::new(
+            "training.alpha",
+            format!(
+                "{NAME} forces alpha = rank ({}); got {}",
+                settings.rank, settings.alpha
+            ),
         ));
     }
     match typed_extras(NAME, &settings.extras, &allowed(family)) {

@@ -4,7 +4,7 @@
 //! `training.extras`, with their types and, where argparse has them, their
 //! choices. Everything here ends up as keys of the `--config_file` TOML.
 
-use crate::{Extra, ExtraType, typed_extras};
+use crate::{Extra, ExtraType, SettingProblem, typed_extras};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use trainyard_models::ModelFamily;
@@ -147,7 +147,7 @@ fn defaults(family: ModelFamily) -> BTreeMap<String, Opt> {
 pub(crate) fn resolve(
     settings: &TrainingSettings,
     family: ModelFamily,
-) -> Result<BTreeMap<String, Opt>, Vec<String>> {
+) -> Result<BTreeMap<String, Opt>, Vec<SettingProblem>> {
     let allowed = allowed(family);
     let (extras, mut problems) = match typed_extras("kohya", &settings.extras, &allowed) {
         Ok(extras) => (extras, Vec::new()),
@@ -182,8 +182,9 @@ pub(crate) fn resolve(
             ("optimizer_args" | "network_args", Extra::Text(s)) => {
                 let items: Vec<String> = s.split_whitespace().map(String::from).collect();
                 if let Some(bad) = items.iter().find(|i| !i.contains('=')) {
-                    problems.push(format!(
-                        "training.extras.{key}: {bad:?} is not key=value (items are separated by spaces)"
+                    problems.push(SettingProblem::extra(
+                        &key,
+                        format!("{bad:?} is not key=value (items are separated by spaces)"),
                     ));
                 }
                 Opt::Texts(items)
@@ -192,22 +193,22 @@ pub(crate) fn resolve(
             ("text_encoder_lr", Extra::Float(x)) => Opt::Floats(vec![x]),
             (_, Extra::Text(s)) => {
                 if let Some(allowed) = choices(&key).filter(|c| !c.contains(&s.as_str())) {
-                    problems.push(format!(
-                        "training.extras.{key}: {s:?} is not one of {}",
-                        allowed.join(", ")
+                    problems.push(SettingProblem::extra(
+                        &key,
+                        format!("{s:?} is not one of {}", allowed.join(", ")),
                     ));
                 }
                 Opt::Text(s)
             }
             (_, Extra::Int(n)) => {
                 if n < 0 {
-                    problems.push(format!("training.extras.{key}: must not be negative"));
+                    problems.push(SettingProblem::extra(&key, "must not be negative"));
                 }
                 Opt::Int(n)
             }
             (_, Extra::Float(x)) => {
                 if !x.is_finite() {
-                    problems.push(format!("training.extras.{key}: must be a finite number"));
+                    problems.push(SettingProblem::extra(&key, "must be a finite number"));
                 }
                 Opt::Float(x)
             }
@@ -218,27 +219,27 @@ pub(crate) fn resolve(
     let flag = |k: &str| options.get(k) == Some(&Opt::Flag(true));
     let fp8 = flag("fp8_base") || flag("fp8_base_unet");
     if fp8 && options.get("mixed_precision") == Some(&Opt::Text("no".into())) {
-        problems.push(
-            "training.extras: fp8_base needs mixed_precision fp16 or bf16 (kohya asserts it)"
-                .into(),
-        );
+        problems.push(SettingProblem::new(
+            "training.extras",
+            "fp8_base needs mixed_precision fp16 or bf16 (kohya asserts it)",
+        ));
     }
     if matches!(options.get("blocks_to_swap"), Some(Opt::Int(n)) if *n > 0)
         && flag("cpu_offload_checkpointing")
     {
-        problems.push(
-            "training.extras: blocks_to_swap cannot be combined with cpu_offload_checkpointing"
-                .into(),
-        );
+        problems.push(SettingProblem::new(
+            "training.extras",
+            "blocks_to_swap cannot be combined with cpu_offload_checkpointing",
+        ));
     }
     let caches_te =
         flag("cache_text_encoder_outputs") || flag("cache_text_encoder_outputs_to_disk");
     if family == ModelFamily::Sdxl && !flag("network_train_unet_only") && caches_te {
-        problems.push(
-            "training.extras: training the SDXL text encoders (network_train_unet_only = false) \
-             needs cache_text_encoder_outputs = false"
-                .into(),
-        );
+        problems.push(SettingProblem::new(
+            "training.extras",
+            "training the SDXL text encoders (network_train_unet_only = false) \
+             needs cache_text_encoder_outputs = false",
+        ));
     }
     if problems.is_empty() {
         Ok(options)
@@ -307,8 +308,13 @@ mod tests {
         // checks the other keys.
         let problems = resolve(&s, ModelFamily::Sdxl).unwrap_err();
         assert_eq!(problems.len(), 3, "{problems:?}");
-        assert!(problems[0].contains("blocks_to_swap: unknown key for kohya"));
-        let problems = resolve(&s, ModelFamily::Flux).unwrap_err();
+        assert_eq!(problems[0].field, "training.extras.blocks_to_swap");
+        assert!(problems[0].problem.starts_with("unknown key for kohya"));
+        let problems = resolve(&s, ModelFamily::Flux)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>();
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(
             problems
@@ -331,7 +337,11 @@ mod tests {
         ]);
         assert_eq!(resolve(&s, ModelFamily::Flux).unwrap_err().len(), 2);
         let s = settings(&[("network_train_unet_only", Kind::Flag(false))]);
-        assert!(resolve(&s, ModelFamily::Sdxl).unwrap_err()[0].contains("text encoders"));
+        assert!(
+            resolve(&s, ModelFamily::Sdxl).unwrap_err()[0]
+                .problem
+                .contains("text encoders")
+        );
         let s = settings(&[
             ("network_train_unet_only", Kind::Flag(false)),
             ("cache_text_encoder_outputs", Kind::Flag(false)),

@@ -143,7 +143,11 @@ fn extras_override_defaults_and_unknown_ones_are_refused() {
     run.settings
         .extras
         .insert("lora_dim".into(), extra(Kind::Int(4)));
-    let problems = b.check(&run.settings, ModelFamily::Flux);
+    let problems = b
+        .check(&run.settings, ModelFamily::Flux)
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>();
     assert_eq!(problems.len(), 2, "{problems:?}");
     assert!(problems[0].contains("lora_dim: unknown key for simpletuner"));
     assert!(problems[1].contains("mixed_precision: \"fp64\" is not one of"));

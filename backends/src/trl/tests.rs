@@ -165,6 +165,8 @@ fn check_names_every_problem() {
     let mut settings = inputs("ppo", 0, HashMap::new()).settings;
     let problems = backend.check(&settings, ModelFamily::Llm);
     assert_eq!(problems.len(), 1);
+    assert_eq!(problems[0].field, "training.method");
+    let problems = problems.iter().map(ToString::to_string).collect::<Vec<_>>();
     assert!(
         problems[0].starts_with("training.method: unknown method \"ppo\""),
         "{problems:?}"
@@ -177,7 +179,11 @@ fn check_names_every_problem() {
         ("warmup_ratio", Kind::Float(1.5)),
         ("lr_scheduler_type", Kind::Text("cosnie".into())),
     ]);
-    let problems = backend.check(&settings, ModelFamily::Llm);
+    let problems = backend
+        .check(&settings, ModelFamily::Llm)
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>();
     assert_eq!(problems.len(), 4, "{problems:?}");
     assert!(problems[0].starts_with("training.extras.beta: unknown key for trl sft; allowed: "));
     assert!(problems[1].starts_with("training.extras.max_length: must be a"));
@@ -200,12 +206,16 @@ fn check_names_every_problem() {
     settings.method = "orpo".into();
     assert!(
         backend.check(&settings, ModelFamily::Llm)[0]
+            .to_string()
             .contains("loss_type: unknown key for trl orpo")
     );
     settings.extras = extras(&[("bf16", Kind::Flag(true)), ("fp16", Kind::Flag(true))]);
     assert_eq!(
         backend.check(&settings, ModelFamily::Llm),
-        ["training.extras: bf16 and fp16 cannot both be true"]
+        [crate::SettingProblem::new(
+            "training.extras",
+            "bf16 and fp16 cannot both be true"
+        )]
     );
 }
 
@@ -551,6 +561,10 @@ fn registered_for_language_models_only() {
         backend: "trl".into(),
         ..Default::default()
     };
-    assert!(crate::check_settings(&settings, ModelFamily::Flux)[0].contains("does not train flux"));
+    assert!(
+        crate::check_settings(&settings, ModelFamily::Flux)[0]
+            .problem
+            .contains("does not train flux")
+    );
     assert!(crate::check_settings(&settings, ModelFamily::Llm).is_empty());
 }

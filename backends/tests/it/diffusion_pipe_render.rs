@@ -270,6 +270,8 @@ fn check_rejects_alpha_other_than_rank_and_bad_extras() {
     );
     let problems = b.check(&s, ModelFamily::Flux);
     assert_eq!(problems.len(), 2, "{problems:?}");
+    assert_eq!(problems[1].field, "training.extras.lr_scheduler");
+    let problems = problems.iter().map(ToString::to_string).collect::<Vec<_>>();
     assert_eq!(
         problems[0],
         "training.alpha: diffusion-pipe forces alpha = rank (16); got 8"
@@ -280,7 +282,11 @@ fn check_rejects_alpha_other_than_rank_and_bad_extras() {
     );
     // Types are checked per key; values after the types are right.
     s.extras.remove("lr_scheduler");
-    let problems = b.check(&s, ModelFamily::Flux);
+    let problems = b
+        .check(&s, ModelFamily::Flux)
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>();
     assert!(
         problems[1].contains("must be logit_normal or uniform"),
         "{problems:?}"
@@ -289,12 +295,20 @@ fn check_rejects_alpha_other_than_rank_and_bad_extras() {
     let mut s = settings();
     s.extras.insert("min_t".into(), extra(Kind::Float(0.0)));
     assert!(b.check(&s, ModelFamily::Wan).is_empty());
-    assert!(b.check(&s, ModelFamily::Flux)[0].contains("min_t: unknown key"));
+    assert!(
+        b.check(&s, ModelFamily::Flux)[0]
+            .to_string()
+            .contains("min_t: unknown key")
+    );
     s.extras
         .insert("checkpoint_every_n_minutes".into(), extra(Kind::Int(5)));
     s.extras
         .insert("checkpoint_every_n_epochs".into(), extra(Kind::Int(1)));
-    assert!(b.check(&s, ModelFamily::Wan)[0].contains("set only one of"));
+    assert!(
+        b.check(&s, ModelFamily::Wan)[0]
+            .problem
+            .contains("set only one of")
+    );
     // alpha 0 means "= rank" and passes, and render refuses what check refuses.
     let mut s = settings();
     s.alpha = 0.0;

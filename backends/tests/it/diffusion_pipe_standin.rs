@@ -416,7 +416,11 @@ fn alpha_other_than_rank_is_refused_before_anything_runs() {
     let fx = Fixture::new();
     let mut settings = fx.inputs("alpha", 20, 0).settings;
     settings.alpha = 8.0;
-    let problems = backend().check(&settings, ModelFamily::Flux);
+    let problems = backend()
+        .check(&settings, ModelFamily::Flux)
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>();
     assert_eq!(
         problems,
         ["training.alpha: diffusion-pipe forces alpha = rank (4); got 8"]

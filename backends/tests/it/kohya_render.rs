@@ -204,7 +204,11 @@ fn settings_problems_are_all_reported() {
     let mut s = settings(100, 10, extras);
     s.resolution = 1000;
     s.seed = 1 << 40;
-    let problems = b.check(&s, ModelFamily::Flux);
+    let problems = b
+        .check(&s, ModelFamily::Flux)
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>();
     assert_eq!(problems.len(), 4, "{problems:?}");
     assert!(
         problems
@@ -233,7 +237,8 @@ fn settings_problems_are_all_reported() {
     assert_eq!(b.parts(ModelFamily::Sdxl), ["checkpoint"]);
     assert!(
         trainyard_backends::check_settings(&settings(10, 0, HashMap::new()), ModelFamily::Wan)[0]
-            .contains("does not train wan")
+            .to_string()
+            .contains("base_model: kohya does not train wan")
     );
 }
 

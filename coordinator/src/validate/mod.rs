@@ -40,21 +40,6 @@ impl FieldError {
             problem: problem.into(),
         }
     }
-
-    /// A problem a library reported as `field.path: what is wrong`; one
-    /// without a field path is about `fallback`.
-    pub fn parse(fallback: &str, text: &str) -> Self {
-        let is_path = |head: &str| {
-            !head.is_empty()
-                && head
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-        };
-        match text.split_once(": ") {
-            Some((head, rest)) if is_path(head) => Self::new(head, rest),
-            _ => Self::new(fallback, text),
-        }
-    }
 }
 
 /// Every problem of a spec, in field order.
@@ -345,7 +330,7 @@ fn normalise_model(spec: &mut JobSpec, p: &mut Problems) {
         && BACKENDS.contains(&training.backend.as_str())
     {
         for problem in trainyard_backends::check_settings(training, family) {
-            p.0.push(FieldError::parse("training", &problem));
+            p.0.push(FieldError::new(problem.field, problem.problem));
         }
     }
 }
@@ -537,14 +522,6 @@ mod tests {
 
     #[test]
     fn library_problems_keep_their_field() {
-        assert_eq!(
-            FieldError::parse("training", "training.extras.x: must be a number"),
-            FieldError::new("training.extras.x", "must be a number")
-        );
-        assert_eq!(
-            FieldError::parse("base_model.uri", "\"x.bin\": must be a .safetensors file"),
-            FieldError::new("base_model.uri", "\"x.bin\": must be a .safetensors file")
-        );
         let mut s = valid();
         s.base_model = Some(trainyard_proto::v1::ModelRef {
             uri: "reference-denoiser-v1".into(),
@@ -556,6 +533,21 @@ mod tests {
             !problems[0]
                 .to_string()
                 .contains("family: base_model.family"),
+            "{}",
+            problems[0]
+        );
+        // A backend's problem keeps the exact field it is about.
+        let mut s = valid();
+        s.training.as_mut().unwrap().extras.insert(
+            "optimiser".into(),
+            trainyard_proto::v1::ExtraValue {
+                kind: Some(trainyard_proto::v1::extra_value::Kind::Int(1)),
+            },
+        );
+        let Invalid(problems) = normalise(s).unwrap_err();
+        assert_eq!(problems[0].field, "training.extras.optimiser");
+        assert!(
+            problems[0].problem.starts_with("unknown key for reference"),
             "{}",
             problems[0]
         );

@@ -64,7 +64,7 @@ pub(super) fn check(
     if !problems.is_empty() {
         return Err(StageError::fail(
             ErrorKind::InvalidSpec,
-            problems.join("; "),
+            trainyard_backends::joined(&problems),
         ));
     }
     let backend = trainyard_backends::by_name(&settings.backend, tools).ok_or_else(|| {
