@@ -18,4 +18,5 @@ mod kohya_parser;
 mod kohya_render;
 mod kohya_standin;
 mod simpletuner_standin;
+mod trl_real;
 mod trl_standin;

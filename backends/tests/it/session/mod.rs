@@ -152,6 +152,7 @@ pub struct Session {
     pub events: Vec<LineEvent>,
     pub tail: Vec<String>,
     pub bodies: Vec<Value>,
+    deadline: Duration,
 }
 
 /// What a finished session saw.
@@ -225,7 +226,14 @@ impl Session {
             events: Vec::new(),
             tail: Vec::new(),
             bodies: Vec::new(),
+            deadline: DEADLINE,
         }
+    }
+
+    /// Waits up to `deadline` (instead of [`DEADLINE`]) for each step.
+    pub fn deadline(mut self, deadline: Duration) -> Session {
+        self.deadline = deadline;
+        self
     }
 
     fn take_body(&mut self, body: Value) {
@@ -264,7 +272,7 @@ impl Session {
 
     /// Reads output until `done` holds; false if the output ended first.
     pub async fn until(&mut self, mut done: impl FnMut(&Session) -> bool) -> bool {
-        tokio::time::timeout(DEADLINE, async {
+        tokio::time::timeout(self.deadline, async {
             loop {
                 if done(self) {
                     return true;
@@ -281,7 +289,7 @@ impl Session {
     /// Reads the rest of the output and waits for the exit.
     pub async fn finish(mut self) -> Finished {
         self.until(|_| false).await;
-        let status = tokio::time::timeout(DEADLINE, self.child.wait())
+        let status = tokio::time::timeout(self.deadline, self.child.wait())
             .await
             .expect("the trainer did not exit in time")
             .expect("wait");
