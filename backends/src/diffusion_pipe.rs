@@ -21,15 +21,21 @@
 //!   for one every [`DEFAULT_CHECKPOINT_MINUTES`] minutes (extras may choose
 //!   another period, or epochs instead); `save_every = 0` asks for none
 //!   except the one written at the end and the one a stop request triggers.
-//! - **Command.** `deepspeed --num_gpus=1 <checkout>/train.py --deepspeed
-//!   --config <run>/config.toml [--resume_from_checkpoint <run folder>]`, in
+//! - **Command.** `deepspeed --num_gpus=1 --master_port=<port>
+//!   <checkout>/train.py --deepspeed --config <run>/config.toml
+//!   --master_port=<port> [--resume_from_checkpoint <run folder>]`, in
 //!   the checkout folder: the model code opens `configs/…` and puts
 //!   `submodules/…` on `sys.path` relative to the working directory. With
 //!   `--num_gpus` the DeepSpeed runner ignores and removes
 //!   `CUDA_VISIBLE_DEVICES` and uses the first GPU, so a run whose slot has
-//!   GPUs of its own gets `--include=localhost:<gpus>` instead; a slot
-//!   other than 0 also gets `--master_port=29500+slot`, so concurrent runs
-//!   on one worker do not collide on the rendezvous port.
+//!   GPUs of its own gets `--include=localhost:<gpus>` instead.
+//! - **Rendezvous port.** `train.py` has its own `--master_port` (default
+//!   29500) and sets `MASTER_PORT` from it before
+//!   `deepspeed.init_distributed`, overwriting what the runner exported, so
+//!   the port that torch.distributed binds is the one given to `train.py`.
+//!   Every run passes its slot's port (`29500 + slot`) there, and to the
+//!   runner too so the environment it exports agrees; two runs on one
+//!   worker never both bind 29500.
 //! - **Stop.** The file `<run folder>/save_quit` makes the trainer write a
 //!   checkpoint at the end of the current step and exit 0, without the
 //!   final adapter (`Saver.process_step`).
@@ -76,25 +82,28 @@ impl DiffusionPipe {
     }
 }
 
-/// DeepSpeed's default rendezvous port (`TORCH_DISTRIBUTED_DEFAULT_PORT`);
-/// slot N uses `MASTER_PORT_BASE + N`.
+/// The default rendezvous port of DeepSpeed (`TORCH_DISTRIBUTED_DEFAULT_PORT`)
+/// and of `train.py --master_port`; slot N uses `MASTER_PORT_BASE + N`.
 pub const MASTER_PORT_BASE: u16 = 29500;
 
 /// The runner's flags for a slot. Without GPUs of its own the run takes
 /// the first GPU (`--num_gpus=1`); with them, `--include localhost:<gpus>`
 /// names them, since the runner given `--num_gpus` drops
 /// `CUDA_VISIBLE_DEVICES` (and refuses `--include` next to `--num_gpus`).
-/// Slot 0 keeps the default port, every other slot gets its own, so two
-/// runs on one worker never both bind 29500.
+/// The runner's `--master_port` only sets the `MASTER_PORT` it exports
+/// (`launcher/launch.py`); `train.py` replaces that with its own flag.
 fn launcher_args(slot: &crate::Slot) -> Vec<OsString> {
-    let mut args: Vec<OsString> = match slot.visible_devices() {
-        Some(devices) => vec![format!("--include=localhost:{devices}").into()],
-        None => vec!["--num_gpus=1".into()],
+    let devices = match slot.visible_devices() {
+        Some(devices) => format!("--include=localhost:{devices}"),
+        None => "--num_gpus=1".into(),
     };
-    if slot.index > 0 {
-        args.push(format!("--master_port={}", slot.port(MASTER_PORT_BASE)).into());
-    }
-    args
+    vec![devices.into(), master_port(slot)]
+}
+
+/// `--master_port=<port>` for the slot's own rendezvous port. `train.py`
+/// binds the port given to it (default 29500) whatever the runner says.
+fn master_port(slot: &crate::Slot) -> OsString {
+    format!("--master_port={}", slot.port(MASTER_PORT_BASE)).into()
 }
 
 /// The LoRA file in each save folder: Flux goes through diffusers'
@@ -174,7 +183,15 @@ impl TrainerBackend for DiffusionPipe {
             ModelFamily::Flux | ModelFamily::QwenImage => &[part::DIFFUSERS],
             ModelFamily::Sdxl => &[part::CHECKPOINT],
             ModelFamily::Wan => &[part::CKPT_DIR],
-            ModelFamily::ZImage => &[part::TRANSFORMER, part::AE, part::TEXT_ENCODER],
+            // The one Z-Image preset is Turbo, which needs its de-distill
+            // adapter merged (`merge_adapters`); parts are per family, so a
+            // non-distilled Z-Image preset would need this list to differ.
+            ModelFamily::ZImage => &[
+                part::TRANSFORMER,
+                part::AE,
+                part::TEXT_ENCODER,
+                part::TRAINING_ADAPTER,
+            ],
             ModelFamily::Reference | ModelFamily::Llm => &[],
         }
     }
@@ -193,6 +210,7 @@ impl TrainerBackend for DiffusionPipe {
             "--deepspeed".into(),
             "--config".into(),
             config_path.clone().into(),
+            master_port(&inputs.slot),
         ]);
         if let Some(resume) = &inputs.resume {
             args.push("--resume_from_checkpoint".into());

@@ -78,6 +78,9 @@ pub mod part {
     pub const AE: &str = "ae";
     /// A text encoder file (Z-Image's Qwen3 encoder, …).
     pub const TEXT_ENCODER: &str = "text_encoder";
+    /// A LoRA merged into the base weights before training and left out of
+    /// the result (Z-Image-Turbo's de-distill adapter).
+    pub const TRAINING_ADAPTER: &str = "training_adapter";
     /// A diffusers-layout folder (model_index.json at its root).
     pub const DIFFUSERS: &str = "diffusers";
     /// The original-layout checkpoint folder (Wan's `ckpt_path`).
@@ -151,6 +154,8 @@ const DIFFUSERS_FILES: &[&str] = &[
 
 const FLUX_ENCODERS: &str = "comfyanonymous/flux_text_encoders";
 const Z_IMAGE_COMFY: &str = "Comfy-Org/z_image_turbo";
+/// The LoRA that undoes Turbo's distillation while a LoRA trains on it.
+const Z_IMAGE_TURBO_ADAPTER: &str = "ostris/zimage_turbo_training_adapter";
 
 /// The presets every worker knows.
 pub const PRESETS: &[Preset] = &[
@@ -285,6 +290,14 @@ pub const PRESETS: &[Preset] = &[
                 part::TEXT_ENCODER,
                 Z_IMAGE_COMFY,
                 "split_files/text_encoders/qwen_3_4b.safetensors",
+            ),
+            // Turbo is step-distilled: a LoRA trained on it directly breaks
+            // the distillation, so diffusion-pipe merges this adapter first
+            // (`merge_adapters`, the file its supported_models.md names).
+            file(
+                part::TRAINING_ADAPTER,
+                Z_IMAGE_TURBO_ADAPTER,
+                "zimage_turbo_training_adapter_v1.safetensors",
             ),
             folder(part::DIFFUSERS, "Tongyi-MAI/Z-Image-Turbo", DIFFUSERS_FILES),
         ],

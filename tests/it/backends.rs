@@ -86,7 +86,21 @@ async fn fleet_for(hub: &FakeHub, services: Services) -> Fleet {
         t.diffusion_pipe_dir = root.join("diffusion-pipe");
         t.simpletuner_dir = root.join("simpletuner");
         t.ai_toolkit_dir = root.join("ai-toolkit");
-        t.env = [("STANDIN_STEP_SECONDS".to_string(), "0.1".to_string())].into();
+        // The diffusion-pipe stand-in binds its rendezvous port on a
+        // loopback address standing for the machine: one per fleet, so
+        // fleets of tests running in one process never share ports.
+        let n = std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), &c.store.uri);
+        let loopback = format!(
+            "127.{}.{}.{}",
+            128 + n % 128,
+            (n >> 8) & 255,
+            (n >> 16) & 255
+        );
+        t.env = [
+            ("STANDIN_STEP_SECONDS".to_string(), "0.1".to_string()),
+            ("STANDIN_LOOPBACK".to_string(), loopback),
+        ]
+        .into();
     })
     .await
 }

@@ -71,7 +71,8 @@ const fn tunable(
 /// `flux_shift`, `shift`, `min_t`/`max_t` (Wan), `bypass_guidance_embedding`
 /// (Flux), `v_pred`/`min_snr_gamma`/`debiased_estimation_loss` (SDXL).
 /// `[optimizer]`: `optimizer_type` (default `adamw_optimi`), `weight_decay`
-/// (0.01), `eps` (1e-8). Dataset TOML: `min_ar` (0.5), `max_ar` (2.0),
+/// (0.01), `eps` (1e-8; not for `sgd` and `automagic`, which get neither
+/// `eps` nor `betas`). Dataset TOML: `min_ar` (0.5), `max_ar` (2.0),
 /// `num_ar_buckets` (7).
 ///
 /// `lr_scheduler` is left out on purpose: its `linear` decay runs over
@@ -172,6 +173,10 @@ struct ModelTable<'a> {
     vae: Option<&'a Path>,
     #[serde(skip_serializing_if = "Option::is_none")]
     text_encoders: Option<Vec<TextEncoder<'a>>>,
+    /// LoRA files merged into the weights before training (ComfyUI-based
+    /// models: `ComfyPipeline.load_diffusion_model`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    merge_adapters: Option<Vec<&'a Path>>,
     dtype: &'static str,
     #[serde(flatten)]
     tuning: BTreeMap<&'static str, Extra>,
@@ -192,14 +197,29 @@ struct Adapter {
     dtype: &'static str,
 }
 
+/// `[optimizer]`: every key but `type` becomes a keyword argument of the
+/// optimizer's constructor (`get_optimizer` in `train.py`), so only the ones
+/// it takes are written.
 #[derive(Serialize)]
 struct Optimizer {
     #[serde(rename = "type")]
     kind: String,
     lr: f64,
-    betas: [f64; 2],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    betas: Option<[f64; 2]>,
     weight_decay: f64,
-    eps: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    eps: Option<f64>,
+}
+
+/// Optimizer types whose constructor takes no `betas` and no single `eps`:
+/// `torch.optim.SGD`, and `optimizers/automagic.py`'s Automagic (its `eps`
+/// is a pair, its one beta `beta2`). `get_optimizer` matches types in
+/// lower case.
+const NO_BETAS_OR_EPS: &[&str] = &["sgd", "automagic"];
+
+fn takes_betas_and_eps(optimizer_type: &str) -> bool {
+    !NO_BETAS_OR_EPS.contains(&optimizer_type.to_ascii_lowercase().as_str())
 }
 
 #[derive(Serialize)]
@@ -230,6 +250,7 @@ fn model_table<'a>(inputs: &'a TrainInputs) -> Result<ModelTable<'a>, BackendErr
         diffusion_model: None,
         vae: None,
         text_encoders: None,
+        merge_adapters: None,
         dtype: "bfloat16",
         tuning: BTreeMap::new(),
     };
@@ -249,6 +270,11 @@ fn model_table<'a>(inputs: &'a TrainInputs) -> Result<ModelTable<'a>, BackendErr
                 path: m.part(part::TEXT_ENCODER)?,
                 kind: "lumina2",
             }]);
+            // Turbo's de-distill adapter, when the preset has one.
+            table.merge_adapters = m
+                .parts
+                .get(part::TRAINING_ADAPTER)
+                .map(|adapter| vec![adapter.as_path()]);
         }
         other => {
             return Err(BackendError::InvalidSettings(format!(
@@ -289,6 +315,15 @@ fn value_problems(extras: &BTreeMap<String, Extra>) -> Vec<SettingProblem> {
                 ),
             ));
         }
+    }
+    if let Some(v) = extra_text(extras, "optimizer_type")
+        && !takes_betas_and_eps(v)
+        && extras.contains_key("eps")
+    {
+        problems.push(SettingProblem::extra(
+            "eps",
+            format!("optimizer {v} takes no single eps; remove eps"),
+        ));
     }
     if let Some(v) = extra_text(extras, "timestep_sample_method")
         && !matches!(v, "logit_normal" | "uniform")
@@ -390,9 +425,9 @@ pub(super) fn render(
     let mut optimizer = Optimizer {
         kind: "adamw_optimi".into(),
         lr: s.learning_rate,
-        betas: [0.9, 0.99],
+        betas: Some([0.9, 0.99]),
         weight_decay: 0.01,
-        eps: 1e-8,
+        eps: Some(1e-8),
     };
     let mut dataset = BTreeMap::from([
         ("min_ar", Extra::Float(0.5)),
@@ -417,9 +452,13 @@ pub(super) fn render(
             (Section::Optimizer, Extra::Float(x)) if t.key == "weight_decay" => {
                 optimizer.weight_decay = *x
             }
-            (Section::Optimizer, Extra::Float(x)) => optimizer.eps = *x,
+            (Section::Optimizer, Extra::Float(x)) => optimizer.eps = Some(*x),
             (Section::Optimizer, _) => {}
         }
+    }
+    if !takes_betas_and_eps(&optimizer.kind) {
+        optimizer.betas = None;
+        optimizer.eps = None;
     }
     let accumulation = match main.get("gradient_accumulation_steps") {
         Some(Extra::Int(n)) => (*n).max(1) as u64,

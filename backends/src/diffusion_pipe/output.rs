@@ -45,6 +45,14 @@ static SIGNATURES: Signatures = Signatures::new(&[
         what: "base model folder missing or incomplete",
     },
     Signature {
+        // torch.distributed's TCPStore (`deepspeed.init_distributed`) could
+        // not bind `--master_port`: another process on the machine holds it.
+        pattern: r"The server socket has failed to listen.*EADDRINUSE",
+        kind: ErrorKind::Trainer,
+        retryable: true,
+        what: "the rendezvous port (--master_port) is taken by another process",
+    },
+    Signature {
         pattern: r"Checkpoint directory .* does not exist|Unable to find latest file at",
         kind: ErrorKind::Trainer,
         retryable: true,

@@ -120,8 +120,9 @@ fn command_text(launch: &Launch) -> String {
 
 /// Two runs on one multi-GPU worker: each names its own GPU to the
 /// DeepSpeed runner (`--include`, since `--num_gpus` would drop
-/// `CUDA_VISIBLE_DEVICES`) and slot 1 moves off the default rendezvous
-/// port; the config files do not depend on the slot.
+/// `CUDA_VISIBLE_DEVICES`) and its own rendezvous port to train.py, whose
+/// `--master_port` (default 29500) is the port torch.distributed binds
+/// whatever the runner was told; the config files do not depend on the slot.
 #[test]
 fn each_slot_gets_its_own_gpu_and_rendezvous_port() {
     let m = model(
@@ -141,19 +142,17 @@ fn each_slot_gets_its_own_gpu_and_rendezvous_port() {
         golden(&format!("flux.slot{index}.argv"), &command_text(&launch));
         launches.push(launch);
     }
-    let port = |l: &Launch| {
-        l.command
-            .args
+    // train.py's own flag: the arguments after the script.
+    let script_port = |l: &Launch| {
+        let args: Vec<&str> = l.command.args.iter().filter_map(|a| a.to_str()).collect();
+        let script = args.iter().position(|a| a.ends_with("/train.py")).unwrap();
+        args[script..]
             .iter()
-            .find_map(|a| {
-                a.to_str()?
-                    .strip_prefix("--master_port=")?
-                    .parse::<u16>()
-                    .ok()
-            })
+            .find_map(|a| a.strip_prefix("--master_port=")?.parse::<u16>().ok())
             .unwrap_or(29500)
     };
-    assert_ne!(port(&launches[0]), port(&launches[1]));
+    assert_eq!(script_port(&launches[0]), 29500);
+    assert_eq!(script_port(&launches[1]), 29501);
     for launch in &launches {
         assert!(!launch.command.args.iter().any(|a| a == "--num_gpus=1"));
     }
@@ -233,6 +232,10 @@ fn z_image_renders_comfy_file_paths_and_resumes_into_the_restored_run() {
             ),
             (part::AE, "/models/z-image/ae.safetensors"),
             (part::TEXT_ENCODER, "/models/z-image/qwen_3_4b.safetensors"),
+            (
+                part::TRAINING_ADAPTER,
+                "/models/z-image/zimage_turbo_training_adapter_v1.safetensors",
+            ),
         ],
     );
     let mut i = inputs(m, settings());
@@ -245,6 +248,86 @@ fn z_image_renders_comfy_file_paths_and_resumes_into_the_restored_run() {
         ],
     });
     render_golden("z_image", &i);
+}
+
+/// Z-Image-Turbo's de-distill adapter is what diffusion-pipe merges before
+/// training (`merge_adapters`, a list of files); a Z-Image model without
+/// one gets no entry.
+#[test]
+fn z_image_merges_the_training_adapter_the_preset_provides() {
+    let b = backend();
+    assert!(
+        b.parts(ModelFamily::ZImage)
+            .contains(&part::TRAINING_ADAPTER)
+    );
+    let preset = trainyard_models::preset("z-image-turbo").expect("preset");
+    for role in b.parts(ModelFamily::ZImage) {
+        assert!(preset.part(role).is_some(), "the preset has no {role} part");
+    }
+    let model_table = |parts: &[(&str, &str)]| {
+        let launch = b
+            .render(&inputs(model(ModelFamily::ZImage, parts), settings()))
+            .unwrap();
+        let config: toml::Table =
+            toml::from_str(std::str::from_utf8(&launch.files[0].1).unwrap()).unwrap();
+        config["model"].as_table().unwrap().clone()
+    };
+    let base = [
+        (part::TRANSFORMER, "/m/z_image_turbo_bf16.safetensors"),
+        (part::AE, "/m/ae.safetensors"),
+        (part::TEXT_ENCODER, "/m/qwen_3_4b.safetensors"),
+    ];
+    let with = model_table(
+        &[
+            &base[..],
+            &[(part::TRAINING_ADAPTER, "/m/adapter.safetensors")],
+        ]
+        .concat(),
+    );
+    assert_eq!(
+        with["merge_adapters"],
+        toml::Value::Array(vec!["/m/adapter.safetensors".into()])
+    );
+    assert!(!model_table(&base).contains_key("merge_adapters"));
+}
+
+/// Every `[optimizer]` key but `type` is a constructor argument: SGD and
+/// Automagic take no `betas` and no single `eps`.
+#[test]
+fn optimizer_keys_are_the_ones_its_constructor_takes() {
+    let b = backend();
+    let m = model(
+        ModelFamily::Flux,
+        &[(part::DIFFUSERS, "/models/flux1-dev/diffusers")],
+    );
+    let optimizer = |kind: &str| {
+        let mut s = settings();
+        s.extras
+            .insert("optimizer_type".into(), extra(Kind::Text(kind.into())));
+        let launch = b.render(&inputs(m.clone(), s)).unwrap();
+        let config: toml::Table =
+            toml::from_str(std::str::from_utf8(&launch.files[0].1).unwrap()).unwrap();
+        let table = config["optimizer"].as_table().unwrap();
+        let mut keys: Vec<String> = table.keys().cloned().collect();
+        keys.sort();
+        keys
+    };
+    for kind in ["sgd", "automagic", "Automagic"] {
+        assert_eq!(optimizer(kind), ["lr", "type", "weight_decay"], "{kind}");
+    }
+    assert_eq!(
+        optimizer("AdamW8bitKahan"),
+        ["betas", "eps", "lr", "type", "weight_decay"]
+    );
+    let mut s = settings();
+    s.extras.insert(
+        "optimizer_type".into(),
+        extra(Kind::Text("automagic".into())),
+    );
+    s.extras.insert("eps".into(), extra(Kind::Float(1e-6)));
+    let problems = b.check(&s, ModelFamily::Flux);
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].field, "training.extras.eps");
 }
 
 #[test]
@@ -459,6 +542,14 @@ fn classifies_diffusion_pipe_failures() {
             ErrorKind::BadDataset,
             false,
             "completely dropped",
+        ),
+        (
+            &[
+                "torch.distributed.DistNetworkError: The server socket has failed to listen on any local network address. port: 29500, useIpv6: false, code: -98, name: EADDRINUSE, message: address already in use",
+            ],
+            ErrorKind::Trainer,
+            true,
+            "rendezvous port",
         ),
         (
             &[

@@ -1,20 +1,28 @@
 //! The diffusion-pipe backend driving the stand-in trainer
 //! (`tests/standins/diffusion-pipe/train.py` under `tests/standins/bin/deepspeed`)
 //! through `ChildGroup`, the way the worker's run loop does: a kill and a
-//! resume from the checkpoint files alone, a graceful stop, and faults.
+//! resume from the checkpoint files alone, a graceful stop, faults, two
+//! slots at once, and the Z-Image-Turbo adapter.
+//!
+//! The stand-in binds its rendezvous port on a loopback address standing
+//! for the machine; each fixture gives its runs one of their own
+//! (`STANDIN_LOOPBACK`), so tests running at once never share ports while
+//! the runs of one test contend as on one worker.
 
 use crate::support;
 
 use nix::sys::signal::Signal;
+use std::hash::{BuildHasher, RandomState};
 use std::path::Path;
 use std::process::ExitStatus;
 use std::time::Duration;
 use support::{
     captioned_dataset, diffusers_folder, diffusers_model, restore, run_inputs, small_run, standins,
+    write_safetensors,
 };
 use tokio::sync::mpsc::Receiver;
 use trainyard_backends::{
-    FoundCheckpoint, LineEvent, OutputParser, Slot, StopRequest, Tools, TrainInputs,
+    FoundCheckpoint, LineEvent, ModelFiles, OutputParser, Slot, StopRequest, Tools, TrainInputs,
     TrainerBackend, by_name,
 };
 use trainyard_core::config::TrainerPaths;
@@ -36,9 +44,11 @@ fn backend() -> Box<dyn TrainerBackend> {
     by_name("diffusion-pipe", &tools).expect("registered")
 }
 
-/// A captioned three-image dataset and a Flux diffusers folder.
+/// A captioned three-image dataset, a Flux diffusers folder, and the
+/// loopback address that stands for the machine its runs share.
 struct Fixture {
     root: tempfile::TempDir,
+    loopback: String,
 }
 
 impl Fixture {
@@ -49,7 +59,38 @@ impl Fixture {
             ["a", "b", "c"].map(|stem| (stem, format!("ohwx {stem}"))),
         );
         diffusers_folder(&root.path().join("flux/diffusers"));
-        Self { root }
+        // 127.128.0.0 and up: apart from the stand-in's own default range.
+        let n = RandomState::new().hash_one(root.path());
+        let loopback = format!(
+            "127.{}.{}.{}",
+            128 + n % 128,
+            (n >> 8) & 255,
+            (n >> 16) & 255
+        );
+        Self { root, loopback }
+    }
+
+    /// Starts a run on this fixture's machine.
+    fn start(
+        &self,
+        backend: &dyn TrainerBackend,
+        inputs: &TrainInputs,
+        env: &[(&str, &str)],
+    ) -> Run {
+        self.start_edited(backend, inputs, env, |_| {})
+    }
+
+    /// Renders and writes the files, lets `edit` change them, and starts.
+    fn start_edited(
+        &self,
+        backend: &dyn TrainerBackend,
+        inputs: &TrainInputs,
+        env: &[(&str, &str)],
+        edit: impl FnOnce(&Path),
+    ) -> Run {
+        let mut env = env.to_vec();
+        env.push(("STANDIN_LOOPBACK", &self.loopback));
+        Run::start_edited(backend, inputs, &env, edit)
     }
 
     /// Inputs for a run with its own run and output folders under `name`.
@@ -97,10 +138,6 @@ struct Run {
 }
 
 impl Run {
-    fn start(backend: &dyn TrainerBackend, inputs: &TrainInputs, env: &[(&str, &str)]) -> Run {
-        Self::start_edited(backend, inputs, env, |_| {})
-    }
-
     /// Renders and writes the files, lets `edit` change them, and starts.
     fn start_edited(
         backend: &dyn TrainerBackend,
@@ -209,7 +246,7 @@ async fn a_killed_run_resumes_from_the_checkpoint_files_alone() {
         with_extra(inputs, "gradient_accumulation_steps", Kind::Int(2))
     };
     let first = settings("first");
-    let mut run = Run::start(b.as_ref(), &first, &[("STANDIN_STEP_SECONDS", "0.1")]);
+    let mut run = fx.start(b.as_ref(), &first, &[("STANDIN_STEP_SECONDS", "0.1")]);
     let found = checkpoint_at_least(&mut run, b.as_ref(), &first, 7).await;
     run.child.signal(Signal::SIGKILL);
     run.finish().await;
@@ -229,7 +266,7 @@ async fn a_killed_run_resumes_from_the_checkpoint_files_alone() {
     // Another machine: a fresh output folder holding only the checkpoint files.
     let mut second = settings("second");
     second.resume = Some(restore(&found, &first.output_dir, &second.output_dir));
-    let mut resumed = Run::start(b.as_ref(), &second, &[("STANDIN_STEP_SECONDS", "0.005")]);
+    let mut resumed = fx.start(b.as_ref(), &second, &[("STANDIN_STEP_SECONDS", "0.005")]);
     let status = resumed.finish().await;
     assert!(status.success(), "{status}\n{}", resumed.lines.join("\n"));
     assert!(
@@ -261,7 +298,7 @@ async fn a_killed_run_resumes_from_the_checkpoint_files_alone() {
     // Resuming restored the training state and the data position exactly:
     // the adapter matches an uninterrupted run's, byte for byte.
     let straight = settings("straight");
-    let mut whole = Run::start(b.as_ref(), &straight, &[("STANDIN_STEP_SECONDS", "0.005")]);
+    let mut whole = fx.start(b.as_ref(), &straight, &[("STANDIN_STEP_SECONDS", "0.005")]);
     assert!(whole.finish().await.success());
     let expected = b.final_adapter(&straight).expect("final adapter");
     assert!(
@@ -292,7 +329,7 @@ async fn a_stop_request_saves_a_checkpoint_and_the_trainer_exits_by_itself() {
     let b = backend();
     // save_every = 0: no periodic checkpoints, so the only one is the stop's.
     let inputs = fx.inputs("stop", 100_000, 0);
-    let mut run = Run::start(b.as_ref(), &inputs, &[("STANDIN_STEP_SECONDS", "0.02")]);
+    let mut run = fx.start(b.as_ref(), &inputs, &[("STANDIN_STEP_SECONDS", "0.02")]);
     let first = run
         .until(|events| {
             events.iter().find_map(|e| match e {
@@ -325,7 +362,7 @@ async fn an_oom_is_retryable_and_quotes_the_line() {
     let fx = Fixture::new();
     let b = backend();
     let inputs = fx.inputs("oom", 20, 0);
-    let mut run = Run::start(b.as_ref(), &inputs, &[("STANDIN_FAULT", "oom@3")]);
+    let mut run = fx.start(b.as_ref(), &inputs, &[("STANDIN_FAULT", "oom@3")]);
     let status = run.finish().await;
     assert!(!status.success());
     assert_eq!(run.progress_steps(), [1, 2]);
@@ -349,7 +386,7 @@ async fn exit_zero_midway_leaves_no_final_adapter() {
     let fx = Fixture::new();
     let b = backend();
     let inputs = fx.inputs("exit0", 20, 5);
-    let mut run = Run::start(b.as_ref(), &inputs, &[("STANDIN_FAULT", "exit0@8")]);
+    let mut run = fx.start(b.as_ref(), &inputs, &[("STANDIN_FAULT", "exit0@8")]);
     assert!(run.finish().await.success());
     assert!(!run.events.contains(&LineEvent::Done));
     assert!(run.events.contains(&LineEvent::Saved { step: Some(5) }));
@@ -365,7 +402,7 @@ async fn a_crash_is_unclassified_and_nan_loss_is_reported() {
     let b = backend();
     let inputs = fx.inputs("crash", 20, 0);
     let env = [("STANDIN_FAULT", "crash@4"), ("STANDIN_NAN_FROM", "2")];
-    let mut run = Run::start(b.as_ref(), &inputs, &env);
+    let mut run = fx.start(b.as_ref(), &inputs, &env);
     let status = run.finish().await;
     let losses: Vec<bool> = run
         .events
@@ -399,7 +436,7 @@ async fn a_missing_model_folder_is_a_model_error() {
         .model
         .parts
         .insert(part::DIFFUSERS.into(), fx.root.path().join("absent"));
-    let mut run = Run::start(b.as_ref(), &inputs, &[]);
+    let mut run = fx.start(b.as_ref(), &inputs, &[]);
     let status = run.finish().await;
     assert!(
         run.lines
@@ -470,7 +507,7 @@ async fn config_mistakes_fail_as_the_real_trainer_fails_them() {
     ];
     for (name, edit, needle) in cases {
         let inputs = fx.inputs(name, 10, 0);
-        let mut run = Run::start_edited(b.as_ref(), &inputs, &[], |dir| {
+        let mut run = fx.start_edited(b.as_ref(), &inputs, &[], |dir| {
             edit_toml(dir, "config.toml", edit)
         });
         let status = run.finish().await;
@@ -509,7 +546,7 @@ async fn dataset_mistakes_are_bad_datasets() {
     for (i, (dataset, needle)) in cases.into_iter().enumerate() {
         let mut inputs = fx.inputs(&format!("dataset{i}"), 10, 0);
         inputs.dataset_dir = dataset;
-        let mut run = Run::start(b.as_ref(), &inputs, &[]);
+        let mut run = fx.start(b.as_ref(), &inputs, &[]);
         let status = run.finish().await;
         let e = b.classify(status, &run.tail());
         assert_eq!(
@@ -525,45 +562,40 @@ async fn dataset_mistakes_are_bad_datasets() {
     }
 }
 
-/// Two runs on one worker at once: in the same slot the second cannot bind
-/// the rendezvous port the first holds; in slots 0 and 1 each has its own
-/// port and sees only its own GPU.
+fn in_slot(mut inputs: TrainInputs, index: u16) -> TrainInputs {
+    inputs.slot = Slot {
+        index,
+        gpus: vec![u32::from(index)],
+    };
+    inputs
+}
+
+/// Waits for the first step, so the run holds its rendezvous port.
+async fn first_step(run: &mut Run) {
+    run.until(|events| {
+        events
+            .iter()
+            .any(|e| matches!(e, LineEvent::Progress { .. }))
+            .then_some(())
+    })
+    .await;
+}
+
+/// Two runs on one worker at once, in slots 0 and 1: each binds its own
+/// rendezvous port (train.py's `--master_port`, not the runner's) and sees
+/// only its own GPU, and both finish.
 #[tokio::test]
-async fn concurrent_runs_in_different_slots_do_not_collide() {
+async fn two_slots_train_at_once_on_their_own_ports() {
     let fx = Fixture::new();
     let b = backend();
-    let in_slot = |name: &str, steps: u32, index: u16| {
-        let mut inputs = fx.inputs(name, steps, 0);
-        inputs.slot = Slot {
-            index,
-            gpus: vec![u32::from(index)],
-        };
-        inputs
-    };
-    let hold = ("STANDIN_HOLD_PORT", "1");
-    let first = in_slot("first", 20, 0);
-    let mut running = Run::start(b.as_ref(), &first, &[hold, ("STANDIN_FAULT", "hang@3")]);
-    running
-        .until(|events| {
-            events
-                .iter()
-                .any(|e| matches!(e, LineEvent::Progress { .. }))
-                .then_some(())
-        })
-        .await;
+    // Slot 0 runs until it is asked to stop, so it holds its port for as
+    // long as slot 1 runs.
+    let first = in_slot(fx.inputs("first", 100_000, 0), 0);
+    let mut running = fx.start(b.as_ref(), &first, &[]);
+    first_step(&mut running).await;
 
-    let same = in_slot("same", 3, 0);
-    let mut clash = Run::start(b.as_ref(), &same, &[hold]);
-    let status = clash.finish().await;
-    assert!(!status.success());
-    assert!(
-        clash.lines.iter().any(|l| l.contains("EADDRINUSE")),
-        "{}",
-        clash.lines.join("\n")
-    );
-
-    let other = in_slot("other", 3, 1);
-    let mut beside = Run::start(b.as_ref(), &other, &[hold]);
+    let other = in_slot(fx.inputs("other", 3, 0), 1);
+    let mut beside = fx.start(b.as_ref(), &other, &[]);
     let status = beside.finish().await;
     assert!(status.success(), "{status}\n{}", beside.lines.join("\n"));
     assert!(
@@ -576,6 +608,127 @@ async fn concurrent_runs_in_different_slots_do_not_collide() {
     );
     assert!(b.final_adapter(&other).is_some());
 
+    let StopRequest::SaveAndExit { path, body } = b.stop_request(&first) else {
+        panic!("diffusion-pipe saves and exits on save_quit")
+    };
+    std::fs::write(&path, body).unwrap();
+    let status = running.finish().await;
+    assert!(status.success(), "{status}\n{}", running.lines.join("\n"));
+    assert!(running.lines.iter().any(|l| l == "Manually quitting"));
+}
+
+/// A second run in a slot that is in use cannot bind the port the first
+/// holds, as torch.distributed fails it; that is worth another attempt.
+#[tokio::test]
+async fn a_second_run_in_a_busy_slot_fails_on_the_taken_port() {
+    let fx = Fixture::new();
+    let b = backend();
+    let first = in_slot(fx.inputs("first", 20, 0), 0);
+    let mut running = fx.start(b.as_ref(), &first, &[("STANDIN_FAULT", "hang@3")]);
+    first_step(&mut running).await;
+
+    let same = in_slot(fx.inputs("same", 3, 0), 0);
+    let mut clash = fx.start(b.as_ref(), &same, &[]);
+    let status = clash.finish().await;
+    assert!(!status.success());
+    let e = b.classify(status, &clash.tail());
+    assert_eq!(
+        (e.kind(), e.retryable),
+        (ErrorKind::Trainer, true),
+        "{}",
+        e.message
+    );
+    assert!(
+        e.message.contains("port: 29500") && e.message.contains("EADDRINUSE"),
+        "{}",
+        e.message
+    );
+
     running.child.signal(Signal::SIGKILL);
     running.finish().await;
+}
+
+/// Z-Image's ComfyUI files beside the fixture, Turbo's training adapter
+/// among them.
+fn z_image_turbo(fx: &Fixture) -> ModelFiles {
+    let dir = fx.root.path().join("z-image");
+    std::fs::create_dir_all(&dir).unwrap();
+    let parts = [
+        (part::TRANSFORMER, "z_image_turbo_bf16.safetensors"),
+        (part::AE, "ae.safetensors"),
+        (part::TEXT_ENCODER, "qwen_3_4b.safetensors"),
+        (
+            part::TRAINING_ADAPTER,
+            "zimage_turbo_training_adapter_v1.safetensors",
+        ),
+    ];
+    for (_, file) in parts {
+        write_safetensors(&dir.join(file));
+    }
+    ModelFiles {
+        reference: "z-image-turbo".into(),
+        family: ModelFamily::ZImage,
+        parts: parts
+            .iter()
+            .map(|(role, file)| (role.to_string(), dir.join(file)))
+            .collect(),
+    }
+}
+
+/// Z-Image-Turbo trains with its de-distill adapter merged; a config
+/// without `merge_adapters` is refused by the stand-in (the real trainer
+/// would train on the distilled weights and spoil them).
+#[tokio::test]
+async fn z_image_turbo_trains_with_its_training_adapter_merged() {
+    let fx = Fixture::new();
+    let b = backend();
+    let model = z_image_turbo(&fx);
+    let adapter = model.parts[part::TRAINING_ADAPTER].clone();
+    let inputs = TrainInputs {
+        model: model.clone(),
+        ..fx.inputs("turbo", 3, 0)
+    };
+    let mut run = fx.start(b.as_ref(), &inputs, &[]);
+    let status = run.finish().await;
+    assert!(status.success(), "{status}\n{}", run.lines.join("\n"));
+    let merging = format!("Merging adapter {}", adapter.display());
+    assert!(run.lines.contains(&merging), "{}", run.lines.join("\n"));
+    assert!(b.final_adapter(&inputs).is_some());
+
+    let mut bare = TrainInputs {
+        model,
+        ..fx.inputs("bare", 3, 0)
+    };
+    bare.model.parts.remove(part::TRAINING_ADAPTER);
+    let mut run = fx.start(b.as_ref(), &bare, &[]);
+    assert!(!run.finish().await.success());
+    assert!(
+        run.lines
+            .iter()
+            .any(|l| l.contains("has no merge_adapters")),
+        "{}",
+        run.lines.join("\n")
+    );
+}
+
+/// `[optimizer]` keys are constructor arguments: SGD and Automagic get no
+/// `betas` or single `eps`, which their constructors would refuse.
+#[tokio::test]
+async fn optimizers_get_only_the_arguments_they_take() {
+    let fx = Fixture::new();
+    let b = backend();
+    for optimizer in ["sgd", "automagic", "AdamW8bitKahan"] {
+        let inputs = with_extra(
+            fx.inputs(optimizer, 2, 0),
+            "optimizer_type",
+            Kind::Text(optimizer.into()),
+        );
+        let mut run = fx.start(b.as_ref(), &inputs, &[]);
+        let status = run.finish().await;
+        assert!(
+            status.success(),
+            "{optimizer}: {status}\n{}",
+            run.lines.join("\n")
+        );
+    }
 }

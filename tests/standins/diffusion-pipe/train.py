@@ -4,11 +4,23 @@ launcher like the real one. No GPU, no torch: it follows the real script's
 order and prints its lines, writes its layout and honours its flags.
 
 - Arguments as the real one (`--local_rank`, `--deepspeed`, `--config`,
-  `--resume_from_checkpoint [RUN_DIR]`, …).
+  `--resume_from_checkpoint [RUN_DIR]`, `--master_port`, …).
+- The rendezvous port: like the real `distributed_init`, it takes
+  `--master_port` (default 29500) over the MASTER_PORT the launcher exported,
+  and binds it for the whole run as torch.distributed's TCPStore does in
+  `deepspeed.init_distributed`; a port already taken fails with the
+  DistNetworkError torch raises (EADDRINUSE). It binds on a loopback address
+  standing for the machine: STANDIN_LOOPBACK when set, else one derived from
+  the pid of the process that started the launcher (the worker), so runs
+  started by one worker contend for ports as on one machine while separate
+  test processes do not.
 - Validates like the real one: `set_config_defaults` (the bare assert for a
   missing `save_every_n_*` key, the NotImplementedError for an [adapter]
-  alpha, KeyError for a missing dtype), the model type dispatch, the model
-  paths it was given, the dataset folder and `min_ar`/`max_ar`/`num_ar_buckets`.
+  alpha, KeyError for a dtype not in DTYPE_MAP), the model type dispatch, the
+  model paths it was given (and the `merge_adapters` files), the optimizer's
+  keyword arguments for the built-in optimizer types, the dataset folder and
+  `min_ar`/`max_ar`/`num_ar_buckets`.
+- Z-Image-Turbo without `merge_adapters`: see `check_turbo_adapter`.
 - A fresh run creates `output_dir/<UTC %Y%m%d_%H-%M-%S>/` and copies both
   TOMLs there; `--resume_from_checkpoint` with no value uses the newest run
   folder, with a value `output_dir/<value>`, and loads the tag in `latest`.
@@ -30,6 +42,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import sys
 import time
 import tomllib
@@ -67,6 +80,13 @@ def missing(path):
     return FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
 
 
+def dtype(name):
+    """DTYPE_MAP[name]: a KeyError for a name it does not hold."""
+    if name not in DTYPE_MAP:
+        raise KeyError(name)
+    return name
+
+
 def set_config_defaults(config):
     # Force the user to set this. If we made it a default of 1, it might use a lot of disk space.
     assert 'save_every_n_epochs' in config or 'save_every_n_steps' in config or 'save_every_n_examples' in config
@@ -74,23 +94,79 @@ def set_config_defaults(config):
     config.setdefault('pipeline_stages', 1)
     config.setdefault('activation_checkpointing', False)
     config.setdefault('warmup_steps', 0)
+    if 'save_dtype' in config:
+        dtype(config['save_dtype'])
     model_config = config['model']
-    model_dtype_str = model_config['dtype']
-    if model_dtype_str not in DTYPE_MAP:
-        raise KeyError(model_dtype_str)
+    model_dtype_str = dtype(model_config['dtype'])
+    for key in ('transformer_dtype', 'diffusion_model_dtype'):
+        if value := model_config.get(key, None):
+            dtype(value)
     if 'adapter' in config:
         adapter_config = config['adapter']
         adapter_type = adapter_config['type']
-        if adapter_config['type'] == 'lora':
-            if 'alpha' in adapter_config:
-                raise NotImplementedError(
-                    'This script forces alpha=rank to make the saved LoRA format simpler and more predictable with downstream inference programs. Please remove alpha from the config.'
-                )
-            adapter_config['alpha'] = adapter_config['rank']
-            adapter_config.setdefault('dtype', model_dtype_str)
-        else:
+        if 'alpha' in adapter_config:
+            raise NotImplementedError(
+                'This script forces alpha=rank to make the saved adapter format simpler and more predictable with downstream inference programs. Please remove alpha from the config.'
+            )
+        adapter_config['alpha'] = adapter_config['rank']
+        adapter_config.setdefault('dtype', model_dtype_str)
+        dtype(adapter_config['dtype'])
+        if adapter_type not in ('lora', 'lokr'):
             raise NotImplementedError(f'Adapter type {adapter_type} is not implemented')
     config.setdefault('logging_steps', 1)
+
+
+class DistNetworkError(RuntimeError):
+    """torch.distributed.DistNetworkError, as its traceback names it."""
+
+
+DistNetworkError.__module__ = 'torch.distributed'
+
+
+def loopback_host():
+    """The loopback address standing for this machine (see the module doc)."""
+    if host := os.environ.get('STANDIN_LOOPBACK'):
+        return host
+    # The launcher's parent: field 4 of /proc/<launcher pid>/stat.
+    launcher = os.getppid()
+    try:
+        with open(f'/proc/{launcher}/stat') as f:
+            starter = int(f.read().rsplit(')', 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        starter = launcher
+    n = (1 << 22) + (starter & ((1 << 22) - 1))
+    return f'127.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}'
+
+
+def init_distributed(master_port):
+    """The TCPStore server rank 0 starts: it holds the port until exit."""
+    store = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        store.bind((loopback_host(), master_port))
+        store.listen()
+    except OSError as e:
+        store.close()
+        raise DistNetworkError(
+            'The server socket has failed to listen on any local network address. '
+            f'port: {master_port}, useIpv6: false, code: -98, name: EADDRINUSE, message: {e.strerror}'
+        ) from None
+    return store
+
+
+def check_turbo_adapter(model_config):
+    """Z-Image-Turbo needs its de-distill adapter merged (`merge_adapters`).
+
+    The real trainer cannot tell Turbo from the base model and does not fail:
+    without the adapter it trains the LoRA straight on the distilled weights,
+    which breaks Turbo's few-step distillation, so the LoRA is wrong at
+    inference. The stand-in fails instead, so that a test sees the entry
+    missing. Turbo is told by its ComfyUI file name (`z_image_turbo_*`).
+    """
+    name = os.path.basename(model_config['diffusion_model']).lower()
+    if 'turbo' in name and not model_config.get('merge_adapters'):
+        raise AssertionError(
+            f'stand-in: {name} is Z-Image-Turbo but [model] has no merge_adapters: upstream would train '
+            'on the distilled weights and break them; merge ostris/zimage_turbo_training_adapter')
 
 
 def diffusers_folder(path, subfolder=None):
@@ -139,6 +215,11 @@ def load_model(model_config):
         for te in model_config['text_encoders']:
             single_file(te['path'])
         single_file(model_config['diffusion_model'])
+        # ComfyPipeline.load_diffusion_model: each entry is one LoRA file.
+        for adapter_path in model_config.get('merge_adapters', []):
+            print(f'Merging adapter {adapter_path}')
+            single_file(adapter_path)
+        check_turbo_adapter(model_config)
     elif model_type in MODEL_TYPES:
         pass
     else:
@@ -182,6 +263,43 @@ def load_dataset(dataset_config, model_type):
         print('caching text embeddings: (1.0, 1)')
         examples += captioned * num_repeats * max(len(resolutions), 1)
     return examples
+
+
+# The keyword arguments of the classes `get_optimizer` builds for its
+# built-in types (torch, bitsandbytes, optimi, torchao and the repository's own
+# optimizers/); any other type is a pytorch_optimizer class, not checked.
+ADAM = {'lr', 'betas', 'eps', 'weight_decay', 'amsgrad', 'foreach', 'maximize', 'capturable', 'differentiable', 'fused'}
+BNB_ADAM = {'lr', 'betas', 'eps', 'weight_decay', 'amsgrad', 'optim_bits', 'args', 'min_8bit_size',
+            'percentile_clipping', 'block_wise', 'is_paged'}
+OPTIMI = {'lr', 'betas', 'weight_decay', 'eps', 'decouple_lr', 'max_lr', 'kahan_sum', 'foreach', 'gradient_release'}
+OPTIMIZER_KWARGS = {
+    'adamw': ('AdamW', ADAM),
+    'adamw8bit': ('AdamW8bit', BNB_ADAM),
+    'adamw_optimi': ('AdamW', OPTIMI),
+    'stableadamw': ('StableAdamW', OPTIMI),
+    'sgd': ('SGD', {'lr', 'momentum', 'dampening', 'weight_decay', 'nesterov', 'maximize', 'foreach',
+                    'differentiable', 'fused'}),
+    'adamw8bitkahan': ('AdamW8bitKahan', BNB_ADAM | {'stabilize'}),
+    'offload': ('AdamW', ADAM | {'offload_gradients'}),
+    'automagic': ('Automagic', {'lr', 'min_lr', 'max_lr', 'lr_bump', 'eps', 'clip_threshold', 'beta2',
+                                'weight_decay', 'do_paramiter_swapping', 'paramiter_swapping_factor'}),
+}
+
+
+def get_optimizer(optim_config):
+    """What constructing the optimizer raises for arguments it does not take."""
+    optim_type = optim_config['type']
+    kwargs = {k: v for k, v in optim_config.items() if k not in ['type', 'gradient_release']}
+    known = OPTIMIZER_KWARGS.get(optim_type.lower())
+    if known is None:
+        return
+    klass, accepted = known
+    for key in kwargs:
+        if key not in accepted:
+            raise TypeError(f"{klass}.__init__() got an unexpected keyword argument '{key}'")
+    # Automagic indexes its eps pair (eps[0], eps[1]) on the first step.
+    if optim_type.lower() == 'automagic' and not isinstance(kwargs.get('eps', (1e-30, 1e-3)), (list, tuple)):
+        raise TypeError(f"'{type(kwargs['eps']).__name__}' object is not subscriptable")
 
 
 def get_most_recent_run_dir(output_dir):
@@ -310,6 +428,9 @@ def main():
         args.resume_from_checkpoint if args.resume_from_checkpoint is not None
         else config.get('resume_from_checkpoint', False)
     )
+    # distributed_init: the script's --master_port wins over MASTER_PORT.
+    os.environ['MASTER_PORT'] = str(args.master_port)
+    store = init_distributed(args.master_port)  # noqa: F841 (held until exit)
     model_type = load_model(config['model'])
 
     with open(config['dataset'], 'rb') as f:
@@ -324,6 +445,7 @@ def main():
         raise RuntimeError('stand-in: every size bucket was dropped; there is no batch to train on')
     if args.cache_only:
         sys.exit(0)
+    get_optimizer(config['optimizer'])
 
     if not resume_from_checkpoint:
         run_dir = os.path.join(config['output_dir'], datetime.now(timezone.utc).strftime('%Y%m%d_%H-%M-%S'))
