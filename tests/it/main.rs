@@ -11,6 +11,7 @@
 mod api;
 mod backends;
 mod failures;
+mod gpu_smoke;
 mod faults;
 mod fencing;
 mod lifetimes;
