@@ -51,7 +51,10 @@ fn row<'a>(stdout: &'a str, backend: &str) -> Vec<&'a str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reference_backend_passes_and_one_not_installed_is_skipped() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let cache = format!("worker.model_cache_dir={}", dir.path().join("cache").display());
+    let cache = format!(
+        "worker.model_cache_dir={}",
+        dir.path().join("cache").display()
+    );
     let output = smoke(
         &[
             "--only",
@@ -74,7 +77,15 @@ async fn the_reference_backend_passes_and_one_not_installed_is_skipped() {
     let header = row(&stdout, "backend");
     assert_eq!(
         header,
-        ["backend", "preset", "result", "steps", "wall", "checkpoint", "adapter"]
+        [
+            "backend",
+            "preset",
+            "result",
+            "steps",
+            "wall",
+            "checkpoint",
+            "adapter"
+        ]
     );
     let reference = row(&stdout, "reference");
     assert_eq!(reference[1], "reference-denoiser-v1", "{stdout}");
@@ -95,11 +106,7 @@ async fn the_reference_backend_passes_and_one_not_installed_is_skipped() {
 
 #[tokio::test]
 async fn an_unknown_backend_is_refused_before_anything_starts() {
-    let output = smoke(
-        &["--only", "reference,sd-scripts"],
-        Duration::from_secs(30),
-    )
-    .await;
+    let output = smoke(&["--only", "reference,sd-scripts"], Duration::from_secs(30)).await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(output.stdout.is_empty(), "no table");
@@ -127,7 +134,10 @@ async fn every_backend_passes_against_its_standin() {
     let standins = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("standins");
     let set = |key: &str, value: String| format!("worker.{key}={value}");
     let sets = [
-        set("model_cache_dir", dir.path().join("cache").display().to_string()),
+        set(
+            "model_cache_dir",
+            dir.path().join("cache").display().to_string(),
+        ),
         set("hf_endpoint", hub.endpoint()),
         set("checkpoint_scan_ms", "100".into()),
         set(
@@ -142,7 +152,10 @@ async fn every_backend_passes_against_its_standin() {
             "trainers.deepspeed",
             standins.join("bin/deepspeed").display().to_string(),
         ),
-        set("trainers.kohya_dir", standins.join("kohya").display().to_string()),
+        set(
+            "trainers.kohya_dir",
+            standins.join("kohya").display().to_string(),
+        ),
         set(
             "trainers.diffusion_pipe_dir",
             standins.join("diffusion-pipe").display().to_string(),
@@ -155,10 +168,7 @@ async fn every_backend_passes_against_its_standin() {
             "trainers.ai_toolkit_dir",
             standins.join("ai-toolkit").display().to_string(),
         ),
-        set(
-            "trainers.env",
-            "{ STANDIN_STEP_SECONDS = \"0.3\" }".into(),
-        ),
+        set("trainers.env", "{ STANDIN_STEP_SECONDS = \"0.3\" }".into()),
     ];
     // The reference backend is the test above.
     let mut args = vec![

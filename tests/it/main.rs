@@ -11,9 +11,9 @@
 mod api;
 mod backends;
 mod failures;
-mod gpu_smoke;
 mod faults;
 mod fencing;
+mod gpu_smoke;
 mod lifetimes;
 mod model_cache;
 mod orphans;

@@ -40,13 +40,14 @@ pub struct FleetOptions {
 }
 
 /// A fleet of separate processes: nats-server and the four services.
+/// Fields drop in order: the services, then NATS, then the folder.
 pub struct Fleet {
-    /// Kept for the fleet's life: nats, the store, work folders and logs live in it.
-    dir: tempfile::TempDir,
-    pub nats: NatsServer,
     pub services: Vec<Service>,
+    pub nats: NatsServer,
     pub channel: tonic::transport::Channel,
     pub store: ArtifactStore,
+    /// Kept for the fleet's life: nats, the store, work folders and logs live in it.
+    dir: tempfile::TempDir,
 }
 
 fn free_port() -> u16 {
@@ -69,7 +70,10 @@ impl Fleet {
     /// waits until it takes jobs.
     pub async fn start(env: &[(&str, String)]) -> anyhow::Result<Fleet> {
         Fleet::start_with(FleetOptions {
-            env: env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
             ..Default::default()
         })
         .await
@@ -124,11 +128,11 @@ impl Fleet {
         trainyard_captioner::sample::write_sample_dataset(&sample)?;
         store.put_dir(&sample, "uploads/sample", &[]).await?;
         Ok(Fleet {
-            dir,
-            nats,
             services,
+            nats,
             channel,
             store,
+            dir,
         })
     }
 
@@ -140,9 +144,9 @@ impl Fleet {
     /// Stops the fleet and keeps its folder; returns where it is.
     pub fn stop_and_keep(self) -> PathBuf {
         let Fleet {
-            dir,
-            nats,
             services,
+            nats,
+            dir,
             ..
         } = self;
         drop(services);

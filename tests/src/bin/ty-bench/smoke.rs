@@ -69,8 +69,9 @@ pub async fn main(args: &[String]) -> u8 {
 async fn run(args: args::SmokeArgs) -> anyhow::Result<u8> {
     let config = Config::load(args.config.as_deref(), &args.sets)
         .map_err(|e| anyhow::anyhow!("cannot load the config: {e}"))?;
-    let reference = trainyard_worker::models::find_trainer(config.worker.reference_trainer.as_deref())
-        .unwrap_or_default();
+    let reference =
+        trainyard_worker::models::find_trainer(config.worker.reference_trainer.as_deref())
+            .unwrap_or_default();
     let tools = trainyard_worker::tools(&config.worker.trainers, reference);
     let hf_token = std::env::var("HF_TOKEN").unwrap_or_default();
     let mut plans = plan::plan(&args.backends, &tools, args.steps, !hf_token.is_empty());
@@ -129,7 +130,11 @@ async fn run(args: args::SmokeArgs) -> anyhow::Result<u8> {
                 let observed = run_job(fleet, &job, &dataset, args.timeout).await?;
                 let wall = started.elapsed();
                 let verdict = report::verdict(&observed, settings.steps, settings.save_every);
-                eprintln!("{backend}: {} in {:.1}s", verdict.word(), wall.as_secs_f64());
+                eprintln!(
+                    "{backend}: {} in {:.1}s",
+                    verdict.word(),
+                    wall.as_secs_f64()
+                );
                 Row {
                     backend,
                     preset: preset.name.to_string(),
@@ -145,16 +150,19 @@ async fn run(args: args::SmokeArgs) -> anyhow::Result<u8> {
     }
     print!("{}", report::table(&rows));
     let code = report::exit_code(&rows);
-    if let Some(fleet) = fleet {
-        if code != 0 || args.keep {
-            let dir = fleet.stop_and_keep();
-            println!(
-                "\nfleet folder kept: {} (service logs in logs/, each job's trainer log in store/jobs/<job>/logs/)",
-                dir.display()
-            );
-        }
+    if let Some(fleet) = fleet
+        && (code != 0 || args.keep)
+    {
+        let dir = fleet.stop_and_keep();
+        println!(
+            "\nfleet folder kept: {} (service logs in logs/, each job's trainer log in store/jobs/<job>/logs/)",
+            dir.display()
+        );
     }
-    if rows.iter().all(|r| matches!(r.verdict, Verdict::Skipped { .. })) {
+    if rows
+        .iter()
+        .all(|r| matches!(r.verdict, Verdict::Skipped { .. }))
+    {
         println!("\nno selected backend is installed here: nothing ran");
     }
     Ok(code)
@@ -181,7 +189,10 @@ fn fleet_options(args: &args::SmokeArgs, config: &Config) -> anyhow::Result<Flee
         ("TY_RETRY__TRAIN__MAX_ATTEMPTS".into(), "1".into()),
     ];
     if let Some(file) = &args.config {
-        env.push(("TY_CONFIG".into(), std::path::absolute(file)?.to_string_lossy().into_owned()));
+        env.push((
+            "TY_CONFIG".into(),
+            std::path::absolute(file)?.to_string_lossy().into_owned(),
+        ));
     }
     std::fs::create_dir_all(&config.worker.model_cache_dir)?;
     Ok(FleetOptions {
@@ -208,13 +219,22 @@ async fn python_imports(config: &Config, modules: &str) -> Result<(), String> {
         .output();
     let output = tokio::time::timeout(Duration::from_secs(120), output)
         .await
-        .map_err(|_| format!("{} -c 'import {modules}' did not finish in 120 s", python.display()))?
+        .map_err(|_| {
+            format!(
+                "{} -c 'import {modules}' did not finish in 120 s",
+                python.display()
+            )
+        })?
         .map_err(|e| format!("worker.trainers.python {}: {e}", python.display()))?;
     if output.status.success() {
         return Ok(());
     }
     let stderr = String::from_utf8_lossy(&output.stderr);
-    let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    let last = stderr
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
     Err(format!(
         "worker.trainers.python {} cannot import {modules}: {last}",
         python.display()
@@ -238,7 +258,10 @@ async fn dataset_uri(
         return Ok(uri.clone());
     }
     if family == ModelFamily::Llm {
-        fleet.store.put_bytes(key, TRL_SAMPLE.as_bytes().to_vec().into()).await?;
+        fleet
+            .store
+            .put_bytes(key, TRL_SAMPLE.as_bytes().to_vec().into())
+            .await?;
     } else {
         let local = fleet.dir().join("sample-smoke");
         let dir = local.clone();
@@ -343,7 +366,10 @@ async fn run_job(
                 observed.timed_out = Some(format!(
                     "{} s passed in the {} stage at step {}",
                     timeout.as_secs(),
-                    stage.as_str_name().trim_start_matches("STAGE_").to_lowercase(),
+                    stage
+                        .as_str_name()
+                        .trim_start_matches("STAGE_")
+                        .to_lowercase(),
                     observed.steps_done
                 ));
                 let _ = client

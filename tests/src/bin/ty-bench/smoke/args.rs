@@ -128,15 +128,15 @@ pub fn parse(args: &[String]) -> Result<Option<SmokeArgs>, ArgError> {
             }
             "--timeout" => {
                 let v = value("--timeout")?;
-                let secs: u64 =
-                    v.parse()
-                        .ok()
-                        .filter(|n| *n > 0)
-                        .ok_or(ArgError::BadValue {
-                            flag: "--timeout",
-                            value: v,
-                            expected: "seconds, a whole number above 0",
-                        })?;
+                let secs: u64 = v
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or(ArgError::BadValue {
+                        flag: "--timeout",
+                        value: v,
+                        expected: "seconds, a whole number above 0",
+                    })?;
                 parsed.timeout = Duration::from_secs(secs);
             }
             "--config" => parsed.config = Some(PathBuf::from(value("--config")?)),
@@ -221,7 +221,10 @@ mod tests {
         );
         assert!(matches!(
             parse_all(&["--steps", "1"]).unwrap_err(),
-            ArgError::BadValue { flag: "--steps", .. }
+            ArgError::BadValue {
+                flag: "--steps",
+                ..
+            }
         ));
         assert!(matches!(
             parse_all(&["--timeout", "0"]).unwrap_err(),

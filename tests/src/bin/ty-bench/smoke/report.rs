@@ -99,7 +99,9 @@ pub fn verdict(o: &Observed, steps: u32, save_every: u32) -> Verdict {
     if o.checkpoint.is_none() {
         return fail(
             "check",
-            format!("no checkpoint was stored during the run (one was due every {save_every} steps)"),
+            format!(
+                "no checkpoint was stored during the run (one was due every {save_every} steps)"
+            ),
         );
     }
     if o.adapter.is_none() {
@@ -291,7 +293,13 @@ mod tests {
         });
         assert_eq!(exit_code(&[row(Verdict::Pass), failed]), 1);
         let text = table(&[row(Verdict::Pass), skipped]);
-        assert!(text.lines().nth(2).unwrap().starts_with("kohya   "), "{text}");
-        assert!(text.contains("kohya SKIPPED: set worker.trainers.kohya_dir"), "{text}");
+        assert!(
+            text.lines().nth(2).unwrap().starts_with("kohya   "),
+            "{text}"
+        );
+        assert!(
+            text.contains("kohya SKIPPED: set worker.trainers.kohya_dir"),
+            "{text}"
+        );
     }
 }
