@@ -13,6 +13,7 @@ mod backends;
 mod failures;
 mod faults;
 mod fencing;
+mod gpu_smoke;
 mod lifetimes;
 mod model_cache;
 mod orphans;

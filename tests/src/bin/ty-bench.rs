@@ -10,24 +10,23 @@
 //! (`OTEL_SDK_DISABLED`), with context propagation only (no endpoint, the
 //! default) and with spans and metrics exported over OTLP to a receiver in
 //! this process.
+//!
+//! `ty-bench gpu-smoke [--only kohya,trl] [--steps 4] [--timeout 1800]`: on a
+//! machine with its trainers installed, each backend trains a few steps
+//! through this fleet and a pass/fail table is printed (`smoke`; README's
+//! "GPU smoke test").
 
+#[path = "ty-bench/fleet.rs"]
+mod fleet;
+#[path = "ty-bench/smoke.rs"]
+mod smoke;
+
+use fleet::Fleet;
 use futures::StreamExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
-use trainyard_core::store::ArtifactStore;
-use trainyard_natsd::{NatsServer, find_nats_server};
 use trainyard_proto::v1::{JobState, Stage, SubmitRequest, WatchRequest, job_event::Kind};
-use trainyard_tests::{Bearer, spec};
-
-struct Service(Child, &'static str);
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use trainyard_tests::spec;
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -38,13 +37,6 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 fn arg(name: &str, default: u32) -> u32 {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
@@ -52,107 +44,6 @@ fn arg(name: &str, default: u32) -> u32 {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// A fleet of separate processes: nats-server and the four services.
-struct Fleet {
-    /// Kept for the fleet's life: nats and the store live in it.
-    _dir: tempfile::TempDir,
-    nats: NatsServer,
-    services: Vec<Service>,
-    channel: tonic::transport::Channel,
-    store: ArtifactStore,
-}
-
-impl Fleet {
-    /// Starts the fleet with `env` added to every service's environment and
-    /// waits until it takes jobs.
-    async fn start(env: &[(&str, String)]) -> anyhow::Result<Fleet> {
-        let bin_dir: PathBuf = std::env::current_exe()?
-            .parent()
-            .expect("bin dir")
-            .to_owned();
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("root")
-            .to_owned();
-        let dir = tempfile::tempdir()?;
-        let nats = NatsServer::start(&find_nats_server(&root)?, &dir.path().join("nats"))?;
-        let port = free_port();
-        let store_dir = dir.path().join("store");
-        let mut services = Vec::new();
-        for name in ["ty-coordinator", "ty-captioner", "ty-worker", "ty-uploader"] {
-            let child = Command::new(bin_dir.join(name))
-                .env("TY_NATS__URL", nats.url())
-                .env("TY_STORE__URI", &store_dir)
-                .env("TY_COORDINATOR__GRPC_ADDR", format!("127.0.0.1:{port}"))
-                .env("TY_CAPTIONER__WORK_DIR", dir.path().join("work/c"))
-                .env("TY_WORKER__WORK_DIR", dir.path().join("work/w"))
-                .env("TY_WORKER__MODEL_CACHE_DIR", dir.path().join("cache"))
-                .env("TY_UPLOADER__WORK_DIR", dir.path().join("work/u"))
-                .env("TY_LOG", "warn")
-                .envs(env.iter().map(|(k, v)| (k, v)))
-                .stdin(Stdio::null())
-                .spawn()?;
-            services.push(Service(child, name));
-        }
-        let channel = ready(&nats, port).await?;
-        let store = ArtifactStore::open(store_dir.to_str().expect("utf-8 path"))?;
-        let sample = dir.path().join("sample");
-        trainyard_captioner::sample::write_sample_dataset(&sample)?;
-        store.put_dir(&sample, "uploads/sample", &[]).await?;
-        Ok(Fleet {
-            _dir: dir,
-            nats,
-            services,
-            channel,
-            store,
-        })
-    }
-
-    fn client(
-        &self,
-    ) -> trainyard_proto::v1::job_service_client::JobServiceClient<
-        tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
-    > {
-        trainyard_proto::v1::job_service_client::JobServiceClient::with_interceptor(
-            self.channel.clone(),
-            Bearer("dev-token".into()),
-        )
-    }
-}
-
-/// Waits until gRPC answers and every stage consumer exists.
-async fn ready(nats: &NatsServer, port: u16) -> anyhow::Result<tonic::transport::Channel> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let channel = loop {
-        match tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))?
-            .connect()
-            .await
-        {
-            Ok(c) => break c,
-            Err(e) if Instant::now() > deadline => {
-                anyhow::bail!("coordinator never answered: {e}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    };
-    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await?);
-    loop {
-        if let Ok(stream) = js.get_stream(trainyard_core::topology::TASKS_STREAM).await {
-            let names: Vec<String> = stream
-                .consumer_names()
-                .filter_map(|n| async { n.ok() })
-                .collect()
-                .await;
-            if names.len() >= 3 {
-                break;
-            }
-        }
-        anyhow::ensure!(Instant::now() < deadline, "stage consumers never appeared");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(channel)
 }
 
 /// Submits `jobs` jobs at once and waits for all of them; the wall time.
@@ -285,19 +176,20 @@ async fn tracing_overhead() -> anyhow::Result<()> {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    if std::env::args().nth(1).as_deref() == Some("tracing") {
-        return tracing_overhead().await;
+async fn main() -> anyhow::Result<ExitCode> {
+    match std::env::args().nth(1).as_deref() {
+        Some("tracing") => return tracing_overhead().await.map(|()| ExitCode::SUCCESS),
+        Some("gpu-smoke") => {
+            let args: Vec<String> = std::env::args().skip(2).collect();
+            let code = smoke::main(&args).await;
+            return Ok(ExitCode::from(code));
+        }
+        _ => {}
     }
     let steps = arg("--steps", 200);
     let runs = arg("--runs", 3);
     let fleet = Fleet::start(&[]).await?;
-    let (nats, services, channel, store) = (
-        &fleet.nats,
-        &fleet.services,
-        fleet.channel.clone(),
-        &fleet.store,
-    );
+    let (nats, services, store) = (&fleet.nats, &fleet.services, &fleet.store);
     // Let start-up allocations settle before reading idle memory.
     tokio::time::sleep(Duration::from_secs(2)).await;
     println!("idle RSS");
@@ -306,10 +198,7 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("  {:<16} {:>7} KiB", "nats-server", rss_kib(nats.pid()));
 
-    let mut client = trainyard_proto::v1::job_service_client::JobServiceClient::with_interceptor(
-        channel,
-        Bearer("dev-token".into()),
-    );
+    let mut client = fleet.client();
     println!("\nsample job, {steps} steps (run 1 also generates the base model)");
     println!("  run  submit→first step  submit→succeeded  worker peak RSS");
     for run in 1..=runs {
@@ -354,5 +243,5 @@ async fn main() -> anyhow::Result<()> {
             peak
         );
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
