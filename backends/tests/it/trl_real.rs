@@ -149,8 +149,17 @@ async fn runs_to_the_end(backend: &Trl, inputs: &TrainInputs) -> Finished {
     assert!(done.status.success(), "{}", transcript(&done));
     let steps = inputs.settings.steps;
     let seen: Vec<u32> = losses(&done.events).iter().map(|(s, _)| *s).collect();
-    assert_eq!(seen, (1..=steps).collect::<Vec<_>>(), "{}", transcript(&done));
-    assert!(done.events.contains(&LineEvent::Done), "{}", transcript(&done));
+    assert_eq!(
+        seen,
+        (1..=steps).collect::<Vec<_>>(),
+        "{}",
+        transcript(&done)
+    );
+    assert!(
+        done.events.contains(&LineEvent::Done),
+        "{}",
+        transcript(&done)
+    );
     let found = backend.latest_checkpoint(inputs).expect("a checkpoint");
     assert_eq!(found.step, steps);
     let adapter = backend.final_adapter(inputs).expect("the final adapter");
