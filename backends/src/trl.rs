@@ -6,7 +6,12 @@
 //! written into the run folder): it builds the method's Config and Trainer
 //! from a JSON config, resumes from the newest `checkpoint-N` in the output
 //! folder, saves and exits when `<run_dir>/stop` appears, and saves the
-//! final adapter to the output folder.
+//! final adapter to the output folder. It also fills in what the libraries
+//! would otherwise get wrong on the machine at hand: `bf16`/`fp16` when the
+//! job leaves them unset (TRL defaults `bf16` to true, which transformers
+//! refuses without a bf16 GPU), and a pad token for ORPO (which, unlike SFT
+//! and DPO, sets none); and it refuses an empty dataset file, on which
+//! `load_dataset` dies with a bare `StopIteration`.
 //!
 //! Progress comes from transformers' `ProgressCallback`: the logs dict, one
 //! per step (`logging_steps` is fixed at 1), on stdout, and a tqdm bar with
@@ -72,15 +77,15 @@ impl Method {
     }
 
     /// Extras this method accepts: real `TrainingArguments` / `SFTConfig` /
-    /// `DPOConfig` / `ORPOConfig` field names, plus the LoRA ones. Not
-    /// `save_total_limit`: pruning would delete checkpoints the worker may
-    /// still be uploading.
+    /// `DPOConfig` / `ORPOConfig` field names (transformers 5, TRL 1), plus
+    /// the LoRA ones. Not `save_total_limit`: pruning would delete
+    /// checkpoints the worker may still be uploading. Not `warmup_ratio`:
+    /// transformers 5 dropped it (a `warmup_steps` below 1 is the ratio).
     pub fn extras(self) -> Vec<(&'static str, ExtraType)> {
         let mut allowed = vec![
             ("gradient_accumulation_steps", ExtraType::Int),
             ("lr_scheduler_type", ExtraType::Text),
-            ("warmup_ratio", ExtraType::Float),
-            ("warmup_steps", ExtraType::Int),
+            ("warmup_steps", ExtraType::Float),
             ("weight_decay", ExtraType::Float),
             ("max_grad_norm", ExtraType::Float),
             ("optim", ExtraType::Text),
@@ -105,7 +110,7 @@ impl Method {
     }
 }
 
-/// transformers' `SchedulerType` values.
+/// transformers' `SchedulerType` values that run with what a job can set.
 const SCHEDULERS: &[&str] = &[
     "linear",
     "cosine",
@@ -114,9 +119,39 @@ const SCHEDULERS: &[&str] = &[
     "constant",
     "constant_with_warmup",
     "inverse_sqrt",
+];
+
+/// The other `SchedulerType` values: each needs an eval set
+/// (`reduce_lr_on_plateau`, `greedy`) or `lr_scheduler_kwargs` (the rest),
+/// neither of which a trl job has, so transformers would refuse them.
+const SCHEDULERS_NEEDING_MORE: &[&str] = &[
     "reduce_lr_on_plateau",
+    "greedy",
     "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
     "warmup_stable_decay",
+];
+
+/// `SFTConfig.loss_type` values (`SFTTrainer` refuses others).
+const SFT_LOSSES: &[&str] = &["nll", "dft"];
+
+/// `DPOConfig.loss_type` values (`DPOTrainer` refuses others, at the first step).
+const DPO_LOSSES: &[&str] = &[
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
 ];
 
 pub struct Trl {
@@ -200,18 +235,27 @@ fn number(x: f64) -> serde_json::Number {
 }
 
 /// Value checks on top of the allow-list.
-fn check_values(extras: &BTreeMap<String, Extra>) -> Vec<SettingProblem> {
+fn check_values(method: Method, extras: &BTreeMap<String, Extra>) -> Vec<SettingProblem> {
     let mut problems = Vec::new();
     let mut bad = |key: &str, what: &str| problems.push(SettingProblem::extra(key, what));
+    let losses = match method {
+        Method::Sft => SFT_LOSSES,
+        Method::Dpo => DPO_LOSSES,
+        Method::Orpo => &[],
+    };
     for (key, value) in extras {
         match (key.as_str(), value) {
             ("gradient_accumulation_steps" | "max_length", Extra::Int(n)) if *n < 1 => {
                 bad(key, "must be at least 1")
             }
-            ("warmup_steps", Extra::Int(n)) if *n < 0 => bad(key, "must not be negative"),
-            ("warmup_ratio", Extra::Float(x)) if !(0.0..=1.0).contains(x) => {
-                bad(key, "must be from 0 to 1")
-            }
+            ("warmup_steps", Extra::Float(x)) if !(x.is_finite() && *x >= 0.0) => bad(
+                key,
+                "must be a number of steps, or a fraction below 1 of the run",
+            ),
+            ("warmup_steps", Extra::Float(x)) if *x >= 1.0 && x.fract() != 0.0 => bad(
+                key,
+                "must be a whole number of steps, or a fraction below 1 of the run",
+            ),
             ("lora_dropout", Extra::Float(x)) if !(0.0..1.0).contains(x) => {
                 bad(key, "must be at least 0 and below 1")
             }
@@ -220,9 +264,29 @@ fn check_values(extras: &BTreeMap<String, Extra>) -> Vec<SettingProblem> {
             {
                 bad(key, "must be a non-negative number")
             }
+            ("lr_scheduler_type", Extra::Text(s))
+                if SCHEDULERS_NEEDING_MORE.contains(&s.as_str()) =>
+            {
+                bad(
+                    key,
+                    &format!(
+                        "scheduler {s:?} needs an eval set or lr_scheduler_kwargs, which trl jobs \
+                         cannot set; use one of: {}",
+                        SCHEDULERS.join(", ")
+                    ),
+                )
+            }
             ("lr_scheduler_type", Extra::Text(s)) if !SCHEDULERS.contains(&s.as_str()) => bad(
                 key,
                 &format!("unknown scheduler {s:?}; known: {}", SCHEDULERS.join(", ")),
+            ),
+            ("loss_type", Extra::Text(s)) if !losses.contains(&s.as_str()) => bad(
+                key,
+                &format!(
+                    "unknown loss type {s:?} for trl {}; known: {}",
+                    method.name(),
+                    losses.join(", ")
+                ),
             ),
             ("lora_target_modules", Extra::Text(s))
                 if s.split(',').all(|m| m.trim().is_empty()) =>
@@ -267,13 +331,21 @@ fn checked_extras(
     let mut extras = BTreeMap::new();
     let mut problems = Vec::new();
     for (key, value) in keys {
+        if key == "warmup_ratio" {
+            problems.push(SettingProblem::extra(
+                key,
+                "transformers 5 has no warmup_ratio; set warmup_steps to a fraction below 1 \
+                 (e.g. 0.1) for a ratio of the run",
+            ));
+            continue;
+        }
         let one = HashMap::from([(key.clone(), value.clone())]);
         match typed_extras(&backend, &one, &allowed) {
             Ok(typed) => extras.extend(typed),
             Err(p) => problems.extend(p),
         }
     }
-    problems.extend(check_values(&extras));
+    problems.extend(check_values(method, &extras));
     if problems.is_empty() {
         Ok((method, extras))
     } else {
@@ -307,6 +379,13 @@ impl TrainerBackend for Trl {
             _ => 0.05,
         };
         extras.remove("lora_target_modules");
+        // A whole number of warmup steps as an integer, a ratio as a float.
+        if let Some(Extra::Float(x)) = extras.get("warmup_steps")
+            && x.fract() == 0.0
+        {
+            let steps = *x as i64;
+            extras.insert("warmup_steps".into(), Extra::Int(steps));
+        }
         let alpha = if s.alpha > 0.0 {
             s.alpha
         } else {

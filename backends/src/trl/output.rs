@@ -125,6 +125,31 @@ impl OutputParser for Parser {
 /// TRL-specific failures, checked before the shared table.
 static SIGNATURES: Signatures = Signatures::new(&[
     Signature {
+        // The driver's own check, then transformers' and accelerate's.
+        pattern: r"UnsupportedPrecision: |Your setup doesn't support bf16/gpu|fp16 mixed precision requires a GPU",
+        kind: ErrorKind::InvalidSpec,
+        retryable: false,
+        what: "mixed precision this machine cannot run (set training.extras.bf16 and fp16 to false, or leave them unset so the precision is chosen for the machine)",
+    },
+    Signature {
+        pattern: r"The chat template is not training-compatible|at least one example has no assistant tokens",
+        kind: ErrorKind::InvalidSpec,
+        retryable: false,
+        what: "the model's chat template has no {% generation %} markers, so assistant_only_loss cannot be used with it (set training.extras.assistant_only_loss to false)",
+    },
+    Signature {
+        pattern: r"assistant_only_loss=True., but the dataset is not conversational|assistant_only_loss. argument is only supported for conversational",
+        kind: ErrorKind::BadDataset,
+        retryable: false,
+        what: "assistant_only_loss needs a conversational dataset, rows of messages (set training.extras.assistant_only_loss to false)",
+    },
+    Signature {
+        pattern: r"the tokenizer is not configured with a padding token|has no pad token and no eos token",
+        kind: ErrorKind::Model,
+        retryable: false,
+        what: "the model's tokenizer has no pad token",
+    },
+    Signature {
         pattern: r"Either .datasets. or .dataset_name. must be provided",
         kind: ErrorKind::InvalidSpec,
         retryable: false,
@@ -149,7 +174,7 @@ static SIGNATURES: Signatures = Signatures::new(&[
         what: "dataset unusable",
     },
     Signature {
-        pattern: r"got an unexpected keyword argument|is not a valid (?:SchedulerType|OptimizerNames|SaveStrategy)|At most one of fp16 and bf16",
+        pattern: r"got an unexpected keyword argument|is not a valid (?:SchedulerType|OptimizerNames|SaveStrategy)|At most one of fp16 and bf16|Invalid .loss_type.|Unknown loss type: |requires an eval strategy|should be set through the .lr_scheduler_kwargs.|required positional argument: 'num_decay_steps'|Expected value warmup_steps >= 0",
         kind: ErrorKind::InvalidSpec,
         retryable: false,
         what: "invalid training option",

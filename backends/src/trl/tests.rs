@@ -176,7 +176,7 @@ fn check_names_every_problem() {
     settings.extras = extras(&[
         ("beta", Kind::Float(0.1)),
         ("max_length", Kind::Text("long".into())),
-        ("warmup_ratio", Kind::Float(1.5)),
+        ("warmup_steps", Kind::Float(-1.0)),
         ("lr_scheduler_type", Kind::Text("cosnie".into())),
     ]);
     let problems = backend
@@ -194,7 +194,8 @@ fn check_names_every_problem() {
                 "training.extras.lr_scheduler_type: unknown scheduler \"cosnie\"; known: {}",
                 SCHEDULERS.join(", ")
             ),
-            "training.extras.warmup_ratio: must be from 0 to 1".to_string(),
+            "training.extras.warmup_steps: must be a number of steps, or a fraction below 1 of the run"
+                .to_string(),
         ]
     );
     settings.method = "dpo".into();
@@ -217,6 +218,83 @@ fn check_names_every_problem() {
             "bf16 and fp16 cannot both be true"
         )]
     );
+}
+
+fn problems(method: &str, pairs: &[(&str, Kind)]) -> Vec<crate::SettingProblem> {
+    let settings = inputs(method, 0, extras(pairs)).settings;
+    Trl::new(PathBuf::new()).check(&settings, ModelFamily::Llm)
+}
+
+#[test]
+fn warmup_ratio_is_refused_and_warmup_steps_takes_a_ratio() {
+    // transformers 5 has no warmup_ratio field: the run would die with a TypeError.
+    let refused = problems("sft", &[("warmup_ratio", Kind::Float(0.1))]);
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].field, "training.extras.warmup_ratio");
+    assert!(
+        refused[0]
+            .problem
+            .contains("set warmup_steps to a fraction below 1"),
+        "{refused:?}"
+    );
+    assert!(
+        !Method::Sft
+            .extras()
+            .iter()
+            .any(|(k, _)| *k == "warmup_ratio")
+    );
+
+    // Below 1 it is the ratio (a float); from 1 on, a whole number of steps (an integer).
+    let warmup = |value: Kind| {
+        let (config, _) = rendered(&inputs("sft", 0, extras(&[("warmup_steps", value)])));
+        config["args"]["warmup_steps"].clone()
+    };
+    assert_eq!(warmup(Kind::Float(0.1)), json!(0.1));
+    assert_eq!(warmup(Kind::Int(10)), json!(10));
+    assert_eq!(warmup(Kind::Float(10.0)), json!(10));
+    for bad in [Kind::Float(1.5), Kind::Float(-0.1), Kind::Float(f64::NAN)] {
+        let found = problems("dpo", &[("warmup_steps", bad.clone())]);
+        assert_eq!(found.len(), 1, "{bad:?}: {found:?}");
+        assert_eq!(found[0].field, "training.extras.warmup_steps");
+    }
+}
+
+#[test]
+fn schedulers_and_losses_the_libraries_refuse_are_refused() {
+    for scheduler in [
+        "reduce_lr_on_plateau",
+        "greedy",
+        "cosine_with_min_lr",
+        "cosine_warmup_with_min_lr",
+        "warmup_stable_decay",
+    ] {
+        let found = problems(
+            "sft",
+            &[("lr_scheduler_type", Kind::Text(scheduler.into()))],
+        );
+        assert_eq!(found.len(), 1, "{scheduler}");
+        assert!(
+            found[0]
+                .problem
+                .contains("needs an eval set or lr_scheduler_kwargs"),
+            "{found:?}"
+        );
+    }
+    assert!(problems("sft", &[("lr_scheduler_type", Kind::Text("cosine".into()))]).is_empty());
+
+    // SFTTrainer takes nll and dft; DPOTrainer its own list (and fails only at the first step).
+    let loss = |method: &str, name: &str| {
+        problems(method, &[("loss_type", Kind::Text(name.into()))])
+            .iter()
+            .map(|p| p.field.clone())
+            .collect::<Vec<_>>()
+    };
+    assert!(loss("sft", "dft").is_empty());
+    assert!(loss("dpo", "ipo").is_empty());
+    assert!(loss("dpo", "sigmoid_norm").is_empty());
+    assert_eq!(loss("sft", "ipo"), ["training.extras.loss_type"]);
+    assert_eq!(loss("dpo", "nll"), ["training.extras.loss_type"]);
+    assert_eq!(loss("dpo", "sigmoid,ipo"), ["training.extras.loss_type"]);
 }
 
 /// Feeds raw output the way the run loop splits it (on `\r` and `\n`).
@@ -465,6 +543,73 @@ fn classifies_failures() {
             ErrorKind::Trainer,
             true,
         ),
+        // Failures that no retry on the same machine can fix.
+        (
+            "ValueError: Your setup doesn't support bf16/gpu. You need to assign use_cpu if you want to train the model on CPU.",
+            fail,
+            ErrorKind::InvalidSpec,
+            false,
+        ),
+        (
+            "UnsupportedPrecision: training.extras.bf16 is true, but this machine has no CUDA GPU: set bf16 to false, or leave both unset so the precision is chosen for the machine",
+            fail,
+            ErrorKind::InvalidSpec,
+            false,
+        ),
+        (
+            "ValueError: fp16 mixed precision requires a GPU (not 'cpu').",
+            fail,
+            ErrorKind::InvalidSpec,
+            false,
+        ),
+        (
+            "ValueError: The chat template is not training-compatible (missing prefix-preservation or `{% generation %}` markers) and patching is not supported for this template. Please manually modify the chat template for training.",
+            fail,
+            ErrorKind::InvalidSpec,
+            false,
+        ),
+        (
+            "RuntimeError: You're using `assistant_only_loss=True`, but at least one example has no assistant tokens. This usually means the tokenizer's chat template doesn't generate assistant masks",
+            fail,
+            ErrorKind::InvalidSpec,
+            false,
+        ),
+        (
+            "ValueError: You set `assistant_only_loss=True`, but the dataset is not conversational. This option is only supported for conversational datasets.",
+            fail,
+            ErrorKind::BadDataset,
+            false,
+        ),
+        (
+            "ValueError: Padding is enabled, but the tokenizer is not configured with a padding token. Explicitly set `tokenizer.pad_token` (e.g. `tokenizer.pad_token = tokenizer.eos_token`) before calling the trainer.",
+            fail,
+            ErrorKind::Model,
+            false,
+        ),
+        (
+            "ValueError: Dataset /data/job1/train.jsonl has no rows: the file is empty",
+            fail,
+            ErrorKind::BadDataset,
+            false,
+        ),
+        (
+            "ValueError: Unknown loss type: nll. Should be one of ['sigmoid', 'hinge']",
+            fail,
+            ErrorKind::InvalidSpec,
+            false,
+        ),
+        (
+            "ValueError: Invalid `loss_type` ipo passed. Supported values are 'nll' and 'dft'.",
+            fail,
+            ErrorKind::InvalidSpec,
+            false,
+        ),
+        (
+            "ValueError: lr_scheduler_type reduce_lr_on_plateau requires an eval strategy",
+            fail,
+            ErrorKind::InvalidSpec,
+            false,
+        ),
     ];
     for (tail, status, kind, retryable) in cases {
         let e = classify(*status, &lines(tail));
@@ -479,6 +624,30 @@ fn classifies_failures() {
         classify(ExitStatus::from_raw(0), &[])
             .message
             .contains("without saving the adapter")
+    );
+    let template = classify(
+        fail,
+        &lines(
+            "ValueError: The chat template is not training-compatible (missing prefix-preservation or `{% generation %}` markers)",
+        ),
+    );
+    assert!(
+        template
+            .message
+            .contains("has no {% generation %} markers, so assistant_only_loss cannot be used"),
+        "{}",
+        template.message
+    );
+    let precision = classify(
+        fail,
+        &lines("ValueError: Your setup doesn't support bf16/gpu. You need to assign use_cpu"),
+    );
+    assert!(
+        precision
+            .message
+            .contains("set training.extras.bf16 and fp16 to false"),
+        "{}",
+        precision.message
     );
     assert!(
         classify(

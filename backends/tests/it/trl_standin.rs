@@ -19,7 +19,8 @@ use trainyard_backends::{
 };
 use trainyard_core::process::{ChildGroup, OutputLine};
 use trainyard_models::{ModelFamily, part};
-use trainyard_proto::v1::{ErrorKind, TrainingSettings};
+use trainyard_proto::v1::extra_value::Kind;
+use trainyard_proto::v1::{ErrorKind, ExtraValue, JobError, TrainingSettings};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -42,10 +43,11 @@ impl Fixture {
         let dataset = root.path().join("dataset");
         std::fs::create_dir_all(&model).unwrap();
         std::fs::create_dir_all(&dataset).unwrap();
-        let config = r#"{"model_type": "qwen2", "hidden_size": 8, "num_hidden_layers": 1}"#;
+        let config = r#"{"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1}"#;
         std::fs::write(model.join("config.json"), config).unwrap();
-        let template = r#"{"chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"}"#;
-        std::fs::write(model.join("tokenizer_config.json"), template).unwrap();
+        // As Llama tokenizers are: an eos token, no pad token.
+        let tokenizer = r#"{"chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}", "eos_token": "<|eot_id|>"}"#;
+        std::fs::write(model.join("tokenizer_config.json"), tokenizer).unwrap();
         write_safetensors(&model.join("model.safetensors"));
         let row = match method {
             "sft" | "" => {
@@ -95,6 +97,29 @@ impl Fixture {
                 },
             )
         }
+    }
+
+    /// Like `inputs`, with extras.
+    fn inputs_with(
+        &self,
+        run: &str,
+        method: &str,
+        steps: u32,
+        extras: &[(&str, Kind)],
+    ) -> TrainInputs {
+        let mut inputs = self.inputs(run, method, steps, 0);
+        inputs.settings.extras = extras
+            .iter()
+            .map(|(k, v)| {
+                (
+                    (*k).to_string(),
+                    ExtraValue {
+                        kind: Some(v.clone()),
+                    },
+                )
+            })
+            .collect();
+        inputs
     }
 }
 
@@ -211,6 +236,19 @@ impl Finished {
     fn transcript(&self) -> String {
         self.lines.join("\n")
     }
+
+    /// The driver's `Mixed precision: …` line.
+    fn precision(&self) -> Option<&str> {
+        self.lines
+            .iter()
+            .find_map(|l| l.strip_prefix("Mixed precision: "))
+    }
+
+    /// The failure as the backend classifies it, checking that the run failed.
+    fn error(&self, backend: &Trl) -> JobError {
+        assert!(!self.status.success(), "{}", self.transcript());
+        backend.classify(self.status, self.tail())
+    }
 }
 
 /// The tensor names of a safetensors file, checking its layout.
@@ -325,6 +363,8 @@ async fn the_stop_file_saves_a_checkpoint_and_exits() {
     );
 }
 
+/// ORPO, unlike SFT and DPO, sets no pad token; the fixture's tokenizer has
+/// none (as Llama's), so this fails unless the driver gives it one.
 #[tokio::test]
 async fn orpo_runs_to_the_end() {
     let fixture = Fixture::new("orpo");
@@ -340,6 +380,20 @@ async fn orpo_runs_to_the_end() {
     );
     assert!(done.events.contains(&LineEvent::Done));
     assert!(backend.final_adapter(&inputs).is_some());
+
+    // A tokenizer with neither a pad nor an eos token cannot pad a batch.
+    let template = r#"{"chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"}"#;
+    std::fs::write(fixture.model.join("tokenizer_config.json"), template).unwrap();
+    let inputs = fixture.inputs("no-eos", "orpo", 4, 2);
+    let done = Run::start(&backend, &inputs, &[]).finish().await;
+    let error = done.error(&backend);
+    assert_eq!(
+        (error.kind(), error.retryable),
+        (ErrorKind::Model, false),
+        "{}",
+        error.message
+    );
+    assert!(error.message.contains("no pad token"), "{}", error.message);
 }
 
 #[tokio::test]
@@ -465,4 +519,102 @@ async fn a_hung_run_prints_nothing_more_until_killed() {
             .any(|e| matches!(e, LineEvent::Progress { step: 3.., .. }))
     );
     run.kill().await;
+}
+
+#[tokio::test]
+async fn the_precision_is_chosen_for_the_machine() {
+    let fixture = Fixture::new("sft");
+    let backend = Trl::new(python_wrapper());
+    // TRL defaults bf16 to true; transformers refuses it without a bf16 GPU.
+    let cases = [("", "no"), ("7.5", "fp16"), ("8.0", "bf16")];
+    for (i, (gpu, chosen)) in cases.into_iter().enumerate() {
+        let inputs = fixture.inputs(&format!("gpu{i}"), "sft", 2, 0);
+        let done = Run::start(&backend, &inputs, &[("STANDIN_GPU", gpu)])
+            .finish()
+            .await;
+        assert!(done.status.success(), "{gpu}: {}", done.transcript());
+        assert_eq!(done.precision(), Some(chosen), "{gpu}");
+        assert!(backend.final_adapter(&inputs).is_some(), "{gpu}");
+    }
+}
+
+#[tokio::test]
+async fn a_precision_the_machine_lacks_fails_for_good() {
+    let fixture = Fixture::new("sft");
+    let backend = Trl::new(python_wrapper());
+    // No CUDA device. (On any CUDA device torch counts emulated bf16 as support.)
+    let cases = [("bf16", ""), ("fp16", "")];
+    for (i, (flag, gpu)) in cases.into_iter().enumerate() {
+        let inputs = fixture.inputs_with(&format!("ask{i}"), "sft", 2, &[(flag, Kind::Flag(true))]);
+        let done = Run::start(&backend, &inputs, &[("STANDIN_GPU", gpu)])
+            .finish()
+            .await;
+        let error = done.error(&backend);
+        assert_eq!(
+            (error.kind(), error.retryable),
+            (ErrorKind::InvalidSpec, false),
+            "{flag} on {gpu:?}: {}\n{}",
+            error.message,
+            done.transcript()
+        );
+        assert!(
+            error.message.contains(&format!("{flag} to false")),
+            "{}",
+            error.message
+        );
+    }
+    // Asked for where the machine has it: kept.
+    let inputs = fixture.inputs_with("fp16", "sft", 2, &[("fp16", Kind::Flag(true))]);
+    let done = Run::start(&backend, &inputs, &[("STANDIN_GPU", "8.6")])
+        .finish()
+        .await;
+    assert!(done.status.success(), "{}", done.transcript());
+    assert_eq!(done.precision(), Some("fp16"));
+}
+
+#[tokio::test]
+async fn warmup_steps_below_one_is_a_ratio() {
+    let fixture = Fixture::new("sft");
+    let backend = Trl::new(python_wrapper());
+    let inputs = fixture.inputs_with("warmup", "sft", 4, &[("warmup_steps", Kind::Float(0.5))]);
+    let done = Run::start(&backend, &inputs, &[]).finish().await;
+    assert!(done.status.success(), "{}", done.transcript());
+    // Two warmup steps of four: the rate rises, then falls.
+    let rates: Vec<f64> = done
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            LineEvent::Progress { lr, .. } => *lr,
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rates.len(), 4, "{}", done.transcript());
+    assert!(rates[0] < rates[1] && rates[2] < rates[1], "{rates:?}");
+}
+
+#[tokio::test]
+async fn assistant_only_loss_needs_generation_markers_in_the_template() {
+    let fixture = Fixture::new("sft");
+    let backend = Trl::new(python_wrapper());
+    let asked = [("assistant_only_loss", Kind::Flag(true))];
+    let inputs = fixture.inputs_with("plain", "sft", 2, &asked);
+    let done = Run::start(&backend, &inputs, &[]).finish().await;
+    let error = done.error(&backend);
+    assert_eq!(
+        (error.kind(), error.retryable),
+        (ErrorKind::InvalidSpec, false),
+        "{}",
+        error.message
+    );
+    assert!(
+        error.message.contains("no {% generation %} markers"),
+        "{}",
+        error.message
+    );
+
+    let marked = r#"{"chat_template": "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}{% else %}{{ m.content }}{% endif %}{% endfor %}", "eos_token": "<|eot_id|>"}"#;
+    std::fs::write(fixture.model.join("tokenizer_config.json"), marked).unwrap();
+    let inputs = fixture.inputs_with("marked", "sft", 2, &asked);
+    let done = Run::start(&backend, &inputs, &[]).finish().await;
+    assert!(done.status.success(), "{}", done.transcript());
 }

@@ -65,9 +65,26 @@ class AutoModelForCausalLM:
 class Tokenizer:
     FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "chat_template.jinja")
 
-    def __init__(self, path, chat_template):
+    def __init__(self, path, chat_template, special_tokens=None):
         self.name_or_path = path
         self.chat_template = chat_template
+        special = special_tokens or {}
+        # Llama tokenizers ship an eos token and no pad token.
+        self.eos_token = special.get("eos_token")
+        self.pad_token = special.get("pad_token")
+
+    @property
+    def pad_token_id(self):
+        """None while there is no pad token, as in transformers."""
+        return None if self.pad_token is None else self._token_id(self.pad_token)
+
+    @property
+    def eos_token_id(self):
+        return None if self.eos_token is None else self._token_id(self.eos_token)
+
+    @staticmethod
+    def _token_id(token):
+        return 32000 + sum(token.encode("utf-8")) % 256
 
     def save_pretrained(self, directory):
         for name in self.FILES:
@@ -100,11 +117,23 @@ class AutoTokenizer:
                 "relevant files for a PreTrainedTokenizerFast tokenizer."
             )
         template = None
-        if os.path.isfile(config_file):
-            with open(config_file, encoding="utf-8") as f:
-                template = json.load(f).get("chat_template")
+        special = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            file = os.path.join(path, name)
+            if not os.path.isfile(file):
+                continue
+            with open(file, encoding="utf-8") as f:
+                data = json.load(f)
+            for key in ("eos_token", "pad_token"):
+                value = data.get(key)
+                # A token is a string or an AddedToken dict ({"content": ...}).
+                value = value.get("content") if isinstance(value, dict) else value
+                if value is not None:
+                    special[key] = value
+            if name == "tokenizer_config.json":
+                template = data.get("chat_template")
         jinja = os.path.join(path, "chat_template.jinja")
         if os.path.isfile(jinja):
             with open(jinja, encoding="utf-8") as f:
                 template = f.read()
-        return Tokenizer(path, template)
+        return Tokenizer(path, template, special)

@@ -85,9 +85,20 @@ class Trainer:
         self.state.log_history.append({**logs, "step": self.state.global_step})
         self._event("on_log", logs=logs)
 
+    def collate(self, step):
+        """Where the data collator pads a batch; the ORPO stand-in checks its pad token here."""
+
+    def create_scheduler(self, total):
+        """transformers' get_scheduler: the schedulers that need `lr_scheduler_kwargs` fail without them."""
+        name = self.args.lr_scheduler_type
+        if name in ("cosine_with_min_lr", "cosine_warmup_with_min_lr"):
+            raise ValueError("One of min_lr or min_lr_rate should be set through the `lr_scheduler_kwargs`")
+        if name == "warmup_stable_decay":
+            raise TypeError("get_wsd_schedule() missing 1 required positional argument: 'num_decay_steps'")
+
     def _learning_rate(self, step, total):
         args = self.args
-        warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total)
+        warmup = args.get_warmup_steps(total)
         if step < warmup:
             return args.learning_rate * step / max(1, warmup)
         if args.lr_scheduler_type in ("constant", "constant_with_warmup"):
@@ -123,6 +134,7 @@ class Trainer:
             epoch=start / steps_per_epoch,
         )
         self.control = TrainerControl()
+        self.create_scheduler(max_steps)
         self._event("on_train_begin")
         began = time.time()
         seconds = float(os.environ.get("STANDIN_STEP_SECONDS", "0.02"))
@@ -138,6 +150,7 @@ class Trainer:
                 break
             if step == fault_step:
                 self._fault(fault, step)
+            self.collate(step)
             self.control.should_log = self.control.should_save = False
             self._event("on_step_begin")
             time.sleep(seconds)

@@ -1,5 +1,6 @@
 """The method trainers: model and tokenizer loading, dataset checks with TRL's
 error texts, the loss curve and the metrics each method logs."""
+import re
 import sys
 from dataclasses import dataclass
 
@@ -8,29 +9,53 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 
 
 @dataclass
-class SFTConfig(TrainingArguments):
-    learning_rate: float = 2e-5
+class _BaseConfig(TrainingArguments):
+    """TRL's base config: `bf16` defaults to `not fp16` (so to True), which
+    transformers then refuses on a machine without bf16 support."""
+
     logging_steps: float = 10
     gradient_checkpointing: bool = True
+    bf16: bool = None
+
+    def __post_init__(self):
+        self.bf16 = not (self.fp16) if self.bf16 is None else self.bf16
+        super().__post_init__()
+
+
+@dataclass
+class SFTConfig(_BaseConfig):
+    learning_rate: float = 2e-5
     model_init_kwargs: dict = None
     dataset_text_field: str = "text"
     max_length: int = 1024
     packing: bool = False
     completion_only_loss: bool = None
     assistant_only_loss: bool = False
-    loss_type: str = None
+    loss_type: str = "nll"
+    pad_token: str = None
+
+
+DPO_LOSSES = [
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+]
 
 
 @dataclass
-class DPOConfig(TrainingArguments):
+class DPOConfig(_BaseConfig):
     learning_rate: float = 1e-6
-    logging_steps: float = 10
-    gradient_checkpointing: bool = True
     model_init_kwargs: dict = None
     beta: float = 0.1
-    loss_type: str = "sigmoid"
+    loss_type: list = None
     max_length: int = 1024
     max_prompt_length: int = 512
+
+    def __post_init__(self):
+        if self.loss_type is None:
+            self.loss_type = ["sigmoid"]
+        if isinstance(self.loss_type, str):
+            self.loss_type = [self.loss_type]
+        super().__post_init__()
 
 
 def _map_bar(description, rows):
@@ -68,9 +93,31 @@ class MethodTrainer(Trainer):
                 tokenizer.apply_chat_template(row[key])
 
 
+def _has_generation_markers(template):
+    return re.search(r"\{%-?\s*generation\s*-?%\}", template or "") is not None
+
+
 class SFTTrainer(MethodTrainer):
     def prepare_dataset(self, dataset, tokenizer, args):
+        if args.loss_type not in ("nll", "dft"):
+            raise ValueError(f"Invalid `loss_type` {args.loss_type} passed. Supported values are 'nll' and 'dft'.")
+        # The collator's pad token: the config's, the tokenizer's, or its eos token.
+        tokenizer.pad_token = args.pad_token or tokenizer.pad_token or tokenizer.eos_token
         columns = dataset.column_names
+        first = dataset[0] if len(dataset) else {}
+        conversational = any(_conversational(first.get(k)) for k in ("messages", "prompt", "completion"))
+        if args.assistant_only_loss and not conversational:
+            raise ValueError(
+                "You set `assistant_only_loss=True`, but the dataset is not conversational. This option is only "
+                "supported for conversational datasets."
+            )
+        # TRL swaps in a training template only for the model families it ships one for; the stand-in knows none.
+        if args.assistant_only_loss and not _has_generation_markers(tokenizer.chat_template):
+            raise ValueError(
+                "The chat template is not training-compatible (missing prefix-preservation or `{% generation %}` "
+                "markers) and patching is not supported for this template. Please manually modify the chat "
+                "template for training."
+            )
         if "messages" in columns:
             keys = ["messages"]
         elif "prompt" in columns and "completion" in columns:
@@ -97,6 +144,7 @@ class SFTTrainer(MethodTrainer):
 
 class PreferenceTrainer(MethodTrainer):
     def prepare_dataset(self, dataset, tokenizer, args):
+        self.pad_fallback(tokenizer)
         columns = dataset.column_names
         for key in ("chosen", "rejected"):
             if key not in columns:
@@ -124,6 +172,16 @@ class PreferenceTrainer(MethodTrainer):
 class DPOTrainer(PreferenceTrainer):
     def __init__(self, model=None, ref_model=None, args=None, **kwargs):
         super().__init__(model=model, args=args, **kwargs)
+
+    def pad_fallback(self, tokenizer):
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    def collate(self, step):
+        # The loss is chosen by name when the first batch's loss is computed.
+        for loss_type in self.args.loss_type:
+            if loss_type not in DPO_LOSSES:
+                raise ValueError(f"Unknown loss type: {loss_type}. Should be one of {DPO_LOSSES}")
 
     def loss_at(self, step):
         return 0.6931 * 0.93**step + 0.05

@@ -1,24 +1,37 @@
-"""Stand-in for `trl.experimental.orpo`: ORPOConfig and ORPOTrainer."""
+"""Stand-in for `trl.experimental.orpo`: ORPOConfig and ORPOTrainer.
+
+Unlike SFT and DPO, ORPO sets no pad-token fallback: its collator
+(`DPODataCollatorWithPadding`) takes the tokenizer's `pad_token_id` as it is
+and raises on the first batch when that is None, as it is for Llama
+tokenizers unless the caller sets one."""
 from dataclasses import dataclass
 
-from transformers import TrainingArguments
-
-from ..._trainers import PreferenceTrainer
+from ..._trainers import PreferenceTrainer, _BaseConfig
 
 
 @dataclass
-class ORPOConfig(TrainingArguments):
+class ORPOConfig(_BaseConfig):
     learning_rate: float = 1e-6
-    logging_steps: float = 10
-    gradient_checkpointing: bool = True
     model_init_kwargs: dict = None
     beta: float = 0.1
     max_length: int = 1024
     max_prompt_length: int = 512
     max_completion_length: int = None
+    padding_value: int = None
 
 
 class ORPOTrainer(PreferenceTrainer):
+    def pad_fallback(self, tokenizer):
+        self.pad_token_id = tokenizer.pad_token_id
+
+    def collate(self, step):
+        if self.pad_token_id is None:
+            raise ValueError(
+                "Padding is enabled, but the tokenizer is not configured with a padding token."
+                " Explicitly set `tokenizer.pad_token` (e.g. `tokenizer.pad_token = tokenizer.eos_token`)"
+                " before calling the trainer."
+            )
+
     def loss_at(self, step):
         return 1.8 * 0.95**step + 0.4
 
