@@ -9,6 +9,13 @@
 //! metadata, and reloads `optimizer.pt`, so a restored checkpoint is just
 //! those two files put back in place.
 //!
+//! The base model is the diffusers folder, except for SDXL: ai-toolkit
+//! loads a folder with `from_pretrained` and no `variant` (it has no option
+//! for one), so an SDXL folder fetched with only its fp16 files cannot
+//! load; the single-file checkpoint goes through `from_single_file`
+//! instead. diffusers then reads the pipeline's config files (a few KB) of
+//! `stabilityai/stable-diffusion-xl-base-1.0` from the Hub or the HF cache.
+//!
 //! ai-toolkit cannot be asked to save: SIGINT stops it with `Job stopped`
 //! and exit status 0, without saving.
 
@@ -174,6 +181,14 @@ struct Meta {
     version: &'static str,
 }
 
+/// The model parts a family loads: SDXL as one checkpoint file.
+fn model_parts(family: ModelFamily) -> &'static [&'static str] {
+    match family {
+        ModelFamily::Sdxl => &[part::CHECKPOINT],
+        _ => common::DIFFUSERS_PARTS,
+    }
+}
+
 /// The model block's family flag: `is_flux`/`is_xl`, or `arch`.
 fn model_flag(family: ModelFamily) -> Option<(Option<bool>, Option<bool>, Option<&'static str>)> {
     match family {
@@ -242,8 +257,8 @@ impl TrainerBackend for AiToolkit {
         common::DIFFUSERS_FAMILIES
     }
 
-    fn parts(&self, _family: ModelFamily) -> &'static [&'static str] {
-        common::DIFFUSERS_PARTS
+    fn parts(&self, family: ModelFamily) -> &'static [&'static str] {
+        model_parts(family)
     }
 
     fn check(&self, settings: &TrainingSettings, family: ModelFamily) -> Vec<SettingProblem> {
@@ -317,7 +332,7 @@ impl TrainerBackend for AiToolkit {
                         options: options(Section::Train),
                     },
                     model: Model {
-                        name_or_path: inputs.model.part(part::DIFFUSERS)?,
+                        name_or_path: inputs.model.part(model_parts(family)[0])?,
                         is_flux,
                         is_xl,
                         arch,
@@ -557,10 +572,16 @@ static SIGNATURES: Signatures = Signatures::new(&[
         what: "rendered job file rejected",
     },
     Signature {
-        pattern: r"Error no file named \S+ found in directory|HFValidationError: Repo id must be",
+        pattern: r"Error no file named .+ found in directory|HFValidationError: Repo id must be|is not an SDXL base checkpoint",
         kind: ErrorKind::Model,
         retryable: false,
-        what: "base model not readable",
+        what: "base model not readable (a file the trainer loads is missing from the base_model's files)",
+    },
+    Signature {
+        pattern: r"We couldn't connect to '[^']*' to load|LocalEntryNotFoundError|OfflineModeIsEnabled",
+        kind: ErrorKind::Model,
+        retryable: false,
+        what: "the trainer needs model files from the Hub, which it cannot reach (an SDXL checkpoint needs stabilityai/stable-diffusion-xl-base-1.0's config files: give the worker Hub access or put them in the trainer's HF_HOME cache)",
     },
 ]);
 

@@ -7,12 +7,19 @@
 //! The `simpletuner train` wrapper is never used: it starts its child in a
 //! new session and orphans it on SIGTERM.
 //!
+//! The base model is the diffusers folder, with the `variant` its files
+//! need and the VAE taken from that folder (`model`): nothing is fetched
+//! from the Hub.
+//!
 //! Progress comes two ways: the tqdm bar on stderr (`Epoch 1/5, Steps: …`,
 //! absolute steps) and the JSON events SimpleTuner POSTs to a `raw`
 //! webhook, which the worker receives on loopback. Checkpoints are
 //! `output_dir/checkpoint-<step>/`, complete once the `.guard` file that
-//! SimpleTuner writes last is there. A save is requested by bumping
-//! `manual_checkpoint` in the accelerate signal file; training goes on.
+//! SimpleTuner writes last is there; of the save's events only
+//! `training.checkpoint` comes after it (`checkpoint_save completed` comes
+//! before the sampler state, the manifest and the guard). A save is
+//! requested by raising `manual_checkpoint` in the accelerate signal file;
+//! training goes on.
 
 use super::{
     BackendError, Extra, ExtraType, FoundCheckpoint, Launch, LineEvent, OutputParser,
@@ -20,7 +27,7 @@ use super::{
 };
 use crate::common::{self, Signature, Signatures, classify_with, unclassified};
 use regex::Regex;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,6 +36,8 @@ use std::sync::LazyLock;
 use trainyard_core::process::CommandSpec;
 use trainyard_models::{ModelFamily, part};
 use trainyard_proto::v1::{ErrorKind, JobError, TrainingSettings, extra_value::Kind};
+
+mod model;
 
 const NAME: &str = "simpletuner";
 
@@ -109,6 +118,11 @@ struct Config<'a> {
     model_family: &'static str,
     model_type: &'static str,
     pretrained_model_name_or_path: &'a Path,
+    /// The weight files' infix (`fp16`) when the folder lacks the plain ones.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    variant: Option<String>,
+    /// The base model's own VAE: SimpleTuner's default for SDXL is a Hub id.
+    pretrained_vae_model_name_or_path: &'a Path,
     output_dir: &'a Path,
     data_backend_config: PathBuf,
     max_train_steps: u32,
@@ -173,7 +187,7 @@ struct TextEmbedsBackend {
 
 /// The accelerate signal file's body (`train.py::_build_signal_consumer`
 /// acts on an increase of the count).
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 struct Signals {
     #[serde(skip_serializing_if = "Option::is_none")]
     manual_checkpoint: Option<u32>,
@@ -261,10 +275,13 @@ impl TrainerBackend for SimpleTuner {
         };
         let config_path = inputs.run_dir.join("config.json");
         let backends_path = inputs.run_dir.join("multidatabackend.json");
+        let base = inputs.model.part(part::DIFFUSERS)?;
         let config = Config {
             model_family: family,
             model_type: "lora",
-            pretrained_model_name_or_path: inputs.model.part(part::DIFFUSERS)?,
+            pretrained_model_name_or_path: base,
+            variant: model::variant(base, inputs.model.family),
+            pretrained_vae_model_name_or_path: base,
             output_dir: &inputs.output_dir,
             data_backend_config: backends_path.clone(),
             max_train_steps: s.steps,
@@ -379,15 +396,22 @@ impl TrainerBackend for SimpleTuner {
         Some(FoundCheckpoint { step, files })
     }
 
+    /// One more than the count in the signal file. SimpleTuner saves once
+    /// per rise above the highest count it has read, and the file holds the
+    /// last count written to this run (render starts it empty), so each
+    /// request rises, whichever worker writes it.
     fn stop_request(&self, inputs: &TrainInputs) -> StopRequest {
+        let path = signal_file(inputs);
+        let last = std::fs::read(&path)
+            .ok()
+            .and_then(|body| serde_json::from_slice::<Signals>(&body).ok())
+            .and_then(|signals| signals.manual_checkpoint)
+            .unwrap_or(0);
         let body = serde_json::to_vec(&Signals {
-            manual_checkpoint: Some(1),
+            manual_checkpoint: Some(last.saturating_add(1)),
         })
         .unwrap_or_default();
-        StopRequest::SaveAndContinue {
-            path: signal_file(inputs),
-            body,
-        }
+        StopRequest::SaveAndContinue { path, body }
     }
 
     fn final_adapter(&self, inputs: &TrainInputs) -> Option<PathBuf> {
@@ -523,9 +547,8 @@ impl OutputParser for Parser {
                     text(stage, "key").as_deref(),
                     text(stage, "status").as_deref(),
                 ) {
-                    (Some("checkpoint_save"), Some("completed")) => {
-                        self.saved(capture_u32(&CHECKPOINT_DIR, &message))
-                    }
+                    // `checkpoint_save completed` comes before the sampler
+                    // state, the manifest and `.guard`: not saved yet.
                     (Some("training_complete"), Some("completed")) => vec![LineEvent::Done],
                     (Some("init_resume_checkpoint"), Some("completed")) => {
                         match capture_u32(&RESUMED_EVENT, &message) {
@@ -536,6 +559,7 @@ impl OutputParser for Parser {
                     _ => Vec::new(),
                 }
             }
+            // Sent once the folder is complete and renamed into place.
             Some("training.checkpoint") => {
                 let path = body
                     .get("checkpoint")
@@ -583,10 +607,16 @@ static SIGNATURES: Signatures = Signatures::new(&[
         what: "rendered data backend config rejected",
     },
     Signature {
-        pattern: r"Error no file named \S+ found in directory|HFValidationError: Repo id must be",
+        pattern: r"Error no file named .+ found in directory|HFValidationError: Repo id must be",
         kind: ErrorKind::Model,
         retryable: false,
-        what: "base model not readable",
+        what: "base model not readable (a file the trainer loads is missing from the base_model's files)",
+    },
+    Signature {
+        pattern: r"We couldn't connect to '[^']*' to load|LocalEntryNotFoundError|OfflineModeIsEnabled",
+        kind: ErrorKind::Model,
+        retryable: false,
+        what: "the trainer asked the Hub for a model file the worker did not fetch (every model file must come from base_model's parts)",
     },
 ]);
 

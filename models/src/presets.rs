@@ -219,6 +219,8 @@ pub const PRESETS: &[Preset] = &[
                 "stabilityai/stable-diffusion-xl-base-1.0",
                 "sd_xl_base_1.0.safetensors",
             ),
+            // Only the fp16 weights: a loader of this folder passes
+            // `variant: fp16` (SimpleTuner), or uses the checkpoint above.
             folder(
                 part::DIFFUSERS,
                 "stabilityai/stable-diffusion-xl-base-1.0",

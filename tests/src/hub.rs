@@ -256,6 +256,7 @@ fn layout_for(role: &str, include: &[&str]) -> Vec<String> {
         "text_encoder/model.safetensors",
         "text_encoder/model.fp16.safetensors",
         "text_encoder_2/config.json",
+        "text_encoder_2/model.safetensors",
         "text_encoder_2/model.fp16.safetensors",
         "tokenizer/tokenizer_config.json",
         "tokenizer/vocab.json",

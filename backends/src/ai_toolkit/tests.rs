@@ -100,11 +100,19 @@ fn every_family_gets_its_model_flag() {
     ];
     for (family, key, value, scheduler, quantize) in cases {
         assert!(b.families().contains(&family));
-        assert_eq!(b.parts(family), [part::DIFFUSERS]);
-        let job = job(&b.render(&inputs(family)).unwrap());
+        let mut run = inputs(family);
+        // SDXL loads from its single-file checkpoint (ai-toolkit passes no
+        // variant to a folder's from_pretrained).
+        let (part, path) = match family {
+            ModelFamily::Sdxl => (part::CHECKPOINT, "/models/sd_xl_base_1.0.safetensors"),
+            _ => (part::DIFFUSERS, "/models/diffusers"),
+        };
+        assert_eq!(b.parts(family), [part]);
+        run.model.parts.insert(part.into(), path.into());
+        let job = job(&b.render(&run).unwrap());
         let process = &job["config"]["process"][0];
         let model = &process["model"];
-        assert_eq!(model["name_or_path"], "/models/diffusers");
+        assert_eq!(model["name_or_path"], path);
         assert_eq!(model[key], value, "{family}");
         let flags = ["is_flux", "is_xl", "arch"]
             .iter()
@@ -114,6 +122,8 @@ fn every_family_gets_its_model_flag() {
         assert_eq!(model["quantize"], quantize);
         assert_eq!(process["train"]["noise_scheduler"], scheduler);
     }
+    // An SDXL model without the checkpoint part does not render.
+    assert!(b.render(&inputs(ModelFamily::Sdxl)).is_err());
     assert!(
         !b.check(&TrainingSettings::default(), ModelFamily::ZImage)
             .is_empty()

@@ -41,6 +41,7 @@ fn renders_the_documented_flux_run() {
         json!({
             "model_family": "flux", "model_type": "lora",
             "pretrained_model_name_or_path": "/models/diffusers", "output_dir": "/job/out",
+            "pretrained_vae_model_name_or_path": "/models/diffusers",
             "data_backend_config": "/job/multidatabackend.json", "max_train_steps": 2000,
             "num_train_epochs": 0, "checkpoint_step_interval": 250, "checkpoints_total_limit": 3,
             "resume_from_checkpoint": "latest", "train_batch_size": 1, "gradient_checkpointing": true,
@@ -101,6 +102,10 @@ fn every_family_gets_its_model_family_and_the_diffusers_part() {
         let config = file(&b.render(&inputs(family)).unwrap(), "config.json");
         assert_eq!(config["model_family"], name);
         assert_eq!(config["pretrained_model_name_or_path"], "/models/diffusers");
+        assert_eq!(
+            config["pretrained_vae_model_name_or_path"],
+            "/models/diffusers"
+        );
     }
     let mut no_diffusers = inputs(ModelFamily::Sdxl);
     no_diffusers.model.parts.clear();
@@ -158,15 +163,28 @@ fn extras_override_defaults_and_unknown_ones_are_refused() {
 fn a_stop_bumps_the_manual_checkpoint_count() {
     let run = inputs(ModelFamily::Flux);
     assert!(backend().wants_webhook());
-    match backend().stop_request(&run) {
+    let count = |run: &TrainInputs| match backend().stop_request(run) {
         StopRequest::SaveAndContinue { path, body } => {
-            assert_eq!(path, Path::new("/job/signal.json"));
-            assert_eq!(
-                serde_json::from_slice::<Value>(&body).unwrap(),
-                json!({"manual_checkpoint": 1})
-            );
+            assert_eq!(path, run.run_dir.join("signal.json"));
+            serde_json::from_slice::<Value>(&body).unwrap()
         }
         other => panic!("unexpected {other:?}"),
+    };
+    assert_eq!(count(&run), json!({"manual_checkpoint": 1}));
+    // Each request is one above the count the file holds.
+    let dir = tempfile::tempdir().unwrap();
+    let run = TrainInputs {
+        run_dir: dir.path().to_path_buf(),
+        ..run
+    };
+    let launch = backend().render(&run).unwrap();
+    for (path, body) in &launch.files {
+        std::fs::write(path, body).unwrap();
+    }
+    for expected in 1..=3 {
+        let body = count(&run);
+        assert_eq!(body, json!({ "manual_checkpoint": expected }));
+        std::fs::write(signal_file(&run), body.to_string()).unwrap();
     }
 }
 
@@ -306,17 +324,22 @@ fn parses_the_webhook_events() {
         ))
         .is_empty()
     );
-    assert_eq!(
+    // Sent before the guard: the checkpoint is not complete yet.
+    assert!(
         p.webhook(&stage(
             "checkpoint_save",
             "completed",
             "Saved checkpoint to /job/out/checkpoint-250"
-        )),
-        [LineEvent::Saved { step: Some(250) }]
+        ))
+        .is_empty()
     );
     let checkpoint = json!({"type": "training.checkpoint", "severity": "info", "job_id": "job123",
         "checkpoint": {"path": "/job/out/checkpoint-250", "label": "Checkpoint saved to /job/out/checkpoint-250",
                        "is_final": false}, "title": "Checkpoint saved"});
+    assert_eq!(
+        p.webhook(&checkpoint),
+        [LineEvent::Saved { step: Some(250) }]
+    );
     assert!(p.webhook(&checkpoint).is_empty(), "the same save twice");
     assert_eq!(
         p.webhook(&stage(

@@ -4,10 +4,13 @@
 use crate::session;
 
 use nix::sys::signal::Signal;
-use session::{Fixture, Session, first_progress, max_progress, restore, tools};
+use session::{
+    Fixture, Session, first_progress, hf_home, max_progress, restore, sdxl_preset_model, tools,
+};
 use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
 use trainyard_backends::ai_toolkit::AiToolkit;
-use trainyard_backends::{LineEvent, StopRequest, TrainerBackend};
+use trainyard_backends::{LineEvent, StopRequest, TrainInputs, TrainerBackend};
 use trainyard_proto::v1::ErrorKind;
 
 fn backend() -> AiToolkit {
@@ -177,4 +180,89 @@ async fn a_missing_model_is_named() {
     assert_eq!(done.status.code(), Some(1));
     let error = b.classify(done.status, done.last_lines());
     assert_eq!(error.kind(), ErrorKind::Model, "{}", error.message);
+}
+
+/// The repository whose config files diffusers reads to load an SDXL
+/// checkpoint with `from_single_file`.
+const SDXL_CONFIGS: &str = "stabilityai/stable-diffusion-xl-base-1.0";
+
+/// ai-toolkit loads a folder without a variant, and the `sdxl-base-1.0`
+/// preset's folder holds only fp16 files: SDXL goes through the preset's
+/// single-file checkpoint.
+#[tokio::test]
+async fn the_sdxl_preset_loads_through_its_single_file_checkpoint() {
+    let b = backend();
+    let fx = Fixture::new(3);
+    let model = sdxl_preset_model(fx.dir.path());
+    let file = model.parts["checkpoint"].clone();
+    let inputs = TrainInputs {
+        model,
+        ..fx.inputs("ai-toolkit", "sdxl", 6, 0)
+    };
+    let home = hf_home(fx.dir.path(), &[SDXL_CONFIGS]);
+    let done = Session::start(&b, &inputs, &[("HF_HOME", home.to_str().unwrap())], None)
+        .finish()
+        .await;
+    assert!(done.status.success(), "{:?}", done.last_lines());
+    assert!(done.events.contains(&LineEvent::Done));
+    assert!(b.final_adapter(&inputs).is_some());
+    let job: serde_yaml::Value =
+        serde_yaml::from_slice(&std::fs::read(inputs.run_dir.join("job.yaml")).unwrap()).unwrap();
+    let model = &job["config"]["process"][0]["model"];
+    assert_eq!(model["name_or_path"], file.to_str().unwrap());
+    assert_eq!(model["is_xl"], true);
+}
+
+/// Each way ai-toolkit fails to load the SDXL preset's files: the folder
+/// (no plain weight names), and the checkpoint without the config files
+/// diffusers reads from the Hub. Each failure is the base model's and
+/// final, and names what is missing.
+#[tokio::test]
+async fn the_model_is_loaded_as_strictly_as_ai_toolkit_loads_it() {
+    let b = backend();
+    let fx = Fixture::new(3);
+    let inputs = TrainInputs {
+        model: sdxl_preset_model(fx.dir.path()),
+        ..fx.inputs("ai-toolkit", "strict", 6, 0)
+    };
+    let folder = inputs.model.parts["diffusers"].clone();
+    let cached = hf_home(fx.dir.path(), &[SDXL_CONFIGS]);
+    let empty = hf_home(&fx.dir.path().join("empty"), &[]);
+    let cases: [(&str, Option<&Path>, &Path, &str); 2] = [
+        (
+            "the diffusers folder",
+            Some(&folder),
+            &cached,
+            "text_encoder",
+        ),
+        ("no config files", None, &empty, SDXL_CONFIGS),
+    ];
+    for (case, name_or_path, home, named) in cases {
+        let mut launch = b.render(&inputs).unwrap();
+        if let Some(path) = name_or_path {
+            let body = &mut launch.files[0].1;
+            let mut job: serde_yaml::Value = serde_yaml::from_slice(body).unwrap();
+            job["config"]["process"][0]["model"]["name_or_path"] = path.to_str().unwrap().into();
+            *body = serde_yaml::to_string(&job).unwrap().into_bytes();
+        }
+        session::write_files(&launch);
+        let done = Session::spawn(
+            launch,
+            b.parser(&inputs),
+            &inputs,
+            &[("HF_HOME", home.to_str().unwrap())],
+            None,
+        )
+        .finish()
+        .await;
+        assert_eq!(done.status.code(), Some(1), "{case}");
+        let error = b.classify(done.status, done.last_lines());
+        assert_eq!(
+            (error.kind(), error.retryable),
+            (ErrorKind::Model, false),
+            "{case}: {}",
+            error.message
+        );
+        assert!(error.message.contains(named), "{case}: {}", error.message);
+    }
 }

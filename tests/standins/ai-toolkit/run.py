@@ -10,6 +10,12 @@ like ai-toolkit at the process level:
   `optimizer.pt` (a zip, as torch.save writes) overwritten at every save,
   old step files pruned to `max_step_saves_to_keep`, and
   `<name>/<name>.safetensors` at the end;
+- the base model loaded as ai-toolkit loads it: a diffusers folder through
+  `from_pretrained` with no variant (every component's plain weight file
+  names must be there, `../_shared/model_files.py`), an SDXL `.safetensors`
+  through `from_single_file` (an SDXL checkpoint, configured from
+  stabilityai/stable-diffusion-xl-base-1.0's config files, which must be in
+  the HF cache since the stand-in has no network);
 - the bar on stderr, desc = name, initial = the resumed step:
   `name:  13%|...| 250/2000 [..., lr: 1.0e-04 loss: 4.123e-01]`;
 - `Saving at step N`, `Saved checkpoint to ...`, `Saved optimizer to ...`;
@@ -44,6 +50,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from standin_common import Bar, HFValidationError, fault, read_safetensors_header, write_safetensors  # noqa: E402
 from toolkit.yaml_subset import load as load_yaml  # noqa: E402
+import model_files  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 LORA_MODULES = {
@@ -51,6 +58,11 @@ LORA_MODULES = {
     "qwen_image": ["transformer.transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.0.attn.add_k_proj"],
     "wan21": ["diffusion_model.blocks.0.self_attn.q", "diffusion_model.blocks.0.cross_attn.k"],
 }
+# The default pipeline diffusers' from_single_file configures an SDXL
+# checkpoint from (its model_index.json, component configs, tokenizers).
+SDXL_CONFIG_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
+# A key only SDXL base checkpoints hold (diffusers CHECKPOINT_KEY_NAMES["xl_base"]).
+SDXL_KEY = "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias"
 SDXL_MODULES = ["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q",
                 "lora_unet_up_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"]
 
@@ -134,16 +146,46 @@ class SDTrainer:
         return tensors
 
     def load_model(self):
+        """StableDiffusion.load_model: a folder (or Hub id) through
+        `from_pretrained` without a variant, an SDXL file through
+        `from_single_file`."""
         path = str(self.model["name_or_path"])
         print(f"Loading {self.arch()} model")
         if path.startswith(("/", ".")) and not os.path.exists(path):
             raise HFValidationError(f"Repo id must be in the form 'repo_name' or 'namespace/repo_name': '{path}'. "
                                     "Use `repo_type` argument if needed.")
-        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
-            raise OSError(f"Error no file named model_index.json found in directory {path}.")
+        if os.path.isdir(path):
+            self.load_folder(path)
+        elif os.path.isfile(path) and self.arch() == "sdxl":
+            self.load_single_file(path)
+        elif model_files.is_hub_id(path):
+            if model_files.cached_snapshot(path) is None:
+                raise model_files.offline_error(path, "model_index.json")
+            self.load_folder(model_files.cached_snapshot(path))
         if self.model.get("quantize"):
             print("Quantizing transformer")
         print("Model Loaded")
+
+    def load_folder(self, path):
+        """`from_pretrained(path)`: ai-toolkit passes no variant, so every
+        component needs its plain weight file names."""
+        if not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise OSError(f"Error no file named model_index.json found in directory {path}.")
+        components = dict(model_files.pipeline_components(path))
+        components.setdefault("unet" if self.arch() == "sdxl" else "transformer", "diffusers")
+        for name, library in sorted(components.items()):
+            model_files.check_component(path, name, library)
+
+    def load_single_file(self, path):
+        """`StableDiffusionXLPipeline.from_single_file(path)`: the weights
+        from the file, the pipeline's configs from the default repo on the
+        Hub (or the HF cache)."""
+        header = read_safetensors_header(path)
+        if SDXL_KEY not in header:
+            raise ValueError(f"{path} is not an SDXL base checkpoint: diffusers cannot infer an SDXL pipeline "
+                             "from its keys")
+        if model_files.cached_snapshot(SDXL_CONFIG_REPO) is None:
+            raise model_files.offline_error(SDXL_CONFIG_REPO, "model_index.json")
 
     def get_latest_save_path(self):
         if not os.path.exists(self.save_root):

@@ -10,10 +10,17 @@ SimpleTuner does, and behaves like SimpleTuner at the process level:
   (`-  Total optimization steps = N`, `  - Steps completed: N`);
 - the step bar on stderr, `\\r`-updated: `Epoch 1/4, Steps:  10%|...| 10/100
   [..., lr=0.0001, step_loss=0.123]`, with absolute steps;
+- the base model loaded as SimpleTuner loads it: the text encoders and the
+  VAE (`pretrained_vae_model_name_or_path`, by default the Hub id
+  madebyollin/sdxl-vae-fp16-fix for SDXL) before the data backends, the
+  denoiser after, each with `variant`: the files the variant names must be
+  there (`../_shared/model_files.py`), and a Hub id must be in the HF cache;
 - JSON events POSTed to every `raw` entry of `webhook_config`
   (training.status, lifecycle.stage, training.checkpoint, error);
 - `output_dir/checkpoint-<step>/` with the accelerate state, the LoRA
   weights, training_state.json, the manifest and `.guard` written last;
+  `checkpoint_save completed` is sent after the accelerate state, before
+  the guard; `training.checkpoint` once the folder is complete;
 - `resume_from_checkpoint: latest`, and a checkpoint at the next step when
   `manual_checkpoint` grows in SIMPLETUNER_ACCELERATE_SIGNAL_FILE;
 - `output_dir/pytorch_lora_weights.safetensors` at the end; SIGINT is caught
@@ -21,6 +28,9 @@ SimpleTuner does, and behaves like SimpleTuner at the process level:
 
 Stand-in controls, from the environment:
   STANDIN_STEP_SECONDS  sleep per step (default 0.02)
+  STANDIN_SAVE_SECONDS  how long a checkpoint save takes between the
+                        `checkpoint_save completed` event and `.guard`
+                        (default 0)
   STANDIN_FAULT         oom@N | hang@N | exit0@N | crash@N
   STANDIN_NAN_FROM      N: the loss is nan from step N (SimpleTuner then
                         stops with "Non-finite training loss detected")
@@ -39,6 +49,7 @@ sys.dont_write_bytecode = True  # keep the test tree free of __pycache__
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "_shared"))
 from standin_common import (  # noqa: E402
     Bar, HFValidationError, OutOfMemoryError, fault, read_safetensors_header, write_safetensors)  # noqa: E402
+import model_files  # noqa: E402
 
 MODEL_FAMILIES = [
     "sd1x", "sd2x", "sd3", "deepfloyd", "sana", "sdxl", "kolors", "flux", "wan",
@@ -63,6 +74,16 @@ LORA_MODULES = {
     "wan": ["transformer.blocks.0.attn1.to_q", "transformer.blocks.0.attn2.to_k"],
     "qwen_image": ["transformer.transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.0.attn.add_k_proj"],
 }
+# The `--pretrained_vae_model_name_or_path` default (the field registry's
+# second, overriding, registration); cmd_args drops it for the families
+# that do not use the SDXL VAE.
+DEFAULT_VAE = "madebyollin/sdxl-vae-fp16-fix"
+SDXL_VAE_FAMILIES = ("sdxl", "pixart_sigma", "kolors")
+# What each family loads from the base model folder: its text encoders
+# (transformers) and its denoiser (diffusers).
+TEXT_ENCODERS = {"sdxl": ["text_encoder", "text_encoder_2"], "flux": ["text_encoder", "text_encoder_2"],
+                 "wan": ["text_encoder"], "qwen_image": ["text_encoder"]}
+DENOISER = {"sdxl": "unet"}
 
 
 def log(level, message):
@@ -206,6 +227,43 @@ def check_model(path):
         raise OSError(f"Error no file named model_index.json found in directory {path}.")
 
 
+def vae_path(config):
+    """cmd_args: the VAE option, its default, and `vae_path`."""
+    vae = config.get("pretrained_vae_model_name_or_path", DEFAULT_VAE)
+    if vae in ("", "''") or (vae and config["model_family"] not in SDXL_VAE_FAMILIES and "sdxl" in vae):
+        vae = None
+    path = vae or config.get("pretrained_model_name_or_path")
+    log("INFO", f"VAE Model: {path}")
+    return path
+
+
+def load_vae(path, variant):
+    """ModelFoundation.load_vae: `subfolder="vae"` first, then the folder itself."""
+    if model_files.is_hub_id(path):
+        snapshot = model_files.cached_snapshot(path)
+        if snapshot is None:
+            raise model_files.offline_error(path, "config.json")
+        path = snapshot
+    try:
+        model_files.check_component(path, "vae", "diffusers", variant)
+    except OSError:
+        model_files.check_component(path, None, "diffusers", variant)
+
+
+def load_text_encoders(config):
+    """init_preprocessing_models: the text encoders, then the VAE."""
+    path, variant = config["pretrained_model_name_or_path"], config.get("variant")
+    for subfolder in TEXT_ENCODERS.get(config["model_family"], []):
+        model_files.check_component(path, subfolder, "transformers", variant)
+    load_vae(vae_path(config), variant)
+
+
+def load_base_model(config):
+    """init_load_base_model: the denoiser, with `variant` and `use_safetensors=True`."""
+    path, family = config["pretrained_model_name_or_path"], config["model_family"]
+    model_files.check_component(path, DENOISER.get(family, "transformer"), "diffusers", config.get("variant"))
+
+
 def configure_data_backends(config, hooks):
     """helpers/data_backend/factory.py: the image dataset and the text embed cache."""
     path = config["data_backend_config"]
@@ -345,7 +403,10 @@ class Run:
         return step, int(state.get("epoch", 1))
 
     def save_checkpoint(self, step, epoch, loss):
-        """Trainer.checkpoint_state_save; `.guard` is the last file written."""
+        """Trainer.checkpoint_state_save, in its order: the accelerate state,
+        the `checkpoint_save completed` event, then the sampler state, the
+        manifest and `.guard`, the rename out of `-tmp`, and only then the
+        `training.checkpoint` event."""
         print("\n", flush=True)
         save_path = os.path.join(self.output_dir, f"checkpoint-{step}")
         work = save_path + "-tmp" if self.config.get("checkpointing_use_tempdir") else save_path
@@ -359,11 +420,15 @@ class Run:
                         os.remove(os.path.join(root, name))
                     os.rmdir(root)
         os.makedirs(work, exist_ok=True)
+        if os.path.exists(os.path.join(work, ".guard")):
+            os.remove(os.path.join(work, ".guard"))
         for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl"):
             with open(os.path.join(work, name), "wb") as handle:
                 handle.write(json.dumps({"step": step, "file": name}).encode())
         write_safetensors(os.path.join(work, "pytorch_lora_weights.safetensors"),
                           lora_tensors(self.family, self.rank, step), {"format": "pt"})
+        self.hooks.stage("checkpoint_save", "Saving Checkpoint", "completed", f"Saved checkpoint to {save_path}")
+        time.sleep(float(os.environ.get("STANDIN_SAVE_SECONDS", "0")))
         with open(os.path.join(work, "training_state.json"), "w") as handle:
             json.dump({"global_step": step, "epoch": epoch, "epoch_step": step, "loss": loss,
                        "learning_rate": self.lr}, handle, allow_nan=True)
@@ -376,7 +441,6 @@ class Run:
         os.replace(os.path.join(work, ".guard.tmp"), os.path.join(work, ".guard"))
         if work != save_path:
             os.rename(work, save_path)
-        self.hooks.stage("checkpoint_save", "Saving Checkpoint", "completed", f"Saved checkpoint to {save_path}")
         self.hooks.send_raw({"type": "training.checkpoint", "checkpoint": {
             "path": save_path, "label": f"Checkpoint saved to {save_path}", "is_final": False},
             "title": f"Checkpoint saved to {save_path}"})
@@ -462,7 +526,7 @@ def main():
         hooks.send_raw({"type": "notification", "message": "Training job has started, configuration has begun.",
                         "title": "Training job has started, configuration has begun."})
         check_model(config.get("pretrained_model_name_or_path"))
-        log("INFO", f"Load VAE: {config.get('pretrained_model_name_or_path')}")
+        load_text_encoders(config)
         hooks.stage("init_data_backend", "Configuring data backends", "running",
                     "Configuring data backends... (this may take a while!)")
         try:
@@ -475,6 +539,7 @@ def main():
             raise
         hooks.stage("init_data_backend", "Configuring data backends", "completed",
                     "Completed configuring data backends.")
+        load_base_model(config)
         Run(config, hooks).train(samples)
     except KeyboardInterrupt:
         hooks.send("Training has been interrupted by user action (lost terminal, or ctrl+C).")

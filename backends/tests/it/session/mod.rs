@@ -3,18 +3,21 @@
 
 use crate::support::{
     captioned_dataset, diffusers_folder, diffusers_model, run_inputs, small_run, standins,
+    write_safetensors,
 };
 use serde_json::Value;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use trainyard_backends::{Launch, LineEvent, OutputParser, Tools, TrainInputs, TrainerBackend};
+use trainyard_backends::{
+    Launch, LineEvent, ModelFiles, OutputParser, Tools, TrainInputs, TrainerBackend,
+};
 use trainyard_core::config::TrainerPaths;
 use trainyard_core::process::{ChildGroup, OutputLine};
-use trainyard_models::ModelFamily;
+use trainyard_models::{ModelFamily, glob_match, part, preset};
 
 /// Generous bound on any one wait (a whole stand-in run takes seconds).
 pub const DEADLINE: Duration = Duration::from_secs(60);
@@ -50,7 +53,7 @@ impl Fixture {
             &dataset,
             (0..images).map(|i| (format!("img{i}"), format!("ohwx, photo {i}"))),
         );
-        diffusers_folder(&model);
+        flux_folder(&model);
         Fixture {
             dir,
             dataset,
@@ -73,6 +76,132 @@ impl Fixture {
             )
         }
     }
+}
+
+/// A Flux pipeline in diffusers layout with what the stand-ins load from
+/// it: each component's config and plain-named weights, listed in
+/// `model_index.json`.
+fn flux_folder(dir: &Path) {
+    diffusers_folder(dir);
+    std::fs::write(
+        dir.join("model_index.json"),
+        r#"{"_class_name": "FluxPipeline",
+            "transformer": ["diffusers", "FluxTransformer2DModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "T5EncoderModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}"#,
+    )
+    .unwrap();
+    for (component, weights) in [
+        ("transformer", "diffusion_pytorch_model.safetensors"),
+        ("vae", "diffusion_pytorch_model.safetensors"),
+        ("text_encoder", "model.safetensors"),
+        ("text_encoder_2", "model.safetensors"),
+    ] {
+        let dir = dir.join(component);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), "{}").unwrap();
+        write_safetensors(&dir.join(weights));
+    }
+}
+
+/// The `sdxl-base-1.0` preset's model as the worker fetches it: the
+/// single-file checkpoint, and the diffusers folder with only the fp16
+/// weights. Each file is checked against the preset's include patterns.
+pub fn sdxl_preset_model(root: &Path) -> ModelFiles {
+    let sdxl = preset("sdxl-base-1.0").expect("the SDXL preset");
+    let diffusers = sdxl.part(part::DIFFUSERS).expect("a diffusers part");
+    let folder = root.join("sdxl-diffusers");
+    let files: &[(&str, &str)] = &[
+        (
+            "model_index.json",
+            r#"{"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.19.0.dev0",
+                "force_zeros_for_empty_prompt": true, "add_watermarker": null,
+                "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"]}"#,
+        ),
+        ("scheduler/scheduler_config.json", "{}"),
+        ("text_encoder/config.json", "{}"),
+        ("text_encoder/model.fp16.safetensors", ""),
+        ("text_encoder_2/config.json", "{}"),
+        ("text_encoder_2/model.fp16.safetensors", ""),
+        ("tokenizer/merges.txt", "#version: 0.2"),
+        ("tokenizer/special_tokens_map.json", "{}"),
+        ("tokenizer/tokenizer_config.json", "{}"),
+        ("tokenizer/vocab.json", "{}"),
+        ("tokenizer_2/merges.txt", "#version: 0.2"),
+        ("tokenizer_2/special_tokens_map.json", "{}"),
+        ("tokenizer_2/tokenizer_config.json", "{}"),
+        ("tokenizer_2/vocab.json", "{}"),
+        ("unet/config.json", "{}"),
+        ("unet/diffusion_pytorch_model.fp16.safetensors", ""),
+        ("vae/config.json", "{}"),
+        ("vae/diffusion_pytorch_model.fp16.safetensors", ""),
+    ];
+    for (rel, body) in files {
+        assert!(
+            diffusers.include.iter().any(|p| glob_match(p, rel)),
+            "the preset does not fetch {rel}"
+        );
+        let path = folder.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        match rel.ends_with(".safetensors") {
+            true => write_safetensors(&path),
+            false => std::fs::write(&path, body).unwrap(),
+        }
+    }
+    for pattern in diffusers.include.iter().filter(|p| !p.contains('*')) {
+        assert!(folder.join(pattern).is_file(), "{pattern} not laid out");
+    }
+    let checkpoint = sdxl.part(part::CHECKPOINT).expect("a checkpoint part");
+    let file = root.join(checkpoint.file.expect("one file"));
+    sdxl_checkpoint(&file);
+    ModelFiles {
+        reference: sdxl.name.into(),
+        family: ModelFamily::Sdxl,
+        parts: [
+            (part::DIFFUSERS.to_string(), folder),
+            (part::CHECKPOINT.to_string(), file),
+        ]
+        .into(),
+    }
+}
+
+/// A single-file SDXL checkpoint: a safetensors file with a key only SDXL
+/// base checkpoints hold (the second text encoder's).
+fn sdxl_checkpoint(path: &Path) {
+    let key = "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias";
+    let mut header =
+        format!(r#"{{"{key}":{{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}}}"#).into_bytes();
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&header);
+    bytes.extend_from_slice(&1.0f32.to_le_bytes());
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// An empty Hugging Face cache (`HF_HOME`), so what a stand-in finds there
+/// does not depend on the machine; with `repos`, each has a cached
+/// snapshot holding `model_index.json`.
+pub fn hf_home(root: &Path, repos: &[&str]) -> PathBuf {
+    let home = root.join("hf-home");
+    std::fs::create_dir_all(home.join("hub")).unwrap();
+    for repo in repos {
+        let snapshot = home
+            .join("hub")
+            .join(format!("models--{}", repo.replace('/', "--")))
+            .join("snapshots/0123456789abcdef0123456789abcdef01234567");
+        std::fs::create_dir_all(&snapshot).unwrap();
+        std::fs::write(snapshot.join("model_index.json"), "{}").unwrap();
+    }
+    home
 }
 
 pub use crate::support::restore;
