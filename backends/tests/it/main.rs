@@ -17,6 +17,7 @@ mod diffusion_pipe_standin;
 mod kohya_parser;
 mod kohya_render;
 mod kohya_standin;
+mod simpletuner_real;
 mod simpletuner_standin;
 mod trl_real;
 mod trl_standin;
