@@ -595,7 +595,7 @@ static SIGNATURES: Signatures = Signatures::new(&[
         what: "GPU device error",
     },
     Signature {
-        pattern: r"Failed to load data backends|no images detected in dataset|No images were discovered by the bucket manager",
+        pattern: r"Failed to load data backends|no images detected in dataset|No images were discovered by the bucket manager|Dataset produced no usable samples",
         kind: ErrorKind::BadDataset,
         retryable: false,
         what: "no usable training data",

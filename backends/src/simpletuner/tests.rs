@@ -459,6 +459,13 @@ fn classifies_simpletuner_failures() {
             "no usable training data",
         ),
         (
+            // What the real SimpleTuner prints for a dataset without images.
+            &["ValueError: (id=subject) Dataset produced no usable samples."],
+            ErrorKind::BadDataset,
+            false,
+            "no usable training data",
+        ),
+        (
             &[
                 "ValueError: Must provide at least one text embed backend in the data backend config file.",
             ],

@@ -138,35 +138,30 @@ impl Fixture {
     }
 }
 
-/// What SimpleTuner needs for an SDXL diffusers folder that the rendered
-/// `config.json` may not say: the VAE (SimpleTuner's SDXL default is a Hub
-/// repository) and the weight files' variant (the preset fetches only the
-/// fp16 ones). Added only where the backend left them out.
-fn sdxl_model_keys(config: &mut Value, model: &Path) {
-    let config = config.as_object_mut().expect("config.json is an object");
-    config
-        .entry("pretrained_vae_model_name_or_path")
-        .or_insert_with(|| model.to_str().unwrap().into());
-    config.entry("variant").or_insert_with(|| "fp16".into());
-}
-
-/// Renders, completes the SDXL keys, and starts the run as the worker does.
+/// Renders and starts the run as the worker does. The backend itself must
+/// point SimpleTuner at what the preset fetched, with no Hub access: the
+/// VAE in the base folder (SimpleTuner's SDXL default is a Hub repository)
+/// and the weight files' variant (the preset fetches only the fp16 ones).
 async fn start(backend: &SimpleTuner, inputs: &TrainInputs, fixture: &Fixture) -> Session {
     let (url, hooks) = webhook_listener().await;
     let inputs = TrainInputs {
         webhook_url: Some(url),
         ..inputs.clone()
     };
-    let mut launch = backend.render(&inputs).expect("render");
+    let launch = backend.render(&inputs).expect("render");
     let config_path = inputs.run_dir.join("config.json");
     let (_, body) = launch
         .files
-        .iter_mut()
+        .iter()
         .find(|(path, _)| *path == config_path)
         .expect("a rendered config.json");
-    let mut config: Value = serde_json::from_slice(body).unwrap();
-    sdxl_model_keys(&mut config, &fixture.model);
-    *body = serde_json::to_vec_pretty(&config).unwrap();
+    let config: Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(config["variant"], "fp16", "{config}");
+    assert_eq!(
+        config["pretrained_vae_model_name_or_path"],
+        fixture.model.to_str().unwrap(),
+        "{config}"
+    );
     write_files(&launch);
     let shim = root().join("backends/tests/real/cpu");
     let env = [

@@ -101,7 +101,7 @@ impl Fixture {
                     batch_size: 2,
                     save_every,
                     seed: 7,
-                    extras: HashMap::from([("bf16".to_string(), extra(Kind::Flag(false)))]), // TEMP
+                    extras: HashMap::new(),
                     ..Default::default()
                 },
             )

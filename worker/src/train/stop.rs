@@ -54,7 +54,7 @@ impl Run<'_> {
     fn request_save(&self, child: &ChildGroup, request: &StopRequest) {
         let job = &self.ctx.meta.job;
         let write = |path: &Path, body: &[u8]| {
-            if let Err(e) = std::fs::write(path, body) {
+            if let Err(e) = write_whole(path, body) {
                 tracing::warn!(%job, path = %path.display(), error = %e, "cannot write the stop file");
             }
         };
@@ -111,4 +111,37 @@ struct Saving<'a> {
     scan: Duration,
     /// The newest checkpoint stored before the request.
     before: Option<u32>,
+}
+
+/// Writes `body` to `path` in one step (a temporary file beside it, then a
+/// rename), so a trainer polling the file never reads it empty or half
+/// written: SimpleTuner reads its signal file when the modification time
+/// changes and acts on what it read then.
+fn write_whole(path: &Path, body: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, body)?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::write_whole;
+
+    #[test]
+    fn the_stop_file_is_replaced_whole_and_leaves_nothing_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("signal.json");
+        std::fs::write(&path, br#"{"manual_checkpoint": 1}"#).unwrap();
+        write_whole(&path, br#"{"manual_checkpoint": 2}"#).unwrap();
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            br#"{"manual_checkpoint": 2}"#
+        );
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["signal.json"]);
+    }
 }
