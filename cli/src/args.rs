@@ -59,6 +59,26 @@ pub enum Command {
     Fetch(FetchArgs),
     /// Print a job's training metrics (loss, learning rate, ...) by step.
     Metrics(MetricsArgs),
+    /// Your tenant's webhook signing secret: show it, or rotate it.
+    #[command(subcommand)]
+    Webhooks(WebhooksCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WebhooksCommand {
+    /// Print your tenant's signing secret (whsec_…; made on first use).
+    /// Receivers verify `webhook-signature` with it (Standard Webhooks).
+    Secret(WebhookSecretArgs),
+    /// Replace your tenant's signing secret and print the new one. The old
+    /// one keeps signing, next to the new, for the fleet's overlap.
+    Rotate(WebhookSecretArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct WebhookSecretArgs {
+    /// The secret, its creation time and the overlap's end as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Where the local fleet keeps its state.

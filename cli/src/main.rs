@@ -9,6 +9,7 @@ mod local;
 mod submit;
 mod view;
 mod watch;
+mod webhooks;
 
 use args::{Cli, Command};
 use clap::Parser;
@@ -48,6 +49,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Metrics(args) => {
             jobs::metrics(&mut client::connect(&server, &token).await?, args).await
+        }
+        Command::Webhooks(command) => {
+            webhooks::run(&mut client::connect(&server, &token).await?, command).await
         }
     }
 }

@@ -20,7 +20,7 @@ use trainyard_core::topology::{EVENTS_STREAM, EventKind, subject};
 use trainyard_proto::v1::{
     CancelResponse, GetMetricsResponse, JobEvent, JobRecord, JobSpec, JobState, ListResponse,
     MetricPoint, MetricSeries, PreflightRequest, Problem, SubmitResponse, ValidateReply,
-    job_event::Kind,
+    WebhookSecretResponse, job_event::Kind,
 };
 use trainyard_proto::{JobId, TenantId};
 
@@ -37,6 +37,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Unavailable(String),
+    /// The fleet is not set up for this operation.
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// The record is stored but its first task is not published yet.
     #[error("job {job} stored but not queued yet: {source}; retry with the same idempotency key")]
     NotQueued {
@@ -62,6 +65,7 @@ impl ApiError {
             ApiError::Invalid(_) | ApiError::Spec(_) => tonic::Code::InvalidArgument,
             ApiError::Unauthenticated => tonic::Code::Unauthenticated,
             ApiError::NotFound(_) => tonic::Code::NotFound,
+            ApiError::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
             ApiError::Unavailable(_)
             | ApiError::NotQueued { .. }
             | ApiError::Nats(_)
@@ -79,6 +83,16 @@ impl ApiError {
         trainyard_proto::v1::ApiError {
             code: trainyard_core::serve::code_name(self.code()).to_owned(),
             message: self.to_string(),
+        }
+    }
+}
+
+impl From<crate::webhooks::SecretStoreError> for ApiError {
+    fn from(error: crate::webhooks::SecretStoreError) -> Self {
+        use crate::webhooks::SecretStoreError as E;
+        match error {
+            E::Unavailable(_) | E::Contended(_) => ApiError::Unavailable(error.to_string()),
+            E::Corrupt(_) | E::Random(_) => ApiError::Internal(error.to_string()),
         }
     }
 }
@@ -138,6 +152,8 @@ pub struct JobApi {
     pub validate_timeout: Duration,
     /// What a job's webhook must satisfy on this fleet.
     pub webhooks: crate::validate::SubmitRules,
+    /// The tenants' webhook signing secrets; `None` when webhooks are off.
+    pub webhook_secrets: Option<crate::webhooks::SecretStore>,
 }
 
 /// The `ty_idem` key of a tenant's idempotency key.
@@ -153,6 +169,32 @@ fn parse_job(id: &str) -> Result<JobId, ApiError> {
 }
 
 impl JobApi {
+    fn webhook_secrets(&self) -> Result<&crate::webhooks::SecretStore, ApiError> {
+        self.webhook_secrets.as_ref().ok_or_else(|| {
+            ApiError::FailedPrecondition("webhooks are not configured on this fleet".into())
+        })
+    }
+
+    /// The caller's own webhook signing secret, made on first use. The
+    /// tenant is the authenticated caller: no request names another.
+    pub async fn webhook_secret(
+        &self,
+        tenant: &TenantId,
+    ) -> Result<WebhookSecretResponse, ApiError> {
+        let secrets = self.webhook_secrets()?.get_or_create(tenant).await?;
+        Ok(secrets.response(trainyard_core::now_ms()))
+    }
+
+    /// Rotates the caller's webhook signing secret; the replaced one keeps
+    /// signing for the fleet's overlap.
+    pub async fn rotate_webhook_secret(
+        &self,
+        tenant: &TenantId,
+    ) -> Result<WebhookSecretResponse, ApiError> {
+        let secrets = self.webhook_secrets()?.rotate(tenant).await?;
+        Ok(secrets.response(trainyard_core::now_ms()))
+    }
+
     pub async fn submit(
         &self,
         tenant: &TenantId,

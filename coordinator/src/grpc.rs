@@ -11,8 +11,9 @@ use trainyard_core::telemetry::propagation::{self, JobAttrs};
 use trainyard_proto::v1::job_service_server::JobService;
 use trainyard_proto::v1::{
     CancelRequest, CancelResponse, GetMetricsRequest, GetMetricsResponse, GetRequest, GetResponse,
-    JobEvent, ListRequest, ListResponse, SubmitRequest, SubmitResponse, ValidateReply,
-    ValidateRequest, WatchRequest,
+    GetWebhookSecretRequest, JobEvent, ListRequest, ListResponse, RotateWebhookSecretRequest,
+    SubmitRequest, SubmitResponse, ValidateReply, ValidateRequest, WatchRequest,
+    WebhookSecretResponse,
 };
 use trainyard_proto::{JobId, TenantId};
 
@@ -178,6 +179,42 @@ impl JobService for GrpcJobService {
             let r = request.get_ref();
             self.api
                 .get_metrics(&tenant, &r.job_id, &r.names)
+                .await
+                .map(Response::new)
+                .map_err(|e| e.to_status())
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn get_webhook_secret(
+        &self,
+        request: Request<GetWebhookSecretRequest>,
+    ) -> Result<Response<WebhookSecretResponse>, Status> {
+        let span = Self::span(&request, "GetWebhookSecret", None);
+        async {
+            let tenant = self.tenant(&request)?;
+            record_tenant(&tenant);
+            self.api
+                .webhook_secret(&tenant)
+                .await
+                .map(Response::new)
+                .map_err(|e| e.to_status())
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn rotate_webhook_secret(
+        &self,
+        request: Request<RotateWebhookSecretRequest>,
+    ) -> Result<Response<WebhookSecretResponse>, Status> {
+        let span = Self::span(&request, "RotateWebhookSecret", None);
+        async {
+            let tenant = self.tenant(&request)?;
+            record_tenant(&tenant);
+            self.api
+                .rotate_webhook_secret(&tenant)
                 .await
                 .map(Response::new)
                 .map_err(|e| e.to_status())

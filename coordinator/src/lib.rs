@@ -58,6 +58,21 @@ pub async fn run(
         js: js.clone(),
         repo: repo.clone(),
     };
+    let webhook_secrets = if config.webhooks.is_enabled() {
+        let Some(kv) = topology::until_ready("the webhook secrets bucket", &shutdown, || {
+            topology::webhook_secrets_bucket(&js, &config.nats)
+        })
+        .await
+        else {
+            return Ok(());
+        };
+        Some(webhooks::SecretStore::new(
+            kv,
+            Duration::from_secs(config.webhooks.secret_overlap_secs),
+        ))
+    } else {
+        None
+    };
     let api = api::JobApi {
         repo: repo.clone(),
         idem: topo.idem.clone(),
@@ -66,8 +81,14 @@ pub async fn run(
         client: client.clone(),
         validate_timeout: Duration::from_secs(config.coordinator.validate_timeout_secs.max(1)),
         webhooks: validate::SubmitRules::from_config(&config.webhooks),
+        webhook_secrets: webhook_secrets.clone(),
     };
-    let deliverer = webhooks::Deliverer::new(&config.webhooks, repo.clone(), js.clone())?;
+    let deliverer = match webhook_secrets {
+        Some(secrets) => {
+            webhooks::Deliverer::new(&config.webhooks, repo.clone(), js.clone(), secrets)?
+        }
+        None => None,
+    };
     let auth = api::Auth::new(&config.coordinator.tokens);
 
     let store =

@@ -142,6 +142,12 @@ async fn handle(
                     .await?,
             )
         }
+        // The payload (an empty request message) carries nothing: the
+        // secret is the authenticated tenant's, never another's.
+        ApiOp::WebhookSecret => Reply::WebhookSecret(api.webhook_secret(&tenant).await?),
+        ApiOp::RotateWebhookSecret => {
+            Reply::WebhookSecret(api.rotate_webhook_secret(&tenant).await?)
+        }
     })
 }
 

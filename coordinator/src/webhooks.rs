@@ -5,9 +5,18 @@
 //! shared durable consumer `ty-webhooks` of `TY_EVENTS` filtered to state
 //! events (`ty.event.*.*.state`), so each state event is handled by one
 //! replica and survives a crash (an unacked event is redelivered after the
-//! consumer's ack wait). For each event the job record is read; a job with
-//! no webhook, or whose `events` filter does not take this change, is
-//! acked at once. Otherwise the POST goes out through the address guard
+//! consumer's ack wait).
+//!
+//! The event is only a hint ("look at job X"): anyone who can publish on
+//! the bus can publish one. What is sent comes from the job record the
+//! coordinators store ([`held_state`]): the event's state is posted only
+//! when the record is in it or, for a state before the final ones, has
+//! passed through it (its `times`); state, outputs, error and timestamp in
+//! the body are the record's. An event for a job that does not exist, for
+//! a state the record never held, or naming another tenant than the
+//! record's, posts nothing. A job with no webhook, or whose `events` filter
+//! does not take this change, is acked at once. Otherwise the POST goes
+//! out through the address guard
 //! (no private, loopback or link-local target after DNS, unless
 //! `[webhooks] allow_private_addresses`; no redirects followed):
 //!
@@ -21,10 +30,14 @@
 //!   an error log, a `log` event on the job ("webhook delivery failed: …")
 //!   and TERM.
 //!
-//! Requests are signed per Standard Webhooks: `webhook-id` (stable per job,
-//! webhook type and state, so a receiver can drop retried duplicates),
-//! `webhook-timestamp` (unix seconds of this attempt) and
-//! `webhook-signature: v1,<base64 HMAC-SHA256(secret, "{id}.{ts}.{body}")>`.
+//! Requests are signed per Standard Webhooks with the job's tenant's own
+//! secret ([`secrets`]): `webhook-id` (stable per job, webhook type and
+//! state, so a receiver can drop retried duplicates), `webhook-timestamp`
+//! (unix seconds of this attempt) and
+//! `webhook-signature: v1,<base64 HMAC-SHA256(secret, "{id}.{ts}.{body}")>`,
+//! one such entry per signing secret, space-separated (two during a
+//! rotation's overlap). The fleet-wide `[webhooks] secret` of older configs
+//! signs nothing.
 //! The body never holds a secret: only ids, name, labels, state, error and
 //! outputs. Each POST runs in a `webhook.deliver` span, a child of the
 //! state event's trace context, and sends that span's `traceparent`.
@@ -35,6 +48,10 @@
 //! webhook senders, order is not guaranteed: a receiver orders a job's
 //! states by the body's `timestamp` (or its state) and drops repeats by
 //! `webhook-id`.
+
+pub mod secrets;
+
+pub use secrets::{SecretStore, SecretStoreError, TenantSecrets};
 
 use crate::repo::{JobRepo, RepoError};
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
@@ -74,14 +91,14 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-/// Why `webhooks.secret` cannot be used.
+/// Why a text is not a signing secret.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SecretError {
-    #[error("webhooks.secret must have the form whsec_<base64>")]
+    #[error("a webhook secret must have the form whsec_<base64>")]
     Form,
-    #[error("webhooks.secret: the part after whsec_ is not valid base64")]
+    #[error("a webhook secret's part after whsec_ is not valid base64")]
     Base64,
-    #[error("webhooks.secret: the key must be at least 16 bytes")]
+    #[error("a webhook secret's key must be at least 16 bytes")]
     TooShort,
 }
 
@@ -97,11 +114,47 @@ impl Secret {
         Ok(Secret(bytes))
     }
 
-    /// The `webhook-signature` value for one message.
+    /// The Standard Webhooks text: `whsec_<base64 of the key>`.
+    pub fn to_whsec(&self) -> String {
+        format!("whsec_{}", BASE64.encode(&self.0))
+    }
+
+    /// One `webhook-signature` entry (`v1,<base64>`) for one message.
     pub fn sign(&self, id: &str, timestamp: u64, body: &[u8]) -> String {
         let mut signed = format!("{id}.{timestamp}.").into_bytes();
         signed.extend_from_slice(body);
         format!("v1,{}", BASE64.encode(hmac_sha256(&self.0, &signed)))
+    }
+}
+
+/// The `webhook-signature` header: one entry per secret, space-separated.
+pub fn signature(secrets: &[&Secret], id: &str, timestamp: u64, body: &[u8]) -> String {
+    secrets
+        .iter()
+        .map(|s| s.sign(id, timestamp, body))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// When (Unix ms) the job record says the job reached `claimed` (0 for a
+/// final record that kept no time), or `None`
+/// when the record never held that state: the final states only when the
+/// record is in it, the earlier ones also once passed (the states run in
+/// one order, and the record keeps when each stage began). A state event
+/// is believed only this far.
+pub fn held_state(record: &JobRecord, claimed: JobState) -> Option<i64> {
+    let times = record.times.clone().unwrap_or_default();
+    let current = record.state();
+    let reached = |at: i64| (at > 0).then_some(at);
+    match claimed {
+        JobState::Unspecified => None,
+        _ if claimed.is_final() => (current == claimed)
+            .then(|| reached(times.finished_at_ms).unwrap_or(record.updated_at_ms)),
+        JobState::Queued => reached(times.queued_at_ms).or(reached(record.created_at_ms)),
+        JobState::Preparing => reached(times.preparing_at_ms),
+        JobState::Training => reached(times.training_at_ms),
+        JobState::Delivering => reached(times.delivering_at_ms),
+        _ => None,
     }
 }
 
@@ -265,22 +318,24 @@ pub struct Deliverer {
     js: jetstream::Context,
     client: reqwest::Client,
     guard: Guard,
-    secret: Secret,
+    secrets: SecretStore,
     policy: retry::Policy,
     max_age: Duration,
 }
 
 impl Deliverer {
-    /// `None` when no secret is configured (webhooks off).
+    /// `None` when webhooks are off. Each delivery is signed with its
+    /// tenant's secrets from `secrets`.
     pub fn new(
         config: &WebhooksConfig,
         repo: JobRepo,
         js: jetstream::Context,
+        secrets: SecretStore,
     ) -> anyhow::Result<Option<Deliverer>> {
-        if config.secret.is_empty() {
+        if !config.is_enabled() {
             return Ok(None);
         }
-        let secret = Secret::parse(&config.secret)?;
+        warn_legacy_secret(config);
         let client = reqwest::Client::builder()
             .user_agent(concat!("trainyard-webhooks/", env!("CARGO_PKG_VERSION")))
             .no_proxy()
@@ -301,7 +356,7 @@ impl Deliverer {
             js,
             client,
             guard: guard(config.allow_private_addresses),
-            secret,
+            secrets,
             policy,
             max_age: Duration::from_secs(config.max_age_secs.max(1)),
         }))
@@ -370,17 +425,38 @@ impl Deliverer {
         let delivered = info.as_ref().map_or(1, |i| i.delivered.max(1) as u32);
         let record = match self.repo.get(&tenant, &job).await {
             Ok(found) => found.record,
-            // Removed by its TTL: nobody left to tell.
-            Err(RepoError::NotFound(_)) => return AckKind::Ack,
+            // Removed by its TTL (nobody left to tell), or never was.
+            Err(RepoError::NotFound(_)) => {
+                tracing::debug!(%job, "state event for no stored job; nothing sent");
+                return AckKind::Ack;
+            }
             Err(error) => {
                 tracing::warn!(%job, %error, "cannot read a job for its webhook");
                 return AckKind::Nak(Some(Duration::from_secs(2)));
             }
         };
-        let outgoing = messages_for(&record, change.state(), event.at_ms);
+        let claimed = change.state();
+        let at_ms = match held_state(&record, claimed) {
+            Some(at) if record.tenant == tenant.as_str() && record.job_id == job.as_str() => {
+                if at > 0 { at } else { event.at_ms }
+            }
+            _ => {
+                tracing::warn!(%job, %tenant, claimed = claimed.as_str_name(), stored = record.state().as_str_name(),
+                    "state event the job record does not bear out; no webhook sent");
+                return AckKind::Ack;
+            }
+        };
+        let outgoing = messages_for(&record, claimed, at_ms);
         if outgoing.is_empty() {
             return AckKind::Ack;
         }
+        let secrets = match self.secrets.get_or_create(&tenant).await {
+            Ok(secrets) => secrets,
+            Err(error) => {
+                tracing::warn!(%job, %error, "cannot read the tenant's webhook secret");
+                return AckKind::Nak(Some(Duration::from_secs(2)));
+            }
+        };
         let url = record
             .spec
             .as_ref()
@@ -403,7 +479,7 @@ impl Deliverer {
                     // The ack wait covers one POST: restart it for the next.
                     let _ = message.ack_with(AckKind::Progress).await;
                 }
-                match self.post(&url, hook, delivered).await {
+                match self.post(&url, hook, &secrets, delivered).await {
                     Outcome::Delivered => {
                         tracing::info!(%job, kind = hook.kind, attempt = delivered, "webhook delivered");
                     }
@@ -411,7 +487,7 @@ impl Deliverer {
                         return self.give_up(&tenant, &job, &record, &why).await;
                     }
                     Outcome::Retry { why, after } => {
-                        let age = event_age(event.at_ms);
+                        let age = event_age(at_ms);
                         if delivered >= self.policy.max_attempts || age >= self.max_age {
                             let why = format!("{why} (gave up after {delivered} attempts)");
                             return self.give_up(&tenant, &job, &record, &why).await;
@@ -428,7 +504,13 @@ impl Deliverer {
         .await
     }
 
-    async fn post(&self, url: &str, message: &Outgoing, attempt: u32) -> Outcome {
+    async fn post(
+        &self,
+        url: &str,
+        message: &Outgoing,
+        secrets: &TenantSecrets,
+        attempt: u32,
+    ) -> Outcome {
         let span = tracing::info_span!(
             "webhook.deliver",
             otel.kind = "client",
@@ -446,9 +528,11 @@ impl Deliverer {
             span.record("server.address", host);
         }
         async {
-            let timestamp = SystemTime::now()
+            let now = SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
+                .unwrap_or_default();
+            let timestamp = now.as_secs();
+            let keys = secrets.signing(i64::try_from(now.as_millis()).unwrap_or(i64::MAX));
             let mut request = self
                 .client
                 .post(parsed)
@@ -457,7 +541,7 @@ impl Deliverer {
                 .header("webhook-timestamp", timestamp.to_string())
                 .header(
                     "webhook-signature",
-                    self.secret.sign(&message.id, timestamp, &message.body),
+                    signature(&keys, &message.id, timestamp, &message.body),
                 );
             let mut trace = async_nats::HeaderMap::new();
             propagation::inject_current_nats(&mut trace);
@@ -498,6 +582,17 @@ impl Deliverer {
             )
             .await;
         AckKind::Term
+    }
+}
+
+/// Says, at start-up, that a fleet-wide `[webhooks] secret` signs nothing.
+fn warn_legacy_secret(config: &WebhooksConfig) {
+    if !config.secret.is_empty() {
+        tracing::warn!(
+            "webhooks.secret is ignored: each tenant's webhooks are signed with the tenant's own \
+             secret (GetWebhookSecret, `yard webhooks secret`); set webhooks.enabled = true and \
+             remove webhooks.secret"
+        );
     }
 }
 
@@ -619,6 +714,56 @@ mod tests {
             SecretError::TooShort
         );
         assert!(!format!("{secret:?}").contains("MfKQ"));
+    }
+
+    #[test]
+    fn every_signing_secret_gets_an_entry() {
+        let old = Secret::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let new = secrets::generate().unwrap();
+        let header = signature(
+            &[&new, &old],
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            1614265330,
+            br#"{"test": 2432232314}"#,
+        );
+        let entries: Vec<&str> = header.split(' ').collect();
+        assert_eq!(entries.len(), 2);
+        assert_eq!(
+            entries[1],
+            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
+        assert!(entries[0].starts_with("v1,") && entries[0] != entries[1]);
+    }
+
+    #[test]
+    fn only_states_the_record_held_are_believed() {
+        use trainyard_proto::v1::StageTimes;
+        let mut rec = record(&[STATE], JobState::Training);
+        rec.created_at_ms = 10;
+        rec.updated_at_ms = 35;
+        rec.times = Some(StageTimes {
+            queued_at_ms: 10,
+            preparing_at_ms: 20,
+            training_at_ms: 30,
+            ..Default::default()
+        });
+        for (claimed, held) in [
+            (JobState::Queued, Some(10)),
+            (JobState::Preparing, Some(20)),
+            (JobState::Training, Some(30)),
+            (JobState::Delivering, None),
+            (JobState::Succeeded, None),
+            (JobState::Failed, None),
+            (JobState::Cancelled, None),
+            (JobState::Unspecified, None),
+        ] {
+            assert_eq!(held_state(&rec, claimed), held, "{claimed:?}");
+        }
+        rec.state = JobState::Failed as i32;
+        rec.times.as_mut().unwrap().finished_at_ms = 40;
+        assert_eq!(held_state(&rec, JobState::Failed), Some(40));
+        assert_eq!(held_state(&rec, JobState::Succeeded), None);
+        assert_eq!(held_state(&rec, JobState::Delivering), None);
     }
 
     #[test]

@@ -502,15 +502,23 @@ pub fn parse_error_kind(name: &str) -> Option<trainyard_proto::v1::ErrorKind> {
         .filter(|k| *k != trainyard_proto::v1::ErrorKind::Unspecified)
 }
 
-/// The `[webhooks]` table: how the coordinators sign and post job webhooks
-/// (`JobSpec.webhook`). Debug output and `--print-config` never show the
-/// secret.
+/// The `[webhooks]` table: whether and how the coordinators sign and post
+/// job webhooks (`JobSpec.webhook`). Each tenant signs with its own secret,
+/// made and kept by the coordinators (`GetWebhookSecret`); none is set here.
+/// Debug output and `--print-config` never show the legacy `secret`.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebhooksConfig {
-    /// The signing secret, Standard Webhooks form `whsec_<base64>`. Empty:
-    /// webhooks are off and a job asking for one is refused at submit.
+    /// Post job webhooks. Off: a job asking for one is refused at submit.
+    pub enabled: bool,
+    /// No longer used: one fleet-wide secret let any tenant's webhooks be
+    /// verified with (and so forged by) anyone holding it. Kept so older
+    /// configs load; a non-empty value turns webhooks on, as it did, and the
+    /// coordinator warns at start-up that the value itself is ignored.
     pub secret: String,
+    /// Seconds a tenant's previous secret keeps signing after a rotation
+    /// (both signatures are sent meanwhile), for receivers to switch.
+    pub secret_overlap_secs: u64,
     /// Allow private, loopback and link-local webhook targets. Only for
     /// tests and fleets whose receivers are on a private network.
     pub allow_private_addresses: bool,
@@ -531,7 +539,9 @@ pub struct WebhooksConfig {
 impl Default for WebhooksConfig {
     fn default() -> Self {
         Self {
+            enabled: false,
             secret: String::new(),
+            secret_overlap_secs: 86_400,
             allow_private_addresses: false,
             timeout_secs: 10,
             max_attempts: 8,
@@ -543,6 +553,11 @@ impl Default for WebhooksConfig {
 }
 
 impl WebhooksConfig {
+    /// Webhooks are on: `enabled`, or a legacy `secret` set.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled || !self.secret.is_empty()
+    }
+
     /// A copy safe to show: the secret, when set, is [`REDACTED`].
     pub fn redacted(&self) -> WebhooksConfig {
         let mut shown = self.clone();
@@ -557,7 +572,9 @@ impl std::fmt::Debug for WebhooksConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let shown = self.redacted();
         f.debug_struct("WebhooksConfig")
+            .field("enabled", &shown.enabled)
             .field("secret", &shown.secret)
+            .field("secret_overlap_secs", &shown.secret_overlap_secs)
             .field("allow_private_addresses", &shown.allow_private_addresses)
             .field("timeout_secs", &shown.timeout_secs)
             .field("max_attempts", &shown.max_attempts)
@@ -711,9 +728,6 @@ impl Config {
             }
         }
         let hooks = &self.webhooks;
-        if !hooks.secret.is_empty() && !hooks.secret.starts_with("whsec_") {
-            return bad("webhooks.secret must have the form whsec_<base64>");
-        }
         if hooks.timeout_secs == 0 || hooks.max_attempts == 0 {
             return bad("webhooks.timeout_secs and webhooks.max_attempts must be at least 1");
         }
@@ -896,6 +910,9 @@ mod tests {
         let config = Config::load_from(None, &env, &["webhooks.max_attempts=3".into()]).unwrap();
         assert_eq!(config.webhooks.secret, "whsec_c2VjcmV0LXNpZ25pbmcta2V5");
         assert_eq!(config.webhooks.max_attempts, 3);
+        // A legacy fleet secret still turns webhooks on; it signs nothing.
+        assert!(config.webhooks.is_enabled());
+        assert!(!Config::default().webhooks.is_enabled());
         assert!(!config.to_toml().contains("c2VjcmV0LXNpZ25pbmcta2V5"));
         assert!(!format!("{config:?}").contains("c2VjcmV0LXNpZ25pbmcta2V5"));
         assert!(format!("{config:?}").contains(REDACTED));

@@ -11,6 +11,7 @@
 //! | `ty_idem` | KV | `<tenant>.<sha256 of idempotency key>` |
 //! | `ty_workers` | KV with TTL (3 heartbeats) | `<worker id>` → the worker's registry entry |
 //! | `ty_claims` | KV, entries kept a day after their last renewal | `<tenant>.<job>.<stage>` → the [`TaskClaim`](trainyard_proto::v1::TaskClaim) of the runtime running it |
+//! | `ty_webhook_secrets` | KV, coordinators only | `<tenant>` → the tenant's webhook signing secrets ([`TenantWebhookSecrets`](trainyard_proto::v1::TenantWebhookSecrets)) |
 //!
 //! Plain NATS request/reply (no stream): `ty.api.<op>` (the job API, served
 //! by the coordinators) and `ty.preflight` (a job's preflight without a job,
@@ -32,6 +33,11 @@ pub const JOBS_BUCKET: &str = "ty_jobs";
 pub const IDEM_BUCKET: &str = "ty_idem";
 pub const WORKERS_BUCKET: &str = "ty_workers";
 pub const CLAIMS_BUCKET: &str = "ty_claims";
+/// Each tenant's webhook signing secrets. Created, read and written by the
+/// coordinators only (not by [`ensure`], which every role runs): no other
+/// role needs it, and a NATS account that grants it to another role hands
+/// that role every tenant's secret.
+pub const WEBHOOK_SECRETS_BUCKET: &str = "ty_webhook_secrets";
 /// A claim is renewed with every in-progress ack, so only a claim left
 /// behind by a finished task gets this old; a day leaves room for any
 /// late result to be checked against it.
@@ -86,6 +92,8 @@ pub enum ApiOp {
     Cancel,
     Validate,
     GetMetrics,
+    WebhookSecret,
+    RotateWebhookSecret,
 }
 
 impl ApiOp {
@@ -97,6 +105,8 @@ impl ApiOp {
             ApiOp::Cancel => "cancel",
             ApiOp::Validate => "validate",
             ApiOp::GetMetrics => "metrics",
+            ApiOp::WebhookSecret => "webhook_secret",
+            ApiOp::RotateWebhookSecret => "rotate_webhook_secret",
         }
     }
 
@@ -108,6 +118,8 @@ impl ApiOp {
             ApiOp::Cancel,
             ApiOp::Validate,
             ApiOp::GetMetrics,
+            ApiOp::WebhookSecret,
+            ApiOp::RotateWebhookSecret,
         ]
         .into_iter()
         .find(|op| op.name() == name)
@@ -379,6 +391,16 @@ pub async fn ensure(
     })
 }
 
+/// The coordinators' bucket of tenants' webhook signing secrets (see
+/// [`WEBHOOK_SECRETS_BUCKET`]); created on first call. History 2: the
+/// entry before a rotation stays readable for an operator's look.
+pub async fn webhook_secrets_bucket(
+    js: &jetstream::Context,
+    config: &NatsConfig,
+) -> Result<kv::Store, async_nats::Error> {
+    bucket(js, WEBHOOK_SECRETS_BUCKET, 2, None, config.replicas.max(1)).await
+}
+
 /// The first delay between two [`ensure_until`] attempts, and the longest.
 const ENSURE_FIRST_DELAY: Duration = Duration::from_millis(250);
 const ENSURE_MAX_DELAY: Duration = Duration::from_secs(5);
@@ -647,5 +669,9 @@ mod tests {
         );
         assert_eq!(subject::job_of_cancel(&subject::cancel(&job)), Some(job));
         assert_eq!(ApiOp::from_name("list"), Some(ApiOp::List));
+        assert_eq!(
+            ApiOp::from_name("rotate_webhook_secret"),
+            Some(ApiOp::RotateWebhookSecret)
+        );
     }
 }

@@ -4,84 +4,65 @@
 //! independently of the coordinator's.
 
 use prost::Message;
-use sha2::{Digest, Sha256};
 use std::time::{Duration, SystemTime};
-use trainyard_coordinator::webhooks::Deliverer;
+use trainyard_coordinator::webhooks::{Deliverer, SecretStore};
 use trainyard_core::telemetry::propagation::{JobAttrs, inject_nats, send_span};
 use trainyard_core::telemetry::{Telemetry, TelemetrySettings};
+use trainyard_core::topology::EVENTS_STREAM;
 use trainyard_core::topology::{self, EventKind, subject};
-use trainyard_core::topology::{EVENTS_STREAM, WEBHOOKS_CONSUMER};
 use trainyard_proto::v1::{
-    JobEvent, JobSpec, JobState, Secrets, SubmitRequest, Webhook, job_event::Kind,
+    GetWebhookSecretRequest, JobEvent, JobSpec, JobState, RotateWebhookSecretRequest, Secrets,
+    SubmitRequest, Webhook, job_event::Kind,
 };
 use trainyard_proto::v1::{JobRecord, StateChanged};
 use trainyard_proto::{JobId, TenantId};
 use trainyard_tests::chaos::{Chaos, Service};
 use trainyard_tests::otlp::OtlpReceiver;
-use trainyard_tests::webhook::{Hit, Receiver, Reply};
+use trainyard_tests::webhook::{
+    Hit, Receiver, Reply, publish_state, signatures, signed_by, store_job, wait_idle,
+};
 use trainyard_tests::*;
 
-/// The signing secret: `whsec_` and the base64 of these key bytes.
-const SECRET: &str = "whsec_dHJhaW55YXJkLXdlYmhvb2stdGVzdC1rZXk=";
-const KEY: &[u8] = b"trainyard-webhook-test-key";
+/// A fleet-wide secret as older configs set it: it still turns webhooks
+/// on, and signs nothing.
+const LEGACY_SECRET: &str = "whsec_dHJhaW55YXJkLXdlYmhvb2stdGVzdC1rZXk=";
 const HF_TOKEN: &str = "hf_webhook_test_secret_token";
 
-/// HMAC-SHA256 per RFC 2104, written here on its own.
-fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
-    let mut k = if key.len() > 64 {
-        Sha256::digest(key).to_vec()
-    } else {
-        key.to_vec()
-    };
-    k.resize(64, 0);
-    let ipad: Vec<u8> = k.iter().map(|b| b ^ 0x36).collect();
-    let opad: Vec<u8> = k.iter().map(|b| b ^ 0x5c).collect();
-    let inner = Sha256::digest([ipad, data.to_vec()].concat());
-    Sha256::digest([opad, inner.to_vec()].concat()).to_vec()
-}
-
-fn base64(bytes: &[u8]) -> String {
-    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ABC[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-/// Checks a request as a Standard Webhooks receiver would.
-fn verify(hit: &Hit) {
-    let id = hit.header("webhook-id");
-    let timestamp = hit.header("webhook-timestamp");
-    let ts: u64 = timestamp.parse().expect("unix seconds");
+/// Checks a request as a Standard Webhooks receiver holding `secret` would.
+fn verify(hit: &Hit, secret: &str) {
+    let ts: u64 = hit
+        .header("webhook-timestamp")
+        .parse()
+        .expect("unix seconds");
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap()
         .as_secs();
     assert!(now.abs_diff(ts) < 300, "timestamp {ts} far from now {now}");
-    let mut signed = format!("{id}.{timestamp}.").into_bytes();
-    signed.extend_from_slice(&hit.body);
-    let expected = format!("v1,{}", base64(&hmac(KEY, &signed)));
-    let signatures = hit.header("webhook-signature");
     assert!(
-        signatures.split(' ').any(|s| s == expected),
-        "signature {signatures} is not {expected}"
+        signed_by(hit, secret),
+        "{} is not signed by the tenant's secret",
+        hit.header("webhook-signature")
+    );
+    assert!(
+        !signed_by(hit, LEGACY_SECRET),
+        "signed with the fleet-wide secret"
     );
     assert_eq!(hit.header("content-type"), "application/json");
 }
 
+/// The caller's tenant's webhook secret, from the API.
+async fn secret_of(client: &mut Client) -> String {
+    client
+        .get_webhook_secret(GetWebhookSecretRequest {})
+        .await
+        .expect("webhook secret")
+        .into_inner()
+        .secret
+}
+
 fn with_webhooks(config: &mut trainyard_core::Config) {
-    config.webhooks.secret = SECRET.into();
+    config.webhooks.enabled = true;
     config.webhooks.allow_private_addresses = true;
     config.webhooks.timeout_secs = 5;
     config.webhooks.initial_delay_ms = 200;
@@ -98,19 +79,6 @@ fn hooked(mut spec: JobSpec, url: &str, events: &[&str]) -> JobSpec {
         ..Default::default()
     });
     spec
-}
-
-/// Waits until the webhook consumer has handled every state event (none
-/// pending, none awaiting an ack or a retry).
-async fn wait_idle(js: &async_nats::jetstream::Context) {
-    wait_for("webhook consumer idle", Duration::from_secs(60), || async {
-        let stream = js.get_stream(EVENTS_STREAM).await.ok()?;
-        let mut consumer: async_nats::jetstream::consumer::PullConsumer =
-            stream.get_consumer(WEBHOOKS_CONSUMER).await.ok()?;
-        let info = consumer.info().await.ok()?;
-        (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
-    })
-    .await;
 }
 
 /// The job's newest log event line.
@@ -166,7 +134,12 @@ async fn a_finished_job_posts_one_signed_completed_webhook() {
     let hits_after = receiver.hits();
     assert_eq!(hits_after.len(), 1, "exactly one POST: {hits_after:?}");
     let hit = &hits[0];
-    verify(hit);
+    verify(hit, &secret_of(&mut client).await);
+    let other = secret_of(&mut fleet.client(OTHER_TOKEN).await).await;
+    assert!(
+        !signed_by(hit, &other),
+        "another tenant's secret verifies it"
+    );
     assert_eq!(
         hit.header("webhook-id"),
         format!("{}.completed.succeeded", job.job_id)
@@ -218,8 +191,9 @@ async fn the_state_filter_posts_every_state_in_order() {
     wait_idle(&js).await;
     let hits = receiver.hits();
     assert_eq!(hits.len(), states.len(), "one POST per state: {hits:?}");
+    let secret = secret_of(&mut client).await;
     for (hit, state) in hits.iter().zip(&states) {
-        verify(hit);
+        verify(hit, &secret);
         let body = hit.json();
         let name = state
             .as_str_name()
@@ -248,8 +222,9 @@ async fn a_failing_receiver_is_retried_with_the_same_id() {
     let js = async_nats::jetstream::new(fleet.nats_client().await);
     wait_idle(&js).await;
     assert_eq!(receiver.hits().len(), 3, "delivered on the third try");
+    let secret = secret_of(&mut client).await;
     for hit in &hits {
-        verify(hit);
+        verify(hit, &secret);
         assert_eq!(hit.header("webhook-id"), hits[0].header("webhook-id"));
         assert_eq!(hit.body, hits[0].body, "the same message each time");
     }
@@ -368,7 +343,7 @@ async fn submit_refuses_webhooks_the_fleet_cannot_deliver() {
         fleet.stop().await;
     }
     let fleet = Fleet::start_with(coordinator_only, |config| {
-        config.webhooks.secret = SECRET.into();
+        config.webhooks.enabled = true;
     })
     .await;
     let mut client = fleet.client(TOKEN).await;
@@ -422,11 +397,15 @@ async fn a_delivery_cut_by_a_coordinator_crash_is_made_after_restart() {
         config.webhooks.max_delay_ms = 1000;
     })
     .await;
-    // Service configs are written with their secrets redacted: a
-    // coordinator that signs webhooks gets its secret from the environment.
+    // Webhooks turned on the old way, by a fleet-wide secret (from the
+    // environment, as service configs are written with secrets redacted):
+    // they are on, and signed with the tenant's own secret, not that one.
     let first = chaos.running(Service::Coordinator).remove(0);
     chaos.proc(&first).kill();
-    let coordinator = chaos.spawn_env(Service::Coordinator, &[("TY_WEBHOOKS__SECRET", SECRET)]);
+    let coordinator = chaos.spawn_env(
+        Service::Coordinator,
+        &[("TY_WEBHOOKS__SECRET", LEGACY_SECRET)],
+    );
     let mut client = chaos.client().await;
     let spec = spec(&chaos.sample_uri().await, 10);
     let job = submit(&mut client, hooked(spec, &receiver.url(), &[])).await;
@@ -443,8 +422,9 @@ async fn a_delivery_cut_by_a_coordinator_crash_is_made_after_restart() {
     let js = chaos.js().await;
     wait_idle(&js).await;
     assert_eq!(receiver.hits().len(), 2, "one cut try, one delivery");
+    let secret = secret_of(&mut chaos.client().await).await;
     for hit in &hits {
-        verify(hit);
+        verify(hit, &secret);
         assert_eq!(hit.header("webhook-id"), first_try[0].header("webhook-id"));
     }
     assert_eq!(hits[1].json()["data"]["state"], "succeeded");
@@ -485,7 +465,17 @@ async fn the_delivery_span_continues_the_state_events_trace() {
     };
     parts.repo.create(&record).await.unwrap();
     let hooks = &fleet.config.webhooks;
-    let deliverer = Deliverer::new(hooks, parts.repo.clone(), parts.js.clone())
+    let bucket = topology::webhook_secrets_bucket(&parts.js, &fleet.config.nats)
+        .await
+        .unwrap();
+    let secrets = SecretStore::new(bucket, Duration::from_secs(60));
+    let secret = secrets
+        .get_or_create(&tenant)
+        .await
+        .unwrap()
+        .current
+        .to_whsec();
+    let deliverer = Deliverer::new(hooks, parts.repo.clone(), parts.js.clone(), secrets)
         .unwrap()
         .expect("webhooks on");
     let consumer = topology::webhooks_consumer(&parts.js, Deliverer::ack_wait(hooks))
@@ -535,7 +525,7 @@ async fn the_delivery_span_continues_the_state_events_trace() {
     .await;
 
     let hits = receiver.wait_hits(1, Duration::from_secs(30)).await;
-    verify(&hits[0]);
+    verify(&hits[0], &secret);
     let traceparent = hits[0].header("traceparent").to_string();
     let fields: Vec<&str> = traceparent.split('-').collect();
     assert_eq!(fields.len(), 4, "{traceparent}");
@@ -598,5 +588,86 @@ async fn the_delivery_span_continues_the_state_events_trace() {
     stop.cancel();
     loop_task.await.unwrap().unwrap();
     telemetry.shutdown().await;
+    fleet.stop().await;
+}
+
+/// After a rotation the new secret signs every delivery, and the old one
+/// signs beside it (two `v1,` entries) until the overlap ends; then only
+/// the new one does. The secret a tenant is shown follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_secret_signs_beside_the_old_one_until_the_overlap_ends() {
+    const OVERLAP_SECS: u64 = 8;
+    let receiver = Receiver::start(&[]).await;
+    let coordinator_only = Services {
+        coordinator: true,
+        ..Services::NONE
+    };
+    let fleet = Fleet::start_with(coordinator_only, |config| {
+        with_webhooks(config);
+        config.webhooks.secret_overlap_secs = OVERLAP_SECS;
+    })
+    .await;
+    let mut client = fleet.client(TOKEN).await;
+    let parts = fleet.coordinator_parts().await;
+    let delivered = |n: usize| {
+        let (receiver, parts) = (&receiver, &parts);
+        async move {
+            let record = store_job(
+                &parts.repo,
+                "acme",
+                JobState::Succeeded,
+                &receiver.url(),
+                &[],
+            )
+            .await;
+            publish_state(&parts.js, "acme", &record.job_id, JobState::Succeeded, None).await;
+            let hits = receiver.wait_hits(n, Duration::from_secs(30)).await;
+            assert_eq!(hits[n - 1].json()["data"]["job_id"], record.job_id.as_str());
+            hits[n - 1].clone()
+        }
+    };
+
+    let old = secret_of(&mut client).await;
+    let before = delivered(1).await;
+    verify(&before, &old);
+    assert_eq!(signatures(&before).count(), 1);
+
+    let rotated = client
+        .rotate_webhook_secret(RotateWebhookSecretRequest {})
+        .await
+        .expect("rotate")
+        .into_inner();
+    assert_ne!(rotated.secret, old);
+    assert!(rotated.secret.starts_with("whsec_"));
+    let until = rotated.previous_valid_until_ms;
+    assert!(until > trainyard_core::now_ms(), "an overlap: {until}");
+    assert_eq!(secret_of(&mut client).await, rotated.secret, "shown after");
+
+    let during = delivered(2).await;
+    assert!(
+        trainyard_core::now_ms() < until,
+        "the delivery came inside the overlap"
+    );
+    verify(&during, &rotated.secret);
+    verify(&during, &old);
+    assert_eq!(signatures(&during).count(), 2);
+
+    wait_for(
+        "the overlap to end",
+        Duration::from_secs(OVERLAP_SECS + 10),
+        || async { (trainyard_core::now_ms() >= until).then_some(()) },
+    )
+    .await;
+    let after = delivered(3).await;
+    verify(&after, &rotated.secret);
+    assert!(!signed_by(&after, &old), "the old secret no longer signs");
+    assert_eq!(signatures(&after).count(), 1);
+    let shown = client
+        .get_webhook_secret(GetWebhookSecretRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(shown.secret, rotated.secret);
+    assert_eq!(shown.previous_valid_until_ms, 0);
     fleet.stop().await;
 }

@@ -10,7 +10,7 @@ use trainyard_proto::v1::{JobSpec, Webhook};
 
 /// A job's webhook: an http(s) URL without credentials, and known event
 /// names (none means `completed`; the stored spec lists them). Whether the
-/// fleet can deliver it (a secret, the address) is checked by the API
+/// fleet can deliver it (webhooks on, the address) is checked by the API
 /// with the fleet's config ([`SubmitRules`]).
 pub(super) fn normalise(hook: &mut Webhook, p: &mut Problems) {
     match reqwest::Url::parse(&hook.url) {
@@ -52,7 +52,7 @@ pub(super) fn normalise(hook: &mut Webhook, p: &mut Problems) {
 /// What submission checks of a webhook depend on the fleet's config.
 #[derive(Clone, Debug, Default)]
 pub struct SubmitRules {
-    /// A signing secret is configured.
+    /// Webhooks are on (`[webhooks] enabled`).
     pub enabled: bool,
     pub allow_private_addresses: bool,
 }
@@ -60,7 +60,7 @@ pub struct SubmitRules {
 impl SubmitRules {
     pub fn from_config(config: &WebhooksConfig) -> Self {
         Self {
-            enabled: !config.secret.is_empty(),
+            enabled: config.is_enabled(),
             allow_private_addresses: config.allow_private_addresses,
         }
     }
