@@ -143,7 +143,7 @@ pub fn signature(secrets: &[&Secret], id: &str, timestamp: u64, body: &[u8]) -> 
 /// one order, and the record keeps when each stage began). A state event
 /// is believed only this far.
 pub fn held_state(record: &JobRecord, claimed: JobState) -> Option<i64> {
-    let times = record.times.clone().unwrap_or_default();
+    let times = record.times.unwrap_or_default();
     let current = record.state();
     let reached = |at: i64| (at > 0).then_some(at);
     match claimed {

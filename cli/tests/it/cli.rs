@@ -24,6 +24,7 @@ fn help_lists_every_command() {
     let text = String::from_utf8_lossy(&output.stdout);
     for command in [
         "dev", "demo", "submit", "validate", "watch", "list", "get", "cancel", "fetch", "metrics",
+        "webhooks",
     ] {
         assert!(text.contains(command), "{command} missing from:\n{text}");
     }

@@ -6,3 +6,4 @@
 mod cli;
 mod observability;
 mod validate;
+mod webhooks;
