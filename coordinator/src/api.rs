@@ -138,6 +138,8 @@ pub struct JobApi {
     pub validate_timeout: Duration,
     /// What a job's webhook must satisfy on this fleet.
     pub webhooks: crate::validate::SubmitRules,
+    /// Which destinations a job may use on this fleet.
+    pub destinations: trainyard_core::destination::Destinations,
 }
 
 /// The `ty_idem` key of a tenant's idempotency key.
@@ -163,6 +165,7 @@ impl JobApi {
         self.webhooks
             .check(&spec)
             .map_err(|e| validate::Invalid(vec![e]))?;
+        validate::check_destinations(&self.destinations, tenant, &spec)?;
         let mut job = JobId::generate();
         if !spec.idempotency_key.is_empty() {
             let key = idem_key(tenant, &spec.idempotency_key);
@@ -265,6 +268,7 @@ impl JobApi {
             self.webhooks
                 .check(&spec)
                 .map_err(|e| validate::Invalid(vec![e]))?;
+            validate::check_destinations(&self.destinations, tenant, &spec)?;
             Ok(spec)
         }) {
             Ok(spec) => spec,

@@ -66,6 +66,7 @@ pub async fn run(
         client: client.clone(),
         validate_timeout: Duration::from_secs(config.coordinator.validate_timeout_secs.max(1)),
         webhooks: validate::SubmitRules::from_config(&config.webhooks),
+        destinations: trainyard_core::destination::Destinations::from_config(&config),
     };
     let deliverer = webhooks::Deliverer::new(&config.webhooks, repo.clone(), js.clone())?;
     let auth = api::Auth::new(&config.coordinator.tokens);

@@ -154,6 +154,8 @@ impl Fleet {
         config.worker.model_cache_dir = dir.path().join("cache");
         config.worker.progress_interval_ms = 0;
         config.uploader.work_dir = dir.path().join("work/uploader");
+        // Jobs may deliver to the fleet's outputs folder (`outputs_dir`).
+        config.uploader.allowed_local_roots = vec![dir.path().join("outputs")];
         tweak(&mut config);
         let store = ArtifactStore::open_with(&config.store.uri, &config.store.s3).expect("store");
         let shutdown = CancellationToken::new();

@@ -12,14 +12,16 @@ use trainyard_core::redact::{display_url, redact_in};
 use trainyard_core::runtime::{StageError, StageHandler, TaskContext};
 use trainyard_core::store::{ArtifactStore, StoreError, keys};
 use trainyard_proto::v1::{
-    Artifact, DeliverOutput, DeliverTask, DeliveredFile, ErrorKind, JobSpec, stage_result::Outcome,
+    Artifact, DeliverOutput, DeliverTask, DeliveredFile, ErrorKind, JobSpec, Secrets,
+    stage_result::Outcome,
 };
 
 pub struct DeliverStage {
     store: ArtifactStore,
     work_root: PathBuf,
-    /// The allowed local roots and how `s3://` is reached; preflight
-    /// probes destinations with the same rules.
+    /// The allowed local roots, the store no destination may overlap, and
+    /// the credentials `s3://` destinations may use; the coordinator and
+    /// preflight check destinations with the same rules.
     destinations: Destinations,
 }
 
@@ -99,18 +101,21 @@ impl DeliverStage {
         Ok(Self {
             store: ArtifactStore::open_with(&config.store.uri, &config.store.s3)?,
             work_root: std::fs::canonicalize(&config.uploader.work_dir)?,
-            destinations: Destinations::new(
-                config.uploader.allowed_local_roots.clone(),
-                config.store.s3.clone(),
-            ),
+            destinations: Destinations::from_config(config),
         })
     }
 
-    /// Opens a destination, refusing local paths outside the allowed roots.
-    /// The error names it without credentials or query.
-    fn destination(&self, uri: &str) -> Result<ArtifactStore, StageError> {
+    /// Opens `tenant`'s destination with the job's `secrets`, checking it
+    /// again on the disk as it is now (see [`Destinations::open`]). The
+    /// error names it without credentials or query.
+    fn destination(
+        &self,
+        tenant: &str,
+        uri: &str,
+        secrets: Option<&Secrets>,
+    ) -> Result<ArtifactStore, StageError> {
         self.destinations
-            .open(uri)
+            .open(tenant, uri, secrets)
             .map_err(|e| StageError::fail(ErrorKind::InvalidSpec, redact_in(&e.to_string(), uri)))
     }
 
@@ -136,7 +141,7 @@ impl DeliverStage {
         for destination in &spec.destinations {
             targets.push(Target {
                 label: destination.uri.clone(),
-                store: self.destination(&destination.uri)?,
+                store: self.destination(&task.tenant, &destination.uri, spec.secrets.as_ref())?,
                 prefix: job.to_string(),
             });
         }
