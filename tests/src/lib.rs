@@ -515,6 +515,24 @@ impl S3Server {
         }
     }
 
+    /// A job's own credentials for an `s3://` destination on this server
+    /// (`secrets.values`; destinations never use the store's keys).
+    pub fn job_secrets(&self) -> trainyard_proto::v1::Secrets {
+        use trainyard_core::destination::secret_keys;
+        trainyard_proto::v1::Secrets {
+            values: [
+                (secret_keys::ACCESS_KEY_ID, "tenant-key"),
+                (secret_keys::SECRET_ACCESS_KEY, "tenant-secret"),
+                (secret_keys::ENDPOINT_URL, self.endpoint.as_str()),
+                (secret_keys::REGION, "us-east-1"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+            ..Default::default()
+        }
+    }
+
     /// Creates a bucket with a plain `PUT /<bucket>` (moto does not check
     /// signatures).
     pub async fn create_bucket(&self, bucket: &str) {
