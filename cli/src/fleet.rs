@@ -285,7 +285,10 @@ mod tests {
         assert_eq!(config.captioner.work_dir, Path::new("/d/work/captioner"));
         assert_eq!(config.worker.work_dir, Path::new("/custom/worker"));
         assert_eq!(config.worker.model_cache_dir, Path::new("/d/cache/models"));
-        assert_eq!(config.uploader.allowed_local_roots, [Path::new("/d/outputs")]);
+        assert_eq!(
+            config.uploader.allowed_local_roots,
+            [Path::new("/d/outputs")]
+        );
     }
 
     #[test]

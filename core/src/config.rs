@@ -812,7 +812,12 @@ impl Config {
                 ));
             }
         }
-        if self.uploader.allowed_local_roots.iter().any(|r| !r.is_absolute()) {
+        if self
+            .uploader
+            .allowed_local_roots
+            .iter()
+            .any(|r| !r.is_absolute())
+        {
             return bad("uploader.allowed_local_roots must be absolute paths");
         }
         if !matches!(self.telemetry.log_format.as_str(), "text" | "json") {
@@ -935,6 +940,40 @@ mod tests {
         let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/trainyard.toml");
         let documented = Config::load_from(Some(&file), &[], &[]).unwrap();
         assert_eq!(documented.to_toml(), Config::default().to_toml());
+    }
+
+    #[test]
+    fn destination_credentials_are_checked_and_their_secrets_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("trainyard.toml");
+        std::fs::write(
+            &file,
+            r#"
+[uploader]
+allowed_local_roots = ["/srv/deliveries"]
+[destinations.credentials.deliveries]
+tenants = ["acme"]
+access_key_id = "AKIDDEST"
+secret_access_key = "dest-s3cr3t"
+session_token = "dest-t0ken"
+"#,
+        )
+        .unwrap();
+        let config = Config::load_from(Some(&file), &[], &[]).unwrap();
+        let credential = &config.destinations.credentials["deliveries"];
+        assert_eq!(credential.tenants, ["acme"]);
+        for shown in [config.to_toml(), format!("{config:?}")] {
+            assert!(!shown.contains("dest-s3cr3t") && !shown.contains("dest-t0ken"));
+            assert!(shown.contains("AKIDDEST"));
+        }
+        for bad in [
+            "destinations.credentials.x={ tenants = [\"acme\"], access_key_id = \"a\" }",
+            "destinations.credentials.x={ tenants = [\"no such\"], access_key_id = \"a\", secret_access_key = \"b\" }",
+            "uploader.allowed_local_roots=[\"relative\"]",
+        ] {
+            let err = Config::load_from(None, &[], &[bad.to_string()]).unwrap_err();
+            assert!(matches!(err, ConfigError::Invalid(_)), "{bad}: {err}");
+        }
     }
 
     #[test]

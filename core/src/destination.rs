@@ -372,8 +372,8 @@ impl Destinations {
         match parse(uri)? {
             Parsed::Local(path) => {
                 let resolved = self.confine(uri, path)?;
-                let store = ArtifactStore::open(&resolved.display().to_string())
-                    .map_err(open_error)?;
+                let store =
+                    ArtifactStore::open(&resolved.display().to_string()).map_err(open_error)?;
                 let opened = store.root().strip_prefix("file://").unwrap_or(store.root());
                 self.confine(uri, Path::new(opened))?;
                 Ok(store)
@@ -533,7 +533,6 @@ fn probe_local(uri: &str, path: &Path) -> Result<(), ProbeError> {
         .map_err(|e| refused(format!("cannot remove {}: {e}", probe.display())))
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -607,7 +606,10 @@ mod tests {
         let (a, b) = (answer(&existing).await, answer(&missing).await);
         assert_eq!(a, b);
         assert_eq!(a.0, ProbeFailure::Refused);
-        assert!(a.1.contains("not inside an allowed destination root"), "{a:?}");
+        assert!(
+            a.1.contains("not inside an allowed destination root"),
+            "{a:?}"
+        );
         assert!(
             rules
                 .check("acme", &format!("{}/allowed/x", root.display()), None)
@@ -648,7 +650,11 @@ mod tests {
             rules.check("acme", &allowed.display().to_string(), None),
             Err(DestinationError::StoreOverlap { .. })
         ));
-        assert!(rules.check("acme", &outside.display().to_string(), None).is_ok());
+        assert!(
+            rules
+                .check("acme", &outside.display().to_string(), None)
+                .is_ok()
+        );
     }
 
     #[test]
@@ -673,7 +679,11 @@ mod tests {
             Err(DestinationError::NoCredentials { .. })
         ));
         assert!(matches!(
-            rules.check("acme", "s3://out/x", Some(&secrets(&[(secret_keys::ACCESS_KEY_ID, "a")]))),
+            rules.check(
+                "acme",
+                "s3://out/x",
+                Some(&secrets(&[(secret_keys::ACCESS_KEY_ID, "a")]))
+            ),
             Err(DestinationError::NoCredentials { .. })
         ));
         rules.check("acme", "s3://out/x", Some(&keys)).unwrap();

@@ -145,7 +145,11 @@ async fn a_folder_outside_the_allowed_roots_is_refused_and_nothing_is_written() 
         let mut attack = spec(&sample, 10);
         attack.destinations = vec![destination(uri.clone())];
         let status = refused(&mut client, attack).await;
-        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{uri}: {status:?}");
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{uri}: {status:?}"
+        );
         assert!(
             status.message().starts_with("destinations[0].uri: "),
             "{uri}: {}",
@@ -168,7 +172,11 @@ async fn a_folder_outside_the_allowed_roots_is_refused_and_nothing_is_written() 
     assert_eq!(record.state(), JobState::Succeeded, "{:?}", record.error);
     assert!(allowed.join(&job.job_id).join("lora.safetensors").is_file());
 
-    assert_eq!(entries(&target), Vec::<String>::new(), "nothing written outside");
+    assert_eq!(
+        entries(&target),
+        Vec::<String>::new(),
+        "nothing written outside"
+    );
     assert!(!fleet.dir.path().join("escape-by-dots").exists());
     fleet.stop().await;
 }
@@ -192,7 +200,11 @@ async fn a_symlink_planted_after_submission_is_refused_at_write_time() {
         message.contains("is not inside an allowed destination root"),
         "{message}"
     );
-    assert_eq!(entries(&target), Vec::<String>::new(), "nothing written outside");
+    assert_eq!(
+        entries(&target),
+        Vec::<String>::new(),
+        "nothing written outside"
+    );
     fleet.stop().await;
 }
 
@@ -277,14 +289,21 @@ async fn an_s3_destination_into_the_store_bucket_is_refused() {
     let mut fleet = fleet;
     fleet.start_coordinator().await;
     let mut client = fleet.client(TOKEN).await;
-    for uri in ["s3://fleet/store", "s3://fleet/store/jobs", "s3://fleet/other", "s3://fleet"] {
+    for uri in [
+        "s3://fleet/store",
+        "s3://fleet/store/jobs",
+        "s3://fleet/other",
+        "s3://fleet",
+    ] {
         let mut spec = spec("s3://fleet/store/uploads/x.zip", 10);
         spec.destinations = vec![destination(uri)];
         spec.secrets = Some(s3.job_secrets());
         let status = refused(&mut client, spec).await;
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{uri}");
         assert!(
-            status.message().contains("overlaps the fleet's artifact store"),
+            status
+                .message()
+                .contains("overlaps the fleet's artifact store"),
             "{uri}: {}",
             status.message()
         );
@@ -319,7 +338,9 @@ async fn an_s3_destination_without_job_credentials_never_uses_the_store_keys() {
     let status = refused(&mut client, spec.clone()).await;
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(
-        status.message().starts_with("destinations[0].uri: s3://deliveries/out needs credentials"),
+        status
+            .message()
+            .starts_with("destinations[0].uri: s3://deliveries/out needs credentials"),
         "{}",
         status.message()
     );

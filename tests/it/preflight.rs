@@ -234,20 +234,20 @@ async fn destinations_that_cannot_be_written() {
     let reply = validate(&mut client, &spec).await;
     assert_eq!(
         lines(&reply),
-        ["destinations[1].uri: is not inside an allowed destination root ([uploader] allowed_local_roots)"]
+        [
+            "destinations[1].uri: is not inside an allowed destination root ([uploader] allowed_local_roots)"
+        ]
     );
     spec.destinations.remove(1);
     let reply = validate(&mut client, &spec).await;
     assert_eq!(
         lines(&reply),
-        [
-            format!(
-                "destinations: destination file://{} is not writable: {} is a file, so {} cannot be created",
-                a_file.join("out").display(),
-                a_file.display(),
-                a_file.join("out").display()
-            ),
-        ]
+        [format!(
+            "destinations: destination file://{} is not writable: {} is a file, so {} cannot be created",
+            a_file.join("out").display(),
+            a_file.display(),
+            a_file.join("out").display()
+        ),]
     );
     assert!(!outside.exists() && !allowed.join("ok").exists());
     fleet.stop().await;
