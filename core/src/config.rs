@@ -414,6 +414,9 @@ impl Default for UploaderConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct DestinationsConfig {
     pub credentials: BTreeMap<String, DestinationCredential>,
+    /// Let a job's own S3 endpoint (`AWS_ENDPOINT_URL`) be a private,
+    /// loopback or link-local address. Off: the address guard refuses them.
+    pub allow_private_endpoints: bool,
 }
 
 /// One `[destinations.credentials.<name>]` table.

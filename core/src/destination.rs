@@ -19,6 +19,11 @@
 //!   its job supplies in `secrets.values` ([`secret_keys`]) or a fleet
 //!   credential named in its URI (`s3://bucket/prefix?credential=<name>`,
 //!   `[destinations.credentials.<name>]`) that lists the job's tenant.
+//! - A job-supplied endpoint (`AWS_ENDPOINT_URL`) and whatever a job's
+//!   bucket name resolves to go through the address guard
+//!   ([`crate::netguard`]): no private, loopback or link-local address, on
+//!   any redirect hop, unless `[destinations] allow_private_endpoints`.
+//!   A fleet credential's endpoint is the operator's, and trusted.
 //! - No destination may overlap the artifact store: not its bucket, not its
 //!   folder.
 //!
@@ -29,12 +34,16 @@
 //! an S3 destination gets a real put and delete of a small probe object.
 
 use crate::config::{Config, DestinationCredential};
+use crate::netguard::{Guard, GuardedResolver};
 use crate::redact::display_url;
 use crate::store::{ArtifactStore, StoreError};
 use bytes::Bytes;
 use object_store::aws::AmazonS3Builder;
+use object_store::client::{ClientConfigKey, ClientOptions, HttpClient, HttpConnector};
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 use trainyard_proto::v1::Secrets;
 
 /// The `secrets.values` keys an `s3://` destination's job credentials are
@@ -73,6 +82,8 @@ pub enum DestinationError {
     UnknownCredential { uri: String, name: String },
     #[error("{uri}: only the query ?credential=<name> is understood")]
     BadQuery { uri: String },
+    #[error("{uri}: secrets.values {}: {problem}", secret_keys::ENDPOINT_URL)]
+    Endpoint { uri: String, problem: String },
     #[error("destination {uri}: {source}")]
     Open { uri: String, source: StoreError },
 }
@@ -113,6 +124,7 @@ pub struct Destinations {
     allowed_roots: Vec<PathBuf>,
     store: StoreLocation,
     credentials: BTreeMap<String, DestinationCredential>,
+    allow_private_endpoints: bool,
 }
 
 /// Where the artifact store is.
@@ -143,6 +155,8 @@ struct S3Access<'a> {
     region: Option<&'a str>,
     allow_http: Option<bool>,
     virtual_hosted_style: Option<bool>,
+    /// The job's own: reached only through the address guard.
+    guard: Option<Guard>,
 }
 
 fn parse(uri: &str) -> Result<Parsed<'_>, DestinationError> {
@@ -234,7 +248,15 @@ impl Destinations {
             allowed_roots,
             store,
             credentials,
+            allow_private_endpoints: false,
         }
+    }
+
+    /// Lets job-supplied S3 endpoints be private addresses (a fleet on
+    /// one private network, the tests' loopback S3 server).
+    pub fn allow_private_endpoints(mut self, allow: bool) -> Self {
+        self.allow_private_endpoints = allow;
+        self
     }
 
     /// The rules `config` sets: `[uploader] allowed_local_roots`, the
@@ -245,6 +267,7 @@ impl Destinations {
             &config.store.uri,
             config.destinations.credentials.clone(),
         )
+        .allow_private_endpoints(config.destinations.allow_private_endpoints)
     }
 
     /// Whether `tenant`'s job (with `secrets`) may use `uri`: a local
@@ -328,6 +351,7 @@ impl Destinations {
                 region: found.region.as_deref(),
                 allow_http: found.allow_http,
                 virtual_hosted_style: found.virtual_hosted_style,
+                guard: None,
             });
         }
         let value = |key: &str| {
@@ -340,15 +364,35 @@ impl Destinations {
             value(secret_keys::ACCESS_KEY_ID),
             value(secret_keys::SECRET_ACCESS_KEY),
         ) {
-            (Some(access_key_id), Some(secret_access_key)) => Ok(S3Access {
-                access_key_id,
-                secret_access_key,
-                session_token: value(secret_keys::SESSION_TOKEN),
-                endpoint: value(secret_keys::ENDPOINT_URL),
-                region: value(secret_keys::REGION),
-                allow_http: None,
-                virtual_hosted_style: None,
-            }),
+            (Some(access_key_id), Some(secret_access_key)) => {
+                let guard = Guard {
+                    allow_private: self.allow_private_endpoints,
+                    trusted_hosts: Arc::from([]),
+                    max_redirects: 3,
+                };
+                let endpoint = value(secret_keys::ENDPOINT_URL);
+                if let Some(endpoint) = endpoint {
+                    let problem = |problem: String| DestinationError::Endpoint {
+                        uri: display_url(uri),
+                        problem,
+                    };
+                    let url = url::Url::parse(endpoint)
+                        .map_err(|e| problem(format!("is not a valid url: {e}")))?;
+                    guard
+                        .check_url(&url)
+                        .map_err(|refusal| problem(refusal.to_string()))?;
+                }
+                Ok(S3Access {
+                    access_key_id,
+                    secret_access_key,
+                    session_token: value(secret_keys::SESSION_TOKEN),
+                    endpoint,
+                    region: value(secret_keys::REGION),
+                    allow_http: None,
+                    virtual_hosted_style: None,
+                    guard: Some(guard),
+                })
+            }
             _ => Err(DestinationError::NoCredentials {
                 uri: display_url(uri),
             }),
@@ -432,8 +476,36 @@ fn s3_builder(bucket: &str, access: &S3Access<'_>) -> AmazonS3Builder {
     if let Some(virtual_hosted) = access.virtual_hosted_style {
         builder = builder.with_virtual_hosted_style_request(virtual_hosted);
     }
+    if let Some(guard) = &access.guard {
+        builder = builder.with_http_connector(GuardedConnector(guard.clone()));
+    }
     let plain_http = access.endpoint.is_some_and(|e| e.starts_with("http://"));
     builder.with_allow_http(access.allow_http.unwrap_or(plain_http))
+}
+
+/// HTTP for a job's own S3 endpoint: every name resolved through the
+/// address guard, every redirect hop checked.
+#[derive(Debug)]
+struct GuardedConnector(Guard);
+
+impl HttpConnector for GuardedConnector {
+    fn connect(&self, options: &ClientOptions) -> object_store::Result<HttpClient> {
+        let allow_http = options
+            .get_config_value(&ClientConfigKey::AllowHttp)
+            .is_some_and(|v| v == "true");
+        let client = reqwest::Client::builder()
+            .dns_resolver(GuardedResolver(self.0.clone()))
+            .redirect(self.0.clone().redirect_policy())
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(120))
+            .https_only(!allow_http)
+            .build()
+            .map_err(|e| object_store::Error::Generic {
+                store: "S3",
+                source: Box::new(e),
+            })?;
+        Ok(HttpClient::new(client))
+    }
 }
 
 async fn probe_remote(uri: &str, store: &ArtifactStore) -> Result<(), ProbeError> {
@@ -717,5 +789,29 @@ mod tests {
             rules.check("acme", "s3://AK:SK@out/x", Some(&keys)),
             Err(DestinationError::BadUri { .. })
         ));
+
+        // A job's own endpoint must be a public address.
+        for endpoint in [
+            "http://127.0.0.1:9000",
+            "http://169.254.169.254",
+            "ftp://s3.example",
+        ] {
+            let mut own = keys.clone();
+            own.values
+                .insert(secret_keys::ENDPOINT_URL.into(), endpoint.into());
+            assert!(
+                matches!(
+                    rules.check("acme", "s3://out/x", Some(&own)),
+                    Err(DestinationError::Endpoint { .. })
+                ),
+                "{endpoint}"
+            );
+            let open = rules.clone().allow_private_endpoints(true);
+            assert_eq!(
+                open.check("acme", "s3://out/x", Some(&own)).is_ok(),
+                endpoint.starts_with("http"),
+                "{endpoint}"
+            );
+        }
     }
 }

@@ -254,10 +254,13 @@ async fn validate_answers_alike_for_existing_and_missing_folders_outside_the_roo
             tenant: "acme".into(),
             spec: Some(spec),
         };
-        let reply = nats
-            .request(subject::preflight(), request.encode_to_vec().into())
-            .await
-            .expect("a captioner answers");
+        // The captioner may not listen yet: ask until one answers.
+        let payload: bytes::Bytes = request.encode_to_vec().into();
+        let reply = wait_for("a captioner answers", Duration::from_secs(30), || {
+            let (nats, payload) = (nats.clone(), payload.clone());
+            async move { nats.request(subject::preflight(), payload).await.ok() }
+        })
+        .await;
         let reply = trainyard_proto::v1::ValidateReply::decode(reply.payload).expect("reply");
         let problems: Vec<String> = reply
             .problems
@@ -350,6 +353,44 @@ async fn an_s3_destination_without_job_credentials_never_uses_the_store_keys() {
     let (kind, message) = failure_kind(deliver(&fleet, &job, task).await);
     assert_eq!(kind, ErrorKind::InvalidSpec);
     assert!(message.contains("needs credentials"), "{message}");
+    let bucket = ArtifactStore::open_with("s3://deliveries", &s3.options()).unwrap();
+    assert_eq!(keys_in(&bucket).await, Vec::<String>::new());
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_endpoint_on_a_private_address_is_refused() {
+    let s3 = S3Server::start();
+    s3.create_bucket("deliveries").await;
+    let mut fleet = Fleet::start_with(Services::NONE, |config| {
+        config.destinations.allow_private_endpoints = false;
+    })
+    .await;
+    fleet.start_coordinator().await;
+    let mut client = fleet.client(TOKEN).await;
+    // A literal private address: refused at submission.
+    let mut spec = spec(&fleet.sample_uri().await, 10);
+    spec.destinations = vec![destination("s3://deliveries/out")];
+    spec.secrets = Some(s3.job_secrets());
+    let status = refused(&mut client, spec.clone()).await;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("is not a public address"),
+        "{}",
+        status.message()
+    );
+
+    // A name that resolves to one: refused when the uploader connects.
+    let mut by_name = s3.job_secrets();
+    by_name.values.insert(
+        "AWS_ENDPOINT_URL".into(),
+        s3.endpoint.replace("127.0.0.1", "localhost"),
+    );
+    spec.secrets = Some(by_name);
+    let (job, task) = deliver_task(&fleet, spec).await;
+    let (kind, message) = failure_kind(deliver(&fleet, &job, task).await);
+    assert_eq!(kind, ErrorKind::InvalidSpec);
+    assert!(message.contains("is not a public address"), "{message}");
     let bucket = ArtifactStore::open_with("s3://deliveries", &s3.options()).unwrap();
     assert_eq!(keys_in(&bucket).await, Vec::<String>::new());
     fleet.stop().await;

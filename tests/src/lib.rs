@@ -154,8 +154,10 @@ impl Fleet {
         config.worker.model_cache_dir = dir.path().join("cache");
         config.worker.progress_interval_ms = 0;
         config.uploader.work_dir = dir.path().join("work/uploader");
-        // Jobs may deliver to the fleet's outputs folder (`outputs_dir`).
+        // Jobs may deliver to the fleet's outputs folder (`outputs_dir`),
+        // and to S3 endpoints on loopback (moto).
         config.uploader.allowed_local_roots = vec![dir.path().join("outputs")];
+        config.destinations.allow_private_endpoints = true;
         tweak(&mut config);
         let store = ArtifactStore::open_with(&config.store.uri, &config.store.s3).expect("store");
         let shutdown = CancellationToken::new();

@@ -255,10 +255,7 @@ impl DeliverStage {
                 ctx.note(&note).await;
                 found
             } else {
-                let copy = store
-                    .put_file(local, &key)
-                    .await
-                    .map_err(StageError::from)?;
+                let copy = store.put_file(local, &key).await.map_err(store_error)?;
                 tally.copied += 1;
                 tally.bytes += copy.size;
                 verify(store, &key, &copy.sha256, work).await?;
@@ -388,7 +385,7 @@ async fn write_manifest(targets: &[Target], body: bytes::Bytes) -> Result<String
             .store
             .put_bytes(&format!("{}/manifest.json", target.prefix), body.clone())
             .await
-            .map_err(StageError::from)?;
+            .map_err(store_error)?;
         trainyard_core::telemetry::metrics().artifact_uploaded("deliver", stored.size);
         if manifest_uri.is_empty() {
             manifest_uri = stored.uri;
@@ -406,7 +403,7 @@ async fn already_there(
     artifact: &Artifact,
     work: &Path,
 ) -> Result<Option<Artifact>, StageError> {
-    if !store.exists(key).await.map_err(StageError::from)? {
+    if !store.exists(key).await.map_err(store_error)? {
         return Ok(None);
     }
     let check = work.join("verify").join(key.replace('/', "_"));
@@ -424,7 +421,20 @@ async fn already_there(
             Ok(None)
         }
         Err(StoreError::NotFound(_)) => Ok(None),
-        Err(e) => Err(e.into()),
+        Err(e) => Err(store_error(e)),
+    }
+}
+
+/// A store error as the stage reports it; a destination the address
+/// guard refused (a job's S3 endpoint on a private address) is permanent,
+/// with the guard's reason.
+fn store_error(error: StoreError) -> StageError {
+    match trainyard_core::netguard::refusal_of(&error) {
+        Some(refusal) => StageError::fail(
+            ErrorKind::InvalidSpec,
+            format!("destination refused by the address guard: {refusal}"),
+        ),
+        None => error.into(),
     }
 }
 
@@ -438,7 +448,7 @@ async fn verify(
     let check = work.join("verify").join(key.replace('/', "_"));
     let result = store.get_file(key, &check, Some(sha256)).await;
     let _ = tokio::fs::remove_file(&check).await;
-    result.map(|_| ()).map_err(StageError::from)
+    result.map(|_| ()).map_err(store_error)
 }
 
 impl StageHandler for DeliverStage {
