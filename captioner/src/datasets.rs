@@ -226,15 +226,13 @@ async fn input_size(input: &LocalInput) -> (u64, u64) {
 /// The access checks as this service's config sets them up: the artifact
 /// store, the Hub the workers fetch from (`worker.hf_endpoint`), and
 /// destinations under the uploader's rules (`[uploader]
-/// allowed_local_roots`, `[store.s3]`). A `file://` destination is probed
-/// on this machine, so it should see the same folders as the uploaders.
+/// allowed_local_roots`, `[destinations]`). A `file://` destination is
+/// probed on this machine, so it should see the same folders as the
+/// uploaders.
 pub fn access_checks(config: &Config, store: ArtifactStore) -> anyhow::Result<AccessChecks> {
     Ok(AccessChecks::new(
         store,
         HubClient::new(&config.worker.hf_endpoint)?,
-        Destinations::new(
-            config.uploader.allowed_local_roots.clone(),
-            config.store.s3.clone(),
-        ),
+        Destinations::from_config(config),
     ))
 }

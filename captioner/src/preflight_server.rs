@@ -78,8 +78,8 @@ impl PreflightServer {
         })
     }
 
-    /// Every preflight check of `spec` (already normalised).
-    pub async fn check(&self, spec: &JobSpec) -> Report {
+    /// Every preflight check of `tenant`'s `spec` (already normalised).
+    pub async fn check(&self, tenant: &str, spec: &JobSpec) -> Report {
         let work = self
             .datasets
             .work_root
@@ -90,14 +90,14 @@ impl PreflightServer {
                 check::DATASET,
                 format!("cannot create work dir {}: {e}", work.display()),
             );
-            report.merge(self.access.run(spec).await);
+            report.merge(self.access.run(tenant, spec).await);
             return report;
         }
         let backend = caption_backend(&spec.caption.clone().unwrap_or_default());
         let captioner = DryRun(&backend);
         let (dataset, access) = tokio::join!(
             self.datasets.prepare(spec, &work, &captioner, None),
-            self.access.run(spec)
+            self.access.run(tenant, spec)
         );
         match crate::preflight::run(spec, dataset, access).await {
             Ok(Checked {
@@ -199,7 +199,7 @@ async fn answer(server: &PreflightServer, payload: &[u8]) -> ValidateReply {
         },
     );
     tracing::info!(tenant = %request.tenant, "preflight without a job");
-    server.check(&spec).await.to_reply()
+    server.check(&request.tenant, &spec).await.to_reply()
 }
 
 #[cfg(test)]

@@ -52,7 +52,7 @@ impl PrepareStage {
         let captioner = caption_backend(&spec.caption.clone().unwrap_or_default());
         let (dataset, access) = tokio::join!(
             self.datasets.prepare(&spec, work, &captioner, Some(ctx)),
-            self.access.run(&spec)
+            self.access.run(&task.tenant, &spec)
         );
         let Checked {
             report,

@@ -75,6 +75,11 @@ pub fn rebase_on_data_dir(config: &mut Config, data_dir: &Path) {
     if config.uploader.work_dir == defaults.uploader.work_dir {
         config.uploader.work_dir = under("work/uploader");
     }
+    // A local fleet may deliver to its own outputs folder (where `yard
+    // demo` sends its adapter), unless the config lists roots of its own.
+    if config.uploader.allowed_local_roots.is_empty() {
+        config.uploader.allowed_local_roots = vec![under("outputs")];
+    }
 }
 
 fn is_loopback_url(url: &str) -> bool {
@@ -280,6 +285,10 @@ mod tests {
         assert_eq!(config.captioner.work_dir, Path::new("/d/work/captioner"));
         assert_eq!(config.worker.work_dir, Path::new("/custom/worker"));
         assert_eq!(config.worker.model_cache_dir, Path::new("/d/cache/models"));
+        assert_eq!(
+            config.uploader.allowed_local_roots,
+            [Path::new("/d/outputs")]
+        );
     }
 
     #[test]

@@ -154,6 +154,8 @@ pub struct JobApi {
     pub webhooks: crate::validate::SubmitRules,
     /// The tenants' webhook signing secrets; `None` when webhooks are off.
     pub webhook_secrets: Option<crate::webhooks::SecretStore>,
+    /// Which destinations a job may use on this fleet.
+    pub destinations: trainyard_core::destination::Destinations,
 }
 
 /// The `ty_idem` key of a tenant's idempotency key.
@@ -205,6 +207,7 @@ impl JobApi {
         self.webhooks
             .check(&spec)
             .map_err(|e| validate::Invalid(vec![e]))?;
+        validate::check_destinations(&self.destinations, tenant, &spec)?;
         let mut job = JobId::generate();
         if !spec.idempotency_key.is_empty() {
             let key = idem_key(tenant, &spec.idempotency_key);
@@ -307,6 +310,7 @@ impl JobApi {
             self.webhooks
                 .check(&spec)
                 .map_err(|e| validate::Invalid(vec![e]))?;
+            validate::check_destinations(&self.destinations, tenant, &spec)?;
             Ok(spec)
         }) {
             Ok(spec) => spec,

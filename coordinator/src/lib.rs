@@ -82,6 +82,7 @@ pub async fn run(
         validate_timeout: Duration::from_secs(config.coordinator.validate_timeout_secs.max(1)),
         webhooks: validate::SubmitRules::from_config(&config.webhooks),
         webhook_secrets: webhook_secrets.clone(),
+        destinations: trainyard_core::destination::Destinations::from_config(&config),
     };
     let deliverer = match webhook_secrets {
         Some(secrets) => {

@@ -43,6 +43,7 @@ pub struct Config {
     pub retry: RetryConfig,
     pub telemetry: TelemetryConfig,
     pub webhooks: WebhooksConfig,
+    pub destinations: DestinationsConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -389,7 +390,9 @@ impl Default for WorkerConfig {
 pub struct UploaderConfig {
     pub work_dir: PathBuf,
     pub concurrency: usize,
-    /// Local folders a job may deliver to; empty allows any (single-user set-ups).
+    /// Local folders a job may deliver to (and preflight may probe); a
+    /// destination must lie inside one after symlinks and `..` are
+    /// resolved. Empty allows no local destination.
     pub allowed_local_roots: Vec<PathBuf>,
 }
 
@@ -400,6 +403,69 @@ impl Default for UploaderConfig {
             concurrency: 4,
             allowed_local_roots: Vec::new(),
         }
+    }
+}
+
+/// The `[destinations]` section: fleet-held credentials for `s3://`
+/// destinations. A destination never uses `[store.s3]`; it uses the keys
+/// its job supplies in `secrets.values`, or one of these, named in its URI
+/// (`s3://bucket/prefix?credential=<name>`) by a tenant listed in it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DestinationsConfig {
+    pub credentials: BTreeMap<String, DestinationCredential>,
+    /// Let a job's own S3 endpoint (`AWS_ENDPOINT_URL`) be a private,
+    /// loopback or link-local address. Off: the address guard refuses them.
+    pub allow_private_endpoints: bool,
+}
+
+/// One `[destinations.credentials.<name>]` table.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DestinationCredential {
+    /// Tenants whose jobs may use it.
+    pub tenants: Vec<String>,
+    pub access_key_id: String,
+    /// Redacted when printed.
+    pub secret_access_key: String,
+    /// Redacted when printed.
+    pub session_token: Option<String>,
+    /// Endpoint of an S3-compatible server; unset: AWS.
+    pub endpoint: Option<String>,
+    /// Unset: `us-east-1`.
+    pub region: Option<String>,
+    /// Unset: true exactly when the endpoint starts with `http://`.
+    pub allow_http: Option<bool>,
+    pub virtual_hosted_style: Option<bool>,
+}
+
+impl DestinationCredential {
+    /// A copy safe to show: secrets replaced by [`REDACTED`].
+    pub fn redacted(&self) -> DestinationCredential {
+        let mut shown = self.clone();
+        if !shown.secret_access_key.is_empty() {
+            shown.secret_access_key = REDACTED.into();
+        }
+        if shown.session_token.is_some() {
+            shown.session_token = Some(REDACTED.into());
+        }
+        shown
+    }
+}
+
+impl std::fmt::Debug for DestinationCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = self.redacted();
+        f.debug_struct("DestinationCredential")
+            .field("tenants", &shown.tenants)
+            .field("access_key_id", &shown.access_key_id)
+            .field("secret_access_key", &shown.secret_access_key)
+            .field("session_token", &shown.session_token)
+            .field("endpoint", &shown.endpoint)
+            .field("region", &shown.region)
+            .field("allow_http", &shown.allow_http)
+            .field("virtual_hosted_style", &shown.virtual_hosted_style)
+            .finish()
     }
 }
 
@@ -747,6 +813,30 @@ impl Config {
         if self.nats.event_max_age_secs.max(60) < self.nats.dedup_window_secs {
             return bad("nats.event_max_age_secs must be at least nats.dedup_window_secs");
         }
+        for (name, credential) in &self.destinations.credentials {
+            if credential.access_key_id.is_empty() || credential.secret_access_key.is_empty() {
+                return bad(&format!(
+                    "destinations.credentials.{name} needs access_key_id and secret_access_key"
+                ));
+            }
+            if credential
+                .tenants
+                .iter()
+                .any(|t| trainyard_proto::TenantId::parse(t).is_err())
+            {
+                return bad(&format!(
+                    "destinations.credentials.{name}.tenants holds a tenant that is not a valid id"
+                ));
+            }
+        }
+        if self
+            .uploader
+            .allowed_local_roots
+            .iter()
+            .any(|r| !r.is_absolute())
+        {
+            return bad("uploader.allowed_local_roots must be absolute paths");
+        }
         if !matches!(self.telemetry.log_format.as_str(), "text" | "json") {
             return bad("telemetry.log_format must be \"text\" or \"json\"");
         }
@@ -758,6 +848,9 @@ impl Config {
         let mut shown = self.clone();
         shown.store.s3 = shown.store.s3.redacted();
         shown.webhooks = shown.webhooks.redacted();
+        for credential in shown.destinations.credentials.values_mut() {
+            *credential = credential.redacted();
+        }
         toml::to_string_pretty(&shown).unwrap_or_default()
     }
 }
@@ -864,6 +957,40 @@ mod tests {
         let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/trainyard.toml");
         let documented = Config::load_from(Some(&file), &[], &[]).unwrap();
         assert_eq!(documented.to_toml(), Config::default().to_toml());
+    }
+
+    #[test]
+    fn destination_credentials_are_checked_and_their_secrets_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("trainyard.toml");
+        std::fs::write(
+            &file,
+            r#"
+[uploader]
+allowed_local_roots = ["/srv/deliveries"]
+[destinations.credentials.deliveries]
+tenants = ["acme"]
+access_key_id = "AKIDDEST"
+secret_access_key = "dest-s3cr3t"
+session_token = "dest-t0ken"
+"#,
+        )
+        .unwrap();
+        let config = Config::load_from(Some(&file), &[], &[]).unwrap();
+        let credential = &config.destinations.credentials["deliveries"];
+        assert_eq!(credential.tenants, ["acme"]);
+        for shown in [config.to_toml(), format!("{config:?}")] {
+            assert!(!shown.contains("dest-s3cr3t") && !shown.contains("dest-t0ken"));
+            assert!(shown.contains("AKIDDEST"));
+        }
+        for bad in [
+            "destinations.credentials.x={ tenants = [\"acme\"], access_key_id = \"a\" }",
+            "destinations.credentials.x={ tenants = [\"no such\"], access_key_id = \"a\", secret_access_key = \"b\" }",
+            "uploader.allowed_local_roots=[\"relative\"]",
+        ] {
+            let err = Config::load_from(None, &[], &[bad.to_string()]).unwrap_err();
+            assert!(matches!(err, ConfigError::Invalid(_)), "{bad}: {err}");
+        }
     }
 
     #[test]

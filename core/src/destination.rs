@@ -2,10 +2,30 @@
 //! store (`file:///abs/dir`, an absolute path, or `s3://bucket/prefix`).
 //!
 //! One type decides which destinations a job may use and opens them, so
-//! the uploader (which writes to them) and preflight (which probes them
-//! before a GPU is held) can never disagree about what is allowed. Local
-//! folders must lie inside `[uploader] allowed_local_roots` when that list
-//! is set, and never contain `..`.
+//! the coordinator (at submission), preflight (which probes them before a
+//! GPU is held) and the uploader (which writes to them) can never disagree
+//! about what is allowed. Destinations are denied by default:
+//!
+//! - A local folder must lie inside one of `[uploader] allowed_local_roots`
+//!   (an empty list allows none), with symlinks and `..` resolved: `..` is
+//!   refused outright, and the folder (or, when it does not exist yet, its
+//!   nearest existing parent) is canonicalised, as are the roots. The check
+//!   is made again when the folder is opened for writing, and once more on
+//!   the folder the store opened, since the disk may have changed since
+//!   submission. A folder outside the roots gets the same answer whether
+//!   or not it exists, and is never touched.
+//! - An `s3://` destination never uses the artifact store's `[store.s3]`
+//!   keys nor the machine's environment or instance role: it uses the keys
+//!   its job supplies in `secrets.values` ([`secret_keys`]) or a fleet
+//!   credential named in its URI (`s3://bucket/prefix?credential=<name>`,
+//!   `[destinations.credentials.<name>]`) that lists the job's tenant.
+//! - A job-supplied endpoint (`AWS_ENDPOINT_URL`) and whatever a job's
+//!   bucket name resolves to go through the address guard
+//!   ([`crate::netguard`]): no private, loopback or link-local address, on
+//!   any redirect hop, unless `[destinations] allow_private_endpoints`.
+//!   A fleet credential's endpoint is the operator's, and trusted.
+//! - No destination may overlap the artifact store: not its bucket, not its
+//!   folder.
 //!
 //! [`Destinations::probe`] answers "could the uploader write here now?"
 //! without leaving anything behind: a local folder is checked where it is
@@ -13,17 +33,57 @@
 //! uploader would create it under) by creating and removing a probe file;
 //! an S3 destination gets a real put and delete of a small probe object.
 
-use crate::store::{ArtifactStore, S3Options, StoreError};
+use crate::config::{Config, DestinationCredential};
+use crate::netguard::{Guard, GuardedResolver};
+use crate::redact::display_url;
+use crate::store::{ArtifactStore, StoreError};
 use bytes::Bytes;
+use object_store::aws::AmazonS3Builder;
+use object_store::client::{ClientConfigKey, ClientOptions, HttpClient, HttpConnector};
+use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use trainyard_proto::v1::Secrets;
 
-/// Why a destination may not be used at all.
+/// The `secrets.values` keys an `s3://` destination's job credentials are
+/// read from (the AWS names).
+pub mod secret_keys {
+    pub const ACCESS_KEY_ID: &str = "AWS_ACCESS_KEY_ID";
+    pub const SECRET_ACCESS_KEY: &str = "AWS_SECRET_ACCESS_KEY";
+    /// Optional: temporary credentials.
+    pub const SESSION_TOKEN: &str = "AWS_SESSION_TOKEN";
+    /// Optional: an S3-compatible server; unset: AWS.
+    pub const ENDPOINT_URL: &str = "AWS_ENDPOINT_URL";
+    /// Optional: unset: `us-east-1`.
+    pub const REGION: &str = "AWS_REGION";
+}
+
+/// Why a destination may not be used at all. Messages name the destination
+/// without credentials or query.
 #[derive(Debug, thiserror::Error)]
 pub enum DestinationError {
-    #[error("destination {uri} contains '..'")]
+    #[error("{uri} is not a file:///, s3:// or absolute path destination")]
+    BadUri { uri: String },
+    #[error("{uri} must not contain '..'")]
     ParentDir { uri: String },
-    #[error("destination {uri} is outside the uploader's allowed local roots ({roots})")]
-    OutsideRoots { uri: String, roots: String },
+    #[error("{uri} is not inside an allowed destination root")]
+    OutsideRoots { uri: String },
+    #[error("{uri} overlaps the fleet's artifact store")]
+    StoreOverlap { uri: String },
+    #[error(
+        "{uri} needs credentials: set secrets.values {} and {}, or name a fleet credential \
+         with ?credential=<name>; the fleet's own keys are never used for destinations",
+        secret_keys::ACCESS_KEY_ID,
+        secret_keys::SECRET_ACCESS_KEY
+    )]
+    NoCredentials { uri: String },
+    #[error("{uri}: no destination credential {name:?} is open to this tenant")]
+    UnknownCredential { uri: String, name: String },
+    #[error("{uri}: only the query ?credential=<name> is understood")]
+    BadQuery { uri: String },
+    #[error("{uri}: secrets.values {}: {problem}", secret_keys::ENDPOINT_URL)]
+    Endpoint { uri: String, problem: String },
     #[error("destination {uri}: {source}")]
     Open { uri: String, source: StoreError },
 }
@@ -56,109 +116,428 @@ impl ProbeError {
     }
 }
 
-/// The rules for opening destinations: the allowed local roots and how
-/// `s3://` is reached.
+/// The rules for opening destinations: the allowed local roots, the
+/// artifact store they must not overlap, and the fleet's destination
+/// credentials.
 #[derive(Clone, Debug, Default)]
 pub struct Destinations {
     allowed_roots: Vec<PathBuf>,
-    s3: S3Options,
+    store: StoreLocation,
+    credentials: BTreeMap<String, DestinationCredential>,
+    allow_private_endpoints: bool,
 }
 
-/// The local folder of a `file://` or absolute-path destination.
-fn local_path(uri: &str) -> Option<&Path> {
-    uri.strip_prefix("file://")
+/// Where the artifact store is.
+#[derive(Clone, Debug, Default)]
+enum StoreLocation {
+    #[default]
+    Unknown,
+    Local(PathBuf),
+    Bucket(String),
+}
+
+/// A destination URI, taken apart.
+enum Parsed<'a> {
+    Local(&'a Path),
+    S3 {
+        bucket: &'a str,
+        prefix: &'a str,
+        credential: Option<&'a str>,
+    },
+}
+
+/// The keys an `s3://` destination is reached with.
+struct S3Access<'a> {
+    access_key_id: &'a str,
+    secret_access_key: &'a str,
+    session_token: Option<&'a str>,
+    endpoint: Option<&'a str>,
+    region: Option<&'a str>,
+    allow_http: Option<bool>,
+    virtual_hosted_style: Option<bool>,
+    /// The job's own: reached only through the address guard.
+    guard: Option<Guard>,
+}
+
+fn parse(uri: &str) -> Result<Parsed<'_>, DestinationError> {
+    let shown = || display_url(uri);
+    if let Some(rest) = uri.strip_prefix("s3://") {
+        let (location, query) = match rest.split_once('?') {
+            Some((location, query)) => (location, Some(query)),
+            None => (rest, None),
+        };
+        let (bucket, prefix) = location.split_once('/').unwrap_or((location, ""));
+        if bucket.is_empty() || bucket.contains(['@', ':', '#']) {
+            return Err(DestinationError::BadUri { uri: shown() });
+        }
+        if prefix.split('/').any(|segment| segment == "..") {
+            return Err(DestinationError::ParentDir { uri: shown() });
+        }
+        let credential = match query {
+            None => None,
+            Some(query) => match query.strip_prefix("credential=") {
+                Some(name) if !name.is_empty() && !name.contains(['&', '=']) => Some(name),
+                _ => return Err(DestinationError::BadQuery { uri: shown() }),
+            },
+        };
+        return Ok(Parsed::S3 {
+            bucket,
+            prefix,
+            credential,
+        });
+    }
+    let path = uri
+        .strip_prefix("file://")
         .or_else(|| uri.starts_with('/').then_some(uri))
         .map(Path::new)
+        .filter(|p| p.is_absolute())
+        .ok_or_else(|| DestinationError::BadUri { uri: shown() })?;
+    if path.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(DestinationError::ParentDir { uri: shown() });
+    }
+    Ok(Parsed::Local(path))
+}
+
+/// `path` with symlinks resolved: its nearest existing ancestor
+/// canonicalised, the missing rest appended. `None` when an entry exists
+/// but cannot be resolved (a dangling symlink: creating the folder would
+/// follow it wherever it points).
+fn resolve(path: &Path) -> Option<PathBuf> {
+    let mut existing = path.to_path_buf();
+    let mut missing = Vec::new();
+    loop {
+        match std::fs::canonicalize(&existing) {
+            Ok(mut resolved) => {
+                resolved.extend(missing.iter().rev());
+                return Some(resolved);
+            }
+            Err(_) if std::fs::symlink_metadata(&existing).is_ok() => return None,
+            Err(_) => {
+                missing.push(existing.file_name()?.to_owned());
+                existing = existing.parent()?.to_owned();
+            }
+        }
+    }
+}
+
+/// Whether `a` and `b` are the same folder or one holds the other.
+fn overlaps(a: &Path, b: &Path) -> bool {
+    a.starts_with(b) || b.starts_with(a)
 }
 
 impl Destinations {
-    /// `allowed_roots` empty allows any local folder.
-    pub fn new(allowed_roots: Vec<PathBuf>, s3: S3Options) -> Self {
-        Self { allowed_roots, s3 }
+    /// `allowed_roots` empty allows no local destination; `store_uri` is
+    /// the artifact store no destination may overlap.
+    pub fn new(
+        allowed_roots: Vec<PathBuf>,
+        store_uri: &str,
+        credentials: BTreeMap<String, DestinationCredential>,
+    ) -> Self {
+        let store = match parse(store_uri) {
+            Ok(Parsed::S3 { bucket, .. }) => StoreLocation::Bucket(bucket.to_owned()),
+            Ok(Parsed::Local(path)) => StoreLocation::Local(path.to_owned()),
+            // A relative store path: the folder it names from here.
+            Err(_) if !store_uri.contains("://") && !store_uri.is_empty() => {
+                std::path::absolute(store_uri)
+                    .map(StoreLocation::Local)
+                    .unwrap_or_default()
+            }
+            Err(_) => StoreLocation::Unknown,
+        };
+        Self {
+            allowed_roots,
+            store,
+            credentials,
+            allow_private_endpoints: false,
+        }
     }
 
-    /// Whether `uri` may be used, without touching it.
-    pub fn check(&self, uri: &str) -> Result<(), DestinationError> {
-        let Some(path) = local_path(uri) else {
-            return Ok(());
-        };
-        if path.components().any(|c| matches!(c, Component::ParentDir)) {
-            return Err(DestinationError::ParentDir { uri: uri.into() });
+    /// Lets job-supplied S3 endpoints be private addresses (a fleet on
+    /// one private network, the tests' loopback S3 server).
+    pub fn allow_private_endpoints(mut self, allow: bool) -> Self {
+        self.allow_private_endpoints = allow;
+        self
+    }
+
+    /// The rules `config` sets: `[uploader] allowed_local_roots`, the
+    /// artifact store `store.uri`, `[destinations.credentials]`.
+    pub fn from_config(config: &Config) -> Self {
+        Self::new(
+            config.uploader.allowed_local_roots.clone(),
+            &config.store.uri,
+            config.destinations.credentials.clone(),
+        )
+        .allow_private_endpoints(config.destinations.allow_private_endpoints)
+    }
+
+    /// Whether `tenant`'s job (with `secrets`) may use `uri`: a local
+    /// folder inside an allowed root once symlinks are resolved, an
+    /// `s3://` destination outside the store's bucket with credentials of
+    /// its own. Touches no folder outside the roots.
+    pub fn check(
+        &self,
+        tenant: &str,
+        uri: &str,
+        secrets: Option<&Secrets>,
+    ) -> Result<(), DestinationError> {
+        match parse(uri)? {
+            Parsed::Local(path) => self.confine(uri, path).map(|_| ()),
+            Parsed::S3 {
+                bucket, credential, ..
+            } => {
+                if matches!(&self.store, StoreLocation::Bucket(store) if store == bucket) {
+                    return Err(DestinationError::StoreOverlap {
+                        uri: display_url(uri),
+                    });
+                }
+                self.access(tenant, uri, credential, secrets).map(|_| ())
+            }
         }
-        if !self.allowed_roots.is_empty()
-            && !self.allowed_roots.iter().any(|root| path.starts_with(root))
+    }
+
+    /// The resolved folder of a local destination, when it lies inside an
+    /// allowed root and outside the artifact store.
+    fn confine(&self, uri: &str, path: &Path) -> Result<PathBuf, DestinationError> {
+        let outside = || DestinationError::OutsideRoots {
+            uri: display_url(uri),
+        };
+        // Decided on the text first: a folder outside every root is never
+        // looked at, so the answer cannot tell whether it exists.
+        if !self.allowed_roots.iter().any(|root| path.starts_with(root)) {
+            return Err(outside());
+        }
+        let resolved = resolve(path).ok_or_else(outside)?;
+        let inside = self
+            .allowed_roots
+            .iter()
+            .filter_map(|root| resolve(root))
+            .any(|root| resolved.starts_with(root));
+        if !inside {
+            return Err(outside());
+        }
+        if let StoreLocation::Local(store) = &self.store
+            && resolve(store).is_none_or(|store| overlaps(&store, &resolved))
         {
-            let roots = self
-                .allowed_roots
-                .iter()
-                .map(|r| r.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ");
-            return Err(DestinationError::OutsideRoots {
-                uri: uri.into(),
-                roots,
+            return Err(DestinationError::StoreOverlap {
+                uri: display_url(uri),
             });
         }
-        Ok(())
+        Ok(resolved)
     }
 
-    /// Opens `uri` as a store (a local folder is created when missing).
-    pub fn open(&self, uri: &str) -> Result<ArtifactStore, DestinationError> {
-        self.check(uri)?;
-        ArtifactStore::open_with(uri, &self.s3).map_err(|source| DestinationError::Open {
-            uri: uri.into(),
+    /// The keys for an `s3://` destination: the named fleet credential
+    /// when the URI names one (and lists `tenant`), else the job's.
+    fn access<'a>(
+        &'a self,
+        tenant: &str,
+        uri: &str,
+        credential: Option<&str>,
+        secrets: Option<&'a Secrets>,
+    ) -> Result<S3Access<'a>, DestinationError> {
+        if let Some(name) = credential {
+            let found = self
+                .credentials
+                .get(name)
+                .filter(|c| c.tenants.iter().any(|t| t == tenant))
+                .ok_or_else(|| DestinationError::UnknownCredential {
+                    uri: display_url(uri),
+                    name: name.to_owned(),
+                })?;
+            return Ok(S3Access {
+                access_key_id: &found.access_key_id,
+                secret_access_key: &found.secret_access_key,
+                session_token: found.session_token.as_deref(),
+                endpoint: found.endpoint.as_deref(),
+                region: found.region.as_deref(),
+                allow_http: found.allow_http,
+                virtual_hosted_style: found.virtual_hosted_style,
+                guard: None,
+            });
+        }
+        let value = |key: &str| {
+            secrets
+                .and_then(|s| s.values.get(key))
+                .map(String::as_str)
+                .filter(|v| !v.is_empty())
+        };
+        match (
+            value(secret_keys::ACCESS_KEY_ID),
+            value(secret_keys::SECRET_ACCESS_KEY),
+        ) {
+            (Some(access_key_id), Some(secret_access_key)) => {
+                let guard = Guard {
+                    allow_private: self.allow_private_endpoints,
+                    trusted_hosts: Arc::from([]),
+                    max_redirects: 3,
+                };
+                let endpoint = value(secret_keys::ENDPOINT_URL);
+                if let Some(endpoint) = endpoint {
+                    let problem = |problem: String| DestinationError::Endpoint {
+                        uri: display_url(uri),
+                        problem,
+                    };
+                    let url = url::Url::parse(endpoint)
+                        .map_err(|e| problem(format!("is not a valid url: {e}")))?;
+                    guard
+                        .check_url(&url)
+                        .map_err(|refusal| problem(refusal.to_string()))?;
+                }
+                Ok(S3Access {
+                    access_key_id,
+                    secret_access_key,
+                    session_token: value(secret_keys::SESSION_TOKEN),
+                    endpoint,
+                    region: value(secret_keys::REGION),
+                    allow_http: None,
+                    virtual_hosted_style: None,
+                    guard: Some(guard),
+                })
+            }
+            _ => Err(DestinationError::NoCredentials {
+                uri: display_url(uri),
+            }),
+        }
+    }
+
+    /// Opens `uri` as a store for writing (a local folder is created when
+    /// missing), after [`Destinations::check`] again on the disk as it is
+    /// now, and once more on the folder the store opened.
+    pub fn open(
+        &self,
+        tenant: &str,
+        uri: &str,
+        secrets: Option<&Secrets>,
+    ) -> Result<ArtifactStore, DestinationError> {
+        self.check(tenant, uri, secrets)?;
+        let open_error = |source| DestinationError::Open {
+            uri: display_url(uri),
             source,
-        })
+        };
+        match parse(uri)? {
+            Parsed::Local(path) => {
+                let resolved = self.confine(uri, path)?;
+                let store =
+                    ArtifactStore::open(&resolved.display().to_string()).map_err(open_error)?;
+                let opened = store.root().strip_prefix("file://").unwrap_or(store.root());
+                self.confine(uri, Path::new(opened))?;
+                Ok(store)
+            }
+            Parsed::S3 {
+                bucket,
+                prefix,
+                credential,
+            } => {
+                let access = self.access(tenant, uri, credential, secrets)?;
+                ArtifactStore::open_s3(s3_builder(bucket, &access), prefix).map_err(open_error)
+            }
+        }
     }
 
     /// Checks that the uploader could write to `uri` now; see the module docs.
-    pub async fn probe(&self, uri: &str) -> Result<(), ProbeError> {
-        self.check(uri)
-            .map_err(|e| ProbeError::new(ProbeFailure::Refused, e.to_string()))?;
-        match local_path(uri) {
-            Some(path) => {
-                let (uri, path) = (uri.to_owned(), path.to_owned());
-                tokio::task::spawn_blocking(move || probe_local(&uri, &path))
-                    .await
-                    .map_err(|e| ProbeError::new(ProbeFailure::Unavailable, e.to_string()))?
+    pub async fn probe(
+        &self,
+        tenant: &str,
+        uri: &str,
+        secrets: Option<&Secrets>,
+    ) -> Result<(), ProbeError> {
+        let refused = |e: DestinationError| ProbeError::new(ProbeFailure::Refused, e.to_string());
+        match parse(uri).map_err(refused)? {
+            Parsed::Local(path) => {
+                let (this, uri, path) = (self.clone(), uri.to_owned(), path.to_owned());
+                tokio::task::spawn_blocking(move || {
+                    let resolved = this.confine(&uri, &path).map_err(refused)?;
+                    probe_local(&uri, &resolved)
+                })
+                .await
+                .map_err(|e| ProbeError::new(ProbeFailure::Unavailable, e.to_string()))?
             }
-            None => self.probe_remote(uri).await,
+            Parsed::S3 { .. } => {
+                let store = self.open(tenant, uri, secrets).map_err(refused)?;
+                probe_remote(uri, &store).await
+            }
         }
     }
+}
 
-    async fn probe_remote(&self, uri: &str) -> Result<(), ProbeError> {
-        let store = ArtifactStore::open_with(uri, &self.s3).map_err(|e| {
-            ProbeError::new(ProbeFailure::Refused, format!("destination {uri}: {e}"))
-        })?;
-        let key = probe_name();
-        let written = store.put_bytes(&key, Bytes::from_static(b"ok\n")).await;
-        let result = match written {
-            Ok(_) => store.delete(&key).await,
-            Err(e) => Err(e),
-        };
-        result.map_err(|e| {
-            let failure = match &e {
-                StoreError::Backend(
-                    object_store::Error::PermissionDenied { .. }
-                    | object_store::Error::Unauthenticated { .. },
-                ) => ProbeFailure::Denied,
-                StoreError::Backend(object_store::Error::NotFound { .. })
-                | StoreError::BadUri(_)
-                | StoreError::NotFound(_) => ProbeFailure::Refused,
-                _ => ProbeFailure::Unavailable,
-            };
-            let why = match failure {
-                ProbeFailure::Denied => "the credentials may not write there",
-                ProbeFailure::Refused => "the bucket does not exist or cannot hold objects",
-                ProbeFailure::Unavailable => "could not be reached",
-            };
-            tracing::info!(uri = %crate::redact::display_url(uri), error = %e, "destination probe failed");
-            ProbeError::new(
-                failure,
-                format!("destination {uri} is not writable: {why} ({})", brief(&e)),
-            )
-        })
+/// A builder that knows only `access`: never the environment, the
+/// instance role, or `[store.s3]`.
+fn s3_builder(bucket: &str, access: &S3Access<'_>) -> AmazonS3Builder {
+    let mut builder = AmazonS3Builder::new()
+        .with_bucket_name(bucket)
+        .with_access_key_id(access.access_key_id)
+        .with_secret_access_key(access.secret_access_key)
+        .with_region(access.region.unwrap_or("us-east-1"));
+    if let Some(token) = access.session_token {
+        builder = builder.with_token(token);
     }
+    if let Some(endpoint) = access.endpoint {
+        builder = builder.with_endpoint(endpoint);
+    }
+    if let Some(virtual_hosted) = access.virtual_hosted_style {
+        builder = builder.with_virtual_hosted_style_request(virtual_hosted);
+    }
+    if let Some(guard) = &access.guard {
+        builder = builder.with_http_connector(GuardedConnector(guard.clone()));
+    }
+    let plain_http = access.endpoint.is_some_and(|e| e.starts_with("http://"));
+    builder.with_allow_http(access.allow_http.unwrap_or(plain_http))
+}
+
+/// HTTP for a job's own S3 endpoint: every name resolved through the
+/// address guard, every redirect hop checked.
+#[derive(Debug)]
+struct GuardedConnector(Guard);
+
+impl HttpConnector for GuardedConnector {
+    fn connect(&self, options: &ClientOptions) -> object_store::Result<HttpClient> {
+        let allow_http = options
+            .get_config_value(&ClientConfigKey::AllowHttp)
+            .is_some_and(|v| v == "true");
+        let client = reqwest::Client::builder()
+            .dns_resolver(GuardedResolver(self.0.clone()))
+            .redirect(self.0.clone().redirect_policy())
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(120))
+            .https_only(!allow_http)
+            .build()
+            .map_err(|e| object_store::Error::Generic {
+                store: "S3",
+                source: Box::new(e),
+            })?;
+        Ok(HttpClient::new(client))
+    }
+}
+
+async fn probe_remote(uri: &str, store: &ArtifactStore) -> Result<(), ProbeError> {
+    let key = probe_name();
+    let written = store.put_bytes(&key, Bytes::from_static(b"ok\n")).await;
+    let result = match written {
+        Ok(_) => store.delete(&key).await,
+        Err(e) => Err(e),
+    };
+    result.map_err(|e| {
+        let failure = match &e {
+            StoreError::Backend(
+                object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. },
+            ) => ProbeFailure::Denied,
+            StoreError::Backend(object_store::Error::NotFound { .. })
+            | StoreError::BadUri(_)
+            | StoreError::NotFound(_) => ProbeFailure::Refused,
+            _ => ProbeFailure::Unavailable,
+        };
+        let why = match failure {
+            ProbeFailure::Denied => "the credentials may not write there",
+            ProbeFailure::Refused => "the bucket does not exist or cannot hold objects",
+            ProbeFailure::Unavailable => "could not be reached",
+        };
+        let shown = display_url(uri);
+        tracing::info!(uri = %shown, error = %e, "destination probe failed");
+        ProbeError::new(
+            failure,
+            format!("destination {shown} is not writable: {why} ({})", brief(&e)),
+        )
+    })
 }
 
 /// The gist of a store error: the HTTP status an S3 server answered with,
@@ -230,37 +609,209 @@ fn probe_local(uri: &str, path: &Path) -> Result<(), ProbeError> {
 mod tests {
     use super::*;
 
+    fn secrets(pairs: &[(&str, &str)]) -> Secrets {
+        Secrets {
+            values: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
     #[tokio::test]
     async fn local_folders_are_probed_without_being_created() {
         let dir = tempfile::tempdir().unwrap();
-        let any = Destinations::default();
-        let missing = dir.path().join("a/b");
-        any.probe(&format!("file://{}", missing.display()))
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        let rules = Destinations::new(vec![root.clone()], "s3://store", BTreeMap::new());
+        let missing = root.join("a/b");
+        rules
+            .probe("acme", &format!("file://{}", missing.display()), None)
             .await
             .unwrap();
-        assert!(!dir.path().join("a").exists(), "the probe creates nothing");
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert!(!root.join("a").exists(), "the probe creates nothing");
+        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
 
-        let file = dir.path().join("plain");
+        let file = root.join("plain");
         std::fs::write(&file, b"x").unwrap();
-        let error = any
-            .probe(&file.join("sub").display().to_string())
+        let error = rules
+            .probe("acme", &file.join("sub").display().to_string(), None)
             .await
             .unwrap_err();
         assert_eq!(error.failure, ProbeFailure::Refused);
         assert!(error.message.contains("is a file"), "{error}");
 
-        let error = any.probe("/tmp/../etc").await.unwrap_err();
+        let error = rules
+            .probe("acme", &format!("{}/../etc", root.display()), None)
+            .await
+            .unwrap_err();
         assert!(error.message.contains("'..'"), "{error}");
+    }
 
-        let rooted = Destinations::new(vec![dir.path().join("allowed")], S3Options::default());
-        let error = rooted.probe("file:///srv/out").await.unwrap_err();
-        assert_eq!(error.failure, ProbeFailure::Refused);
-        assert!(error.message.contains("allowed local roots"), "{error}");
+    #[tokio::test]
+    async fn no_root_allows_no_local_folder_and_outside_answers_alike() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        let none = Destinations::new(Vec::new(), "s3://store", BTreeMap::new());
+        assert!(matches!(
+            none.check("acme", &format!("file://{}", root.display()), None),
+            Err(DestinationError::OutsideRoots { .. })
+        ));
+
+        let rules = Destinations::new(vec![root.join("allowed")], "s3://store", BTreeMap::new());
+        let existing = root.join("elsewhere");
+        std::fs::create_dir(&existing).unwrap();
+        let missing = root.join("nowhere");
+        let answer = |path: &Path| {
+            let rules = rules.clone();
+            let uri = format!("file://{}", path.display());
+            async move {
+                let probe = rules.probe("acme", &uri, None).await.unwrap_err();
+                let check = rules.check("acme", &uri, None).unwrap_err().to_string();
+                (
+                    probe.failure,
+                    probe.message.replace(&uri, "<uri>"),
+                    check.replace(&uri, "<uri>"),
+                )
+            }
+        };
+        let (a, b) = (answer(&existing).await, answer(&missing).await);
+        assert_eq!(a, b);
+        assert_eq!(a.0, ProbeFailure::Refused);
         assert!(
-            rooted
-                .check(&format!("{}/allowed/x", dir.path().display()))
+            a.1.contains("not inside an allowed destination root"),
+            "{a:?}"
+        );
+        assert!(
+            rules
+                .check("acme", &format!("{}/allowed/x", root.display()), None)
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn symlinks_are_resolved_before_the_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        let allowed = root.join("allowed");
+        let outside = root.join("outside");
+        std::fs::create_dir_all(&allowed).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, allowed.join("out")).unwrap();
+        std::os::unix::fs::symlink(root.join("gone"), allowed.join("dangling")).unwrap();
+        let rules = Destinations::new(vec![allowed.clone()], "s3://store", BTreeMap::new());
+        for uri in [allowed.join("out/x"), allowed.join("dangling/x")] {
+            let uri = uri.display().to_string();
+            assert!(
+                matches!(
+                    rules.open("acme", &uri, None),
+                    Err(DestinationError::OutsideRoots { .. })
+                ),
+                "{uri}"
+            );
+        }
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+        assert!(!root.join("gone").exists());
+        // The store's own folder is never a destination.
+        let rules = Destinations::new(
+            vec![root.clone()],
+            &allowed.join("store").display().to_string(),
+            BTreeMap::new(),
+        );
+        assert!(matches!(
+            rules.check("acme", &allowed.display().to_string(), None),
+            Err(DestinationError::StoreOverlap { .. })
+        ));
+        assert!(
+            rules
+                .check("acme", &outside.display().to_string(), None)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn s3_destinations_need_their_own_credentials_and_another_bucket() {
+        let named = DestinationCredential {
+            tenants: vec!["acme".into()],
+            access_key_id: "AK".into(),
+            secret_access_key: "SK".into(),
+            ..Default::default()
+        };
+        let rules = Destinations::new(
+            Vec::new(),
+            "s3://fleet/store",
+            [("deliveries".to_string(), named)].into(),
+        );
+        let keys = secrets(&[
+            (secret_keys::ACCESS_KEY_ID, "a"),
+            (secret_keys::SECRET_ACCESS_KEY, "b"),
+        ]);
+        assert!(matches!(
+            rules.check("acme", "s3://out/x", None),
+            Err(DestinationError::NoCredentials { .. })
+        ));
+        assert!(matches!(
+            rules.check(
+                "acme",
+                "s3://out/x",
+                Some(&secrets(&[(secret_keys::ACCESS_KEY_ID, "a")]))
+            ),
+            Err(DestinationError::NoCredentials { .. })
+        ));
+        rules.check("acme", "s3://out/x", Some(&keys)).unwrap();
+        for uri in ["s3://fleet", "s3://fleet/store/x", "s3://fleet/other"] {
+            assert!(
+                matches!(
+                    rules.check("acme", uri, Some(&keys)),
+                    Err(DestinationError::StoreOverlap { .. })
+                ),
+                "{uri}"
+            );
+        }
+        rules
+            .check("acme", "s3://out/x?credential=deliveries", None)
+            .unwrap();
+        for (tenant, uri) in [
+            ("globex", "s3://out/x?credential=deliveries"),
+            ("acme", "s3://out/x?credential=nope"),
+        ] {
+            let error = rules.check(tenant, uri, Some(&keys)).unwrap_err();
+            assert!(
+                matches!(error, DestinationError::UnknownCredential { .. }),
+                "{error}"
+            );
+        }
+        assert!(matches!(
+            rules.check("acme", "s3://out/x?region=eu", Some(&keys)),
+            Err(DestinationError::BadQuery { .. })
+        ));
+        assert!(matches!(
+            rules.check("acme", "s3://AK:SK@out/x", Some(&keys)),
+            Err(DestinationError::BadUri { .. })
+        ));
+
+        // A job's own endpoint must be a public address.
+        for endpoint in [
+            "http://127.0.0.1:9000",
+            "http://169.254.169.254",
+            "ftp://s3.example",
+        ] {
+            let mut own = keys.clone();
+            own.values
+                .insert(secret_keys::ENDPOINT_URL.into(), endpoint.into());
+            assert!(
+                matches!(
+                    rules.check("acme", "s3://out/x", Some(&own)),
+                    Err(DestinationError::Endpoint { .. })
+                ),
+                "{endpoint}"
+            );
+            let open = rules.clone().allow_private_endpoints(true);
+            assert_eq!(
+                open.check("acme", "s3://out/x", Some(&own)).is_ok(),
+                endpoint.starts_with("http"),
+                "{endpoint}"
+            );
+        }
     }
 }

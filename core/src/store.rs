@@ -165,16 +165,7 @@ impl ArtifactStore {
             if bucket.is_empty() {
                 return Err(StoreError::BadUri(uri.into()));
             }
-            let store = s3_builder(bucket, s3).build()?;
-            let prefix = prefix.trim_matches('/');
-            return Ok(Self {
-                root: format!("s3://{bucket}/{prefix}")
-                    .trim_end_matches('/')
-                    .to_string(),
-                store: Arc::new(store),
-                prefix: StorePath::from(prefix),
-                stage: None,
-            });
+            return Self::open_s3(s3_builder(bucket, s3), prefix);
         }
         let local = match uri.strip_prefix("file://") {
             Some(path) => PathBuf::from(path),
@@ -192,6 +183,24 @@ impl ArtifactStore {
             root: format!("file://{}", local.display()),
             store: Arc::new(store),
             prefix: StorePath::default(),
+            stage: None,
+        })
+    }
+
+    /// `s3://<the builder's bucket>/<prefix>`, reached exactly as `builder`
+    /// says (a destination's own credentials, never the environment's).
+    pub fn open_s3(builder: AmazonS3Builder, prefix: &str) -> Result<Self, StoreError> {
+        let bucket = builder
+            .get_config_value(&AmazonS3ConfigKey::Bucket)
+            .unwrap_or_default();
+        let store = builder.build()?;
+        let prefix = prefix.trim_matches('/');
+        Ok(Self {
+            root: format!("s3://{bucket}/{prefix}")
+                .trim_end_matches('/')
+                .to_string(),
+            store: Arc::new(store),
+            prefix: StorePath::from(prefix),
             stage: None,
         })
     }

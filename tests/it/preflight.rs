@@ -4,7 +4,6 @@
 //! failing at once with every problem and no training task ever taken.
 
 use futures::StreamExt;
-use std::path::Path;
 use std::time::Duration;
 use trainyard_core::topology::{TASKS_STREAM, consumer_name};
 use trainyard_proto::v1::{
@@ -231,22 +230,24 @@ async fn destinations_that_cannot_be_written() {
             uri: format!("file://{}", a_file.join("out").display()),
         },
     ];
+    // Outside the roots: refused by the submission checks.
     let reply = validate(&mut client, &spec).await;
     assert_eq!(
         lines(&reply),
         [
-            format!(
-                "destinations: destination file://{} is outside the uploader's allowed local roots ({})",
-                outside.display(),
-                allowed.display()
-            ),
-            format!(
-                "destinations: destination file://{} is not writable: {} is a file, so {} cannot be created",
-                a_file.join("out").display(),
-                a_file.display(),
-                a_file.join("out").display()
-            ),
+            "destinations[1].uri: is not inside an allowed destination root ([uploader] allowed_local_roots)"
         ]
+    );
+    spec.destinations.remove(1);
+    let reply = validate(&mut client, &spec).await;
+    assert_eq!(
+        lines(&reply),
+        [format!(
+            "destinations: destination file://{} is not writable: {} is a file, so {} cannot be created",
+            a_file.join("out").display(),
+            a_file.display(),
+            a_file.join("out").display()
+        ),]
     );
     assert!(!outside.exists() && !allowed.join("ok").exists());
     fleet.stop().await;
@@ -359,7 +360,11 @@ async fn a_job_failing_preflight_fails_at_once_with_every_problem() {
         uri: missing.clone(),
         family: "reference".into(),
     });
-    let outside = Path::new("/srv/trainyard-preflight-test");
+    // Allowed, but not a folder the uploader could write to.
+    std::fs::create_dir_all(&allowed).unwrap();
+    let a_file = allowed.join("README");
+    std::fs::write(&a_file, b"not a folder").unwrap();
+    let outside = a_file.join("out");
     spec.destinations = vec![Destination {
         uri: outside.display().to_string(),
     }];
@@ -393,8 +398,9 @@ async fn a_job_failing_preflight_fails_at_once_with_every_problem() {
     );
     assert!(
         lines[3].starts_with(&format!(
-            "destinations: destination {} is outside the uploader's allowed local roots",
-            outside.display()
+            "destinations: destination {} is not writable: {} is a file",
+            outside.display(),
+            a_file.display()
         )),
         "{lines:?}"
     );
@@ -411,7 +417,7 @@ async fn a_job_failing_preflight_fails_at_once_with_every_problem() {
         "training events: {events:#?}"
     );
     assert_eq!(train_tasks(&fleet).await, 0, "a train task was published");
-    assert!(!Path::new(outside).exists());
+    assert!(!outside.exists());
     fleet.stop().await;
 }
 
@@ -465,6 +471,7 @@ async fn an_s3_destination_without_its_bucket() {
             uri: "s3://no-such-bucket/out".into(),
         },
     ];
+    spec.secrets = Some(s3.job_secrets());
     let reply = validate(&mut client, &spec).await;
     let message = only_problem(&reply, "destinations");
     assert_eq!(

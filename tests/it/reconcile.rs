@@ -86,6 +86,7 @@ async fn a_lost_final_state_event_still_ends_watch_and_is_published_again_once()
         validate_timeout: Duration::from_secs(5),
         webhooks: Default::default(),
         webhook_secrets: None,
+        destinations: Default::default(),
     };
     let tenant = TenantId::parse("acme").unwrap();
     let sample = fleet.sample_uri().await;

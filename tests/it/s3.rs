@@ -221,6 +221,7 @@ async fn a_job_delivers_to_an_s3_destination() {
     spec.destinations.push(Destination {
         uri: "s3://deliveries/out".into(),
     });
+    spec.secrets = Some(s3.job_secrets());
     let record = run_job(&fleet, spec).await;
     let bucket = ArtifactStore::open_with("s3://deliveries", &s3.options()).expect("bucket");
     let folder = format!("out/{}", record.job_id);

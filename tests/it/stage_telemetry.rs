@@ -316,6 +316,7 @@ async fn a_deliver_task_traces_one_span_per_destination() {
             uri: "s3://deliveries/adapters".into(),
         },
     ];
+    spec.secrets = Some(s3.job_secrets());
     let task = DeliverTask {
         job_id: job.to_string(),
         tenant: "acme".into(),

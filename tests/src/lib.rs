@@ -154,6 +154,10 @@ impl Fleet {
         config.worker.model_cache_dir = dir.path().join("cache");
         config.worker.progress_interval_ms = 0;
         config.uploader.work_dir = dir.path().join("work/uploader");
+        // Jobs may deliver to the fleet's outputs folder (`outputs_dir`),
+        // and to S3 endpoints on loopback (moto).
+        config.uploader.allowed_local_roots = vec![dir.path().join("outputs")];
+        config.destinations.allow_private_endpoints = true;
         tweak(&mut config);
         let store = ArtifactStore::open_with(&config.store.uri, &config.store.s3).expect("store");
         let shutdown = CancellationToken::new();
@@ -510,6 +514,24 @@ impl S3Server {
             secret_access_key: Some("trainyard-test-secret".into()),
             allow_http: Some(true),
             virtual_hosted_style: Some(false),
+        }
+    }
+
+    /// A job's own credentials for an `s3://` destination on this server
+    /// (`secrets.values`; destinations never use the store's keys).
+    pub fn job_secrets(&self) -> trainyard_proto::v1::Secrets {
+        use trainyard_core::destination::secret_keys;
+        trainyard_proto::v1::Secrets {
+            values: [
+                (secret_keys::ACCESS_KEY_ID, "tenant-key"),
+                (secret_keys::SECRET_ACCESS_KEY, "tenant-secret"),
+                (secret_keys::ENDPOINT_URL, self.endpoint.as_str()),
+                (secret_keys::REGION, "us-east-1"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+            ..Default::default()
         }
     }
 

@@ -12,14 +12,16 @@ use trainyard_core::redact::{display_url, redact_in};
 use trainyard_core::runtime::{StageError, StageHandler, TaskContext};
 use trainyard_core::store::{ArtifactStore, StoreError, keys};
 use trainyard_proto::v1::{
-    Artifact, DeliverOutput, DeliverTask, DeliveredFile, ErrorKind, JobSpec, stage_result::Outcome,
+    Artifact, DeliverOutput, DeliverTask, DeliveredFile, ErrorKind, JobSpec, Secrets,
+    stage_result::Outcome,
 };
 
 pub struct DeliverStage {
     store: ArtifactStore,
     work_root: PathBuf,
-    /// The allowed local roots and how `s3://` is reached; preflight
-    /// probes destinations with the same rules.
+    /// The allowed local roots, the store no destination may overlap, and
+    /// the credentials `s3://` destinations may use; the coordinator and
+    /// preflight check destinations with the same rules.
     destinations: Destinations,
 }
 
@@ -99,18 +101,21 @@ impl DeliverStage {
         Ok(Self {
             store: ArtifactStore::open_with(&config.store.uri, &config.store.s3)?,
             work_root: std::fs::canonicalize(&config.uploader.work_dir)?,
-            destinations: Destinations::new(
-                config.uploader.allowed_local_roots.clone(),
-                config.store.s3.clone(),
-            ),
+            destinations: Destinations::from_config(config),
         })
     }
 
-    /// Opens a destination, refusing local paths outside the allowed roots.
-    /// The error names it without credentials or query.
-    fn destination(&self, uri: &str) -> Result<ArtifactStore, StageError> {
+    /// Opens `tenant`'s destination with the job's `secrets`, checking it
+    /// again on the disk as it is now (see [`Destinations::open`]). The
+    /// error names it without credentials or query.
+    fn destination(
+        &self,
+        tenant: &str,
+        uri: &str,
+        secrets: Option<&Secrets>,
+    ) -> Result<ArtifactStore, StageError> {
         self.destinations
-            .open(uri)
+            .open(tenant, uri, secrets)
             .map_err(|e| StageError::fail(ErrorKind::InvalidSpec, redact_in(&e.to_string(), uri)))
     }
 
@@ -136,7 +141,7 @@ impl DeliverStage {
         for destination in &spec.destinations {
             targets.push(Target {
                 label: destination.uri.clone(),
-                store: self.destination(&destination.uri)?,
+                store: self.destination(&task.tenant, &destination.uri, spec.secrets.as_ref())?,
                 prefix: job.to_string(),
             });
         }
@@ -250,10 +255,7 @@ impl DeliverStage {
                 ctx.note(&note).await;
                 found
             } else {
-                let copy = store
-                    .put_file(local, &key)
-                    .await
-                    .map_err(StageError::from)?;
+                let copy = store.put_file(local, &key).await.map_err(store_error)?;
                 tally.copied += 1;
                 tally.bytes += copy.size;
                 verify(store, &key, &copy.sha256, work).await?;
@@ -383,7 +385,7 @@ async fn write_manifest(targets: &[Target], body: bytes::Bytes) -> Result<String
             .store
             .put_bytes(&format!("{}/manifest.json", target.prefix), body.clone())
             .await
-            .map_err(StageError::from)?;
+            .map_err(store_error)?;
         trainyard_core::telemetry::metrics().artifact_uploaded("deliver", stored.size);
         if manifest_uri.is_empty() {
             manifest_uri = stored.uri;
@@ -401,7 +403,7 @@ async fn already_there(
     artifact: &Artifact,
     work: &Path,
 ) -> Result<Option<Artifact>, StageError> {
-    if !store.exists(key).await.map_err(StageError::from)? {
+    if !store.exists(key).await.map_err(store_error)? {
         return Ok(None);
     }
     let check = work.join("verify").join(key.replace('/', "_"));
@@ -419,7 +421,20 @@ async fn already_there(
             Ok(None)
         }
         Err(StoreError::NotFound(_)) => Ok(None),
-        Err(e) => Err(e.into()),
+        Err(e) => Err(store_error(e)),
+    }
+}
+
+/// A store error as the stage reports it; a destination the address
+/// guard refused (a job's S3 endpoint on a private address) is permanent,
+/// with the guard's reason.
+fn store_error(error: StoreError) -> StageError {
+    match trainyard_core::netguard::refusal_of(&error) {
+        Some(refusal) => StageError::fail(
+            ErrorKind::InvalidSpec,
+            format!("destination refused by the address guard: {refusal}"),
+        ),
+        None => error.into(),
     }
 }
 
@@ -433,7 +448,7 @@ async fn verify(
     let check = work.join("verify").join(key.replace('/', "_"));
     let result = store.get_file(key, &check, Some(sha256)).await;
     let _ = tokio::fs::remove_file(&check).await;
-    result.map(|_| ()).map_err(StageError::from)
+    result.map(|_| ()).map_err(store_error)
 }
 
 impl StageHandler for DeliverStage {

@@ -8,7 +8,7 @@
 //!   `secrets.hf_token`, as does an `hf://` reference (a `HEAD` per file, the
 //!   revision listing for a snapshot: nothing is downloaded). A preset with
 //!   no Hub parts (the reference denoiser) is made by the worker itself.
-//! - Each destination: writable now, probed through
+//! - Each destination: allowed and writable now, probed through
 //!   [`Destinations`], the same rules the uploader opens them with.
 
 use super::{Report, check};
@@ -38,9 +38,10 @@ impl AccessChecks {
         }
     }
 
-    /// The model and destination checks, concurrently.
-    pub async fn run(&self, spec: &JobSpec) -> Report {
-        let (mut model, destinations) = tokio::join!(self.model(spec), self.destinations(spec));
+    /// The model and destination checks of `tenant`'s job, concurrently.
+    pub async fn run(&self, tenant: &str, spec: &JobSpec) -> Report {
+        let (mut model, destinations) =
+            tokio::join!(self.model(spec), self.destinations(tenant, spec));
         model.merge(destinations);
         model
     }
@@ -162,12 +163,17 @@ impl AccessChecks {
         report
     }
 
-    /// Every destination is writable now.
-    pub async fn destinations(&self, spec: &JobSpec) -> Report {
-        let probes = spec
-            .destinations
-            .iter()
-            .map(|d| async move { (d.uri.as_str(), self.destinations.probe(&d.uri).await) });
+    /// Every destination is allowed for `tenant` and writable now. A local
+    /// folder outside the allowed roots gets the same answer whether or
+    /// not it exists.
+    pub async fn destinations(&self, tenant: &str, spec: &JobSpec) -> Report {
+        let secrets = spec.secrets.as_ref();
+        let probes = spec.destinations.iter().map(|d| async move {
+            (
+                d.uri.as_str(),
+                self.destinations.probe(tenant, &d.uri, secrets).await,
+            )
+        });
         let mut report = Report::default();
         for (raw, result) in futures::future::join_all(probes).await {
             let Err(error) = result else { continue };

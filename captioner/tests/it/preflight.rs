@@ -12,7 +12,7 @@ use trainyard_captioner::{
     LocalInput, PrepareSettings, PreparedDataset, TemplateCaptioner, prepare_local,
 };
 use trainyard_core::destination::Destinations;
-use trainyard_core::store::{ArtifactStore, S3Options};
+use trainyard_core::store::ArtifactStore;
 use trainyard_models::hub::HubClient;
 use trainyard_proto::v1::{
     CaptionSettings, Destination, ErrorKind, JobSpec, ModelRef, TrainingSettings,
@@ -253,7 +253,7 @@ async fn missing_models_and_unwritable_destinations_are_problems() {
         let access = AccessChecks::new(
             store.clone(),
             HubClient::new("http://127.0.0.1:9").unwrap(),
-            Destinations::new(vec![allowed.clone()], S3Options::default()),
+            Destinations::new(vec![allowed.clone()], store.root(), Default::default()),
         );
         let file = allowed.join("a-file");
         std::fs::create_dir_all(&allowed).unwrap();
@@ -275,7 +275,7 @@ async fn missing_models_and_unwritable_destinations_are_problems() {
                 uri: "/srv/elsewhere".into(),
             },
         ];
-        let report = access.run(&s).await;
+        let report = access.run("acme", &s).await;
         assert_eq!(
             checks(&report),
             [check::BASE_MODEL, check::DESTINATIONS, check::DESTINATIONS],
@@ -297,7 +297,7 @@ async fn missing_models_and_unwritable_destinations_are_problems() {
         assert!(
             report.problems[2]
                 .message
-                .contains("/srv/elsewhere is outside the uploader's allowed local roots"),
+                .contains("/srv/elsewhere is not inside an allowed destination root"),
             "{:?}",
             report.problems[2]
         );
@@ -305,9 +305,9 @@ async fn missing_models_and_unwritable_destinations_are_problems() {
 
         s.base_model.as_mut().unwrap().uri = store.uri("models/here.safetensors");
         s.destinations.truncate(1);
-        assert!(access.run(&s).await.passed());
+        assert!(access.run("acme", &s).await.passed());
         s.base_model.as_mut().unwrap().uri = "file:///elsewhere/model.safetensors".into();
-        let report = access.run(&s).await;
+        let report = access.run("acme", &s).await;
         assert!(
             report.problems[0]
                 .message
@@ -320,7 +320,7 @@ async fn missing_models_and_unwritable_destinations_are_problems() {
             "https://user:SECRET@models.example/m.safetensors?token=SECRET",
         ] {
             s.base_model.as_mut().unwrap().uri = uri.into();
-            let report = access.run(&s).await;
+            let report = access.run("acme", &s).await;
             assert_eq!(checks(&report), [check::BASE_MODEL], "{report:#?}");
             assert!(!format!("{report:?}").contains("SECRET"), "{report:#?}");
         }

@@ -9,7 +9,9 @@ mod webhook;
 pub use webhook::SubmitRules;
 
 use trainyard_backends::BACKENDS;
+use trainyard_core::destination::{DestinationError, Destinations};
 use trainyard_models::ModelSource;
+use trainyard_proto::TenantId;
 use trainyard_proto::v1::{
     ErrorKind, JobSpec, RetryPolicy, Stage, TrainingSettings, dataset_source::Source,
 };
@@ -108,13 +110,13 @@ pub fn normalise(mut spec: JobSpec) -> Result<JobSpec, Invalid> {
     }
     normalise_model(&mut spec, &mut p);
     normalise_caption(&mut spec, &mut p);
-    for destination in &spec.destinations {
+    for (i, destination) in spec.destinations.iter().enumerate() {
         if !is_store_uri(&destination.uri) {
             p.add(
-                "destinations",
+                &format!("destinations[{i}].uri"),
                 format!(
-                    "{:?} is not a file:///, s3:// or absolute path",
-                    destination.uri
+                    "{} is not a file:///, s3:// or absolute path",
+                    trainyard_core::redact::display_url(&destination.uri)
                 ),
             );
         }
@@ -137,6 +139,37 @@ pub fn normalise(mut spec: JobSpec) -> Result<JobSpec, Invalid> {
     }
     if p.0.is_empty() {
         Ok(spec)
+    } else {
+        Err(Invalid(p.0))
+    }
+}
+
+/// What the fleet allows `tenant`'s destinations (see
+/// [`Destinations`]): a local folder inside `[uploader]
+/// allowed_local_roots` once symlinks are resolved (the same answer whether
+/// or not it exists), an `s3://` destination with credentials of its own
+/// and outside the artifact store. The uploader checks again when it
+/// writes.
+pub fn check_destinations(
+    rules: &Destinations,
+    tenant: &TenantId,
+    spec: &JobSpec,
+) -> Result<(), Invalid> {
+    let mut p = Problems::default();
+    for (i, destination) in spec.destinations.iter().enumerate() {
+        if let Err(e) = rules.check(tenant.as_str(), &destination.uri, spec.secrets.as_ref()) {
+            let problem = match e {
+                DestinationError::OutsideRoots { .. } => {
+                    "is not inside an allowed destination root ([uploader] allowed_local_roots)"
+                        .to_owned()
+                }
+                e => e.to_string(),
+            };
+            p.add(&format!("destinations[{i}].uri"), problem);
+        }
+    }
+    if p.0.is_empty() {
+        Ok(())
     } else {
         Err(Invalid(p.0))
     }
