@@ -132,6 +132,16 @@ async fn every_backend_passes_against_its_standin() {
     hub.add_presets(&["sdxl-base-1.0", "qwen2.5-0.5b-instruct"]);
     let dir = tempfile::tempdir().expect("temp dir");
     let standins = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("standins");
+    // ai-toolkit loads the SDXL preset's single file with diffusers'
+    // `from_single_file`, which reads the pipeline's configs from the Hub
+    // or the HF cache: as on a GPU machine that has reached the Hub once.
+    let hf_home = dir.path().join("hf-home");
+    let snapshot = hf_home.join(
+        "hub/models--stabilityai--stable-diffusion-xl-base-1.0/snapshots/\
+         0123456789abcdef0123456789abcdef01234567",
+    );
+    std::fs::create_dir_all(&snapshot).expect("hf cache");
+    std::fs::write(snapshot.join("model_index.json"), "{}").expect("model_index.json");
     let set = |key: &str, value: String| format!("worker.{key}={value}");
     let sets = [
         set(
@@ -168,7 +178,13 @@ async fn every_backend_passes_against_its_standin() {
             "trainers.ai_toolkit_dir",
             standins.join("ai-toolkit").display().to_string(),
         ),
-        set("trainers.env", "{ STANDIN_STEP_SECONDS = \"0.3\" }".into()),
+        set(
+            "trainers.env",
+            format!(
+                "{{ STANDIN_STEP_SECONDS = \"0.3\", HF_HOME = \"{}\" }}",
+                hf_home.display()
+            ),
+        ),
     ];
     // The reference backend is the test above.
     let mut args = vec![

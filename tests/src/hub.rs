@@ -306,7 +306,7 @@ fn layout_for(role: &str, include: &[&str]) -> Vec<String> {
 /// JSON for `.json`, text otherwise; unique to the repository and path.
 pub fn fake_content(repo: &str, path: &str) -> Bytes {
     if path.ends_with(".safetensors") {
-        return safetensors_file(&format!("{repo}/{path}"));
+        return safetensors_file(&format!("{repo}/{path}"), tensor_name(path));
     }
     if path == "config.json" {
         // A transformers config names its architecture.
@@ -324,11 +324,27 @@ pub fn fake_content(repo: &str, path: &str) -> Bytes {
     Bytes::from(format!("fake {repo}/{path}\n"))
 }
 
-/// A valid safetensors file with one F32 tensor and `source` in its metadata.
-pub fn safetensors_file(source: &str) -> Bytes {
+/// The one tensor's name in a fake weights file: a single-file SDXL base
+/// checkpoint holds a key only SDXL base checkpoints have (the second text
+/// encoder's), which is how diffusers' `from_single_file` tells SDXL apart.
+fn tensor_name(path: &str) -> &'static str {
+    if path
+        .rsplit('/')
+        .next()
+        .is_some_and(|f| f.starts_with("sd_xl_base"))
+    {
+        "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias"
+    } else {
+        "weight"
+    }
+}
+
+/// A valid safetensors file with one F32 tensor `name` and `source` in its
+/// metadata.
+pub fn safetensors_file(source: &str, name: &str) -> Bytes {
     let header = serde_json::json!({
         "__metadata__": {"source": source},
-        "weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+        name: {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
     });
     let mut header = serde_json::to_vec(&header).expect("json");
     while !header.len().is_multiple_of(8) {

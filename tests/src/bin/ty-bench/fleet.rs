@@ -113,6 +113,11 @@ impl Fleet {
                 .env("TY_WORKER__WORK_DIR", dir.path().join("work/w"))
                 .env("TY_WORKER__MODEL_CACHE_DIR", dir.path().join("cache"))
                 .env("TY_UPLOADER__WORK_DIR", dir.path().join("work/u"))
+                // Jobs deliver into the fleet's own `outputs` folder.
+                .env(
+                    "TY_UPLOADER__ALLOWED_LOCAL_ROOTS",
+                    format!("[{:?}]", dir.path().join("outputs")),
+                )
                 .env("TY_LOG", "warn")
                 .envs(options.env.iter().map(|(k, v)| (k, v)))
                 .stdin(Stdio::null());

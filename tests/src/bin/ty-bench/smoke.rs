@@ -183,8 +183,6 @@ fn fleet_options(args: &args::SmokeArgs, config: &Config) -> anyhow::Result<Flee
                 .to_string_lossy()
                 .into_owned(),
         ),
-        // Destinations are folders of the fleet's own.
-        ("TY_UPLOADER__ALLOWED_LOCAL_ROOTS".into(), "[]".into()),
         // A failure shows at once, with its error, rather than after retries.
         ("TY_RETRY__TRAIN__MAX_ATTEMPTS".into(), "1".into()),
     ];
