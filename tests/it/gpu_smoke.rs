@@ -151,41 +151,32 @@ async fn every_backend_passes_against_its_standin() {
         set("hf_endpoint", hub.endpoint()),
         set("checkpoint_scan_ms", "100".into()),
         set(
-            "trainers.python",
-            standins.join("trl/python3").display().to_string(),
-        ),
-        set(
-            "trainers.accelerate",
-            standins.join("bin/accelerate").display().to_string(),
-        ),
-        set(
-            "trainers.deepspeed",
-            standins.join("bin/deepspeed").display().to_string(),
-        ),
-        set(
-            "trainers.kohya_dir",
-            standins.join("kohya").display().to_string(),
-        ),
-        set(
-            "trainers.diffusion_pipe_dir",
-            standins.join("diffusion-pipe").display().to_string(),
-        ),
-        set(
-            "trainers.simpletuner_dir",
-            standins.join("simpletuner").display().to_string(),
-        ),
-        set(
-            "trainers.ai_toolkit_dir",
-            standins.join("ai-toolkit").display().to_string(),
-        ),
-        set(
             "trainers.env",
             format!(
                 "{{ STANDIN_STEP_SECONDS = \"0.3\", HF_HOME = \"{}\" }}",
                 hf_home.display()
             ),
         ),
-    ];
+    ]
+    .into_iter()
+    .chain(
+        [
+            ("python", "trl/python3"),
+            ("accelerate", "bin/accelerate"),
+            ("deepspeed", "bin/deepspeed"),
+            ("kohya_dir", "kohya"),
+            ("diffusion_pipe_dir", "diffusion-pipe"),
+            ("simpletuner_dir", "simpletuner"),
+            ("ai_toolkit_dir", "ai-toolkit"),
+        ]
+        .map(|(key, path)| {
+            set(
+                &format!("trainers.{key}"),
+                standins.join(path).display().to_string(),
+            )
+        }),
+    )
+    .collect::<Vec<_>>();
     // The reference backend is the test above.
     let mut args = vec![
         "--only",
