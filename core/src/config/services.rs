@@ -1,0 +1,256 @@
+//! The services' own sections: `[coordinator]`, `[captioner]`, `[worker]`, `[uploader]`.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoordinatorConfig {
+    /// gRPC listen address.
+    pub grpc_addr: String,
+    /// Bearer token → tenant. The default holds one development token.
+    pub tokens: BTreeMap<String, String>,
+    /// Seconds between reconciler passes.
+    pub reconcile_interval_secs: u64,
+    /// A running job whose record has not changed for this long, with no task
+    /// in flight, gets its task published again.
+    pub stale_after_secs: u64,
+    /// How long `Validate` waits for a captioner to fetch the dataset and
+    /// run the checks before answering UNAVAILABLE.
+    pub validate_timeout_secs: u64,
+    /// Seconds between reads of the stage backlogs and the dead-letter
+    /// depth (JetStream consumer and stream info) for the metrics.
+    pub backlog_interval_secs: u64,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            grpc_addr: "127.0.0.1:50051".into(),
+            tokens: [("dev-token".to_string(), "dev".to_string())].into(),
+            reconcile_interval_secs: 60,
+            stale_after_secs: 120,
+            validate_timeout_secs: 300,
+            backlog_interval_secs: 5,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptionerConfig {
+    pub work_dir: PathBuf,
+    /// Tasks prepared at once.
+    pub concurrency: usize,
+    /// Allow dataset URLs on private and loopback addresses (development only).
+    pub allow_private_urls: bool,
+    /// Largest dataset download or unpacked size, in bytes.
+    pub max_dataset_bytes: u64,
+    /// Most files in one dataset archive.
+    pub max_files: usize,
+}
+
+impl Default for CaptionerConfig {
+    fn default() -> Self {
+        Self {
+            work_dir: ".trainyard/work/captioner".into(),
+            concurrency: 2,
+            allow_private_urls: false,
+            max_dataset_bytes: 4 << 30,
+            max_files: 20_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    pub work_dir: PathBuf,
+    /// The GPU pool this worker takes tasks from (`ty.task.train.<pool>`).
+    pub pool: String,
+    /// Local cache of base models.
+    pub model_cache_dir: PathBuf,
+    /// Path of `ty-reference-trainer`; found beside this executable or on PATH when empty.
+    pub reference_trainer: Option<PathBuf>,
+    /// Trainings at once (one per GPU).
+    pub concurrency: usize,
+    /// Seconds a trainer gets, when the worker stops, to save (by its
+    /// backend's stop file or signal) and exit before its group is killed.
+    pub stop_grace_secs: u64,
+    /// Least milliseconds between two progress events of one job.
+    pub progress_interval_ms: u64,
+    /// Largest size of the model cache in bytes; least recently used models
+    /// that no run holds are evicted past it. 0 means no limit.
+    pub model_cache_max_bytes: u64,
+    /// The Hugging Face Hub (or a mirror) that `hf://` references and presets resolve against.
+    pub hf_endpoint: String,
+    /// Milliseconds between two looks for new complete checkpoints in a run's output folder.
+    pub checkpoint_scan_ms: u64,
+    /// Consecutive NaN losses after which a run is stopped as diverged.
+    pub nan_loss_steps: u32,
+    /// Where the trainers are installed.
+    pub trainers: TrainerPaths,
+    /// When a trainer counts as stuck (killed, the task retried).
+    pub stuck: StuckConfig,
+    /// Bytes of a trainer's output kept as the log artifact of an attempt
+    /// (the last ones when it wrote more); 0 keeps none.
+    pub trainer_log_max_bytes: u64,
+    /// Most `metric` events per second per metric (loss, learning rate, …)
+    /// of one run; the latest value wins. 0: every step's value.
+    pub metric_events_per_second: u32,
+    /// Milliseconds between two GPU readings for the metrics (NVML, where
+    /// a driver is present); 0 turns the readings off.
+    pub gpu_sample_ms: u64,
+}
+
+/// When the worker declares a trainer stuck: no new step for
+/// `stuck_after_secs` (the first step may take `first_step_secs`, while
+/// models load), no output line at all for `silent_secs`, or, where NVML
+/// is present, its GPUs at 0% for `gpu_idle_secs` after the first step
+/// (the reference backend trains on the CPU: off for it). 0 turns a
+/// check off. `backends` overrides any of them per backend name
+/// (`[worker.stuck.backends.kohya] first_step_secs = 3600`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StuckConfig {
+    pub stuck_after_secs: u64,
+    pub first_step_secs: u64,
+    pub silent_secs: u64,
+    pub gpu_idle_secs: u64,
+    pub backends: BTreeMap<String, StuckOverride>,
+}
+
+/// Per-backend values of [`StuckConfig`]; absent fields keep the defaults.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StuckOverride {
+    pub stuck_after_secs: Option<u64>,
+    pub first_step_secs: Option<u64>,
+    pub silent_secs: Option<u64>,
+    pub gpu_idle_secs: Option<u64>,
+}
+
+/// The stuck limits of one backend; `None` is off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StuckLimits {
+    pub step: Option<Duration>,
+    pub first_step: Option<Duration>,
+    pub silent: Option<Duration>,
+    pub gpu_idle: Option<Duration>,
+}
+
+impl Default for StuckConfig {
+    fn default() -> Self {
+        Self {
+            stuck_after_secs: 30 * 60,
+            first_step_secs: 2 * 60 * 60,
+            silent_secs: 60 * 60,
+            gpu_idle_secs: 15 * 60,
+            backends: [(
+                "reference".to_string(),
+                StuckOverride {
+                    gpu_idle_secs: Some(0),
+                    ..Default::default()
+                },
+            )]
+            .into(),
+        }
+    }
+}
+
+impl StuckConfig {
+    pub fn limits(&self, backend: &str) -> StuckLimits {
+        let o = self.backends.get(backend).cloned().unwrap_or_default();
+        let secs = |v: u64| (v > 0).then(|| Duration::from_secs(v));
+        StuckLimits {
+            step: secs(o.stuck_after_secs.unwrap_or(self.stuck_after_secs)),
+            first_step: secs(o.first_step_secs.unwrap_or(self.first_step_secs)),
+            silent: secs(o.silent_secs.unwrap_or(self.silent_secs)),
+            gpu_idle: secs(o.gpu_idle_secs.unwrap_or(self.gpu_idle_secs)),
+        }
+    }
+}
+
+/// Where each trainer is installed on a worker; a backend whose path is
+/// empty is not offered by that worker.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainerPaths {
+    /// The Python that runs trainer scripts.
+    pub python: PathBuf,
+    /// `accelerate` (kohya, SimpleTuner).
+    pub accelerate: PathBuf,
+    /// `deepspeed` (diffusion-pipe).
+    pub deepspeed: PathBuf,
+    /// A kohya-ss/sd-scripts checkout.
+    pub kohya_dir: PathBuf,
+    /// A tdrussell/diffusion-pipe checkout.
+    pub diffusion_pipe_dir: PathBuf,
+    /// The folder holding SimpleTuner's `train.py` (`<site-packages>/simpletuner`).
+    pub simpletuner_dir: PathBuf,
+    /// An ostris/ai-toolkit checkout.
+    pub ai_toolkit_dir: PathBuf,
+    /// Environment added to every trainer (`CUDA_VISIBLE_DEVICES`, `HF_HOME`, …).
+    pub env: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for TrainerPaths {
+    fn default() -> Self {
+        Self {
+            python: "python3".into(),
+            accelerate: "accelerate".into(),
+            deepspeed: "deepspeed".into(),
+            kohya_dir: PathBuf::new(),
+            diffusion_pipe_dir: PathBuf::new(),
+            simpletuner_dir: PathBuf::new(),
+            ai_toolkit_dir: PathBuf::new(),
+            env: Default::default(),
+        }
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            work_dir: ".trainyard/work/worker".into(),
+            pool: "default".into(),
+            model_cache_dir: ".trainyard/cache/models".into(),
+            reference_trainer: None,
+            concurrency: 1,
+            stop_grace_secs: 5,
+            progress_interval_ms: 200,
+            model_cache_max_bytes: 0,
+            hf_endpoint: "https://huggingface.co".into(),
+            checkpoint_scan_ms: 1000,
+            nan_loss_steps: 20,
+            trainers: TrainerPaths::default(),
+            stuck: StuckConfig::default(),
+            trainer_log_max_bytes: 64 << 20,
+            metric_events_per_second: 5,
+            gpu_sample_ms: 5000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UploaderConfig {
+    pub work_dir: PathBuf,
+    pub concurrency: usize,
+    /// Local folders a job may deliver to (and preflight may probe); a
+    /// destination must lie inside one after symlinks and `..` are
+    /// resolved. Empty allows no local destination.
+    pub allowed_local_roots: Vec<PathBuf>,
+}
+
+impl Default for UploaderConfig {
+    fn default() -> Self {
+        Self {
+            work_dir: ".trainyard/work/uploader".into(),
+            concurrency: 4,
+            allowed_local_roots: Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! The `[store]` section: the artifact store and how `s3://` is reached.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// The artifact store: `file:///abs/dir`, a local path, or `s3://bucket/prefix`.
+    pub uri: String,
+    /// How `s3://` URIs are reached: the artifact store's and the uploader's
+    /// destinations alike.
+    pub s3: S3Options,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            uri: ".trainyard/store".into(),
+            s3: S3Options::default(),
+        }
+    }
+}
+
+/// The `[store.s3]` table. Every field is optional: an unset one falls back
+/// to the standard `AWS_*` environment (`AWS_ENDPOINT_URL`, `AWS_REGION`,
+/// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_ALLOW_HTTP`,
+/// `AWS_VIRTUAL_HOSTED_STYLE_REQUEST`, …), then to `object_store`'s defaults.
+/// Debug output and `--print-config` never show the secret.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Options {
+    /// Endpoint URL of an S3-compatible server, e.g. `http://127.0.0.1:9000`
+    /// (MinIO, moto, Ceph…). Unset: AWS itself, or `AWS_ENDPOINT_URL`.
+    pub endpoint: Option<String>,
+    /// Region, e.g. `eu-west-1`. Unset: `AWS_REGION`, else `us-east-1`.
+    pub region: Option<String>,
+    /// Access key id. Unset: `AWS_ACCESS_KEY_ID`, else the instance's role.
+    pub access_key_id: Option<String>,
+    /// Secret access key (redacted when printed). Unset: `AWS_SECRET_ACCESS_KEY`.
+    pub secret_access_key: Option<String>,
+    /// Allow plain `http://` endpoints. Unset: `AWS_ALLOW_HTTP`, else true
+    /// exactly when the endpoint starts with `http://`.
+    pub allow_http: Option<bool>,
+    /// Address buckets as `https://<bucket>.<endpoint>` instead of
+    /// `https://<endpoint>/<bucket>`. Unset: `AWS_VIRTUAL_HOSTED_STYLE_REQUEST`,
+    /// else path style.
+    pub virtual_hosted_style: Option<bool>,
+}
+
+/// What a secret is printed as.
+pub const REDACTED: &str = "[redacted]";
+
+impl S3Options {
+    /// A copy safe to show: the secret, when set, is replaced by [`REDACTED`].
+    pub fn redacted(&self) -> S3Options {
+        let mut shown = self.clone();
+        if shown.secret_access_key.is_some() {
+            shown.secret_access_key = Some(REDACTED.into());
+        }
+        shown
+    }
+}
+
+impl std::fmt::Debug for S3Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = self.redacted();
+        f.debug_struct("S3Options")
+            .field("endpoint", &shown.endpoint)
+            .field("region", &shown.region)
+            .field("access_key_id", &shown.access_key_id)
+            .field("secret_access_key", &shown.secret_access_key)
+            .field("allow_http", &shown.allow_http)
+            .field("virtual_hosted_style", &shown.virtual_hosted_style)
+            .finish()
+    }
+}
