@@ -65,8 +65,12 @@ pub async fn run(
     config: trainyard_core::Config,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    let Some((client, topo)) =
-        trainyard_core::service::connect(&config, "ty-captioner", &shutdown).await?
+    let Some((client, topo)) = trainyard_core::service::connect(
+        &config,
+        &trainyard_core::topology::permissions::Role::Captioner,
+        &shutdown,
+    )
+    .await?
     else {
         return Ok(()); // stopped before NATS was ready
     };

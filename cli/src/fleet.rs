@@ -170,6 +170,11 @@ impl Fleet {
         if let Some(server) = &nats {
             config.nats.url = server.url();
         }
+        // A dev fleet on this machine may use an open bus; one elsewhere
+        // must present the identities its config names.
+        if is_loopback_url(&config.nats.url) {
+            config.nats.insecure_dev = true;
+        }
 
         let stop = CancellationToken::new();
         let mut services = JoinSet::new();

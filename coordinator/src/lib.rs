@@ -46,12 +46,23 @@ pub async fn run(
     shutdown: CancellationToken,
     ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> anyhow::Result<()> {
-    let Some((client, topo)) =
-        trainyard_core::service::connect(&config, "ty-coordinator", &shutdown).await?
+    let Some((client, topo)) = trainyard_core::service::connect(
+        &config,
+        &trainyard_core::topology::permissions::Role::Coordinator,
+        &shutdown,
+    )
+    .await?
     else {
         return Ok(()); // stopped before NATS was ready
     };
     let js = topo.js.clone();
+    let Some(idem) = topology::until_ready("the idempotency bucket", &shutdown, || {
+        topology::idem_bucket(&js, &config.nats)
+    })
+    .await
+    else {
+        return Ok(());
+    };
     let repo = repo::JobRepo::new(topo.jobs.clone(), js.clone());
     let effects = effects::Effects {
         client: client.clone(),
@@ -75,7 +86,7 @@ pub async fn run(
     };
     let api = api::JobApi {
         repo: repo.clone(),
-        idem: topo.idem.clone(),
+        idem: idem.clone(),
         js: js.clone(),
         effects: effects.clone(),
         client: client.clone(),
@@ -98,7 +109,7 @@ pub async fn run(
         js: js.clone(),
         repo: repo.clone(),
         effects: effects.clone(),
-        idem: topo.idem.clone(),
+        idem: idem.clone(),
         store,
     };
     // On start-up every record counts as stale: this replica may be the

@@ -1,24 +1,102 @@
 //! Connecting to NATS, and the small helpers around messages every service needs.
 
+use crate::config::NatsConfig;
+use crate::topology::permissions::Role;
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 use bytes::Bytes;
 
-/// Connects with a name that shows in the server's connection list. `url`
-/// may list several servers of a cluster, comma-separated; the client
-/// connects to any of them and fails over to the others.
-pub async fn connect(
-    url: &str,
-    name: &str,
-) -> Result<async_nats::Client, async_nats::ConnectError> {
-    let servers = server_addrs(url).map_err(|e| {
+/// Why a service could not connect to the bus.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot read nats credentials {path}: {source}")]
+    Credentials {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot connect to nats: {0}")]
+    Connect(#[from] async_nats::ConnectError),
+    #[error(
+        "the nats server at {0} does not require authentication: anyone who reaches it can read \
+         and forge jobs. Give it users (`yard fleet init`), or set nats.insecure_dev = true \
+         for a dev fleet on loopback"
+    )]
+    OpenBus(String),
+}
+
+/// Connects as `role` with the `[nats]` settings: its credentials (an nkey
+/// seed file or a creds file), TLS (the CA the server's certificate must
+/// chain to, a client certificate, TLS first) and its inbox prefix (the
+/// role's own unless configured). `url` may list several servers of a
+/// cluster, comma-separated; the client connects to any of them and fails
+/// over to the others. Returns at once and connects in the background;
+/// once connected, check the server with [`require_auth`].
+pub async fn connect(config: &NatsConfig, role: &Role) -> Result<async_nats::Client, ConnectError> {
+    let servers = server_addrs(&config.url).map_err(|e| {
         async_nats::ConnectError::with_source(async_nats::ConnectErrorKind::ServerParse, e)
     })?;
-    async_nats::ConnectOptions::new()
-        .name(name)
+    Ok(options(config, role)?
         .retry_on_initial_connect()
         .connect(servers)
-        .await
+        .await?)
+}
+
+/// Refuses a server that does not require authentication, unless the
+/// config says `insecure_dev`: on an open bus anyone who reaches the port
+/// can read and forge jobs.
+pub fn require_auth(
+    info: &async_nats::ServerInfo,
+    config: &NatsConfig,
+) -> Result<(), ConnectError> {
+    if info.auth_required || config.insecure_dev {
+        Ok(())
+    } else {
+        Err(ConnectError::OpenBus(config.url.clone()))
+    }
+}
+
+/// The connect options of `role` under `config` (see [`connect`]).
+pub fn options(
+    config: &NatsConfig,
+    role: &Role,
+) -> Result<async_nats::ConnectOptions, ConnectError> {
+    let read = |path: &std::path::Path| {
+        std::fs::read_to_string(path).map_err(|source| ConnectError::Credentials {
+            path: path.to_owned(),
+            source,
+        })
+    };
+    let mut options = match &config.creds_file {
+        Some(path) => {
+            let creds = read(path)?;
+            async_nats::ConnectOptions::with_credentials(&creds).map_err(|source| {
+                ConnectError::Credentials {
+                    path: path.clone(),
+                    source,
+                }
+            })?
+        }
+        None => async_nats::ConnectOptions::new(),
+    };
+    if let Some(path) = &config.nkey_seed_file {
+        options = options.nkey(read(path)?.trim().to_string());
+    }
+    if let Some(ca) = &config.tls_ca_file {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let (Some(cert), Some(key)) = (&config.tls_cert_file, &config.tls_key_file) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    if config.tls_first {
+        options = options.tls_first();
+    }
+    let inbox = config
+        .inbox_prefix
+        .clone()
+        .unwrap_or_else(|| role.inbox_prefix());
+    Ok(options
+        .name(role.connection_name())
+        .custom_inbox_prefix(inbox))
 }
 
 /// The servers of a comma-separated URL list.

@@ -3,6 +3,7 @@
 //! sure the topology exists. Keeps each `main.rs` a few lines long.
 
 use crate::config::Config;
+use crate::topology::permissions::Role;
 use crate::topology::{self, Topology};
 use std::path::PathBuf;
 
@@ -40,20 +41,42 @@ impl ServiceArgs {
     }
 }
 
-/// Connects and makes sure streams and buckets exist, retrying (with
-/// backoff, each failure logged) until they do: the server may not be up
-/// yet, or a fresh cluster may not yet place R3 streams. `None` when
-/// `shutdown` came first.
+/// Connects as `role` (see [`crate::nats::connect`]) and makes sure the
+/// streams and buckets exist, retrying (with backoff, each failure logged)
+/// until they do: the server may not be up yet, or a fresh cluster may not
+/// yet place R3 streams. The coordinator creates them; on a bus with
+/// identities the other roles only bind to them (waiting for the
+/// coordinator), and on an open dev bus every service creates them, so
+/// start order does not matter. `None` when `shutdown` came first.
 pub async fn connect(
     config: &Config,
-    name: &str,
+    role: &Role,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<Option<(async_nats::Client, Topology)>> {
-    let client = crate::nats::connect(&config.nats.url, name).await?;
+    let client = crate::nats::connect(&config.nats, role).await?;
     let js = async_nats::jetstream::new(client.clone());
-    Ok(topology::ensure_until(&js, &config.nats, shutdown)
-        .await
-        .map(|topo| (client, topo)))
+    // Each attempt waits for the connection; an open bus ends the wait
+    // with the refusal instead of another try.
+    let ready = topology::until_ready("NATS streams and buckets", shutdown, || async {
+        let Some(info) = client.try_server_info() else {
+            return Err(async_nats::Error::from("not connected to nats yet"));
+        };
+        if let Err(refused) = crate::nats::require_auth(&info, &config.nats) {
+            return Ok(Err(refused));
+        }
+        let topo = if role.creates_topology() || !info.auth_required {
+            topology::ensure(&js, &config.nats).await?
+        } else {
+            topology::bind(&js).await?
+        };
+        Ok(Ok(topo))
+    })
+    .await;
+    match ready {
+        None => Ok(None),
+        Some(Err(refused)) => Err(refused.into()),
+        Some(Ok(topo)) => Ok(Some((client, topo))),
+    }
 }
 
 /// Runs a stage with the shared runtime until `shutdown`.

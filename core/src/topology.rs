@@ -25,6 +25,8 @@ use tokio_util::sync::CancellationToken;
 use trainyard_proto::v1::{JobState, Stage};
 use trainyard_proto::{Attempt, JobId, TenantId};
 
+pub mod permissions;
+
 pub const TASKS_STREAM: &str = "TY_TASKS";
 pub const RESULTS_STREAM: &str = "TY_RESULTS";
 pub const EVENTS_STREAM: &str = "TY_EVENTS";
@@ -322,13 +324,14 @@ pub fn consumer_name(stage: Stage, pool: &str) -> String {
 pub struct Topology {
     pub js: jetstream::Context,
     pub jobs: kv::Store,
-    pub idem: kv::Store,
     pub workers: kv::Store,
     pub claims: kv::Store,
 }
 
-/// Creates (or finds) every stream and bucket. Idempotent: each service
-/// calls it at start-up, so start order does not matter.
+/// Creates (or finds) every stream and bucket. Idempotent. The coordinator
+/// calls it at start-up (and any service on an open dev bus, so start order
+/// does not matter there); on a fleet with identities only the coordinator
+/// may, and the other roles [`bind`].
 pub async fn ensure(
     js: &jetstream::Context,
     config: &NatsConfig,
@@ -379,16 +382,37 @@ pub async fn ensure(
         js.get_or_create_stream(config).await?;
     }
     let jobs = bucket(js, JOBS_BUCKET, 5, None, replicas).await?;
-    let idem = bucket(js, IDEM_BUCKET, 1, None, replicas).await?;
+    idem_bucket(js, config).await?;
     let workers = bucket(js, WORKERS_BUCKET, 1, Some(WORKER_HEARTBEAT * 3), replicas).await?;
     let claims = bucket(js, CLAIMS_BUCKET, 1, Some(CLAIM_MAX_AGE), replicas).await?;
     Ok(Topology {
         js: js.clone(),
         jobs,
-        idem,
         workers,
         claims,
     })
+}
+
+/// Binds to the streams and buckets a stage service uses without creating
+/// or changing any: fails until the coordinator has laid them out. What a
+/// stage role's NATS permissions allow ([`permissions`]).
+pub async fn bind(js: &jetstream::Context) -> Result<Topology, async_nats::Error> {
+    js.get_stream(TASKS_STREAM).await?;
+    Ok(Topology {
+        js: js.clone(),
+        jobs: js.get_key_value(JOBS_BUCKET).await?,
+        workers: js.get_key_value(WORKERS_BUCKET).await?,
+        claims: js.get_key_value(CLAIMS_BUCKET).await?,
+    })
+}
+
+/// The coordinators' bucket of idempotency keys (see [`IDEM_BUCKET`]);
+/// created on first call.
+pub async fn idem_bucket(
+    js: &jetstream::Context,
+    config: &NatsConfig,
+) -> Result<kv::Store, async_nats::Error> {
+    bucket(js, IDEM_BUCKET, 1, None, config.replicas.max(1)).await
 }
 
 /// The coordinators' bucket of tenants' webhook signing secrets (see

@@ -136,10 +136,13 @@ async fn a_finished_job_is_removed_after_its_ttl_and_a_running_one_never() {
             .unwrap()
             .is_empty()
     );
-    let topo = topology::ensure(&js, &fleet.config.nats).await.unwrap();
+    topology::ensure(&js, &fleet.config.nats).await.unwrap();
     let tenant = TenantId::parse("acme").unwrap();
     let idem = trainyard_coordinator::api::idem_key(&tenant, "ttl-once");
-    assert!(topo.idem.get(&idem).await.unwrap().is_none());
+    let idem_bucket = topology::idem_bucket(&js, &fleet.config.nats)
+        .await
+        .unwrap();
+    assert!(idem_bucket.get(&idem).await.unwrap().is_none());
     assert!(
         !events_of(js.clone()).await,
         "events of the removed job are left"
@@ -343,7 +346,9 @@ async fn a_retried_submit_of_a_job_stored_but_not_queued_publishes_its_task_once
     let tenant = TenantId::parse("acme").unwrap();
     let job = JobId::generate();
     let key = trainyard_coordinator::api::idem_key(&tenant, "stored-not-queued");
-    topo.idem
+    topology::idem_bucket(&js, &fleet.config.nats)
+        .await
+        .unwrap()
         .create(&key, job.to_string().into())
         .await
         .unwrap();

@@ -72,14 +72,14 @@ async fn a_lost_final_state_event_still_ends_watch_and_is_published_again_once()
     let CoordinatorParts {
         nats,
         js,
-        topo,
+        topo: _,
         repo,
         reconciler,
     } = fleet.coordinator_parts().await;
     let effects = reconciler.effects.clone();
     let api = JobApi {
         repo: repo.clone(),
-        idem: topo.idem.clone(),
+        idem: reconciler.idem.clone(),
         js: js.clone(),
         effects: effects.clone(),
         client: nats,

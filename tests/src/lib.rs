@@ -141,6 +141,8 @@ impl Fleet {
             NatsServer::start(&binary, &dir.path().join("nats")).expect("nats-server starts");
         let mut config = Config::default();
         config.nats.url = nats.url();
+        // The harness' bus is open (tests/it/attacks_bus.rs runs a secured one).
+        config.nats.insecure_dev = true;
         config.nats.ack_wait_secs = 5;
         config.store.uri = dir.path().join("store").display().to_string();
         config.coordinator.grpc_addr = "127.0.0.1:0".into();
@@ -232,7 +234,9 @@ impl Fleet {
                 js: js.clone(),
                 repo: repo.clone(),
             },
-            idem: topo.idem.clone(),
+            idem: trainyard_core::topology::idem_bucket(&js, &self.config.nats)
+                .await
+                .expect("idem bucket"),
             store: self.store.clone(),
         };
         CoordinatorParts {

@@ -18,8 +18,12 @@ pub async fn run(
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
     let stage = deliver::DeliverStage::new(&config)?;
-    let Some((client, topo)) =
-        trainyard_core::service::connect(&config, "ty-uploader", &shutdown).await?
+    let Some((client, topo)) = trainyard_core::service::connect(
+        &config,
+        &trainyard_core::topology::permissions::Role::Uploader,
+        &shutdown,
+    )
+    .await?
     else {
         return Ok(()); // stopped before NATS was ready
     };

@@ -81,8 +81,14 @@ pub async fn run(
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
     };
-    let Some((client, topo)) =
-        trainyard_core::service::connect(&config, "ty-worker", &shutdown).await?
+    let Some((client, topo)) = trainyard_core::service::connect(
+        &config,
+        &trainyard_core::topology::permissions::Role::Worker {
+            pool: config.worker.pool.clone(),
+        },
+        &shutdown,
+    )
+    .await?
     else {
         return Ok(()); // stopped before NATS was ready
     };

@@ -140,6 +140,20 @@ impl Config {
         {
             return bad("worker.pool may hold only ascii letters, digits, '-' and '_'");
         }
+        if self.nats.nkey_seed_file.is_some() && self.nats.creds_file.is_some() {
+            return bad("nats.nkey_seed_file and nats.creds_file are exclusive: set one");
+        }
+        if self.nats.tls_cert_file.is_some() != self.nats.tls_key_file.is_some() {
+            return bad("nats.tls_cert_file and nats.tls_key_file go together");
+        }
+        if let Some(prefix) = &self.nats.inbox_prefix
+            && (prefix.is_empty()
+                || !prefix
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
+        {
+            return bad("nats.inbox_prefix may hold only ascii letters, digits, '-' and '_'");
+        }
         if self.nats.max_deliver == 0 {
             return bad("nats.max_deliver must be at least 1");
         }

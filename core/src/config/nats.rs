@@ -1,6 +1,7 @@
 //! The `[nats]` section: how services reach the bus.
 
 use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -19,6 +20,29 @@ pub struct NatsConfig {
     pub dedup_window_secs: u64,
     /// How long job events are kept.
     pub event_max_age_secs: u64,
+    /// This service's identity: a file holding its nkey seed (`SU…`), as
+    /// `yard fleet init` writes one per role. Unset: no nkey is presented.
+    pub nkey_seed_file: Option<PathBuf>,
+    /// A NATS credentials file (user JWT and seed), for a server run with
+    /// decentralized JWT auth; instead of `nkey_seed_file`.
+    pub creds_file: Option<PathBuf>,
+    /// CA certificate (PEM) the server's certificate must chain to. Setting
+    /// it requires TLS.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM), when the server verifies clients.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// Start TLS before the server's INFO (a server with `handshake_first`).
+    pub tls_first: bool,
+    /// Prefix of this service's reply subjects. Unset: `_INBOX_<role>`
+    /// (e.g. `_INBOX_coordinator`, `_INBOX_worker_<pool>`), which its NATS
+    /// user may read; no role reads `_INBOX.>`, so no one collects another
+    /// role's replies.
+    pub inbox_prefix: Option<String>,
+    /// Allow a server that does not require authentication. Only for a dev
+    /// fleet on loopback and tests: without it a service refuses to start
+    /// against an open bus.
+    pub insecure_dev: bool,
 }
 
 impl Default for NatsConfig {
@@ -30,6 +54,14 @@ impl Default for NatsConfig {
             replicas: 1,
             dedup_window_secs: 600,
             event_max_age_secs: 7 * 24 * 3600,
+            nkey_seed_file: None,
+            creds_file: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_first: false,
+            inbox_prefix: None,
+            insecure_dev: false,
         }
     }
 }

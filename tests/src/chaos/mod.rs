@@ -143,6 +143,7 @@ impl Chaos {
         let grpc_port = free_port();
         let mut config = Config::default();
         config.nats.url = url.clone();
+        config.nats.insecure_dev = true;
         config.nats.ack_wait_secs = 4;
         config.store.uri = dir.path().join("store").display().to_string();
         config.coordinator.grpc_addr = format!("127.0.0.1:{grpc_port}");

@@ -107,6 +107,7 @@ impl Fleet {
             command
                 .args(&options.args)
                 .env("TY_NATS__URL", nats.url())
+                .env("TY_NATS__INSECURE_DEV", "true")
                 .env("TY_STORE__URI", &store_dir)
                 .env("TY_COORDINATOR__GRPC_ADDR", format!("127.0.0.1:{port}"))
                 .env("TY_CAPTIONER__WORK_DIR", dir.path().join("work/c"))

@@ -1,0 +1,252 @@
+//! Who may do what on the bus: one NATS identity per service role, and the
+//! publish/subscribe permissions each needs for the topology above and
+//! nothing more. `yard fleet init` writes them into the server's
+//! `authorization` block; `tests/it/attacks_bus.rs` checks they suffice for
+//! a whole job and refuse everything else.
+//!
+//! | role | may |
+//! |---|---|
+//! | coordinator | everything under `ty.>`, the JetStream API, every bucket; answer `ty.api.*`; the only one to create streams, buckets and its own consumers, and to read or write `ty_jobs`, `ty_idem`, `ty_webhook_secrets` |
+//! | captioner, worker (per pool), uploader | bind to the streams and buckets; create and pull only its own stage's consumer (a worker: `ty-train-<pool>` filtered on `ty.task.train.<pool>`); read a job record by key; write its own stage's claims, its registry entry, its stage's result and dead letters, and non-state events; hear cancels |
+//! | client | send `ty.api.*` requests and read the replies |
+//!
+//! Every role reads replies only under its own inbox prefix (`_INBOX_<role>`),
+//! never `_INBOX.>`. No role but the coordinator publishes tasks, cancels or
+//! state events, or subscribes to `ty.api.>` (its requests carry clients'
+//! bearer tokens).
+
+use super::*;
+
+/// A service role on the bus, each with its own NATS identity.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    Coordinator,
+    /// The prepare stage, and preflight answers.
+    Captioner,
+    /// The train stage of one pool.
+    Worker {
+        pool: String,
+    },
+    /// The deliver stage.
+    Uploader,
+    /// Another service calling the job API over NATS.
+    Client,
+}
+
+/// One role's permissions, as the server's config spells them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Permissions {
+    pub publish: Vec<String>,
+    pub subscribe: Vec<String>,
+    /// May reply to requests it received (without naming the reply subjects).
+    pub allow_responses: bool,
+}
+
+/// The stage event kinds a stage may publish: all but `state`, which only
+/// the coordinator (the record's owner) sends.
+const STAGE_EVENT_KINDS: [EventKind; 5] = [
+    EventKind::Progress,
+    EventKind::Metric,
+    EventKind::Log,
+    EventKind::Checkpoint,
+    EventKind::Stuck,
+];
+
+impl Role {
+    /// The role's name in file names and user descriptions:
+    /// `coordinator`, `worker_<pool>`.
+    pub fn name(&self) -> String {
+        match self {
+            Role::Coordinator => "coordinator".into(),
+            Role::Captioner => "captioner".into(),
+            Role::Worker { pool } => format!("worker_{pool}"),
+            Role::Uploader => "uploader".into(),
+            Role::Client => "client".into(),
+        }
+    }
+
+    /// The connection name the server lists.
+    pub fn connection_name(&self) -> String {
+        match self {
+            Role::Worker { .. } => "ty-worker".into(),
+            other => format!("ty-{}", other.name()),
+        }
+    }
+
+    /// The default prefix of this role's reply subjects.
+    pub fn inbox_prefix(&self) -> String {
+        format!("_INBOX_{}", self.name())
+    }
+
+    /// The stage a stage role runs.
+    pub fn stage(&self) -> Option<(Stage, &str)> {
+        match self {
+            Role::Captioner => Some((Stage::Prepare, "")),
+            Role::Worker { pool } => Some((Stage::Train, pool)),
+            Role::Uploader => Some((Stage::Deliver, "")),
+            Role::Coordinator | Role::Client => None,
+        }
+    }
+
+    /// Whether the role lays out the topology (streams, buckets); the
+    /// others only bind to it.
+    pub fn creates_topology(&self) -> bool {
+        matches!(self, Role::Coordinator)
+    }
+
+    /// What the role may publish and subscribe to.
+    pub fn permissions(&self) -> Permissions {
+        let inbox = format!("{}.>", self.inbox_prefix());
+        match self {
+            Role::Coordinator => Permissions {
+                publish: vec![
+                    "ty.>".into(),
+                    "$JS.API.>".into(),
+                    "$JS.ACK.>".into(),
+                    "$JS.FC.>".into(),
+                    "$KV.>".into(),
+                ],
+                subscribe: vec!["ty.>".into(), inbox],
+                // Answers `ty.api.*` requests in the callers' inboxes.
+                allow_responses: true,
+            },
+            Role::Client => Permissions {
+                publish: vec!["ty.api.*".into()],
+                subscribe: vec![inbox],
+                allow_responses: false,
+            },
+            stage_role => {
+                let (stage, pool) = stage_role.stage().expect("a stage role");
+                let consumer = consumer_name(stage, pool);
+                let filter = subject::task(stage, pool);
+                let api = "$JS.API";
+                let mut publish = vec![
+                    // Binding: stream and bucket info, no listing.
+                    format!("{api}.STREAM.INFO.{TASKS_STREAM}"),
+                    format!("{api}.STREAM.INFO.KV_{JOBS_BUCKET}"),
+                    format!("{api}.STREAM.INFO.KV_{WORKERS_BUCKET}"),
+                    format!("{api}.STREAM.INFO.KV_{CLAIMS_BUCKET}"),
+                    // Its own consumer, created with its own filter only.
+                    format!("{api}.CONSUMER.INFO.{TASKS_STREAM}.{consumer}"),
+                    format!("{api}.CONSUMER.CREATE.{TASKS_STREAM}.{consumer}.{filter}"),
+                    format!("{api}.CONSUMER.MSG.NEXT.{TASKS_STREAM}.{consumer}"),
+                    format!("$JS.ACK.{TASKS_STREAM}.{consumer}.>"),
+                    // A job record by key (admission), never a listing.
+                    format!("{api}.DIRECT.GET.KV_{JOBS_BUCKET}.$KV.{JOBS_BUCKET}.>"),
+                    // Its stage's claims (`<tenant>.<job>.<stage>`).
+                    format!(
+                        "{api}.DIRECT.GET.KV_{CLAIMS_BUCKET}.$KV.{CLAIMS_BUCKET}.*.*.{}",
+                        stage.name()
+                    ),
+                    format!("$KV.{CLAIMS_BUCKET}.*.*.{}", stage.name()),
+                    // Its registry entry.
+                    format!("$KV.{WORKERS_BUCKET}.>"),
+                    subject::result(stage),
+                    subject::dlq(stage),
+                ];
+                publish.extend(
+                    STAGE_EVENT_KINDS
+                        .iter()
+                        .map(|kind| format!("ty.event.*.*.{}", kind.name())),
+                );
+                let mut subscribe = vec![subject::all_cancels().to_string(), inbox];
+                let mut allow_responses = false;
+                if matches!(stage_role, Role::Captioner) {
+                    subscribe.push(format!("{} {PREFLIGHT_QUEUE}", subject::preflight()));
+                    allow_responses = true;
+                }
+                Permissions {
+                    publish,
+                    subscribe,
+                    allow_responses,
+                }
+            }
+        }
+    }
+}
+
+/// One user of the server's `authorization { users = [...] }` block: the
+/// role's public nkey and its permissions, in NATS config syntax.
+pub fn user_entry(role: &Role, public_nkey: &str) -> String {
+    let permissions = role.permissions();
+    let list = |subjects: &[String]| {
+        subjects
+            .iter()
+            .map(|s| format!("{s:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let responses = if permissions.allow_responses {
+        ", allow_responses: true"
+    } else {
+        ""
+    };
+    format!(
+        "    # {}\n    {{ nkey: {public_nkey:?}, permissions: {{ publish: {{ allow: [{}] }}, subscribe: {{ allow: [{}] }}{responses} }} }}",
+        role.name(),
+        list(&permissions.publish),
+        list(&permissions.subscribe),
+    )
+}
+
+/// The server's `authorization` block for these roles and their public nkeys.
+pub fn authorization_block(users: &[(Role, String)]) -> String {
+    let entries: Vec<String> = users
+        .iter()
+        .map(|(role, key)| user_entry(role, key))
+        .collect();
+    format!(
+        "authorization {{\n  users = [\n{}\n  ]\n}}\n",
+        entries.join("\n")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_reaches_only_its_own_pool_and_no_api() {
+        let p = Role::Worker {
+            pool: "a100".into(),
+        }
+        .permissions();
+        assert!(
+            p.publish
+                .contains(&"$JS.API.CONSUMER.MSG.NEXT.TY_TASKS.ty-train-a100".into())
+        );
+        assert!(
+            p.publish.contains(
+                &"$JS.API.CONSUMER.CREATE.TY_TASKS.ty-train-a100.ty.task.train.a100".into()
+            )
+        );
+        assert!(!p.publish.iter().any(|s| s.starts_with("ty.task")
+            || s.starts_with("ty.control")
+            || s.ends_with(".state")
+            || s.contains(IDEM_BUCKET)
+            || s.starts_with(&format!("$KV.{JOBS_BUCKET}"))));
+        assert!(
+            !p.subscribe
+                .iter()
+                .any(|s| s.starts_with("ty.api") || s.starts_with("_INBOX."))
+        );
+        assert_eq!(
+            Role::Worker {
+                pool: "a100".into()
+            }
+            .inbox_prefix(),
+            "_INBOX_worker_a100"
+        );
+    }
+
+    #[test]
+    fn the_block_names_every_user() {
+        let block = authorization_block(&[
+            (Role::Coordinator, "UCOORD".into()),
+            (Role::Client, "UCLIENT".into()),
+        ]);
+        assert!(block.contains("nkey: \"UCOORD\""));
+        assert!(block.contains("allow_responses: true"));
+        assert!(block.contains("publish: { allow: [\"ty.api.*\"] }"));
+    }
+}
