@@ -62,6 +62,41 @@ pub enum Command {
     /// Your tenant's webhook signing secret: show it, or rotate it.
     #[command(subcommand)]
     Webhooks(WebhooksCommand),
+    /// Set up a fleet whose bus has identities.
+    #[command(subcommand)]
+    Fleet(FleetCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FleetCommand {
+    /// Write an nkey per service role (worker: per pool), a CA and the NATS
+    /// server's certificate, a ready nats.conf (TLS, JetStream, one user per
+    /// role with least-privilege permissions) and each role's [nats] keys
+    /// (<role>.toml) into DIR. Never overwrites.
+    Init(FleetInitArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct FleetInitArgs {
+    /// Folder to write into (created if missing).
+    pub dir: PathBuf,
+    /// A worker pool (repeatable); each gets its own identity.
+    #[arg(long = "pool", value_name = "NAME", default_values_t = ["default".to_string()])]
+    pub pools: Vec<String>,
+    /// A host name or address the server's certificate is valid for, besides
+    /// localhost and 127.0.0.1 (repeatable).
+    #[arg(long = "host", value_name = "NAME")]
+    pub hosts: Vec<String>,
+    /// The URL services connect to, written into each <role>.toml.
+    #[arg(long, default_value = "tls://127.0.0.1:4222")]
+    pub url: String,
+    /// Where services and the server see DIR (e.g. a container mount such as
+    /// /etc/trainyard/nats); DIR itself when unset.
+    #[arg(long, value_name = "PATH")]
+    pub mounted_at: Option<PathBuf>,
+    /// JetStream's store directory, as the server sees it.
+    #[arg(long, default_value = "/data")]
+    pub store_dir: String,
 }
 
 #[derive(Subcommand, Debug)]

@@ -219,3 +219,34 @@ async fn run_demo_job(
         first_step_after,
     })
 }
+
+/// `yard fleet init`: writes the fleet's keys, certificates and configs and
+/// says what goes where.
+pub fn fleet_init(args: crate::args::FleetInitArgs) -> anyhow::Result<std::process::ExitCode> {
+    use trainyard_core::fleet;
+    let spec = fleet::FleetSpec {
+        pools: args.pools,
+        hosts: args.hosts,
+        url: args.url,
+        store_dir: args.store_dir,
+        mounted_at: args.mounted_at,
+        ..Default::default()
+    };
+    let files = fleet::init(&args.dir, &spec)?;
+    println!("wrote {}:", files.dir.display());
+    println!("  nats.conf, auth.conf, server.pem, server-key.pem   for the NATS server");
+    println!("  ca.pem                                             for every service");
+    println!("  ca-key.pem                                         keep offline");
+    for role in &files.roles {
+        println!(
+            "  {name}.nk, {name}.toml{pad}for the {name} role only",
+            name = role.name(),
+            pad = " ".repeat(40usize.saturating_sub(2 * role.name().len() + 9)),
+        );
+    }
+    println!(
+        "start NATS with `nats-server -c {}`, then add each role's <role>.toml [nats] keys to its config",
+        files.nats_conf().display()
+    );
+    Ok(std::process::ExitCode::SUCCESS)
+}

@@ -53,5 +53,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Webhooks(command) => {
             webhooks::run(&mut client::connect(&server, &token).await?, command).await
         }
+        Command::Fleet(args::FleetCommand::Init(args)) => local::fleet_init(args),
     }
 }

@@ -11,6 +11,7 @@ pub mod claim;
 pub mod config;
 pub mod destination;
 pub mod events;
+pub mod fleet;
 pub mod guard;
 pub mod nats;
 pub mod netguard;

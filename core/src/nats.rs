@@ -81,6 +81,9 @@ pub fn options(
     if let Some(path) = &config.nkey_seed_file {
         options = options.nkey(read(path)?.trim().to_string());
     }
+    if config.tls_ca_file.is_some() || config.tls_cert_file.is_some() || config.tls_first {
+        install_tls_provider();
+    }
     if let Some(ca) = &config.tls_ca_file {
         options = options.add_root_certificates(ca.clone()).require_tls(true);
     }
@@ -97,6 +100,13 @@ pub fn options(
     Ok(options
         .name(role.connection_name())
         .custom_inbox_prefix(inbox))
+}
+
+/// Names rustls' crypto provider for the process: both of its providers
+/// are linked in (other crates enable one each), and TLS refuses to pick.
+/// An earlier call's choice stays.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// The servers of a comma-separated URL list.

@@ -269,16 +269,33 @@ impl NatsServer {
     /// Starts `binary` with JetStream on 127.0.0.1, a port the server picks,
     /// and `store_dir` for its data, and waits until it accepts connections.
     pub fn start(binary: &Path, store_dir: &Path) -> Result<Self, NatsdError> {
-        Self::spawn(binary, store_dir, None)
+        Self::spawn(binary, store_dir, None, None)
     }
 
     /// [`NatsServer::start`] on a fixed port. Restarting on a stopped
     /// server's port and store dir brings its streams and buckets back.
     pub fn start_on_port(binary: &Path, store_dir: &Path, port: u16) -> Result<Self, NatsdError> {
-        Self::spawn(binary, store_dir, Some(port))
+        Self::spawn(binary, store_dir, Some(port), None)
     }
 
-    fn spawn(binary: &Path, store_dir: &Path, port: Option<u16>) -> Result<Self, NatsdError> {
+    /// [`NatsServer::start`] with a server config file (`-c`, e.g. the
+    /// `nats.conf` of `yard fleet init`: TLS, users, JetStream and its store
+    /// dir), on 127.0.0.1 and a port the server picks (the flags win over
+    /// the file's `listen`); `store_dir` holds the log and ports file.
+    pub fn start_with_config(
+        binary: &Path,
+        store_dir: &Path,
+        config: &Path,
+    ) -> Result<Self, NatsdError> {
+        Self::spawn(binary, store_dir, None, Some(config))
+    }
+
+    fn spawn(
+        binary: &Path,
+        store_dir: &Path,
+        port: Option<u16>,
+        config: Option<&Path>,
+    ) -> Result<Self, NatsdError> {
         std::fs::create_dir_all(store_dir).map_err(io_err(store_dir))?;
         let store_dir = std::fs::canonicalize(store_dir).map_err(io_err(store_dir))?;
         // A fresh ports dir: whatever file appears in it is this server's.
@@ -292,9 +309,14 @@ impl NatsServer {
         let log = store_dir.join(LOG_FILE);
         let log_file = File::create(&log).map_err(io_err(&log))?;
         let port_arg = port.map_or_else(|| "-1".to_string(), |p| p.to_string());
-        let child = Command::new(binary)
-            .args(["-js", "-a", "127.0.0.1", "-p", &port_arg, "-sd"])
-            .arg(&store_dir)
+        let mut command = Command::new(binary);
+        match config {
+            // The file names JetStream's store dir.
+            Some(config) => command.arg("-c").arg(config),
+            None => command.arg("-js").arg("-sd").arg(&store_dir),
+        };
+        let child = command
+            .args(["-a", "127.0.0.1", "-p", &port_arg])
             .arg("--ports_file_dir")
             .arg(&ports_dir)
             .stdin(Stdio::null())

