@@ -11,6 +11,10 @@
 //! default) and with spans and metrics exported over OTLP to a receiver in
 //! this process.
 //!
+//! `ty-bench bus [--jobs 12] [--steps 20] [--rounds 2] [--runs 3]`: submit →
+//! first training step and the pipeline's throughput on an open bus and on
+//! one with identities and TLS (`yard fleet init`'s files).
+//!
 //! `ty-bench gpu-smoke [--only kohya,trl] [--steps 4] [--timeout 1800]`: on a
 //! machine with its trainers installed, each backend trains a few steps
 //! through this fleet and a pass/fail table is printed (`smoke`; README's
@@ -175,10 +179,90 @@ async fn tracing_overhead() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Submits one job and follows it; the time to its first training step.
+async fn first_step(fleet: &Fleet, steps: u32) -> anyhow::Result<Duration> {
+    let mut client = fleet.client();
+    let started = Instant::now();
+    let job = client
+        .submit(SubmitRequest {
+            spec: Some(spec(&fleet.store.uri("uploads/sample"), steps)),
+        })
+        .await?
+        .into_inner()
+        .job
+        .expect("job");
+    let mut events = client
+        .watch(WatchRequest {
+            job_id: job.job_id.clone(),
+        })
+        .await?
+        .into_inner();
+    let mut first = None;
+    while let Some(event) = events.next().await {
+        match event?.kind {
+            Some(Kind::Progress(p)) if p.stage() == Stage::Train && p.step > 0 => {
+                first.get_or_insert(started.elapsed());
+            }
+            Some(Kind::State(s)) if s.state().is_final() => {
+                anyhow::ensure!(
+                    s.state() == JobState::Succeeded,
+                    "job ended {:?}",
+                    s.state()
+                );
+            }
+            _ => {}
+        }
+    }
+    first.ok_or_else(|| anyhow::anyhow!("no training step seen"))
+}
+
+/// `ty-bench bus`: the cost of identities and TLS on the bus.
+async fn bus_overhead() -> anyhow::Result<()> {
+    let jobs = arg("--jobs", 12);
+    let steps = arg("--steps", 20);
+    let rounds = arg("--rounds", 2);
+    let runs = arg("--runs", 3);
+    println!(
+        "submit → first step (median of {runs}) and {jobs} jobs × {steps} steps at once (best of {rounds})"
+    );
+    println!(
+        "  {:<24} {:>12} {:>10} {:>10}",
+        "bus", "first step", "wall", "jobs/min"
+    );
+    for (name, secured) in [("open (insecure_dev)", false), ("nkeys + TLS", true)] {
+        let fleet = Fleet::start_with(fleet::FleetOptions {
+            secured,
+            ..Default::default()
+        })
+        .await?;
+        // A first job builds the base model and warms the cache.
+        run_batch(&fleet, 1, steps).await?;
+        let mut firsts = Vec::new();
+        for _ in 0..runs {
+            firsts.push(first_step(&fleet, steps).await?);
+        }
+        firsts.sort();
+        let mut best = Duration::MAX;
+        for _ in 0..rounds {
+            best = best.min(run_batch(&fleet, jobs, steps).await?);
+        }
+        println!(
+            "  {:<24} {:>10.3} s {:>8.2} s {:>10.1}",
+            name,
+            firsts[firsts.len() / 2].as_secs_f64(),
+            best.as_secs_f64(),
+            f64::from(jobs) * 60.0 / best.as_secs_f64()
+        );
+        drop(fleet);
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
     match std::env::args().nth(1).as_deref() {
         Some("tracing") => return tracing_overhead().await.map(|()| ExitCode::SUCCESS),
+        Some("bus") => return bus_overhead().await.map(|()| ExitCode::SUCCESS),
         Some("gpu-smoke") => {
             let args: Vec<String> = std::env::args().skip(2).collect();
             let code = smoke::main(&args).await;

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use trainyard_core::store::ArtifactStore;
+use trainyard_core::topology::permissions::Role;
 use trainyard_natsd::{NatsServer, find_nats_server};
 use trainyard_tests::Bearer;
 
@@ -37,6 +38,21 @@ pub struct FleetOptions {
     /// Each service's output goes to `<dir>/logs/<service>.log` instead of
     /// this process's stdout and stderr.
     pub log_files: bool,
+    /// The bus with identities and TLS, as `yard fleet init` sets it up:
+    /// each service connects as its own role.
+    pub secured: bool,
+}
+
+/// The bus role a service binary connects as.
+fn role_of(service: &str) -> Role {
+    match service {
+        "ty-coordinator" => Role::Coordinator,
+        "ty-captioner" => Role::Captioner,
+        "ty-uploader" => Role::Uploader,
+        _ => Role::Worker {
+            pool: "default".into(),
+        },
+    }
 }
 
 /// A fleet of separate processes: nats-server and the four services.
@@ -96,7 +112,28 @@ impl Fleet {
             .expect("root")
             .to_owned();
         let dir = tempfile::Builder::new().prefix("ty-bench-").tempdir()?;
-        let nats = NatsServer::start(&find_nats_server(&root)?, &dir.path().join("nats"))?;
+        let nats_dir = dir.path().join("nats");
+        let secured = if options.secured {
+            let spec = trainyard_core::fleet::FleetSpec {
+                store_dir: nats_dir.join("jetstream").display().to_string(),
+                ..Default::default()
+            };
+            Some(trainyard_core::fleet::init(
+                &dir.path().join("fleet"),
+                &spec,
+            )?)
+        } else {
+            None
+        };
+        let binary = find_nats_server(&root)?;
+        let nats = match &secured {
+            Some(files) => NatsServer::start_with_config(&binary, &nats_dir, &files.nats_conf())?,
+            None => NatsServer::start(&binary, &nats_dir)?,
+        };
+        let url = match secured {
+            Some(_) => format!("tls://127.0.0.1:{}", nats.port()),
+            None => nats.url(),
+        };
         let port = free_port();
         let store_dir = dir.path().join("store");
         let logs = dir.path().join("logs");
@@ -106,8 +143,8 @@ impl Fleet {
             let mut command = Command::new(bin_dir.join(name));
             command
                 .args(&options.args)
-                .env("TY_NATS__URL", nats.url())
-                .env("TY_NATS__INSECURE_DEV", "true")
+                .env("TY_NATS__URL", &url)
+                .env("TY_NATS__INSECURE_DEV", (secured.is_none()).to_string())
                 .env("TY_STORE__URI", &store_dir)
                 .env("TY_COORDINATOR__GRPC_ADDR", format!("127.0.0.1:{port}"))
                 .env("TY_CAPTIONER__WORK_DIR", dir.path().join("work/c"))
@@ -122,13 +159,27 @@ impl Fleet {
                 .env("TY_LOG", "warn")
                 .envs(options.env.iter().map(|(k, v)| (k, v)))
                 .stdin(Stdio::null());
+            if let Some(files) = &secured {
+                let role = role_of(name);
+                command
+                    .env("TY_NATS__NKEY_SEED_FILE", files.seed_file(&role))
+                    .env("TY_NATS__TLS_CA_FILE", files.ca());
+            }
             if options.log_files {
                 let out = std::fs::File::create(logs.join(format!("{name}.log")))?;
                 command.stderr(out.try_clone()?).stdout(out);
             }
             services.push(Service(command.spawn()?, name));
         }
-        let channel = ready(&nats, port, &mut services).await?;
+        let mut admin = trainyard_core::config::NatsConfig {
+            url: url.clone(),
+            insecure_dev: secured.is_none(),
+            ..Default::default()
+        };
+        if let Some(files) = &secured {
+            files.apply(&Role::Coordinator, &mut admin);
+        }
+        let channel = ready(&admin, port, &mut services).await?;
         let store = ArtifactStore::open(store_dir.to_str().expect("utf-8 path"))?;
         let sample = dir.path().join("sample");
         trainyard_captioner::sample::write_sample_dataset(&sample)?;
@@ -186,7 +237,7 @@ impl Fleet {
 /// Waits until gRPC answers and every stage consumer exists; fails at once
 /// when a service exits first (a bad config, a port taken).
 async fn ready(
-    nats: &NatsServer,
+    nats: &trainyard_core::config::NatsConfig,
     port: u16,
     services: &mut [Service],
 ) -> anyhow::Result<tonic::transport::Channel> {
@@ -214,7 +265,10 @@ async fn ready(
             }
         }
     };
-    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await?);
+    let client = trainyard_core::nats::options(nats, &Role::Coordinator)?
+        .connect(nats.url.as_str())
+        .await?;
+    let js = async_nats::jetstream::new(client);
     loop {
         if let Ok(stream) = js.get_stream(trainyard_core::topology::TASKS_STREAM).await {
             let names: Vec<String> = stream

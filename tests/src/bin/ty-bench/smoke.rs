@@ -201,6 +201,7 @@ fn fleet_options(args: &args::SmokeArgs, config: &Config) -> anyhow::Result<Flee
             .flat_map(|s| ["--set".to_string(), s.clone()])
             .collect(),
         log_files: true,
+        secured: false,
     })
 }
 
