@@ -21,15 +21,14 @@ pub struct Cli {
         default_value = "http://127.0.0.1:50051"
     )]
     pub server: String,
-    /// Bearer token sent with every call.
-    #[arg(
-        long,
-        global = true,
-        env = "TY_TOKEN",
-        default_value = "dev-token",
-        hide_env_values = true
-    )]
-    pub token: String,
+    /// Bearer token sent with every call (default: the one `yard dev`
+    /// keeps in `.trainyard/dev-token`).
+    #[arg(long, global = true, env = "TY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// PEM CA certificate that an `https://` server's certificate is
+    /// checked against (default: the system's roots).
+    #[arg(long, global = true, env = "TY_CA_FILE", value_name = "PEM")]
+    pub ca: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -62,6 +61,23 @@ pub enum Command {
     /// Your tenant's webhook signing secret: show it, or rotate it.
     #[command(subcommand)]
     Webhooks(WebhooksCommand),
+    /// Client tokens, for the fleet's operator.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Print a fresh random token and the `[coordinator.tokens]` line that
+    /// lets it in (the token's SHA-256; the token itself is never stored).
+    New(TokenNewArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TokenNewArgs {
+    /// The tenant the token authenticates as.
+    #[arg(long)]
+    pub tenant: String,
 }
 
 #[derive(Subcommand, Debug)]

@@ -33,6 +33,9 @@ pub enum ApiError {
     Spec(#[from] validate::Invalid),
     #[error("missing or unknown bearer token")]
     Unauthenticated,
+    /// Too many failed authentications from this caller.
+    #[error("{0}")]
+    RateLimited(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -64,6 +67,7 @@ impl ApiError {
         match self {
             ApiError::Invalid(_) | ApiError::Spec(_) => tonic::Code::InvalidArgument,
             ApiError::Unauthenticated => tonic::Code::Unauthenticated,
+            ApiError::RateLimited(_) => tonic::Code::ResourceExhausted,
             ApiError::NotFound(_) => tonic::Code::NotFound,
             ApiError::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
             ApiError::Unavailable(_)
@@ -108,37 +112,6 @@ impl From<RepoError> for ApiError {
 }
 
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<JobEvent, ApiError>> + Send>>;
-
-/// Maps bearer tokens to tenants.
-#[derive(Clone)]
-pub struct Auth {
-    tokens: BTreeMap<String, TenantId>,
-}
-
-impl Auth {
-    pub fn new(tokens: &BTreeMap<String, String>) -> Self {
-        Self {
-            tokens: tokens
-                .iter()
-                .filter_map(|(token, tenant)| Some((token.clone(), TenantId::parse(tenant).ok()?)))
-                .collect(),
-        }
-    }
-
-    /// The tenant of an `authorization` header value (`Bearer <token>`).
-    pub fn tenant(&self, header: Option<&str>) -> Result<TenantId, ApiError> {
-        let token = header
-            .and_then(|h| {
-                h.strip_prefix("Bearer ")
-                    .or_else(|| h.strip_prefix("bearer "))
-            })
-            .ok_or(ApiError::Unauthenticated)?;
-        self.tokens
-            .get(token.trim())
-            .cloned()
-            .ok_or(ApiError::Unauthenticated)
-    }
-}
 
 #[derive(Clone)]
 pub struct JobApi {

@@ -14,10 +14,12 @@
 //! NOT_SERVING while one of them is down.
 
 pub mod api;
+pub mod auth;
 pub mod backlog;
 pub mod effects;
 pub mod grpc;
 pub mod job;
+pub mod listen;
 pub mod nats_api;
 pub mod reconcile;
 pub mod repo;
@@ -46,6 +48,7 @@ pub async fn run(
     shutdown: CancellationToken,
     ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> anyhow::Result<()> {
+    let tls = listen::checked(&config.coordinator)?;
     let Some((client, topo)) =
         trainyard_core::service::connect(&config, "ty-coordinator", &shutdown).await?
     else {
@@ -90,7 +93,10 @@ pub async fn run(
         }
         None => None,
     };
-    let auth = api::Auth::new(&config.coordinator.tokens);
+    let auth = auth::Auth::new(
+        &config.coordinator.tokens,
+        config.coordinator.auth_failures_per_minute,
+    );
 
     let store =
         trainyard_core::store::ArtifactStore::open_with(&config.store.uri, &config.store.s3)?;
@@ -110,7 +116,7 @@ pub async fn run(
         .map_err(|e| anyhow::anyhow!("cannot subscribe to the NATS API: {e}"))?;
     let listener = TcpListener::bind(&config.coordinator.grpc_addr).await?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, "gRPC listening");
+    tracing::info!(%addr, tls = tls.is_some(), "gRPC listening");
     if let Some(ready) = ready {
         let _ = ready.send(addr);
     }
@@ -224,7 +230,11 @@ pub async fn run(
     let service = JobServiceServer::new(grpc::GrpcJobService { api, auth });
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let stop = shutdown.clone();
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    server
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service)

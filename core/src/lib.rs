@@ -7,6 +7,7 @@
 //! Services depend on this crate and on `trainyard-proto`; nothing here knows
 //! about a particular stage.
 
+pub mod auth;
 pub mod claim;
 pub mod config;
 pub mod destination;

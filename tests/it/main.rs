@@ -11,6 +11,7 @@
 mod api;
 mod attacks_destinations;
 mod attacks_webhooks;
+mod auth;
 mod backends;
 mod failures;
 mod faults;

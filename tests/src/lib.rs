@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use tonic::service::Interceptor;
 use tonic::transport::Channel;
 use trainyard_core::Config;
+pub use trainyard_core::auth::token_key;
 use trainyard_core::store::{ArtifactStore, S3Options};
 use trainyard_natsd::{NatsServer, find_nats_server};
 use trainyard_proto::v1::job_service_client::JobServiceClient;
@@ -145,8 +146,8 @@ impl Fleet {
         config.store.uri = dir.path().join("store").display().to_string();
         config.coordinator.grpc_addr = "127.0.0.1:0".into();
         config.coordinator.tokens = [
-            (TOKEN.to_string(), "acme".to_string()),
-            (OTHER_TOKEN.to_string(), "globex".to_string()),
+            (token_key(TOKEN), "acme".to_string()),
+            (token_key(OTHER_TOKEN), "globex".to_string()),
         ]
         .into();
         config.captioner.work_dir = dir.path().join("work/captioner");

@@ -13,8 +13,9 @@ use trainyard_tests::Bearer;
 /// The service binaries, in start order.
 pub const SERVICES: [&str; 4] = ["ty-coordinator", "ty-captioner", "ty-worker", "ty-uploader"];
 
-/// The token the fleet's coordinator accepts (the default config's).
-pub const TOKEN: &str = "dev-token";
+/// The token the fleet's coordinator accepts (set by every fleet, by its
+/// hash: there is no default token).
+pub const TOKEN: &str = "ty_bench";
 
 /// A service process; killed when dropped.
 pub struct Service(pub Child, pub &'static str);
@@ -119,6 +120,13 @@ impl Fleet {
                     format!("[{:?}]", dir.path().join("outputs")),
                 )
                 .env("TY_LOG", "warn")
+                .env(
+                    "TY_COORDINATOR__TOKENS",
+                    format!(
+                        "{{ {:?} = \"bench\" }}",
+                        trainyard_core::auth::token_key(TOKEN)
+                    ),
+                )
                 .envs(options.env.iter().map(|(k, v)| (k, v)))
                 .stdin(Stdio::null());
             if options.log_files {
