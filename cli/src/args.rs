@@ -64,6 +64,27 @@ pub enum Command {
     /// Client tokens, for the fleet's operator.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The fleet key that seals jobs' secrets, for the fleet's operator.
+    #[command(subcommand)]
+    Secrets(SecretsCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SecretsCommand {
+    /// Write a new key file (0600) for `[secrets] key_file`; with
+    /// --rotate, put a fresh key first in an existing one (its keys stay,
+    /// to open what they sealed).
+    Keygen(KeygenArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct KeygenArgs {
+    /// The key file to write.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Add a fresh sealing key to an existing file instead.
+    #[arg(long)]
+    pub rotate: bool,
 }
 
 #[derive(Subcommand, Debug)]

@@ -39,7 +39,16 @@ fn describe_fleet(fleet: &Fleet, token_file: &Path) {
 /// The local fleet's own token: kept in `<data_dir>/dev-token` (0600,
 /// made on first use) and let in as tenant `dev`, beside any configured
 /// tokens. There is no built-in token: this one is random per data dir.
+/// Also the fleet's secrets key, `<data_dir>/secrets.key`, when none is set.
 fn local_token(config: &mut Config, data_dir: &Path) -> anyhow::Result<String> {
+    // The insecure development fallback for the secrets key: one made in
+    // the data dir, unless the config names the fleet's.
+    if config.secrets.key_file.is_none() {
+        let path = data_dir.join("secrets.key");
+        trainyard_core::secrets::dev_key_file(&path)
+            .with_context(|| format!("cannot make the dev secrets key {}", path.display()))?;
+        config.secrets.key_file = Some(path);
+    }
     let path = data_dir.join(client::DEV_TOKEN_FILE);
     let token = trainyard_core::auth::token_file(&path)
         .with_context(|| format!("cannot read or write the dev token {}", path.display()))?;

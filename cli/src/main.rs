@@ -12,7 +12,7 @@ mod view;
 mod watch;
 mod webhooks;
 
-use args::{Cli, Command, TokenCommand};
+use args::{Cli, Command, SecretsCommand, TokenCommand};
 use clap::Parser;
 use std::process::ExitCode;
 
@@ -36,12 +36,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dev(args) => return local::dev(args).await,
         Command::Demo(args) => return local::demo(args).await,
         Command::Token(TokenCommand::New(args)) => return token::new(&args),
+        Command::Secrets(SecretsCommand::Keygen(args)) => return token::keygen(&args),
         _ => {}
     }
     let target = client::Target { server, token, ca };
     let connect = || client::connect(&target);
     match cli.command {
-        Command::Dev(_) | Command::Demo(_) | Command::Token(_) => unreachable!("handled above"),
+        Command::Dev(_) | Command::Demo(_) | Command::Token(_) | Command::Secrets(_) => {
+            unreachable!("handled above")
+        }
         Command::Submit(args) => jobs::submit(&target, *args).await,
         Command::Validate(args) => jobs::validate(&target, *args).await,
         Command::Watch(args) => jobs::watch_cmd(&mut connect().await?, args).await,

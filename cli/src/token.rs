@@ -1,6 +1,7 @@
 //! `yard token new`: a fresh client token and the config line that lets it
 //! in. The line holds the token's SHA-256 only, so the config file can be
-//! shared and printed; the token is shown once, here.
+//! shared and printed; the token is shown once, here. And `yard secrets
+//! keygen`: the fleet key file that seals jobs' secrets.
 
 use crate::args::TokenNewArgs;
 use std::process::ExitCode;
@@ -17,5 +18,19 @@ pub fn new(args: &TokenNewArgs) -> anyhow::Result<ExitCode> {
     println!("[coordinator.tokens] (or to the TY_COORDINATOR__TOKENS table):");
     println!();
     println!("{:?} = {:?}", token_key(&token), tenant.as_str());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `yard secrets keygen`: a new fleet secrets key file, or a rotated one.
+pub fn keygen(args: &crate::args::KeygenArgs) -> anyhow::Result<ExitCode> {
+    let id = trainyard_core::secrets::write_key_file(&args.out, args.rotate).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot {} {}: {e}",
+            if args.rotate { "rotate" } else { "write" },
+            args.out.display()
+        )
+    })?;
+    println!("key {id} written to {} (mode 0600)", args.out.display());
+    println!("set [secrets] key_file on the coordinator, captioners, workers and uploaders");
     Ok(ExitCode::SUCCESS)
 }

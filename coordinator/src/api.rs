@@ -129,6 +129,9 @@ pub struct JobApi {
     pub webhook_secrets: Option<crate::webhooks::SecretStore>,
     /// Which destinations a job may use on this fleet.
     pub destinations: trainyard_core::destination::Destinations,
+    /// The fleet key that seals jobs' secrets; `None`: jobs with secrets
+    /// are refused.
+    pub secrets: Option<std::sync::Arc<trainyard_core::secrets::Keyring>>,
 }
 
 /// The `ty_idem` key of a tenant's idempotency key.
@@ -137,6 +140,20 @@ pub fn idem_key(tenant: &TenantId, key: &str) -> String {
         "{tenant}.{}",
         hex::encode(&Sha256::digest(key.as_bytes())[..16])
     )
+}
+
+/// Seals `spec`'s secrets for `tenant`'s `job` ("" for a preflight).
+fn seal(
+    keyring: Option<&trainyard_core::secrets::Keyring>,
+    spec: &mut JobSpec,
+    tenant: &TenantId,
+    job: &str,
+) -> Result<(), ApiError> {
+    trainyard_core::secrets::seal_spec(keyring, spec, tenant.as_str(), job).map_err(|e| {
+        ApiError::FailedPrecondition(format!(
+            "secrets: this fleet cannot keep them ({e}); its operator sets [secrets] key_file"
+        ))
+    })
 }
 
 fn parse_job(id: &str) -> Result<JobId, ApiError> {
@@ -212,6 +229,9 @@ impl JobApi {
                 Err(e) => return Err(ApiError::Nats(e.into())),
             }
         }
+        // From here on the secrets exist only sealed, for this job.
+        let mut spec = spec;
+        seal(self.secrets.as_deref(), &mut spec, tenant, job.as_str())?;
         let record = JobRecord {
             job_id: job.to_string(),
             tenant: tenant.to_string(),
@@ -302,6 +322,8 @@ impl JobApi {
                 });
             }
         };
+        let mut spec = spec;
+        seal(self.secrets.as_deref(), &mut spec, tenant, "")?;
         let request = PreflightRequest {
             tenant: tenant.to_string(),
             spec: Some(spec),

@@ -30,6 +30,7 @@ pub mod webhooks;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -49,6 +50,7 @@ pub async fn run(
     ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> anyhow::Result<()> {
     let tls = listen::checked(&config.coordinator)?;
+    let secrets = trainyard_core::secrets::Keyring::from_config(&config.secrets)?.map(Arc::new);
     let Some((client, topo)) =
         trainyard_core::service::connect(&config, "ty-coordinator", &shutdown).await?
     else {
@@ -86,6 +88,7 @@ pub async fn run(
         webhooks: validate::SubmitRules::from_config(&config.webhooks),
         webhook_secrets: webhook_secrets.clone(),
         destinations: trainyard_core::destination::Destinations::from_config(&config),
+        secrets,
     };
     let deliverer = match webhook_secrets {
         Some(secrets) => {

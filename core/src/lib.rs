@@ -18,6 +18,7 @@ pub mod netguard;
 pub mod process;
 pub mod retry;
 pub mod runtime;
+pub mod secrets;
 pub mod serve;
 pub mod service;
 pub mod shutdown;

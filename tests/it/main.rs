@@ -10,6 +10,7 @@
 
 mod api;
 mod attacks_destinations;
+mod attacks_secrets;
 mod attacks_webhooks;
 mod auth;
 mod backends;

@@ -159,6 +159,11 @@ impl Fleet {
         // and to S3 endpoints on loopback (moto).
         config.uploader.allowed_local_roots = vec![dir.path().join("outputs")];
         config.destinations.allow_private_endpoints = true;
+        // The fleet's secrets key (`[secrets] key_file`): jobs with secrets
+        // are refused without one.
+        let key_file = dir.path().join("secrets.key");
+        trainyard_core::secrets::dev_key_file(&key_file).expect("secrets key");
+        config.secrets.key_file = Some(key_file);
         tweak(&mut config);
         let store = ArtifactStore::open_with(&config.store.uri, &config.store.s3).expect("store");
         let shutdown = CancellationToken::new();

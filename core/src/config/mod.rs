@@ -42,12 +42,14 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub webhooks: WebhooksConfig,
     pub destinations: DestinationsConfig,
+    pub secrets: SecretsConfig,
 }
 
 mod destinations;
 mod nats;
 mod observe;
 mod retry;
+mod secrets;
 mod services;
 mod store;
 
@@ -55,6 +57,7 @@ pub use destinations::*;
 pub use nats::*;
 pub use observe::*;
 pub use retry::*;
+pub use secrets::*;
 pub use services::*;
 pub use store::*;
 

@@ -147,6 +147,9 @@ impl Chaos {
         config.store.uri = dir.path().join("store").display().to_string();
         config.coordinator.grpc_addr = format!("127.0.0.1:{grpc_port}");
         config.coordinator.tokens = [(token_key(TOKEN), "acme".to_string())].into();
+        let key_file = dir.path().join("secrets.key");
+        trainyard_core::secrets::dev_key_file(&key_file).expect("secrets key");
+        config.secrets.key_file = Some(key_file);
         config.coordinator.reconcile_interval_secs = 2;
         config.coordinator.stale_after_secs = 5;
         config.captioner.allow_private_urls = true;

@@ -102,6 +102,8 @@ impl Fleet {
         let store_dir = dir.path().join("store");
         let logs = dir.path().join("logs");
         std::fs::create_dir_all(&logs)?;
+        let key_file = dir.path().join("secrets.key");
+        trainyard_core::secrets::dev_key_file(&key_file)?;
         let mut services = Vec::new();
         for name in SERVICES {
             let mut command = Command::new(bin_dir.join(name));
@@ -120,6 +122,7 @@ impl Fleet {
                     format!("[{:?}]", dir.path().join("outputs")),
                 )
                 .env("TY_LOG", "warn")
+                .env("TY_SECRETS__KEY_FILE", &key_file)
                 .env(
                     "TY_COORDINATOR__TOKENS",
                     format!(
