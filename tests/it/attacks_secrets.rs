@@ -20,6 +20,9 @@ const ACCESS_KEY: &str = "AKIDSEALEDx7c1";
 const SECRET_KEY: &str = "s3SEALEDxSECRETx7c1";
 const EXTRA: &str = "xyzzySEALEDxEXTRAx7c1";
 
+/// A recorded message: its subject, and its subject, headers and payload as bytes.
+type Seen = (String, Vec<u8>);
+
 fn leaks(bytes: &[u8]) -> Option<&'static str> {
     [HF_TOKEN, ACCESS_KEY, SECRET_KEY, EXTRA]
         .into_iter()
@@ -64,7 +67,7 @@ async fn no_secret_value_reaches_the_bus_the_streams_or_the_api() {
     // Everything published on the account, from before the submit.
     let nats = fleet.nats_client().await;
     let mut everything = nats.subscribe(">").await.expect("wildcard subscription");
-    let seen: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
     let recorder = {
         let seen = seen.clone();
         tokio::spawn(async move {
