@@ -35,6 +35,8 @@ use trainyard_proto::v1::{JobSpec, PreflightRequest, ValidateReply};
 pub struct PreflightServer {
     datasets: Datasets,
     access: AccessChecks,
+    /// Opens the request's sealed secrets (sealed for the tenant, no job).
+    secrets: Option<trainyard_core::secrets::Keyring>,
 }
 
 /// Stands in for a caption backend during `Validate`: a local one captions
@@ -75,6 +77,7 @@ impl PreflightServer {
         Ok(Self {
             datasets: Datasets::new(config, store.clone())?,
             access: access_checks(config, store)?,
+            secrets: trainyard_core::secrets::Keyring::from_config(&config.secrets)?,
         })
     }
 
@@ -190,7 +193,18 @@ async fn answer(server: &PreflightServer, payload: &[u8]) -> ValidateReply {
             return report.to_reply();
         }
     };
-    let spec = request.spec.unwrap_or_default();
+    let mut spec = request.spec.unwrap_or_default();
+    if let Err(e) =
+        trainyard_core::secrets::open_spec(server.secrets.as_ref(), &mut spec, &request.tenant, "")
+    {
+        let mut report = Report::default();
+        report.problem(
+            "secrets",
+            trainyard_proto::v1::ErrorKind::Internal,
+            e.to_string(),
+        );
+        return report.to_reply();
+    }
     record_job(
         &tracing::Span::current(),
         JobAttrs {

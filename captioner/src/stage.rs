@@ -21,6 +21,7 @@ use std::time::Duration;
 use tracing::Instrument;
 use trainyard_core::Config;
 use trainyard_core::runtime::{StageError, StageHandler, TaskContext};
+use trainyard_core::secrets::{Keyring, open_task};
 use trainyard_core::store::{ArtifactStore, keys};
 use trainyard_proto::v1::{ErrorKind, PrepareOutput, PrepareTask, stage_result::Outcome};
 
@@ -28,6 +29,8 @@ pub struct PrepareStage {
     store: ArtifactStore,
     datasets: Datasets,
     access: AccessChecks,
+    /// Opens the jobs' sealed secrets (the Hub token of the access checks).
+    secrets: Option<Keyring>,
 }
 
 impl PrepareStage {
@@ -37,6 +40,7 @@ impl PrepareStage {
             datasets: Datasets::new(config, store.clone())?,
             access: access_checks(config, store.clone())?,
             store,
+            secrets: Keyring::from_config(&config.secrets)?,
         })
     }
 
@@ -170,7 +174,13 @@ impl PrepareStage {
 impl StageHandler for PrepareStage {
     type Task = PrepareTask;
 
-    async fn handle(&self, task: PrepareTask, ctx: TaskContext) -> Result<Outcome, StageError> {
+    async fn handle(&self, mut task: PrepareTask, ctx: TaskContext) -> Result<Outcome, StageError> {
+        open_task(
+            self.secrets.as_ref(),
+            &mut task.spec,
+            &task.tenant,
+            &task.job_id,
+        )?;
         let work = self
             .datasets
             .work_root

@@ -21,15 +21,14 @@ pub struct Cli {
         default_value = "http://127.0.0.1:50051"
     )]
     pub server: String,
-    /// Bearer token sent with every call.
-    #[arg(
-        long,
-        global = true,
-        env = "TY_TOKEN",
-        default_value = "dev-token",
-        hide_env_values = true
-    )]
-    pub token: String,
+    /// Bearer token sent with every call (default: the one `yard dev`
+    /// keeps in `.trainyard/dev-token`).
+    #[arg(long, global = true, env = "TY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// PEM CA certificate that an `https://` server's certificate is
+    /// checked against (default: the system's roots).
+    #[arg(long, global = true, env = "TY_CA_FILE", value_name = "PEM")]
+    pub ca: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -65,6 +64,12 @@ pub enum Command {
     /// Set up a fleet whose bus has identities.
     #[command(subcommand)]
     Fleet(FleetCommand),
+    /// Client tokens, for the fleet's operator.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// The fleet key that seals jobs' secrets, for the fleet's operator.
+    #[command(subcommand)]
+    Secrets(SecretsCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -97,6 +102,38 @@ pub struct FleetInitArgs {
     /// JetStream's store directory, as the server sees it.
     #[arg(long, default_value = "/data")]
     pub store_dir: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SecretsCommand {
+    /// Write a new key file (0600) for `[secrets] key_file`; with
+    /// --rotate, put a fresh key first in an existing one (its keys stay,
+    /// to open what they sealed).
+    Keygen(KeygenArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct KeygenArgs {
+    /// The key file to write.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Add a fresh sealing key to an existing file instead.
+    #[arg(long)]
+    pub rotate: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Print a fresh random token and the `[coordinator.tokens]` line that
+    /// lets it in (the token's SHA-256; the token itself is never stored).
+    New(TokenNewArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TokenNewArgs {
+    /// The tenant the token authenticates as.
+    #[arg(long)]
+    pub tenant: String,
 }
 
 #[derive(Subcommand, Debug)]

@@ -2,11 +2,12 @@
 //! bearer token on every call. Also how a failed call reads on the terminal.
 
 use anyhow::Context;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use trainyard_core::Config;
 use trainyard_core::service::ServiceArgs;
 use trainyard_proto::v1::job_service_client::JobServiceClient;
@@ -31,13 +32,63 @@ impl Interceptor for BearerAuth {
     }
 }
 
-/// Connects to the coordinator at `server` (`http://host:port`).
-pub async fn connect(server: &str, token: &str) -> anyhow::Result<Client> {
+/// Where the client calls and as whom.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// `http://host:port`, or `https://…` for a coordinator serving TLS.
+    pub server: String,
+    /// `None`: the local fleet's ([`resolve_token`]), read at connect.
+    pub token: Option<String>,
+    /// The CA an `https://` server's certificate is checked against
+    /// (else the system's roots).
+    pub ca: Option<PathBuf>,
+}
+
+/// Where `yard dev` and `yard demo` keep their token, under the data dir.
+pub const DEV_TOKEN_FILE: &str = "dev-token";
+
+/// The token of a command: `--token`/`TY_TOKEN`, else the local fleet's
+/// (`.trainyard/dev-token`, written by `yard dev`).
+pub fn resolve_token(given: Option<String>) -> anyhow::Result<String> {
+    if let Some(token) = given {
+        return Ok(token);
+    }
+    let path = Path::new(".trainyard").join(DEV_TOKEN_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(token) if !token.trim().is_empty() => Ok(token.trim().to_string()),
+        _ => anyhow::bail!(
+            "no token: pass --token or set TY_TOKEN (a local `yard dev` keeps its own in {})",
+            path.display()
+        ),
+    }
+}
+
+/// Connects to the coordinator at `target.server`.
+pub async fn connect(target: &Target) -> anyhow::Result<Client> {
+    let server = &target.server;
+    let token = resolve_token(target.token.clone())?;
     let header: AsciiMetadataValue = MetadataValue::try_from(format!("Bearer {token}"))
         .context("the token holds characters a header cannot carry")?;
-    let channel = Endpoint::from_shared(server.to_string())
+    let mut endpoint = Endpoint::from_shared(server.to_string())
         .with_context(|| format!("{server:?} is not a valid server URL"))?
-        .connect_timeout(Duration::from_secs(5))
+        .connect_timeout(Duration::from_secs(5));
+    if server.starts_with("https://") {
+        let mut tls = ClientTlsConfig::new();
+        tls = match &target.ca {
+            Some(ca) => {
+                let pem = std::fs::read(ca)
+                    .with_context(|| format!("cannot read the CA file {}", ca.display()))?;
+                tls.ca_certificate(Certificate::from_pem(pem))
+            }
+            None => tls.with_native_roots(),
+        };
+        endpoint = endpoint
+            .tls_config(tls)
+            .context("cannot set up TLS for the coordinator")?;
+    } else if target.ca.is_some() {
+        anyhow::bail!("--ca is given but {server} is not https://");
+    }
+    let channel = endpoint
         .connect()
         .await
         .map_err(|e| {

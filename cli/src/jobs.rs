@@ -31,13 +31,13 @@ pub fn exit_code_of(record: &JobRecord) -> ExitCode {
 
 /// Checks the dataset and flags before touching the network, so a typo
 /// fails fast, then uploads (for a local dataset) and submits.
-pub async fn submit(server: &str, token: &str, args: SubmitArgs) -> anyhow::Result<ExitCode> {
+pub async fn submit(target: &crate::client::Target, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let dataset = crate::submit::classify(&args.sources)?;
     let mut spec = crate::submit::spec_from_args(&args)?;
     let Some(config) = load_config(&args.service, "yard", true)? else {
         return Ok(ExitCode::SUCCESS);
     };
-    let client = &mut crate::client::connect(server, token).await?;
+    let client = &mut crate::client::connect(target).await?;
     spec.dataset = Some(crate::submit::dataset_source(dataset, &config.store).await?);
     // With an OTLP endpoint configured, the job's trace starts here: the
     // client interceptor sends this span's context to the coordinator.
@@ -53,7 +53,10 @@ pub async fn submit(server: &str, token: &str, args: SubmitArgs) -> anyhow::Resu
 /// Like `submit` up to the call, then `Validate` instead: prints every
 /// problem, the warnings and the estimate. A local dataset is uploaded for
 /// the check and removed afterwards.
-pub async fn validate(server: &str, token: &str, args: SubmitArgs) -> anyhow::Result<ExitCode> {
+pub async fn validate(
+    target: &crate::client::Target,
+    args: SubmitArgs,
+) -> anyhow::Result<ExitCode> {
     let dataset = crate::submit::classify(&args.sources)?;
     let uploaded = matches!(
         dataset,
@@ -63,7 +66,7 @@ pub async fn validate(server: &str, token: &str, args: SubmitArgs) -> anyhow::Re
     let Some(config) = load_config(&args.service, "yard", true)? else {
         return Ok(ExitCode::SUCCESS);
     };
-    let client = &mut crate::client::connect(server, token).await?;
+    let client = &mut crate::client::connect(target).await?;
     let source = crate::submit::dataset_source(dataset, &config.store).await?;
     spec.dataset = Some(source.clone());
     let reply = client.validate(ValidateRequest { spec: Some(spec) }).await;

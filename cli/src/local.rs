@@ -17,7 +17,7 @@ use trainyard_proto::v1::{
     CaptionSettings, Destination, JobRecord, JobSpec, JobState, TrainingSettings,
 };
 
-fn describe_fleet(fleet: &Fleet, token: &str) {
+fn describe_fleet(fleet: &Fleet, token_file: &Path) {
     let nats = match fleet.nats_server() {
         Some(server) => format!(
             "{} (nats-server pid {}, store {})",
@@ -29,13 +29,42 @@ fn describe_fleet(fleet: &Fleet, token: &str) {
     };
     println!("nats         {nats}");
     println!("store        {}", fleet.config.store.uri);
-    println!("coordinator  {}  (token {token})", fleet.server_url());
+    println!(
+        "coordinator  {}  (token in {})",
+        fleet.server_url(),
+        token_file.display()
+    );
 }
 
-pub async fn dev(args: DevArgs, token: &str) -> anyhow::Result<ExitCode> {
-    let Some(config) = load_config(&args.fleet.service, "yard-dev", false)? else {
+/// The local fleet's own token: kept in `<data_dir>/dev-token` (0600,
+/// made on first use) and let in as tenant `dev`, beside any configured
+/// tokens. There is no built-in token: this one is random per data dir.
+/// Also the fleet's secrets key, `<data_dir>/secrets.key`, when none is set.
+fn local_token(config: &mut Config, data_dir: &Path) -> anyhow::Result<String> {
+    // The insecure development fallback for the secrets key: one made in
+    // the data dir, unless the config names the fleet's.
+    if config.secrets.key_file.is_none() {
+        let path = data_dir.join("secrets.key");
+        trainyard_core::secrets::dev_key_file(&path)
+            .with_context(|| format!("cannot make the dev secrets key {}", path.display()))?;
+        config.secrets.key_file = Some(path);
+    }
+    let path = data_dir.join(client::DEV_TOKEN_FILE);
+    let token = trainyard_core::auth::token_file(&path)
+        .with_context(|| format!("cannot read or write the dev token {}", path.display()))?;
+    config
+        .coordinator
+        .tokens
+        .insert(trainyard_core::auth::token_key(&token), "dev".into());
+    Ok(token)
+}
+
+pub async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
+    let Some(mut config) = load_config(&args.fleet.service, "yard-dev", false)? else {
         return Ok(ExitCode::SUCCESS);
     };
+    let data_dir = std::path::absolute(&args.fleet.data_dir)?;
+    local_token(&mut config, &data_dir)?;
     let signal = trainyard_core::shutdown::on_signals();
     let url = args
         .fleet
@@ -48,7 +77,13 @@ pub async fn dev(args: DevArgs, token: &str) -> anyhow::Result<ExitCode> {
         grpc_addr: None,
     };
     let mut fleet = Fleet::start(config, options).await?;
-    describe_fleet(&fleet, token);
+    describe_fleet(&fleet, &data_dir.join(client::DEV_TOKEN_FILE));
+    if data_dir != std::path::absolute(".trainyard")? {
+        println!(
+            "clients: export TY_TOKEN=$(cat {})",
+            data_dir.join(client::DEV_TOKEN_FILE).display()
+        );
+    }
     println!("fleet running; Ctrl-C stops it");
     let failure = tokio::select! {
         _ = signal.cancelled() => None,
@@ -92,20 +127,6 @@ fn demo_spec(steps: u32, dataset_dir: &Path, outputs: &Path) -> JobSpec {
     }
 }
 
-/// The demo's token: the one given, when the config knows it, else the first configured.
-fn demo_token(config: &Config, given: &str) -> String {
-    if config.coordinator.tokens.contains_key(given) {
-        return given.to_string();
-    }
-    config
-        .coordinator
-        .tokens
-        .keys()
-        .next()
-        .cloned()
-        .unwrap_or_else(|| given.to_string())
-}
-
 struct DemoRun {
     record: JobRecord,
     submitted: Instant,
@@ -113,19 +134,19 @@ struct DemoRun {
     first_step_after: Option<Duration>,
 }
 
-pub async fn demo(args: DemoArgs, token: &str) -> anyhow::Result<ExitCode> {
+pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let FleetArgs {
         data_dir,
         nats_url,
         service,
     } = args.fleet;
-    let Some(config) = load_config(&service, "yard-demo", true)? else {
+    let Some(mut config) = load_config(&service, "yard-demo", true)? else {
         return Ok(ExitCode::SUCCESS);
     };
     let data_dir = std::path::absolute(&data_dir)?;
     let signal = trainyard_core::shutdown::on_signals();
-    let token = demo_token(&config, token);
+    let token = local_token(&mut config, &data_dir)?;
     let grpc_addr = (config.coordinator.grpc_addr == Config::default().coordinator.grpc_addr)
         .then(|| "127.0.0.1:0".to_string());
     let options = FleetOptions {
@@ -135,7 +156,7 @@ pub async fn demo(args: DemoArgs, token: &str) -> anyhow::Result<ExitCode> {
     };
     let mut fleet = Fleet::start(config, options).await?;
     let fleet_ready = started.elapsed();
-    describe_fleet(&fleet, &token);
+    describe_fleet(&fleet, &data_dir.join(client::DEV_TOKEN_FILE));
     println!("fleet up in {}", secs(fleet_ready));
 
     let run = run_demo_job(
@@ -201,7 +222,12 @@ async fn run_demo_job(
         .await?
         .with_context(|| format!("cannot write the sample dataset to {}", sample.display()))?;
     let mut spec = demo_spec(steps, &sample, &outputs);
-    let mut client = client::connect(&server_url, token).await?;
+    let target = client::Target {
+        server: server_url,
+        token: Some(token.to_string()),
+        ca: None,
+    };
+    let mut client = client::connect(&target).await?;
     let dataset = crate::submit::DatasetArg::LocalDir(sample.clone());
     spec.dataset = Some(crate::submit::dataset_source(dataset, &store).await?);
     let submitted = Instant::now();

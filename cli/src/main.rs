@@ -7,11 +7,12 @@ mod fleet;
 mod jobs;
 mod local;
 mod submit;
+mod token;
 mod view;
 mod watch;
 mod webhooks;
 
-use args::{Cli, Command};
+use args::{Cli, Command, SecretsCommand, TokenCommand};
 use clap::Parser;
 use std::process::ExitCode;
 
@@ -30,29 +31,29 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let (server, token) = (cli.server, cli.token);
+    let (server, token, ca) = (cli.server, cli.token, cli.ca);
     match cli.command {
-        Command::Dev(args) => local::dev(args, &token).await,
-        Command::Demo(args) => local::demo(args, &token).await,
-        Command::Submit(args) => jobs::submit(&server, &token, *args).await,
-        Command::Validate(args) => jobs::validate(&server, &token, *args).await,
-        Command::Watch(args) => {
-            jobs::watch_cmd(&mut client::connect(&server, &token).await?, args).await
+        Command::Dev(args) => return local::dev(args).await,
+        Command::Demo(args) => return local::demo(args).await,
+        Command::Token(TokenCommand::New(args)) => return token::new(&args),
+        Command::Secrets(SecretsCommand::Keygen(args)) => return token::keygen(&args),
+        Command::Fleet(args::FleetCommand::Init(args)) => return local::fleet_init(args),
+        _ => {}
+    }
+    let target = client::Target { server, token, ca };
+    let connect = || client::connect(&target);
+    match cli.command {
+        Command::Dev(_) | Command::Demo(_) | Command::Token(_) | Command::Secrets(_) | Command::Fleet(_) => {
+            unreachable!("handled above")
         }
-        Command::List(args) => jobs::list(&mut client::connect(&server, &token).await?, args).await,
-        Command::Get(args) => jobs::get(&mut client::connect(&server, &token).await?, args).await,
-        Command::Cancel(args) => {
-            jobs::cancel(&mut client::connect(&server, &token).await?, args).await
-        }
-        Command::Fetch(args) => {
-            jobs::fetch(&mut client::connect(&server, &token).await?, args).await
-        }
-        Command::Metrics(args) => {
-            jobs::metrics(&mut client::connect(&server, &token).await?, args).await
-        }
-        Command::Webhooks(command) => {
-            webhooks::run(&mut client::connect(&server, &token).await?, command).await
-        }
-        Command::Fleet(args::FleetCommand::Init(args)) => local::fleet_init(args),
+        Command::Submit(args) => jobs::submit(&target, *args).await,
+        Command::Validate(args) => jobs::validate(&target, *args).await,
+        Command::Watch(args) => jobs::watch_cmd(&mut connect().await?, args).await,
+        Command::List(args) => jobs::list(&mut connect().await?, args).await,
+        Command::Get(args) => jobs::get(&mut connect().await?, args).await,
+        Command::Cancel(args) => jobs::cancel(&mut connect().await?, args).await,
+        Command::Fetch(args) => jobs::fetch(&mut connect().await?, args).await,
+        Command::Metrics(args) => jobs::metrics(&mut connect().await?, args).await,
+        Command::Webhooks(command) => webhooks::run(&mut connect().await?, command).await,
     }
 }

@@ -236,6 +236,7 @@ pub fn spec_from_args(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
             hf_token,
             ..Default::default()
         }),
+        sealed_secrets: None,
         pool: args.pool.clone().unwrap_or_default(),
         retry: None,
         timeout_secs: args.timeout_secs,

@@ -33,6 +33,9 @@ pub enum ApiError {
     Spec(#[from] validate::Invalid),
     #[error("missing or unknown bearer token")]
     Unauthenticated,
+    /// Too many failed authentications from this caller.
+    #[error("{0}")]
+    RateLimited(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -64,6 +67,7 @@ impl ApiError {
         match self {
             ApiError::Invalid(_) | ApiError::Spec(_) => tonic::Code::InvalidArgument,
             ApiError::Unauthenticated => tonic::Code::Unauthenticated,
+            ApiError::RateLimited(_) => tonic::Code::ResourceExhausted,
             ApiError::NotFound(_) => tonic::Code::NotFound,
             ApiError::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
             ApiError::Unavailable(_)
@@ -109,37 +113,6 @@ impl From<RepoError> for ApiError {
 
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<JobEvent, ApiError>> + Send>>;
 
-/// Maps bearer tokens to tenants.
-#[derive(Clone)]
-pub struct Auth {
-    tokens: BTreeMap<String, TenantId>,
-}
-
-impl Auth {
-    pub fn new(tokens: &BTreeMap<String, String>) -> Self {
-        Self {
-            tokens: tokens
-                .iter()
-                .filter_map(|(token, tenant)| Some((token.clone(), TenantId::parse(tenant).ok()?)))
-                .collect(),
-        }
-    }
-
-    /// The tenant of an `authorization` header value (`Bearer <token>`).
-    pub fn tenant(&self, header: Option<&str>) -> Result<TenantId, ApiError> {
-        let token = header
-            .and_then(|h| {
-                h.strip_prefix("Bearer ")
-                    .or_else(|| h.strip_prefix("bearer "))
-            })
-            .ok_or(ApiError::Unauthenticated)?;
-        self.tokens
-            .get(token.trim())
-            .cloned()
-            .ok_or(ApiError::Unauthenticated)
-    }
-}
-
 #[derive(Clone)]
 pub struct JobApi {
     pub repo: JobRepo,
@@ -156,6 +129,9 @@ pub struct JobApi {
     pub webhook_secrets: Option<crate::webhooks::SecretStore>,
     /// Which destinations a job may use on this fleet.
     pub destinations: trainyard_core::destination::Destinations,
+    /// The fleet key that seals jobs' secrets; `None`: jobs with secrets
+    /// are refused.
+    pub secrets: Option<std::sync::Arc<trainyard_core::secrets::Keyring>>,
 }
 
 /// The `ty_idem` key of a tenant's idempotency key.
@@ -164,6 +140,20 @@ pub fn idem_key(tenant: &TenantId, key: &str) -> String {
         "{tenant}.{}",
         hex::encode(&Sha256::digest(key.as_bytes())[..16])
     )
+}
+
+/// Seals `spec`'s secrets for `tenant`'s `job` ("" for a preflight).
+fn seal(
+    keyring: Option<&trainyard_core::secrets::Keyring>,
+    spec: &mut JobSpec,
+    tenant: &TenantId,
+    job: &str,
+) -> Result<(), ApiError> {
+    trainyard_core::secrets::seal_spec(keyring, spec, tenant.as_str(), job).map_err(|e| {
+        ApiError::FailedPrecondition(format!(
+            "secrets: this fleet cannot keep them ({e}); its operator sets [secrets] key_file"
+        ))
+    })
 }
 
 fn parse_job(id: &str) -> Result<JobId, ApiError> {
@@ -239,6 +229,9 @@ impl JobApi {
                 Err(e) => return Err(ApiError::Nats(e.into())),
             }
         }
+        // From here on the secrets exist only sealed, for this job.
+        let mut spec = spec;
+        seal(self.secrets.as_deref(), &mut spec, tenant, job.as_str())?;
         let record = JobRecord {
             job_id: job.to_string(),
             tenant: tenant.to_string(),
@@ -329,6 +322,8 @@ impl JobApi {
                 });
             }
         };
+        let mut spec = spec;
+        seal(self.secrets.as_deref(), &mut spec, tenant, "")?;
         let request = PreflightRequest {
             tenant: tenant.to_string(),
             spec: Some(spec),

@@ -2,7 +2,8 @@
 //! is in [`crate::api::JobApi`]. Every call runs inside a server span, a
 //! child of the trace context the caller sent in its metadata.
 
-use crate::api::{ApiError, Auth, JobApi};
+use crate::api::{ApiError, JobApi};
+use crate::auth::Auth;
 use futures::StreamExt;
 use std::pin::Pin;
 use tonic::{Request, Response, Status};
@@ -31,7 +32,11 @@ impl GrpcJobService {
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        self.auth.tenant(header).map_err(|e| e.to_status())
+        // The peer's address without its port: one client, many connections.
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_string(), |a| a.ip().to_string());
+        self.auth.tenant(header, &peer).map_err(|e| e.to_status())
     }
 
     /// The server span of `method`; carries the job id when the request

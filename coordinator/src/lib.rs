@@ -14,10 +14,12 @@
 //! NOT_SERVING while one of them is down.
 
 pub mod api;
+pub mod auth;
 pub mod backlog;
 pub mod effects;
 pub mod grpc;
 pub mod job;
+pub mod listen;
 pub mod nats_api;
 pub mod reconcile;
 pub mod repo;
@@ -28,6 +30,7 @@ pub mod webhooks;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -46,6 +49,8 @@ pub async fn run(
     shutdown: CancellationToken,
     ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> anyhow::Result<()> {
+    let tls = listen::checked(&config.coordinator)?;
+    let secrets = trainyard_core::secrets::Keyring::from_config(&config.secrets)?.map(Arc::new);
     let Some((client, topo)) = trainyard_core::service::connect(
         &config,
         &trainyard_core::topology::permissions::Role::Coordinator,
@@ -94,6 +99,7 @@ pub async fn run(
         webhooks: validate::SubmitRules::from_config(&config.webhooks),
         webhook_secrets: webhook_secrets.clone(),
         destinations: trainyard_core::destination::Destinations::from_config(&config),
+        secrets,
     };
     let deliverer = match webhook_secrets {
         Some(secrets) => {
@@ -101,7 +107,10 @@ pub async fn run(
         }
         None => None,
     };
-    let auth = api::Auth::new(&config.coordinator.tokens);
+    let auth = auth::Auth::new(
+        &config.coordinator.tokens,
+        config.coordinator.auth_failures_per_minute,
+    );
 
     let store =
         trainyard_core::store::ArtifactStore::open_with(&config.store.uri, &config.store.s3)?;
@@ -121,7 +130,7 @@ pub async fn run(
         .map_err(|e| anyhow::anyhow!("cannot subscribe to the NATS API: {e}"))?;
     let listener = TcpListener::bind(&config.coordinator.grpc_addr).await?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, "gRPC listening");
+    tracing::info!(%addr, tls = tls.is_some(), "gRPC listening");
     if let Some(ready) = ready {
         let _ = ready.send(addr);
     }
@@ -235,7 +244,11 @@ pub async fn run(
     let service = JobServiceServer::new(grpc::GrpcJobService { api, auth });
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let stop = shutdown.clone();
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    server
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service)

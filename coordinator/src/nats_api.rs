@@ -7,7 +7,8 @@
 //! captioner does not hold up a `Get`; each request is handled inside a
 //! process span, a child of the trace context its headers carry.
 
-use crate::api::{ApiError, Auth, JobApi};
+use crate::api::{ApiError, JobApi};
+use crate::auth::Auth;
 use bytes::Bytes;
 use prost::Message;
 use std::sync::Arc;
@@ -83,7 +84,7 @@ async fn handle(
         .as_ref()
         .and_then(|h| h.get(AUTH_HEADER))
         .map(|v| v.as_str());
-    let tenant = auth.tenant(header)?;
+    let tenant = auth.tenant(header, &peer_of(message))?;
     record(JobAttrs {
         tenant: Some(tenant.as_str()),
         ..Default::default()
@@ -149,6 +150,16 @@ async fn handle(
             Reply::WebhookSecret(api.rotate_webhook_secret(&tenant).await?)
         }
     })
+}
+
+/// Who sent a request, for the failed-authentication limit: NATS does not
+/// tell a subscriber the sender's address, so the peer is its reply inbox
+/// without the last token (`_INBOX.<connection>`), which is one client
+/// connection (and, with per-role inbox prefixes, one role).
+fn peer_of(message: &async_nats::Message) -> String {
+    let reply = message.reply.as_ref().map_or("", |r| r.as_str());
+    let prefix = reply.rsplit_once('.').map_or(reply, |(prefix, _)| prefix);
+    format!("nats:{prefix}")
 }
 
 fn record(job: JobAttrs<'_>) {

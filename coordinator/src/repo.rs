@@ -93,9 +93,15 @@ impl JobRepo {
         for _ in 0..16 {
             let current = self.get_key(&key).await?;
             let (next, value) = change(current.record).await;
-            let Some(next) = next else {
+            let Some(mut next) = next else {
                 return Ok((None, value));
             };
+            // A final job's secrets are of use to no one: not kept, even sealed.
+            if next.state().is_final()
+                && let Some(spec) = next.spec.as_mut()
+            {
+                spec.sealed_secrets = None;
+            }
             match self
                 .kv
                 .update(&key, Bytes::from(next.encode_to_vec()), current.revision)

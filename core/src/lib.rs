@@ -7,6 +7,7 @@
 //! Services depend on this crate and on `trainyard-proto`; nothing here knows
 //! about a particular stage.
 
+pub mod auth;
 pub mod claim;
 pub mod config;
 pub mod destination;
@@ -18,6 +19,7 @@ pub mod netguard;
 pub mod process;
 pub mod retry;
 pub mod runtime;
+pub mod secrets;
 pub mod serve;
 pub mod service;
 pub mod shutdown;

@@ -7,6 +7,11 @@
 //! an argv vector, never a shell line. Output is read line by line on its own
 //! tasks, split on `\r` as well as `\n` (progress bars) with ANSI escapes removed.
 //!
+//! A child does not inherit this service's environment: that holds the
+//! store's keys, the NATS URL and credentials, and trainer code is not
+//! trusted. It gets [`inherited_env`] (what a program and the Python and
+//! CUDA stacks need to run) and the spec's own variables, nothing else.
+//!
 //! Dropping the handle cannot help when the whole worker is SIGKILLed:
 //! [`ChildGroup::spawn_guarded`] puts the trainer guard ([`crate::guard`])
 //! at the head of the group, which ends the group when the worker is gone.
@@ -28,8 +33,63 @@ pub struct CommandSpec {
     pub program: PathBuf,
     pub args: Vec<OsString>,
     pub cwd: PathBuf,
-    /// Added to the inherited environment.
+    /// Added to the allowed part of this process's environment ([`inherited_env`]).
     pub env: Vec<(String, String)>,
+}
+
+/// Variables a child gets from this process, by name.
+const KEEP: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LANGUAGE",
+    "TZ",
+    "TERM",
+    "TMPDIR",
+    "LD_LIBRARY_PATH",
+    "VIRTUAL_ENV",
+    "OMP_NUM_THREADS",
+    "RUST_BACKTRACE",
+];
+/// Variables a child gets from this process, by prefix: locale, CUDA and
+/// NVIDIA, NCCL, PyTorch, the Python and Hugging Face stacks' settings
+/// and caches, accelerate, Triton, conda.
+const KEEP_PREFIXES: &[&str] = &[
+    "LC_",
+    "CUDA_",
+    "NVIDIA_",
+    "NCCL_",
+    "TORCH",
+    "PYTORCH_",
+    "PYTHON",
+    "HF_",
+    "TRANSFORMERS_",
+    "TOKENIZERS_",
+    "DIFFUSERS_",
+    "ACCELERATE_",
+    "TRITON_",
+    "CONDA_",
+    "XDG_",
+];
+/// Credentials that a kept prefix would let through: never passed on.
+const NEVER: &[&str] = &["HF_TOKEN", "HF_TOKEN_PATH", "HUGGING_FACE_HUB_TOKEN"];
+
+/// The part of `vars` (this process's environment) a child inherits.
+pub fn inherited_env(
+    vars: impl IntoIterator<Item = (OsString, OsString)>,
+) -> Vec<(OsString, OsString)> {
+    vars.into_iter()
+        .filter(|(name, _)| {
+            let Some(name) = name.to_str() else {
+                return false;
+            };
+            !NEVER.contains(&name)
+                && (KEEP.contains(&name) || KEEP_PREFIXES.iter().any(|p| name.starts_with(p)))
+        })
+        .collect()
 }
 
 /// Which pipe a line came from.
@@ -145,6 +205,8 @@ impl ChildGroup {
     ) -> std::io::Result<(ChildGroup, mpsc::Receiver<OutputLine>)> {
         command
             .current_dir(&spec.cwd)
+            .env_clear()
+            .envs(inherited_env(std::env::vars_os()))
             .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -353,6 +415,70 @@ mod tests {
             args: vec!["-c".into(), script.into()],
             cwd: std::env::temp_dir(),
             env: vec![],
+        }
+    }
+
+    #[test]
+    fn a_child_inherits_no_credentials() {
+        let parent = [
+            ("PATH", "/usr/bin"),
+            ("HOME", "/root"),
+            ("CUDA_VISIBLE_DEVICES", "0"),
+            ("PYTHONPATH", "/opt/p"),
+            ("HF_HOME", "/cache/hf"),
+            ("LC_ALL", "C.UTF-8"),
+            ("HF_TOKEN", "hf_worker-own"),
+            ("AWS_SECRET_ACCESS_KEY", "store-key"),
+            ("AWS_ACCESS_KEY_ID", "AKID"),
+            ("TY_STORE__S3__SECRET_ACCESS_KEY", "store-key"),
+            ("TY_NATS__URL", "nats://user:pass@nats:4222"),
+            ("NATS_CREDS", "/etc/nats/worker.creds"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer x"),
+            ("TY_TOKEN", "ty_client"),
+        ]
+        .map(|(k, v)| (OsString::from(k), OsString::from(v)));
+        let kept: Vec<String> = inherited_env(parent)
+            .into_iter()
+            .map(|(k, _)| k.into_string().unwrap())
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                "PATH",
+                "HOME",
+                "CUDA_VISIBLE_DEVICES",
+                "PYTHONPATH",
+                "HF_HOME",
+                "LC_ALL"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_child_gets_only_the_allowed_environment_and_its_own() {
+        let mut spec = sh("env");
+        spec.env.push(("TY_STANDIN_OWN".into(), "1".into()));
+        let (mut child, mut rx) = ChildGroup::spawn(&spec).unwrap();
+        assert!(child.wait().await.unwrap().success());
+        let mut names = Vec::new();
+        while let Some(line) = rx.recv().await {
+            if let Some((name, _)) = line.line.split_once('=') {
+                names.push(name.to_string());
+            }
+        }
+        assert!(names.contains(&"TY_STANDIN_OWN".to_string()), "{names:?}");
+        let allowed: Vec<String> = inherited_env(std::env::vars_os())
+            .into_iter()
+            .map(|(k, _)| k.into_string().unwrap())
+            .collect();
+        // What the shell sets itself (PWD, SHLVL, _) aside, nothing else.
+        for name in names {
+            assert!(
+                allowed.contains(&name)
+                    || name == "TY_STANDIN_OWN"
+                    || ["PWD", "OLDPWD", "SHLVL", "_"].contains(&name.as_str()),
+                "{name} reached the child"
+            );
         }
     }
 

@@ -55,6 +55,8 @@ impl JobSpec {
                 *value = "[redacted]".into();
             }
         }
+        // Sealed, but of no use to a reader: not shown.
+        spec.sealed_secrets = None;
         if let Some(hook) = spec.webhook.as_mut() {
             hook.url = crate::redact::origin_masked(&hook.url);
         }

@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::Duration;
+use trainyard_core::auth::token_key;
 use trainyard_core::config::TelemetryConfig;
 use trainyard_core::telemetry::Telemetry;
 use trainyard_core::topology::{self, AUTH_HEADER, ApiOp, EventKind, subject};
@@ -178,7 +179,7 @@ async fn coordinator_fleet(tenant: &str, tweak: impl FnOnce(&mut trainyard_core:
             config
                 .coordinator
                 .tokens
-                .insert(format!("token-{tenant}"), tenant.clone());
+                .insert(token_key(&format!("token-{tenant}")), tenant.clone());
             tweak(config);
         },
     )
@@ -688,7 +689,7 @@ async fn a_finished_jobs_metrics_and_counters() {
         config
             .coordinator
             .tokens
-            .insert("token-e2e".into(), "e2e".into());
+            .insert(token_key("token-e2e"), "e2e".into());
     })
     .await;
     let mut client = fleet.client("token-e2e").await;

@@ -11,7 +11,9 @@
 mod api;
 mod attacks_bus;
 mod attacks_destinations;
+mod attacks_secrets;
 mod attacks_webhooks;
+mod auth;
 mod backends;
 mod failures;
 mod faults;

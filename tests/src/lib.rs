@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use tonic::service::Interceptor;
 use tonic::transport::Channel;
 use trainyard_core::Config;
+pub use trainyard_core::auth::token_key;
 use trainyard_core::store::{ArtifactStore, S3Options};
 use trainyard_core::topology::permissions::Role;
 use trainyard_natsd::{NatsServer, find_nats_server};
@@ -162,8 +163,8 @@ impl Fleet {
         config.store.uri = dir.path().join("store").display().to_string();
         config.coordinator.grpc_addr = "127.0.0.1:0".into();
         config.coordinator.tokens = [
-            (TOKEN.to_string(), "acme".to_string()),
-            (OTHER_TOKEN.to_string(), "globex".to_string()),
+            (token_key(TOKEN), "acme".to_string()),
+            (token_key(OTHER_TOKEN), "globex".to_string()),
         ]
         .into();
         config.captioner.work_dir = dir.path().join("work/captioner");
@@ -175,6 +176,11 @@ impl Fleet {
         // and to S3 endpoints on loopback (moto).
         config.uploader.allowed_local_roots = vec![dir.path().join("outputs")];
         config.destinations.allow_private_endpoints = true;
+        // The fleet's secrets key (`[secrets] key_file`): jobs with secrets
+        // are refused without one.
+        let key_file = dir.path().join("secrets.key");
+        trainyard_core::secrets::dev_key_file(&key_file).expect("secrets key");
+        config.secrets.key_file = Some(key_file);
         tweak(&mut config);
         let (nats, secured) = if secure {
             let spec = trainyard_core::fleet::FleetSpec {

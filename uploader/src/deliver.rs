@@ -23,6 +23,8 @@ pub struct DeliverStage {
     /// the credentials `s3://` destinations may use; the coordinator and
     /// preflight check destinations with the same rules.
     destinations: Destinations,
+    /// Opens the jobs' sealed secrets (destination credentials).
+    secrets: Option<trainyard_core::secrets::Keyring>,
 }
 
 #[derive(Serialize)]
@@ -102,6 +104,7 @@ impl DeliverStage {
             store: ArtifactStore::open_with(&config.store.uri, &config.store.s3)?,
             work_root: std::fs::canonicalize(&config.uploader.work_dir)?,
             destinations: Destinations::from_config(config),
+            secrets: trainyard_core::secrets::Keyring::from_config(&config.secrets)?,
         })
     }
 
@@ -454,7 +457,13 @@ async fn verify(
 impl StageHandler for DeliverStage {
     type Task = DeliverTask;
 
-    async fn handle(&self, task: DeliverTask, ctx: TaskContext) -> Result<Outcome, StageError> {
+    async fn handle(&self, mut task: DeliverTask, ctx: TaskContext) -> Result<Outcome, StageError> {
+        trainyard_core::secrets::open_task(
+            self.secrets.as_ref(),
+            &mut task.spec,
+            &task.tenant,
+            &task.job_id,
+        )?;
         let work = self
             .work_root
             .join(format!("{}-{}", ctx.meta.job, ctx.meta.attempt));

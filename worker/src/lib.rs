@@ -71,6 +71,7 @@ pub async fn run(
         stuck: config.worker.stuck.clone(),
         trainer_log_max_bytes: config.worker.trainer_log_max_bytes,
         metric_events_per_second: config.worker.metric_events_per_second,
+        secrets: trainyard_core::secrets::Keyring::from_config(&config.secrets)?,
         gpus: gpus.clone(),
         slots,
         trainer_env: config

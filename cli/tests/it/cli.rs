@@ -8,7 +8,7 @@ fn yard(args: &[&str]) -> Output {
         .args(args)
         // Nothing listens here: a command that reaches the network fails fast.
         .env("TY_SERVER", "http://127.0.0.1:9")
-        .env_remove("TY_TOKEN")
+        .env("TY_TOKEN", "ty_unused")
         .output()
         .expect("yard runs")
 }
@@ -24,7 +24,7 @@ fn help_lists_every_command() {
     let text = String::from_utf8_lossy(&output.stdout);
     for command in [
         "dev", "demo", "submit", "validate", "watch", "list", "get", "cancel", "fetch", "metrics",
-        "webhooks",
+        "webhooks", "token",
     ] {
         assert!(text.contains(command), "{command} missing from:\n{text}");
     }
@@ -90,5 +90,45 @@ fn an_unreachable_coordinator_is_a_clear_error() {
     assert!(
         err.starts_with("error: cannot reach the coordinator at http://127.0.0.1:9"),
         "{err}"
+    );
+}
+
+#[test]
+fn no_token_is_a_clear_error_and_token_new_prints_a_hashed_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_yard"))
+        .args(["list"])
+        .current_dir(dir.path())
+        .env("TY_SERVER", "http://127.0.0.1:9")
+        .env_remove("TY_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("no token"), "{}", stderr(&output));
+
+    let output = yard(&["token", "new", "--tenant", "acme"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = String::from_utf8_lossy(&output.stdout);
+    let token = text
+        .lines()
+        .find_map(|l| l.strip_prefix("token  "))
+        .expect("a token line");
+    let key = trainyard_core::auth::token_key(token);
+    assert!(text.contains(&format!("{key:?} = \"acme\"")), "{text}");
+    // The config line loads, and lets exactly that token in.
+    let config = trainyard_core::Config::load_from(
+        None,
+        &[(
+            "TY_COORDINATOR__TOKENS".into(),
+            format!("{{ {key:?} = \"acme\" }}"),
+        )],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(config.coordinator.tokens[&key], "acme");
+    assert!(
+        !yard(&["token", "new", "--tenant", "no such"])
+            .status
+            .success()
     );
 }

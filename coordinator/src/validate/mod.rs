@@ -102,6 +102,11 @@ pub fn normalise(mut spec: JobSpec) -> Result<JobSpec, Invalid> {
         "ttl_secs",
         "is longer than 365 days",
     );
+    p.check(
+        spec.sealed_secrets.is_none(),
+        "sealed_secrets",
+        "is set by the fleet, not by a client; send secrets in `secrets`",
+    );
     check_dataset(&spec, &mut p);
     if let Some(training) = spec.training.as_mut() {
         normalise_training(training, &mut p);

@@ -42,12 +42,14 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub webhooks: WebhooksConfig,
     pub destinations: DestinationsConfig,
+    pub secrets: SecretsConfig,
 }
 
 mod destinations;
 mod nats;
 mod observe;
 mod retry;
+mod secrets;
 mod services;
 mod store;
 
@@ -55,6 +57,7 @@ pub use destinations::*;
 pub use nats::*;
 pub use observe::*;
 pub use retry::*;
+pub use secrets::*;
 pub use services::*;
 pub use store::*;
 
@@ -92,12 +95,19 @@ impl Config {
             let Some((section, key)) = rest.split_once("__") else {
                 continue;
             };
-            set_path(
-                &mut layered,
-                &section.to_lowercase(),
-                &key.to_lowercase().replace("__", "."),
-                value,
+            let (section, key) = (
+                section.to_lowercase(),
+                key.to_lowercase().replace("__", "."),
             );
+            // A token table comes whole: its keys are digests, which no
+            // variable name can carry, and one merged into the file's
+            // would keep tokens the environment meant to replace.
+            if section == "coordinator" && key.starts_with("tokens.") {
+                return Err(ConfigError::Invalid(format!(
+                    "{name}: set the whole table, TY_COORDINATOR__TOKENS='{{ \"sha256:…\" = \"tenant\" }}'"
+                )));
+            }
+            set_path(&mut layered, &section, &key, value);
         }
         for item in overrides {
             let (path, value) = item
@@ -123,13 +133,19 @@ impl Config {
         if self.store.uri.is_empty() {
             return bad("store.uri is empty");
         }
-        if self.coordinator.tokens.is_empty() {
-            return bad("coordinator.tokens is empty: no client could authenticate");
-        }
-        for tenant in self.coordinator.tokens.values() {
+        for (key, tenant) in &self.coordinator.tokens {
+            if crate::auth::parse_token_key(key).is_none() {
+                return bad(
+                    "coordinator.tokens holds a key that is not \"sha256:<64 hex>\": tokens are kept \
+                     hashed, never plain; `yard token new --tenant <tenant>` prints a token and its line",
+                );
+            }
             if trainyard_proto::TenantId::parse(tenant).is_err() {
                 return bad("coordinator.tokens maps to a tenant that is not a valid id");
             }
+        }
+        if self.coordinator.tls_cert_file.is_some() != self.coordinator.tls_key_file.is_some() {
+            return bad("coordinator.tls_cert_file and coordinator.tls_key_file go together");
         }
         if self.worker.pool.is_empty()
             || !self
@@ -473,6 +489,59 @@ session_token = "dest-t0ken"
             let err = Config::load_from(None, &[], &[bad.to_string()]).unwrap_err();
             assert!(matches!(err, ConfigError::Invalid(_)), "{bad}");
         }
+    }
+
+    #[test]
+    fn tokens_are_hashed_and_an_env_table_replaces_the_files() {
+        let (acme, globex) = (
+            crate::auth::token_key("ty_a"),
+            crate::auth::token_key("ty_G"),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ty.toml");
+        std::fs::write(
+            &file,
+            format!("[coordinator.tokens]\n{acme:?} = \"acme\"\n"),
+        )
+        .unwrap();
+        let config = Config::load_from(Some(&file), &[], &[]).unwrap();
+        assert_eq!(config.coordinator.tokens[&acme], "acme");
+        // The environment's table replaces the file's, its keys and tenants as given.
+        let upper = globex.to_uppercase().replace("SHA256:", "sha256:");
+        let env = vec![(
+            "TY_COORDINATOR__TOKENS".to_string(),
+            format!("{{ {upper:?} = \"GloBex\" }}"),
+        )];
+        let config = Config::load_from(Some(&file), &env, &[]).unwrap();
+        assert_eq!(
+            config.coordinator.tokens.keys().collect::<Vec<_>>(),
+            [&upper]
+        );
+        assert_eq!(config.coordinator.tokens[&upper], "GloBex");
+        // One entry by variable name would merge (and lose case): refused.
+        let env = vec![("TY_COORDINATOR__TOKENS__X".to_string(), "acme".to_string())];
+        let err = Config::load_from(Some(&file), &env, &[]).unwrap_err();
+        assert!(matches!(err, ConfigError::Invalid(_)), "{err}");
+        // A plain token is refused, and the message never shows it.
+        let err = Config::load_from(
+            None,
+            &[],
+            &["coordinator.tokens={ plain-s3cret = \"acme\" }".to_string()],
+        )
+        .unwrap_err();
+        assert!(matches!(&err, ConfigError::Invalid(m) if m.contains("sha256:")));
+        assert!(!err.to_string().contains("plain-s3cret"));
+        // No tokens at all loads (only the coordinator needs them).
+        assert!(
+            Config::load_from(None, &[], &[])
+                .unwrap()
+                .coordinator
+                .tokens
+                .is_empty()
+        );
+        let err = Config::load_from(None, &[], &["coordinator.tls_cert_file=\"/c.pem\"".into()])
+            .unwrap_err();
+        assert!(matches!(err, ConfigError::Invalid(_)));
     }
 
     #[test]

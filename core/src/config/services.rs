@@ -8,10 +8,27 @@ use std::time::Duration;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CoordinatorConfig {
-    /// gRPC listen address.
+    /// gRPC listen address. One that is not loopback needs TLS
+    /// (`tls_cert_file`, `tls_key_file`) or `insecure_plaintext`.
     pub grpc_addr: String,
-    /// Bearer token → tenant. The default holds one development token.
+    /// Client tokens: `"sha256:<hex of the token's SHA-256>" = "<tenant>"`
+    /// (`yard token new --tenant T` prints a token and its line). Empty by
+    /// default: the coordinator refuses to start without one, and no token
+    /// works unless listed. Set by environment, the table replaces the
+    /// file's: `TY_COORDINATOR__TOKENS='{ "sha256:…" = "acme" }'`.
     pub tokens: BTreeMap<String, String>,
+    /// Failed authentications one peer (a gRPC client's address; a NATS
+    /// API caller's reply inbox) may make per minute before every call of
+    /// it is refused (RESOURCE_EXHAUSTED) for the rest of the minute.
+    /// 0 turns the limit off.
+    pub auth_failures_per_minute: u32,
+    /// PEM certificate chain gRPC serves TLS with (with `tls_key_file`).
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
+    /// Serve plain gRPC on a non-loopback address (behind a proxy that
+    /// terminates TLS). Off: such an address without TLS is refused.
+    pub insecure_plaintext: bool,
     /// Seconds between reconciler passes.
     pub reconcile_interval_secs: u64,
     /// A running job whose record has not changed for this long, with no task
@@ -29,7 +46,11 @@ impl Default for CoordinatorConfig {
     fn default() -> Self {
         Self {
             grpc_addr: "127.0.0.1:50051".into(),
-            tokens: [("dev-token".to_string(), "dev".to_string())].into(),
+            tokens: BTreeMap::new(),
+            auth_failures_per_minute: 10,
+            tls_cert_file: None,
+            tls_key_file: None,
+            insecure_plaintext: false,
             reconcile_interval_secs: 60,
             stale_after_secs: 120,
             validate_timeout_secs: 300,

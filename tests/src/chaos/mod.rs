@@ -14,7 +14,7 @@ pub mod proxy;
 pub use cluster::Cluster;
 pub use procs::{Proc, Service, bin_dir};
 
-use crate::{Bearer, Client, TOKEN, workspace_root};
+use crate::{Bearer, Client, TOKEN, token_key, workspace_root};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
@@ -147,7 +147,10 @@ impl Chaos {
         config.nats.ack_wait_secs = 4;
         config.store.uri = dir.path().join("store").display().to_string();
         config.coordinator.grpc_addr = format!("127.0.0.1:{grpc_port}");
-        config.coordinator.tokens = [(TOKEN.to_string(), "acme".to_string())].into();
+        config.coordinator.tokens = [(token_key(TOKEN), "acme".to_string())].into();
+        let key_file = dir.path().join("secrets.key");
+        trainyard_core::secrets::dev_key_file(&key_file).expect("secrets key");
+        config.secrets.key_file = Some(key_file);
         config.coordinator.reconcile_interval_secs = 2;
         config.coordinator.stale_after_secs = 5;
         config.captioner.allow_private_urls = true;

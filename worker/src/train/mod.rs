@@ -95,6 +95,8 @@ pub struct TrainStage {
     pub trainer_log_max_bytes: u64,
     /// `[worker] metric_events_per_second`.
     pub metric_events_per_second: u32,
+    /// Opens the jobs' sealed secrets (the Hub token of model downloads).
+    pub secrets: Option<trainyard_core::secrets::Keyring>,
 }
 
 /// Removes a job's gauges when its handling ends, however it ends.
@@ -121,7 +123,13 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl StageHandler for TrainStage {
     type Task = TrainTask;
 
-    async fn handle(&self, task: TrainTask, ctx: TaskContext) -> Result<Outcome, StageError> {
+    async fn handle(&self, mut task: TrainTask, ctx: TaskContext) -> Result<Outcome, StageError> {
+        trainyard_core::secrets::open_task(
+            self.secrets.as_ref(),
+            &mut task.spec,
+            &task.tenant,
+            &task.job_id,
+        )?;
         let work = self.work_root.join(ctx.meta.job.as_str());
         let _ = tokio::fs::remove_dir_all(&work).await;
         let _gauges = JobGauges(ctx.meta.job.as_str());

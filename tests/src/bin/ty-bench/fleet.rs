@@ -14,8 +14,9 @@ use trainyard_tests::Bearer;
 /// The service binaries, in start order.
 pub const SERVICES: [&str; 4] = ["ty-coordinator", "ty-captioner", "ty-worker", "ty-uploader"];
 
-/// The token the fleet's coordinator accepts (the default config's).
-pub const TOKEN: &str = "dev-token";
+/// The token the fleet's coordinator accepts (set by every fleet, by its
+/// hash: there is no default token).
+pub const TOKEN: &str = "ty_bench";
 
 /// A service process; killed when dropped.
 pub struct Service(pub Child, pub &'static str);
@@ -138,6 +139,8 @@ impl Fleet {
         let store_dir = dir.path().join("store");
         let logs = dir.path().join("logs");
         std::fs::create_dir_all(&logs)?;
+        let key_file = dir.path().join("secrets.key");
+        trainyard_core::secrets::dev_key_file(&key_file)?;
         let mut services = Vec::new();
         for name in SERVICES {
             let mut command = Command::new(bin_dir.join(name));
@@ -157,6 +160,14 @@ impl Fleet {
                     format!("[{:?}]", dir.path().join("outputs")),
                 )
                 .env("TY_LOG", "warn")
+                .env("TY_SECRETS__KEY_FILE", &key_file)
+                .env(
+                    "TY_COORDINATOR__TOKENS",
+                    format!(
+                        "{{ {:?} = \"bench\" }}",
+                        trainyard_core::auth::token_key(TOKEN)
+                    ),
+                )
                 .envs(options.env.iter().map(|(k, v)| (k, v)))
                 .stdin(Stdio::null());
             if let Some(files) = &secured {

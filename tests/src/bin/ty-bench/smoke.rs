@@ -175,7 +175,10 @@ fn fleet_options(args: &args::SmokeArgs, config: &Config) -> anyhow::Result<Flee
         // The smoke job's own token, whatever the config file's are.
         (
             "TY_COORDINATOR__TOKENS".into(),
-            format!("{{ {:?} = \"smoke\" }}", crate::fleet::TOKEN),
+            format!(
+                "{{ {:?} = \"smoke\" }}",
+                trainyard_core::auth::token_key(crate::fleet::TOKEN)
+            ),
         ),
         (
             "TY_WORKER__MODEL_CACHE_DIR".into(),
