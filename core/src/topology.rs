@@ -518,7 +518,7 @@ pub async fn task_consumer(
                 ack_policy: consumer::AckPolicy::Explicit,
                 ack_wait: config.ack_wait(),
                 max_deliver: -1,
-                max_ack_pending: 1000,
+                max_ack_pending: config.max_ack_pending.max(1),
                 ..Default::default()
             },
         )

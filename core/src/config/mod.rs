@@ -143,6 +143,12 @@ impl Config {
         if self.nats.max_deliver == 0 {
             return bad("nats.max_deliver must be at least 1");
         }
+        if self.nats.max_ack_pending == 0 {
+            return bad("nats.max_ack_pending must be at least 1");
+        }
+        if self.retry.fleet_max_delay_ms == 0 {
+            return bad("retry.fleet_max_delay_ms must be at least 1");
+        }
         for (stage, policy) in [
             ("prepare", &self.retry.prepare),
             ("train", &self.retry.train),

@@ -111,7 +111,7 @@ impl Shared {
             ..target
         };
         let policy = Policy::resolve(
-            self.config.retry.for_stage(stage),
+            &self.config.retry,
             task.retry_policy(),
             stage,
             self.config.nats.max_deliver,

@@ -163,6 +163,30 @@ fn plan_table_retry() {
     assert_eq!(check_plans(rows), 6);
 }
 
+/// The rows under a fleet maximum of 500 ms (`[retry] fleet_max_delay_ms`):
+/// no delay the policy, the job or a server asks for goes past it.
+#[test]
+fn plan_table_retry_under_the_fleet_maximum() {
+    let capped = policy().capped(Duration::from_millis(500));
+    let rows = vec![
+        ("backoff below the maximum: as is", ended(Err(retry(0))), nak(100)),
+        ("backoff on delivery 2, below the maximum", ended(Err(retry(0))).on(2), nak(200)),
+        ("a Retry-After of an hour: the maximum", ended(Err(retry(3_600_000))), nak(500)),
+        ("a Retry-After below the maximum: kept", ended(Err(retry(300))), nak(300)),
+    ];
+    assert_eq!(rows.len(), 4);
+    for (row, ended, settle) in rows {
+        let plan = plan::plan(ended, &capped, STAGE, &claim());
+        assert_eq!(shape(&plan), retried(settle, None), "{row}");
+    }
+    let long = Policy {
+        multiplier: 10.0,
+        ..capped
+    };
+    let plan = plan::plan(ended(Err(retry(0))).on(2), &long, STAGE, &claim());
+    assert_eq!(shape(&plan), retried(nak(500), None), "backoff past the maximum");
+}
+
 #[test]
 fn plan_table_retry_with_a_report() {
     let rows = vec![
