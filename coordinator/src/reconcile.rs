@@ -8,7 +8,8 @@
 //! - Deadlines: an unfinished job past `timeout_secs` from its submission
 //!   fails with `DEADLINE_EXCEEDED`, and its running task is cancelled.
 //! - Lost tasks: an unfinished job whose record is stale and whose task is
-//!   neither in `TY_TASKS` (pending or being worked on) nor answered in
+//!   neither in `TY_TASKS` (pending, being worked on, or waiting for its
+//!   retry on `ty.retry.>`) nor answered in
 //!   `TY_RESULTS` gets its current task published again, under the same
 //!   dedup id. If the stream drops that publish as a duplicate (the first
 //!   copy was consumed inside the dedup window, yet nothing answered it), the
@@ -64,7 +65,13 @@ async fn ids_in(
             .await
         {
             Ok(message) => {
-                if let Some(id) = message.headers.get("Nats-Msg-Id") {
+                // A task waiting for its retry, or republished by its
+                // schedule, names its task in its own header.
+                if let Some(id) = message
+                    .headers
+                    .get(topology::TASK_ID_HEADER)
+                    .or_else(|| message.headers.get("Nats-Msg-Id"))
+                {
                     ids.insert(id.as_str().to_string());
                 }
                 sequence = message.sequence + 1;
@@ -227,7 +234,15 @@ impl Reconciler {
     }
 
     async fn in_flight(&self) -> InFlight {
-        let tasks = ids_in(&self.js, TASKS_STREAM, subject::all_tasks()).await;
+        let tasks = match ids_in(&self.js, TASKS_STREAM, subject::all_tasks()).await {
+            Ok(mut tasks) => ids_in(&self.js, TASKS_STREAM, subject::all_retries())
+                .await
+                .map(|waiting| {
+                    tasks.extend(waiting);
+                    tasks
+                }),
+            Err(error) => Err(error),
+        };
         let results = ids_in(&self.js, RESULTS_STREAM, subject::all_results()).await;
         match (tasks, results) {
             (Ok(tasks), Ok(results)) => InFlight::Read {

