@@ -20,6 +20,9 @@
 //!   `final_event_stored` gets its final state event published again
 //!   (unless the events stream holds it already), then the mark; see
 //!   [`crate::effects`].
+//! - Quotas: a tenant's jobs held `QUEUED` by its running quota are
+//!   started as slots are free ([`crate::quota`]), in case the start
+//!   that a job's end makes was lost.
 //! - TTLs: a finished job past `ttl_secs` from its end loses its artifacts
 //!   (`jobs/<job>/`), its events, its idempotency key and then its record.
 //!   A job that is not final is never removed.
@@ -119,6 +122,8 @@ pub struct Pass {
     pub announced: usize,
     /// Finished jobs past their TTL removed.
     pub removed: usize,
+    /// Jobs held by their tenant's quota started.
+    pub started: usize,
 }
 
 /// The message ids in `TY_TASKS` and `TY_RESULTS`.
@@ -143,6 +148,7 @@ impl Reconciler {
         let now = trainyard_core::now_ms();
         let mut pass = Pass::default();
         let mut in_flight = InFlight::Unread;
+        let mut held = std::collections::BTreeSet::new();
         for found in records {
             let record = &found.record;
             let (Ok(tenant), Ok(job)) = (
@@ -188,6 +194,11 @@ impl Reconciler {
                 }
                 continue;
             }
+            if crate::quota::is_held(record) {
+                // No task to lose: it waits for a running slot.
+                held.insert(tenant);
+                continue;
+            }
             if !stale {
                 continue;
             }
@@ -210,6 +221,11 @@ impl Reconciler {
                 pass.republished += 1;
             }
         }
+        // A start lost when a job ended (a coordinator stopping between
+        // the two) is made here.
+        for tenant in held {
+            pass.started += self.effects.start_held(&tenant).await;
+        }
         Ok(pass)
     }
 
@@ -222,11 +238,13 @@ impl Reconciler {
                 failed,
                 announced,
                 removed,
+                started,
             }) => tracing::warn!(
                 republished,
                 failed,
                 announced,
                 removed,
+                started,
                 "reconciler repaired jobs"
             ),
             Err(error) => tracing::warn!(%error, "reconcile pass failed"),

@@ -183,3 +183,97 @@ async fn failing_jobs_of_one_tenant_do_not_starve_another() {
     assert!(second >= fleet_max - Duration::from_secs(1), "{second:?}");
     fleet.stop().await;
 }
+
+/// A fleet with only a coordinator: submitted jobs stay `QUEUED`.
+async fn coordinator_with(quotas: impl FnOnce(&mut trainyard_core::config::QuotasConfig)) -> Fleet {
+    Fleet::start_with(
+        Services {
+            coordinator: true,
+            ..Services::NONE
+        },
+        |c| quotas(&mut c.quotas),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submissions_past_the_queued_quota_are_refused_with_resource_exhausted() {
+    let fleet = coordinator_with(|q| {
+        q.max_queued_jobs = 2;
+        q.tenants.insert(
+            "globex".into(),
+            trainyard_core::config::TenantQuotas {
+                max_queued_jobs: Some(3),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let dataset = fleet.sample_uri().await;
+    let mut tenant_a = fleet.client(TOKEN).await;
+    for _ in 0..2 {
+        submit(&mut tenant_a, spec(&dataset, 10)).await;
+    }
+    let refused = tenant_a
+        .submit(trainyard_proto::v1::SubmitRequest {
+            spec: Some(spec(&dataset, 10)),
+        })
+        .await
+        .expect_err("a third queued job is past acme's quota");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert!(!refused.message().is_empty(), "the reason is given");
+    // Another tenant has its own count and its own limit.
+    let mut tenant_b = fleet.client(OTHER_TOKEN).await;
+    for _ in 0..3 {
+        submit(&mut tenant_b, spec(&dataset, 10)).await;
+    }
+    let refused = tenant_b
+        .submit(trainyard_proto::v1::SubmitRequest {
+            spec: Some(spec(&dataset, 10)),
+        })
+        .await
+        .expect_err("a fourth is past globex's own quota");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_past_the_running_quota_waits_queued_and_starts_when_a_slot_frees() {
+    let fleet = Fleet::start_with(Services::ALL, |c| c.quotas.max_running_jobs = 1).await;
+    let dataset = fleet.sample_uri().await;
+    let mut tenant_a = fleet.client(TOKEN).await;
+    let first = submit(&mut tenant_a, spec(&dataset, 10)).await;
+    let second = submit(&mut tenant_a, spec(&dataset, 10)).await;
+    assert_eq!(second.state(), JobState::Queued);
+    assert!(!second.quota_hold.is_empty(), "held by the running quota");
+    // Another tenant is not held by acme's jobs.
+    let mut tenant_b = fleet.client(OTHER_TOKEN).await;
+    let other = submit(&mut tenant_b, spec(&dataset, 10)).await;
+    assert!(other.quota_hold.is_empty());
+
+    // While the first runs, the second waits QUEUED with no task.
+    let mut watched = tenant_a.clone();
+    let first_events = watch_all(&mut watched, &first.job_id, Duration::from_secs(120)).await;
+    assert!(!first_events.is_empty());
+    assert_eq!(
+        get(&mut tenant_a, &first.job_id).await.state(),
+        JobState::Succeeded
+    );
+    // The first's end frees the slot: the second starts and succeeds.
+    watch_all(&mut tenant_a, &second.job_id, Duration::from_secs(120)).await;
+    let second = get(&mut tenant_a, &second.job_id).await;
+    assert_eq!(second.state(), JobState::Succeeded, "{:?}", second.error);
+    assert!(second.quota_hold.is_empty());
+    let times = second.times.unwrap();
+    assert!(
+        times.preparing_at_ms
+            >= get(&mut tenant_a, &first.job_id)
+                .await
+                .times
+                .unwrap()
+                .finished_at_ms,
+        "the second started only after the first ended"
+    );
+    watch_all(&mut tenant_b, &other.job_id, Duration::from_secs(120)).await;
+    fleet.stop().await;
+}

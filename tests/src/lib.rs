@@ -231,6 +231,7 @@ impl Fleet {
                 client: nats.clone(),
                 js: js.clone(),
                 repo: repo.clone(),
+                quotas: std::sync::Arc::new(self.config.quotas.clone()),
             },
             idem: topo.idem.clone(),
             store: self.store.clone(),

@@ -42,11 +42,13 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub webhooks: WebhooksConfig,
     pub destinations: DestinationsConfig,
+    pub quotas: QuotasConfig,
 }
 
 mod destinations;
 mod nats;
 mod observe;
+mod quotas;
 mod retry;
 mod services;
 mod store;
@@ -54,6 +56,7 @@ mod store;
 pub use destinations::*;
 pub use nats::*;
 pub use observe::*;
+pub use quotas::*;
 pub use retry::*;
 pub use services::*;
 pub use store::*;
