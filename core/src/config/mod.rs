@@ -360,7 +360,10 @@ mod tests {
         let acme = config.quotas.for_tenant("acme");
         assert_eq!(acme.max_queued_jobs, Some(7));
         assert_eq!(acme.max_running_jobs, Some(3));
-        assert_eq!(config.quotas.for_tenant("globex").max_queued_jobs, Some(1000));
+        assert_eq!(
+            config.quotas.for_tenant("globex").max_queued_jobs,
+            Some(1000)
+        );
         for bad in [
             "quotas.tenants.\"a b\"={ max_queued_jobs = 1 }",
             "quotas.nope=1",
