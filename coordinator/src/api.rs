@@ -43,6 +43,9 @@ pub enum ApiError {
     /// The fleet is not set up for this operation.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The tenant is at a quota (`[quotas]`): the reason.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// The record is stored but its first task is not published yet.
     #[error("job {job} stored but not queued yet: {source}; retry with the same idempotency key")]
     NotQueued {
@@ -70,6 +73,7 @@ impl ApiError {
             ApiError::RateLimited(_) => tonic::Code::ResourceExhausted,
             ApiError::NotFound(_) => tonic::Code::NotFound,
             ApiError::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
+            ApiError::ResourceExhausted(_) => tonic::Code::ResourceExhausted,
             ApiError::Unavailable(_)
             | ApiError::NotQueued { .. }
             | ApiError::Nats(_)
@@ -229,6 +233,16 @@ impl JobApi {
                 Err(e) => return Err(ApiError::Nats(e.into())),
             }
         }
+        let quota_hold = match crate::quota::admit(
+            &self.repo.of_tenant(tenant).await?,
+            self.effects.quotas.for_tenant(tenant.as_str()),
+        ) {
+            crate::quota::Admission::Start => String::new(),
+            crate::quota::Admission::Hold(reason) => reason,
+            crate::quota::Admission::Refuse(reason) => {
+                return Err(ApiError::ResourceExhausted(reason));
+            }
+        };
         // From here on the secrets exist only sealed, for this job.
         let mut spec = spec;
         seal(self.secrets.as_deref(), &mut spec, tenant, job.as_str())?;
@@ -237,6 +251,7 @@ impl JobApi {
             tenant: tenant.to_string(),
             spec: Some(spec),
             trace_context: crate::trace::current_context(),
+            quota_hold,
             ..Default::default()
         };
         let (record, effects) = job::submitted(record, trainyard_core::now_ms());

@@ -47,6 +47,8 @@ pub struct Effects {
     pub js: jetstream::Context,
     /// To mark a record once its final state event is stored.
     pub repo: JobRepo,
+    /// The `[quotas]` section: a job's end starts its tenant's held jobs.
+    pub quotas: std::sync::Arc<trainyard_core::config::QuotasConfig>,
 }
 
 impl Effects {
@@ -62,7 +64,8 @@ impl Effects {
         for effect in effects {
             match effect {
                 Effect::EmitState(state) => {
-                    if state.state().is_final() {
+                    let is_final = state.state().is_final();
+                    if is_final {
                         // Once per job: only the transition that made the
                         // record final runs this effect.
                         trainyard_core::telemetry::metrics().job_finished(
@@ -79,6 +82,11 @@ impl Effects {
                     // The record is the truth; the reconciler repeats a lost final event.
                     if let Err(error) = result {
                         tracing::warn!(%job, %error, "state event not confirmed");
+                    }
+                    if is_final {
+                        // A running slot of the tenant is free; a start
+                        // lost here is made by the reconciler's next pass.
+                        self.start_held(&tenant).await;
                     }
                 }
                 Effect::Publish(task) => self.publish_task(&tenant, &job, *task).await?,
@@ -99,6 +107,53 @@ impl Effects {
     }
 
     /// Publishes a state event and waits for the stream's ack.
+    /// Starts `tenant`'s oldest held jobs, as many as its running quota
+    /// has slots free (see [`crate::quota`]); returns how many started.
+    /// Failures are logged: the reconciler's next pass tries again.
+    pub async fn start_held(&self, tenant: &TenantId) -> usize {
+        let records = match self.repo.of_tenant(tenant).await {
+            Ok(records) => records,
+            Err(error) => {
+                tracing::warn!(%tenant, %error, "cannot read the tenant's jobs to start held ones");
+                return 0;
+            }
+        };
+        let quota = self.quotas.for_tenant(tenant.as_str());
+        let mut count = 0;
+        for held in crate::quota::to_start(&records, quota) {
+            let Ok(job) = JobId::parse(&held.job_id) else {
+                continue;
+            };
+            let now = trainyard_core::now_ms();
+            let started = self
+                .repo
+                .update(tenant, &job, |current| {
+                    let next = crate::quota::started(&current, now);
+                    async move { (next, ()) }
+                })
+                .await;
+            let record = match started {
+                Ok((Some(record), ())) => record,
+                Ok((None, ())) => continue,
+                Err(error) => {
+                    tracing::warn!(%job, %error, "could not start a held job");
+                    continue;
+                }
+            };
+            let Some(task) = crate::job::current_task(&record) else {
+                continue;
+            };
+            tracing::info!(%job, %tenant, "held job started: a running slot is free");
+            // Stored without its hold: a lost publish is republished by
+            // the reconciler like any lost task.
+            if let Err(error) = self.publish_task(tenant, &job, task).await {
+                tracing::warn!(%job, %error, "could not publish a started job's task");
+            }
+            count += 1;
+        }
+        count
+    }
+
     pub async fn emit_state(
         &self,
         tenant: &TenantId,

@@ -47,7 +47,8 @@ pub enum Decision {
 }
 
 /// The record a new submission starts with. Its prepare task is published
-/// right after it is stored.
+/// right after it is stored, unless the record carries a
+/// [`JobRecord::quota_hold`] (see [`crate::quota`]).
 pub fn submitted(mut record: JobRecord, now_ms: i64) -> (JobRecord, Vec<Effect>) {
     record.state = JobState::Queued as i32;
     record.stage = Stage::Prepare as i32;
@@ -55,12 +56,8 @@ pub fn submitted(mut record: JobRecord, now_ms: i64) -> (JobRecord, Vec<Effect>)
     record.created_at_ms = now_ms;
     record.updated_at_ms = now_ms;
     record.times.get_or_insert_default().queued_at_ms = now_ms;
-    let effects = vec![
-        Effect::EmitState(state_changed(&record)),
-        Effect::Publish(Box::new(
-            current_task(&record).expect("a queued job has a prepare task"),
-        )),
-    ];
+    let mut effects = vec![Effect::EmitState(state_changed(&record))];
+    effects.extend(current_task(&record).map(|task| Effect::Publish(Box::new(task))));
     (record, effects)
 }
 
@@ -172,10 +169,11 @@ pub fn state_changed(record: &JobRecord) -> StateChanged {
     }
 }
 
-/// The task of the record's current stage and attempt; `None` when final.
-/// Publishing it again is safe: its dedup id is the same.
+/// The task of the record's current stage and attempt; `None` when final
+/// or held by its tenant's quota. Publishing it again is safe: its dedup
+/// id is the same.
 pub fn current_task(record: &JobRecord) -> Option<Task> {
-    if record.state().is_final() {
+    if record.state().is_final() || !record.quota_hold.is_empty() {
         return None;
     }
     let spec = record.spec.clone();
@@ -425,6 +423,30 @@ mod tests {
         assert_eq!(failed.state(), JobState::Failed);
         assert_eq!(failed.error, Some(error));
         assert_eq!(current_task(&failed), None);
+    }
+
+    #[test]
+    fn a_job_held_by_its_quota_has_no_task_until_released() {
+        let held = JobRecord {
+            job_id: "j-1".into(),
+            tenant: "acme".into(),
+            quota_hold: "waiting for a running slot".into(),
+            ..Default::default()
+        };
+        let (record, effects) = submitted(held, 1);
+        assert_eq!(record.state(), JobState::Queued);
+        assert_eq!(effects.len(), 1, "a state event only: {effects:?}");
+        assert_eq!(current_task(&record), None);
+        let started = crate::quota::started(&record, 2).unwrap();
+        assert!(matches!(current_task(&started), Some(Task::Prepare(_))));
+        // A cancel ends a held job like any other.
+        let (cancelled, _) = apply(
+            &record,
+            Event::Cancel {
+                reason: "no".into(),
+            },
+        );
+        assert_eq!(cancelled.state(), JobState::Cancelled);
     }
 
     #[test]

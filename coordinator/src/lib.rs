@@ -21,6 +21,7 @@ pub mod grpc;
 pub mod job;
 pub mod listen;
 pub mod nats_api;
+pub mod quota;
 pub mod reconcile;
 pub mod repo;
 pub mod results;
@@ -73,6 +74,7 @@ pub async fn run(
         client: client.clone(),
         js: js.clone(),
         repo: repo.clone(),
+        quotas: std::sync::Arc::new(config.quotas.clone()),
     };
     let webhook_secrets = if config.webhooks.is_enabled() {
         let Some(kv) = topology::until_ready("the webhook secrets bucket", &shutdown, || {

@@ -8,7 +8,8 @@
 //! - Deadlines: an unfinished job past `timeout_secs` from its submission
 //!   fails with `DEADLINE_EXCEEDED`, and its running task is cancelled.
 //! - Lost tasks: an unfinished job whose record is stale and whose task is
-//!   neither in `TY_TASKS` (pending or being worked on) nor answered in
+//!   neither in `TY_TASKS` (pending, being worked on, or waiting for its
+//!   retry on `ty.retry.>`) nor answered in
 //!   `TY_RESULTS` gets its current task published again, under the same
 //!   dedup id. If the stream drops that publish as a duplicate (the first
 //!   copy was consumed inside the dedup window, yet nothing answered it), the
@@ -19,6 +20,9 @@
 //!   `final_event_stored` gets its final state event published again
 //!   (unless the events stream holds it already), then the mark; see
 //!   [`crate::effects`].
+//! - Quotas: a tenant's jobs held `QUEUED` by its running quota are
+//!   started as slots are free ([`crate::quota`]), in case the start
+//!   that a job's end makes was lost.
 //! - TTLs: a finished job past `ttl_secs` from its end loses its artifacts
 //!   (`jobs/<job>/`), its events, its idempotency key and then its record.
 //!   A job that is not final is never removed.
@@ -64,7 +68,13 @@ async fn ids_in(
             .await
         {
             Ok(message) => {
-                if let Some(id) = message.headers.get("Nats-Msg-Id") {
+                // A task waiting for its retry, or republished by its
+                // schedule, names its task in its own header.
+                if let Some(id) = message
+                    .headers
+                    .get(topology::TASK_ID_HEADER)
+                    .or_else(|| message.headers.get("Nats-Msg-Id"))
+                {
                     ids.insert(id.as_str().to_string());
                 }
                 sequence = message.sequence + 1;
@@ -112,6 +122,8 @@ pub struct Pass {
     pub announced: usize,
     /// Finished jobs past their TTL removed.
     pub removed: usize,
+    /// Jobs held by their tenant's quota started.
+    pub started: usize,
 }
 
 /// The message ids in `TY_TASKS` and `TY_RESULTS`.
@@ -136,6 +148,7 @@ impl Reconciler {
         let now = trainyard_core::now_ms();
         let mut pass = Pass::default();
         let mut in_flight = InFlight::Unread;
+        let mut held = std::collections::BTreeSet::new();
         for found in records {
             let record = &found.record;
             let (Ok(tenant), Ok(job)) = (
@@ -181,6 +194,11 @@ impl Reconciler {
                 }
                 continue;
             }
+            if crate::quota::is_held(record) {
+                // No task to lose: it waits for a running slot.
+                held.insert(tenant);
+                continue;
+            }
             if !stale {
                 continue;
             }
@@ -203,6 +221,11 @@ impl Reconciler {
                 pass.republished += 1;
             }
         }
+        // A start lost when a job ended (a coordinator stopping between
+        // the two) is made here.
+        for tenant in held {
+            pass.started += self.effects.start_held(&tenant).await;
+        }
         Ok(pass)
     }
 
@@ -215,11 +238,13 @@ impl Reconciler {
                 failed,
                 announced,
                 removed,
+                started,
             }) => tracing::warn!(
                 republished,
                 failed,
                 announced,
                 removed,
+                started,
                 "reconciler repaired jobs"
             ),
             Err(error) => tracing::warn!(%error, "reconcile pass failed"),
@@ -227,7 +252,15 @@ impl Reconciler {
     }
 
     async fn in_flight(&self) -> InFlight {
-        let tasks = ids_in(&self.js, TASKS_STREAM, subject::all_tasks()).await;
+        let tasks = match ids_in(&self.js, TASKS_STREAM, subject::all_tasks()).await {
+            Ok(mut tasks) => ids_in(&self.js, TASKS_STREAM, subject::all_retries())
+                .await
+                .map(|waiting| {
+                    tasks.extend(waiting);
+                    tasks
+                }),
+            Err(error) => Err(error),
+        };
         let results = ids_in(&self.js, RESULTS_STREAM, subject::all_results()).await;
         match (tasks, results) {
             (Ok(tasks), Ok(results)) => InFlight::Read {

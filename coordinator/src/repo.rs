@@ -146,6 +146,19 @@ impl JobRepo {
     }
 
     /// Every record with its revision, across tenants (for the reconciler).
+    /// Every record of `tenant` (one read per job it keeps).
+    pub async fn of_tenant(&self, tenant: &TenantId) -> Result<Vec<JobRecord>, RepoError> {
+        let mut records = Vec::new();
+        for job in self.ids_of(tenant).await? {
+            match self.get(tenant, &job).await {
+                Ok(found) => records.push(found.record),
+                Err(RepoError::NotFound(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(records)
+    }
+
     pub async fn all(&self) -> Result<Vec<Versioned>, RepoError> {
         use futures::TryStreamExt;
         let keys: Vec<String> = self

@@ -121,30 +121,6 @@ pub fn state_name(state: JobState) -> String {
         .to_ascii_lowercase()
 }
 
-/// `2026-12-01T20:31:11.123Z` for a Unix time in milliseconds.
-fn rfc3339(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let millis = ms.rem_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 /// One webhook message: its type (`job.completed` or `job.state`), id and
 /// body.
 #[derive(Debug, Clone, PartialEq)]
@@ -216,7 +192,7 @@ fn body(record: &JobRecord, kind: &str, state: JobState, at_ms: i64) -> Vec<u8> 
     }
     serde_json::to_vec(&serde_json::json!({
         "type": kind,
-        "timestamp": rfc3339(at_ms),
+        "timestamp": trainyard_core::rfc3339(at_ms),
         "data": data,
     }))
     .unwrap_or_default()
@@ -631,6 +607,7 @@ mod tests {
 
     #[test]
     fn timestamps_are_rfc3339() {
+        use trainyard_core::rfc3339;
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(1_614_265_330_123), "2021-02-25T15:02:10.123Z");
         assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");

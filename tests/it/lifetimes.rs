@@ -257,8 +257,10 @@ async fn a_submit_while_nats_is_down_is_unavailable_and_a_retry_with_the_key_que
     };
     let mut fleet = Fleet::start_with(only_coordinator, |_| {}).await;
     let js = async_nats::jetstream::new(fleet.nats_client().await);
-    // Task streams keep unconsumed work: refuse new work when full, never
-    // age it out, and deduplicate longer than any publisher retry.
+    // Task streams keep unconsumed work: no limit to discard it by (message
+    // schedules, which delayed retries use, need the old-message discard
+    // policy, which then never applies), never age it out, and deduplicate
+    // longer than any publisher retry.
     let config = js
         .get_stream(TASKS_STREAM)
         .await
@@ -268,7 +270,10 @@ async fn a_submit_while_nats_is_down_is_unavailable_and_a_retry_with_the_key_que
         .unwrap()
         .config
         .clone();
-    assert_eq!(config.discard, DiscardPolicy::New);
+    assert_eq!(config.discard, DiscardPolicy::Old);
+    assert!(config.allow_message_schedules);
+    assert_eq!((config.max_messages, config.max_bytes), (-1, -1));
+    assert_eq!(config.max_messages_per_subject, -1);
     assert_eq!(config.max_age, Duration::ZERO);
     assert!(
         config.duplicate_window > Duration::from_secs(fleet.config.coordinator.stale_after_secs)

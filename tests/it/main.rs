@@ -11,6 +11,7 @@
 mod api;
 mod attacks_bus;
 mod attacks_destinations;
+mod attacks_fairshare;
 mod attacks_secrets;
 mod attacks_webhooks;
 mod auth;

@@ -16,7 +16,7 @@ fn nats_server() -> std::path::PathBuf {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace root");
-    find_nats_server(root).expect("nats-server >= 2.10")
+    find_nats_server(root).expect("nats-server >= 2.12")
 }
 
 /// What a service logs each time it cannot set up the topology yet.

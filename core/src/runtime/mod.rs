@@ -24,8 +24,10 @@
 //!    │                           publish failed: release, NAK 5 s; renewal lost: no ACK
 //!    ├─ Retry{delay, report?} ▶ the retry policy (crate::retry) decides:
 //!    │                           retry: publish the report if any, release the claim,
-//!    │                           NAK with its backoff delay (≥ delay, a server's
-//!    │                           Retry-After); a fatal kind: DLQ, failed result, TERM;
+//!    │                           DEFER by its backoff delay (≥ delay, a server's
+//!    │                           Retry-After; ≤ the fleet's maximum): republish the
+//!    │                           task as a schedule due then, then ACK (schedule not
+//!    │                           stored: NAK with the delay); a fatal kind: DLQ, failed result, TERM;
 //!    │                           out of attempts: DLQ, failed result ("gave up after
 //!    │                           N deliveries: …"), TERM
 //!    ├─ Fail(error) ──────────▶ DLQ, publish failed result, TERM
@@ -49,6 +51,21 @@
 //! cancelled task writes none: the job ended by the client's choice. The
 //! letter's dedup id is the task message's stream sequence, so a
 //! redelivery of the same message cannot add a second one.
+//!
+//! A retry waits off the consumer. A NAK with a delay would keep the
+//! message pending on the stage's consumer, holding one of its
+//! `nats.max_ack_pending` slots (shared by every tenant) for the whole
+//! delay: a tenant's failing jobs could hold them all. So a retried task is
+//! republished on `ty.retry.<stage>.<tenant>.<job>` with `Nats-Schedule: @at
+//! <due>` and `Nats-Schedule-Target: <its task subject>` (a nats-server
+//! message schedule; no consumer reads that subject) and the delivery is
+//! acked; when due, the server publishes the task to its subject again.
+//! The copy carries the task's id (`Ty-Task-Id`: the server drops
+//! `Nats-Msg-Id` from what a schedule publishes) and the deliveries so far
+//! (`Ty-Delivered`), so the attempt cap, the retry reports' ids and the
+//! dead letter's count go on across messages. The schedule's own dedup id
+//! is per delivery (`<task>.retry.<n>`); the claim fences a copy that a
+//! crash between the schedule and the ACK leaves.
 //!
 //! Fencing (see [`crate::claim`]): a runtime that lost its claim (its lease
 //! ran out and another runtime took the task over) neither publishes nor

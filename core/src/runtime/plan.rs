@@ -11,7 +11,7 @@
 //! | claim lost (while running or at the check after) | – | – | – | leave |
 //! | `Ok` | – | result (required) | – | ACK if the claim holds, else leave |
 //! | `Ok`, the report not stored | – | – | yes | NAK 5 s |
-//! | `Retry`, the policy retries | – | the handler's report, if any | yes | NAK (policy delay, ≥ the hint) |
+//! | `Retry`, the policy retries | – | the handler's report, if any | yes | DEFER (policy delay, ≥ the hint, ≤ the fleet's maximum) |
 //! | `Retry`, a fatal kind / out of attempts | yes | failed result | – | TERM |
 //! | `Fail` | yes | failed result | – | TERM |
 //! | `Cancelled` (or `Fail`/`Retry` once the cancel token fired) | – | – | – | TERM |
@@ -36,6 +36,11 @@ pub(super) enum Settle {
     /// ([`Settle::fenced`]).
     Ack,
     Nak(Option<Duration>),
+    /// Hand the task back to run again after this delay without holding a
+    /// slot of the stage's consumer meanwhile: republish it as a schedule
+    /// due then (counting this message's deliveries), then ACK this
+    /// message. If the schedule cannot be stored: NAK with the delay.
+    Defer(Duration),
     Term,
     /// Leave the message alone: it belongs to the claim's new holder.
     Leave,
@@ -306,7 +311,7 @@ fn retry(
                     delay,
                     message: error.message,
                 },
-                Settle::Nak(Some(delay)),
+                Settle::Defer(delay),
             )
         },
         Decision::Fail => {

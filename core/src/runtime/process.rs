@@ -42,14 +42,23 @@ impl Shared {
     ) {
         let stage = self.config.stage;
         let info = message.info().ok();
+        let headers = message.headers.as_ref();
+        // A task republished for its retry carries the deliveries it had
+        // before this message: the count goes on across messages.
+        let before = headers
+            .and_then(|h| h.get(topology::DELIVERED_HEADER))
+            .and_then(|n| n.as_str().parse::<u32>().ok())
+            .unwrap_or(0);
         let delivered = info
             .as_ref()
             .map(|i| i.delivered.max(1) as u32)
-            .unwrap_or(1);
-        let header_meta = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("Nats-Msg-Id"))
+            .unwrap_or(1)
+            .saturating_add(before);
+        let header_meta = headers
+            .and_then(|h| {
+                h.get("Nats-Msg-Id")
+                    .or_else(|| h.get(topology::TASK_ID_HEADER))
+            })
             .and_then(|id| topology::parse_task_msg_id(id.as_str()))
             .map(|(tenant, job, _, attempt)| TaskMeta {
                 tenant,
@@ -111,7 +120,7 @@ impl Shared {
             ..target
         };
         let policy = Policy::resolve(
-            self.config.retry.for_stage(stage),
+            &self.config.retry,
             task.retry_policy(),
             stage,
             self.config.nats.max_deliver,

@@ -7,7 +7,7 @@
 //! | role | may |
 //! |---|---|
 //! | coordinator | everything under `ty.>`, the JetStream API, every bucket; answer `ty.api.*`; the only one to create streams, buckets and its own consumers, and to read or write `ty_jobs`, `ty_idem`, `ty_webhook_secrets` |
-//! | captioner, worker (per pool), uploader | bind to the streams and buckets; create and pull only its own stage's consumer (a worker: `ty-train-<pool>` filtered on `ty.task.train.<pool>`); read a job record by key; write its own stage's claims, its registry entry, its stage's result and dead letters, and non-state events; hear cancels |
+//! | captioner, worker (per pool), uploader | bind to the streams and buckets; create and pull only its own stage's consumer (a worker: `ty-train-<pool>` filtered on `ty.task.train.<pool>`); read a job record by key; write its own stage's claims, its registry entry, its stage's result, dead letters and waiting retries (`ty.retry.<stage>.>`), and non-state events; hear cancels |
 //! | client | send `ty.api.*` requests and read the replies |
 //!
 //! Every role reads replies only under its own inbox prefix (`_INBOX_<role>`),
@@ -143,6 +143,8 @@ impl Role {
                     format!("$KV.{WORKERS_BUCKET}.>"),
                     subject::result(stage),
                     subject::dlq(stage),
+                    // Its stage's retries, waiting as message schedules.
+                    format!("ty.retry.{}.>", stage.name()),
                 ];
                 publish.extend(
                     STAGE_EVENT_KINDS

@@ -94,7 +94,7 @@ impl Chaos {
         let dir = tempfile::tempdir().expect("tempdir");
         let store_dir = dir.path().join("nats");
         let nats = tokio::task::spawn_blocking(move || {
-            let binary = find_nats_server(&workspace_root()).expect("nats-server >= 2.10");
+            let binary = find_nats_server(&workspace_root()).expect("nats-server >= 2.12");
             NatsServer::start(&binary, &store_dir).expect("nats-server starts")
         })
         .await
@@ -107,7 +107,7 @@ impl Chaos {
     /// services get every node's URL unless `tweak` says otherwise.
     pub async fn start_cluster(workers: usize, tweak: impl FnOnce(&mut Config)) -> Chaos {
         let dir = tempfile::tempdir().expect("tempdir");
-        let binary = find_nats_server(&workspace_root()).expect("nats-server >= 2.10");
+        let binary = find_nats_server(&workspace_root()).expect("nats-server >= 2.12");
         let cluster = Cluster::start(&binary, dir.path()).await;
         let url = cluster.urls();
         let mut chaos = Chaos::with_nats(dir, None, url, |config| {
@@ -356,7 +356,7 @@ impl Chaos {
         let (port, store) = (nats.port(), nats.store_dir().to_owned());
         let nats = tokio::task::spawn_blocking(move || {
             nats.stop();
-            let binary = find_nats_server(&workspace_root()).expect("nats-server >= 2.10");
+            let binary = find_nats_server(&workspace_root()).expect("nats-server >= 2.12");
             NatsServer::start_on_port(&binary, &store, port).expect("nats-server restarts")
         })
         .await

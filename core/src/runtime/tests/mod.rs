@@ -121,6 +121,11 @@ fn nak(ms: u64) -> Settle {
     Settle::Nak(Some(Duration::from_millis(ms)))
 }
 
+/// A retry: republished to run after `ms`, this message acked.
+fn defer(ms: u64) -> Settle {
+    Settle::Defer(Duration::from_millis(ms))
+}
+
 /// Release, then NAK; with the handler's report first when `reported`.
 fn retried(settle: Settle, reported: Option<u32>) -> Shape {
     Shape {

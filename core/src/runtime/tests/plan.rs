@@ -117,21 +117,21 @@ fn plan_table_ok_and_fail() {
 fn plan_table_retry() {
     let rows = vec![
         (
-            "Retry: release, NAK 100 ms",
+            "Retry: release, DEFER 100 ms",
             ended(Err(retry(0))),
-            retried(nak(100), None),
+            retried(defer(100), None),
             "retry",
         ),
         (
-            "Retry on delivery 2: NAK 200 ms",
+            "Retry on delivery 2: DEFER 200 ms",
             ended(Err(retry(0))).on(2),
-            retried(nak(200), None),
+            retried(defer(200), None),
             "retry",
         ),
         (
-            "Retry with a Retry-After above the backoff: NAK after it",
+            "Retry with a Retry-After above the backoff: DEFER after it",
             ended(Err(retry(7_000))),
-            retried(nak(7_000), None),
+            retried(defer(7_000), None),
             "retry",
         ),
         (
@@ -163,19 +163,63 @@ fn plan_table_retry() {
     assert_eq!(check_plans(rows), 6);
 }
 
+/// The rows under a fleet maximum of 500 ms (`[retry] fleet_max_delay_ms`):
+/// no delay the policy, the job or a server asks for goes past it.
+#[test]
+fn plan_table_retry_under_the_fleet_maximum() {
+    let capped = policy().capped(Duration::from_millis(500));
+    let rows = vec![
+        (
+            "backoff below the maximum: as is",
+            ended(Err(retry(0))),
+            defer(100),
+        ),
+        (
+            "backoff on delivery 2, below the maximum",
+            ended(Err(retry(0))).on(2),
+            defer(200),
+        ),
+        (
+            "a Retry-After of an hour: the maximum",
+            ended(Err(retry(3_600_000))),
+            defer(500),
+        ),
+        (
+            "a Retry-After below the maximum: kept",
+            ended(Err(retry(300))),
+            defer(300),
+        ),
+    ];
+    assert_eq!(rows.len(), 4);
+    for (row, ended, settle) in rows {
+        let plan = plan::plan(ended, &capped, STAGE, &claim());
+        assert_eq!(shape(&plan), retried(settle, None), "{row}");
+    }
+    let long = Policy {
+        multiplier: 10.0,
+        ..capped
+    };
+    let plan = plan::plan(ended(Err(retry(0))).on(2), &long, STAGE, &claim());
+    assert_eq!(
+        shape(&plan),
+        retried(defer(500), None),
+        "backoff past the maximum"
+    );
+}
+
 #[test]
 fn plan_table_retry_with_a_report() {
     let rows = vec![
         (
-            "the report under the claim, release, NAK",
+            "the report under the claim, release, DEFER",
             ended(Err(retry_reporting())),
-            retried(nak(100), Some(1)),
+            retried(defer(100), Some(1)),
             "retry",
         ),
         (
             "on delivery 2: reported under delivery 2's id",
             ended(Err(retry_reporting())).on(2),
-            retried(nak(200), Some(2)),
+            retried(defer(200), Some(2)),
             "retry",
         ),
         (

@@ -1,0 +1,279 @@
+//! Attacks on fair share, each as a tenant would make it, against a real
+//! fleet (nats-server, coordinator, captioner, worker, uploader) with a
+//! real HTTP server on loopback:
+//!
+//! - starving a stage: tenant A submits more failing jobs than the stage's
+//!   consumer lets run at once (`nats.max_ack_pending`), each fetching a
+//!   `zip_url` that answers 503 with an hour's `Retry-After` and a
+//!   `spec.retry` of a day between tries; tenant B's good job must still
+//!   start before the first of A's retries is even due, and A's retries
+//!   wait no longer than the fleet's `retry.fleet_max_delay_ms`.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::IntoResponse;
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use trainyard_core::topology::{self, TASKS_STREAM, subject};
+use trainyard_proto::v1::{DatasetSource, JobState, RetryPolicy, Stage, dataset_source::Source};
+use trainyard_tests::*;
+
+/// An HTTP server answering every path with 503 and `Retry-After: 3600`;
+/// it keeps the times each path was asked for.
+struct Failing {
+    base: String,
+    requests: Arc<Mutex<HashMap<String, Vec<Instant>>>>,
+}
+
+async fn failing_server() -> Failing {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests: Arc<Mutex<HashMap<String, Vec<Instant>>>> = Arc::default();
+    let seen = requests.clone();
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        let seen = seen.clone();
+        async move {
+            seen.lock()
+                .unwrap()
+                .entry(uri.path().to_string())
+                .or_default()
+                .push(Instant::now());
+            let mut response = StatusCode::SERVICE_UNAVAILABLE.into_response();
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("3600"));
+            response
+        }
+    });
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Failing {
+        base: format!("http://{addr}"),
+        requests,
+    }
+}
+
+/// The fleet of the starvation attack: two prepare tasks out at once for
+/// all tenants, and no retry waiting longer than `fleet_max`.
+async fn small_fleet(fleet_max: Duration) -> Fleet {
+    Fleet::start_with(Services::ALL, |c| {
+        c.captioner.allow_private_urls = true;
+        c.nats.max_ack_pending = 2;
+        c.retry.fleet_max_delay_ms = fleet_max.as_millis() as u64;
+    })
+    .await
+}
+
+/// A job whose dataset is `url`, retried a day apart (as a tenant may ask).
+fn failing_spec(url: &str) -> trainyard_proto::v1::JobSpec {
+    let mut spec = spec("file:///unused", 10);
+    spec.dataset = Some(DatasetSource {
+        source: Some(Source::ZipUrl(url.into())),
+    });
+    spec.retry = Some(RetryPolicy {
+        stages: vec![Stage::Prepare as i32],
+        initial_delay_ms: 86_400_000,
+        multiplier: 1.0,
+        max_delay_ms: 86_400_000,
+        max_attempts: 5,
+        jitter: Some(0.0),
+        non_retryable: Vec::new(),
+    });
+    spec
+}
+
+/// Whether a job has started training (or got further).
+fn started(state: JobState) -> bool {
+    matches!(
+        state,
+        JobState::Training | JobState::Delivering | JobState::Succeeded
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_jobs_of_one_tenant_do_not_starve_another() {
+    // B must start before the first of A's retries is due (the fleet's
+    // maximum after A's first failures); a retry held on the consumer
+    // would keep B's task behind A's for at least that long.
+    let fleet_max = Duration::from_secs(12);
+    let bound = fleet_max - Duration::from_secs(2);
+    let fleet = small_fleet(fleet_max).await;
+    let server = failing_server().await;
+    let mut tenant_a = fleet.client(TOKEN).await;
+    let mut tenant_b = fleet.client(OTHER_TOKEN).await;
+
+    let attackers = 6; // three times the consumer's max_ack_pending
+    let mut a_jobs = Vec::new();
+    for n in 0..attackers {
+        let url = format!("{}/a{n}.zip", server.base);
+        a_jobs.push(submit(&mut tenant_a, failing_spec(&url)).await.job_id);
+    }
+    let b_job = submit(&mut tenant_b, spec(&fleet.sample_uri().await, 10)).await;
+
+    let reached = wait_for("B's job to start training", bound, || {
+        let mut client = tenant_b.clone();
+        let job = b_job.job_id.clone();
+        async move {
+            let record = get(&mut client, &job).await;
+            started(record.state()).then_some(record.state())
+        }
+    })
+    .await;
+    assert!(started(reached));
+    // Every one of A's jobs failed once and none is over: they are all
+    // retrying while B runs.
+    let fetched = server.requests.lock().unwrap().len();
+    assert_eq!(fetched, attackers, "each of A's datasets was fetched");
+    for job in &a_jobs {
+        let record = get(&mut tenant_a, job).await;
+        assert!(!record.state().is_final(), "{job}: {:?}", record.state());
+    }
+    // A's retries wait as schedules, not on the stage's consumer.
+    let js = async_nats::jetstream::new(fleet.nats_client().await);
+    let waiting = wait_for("A's retries to wait as schedules", bound, || {
+        let js = js.clone();
+        async move {
+            let stream = js.get_stream(TASKS_STREAM).await.ok()?;
+            let info = stream
+                .info_with_subjects(subject::all_retries())
+                .await
+                .ok()?;
+            let subjects: Vec<String> = info
+                .filter_map(|s| async move { s.ok().map(|(subject, _)| subject) })
+                .collect()
+                .await;
+            (subjects.len() == attackers).then_some(subjects)
+        }
+    })
+    .await;
+    assert!(
+        waiting
+            .iter()
+            .all(|s| s.starts_with("ty.retry.prepare.acme."))
+    );
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream(TASKS_STREAM)
+        .await
+        .unwrap()
+        .get_consumer(&topology::consumer_name(Stage::Prepare, ""))
+        .await
+        .unwrap();
+    let pending = consumer.info().await.unwrap().num_ack_pending;
+    assert_eq!(pending, 0, "no retry holds a slot of the prepare consumer");
+
+    // The tenant asked for a day and its server for an hour: each retry
+    // comes at the fleet's maximum.
+    let second = wait_for(
+        "A's first retry",
+        fleet_max + Duration::from_secs(20),
+        || {
+            let requests = server.requests.clone();
+            async move {
+                let requests = requests.lock().unwrap();
+                requests
+                    .values()
+                    .find(|times| times.len() >= 2)
+                    .map(|times| times[1] - times[0])
+            }
+        },
+    )
+    .await;
+    assert!(second >= fleet_max - Duration::from_secs(1), "{second:?}");
+    fleet.stop().await;
+}
+
+/// A fleet with only a coordinator: submitted jobs stay `QUEUED`.
+async fn coordinator_with(quotas: impl FnOnce(&mut trainyard_core::config::QuotasConfig)) -> Fleet {
+    Fleet::start_with(
+        Services {
+            coordinator: true,
+            ..Services::NONE
+        },
+        |c| quotas(&mut c.quotas),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submissions_past_the_queued_quota_are_refused_with_resource_exhausted() {
+    let fleet = coordinator_with(|q| {
+        q.max_queued_jobs = 2;
+        q.tenants.insert(
+            "globex".into(),
+            trainyard_core::config::TenantQuotas {
+                max_queued_jobs: Some(3),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let dataset = fleet.sample_uri().await;
+    let mut tenant_a = fleet.client(TOKEN).await;
+    for _ in 0..2 {
+        submit(&mut tenant_a, spec(&dataset, 10)).await;
+    }
+    let refused = tenant_a
+        .submit(trainyard_proto::v1::SubmitRequest {
+            spec: Some(spec(&dataset, 10)),
+        })
+        .await
+        .expect_err("a third queued job is past acme's quota");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert!(!refused.message().is_empty(), "the reason is given");
+    // Another tenant has its own count and its own limit.
+    let mut tenant_b = fleet.client(OTHER_TOKEN).await;
+    for _ in 0..3 {
+        submit(&mut tenant_b, spec(&dataset, 10)).await;
+    }
+    let refused = tenant_b
+        .submit(trainyard_proto::v1::SubmitRequest {
+            spec: Some(spec(&dataset, 10)),
+        })
+        .await
+        .expect_err("a fourth is past globex's own quota");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_past_the_running_quota_waits_queued_and_starts_when_a_slot_frees() {
+    let fleet = Fleet::start_with(Services::ALL, |c| c.quotas.max_running_jobs = 1).await;
+    let dataset = fleet.sample_uri().await;
+    let mut tenant_a = fleet.client(TOKEN).await;
+    let first = submit(&mut tenant_a, spec(&dataset, 10)).await;
+    let second = submit(&mut tenant_a, spec(&dataset, 10)).await;
+    assert_eq!(second.state(), JobState::Queued);
+    assert!(!second.quota_hold.is_empty(), "held by the running quota");
+    // Another tenant is not held by acme's jobs.
+    let mut tenant_b = fleet.client(OTHER_TOKEN).await;
+    let other = submit(&mut tenant_b, spec(&dataset, 10)).await;
+    assert!(other.quota_hold.is_empty());
+
+    // While the first runs, the second waits QUEUED with no task.
+    let mut watched = tenant_a.clone();
+    let first_events = watch_all(&mut watched, &first.job_id, Duration::from_secs(120)).await;
+    assert!(!first_events.is_empty());
+    assert_eq!(
+        get(&mut tenant_a, &first.job_id).await.state(),
+        JobState::Succeeded
+    );
+    // The first's end frees the slot: the second starts and succeeds.
+    watch_all(&mut tenant_a, &second.job_id, Duration::from_secs(120)).await;
+    let second = get(&mut tenant_a, &second.job_id).await;
+    assert_eq!(second.state(), JobState::Succeeded, "{:?}", second.error);
+    assert!(second.quota_hold.is_empty());
+    let times = second.times.unwrap();
+    assert!(
+        times.preparing_at_ms
+            >= get(&mut tenant_a, &first.job_id)
+                .await
+                .times
+                .unwrap()
+                .finished_at_ms,
+        "the second started only after the first ended"
+    );
+    watch_all(&mut tenant_b, &other.job_id, Duration::from_secs(120)).await;
+    fleet.stop().await;
+}
