@@ -41,6 +41,9 @@ impl ServiceArgs {
     }
 }
 
+/// How long one start-up attempt waits for the first connection.
+const CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Connects as `role` (see [`crate::nats::connect`]) and makes sure the
 /// streams and buckets exist, retrying (with backoff, each failure logged)
 /// until they do: the server may not be up yet, or a fresh cluster may not
@@ -58,6 +61,10 @@ pub async fn connect(
     // Each attempt waits for the connection; an open bus ends the wait
     // with the refusal instead of another try.
     let ready = topology::until_ready("NATS streams and buckets", shutdown, || async {
+        if client.try_server_info().is_none() {
+            // Connecting in the background: give it a moment first.
+            let _ = tokio::time::timeout(CONNECT_WAIT, client.flush()).await;
+        }
         let Some(info) = client.try_server_info() else {
             return Err(async_nats::Error::from("not connected to nats yet"));
         };
