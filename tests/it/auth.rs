@@ -126,12 +126,8 @@ async fn failed_attempts_are_limited_per_caller_over_nats() {
 
 #[tokio::test]
 async fn grpc_serves_tls_with_a_certificate() {
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
-        .expect("self-signed certificate");
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = (dir.path().join("grpc.crt"), dir.path().join("grpc.key"));
-    std::fs::write(&cert, certified.cert.pem()).unwrap();
-    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let (cert, key) = trainyard_tests::localhost_cert(dir.path());
     let (c, k) = (cert.clone(), key.clone());
     let fleet = Fleet::start_with(coordinator_only(), move |config| {
         config.coordinator.tls_cert_file = Some(c);
@@ -139,7 +135,7 @@ async fn grpc_serves_tls_with_a_certificate() {
     })
     .await;
     let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(certified.cert.pem()))
+        .ca_certificate(Certificate::from_pem(std::fs::read(&cert).unwrap()))
         .domain_name("localhost");
     let channel = Channel::from_shared(format!("https://localhost:{}", fleet.grpc.port()))
         .unwrap()

@@ -387,6 +387,18 @@ impl Fleet {
     }
 }
 
+/// A self-signed certificate for `localhost`, written to `dir` as
+/// `grpc.crt` and `grpc.key` (PEM): a coordinator serves TLS with them and
+/// a client trusts `grpc.crt` as its CA.
+pub fn localhost_cert(dir: &Path) -> (PathBuf, PathBuf) {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
+        .expect("self-signed certificate");
+    let (cert, key) = (dir.join("grpc.crt"), dir.join("grpc.key"));
+    std::fs::write(&cert, certified.cert.pem()).expect("write the certificate");
+    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("write the key");
+    (cert, key)
+}
+
 pub fn make_zip(entries: &[(&str, Vec<u8>)]) -> Vec<u8> {
     use std::io::Write;
     let mut writer = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));

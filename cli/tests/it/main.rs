@@ -5,5 +5,6 @@
 
 mod cli;
 mod observability;
+mod tls;
 mod validate;
 mod webhooks;
