@@ -361,6 +361,10 @@ pub async fn ensure(
             retention: stream::RetentionPolicy::Limits,
             max_age: Duration::from_secs(config.event_max_age_secs.max(60)),
             max_messages_per_subject: 20_000,
+            // Bounded in bytes too, dropping the oldest: job events are a
+            // view, and a chatty job must not fill JetStream's store.
+            max_bytes: clamp_bytes(config.event_max_bytes),
+            discard: stream::DiscardPolicy::Old,
             duplicate_window: dedup,
             num_replicas: replicas,
             ..Default::default()
@@ -371,12 +375,32 @@ pub async fn ensure(
             retention: stream::RetentionPolicy::Limits,
             // Long enough for an operator to look; never forever.
             max_age: DLQ_MAX_AGE,
+            max_bytes: clamp_bytes(config.dlq_max_bytes),
+            discard: stream::DiscardPolicy::Old,
             num_replicas: replicas,
             ..Default::default()
         },
     ];
     for config in streams {
-        js.get_or_create_stream(config).await?;
+        let limits = (config.max_bytes, config.max_age);
+        let stream = js.get_or_create_stream(config.clone()).await?;
+        let info = stream.cached_info();
+        if (info.config.max_bytes, info.config.max_age) != limits {
+            // A stream made before these limits existed (or under other
+            // settings) takes them now. A role not allowed to change
+            // streams leaves that to one that is.
+            let name = config.name.clone();
+            if let Err(error) = js
+                .update_stream(stream::Config {
+                    max_bytes: limits.0,
+                    max_age: limits.1,
+                    ..info.config.clone()
+                })
+                .await
+            {
+                tracing::warn!(stream = %name, %error, "could not apply the stream's size and age limits");
+            }
+        }
     }
     let jobs = bucket(js, JOBS_BUCKET, 5, None, replicas).await?;
     let idem = bucket(js, IDEM_BUCKET, 1, None, replicas).await?;
@@ -389,6 +413,11 @@ pub async fn ensure(
         workers,
         claims,
     })
+}
+
+/// A byte limit as NATS takes it (`i64`, `-1` for none).
+fn clamp_bytes(bytes: u64) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
 }
 
 /// The coordinators' bucket of tenants' webhook signing secrets (see

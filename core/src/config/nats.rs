@@ -19,6 +19,12 @@ pub struct NatsConfig {
     pub dedup_window_secs: u64,
     /// How long job events are kept.
     pub event_max_age_secs: u64,
+    /// Bytes `TY_EVENTS` may hold; past it the oldest events are dropped,
+    /// so a chatty job can never fill JetStream's store (where tasks,
+    /// results and job records live too).
+    pub event_max_bytes: u64,
+    /// Bytes `TY_DLQ` may hold; past it the oldest dead letters are dropped.
+    pub dlq_max_bytes: u64,
 }
 
 impl Default for NatsConfig {
@@ -30,6 +36,8 @@ impl Default for NatsConfig {
             replicas: 1,
             dedup_window_secs: 600,
             event_max_age_secs: 7 * 24 * 3600,
+            event_max_bytes: 1 << 30,
+            dlq_max_bytes: 256 << 20,
         }
     }
 }
