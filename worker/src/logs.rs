@@ -9,6 +9,11 @@
 //! The worker's own notes (`stream` "worker") go through the same queue, so
 //! they keep their place among the trainer's lines, and are always an
 //! event of their own.
+//!
+//! The trainer's lines are metered by a [`LogBudget`]: past the attempt's
+//! byte budget one note says so and no more trainer lines go out; over the
+//! byte rate lines are dropped and a note (at most every
+//! [`RATE_NOTE_EVERY`], and at the end) counts them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,6 +21,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
+use crate::log_budget::{Admit, LogBudget, LogLimits};
 use trainyard_core::events::EventSink;
 use trainyard_proto::v1::Stage;
 
@@ -28,6 +34,8 @@ pub const MAX_BYTES: usize = 256 * 1024;
 /// Lines waiting to be published, at most; the last [`RESERVED`] places
 /// are kept for the worker's notes.
 const QUEUE: usize = 4096;
+/// Least time between two notes about lines dropped over the rate.
+pub const RATE_NOTE_EVERY: Duration = Duration::from_secs(5);
 const RESERVED: usize = 64;
 
 enum Entry {
@@ -43,12 +51,14 @@ pub struct LogBatcher {
 }
 
 impl LogBatcher {
-    pub fn start(events: EventSink, stage: Stage) -> LogBatcher {
+    pub fn start(events: EventSink, stage: Stage, limits: LogLimits) -> LogBatcher {
         let (tx, rx) = mpsc::channel(QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
+        let budget = LogBudget::new(limits, std::time::Instant::now());
         // In the caller's span: its log events carry the job's trace context.
         let task = tokio::spawn(
-            publish(events, stage, rx, dropped.clone()).instrument(tracing::Span::current()),
+            publish(events, stage, rx, dropped.clone(), budget)
+                .instrument(tracing::Span::current()),
         );
         LogBatcher { tx, dropped, task }
     }
@@ -122,9 +132,11 @@ async fn publish(
     stage: Stage,
     mut rx: mpsc::Receiver<Entry>,
     dropped: Arc<AtomicU64>,
+    mut budget: LogBudget,
 ) {
     let mut pending = Pending::default();
     let mut flush_at = tokio::time::Instant::now();
+    let mut rate_noted = std::time::Instant::now();
     loop {
         let entry = tokio::select! {
             entry = rx.recv() => entry,
@@ -135,6 +147,31 @@ async fn publish(
         };
         match entry {
             Some(Entry::Trainer { stream, line }) => {
+                let now = std::time::Instant::now();
+                match budget.admit(line.len() as u64 + 1, now) {
+                    Admit::Pass => {}
+                    Admit::OverRate => {
+                        if now.duration_since(rate_noted) >= RATE_NOTE_EVERY {
+                            rate_noted = now;
+                            flush(&events, stage, &mut pending, &dropped).await;
+                            note_over_rate(&events, stage, &mut budget).await;
+                        }
+                        continue;
+                    }
+                    Admit::Exhausted { first } => {
+                        if first {
+                            flush(&events, stage, &mut pending, &dropped).await;
+                            let limit = budget.limits().budget_bytes;
+                            tracing::warn!(job = %events.job(), limit, "trainer log event budget exhausted");
+                            let note = format!(
+                                "log budget exhausted: the attempt's {limit} bytes of log events are spent; \
+                                 later trainer output is kept only in the attempt's log artifact"
+                            );
+                            events.log(stage, "worker", &note).await;
+                        }
+                        continue;
+                    }
+                }
                 if pending.lines.is_empty() {
                     flush_at = tokio::time::Instant::now() + FLUSH_EVERY;
                 }
@@ -150,9 +187,27 @@ async fn publish(
             }
             None => {
                 flush(&events, stage, &mut pending, &dropped).await;
+                note_over_rate(&events, stage, &mut budget).await;
+                if budget.dropped_over_budget > 0 {
+                    let note = format!(
+                        "log budget exhausted, {} bytes dropped",
+                        budget.dropped_over_budget
+                    );
+                    events.log(stage, "worker", &note).await;
+                }
                 return;
             }
         }
+    }
+}
+
+/// The note counting the lines dropped over the rate since the last one.
+async fn note_over_rate(events: &EventSink, stage: Stage, budget: &mut LogBudget) {
+    let bytes = std::mem::take(&mut budget.dropped_over_rate);
+    if bytes > 0 {
+        let rate = budget.limits().bytes_per_sec;
+        let note = format!("{bytes} bytes of trainer output dropped: over the log rate of {rate} bytes a second");
+        events.log(stage, "worker", &note).await;
     }
 }
 

@@ -97,6 +97,14 @@ pub struct WorkerConfig {
     /// Bytes of a trainer's output kept as the log artifact of an attempt
     /// (the last ones when it wrote more); 0 keeps none.
     pub trainer_log_max_bytes: u64,
+    /// Bytes of trainer output one attempt may publish as `log` events;
+    /// past it one event says the budget is spent and the rest is kept
+    /// only in the log artifact. 0: no budget.
+    pub log_event_budget_bytes: u64,
+    /// Bytes a second of trainer output published as `log` events (bursts
+    /// of a few seconds' worth pass); lines over it are dropped and
+    /// counted in a note. 0: no rate limit.
+    pub log_event_bytes_per_sec: u64,
     /// Most `metric` events per second per metric (loss, learning rate, …)
     /// of one run; the latest value wins. 0: every step's value.
     pub metric_events_per_second: u32,
@@ -228,6 +236,8 @@ impl Default for WorkerConfig {
             trainers: TrainerPaths::default(),
             stuck: StuckConfig::default(),
             trainer_log_max_bytes: 64 << 20,
+            log_event_budget_bytes: 8 << 20,
+            log_event_bytes_per_sec: 64 << 10,
             metric_events_per_second: 5,
             gpu_sample_ms: 5000,
         }

@@ -47,6 +47,7 @@ mod supervise;
 mod watchdog;
 
 use crate::gpu::{Gpus, Slots};
+use crate::log_budget::LogLimits;
 use crate::logs::LogBatcher;
 use crate::models::Models;
 use crate::progress_receiver::ProgressReceiver;
@@ -95,6 +96,8 @@ pub struct TrainStage {
     pub trainer_log_max_bytes: u64,
     /// `[worker] metric_events_per_second`.
     pub metric_events_per_second: u32,
+    /// `[worker] log_event_budget_bytes` and `log_event_bytes_per_sec`.
+    pub log_limits: LogLimits,
 }
 
 /// Removes a job's gauges when its handling ends, however it ends.
@@ -158,7 +161,11 @@ impl TrainStage {
             receiver = Some(bound);
         }
         let command = self.launch(backend, &inputs, receiver.is_some()).await?;
-        let logs = LogBatcher::start(ctx.events.clone(), Stage::Train);
+        let logs = LogBatcher::start(
+            ctx.events.clone(),
+            Stage::Train,
+            self.log_limits,
+        );
         let run = supervise::Run::new(self, backend, ctx, &inputs, work, &logs);
         let span = tracing::info_span!(
             "train.run",
