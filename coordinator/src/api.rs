@@ -156,6 +156,8 @@ pub struct JobApi {
     pub webhook_secrets: Option<crate::webhooks::SecretStore>,
     /// Which destinations a job may use on this fleet.
     pub destinations: trainyard_core::destination::Destinations,
+    /// `[coordinator] max_spec_bytes`.
+    pub max_spec_bytes: usize,
 }
 
 /// The `ty_idem` key of a tenant's idempotency key.
@@ -171,6 +173,31 @@ fn parse_job(id: &str) -> Result<JobId, ApiError> {
 }
 
 impl JobApi {
+    /// The largest spec this fleet takes: the configured limit, and never
+    /// more than a quarter of what the NATS server carries in one message
+    /// (the spec travels in the job record and in every task, beside other
+    /// fields).
+    fn spec_limit(&self) -> usize {
+        let server = self.client.server_info().max_payload;
+        match server {
+            0 => self.max_spec_bytes,
+            max => self.max_spec_bytes.min(max / 4),
+        }
+    }
+
+    /// Refuses a spec over [`Self::spec_limit`], before anything else looks at it.
+    fn check_spec_size(&self, spec: &JobSpec) -> Result<(), ApiError> {
+        let (size, limit) = (spec.encoded_len(), self.spec_limit());
+        if size > limit {
+            return Err(validate::Invalid(vec![validate::FieldError::new(
+                "spec",
+                format!("is {size} bytes encoded, over this fleet's limit of {limit} bytes"),
+            )])
+            .into());
+        }
+        Ok(())
+    }
+
     fn webhook_secrets(&self) -> Result<&crate::webhooks::SecretStore, ApiError> {
         self.webhook_secrets.as_ref().ok_or_else(|| {
             ApiError::FailedPrecondition("webhooks are not configured on this fleet".into())
@@ -203,7 +230,9 @@ impl JobApi {
         spec: Option<JobSpec>,
     ) -> Result<SubmitResponse, ApiError> {
         let spec = spec.ok_or_else(|| ApiError::Invalid("spec: is required".into()))?;
+        self.check_spec_size(&spec)?;
         let spec = validate::normalise(spec)?;
+        self.check_spec_size(&spec)?;
         self.webhooks
             .check(&spec)
             .map_err(|e| validate::Invalid(vec![e]))?;
@@ -306,6 +335,7 @@ impl JobApi {
         spec: Option<JobSpec>,
     ) -> Result<ValidateReply, ApiError> {
         let spec = spec.ok_or_else(|| ApiError::Invalid("spec: is required".into()))?;
+        self.check_spec_size(&spec)?;
         let spec = match validate::normalise(spec).and_then(|spec| {
             self.webhooks
                 .check(&spec)

@@ -83,6 +83,7 @@ pub async fn run(
         webhooks: validate::SubmitRules::from_config(&config.webhooks),
         webhook_secrets: webhook_secrets.clone(),
         destinations: trainyard_core::destination::Destinations::from_config(&config),
+        max_spec_bytes: config.coordinator.max_spec_bytes,
     };
     let deliverer = match webhook_secrets {
         Some(secrets) => {

@@ -23,6 +23,12 @@ pub struct CoordinatorConfig {
     /// Seconds between reads of the stage backlogs and the dead-letter
     /// depth (JetStream consumer and stream info) for the metrics.
     pub backlog_interval_secs: u64,
+    /// Largest job spec accepted, in bytes (protobuf-encoded); a larger
+    /// one is refused with INVALID_ARGUMENT. The spec is copied into the
+    /// job record and every task, so it stays well under NATS' payload
+    /// limit (and a quarter of the server's `max_payload` is the ceiling
+    /// whatever this says).
+    pub max_spec_bytes: usize,
 }
 
 impl Default for CoordinatorConfig {
@@ -34,6 +40,7 @@ impl Default for CoordinatorConfig {
             stale_after_secs: 120,
             validate_timeout_secs: 300,
             backlog_interval_secs: 5,
+            max_spec_bytes: 64 << 10,
         }
     }
 }
