@@ -174,3 +174,130 @@ async fn an_oversized_spec_is_refused() {
     assert!(listed.jobs.is_empty());
     fleet.stop().await;
 }
+
+/// Waits until no process mentions `job` (its trainer is gone).
+async fn until_no_trainer(job: &str, timeout: Duration) {
+    wait_for("the trainer to stop", timeout, || {
+        let gone = processes_mentioning(job).is_empty();
+        async move { gone.then_some(()) }
+    })
+    .await;
+}
+
+async fn until_trainer(job: &str) {
+    wait_for("the trainer to run", Duration::from_secs(120), || {
+        let running = !processes_mentioning(job).is_empty();
+        async move { running.then_some(()) }
+    })
+    .await;
+}
+
+/// Messages left in `TY_TASKS`.
+async fn tasks_left(js: &async_nats::jetstream::Context) -> u64 {
+    let mut stream = js
+        .get_stream(trainyard_core::topology::TASKS_STREAM)
+        .await
+        .unwrap();
+    stream.info().await.unwrap().state.messages
+}
+
+/// A job cancelled while its training task waits in the queue, with no
+/// worker to hear the cancel message: the worker that takes the task later
+/// never starts a trainer for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_sent_before_the_task_is_taken_keeps_the_trainer_from_starting() {
+    let fleet = Fleet::start_with(
+        Services {
+            worker: false,
+            ..Services::ALL
+        },
+        |_| {},
+    )
+    .await;
+    let js = async_nats::jetstream::new(fleet.nats_client().await);
+    let mut client = fleet.client(TOKEN).await;
+    let job = submit(&mut client, spec(&fleet.sample_uri().await, 100_000)).await;
+    wait_for("the training task", Duration::from_secs(60), || {
+        let mut client = client.clone();
+        let id = job.job_id.clone();
+        async move { (get(&mut client, &id).await.stage() == Stage::Train).then_some(()) }
+    })
+    .await;
+    client
+        .cancel(trainyard_proto::v1::CancelRequest {
+            job_id: job.job_id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(tasks_left(&js).await, 1, "the training task waits");
+
+    let (_stop, _worker) = fleet.start_worker();
+    wait_for("the task to be dropped", Duration::from_secs(60), || {
+        let js = js.clone();
+        async move { (tasks_left(&js).await == 0).then_some(()) }
+    })
+    .await;
+    assert!(processes_mentioning(&job.job_id).is_empty());
+    // A run, however it ends, stores its trainer's output: there was none.
+    let key = format!("jobs/{}/logs/train-attempt-1-delivery-1.log", job.job_id);
+    assert!(fleet.store.get_bytes(&key).await.is_err(), "a trainer ran");
+    assert_eq!(get(&mut client, &job.job_id).await.state(), JobState::Cancelled);
+    fleet.stop().await;
+}
+
+/// A cancel whose message never reaches the worker (a reconnect, a lost
+/// core-NATS message): the record the coordinator made final stops the
+/// trainer at the worker's next heartbeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_whose_message_is_lost_still_stops_the_trainer() {
+    let fleet = Fleet::start().await;
+    let parts = fleet.coordinator_parts().await;
+    let mut client = fleet.client(TOKEN).await;
+    let job = submit(&mut client, spec(&fleet.sample_uri().await, 100_000)).await;
+    until_trainer(&job.job_id).await;
+
+    // The coordinator's cancel without its message.
+    let (tenant, id) = (
+        TenantId::parse(&job.tenant).unwrap(),
+        JobId::parse(&job.job_id).unwrap(),
+    );
+    parts
+        .repo
+        .update(&tenant, &id, |mut record| async move {
+            record.state = JobState::Cancelled as i32;
+            (Some(record), ())
+        })
+        .await
+        .unwrap();
+    until_no_trainer(&job.job_id, Duration::from_secs(60)).await;
+    wait_for("the task to be dropped", Duration::from_secs(30), || {
+        let js = parts.js.clone();
+        async move { (tasks_left(&js).await == 0).then_some(()) }
+    })
+    .await;
+    fleet.stop().await;
+}
+
+/// A job past its deadline is stopped by the worker's own clock, before
+/// any reconciler pass fails it and sends a cancel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_stops_the_trainer_without_a_cancel_message() {
+    let fleet = Fleet::start_with(Services::ALL, |c| {
+        c.coordinator.reconcile_interval_secs = 3600;
+    })
+    .await;
+    let mut client = fleet.client(TOKEN).await;
+    let mut long = spec(&fleet.sample_uri().await, 100_000);
+    long.timeout_secs = 15;
+    let job = submit(&mut client, long).await;
+    until_trainer(&job.job_id).await;
+    until_no_trainer(&job.job_id, Duration::from_secs(60)).await;
+    let record = get(&mut client, &job.job_id).await;
+    assert!(
+        trainyard_core::runtime::deadline_ms(&record)
+            .is_some_and(|deadline| trainyard_core::now_ms() >= deadline),
+        "stopped before its deadline"
+    );
+    fleet.stop().await;
+}
