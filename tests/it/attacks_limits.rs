@@ -301,3 +301,31 @@ async fn a_deadline_stops_the_trainer_without_a_cancel_message() {
     );
     fleet.stop().await;
 }
+
+/// A zip declaring fifty million entries (its end records only) fails its
+/// job as a bad dataset, at once and without a retry, and the captioner
+/// goes on to prepare the next job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zip_declaring_millions_of_entries_is_refused_and_the_captioner_serves_on() {
+    let fleet = Fleet::start().await;
+    let mut client = fleet.client(TOKEN).await;
+    let bomb = trainyard_captioner::unpack::eocd::forged_zip64_end(50_000_000, 46 * 50_000_000);
+    fleet
+        .store
+        .put_bytes("uploads/bomb.zip", bomb.into())
+        .await
+        .unwrap();
+    let job = submit(&mut client, spec(&fleet.store.uri("uploads/bomb.zip"), 20)).await;
+    watch_all(&mut client, &job.job_id, Duration::from_secs(60)).await;
+    let failed = get(&mut client, &job.job_id).await;
+    assert_eq!(failed.state(), JobState::Failed);
+    let error = failed.error.expect("the cause");
+    assert_eq!(error.kind(), trainyard_proto::v1::ErrorKind::BadDataset);
+    assert!(!error.retryable);
+    assert!(error.message.contains("declares 50000000 entries"), "{}", error.message);
+
+    let next = submit(&mut client, spec(&fleet.sample_uri().await, 20)).await;
+    watch_all(&mut client, &next.job_id, Duration::from_secs(120)).await;
+    assert_eq!(get(&mut client, &next.job_id).await.state(), JobState::Succeeded);
+    fleet.stop().await;
+}
