@@ -323,8 +323,9 @@ fn check_declared(file: &mut File, budget: &UnpackBudget) -> Result<(), Declared
             limit,
         }));
     }
-    let directory_limit =
-        (limit as u64).saturating_mul(DIRECTORY_BYTES_PER_ENTRY).max(MIN_DIRECTORY_BYTES);
+    let directory_limit = (limit as u64)
+        .saturating_mul(DIRECTORY_BYTES_PER_ENTRY)
+        .max(MIN_DIRECTORY_BYTES);
     if declared.directory_bytes > directory_limit {
         return Err(Declared::Refused(UnpackError::DirectoryTooLarge {
             size: declared.directory_bytes,

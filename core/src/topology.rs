@@ -5,8 +5,8 @@
 //! |---|---|---|
 //! | `TY_TASKS` | work queue | `ty.task.prepare`, `ty.task.train.<pool>`, `ty.task.deliver` |
 //! | `TY_RESULTS` | work queue | `ty.result.<stage>` |
-//! | `TY_EVENTS` | limits | `ty.event.<tenant>.<job>.<kind>`; consumer `ty-webhooks` on `ty.event.*.*.state` |
-//! | `TY_DLQ` | limits | `ty.dlq.<stage>` |
+//! | `TY_EVENTS` | limits (age, `nats.event_max_bytes`; oldest dropped) | `ty.event.<tenant>.<job>.<kind>`; consumer `ty-webhooks` on `ty.event.*.*.state` |
+//! | `TY_DLQ` | limits (30 days, `nats.dlq_max_bytes`; oldest dropped) | `ty.dlq.<stage>` |
 //! | `ty_jobs` | KV | `<tenant>.<job>` |
 //! | `ty_idem` | KV | `<tenant>.<sha256 of idempotency key>` |
 //! | `ty_workers` | KV with TTL (3 heartbeats) | `<worker id>` → the worker's registry entry |

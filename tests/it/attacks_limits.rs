@@ -76,7 +76,11 @@ async fn filling_the_events_stream_with_logs_stays_within_its_limit() {
     let js = async_nats::jetstream::new(fleet.nats_client().await);
 
     // 4 MiB of log events under one job, through the same sink a worker uses.
-    let flooder = EventSink::new(js.clone(), TenantId::parse("acme").unwrap(), JobId::generate());
+    let flooder = EventSink::new(
+        js.clone(),
+        TenantId::parse("acme").unwrap(),
+        JobId::generate(),
+    );
     let text = "x".repeat(64 << 10);
     for _ in 0..64 {
         flooder.log(Stage::Train, "stdout", &text).await;
@@ -111,7 +115,10 @@ async fn filling_the_events_stream_with_logs_stays_within_its_limit() {
         .filter(|(stream, _)| stream != "worker")
         .map(|(_, text)| text.len() as u64 + 1)
         .sum();
-    assert!(trainer_bytes <= BUDGET, "{trainer_bytes} bytes of trainer log events");
+    assert!(
+        trainer_bytes <= BUDGET,
+        "{trainer_bytes} bytes of trainer log events"
+    );
     let notes: Vec<&str> = lines
         .iter()
         .filter(|(stream, _)| stream == "worker")
@@ -159,8 +166,16 @@ async fn an_oversized_spec_is_refused() {
         .await
         .expect_err("refused");
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
-    assert!(status.message().starts_with("spec: is "), "{}", status.message());
-    assert!(status.message().contains(&limit.to_string()), "{}", status.message());
+    assert!(
+        status.message().starts_with("spec: is "),
+        "{}",
+        status.message()
+    );
+    assert!(
+        status.message().contains(&limit.to_string()),
+        "{}",
+        status.message()
+    );
     let status = client
         .validate(ValidateRequest { spec: Some(big) })
         .await
@@ -242,7 +257,10 @@ async fn a_cancel_sent_before_the_task_is_taken_keeps_the_trainer_from_starting(
     // A run, however it ends, stores its trainer's output: there was none.
     let key = format!("jobs/{}/logs/train-attempt-1-delivery-1.log", job.job_id);
     assert!(fleet.store.get_bytes(&key).await.is_err(), "a trainer ran");
-    assert_eq!(get(&mut client, &job.job_id).await.state(), JobState::Cancelled);
+    assert_eq!(
+        get(&mut client, &job.job_id).await.state(),
+        JobState::Cancelled
+    );
     fleet.stop().await;
 }
 
@@ -322,10 +340,17 @@ async fn a_zip_declaring_millions_of_entries_is_refused_and_the_captioner_serves
     let error = failed.error.expect("the cause");
     assert_eq!(error.kind(), trainyard_proto::v1::ErrorKind::BadDataset);
     assert!(!error.retryable);
-    assert!(error.message.contains("declares 50000000 entries"), "{}", error.message);
+    assert!(
+        error.message.contains("declares 50000000 entries"),
+        "{}",
+        error.message
+    );
 
     let next = submit(&mut client, spec(&fleet.sample_uri().await, 20)).await;
     watch_all(&mut client, &next.job_id, Duration::from_secs(120)).await;
-    assert_eq!(get(&mut client, &next.job_id).await.state(), JobState::Succeeded);
+    assert_eq!(
+        get(&mut client, &next.job_id).await.state(),
+        JobState::Succeeded
+    );
     fleet.stop().await;
 }

@@ -15,13 +15,13 @@
 //! byte rate lines are dropped and a note (at most every
 //! [`RATE_NOTE_EVERY`], and at the end) counts them.
 
+use crate::log_budget::{Admit, LogBudget, LogLimits};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
-use crate::log_budget::{Admit, LogBudget, LogLimits};
 use trainyard_core::events::EventSink;
 use trainyard_proto::v1::Stage;
 
@@ -206,7 +206,9 @@ async fn note_over_rate(events: &EventSink, stage: Stage, budget: &mut LogBudget
     let bytes = std::mem::take(&mut budget.dropped_over_rate);
     if bytes > 0 {
         let rate = budget.limits().bytes_per_sec;
-        let note = format!("{bytes} bytes of trainer output dropped: over the log rate of {rate} bytes a second");
+        let note = format!(
+            "{bytes} bytes of trainer output dropped: over the log rate of {rate} bytes a second"
+        );
         events.log(stage, "worker", &note).await;
     }
 }

@@ -36,7 +36,9 @@ fn u16_at(b: &[u8], at: usize) -> u64 {
 }
 
 fn u32_at(b: &[u8], at: usize) -> u64 {
-    u64::from(u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes")))
+    u64::from(u32::from_le_bytes(
+        b[at..at + 4].try_into().expect("4 bytes"),
+    ))
 }
 
 fn u64_at(b: &[u8], at: usize) -> u64 {

@@ -152,7 +152,11 @@ async fn file_count_is_bounded() {
 async fn millions_of_declared_entries_are_refused_before_the_directory_is_read() {
     let tmp = tempfile::tempdir().unwrap();
     let archive = tmp.path().join("bomb.zip");
-    fs::write(&archive, eocd::forged_zip64_end(50_000_000, 46 * 50_000_000)).unwrap();
+    fs::write(
+        &archive,
+        eocd::forged_zip64_end(50_000_000, 46 * 50_000_000),
+    )
+    .unwrap();
     let err = unpack_zip(&archive, &tmp.path().join("dest"), limits())
         .await
         .unwrap_err();
@@ -188,7 +192,11 @@ async fn the_declared_count_is_checked_against_the_budget_left() {
     let archive = tmp.path().join("three.zip");
     write_zip(
         &archive,
-        &[("a.txt", &b"a"[..]), ("b.txt", &b"b"[..]), ("c.txt", &b"c"[..])],
+        &[
+            ("a.txt", &b"a"[..]),
+            ("b.txt", &b"b"[..]),
+            ("c.txt", &b"c"[..]),
+        ],
     );
     let mut budget = UnpackBudget::new(UnpackLimits {
         max_files: 5,

@@ -71,6 +71,9 @@ mod tests {
             Some("job already finished")
         );
         assert_eq!(deadline_ms(&record(JobState::Queued, 2)), Some(1_002_000));
-        assert_eq!(deadline_ms(&record(JobState::Queued, u64::MAX)), Some(i64::MAX));
+        assert_eq!(
+            deadline_ms(&record(JobState::Queued, u64::MAX)),
+            Some(i64::MAX)
+        );
     }
 }

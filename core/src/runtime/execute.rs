@@ -236,10 +236,7 @@ impl Shared {
 
 /// The failure reported in place of a result the NATS server refuses as
 /// larger than its `max_payload`.
-fn oversized_result(
-    stage: v1::Stage,
-    error: &jetstream::context::PublishError,
-) -> v1::JobError {
+fn oversized_result(stage: v1::Stage, error: &jetstream::context::PublishError) -> v1::JobError {
     v1::JobError {
         kind: ErrorKind::Internal as i32,
         message: format!(

@@ -101,7 +101,12 @@ pub fn run(config_path: &Path) -> Result<Outcome> {
             run.cfg.learning_rate,
             run.cfg.batch_size as f64 / secs
         ));
-        if let Some(bytes) = run.cfg.fault.as_ref().and_then(|f| f.chatter_bytes_per_step) {
+        if let Some(bytes) = run
+            .cfg
+            .fault
+            .as_ref()
+            .and_then(|f| f.chatter_bytes_per_step)
+        {
             chatter(step, bytes);
         }
         if let Some(action) = run

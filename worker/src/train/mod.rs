@@ -161,11 +161,7 @@ impl TrainStage {
             receiver = Some(bound);
         }
         let command = self.launch(backend, &inputs, receiver.is_some()).await?;
-        let logs = LogBatcher::start(
-            ctx.events.clone(),
-            Stage::Train,
-            self.log_limits,
-        );
+        let logs = LogBatcher::start(ctx.events.clone(), Stage::Train, self.log_limits);
         let run = supervise::Run::new(self, backend, ctx, &inputs, work, &logs);
         let span = tracing::info_span!(
             "train.run",
