@@ -354,3 +354,86 @@ async fn a_zip_declaring_millions_of_entries_is_refused_and_the_captioner_serves
     );
     fleet.stop().await;
 }
+
+/// A training stage whose result is larger than NATS carries (2 MiB of
+/// artifact names).
+struct Oversized;
+
+impl trainyard_core::runtime::StageHandler for Oversized {
+    type Task = trainyard_proto::v1::TrainTask;
+
+    async fn handle(
+        &self,
+        _task: trainyard_proto::v1::TrainTask,
+        _ctx: trainyard_core::runtime::TaskContext,
+    ) -> Result<trainyard_proto::v1::stage_result::Outcome, trainyard_core::runtime::StageError>
+    {
+        let artifacts = (0..2048)
+            .map(|i| trainyard_proto::v1::Artifact {
+                name: format!("{i}-{}", "a".repeat(1024)),
+                ..Default::default()
+            })
+            .collect();
+        Ok(trainyard_proto::v1::stage_result::Outcome::Trained(
+            trainyard_proto::v1::TrainOutput {
+                artifacts,
+                ..Default::default()
+            },
+        ))
+    }
+}
+
+/// A stage result the server refuses as over its `max_payload` fails the
+/// job with that reason, instead of a publish retried forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_larger_than_nats_carries_fails_the_job_with_the_reason() {
+    let fleet = Fleet::start_with(
+        Services {
+            worker: false,
+            uploader: false,
+            ..Services::ALL
+        },
+        |_| {},
+    )
+    .await;
+    let client = fleet.nats_client().await;
+    let topo = trainyard_core::topology::ensure(
+        &async_nats::jetstream::new(client.clone()),
+        &fleet.config.nats,
+    )
+    .await
+    .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let runtime = {
+        let config = trainyard_core::runtime::RunnerConfig::new(Stage::Train, &fleet.config.nats);
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            trainyard_core::runtime::run_stage(
+                client,
+                topo,
+                config,
+                std::sync::Arc::new(Oversized),
+                stop,
+            )
+            .await
+            .expect("runtime")
+        })
+    };
+    let mut api = fleet.client(TOKEN).await;
+    let job = submit(&mut api, spec(&fleet.sample_uri().await, 20)).await;
+    watch_all(&mut api, &job.job_id, Duration::from_secs(60)).await;
+    let failed = get(&mut api, &job.job_id).await;
+    assert_eq!(failed.state(), JobState::Failed);
+    let error = failed.error.expect("the cause");
+    assert!(!error.retryable);
+    assert!(
+        error
+            .message
+            .contains("larger than the NATS server carries"),
+        "{}",
+        error.message
+    );
+    stop.cancel();
+    runtime.await.unwrap();
+    fleet.stop().await;
+}
