@@ -203,17 +203,31 @@ async fn past_the_budget_one_note_says_so_and_no_more_lines_go_out() {
         .filter(|l| l.stream == "worker")
         .map(|l| l.line.as_str())
         .collect();
-    assert_eq!(notes.len(), 2, "{notes:?}");
-    assert!(notes[0].starts_with("log budget exhausted"), "{notes:?}");
+    // On a busy machine the queue may overflow too; those lines are
+    // counted in notes of their own.
+    let queue_dropped: u64 = notes
+        .iter()
+        .filter_map(|n| n.strip_suffix(" trainer log lines dropped: the event stream was too slow"))
+        .map(|n| n.parse::<u64>().unwrap())
+        .sum();
+    let budget_notes: Vec<&str> = notes
+        .iter()
+        .copied()
+        .filter(|n| n.starts_with("log budget exhausted"))
+        .collect();
+    assert_eq!(budget_notes.len(), 2, "{notes:?}");
     // No trainer line after the budget's note.
     let last_trainer = got.iter().rposition(|l| l.stream == "stdout").unwrap();
-    let first_note = got.iter().position(|l| l.stream == "worker").unwrap();
+    let first_note = got
+        .iter()
+        .position(|l| l.line.starts_with("log budget exhausted"))
+        .unwrap();
     assert!(last_trainer < first_note);
-    let dropped: u64 = notes[1]
+    let dropped: u64 = budget_notes[1]
         .strip_prefix("log budget exhausted, ")
         .and_then(|rest| rest.strip_suffix(" bytes dropped"))
         .expect("the closing note counts the dropped bytes")
         .parse()
         .unwrap();
-    assert_eq!(published + dropped, LINES * 100);
+    assert_eq!(published + dropped + queue_dropped * 100, LINES * 100);
 }
