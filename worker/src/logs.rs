@@ -17,7 +17,7 @@
 
 use crate::log_budget::{Admit, LogBudget, LogLimits};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -47,7 +47,17 @@ enum Entry {
 pub struct LogBatcher {
     tx: mpsc::Sender<Entry>,
     dropped: Arc<AtomicU64>,
+    spent: Arc<Spent>,
     task: JoinHandle<()>,
+}
+
+/// Set once the attempt's budget is spent, so later lines are counted
+/// where they arrive instead of queued.
+#[derive(Default)]
+struct Spent {
+    exhausted: AtomicBool,
+    /// Bytes of lines dropped by [`LogBatcher::line`] since.
+    bytes: AtomicU64,
 }
 
 impl LogBatcher {
@@ -55,16 +65,28 @@ impl LogBatcher {
         let (tx, rx) = mpsc::channel(QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
         let budget = LogBudget::new(limits, std::time::Instant::now());
+        let spent = Arc::new(Spent::default());
         // In the caller's span: its log events carry the job's trace context.
         let task = tokio::spawn(
-            publish(events, stage, rx, dropped.clone(), budget)
+            publish(events, stage, rx, dropped.clone(), budget, spent.clone())
                 .instrument(tracing::Span::current()),
         );
-        LogBatcher { tx, dropped, task }
+        LogBatcher {
+            tx,
+            dropped,
+            spent,
+            task,
+        }
     }
 
     /// Queues a line of the trainer's; never waits.
     pub fn line(&self, stream: &'static str, line: &str) {
+        if self.spent.exhausted.load(Ordering::Relaxed) {
+            self.spent
+                .bytes
+                .fetch_add(line.len() as u64 + 1, Ordering::Relaxed);
+            return;
+        }
         if self.tx.capacity() <= RESERVED {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
@@ -133,6 +155,7 @@ async fn publish(
     mut rx: mpsc::Receiver<Entry>,
     dropped: Arc<AtomicU64>,
     mut budget: LogBudget,
+    spent: Arc<Spent>,
 ) {
     let mut pending = Pending::default();
     let mut flush_at = tokio::time::Instant::now();
@@ -160,6 +183,7 @@ async fn publish(
                     }
                     Admit::Exhausted { first } => {
                         if first {
+                            spent.exhausted.store(true, Ordering::Relaxed);
                             flush(&events, stage, &mut pending, &dropped).await;
                             let limit = budget.limits().budget_bytes;
                             tracing::warn!(job = %events.job(), limit, "trainer log event budget exhausted");
@@ -188,11 +212,9 @@ async fn publish(
             None => {
                 flush(&events, stage, &mut pending, &dropped).await;
                 note_over_rate(&events, stage, &mut budget).await;
-                if budget.dropped_over_budget > 0 {
-                    let note = format!(
-                        "log budget exhausted, {} bytes dropped",
-                        budget.dropped_over_budget
-                    );
+                let over = budget.dropped_over_budget + spent.bytes.load(Ordering::Relaxed);
+                if over > 0 {
+                    let note = format!("log budget exhausted, {over} bytes dropped");
                     events.log(stage, "worker", &note).await;
                 }
                 return;
