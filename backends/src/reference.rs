@@ -60,6 +60,8 @@ struct Fault {
     oom_at_step: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     oom_min_batch_size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chatter_bytes_per_step: Option<u64>,
 }
 
 /// Extras this backend accepts; anything else is refused by name.
@@ -69,6 +71,7 @@ pub const EXTRAS: &[(&str, ExtraType)] = &[
     ("fault_exit_zero_without_output_at_step", ExtraType::Int),
     ("fault_oom_at_step", ExtraType::Int),
     ("fault_oom_min_batch_size", ExtraType::Int),
+    ("fault_chatter_bytes_per_step", ExtraType::Int),
 ];
 
 const CHECKPOINT_FILES: &[&str] = &["adapter.safetensors", "optimizer.safetensors", "state.json"];
@@ -168,6 +171,7 @@ impl TrainerBackend for Reference {
                     fault.exit_zero_without_output_at_step = n
                 }
                 "fault_oom_min_batch_size" => fault.oom_min_batch_size = n,
+                "fault_chatter_bytes_per_step" => fault.chatter_bytes_per_step = n,
                 _ => fault.oom_at_step = n,
             }
         }

@@ -67,7 +67,7 @@ fn no_usable_images_message(bad: &[String]) -> String {
     } else {
         format!(
             "no usable images in the dataset; unreadable or too small: {}",
-            bad.join(", ")
+            crate::preflight::list_names(bad)
         )
     }
 }
@@ -76,7 +76,7 @@ fn no_text_dataset_message(found: &[String]) -> String {
     let held = if found.is_empty() {
         "it holds no files".to_owned()
     } else {
-        format!("it holds {}", found.join(", "))
+        format!("it holds {}", crate::preflight::list_names(found))
     };
     format!("a language-model dataset is one train.jsonl (or a single .jsonl file); {held}")
 }

@@ -128,11 +128,7 @@ impl PrepareStage {
             image_count: images,
             captioned: images - sidecar,
             sidecar_captions: sidecar,
-            dropped: manifest
-                .dropped
-                .iter()
-                .map(|d| format!("{}: {:?}", d.name, d.reason))
-                .collect(),
+            dropped: dropped_summary(&manifest.dropped),
         }))
     }
 }
@@ -200,5 +196,50 @@ impl StageHandler for PrepareStage {
         };
         let _ = tokio::fs::remove_dir_all(&work).await;
         result
+    }
+}
+
+/// Dropped files named in a stage result (and so in the job record) at
+/// most; the dataset's `manifest.json` in the store lists every one.
+pub const RESULT_DROPPED_FILES: usize = 100;
+
+/// The dropped files as the result names them: the first
+/// [`RESULT_DROPPED_FILES`], then one line counting the rest. A dataset of
+/// a million unusable files must not make a result or record larger than
+/// NATS carries.
+fn dropped_summary(dropped: &[crate::manifest::DroppedFile]) -> Vec<String> {
+    let mut out: Vec<String> = dropped
+        .iter()
+        .take(RESULT_DROPPED_FILES)
+        .map(|d| format!("{}: {:?}", d.name, d.reason))
+        .collect();
+    if dropped.len() > RESULT_DROPPED_FILES {
+        out.push(format!(
+            "… and {} more (listed in the dataset's manifest.json)",
+            dropped.len() - RESULT_DROPPED_FILES
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{DropReason, DroppedFile};
+
+    #[test]
+    fn a_result_names_a_hundred_dropped_files_and_counts_the_rest() {
+        let dropped: Vec<DroppedFile> = (0..1000)
+            .map(|i| DroppedFile {
+                name: format!("{i:04}.png"),
+                reason: DropReason::Undecodable,
+                detail: None,
+            })
+            .collect();
+        let summary = dropped_summary(&dropped);
+        assert_eq!(summary.len(), RESULT_DROPPED_FILES + 1);
+        assert_eq!(summary[0], "0000.png: Undecodable");
+        assert!(summary[RESULT_DROPPED_FILES].contains("900 more"));
+        assert_eq!(dropped_summary(&dropped[..3]).len(), 3);
     }
 }

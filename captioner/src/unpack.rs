@@ -11,15 +11,28 @@
 //!   so nothing it writes can redirect a later write;
 //! - bounds the entry count and the total uncompressed bytes, counting the
 //!   bytes actually decompressed rather than trusting the header;
-//! - creates files with `create_new`, so a duplicate entry cannot overwrite.
+//! - creates files with `create_new`, so a duplicate entry cannot overwrite;
+//! - before any of that, reads the archive's end records itself
+//!   ([`eocd`]) and refuses an archive that declares more entries than the
+//!   budget has left, or a central directory over
+//!   [`DIRECTORY_BYTES_PER_ENTRY`] per allowed entry: the zip crate reads
+//!   the whole central directory into memory first.
 //!
 //! A [`UnpackBudget`] can be shared across several archives (nested zips) so
 //! the limits hold for the whole dataset, not per archive. The work is
 //! blocking; [`unpack_zip`] runs it on the blocking pool.
 
+pub mod eocd;
+
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Component, Path, PathBuf};
+
+/// Central-directory bytes allowed per entry `max_files` allows (an entry's
+/// record is 46 bytes plus its name, extra field and comment); at least
+/// [`MIN_DIRECTORY_BYTES`] in all.
+pub const DIRECTORY_BYTES_PER_ENTRY: u64 = 1024;
+pub const MIN_DIRECTORY_BYTES: u64 = 1 << 20;
 
 /// Bounds for everything unpacked for one dataset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,6 +139,10 @@ pub enum UnpackError {
     TooLarge { entry: String, limit: u64 },
     #[error("archive has more than {limit} entries")]
     TooManyFiles { limit: usize },
+    #[error("archive declares {declared} entries, more than the {limit} allowed")]
+    TooManyDeclared { declared: u64, limit: usize },
+    #[error("archive's central directory is {size} bytes, more than the {limit} allowed")]
+    DirectoryTooLarge { size: u64, limit: u64 },
     #[error("file is not a readable zip archive")]
     NotAZip {
         #[source]
@@ -184,7 +201,14 @@ pub fn unpack_zip_blocking(
         move |source| UnpackError::Io { path, source }
     };
     let whole = |source| UnpackError::NotAZip { source };
-    let file = File::open(archive).map_err(io_err(archive))?;
+    let mut file = File::open(archive).map_err(io_err(archive))?;
+    check_declared(&mut file, budget).map_err(|e| match e {
+        Declared::Io(source) => UnpackError::Io {
+            path: archive.to_owned(),
+            source,
+        },
+        Declared::Refused(e) => e,
+    })?;
     let mut zip = zip::ZipArchive::new(io::BufReader::new(file)).map_err(whole)?;
     fs::create_dir_all(dest).map_err(io_err(dest))?;
 
@@ -279,6 +303,37 @@ pub fn unpack_zip_blocking(
     }
     tracing::debug!(archive = %archive.display(), files = report.files.len(), bytes = report.bytes, "unpacked");
     Ok(report)
+}
+
+enum Declared {
+    Io(io::Error),
+    Refused(UnpackError),
+}
+
+/// Refuses an archive whose end records declare more entries than `budget`
+/// has left, or a larger central directory than those entries may take,
+/// before the zip crate reads that directory; leaves `file` at its start.
+fn check_declared(file: &mut File, budget: &UnpackBudget) -> Result<(), Declared> {
+    let declared = eocd::declared(file).map_err(Declared::Io)?;
+    let limit = budget.limits.max_files;
+    let left = limit.saturating_sub(budget.entries_used) as u64;
+    if declared.entries > left {
+        return Err(Declared::Refused(UnpackError::TooManyDeclared {
+            declared: declared.entries,
+            limit,
+        }));
+    }
+    let directory_limit = (limit as u64)
+        .saturating_mul(DIRECTORY_BYTES_PER_ENTRY)
+        .max(MIN_DIRECTORY_BYTES);
+    if declared.directory_bytes > directory_limit {
+        return Err(Declared::Refused(UnpackError::DirectoryTooLarge {
+            size: declared.directory_bytes,
+            limit: directory_limit,
+        }));
+    }
+    file.seek(SeekFrom::Start(0)).map_err(Declared::Io)?;
+    Ok(())
 }
 
 /// Copies at most `allowed` bytes; one byte more is an error. Read errors

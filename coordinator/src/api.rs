@@ -136,6 +136,8 @@ pub struct JobApi {
     /// The fleet key that seals jobs' secrets; `None`: jobs with secrets
     /// are refused.
     pub secrets: Option<std::sync::Arc<trainyard_core::secrets::Keyring>>,
+    /// `[coordinator] max_spec_bytes`.
+    pub max_spec_bytes: usize,
 }
 
 /// The `ty_idem` key of a tenant's idempotency key.
@@ -165,6 +167,31 @@ fn parse_job(id: &str) -> Result<JobId, ApiError> {
 }
 
 impl JobApi {
+    /// The largest spec this fleet takes: the configured limit, and never
+    /// more than a quarter of what the NATS server carries in one message
+    /// (the spec travels in the job record and in every task, beside other
+    /// fields).
+    fn spec_limit(&self) -> usize {
+        let server = self.client.server_info().max_payload;
+        match server {
+            0 => self.max_spec_bytes,
+            max => self.max_spec_bytes.min(max / 4),
+        }
+    }
+
+    /// Refuses a spec over [`Self::spec_limit`], before anything else looks at it.
+    fn check_spec_size(&self, spec: &JobSpec) -> Result<(), ApiError> {
+        let (size, limit) = (spec.encoded_len(), self.spec_limit());
+        if size > limit {
+            return Err(validate::Invalid(vec![validate::FieldError::new(
+                "spec",
+                format!("is {size} bytes encoded, over this fleet's limit of {limit} bytes"),
+            )])
+            .into());
+        }
+        Ok(())
+    }
+
     fn webhook_secrets(&self) -> Result<&crate::webhooks::SecretStore, ApiError> {
         self.webhook_secrets.as_ref().ok_or_else(|| {
             ApiError::FailedPrecondition("webhooks are not configured on this fleet".into())
@@ -197,7 +224,9 @@ impl JobApi {
         spec: Option<JobSpec>,
     ) -> Result<SubmitResponse, ApiError> {
         let spec = spec.ok_or_else(|| ApiError::Invalid("spec: is required".into()))?;
+        self.check_spec_size(&spec)?;
         let spec = validate::normalise(spec)?;
+        self.check_spec_size(&spec)?;
         self.webhooks
             .check(&spec)
             .map_err(|e| validate::Invalid(vec![e]))?;
@@ -314,6 +343,7 @@ impl JobApi {
         spec: Option<JobSpec>,
     ) -> Result<ValidateReply, ApiError> {
         let spec = spec.ok_or_else(|| ApiError::Invalid("spec: is required".into()))?;
+        self.check_spec_size(&spec)?;
         let spec = match validate::normalise(spec).and_then(|spec| {
             self.webhooks
                 .check(&spec)

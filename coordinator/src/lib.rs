@@ -102,6 +102,7 @@ pub async fn run(
         webhook_secrets: webhook_secrets.clone(),
         destinations: trainyard_core::destination::Destinations::from_config(&config),
         secrets,
+        max_spec_bytes: config.coordinator.max_spec_bytes,
     };
     let deliverer = match webhook_secrets {
         Some(secrets) => {

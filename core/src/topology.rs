@@ -5,8 +5,8 @@
 //! |---|---|---|
 //! | `TY_TASKS` | work queue, message schedules | `ty.task.prepare`, `ty.task.train.<pool>`, `ty.task.deliver`; `ty.retry.<stage>.<tenant>.<job>`: a task waiting for its retry (one per job and stage), which the server publishes to its task subject when due |
 //! | `TY_RESULTS` | work queue | `ty.result.<stage>` |
-//! | `TY_EVENTS` | limits | `ty.event.<tenant>.<job>.<kind>`; consumer `ty-webhooks` on `ty.event.*.*.state` |
-//! | `TY_DLQ` | limits | `ty.dlq.<stage>` |
+//! | `TY_EVENTS` | limits (age, `nats.event_max_bytes`; oldest dropped) | `ty.event.<tenant>.<job>.<kind>`; consumer `ty-webhooks` on `ty.event.*.*.state` |
+//! | `TY_DLQ` | limits (30 days, `nats.dlq_max_bytes`; oldest dropped) | `ty.dlq.<stage>` |
 //! | `ty_jobs` | KV | `<tenant>.<job>` |
 //! | `ty_idem` | KV | `<tenant>.<sha256 of idempotency key>` |
 //! | `ty_workers` | KV with TTL (3 heartbeats) | `<worker id>` → the worker's registry entry |
@@ -399,6 +399,10 @@ pub async fn ensure(
             retention: stream::RetentionPolicy::Limits,
             max_age: Duration::from_secs(config.event_max_age_secs.max(60)),
             max_messages_per_subject: 20_000,
+            // Bounded in bytes too, dropping the oldest: job events are a
+            // view, and a chatty job must not fill JetStream's store.
+            max_bytes: clamp_bytes(config.event_max_bytes),
+            discard: stream::DiscardPolicy::Old,
             duplicate_window: dedup,
             num_replicas: replicas,
             ..Default::default()
@@ -409,12 +413,32 @@ pub async fn ensure(
             retention: stream::RetentionPolicy::Limits,
             // Long enough for an operator to look; never forever.
             max_age: DLQ_MAX_AGE,
+            max_bytes: clamp_bytes(config.dlq_max_bytes),
+            discard: stream::DiscardPolicy::Old,
             num_replicas: replicas,
             ..Default::default()
         },
     ];
     for config in streams {
-        js.get_or_create_stream(config).await?;
+        let limits = (config.max_bytes, config.max_age);
+        let stream = js.get_or_create_stream(config.clone()).await?;
+        let info = stream.cached_info();
+        if (info.config.max_bytes, info.config.max_age) != limits {
+            // A stream made before these limits existed (or under other
+            // settings) takes them now. A role not allowed to change
+            // streams leaves that to one that is.
+            let name = config.name.clone();
+            if let Err(error) = js
+                .update_stream(stream::Config {
+                    max_bytes: limits.0,
+                    max_age: limits.1,
+                    ..info.config.clone()
+                })
+                .await
+            {
+                tracing::warn!(stream = %name, %error, "could not apply the stream's size and age limits");
+            }
+        }
     }
     let mut tasks = js.get_stream(TASKS_STREAM).await?;
     let found = &tasks.info().await?.config;
@@ -483,6 +507,11 @@ fn tasks_stream(config: &NatsConfig) -> stream::Config {
         num_replicas: config.replicas.max(1),
         ..Default::default()
     }
+}
+
+/// A byte limit as NATS takes it (`i64`, `-1` for none).
+fn clamp_bytes(bytes: u64) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
 }
 
 /// The coordinators' bucket of tenants' webhook signing secrets (see

@@ -13,6 +13,7 @@ mod attacks_bus;
 mod attacks_destinations;
 mod attacks_fairshare;
 mod attacks_secrets;
+mod attacks_limits;
 mod attacks_webhooks;
 mod auth;
 mod backends;

@@ -88,6 +88,7 @@ async fn a_lost_final_state_event_still_ends_watch_and_is_published_again_once()
         webhook_secrets: None,
         destinations: Default::default(),
         secrets: None,
+        max_spec_bytes: trainyard_core::config::CoordinatorConfig::default().max_spec_bytes,
     };
     let tenant = TenantId::parse("acme").unwrap();
     let sample = fleet.sample_uri().await;

@@ -5,6 +5,7 @@
 //! their progress over HTTP. The trainers it drives are `trainyard-backends`.
 
 pub mod gpu;
+pub mod log_budget;
 pub mod logs;
 pub mod models;
 pub mod progress_receiver;
@@ -72,6 +73,10 @@ pub async fn run(
         trainer_log_max_bytes: config.worker.trainer_log_max_bytes,
         metric_events_per_second: config.worker.metric_events_per_second,
         secrets: trainyard_core::secrets::Keyring::from_config(&config.secrets)?,
+        log_limits: log_budget::LogLimits {
+            budget_bytes: config.worker.log_event_budget_bytes,
+            bytes_per_sec: config.worker.log_event_bytes_per_sec,
+        },
         gpus: gpus.clone(),
         slots,
         trainer_env: config

@@ -9,9 +9,15 @@
 //! The worker's own notes (`stream` "worker") go through the same queue, so
 //! they keep their place among the trainer's lines, and are always an
 //! event of their own.
+//!
+//! The trainer's lines are metered by a [`LogBudget`]: past the attempt's
+//! byte budget one note says so and no more trainer lines go out; over the
+//! byte rate lines are dropped and a note (at most every
+//! [`RATE_NOTE_EVERY`], and at the end) counts them.
 
+use crate::log_budget::{Admit, LogBudget, LogLimits};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -28,6 +34,8 @@ pub const MAX_BYTES: usize = 256 * 1024;
 /// Lines waiting to be published, at most; the last [`RESERVED`] places
 /// are kept for the worker's notes.
 const QUEUE: usize = 4096;
+/// Least time between two notes about lines dropped over the rate.
+pub const RATE_NOTE_EVERY: Duration = Duration::from_secs(5);
 const RESERVED: usize = 64;
 
 enum Entry {
@@ -39,22 +47,46 @@ enum Entry {
 pub struct LogBatcher {
     tx: mpsc::Sender<Entry>,
     dropped: Arc<AtomicU64>,
+    spent: Arc<Spent>,
     task: JoinHandle<()>,
 }
 
+/// Set once the attempt's budget is spent, so later lines are counted
+/// where they arrive instead of queued.
+#[derive(Default)]
+struct Spent {
+    exhausted: AtomicBool,
+    /// Bytes of lines dropped by [`LogBatcher::line`] since.
+    bytes: AtomicU64,
+}
+
 impl LogBatcher {
-    pub fn start(events: EventSink, stage: Stage) -> LogBatcher {
+    pub fn start(events: EventSink, stage: Stage, limits: LogLimits) -> LogBatcher {
         let (tx, rx) = mpsc::channel(QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
+        let budget = LogBudget::new(limits, std::time::Instant::now());
+        let spent = Arc::new(Spent::default());
         // In the caller's span: its log events carry the job's trace context.
         let task = tokio::spawn(
-            publish(events, stage, rx, dropped.clone()).instrument(tracing::Span::current()),
+            publish(events, stage, rx, dropped.clone(), budget, spent.clone())
+                .instrument(tracing::Span::current()),
         );
-        LogBatcher { tx, dropped, task }
+        LogBatcher {
+            tx,
+            dropped,
+            spent,
+            task,
+        }
     }
 
     /// Queues a line of the trainer's; never waits.
     pub fn line(&self, stream: &'static str, line: &str) {
+        if self.spent.exhausted.load(Ordering::Relaxed) {
+            self.spent
+                .bytes
+                .fetch_add(line.len() as u64 + 1, Ordering::Relaxed);
+            return;
+        }
         if self.tx.capacity() <= RESERVED {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
@@ -122,9 +154,12 @@ async fn publish(
     stage: Stage,
     mut rx: mpsc::Receiver<Entry>,
     dropped: Arc<AtomicU64>,
+    mut budget: LogBudget,
+    spent: Arc<Spent>,
 ) {
     let mut pending = Pending::default();
     let mut flush_at = tokio::time::Instant::now();
+    let mut rate_noted = std::time::Instant::now();
     loop {
         let entry = tokio::select! {
             entry = rx.recv() => entry,
@@ -135,6 +170,32 @@ async fn publish(
         };
         match entry {
             Some(Entry::Trainer { stream, line }) => {
+                let now = std::time::Instant::now();
+                match budget.admit(line.len() as u64 + 1, now) {
+                    Admit::Pass => {}
+                    Admit::OverRate => {
+                        if now.duration_since(rate_noted) >= RATE_NOTE_EVERY {
+                            rate_noted = now;
+                            flush(&events, stage, &mut pending, &dropped).await;
+                            note_over_rate(&events, stage, &mut budget).await;
+                        }
+                        continue;
+                    }
+                    Admit::Exhausted { first } => {
+                        if first {
+                            spent.exhausted.store(true, Ordering::Relaxed);
+                            flush(&events, stage, &mut pending, &dropped).await;
+                            let limit = budget.limits().budget_bytes;
+                            tracing::warn!(job = %events.job(), limit, "trainer log event budget exhausted");
+                            let note = format!(
+                                "log budget exhausted: the attempt's {limit} bytes of log events are spent; \
+                                 later trainer output is kept only in the attempt's log artifact"
+                            );
+                            events.log(stage, "worker", &note).await;
+                        }
+                        continue;
+                    }
+                }
                 if pending.lines.is_empty() {
                     flush_at = tokio::time::Instant::now() + FLUSH_EVERY;
                 }
@@ -150,9 +211,27 @@ async fn publish(
             }
             None => {
                 flush(&events, stage, &mut pending, &dropped).await;
+                note_over_rate(&events, stage, &mut budget).await;
+                let over = budget.dropped_over_budget + spent.bytes.load(Ordering::Relaxed);
+                if over > 0 {
+                    let note = format!("log budget exhausted, {over} bytes dropped");
+                    events.log(stage, "worker", &note).await;
+                }
                 return;
             }
         }
+    }
+}
+
+/// The note counting the lines dropped over the rate since the last one.
+async fn note_over_rate(events: &EventSink, stage: Stage, budget: &mut LogBudget) {
+    let bytes = std::mem::take(&mut budget.dropped_over_rate);
+    if bytes > 0 {
+        let rate = budget.limits().bytes_per_sec;
+        let note = format!(
+            "{bytes} bytes of trainer output dropped: over the log rate of {rate} bytes a second"
+        );
+        events.log(stage, "worker", &note).await;
     }
 }
 

@@ -1,6 +1,7 @@
 //! Trainer log lines against a real nats-server: batched into few events
 //! that keep every line in order, and, when NATS stalls, queued without
-//! waiting and dropped (and counted) rather than slowing the trainer.
+//! waiting and dropped (and counted) rather than slowing the trainer; past
+//! the attempt's byte budget, one note and nothing more.
 
 use futures::StreamExt;
 use nix::sys::signal::{Signal, kill};
@@ -13,6 +14,7 @@ use trainyard_core::topology::{self, EVENTS_STREAM, subject};
 use trainyard_natsd::{NatsServer, find_nats_server};
 use trainyard_proto::v1::{JobEvent, LogLine, Stage, job_event::Kind};
 use trainyard_proto::{JobId, TenantId};
+use trainyard_worker::log_budget::LogLimits;
 use trainyard_worker::logs::LogBatcher;
 
 struct Nats {
@@ -86,7 +88,7 @@ async fn logs_of(
 async fn lines_are_batched_into_few_events_that_keep_their_order() {
     let nats = nats().await;
     let (events, tenant, job) = sink(&nats.js);
-    let logs = LogBatcher::start(events, Stage::Train);
+    let logs = LogBatcher::start(events, Stage::Train, LogLimits::default());
     let mut expected = Vec::new();
     for i in 0..1000 {
         let stream = if i % 100 == 99 { "stderr" } else { "stdout" };
@@ -121,7 +123,7 @@ async fn lines_are_batched_into_few_events_that_keep_their_order() {
 async fn a_stalled_nats_costs_log_lines_never_time() {
     let nats = nats().await;
     let (events, tenant, job) = sink(&nats.js);
-    let logs = LogBatcher::start(events, Stage::Train);
+    let logs = LogBatcher::start(events, Stage::Train, LogLimits::default());
     let server = Pid::from_raw(nats.server.pid() as i32);
     kill(server, Signal::SIGSTOP).unwrap();
     let started = Instant::now();
@@ -164,4 +166,68 @@ async fn a_stalled_nats_costs_log_lines_never_time() {
     assert_eq!(delivered.first(), Some(&0));
     assert!(delivered.len() + dropped <= LINES);
     assert!(delivered.len() >= 1000, "{} delivered", delivered.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_budget_one_note_says_so_and_no_more_lines_go_out() {
+    let nats = nats().await;
+    let (events, tenant, job) = sink(&nats.js);
+    const BUDGET: u64 = 10_000;
+    let logs = LogBatcher::start(
+        events,
+        Stage::Train,
+        LogLimits {
+            budget_bytes: BUDGET,
+            bytes_per_sec: 0,
+        },
+    );
+    let line = "x".repeat(99);
+    const LINES: u64 = 5_000;
+    for _ in 0..LINES {
+        logs.line("stdout", &line);
+        // Let the publisher keep up: this test is about the budget, not the queue.
+        tokio::task::yield_now().await;
+    }
+    logs.close(Duration::from_secs(30)).await;
+
+    let got = logs_of(&nats.js, &tenant, &job).await;
+    let published: u64 = got
+        .iter()
+        .filter(|l| l.stream == "stdout")
+        .map(|l| l.line.len() as u64 + 1)
+        .sum();
+    assert!(published <= BUDGET, "{published} bytes published");
+    assert!(published > BUDGET / 2, "only {published} bytes published");
+    let notes: Vec<&str> = got
+        .iter()
+        .filter(|l| l.stream == "worker")
+        .map(|l| l.line.as_str())
+        .collect();
+    // On a busy machine the queue may overflow too; those lines are
+    // counted in notes of their own.
+    let queue_dropped: u64 = notes
+        .iter()
+        .filter_map(|n| n.strip_suffix(" trainer log lines dropped: the event stream was too slow"))
+        .map(|n| n.parse::<u64>().unwrap())
+        .sum();
+    let budget_notes: Vec<&str> = notes
+        .iter()
+        .copied()
+        .filter(|n| n.starts_with("log budget exhausted"))
+        .collect();
+    assert_eq!(budget_notes.len(), 2, "{notes:?}");
+    // No trainer line after the budget's note.
+    let last_trainer = got.iter().rposition(|l| l.stream == "stdout").unwrap();
+    let first_note = got
+        .iter()
+        .position(|l| l.line.starts_with("log budget exhausted"))
+        .unwrap();
+    assert!(last_trainer < first_note);
+    let dropped: u64 = budget_notes[1]
+        .strip_prefix("log budget exhausted, ")
+        .and_then(|rest| rest.strip_suffix(" bytes dropped"))
+        .expect("the closing note counts the dropped bytes")
+        .parse()
+        .unwrap();
+    assert_eq!(published + dropped + queue_dropped * 100, LINES * 100);
 }

@@ -6,7 +6,7 @@ use std::fs;
 
 use common::{tree, write_zip, zip_bytes, zip_bytes_with};
 use trainyard_captioner::unpack::{
-    SkipKind, UnpackBudget, UnpackLimits, unpack_zip, unpack_zip_blocking,
+    SkipKind, UnpackBudget, UnpackLimits, eocd, unpack_zip, unpack_zip_blocking,
 };
 use trainyard_captioner::{
     LocalInput, PrepareError, PrepareSettings, TemplateCaptioner, UnpackError, prepare_local,
@@ -128,11 +128,84 @@ async fn file_count_is_bounded() {
         max_files: 5,
         ..limits()
     };
-    let err = unpack_zip(&archive, &tmp.path().join("dest"), few)
+    let dest = tmp.path().join("dest");
+    let err = unpack_zip(&archive, &dest, few).await.unwrap_err();
+    // Refused from the end record's count, before anything is unpacked.
+    assert!(
+        matches!(
+            err,
+            UnpackError::TooManyDeclared {
+                declared: 6,
+                limit: 5
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(!err.is_retryable());
+    assert!(!dest.exists());
+}
+
+/// An archive declaring millions of entries (only its end records, no
+/// entries at all) is refused from those records, before the zip crate
+/// would allocate a record per declared entry.
+#[tokio::test]
+async fn millions_of_declared_entries_are_refused_before_the_directory_is_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("bomb.zip");
+    fs::write(
+        &archive,
+        eocd::forged_zip64_end(50_000_000, 46 * 50_000_000),
+    )
+    .unwrap();
+    let err = unpack_zip(&archive, &tmp.path().join("dest"), limits())
         .await
         .unwrap_err();
     assert!(
-        matches!(err, UnpackError::TooManyFiles { limit: 5 }),
+        matches!(
+            err,
+            UnpackError::TooManyDeclared {
+                declared: 50_000_000,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(!err.is_retryable());
+    // A plain end record at its largest count, within the budget's entries
+    // but with a central directory far past what they may take.
+    fs::write(&archive, eocd::forged_end(1000, u32::MAX)).unwrap();
+    let err = unpack_zip(&archive, &tmp.path().join("dest"), limits())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, UnpackError::DirectoryTooLarge { .. }),
+        "{err:?}"
+    );
+    assert!(!err.is_retryable());
+}
+
+/// The count is charged against what a shared budget has left: a nested
+/// zip cannot declare past the dataset's remaining entries.
+#[tokio::test]
+async fn the_declared_count_is_checked_against_the_budget_left() {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("three.zip");
+    write_zip(
+        &archive,
+        &[
+            ("a.txt", &b"a"[..]),
+            ("b.txt", &b"b"[..]),
+            ("c.txt", &b"c"[..]),
+        ],
+    );
+    let mut budget = UnpackBudget::new(UnpackLimits {
+        max_files: 5,
+        ..limits()
+    });
+    unpack_zip_blocking(&archive, &tmp.path().join("one"), &mut budget).unwrap();
+    let err = unpack_zip_blocking(&archive, &tmp.path().join("two"), &mut budget).unwrap_err();
+    assert!(
+        matches!(err, UnpackError::TooManyDeclared { declared: 3, .. }),
         "{err:?}"
     );
 }

@@ -239,6 +239,13 @@ impl Config {
         if self.nats.event_max_age_secs.max(60) < self.nats.dedup_window_secs {
             return bad("nats.event_max_age_secs must be at least nats.dedup_window_secs");
         }
+        if !(1024..=256 << 10).contains(&self.coordinator.max_spec_bytes) {
+            return bad("coordinator.max_spec_bytes must be between 1024 and 262144");
+        }
+        // Room for a few of the largest events (a log event is up to 256 KiB).
+        if self.nats.event_max_bytes < 1 << 20 || self.nats.dlq_max_bytes < 1 << 20 {
+            return bad("nats.event_max_bytes and nats.dlq_max_bytes must be at least 1048576");
+        }
         for (name, credential) in &self.destinations.credentials {
             if credential.access_key_id.is_empty() || credential.secret_access_key.is_empty() {
                 return bad(&format!(

@@ -49,6 +49,12 @@ pub struct NatsConfig {
     /// fleet on loopback and tests: without it a service refuses to start
     /// against an open bus.
     pub insecure_dev: bool,
+    /// Bytes `TY_EVENTS` may hold; past it the oldest events are dropped,
+    /// so a chatty job can never fill JetStream's store (where tasks,
+    /// results and job records live too).
+    pub event_max_bytes: u64,
+    /// Bytes `TY_DLQ` may hold; past it the oldest dead letters are dropped.
+    pub dlq_max_bytes: u64,
 }
 
 impl Default for NatsConfig {
@@ -69,6 +75,8 @@ impl Default for NatsConfig {
             tls_first: false,
             inbox_prefix: None,
             insecure_dev: false,
+            event_max_bytes: 1 << 30,
+            dlq_max_bytes: 256 << 20,
         }
     }
 }

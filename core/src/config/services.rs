@@ -40,6 +40,12 @@ pub struct CoordinatorConfig {
     /// Seconds between reads of the stage backlogs and the dead-letter
     /// depth (JetStream consumer and stream info) for the metrics.
     pub backlog_interval_secs: u64,
+    /// Largest job spec accepted, in bytes (protobuf-encoded); a larger
+    /// one is refused with INVALID_ARGUMENT. The spec is copied into the
+    /// job record and every task, so it stays well under NATS' payload
+    /// limit (and a quarter of the server's `max_payload` is the ceiling
+    /// whatever this says).
+    pub max_spec_bytes: usize,
 }
 
 impl Default for CoordinatorConfig {
@@ -55,6 +61,7 @@ impl Default for CoordinatorConfig {
             stale_after_secs: 120,
             validate_timeout_secs: 300,
             backlog_interval_secs: 5,
+            max_spec_bytes: 64 << 10,
         }
     }
 }
@@ -118,6 +125,14 @@ pub struct WorkerConfig {
     /// Bytes of a trainer's output kept as the log artifact of an attempt
     /// (the last ones when it wrote more); 0 keeps none.
     pub trainer_log_max_bytes: u64,
+    /// Bytes of trainer output one attempt may publish as `log` events;
+    /// past it one event says the budget is spent and the rest is kept
+    /// only in the log artifact. 0: no budget.
+    pub log_event_budget_bytes: u64,
+    /// Bytes a second of trainer output published as `log` events (bursts
+    /// of a few seconds' worth pass); lines over it are dropped and
+    /// counted in a note. 0: no rate limit.
+    pub log_event_bytes_per_sec: u64,
     /// Most `metric` events per second per metric (loss, learning rate, …)
     /// of one run; the latest value wins. 0: every step's value.
     pub metric_events_per_second: u32,
@@ -249,6 +264,8 @@ impl Default for WorkerConfig {
             trainers: TrainerPaths::default(),
             stuck: StuckConfig::default(),
             trainer_log_max_bytes: 64 << 20,
+            log_event_budget_bytes: 8 << 20,
+            log_event_bytes_per_sec: 64 << 10,
             metric_events_per_second: 5,
             gpu_sample_ms: 5000,
         }

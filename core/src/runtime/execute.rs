@@ -217,7 +217,19 @@ impl Shared {
             }
         };
         let result = self.stage_result(meta, report.claim.as_ref(), report.outcome.clone());
-        match self.publish(&id, result).await {
+        let mut published = self.publish(&id, result).await;
+        if let Err(error) = &published
+            && error.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded
+            && !matches!(report.outcome, Outcome::Failed(_))
+        {
+            // The result will never fit: the job fails with the reason
+            // rather than retrying a publish the server always refuses.
+            tracing::error!(job = %meta.job, %error, "stage result larger than the server takes; reporting a failure");
+            let failed = Outcome::Failed(oversized_result(stage, error));
+            let result = self.stage_result(meta, report.claim.as_ref(), failed);
+            published = self.publish(&id, result).await;
+        }
+        match published {
             Ok(()) => true,
             Err(error) if report.required => {
                 tracing::error!(job = %meta.job, %error, "could not publish stage result");
@@ -270,6 +282,20 @@ impl Shared {
         {
             tracing::error!(%error, "could not write dead letter");
         }
+    }
+}
+
+/// The failure reported in place of a result the NATS server refuses as
+/// larger than its `max_payload`.
+fn oversized_result(stage: v1::Stage, error: &jetstream::context::PublishError) -> v1::JobError {
+    v1::JobError {
+        kind: ErrorKind::Internal as i32,
+        message: format!(
+            "the {} stage's result is larger than the NATS server carries: {error}",
+            stage.name()
+        ),
+        retryable: false,
+        stage: stage as i32,
     }
 }
 

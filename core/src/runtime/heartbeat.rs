@@ -3,7 +3,7 @@
 //! stops the handler. Apart from the run loop because it has its own clock.
 
 use super::Shared;
-use super::stage::StageError;
+use super::stage::{StageError, TaskMeta};
 use crate::claim::{Held, Renew};
 use async_nats::jetstream::{self, AckKind};
 use std::future::Future;
@@ -15,12 +15,15 @@ impl Shared {
     /// Runs the handler; every ack_wait/3 renews the claim's lease and then
     /// sends an in-progress ack. When the claim is lost (taken over, or the
     /// lease ran out without a renewal getting through) it cancels the
-    /// handler, waits for it to stop and returns `None`.
+    /// handler, waits for it to stop and returns `None`. Each beat also
+    /// reads the job record and cancels the handler's token when the job is
+    /// final or past its deadline (a cancel whose message was lost).
     pub(super) async fn with_heartbeat<F: Future<Output = Result<Outcome, StageError>>>(
         &self,
         message: &jetstream::Message,
         held: &mut Held,
         cancel: &CancellationToken,
+        meta: &TaskMeta,
         work: F,
     ) -> Option<Result<Outcome, StageError>> {
         let period = (self.config.nats.ack_wait() / 3).max(Duration::from_millis(200));
@@ -41,6 +44,13 @@ impl Shared {
                     }
                     if let Err(error) = message.ack_with(AckKind::Progress).await {
                         tracing::debug!(%error, "in-progress ack failed");
+                    }
+                    // A cancel or deadline whose message never arrived.
+                    if !cancel.is_cancelled()
+                        && let Some(why) = self.stop_reason(meta).await
+                    {
+                        tracing::info!(job = %meta.job, why, "stopping the handler: its job record says so");
+                        cancel.cancel();
                     }
                 }
             }

@@ -15,7 +15,10 @@
 //!    ▼                                        (a hold past its cap: NAK 2 s)
 //!  claim (CAS in ty_claims)
 //!    ▼
-//!  handle(task, ctx) ── every ack_wait/3: renew the lease (CAS), then in-progress ack
+//!  record final or past its deadline (read again) ──▶ TERM, the handler never runs
+//!    ▼
+//!  handle(task, ctx) ── every ack_wait/3: renew the lease (CAS), then in-progress ack,
+//!    │                  then read the record: final or past its deadline ──▶ cancel token
 //!    │                  claim lost ──▶ cancel the handler; publish nothing, settle nothing
 //!    ▼
 //!  check the claim once more (CAS; not for Cancelled); lost ──▶ publish nothing, settle nothing
@@ -74,11 +77,15 @@
 //! well, so a result that slips through still counts only once.
 //!
 //! A cancel message on `ty.control.<job>.cancel` cancels the task's
-//! [`TaskContext::cancel`] token. Shutdown stops pulling at once, lets
+//! [`TaskContext::cancel`] token; so does the job record, read again once
+//! the token is registered and on every heartbeat, when it is final or past
+//! its deadline (`control.rs`): a cancel whose message was lost still stops
+//! the task. Shutdown stops pulling at once, lets
 //! running tasks finish for the drain grace, then cancels their
 //! [`TaskContext::stop`] token and waits for them to hand the task back.
 
 mod admit;
+mod control;
 mod execute;
 mod heartbeat;
 mod plan;
@@ -89,6 +96,7 @@ mod stage;
 mod tests;
 mod waiting;
 
+pub use control::deadline_ms;
 pub use stage::{StageError, StageHandler, StageTask, TaskContext, TaskMeta, job_error};
 
 use crate::claim::Claims;

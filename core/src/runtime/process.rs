@@ -5,7 +5,7 @@
 
 use super::admit::{self, Admit, RecordRead, Stop};
 use super::plan::{self, Ended, Plan};
-use super::stage::{StageHandler, StageTask, TaskContext, TaskMeta};
+use super::stage::{StageError, StageHandler, StageTask, TaskContext, TaskMeta};
 use super::waiting::Waiting;
 use super::{Shared, execute::Target};
 use crate::claim::Held;
@@ -14,6 +14,7 @@ use crate::retry::Policy;
 use crate::telemetry::{self, propagation};
 use crate::topology;
 use async_nats::jetstream;
+use prost::Message as _;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -200,6 +201,17 @@ impl Shared {
         self.execute(plan, target, None).await
     }
 
+    /// Why the task must stop, by its job record read now; `None` to go on
+    /// (also when the record cannot be read: the message path and the next
+    /// heartbeat remain).
+    pub(super) async fn stop_reason(&self, meta: &TaskMeta) -> Option<&'static str> {
+        let RecordRead::Found(bytes) = self.read_record(meta).await else {
+            return None;
+        };
+        let record = JobRecord::decode(bytes).ok()?;
+        super::control::stop_reason(&record, crate::now_ms())
+    }
+
     async fn read_record(&self, meta: &TaskMeta) -> RecordRead {
         let key = topology::job_key(&meta.tenant, &meta.job);
         match self.topo.jobs.entry(key).await {
@@ -246,14 +258,24 @@ impl Shared {
         };
         let started = std::time::Instant::now();
         let running = self.usage.start();
-        let result = self
-            .with_heartbeat(
-                target.message,
-                &mut held,
-                &cancel,
-                handler.handle(task, ctx),
-            )
-            .await;
+        // A cancel sent before the token was registered is in the record.
+        let result = match self.stop_reason(&meta).await {
+            Some(why) => {
+                tracing::info!(job = %meta.job, why, "task stopped before it ran");
+                cancel.cancel();
+                Some(Err(StageError::Cancelled))
+            }
+            None => {
+                self.with_heartbeat(
+                    target.message,
+                    &mut held,
+                    &cancel,
+                    &meta,
+                    handler.handle(task, ctx),
+                )
+                .await
+            }
+        };
         drop(running);
         let took = started.elapsed();
         self.inflight

@@ -79,6 +79,10 @@ pub struct Fault {
     /// memory would: a lighter retry then gets past the step.
     #[serde(default)]
     pub oom_min_batch_size: Option<usize>,
+    /// Print about this many bytes of noise on stdout after every step
+    /// (a chatty trainer, for the log budget's tests).
+    #[serde(default)]
+    pub chatter_bytes_per_step: Option<u64>,
 }
 
 /// What a [`Fault`] asks for at a given step.

@@ -101,6 +101,14 @@ pub fn run(config_path: &Path) -> Result<Outcome> {
             run.cfg.learning_rate,
             run.cfg.batch_size as f64 / secs
         ));
+        if let Some(bytes) = run
+            .cfg
+            .fault
+            .as_ref()
+            .and_then(|f| f.chatter_bytes_per_step)
+        {
+            chatter(step, bytes);
+        }
         if let Some(action) = run
             .cfg
             .fault
@@ -123,6 +131,22 @@ pub fn run(config_path: &Path) -> Result<Outcome> {
     }
     run.finish()?;
     Ok(Outcome::Done)
+}
+
+/// Prints about `bytes` of noise after a step (see
+/// `config::Fault::chatter_bytes_per_step`), in lines of up to 100 bytes.
+fn chatter(step: u64, bytes: u64) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let mut left = bytes;
+    while left > 0 {
+        let len = left.min(100) as usize;
+        let prefix = format!("chatter step={step} ");
+        let fill = len.saturating_sub(prefix.len() + 1);
+        let _ = writeln!(out, "{prefix}{}", ".".repeat(fill));
+        left -= len as u64;
+    }
+    let _ = out.flush();
 }
 
 /// Executes a fault-injection hook (see `config::Fault`).

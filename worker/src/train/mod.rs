@@ -47,6 +47,7 @@ mod supervise;
 mod watchdog;
 
 use crate::gpu::{Gpus, Slots};
+use crate::log_budget::LogLimits;
 use crate::logs::LogBatcher;
 use crate::models::Models;
 use crate::progress_receiver::ProgressReceiver;
@@ -97,6 +98,8 @@ pub struct TrainStage {
     pub metric_events_per_second: u32,
     /// Opens the jobs' sealed secrets (the Hub token of model downloads).
     pub secrets: Option<trainyard_core::secrets::Keyring>,
+    /// `[worker] log_event_budget_bytes` and `log_event_bytes_per_sec`.
+    pub log_limits: LogLimits,
 }
 
 /// Removes a job's gauges when its handling ends, however it ends.
@@ -166,7 +169,7 @@ impl TrainStage {
             receiver = Some(bound);
         }
         let command = self.launch(backend, &inputs, receiver.is_some()).await?;
-        let logs = LogBatcher::start(ctx.events.clone(), Stage::Train);
+        let logs = LogBatcher::start(ctx.events.clone(), Stage::Train, self.log_limits);
         let run = supervise::Run::new(self, backend, ctx, &inputs, work, &logs);
         let span = tracing::info_span!(
             "train.run",
