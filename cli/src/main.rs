@@ -7,6 +7,7 @@ mod fleet;
 mod jobs;
 mod local;
 mod submit;
+mod transfer;
 mod view;
 mod watch;
 mod webhooks;

@@ -40,6 +40,9 @@ pub enum ApiError {
     /// The fleet is not set up for this operation.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// Past one of the fleet's caps (an upload's bytes or files).
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// The record is stored but its first task is not published yet.
     #[error("job {job} stored but not queued yet: {source}; retry with the same idempotency key")]
     NotQueued {
@@ -66,6 +69,7 @@ impl ApiError {
             ApiError::Unauthenticated => tonic::Code::Unauthenticated,
             ApiError::NotFound(_) => tonic::Code::NotFound,
             ApiError::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
+            ApiError::ResourceExhausted(_) => tonic::Code::ResourceExhausted,
             ApiError::Unavailable(_)
             | ApiError::NotQueued { .. }
             | ApiError::Nats(_)
@@ -156,6 +160,9 @@ pub struct JobApi {
     pub webhook_secrets: Option<crate::webhooks::SecretStore>,
     /// Which destinations a job may use on this fleet.
     pub destinations: trainyard_core::destination::Destinations,
+    /// The artifact store's root URI: a spec may name only its tenant's
+    /// prefix below it.
+    pub store_root: String,
 }
 
 /// The `ty_idem` key of a tenant's idempotency key.
@@ -208,6 +215,7 @@ impl JobApi {
             .check(&spec)
             .map_err(|e| validate::Invalid(vec![e]))?;
         validate::check_destinations(&self.destinations, tenant, &spec)?;
+        validate::check_store_refs(&self.store_root, tenant, &spec)?;
         let mut job = JobId::generate();
         if !spec.idempotency_key.is_empty() {
             let key = idem_key(tenant, &spec.idempotency_key);
@@ -311,6 +319,7 @@ impl JobApi {
                 .check(&spec)
                 .map_err(|e| validate::Invalid(vec![e]))?;
             validate::check_destinations(&self.destinations, tenant, &spec)?;
+            validate::check_store_refs(&self.store_root, tenant, &spec)?;
             Ok(spec)
         }) {
             Ok(spec) => spec,

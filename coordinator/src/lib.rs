@@ -23,6 +23,7 @@ pub mod reconcile;
 pub mod repo;
 pub mod results;
 pub mod trace;
+pub mod transfer;
 pub mod validate;
 pub mod webhooks;
 
@@ -73,6 +74,8 @@ pub async fn run(
     } else {
         None
     };
+    let store =
+        trainyard_core::store::ArtifactStore::open_with(&config.store.uri, &config.store.s3)?;
     let api = api::JobApi {
         repo: repo.clone(),
         idem: topo.idem.clone(),
@@ -83,6 +86,7 @@ pub async fn run(
         webhooks: validate::SubmitRules::from_config(&config.webhooks),
         webhook_secrets: webhook_secrets.clone(),
         destinations: trainyard_core::destination::Destinations::from_config(&config),
+        store_root: store.root().to_string(),
     };
     let deliverer = match webhook_secrets {
         Some(secrets) => {
@@ -91,9 +95,12 @@ pub async fn run(
         None => None,
     };
     let auth = api::Auth::new(&config.coordinator.tokens);
+    let transfers = transfer::Transfers {
+        store: store.clone(),
+        max_bytes: config.store.max_upload_bytes,
+        max_files: config.store.max_upload_files,
+    };
 
-    let store =
-        trainyard_core::store::ArtifactStore::open_with(&config.store.uri, &config.store.s3)?;
     let reconciler = reconcile::Reconciler {
         js: js.clone(),
         repo: repo.clone(),
@@ -221,7 +228,11 @@ pub async fn run(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(trainyard_proto::v1::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let service = JobServiceServer::new(grpc::GrpcJobService { api, auth });
+    let service = JobServiceServer::new(grpc::GrpcJobService {
+        api,
+        auth,
+        transfers,
+    });
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let stop = shutdown.clone();
     tonic::transport::Server::builder()

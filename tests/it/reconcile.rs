@@ -87,6 +87,7 @@ async fn a_lost_final_state_event_still_ends_watch_and_is_published_again_once()
         webhooks: Default::default(),
         webhook_secrets: None,
         destinations: Default::default(),
+        store_root: fleet.store.root().to_string(),
     };
     let tenant = TenantId::parse("acme").unwrap();
     let sample = fleet.sample_uri().await;

@@ -71,6 +71,7 @@ pub async fn run(
         stuck: config.worker.stuck.clone(),
         trainer_log_max_bytes: config.worker.trainer_log_max_bytes,
         metric_events_per_second: config.worker.metric_events_per_second,
+        max_model_bytes: config.store.max_model_bytes,
         gpus: gpus.clone(),
         slots,
         trainer_env: config

@@ -11,7 +11,12 @@ async fn yard(fleet: &Fleet, args: &[&str]) -> Output {
     command
         .arg("validate")
         .args(args)
-        .args(["--set", &format!("store.uri={}", fleet.config.store.uri)])
+        // The client's own store setting points elsewhere: uploads go
+        // through the API, never through a store the client opens.
+        .args([
+            "--set",
+            &format!("store.uri={}", fleet.dir.path().join("elsewhere").display()),
+        ])
         .env("TY_SERVER", format!("http://{}", fleet.grpc))
         .env("TY_TOKEN", TOKEN)
         .env_remove("HF_TOKEN");
@@ -77,7 +82,12 @@ async fn validate_prints_problems_and_the_estimate() {
     assert!(text.ends_with("not ok: 1 problem\n"), "{text}");
 
     // Each run uploaded the folder for the check and removed it again.
-    let uploads = fleet.store.list("uploads").await.expect("list");
+    let uploads = fleet
+        .store
+        .list(&trainyard_tests::upload_key("acme", "x").replace("/x", ""))
+        .await
+        .expect("list");
+    assert_eq!(fleet.store.list("tenants").await.expect("list"), []);
     assert_eq!(uploads, [], "uploads left behind");
     fleet.stop().await;
 }

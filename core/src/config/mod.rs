@@ -123,6 +123,14 @@ impl Config {
         if self.store.uri.is_empty() {
             return bad("store.uri is empty");
         }
+        if self.store.max_model_bytes == 0
+            || self.store.max_upload_bytes == 0
+            || self.store.max_upload_files == 0
+        {
+            return bad(
+                "store.max_model_bytes, max_upload_bytes and max_upload_files must be at least 1",
+            );
+        }
         if self.coordinator.tokens.is_empty() {
             return bad("coordinator.tokens is empty: no client could authenticate");
         }

@@ -95,6 +95,8 @@ pub struct TrainStage {
     pub trainer_log_max_bytes: u64,
     /// `[worker] metric_events_per_second`.
     pub metric_events_per_second: u32,
+    /// Largest store base model a spec may name (`[store] max_model_bytes`).
+    pub max_model_bytes: u64,
 }
 
 /// Removes a job's gauges when its handling ends, however it ends.
