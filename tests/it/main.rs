@@ -10,6 +10,7 @@
 
 mod api;
 mod attacks_destinations;
+mod attacks_store;
 mod attacks_webhooks;
 mod backends;
 mod failures;
