@@ -20,7 +20,7 @@ use trainyard_proto::TenantId;
 /// Why a URI named by a spec is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ScopeError {
-    #[error("{uri} is not in this fleet's artifact store")]
+    #[error("{uri} is not in the artifact store")]
     NotInStore { uri: String },
     #[error("{uri}: a path segment is empty, '.' or '..', or holds '%', '\\' or a control character")]
     BadPath { uri: String },
