@@ -105,7 +105,8 @@ impl PreflightServer {
             }
         };
         let (dataset, access) = tokio::join!(
-            self.datasets.prepare(&tenant_id, spec, &work, &captioner, None),
+            self.datasets
+                .prepare(&tenant_id, spec, &work, &captioner, None),
             self.access.run(tenant, spec)
         );
         match crate::preflight::run(spec, dataset, access).await {

@@ -10,8 +10,7 @@ use indicatif::HumanBytes;
 use std::process::ExitCode;
 use tracing::Instrument;
 use trainyard_proto::v1::{
-    CancelRequest, GetMetricsRequest, GetRequest, JobRecord, JobState, ListRequest,
-    ValidateRequest,
+    CancelRequest, GetMetricsRequest, GetRequest, JobRecord, JobState, ListRequest, ValidateRequest,
 };
 
 /// Exit code of a job that ended in any state but SUCCEEDED.

@@ -137,12 +137,7 @@ pub async fn demo(args: DemoArgs, token: &str) -> anyhow::Result<ExitCode> {
     describe_fleet(&fleet, &token);
     println!("fleet up in {}", secs(fleet_ready));
 
-    let run = run_demo_job(
-        fleet.server_url(),
-        &token,
-        &data_dir,
-        args.steps,
-    );
+    let run = run_demo_job(fleet.server_url(), &token, &data_dir, args.steps);
     let result = tokio::select! {
         result = run => result,
         error = fleet.failed() => Err(error),

@@ -174,7 +174,10 @@ pub async fn download(
             }
             let rel = Path::new(&chunk.name);
             if !rel.components().all(|c| matches!(c, Component::Normal(_))) {
-                bail!("artifact name {:?} is not a plain relative path", chunk.name);
+                bail!(
+                    "artifact name {:?} is not a plain relative path",
+                    chunk.name
+                );
             }
             let local = dir.join(rel);
             if let Some(parent) = local.parent() {

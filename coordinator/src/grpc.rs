@@ -13,8 +13,8 @@ use trainyard_proto::v1::{
     CancelRequest, CancelResponse, DeleteUploadRequest, DeleteUploadResponse, DownloadChunk,
     DownloadRequest, GetMetricsRequest, GetMetricsResponse, GetRequest, GetResponse,
     GetWebhookSecretRequest, JobEvent, ListRequest, ListResponse, RotateWebhookSecretRequest,
-    SubmitRequest, SubmitResponse, ValidateReply, ValidateRequest, WatchRequest,
-    UploadChunk, UploadResponse, WebhookSecretResponse,
+    SubmitRequest, SubmitResponse, UploadChunk, UploadResponse, ValidateReply, ValidateRequest,
+    WatchRequest, WebhookSecretResponse,
 };
 use trainyard_proto::{JobId, TenantId};
 

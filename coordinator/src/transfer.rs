@@ -44,7 +44,11 @@ pub fn plain_path(path: &str) -> bool {
 
 impl Transfers {
     /// Stores the files `chunks` carry below a fresh upload of `tenant`.
-    pub async fn upload<S, E>(&self, tenant: &TenantId, chunks: S) -> Result<UploadResponse, ApiError>
+    pub async fn upload<S, E>(
+        &self,
+        tenant: &TenantId,
+        chunks: S,
+    ) -> Result<UploadResponse, ApiError>
     where
         S: Stream<Item = Result<UploadChunk, E>> + Unpin,
         E: std::fmt::Display,
@@ -78,7 +82,8 @@ impl Transfers {
         let mut seen = std::collections::BTreeSet::new();
         let result = async {
             while let Some(chunk) = chunks.next().await {
-                let chunk = chunk.map_err(|e| ApiError::Invalid(format!("upload broke off: {e}")))?;
+                let chunk =
+                    chunk.map_err(|e| ApiError::Invalid(format!("upload broke off: {e}")))?;
                 if !chunk.path.is_empty() {
                     if !plain_path(&chunk.path) {
                         return Err(ApiError::Invalid(format!(
@@ -118,7 +123,10 @@ impl Transfers {
                     )));
                 }
                 if !chunk.data.is_empty() {
-                    writer.write(Bytes::from(chunk.data)).await.map_err(store_error)?;
+                    writer
+                        .write(Bytes::from(chunk.data))
+                        .await
+                        .map_err(store_error)?;
                 }
             }
             if let Some(done) = current.take() {
@@ -236,7 +244,16 @@ mod tests {
         for ok in ["a.png", "sub/a.txt", "my photo.png", "dataset.zip"] {
             assert!(plain_path(ok), "{ok}");
         }
-        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a//b", "./a", "a\\b", "a\nb"] {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "a//b",
+            "./a",
+            "a\\b",
+            "a\nb",
+        ] {
             assert!(!plain_path(bad), "{bad:?}");
         }
     }

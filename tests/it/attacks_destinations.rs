@@ -86,7 +86,11 @@ async fn deliver_task(fleet: &Fleet, spec: JobSpec) -> (JobId, DeliverTask) {
     let adapter = fleet
         .store
         .put_bytes(
-            &keys::output_file(&trainyard_proto::TenantId::parse("acme").unwrap(), &job, "lora.safetensors"),
+            &keys::output_file(
+                &trainyard_proto::TenantId::parse("acme").unwrap(),
+                &job,
+                "lora.safetensors",
+            ),
             vec![7u8; 1024].into(),
         )
         .await

@@ -70,7 +70,9 @@ async fn another_tenants_objects_and_the_root_are_refused_at_submit_and_validate
         "file:///etc".to_string(),
     ];
     let models = [
-        fleet.store.uri(&keys::output_file(&acme, &job, "lora.safetensors")),
+        fleet
+            .store
+            .uri(&keys::output_file(&acme, &job, "lora.safetensors")),
         fleet.store.uri(&keys::checkpoint_file(
             &keys::checkpoint(&acme, &job, 10),
             "model.safetensors",
@@ -104,7 +106,11 @@ async fn another_tenants_objects_and_the_root_are_refused_at_submit_and_validate
         let reply = validate(&mut globex, &spec).await;
         assert!(!reply.ok, "{shown}");
         assert_eq!(
-            reply.problems.iter().map(|p| p.check.as_str()).collect::<Vec<_>>(),
+            reply
+                .problems
+                .iter()
+                .map(|p| p.check.as_str())
+                .collect::<Vec<_>>(),
             [field],
             "{shown}"
         );
@@ -155,8 +161,7 @@ async fn a_task_naming_another_tenants_upload_fails_in_the_captioner_without_a_r
     let error = record.error.expect("a cause");
     assert_eq!(error.kind(), trainyard_proto::v1::ErrorKind::InvalidSpec);
     assert!(
-        error.message.contains("dataset.artifact_uri")
-            && error.message.contains("tenants/acme/"),
+        error.message.contains("dataset.artifact_uri") && error.message.contains("tenants/acme/"),
         "{}",
         error.message
     );
@@ -404,7 +409,10 @@ async fn uploads_land_in_the_callers_tenant_and_keep_to_their_caps() {
     );
 
     for (chunks, code) in [
-        (vec![chunk("../../acme/uploads/x", b"x")], tonic::Code::InvalidArgument),
+        (
+            vec![chunk("../../acme/uploads/x", b"x")],
+            tonic::Code::InvalidArgument,
+        ),
         (vec![chunk("/etc/x", b"x")], tonic::Code::InvalidArgument),
         (vec![chunk("", b"no name")], tonic::Code::InvalidArgument),
         (

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use trainyard_coordinator::{job, repo::JobRepo};
+use trainyard_core::store::keys;
 use trainyard_core::topology::{self, TASKS_STREAM};
 use trainyard_natsd::{NatsServer, find_nats_server};
 use trainyard_proto::v1::{
@@ -17,7 +18,6 @@ use trainyard_proto::v1::{
     Stage, SubmitRequest, extra_value, job_event::Kind,
 };
 use trainyard_proto::{Attempt, JobId, TenantId};
-use trainyard_core::store::keys;
 use trainyard_tests::*;
 
 fn finals(events: &[JobEvent]) -> usize {
@@ -103,7 +103,10 @@ async fn a_finished_job_is_removed_after_its_ttl_and_a_running_one_never() {
     assert!(
         !fleet
             .store
-            .list(&keys::job(&trainyard_proto::TenantId::parse("acme").unwrap(), &done_id))
+            .list(&keys::job(
+                &trainyard_proto::TenantId::parse("acme").unwrap(),
+                &done_id
+            ))
             .await
             .unwrap()
             .is_empty()
@@ -132,7 +135,10 @@ async fn a_finished_job_is_removed_after_its_ttl_and_a_running_one_never() {
     assert!(
         fleet
             .store
-            .list(&keys::job(&trainyard_proto::TenantId::parse("acme").unwrap(), &done_id))
+            .list(&keys::job(
+                &trainyard_proto::TenantId::parse("acme").unwrap(),
+                &done_id
+            ))
             .await
             .unwrap()
             .is_empty()

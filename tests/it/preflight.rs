@@ -5,6 +5,7 @@
 
 use futures::StreamExt;
 use std::time::Duration;
+use trainyard_core::store::keys;
 use trainyard_core::topology::{TASKS_STREAM, consumer_name};
 use trainyard_proto::JobId;
 use trainyard_proto::v1::{
@@ -12,7 +13,6 @@ use trainyard_proto::v1::{
     ValidateReply, ValidateRequest, WatchRequest, job_event::Kind,
 };
 use trainyard_tests::hub::FakeHub;
-use trainyard_core::store::keys;
 use trainyard_tests::*;
 
 fn prepare_fleet() -> Services {
@@ -572,7 +572,10 @@ async fn a_text_dataset_is_checked_row_by_row() {
             if p.message == "preflight ok: 5 examples ÷ batch 2 = 3 steps per epoch; 30 steps ≈ 10.0 epochs")),
         "{events:#?}"
     );
-    let prefix = keys::dataset(&trainyard_proto::TenantId::parse("acme").unwrap(), &JobId::parse(&job.job_id).unwrap());
+    let prefix = keys::dataset(
+        &trainyard_proto::TenantId::parse("acme").unwrap(),
+        &JobId::parse(&job.job_id).unwrap(),
+    );
     let manifest: serde_json::Value = serde_json::from_slice(
         &fleet
             .store

@@ -5,9 +5,9 @@
 
 use std::path::Path;
 use std::time::Duration;
+use trainyard_core::store::keys as store_keys;
 use trainyard_core::store::{ArtifactStore, StoreError};
 use trainyard_proto::v1::{Destination, JobRecord, JobState, job_event::Kind};
-use trainyard_core::store::keys as store_keys;
 use trainyard_tests::*;
 
 /// 17 MiB of varied bytes: three parts of a multipart upload (S3 refuses

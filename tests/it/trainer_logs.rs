@@ -3,9 +3,9 @@
 //! a cancelled run's output is kept too.
 
 use std::time::Duration;
+use trainyard_core::store::keys;
 use trainyard_proto::JobId;
 use trainyard_proto::v1::{CancelRequest, Stage, WatchRequest, job_event};
-use trainyard_core::store::keys;
 use trainyard_tests::*;
 
 /// Watches a job until its trainer reports `step`.

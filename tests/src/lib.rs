@@ -291,7 +291,7 @@ impl Fleet {
     /// uploads and returns its URI.
     pub async fn zip_uri(&self, name: &str, entries: &[(&str, Vec<u8>)]) -> String {
         let bytes = make_zip(entries);
-        let key = format!("{}/{name}.zip", upload_key("acme", name));
+        let key = format!("{}/{name}.zip", upload_key("acme", "zips"));
         self.store
             .put_bytes(&key, bytes.into())
             .await
@@ -312,7 +312,10 @@ impl Fleet {
 
 /// The key of `tenant`'s upload `name`.
 pub fn upload_key(tenant: &str, name: &str) -> String {
-    trainyard_core::store::keys::upload(&trainyard_proto::TenantId::parse(tenant).expect("tenant"), name)
+    trainyard_core::store::keys::upload(
+        &trainyard_proto::TenantId::parse(tenant).expect("tenant"),
+        name,
+    )
 }
 
 pub fn make_zip(entries: &[(&str, Vec<u8>)]) -> Vec<u8> {

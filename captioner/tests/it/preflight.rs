@@ -245,7 +245,10 @@ async fn missing_models_and_unwritable_destinations_are_problems() {
         let tmp = tempfile::tempdir().unwrap();
         let store = ArtifactStore::open(tmp.path().join("store").to_str().unwrap()).unwrap();
         store
-            .put_bytes("tenants/acme/uploads/m/here.safetensors", bytes::Bytes::from_static(b"x"))
+            .put_bytes(
+                "tenants/acme/uploads/m/here.safetensors",
+                bytes::Bytes::from_static(b"x"),
+            )
             .await
             .unwrap();
         let allowed = tmp.path().join("outputs");
@@ -310,13 +313,17 @@ async fn missing_models_and_unwritable_destinations_are_problems() {
         let report = access.run("globex", &s).await;
         assert_eq!(report.problems[0].kind, ErrorKind::InvalidSpec);
         assert!(
-            report.problems[0].message.contains("outside tenants/globex/"),
+            report.problems[0]
+                .message
+                .contains("outside tenants/globex/"),
             "{report:#?}"
         );
         let capped = access.clone().with_model_cap(0);
         let report = capped.run("acme", &s).await;
         assert!(
-            report.problems[0].message.contains("holds more than 0 bytes"),
+            report.problems[0]
+                .message
+                .contains("holds more than 0 bytes"),
             "{report:#?}"
         );
         s.base_model.as_mut().unwrap().uri = "file:///elsewhere/model.safetensors".into();

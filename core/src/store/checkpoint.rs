@@ -158,7 +158,10 @@ mod tests {
     async fn only_a_checkpoint_whose_manifest_matches_is_restored() {
         let dir = tempfile::tempdir().unwrap();
         let store = ArtifactStore::open(dir.path().join("store").to_str().unwrap()).unwrap();
-        let (t, j) = (TenantId::parse("acme").unwrap(), JobId::parse("j-1").unwrap());
+        let (t, j) = (
+            TenantId::parse("acme").unwrap(),
+            JobId::parse("j-1").unwrap(),
+        );
         let run = dir.path().join("run");
         std::fs::create_dir_all(&run).unwrap();
         std::fs::write(run.join("state.pt"), b"weights").unwrap();
@@ -206,7 +209,9 @@ mod tests {
         assert!(!dir.path().join("o2/state.pt").exists());
         // Without a known sha256 nothing is read.
         assert!(matches!(
-            store.get_checkpoint(&prefix, "", &dir.path().join("o3")).await,
+            store
+                .get_checkpoint(&prefix, "", &dir.path().join("o3"))
+                .await,
             Err(StoreError::Checksum { .. })
         ));
     }

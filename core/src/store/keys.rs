@@ -119,7 +119,10 @@ mod tests {
 
     #[test]
     fn every_job_key_is_below_its_tenant() {
-        let (t, j) = (TenantId::parse("acme").unwrap(), JobId::parse("j-1").unwrap());
+        let (t, j) = (
+            TenantId::parse("acme").unwrap(),
+            JobId::parse("j-1").unwrap(),
+        );
         for key in [
             dataset(&t, &j),
             input(&t, &j),
@@ -131,7 +134,10 @@ mod tests {
         ] {
             assert!(key.starts_with("tenants/acme/"), "{key}");
         }
-        assert_eq!(checkpoint(&t, &j, 7), "tenants/acme/jobs/j-1/checkpoints/00000007");
+        assert_eq!(
+            checkpoint(&t, &j, 7),
+            "tenants/acme/jobs/j-1/checkpoints/00000007"
+        );
         assert!(!is_segment(".."));
         assert!(!is_segment("a/b"));
         assert!(!is_segment("a%2fb"));

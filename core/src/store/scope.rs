@@ -22,7 +22,9 @@ use trainyard_proto::TenantId;
 pub enum ScopeError {
     #[error("{uri} is not in the artifact store")]
     NotInStore { uri: String },
-    #[error("{uri}: a path segment is empty, '.' or '..', or holds '%', '\\' or a control character")]
+    #[error(
+        "{uri}: a path segment is empty, '.' or '..', or holds '%', '\\' or a control character"
+    )]
     BadPath { uri: String },
     #[error(
         "{uri} is outside tenants/{tenant}/uploads/<id> and tenants/{tenant}/jobs/<job>: a job may read only its own tenant's uploads and jobs"

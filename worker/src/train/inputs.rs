@@ -15,9 +15,7 @@ use trainyard_core::process::CommandSpec;
 use trainyard_core::runtime::{StageError, TaskContext};
 use trainyard_core::store::{StoreError, keys, sha256_file};
 use trainyard_models::{ModelFamily, ModelSource};
-use trainyard_proto::v1::{
-    Checkpoint, ErrorKind, JobRecord, JobSpec, TrainTask, TrainingSettings,
-};
+use trainyard_proto::v1::{Checkpoint, ErrorKind, JobRecord, JobSpec, TrainTask, TrainingSettings};
 
 /// A task this worker can run: its spec, its training settings, the base
 /// model's family and the backend that trains it.
@@ -201,10 +199,9 @@ impl TrainStage {
         let Ok(ModelSource::Store(uri)) = ModelSource::parse(uri) else {
             return Ok(());
         };
-        let key = self
-            .store
-            .tenant_key(&ctx.meta.tenant, &uri)
-            .map_err(|e| StageError::fail(ErrorKind::InvalidSpec, format!("base_model.uri: {e}")))?;
+        let key = self.store.tenant_key(&ctx.meta.tenant, &uri).map_err(|e| {
+            StageError::fail(ErrorKind::InvalidSpec, format!("base_model.uri: {e}"))
+        })?;
         match self.store.size_within(&key, self.max_model_bytes).await {
             Ok(_) | Err(StoreError::NotFound(_)) => Ok(()),
             Err(e) if e.is_refused() => Err(StageError::fail(
