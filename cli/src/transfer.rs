@@ -38,40 +38,39 @@ fn chunks(
         failed,
     };
     futures::stream::unfold(state, |mut st| async move {
-        loop {
-            if let Some(file) = st.current.as_mut() {
-                let mut buf = vec![0u8; CHUNK];
-                match file.read(&mut buf).await {
-                    Ok(0) => st.current = None,
-                    Ok(n) => {
-                        buf.truncate(n);
-                        let chunk = UploadChunk {
-                            path: String::new(),
-                            data: buf,
-                        };
-                        return Some((chunk, st));
-                    }
-                    Err(e) => {
-                        *st.failed.lock().expect("lock") = Some(e.to_string());
-                        return None;
-                    }
+        if let Some(file) = st.current.as_mut() {
+            let mut buf = vec![0u8; CHUNK];
+            match file.read(&mut buf).await {
+                // This file is done: the next one starts below.
+                Ok(0) => st.current = None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    let chunk = UploadChunk {
+                        path: String::new(),
+                        data: buf,
+                    };
+                    return Some((chunk, st));
                 }
-            }
-            let (rel, name) = st.files.pop_front()?;
-            let path = st.root.join(&rel);
-            match tokio::fs::File::open(&path).await {
-                Ok(file) => st.current = Some(file),
                 Err(e) => {
-                    *st.failed.lock().expect("lock") = Some(format!("{}: {e}", path.display()));
+                    *st.failed.lock().expect("lock") = Some(e.to_string());
                     return None;
                 }
             }
-            let chunk = UploadChunk {
-                path: name,
-                data: Vec::new(),
-            };
-            return Some((chunk, st));
         }
+        let (rel, name) = st.files.pop_front()?;
+        let path = st.root.join(&rel);
+        match tokio::fs::File::open(&path).await {
+            Ok(file) => st.current = Some(file),
+            Err(e) => {
+                *st.failed.lock().expect("lock") = Some(format!("{}: {e}", path.display()));
+                return None;
+            }
+        }
+        let chunk = UploadChunk {
+            path: name,
+            data: Vec::new(),
+        };
+        Some((chunk, st))
     })
 }
 

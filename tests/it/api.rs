@@ -98,7 +98,6 @@ async fn same_idempotency_key_returns_the_same_job() {
     assert_eq!(first.job.unwrap().job_id, second.job.unwrap().job_id);
     // Another tenant with the same key (and its own dataset) gets its own job.
     let mut other = fleet.client(OTHER_TOKEN).await;
-    let mut spec = spec;
     spec.dataset = trainyard_tests::spec(&fleet.upload_uri("globex", "set.zip"), 10).dataset;
     let theirs = other
         .submit(SubmitRequest { spec: Some(spec) })

@@ -278,7 +278,7 @@ impl TrainStage {
             }
         }
         trusted.extend(task.resume_from.clone().filter(|c| !c.uri.is_empty()));
-        trusted.sort_by(|a, b| b.step.cmp(&a.step));
+        trusted.sort_by_key(|c| std::cmp::Reverse(c.step));
         trusted.dedup_by(|a, b| a.uri == b.uri && a.manifest_sha256 == b.manifest_sha256);
         let restore = tracing::info_span!(
             "train.checkpoint.restore",
