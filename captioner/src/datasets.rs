@@ -17,8 +17,9 @@ use trainyard_core::Config;
 use trainyard_core::destination::Destinations;
 use trainyard_core::redact::host as url_host;
 use trainyard_core::runtime::{StageError, TaskContext};
-use trainyard_core::store::ArtifactStore;
+use trainyard_core::store::{ArtifactStore, ReadCaps, StoreError};
 use trainyard_models::hub::HubClient;
+use trainyard_proto::TenantId;
 use trainyard_proto::v1::{CaptionSettings, ErrorKind, JobSpec, dataset_source::Source};
 
 /// Fetching and preparing a job's dataset, shared by the stage and the
@@ -61,10 +62,12 @@ impl Datasets {
         })
     }
 
-    /// Fetches and prepares `spec`'s dataset under `work`, captioning with
-    /// `captioner`; progress notes go to `ctx` when there is a job.
+    /// Fetches and prepares `tenant`'s `spec`'s dataset under `work`,
+    /// captioning with `captioner`; progress notes go to `ctx` when there is
+    /// a job.
     pub async fn prepare(
         &self,
+        tenant: &TenantId,
         spec: &JobSpec,
         work: &Path,
         captioner: &dyn CaptionBackend,
@@ -82,7 +85,7 @@ impl Datasets {
             .ok_or_else(|| StageError::fail(ErrorKind::InvalidSpec, "dataset: is empty"))?;
         let caption = spec.caption.clone().unwrap_or_default();
         note("fetching dataset").await;
-        let input = self.fetch_any(source, work).await?;
+        let input = self.fetch_any(tenant, source, work).await?;
         if preflight::is_text(spec) {
             note("unpacking and checking the text dataset").await;
             return Ok(crate::text::prepare_text(input, work, self.limits)
@@ -101,7 +104,12 @@ impl Datasets {
 
     /// Fetches the dataset inside a `prepare.fetch` span (source kind,
     /// host only, bytes and files fetched) and counts the bytes.
-    async fn fetch_any(&self, source: Source, work: &Path) -> Result<LocalInput, DatasetError> {
+    async fn fetch_any(
+        &self,
+        tenant: &TenantId,
+        source: Source,
+        work: &Path,
+    ) -> Result<LocalInput, DatasetError> {
         let (kind, host) = match &source {
             Source::ZipUrl(url) => ("zip_url", url_host(url)),
             Source::ImageUrls(list) => ("image_urls", list.urls.first().and_then(|u| url_host(u))),
@@ -124,7 +132,7 @@ impl Datasets {
                 Source::ImageUrls(list) => {
                     self.fetch(RemoteSource::ImageUrls(list.urls), work).await?
                 }
-                Source::ArtifactUri(uri) => self.fetch_artifact(&uri, work).await?,
+                Source::ArtifactUri(uri) => self.fetch_artifact(tenant, &uri, work).await?,
             })
         }
         .instrument(span.clone())
@@ -149,42 +157,59 @@ impl Datasets {
     }
 
     /// A dataset already in the artifact store: a zip file, a folder, or
-    /// (for a language model) a `.jsonl` file.
-    /// Only URIs inside the configured store are accepted, so a job cannot
-    /// read files of the machine the captioner runs on.
-    async fn fetch_artifact(&self, uri: &str, work: &Path) -> Result<LocalInput, StageError> {
-        let key = self.store.key_of(uri).ok_or_else(|| {
-            StageError::fail(
-                ErrorKind::InvalidSpec,
-                format!(
-                    "dataset.artifact_uri must be inside the artifact store {}",
-                    self.store.root()
-                ),
-            )
+    /// (for a language model) a `.jsonl` file. Only URIs below the task's
+    /// own tenant's uploads and jobs are accepted (the coordinator checked
+    /// too), so a job cannot read another tenant's objects or files of the
+    /// machine the captioner runs on; the listing or the object's size is
+    /// held to `[captioner] max_files` and `max_dataset_bytes` before a
+    /// byte is fetched.
+    async fn fetch_artifact(
+        &self,
+        tenant: &TenantId,
+        uri: &str,
+        work: &Path,
+    ) -> Result<LocalInput, StageError> {
+        let key = self.store.tenant_key(tenant, uri).map_err(|e| {
+            StageError::fail(ErrorKind::InvalidSpec, format!("dataset.artifact_uri: {e}"))
         })?;
+        let refused = |e: StoreError| match e.is_refused() {
+            true => StageError::fail(ErrorKind::BadDataset, format!("dataset.artifact_uri: {e}")),
+            false => StageError::from(e),
+        };
+        let max_bytes = self.limits.max_total_bytes;
         let download = work.join("download");
-        if key.ends_with(".jsonl") {
-            let local = download.join(crate::text::TRAIN_JSONL);
+        let single = if key.ends_with(".jsonl") {
+            Some(download.join(crate::text::TRAIN_JSONL))
+        } else if key.ends_with(".zip") {
+            Some(download.join("dataset.zip"))
+        } else {
+            None
+        };
+        if let Some(local) = single {
+            self.store
+                .size_within(&key, max_bytes)
+                .await
+                .map_err(refused)?;
             self.store
                 .get_file(&key, &local, None)
                 .await
                 .map_err(StageError::from)?;
-            return Ok(LocalInput::Files(vec![local]));
+            return Ok(if key.ends_with(".zip") {
+                LocalInput::Zip(local)
+            } else {
+                LocalInput::Files(vec![local])
+            });
         }
-        if key.ends_with(".zip") {
-            let local = download.join("dataset.zip");
-            self.store
-                .get_file(&key, &local, None)
-                .await
-                .map_err(StageError::from)?;
-            return Ok(LocalInput::Zip(local));
-        }
+        let caps = ReadCaps {
+            max_files: self.limits.max_files,
+            max_bytes,
+        };
         let dir = download.join("dataset");
         let files = self
             .store
-            .get_dir(&key, &dir)
+            .get_dir_capped(&key, &dir, caps)
             .await
-            .map_err(StageError::from)?;
+            .map_err(refused)?;
         if files.is_empty() {
             return Err(StageError::fail(
                 ErrorKind::BadDataset,
@@ -234,5 +259,6 @@ pub fn access_checks(config: &Config, store: ArtifactStore) -> anyhow::Result<Ac
         store,
         HubClient::new(&config.worker.hf_endpoint)?,
         Destinations::from_config(config),
-    ))
+    )
+    .with_model_cap(config.store.max_model_bytes))
 }

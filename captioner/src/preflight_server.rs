@@ -29,6 +29,7 @@ use trainyard_core::serve::{self, Responder, ServeError};
 use trainyard_core::store::ArtifactStore;
 use trainyard_core::telemetry::propagation::{JobAttrs, record_job};
 use trainyard_core::topology::{PREFLIGHT_QUEUE, subject};
+use trainyard_proto::TenantId;
 use trainyard_proto::v1::{JobSpec, PreflightRequest, ValidateReply};
 
 /// Runs preflight for specs that are not jobs.
@@ -98,8 +99,17 @@ impl PreflightServer {
         }
         let backend = caption_backend(&spec.caption.clone().unwrap_or_default());
         let captioner = DryRun(&backend);
+        let tenant_id = match TenantId::parse(tenant) {
+            Ok(tenant) => tenant,
+            Err(e) => {
+                let _ = tokio::fs::remove_dir_all(&work).await;
+                report.unchecked(check::DATASET, format!("tenant: {e}"));
+                return report;
+            }
+        };
         let (dataset, access) = tokio::join!(
-            self.datasets.prepare(spec, &work, &captioner, None),
+            self.datasets
+                .prepare(&tenant_id, spec, &work, &captioner, None),
             self.access.run(tenant, spec)
         );
         match crate::preflight::run(spec, dataset, access).await {

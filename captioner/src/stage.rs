@@ -55,7 +55,8 @@ impl PrepareStage {
             .ok_or_else(|| StageError::fail(ErrorKind::InvalidSpec, "task has no job spec"))?;
         let captioner = caption_backend(&spec.caption.clone().unwrap_or_default());
         let (dataset, access) = tokio::join!(
-            self.datasets.prepare(&spec, work, &captioner, Some(ctx)),
+            self.datasets
+                .prepare(&ctx.meta.tenant, &spec, work, &captioner, Some(ctx)),
             self.access.run(&task.tenant, &spec)
         );
         let Checked {
@@ -97,7 +98,7 @@ impl PrepareStage {
             n => format!("storing {n} text file{}", if n == 1 { "" } else { "s" }),
         })
         .await;
-        let prefix = keys::dataset(&ctx.meta.job);
+        let prefix = keys::dataset(&ctx.meta.tenant, &ctx.meta.job);
         let span = tracing::info_span!(
             "prepare.store",
             trainyard.files = tracing::field::Empty,

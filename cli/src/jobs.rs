@@ -3,17 +3,14 @@
 
 use crate::args::{CancelArgs, FetchArgs, GetArgs, ListArgs, MetricsArgs, SubmitArgs, WatchArgs};
 use crate::client::{Client, load_config};
-use crate::view::{self, display_uri, record_text, state_name};
+use crate::view::{self, record_text, state_name};
 use crate::watch::{WatchOptions, watch};
-use anyhow::{Context, bail};
+use anyhow::bail;
 use indicatif::HumanBytes;
-use std::path::{Component, Path, PathBuf};
 use std::process::ExitCode;
 use tracing::Instrument;
-use trainyard_core::store::{ArtifactStore, S3Options};
 use trainyard_proto::v1::{
-    Artifact, CancelRequest, GetMetricsRequest, GetRequest, JobRecord, JobState, ListRequest,
-    ValidateRequest,
+    CancelRequest, GetMetricsRequest, GetRequest, JobRecord, JobState, ListRequest, ValidateRequest,
 };
 
 /// Exit code of a job that ended in any state but SUCCEEDED.
@@ -34,11 +31,13 @@ pub fn exit_code_of(record: &JobRecord) -> ExitCode {
 pub async fn submit(target: &crate::client::Target, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let dataset = crate::submit::classify(&args.sources)?;
     let mut spec = crate::submit::spec_from_args(&args)?;
-    let Some(config) = load_config(&args.service, "yard", true)? else {
+    // Loaded for `--print-config` and its checks; a client needs nothing
+    // of the store's settings.
+    if load_config(&args.service, "yard", true)?.is_none() {
         return Ok(ExitCode::SUCCESS);
-    };
+    }
     let client = &mut crate::client::connect(target).await?;
-    spec.dataset = Some(crate::submit::dataset_source(dataset, &config.store).await?);
+    spec.dataset = Some(crate::submit::dataset_source(dataset, client).await?);
     // With an OTLP endpoint configured, the job's trace starts here: the
     // client interceptor sends this span's context to the coordinator.
     let span = tracing::info_span!("submit", otel.name = "yard submit", otel.kind = "client");
@@ -63,15 +62,17 @@ pub async fn validate(
         crate::submit::DatasetArg::LocalDir(_) | crate::submit::DatasetArg::LocalZip(_)
     );
     let mut spec = crate::submit::spec_from_args(&args)?;
-    let Some(config) = load_config(&args.service, "yard", true)? else {
+    // Loaded for `--print-config` and its checks; a client needs nothing
+    // of the store's settings.
+    if load_config(&args.service, "yard", true)?.is_none() {
         return Ok(ExitCode::SUCCESS);
-    };
+    }
     let client = &mut crate::client::connect(target).await?;
-    let source = crate::submit::dataset_source(dataset, &config.store).await?;
+    let source = crate::submit::dataset_source(dataset, client).await?;
     spec.dataset = Some(source.clone());
     let reply = client.validate(ValidateRequest { spec: Some(spec) }).await;
     if uploaded {
-        crate::submit::remove_upload(&source, &config.store).await;
+        crate::submit::remove_upload(&source, client).await;
     }
     let reply = reply?.into_inner();
     print!("{}", view::validate_text(&reply));
@@ -180,9 +181,11 @@ pub async fn cancel(client: &mut Client, args: CancelArgs) -> anyhow::Result<Exi
 }
 
 pub async fn fetch(client: &mut Client, args: FetchArgs) -> anyhow::Result<ExitCode> {
-    let Some(config) = load_config(&args.service, "yard", true)? else {
+    // Loaded for `--print-config` and its checks; a client needs nothing
+    // of the store's settings.
+    if load_config(&args.service, "yard", true)?.is_none() {
         return Ok(ExitCode::SUCCESS);
-    };
+    }
     let record = get_record(client, &args.job).await?;
     if record.artifacts.is_empty() {
         bail!(
@@ -191,51 +194,16 @@ pub async fn fetch(client: &mut Client, args: FetchArgs) -> anyhow::Result<ExitC
             state_name(record.state())
         );
     }
-    let store = ArtifactStore::open_with(&config.store.uri, &config.store.s3)?;
-    for artifact in &record.artifacts {
-        let local = fetch_artifact(&store, &config.store.s3, artifact, &args.dir).await?;
+    let fetched = crate::transfer::download(client, &record.job_id, &args.dir).await?;
+    for (local, size, sha256) in fetched {
         println!(
             "{}  {:>10}  sha256 {} ok",
             local.display(),
-            HumanBytes(artifact.size).to_string(),
-            &artifact.sha256[..artifact.sha256.len().min(12)]
+            HumanBytes(size).to_string(),
+            &sha256[..sha256.len().min(12)]
         );
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Downloads one artifact to `dir/<name>`, checking its sha256. An artifact
-/// outside the configured store is read from its own folder (through `s3`
-/// when it is on S3).
-pub async fn fetch_artifact(
-    store: &ArtifactStore,
-    s3: &S3Options,
-    artifact: &Artifact,
-    dir: &Path,
-) -> anyhow::Result<PathBuf> {
-    let rel = Path::new(&artifact.name);
-    if artifact.name.is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
-        bail!(
-            "artifact name {:?} is not a plain relative path",
-            artifact.name
-        );
-    }
-    let local = dir.join(rel);
-    let expect = (!artifact.sha256.is_empty()).then_some(artifact.sha256.as_str());
-    let fetched = match store.key_of(&artifact.uri) {
-        Some(key) => store.get_file(&key, &local, expect).await,
-        None => {
-            let (parent, name) = artifact
-                .uri
-                .rsplit_once('/')
-                .ok_or_else(|| anyhow::anyhow!("artifact uri {:?} has no folder", artifact.uri))?;
-            let own = ArtifactStore::open_with(parent, s3)
-                .with_context(|| format!("{} is outside the configured store", artifact.uri))?;
-            own.get_file(name, &local, expect).await
-        }
-    };
-    fetched.with_context(|| format!("cannot fetch {}", display_uri(&artifact.uri)))?;
-    Ok(local)
 }
 
 /// Prints a job's metric series: a table of name, step and value, or with

@@ -12,7 +12,6 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use trainyard_captioner::sample::{SAMPLE_TRIGGER_WORD, write_sample_dataset};
 use trainyard_core::Config;
-use trainyard_core::config::StoreConfig;
 use trainyard_proto::v1::{
     CaptionSettings, Destination, JobRecord, JobSpec, JobState, TrainingSettings,
 };
@@ -159,13 +158,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     describe_fleet(&fleet, &data_dir.join(client::DEV_TOKEN_FILE));
     println!("fleet up in {}", secs(fleet_ready));
 
-    let run = run_demo_job(
-        fleet.server_url(),
-        fleet.config.store.clone(),
-        &token,
-        &data_dir,
-        args.steps,
-    );
+    let run = run_demo_job(fleet.server_url(), &token, &data_dir, args.steps);
     let result = tokio::select! {
         result = run => result,
         error = fleet.failed() => Err(error),
@@ -210,7 +203,6 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
 
 async fn run_demo_job(
     server_url: String,
-    store: StoreConfig,
     token: &str,
     data_dir: &Path,
     steps: u32,
@@ -229,7 +221,7 @@ async fn run_demo_job(
     };
     let mut client = client::connect(&target).await?;
     let dataset = crate::submit::DatasetArg::LocalDir(sample.clone());
-    spec.dataset = Some(crate::submit::dataset_source(dataset, &store).await?);
+    spec.dataset = Some(crate::submit::dataset_source(dataset, &mut client).await?);
     let submitted = Instant::now();
     let record = crate::submit::submit(&mut client, spec).await?;
     println!("submitted {} (sample: {})", record.job_id, sample.display());

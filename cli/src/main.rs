@@ -8,6 +8,7 @@ mod jobs;
 mod local;
 mod submit;
 mod token;
+mod transfer;
 mod view;
 mod watch;
 mod webhooks;

@@ -1,19 +1,16 @@
 //! `yard submit`: turn the command line into a `JobSpec`, uploading a local
-//! folder or zip into the artifact store first, and submit it.
+//! folder or zip through the API first, and submit it.
 //!
-//! Local data never travels in a message: it goes to the artifact store at
-//! `uploads/<uuid>/…`, and the spec carries the store URI. The captioner
-//! accepts only URIs inside the store it is configured with, so the
-//! submitting machine and the fleet must share `store.uri`.
+//! Local data never travels in a job message: it is streamed to the
+//! coordinator (`Upload`), which stores it in the caller's tenant's uploads
+//! (`tenants/<tenant>/uploads/<id>/…`) and answers with the store URI the
+//! spec carries. The client needs no store credentials and no `store.uri`.
 
 use crate::args::SubmitArgs;
 use crate::client::Client;
 use anyhow::{Context, bail};
-use indicatif::HumanBytes;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use trainyard_core::config::StoreConfig;
-use trainyard_core::store::ArtifactStore;
+use std::path::PathBuf;
 use trainyard_proto::v1::dataset_source::Source;
 use trainyard_proto::v1::{
     CaptionSettings, DatasetSource, Destination, ExtraValue, ImageUrls, JobRecord, JobSpec,
@@ -85,86 +82,31 @@ pub fn classify(sources: &[String]) -> anyhow::Result<DatasetArg> {
     )
 }
 
-/// Puts a local dataset into the store and returns its URI; other sources
-/// become their `DatasetSource` directly.
-pub async fn dataset_source(arg: DatasetArg, store: &StoreConfig) -> anyhow::Result<DatasetSource> {
+/// Uploads a local dataset through the API and returns its source; other
+/// sources become their `DatasetSource` directly.
+pub async fn dataset_source(arg: DatasetArg, client: &mut Client) -> anyhow::Result<DatasetSource> {
     let source = match arg {
         DatasetArg::ZipUrl(url) => Source::ZipUrl(url),
         DatasetArg::ImageUrls(urls) => Source::ImageUrls(ImageUrls { urls }),
         DatasetArg::StoreUri(uri) => Source::ArtifactUri(uri),
-        DatasetArg::LocalDir(dir) => Source::ArtifactUri(upload_dir(&dir, store).await?),
-        DatasetArg::LocalZip(zip) => Source::ArtifactUri(upload_zip(&zip, store).await?),
+        DatasetArg::LocalDir(dir) => {
+            Source::ArtifactUri(crate::transfer::upload_dir(client, &dir).await?)
+        }
+        DatasetArg::LocalZip(zip) => {
+            Source::ArtifactUri(crate::transfer::upload_zip(client, &zip).await?)
+        }
     };
     Ok(DatasetSource {
         source: Some(source),
     })
 }
 
-/// Removes what [`dataset_source`] uploaded for `source` (its
-/// `uploads/<id>/` folder); a failure is only reported.
-pub async fn remove_upload(source: &DatasetSource, store: &StoreConfig) {
-    let Some(Source::ArtifactUri(uri)) = &source.source else {
-        return;
-    };
-    let Ok(store) = ArtifactStore::open_with(&store.uri, &store.s3) else {
-        return;
-    };
-    let Some(key) = store.key_of(uri) else {
-        return;
-    };
-    let mut parts = key.split('/');
-    let (Some("uploads"), Some(id)) = (parts.next(), parts.next()) else {
-        return;
-    };
-    if let Err(e) = store.delete_prefix(&format!("uploads/{id}")).await {
-        eprintln!("could not remove the upload {uri}: {e}");
+/// Removes what [`dataset_source`] uploaded for `source`; a failure is only
+/// reported.
+pub async fn remove_upload(source: &DatasetSource, client: &mut Client) {
+    if let Some(Source::ArtifactUri(uri)) = &source.source {
+        crate::transfer::remove_upload(client, uri).await;
     }
-}
-
-fn upload_prefix() -> String {
-    format!("uploads/{}", uuid::Uuid::now_v7().simple())
-}
-
-async fn upload_dir(dir: &Path, store: &StoreConfig) -> anyhow::Result<String> {
-    let store = ArtifactStore::open_with(&store.uri, &store.s3)?;
-    let prefix = upload_prefix();
-    let artifacts = store
-        .put_dir(dir, &prefix, &[])
-        .await
-        .with_context(|| format!("cannot upload {}", dir.display()))?;
-    if artifacts.is_empty() {
-        let _ = store.delete_prefix(&prefix).await;
-        bail!("dataset folder {} holds no files", dir.display());
-    }
-    let bytes: u64 = artifacts.iter().map(|a| a.size).sum();
-    let uri = store.uri(&prefix);
-    eprintln!(
-        "uploaded {} files ({}) to {uri}",
-        artifacts.len(),
-        HumanBytes(bytes)
-    );
-    Ok(uri)
-}
-
-async fn upload_zip(zip: &Path, store: &StoreConfig) -> anyhow::Result<String> {
-    let store = ArtifactStore::open_with(&store.uri, &store.s3)?;
-    let name = zip
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".zip") && !n.contains('/'))
-        .unwrap_or_else(|| "dataset.zip".into());
-    let key = format!("{}/{name}", upload_prefix());
-    let artifact = store
-        .put_file(zip, &key)
-        .await
-        .with_context(|| format!("cannot upload {}", zip.display()))?;
-    eprintln!(
-        "uploaded {} ({}) to {}",
-        name,
-        HumanBytes(artifact.size),
-        artifact.uri
-    );
-    Ok(artifact.uri)
 }
 
 /// A destination as the fleet expects it: URIs as given, local folders absolute.
@@ -336,39 +278,5 @@ mod tests {
         let no_url: Result<_, clap::Error> = parse(&["--webhook-event", "state"]);
         assert!(no_url.is_err());
         assert!(parse(&["--webhook", "https://h.test/x", "--webhook-event", "done"]).is_err());
-    }
-
-    #[tokio::test]
-    async fn a_folder_is_uploaded_under_one_prefix() {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        std::fs::create_dir_all(data.join("sub")).unwrap();
-        std::fs::write(data.join("a.png"), b"png").unwrap();
-        std::fs::write(data.join("sub/a.txt"), b"caption").unwrap();
-        let store_uri = dir.path().join("store").to_string_lossy().into_owned();
-        let config = StoreConfig {
-            uri: store_uri.clone(),
-            ..StoreConfig::default()
-        };
-        let source = dataset_source(DatasetArg::LocalDir(data), &config)
-            .await
-            .unwrap();
-        let Some(Source::ArtifactUri(uri)) = source.source else {
-            panic!("expected an artifact uri");
-        };
-        let store = ArtifactStore::open(&store_uri).unwrap();
-        let key = store.key_of(&uri).unwrap();
-        assert!(key.starts_with("uploads/"));
-        let listed: Vec<String> = store
-            .list(&key)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
-        assert_eq!(
-            listed,
-            vec![format!("{key}/a.png"), format!("{key}/sub/a.txt")]
-        );
     }
 }

@@ -43,7 +43,8 @@ pub enum ApiError {
     /// The fleet is not set up for this operation.
     #[error("{0}")]
     FailedPrecondition(String),
-    /// The tenant is at a quota (`[quotas]`): the reason.
+    /// Past a tenant's quota (`[quotas]`) or one of the fleet's caps (an
+    /// upload's bytes or files): the reason.
     #[error("{0}")]
     ResourceExhausted(String),
     /// The record is stored but its first task is not published yet.
@@ -138,6 +139,9 @@ pub struct JobApi {
     pub secrets: Option<std::sync::Arc<trainyard_core::secrets::Keyring>>,
     /// `[coordinator] max_spec_bytes`.
     pub max_spec_bytes: usize,
+    /// The artifact store's root URI: a spec may name only its tenant's
+    /// prefix below it.
+    pub store_root: String,
 }
 
 /// The `ty_idem` key of a tenant's idempotency key.
@@ -231,6 +235,7 @@ impl JobApi {
             .check(&spec)
             .map_err(|e| validate::Invalid(vec![e]))?;
         validate::check_destinations(&self.destinations, tenant, &spec)?;
+        validate::check_store_refs(&self.store_root, tenant, &spec)?;
         let mut job = JobId::generate();
         if !spec.idempotency_key.is_empty() {
             let key = idem_key(tenant, &spec.idempotency_key);
@@ -349,6 +354,7 @@ impl JobApi {
                 .check(&spec)
                 .map_err(|e| validate::Invalid(vec![e]))?;
             validate::check_destinations(&self.destinations, tenant, &spec)?;
+            validate::check_store_refs(&self.store_root, tenant, &spec)?;
             Ok(spec)
         }) {
             Ok(spec) => spec,

@@ -11,10 +11,11 @@ use tracing::Instrument;
 use trainyard_core::telemetry::propagation::{self, JobAttrs};
 use trainyard_proto::v1::job_service_server::JobService;
 use trainyard_proto::v1::{
-    CancelRequest, CancelResponse, GetMetricsRequest, GetMetricsResponse, GetRequest, GetResponse,
+    CancelRequest, CancelResponse, DeleteUploadRequest, DeleteUploadResponse, DownloadChunk,
+    DownloadRequest, GetMetricsRequest, GetMetricsResponse, GetRequest, GetResponse,
     GetWebhookSecretRequest, JobEvent, ListRequest, ListResponse, RotateWebhookSecretRequest,
-    SubmitRequest, SubmitResponse, ValidateReply, ValidateRequest, WatchRequest,
-    WebhookSecretResponse,
+    SubmitRequest, SubmitResponse, UploadChunk, UploadResponse, ValidateReply, ValidateRequest,
+    WatchRequest, WebhookSecretResponse,
 };
 use trainyard_proto::{JobId, TenantId};
 
@@ -24,6 +25,8 @@ const SERVICE: &str = "/trainyard.v1.JobService/";
 pub struct GrpcJobService {
     pub api: JobApi,
     pub auth: Auth,
+    /// Uploads and downloads through the API (`transfer`).
+    pub transfers: crate::transfer::Transfers,
 }
 
 impl GrpcJobService {
@@ -77,6 +80,7 @@ fn record_job_id(job_id: &str) {
 }
 
 type WatchStream = Pin<Box<dyn futures::Stream<Item = Result<JobEvent, Status>> + Send>>;
+type DownloadStream = Pin<Box<dyn futures::Stream<Item = Result<DownloadChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl JobService for GrpcJobService {
@@ -246,6 +250,70 @@ impl JobService for GrpcJobService {
                 .map_err(|e| e.to_status())?;
             let stream = events.map(|item| item.map_err(|e: ApiError| e.to_status()));
             Ok(Response::new(Box::pin(stream) as Self::WatchStream))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn upload(
+        &self,
+        request: Request<tonic::Streaming<UploadChunk>>,
+    ) -> Result<Response<UploadResponse>, Status> {
+        let span = Self::span(&request, "Upload", None);
+        async {
+            let tenant = self.tenant(&request)?;
+            record_tenant(&tenant);
+            self.transfers
+                .upload(&tenant, request.into_inner())
+                .await
+                .map(Response::new)
+                .map_err(|e| e.to_status())
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn delete_upload(
+        &self,
+        request: Request<DeleteUploadRequest>,
+    ) -> Result<Response<DeleteUploadResponse>, Status> {
+        let span = Self::span(&request, "DeleteUpload", None);
+        async {
+            let tenant = self.tenant(&request)?;
+            record_tenant(&tenant);
+            self.transfers
+                .delete_upload(&tenant, &request.get_ref().uri)
+                .await
+                .map(|()| Response::new(DeleteUploadResponse {}))
+                .map_err(|e| e.to_status())
+        }
+        .instrument(span)
+        .await
+    }
+
+    type DownloadStream = DownloadStream;
+
+    /// The span covers finding the job, not the stream that follows.
+    async fn download(
+        &self,
+        request: Request<DownloadRequest>,
+    ) -> Result<Response<Self::DownloadStream>, Status> {
+        let span = Self::span(&request, "Download", Some(&request.get_ref().job_id));
+        async {
+            let tenant = self.tenant(&request)?;
+            record_tenant(&tenant);
+            let record = self
+                .api
+                .get(&tenant, &request.get_ref().job_id)
+                .await
+                .map_err(|e| e.to_status())?;
+            let chunks = self
+                .transfers
+                .download(&record, &request.get_ref().name)
+                .await
+                .map_err(|e| e.to_status())?;
+            let stream = chunks.map(|item| item.map_err(|e: ApiError| e.to_status()));
+            Ok(Response::new(Box::pin(stream) as Self::DownloadStream))
         }
         .instrument(span)
         .await

@@ -26,6 +26,7 @@ pub mod reconcile;
 pub mod repo;
 pub mod results;
 pub mod trace;
+pub mod transfer;
 pub mod validate;
 pub mod webhooks;
 
@@ -91,6 +92,8 @@ pub async fn run(
     } else {
         None
     };
+    let store =
+        trainyard_core::store::ArtifactStore::open_with(&config.store.uri, &config.store.s3)?;
     let api = api::JobApi {
         repo: repo.clone(),
         idem: idem.clone(),
@@ -103,6 +106,7 @@ pub async fn run(
         destinations: trainyard_core::destination::Destinations::from_config(&config),
         secrets,
         max_spec_bytes: config.coordinator.max_spec_bytes,
+        store_root: store.root().to_string(),
     };
     let deliverer = match webhook_secrets {
         Some(secrets) => {
@@ -114,9 +118,12 @@ pub async fn run(
         &config.coordinator.tokens,
         config.coordinator.auth_failures_per_minute,
     );
+    let transfers = transfer::Transfers {
+        store: store.clone(),
+        max_bytes: config.store.max_upload_bytes,
+        max_files: config.store.max_upload_files,
+    };
 
-    let store =
-        trainyard_core::store::ArtifactStore::open_with(&config.store.uri, &config.store.s3)?;
     let reconciler = reconcile::Reconciler {
         js: js.clone(),
         repo: repo.clone(),
@@ -244,7 +251,11 @@ pub async fn run(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(trainyard_proto::v1::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let service = JobServiceServer::new(grpc::GrpcJobService { api, auth });
+    let service = JobServiceServer::new(grpc::GrpcJobService {
+        api,
+        auth,
+        transfers,
+    });
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let stop = shutdown.clone();
     let mut server = tonic::transport::Server::builder();

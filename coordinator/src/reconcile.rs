@@ -381,7 +381,7 @@ impl Reconciler {
         found: &Versioned,
     ) -> Result<bool, RepairError> {
         self.store
-            .delete_prefix(&keys::job(job))
+            .delete_prefix(&keys::job(tenant, job))
             .await
             .map_err(RepairError::Artifacts)?;
         self.js

@@ -33,6 +33,29 @@ impl EventSink {
         &self.tenant
     }
 
+    /// The newest `checkpoint` event of this job in `TY_EVENTS`: the last
+    /// checkpoint a worker stored for it, with its manifest's sha256. A
+    /// restore trusts only what a worker said it stored.
+    pub async fn last_checkpoint(&self) -> Result<Option<v1::Checkpoint>, String> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        let stream = self
+            .js
+            .get_stream(crate::topology::EVENTS_STREAM)
+            .await
+            .map_err(|e| e.to_string())?;
+        let subject = subject::event(&self.tenant, &self.job, EventKind::Checkpoint);
+        let message = match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(message) => message,
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
+            Err(e) => return Err(e.to_string()),
+        };
+        let event = v1::JobEvent::decode(message.payload).map_err(|e| e.to_string())?;
+        Ok(match event.kind {
+            Some(Kind::Checkpoint(checkpoint)) => Some(checkpoint),
+            _ => None,
+        })
+    }
+
     /// Publishes and waits for the stream's ack, so events of one publisher
     /// are stored in order. A failure is logged, never fatal to the task.
     pub async fn emit(&self, kind: Kind) {

@@ -150,7 +150,7 @@ async fn a_retried_job_leaves_logs_metrics_events_and_spans() {
     // is retried as the same attempt, delivered again).
     let logs: Vec<String> = fleet
         .store
-        .list(&format!("jobs/{job_id}/logs"))
+        .list(&format!("tenants/acme/jobs/{job_id}/logs"))
         .await
         .unwrap()
         .into_iter()
@@ -159,8 +159,8 @@ async fn a_retried_job_leaves_logs_metrics_events_and_spans() {
     assert_eq!(
         logs,
         [
-            format!("jobs/{job_id}/logs/train-attempt-1-delivery-1.log"),
-            format!("jobs/{job_id}/logs/train-attempt-1-delivery-2.log")
+            format!("tenants/acme/jobs/{job_id}/logs/train-attempt-1-delivery-1.log"),
+            format!("tenants/acme/jobs/{job_id}/logs/train-attempt-1-delivery-2.log")
         ]
     );
     let text = |key: &str| {

@@ -22,7 +22,7 @@ fn coordinator_only() -> Services {
 async fn bad_input_is_invalid_argument_naming_the_field() {
     let fleet = Fleet::start_with(coordinator_only(), |_| {}).await;
     let mut client = fleet.client(TOKEN).await;
-    let base = spec("file:///data/set.zip", 10);
+    let base = spec(&fleet.upload_uri("acme", "set.zip"), 10);
     type Change = Box<dyn Fn(&mut trainyard_proto::v1::JobSpec)>;
     let cases: Vec<(&str, Change)> = vec![
         (
@@ -77,7 +77,7 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
 async fn same_idempotency_key_returns_the_same_job() {
     let fleet = Fleet::start_with(coordinator_only(), |_| {}).await;
     let mut client = fleet.client(TOKEN).await;
-    let mut spec = spec("file:///data/set.zip", 10);
+    let mut spec = spec(&fleet.upload_uri("acme", "set.zip"), 10);
     spec.idempotency_key = "upload-7f3a".into();
     let first = client
         .submit(SubmitRequest {
@@ -96,8 +96,9 @@ async fn same_idempotency_key_returns_the_same_job() {
     assert!(!first.duplicate);
     assert!(second.duplicate);
     assert_eq!(first.job.unwrap().job_id, second.job.unwrap().job_id);
-    // Another tenant with the same key gets its own job.
+    // Another tenant with the same key (and its own dataset) gets its own job.
     let mut other = fleet.client(OTHER_TOKEN).await;
+    spec.dataset = trainyard_tests::spec(&fleet.upload_uri("globex", "set.zip"), 10).dataset;
     let theirs = other
         .submit(SubmitRequest { spec: Some(spec) })
         .await
@@ -120,10 +121,10 @@ async fn list_and_get_show_only_the_callers_jobs() {
     let mut globex = fleet.client(OTHER_TOKEN).await;
     let mut mine = Vec::new();
     for _ in 0..3 {
-        let job = submit(&mut acme, spec("file:///data/a.zip", 10)).await;
+        let job = submit(&mut acme, spec(&fleet.upload_uri("acme", "a.zip"), 10)).await;
         mine.push(job.job_id);
     }
-    let theirs = submit(&mut globex, spec("file:///data/b.zip", 10)).await;
+    let theirs = submit(&mut globex, spec(&fleet.upload_uri("globex", "b.zip"), 10)).await;
     // Pages of two, newest first.
     let page = acme
         .list(ListRequest {
@@ -170,7 +171,7 @@ async fn list_and_get_show_only_the_callers_jobs() {
 async fn secrets_are_never_echoed_and_unknown_tokens_are_refused() {
     let fleet = Fleet::start_with(coordinator_only(), |_| {}).await;
     let mut client = fleet.client(TOKEN).await;
-    let mut spec = spec("file:///data/set.zip", 10);
+    let mut spec = spec(&fleet.upload_uri("acme", "set.zip"), 10);
     spec.secrets = Some(trainyard_proto::v1::Secrets {
         hf_token: "hf_SUPERSECRET".into(),
         ..Default::default()
@@ -212,7 +213,7 @@ async fn the_api_answers_over_nats_request_reply() {
         "submit",
         TOKEN,
         SubmitRequest {
-            spec: Some(spec("file:///data/set.zip", 10)),
+            spec: Some(spec(&fleet.upload_uri("acme", "set.zip"), 10)),
         }
         .encode_to_vec(),
     )
@@ -282,7 +283,7 @@ async fn a_slow_validate_does_not_hold_up_a_get_over_nats() {
     let validate = {
         let (nats, headers) = (nats.clone(), headers.clone());
         let body = trainyard_proto::v1::ValidateRequest {
-            spec: Some(spec("file:///data/set.zip", 10)),
+            spec: Some(spec(&fleet.upload_uri("acme", "set.zip"), 10)),
         };
         tokio::spawn(async move {
             nats.request_with_headers("ty.api.validate", headers, body.encode_to_vec().into())

@@ -86,7 +86,11 @@ async fn deliver_task(fleet: &Fleet, spec: JobSpec) -> (JobId, DeliverTask) {
     let adapter = fleet
         .store
         .put_bytes(
-            &format!("{}/lora.safetensors", keys::output(&job)),
+            &keys::output_file(
+                &trainyard_proto::TenantId::parse("acme").unwrap(),
+                &job,
+                "lora.safetensors",
+            ),
             vec![7u8; 1024].into(),
         )
         .await
@@ -298,7 +302,7 @@ async fn an_s3_destination_into_the_store_bucket_is_refused() {
         "s3://fleet/other",
         "s3://fleet",
     ] {
-        let mut spec = spec("s3://fleet/store/uploads/x.zip", 10);
+        let mut spec = spec("s3://fleet/store/tenants/acme/uploads/x/x.zip", 10);
         spec.destinations = vec![destination(uri)];
         spec.secrets = Some(s3.job_secrets());
         let status = refused(&mut client, spec).await;

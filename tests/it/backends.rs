@@ -62,10 +62,10 @@ async fn dataset_uri(fleet: &Fleet) -> String {
     }
     fleet
         .store
-        .put_dir(&local, "uploads/sample-256", &[])
+        .put_dir(&local, &upload_key("acme", "sample-256"), &[])
         .await
         .expect("upload");
-    fleet.store.uri("uploads/sample-256")
+    fleet.store.uri(&upload_key("acme", "sample-256"))
 }
 
 fn standins() -> PathBuf {
@@ -142,7 +142,7 @@ async fn jsonl_uri(fleet: &Fleet) -> String {
             .to_string()
         })
         .collect();
-    let key = "uploads/sft/train.jsonl";
+    let key = &format!("{}/train.jsonl", upload_key("acme", "sft"));
     fleet
         .store
         .put_bytes(key, (rows.join("\n") + "\n").into_bytes().into())

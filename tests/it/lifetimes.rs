@@ -10,6 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use trainyard_coordinator::{job, repo::JobRepo};
+use trainyard_core::store::keys;
 use trainyard_core::topology::{self, TASKS_STREAM};
 use trainyard_natsd::{NatsServer, find_nats_server};
 use trainyard_proto::v1::{
@@ -102,7 +103,10 @@ async fn a_finished_job_is_removed_after_its_ttl_and_a_running_one_never() {
     assert!(
         !fleet
             .store
-            .list(&format!("jobs/{done_id}"))
+            .list(&keys::job(
+                &trainyard_proto::TenantId::parse("acme").unwrap(),
+                &done_id
+            ))
             .await
             .unwrap()
             .is_empty()
@@ -131,7 +135,10 @@ async fn a_finished_job_is_removed_after_its_ttl_and_a_running_one_never() {
     assert!(
         fleet
             .store
-            .list(&format!("jobs/{done_id}"))
+            .list(&keys::job(
+                &trainyard_proto::TenantId::parse("acme").unwrap(),
+                &done_id
+            ))
             .await
             .unwrap()
             .is_empty()
@@ -287,7 +294,7 @@ async fn a_submit_while_nats_is_down_is_unavailable_and_a_retry_with_the_key_que
     let spare_server = NatsServer::start(&binary, spare.path()).unwrap();
     std::mem::replace(&mut fleet.nats, spare_server).stop();
 
-    let sample = fleet.store.uri("uploads/sample");
+    let sample = fleet.store.uri(&upload_key("acme", "sample"));
     let mut spec = spec(&sample, 20);
     spec.idempotency_key = "while-down".into();
     let mut client = fleet.client(TOKEN).await;
@@ -344,7 +351,7 @@ async fn a_retried_submit_of_a_job_stored_but_not_queued_publishes_its_task_once
     let js = async_nats::jetstream::new(fleet.nats_client().await);
     let topo = topology::ensure(&js, &fleet.config.nats).await.unwrap();
     let repo = JobRepo::new(topo.jobs.clone(), js.clone());
-    let sample = fleet.store.uri("uploads/sample");
+    let sample = fleet.store.uri(&upload_key("acme", "sample"));
     let mut submitted = spec(&sample, 20);
     submitted.idempotency_key = "stored-not-queued".into();
     // A first try stored its idempotency key and record, then its publish failed.

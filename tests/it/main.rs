@@ -14,6 +14,7 @@ mod attacks_destinations;
 mod attacks_fairshare;
 mod attacks_secrets;
 mod attacks_limits;
+mod attacks_store;
 mod attacks_webhooks;
 mod auth;
 mod backends;

@@ -5,7 +5,9 @@
 
 use futures::StreamExt;
 use std::time::Duration;
+use trainyard_core::store::keys;
 use trainyard_core::topology::{TASKS_STREAM, consumer_name};
+use trainyard_proto::JobId;
 use trainyard_proto::v1::{
     CaptionSettings, Destination, ErrorKind, JobEvent, JobSpec, JobState, ModelRef, Secrets, Stage,
     ValidateReply, ValidateRequest, WatchRequest, job_event::Kind,
@@ -191,7 +193,10 @@ async fn a_base_model_that_does_not_exist() {
     let fleet = Fleet::start_with(prepare_fleet(), |_| {}).await;
     let mut client = fleet.client(TOKEN).await;
     let mut spec = spec(&fleet.sample_uri().await, 10);
-    let missing = fleet.store.uri("models/nobody-uploaded-this.safetensors");
+    let missing = fleet.store.uri(&format!(
+        "{}/nobody-uploaded-this.safetensors",
+        upload_key("acme", "models")
+    ));
     spec.base_model = Some(ModelRef {
         uri: missing.clone(),
         family: "reference".into(),
@@ -264,7 +269,7 @@ async fn spec_problems_are_answered_without_a_captioner() {
     )
     .await;
     let mut client = fleet.client(TOKEN).await;
-    let mut bad = spec("file:///data/set.zip", 0);
+    let mut bad = spec(&fleet.upload_uri("acme", "set.zip"), 0);
     bad.training.as_mut().unwrap().rank = 0;
     let reply = client
         .validate(ValidateRequest {
@@ -284,7 +289,7 @@ async fn spec_problems_are_answered_without_a_captioner() {
     // A valid spec needs a captioner to look at the dataset.
     let status = client
         .validate(ValidateRequest {
-            spec: Some(spec("file:///data/set.zip", 10)),
+            spec: Some(spec(&fleet.upload_uri("acme", "set.zip"), 10)),
         })
         .await
         .unwrap_err();
@@ -355,7 +360,10 @@ async fn a_job_failing_preflight_fails_at_once_with_every_problem() {
     let mut client = fleet.client(TOKEN).await;
     let mut spec = spec(&fleet.sample_uri().await, 10);
     spec.training.as_mut().unwrap().resolution = 128;
-    let missing = fleet.store.uri("models/missing.safetensors");
+    let missing = fleet.store.uri(&format!(
+        "{}/missing.safetensors",
+        upload_key("acme", "models")
+    ));
     spec.base_model = Some(ModelRef {
         uri: missing.clone(),
         family: "reference".into(),
@@ -493,7 +501,7 @@ async fn a_text_dataset_is_checked_row_by_row() {
     let model = fleet
         .store
         .put_bytes(
-            "models/tiny-llm.safetensors",
+            &format!("{}/tiny-llm.safetensors", upload_key("acme", "models")),
             bytes::Bytes::from_static(b"weights"),
         )
         .await
@@ -514,7 +522,10 @@ async fn a_text_dataset_is_checked_row_by_row() {
     let rows = "{\"prompt\": \"2+2?\", \"completion\": \"4\"}\n".repeat(5);
     let good = fleet
         .store
-        .put_bytes("uploads/good/train.jsonl", rows.clone().into())
+        .put_bytes(
+            &format!("{}/train.jsonl", upload_key("acme", "good")),
+            rows.clone().into(),
+        )
         .await
         .expect("dataset")
         .uri;
@@ -561,7 +572,10 @@ async fn a_text_dataset_is_checked_row_by_row() {
             if p.message == "preflight ok: 5 examples ÷ batch 2 = 3 steps per epoch; 30 steps ≈ 10.0 epochs")),
         "{events:#?}"
     );
-    let prefix = format!("jobs/{}/dataset", job.job_id);
+    let prefix = keys::dataset(
+        &trainyard_proto::TenantId::parse("acme").unwrap(),
+        &JobId::parse(&job.job_id).unwrap(),
+    );
     let manifest: serde_json::Value = serde_json::from_slice(
         &fleet
             .store
@@ -598,7 +612,10 @@ async fn hub_fleet() -> (Fleet, FakeHub, String) {
     let rows = "{\"prompt\": \"2+2?\", \"completion\": \"4\"}\n".repeat(4);
     let dataset = fleet
         .store
-        .put_bytes("uploads/chat/train.jsonl", rows.into())
+        .put_bytes(
+            &format!("{}/train.jsonl", upload_key("acme", "chat")),
+            rows.into(),
+        )
         .await
         .expect("dataset")
         .uri;

@@ -5,6 +5,7 @@
 
 use std::path::Path;
 use std::time::Duration;
+use trainyard_core::store::keys as store_keys;
 use trainyard_core::store::{ArtifactStore, StoreError};
 use trainyard_proto::v1::{Destination, JobRecord, JobState, job_event::Kind};
 use trainyard_tests::*;
@@ -255,11 +256,12 @@ async fn a_fleet_runs_with_its_artifact_store_on_s3() {
         .into_iter()
         .map(|(key, _)| key)
         .collect();
-    let job = &record.job_id;
+    let job = &trainyard_proto::JobId::parse(&record.job_id).unwrap();
+    let tenant = &trainyard_proto::TenantId::parse("acme").unwrap();
     for prefix in [
-        format!("jobs/{job}/dataset/"),
-        format!("jobs/{job}/checkpoints/"),
-        format!("jobs/{job}/output/"),
+        format!("{}/", store_keys::dataset(tenant, job)),
+        format!("{}/", store_keys::checkpoints(tenant, job)),
+        format!("{}/", store_keys::output(tenant, job)),
         "models/".to_string(),
     ] {
         assert!(
@@ -271,13 +273,13 @@ async fn a_fleet_runs_with_its_artifact_store_on_s3() {
         record
             .artifacts
             .iter()
-            .all(|a| a.uri.starts_with("s3://fleet/store/jobs/")),
+            .all(|a| a.uri.starts_with("s3://fleet/store/tenants/acme/jobs/")),
         "{:?}",
         record.artifacts
     );
     assert_delivered(
         &fleet.store,
-        &format!("jobs/{job}/output"),
+        &store_keys::output(tenant, job),
         &record,
         fleet.dir.path(),
     )

@@ -301,7 +301,11 @@ async fn a_deliver_task_traces_one_span_per_destination() {
     let adapter = fleet
         .store
         .put_bytes(
-            &format!("{}/lora.safetensors", keys::output(&job)),
+            &keys::output_file(
+                &trainyard_proto::TenantId::parse("acme").unwrap(),
+                &job,
+                "lora.safetensors",
+            ),
             vec![7u8; 4096].into(),
         )
         .await

@@ -3,6 +3,8 @@
 //! a cancelled run's output is kept too.
 
 use std::time::Duration;
+use trainyard_core::store::keys;
+use trainyard_proto::JobId;
 use trainyard_proto::v1::{CancelRequest, Stage, WatchRequest, job_event};
 use trainyard_tests::*;
 
@@ -52,7 +54,12 @@ async fn an_interrupted_run_keeps_its_trainer_log() {
 
     stop.cancel();
     worker.await.expect("worker stops");
-    let key = format!("jobs/{}/logs/train-attempt-1-delivery-1.log", job.job_id);
+    let key = keys::train_log(
+        &trainyard_proto::TenantId::parse("acme").unwrap(),
+        &JobId::parse(&job.job_id).unwrap(),
+        1,
+        1,
+    );
     let text =
         String::from_utf8(fleet.store.get_bytes(&key).await.expect("the log").to_vec()).unwrap();
     assert!(text.contains("ty-progress step=3 "), "{text}");
@@ -69,7 +76,12 @@ async fn a_cancelled_run_keeps_its_trainer_log() {
     let fleet = Fleet::start().await;
     let mut client = fleet.client(TOKEN).await;
     let job = submit(&mut client, spec(&fleet.sample_uri().await, 100_000)).await;
-    let key = format!("jobs/{}/logs/train-attempt-1-delivery-1.log", job.job_id);
+    let key = keys::train_log(
+        &trainyard_proto::TenantId::parse("acme").unwrap(),
+        &JobId::parse(&job.job_id).unwrap(),
+        1,
+        1,
+    );
     until_step(&mut client, &job.job_id, 3).await;
     client
         .cancel(CancelRequest {

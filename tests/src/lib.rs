@@ -360,26 +360,40 @@ impl Fleet {
             .expect("services stop in time");
     }
 
-    /// Puts the bundled sample dataset in the store and returns its URI.
+    /// Puts the bundled sample dataset in tenant `acme`'s uploads (the
+    /// tenant of [`TOKEN`]) and returns its URI.
     pub async fn sample_uri(&self) -> String {
-        let local = self.dir.path().join("sample");
-        trainyard_captioner::sample::write_sample_dataset(&local).expect("sample");
-        self.store
-            .put_dir(&local, "uploads/sample", &[])
-            .await
-            .expect("upload sample");
-        self.store.uri("uploads/sample")
+        self.sample_uri_for("acme").await
     }
 
-    /// Stores a zip built from `(name, bytes)` entries and returns its URI.
+    /// Puts the bundled sample dataset in `tenant`'s uploads and returns its URI.
+    pub async fn sample_uri_for(&self, tenant: &str) -> String {
+        let local = self.dir.path().join("sample");
+        trainyard_captioner::sample::write_sample_dataset(&local).expect("sample");
+        let key = upload_key(tenant, "sample");
+        self.store
+            .put_dir(&local, &key, &[])
+            .await
+            .expect("upload sample");
+        self.store.uri(&key)
+    }
+
+    /// Stores a zip built from `(name, bytes)` entries in tenant `acme`'s
+    /// uploads and returns its URI.
     pub async fn zip_uri(&self, name: &str, entries: &[(&str, Vec<u8>)]) -> String {
         let bytes = make_zip(entries);
-        let key = format!("uploads/{name}.zip");
+        let key = format!("{}/{name}.zip", upload_key("acme", "zips"));
         self.store
             .put_bytes(&key, bytes.into())
             .await
             .expect("store zip");
         self.store.uri(&key)
+    }
+
+    /// The URI of `tenant`'s upload `name` (nothing is stored): what a
+    /// spec of that tenant may name.
+    pub fn upload_uri(&self, tenant: &str, name: &str) -> String {
+        self.store.uri(&upload_key(tenant, name))
     }
 
     pub fn outputs_dir(&self) -> PathBuf {
@@ -397,6 +411,14 @@ pub fn localhost_cert(dir: &Path) -> (PathBuf, PathBuf) {
     std::fs::write(&cert, certified.cert.pem()).expect("write the certificate");
     std::fs::write(&key, certified.signing_key.serialize_pem()).expect("write the key");
     (cert, key)
+}
+
+/// The key of `tenant`'s upload `name`.
+pub fn upload_key(tenant: &str, name: &str) -> String {
+    trainyard_core::store::keys::upload(
+        &trainyard_proto::TenantId::parse(tenant).expect("tenant"),
+        name,
+    )
 }
 
 pub fn make_zip(entries: &[(&str, Vec<u8>)]) -> Vec<u8> {

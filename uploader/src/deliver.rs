@@ -139,7 +139,7 @@ impl DeliverStage {
         let mut targets = vec![Target {
             label: String::new(),
             store: self.store.clone(),
-            prefix: keys::output(&ctx.meta.job),
+            prefix: keys::output(&ctx.meta.tenant, &ctx.meta.job),
         }];
         for destination in &spec.destinations {
             targets.push(Target {
@@ -148,7 +148,8 @@ impl DeliverStage {
                 prefix: job.to_string(),
             });
         }
-        let locals = self.fetch_all(&task.artifacts, work).await?;
+        let own = keys::job(&ctx.meta.tenant, &ctx.meta.job);
+        let locals = self.fetch_all(&task.artifacts, &own, work).await?;
         // Per artifact, its copy in each target, in target order.
         let mut copies: Vec<Vec<DeliveredFile>> = vec![Vec::new(); task.artifacts.len()];
         for target in &targets {
@@ -284,6 +285,7 @@ impl DeliverStage {
     async fn fetch_all(
         &self,
         artifacts: &[Artifact],
+        own: &str,
         work: &Path,
     ) -> Result<Vec<PathBuf>, StageError> {
         let span = tracing::info_span!(
@@ -295,7 +297,7 @@ impl DeliverStage {
         let result = async {
             let mut locals = Vec::with_capacity(artifacts.len());
             for artifact in artifacts {
-                let (local, size) = self.fetch(artifact, work).await?;
+                let (local, size) = self.fetch(artifact, own, work).await?;
                 bytes += size;
                 locals.push(local);
             }
@@ -308,15 +310,28 @@ impl DeliverStage {
         result
     }
 
-    /// Downloads an artifact and checks it against its recorded sha256;
-    /// returns where it is and its size.
-    async fn fetch(&self, artifact: &Artifact, work: &Path) -> Result<(PathBuf, u64), StageError> {
-        let key = self.store.key_of(&artifact.uri).ok_or_else(|| {
-            StageError::fail(
-                ErrorKind::Internal,
-                format!("artifact {} is not in the artifact store", artifact.uri),
-            )
-        })?;
+    /// Downloads an artifact — only from the job's own prefix `own` — and
+    /// checks it against its recorded sha256; returns where it is and its
+    /// size.
+    async fn fetch(
+        &self,
+        artifact: &Artifact,
+        own: &str,
+        work: &Path,
+    ) -> Result<(PathBuf, u64), StageError> {
+        let key = self
+            .store
+            .key_of(&artifact.uri)
+            .filter(|key| key.strip_prefix(own).is_some_and(|r| r.starts_with('/')))
+            .ok_or_else(|| {
+                StageError::fail(
+                    ErrorKind::Internal,
+                    format!(
+                        "artifact {} is not in this job's folder of the artifact store",
+                        artifact.uri
+                    ),
+                )
+            })?;
         let local = work.join("outputs").join(&artifact.name);
         let (size, _) = self
             .store
@@ -328,7 +343,8 @@ impl DeliverStage {
 }
 
 /// Where one delivery goes: a destination of the spec (`label` is its
-/// URI) or the artifact store's `jobs/<job>/output/` (`label` empty).
+/// URI) or the artifact store's `tenants/<tenant>/jobs/<job>/output/`
+/// (`label` empty).
 struct Target {
     label: String,
     store: ArtifactStore,

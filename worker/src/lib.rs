@@ -77,6 +77,7 @@ pub async fn run(
             budget_bytes: config.worker.log_event_budget_bytes,
             bytes_per_sec: config.worker.log_event_bytes_per_sec,
         },
+        max_model_bytes: config.store.max_model_bytes,
         gpus: gpus.clone(),
         slots,
         trainer_env: config

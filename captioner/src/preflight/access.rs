@@ -2,8 +2,8 @@
 //! need nothing from the dataset, so the prepare stage runs them while the
 //! dataset is fetched.
 //!
-//! - The base model: an artifact-store `.safetensors` must exist in the
-//!   store; a preset needs each part the backend uses
+//! - The base model: an artifact-store `.safetensors` must lie below the
+//!   job's tenant's prefix, exist, and fit `[store] max_model_bytes`; a preset needs each part the backend uses
 //!   (`TrainerBackend::parts`) to be readable on the Hub with the job's
 //!   `secrets.hf_token`, as does an `hf://` reference (a `HEAD` per file, the
 //!   revision listing for a snapshot: nothing is downloaded). A preset with
@@ -15,9 +15,10 @@ use super::{Report, check};
 use trainyard_backends::Tools;
 use trainyard_core::destination::{Destinations, ProbeFailure};
 use trainyard_core::redact::{display_url, redact_in};
-use trainyard_core::store::ArtifactStore;
+use trainyard_core::store::{ArtifactStore, StoreError};
 use trainyard_models::hub::HubClient;
 use trainyard_models::{HubRef, ModelSource};
+use trainyard_proto::TenantId;
 use trainyard_proto::v1::{ErrorKind, JobSpec};
 
 /// What the access checks reach: the artifact store, the Hub and the
@@ -27,6 +28,8 @@ pub struct AccessChecks {
     store: ArtifactStore,
     hub: HubClient,
     destinations: Destinations,
+    /// Largest base model a spec may name in the store.
+    max_model_bytes: u64,
 }
 
 impl AccessChecks {
@@ -35,19 +38,27 @@ impl AccessChecks {
             store,
             hub,
             destinations,
+            max_model_bytes: u64::MAX,
         }
+    }
+
+    /// These checks with a cap on a store base model's size
+    /// (`[store] max_model_bytes`).
+    pub fn with_model_cap(mut self, max_model_bytes: u64) -> Self {
+        self.max_model_bytes = max_model_bytes;
+        self
     }
 
     /// The model and destination checks of `tenant`'s job, concurrently.
     pub async fn run(&self, tenant: &str, spec: &JobSpec) -> Report {
         let (mut model, destinations) =
-            tokio::join!(self.model(spec), self.destinations(tenant, spec));
+            tokio::join!(self.model(tenant, spec), self.destinations(tenant, spec));
         model.merge(destinations);
         model
     }
 
-    /// The base model is there and may be read.
-    pub async fn model(&self, spec: &JobSpec) -> Report {
+    /// The base model is there and `tenant` may read it.
+    pub async fn model(&self, tenant: &str, spec: &JobSpec) -> Report {
         let mut report = Report::default();
         let model = spec.base_model.clone().unwrap_or_default();
         let backend = spec
@@ -70,7 +81,7 @@ impl AccessChecks {
             }
         };
         match source {
-            ModelSource::Store(uri) => self.store_model(&uri, &mut report).await,
+            ModelSource::Store(uri) => self.store_model(tenant, &uri, &mut report).await,
             // Made by the worker (the reference denoiser): nothing to reach.
             ModelSource::Preset(preset) if preset.parts.is_empty() => {}
             ModelSource::Preset(preset) => {
@@ -106,26 +117,30 @@ impl AccessChecks {
         report
     }
 
-    async fn store_model(&self, raw: &str, report: &mut Report) {
+    /// A store base model: below `tenant`'s prefix, there, and within the
+    /// cap; only its metadata is read.
+    async fn store_model(&self, tenant: &str, raw: &str, report: &mut Report) {
         let uri = display_url(raw);
-        let Some(key) = self.store.key_of(raw) else {
-            report.problem(
-                check::BASE_MODEL,
-                ErrorKind::Model,
-                format!(
-                    "{uri} is not in the artifact store {}; workers read base models only from there",
-                    display_url(self.store.root())
-                ),
-            );
-            return;
+        let key = match TenantId::parse(tenant)
+            .map_err(|e| e.to_string())
+            .and_then(|t| self.store.tenant_key(&t, raw).map_err(|e| e.to_string()))
+        {
+            Ok(key) => key,
+            Err(problem) => {
+                report.problem(check::BASE_MODEL, ErrorKind::InvalidSpec, problem);
+                return;
+            }
         };
-        match self.store.exists(&key).await {
-            Ok(true) => {}
-            Ok(false) => report.problem(
+        match self.store.size_within(&key, self.max_model_bytes).await {
+            Ok(_) => {}
+            Err(StoreError::NotFound(_)) => report.problem(
                 check::BASE_MODEL,
                 ErrorKind::Model,
                 format!("{uri} does not exist in the artifact store"),
             ),
+            Err(e) if e.is_refused() => {
+                report.problem(check::BASE_MODEL, ErrorKind::InvalidSpec, e.to_string())
+            }
             Err(e) => report.unchecked(check::BASE_MODEL, format!("{uri}: {e}")),
         }
     }

@@ -245,7 +245,10 @@ async fn missing_models_and_unwritable_destinations_are_problems() {
         let tmp = tempfile::tempdir().unwrap();
         let store = ArtifactStore::open(tmp.path().join("store").to_str().unwrap()).unwrap();
         store
-            .put_bytes("models/here.safetensors", bytes::Bytes::from_static(b"x"))
+            .put_bytes(
+                "tenants/acme/uploads/m/here.safetensors",
+                bytes::Bytes::from_static(b"x"),
+            )
             .await
             .unwrap();
         let allowed = tmp.path().join("outputs");
@@ -261,7 +264,7 @@ async fn missing_models_and_unwritable_destinations_are_problems() {
 
         let mut s = spec("", 32, 1, 1, 10);
         s.base_model = Some(ModelRef {
-            uri: store.uri("models/gone.safetensors"),
+            uri: store.uri("tenants/acme/uploads/m/gone.safetensors"),
             family: "reference".into(),
         });
         s.destinations = vec![
@@ -285,7 +288,7 @@ async fn missing_models_and_unwritable_destinations_are_problems() {
             report.problems[0].message,
             format!(
                 "{} does not exist in the artifact store",
-                store.uri("models/gone.safetensors")
+                store.uri("tenants/acme/uploads/m/gone.safetensors")
             )
         );
         assert_eq!(report.problems[0].kind, ErrorKind::Model);
@@ -303,9 +306,26 @@ async fn missing_models_and_unwritable_destinations_are_problems() {
         );
         assert!(!allowed.join("ok").exists(), "probing creates no folder");
 
-        s.base_model.as_mut().unwrap().uri = store.uri("models/here.safetensors");
+        s.base_model.as_mut().unwrap().uri = store.uri("tenants/acme/uploads/m/here.safetensors");
         s.destinations.truncate(1);
         assert!(access.run("acme", &s).await.passed());
+        // Another tenant may not name it; past the size cap nobody may.
+        let report = access.run("globex", &s).await;
+        assert_eq!(report.problems[0].kind, ErrorKind::InvalidSpec);
+        assert!(
+            report.problems[0]
+                .message
+                .contains("outside tenants/globex/"),
+            "{report:#?}"
+        );
+        let capped = access.clone().with_model_cap(0);
+        let report = capped.run("acme", &s).await;
+        assert!(
+            report.problems[0]
+                .message
+                .contains("holds more than 0 bytes"),
+            "{report:#?}"
+        );
         s.base_model.as_mut().unwrap().uri = "file:///elsewhere/model.safetensors".into();
         let report = access.run("acme", &s).await;
         assert!(

@@ -11,7 +11,12 @@ async fn yard(fleet: &Fleet, args: &[&str]) -> Output {
     command
         .arg("validate")
         .args(args)
-        .args(["--set", &format!("store.uri={}", fleet.config.store.uri)])
+        // The client's own store setting points elsewhere: uploads go
+        // through the API, never through a store the client opens.
+        .args([
+            "--set",
+            &format!("store.uri={}", fleet.dir.path().join("elsewhere").display()),
+        ])
         .env("TY_SERVER", format!("http://{}", fleet.grpc))
         .env("TY_TOKEN", TOKEN)
         .env_remove("HF_TOKEN");
@@ -77,7 +82,51 @@ async fn validate_prints_problems_and_the_estimate() {
     assert!(text.ends_with("not ok: 1 problem\n"), "{text}");
 
     // Each run uploaded the folder for the check and removed it again.
-    let uploads = fleet.store.list("uploads").await.expect("list");
+    let uploads = fleet
+        .store
+        .list(&trainyard_tests::upload_key("acme", "x").replace("/x", ""))
+        .await
+        .expect("list");
+    assert_eq!(fleet.store.list("tenants").await.expect("list"), []);
     assert_eq!(uploads, [], "uploads left behind");
+    fleet.stop().await;
+}
+
+/// `yard submit ./dir` against a fleet whose store is not the client's:
+/// the folder goes through the API into the caller's tenant's uploads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_uploads_a_folder_through_the_api() {
+    let fleet = Fleet::start_with(
+        Services {
+            coordinator: true,
+            ..Services::NONE
+        },
+        |_| {},
+    )
+    .await;
+    let sample = fleet.dir.path().join("sample-dir");
+    trainyard_captioner::sample::write_sample_dataset(&sample).expect("sample");
+    let elsewhere = fleet.dir.path().join("elsewhere");
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_yard"))
+        .args(["submit", sample.to_str().unwrap(), "--trigger", "tyzx"])
+        .args(["--set", &format!("store.uri={}", elsewhere.display())])
+        .env("TY_SERVER", format!("http://{}", fleet.grpc))
+        .env("TY_TOKEN", TOKEN)
+        .output()
+        .await
+        .expect("yard runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let uploads = fleet
+        .store
+        .list("tenants/acme/uploads")
+        .await
+        .expect("list");
+    assert_eq!(
+        uploads.len(),
+        std::fs::read_dir(&sample).unwrap().count(),
+        "{uploads:?}"
+    );
+    assert!(!elsewhere.exists(), "the client opened no store");
     fleet.stop().await;
 }

@@ -4,8 +4,10 @@
 //! failed job an hour later. Valid specs are normalised: unset optional
 //! values get their documented defaults, and the stored spec is explicit.
 
+mod store;
 mod webhook;
 
+pub use store::check_store_refs;
 pub use webhook::SubmitRules;
 
 use trainyard_backends::BACKENDS;

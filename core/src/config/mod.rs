@@ -136,6 +136,14 @@ impl Config {
         if self.store.uri.is_empty() {
             return bad("store.uri is empty");
         }
+        if self.store.max_model_bytes == 0
+            || self.store.max_upload_bytes == 0
+            || self.store.max_upload_files == 0
+        {
+            return bad(
+                "store.max_model_bytes, max_upload_bytes and max_upload_files must be at least 1",
+            );
+        }
         for (key, tenant) in &self.coordinator.tokens {
             if crate::auth::parse_token_key(key).is_none() {
                 return bad(

@@ -10,6 +10,16 @@ pub struct StoreConfig {
     /// How `s3://` URIs are reached: the artifact store's and the uploader's
     /// destinations alike.
     pub s3: S3Options,
+    /// Largest base model a spec may name in the store (a `.safetensors`
+    /// below its tenant's prefix), checked before it is fetched. Datasets
+    /// read from the store are capped by `[captioner] max_dataset_bytes`
+    /// and `max_files`.
+    pub max_model_bytes: u64,
+    /// Most bytes one `Upload` call may store (a client's dataset, through
+    /// the API); past it the call is refused and nothing is kept.
+    pub max_upload_bytes: u64,
+    /// Most files one `Upload` call may store.
+    pub max_upload_files: u64,
 }
 
 impl Default for StoreConfig {
@@ -17,6 +27,9 @@ impl Default for StoreConfig {
         Self {
             uri: ".trainyard/store".into(),
             s3: S3Options::default(),
+            max_model_bytes: 64 << 30,
+            max_upload_bytes: 4 << 30,
+            max_upload_files: 20_000,
         }
     }
 }

@@ -110,11 +110,14 @@ impl StageError {
     }
 }
 
-/// Artifact-store trouble is worth a retry unless the object or URI is wrong.
+/// Artifact-store trouble is worth a retry unless the object or URI is wrong;
+/// a URI the job may not read (or not that much of) is its spec's fault.
 impl From<crate::store::StoreError> for StageError {
     fn from(error: crate::store::StoreError) -> Self {
         if error.is_retryable() {
             StageError::retry(ErrorKind::Storage, error.to_string(), Duration::ZERO)
+        } else if error.is_refused() {
+            StageError::fail(ErrorKind::InvalidSpec, error.to_string())
         } else {
             StageError::fail(ErrorKind::Storage, error.to_string())
         }

@@ -58,7 +58,7 @@ async fn run_batch(fleet: &Fleet, jobs: u32, steps: u32) -> anyhow::Result<Durat
         let mut client = fleet.client();
         let job = client
             .submit(SubmitRequest {
-                spec: Some(spec(&fleet.store.uri("uploads/sample"), steps)),
+                spec: Some(spec(&fleet.store.uri(&fleet::upload_key("sample")), steps)),
             })
             .await?
             .into_inner()
@@ -289,7 +289,7 @@ async fn main() -> anyhow::Result<ExitCode> {
         let started = Instant::now();
         let job = client
             .submit(SubmitRequest {
-                spec: Some(spec(&store.uri("uploads/sample"), steps)),
+                spec: Some(spec(&store.uri(&fleet::upload_key("sample")), steps)),
             })
             .await?
             .into_inner()

@@ -305,15 +305,17 @@ impl Chaos {
         async_nats::jetstream::new(self.nats_client().await)
     }
 
-    /// Puts the bundled sample dataset in the store and returns its URI.
+    /// Puts the bundled sample dataset in tenant `acme`'s uploads and
+    /// returns its URI.
     pub async fn sample_uri(&self) -> String {
         let local = self.dir.path().join("sample");
         trainyard_captioner::sample::write_sample_dataset(&local).expect("sample");
+        let key = crate::upload_key("acme", "sample");
         self.store
-            .put_dir(&local, "uploads/sample", &[])
+            .put_dir(&local, &key, &[])
             .await
             .expect("upload sample");
-        self.store.uri("uploads/sample")
+        self.store.uri(&key)
     }
 
     /// The folder deliveries of a test go to.

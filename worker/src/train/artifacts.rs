@@ -22,7 +22,7 @@ impl Run<'_> {
             .file_name()
             .map(|n| n.to_string_lossy().to_string())
             .unwrap_or_else(|| "lora.safetensors".into());
-        let key = format!("{}/{name}", keys::output(&self.ctx.meta.job));
+        let key = keys::output_file(&self.ctx.meta.tenant, &self.ctx.meta.job, &name);
         let span = tracing::info_span!(
             "train.adapter.upload",
             trainyard.job.id = %self.ctx.meta.job,
@@ -40,14 +40,19 @@ impl Run<'_> {
     }
 
     /// Stores the trainer's output of this run at
-    /// `jobs/<job>/logs/train-attempt-<a>-delivery-<d>.log` and says where
+    /// `tenants/<tenant>/jobs/<job>/logs/train-attempt-<a>-delivery-<d>.log` and says where
     /// in a log event; trouble is logged, never the run's result.
     pub(super) async fn store_log(&self) {
         let Some(log) = lock(&self.log).take() else {
             return;
         };
         let job = &self.ctx.meta.job;
-        let key = keys::train_log(job, self.ctx.meta.attempt.0, self.ctx.delivered);
+        let key = keys::train_log(
+            &self.ctx.meta.tenant,
+            job,
+            self.ctx.meta.attempt.0,
+            self.ctx.delivered,
+        );
         let span = tracing::info_span!(
             "train.log.upload",
             trainyard.job.id = %job,

@@ -100,7 +100,7 @@ impl Run<'_> {
             }
         };
         let store = self.stage.store.clone();
-        let job = self.ctx.meta.job.clone();
+        let (tenant, job) = (self.ctx.meta.tenant.clone(), self.ctx.meta.job.clone());
         let step = found.step;
         let span = tracing::info_span!(
             "train.checkpoint.upload",
@@ -109,11 +109,11 @@ impl Run<'_> {
             bytes,
         );
         let upload = async move {
-            let uri = store
-                .put_checkpoint(&job, step, &staged, &found.files)
+            let stored = store
+                .put_checkpoint(&tenant, &job, step, &staged, &found.files)
                 .await;
             let _ = tokio::fs::remove_dir_all(&staged).await;
-            uri.map(|uri| Checkpoint { step, uri })
+            stored
         };
         Some((step, tokio::spawn(upload.instrument(span))))
     }
@@ -214,6 +214,7 @@ mod tests {
         let stored = Checkpoint {
             step: 10,
             uri: "file:///store/jobs/j/ckpt".into(),
+            ..Default::default()
         };
         assert_eq!(upload_result(Ok(Ok(stored.clone()))), Ok(stored));
     }

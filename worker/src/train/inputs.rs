@@ -13,9 +13,9 @@ use tracing::field::Empty;
 use trainyard_backends::{ModelFiles, Resume, Slot, Tools, TrainInputs, TrainerBackend};
 use trainyard_core::process::CommandSpec;
 use trainyard_core::runtime::{StageError, TaskContext};
-use trainyard_core::store::{keys, sha256_file};
+use trainyard_core::store::{StoreError, keys, sha256_file};
 use trainyard_models::{ModelFamily, ModelSource};
-use trainyard_proto::v1::{ErrorKind, JobRecord, JobSpec, TrainTask, TrainingSettings};
+use trainyard_proto::v1::{Checkpoint, ErrorKind, JobRecord, JobSpec, TrainTask, TrainingSettings};
 
 /// A task this worker can run: its spec, its training settings, the base
 /// model's family and the backend that trains it.
@@ -142,6 +142,8 @@ impl TrainStage {
         Ok(lease)
     }
 
+    /// The dataset the prepare stage stored: read only from the task's own
+    /// job's prefix.
     async fn fetch_dataset(
         &self,
         inputs: &TrainInputs,
@@ -149,12 +151,22 @@ impl TrainStage {
         ctx: &TaskContext,
     ) -> Result<(), StageError> {
         ctx.note("fetching dataset").await;
-        let key = self.store.key_of(&task.dataset_uri).ok_or_else(|| {
-            StageError::fail(
-                ErrorKind::InvalidSpec,
-                format!("dataset {} is not in the artifact store", task.dataset_uri),
-            )
-        })?;
+        let own = keys::dataset(&ctx.meta.tenant, &ctx.meta.job);
+        let key = self
+            .store
+            .tenant_key(&ctx.meta.tenant, &task.dataset_uri)
+            .ok()
+            .filter(|key| *key == own)
+            .ok_or_else(|| {
+                StageError::fail(
+                    ErrorKind::InvalidSpec,
+                    format!(
+                        "dataset {} is not this job's prepared dataset ({})",
+                        trainyard_core::redact::display_url(&task.dataset_uri),
+                        self.store.uri(&own)
+                    ),
+                )
+            })?;
         let span = tracing::info_span!(
             "train.inputs",
             trainyard.job.id = %ctx.meta.job,
@@ -176,6 +188,30 @@ impl TrainStage {
         .await
     }
 
+    /// The base model; one in the store must lie below the task's tenant's
+    /// prefix and fit `[store] max_model_bytes` before it is fetched.
+    async fn check_store_model(&self, spec: &JobSpec, ctx: &TaskContext) -> Result<(), StageError> {
+        let uri = spec
+            .base_model
+            .as_ref()
+            .map(|m| m.uri.as_str())
+            .unwrap_or_default();
+        let Ok(ModelSource::Store(uri)) = ModelSource::parse(uri) else {
+            return Ok(());
+        };
+        let key = self.store.tenant_key(&ctx.meta.tenant, &uri).map_err(|e| {
+            StageError::fail(ErrorKind::InvalidSpec, format!("base_model.uri: {e}"))
+        })?;
+        match self.store.size_within(&key, self.max_model_bytes).await {
+            Ok(_) | Err(StoreError::NotFound(_)) => Ok(()),
+            Err(e) if e.is_refused() => Err(StageError::fail(
+                ErrorKind::InvalidSpec,
+                format!("base_model.uri: {e}"),
+            )),
+            Err(e) => Err(StageError::from(e)),
+        }
+    }
+
     async fn fetch_model(
         &self,
         inputs: &mut TrainInputs,
@@ -184,6 +220,7 @@ impl TrainStage {
         ctx: &TaskContext,
     ) -> Result<ModelLease, StageError> {
         ctx.note("fetching base model").await;
+        self.check_store_model(spec, ctx).await?;
         let token = spec
             .secrets
             .as_ref()
@@ -214,53 +251,71 @@ impl TrainStage {
         Ok(lease)
     }
 
-    /// Restores the newest complete checkpoint in the store into the output
-    /// folder. It wins over the one the task names: a retried or
-    /// redelivered attempt continues from the latest state any earlier
-    /// attempt uploaded. One that cannot be restored is skipped for the
-    /// next older one.
+    /// Restores the newest trusted checkpoint into the output folder. Trusted
+    /// are only the checkpoints a worker said it stored — the job's last
+    /// `checkpoint` event (a redelivered attempt continues from what any
+    /// earlier one uploaded) and the one the record names — and only when
+    /// they lie at this job's own checkpoint key and their manifest's
+    /// sha256 matches. Anything else in the store is never read. One that
+    /// fails its checks is refused with a note and the next older trusted
+    /// one tried; with none left the run starts from scratch.
     async fn restore_checkpoint(
         &self,
         inputs: &mut TrainInputs,
         task: &TrainTask,
         ctx: &TaskContext,
     ) -> Result<(), StageError> {
-        let mut candidates: Vec<String> = self
-            .store
-            .checkpoints(&ctx.meta.job)
-            .await
-            .map_err(StageError::from)?
-            .into_iter()
-            .map(|step| keys::checkpoint(&ctx.meta.job, step))
-            .collect();
-        if let Some(named) = task.resume_from.as_ref().filter(|c| !c.uri.is_empty())
-            && let Some(key) = self.store.key_of(&named.uri)
-            && !candidates.contains(&key)
-        {
-            candidates.push(key);
+        let (tenant, job) = (&ctx.meta.tenant, &ctx.meta.job);
+        let mut trusted: Vec<Checkpoint> = Vec::new();
+        match ctx.events.last_checkpoint().await {
+            Ok(found) => trusted.extend(found),
+            Err(e) => {
+                return Err(StageError::retry(
+                    ErrorKind::Storage,
+                    format!("cannot read the job's checkpoint events: {e}"),
+                    Duration::from_secs(5),
+                ));
+            }
         }
+        trusted.extend(task.resume_from.clone().filter(|c| !c.uri.is_empty()));
+        trusted.sort_by_key(|c| std::cmp::Reverse(c.step));
+        trusted.dedup_by(|a, b| a.uri == b.uri && a.manifest_sha256 == b.manifest_sha256);
         let restore = tracing::info_span!(
             "train.checkpoint.restore",
-            trainyard.job.id = %ctx.meta.job,
+            trainyard.job.id = %job,
             step = Empty,
         );
-        for prefix in candidates {
-            let restored = self
-                .store
-                .get_checkpoint(&prefix, &inputs.output_dir)
-                .instrument(restore.clone())
-                .await;
+        for checkpoint in trusted {
+            let own = keys::checkpoint(tenant, job, checkpoint.step);
+            let restored = match self.store.key_of(&checkpoint.uri) {
+                Some(key) if key == own => {
+                    self.store
+                        .get_checkpoint(&own, &checkpoint.manifest_sha256, &inputs.output_dir)
+                        .instrument(restore.clone())
+                        .await
+                }
+                _ => Err(StoreError::Corrupt(format!(
+                    "{} is not this job's checkpoint {}",
+                    trainyard_core::redact::display_url(&checkpoint.uri),
+                    self.store.uri(&own)
+                ))),
+            };
             match restored {
                 Ok((step, files)) => {
                     restore.record("step", step);
                     ctx.note(&format!("resuming from step {step}")).await;
-                    tracing::info!(job = %ctx.meta.job, step, "restored checkpoint");
+                    tracing::info!(%job, step, "restored checkpoint");
                     inputs.resume = Some(Resume { step, files });
                     break;
                 }
                 Err(e) if e.is_retryable() => return Err(StageError::from(e)),
                 Err(e) => {
-                    tracing::warn!(job = %ctx.meta.job, checkpoint = %prefix, error = %e, "checkpoint cannot be restored; trying an older one");
+                    tracing::warn!(%job, step = checkpoint.step, error = %e, "checkpoint refused; trying an older one");
+                    ctx.note(&format!(
+                        "checkpoint of step {} not restored: {e}",
+                        checkpoint.step
+                    ))
+                    .await;
                     let _ = tokio::fs::remove_dir_all(&inputs.output_dir).await;
                     tokio::fs::create_dir_all(&inputs.output_dir)
                         .await

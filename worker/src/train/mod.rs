@@ -100,6 +100,8 @@ pub struct TrainStage {
     pub secrets: Option<trainyard_core::secrets::Keyring>,
     /// `[worker] log_event_budget_bytes` and `log_event_bytes_per_sec`.
     pub log_limits: LogLimits,
+    /// Largest store base model a spec may name (`[store] max_model_bytes`).
+    pub max_model_bytes: u64,
 }
 
 /// Removes a job's gauges when its handling ends, however it ends.

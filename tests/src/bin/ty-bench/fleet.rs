@@ -17,6 +17,13 @@ pub const SERVICES: [&str; 4] = ["ty-coordinator", "ty-captioner", "ty-worker", 
 /// The token the fleet's coordinator accepts (set by every fleet, by its
 /// hash: there is no default token).
 pub const TOKEN: &str = "ty_bench";
+/// The tenant of [`TOKEN`].
+pub const TENANT: &str = "bench";
+
+/// The store key of the bench tenant's upload `name`.
+pub fn upload_key(name: &str) -> String {
+    trainyard_tests::upload_key(TENANT, name)
+}
 
 /// A service process; killed when dropped.
 pub struct Service(pub Child, pub &'static str);
@@ -97,7 +104,8 @@ impl Fleet {
     }
 
     /// Starts the fleet as `options` say and waits until it takes jobs;
-    /// the bundled sample dataset is in its store under `uploads/sample`.
+    /// the bundled sample dataset is in its store under the bench tenant's
+    /// `uploads/sample`.
     pub async fn start_with(options: FleetOptions) -> anyhow::Result<Fleet> {
         let bin_dir = bin_dir()?;
         for name in SERVICES {
@@ -194,7 +202,7 @@ impl Fleet {
         let store = ArtifactStore::open(store_dir.to_str().expect("utf-8 path"))?;
         let sample = dir.path().join("sample");
         trainyard_captioner::sample::write_sample_dataset(&sample)?;
-        store.put_dir(&sample, "uploads/sample", &[]).await?;
+        store.put_dir(&sample, &upload_key("sample"), &[]).await?;
         Ok(Fleet {
             services,
             nats,

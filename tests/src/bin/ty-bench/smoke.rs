@@ -251,12 +251,17 @@ async fn dataset_uri(
     done: &mut BTreeMap<&'static str, String>,
     family: ModelFamily,
 ) -> anyhow::Result<String> {
-    let key = match family {
-        ModelFamily::Reference => return Ok(fleet.store.uri("uploads/sample")),
-        ModelFamily::Llm => "uploads/trl/train.jsonl",
-        _ => "uploads/sample-smoke",
+    let (name, file) = match family {
+        ModelFamily::Reference => return Ok(fleet.store.uri(&crate::fleet::upload_key("sample"))),
+        ModelFamily::Llm => ("trl", Some("train.jsonl")),
+        _ => ("sample-smoke", None),
     };
-    if let Some(uri) = done.get(key) {
+    let key = match file {
+        Some(file) => format!("{}/{file}", crate::fleet::upload_key(name)),
+        None => crate::fleet::upload_key(name),
+    };
+    let key = key.as_str();
+    if let Some(uri) = done.get(name) {
         return Ok(uri.clone());
     }
     if family == ModelFamily::Llm {
@@ -271,7 +276,7 @@ async fn dataset_uri(
         fleet.store.put_dir(&local, key, &[]).await?;
     }
     let uri = fleet.store.uri(key);
-    done.insert(key, uri.clone());
+    done.insert(name, uri.clone());
     Ok(uri)
 }
 

@@ -4,10 +4,11 @@
 //! `[store.s3]` table — over the usual `AWS_*` variables) and addresses
 //! objects by keys below it.
 //!
-//! Layout by job (see [`keys`]): `jobs/<job>/dataset/…`,
-//! `jobs/<job>/checkpoints/<step>/…`, `jobs/<job>/output/…`,
-//! `jobs/<job>/logs/…` (the trainer's output of each attempt), and
-//! `models/<name>/…` for base models.
+//! Layout by tenant (see [`keys`]): `tenants/<tenant>/uploads/<id>/…`,
+//! `tenants/<tenant>/jobs/<job>/{dataset,checkpoints/<step>,output,logs}/…`,
+//! and `models/<name>/…` for the base models the fleet makes. What a spec
+//! may name, and how much of it may be read, is [`scope`]'s; checkpoints
+//! and how a restore trusts them are in `checkpoint.rs`.
 //!
 //! Files move as streams: a blocking thread reads (or writes) the local file
 //! and hashes it, the async side feeds a multipart upload, so a 2 GB
@@ -30,10 +31,18 @@ use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use trainyard_proto::JobId;
+use trainyard_proto::TenantId;
 use trainyard_proto::v1::Artifact;
 
+mod checkpoint;
+pub mod keys;
+pub mod scope;
+mod stream;
+
 pub use crate::config::S3Options;
+pub use checkpoint::{CheckpointFile, CheckpointManifest};
+pub use scope::{ReadCaps, ScopeError};
+pub use stream::ObjectWriter;
 
 /// Bytes read from or written to a local file at a time.
 const CHUNK: usize = 4 << 20;
@@ -56,6 +65,12 @@ pub enum StoreError {
     },
     #[error("object {0} is corrupt")]
     Corrupt(String),
+    #[error(transparent)]
+    Scope(#[from] ScopeError),
+    #[error("{uri} holds more than {max} files (the cap of one read)")]
+    TooManyFiles { uri: String, max: usize },
+    #[error("{uri} holds more than {max} bytes (the cap of one read)")]
+    TooLarge { uri: String, max: u64 },
     #[error("artifact store: {0}")]
     Backend(#[from] object_store::Error),
     #[error("local file {path}: {source}")]
@@ -70,6 +85,14 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         matches!(self, StoreError::Backend(_) | StoreError::Io { .. })
     }
+
+    /// The URI names something the job may not read, or more than it may.
+    pub fn is_refused(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Scope(_) | StoreError::TooManyFiles { .. } | StoreError::TooLarge { .. }
+        )
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -77,66 +100,6 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
         path: path.to_owned(),
         source,
     }
-}
-
-/// Keys of the job layout.
-pub mod keys {
-    use super::*;
-
-    /// Everything stored for a job.
-    pub fn job(job: &JobId) -> String {
-        format!("jobs/{job}")
-    }
-
-    pub fn dataset(job: &JobId) -> String {
-        format!("jobs/{job}/dataset")
-    }
-
-    pub fn input(job: &JobId) -> String {
-        format!("jobs/{job}/input")
-    }
-
-    pub fn checkpoint(job: &JobId, step: u32) -> String {
-        format!("jobs/{job}/checkpoints/{step:08}")
-    }
-
-    pub fn output(job: &JobId) -> String {
-        format!("jobs/{job}/output")
-    }
-
-    pub fn model(name: &str) -> String {
-        format!("models/{name}")
-    }
-
-    /// A job's log artifacts.
-    pub fn logs(job: &JobId) -> String {
-        format!("jobs/{job}/logs")
-    }
-
-    /// The trainer output of one run of the training stage: its attempt
-    /// and, as a transient failure is retried by redelivering the same
-    /// attempt, the delivery (`train-attempt-1-delivery-2.log`).
-    pub fn train_log(job: &JobId, attempt: u32, delivery: u32) -> String {
-        format!(
-            "{}/train-attempt-{attempt}-delivery-{delivery}.log",
-            logs(job)
-        )
-    }
-}
-
-/// `checkpoint.json`: what a stored checkpoint holds.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct CheckpointManifest {
-    pub step: u32,
-    pub files: Vec<CheckpointFile>,
-}
-
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct CheckpointFile {
-    /// Relative to the run's output folder.
-    pub path: String,
-    pub size: u64,
-    pub sha256: String,
 }
 
 /// A store rooted at a URI.
@@ -243,6 +206,11 @@ impl ArtifactStore {
         rest.strip_prefix('/').map(str::to_string)
     }
 
+    /// The key `tenant`'s spec may read at `uri`: see [`scope`].
+    pub fn tenant_key(&self, tenant: &TenantId, uri: &str) -> Result<String, ScopeError> {
+        scope::tenant_key(&self.root, tenant, uri)
+    }
+
     fn path(&self, key: &str) -> StorePath {
         let mut path = self.prefix.clone();
         for part in key.split('/').filter(|p| !p.is_empty()) {
@@ -328,6 +296,25 @@ impl ArtifactStore {
             Err(object_store::Error::NotFound { .. }) => Err(StoreError::NotFound(self.uri(key))),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The size of an object, refused when over `max_bytes`: checked before
+    /// a single object a tenant named is fetched.
+    pub async fn size_within(&self, key: &str, max_bytes: u64) -> Result<u64, StoreError> {
+        let size = match self.store.head(&self.path(key)).await {
+            Ok(meta) => meta.size,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(StoreError::NotFound(self.uri(key)));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if size > max_bytes {
+            return Err(StoreError::TooLarge {
+                uri: self.uri(key),
+                max: max_bytes,
+            });
+        }
+        Ok(size)
     }
 
     /// Whether an object exists.
@@ -422,11 +409,35 @@ impl ArtifactStore {
 
     /// Keys below a prefix, with their sizes, sorted.
     pub async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        self.list_capped(prefix, ReadCaps::NONE).await
+    }
+
+    /// Keys below a prefix, with their sizes, sorted; the listing stops with
+    /// an error as soon as it passes `caps`, before anything is fetched.
+    pub async fn list_capped(
+        &self,
+        prefix: &str,
+        caps: ReadCaps,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
         let base = self.path(prefix);
         let mut items = Vec::new();
+        let mut total = 0u64;
         let mut stream = self.store.list(Some(&base));
         while let Some(meta) = stream.next().await {
             let meta = meta?;
+            total = total.saturating_add(meta.size);
+            if items.len() >= caps.max_files {
+                return Err(StoreError::TooManyFiles {
+                    uri: self.uri(prefix),
+                    max: caps.max_files,
+                });
+            }
+            if total > caps.max_bytes {
+                return Err(StoreError::TooLarge {
+                    uri: self.uri(prefix),
+                    max: caps.max_bytes,
+                });
+            }
             let full = meta.location.as_ref();
             let key = match self.prefix.as_ref() {
                 "" => full.to_string(),
@@ -475,9 +486,20 @@ impl ArtifactStore {
         prefix: &str,
         dir: &Path,
     ) -> Result<Vec<(String, u64)>, StoreError> {
+        self.get_dir_capped(prefix, dir, ReadCaps::NONE).await
+    }
+
+    /// [`Self::get_dir`] of at most `caps`: the whole listing is checked
+    /// before the first byte is fetched.
+    pub async fn get_dir_capped(
+        &self,
+        prefix: &str,
+        dir: &Path,
+        caps: ReadCaps,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
         let prefix = prefix.trim_end_matches('/');
         let mut fetched = Vec::new();
-        for (key, size) in self.list(prefix).await? {
+        for (key, size) in self.list_capped(prefix, caps).await? {
             let Some(rel) = key.strip_prefix(prefix).map(|r| r.trim_start_matches('/')) else {
                 continue;
             };
@@ -488,108 +510,6 @@ impl ArtifactStore {
             fetched.push((rel.to_string(), size));
         }
         Ok(fetched)
-    }
-
-    /// Uploads a checkpoint: `files` (relative to `root`) to
-    /// `jobs/<job>/checkpoints/<step>/files/…`, then `checkpoint.json` listing
-    /// each file's size and sha256. A checkpoint without its manifest is
-    /// incomplete and never used.
-    pub async fn put_checkpoint(
-        &self,
-        job: &JobId,
-        step: u32,
-        root: &Path,
-        files: &[PathBuf],
-    ) -> Result<String, StoreError> {
-        let prefix = keys::checkpoint(job, step);
-        // Storing a step again (a second attempt got there too): the old
-        // manifest goes first, so no reader pairs it with the new files.
-        match self
-            .store
-            .delete(&self.path(&format!("{prefix}/checkpoint.json")))
-            .await
-        {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => return Err(e.into()),
-        }
-        let mut listed = Vec::with_capacity(files.len());
-        for rel in files {
-            let rel_str = rel.to_string_lossy().replace('\\', "/");
-            if rel.is_absolute() || rel_str.split('/').any(|p| p == ".." || p.is_empty()) {
-                return Err(StoreError::Io {
-                    path: rel.clone(),
-                    source: std::io::Error::other("checkpoint file outside the output folder"),
-                });
-            }
-            let artifact = self
-                .put_file(&root.join(rel), &format!("{prefix}/files/{rel_str}"))
-                .await?;
-            listed.push(CheckpointFile {
-                path: rel_str,
-                size: artifact.size,
-                sha256: artifact.sha256,
-            });
-        }
-        let manifest = CheckpointManifest {
-            step,
-            files: listed,
-        };
-        let body = serde_json::to_vec_pretty(&manifest).map_err(|e| StoreError::Io {
-            path: PathBuf::from("checkpoint.json"),
-            source: std::io::Error::other(e),
-        })?;
-        self.put_bytes(&format!("{prefix}/checkpoint.json"), Bytes::from(body))
-            .await?;
-        Ok(self.uri(&prefix))
-    }
-
-    /// The steps of a job's complete checkpoints (those with a manifest),
-    /// newest first.
-    pub async fn checkpoints(&self, job: &JobId) -> Result<Vec<u32>, StoreError> {
-        let base = format!("jobs/{job}/checkpoints");
-        let mut steps: Vec<u32> = self
-            .list(&base)
-            .await?
-            .into_iter()
-            .filter_map(|(key, _)| {
-                let rest = key.strip_prefix(&base)?.trim_start_matches('/');
-                let (step, name) = rest.split_once('/')?;
-                (name == "checkpoint.json").then(|| step.parse::<u32>().ok())?
-            })
-            .collect();
-        steps.sort_unstable_by(|a, b| b.cmp(a));
-        Ok(steps)
-    }
-
-    /// Puts a checkpoint stored by [`Self::put_checkpoint`] back under
-    /// `root`, each file checked against its sha256; returns the files.
-    pub async fn get_checkpoint(
-        &self,
-        prefix: &str,
-        root: &Path,
-    ) -> Result<(u32, Vec<PathBuf>), StoreError> {
-        let prefix = prefix.trim_end_matches('/');
-        let body = self.get_bytes(&format!("{prefix}/checkpoint.json")).await?;
-        let manifest: CheckpointManifest = serde_json::from_slice(&body)
-            .map_err(|e| StoreError::Corrupt(format!("{prefix}/checkpoint.json: {e}")))?;
-        let mut files = Vec::with_capacity(manifest.files.len());
-        for file in &manifest.files {
-            if file.path.starts_with('/') || file.path.split('/').any(|p| p == ".." || p.is_empty())
-            {
-                return Err(StoreError::Corrupt(format!(
-                    "{prefix}/checkpoint.json names {} outside its folder",
-                    file.path
-                )));
-            }
-            self.get_file(
-                &format!("{prefix}/files/{}", file.path),
-                &root.join(&file.path),
-                Some(&file.sha256),
-            )
-            .await?;
-            files.push(PathBuf::from(&file.path));
-        }
-        Ok((manifest.step, files))
     }
 
     /// Removes one object; a missing one is not an error.
@@ -668,8 +588,9 @@ fn s3_builder(bucket: &str, options: &S3Options) -> AmazonS3Builder {
     }
 }
 
-/// Relative paths of the regular files below `root` (links are skipped).
-fn walk(root: &Path) -> Result<Vec<String>, StoreError> {
+/// Relative paths of the regular files below `root` (links are skipped),
+/// with `/` as separator. Blocking: call it on a blocking thread.
+pub fn walk(root: &Path) -> Result<Vec<String>, StoreError> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
