@@ -44,7 +44,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let target = client::Target { server, token, ca };
     let connect = || client::connect(&target);
     match cli.command {
-        Command::Dev(_) | Command::Demo(_) | Command::Token(_) | Command::Secrets(_) | Command::Fleet(_) => {
+        Command::Dev(_)
+        | Command::Demo(_)
+        | Command::Token(_)
+        | Command::Secrets(_)
+        | Command::Fleet(_) => {
             unreachable!("handled above")
         }
         Command::Submit(args) => jobs::submit(&target, *args).await,

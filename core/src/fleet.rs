@@ -12,6 +12,8 @@
 //! | `server.pem`, `server-key.pem` (0600) | the server's certificate and key |
 //! | `auth.conf` | the `authorization` block: one nkey user per role |
 //! | `nats.conf` | a ready server config: listen, TLS, JetStream, `include auth.conf` |
+//! | `secrets.key` (0600) | the fleet key that seals jobs' secrets (`[secrets] key_file`); for the coordinator, captioner, workers and uploader, never the client role |
+//! | `coordinator.pem`, `coordinator-key.pem` (0600) | the coordinator's gRPC TLS certificate and key, signed by the same CA (clients: `yard --ca ca.pem`) |
 
 use crate::topology::permissions::{self, Role};
 use std::path::{Path, PathBuf};
@@ -92,6 +94,19 @@ impl FleetFiles {
         self.dir.join(format!("{}.toml", role.name()))
     }
 
+    /// The fleet key that seals jobs' secrets.
+    pub fn secrets_key(&self) -> PathBuf {
+        self.dir.join("secrets.key")
+    }
+
+    /// The coordinator's gRPC certificate and key (signed by [`Self::ca`]).
+    pub fn grpc_cert(&self) -> (PathBuf, PathBuf) {
+        (
+            self.dir.join("coordinator.pem"),
+            self.dir.join("coordinator-key.pem"),
+        )
+    }
+
     /// Sets `nats` to connect as `role` with these files (for tests and
     /// dev fleets that load no snippet).
     pub fn apply(&self, role: &Role, nats: &mut crate::config::NatsConfig) {
@@ -131,9 +146,13 @@ pub fn init(dir: &Path, spec: &FleetSpec) -> Result<FleetFiles, FleetInitError> 
         dir: dir.to_owned(),
         roles: roles.clone(),
     };
-    for path in [files.nats_conf(), files.dir.join("ca-key.pem")]
-        .into_iter()
-        .chain(roles.iter().map(|r| files.seed_file(r)))
+    for path in [
+        files.nats_conf(),
+        files.dir.join("ca-key.pem"),
+        files.secrets_key(),
+    ]
+    .into_iter()
+    .chain(roles.iter().map(|r| files.seed_file(r)))
     {
         if path.exists() {
             return Err(FleetInitError::Exists(path));
@@ -161,18 +180,34 @@ pub fn init(dir: &Path, spec: &FleetSpec) -> Result<FleetFiles, FleetInitError> 
             seed = at.join(format!("{}.nk", role.name())).display().to_string(),
             ca = at.join("ca.pem").display().to_string(),
         );
+        let secrets_key = at.join("secrets.key").display().to_string();
+        let snippet = match role {
+            Role::Client => snippet,
+            _ => format!("{snippet}\n[secrets]\nkey_file = {secrets_key:?}\n"),
+        };
         let snippet = match role {
             Role::Worker { pool } => format!("{snippet}\n[worker]\npool = {pool:?}\n"),
+            Role::Coordinator => format!(
+                "{snippet}\n[coordinator]\ntls_cert_file = {cert:?}\ntls_key_file = {key:?}\n\
+                 # tokens = {{ \"sha256:…\" = \"<tenant>\" }}   # lines printed by `yard token new --tenant <tenant>`\n",
+                cert = at.join("coordinator.pem").display().to_string(),
+                key = at.join("coordinator-key.pem").display().to_string(),
+            ),
             _ => snippet,
         };
         write(&files.snippet(role), &snippet, false)?;
     }
 
-    let (ca_pem, ca_key_pem, server_pem, server_key_pem) = certificates(&spec.hosts)?;
-    write(&files.ca(), &ca_pem, false)?;
-    write(&dir.join("ca-key.pem"), &ca_key_pem, true)?;
-    write(&dir.join("server.pem"), &server_pem, false)?;
-    write(&dir.join("server-key.pem"), &server_key_pem, true)?;
+    let certs = certificates(&spec.hosts)?;
+    write(&files.ca(), &certs.ca, false)?;
+    write(&dir.join("ca-key.pem"), &certs.ca_key, true)?;
+    write(&dir.join("server.pem"), &certs.nats.0, false)?;
+    write(&dir.join("server-key.pem"), &certs.nats.1, true)?;
+    let (grpc_cert, grpc_key) = files.grpc_cert();
+    write(&grpc_cert, &certs.grpc.0, false)?;
+    write(&grpc_key, &certs.grpc.1, true)?;
+    crate::secrets::write_key_file(&files.secrets_key(), false)
+        .map_err(write_err(&files.secrets_key()))?;
     write(
         &dir.join("auth.conf"),
         &format!(
@@ -192,7 +227,7 @@ fn nats_conf(spec: &FleetSpec, at: &Path) -> String {
     format!(
         "# NATS server for a Trainyard fleet with identities (written by yard fleet init).\n\
          # Every client must present TLS and one of the role nkeys in auth.conf.\n\
-         # Needs nats-server 2.10 or newer.\n\
+         # Needs nats-server 2.12 or newer.\n\
          listen: {listen:?}\n\
          # Monitoring is off; to turn it on, bind it to a private address:\n\
          # http: \"127.0.0.1:8222\"\n\
@@ -206,9 +241,18 @@ fn nats_conf(spec: &FleetSpec, at: &Path) -> String {
     )
 }
 
-/// A CA and a server certificate it signed, for `localhost`, `127.0.0.1`
-/// and `hosts`, as PEM: (CA, CA key, server, server key).
-fn certificates(hosts: &[String]) -> Result<(String, String, String, String), FleetInitError> {
+/// The PEM texts of a fleet's certificates: the CA, and a certificate
+/// with its key for NATS and for the coordinator's gRPC, each signed by it.
+struct Certificates {
+    ca: String,
+    ca_key: String,
+    nats: (String, String),
+    grpc: (String, String),
+}
+
+/// A CA and the two server certificates it signs, valid for `localhost`,
+/// `127.0.0.1` and `hosts`.
+fn certificates(hosts: &[String]) -> Result<Certificates, FleetInitError> {
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
         KeyPair, KeyUsagePurpose,
@@ -225,23 +269,26 @@ fn certificates(hosts: &[String]) -> Result<(String, String, String, String), Fl
 
     let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
     names.extend(hosts.iter().cloned());
-    let mut server_params = CertificateParams::new(names)?;
-    server_params
-        .distinguished_name
-        .push(DnType::CommonName, "Trainyard NATS");
-    server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    server_params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    let server_key = KeyPair::generate()?;
-    let server_cert = server_params.signed_by(&server_key, &issuer)?;
-    Ok((
-        ca_cert.pem(),
-        ca_key.serialize_pem(),
-        server_cert.pem(),
-        server_key.serialize_pem(),
-    ))
+    let server = |common_name: &str| -> Result<(String, String), FleetInitError> {
+        let mut params = CertificateParams::new(names.clone())?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    };
+    Ok(Certificates {
+        nats: server("Trainyard NATS")?,
+        grpc: server("Trainyard coordinator")?,
+        ca: ca_cert.pem(),
+        ca_key: ca_key.serialize_pem(),
+    })
 }
 
 fn write(path: &Path, text: &str, secret: bool) -> Result<(), FleetInitError> {
@@ -293,6 +340,32 @@ mod tests {
         let config: crate::Config = toml::from_str(&snippet).unwrap();
         assert_eq!(config.nats.nkey_seed_file.as_deref(), Some(seed.as_path()));
         assert_eq!(config.worker.pool, "h100");
+        // The secrets key and the coordinator's certificate, private keys 0600.
+        let keyring = crate::secrets::Keyring::load(&files.secrets_key()).unwrap();
+        assert!(!keyring.current_key_id().is_empty());
+        let (_, grpc_key) = files.grpc_cert();
+        for private in [files.secrets_key(), grpc_key] {
+            let mode = std::fs::metadata(&private).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", private.display());
+        }
+        let coordinator: crate::Config =
+            toml::from_str(&std::fs::read_to_string(files.snippet(&Role::Coordinator)).unwrap())
+                .unwrap();
+        assert_eq!(
+            coordinator.coordinator.tls_cert_file.as_deref(),
+            Some(files.grpc_cert().0.as_path())
+        );
+        assert_eq!(
+            coordinator.secrets.key_file.as_deref(),
+            Some(files.secrets_key().as_path())
+        );
+        let client: crate::Config =
+            toml::from_str(&std::fs::read_to_string(files.snippet(&Role::Client)).unwrap())
+                .unwrap();
+        assert!(
+            client.secrets.key_file.is_none(),
+            "the client role never gets the key"
+        );
         // Never overwritten.
         assert!(matches!(
             init(dir.path(), &spec),

@@ -198,6 +198,12 @@ impl Fleet {
             .expect("secured nats-server starts");
             config.nats.url = format!("tls://127.0.0.1:{}", nats.port());
             config.nats.insecure_dev = false;
+            // The rest of what `yard fleet init` wrote: the fleet's secrets
+            // key, and gRPC over TLS with the coordinator's certificate.
+            config.secrets.key_file = Some(files.secrets_key());
+            let (cert, key) = files.grpc_cert();
+            config.coordinator.tls_cert_file = Some(cert);
+            config.coordinator.tls_key_file = Some(key);
             (nats, Some(files))
         } else {
             let nats =
@@ -255,12 +261,24 @@ impl Fleet {
             .expect("coordinator ready");
     }
 
+    /// A gRPC client sending `token`; over TLS, checked against the
+    /// fleet's CA, on a secured fleet.
     pub async fn client(&self, token: &str) -> Client {
-        let channel = Channel::from_shared(format!("http://{}", self.grpc))
-            .expect("uri")
-            .connect()
-            .await
-            .expect("grpc connect");
+        let channel = match &self.secured {
+            None => Channel::from_shared(format!("http://{}", self.grpc)).expect("uri"),
+            Some(files) => {
+                let tls = tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(
+                        std::fs::read(files.ca()).expect("the fleet's CA"),
+                    ))
+                    .domain_name("localhost");
+                Channel::from_shared(format!("https://localhost:{}", self.grpc.port()))
+                    .expect("uri")
+                    .tls_config(tls)
+                    .expect("tls config")
+            }
+        };
+        let channel = channel.connect().await.expect("grpc connect");
         JobServiceClient::with_interceptor(channel, Bearer(token.into()))
     }
 
