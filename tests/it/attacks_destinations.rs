@@ -129,7 +129,7 @@ fn failure_kind(result: Result<impl std::fmt::Debug, StageError>) -> (ErrorKind,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_folder_outside_the_allowed_roots_is_refused_and_nothing_is_written() {
-    let fleet = Fleet::start().await;
+    let fleet = Fleet::start_secured(Services::ALL, |_| {}).await;
     let mut client = fleet.client(TOKEN).await;
     let sample = fleet.sample_uri().await;
     let outside = tempfile::tempdir().unwrap();
@@ -187,7 +187,7 @@ async fn a_folder_outside_the_allowed_roots_is_refused_and_nothing_is_written() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_symlink_planted_after_submission_is_refused_at_write_time() {
-    let fleet = Fleet::start_with(Services::NONE, |_| {}).await;
+    let fleet = Fleet::start_secured(Services::NONE, |_| {}).await;
     let outside = tempfile::tempdir().unwrap();
     let target = std::fs::canonicalize(outside.path()).unwrap();
     let late = fleet.outputs_dir().join("late");
@@ -214,7 +214,7 @@ async fn a_symlink_planted_after_submission_is_refused_at_write_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn validate_answers_alike_for_existing_and_missing_folders_outside_the_roots() {
-    let fleet = Fleet::start_with(
+    let fleet = Fleet::start_secured(
         Services {
             coordinator: true,
             captioner: true,
@@ -288,7 +288,7 @@ async fn an_s3_destination_into_the_store_bucket_is_refused() {
     let s3 = S3Server::start();
     s3.create_bucket("fleet").await;
     let options = s3.options();
-    let fleet = Fleet::start_with(Services::NONE, |config| {
+    let fleet = Fleet::start_secured(Services::NONE, |config| {
         config.store.uri = "s3://fleet/store".into();
         config.store.s3 = options;
     })
@@ -335,7 +335,7 @@ async fn an_s3_destination_without_job_credentials_never_uses_the_store_keys() {
     let options = s3.options();
     // The fleet's `[store.s3]` reaches the bucket: a destination must not
     // borrow those keys.
-    let fleet = Fleet::start_with(Services::NONE, |config| config.store.s3 = options).await;
+    let fleet = Fleet::start_secured(Services::NONE, |config| config.store.s3 = options).await;
     let mut fleet = fleet;
     fleet.start_coordinator().await;
     let mut client = fleet.client(TOKEN).await;
@@ -366,7 +366,7 @@ async fn an_s3_destination_without_job_credentials_never_uses_the_store_keys() {
 async fn a_job_endpoint_on_a_private_address_is_refused() {
     let s3 = S3Server::start();
     s3.create_bucket("deliveries").await;
-    let mut fleet = Fleet::start_with(Services::NONE, |config| {
+    let mut fleet = Fleet::start_secured(Services::NONE, |config| {
         config.destinations.allow_private_endpoints = false;
     })
     .await;
@@ -405,7 +405,7 @@ async fn job_credentials_deliver_to_an_s3_destination() {
     let s3 = S3Server::start();
     s3.create_bucket("deliveries").await;
     // The fleet has no S3 keys at all: the job brings its own.
-    let fleet = Fleet::start().await;
+    let fleet = Fleet::start_secured(Services::ALL, |_| {}).await;
     let mut client = fleet.client(TOKEN).await;
     let mut spec = spec(&fleet.sample_uri().await, 10);
     spec.destinations = vec![destination("s3://deliveries/out")];
@@ -437,7 +437,7 @@ async fn a_named_credential_serves_only_the_tenants_it_lists() {
         region: Some("us-east-1".into()),
         ..Default::default()
     };
-    let mut fleet = Fleet::start_with(Services::NONE, |config| {
+    let mut fleet = Fleet::start_secured(Services::NONE, |config| {
         config
             .destinations
             .credentials

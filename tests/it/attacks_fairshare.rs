@@ -58,7 +58,7 @@ async fn failing_server() -> Failing {
 /// The fleet of the starvation attack: two prepare tasks out at once for
 /// all tenants, and no retry waiting longer than `fleet_max`.
 async fn small_fleet(fleet_max: Duration) -> Fleet {
-    Fleet::start_with(Services::ALL, |c| {
+    Fleet::start_secured(Services::ALL, |c| {
         c.captioner.allow_private_urls = true;
         c.nats.max_ack_pending = 2;
         c.retry.fleet_max_delay_ms = fleet_max.as_millis() as u64;
@@ -186,7 +186,7 @@ async fn failing_jobs_of_one_tenant_do_not_starve_another() {
 
 /// A fleet with only a coordinator: submitted jobs stay `QUEUED`.
 async fn coordinator_with(quotas: impl FnOnce(&mut trainyard_core::config::QuotasConfig)) -> Fleet {
-    Fleet::start_with(
+    Fleet::start_secured(
         Services {
             coordinator: true,
             ..Services::NONE
@@ -239,7 +239,7 @@ async fn submissions_past_the_queued_quota_are_refused_with_resource_exhausted()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_past_the_running_quota_waits_queued_and_starts_when_a_slot_frees() {
-    let fleet = Fleet::start_with(Services::ALL, |c| c.quotas.max_running_jobs = 1).await;
+    let fleet = Fleet::start_secured(Services::ALL, |c| c.quotas.max_running_jobs = 1).await;
     let dataset = fleet.sample_uri().await;
     let mut tenant_a = fleet.client(TOKEN).await;
     let first = submit(&mut tenant_a, spec(&dataset, 10)).await;

@@ -62,7 +62,7 @@ async fn stored_events(fleet: &Fleet, tenant: &TenantId, job: &JobId) -> Vec<Job
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filling_the_events_stream_with_logs_stays_within_its_limit() {
     const BUDGET: u64 = 2048;
-    let fleet = Fleet::start_with(Services::ALL, |c| {
+    let fleet = Fleet::start_secured(Services::ALL, |c| {
         c.nats.event_max_bytes = EVENTS_MAX;
         c.worker.log_event_budget_bytes = BUDGET;
         // The reference trainer built with this tree (its chatter fault),
@@ -148,7 +148,7 @@ async fn filling_the_events_stream_with_logs_stays_within_its_limit() {
 /// with its size and the limit, and no job is created.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_spec_is_refused() {
-    let fleet = Fleet::start_with(Services::NONE, |_| {}).await;
+    let fleet = Fleet::start_secured(Services::NONE, |_| {}).await;
     let mut fleet = fleet;
     fleet.start_coordinator().await;
     let mut client = fleet.client(TOKEN).await;
@@ -221,7 +221,7 @@ async fn tasks_left(js: &async_nats::jetstream::Context) -> u64 {
 /// never starts a trainer for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_sent_before_the_task_is_taken_keeps_the_trainer_from_starting() {
-    let fleet = Fleet::start_with(
+    let fleet = Fleet::start_secured(
         Services {
             worker: false,
             ..Services::ALL
@@ -269,7 +269,7 @@ async fn a_cancel_sent_before_the_task_is_taken_keeps_the_trainer_from_starting(
 /// trainer at the worker's next heartbeat.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_whose_message_is_lost_still_stops_the_trainer() {
-    let fleet = Fleet::start().await;
+    let fleet = Fleet::start_secured(Services::ALL, |_| {}).await;
     let parts = fleet.coordinator_parts().await;
     let mut client = fleet.client(TOKEN).await;
     let job = submit(&mut client, spec(&fleet.sample_uri().await, 100_000)).await;
@@ -301,7 +301,7 @@ async fn a_cancel_whose_message_is_lost_still_stops_the_trainer() {
 /// any reconciler pass fails it and sends a cancel.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deadline_stops_the_trainer_without_a_cancel_message() {
-    let fleet = Fleet::start_with(Services::ALL, |c| {
+    let fleet = Fleet::start_secured(Services::ALL, |c| {
         c.coordinator.reconcile_interval_secs = 3600;
     })
     .await;
@@ -329,7 +329,7 @@ async fn a_deadline_stops_the_trainer_without_a_cancel_message() {
 /// goes on to prepare the next job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zip_declaring_millions_of_entries_is_refused_and_the_captioner_serves_on() {
-    let fleet = Fleet::start().await;
+    let fleet = Fleet::start_secured(Services::ALL, |_| {}).await;
     let mut client = fleet.client(TOKEN).await;
     let bomb = trainyard_captioner::unpack::eocd::forged_zip64_end(50_000_000, 46 * 50_000_000);
     fleet
@@ -391,7 +391,7 @@ impl trainyard_core::runtime::StageHandler for Oversized {
 /// job with that reason, instead of a publish retried forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_larger_than_nats_carries_fails_the_job_with_the_reason() {
-    let fleet = Fleet::start_with(
+    let fleet = Fleet::start_secured(
         Services {
             worker: false,
             uploader: false,

@@ -57,7 +57,7 @@ async fn no_secret_value_reaches_the_bus_the_streams_or_the_api() {
     let s3 = S3Server::start();
     s3.create_bucket("deliveries").await;
     let options = s3.options();
-    let fleet = Fleet::start_with(Services::ALL, |config| config.store.s3 = options).await;
+    let fleet = Fleet::start_secured(Services::ALL, |config| config.store.s3 = options).await;
     let key_id = trainyard_core::secrets::Keyring::from_config(&fleet.config.secrets)
         .expect("key file")
         .expect("a key")
@@ -211,7 +211,7 @@ async fn sealed_secrets_are_the_fleets_and_a_fleet_without_a_key_refuses_secrets
         coordinator: true,
         ..Services::NONE
     };
-    let fleet = Fleet::start_with(coordinator, |config| config.secrets.key_file = None).await;
+    let fleet = Fleet::start_secured(coordinator, |config| config.secrets.key_file = None).await;
     let mut client = fleet.client(TOKEN).await;
     let mut with_secrets = spec("file:///data/set.zip", 10);
     with_secrets.secrets = Some(Secrets {

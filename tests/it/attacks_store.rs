@@ -42,7 +42,7 @@ async fn validate(client: &mut Client, spec: &trainyard_proto::v1::JobSpec) -> V
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_tenants_objects_and_the_root_are_refused_at_submit_and_validate() {
-    let fleet = Fleet::start_with(coordinator_only(), |_| {}).await;
+    let fleet = Fleet::start_secured(coordinator_only(), |_| {}).await;
     let (acme, job) = (tenant("acme"), JobId::generate());
     // What acme has in the store: an upload, a prepared dataset, a LoRA
     // and a checkpoint.
@@ -134,7 +134,7 @@ async fn until_final(client: &mut Client, job_id: &str) -> Vec<JobEvent> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_naming_another_tenants_upload_fails_in_the_captioner_without_a_read() {
-    let fleet = Fleet::start_with(
+    let fleet = Fleet::start_secured(
         Services {
             worker: false,
             uploader: false,
@@ -179,7 +179,7 @@ async fn a_task_naming_another_tenants_upload_fails_in_the_captioner_without_a_r
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prefix_over_the_caps_is_refused_before_it_is_fetched() {
-    let fleet = Fleet::start_with(
+    let fleet = Fleet::start_secured(
         Services {
             worker: false,
             uploader: false,
@@ -248,7 +248,7 @@ async fn last_checkpoint(fleet: &Fleet, job: &JobId) -> trainyard_proto::v1::Che
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_planted_checkpoint_is_not_restored() {
-    let fleet = Fleet::start_with(
+    let fleet = Fleet::start_secured(
         Services {
             worker: false,
             ..Services::ALL
@@ -381,7 +381,7 @@ fn chunk(path: &str, data: &[u8]) -> UploadChunk {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_land_in_the_callers_tenant_and_keep_to_their_caps() {
-    let fleet = Fleet::start_with(coordinator_only(), |config| {
+    let fleet = Fleet::start_secured(coordinator_only(), |config| {
         config.store.max_upload_bytes = 1000;
         config.store.max_upload_files = 2;
     })
@@ -445,7 +445,7 @@ async fn uploads_land_in_the_callers_tenant_and_keep_to_their_caps() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_owner_downloads_a_jobs_outputs() {
-    let fleet = Fleet::start_with(coordinator_only(), |_| {}).await;
+    let fleet = Fleet::start_secured(coordinator_only(), |_| {}).await;
     let parts = fleet.coordinator_parts().await;
     let acme = tenant("acme");
     let (job, _) = store_queued(&parts.repo, spec(&fleet.upload_uri("acme", "x"), 10)).await;

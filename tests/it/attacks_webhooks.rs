@@ -86,7 +86,7 @@ fn secret_in(reply: Reply) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_tenants_secret_verifies_none_of_a_tenants_deliveries() {
     let (acme_hooks, globex_hooks) = (Receiver::start(&[]).await, Receiver::start(&[]).await);
-    let fleet = Fleet::start_with(coordinator_only(), with_webhooks).await;
+    let fleet = Fleet::start_secured(coordinator_only(), with_webhooks).await;
     let parts = fleet.coordinator_parts().await;
     let acme = store_job(
         &parts.repo,
@@ -148,7 +148,7 @@ async fn another_tenants_secret_verifies_none_of_a_tenants_deliveries() {
 /// secret; and a fleet with webhooks off has none to show.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_shows_each_tenant_only_its_own_secret() {
-    let fleet = Fleet::start_with(coordinator_only(), with_webhooks).await;
+    let fleet = Fleet::start_secured(coordinator_only(), with_webhooks).await;
     let acme = secret_of(&fleet, TOKEN).await;
     let globex = secret_of(&fleet, OTHER_TOKEN).await;
     assert!(acme.starts_with("whsec_") && globex.starts_with("whsec_"));
@@ -224,7 +224,7 @@ async fn the_api_shows_each_tenant_only_its_own_secret() {
     }
     fleet.stop().await;
 
-    let fleet = Fleet::start_with(coordinator_only(), |_| {}).await;
+    let fleet = Fleet::start_secured(coordinator_only(), |_| {}).await;
     let status = fleet
         .client(TOKEN)
         .await
@@ -242,7 +242,7 @@ async fn the_api_shows_each_tenant_only_its_own_secret() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_state_event_the_record_does_not_hold_sends_nothing() {
     let receiver = Receiver::start(&[]).await;
-    let fleet = Fleet::start_with(coordinator_only(), with_webhooks).await;
+    let fleet = Fleet::start_secured(coordinator_only(), with_webhooks).await;
     let parts = fleet.coordinator_parts().await;
     let job = store_job(
         &parts.repo,
@@ -284,7 +284,7 @@ async fn a_forged_state_event_the_record_does_not_hold_sends_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_event_for_a_missing_or_misattributed_job_sends_nothing() {
     let receiver = Receiver::start(&[]).await;
-    let fleet = Fleet::start_with(coordinator_only(), with_webhooks).await;
+    let fleet = Fleet::start_secured(coordinator_only(), with_webhooks).await;
     let parts = fleet.coordinator_parts().await;
     let job = store_job(
         &parts.repo,
@@ -322,7 +322,7 @@ async fn a_forged_event_for_a_missing_or_misattributed_job_sends_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_body_comes_from_the_record_not_the_event() {
     let receiver = Receiver::start(&[]).await;
-    let fleet = Fleet::start_with(coordinator_only(), with_webhooks).await;
+    let fleet = Fleet::start_secured(coordinator_only(), with_webhooks).await;
     let parts = fleet.coordinator_parts().await;
     let mut record = job_record("acme", JobState::Failed, &receiver.url(), &[]);
     record.error = Some(JobError {

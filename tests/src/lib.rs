@@ -178,9 +178,9 @@ impl Fleet {
         config.destinations.allow_private_endpoints = true;
         // The fleet's secrets key (`[secrets] key_file`): jobs with secrets
         // are refused without one.
-        let key_file = dir.path().join("secrets.key");
-        trainyard_core::secrets::dev_key_file(&key_file).expect("secrets key");
-        config.secrets.key_file = Some(key_file);
+        let dev_key = dir.path().join("secrets.key");
+        trainyard_core::secrets::dev_key_file(&dev_key).expect("secrets key");
+        config.secrets.key_file = Some(dev_key.clone());
         tweak(&mut config);
         let (nats, secured) = if secure {
             let spec = trainyard_core::fleet::FleetSpec {
@@ -199,8 +199,11 @@ impl Fleet {
             config.nats.url = format!("tls://127.0.0.1:{}", nats.port());
             config.nats.insecure_dev = false;
             // The rest of what `yard fleet init` wrote: the fleet's secrets
-            // key, and gRPC over TLS with the coordinator's certificate.
-            config.secrets.key_file = Some(files.secrets_key());
+            // key (unless the test chose its own), and gRPC over TLS with
+            // the coordinator's certificate.
+            if config.secrets.key_file.as_deref() == Some(dev_key.as_path()) {
+                config.secrets.key_file = Some(files.secrets_key());
+            }
             let (cert, key) = files.grpc_cert();
             config.coordinator.tls_cert_file = Some(cert);
             config.coordinator.tls_key_file = Some(key);
