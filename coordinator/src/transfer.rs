@@ -14,8 +14,8 @@ use crate::api::ApiError;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
-use trainyard_core::store::{ArtifactStore, ObjectWriter, StoreError, keys};
 use std::time::Duration;
+use trainyard_core::store::{ArtifactStore, ObjectWriter, StoreError, keys};
 use trainyard_proto::v1::{
     Artifact, CreateDownloadResponse, CreateUploadRequest, CreateUploadResponse, DownloadChunk,
     JobRecord, PresignedUrl, UploadChunk, UploadResponse,
@@ -287,9 +287,7 @@ impl Transfers {
                 self.max_files
             )));
         }
-        let bytes = files
-            .iter()
-            .fold(0u64, |sum, f| sum.saturating_add(f.size));
+        let bytes = files.iter().fold(0u64, |sum, f| sum.saturating_add(f.size));
         if bytes > self.max_bytes {
             return Err(ApiError::ResourceExhausted(format!(
                 "upload is larger than {} bytes (store.max_upload_bytes)",

@@ -162,9 +162,18 @@ async fn presigned_urls_carry_a_job_from_upload_to_download_on_s3() {
             vec![file("a.png", 6 << 20), file("b.png", 6 << 20)],
             tonic::Code::ResourceExhausted,
         ),
-        (vec![file("a.png", 1), file("b.png", u64::MAX)], tonic::Code::ResourceExhausted),
-        (vec![file("../../acme/x.png", 1)], tonic::Code::InvalidArgument),
-        (vec![file("a.png", 1), file("a.png", 1)], tonic::Code::InvalidArgument),
+        (
+            vec![file("a.png", 1), file("b.png", u64::MAX)],
+            tonic::Code::ResourceExhausted,
+        ),
+        (
+            vec![file("../../acme/x.png", 1)],
+            tonic::Code::InvalidArgument,
+        ),
+        (
+            vec![file("a.png", 1), file("a.png", 1)],
+            tonic::Code::InvalidArgument,
+        ),
         (
             vec![UploadFile {
                 sha256: "nothex".into(),
@@ -189,7 +198,9 @@ async fn presigned_urls_carry_a_job_from_upload_to_download_on_s3() {
         .expect("globex's upload")
         .into_inner();
     assert!(
-        own.urls[0].url.contains("/fleet/store/tenants/globex/uploads/"),
+        own.urls[0]
+            .url
+            .contains("/fleet/store/tenants/globex/uploads/"),
         "{}",
         own.urls[0].url
     );

@@ -8,7 +8,9 @@
 //! `tenants/<tenant>/jobs/<job>/{dataset,checkpoints/<step>,output,logs}/…`,
 //! and `models/<name>/…` for the base models the fleet makes. What a spec
 //! may name, and how much of it may be read, is [`scope`]'s; checkpoints
-//! and how a restore trusts them are in `checkpoint.rs`.
+//! and how a restore trusts them are in `checkpoint.rs`; presigned URLs an
+//! S3 store hands clients (and the client's PUT and GET of them) in
+//! `presign.rs`.
 //!
 //! Files move as streams: a blocking thread reads (or writes) the local file
 //! and hashes it, the async side feeds a multipart upload, so a 2 GB
