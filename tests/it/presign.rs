@@ -234,7 +234,7 @@ async fn a_fleet_on_a_local_store_says_to_stream_instead() {
     let parts = fleet.coordinator_parts().await;
     let (job, _) = store_queued(&parts.repo, spec(&fleet.upload_uri("acme", "x"), 10)).await;
     let status = acme
-        .create_download(download(&job.to_string()))
+        .create_download(download(job.as_ref()))
         .await
         .expect_err("a local store cannot sign");
     assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status}");
