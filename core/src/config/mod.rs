@@ -395,6 +395,14 @@ mod tests {
             matches!(&err, ConfigError::Invalid(m) if m.contains("event_max_age_secs")),
             "{err}"
         );
+        for expiry in ["0", "604801"] {
+            let set = format!("store.presign_expiry_secs={expiry}");
+            let err = Config::load_from(None, &[], &[set]).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Invalid(m) if m.contains("presign_expiry_secs")),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -194,3 +194,62 @@ pub async fn get_url(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::S3Options;
+
+    #[tokio::test]
+    async fn a_put_url_binds_its_sha256_and_a_local_store_cannot_sign() {
+        let options = S3Options {
+            endpoint: Some("http://127.0.0.1:9".into()),
+            region: Some("us-east-1".into()),
+            access_key_id: Some("id".into()),
+            secret_access_key: Some("secret".into()),
+            ..Default::default()
+        };
+        let store = ArtifactStore::open_with("s3://bucket/root", &options).unwrap();
+        assert!(store.can_sign());
+        let sha256 = hex::encode(Sha256::digest(b"bytes"));
+        let url = store
+            .presign_put(
+                "tenants/acme/uploads/u1/a.png",
+                &sha256,
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        assert!(
+            url.starts_with("http://127.0.0.1:9/bucket/root/tenants/acme/uploads/u1/a.png?"),
+            "{url}"
+        );
+        assert!(url.contains("X-Amz-Expires=60"), "{url}");
+        assert!(
+            url.contains("x-amz-checksum-sha256"),
+            "the checksum is signed: {url}"
+        );
+        assert!(
+            store
+                .presign_put("k", "zz", Duration::from_secs(60))
+                .await
+                .is_err()
+        );
+        let get = store
+            .presign_get("k", Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(!get.contains("checksum"), "{get}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let local = ArtifactStore::open(dir.path().to_str().unwrap()).unwrap();
+        assert!(!local.can_sign());
+        assert!(matches!(
+            local
+                .presign_get("k", Duration::from_secs(5))
+                .await
+                .unwrap_err(),
+            StoreError::CannotSign(_)
+        ));
+    }
+}
