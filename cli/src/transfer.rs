@@ -2,6 +2,11 @@
 //! `DeleteUpload`): the client never opens the artifact store, so it needs
 //! no store credentials and no `store.uri`, and the fleet decides where an
 //! upload lands (the caller's tenant's uploads).
+//!
+//! When the fleet's store can sign URLs (S3), the bytes skip the fleet:
+//! `CreateUpload`/`CreateDownload` give one presigned URL per file, PUT or
+//! GET here with each file's sha256 checked. Otherwise (a local store, or
+//! an older fleet) they stream through `Upload`/`Download`.
 
 use crate::client::Client;
 use anyhow::{Context, bail};
@@ -11,8 +16,57 @@ use std::collections::VecDeque;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use trainyard_core::store::sha256_file;
-use trainyard_proto::v1::{DeleteUploadRequest, DownloadRequest, UploadChunk};
+use trainyard_core::store::{get_url, put_url, sha256_file};
+use trainyard_proto::v1::{
+    CreateUploadRequest, DeleteUploadRequest, DownloadRequest, UploadChunk, UploadFile,
+};
+
+/// Whether a `Create*` call says to stream instead: the store cannot sign
+/// URLs, or the fleet predates them.
+fn stream_instead(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::FailedPrecondition | tonic::Code::Unimplemented
+    )
+}
+
+/// Uploads `files` through presigned PUT URLs; `None` when the fleet says
+/// to stream instead.
+async fn upload_presigned(
+    client: &mut Client,
+    root: &Path,
+    files: &[(String, String)],
+) -> anyhow::Result<Option<(String, u64, u64)>> {
+    let mut wanted = Vec::with_capacity(files.len());
+    for (rel, name) in files {
+        let path = root.join(rel);
+        let (size, sha256) = sha256_file(&path).await?;
+        wanted.push(UploadFile {
+            path: name.clone(),
+            size,
+            sha256,
+        });
+    }
+    let reply = match client
+        .create_upload(CreateUploadRequest {
+            files: wanted.clone(),
+        })
+        .await
+    {
+        Ok(reply) => reply.into_inner(),
+        Err(status) if stream_instead(&status) => return Ok(None),
+        Err(status) => return Err(status).context("the fleet refused the upload"),
+    };
+    let http = reqwest::Client::new();
+    let bytes = wanted.iter().map(|f| f.size).sum();
+    for ((rel, _), (file, url)) in files.iter().zip(wanted.iter().zip(&reply.urls)) {
+        if let Err(e) = put_url(&http, &url.url, &root.join(rel), file.size, &file.sha256).await {
+            remove_upload(client, &reply.uri).await;
+            return Err(e).context("cannot store a file through its presigned URL");
+        }
+    }
+    Ok(Some((reply.uri, wanted.len() as u64, bytes)))
+}
 
 /// Bytes per upload message (well under gRPC's 4 MiB default).
 const CHUNK: usize = 1 << 20;
@@ -80,6 +134,9 @@ async fn upload(
     root: &Path,
     files: Vec<(String, String)>,
 ) -> anyhow::Result<(String, u64, u64)> {
+    if let Some(done) = upload_presigned(client, root, &files).await? {
+        return Ok(done);
+    }
     let failed = Arc::new(Mutex::new(None));
     let reply = client
         .upload(chunks(root.to_owned(), files, failed.clone()))
@@ -156,6 +213,26 @@ pub async fn download(
     job_id: &str,
     dir: &Path,
 ) -> anyhow::Result<Vec<(PathBuf, u64, String)>> {
+    let request = DownloadRequest {
+        job_id: job_id.to_string(),
+        name: String::new(),
+    };
+    match client.create_download(request).await {
+        Ok(reply) => {
+            let http = reqwest::Client::new();
+            let mut done = Vec::new();
+            for url in reply.into_inner().urls {
+                let local = dir.join(plain(&url.path)?);
+                get_url(&http, &url.url, &local, url.size, &url.sha256)
+                    .await
+                    .with_context(|| format!("cannot fetch {}", url.path))?;
+                done.push((local, url.size, url.sha256));
+            }
+            return Ok(done);
+        }
+        Err(status) if stream_instead(&status) => {}
+        Err(status) => return Err(status.into()),
+    }
     let mut stream = client
         .download(DownloadRequest {
             job_id: job_id.to_string(),
@@ -171,14 +248,7 @@ pub async fn download(
             if let Some(open) = current.take() {
                 done.push(finish(open).await?);
             }
-            let rel = Path::new(&chunk.name);
-            if !rel.components().all(|c| matches!(c, Component::Normal(_))) {
-                bail!(
-                    "artifact name {:?} is not a plain relative path",
-                    chunk.name
-                );
-            }
-            let local = dir.join(rel);
+            let local = dir.join(plain(&chunk.name)?);
             if let Some(parent) = local.parent() {
                 tokio::fs::create_dir_all(parent).await?;
             }
@@ -199,6 +269,15 @@ pub async fn download(
         done.push(finish(open).await?);
     }
     Ok(done)
+}
+
+/// An artifact's name as a path below the download folder.
+fn plain(name: &str) -> anyhow::Result<&Path> {
+    let rel = Path::new(name);
+    if name.is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+        bail!("artifact name {name:?} is not a plain relative path");
+    }
+    Ok(rel)
 }
 
 /// Checks a downloaded file against its size and sha256 and puts it in place.

@@ -11,7 +11,8 @@ use tracing::Instrument;
 use trainyard_core::telemetry::propagation::{self, JobAttrs};
 use trainyard_proto::v1::job_service_server::JobService;
 use trainyard_proto::v1::{
-    CancelRequest, CancelResponse, DeleteUploadRequest, DeleteUploadResponse, DownloadChunk,
+    CancelRequest, CancelResponse, CreateDownloadResponse, CreateUploadRequest,
+    CreateUploadResponse, DeleteUploadRequest, DeleteUploadResponse, DownloadChunk,
     DownloadRequest, GetMetricsRequest, GetMetricsResponse, GetRequest, GetResponse,
     GetWebhookSecretRequest, JobEvent, ListRequest, ListResponse, RotateWebhookSecretRequest,
     SubmitRequest, SubmitResponse, UploadChunk, UploadResponse, ValidateReply, ValidateRequest,
@@ -314,6 +315,47 @@ impl JobService for GrpcJobService {
                 .map_err(|e| e.to_status())?;
             let stream = chunks.map(|item| item.map_err(|e: ApiError| e.to_status()));
             Ok(Response::new(Box::pin(stream) as Self::DownloadStream))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn create_upload(
+        &self,
+        request: Request<CreateUploadRequest>,
+    ) -> Result<Response<CreateUploadResponse>, Status> {
+        let span = Self::span(&request, "CreateUpload", None);
+        async {
+            let tenant = self.tenant(&request)?;
+            record_tenant(&tenant);
+            self.transfers
+                .create_upload(&tenant, request.get_ref())
+                .await
+                .map(Response::new)
+                .map_err(|e| e.to_status())
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn create_download(
+        &self,
+        request: Request<DownloadRequest>,
+    ) -> Result<Response<CreateDownloadResponse>, Status> {
+        let span = Self::span(&request, "CreateDownload", Some(&request.get_ref().job_id));
+        async {
+            let tenant = self.tenant(&request)?;
+            record_tenant(&tenant);
+            let record = self
+                .api
+                .get(&tenant, &request.get_ref().job_id)
+                .await
+                .map_err(|e| e.to_status())?;
+            self.transfers
+                .create_download(&record, &request.get_ref().name)
+                .await
+                .map(Response::new)
+                .map_err(|e| e.to_status())
         }
         .instrument(span)
         .await

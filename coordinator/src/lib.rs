@@ -122,6 +122,7 @@ pub async fn run(
         store: store.clone(),
         max_bytes: config.store.max_upload_bytes,
         max_files: config.store.max_upload_files,
+        presign_expiry: Duration::from_secs(config.store.presign_expiry_secs),
     };
 
     let reconciler = reconcile::Reconciler {

@@ -28,6 +28,7 @@ mod orphans;
 mod outage;
 mod pipeline;
 mod preflight;
+mod presign;
 mod prometheus;
 mod reconcile;
 mod registry;

@@ -6,5 +6,6 @@
 mod cli;
 mod observability;
 mod tls;
+mod transfer;
 mod validate;
 mod webhooks;

@@ -144,6 +144,9 @@ impl Config {
                 "store.max_model_bytes, max_upload_bytes and max_upload_files must be at least 1",
             );
         }
+        if !(1..=604_800).contains(&self.store.presign_expiry_secs) {
+            return bad("store.presign_expiry_secs must be from 1 to 604800 (seven days)");
+        }
         for (key, tenant) in &self.coordinator.tokens {
             if crate::auth::parse_token_key(key).is_none() {
                 return bad(
@@ -392,6 +395,14 @@ mod tests {
             matches!(&err, ConfigError::Invalid(m) if m.contains("event_max_age_secs")),
             "{err}"
         );
+        for expiry in ["0", "604801"] {
+            let set = format!("store.presign_expiry_secs={expiry}");
+            let err = Config::load_from(None, &[], &[set]).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Invalid(m) if m.contains("presign_expiry_secs")),
+                "{err}"
+            );
+        }
     }
 
     #[test]

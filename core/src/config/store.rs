@@ -20,6 +20,9 @@ pub struct StoreConfig {
     pub max_upload_bytes: u64,
     /// Most files one `Upload` call may store.
     pub max_upload_files: u64,
+    /// How long a presigned URL from `CreateUpload` or `CreateDownload`
+    /// stays good, in seconds (an `s3://` store only; 1 to 604800).
+    pub presign_expiry_secs: u64,
 }
 
 impl Default for StoreConfig {
@@ -30,6 +33,7 @@ impl Default for StoreConfig {
             max_model_bytes: 64 << 30,
             max_upload_bytes: 4 << 30,
             max_upload_files: 20_000,
+            presign_expiry_secs: 900,
         }
     }
 }

@@ -8,7 +8,9 @@
 //! `tenants/<tenant>/jobs/<job>/{dataset,checkpoints/<step>,output,logs}/…`,
 //! and `models/<name>/…` for the base models the fleet makes. What a spec
 //! may name, and how much of it may be read, is [`scope`]'s; checkpoints
-//! and how a restore trusts them are in `checkpoint.rs`.
+//! and how a restore trusts them are in `checkpoint.rs`; presigned URLs an
+//! S3 store hands clients (and the client's PUT and GET of them) in
+//! `presign.rs`.
 //!
 //! Files move as streams: a blocking thread reads (or writes) the local file
 //! and hashes it, the async side feeds a multipart upload, so a 2 GB
@@ -36,11 +38,13 @@ use trainyard_proto::v1::Artifact;
 
 mod checkpoint;
 pub mod keys;
+mod presign;
 pub mod scope;
 mod stream;
 
 pub use crate::config::S3Options;
 pub use checkpoint::{CheckpointFile, CheckpointManifest};
+pub use presign::{CHECKSUM_HEADER, get_url, put_url};
 pub use scope::{ReadCaps, ScopeError};
 pub use stream::ObjectWriter;
 
@@ -71,6 +75,8 @@ pub enum StoreError {
     TooManyFiles { uri: String, max: usize },
     #[error("{uri} holds more than {max} bytes (the cap of one read)")]
     TooLarge { uri: String, max: u64 },
+    #[error("the artifact store {0} cannot sign URLs (only an s3:// one can)")]
+    CannotSign(String),
     #[error("artifact store: {0}")]
     Backend(#[from] object_store::Error),
     #[error("local file {path}: {source}")]
@@ -110,6 +116,8 @@ pub struct ArtifactStore {
     prefix: StorePath,
     /// The stage label its byte counters carry; `None` counts nothing.
     stage: Option<&'static str>,
+    /// Signs presigned URLs (`presign.rs`): set for an S3 store only.
+    signer: Option<Arc<dyn object_store::signer::Signer>>,
 }
 
 impl ArtifactStore {
@@ -147,6 +155,7 @@ impl ArtifactStore {
             store: Arc::new(store),
             prefix: StorePath::default(),
             stage: None,
+            signer: None,
         })
     }
 
@@ -156,15 +165,16 @@ impl ArtifactStore {
         let bucket = builder
             .get_config_value(&AmazonS3ConfigKey::Bucket)
             .unwrap_or_default();
-        let store = builder.build()?;
+        let store = Arc::new(builder.build()?);
         let prefix = prefix.trim_matches('/');
         Ok(Self {
             root: format!("s3://{bucket}/{prefix}")
                 .trim_end_matches('/')
                 .to_string(),
-            store: Arc::new(store),
+            store: store.clone(),
             prefix: StorePath::from(prefix),
             stage: None,
+            signer: Some(store),
         })
     }
 
