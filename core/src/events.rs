@@ -37,16 +37,19 @@ impl EventSink {
     /// checkpoint a worker stored for it, with its manifest's sha256. A
     /// restore trusts only what a worker said it stored.
     pub async fn last_checkpoint(&self) -> Result<Option<v1::Checkpoint>, String> {
-        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        use async_nats::jetstream::stream::DirectGetErrorKind;
+        // A direct get by subject: the one request a worker's NATS
+        // permissions allow on `TY_EVENTS` (its subject names the
+        // checkpoint events; no stream info, no read by sequence).
         let stream = self
             .js
-            .get_stream(crate::topology::EVENTS_STREAM)
+            .get_stream_no_info(crate::topology::EVENTS_STREAM)
             .await
             .map_err(|e| e.to_string())?;
         let subject = subject::event(&self.tenant, &self.job, EventKind::Checkpoint);
-        let message = match stream.get_last_raw_message_by_subject(&subject).await {
+        let message = match stream.direct_get_last_for_subject(subject).await {
             Ok(message) => message,
-            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e.to_string()),
         };
         let event = v1::JobEvent::decode(message.payload).map_err(|e| e.to_string())?;

@@ -403,6 +403,10 @@ pub async fn ensure(
             // view, and a chatty job must not fill JetStream's store.
             max_bytes: clamp_bytes(config.event_max_bytes),
             discard: stream::DiscardPolicy::Old,
+            // A worker reads its job's last checkpoint event by subject
+            // (`$JS.API.DIRECT.GET.TY_EVENTS.<subject>`), which its NATS
+            // permissions can name, unlike a read by sequence.
+            allow_direct: true,
             duplicate_window: dedup,
             num_replicas: replicas,
             ..Default::default()
@@ -420,10 +424,15 @@ pub async fn ensure(
         },
     ];
     for config in streams {
-        let limits = (config.max_bytes, config.max_age);
+        let limits = (config.max_bytes, config.max_age, config.allow_direct);
         let stream = js.get_or_create_stream(config.clone()).await?;
         let info = stream.cached_info();
-        if (info.config.max_bytes, info.config.max_age) != limits {
+        let found = (
+            info.config.max_bytes,
+            info.config.max_age,
+            info.config.allow_direct,
+        );
+        if found != limits {
             // A stream made before these limits existed (or under other
             // settings) takes them now. A role not allowed to change
             // streams leaves that to one that is.
@@ -432,6 +441,7 @@ pub async fn ensure(
                 .update_stream(stream::Config {
                     max_bytes: limits.0,
                     max_age: limits.1,
+                    allow_direct: limits.2,
                     ..info.config.clone()
                 })
                 .await

@@ -332,12 +332,9 @@ async fn a_zip_declaring_millions_of_entries_is_refused_and_the_captioner_serves
     let fleet = Fleet::start_secured(Services::ALL, |_| {}).await;
     let mut client = fleet.client(TOKEN).await;
     let bomb = trainyard_captioner::unpack::eocd::forged_zip64_end(50_000_000, 46 * 50_000_000);
-    fleet
-        .store
-        .put_bytes("uploads/bomb.zip", bomb.into())
-        .await
-        .unwrap();
-    let job = submit(&mut client, spec(&fleet.store.uri("uploads/bomb.zip"), 20)).await;
+    let key = format!("{}/bomb.zip", upload_key("acme", "bomb"));
+    fleet.store.put_bytes(&key, bomb.into()).await.unwrap();
+    let job = submit(&mut client, spec(&fleet.store.uri(&key), 20)).await;
     watch_all(&mut client, &job.job_id, Duration::from_secs(60)).await;
     let failed = get(&mut client, &job.job_id).await;
     assert_eq!(failed.state(), JobState::Failed);

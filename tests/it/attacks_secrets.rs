@@ -57,7 +57,7 @@ async fn no_secret_value_reaches_the_bus_the_streams_or_the_api() {
     let s3 = S3Server::start();
     s3.create_bucket("deliveries").await;
     let options = s3.options();
-    let fleet = Fleet::start_secured(Services::ALL, |config| config.store.s3 = options).await;
+    let fleet = Fleet::start_with(Services::ALL, |config| config.store.s3 = options).await;
     let key_id = trainyard_core::secrets::Keyring::from_config(&fleet.config.secrets)
         .expect("key file")
         .expect("a key")
@@ -211,9 +211,9 @@ async fn sealed_secrets_are_the_fleets_and_a_fleet_without_a_key_refuses_secrets
         coordinator: true,
         ..Services::NONE
     };
-    let fleet = Fleet::start_secured(coordinator, |config| config.secrets.key_file = None).await;
+    let fleet = Fleet::start_with(coordinator, |config| config.secrets.key_file = None).await;
     let mut client = fleet.client(TOKEN).await;
-    let mut with_secrets = spec("file:///data/set.zip", 10);
+    let mut with_secrets = spec(&fleet.upload_uri("acme", "set"), 10);
     with_secrets.secrets = Some(Secrets {
         hf_token: HF_TOKEN.into(),
         ..Default::default()
@@ -231,7 +231,7 @@ async fn sealed_secrets_are_the_fleets_and_a_fleet_without_a_key_refuses_secrets
         status.message()
     );
     assert!(leaks(status.message().as_bytes()).is_none());
-    let mut forged = spec("file:///data/set.zip", 10);
+    let mut forged = spec(&fleet.upload_uri("acme", "set"), 10);
     forged.sealed_secrets = Some(Default::default());
     let status = client
         .submit(trainyard_proto::v1::SubmitRequest { spec: Some(forged) })

@@ -7,7 +7,7 @@
 //! | role | may |
 //! |---|---|
 //! | coordinator | everything under `ty.>`, the JetStream API, every bucket; answer `ty.api.*`; the only one to create streams, buckets and its own consumers, and to read or write `ty_jobs`, `ty_idem`, `ty_webhook_secrets` |
-//! | captioner, worker (per pool), uploader | bind to the streams and buckets; create and pull only its own stage's consumer (a worker: `ty-train-<pool>` filtered on `ty.task.train.<pool>`); read a job record by key; write its own stage's claims, its registry entry, its stage's result, dead letters and waiting retries (`ty.retry.<stage>.>`), and non-state events; hear cancels |
+//! | captioner, worker (per pool), uploader | bind to the streams and buckets; create and pull only its own stage's consumer (a worker: `ty-train-<pool>` filtered on `ty.task.train.<pool>`); read a job record by key (a worker also its job's last checkpoint event, by subject); write its own stage's claims, its registry entry, its stage's result, dead letters and waiting retries (`ty.retry.<stage>.>`), and non-state events; hear cancels |
 //! | client | send `ty.api.*` requests and read the replies |
 //!
 //! Every role reads replies only under its own inbox prefix (`_INBOX_<role>`),
@@ -151,6 +151,14 @@ impl Role {
                         .iter()
                         .map(|kind| format!("ty.event.*.*.{}", kind.name())),
                 );
+                if matches!(stage_role, Role::Worker { .. }) {
+                    // A restore trusts only the job's last checkpoint event,
+                    // read by subject (never by sequence, never other kinds).
+                    publish.push(format!(
+                        "{api}.DIRECT.GET.{EVENTS_STREAM}.ty.event.*.*.{}",
+                        EventKind::Checkpoint.name()
+                    ));
+                }
                 let mut subscribe = vec![subject::all_cancels().to_string(), inbox];
                 let mut allow_responses = false;
                 if matches!(stage_role, Role::Captioner) {
