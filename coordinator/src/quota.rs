@@ -179,7 +179,11 @@ mod tests {
         let mut record = job(n, state, false);
         record.times = Some(trainyard_proto::v1::StageTimes {
             training_at_ms: start * H,
-            delivering_at_ms: if state == JobState::Failed { 0 } else { end * H },
+            delivering_at_ms: if state == JobState::Failed {
+                0
+            } else {
+                end * H
+            },
             finished_at_ms: if state.is_final() { end * H } else { 0 },
             ..Default::default()
         });
@@ -195,10 +199,18 @@ mod tests {
             ("never trained", vec![job(1, Queued, false)], 0.0),
             ("trained 2 h", vec![trained(1, Succeeded, 90, 92)], 2.0),
             ("failed in training", vec![trained(1, Failed, 95, 96)], 1.0),
-            ("delivering since 99", vec![trained(1, Delivering, 97, 99)], 2.0),
+            (
+                "delivering since 99",
+                vec![trained(1, Delivering, 97, 99)],
+                2.0,
+            ),
             ("still training", vec![trained(1, Training, 98, 0)], 2.0),
             ("older than a day", vec![trained(1, Succeeded, 50, 70)], 0.0),
-            ("cut at the window", vec![trained(1, Succeeded, 70, 80)], 4.0),
+            (
+                "cut at the window",
+                vec![trained(1, Succeeded, 70, 80)],
+                4.0,
+            ),
             (
                 "summed",
                 vec![trained(1, Succeeded, 90, 92), trained(2, Training, 99, 0)],

@@ -248,7 +248,11 @@ async fn a_job_past_the_running_quota_waits_queued_and_starts_when_a_slot_frees(
     assert!(!second.quota_hold.is_empty(), "held by the running quota");
     // Another tenant is not held by acme's jobs.
     let mut tenant_b = fleet.client(OTHER_TOKEN).await;
-    let other = submit(&mut tenant_b, spec(&fleet.sample_uri_for("globex").await, 10)).await;
+    let other = submit(
+        &mut tenant_b,
+        spec(&fleet.sample_uri_for("globex").await, 10),
+    )
+    .await;
     assert!(other.quota_hold.is_empty());
 
     // While the first runs, the second waits QUEUED with no task.
@@ -310,7 +314,11 @@ async fn a_job_past_the_gpu_budget_waits_queued_and_does_not_fail() {
     // Another tenant has its own budget: its job runs to the end while
     // acme's waits, across the reconciler's passes.
     let mut tenant_b = fleet.client(OTHER_TOKEN).await;
-    let other = submit(&mut tenant_b, spec(&fleet.sample_uri_for("globex").await, 10)).await;
+    let other = submit(
+        &mut tenant_b,
+        spec(&fleet.sample_uri_for("globex").await, 10),
+    )
+    .await;
     assert!(other.quota_hold.is_empty());
     watch_all(&mut tenant_b, &other.job_id, Duration::from_secs(120)).await;
     assert_eq!(

@@ -202,10 +202,10 @@ impl Config {
             return bad(&format!("quotas.tenants: {name:?} is not a tenant name"));
         }
         let gpu_hours = std::iter::once(("quotas", self.quotas.max_gpu_hours_per_day)).chain(
-            self.quotas.tenants.iter().filter_map(|(name, own)| {
-                own.max_gpu_hours_per_day
-                    .map(|h| (name.as_str(), h))
-            }),
+            self.quotas
+                .tenants
+                .iter()
+                .filter_map(|(name, own)| own.max_gpu_hours_per_day.map(|h| (name.as_str(), h))),
         );
         for (name, hours) in gpu_hours {
             if !hours.is_finite() || hours < 0.0 {

@@ -20,8 +20,7 @@ pub struct QuotasConfig {
     /// `QUEUED` and held until the rolling window has room again. A job
     /// trains on one worker: its GPU time is its train stage's wall time
     /// (from `training_at_ms` to its end, or now while it trains), counted
-    /// from the records the tenant keeps (finished ones until `ty_jobs`'s
-    /// TTL). `0` is no limit.
+    /// from the tenant's records in `ty_jobs`. `0` is no limit.
     pub max_gpu_hours_per_day: f64,
     /// Per-tenant limits, by tenant name.
     pub tenants: BTreeMap<String, TenantQuotas>,
