@@ -110,7 +110,11 @@ async fn failing_jobs_of_one_tenant_do_not_starve_another() {
         let url = format!("{}/a{n}.zip", server.base);
         a_jobs.push(submit(&mut tenant_a, failing_spec(&url)).await.job_id);
     }
-    let b_job = submit(&mut tenant_b, spec(&fleet.sample_uri().await, 10)).await;
+    let b_job = submit(
+        &mut tenant_b,
+        spec(&fleet.sample_uri_for("globex").await, 10),
+    )
+    .await;
 
     let reached = wait_for("B's job to start training", bound, || {
         let mut client = tenant_b.clone();
@@ -224,6 +228,7 @@ async fn submissions_past_the_queued_quota_are_refused_with_resource_exhausted()
     assert!(!refused.message().is_empty(), "the reason is given");
     // Another tenant has its own count and its own limit.
     let mut tenant_b = fleet.client(OTHER_TOKEN).await;
+    let dataset = fleet.sample_uri_for("globex").await;
     for _ in 0..3 {
         submit(&mut tenant_b, spec(&dataset, 10)).await;
     }
