@@ -108,7 +108,8 @@ impl Effects {
 
     /// Publishes a state event and waits for the stream's ack.
     /// Starts `tenant`'s oldest held jobs, as many as its running quota
-    /// has slots free (see [`crate::quota`]); returns how many started.
+    /// has slots free and none while its GPU budget is spent (see
+    /// [`crate::quota`]); returns how many started.
     /// Failures are logged: the reconciler's next pass tries again.
     pub async fn start_held(&self, tenant: &TenantId) -> usize {
         let records = match self.repo.of_tenant(tenant).await {
@@ -120,7 +121,7 @@ impl Effects {
         };
         let quota = self.quotas.for_tenant(tenant.as_str());
         let mut count = 0;
-        for held in crate::quota::to_start(&records, quota) {
+        for held in crate::quota::to_start(&records, quota, trainyard_core::now_ms()) {
             let Ok(job) = JobId::parse(&held.job_id) else {
                 continue;
             };

@@ -11,6 +11,15 @@
 //!   and on every reconciler pass, its oldest held jobs are started, as
 //!   many as it has running slots free: the hold is cleared by CAS, then
 //!   the prepare task published.
+//! - **GPU-hours per day**: a tenant whose jobs trained
+//!   `max_gpu_hours_per_day` or more in the last 24 hours ([`gpu_hours`])
+//!   has its next job held `QUEUED` the same way; held jobs start only
+//!   when the rolling window has room again (the reconciler's pass checks).
+//!   A job trains on one worker, so its GPU time is its train stage's wall
+//!   time: from `times.training_at_ms` to `delivering_at_ms` (or
+//!   `finished_at_ms` when it ended in training; now while it trains).
+//!   A budget is checked before a job starts, not while it trains: the
+//!   last job may pass it by its own length.
 //!
 //! Counting reads every record of the tenant (its keys in `ty_jobs`), so a
 //! submission costs one read per job the tenant keeps (finished ones
@@ -42,8 +51,45 @@ pub fn is_running(record: &JobRecord) -> bool {
     !record.state().is_final() && record.quota_hold.is_empty()
 }
 
-/// The admission of a new job of a tenant with `records` under `quota`.
-pub fn admit(records: &[JobRecord], quota: Quota) -> Admission {
+/// A day, the window of `max_gpu_hours_per_day`.
+pub const DAY_MS: i64 = 24 * 60 * 60 * 1000;
+
+/// The GPU-hours `records` trained in the 24 hours up to `now_ms`: each
+/// train stage's span, cut to the window.
+pub fn gpu_hours(records: &[JobRecord], now_ms: i64) -> f64 {
+    let since = now_ms - DAY_MS;
+    let ms: i64 = records
+        .iter()
+        .filter_map(|r| {
+            let times = r.times.as_ref()?;
+            let start = times.training_at_ms;
+            if start <= 0 {
+                return None;
+            }
+            let end = [times.delivering_at_ms, times.finished_at_ms]
+                .into_iter()
+                .find(|t| *t >= start)
+                .unwrap_or(if r.state().is_final() { start } else { now_ms });
+            Some((end.min(now_ms) - start.max(since)).max(0))
+        })
+        .sum();
+    ms as f64 / 3_600_000.0
+}
+
+/// Why `quota`'s GPU budget holds the tenant's next job, if it does.
+fn gpu_budget_spent(records: &[JobRecord], quota: Quota, now_ms: i64) -> Option<String> {
+    let max = quota.max_gpu_hours_per_day?;
+    let used = gpu_hours(records, now_ms);
+    (used >= max).then(|| {
+        format!(
+            "GPU budget spent: {used:.4} of {max} GPU-hours in the last 24 h (quotas.max_gpu_hours_per_day)"
+        )
+    })
+}
+
+/// The admission of a new job of a tenant with `records` under `quota`
+/// at `now_ms`.
+pub fn admit(records: &[JobRecord], quota: Quota, now_ms: i64) -> Admission {
     let queued = records
         .iter()
         .filter(|r| r.state() == JobState::Queued)
@@ -60,13 +106,19 @@ pub fn admit(records: &[JobRecord], quota: Quota) -> Admission {
         Some(max) if running >= max as usize => Admission::Hold(format!(
             "waiting for a running slot: the tenant runs {running} jobs, its quota is {max} (quotas.max_running_jobs)"
         )),
-        _ => Admission::Start,
+        _ => match gpu_budget_spent(records, quota, now_ms) {
+            Some(reason) => Admission::Hold(reason),
+            None => Admission::Start,
+        },
     }
 }
 
-/// The held jobs to start now, oldest first: as many as the tenant has
-/// running slots free.
-pub fn to_start(records: &[JobRecord], quota: Quota) -> Vec<&JobRecord> {
+/// The held jobs to start at `now_ms`, oldest first: as many as the
+/// tenant has running slots free, none while its GPU budget is spent.
+pub fn to_start(records: &[JobRecord], quota: Quota, now_ms: i64) -> Vec<&JobRecord> {
+    if gpu_budget_spent(records, quota, now_ms).is_some() {
+        return Vec::new();
+    }
     let running = records.iter().filter(|r| is_running(r)).count();
     let free = match quota.max_running_jobs {
         Some(max) => (max as usize).saturating_sub(running),
@@ -109,6 +161,97 @@ mod tests {
         Quota {
             max_queued_jobs: (queued > 0).then_some(queued),
             max_running_jobs: (running > 0).then_some(running),
+            max_gpu_hours_per_day: None,
+        }
+    }
+
+    fn gpu(hours: f64) -> Quota {
+        Quota {
+            max_gpu_hours_per_day: Some(hours),
+            ..quota(0, 0)
+        }
+    }
+
+    const H: i64 = 3_600_000;
+
+    /// A job that trained from `start` to `end` hours (0: still training).
+    fn trained(n: i64, state: JobState, start: i64, end: i64) -> JobRecord {
+        let mut record = job(n, state, false);
+        record.times = Some(trainyard_proto::v1::StageTimes {
+            training_at_ms: start * H,
+            delivering_at_ms: if state == JobState::Failed {
+                0
+            } else {
+                end * H
+            },
+            finished_at_ms: if state.is_final() { end * H } else { 0 },
+            ..Default::default()
+        });
+        record
+    }
+
+    #[test]
+    fn gpu_hours_table() {
+        use JobState::*;
+        let now = 100 * H;
+        let rows: Vec<(&str, Vec<JobRecord>, f64)> = vec![
+            ("no jobs", vec![], 0.0),
+            ("never trained", vec![job(1, Queued, false)], 0.0),
+            ("trained 2 h", vec![trained(1, Succeeded, 90, 92)], 2.0),
+            ("failed in training", vec![trained(1, Failed, 95, 96)], 1.0),
+            (
+                "delivering since 99",
+                vec![trained(1, Delivering, 97, 99)],
+                2.0,
+            ),
+            ("still training", vec![trained(1, Training, 98, 0)], 2.0),
+            ("older than a day", vec![trained(1, Succeeded, 50, 70)], 0.0),
+            (
+                "cut at the window",
+                vec![trained(1, Succeeded, 70, 80)],
+                4.0,
+            ),
+            (
+                "summed",
+                vec![trained(1, Succeeded, 90, 92), trained(2, Training, 99, 0)],
+                3.0,
+            ),
+            (
+                "final without an end counts nothing",
+                vec![trained(1, Cancelled, 99, 0)],
+                0.0,
+            ),
+        ];
+        for (row, records, want) in rows {
+            assert!((gpu_hours(&records, now) - want).abs() < 1e-9, "{row}");
+        }
+    }
+
+    #[test]
+    fn a_spent_gpu_budget_holds_new_jobs_until_the_window_has_room() {
+        use JobState::*;
+        let records = vec![trained(1, Succeeded, 90, 92), job(3, Queued, true)];
+        let now = 100 * H;
+        match admit(&records, gpu(2.0), now) {
+            Admission::Hold(reason) => assert!(reason.starts_with("GPU budget spent"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(admit(&records, gpu(2.5), now), Admission::Start);
+        assert!(to_start(&records, gpu(2.0), now).is_empty());
+        assert_eq!(to_start(&records, gpu(2.5), now).len(), 1);
+        // A day after the training ended, the window has room again.
+        let later = 92 * H + DAY_MS;
+        assert_eq!(admit(&records, gpu(2.0), later), Admission::Start);
+        assert_eq!(to_start(&records, gpu(2.0), later).len(), 1);
+        // The running quota is checked first and keeps its own reason.
+        let running = vec![trained(1, Training, 99, 0)];
+        let both = Quota {
+            max_running_jobs: Some(1),
+            ..gpu(0.5)
+        };
+        match admit(&running, both, now) {
+            Admission::Hold(reason) => assert!(reason.starts_with("waiting for a running slot")),
+            other => panic!("{other:?}"),
         }
     }
 
@@ -155,7 +298,7 @@ mod tests {
             ),
         ];
         for (row, records, quota, want) in rows {
-            let got = match admit(&records, quota) {
+            let got = match admit(&records, quota, 0) {
                 Admission::Start => "start",
                 Admission::Hold(_) => "hold",
                 Admission::Refuse(_) => "refuse",
@@ -175,7 +318,7 @@ mod tests {
             job(2, Cancelled, true),
         ];
         let ids = |q| {
-            to_start(&records, q)
+            to_start(&records, q, 0)
                 .iter()
                 .map(|r| r.job_id.clone())
                 .collect::<Vec<_>>()

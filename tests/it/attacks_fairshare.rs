@@ -228,13 +228,13 @@ async fn submissions_past_the_queued_quota_are_refused_with_resource_exhausted()
     assert!(!refused.message().is_empty(), "the reason is given");
     // Another tenant has its own count and its own limit.
     let mut tenant_b = fleet.client(OTHER_TOKEN).await;
-    let dataset_b = fleet.sample_uri_for("globex").await;
+    let dataset = fleet.sample_uri_for("globex").await;
     for _ in 0..3 {
-        submit(&mut tenant_b, spec(&dataset_b, 10)).await;
+        submit(&mut tenant_b, spec(&dataset, 10)).await;
     }
     let refused = tenant_b
         .submit(trainyard_proto::v1::SubmitRequest {
-            spec: Some(spec(&dataset_b, 10)),
+            spec: Some(spec(&dataset, 10)),
         })
         .await
         .expect_err("a fourth is past globex's own quota");
@@ -284,5 +284,59 @@ async fn a_job_past_the_running_quota_waits_queued_and_starts_when_a_slot_frees(
         "the second started only after the first ended"
     );
     watch_all(&mut tenant_b, &other.job_id, Duration::from_secs(120)).await;
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_past_the_gpu_budget_waits_queued_and_does_not_fail() {
+    // A budget of a few microseconds of GPU time: the first job's
+    // training spends it.
+    let fleet = Fleet::start_secured(Services::ALL, |c| {
+        c.quotas.max_gpu_hours_per_day = 1e-9;
+    })
+    .await;
+    let dataset = fleet.sample_uri().await;
+    let mut tenant_a = fleet.client(TOKEN).await;
+    let first = submit(&mut tenant_a, spec(&dataset, 10)).await;
+    assert!(first.quota_hold.is_empty(), "nothing spent yet");
+    watch_all(&mut tenant_a, &first.job_id, Duration::from_secs(120)).await;
+    let first = get(&mut tenant_a, &first.job_id).await;
+    assert_eq!(first.state(), JobState::Succeeded, "{:?}", first.error);
+    let times = first.times.unwrap();
+    assert!(
+        times.delivering_at_ms > times.training_at_ms,
+        "the first job trained for some time"
+    );
+
+    let second = submit(&mut tenant_a, spec(&dataset, 10)).await;
+    assert_eq!(second.state(), JobState::Queued);
+    assert!(
+        second.quota_hold.starts_with("GPU budget spent:")
+            && second.quota_hold.contains("GPU-hours in the last 24 h"),
+        "{}",
+        second.quota_hold
+    );
+    // Another tenant has its own budget: its job runs to the end while
+    // acme's waits, across the reconciler's passes.
+    let mut tenant_b = fleet.client(OTHER_TOKEN).await;
+    let other = submit(
+        &mut tenant_b,
+        spec(&fleet.sample_uri_for("globex").await, 10),
+    )
+    .await;
+    assert!(other.quota_hold.is_empty());
+    watch_all(&mut tenant_b, &other.job_id, Duration::from_secs(120)).await;
+    assert_eq!(
+        get(&mut tenant_b, &other.job_id).await.state(),
+        JobState::Succeeded
+    );
+    // A reconciler pass re-checks the window: still no room, nothing starts.
+    let parts = fleet.coordinator_parts().await;
+    let pass = parts.reconciler.pass(i64::MAX / 2).await.unwrap();
+    assert_eq!(pass.started, 0, "{pass:?}");
+    let second = get(&mut tenant_a, &second.job_id).await;
+    assert_eq!(second.state(), JobState::Queued, "held, not failed");
+    assert!(second.quota_hold.starts_with("GPU budget spent:"));
+    assert!(second.error.is_none());
     fleet.stop().await;
 }

@@ -201,6 +201,19 @@ impl Config {
         {
             return bad(&format!("quotas.tenants: {name:?} is not a tenant name"));
         }
+        let gpu_hours = std::iter::once(("quotas", self.quotas.max_gpu_hours_per_day)).chain(
+            self.quotas
+                .tenants
+                .iter()
+                .filter_map(|(name, own)| own.max_gpu_hours_per_day.map(|h| (name.as_str(), h))),
+        );
+        for (name, hours) in gpu_hours {
+            if !hours.is_finite() || hours < 0.0 {
+                return bad(&format!(
+                    "{name}: max_gpu_hours_per_day must be a number of hours, 0 or more (0 is no limit)"
+                ));
+            }
+        }
         for (stage, policy) in [
             ("prepare", &self.retry.prepare),
             ("train", &self.retry.train),
@@ -410,10 +423,14 @@ mod tests {
         let config = Config::load_from(
             None,
             &[("TY_QUOTAS__MAX_RUNNING_JOBS".into(), "3".into())],
-            &["quotas.tenants.acme={ max_queued_jobs = 7 }".to_string()],
+            &[
+                "quotas.tenants.acme={ max_queued_jobs = 7, max_gpu_hours_per_day = 0.25 }"
+                    .to_string(),
+            ],
         )
         .unwrap();
         let acme = config.quotas.for_tenant("acme");
+        assert_eq!(acme.max_gpu_hours_per_day, Some(0.25));
         assert_eq!(acme.max_queued_jobs, Some(7));
         assert_eq!(acme.max_running_jobs, Some(3));
         assert_eq!(
@@ -423,6 +440,9 @@ mod tests {
         for bad in [
             "quotas.tenants.\"a b\"={ max_queued_jobs = 1 }",
             "quotas.nope=1",
+            "quotas.max_gpu_hours_per_day=-1",
+            "quotas.max_gpu_hours_per_day=nan",
+            "quotas.tenants.acme={ max_gpu_hours_per_day = -0.5 }",
             "retry.fleet_max_delay_ms=0",
             "nats.max_ack_pending=0",
         ] {

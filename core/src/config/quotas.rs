@@ -15,6 +15,13 @@ pub struct QuotasConfig {
     /// yet final); a submission past it is stored `QUEUED` and held, and
     /// started when one of the tenant's jobs ends.
     pub max_running_jobs: u32,
+    /// GPU-hours one tenant may spend in any 24 hours (a fraction is
+    /// fine, `0.5` is half an hour); past it, its next job is stored
+    /// `QUEUED` and held until the rolling window has room again. A job
+    /// trains on one worker: its GPU time is its train stage's wall time
+    /// (from `training_at_ms` to its end, or now while it trains), counted
+    /// from the tenant's records in `ty_jobs`. `0` is no limit.
+    pub max_gpu_hours_per_day: f64,
     /// Per-tenant limits, by tenant name.
     pub tenants: BTreeMap<String, TenantQuotas>,
 }
@@ -24,6 +31,7 @@ impl Default for QuotasConfig {
         Self {
             max_queued_jobs: 1_000,
             max_running_jobs: 100,
+            max_gpu_hours_per_day: 0.0,
             tenants: BTreeMap::new(),
         }
     }
@@ -36,13 +44,16 @@ impl Default for QuotasConfig {
 pub struct TenantQuotas {
     pub max_queued_jobs: Option<u32>,
     pub max_running_jobs: Option<u32>,
+    pub max_gpu_hours_per_day: Option<f64>,
 }
 
 /// One tenant's effective limits; `None` is no limit.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Quota {
     pub max_queued_jobs: Option<u32>,
     pub max_running_jobs: Option<u32>,
+    /// GPU-hours in any 24 hours.
+    pub max_gpu_hours_per_day: Option<f64>,
 }
 
 impl QuotasConfig {
@@ -59,6 +70,11 @@ impl QuotasConfig {
                 own.and_then(|t| t.max_running_jobs)
                     .unwrap_or(self.max_running_jobs),
             ),
+            max_gpu_hours_per_day: Some(
+                own.and_then(|t| t.max_gpu_hours_per_day)
+                    .unwrap_or(self.max_gpu_hours_per_day),
+            )
+            .filter(|h| *h > 0.0),
         }
     }
 }
@@ -78,22 +94,28 @@ mod tests {
             "big".into(),
             TenantQuotas {
                 max_running_jobs: Some(0),
+                max_gpu_hours_per_day: Some(2.5),
                 ..Default::default()
             },
         );
+        config.max_gpu_hours_per_day = 1.0;
         assert_eq!(
             config.for_tenant("acme"),
             Quota {
                 max_queued_jobs: Some(10),
-                max_running_jobs: Some(2)
+                max_running_jobs: Some(2),
+                max_gpu_hours_per_day: Some(1.0),
             }
         );
         assert_eq!(
             config.for_tenant("big"),
             Quota {
                 max_queued_jobs: Some(10),
-                max_running_jobs: None
+                max_running_jobs: None,
+                max_gpu_hours_per_day: Some(2.5),
             }
         );
+        config.max_gpu_hours_per_day = 0.0;
+        assert_eq!(config.for_tenant("acme").max_gpu_hours_per_day, None);
     }
 }
