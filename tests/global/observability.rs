@@ -200,7 +200,7 @@ async fn calls_join_the_callers_trace() {
     let mut client = fleet.client("token-spans").await;
     let submitted = client
         .submit(traced(SubmitRequest {
-            spec: Some(spec(&fleet.sample_uri().await, 5)),
+            spec: Some(spec(&fleet.sample_uri_for("spans").await, 5)),
         }))
         .await
         .expect("submit")
@@ -475,8 +475,8 @@ async fn get_metrics_returns_a_jobs_series() {
     shared();
     let fleet = coordinator_fleet("plots", |_| {}).await;
     let mut client = fleet.client("token-plots").await;
-    let job = submit(&mut client, spec(&fleet.sample_uri().await, 5)).await;
-    let other = submit(&mut client, spec(&fleet.sample_uri().await, 5)).await;
+    let job = submit(&mut client, spec(&fleet.sample_uri_for("plots").await, 5)).await;
+    let other = submit(&mut client, spec(&fleet.sample_uri_for("plots").await, 5)).await;
     let js = jetstream::new(fleet.nats_client().await);
     for step in 1..=3u32 {
         let at = 1_000 * i64::from(step);
@@ -558,7 +558,7 @@ async fn get_metrics_returns_a_jobs_series() {
     assert_eq!(only.series[0].name, "learning_rate");
 
     // A job without metric events has no series (and the call returns).
-    let third = submit(&mut client, spec(&fleet.sample_uri().await, 5)).await;
+    let third = submit(&mut client, spec(&fleet.sample_uri_for("plots").await, 5)).await;
     let none = client
         .get_metrics(GetMetricsRequest {
             job_id: third.job_id.clone(),
@@ -633,7 +633,7 @@ async fn jobs_are_counted_once_when_submitted_and_when_finished() {
     shared();
     let fleet = coordinator_fleet("counted", |_| {}).await;
     let mut client = fleet.client("token-counted").await;
-    let mut first = spec(&fleet.sample_uri().await, 5);
+    let mut first = spec(&fleet.sample_uri_for("counted").await, 5);
     first.idempotency_key = "once".into();
     let job = submit(&mut client, first.clone()).await;
     let replay = client
@@ -693,7 +693,7 @@ async fn a_finished_jobs_metrics_and_counters() {
     })
     .await;
     let mut client = fleet.client("token-e2e").await;
-    let job = submit(&mut client, spec(&fleet.sample_uri().await, 20)).await;
+    let job = submit(&mut client, spec(&fleet.sample_uri_for("e2e").await, 20)).await;
     let events = watch_all(&mut client, &job.job_id, Duration::from_secs(180)).await;
     assert!(
         events.iter().any(|e| matches!(&e.kind,

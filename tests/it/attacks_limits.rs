@@ -133,7 +133,13 @@ async fn filling_the_events_stream_with_logs_stays_within_its_limit() {
         "{notes:?}"
     );
     // The full output is still in the attempt's log artifact.
-    let key = format!("jobs/{}/logs/train-attempt-1-delivery-1.log", job.job_id);
+    let key = format!(
+        "{}/train-attempt-1-delivery-1.log",
+        trainyard_core::store::keys::logs(
+            &trainyard_proto::TenantId::parse("acme").unwrap(),
+            &trainyard_proto::JobId::parse(&job.job_id).unwrap()
+        )
+    );
     let log = fleet.store.get_bytes(&key).await.expect("the trainer log");
     assert!(log.len() > 100_000, "{} bytes of trainer log", log.len());
     let info = stream.info().await.unwrap();
@@ -255,7 +261,13 @@ async fn a_cancel_sent_before_the_task_is_taken_keeps_the_trainer_from_starting(
     .await;
     assert!(processes_mentioning(&job.job_id).is_empty());
     // A run, however it ends, stores its trainer's output: there was none.
-    let key = format!("jobs/{}/logs/train-attempt-1-delivery-1.log", job.job_id);
+    let key = format!(
+        "{}/train-attempt-1-delivery-1.log",
+        trainyard_core::store::keys::logs(
+            &trainyard_proto::TenantId::parse("acme").unwrap(),
+            &trainyard_proto::JobId::parse(&job.job_id).unwrap()
+        )
+    );
     assert!(fleet.store.get_bytes(&key).await.is_err(), "a trainer ran");
     assert_eq!(
         get(&mut client, &job.job_id).await.state(),

@@ -782,11 +782,21 @@ fn the_compose_stack_mounts_files_that_exist() {
     ] {
         assert!(services.contains_key(name), "compose runs {name}");
     }
+    // `deploy/fleet` is written by `yard fleet init` (never committed):
+    // what the stack mounts from it must be what that command writes.
+    let fleet = tempfile::tempdir().unwrap();
+    trainyard_core::fleet::init(fleet.path(), &Default::default()).expect("fleet init");
     for (name, service) in services {
         for volume in service["volumes"].as_sequence().into_iter().flatten() {
             let spec = volume.as_str().expect("short volume syntax");
             let source = spec.split(':').next().unwrap();
-            if source.starts_with('.') {
+            if let Some(generated) = source.strip_prefix("../fleet") {
+                let file = fleet.path().join(generated.trim_start_matches('/'));
+                assert!(
+                    file.exists(),
+                    "{name:?} mounts {source}, which yard fleet init does not write"
+                );
+            } else if source.starts_with('.') {
                 assert!(
                     dir.join(source).exists(),
                     "{name:?} mounts {source}, which is missing"
@@ -801,8 +811,10 @@ fn the_compose_stack_mounts_files_that_exist() {
     );
     let ports = &prometheus["scrape_configs"][0]["dns_sd_configs"][0]["port"];
     assert_eq!(ports.as_u64(), Some(9464));
-    assert_eq!(
-        compose["services"]["coordinator"]["environment"]["TY_TELEMETRY__METRICS_PORT"].as_str(),
-        Some("9464")
-    );
+    // Set on the service or in the `x-env` block it merges (`<<: *env`).
+    let env = &compose["services"]["coordinator"]["environment"];
+    let port = env["TY_TELEMETRY__METRICS_PORT"]
+        .as_str()
+        .or(env["<<"]["TY_TELEMETRY__METRICS_PORT"].as_str());
+    assert_eq!(port, Some("9464"));
 }

@@ -155,8 +155,9 @@ async fn run(args: args::SmokeArgs) -> anyhow::Result<u8> {
     {
         let dir = fleet.stop_and_keep();
         println!(
-            "\nfleet folder kept: {} (service logs in logs/, each job's trainer log in store/jobs/<job>/logs/)",
-            dir.display()
+            "\nfleet folder kept: {} (service logs in logs/, each job's trainer log in store/tenants/{}/jobs/<job>/logs/)",
+            dir.display(),
+            crate::fleet::TENANT
         );
     }
     if rows
@@ -176,8 +177,9 @@ fn fleet_options(args: &args::SmokeArgs, config: &Config) -> anyhow::Result<Flee
         (
             "TY_COORDINATOR__TOKENS".into(),
             format!(
-                "{{ {:?} = \"smoke\" }}",
-                trainyard_core::auth::token_key(crate::fleet::TOKEN)
+                "{{ {:?} = {:?} }}",
+                trainyard_core::auth::token_key(crate::fleet::TOKEN),
+                crate::fleet::TENANT
             ),
         ),
         (
