@@ -49,7 +49,9 @@ pub fn secs(duration: Duration) -> String {
 /// One line for `yard list`.
 pub fn list_line(record: &JobRecord, now_ms: i64) -> String {
     let mut progress = String::new();
-    if let Some(p) = &record.progress
+    if !record.quota_hold.is_empty() && !record.state().is_final() {
+        progress.push_str("held");
+    } else if let Some(p) = &record.progress
         && !record.state().is_final()
     {
         if p.total_steps > 0 {
@@ -89,6 +91,9 @@ pub fn record_text(record: &JobRecord) -> String {
         );
     }
     let _ = writeln!(out, "state    {state_line}");
+    if !record.quota_hold.is_empty() && !state.is_final() {
+        let _ = writeln!(out, "held     {}", record.quota_hold);
+    }
     if let Some(error) = &record.error {
         let _ = writeln!(out, "error    {}", error_line(error));
     }
@@ -267,6 +272,21 @@ mod tests {
         assert_eq!(json["jobId"], "j-1");
         assert_eq!(json["state"], "JOB_STATE_FAILED");
         assert_eq!(json["artifacts"][0]["size"], "2048");
+    }
+
+    #[test]
+    fn a_held_job_says_what_it_waits_for() {
+        let hold = "waiting for a task slot (train in pool flux): the tenant has 2 tasks there";
+        let mut record = JobRecord {
+            job_id: "j-1".into(),
+            state: JobState::Training as i32,
+            quota_hold: hold.into(),
+            ..Default::default()
+        };
+        assert!(record_text(&record).contains(&format!("held     {hold}")));
+        assert!(list_line(&record, 0).contains("held"));
+        record.state = JobState::Cancelled as i32;
+        assert!(!record_text(&record).contains("held"));
     }
 
     #[test]

@@ -269,7 +269,7 @@ impl JobApi {
         }
         let quota_hold = match crate::quota::admit(
             &self.repo.of_tenant(tenant).await?,
-            self.effects.quotas.for_tenant(tenant.as_str()),
+            &self.effects.quotas.for_tenant(tenant.as_str()),
             trainyard_core::now_ms(),
         ) {
             crate::quota::Admission::Start => String::new(),

@@ -64,7 +64,8 @@ impl Effects {
         for effect in effects {
             match effect {
                 Effect::EmitState(state) => {
-                    let is_final = state.state().is_final();
+                    let entered = state.state();
+                    let is_final = entered.is_final();
                     if is_final {
                         // Once per job: only the transition that made the
                         // record final runs this effect.
@@ -83,9 +84,16 @@ impl Effects {
                     if let Err(error) = result {
                         tracing::warn!(%job, %error, "state event not confirmed");
                     }
-                    if is_final {
-                        // A running slot of the tenant is free; a start
-                        // lost here is made by the reconciler's next pass.
+                    // A job that ends frees a running slot and its stage's;
+                    // one that moves on frees its last stage's. A start
+                    // lost here is made by the reconciler's next pass.
+                    let left_a_stage = matches!(entered, JobState::Training | JobState::Delivering)
+                        && self
+                            .quotas
+                            .for_tenant(tenant.as_str())
+                            .max_running_tasks
+                            .any();
+                    if is_final || left_a_stage {
                         self.start_held(&tenant).await;
                     }
                 }
@@ -106,10 +114,10 @@ impl Effects {
         Ok(())
     }
 
-    /// Publishes a state event and waits for the stream's ack.
-    /// Starts `tenant`'s oldest held jobs, as many as its running quota
-    /// has slots free and none while its GPU budget is spent (see
-    /// [`crate::quota`]); returns how many started.
+    /// Publishes the task of each of `tenant`'s held jobs whose slot has
+    /// room, oldest first: a running slot and GPU budget for those held
+    /// before their first task, room in its stage (and pool) for the rest
+    /// (see [`crate::quota::to_start`]); returns how many started.
     /// Failures are logged: the reconciler's next pass tries again.
     pub async fn start_held(&self, tenant: &TenantId) -> usize {
         let records = match self.repo.of_tenant(tenant).await {
@@ -121,7 +129,7 @@ impl Effects {
         };
         let quota = self.quotas.for_tenant(tenant.as_str());
         let mut count = 0;
-        for held in crate::quota::to_start(&records, quota, trainyard_core::now_ms()) {
+        for held in crate::quota::to_start(&records, &quota, trainyard_core::now_ms()) {
             let Ok(job) = JobId::parse(&held.job_id) else {
                 continue;
             };

@@ -11,6 +11,17 @@
 //!   and on every reconciler pass, its oldest held jobs are started, as
 //!   many as it has running slots free: the hold is cleared by CAS, then
 //!   the prepare task published.
+//! - **Running tasks per stage and pool** (`[quotas.max_running_tasks]`):
+//!   a tenant with its quota of tasks out in a stage (for training: in
+//!   the job's pool) has its next job enter that stage without a task: the
+//!   record moves on (its state event is sent) and carries a
+//!   [`JobRecord::quota_hold`] saying which slot it waits for
+//!   ([`hold_at_stage`]); a job held this way at training has no
+//!   `training_at_ms` until its task goes out, so waiting spends no GPU
+//!   time. At submission, a full prepare stage holds the job `QUEUED` like
+//!   the running quota. When one of the tenant's jobs leaves a stage (its
+//!   next stage starts, or it ends) and on every reconciler pass, its
+//!   oldest held jobs whose slot has room get their task.
 //! - **GPU-hours per day**: a tenant whose jobs trained
 //!   `max_gpu_hours_per_day` or more in the last 24 hours ([`gpu_hours`])
 //!   has its next job held `QUEUED` the same way; held jobs start only
@@ -27,8 +38,9 @@
 //! starting jobs for one tenant at the same moment may pass the running
 //! quota by one each; a CAS makes sure each held job starts once.
 
-use trainyard_core::config::Quota;
-use trainyard_proto::v1::{JobRecord, JobState};
+use crate::job::Effect;
+use trainyard_core::config::{Quota, TaskSlot};
+use trainyard_proto::v1::{JobRecord, JobState, Stage};
 
 /// What a submission gets.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,14 +53,98 @@ pub enum Admission {
     Refuse(String),
 }
 
-/// A record that waits for a running slot.
+/// A record that waits for a slot: a running one, or a stage's.
 pub fn is_held(record: &JobRecord) -> bool {
     !record.quota_hold.is_empty() && !record.state().is_final()
 }
 
-/// A record that holds one of its tenant's running slots.
+/// A record held before its first task: it holds no running slot.
+fn held_at_admission(record: &JobRecord) -> bool {
+    is_held(record) && record.stage() == Stage::Prepare
+}
+
+/// A record that holds one of its tenant's running slots: started, not
+/// final (a job held at a later stage keeps its slot).
 pub fn is_running(record: &JobRecord) -> bool {
-    !record.state().is_final() && record.quota_hold.is_empty()
+    !record.state().is_final() && !held_at_admission(record)
+}
+
+/// The pool a job trains in.
+pub fn pool_of(record: &JobRecord) -> String {
+    record
+        .spec
+        .as_ref()
+        .map(|s| s.pool.as_str())
+        .filter(|p| !p.is_empty())
+        .unwrap_or("default")
+        .to_string()
+}
+
+/// The slot the task of a record's current stage runs in.
+pub fn slot_of(record: &JobRecord) -> Option<TaskSlot> {
+    match record.stage() {
+        Stage::Prepare => Some(TaskSlot::Prepare),
+        Stage::Train => Some(TaskSlot::Train(pool_of(record))),
+        Stage::Deliver => Some(TaskSlot::Deliver),
+        Stage::Unspecified => None,
+    }
+}
+
+/// Whether a record's task is out in `slot` (published, not held).
+fn occupies(record: &JobRecord, slot: &TaskSlot) -> bool {
+    !record.state().is_final()
+        && record.quota_hold.is_empty()
+        && slot_of(record).as_ref() == Some(slot)
+}
+
+/// Why `slot` has no room for one more task of the tenant with
+/// `records`, if it has none; the job `except` is not counted.
+fn slot_full(
+    records: &[JobRecord],
+    quota: &Quota,
+    slot: &TaskSlot,
+    except: &str,
+) -> Option<String> {
+    let max = quota.max_running_tasks.limit(slot)?;
+    let out = records
+        .iter()
+        .filter(|r| r.job_id != except && occupies(r, slot))
+        .count();
+    (out >= max as usize).then(|| {
+        format!(
+            "waiting for a task slot ({slot}): the tenant has {out} tasks there, its quota is {max} ({})",
+            quota.max_running_tasks.key(slot)
+        )
+    })
+}
+
+/// Holds `next`, a record just moved into a new stage by a result,
+/// when its tenant (with `records`) has that stage's quota of tasks out:
+/// its hold set, its task's publish dropped from `effects`, and (at
+/// training) no `training_at_ms` until the task goes out. Returns whether
+/// it did.
+pub fn hold_at_stage(
+    records: &[JobRecord],
+    quota: &Quota,
+    next: &mut JobRecord,
+    effects: &mut Vec<Effect>,
+) -> bool {
+    if next.state().is_final() {
+        return false;
+    }
+    let Some(reason) =
+        slot_of(next).and_then(|slot| slot_full(records, quota, &slot, &next.job_id))
+    else {
+        return false;
+    };
+    next.quota_hold = reason;
+    if next.stage() == Stage::Train
+        && let Some(times) = next.times.as_mut()
+    {
+        times.training_at_ms = 0;
+    }
+    effects.retain(|e| !matches!(e, Effect::Publish(_)));
+    true
 }
 
 /// A day, the window of `max_gpu_hours_per_day`.
@@ -77,7 +173,7 @@ pub fn gpu_hours(records: &[JobRecord], now_ms: i64) -> f64 {
 }
 
 /// Why `quota`'s GPU budget holds the tenant's next job, if it does.
-fn gpu_budget_spent(records: &[JobRecord], quota: Quota, now_ms: i64) -> Option<String> {
+fn gpu_budget_spent(records: &[JobRecord], quota: &Quota, now_ms: i64) -> Option<String> {
     let max = quota.max_gpu_hours_per_day?;
     let used = gpu_hours(records, now_ms);
     (used >= max).then(|| {
@@ -89,7 +185,7 @@ fn gpu_budget_spent(records: &[JobRecord], quota: Quota, now_ms: i64) -> Option<
 
 /// The admission of a new job of a tenant with `records` under `quota`
 /// at `now_ms`.
-pub fn admit(records: &[JobRecord], quota: Quota, now_ms: i64) -> Admission {
+pub fn admit(records: &[JobRecord], quota: &Quota, now_ms: i64) -> Admission {
     let queued = records
         .iter()
         .filter(|r| r.state() == JobState::Queued)
@@ -106,39 +202,77 @@ pub fn admit(records: &[JobRecord], quota: Quota, now_ms: i64) -> Admission {
         Some(max) if running >= max as usize => Admission::Hold(format!(
             "waiting for a running slot: the tenant runs {running} jobs, its quota is {max} (quotas.max_running_jobs)"
         )),
-        _ => match gpu_budget_spent(records, quota, now_ms) {
+        _ => match slot_full(records, quota, &TaskSlot::Prepare, "")
+            .or_else(|| gpu_budget_spent(records, quota, now_ms))
+        {
             Some(reason) => Admission::Hold(reason),
             None => Admission::Start,
         },
     }
 }
 
-/// The held jobs to start at `now_ms`, oldest first: as many as the
-/// tenant has running slots free, none while its GPU budget is spent.
-pub fn to_start(records: &[JobRecord], quota: Quota, now_ms: i64) -> Vec<&JobRecord> {
-    if gpu_budget_spent(records, quota, now_ms).is_some() {
-        return Vec::new();
+/// The held jobs whose task may go out at `now_ms`, oldest first. A job
+/// held before its first task needs a running slot, room in the prepare
+/// stage and GPU budget left; one held at a later stage only room in its
+/// stage (for training, in its pool). A job whose slot is full does not
+/// keep a later one waiting for another slot.
+pub fn to_start<'a>(records: &'a [JobRecord], quota: &Quota, now_ms: i64) -> Vec<&'a JobRecord> {
+    let budget_spent = gpu_budget_spent(records, quota, now_ms).is_some();
+    let mut running = records.iter().filter(|r| is_running(r)).count();
+    let mut out_in: std::collections::HashMap<TaskSlot, usize> = Default::default();
+    for slot in records
+        .iter()
+        .filter(|r| !r.state().is_final() && r.quota_hold.is_empty())
+        .filter_map(slot_of)
+    {
+        *out_in.entry(slot).or_default() += 1;
     }
-    let running = records.iter().filter(|r| is_running(r)).count();
-    let free = match quota.max_running_jobs {
-        Some(max) => (max as usize).saturating_sub(running),
-        None => usize::MAX,
-    };
     let mut held: Vec<&JobRecord> = records.iter().filter(|r| is_held(r)).collect();
     held.sort_by_key(|r| (r.created_at_ms, r.job_id.clone()));
-    held.truncate(free);
-    held
+    let mut start = Vec::new();
+    for record in held {
+        let Some(slot) = slot_of(record) else {
+            continue;
+        };
+        let first_task = held_at_admission(record);
+        if first_task
+            && (budget_spent
+                || quota
+                    .max_running_jobs
+                    .is_some_and(|max| running >= max as usize))
+        {
+            continue;
+        }
+        let out = out_in.entry(slot.clone()).or_default();
+        if quota
+            .max_running_tasks
+            .limit(&slot)
+            .is_some_and(|max| *out >= max as usize)
+        {
+            continue;
+        }
+        *out += 1;
+        if first_task {
+            running += 1;
+        }
+        start.push(record);
+    }
+    start
 }
 
-/// The record of a held job once started (its hold cleared); `None` when
-/// it is not held any more (another replica started it, or it ended).
+/// The record of a held job once its task may go out (its hold cleared;
+/// at training, its GPU time starts now); `None` when it is not held any
+/// more (another replica started it, or it ended).
 pub fn started(record: &JobRecord, now_ms: i64) -> Option<JobRecord> {
-    if !is_held(record) || record.state() != JobState::Queued {
+    if !is_held(record) {
         return None;
     }
     let mut next = record.clone();
     next.quota_hold.clear();
     next.updated_at_ms = now_ms;
+    if next.stage() == Stage::Train {
+        next.times.get_or_insert_default().training_at_ms = now_ms;
+    }
     Some(next)
 }
 
@@ -147,10 +281,16 @@ mod tests {
     use super::*;
 
     fn job(n: i64, state: JobState, held: bool) -> JobRecord {
+        let stage = match state {
+            JobState::Queued | JobState::Preparing => Stage::Prepare,
+            JobState::Delivering | JobState::Succeeded => Stage::Deliver,
+            _ => Stage::Train,
+        };
         JobRecord {
             job_id: format!("j-{n}"),
             tenant: "acme".into(),
             state: state as i32,
+            stage: stage as i32,
             created_at_ms: n,
             quota_hold: if held { "quota".into() } else { String::new() },
             ..Default::default()
@@ -162,6 +302,7 @@ mod tests {
             max_queued_jobs: (queued > 0).then_some(queued),
             max_running_jobs: (running > 0).then_some(running),
             max_gpu_hours_per_day: None,
+            max_running_tasks: Default::default(),
         }
     }
 
@@ -232,24 +373,24 @@ mod tests {
         use JobState::*;
         let records = vec![trained(1, Succeeded, 90, 92), job(3, Queued, true)];
         let now = 100 * H;
-        match admit(&records, gpu(2.0), now) {
+        match admit(&records, &gpu(2.0), now) {
             Admission::Hold(reason) => assert!(reason.starts_with("GPU budget spent"), "{reason}"),
             other => panic!("{other:?}"),
         }
-        assert_eq!(admit(&records, gpu(2.5), now), Admission::Start);
-        assert!(to_start(&records, gpu(2.0), now).is_empty());
-        assert_eq!(to_start(&records, gpu(2.5), now).len(), 1);
+        assert_eq!(admit(&records, &gpu(2.5), now), Admission::Start);
+        assert!(to_start(&records, &gpu(2.0), now).is_empty());
+        assert_eq!(to_start(&records, &gpu(2.5), now).len(), 1);
         // A day after the training ended, the window has room again.
         let later = 92 * H + DAY_MS;
-        assert_eq!(admit(&records, gpu(2.0), later), Admission::Start);
-        assert_eq!(to_start(&records, gpu(2.0), later).len(), 1);
+        assert_eq!(admit(&records, &gpu(2.0), later), Admission::Start);
+        assert_eq!(to_start(&records, &gpu(2.0), later).len(), 1);
         // The running quota is checked first and keeps its own reason.
         let running = vec![trained(1, Training, 99, 0)];
         let both = Quota {
             max_running_jobs: Some(1),
             ..gpu(0.5)
         };
-        match admit(&running, both, now) {
+        match admit(&running, &both, now) {
             Admission::Hold(reason) => assert!(reason.starts_with("waiting for a running slot")),
             other => panic!("{other:?}"),
         }
@@ -298,7 +439,7 @@ mod tests {
             ),
         ];
         for (row, records, quota, want) in rows {
-            let got = match admit(&records, quota, 0) {
+            let got = match admit(&records, &quota, 0) {
                 Admission::Start => "start",
                 Admission::Hold(_) => "hold",
                 Admission::Refuse(_) => "refuse",
@@ -318,7 +459,7 @@ mod tests {
             job(2, Cancelled, true),
         ];
         let ids = |q| {
-            to_start(&records, q, 0)
+            to_start(&records, &q, 0)
                 .iter()
                 .map(|r| r.job_id.clone())
                 .collect::<Vec<_>>()
@@ -331,5 +472,176 @@ mod tests {
         assert!(next.quota_hold.is_empty());
         assert_eq!(started(&next, 10), None, "started once");
         assert_eq!(started(&job(2, Cancelled, true), 10), None);
+    }
+
+    /// A job in `stage` of `pool`, its task out (or held).
+    fn at(n: i64, stage: Stage, pool: &str, held: bool) -> JobRecord {
+        let state = match stage {
+            Stage::Prepare => JobState::Preparing,
+            Stage::Train => JobState::Training,
+            _ => JobState::Delivering,
+        };
+        JobRecord {
+            stage: stage as i32,
+            spec: Some(trainyard_proto::v1::JobSpec {
+                pool: pool.into(),
+                ..Default::default()
+            }),
+            ..job(n, state, held)
+        }
+    }
+
+    fn tasks(prepare: u32, train: u32, pools: &[(&str, u32)]) -> Quota {
+        Quota {
+            max_running_tasks: trainyard_core::config::TaskQuotas {
+                prepare: Some(prepare),
+                train: Some(train),
+                deliver: None,
+                pools: pools.iter().map(|(p, n)| (p.to_string(), *n)).collect(),
+            },
+            ..quota(0, 0)
+        }
+    }
+
+    #[test]
+    fn a_job_entering_a_full_stage_is_held_there_without_its_task() {
+        use Stage::*;
+        let quota = tasks(0, 1, &[("big", 2)]);
+        let rows: Vec<(&str, Vec<JobRecord>, JobRecord, bool)> = vec![
+            (
+                "train slot free",
+                vec![],
+                at(9, Train, "flux", false),
+                false,
+            ),
+            (
+                "one training in the pool",
+                vec![at(1, Train, "flux", false)],
+                at(9, Train, "flux", false),
+                true,
+            ),
+            (
+                "another pool has its own slots",
+                vec![at(1, Train, "flux", false)],
+                at(9, Train, "sdxl", false),
+                false,
+            ),
+            (
+                "a pool's own limit",
+                vec![at(1, Train, "big", false)],
+                at(9, Train, "big", false),
+                false,
+            ),
+            (
+                "held jobs hold no slot",
+                vec![at(1, Train, "flux", true)],
+                at(9, Train, "flux", false),
+                false,
+            ),
+            (
+                "the job itself is not counted",
+                vec![at(9, Train, "flux", false)],
+                at(9, Train, "flux", false),
+                false,
+            ),
+            (
+                "ended jobs hold no slot",
+                vec![job(1, JobState::Failed, false)],
+                at(9, Train, "flux", false),
+                false,
+            ),
+            (
+                "an unlimited stage",
+                vec![at(1, Deliver, "flux", false)],
+                at(9, Deliver, "flux", false),
+                false,
+            ),
+        ];
+        for (row, records, mut next, want) in rows {
+            next.times = Some(trainyard_proto::v1::StageTimes {
+                training_at_ms: 5,
+                ..Default::default()
+            });
+            let task = Effect::Publish(Box::new(crate::job::Task::Train(Default::default())));
+            let mut effects = vec![Effect::SendCancel, task];
+            let held = hold_at_stage(&records, &quota, &mut next, &mut effects);
+            assert_eq!(held, want, "{row}");
+            assert_eq!(effects.len(), if want { 1 } else { 2 }, "{row}");
+            if want {
+                assert!(
+                    next.quota_hold
+                        .starts_with("waiting for a task slot (train in pool flux)")
+                        && next
+                            .quota_hold
+                            .ends_with("(quotas.max_running_tasks.train)"),
+                    "{row}: {}",
+                    next.quota_hold
+                );
+                assert_eq!(next.times.as_ref().unwrap().training_at_ms, 0, "{row}");
+                assert!(is_held(&next) && is_running(&next), "{row}");
+                assert_eq!(crate::job::current_task(&next), None, "{row}");
+            }
+        }
+    }
+
+    #[test]
+    fn held_jobs_get_their_task_as_their_own_slot_frees() {
+        use Stage::*;
+        let quota = Quota {
+            max_running_jobs: Some(5),
+            ..tasks(1, 1, &[])
+        };
+        let ids = |records: &[JobRecord]| {
+            to_start(records, &quota, 0)
+                .iter()
+                .map(|r| r.job_id.clone())
+                .collect::<Vec<_>>()
+        };
+        // flux full, sdxl free, prepare free, one running slot left (jobs
+        // held at training keep theirs).
+        let records = vec![
+            at(1, Train, "flux", false),
+            at(2, Train, "flux", true),
+            at(3, Train, "sdxl", true),
+            at(4, Train, "sdxl", true),
+            job(5, JobState::Queued, true),
+            job(6, JobState::Queued, true),
+        ];
+        assert_eq!(ids(&records), ["j-3", "j-5"]);
+        // The flux job ends: the oldest held there gets the slot.
+        let mut records = records;
+        records[0].state = JobState::Succeeded as i32;
+        assert_eq!(ids(&records), ["j-2", "j-3", "j-5"]);
+        // A job preparing fills the prepare stage: none starts from QUEUED.
+        records.push(at(7, Prepare, "", false));
+        assert_eq!(ids(&records), ["j-2", "j-3"]);
+        // Released at training, its GPU time starts then.
+        let next = started(&records[1], 42).unwrap();
+        assert!(next.quota_hold.is_empty());
+        assert_eq!(next.times.unwrap().training_at_ms, 42);
+        assert!(matches!(
+            crate::job::current_task(&started(&records[1], 42).unwrap()),
+            Some(crate::job::Task::Train(_))
+        ));
+    }
+
+    #[test]
+    fn a_full_prepare_stage_holds_a_submission_queued() {
+        let records = vec![at(1, Stage::Prepare, "", false)];
+        match admit(&records, &tasks(1, 0, &[]), 0) {
+            Admission::Hold(reason) => assert!(
+                reason.starts_with("waiting for a task slot (prepare)"),
+                "{reason}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(admit(&records, &tasks(2, 0, &[]), 0), Admission::Start);
+        // A job held at training still holds its running slot.
+        let held = vec![at(1, Stage::Train, "flux", true)];
+        let one = Quota {
+            max_running_jobs: Some(1),
+            ..quota(0, 0)
+        };
+        assert!(matches!(admit(&held, &one, 0), Admission::Hold(_)));
     }
 }

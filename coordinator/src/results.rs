@@ -121,9 +121,15 @@ async fn apply(
     let outcome = repo
         .update(&tenant, &job, |record| {
             let decision = job::transition(&record, &event, now);
+            let tenant = tenant.clone();
             async move {
                 match decision {
-                    Decision::Apply(next, effects) => (Some(*next), (effects, None)),
+                    Decision::Apply(mut next, mut todo) => {
+                        if next.stage != record.stage {
+                            hold_if_full(repo, effects, &tenant, &mut next, &mut todo).await;
+                        }
+                        (Some(*next), (todo, None))
+                    }
                     Decision::Ignore(why) => (None, (Vec::new(), Some((why, record)))),
                 }
             }
@@ -161,6 +167,37 @@ async fn apply(
         Err(error) => {
             tracing::warn!(%job, %error, "cannot apply result now");
             AckKind::Nak(Some(Duration::from_secs(2)))
+        }
+    }
+}
+
+/// Holds a job that a result moved into a new stage when its tenant has
+/// that stage's quota of tasks out ([`crate::quota::hold_at_stage`]). The
+/// tenant's records are read only when the stage has a limit; when they
+/// cannot be read the job goes on unheld (quotas are soft, as across
+/// coordinator replicas).
+async fn hold_if_full(
+    repo: &JobRepo,
+    effects: &Effects,
+    tenant: &TenantId,
+    next: &mut trainyard_proto::v1::JobRecord,
+    todo: &mut Vec<job::Effect>,
+) {
+    let quota = effects.quotas.for_tenant(tenant.as_str());
+    let limited = crate::quota::slot_of(next)
+        .and_then(|slot| quota.max_running_tasks.limit(&slot))
+        .is_some();
+    if !limited || next.state().is_final() {
+        return;
+    }
+    match repo.of_tenant(tenant).await {
+        Ok(records) => {
+            if crate::quota::hold_at_stage(&records, &quota, next, todo) {
+                tracing::info!(job = %next.job_id, %tenant, hold = %next.quota_hold, "job held at its stage");
+            }
+        }
+        Err(error) => {
+            tracing::warn!(job = %next.job_id, %error, "cannot read the tenant's jobs; stage quota not applied")
         }
     }
 }

@@ -18,6 +18,8 @@
 
 use async_nats::jetstream::kv;
 use prost::Message as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use trainyard_proto::v1::{Stage, TaskClaim};
 use trainyard_proto::{Attempt, JobId, TenantId};
@@ -92,6 +94,11 @@ pub struct Held {
     /// The claim was taken over from a holder of the same attempt whose
     /// lease ran out without a release (it died or froze).
     pub took_over: bool,
+    /// Log event bytes the job has published from this stage over all its
+    /// attempts: starts at the replaced claim's
+    /// [`TaskClaim::log_bytes`], raised by whoever publishes the task's
+    /// logs, written into the claim with each renewal and the release.
+    pub log_bytes: Arc<AtomicU64>,
     key: String,
 }
 
@@ -100,6 +107,7 @@ impl Held {
     /// A claim as if just taken, for tests of what the runtime decides with one.
     pub(crate) fn for_tests(claim: TaskClaim) -> Held {
         Held {
+            log_bytes: Arc::new(AtomicU64::new(claim.log_bytes)),
             claim,
             revision: 1,
             took_over: false,
@@ -187,6 +195,8 @@ impl Claims {
             token: uuid::Uuid::now_v7().simple().to_string(),
             lease_until_ms: now + self.lease.as_millis() as i64,
             released: false,
+            // The job's log bytes go on across attempts and takeovers.
+            log_bytes: stored.as_ref().map(|c| c.log_bytes).unwrap_or(0),
         };
         let value = claim.encode_to_vec().into();
         let written = match &entry {
@@ -210,6 +220,7 @@ impl Claims {
         };
         match written {
             Ok(revision) => Acquire::Held(Held {
+                log_bytes: Arc::new(AtomicU64::new(claim.log_bytes)),
                 claim,
                 revision,
                 took_over,
@@ -235,7 +246,8 @@ impl Claims {
         self.write(held, next).await
     }
 
-    async fn write(&self, held: &mut Held, next: TaskClaim) -> Renew {
+    async fn write(&self, held: &mut Held, mut next: TaskClaim) -> Renew {
+        next.log_bytes = next.log_bytes.max(held.log_bytes.load(Ordering::Relaxed));
         match self
             .kv
             .update(&held.key, next.encode_to_vec().into(), held.revision)
@@ -271,6 +283,7 @@ mod tests {
             token: token.into(),
             lease_until_ms,
             released: false,
+            log_bytes: 0,
         }
     }
 

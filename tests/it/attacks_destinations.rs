@@ -77,6 +77,7 @@ fn context(js: &async_nats::jetstream::Context, job: &JobId) -> TaskContext {
         events: EventSink::new(js.clone(), tenant, job.clone()),
         cancel: CancellationToken::new(),
         stop: CancellationToken::new(),
+        log_bytes: Default::default(),
     }
 }
 

@@ -340,3 +340,137 @@ async fn a_job_past_the_gpu_budget_waits_queued_and_does_not_fail() {
     assert!(second.error.is_none());
     fleet.stop().await;
 }
+
+/// The number of tasks in `TY_TASKS` on `subject`.
+async fn tasks_on(js: &async_nats::jetstream::Context, subject: &str) -> u64 {
+    let stream = js.get_stream(TASKS_STREAM).await.unwrap();
+    let info = stream.info_with_subjects(subject).await.unwrap();
+    info.filter_map(|s| async move { s.ok().map(|(_, n)| u64::try_from(n).unwrap_or(0)) })
+        .collect::<Vec<u64>>()
+        .await
+        .iter()
+        .sum()
+}
+
+/// A job's record once `check` holds for it.
+async fn record_when(
+    client: &trainyard_tests::Client,
+    job: &str,
+    what: &str,
+    check: impl Fn(&trainyard_proto::v1::JobRecord) -> bool,
+) -> trainyard_proto::v1::JobRecord {
+    let check = &check;
+    wait_for(what, Duration::from_secs(60), || {
+        let mut client = client.clone();
+        let job = job.to_string();
+        async move {
+            let record = get(&mut client, &job).await;
+            check(&record).then_some(record)
+        }
+    })
+    .await
+}
+
+/// A tenant with its pool's quota of training tasks out (one, in a pool
+/// no worker serves, so it stays out) cannot take another of that pool's
+/// GPUs: its next job there enters TRAINING without a task and spends no
+/// GPU time; its job in another pool trains, another tenant's job in the
+/// same pool is not held, and the held job gets its task when the
+/// tenant's job there ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_past_its_pools_training_quota_waits_without_a_task_while_others_train() {
+    let fleet = Fleet::start_secured(Services::ALL, |c| {
+        c.quotas.max_running_tasks.train = Some(1);
+    })
+    .await;
+    let js = async_nats::jetstream::new(fleet.nats_client().await);
+    let idle_tasks = subject::task(Stage::Train, "idle");
+    let dataset = fleet.sample_uri().await;
+    let in_idle = |dataset: &str| {
+        let mut spec = spec(dataset, 10);
+        spec.pool = "idle".into();
+        spec
+    };
+    let acme = fleet.client(TOKEN).await;
+    let parked = submit(&mut acme.clone(), in_idle(&dataset)).await.job_id;
+    record_when(&acme, &parked, "the first job to train", |r| {
+        r.state() == JobState::Training
+    })
+    .await;
+    let second = submit(&mut acme.clone(), in_idle(&dataset)).await.job_id;
+    let held = record_when(&acme, &second, "the second job to reach training", |r| {
+        r.state() == JobState::Training
+    })
+    .await;
+    assert!(
+        held.quota_hold.starts_with(
+            "waiting for a task slot (train in pool idle): the tenant has 1 tasks there"
+        ) && held
+            .quota_hold
+            .ends_with("(quotas.max_running_tasks.train)"),
+        "{}",
+        held.quota_hold
+    );
+    assert_eq!(
+        held.times.as_ref().unwrap().training_at_ms,
+        0,
+        "no GPU time while held"
+    );
+    assert_eq!(
+        tasks_on(&js, &idle_tasks).await,
+        1,
+        "only the first job's task is out"
+    );
+
+    // The quota is per pool: acme's job in the default pool trains to the end.
+    let mut client = acme.clone();
+    let elsewhere = submit(&mut client, spec(&dataset, 10)).await;
+    watch_all(&mut client, &elsewhere.job_id, Duration::from_secs(120)).await;
+    let elsewhere = get(&mut client, &elsewhere.job_id).await;
+    assert_eq!(
+        elsewhere.state(),
+        JobState::Succeeded,
+        "{:?}",
+        elsewhere.error
+    );
+    // And per tenant: globex's job in the same pool gets its task.
+    let globex = fleet.client(OTHER_TOKEN).await;
+    let theirs = submit(
+        &mut globex.clone(),
+        in_idle(&fleet.sample_uri_for("globex").await),
+    )
+    .await
+    .job_id;
+    let theirs = record_when(&globex, &theirs, "globex's job to train", |r| {
+        r.state() == JobState::Training
+    })
+    .await;
+    assert!(theirs.quota_hold.is_empty(), "{}", theirs.quota_hold);
+    assert_eq!(tasks_on(&js, &idle_tasks).await, 2);
+    // Across a reconciler pass the held job stays held.
+    let parts = fleet.coordinator_parts().await;
+    let pass = parts
+        .reconciler
+        .pass(trainyard_core::now_ms())
+        .await
+        .unwrap();
+    assert_eq!(pass.started, 0, "{pass:?}");
+    assert!(!get(&mut client, &second).await.quota_hold.is_empty());
+
+    // The first job ends: the held one gets the slot and its task.
+    client
+        .cancel(trainyard_proto::v1::CancelRequest {
+            job_id: parked.clone(),
+            reason: "test".into(),
+        })
+        .await
+        .expect("cancel");
+    let released = record_when(&acme, &second, "the held job's task", |r| {
+        r.quota_hold.is_empty()
+    })
+    .await;
+    assert_eq!(released.state(), JobState::Training);
+    assert!(released.times.as_ref().unwrap().training_at_ms > 0);
+    assert_eq!(tasks_on(&js, &idle_tasks).await, 3);
+    fleet.stop().await;
+}

@@ -58,7 +58,7 @@ async fn stored_events(fleet: &Fleet, tenant: &TenantId, job: &JobId) -> Vec<Job
 /// A flood of log events (as a trainer with no budget would send) stays
 /// within the events stream's byte limit, the oldest going first; a job
 /// run after it still completes, and its chatty trainer publishes no
-/// more than its log budget, then one note.
+/// more than the job's log budget over both its runs, then a note.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filling_the_events_stream_with_logs_stays_within_its_limit() {
     const BUDGET: u64 = 2048;
@@ -96,18 +96,37 @@ async fn filling_the_events_stream_with_logs_stays_within_its_limit() {
     assert!(info.state.messages < 64, "nothing was dropped");
 
     let mut client = fleet.client(TOKEN).await;
-    // A trainer printing 1 kB of noise after each of its 100 steps.
+    // A trainer printing 1 kB of noise after each of its 100 steps, out
+    // of memory at step 10 of its first attempt (batch size 2): the
+    // budget is the job's, so the retry publishes none of its output.
     let mut chatty = spec(&fleet.sample_uri().await, 100);
-    chatty.training.as_mut().unwrap().extras.insert(
-        "fault_chatter_bytes_per_step".into(),
-        ExtraValue {
-            kind: Some(extra_value::Kind::Int(1000)),
-        },
-    );
+    let training = chatty.training.as_mut().unwrap();
+    training.batch_size = 2;
+    for (key, value) in [
+        ("fault_chatter_bytes_per_step", 1000),
+        ("fault_oom_at_step", 10),
+        ("fault_oom_min_batch_size", 2),
+    ] {
+        training.extras.insert(
+            key.into(),
+            ExtraValue {
+                kind: Some(extra_value::Kind::Int(value)),
+            },
+        );
+    }
+    chatty.retry = Some(trainyard_proto::v1::RetryPolicy {
+        stages: vec![Stage::Train as i32],
+        initial_delay_ms: 200,
+        multiplier: 1.0,
+        max_attempts: 3,
+        jitter: Some(0.0),
+        ..Default::default()
+    });
     let job = submit(&mut client, chatty).await;
     let events = watch_all(&mut client, &job.job_id, Duration::from_secs(180)).await;
     let done = get(&mut client, &job.job_id).await;
     assert_eq!(done.state(), JobState::Succeeded, "{:?}", done.error);
+    assert_eq!(done.adjustments, ["oom: batch_size 2 → 1"], "two runs");
 
     let lines = log_lines(&events);
     let trainer_bytes: u64 = lines
@@ -124,24 +143,39 @@ async fn filling_the_events_stream_with_logs_stays_within_its_limit() {
         .filter(|(stream, _)| stream == "worker")
         .map(|(_, text)| text.as_str())
         .collect();
+    // Each run says so twice: when the budget is (found) spent, and at its end.
     assert_eq!(
         notes
             .iter()
             .filter(|n| n.starts_with("log budget exhausted"))
             .count(),
-        2,
+        4,
         "{notes:?}"
     );
-    // The full output is still in the attempt's log artifact.
-    let key = format!(
-        "{}/train-attempt-1-delivery-1.log",
-        trainyard_core::store::keys::logs(
-            &trainyard_proto::TenantId::parse("acme").unwrap(),
-            &trainyard_proto::JobId::parse(&job.job_id).unwrap()
-        )
+    // The claim carries the job's count to every run.
+    let kv = js
+        .get_key_value(trainyard_core::topology::CLAIMS_BUCKET)
+        .await
+        .unwrap();
+    let claim = trainyard_core::claim::Claims::stored(
+        &kv,
+        &TenantId::parse("acme").unwrap(),
+        &JobId::parse(&job.job_id).unwrap(),
+        Stage::Train,
+    )
+    .await
+    .unwrap()
+    .expect("the train stage's claim");
+    assert_eq!(claim.log_bytes, trainer_bytes, "{claim:?}");
+    // The full output of both runs is still in their log artifacts.
+    let prefix = trainyard_core::store::keys::logs(
+        &TenantId::parse("acme").unwrap(),
+        &JobId::parse(&job.job_id).unwrap(),
     );
-    let log = fleet.store.get_bytes(&key).await.expect("the trainer log");
-    assert!(log.len() > 100_000, "{} bytes of trainer log", log.len());
+    let logs = fleet.store.list(&prefix).await.expect("the trainer logs");
+    assert_eq!(logs.len(), 2, "{logs:?}");
+    let kept: u64 = logs.iter().map(|(_, size)| size).sum();
+    assert!(kept > 100_000, "{kept} bytes of trainer log");
     let info = stream.info().await.unwrap();
     assert!(info.state.bytes <= EVENTS_MAX);
     let tenant = TenantId::parse("acme").unwrap();

@@ -75,6 +75,7 @@ fn context(fleet_js: &async_nats::jetstream::Context, stage: Stage, job: &JobId)
         events: EventSink::new(fleet_js.clone(), tenant, job.clone()),
         cancel: CancellationToken::new(),
         stop: CancellationToken::new(),
+        log_bytes: Default::default(),
     }
 }
 

@@ -1,6 +1,7 @@
-//! How much trainer output one attempt may publish as log events: a byte
-//! budget for the whole attempt and a byte rate (a token bucket holding
-//! [`BURST_SECS`] seconds of it). Past the budget no more trainer lines go
+//! How much trainer output one job may publish as log events: a byte
+//! budget for the whole job, over all its attempts (what earlier attempts
+//! spent comes with the task's claim, [`trainyard_proto::v1::TaskClaim::log_bytes`]),
+//! and a byte rate (a token bucket holding [`BURST_SECS`] seconds of it). Past the budget no more trainer lines go
 //! out as events; over the rate lines are dropped until the bucket refills.
 //! Either way the dropped bytes are counted for the notes that say so, and
 //! the attempt's full log artifact in the store (capped by
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 /// Seconds of the rate a burst may use at once.
 pub const BURST_SECS: u64 = 4;
 
-/// The limits of one attempt's log events; 0 means no limit.
+/// The limits of one job's log events; 0 means no limit.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LogLimits {
     pub budget_bytes: u64,
@@ -43,10 +44,11 @@ pub struct LogBudget {
 }
 
 impl LogBudget {
-    pub fn new(limits: LogLimits, now: Instant) -> LogBudget {
+    /// A budget of which earlier attempts of the job spent `already` bytes.
+    pub fn new(limits: LogLimits, already: u64, now: Instant) -> LogBudget {
         LogBudget {
             limits,
-            spent: 0,
+            spent: already,
             tokens: limits.bytes_per_sec.saturating_mul(BURST_SECS),
             refilled: now,
             exhausted: false,
@@ -57,6 +59,11 @@ impl LogBudget {
 
     pub fn limits(&self) -> LogLimits {
         self.limits
+    }
+
+    /// Bytes passed so far, earlier attempts' included.
+    pub fn spent(&self) -> u64 {
+        self.spent
     }
 
     /// Accounts a line of `bytes` at `now`.
@@ -108,6 +115,7 @@ mod tests {
                 budget_bytes: 100,
                 bytes_per_sec: 0,
             },
+            0,
             t0,
         );
         assert_eq!(b.admit(60, t0), Admit::Pass);
@@ -126,6 +134,7 @@ mod tests {
                 budget_bytes: 0,
                 bytes_per_sec: 100,
             },
+            0,
             t0,
         );
         // A burst of BURST_SECS seconds passes, then nothing.
@@ -143,9 +152,29 @@ mod tests {
     }
 
     #[test]
+    fn what_earlier_attempts_spent_counts_against_the_jobs_budget() {
+        let t0 = Instant::now();
+        let limits = LogLimits {
+            budget_bytes: 100,
+            bytes_per_sec: 0,
+        };
+        let mut b = LogBudget::new(limits, 90, t0);
+        assert_eq!(b.admit(10, t0), Admit::Pass);
+        assert_eq!(b.spent(), 100);
+        assert_eq!(b.admit(1, t0), Admit::Exhausted { first: true });
+        // An attempt that starts with the budget spent passes nothing.
+        let mut spent = LogBudget::new(limits, 100, t0);
+        assert_eq!(spent.admit(1, t0), Admit::Exhausted { first: true });
+        // Nor does one past it (a crash between renewals undercounts,
+        // never a limit lowered: it is still spent).
+        let mut over = LogBudget::new(limits, 5_000, t0);
+        assert_eq!(over.admit(1, t0), Admit::Exhausted { first: true });
+    }
+
+    #[test]
     fn no_limits_pass_everything() {
         let t0 = Instant::now();
-        let mut b = LogBudget::new(LogLimits::default(), t0);
+        let mut b = LogBudget::new(LogLimits::default(), 0, t0);
         for _ in 0..1000 {
             assert_eq!(b.admit(1 << 20, t0), Admit::Pass);
         }

@@ -10,8 +10,9 @@
 //! they keep their place among the trainer's lines, and are always an
 //! event of their own.
 //!
-//! The trainer's lines are metered by a [`LogBudget`]: past the attempt's
-//! byte budget one note says so and no more trainer lines go out; over the
+//! The trainer's lines are metered by a [`LogBudget`]: past the job's
+//! byte budget (over all its attempts, counted in the task's claim) one
+//! note says so and no more trainer lines go out; over the
 //! byte rate lines are dropped and a note (at most every
 //! [`RATE_NOTE_EVERY`], and at the end) counts them.
 
@@ -61,14 +62,27 @@ struct Spent {
 }
 
 impl LogBatcher {
-    pub fn start(events: EventSink, stage: Stage, limits: LogLimits) -> LogBatcher {
+    /// `job_bytes` is what the job's log events used before this run
+    /// ([`trainyard_core::runtime::TaskContext::log_bytes`]); the bytes
+    /// this run publishes are added to it.
+    pub fn start(
+        events: EventSink,
+        stage: Stage,
+        limits: LogLimits,
+        job_bytes: Arc<AtomicU64>,
+    ) -> LogBatcher {
         let (tx, rx) = mpsc::channel(QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
-        let budget = LogBudget::new(limits, std::time::Instant::now());
+        let budget = LogBudget::new(
+            limits,
+            job_bytes.load(Ordering::Relaxed),
+            std::time::Instant::now(),
+        );
         let spent = Arc::new(Spent::default());
+        let metered = Metered { budget, job_bytes };
         // In the caller's span: its log events carry the job's trace context.
         let task = tokio::spawn(
-            publish(events, stage, rx, dropped.clone(), budget, spent.clone())
+            publish(events, stage, rx, dropped.clone(), metered, spent.clone())
                 .instrument(tracing::Span::current()),
         );
         LogBatcher {
@@ -149,14 +163,24 @@ impl Pending {
     }
 }
 
+/// The job's budget, and the count shared with its claim.
+struct Metered {
+    budget: LogBudget,
+    job_bytes: Arc<AtomicU64>,
+}
+
 async fn publish(
     events: EventSink,
     stage: Stage,
     mut rx: mpsc::Receiver<Entry>,
     dropped: Arc<AtomicU64>,
-    mut budget: LogBudget,
+    metered: Metered,
     spent: Arc<Spent>,
 ) {
+    let Metered {
+        mut budget,
+        job_bytes,
+    } = metered;
     let mut pending = Pending::default();
     let mut flush_at = tokio::time::Instant::now();
     let mut rate_noted = std::time::Instant::now();
@@ -172,7 +196,9 @@ async fn publish(
             Some(Entry::Trainer { stream, line }) => {
                 let now = std::time::Instant::now();
                 match budget.admit(line.len() as u64 + 1, now) {
-                    Admit::Pass => {}
+                    Admit::Pass => {
+                        job_bytes.fetch_max(budget.spent(), Ordering::Relaxed);
+                    }
                     Admit::OverRate => {
                         if now.duration_since(rate_noted) >= RATE_NOTE_EVERY {
                             rate_noted = now;
@@ -188,7 +214,7 @@ async fn publish(
                             let limit = budget.limits().budget_bytes;
                             tracing::warn!(job = %events.job(), limit, "trainer log event budget exhausted");
                             let note = format!(
-                                "log budget exhausted: the attempt's {limit} bytes of log events are spent; \
+                                "log budget exhausted: the job's {limit} bytes of log events (over all its attempts) are spent; \
                                  later trainer output is kept only in the attempt's log artifact"
                             );
                             events.log(stage, "worker", &note).await;

@@ -88,7 +88,12 @@ async fn logs_of(
 async fn lines_are_batched_into_few_events_that_keep_their_order() {
     let nats = nats().await;
     let (events, tenant, job) = sink(&nats.js);
-    let logs = LogBatcher::start(events, Stage::Train, LogLimits::default());
+    let logs = LogBatcher::start(
+        events,
+        Stage::Train,
+        LogLimits::default(),
+        Default::default(),
+    );
     let mut expected = Vec::new();
     for i in 0..1000 {
         let stream = if i % 100 == 99 { "stderr" } else { "stdout" };
@@ -123,7 +128,12 @@ async fn lines_are_batched_into_few_events_that_keep_their_order() {
 async fn a_stalled_nats_costs_log_lines_never_time() {
     let nats = nats().await;
     let (events, tenant, job) = sink(&nats.js);
-    let logs = LogBatcher::start(events, Stage::Train, LogLimits::default());
+    let logs = LogBatcher::start(
+        events,
+        Stage::Train,
+        LogLimits::default(),
+        Default::default(),
+    );
     let server = Pid::from_raw(nats.server.pid() as i32);
     kill(server, Signal::SIGSTOP).unwrap();
     let started = Instant::now();
@@ -173,14 +183,13 @@ async fn past_the_budget_one_note_says_so_and_no_more_lines_go_out() {
     let nats = nats().await;
     let (events, tenant, job) = sink(&nats.js);
     const BUDGET: u64 = 10_000;
-    let logs = LogBatcher::start(
-        events,
-        Stage::Train,
-        LogLimits {
-            budget_bytes: BUDGET,
-            bytes_per_sec: 0,
-        },
-    );
+    let limits = LogLimits {
+        budget_bytes: BUDGET,
+        bytes_per_sec: 0,
+    };
+    // The job's count, as its claim carries it from attempt to attempt.
+    let job_bytes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let logs = LogBatcher::start(events.clone(), Stage::Train, limits, job_bytes.clone());
     let line = "x".repeat(99);
     const LINES: u64 = 5_000;
     for _ in 0..LINES {
@@ -230,4 +239,32 @@ async fn past_the_budget_one_note_says_so_and_no_more_lines_go_out() {
         .parse()
         .unwrap();
     assert_eq!(published + dropped + queue_dropped * 100, LINES * 100);
+    assert_eq!(
+        job_bytes.load(std::sync::atomic::Ordering::Relaxed),
+        published,
+        "the job's count is what went out"
+    );
+
+    // The next attempt of the job starts with the budget spent: none of
+    // its lines go out, one note says why.
+    let again = LogBatcher::start(events, Stage::Train, limits, job_bytes.clone());
+    for _ in 0..100 {
+        again.line("stdout", &line);
+    }
+    again.close(Duration::from_secs(30)).await;
+    let after = logs_of(&nats.js, &tenant, &job).await;
+    let more = &after[got.len()..];
+    assert!(
+        more.iter().all(|l| l.stream == "worker"),
+        "a later attempt published trainer lines: {more:?}"
+    );
+    assert!(
+        more.iter()
+            .any(|l| l.line.starts_with("log budget exhausted: the job's")),
+        "{more:?}"
+    );
+    assert_eq!(
+        job_bytes.load(std::sync::atomic::Ordering::Relaxed),
+        published
+    );
 }

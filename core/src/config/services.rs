@@ -125,9 +125,12 @@ pub struct WorkerConfig {
     /// Bytes of a trainer's output kept as the log artifact of an attempt
     /// (the last ones when it wrote more); 0 keeps none.
     pub trainer_log_max_bytes: u64,
-    /// Bytes of trainer output one attempt may publish as `log` events;
-    /// past it one event says the budget is spent and the rest is kept
-    /// only in the log artifact. 0: no budget.
+    /// Bytes of trainer output one job may publish as `log` events, over
+    /// all its attempts (the train stage's claim in `ty_claims` carries the
+    /// count from run to run; a worker lost between two heartbeats may
+    /// leave up to one heartbeat's worth uncounted); past it one event per
+    /// run says the budget is spent and the rest is kept only in the
+    /// attempts' log artifacts. 0: no budget.
     pub log_event_budget_bytes: u64,
     /// Bytes a second of trainer output published as `log` events (bursts
     /// of a few seconds' worth pass); lines over it are dropped and

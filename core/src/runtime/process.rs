@@ -255,6 +255,7 @@ impl Shared {
             events: EventSink::new(self.topo.js.clone(), meta.tenant.clone(), meta.job.clone()),
             cancel: cancel.clone(),
             stop,
+            log_bytes: held.log_bytes.clone(),
         };
         let started = std::time::Instant::now();
         let running = self.usage.start();

@@ -154,6 +154,12 @@ pub struct TaskContext {
     pub cancel: CancellationToken,
     /// Cancelled when the service must hand the task back (shutdown past its grace).
     pub stop: CancellationToken,
+    /// Bytes of log events the job has published from this stage so far,
+    /// over all its attempts (carried by the task's claim,
+    /// [`trainyard_proto::v1::TaskClaim::log_bytes`]): a handler that
+    /// meters its logs starts from it and adds what it publishes; the
+    /// runtime writes it into the claim with each heartbeat.
+    pub log_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl TaskContext {

@@ -171,7 +171,12 @@ impl TrainStage {
             receiver = Some(bound);
         }
         let command = self.launch(backend, &inputs, receiver.is_some()).await?;
-        let logs = LogBatcher::start(ctx.events.clone(), Stage::Train, self.log_limits);
+        let logs = LogBatcher::start(
+            ctx.events.clone(),
+            Stage::Train,
+            self.log_limits,
+            ctx.log_bytes.clone(),
+        );
         let run = supervise::Run::new(self, backend, ctx, &inputs, work, &logs);
         let span = tracing::info_span!(
             "train.run",

@@ -51,6 +51,7 @@ fn claim() -> TaskClaim {
         token: "t-1".into(),
         lease_until_ms: 1,
         released: false,
+        log_bytes: 0,
     }
 }
 
