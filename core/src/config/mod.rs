@@ -44,8 +44,10 @@ pub struct Config {
     pub destinations: DestinationsConfig,
     pub secrets: SecretsConfig,
     pub quotas: QuotasConfig,
+    pub autoscaler: AutoscalerConfig,
 }
 
+mod autoscaler;
 mod destinations;
 mod nats;
 mod observe;
@@ -55,6 +57,7 @@ mod secrets;
 mod services;
 mod store;
 
+pub use autoscaler::*;
 pub use destinations::*;
 pub use nats::*;
 pub use observe::*;
