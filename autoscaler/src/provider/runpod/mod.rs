@@ -57,7 +57,9 @@
 //! preemption from the listing.
 
 mod api;
-pub mod model;
+mod model;
+
+pub use model::{ENV_FLEET, ENV_GPU_TYPE, ENV_POOL};
 
 use crate::provider::{Launch, Machine, Provider, ProviderError};
 use api::{ApiKey, CallError, Graphql};
