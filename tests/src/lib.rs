@@ -8,6 +8,7 @@ pub mod chaos;
 pub mod hub;
 pub mod otlp;
 pub mod prom;
+pub mod runpod;
 pub mod webhook;
 
 use futures::StreamExt;
