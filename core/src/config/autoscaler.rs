@@ -177,7 +177,7 @@ impl Default for RunpodConfig {
     fn default() -> Self {
         Self {
             graphql_url: "https://api.runpod.io/graphql".into(),
-            rest_url: "https://rest.runpod.io/v2".into(),
+            rest_url: "https://api.runpod.io/v2".into(),
             api_key_file: None,
             image: String::new(),
             cloud_type: "SECURE".into(),
