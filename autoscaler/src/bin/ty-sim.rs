@@ -3,7 +3,7 @@
 //! long it takes in each. The staged fleet is sized by the autoscaler's
 //! own planner.
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use clap::Parser;
 use std::time::Instant;
 use trainyard_autoscaler::sim::{self, Report, Scenario};
@@ -26,9 +26,15 @@ struct Args {
     /// The diurnal swing of the arrival rate (0: flat).
     #[arg(long, default_value_t = 0.0)]
     diurnal: f64,
-    /// The fraction of GPU machines started as spot.
+    /// The fraction of GPU machines started as spot (both fleets).
     #[arg(long, default_value_t = 0.5)]
     spot_share: f64,
+    /// The monolithic fleet's spot fraction, if not `--spot-share`.
+    #[arg(long)]
+    mono_spot_share: Option<f64>,
+    /// The training pool's `target_drain_secs` (staged fleet).
+    #[arg(long, default_value_t = 900)]
+    train_drain_secs: u64,
     /// Spot preemptions per GPU-hour.
     #[arg(long, default_value_t = 0.05)]
     preempt_per_hour: f64,
@@ -48,8 +54,9 @@ fn main() -> anyhow::Result<()> {
     let Some(gpu) = sim::gpu_class(&args.gpu_class) else {
         bail!("unknown gpu class {:?} (4090, a100, h100)", args.gpu_class);
     };
-    if !(0.0..=1.0).contains(&args.spot_share) {
-        bail!("--spot-share must be within 0 and 1");
+    let mono_spot_share = args.mono_spot_share.unwrap_or(args.spot_share);
+    if !(0.0..=1.0).contains(&args.spot_share) || !(0.0..=1.0).contains(&mono_spot_share) {
+        bail!("spot shares must be within 0 and 1");
     }
     let mut rows = Vec::new();
     for &gpus in &args.gpus {
@@ -57,6 +64,8 @@ fn main() -> anyhow::Result<()> {
         scenario.gpu = gpu;
         scenario.diurnal = args.diurnal;
         scenario.spot_share = args.spot_share;
+        scenario.mono_spot_share = mono_spot_share;
+        scenario.train_pool.target_drain_secs = args.train_drain_secs;
         scenario.preempt_per_gpu_hour = args.preempt_per_hour;
         scenario.checkpoint_secs = args.checkpoint_secs;
         let started = Instant::now();
@@ -92,7 +101,12 @@ fn main() -> anyhow::Result<()> {
 fn print_table(args: &Args, gpu: &str, rows: &[(Report, Report)]) {
     println!(
         "{gpu}, {} h of arrivals at load {}, spot share {}, {} preemptions/GPU-h, checkpoint {} s, seed {}",
-        args.hours, args.load, args.spot_share, args.preempt_per_hour, args.checkpoint_secs, args.seed
+        args.hours,
+        args.load,
+        args.spot_share,
+        args.preempt_per_hour,
+        args.checkpoint_secs,
+        args.seed
     );
     println!(
         "| fleet | GPUs | jobs done | GPU $/job | CPU $/job | staged/mono GPU $ | p50 min | p95 min | GPU busy | lost GPU-min | preemptions | cache hit | peak GPUs |"

@@ -131,8 +131,11 @@ pub struct Scenario {
     pub gpu: GpuClass,
     /// A CPU machine's price, dollars an hour.
     pub cpu_dollars_per_hour: f64,
-    /// The fraction of GPU machines started as spot (interruptible).
+    /// The fraction of the staged fleet's GPU machines started as spot
+    /// (interruptible).
     pub spot_share: f64,
+    /// The same for the monolithic fleet.
+    pub mono_spot_share: f64,
     /// Preemptions per spot GPU-hour.
     pub preempt_per_gpu_hour: f64,
     /// Seconds of training between two checkpoints (staged fleet).
@@ -196,6 +199,7 @@ impl Scenario {
             gpu: GPU_CLASSES[1].1,
             cpu_dollars_per_hour: 0.10,
             spot_share: 0.5,
+            mono_spot_share: 0.5,
             preempt_per_gpu_hour: 0.05,
             checkpoint_secs: 300.0,
             prepare_pool: cpu(durations.fetch + durations.caption, 300),
@@ -226,7 +230,7 @@ pub(crate) fn ms(secs: f64) -> i64 {
 
 /// The jobs of a scenario, in arrival order (the same for both fleets).
 pub fn jobs(scenario: &Scenario) -> Vec<JobSpec> {
-    let mut rng = Rng::new(scenario.seed ^ 0xA11_1BA1);
+    let mut rng = Rng::new(scenario.seed ^ 0x0A11_1BA1);
     let d = &scenario.durations;
     let peak = scenario.jobs_per_hour * (1.0 + scenario.diurnal.abs()) / 3600.0;
     let end = scenario.hours * 3600.0;

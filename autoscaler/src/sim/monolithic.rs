@@ -6,7 +6,7 @@
 
 use super::queue::Queue;
 use super::rng::Rng;
-use super::{ms, Fleet, JobSpec, Report, Scenario, EPOCH_MS};
+use super::{EPOCH_MS, Fleet, JobSpec, Report, Scenario, ms};
 use std::collections::VecDeque;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,7 +60,7 @@ pub fn run(scenario: &Scenario, jobs: &[JobSpec]) -> Report {
     let mut sim = Sim {
         s: scenario,
         jobs,
-        rng: Rng::new(scenario.seed ^ 0x3040_11C),
+        rng: Rng::new(scenario.seed ^ 0x0304_011C),
         queue: Queue::default(),
         machines: Vec::new(),
         waiting: VecDeque::new(),
@@ -209,7 +209,7 @@ impl Sim<'_> {
 
     fn launch(&mut self, job: u32, now: i64) {
         let id = self.machines.len() as u32;
-        let spot = self.rng.chance(self.s.spot_share);
+        let spot = self.rng.chance(self.s.mono_spot_share);
         self.machines.push(Machine {
             state: State::Starting(job),
             token: 0,

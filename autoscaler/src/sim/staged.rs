@@ -14,8 +14,8 @@
 
 use super::queue::Queue;
 use super::rng::Rng;
-use super::{ms, Fleet, JobSpec, Report, Scenario, EPOCH_MS};
-use crate::plan::{plan, Activity, Backlog, MachineView, Memory, Observation};
+use super::{EPOCH_MS, Fleet, JobSpec, Report, Scenario, ms};
+use crate::plan::{Activity, Backlog, MachineView, Memory, Observation, plan};
 use std::collections::VecDeque;
 use trainyard_core::config::PoolPolicy;
 
@@ -115,7 +115,7 @@ pub fn run(scenario: &Scenario, jobs: &[JobSpec]) -> Report {
         s: scenario,
         jobs,
         saved_ms: vec![0; jobs.len()],
-        rng: Rng::new(scenario.seed ^ 0x57A6_ED),
+        rng: Rng::new(scenario.seed ^ 0x0057_A6ED),
         queue: Queue::default(),
         machines: Vec::new(),
         pools: [
@@ -176,10 +176,7 @@ impl Sim<'_> {
         self.report.jobs_finished == self.jobs.len() as u64
             && self.pools.iter().all(|p| {
                 p.obs.machines.len() as u32 <= p.policy.min_workers
-                    && p.obs
-                        .machines
-                        .iter()
-                        .all(|m| m.activity == Activity::Idle)
+                    && p.obs.machines.iter().all(|m| m.activity == Activity::Idle)
             })
     }
 
@@ -269,8 +266,7 @@ impl Sim<'_> {
                     }
                     _ => {
                         self.report.jobs_finished += 1;
-                        self.latencies
-                            .push(now - self.jobs[job as usize].arrive_ms);
+                        self.latencies.push(now - self.jobs[job as usize].arrive_ms);
                     }
                 }
                 self.dispatch(p, now);
@@ -444,8 +440,7 @@ impl Sim<'_> {
                 let (p, job) = (machine.pool, machine.job);
                 if p == TRAIN {
                     let progress = machine.done_from + (now - machine.train_start).max(0);
-                    self.saved_ms[job as usize] =
-                        progress.min(self.jobs[job as usize].train_ms);
+                    self.saved_ms[job as usize] = progress.min(self.jobs[job as usize].train_ms);
                 }
                 self.pools[p].out -= 1;
                 self.bill(m, now);
