@@ -100,12 +100,15 @@ fn main() -> anyhow::Result<()> {
 
 fn print_table(args: &Args, gpu: &str, rows: &[(Report, Report)]) {
     println!(
-        "{gpu}, {} h of arrivals at load {}, spot share {}, {} preemptions/GPU-h, checkpoint {} s, seed {}",
+        "{gpu}, {} h of arrivals at load {} (diurnal {}), spot share staged {} / monolithic {}, {} preemptions/GPU-h, checkpoint {} s, train pool target_drain_secs {}, seed {}",
         args.hours,
         args.load,
+        args.diurnal,
         args.spot_share,
+        args.mono_spot_share.unwrap_or(args.spot_share),
         args.preempt_per_hour,
         args.checkpoint_secs,
+        args.train_drain_secs,
         args.seed
     );
     println!(
