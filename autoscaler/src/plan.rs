@@ -26,7 +26,11 @@
 //!   saves and hands its task back) only when the pool runs more than
 //!   `max_workers` or its dollar cap allows;
 //! - machines that exited (preempted, crashed) are released at once and
-//!   not counted, so the same pass replaces them.
+//!   not counted, so the same pass replaces them;
+//! - the dollar cap is worked out at the price of the live machines, else
+//!   the last price seen ([`Memory::price_millis`]), else the policy's
+//!   `max_price_per_gpu`; with none of them known, machines start one at
+//!   a time until a price is seen.
 
 use std::fmt;
 use trainyard_core::config::PoolPolicy;
@@ -90,6 +94,10 @@ pub struct Memory {
     pub last_up_ms: i64,
     /// The last pass that released or drained machines.
     pub last_down_ms: i64,
+    /// What one machine of the pool cost the last time one was seen, in
+    /// thousandths of a dollar an hour (0: never seen): the dollar cap
+    /// still holds when the pool is at zero.
+    pub price_millis: u64,
 }
 
 /// Why the decision is what it is: a metric label and a span attribute.
@@ -192,18 +200,31 @@ pub fn plan(policy: &PoolPolicy, observation: &Observation, memory: Memory) -> D
         .filter(|m| !matches!(m.activity, Activity::Exited | Activity::Draining))
         .collect();
     let live_count = live.len() as u32;
-    // The price of one more machine: what the live ones cost, on average.
-    let price = {
-        let priced: Vec<f64> = live
-            .iter()
-            .map(|m| m.dollars_per_hour)
-            .filter(|p| *p > 0.0)
-            .collect();
-        if priced.is_empty() {
-            0.0
+    // The price of one more machine: what the live ones cost, on
+    // average; else the last one seen; else the policy's price cap.
+    let priced: Vec<f64> = live
+        .iter()
+        .map(|m| m.dollars_per_hour)
+        .filter(|p| *p > 0.0)
+        .collect();
+    let mut memory = memory;
+    let price = if priced.is_empty() {
+        if memory.price_millis > 0 {
+            memory.price_millis as f64 / 1000.0
         } else {
-            priced.iter().sum::<f64>() / priced.len() as f64
+            policy.max_price_per_gpu * f64::from(policy.gpu_count.max(1))
         }
+    } else {
+        let price = priced.iter().sum::<f64>() / priced.len() as f64;
+        memory.price_millis = (price * 1000.0).round() as u64;
+        price
+    };
+    // A dollar cap with no price known: one machine at a time until its
+    // price is seen.
+    let step = if policy.max_dollars_per_hour > 0.0 && price <= 0.0 {
+        1
+    } else {
+        policy.scale_up_step.max(1)
     };
     let wanted = wanted(policy, &observation.backlog, price);
     let mut decision = Decision {
@@ -224,7 +245,7 @@ pub fn plan(policy: &PoolPolicy, observation: &Observation, memory: Memory) -> D
             decision.reason = Reason::UpCooldown;
             return decision;
         }
-        decision.launch = (wanted - live_count).min(policy.scale_up_step.max(1));
+        decision.launch = (wanted - live_count).min(step);
         decision.reason = if from_zero {
             Reason::ScaleFromZero
         } else {
@@ -370,6 +391,7 @@ mod tests {
         let memory = Memory {
             last_up_ms: 999 * S,
             last_down_ms: 999 * S,
+            ..Default::default()
         };
         let d = plan(
             &policy(),
@@ -396,6 +418,7 @@ mod tests {
             Memory {
                 last_up_ms: 100 * S,
                 last_down_ms: 0,
+                ..Default::default()
             },
         );
         assert_eq!(d.launch, 3);
@@ -451,6 +474,7 @@ mod tests {
         let recent = Memory {
             last_up_ms: 980 * S,
             last_down_ms: 0,
+            ..Default::default()
         };
         let d = plan(&p, &observe(1000, backlog(0, 0, 0.0), four), recent);
         assert_eq!((d.release.len(), d.reason), (0, Reason::HoldDown));
@@ -491,6 +515,38 @@ mod tests {
         assert_eq!(d.release, ["idle"]);
         assert_eq!(d.drain, ["busy-new"]);
         assert_eq!(d.reason, Reason::Drain);
+    }
+
+    #[test]
+    fn the_dollar_cap_holds_from_zero() {
+        let p = PoolPolicy {
+            max_dollars_per_hour: 2.0,
+            ..policy()
+        };
+        let big = backlog(10, 0, 10.0 * 600.0);
+        // No price known: one machine.
+        let d = plan(&p, &observe(100, big, vec![]), Memory::default());
+        assert_eq!(d.launch, 1);
+        // Its price seen once, the cap holds after the pool went to zero.
+        let seen = plan(
+            &p,
+            &observe(200, big, vec![machine("a", Activity::Busy, 0)]),
+            d.memory,
+        );
+        assert_eq!(seen.memory.price_millis, 500);
+        let d = plan(&p, &observe(5000, big, vec![]), seen.memory);
+        assert_eq!(
+            (d.launch, d.wanted),
+            (3, 4),
+            "$2/h at $0.50 affords 4, stepped by 3"
+        );
+        // Or the policy's price cap, before any machine was seen.
+        let priced = PoolPolicy {
+            max_price_per_gpu: 1.0,
+            ..p
+        };
+        let d = plan(&priced, &observe(100, big, vec![]), Memory::default());
+        assert_eq!(d.wanted, 2);
     }
 
     #[test]

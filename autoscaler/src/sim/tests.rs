@@ -111,16 +111,11 @@ fn the_planner_never_runs_more_gpu_machines_than_the_pool_allows() {
     assert!(mono.peak_gpu_machines <= 40);
 }
 
-/// PLANNER BUG (`plan.rs`, scale from zero): with no live machine the
-/// planner knows no price, so `wanted` ignores `max_dollars_per_hour` and
-/// an empty pool starts `scale_up_step` machines at once; the next pass,
-/// now pricing them, finds the pool over its cap and releases the extra
-/// machines it just started (billed for their cold start). Ignored so the
-/// suite stays green; `cargo test -p trainyard-autoscaler -- --ignored`
-/// shows it.
+/// With no live machine the planner still keeps the dollar cap: an empty
+/// pool does not start machines the next pass, pricing them, would find
+/// over the cap and release.
 #[test]
-#[ignore = "planner bug: scale from zero ignores max_dollars_per_hour"]
-fn planner_bug_scale_from_zero_ignores_the_dollar_cap() {
+fn scale_from_zero_keeps_the_dollar_cap() {
     use crate::plan::{Activity, Backlog, MachineView, Memory, Observation, plan};
     let policy = PoolPolicy {
         max_workers: 10,
@@ -159,8 +154,7 @@ fn planner_bug_scale_from_zero_ignores_the_dollar_cap() {
         },
         first.memory,
     );
-    // $2/h at $0.69 a machine affords 2; the first pass started 4 and
-    // the second releases 2 of them.
+    // $2/h at $0.69 a machine affords 2: nothing started is released.
     assert!(second.release.is_empty(), "released {:?}", second.release);
     assert!(first.launch <= 2, "started {} from zero", first.launch);
 }
