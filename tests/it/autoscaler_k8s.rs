@@ -497,11 +497,20 @@ fn keda_scaled_objects_match_the_schema() {
 use serde::Deserialize;
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct Kustomization {
     #[serde(default)]
     resources: Vec<String>,
     #[serde(default)]
     patches: Vec<Patch>,
+    #[serde(default)]
+    config_map_generator: Vec<Generator>,
+}
+
+#[derive(Deserialize)]
+struct Generator {
+    #[serde(default)]
+    files: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -550,7 +559,13 @@ fn every_kustomization_resource_exists() {
             .resources
             .iter()
             .cloned()
-            .chain(k.patches.iter().filter_map(|p| p.path.clone()));
+            .chain(k.patches.iter().filter_map(|p| p.path.clone()))
+            .chain(k.config_map_generator.iter().flat_map(|g| {
+                // `key=path` or `path`.
+                g.files
+                    .iter()
+                    .map(|f| f.split_once('=').map_or(f.as_str(), |(_, p)| p).to_string())
+            }));
         for resource in paths {
             let path = dir.join(&resource);
             assert!(
@@ -560,14 +575,76 @@ fn every_kustomization_resource_exists() {
             );
             if path.is_dir() {
                 assert!(path.join("kustomization.yaml").exists(), "{resource}");
-            } else {
-                // Each file parses as YAML documents.
+            } else if path.extension().is_some_and(|e| e == "yaml") {
+                // Each manifest parses as YAML documents.
                 let text = std::fs::read_to_string(&path).unwrap();
                 for doc in serde_yaml::Deserializer::from_str(&text) {
                     serde_yaml::Value::deserialize(doc)
                         .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 }
             }
+        }
+    }
+}
+
+/// The config the manifests mount loads as every pod sees it (its role's
+/// environment over the file), and names the worker Deployments that exist,
+/// which the autoscaler's Role lets it scale.
+#[test]
+fn k8s_config_loads_and_names_the_worker_deployments() {
+    let base = deploy_k8s().join("base");
+    let workers = std::fs::read_to_string(base.join("workers.yaml")).unwrap();
+    let mut deployments = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&workers) {
+        let d = serde_yaml::Value::deserialize(doc).unwrap();
+        let name = d["metadata"]["name"].as_str().unwrap().to_string();
+        let container = &d["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(
+            container["resources"]["limits"]["nvidia.com/gpu"].as_u64(),
+            Some(1),
+            "{name}"
+        );
+        assert!(d["spec"]["template"]["spec"]["nodeSelector"].is_mapping());
+        assert!(
+            d["spec"]["replicas"].is_null(),
+            "{name}: the autoscaler owns replicas"
+        );
+        deployments.push(name);
+    }
+    let rbac = std::fs::read_to_string(base.join("autoscaler.yaml")).unwrap();
+    let role = serde_yaml::Deserializer::from_str(&rbac)
+        .map(|doc| serde_yaml::Value::deserialize(doc).unwrap())
+        .find(|d| d["kind"] == "Role")
+        .expect("a Role");
+    let scale_rule = &role["rules"][0];
+    assert_eq!(scale_rule["resources"][0], "deployments/scale");
+    for (dir, env) in [
+        (base.join("config"), vec![("TY_WORKER__POOL", "flux")]),
+        (
+            deploy_k8s().join("overlays/dev"),
+            vec![("TY_WORKER__POOL", "flux")],
+        ),
+    ] {
+        let env: Vec<(String, String)> = env
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let config =
+            trainyard_core::config::Config::load_from(Some(&dir.join("trainyard.toml")), &env, &[])
+                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        assert_eq!(config.autoscaler.provider, "kubernetes");
+        assert!(!config.autoscaler.kubernetes.deployments.is_empty());
+        for (pool, deployment) in &config.autoscaler.kubernetes.deployments {
+            assert!(deployments.contains(deployment), "{pool}: {deployment}");
+            assert!(config.autoscaler.pools.contains_key(pool), "{pool}");
+            let allowed = scale_rule["resourceNames"].as_sequence().unwrap();
+            assert!(
+                allowed.iter().any(|n| n == deployment.as_str()),
+                "{deployment}"
+            );
+        }
+        if dir.starts_with(&base) {
+            assert_eq!(config.nats.replicas, 3, "R3 on the 3-node cluster");
         }
     }
 }
