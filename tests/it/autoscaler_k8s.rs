@@ -648,3 +648,42 @@ fn k8s_config_loads_and_names_the_worker_deployments() {
         }
     }
 }
+
+/// The RunPod examples: the autoscaler section loads with the config loader
+/// (unknown keys are errors) and has the two pools; the template parses and
+/// names what a pod template needs.
+#[test]
+fn runpod_examples_load() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/runpod");
+    let config =
+        trainyard_core::config::Config::load_from(Some(&dir.join("autoscaler.toml")), &[], &[])
+            .unwrap();
+    let a = &config.autoscaler;
+    assert_eq!(a.provider, "runpod");
+    let flux = &a.pools["train.flux"];
+    assert!(flux.interruptible && flux.bid_per_gpu > 0.0);
+    assert_eq!(flux.gpu_types, ["NVIDIA GeForce RTX 4090"]);
+    assert!(!a.pools["train.sdxl"].interruptible);
+    assert!(!a.runpod.image.is_empty());
+
+    let template: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("template.json")).unwrap()).unwrap();
+    for key in ["name", "imageName", "volumeMountPath"] {
+        assert!(template[key].is_string(), "{key}");
+    }
+    assert!(template["containerDiskInGb"].is_u64());
+    let env: Vec<&str> = template["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["key"].as_str().unwrap())
+        .collect();
+    for name in ["TY_NATS__URL", "TY_WORKER__POOL", "TY_NKEY_SEED"] {
+        assert!(env.contains(&name), "{name}");
+    }
+    // The entrypoint reads the variables the template sets.
+    let entrypoint = std::fs::read_to_string(dir.join("entrypoint.sh")).unwrap();
+    for name in ["TY_NKEY_SEED", "TY_NATS_CA_PEM", "TY_SECRETS_KEY"] {
+        assert!(entrypoint.contains(name) && env.contains(&name), "{name}");
+    }
+}
