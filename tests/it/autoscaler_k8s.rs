@@ -178,6 +178,34 @@ async fn a_conflicting_write_is_redone_from_a_fresh_read() {
 }
 
 #[tokio::test]
+async fn a_write_whose_answer_was_lost_is_not_applied_twice() {
+    let f = fixture(1).await;
+    f.kube.lose_next_put_answer();
+    f.provider
+        .launch(&launch("trainyard-train.flux-b2"))
+        .await
+        .unwrap();
+    assert_eq!(f.kube.replicas(DEPLOYMENT), 2, "raised once, not twice");
+    let seen: Vec<(Method, u16)> = f
+        .kube
+        .requests()
+        .iter()
+        .map(|r| (r.method.clone(), r.status))
+        .collect();
+    // The PUT is sent again with the same version, gets 409, and a fresh
+    // read shows the count it aimed at.
+    assert_eq!(
+        seen,
+        vec![
+            (Method::GET, 200),
+            (Method::PUT, 500),
+            (Method::PUT, 409),
+            (Method::GET, 200)
+        ]
+    );
+}
+
+#[tokio::test]
 async fn release_removes_the_annotated_pod_first() {
     let f = fixture(3).await;
     let machines = f.provider.list().await.unwrap();

@@ -88,6 +88,8 @@ struct Inner {
     failures: VecDeque<(Method, u16)>,
     /// Another writer changes the Scale just before the next PUT lands.
     races: u32,
+    /// The next PUTs are applied, then answered 500 (a lost answer).
+    lost_answers: u32,
     /// The phase new pods start in.
     new_pod_phase: String,
 }
@@ -186,6 +188,12 @@ impl FakeKube {
     /// Answers the next request of `method` with `status` (a `Status` body).
     pub fn fail_next(&self, method: Method, status: u16) {
         lock(&self.inner).failures.push_back((method, status));
+    }
+
+    /// The next PUT of a Scale is applied but answered 500, as when the
+    /// answer is lost on the way back.
+    pub fn lose_next_put_answer(&self) {
+        lock(&self.inner).lost_answers += 1;
     }
 
     /// Another writer scales the next PUT's Deployment just before it lands
@@ -467,6 +475,10 @@ fn put_scale(inner: &mut Inner, name: &str, content_type: &str, body: &[u8]) -> 
     entry.0.replicas = replicas as i32;
     entry.1 = version;
     reconcile(inner, name);
+    if inner.lost_answers > 0 {
+        inner.lost_answers -= 1;
+        return status(500, "InternalError", "the answer was lost");
+    }
     ok(scale_json(inner, name))
 }
 

@@ -191,7 +191,11 @@ struct Status {
 
 /// How one request ended, once retries are spent.
 enum Failure {
-    Conflict,
+    /// 409; `retried` when an earlier copy of the request (answered 5xx,
+    /// or not at all) may have landed.
+    Conflict {
+        retried: bool,
+    },
     NotFound(String),
     Provider(ProviderError),
 }
@@ -428,7 +432,11 @@ impl KubernetesProvider {
                             .unwrap_or_default();
                         let why = format!("{method} {}: {status} {}", url.path(), st.message);
                         match status {
-                            StatusCode::CONFLICT => return Err(Failure::Conflict),
+                            StatusCode::CONFLICT => {
+                                return Err(Failure::Conflict {
+                                    retried: attempt > 1,
+                                });
+                            }
                             StatusCode::NOT_FOUND => return Err(Failure::NotFound(why)),
                             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
                                 return Err(ProviderError::Refused(why).into());
@@ -468,7 +476,7 @@ impl KubernetesProvider {
                 "deployment {deployment} not found in namespace {}",
                 self.namespace
             ))),
-            Err(Failure::Conflict) => {
+            Err(Failure::Conflict { .. }) => {
                 Err(ProviderError::Unavailable("409 conflict on a read".into()))
             }
             Err(Failure::Provider(e)) => Err(e),
@@ -507,7 +515,7 @@ impl KubernetesProvider {
             let body = serde_json::to_vec(&body).expect("a Scale serialises");
             // A retried PUT (lost answer, 5xx) carries the same version: if
             // an earlier copy landed, it gets 409 and the read above ends it.
-            aimed = Some(target);
+            aimed = None;
             match self
                 .call(
                     Method::PUT,
@@ -520,8 +528,11 @@ impl KubernetesProvider {
                     tracing::info!(deployment, replicas = target, "deployment scaled");
                     return Ok(target);
                 }
-                Err(Failure::Conflict) => {
-                    tracing::debug!(deployment, "scale conflict; read again");
+                Err(Failure::Conflict { retried }) => {
+                    if retried {
+                        aimed = Some(target);
+                    }
+                    tracing::debug!(deployment, retried, "scale conflict; read again");
                 }
                 Err(Failure::NotFound(_)) => {
                     return Err(ProviderError::Refused(format!(
@@ -551,7 +562,7 @@ impl KubernetesProvider {
             Ok(body) => body,
             Err(Failure::Provider(e)) => return Err(e),
             Err(Failure::NotFound(why)) => return Err(ProviderError::Refused(why)),
-            Err(Failure::Conflict) => {
+            Err(Failure::Conflict { .. }) => {
                 return Err(ProviderError::Unavailable("409 conflict on a read".into()));
             }
         };
@@ -607,7 +618,7 @@ impl KubernetesProvider {
                 Ok(pod.metadata.deletion_timestamp.is_none() && !finished)
             }
             Err(Failure::NotFound(_)) => Ok(false),
-            Err(Failure::Conflict) => Err(ProviderError::Unavailable(
+            Err(Failure::Conflict { .. }) => Err(ProviderError::Unavailable(
                 "409 conflict on a merge patch".into(),
             )),
             Err(Failure::Provider(e)) => Err(e),
