@@ -6,6 +6,7 @@
 
 pub mod chaos;
 pub mod hub;
+pub mod kube;
 pub mod otlp;
 pub mod prom;
 pub mod runpod;

@@ -8,6 +8,8 @@ pub mod runpod;
 
 use std::collections::BTreeMap;
 
+pub mod kubernetes;
+
 /// One machine a provider runs for the fleet.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Machine {
@@ -90,6 +92,17 @@ pub enum ProviderError {
 pub trait Provider: Send + Sync {
     /// `local`, `runpod`, `kubernetes`.
     fn name(&self) -> &'static str;
+    /// Whether machines are replicas of a controller (a Kubernetes
+    /// Deployment) rather than named machines. Then a launch asks for one
+    /// more replica: the machine it returns is `Pending` under the
+    /// launch's name, but the machine that comes up is listed under a name
+    /// the controller chose (the pod's, which is also its worker's id), so
+    /// the service counts a pool's machines rather than waiting for the
+    /// launch's name; and an `Exited` machine is replaced by the controller
+    /// itself (release it, and launch none for it). False by default.
+    fn replica_based(&self) -> bool {
+        false
+    }
     /// Every machine carrying the fleet's name tag, of every pool.
     async fn list(&self) -> Result<Vec<Machine>, ProviderError>;
     /// Starts one machine, or returns the one already running under
