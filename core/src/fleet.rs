@@ -123,6 +123,7 @@ pub fn roles(pools: &[String]) -> Vec<Role> {
         Role::Captioner,
         Role::Uploader,
         Role::Client,
+        Role::Autoscaler,
     ];
     roles.extend(pools.iter().map(|pool| Role::Worker { pool: pool.clone() }));
     roles
@@ -182,7 +183,7 @@ pub fn init(dir: &Path, spec: &FleetSpec) -> Result<FleetFiles, FleetInitError> 
         );
         let secrets_key = at.join("secrets.key").display().to_string();
         let snippet = match role {
-            Role::Client => snippet,
+            Role::Client | Role::Autoscaler => snippet,
             _ => format!("{snippet}\n[secrets]\nkey_file = {secrets_key:?}\n"),
         };
         let snippet = match role {
