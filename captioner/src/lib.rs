@@ -104,8 +104,7 @@ pub async fn run(
         &config,
     );
     runner.concurrency = config.captioner.concurrency;
-    let heartbeat =
-        trainyard_core::registry::Heartbeat::for_runner(topo.workers.clone(), &runner);
+    let heartbeat = trainyard_core::registry::Heartbeat::for_runner(topo.workers.clone(), &runner);
     let result = trainyard_core::service::run_stage(client, topo, runner, handler, shutdown).await;
     heartbeat.stop().await;
     stop.cancel();

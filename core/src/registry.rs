@@ -46,10 +46,13 @@ pub struct Entry {
 
 /// How many tasks a stage runtime runs now, and since when none: shared
 /// by the run loop (which counts) and the heartbeat (which reports).
+/// A change wakes the heartbeat, so the entry says busy within moments
+/// of a task's start (the autoscaler releases only idle machines).
 #[derive(Debug)]
 pub struct Occupancy {
     running: AtomicUsize,
     idle_since: AtomicI64,
+    changed: tokio::sync::Notify,
 }
 
 impl Default for Occupancy {
@@ -57,6 +60,7 @@ impl Default for Occupancy {
         Self {
             running: AtomicUsize::new(0),
             idle_since: AtomicI64::new(crate::now_ms()),
+            changed: tokio::sync::Notify::new(),
         }
     }
 }
@@ -66,6 +70,7 @@ impl Occupancy {
     pub fn enter(&self) {
         self.running.fetch_add(1, Ordering::SeqCst);
         self.idle_since.store(0, Ordering::SeqCst);
+        self.changed.notify_one();
     }
 
     /// A task ended.
@@ -73,6 +78,12 @@ impl Occupancy {
         if self.running.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.idle_since.store(crate::now_ms(), Ordering::SeqCst);
         }
+        self.changed.notify_one();
+    }
+
+    /// Waits for the next change (one already signalled counts).
+    pub async fn changed(&self) {
+        self.changed.notified().await;
     }
 
     /// Tasks running now.
@@ -94,10 +105,16 @@ pub struct Heartbeat {
 }
 
 impl Heartbeat {
-    /// Writes `snapshot()` under `worker_id` now and every `interval`.
-    /// Errors writing are logged and the next beat tries again; on stop
-    /// the entry is deleted.
-    pub fn start<F>(kv: kv::Store, worker_id: &str, interval: Duration, snapshot: F) -> Self
+    /// Writes `snapshot()` under `worker_id` now, every `interval` and
+    /// whenever `occupancy` changes. Errors writing are logged and the next
+    /// beat tries again; on stop the entry is deleted.
+    pub fn start<F>(
+        kv: kv::Store,
+        worker_id: &str,
+        interval: Duration,
+        occupancy: std::sync::Arc<Occupancy>,
+        snapshot: F,
+    ) -> Self
     where
         F: Fn() -> serde_json::Result<Vec<u8>> + Send + 'static,
     {
@@ -112,6 +129,7 @@ impl Heartbeat {
                 tokio::select! {
                     _ = cancelled.cancelled() => break,
                     _ = ticks.tick() => {}
+                    _ = occupancy.changed() => {}
                 }
                 let put = match snapshot() {
                     Ok(json) => kv
@@ -146,7 +164,8 @@ impl Heartbeat {
             runner.concurrency.max(1),
         );
         let occupancy = runner.occupancy.clone();
-        Self::start(kv, &runner.worker_id, WORKER_HEARTBEAT, move || {
+        let wake = occupancy.clone();
+        Self::start(kv, &runner.worker_id, WORKER_HEARTBEAT, wake, move || {
             serde_json::to_vec(&Entry {
                 worker_id: id.clone(),
                 stage: stage.clone(),

@@ -29,8 +29,7 @@ pub async fn run(
     };
     let mut runner = RunnerConfig::for_service(Stage::Deliver, &config);
     runner.concurrency = config.uploader.concurrency;
-    let heartbeat =
-        trainyard_core::registry::Heartbeat::for_runner(topo.workers.clone(), &runner);
+    let heartbeat = trainyard_core::registry::Heartbeat::for_runner(topo.workers.clone(), &runner);
     let result = trainyard_core::service::run_stage(client, topo, runner, stage, shutdown).await;
     heartbeat.stop().await;
     result

@@ -96,6 +96,8 @@ impl Heartbeat {
                 tokio::select! {
                     _ = cancelled.cancelled() => break,
                     _ = ticks.tick() => {}
+                    // A task started or ended: say so now.
+                    _ = identity.occupancy.changed() => {}
                 }
                 let entry = snapshot(&identity, &models, started_at);
                 let put = match serde_json::to_vec(&entry) {

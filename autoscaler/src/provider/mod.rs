@@ -4,6 +4,8 @@
 //! after a failover): starting is idempotent by the launch's name, and
 //! releasing a machine already gone is no error.
 
+pub mod local;
+
 use std::collections::BTreeMap;
 
 /// One machine a provider runs for the fleet.
