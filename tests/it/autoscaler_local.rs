@@ -134,8 +134,9 @@ async fn a_second_replica_takes_over_without_starting_a_machine_twice() {
     let mut client = fleet.client(TOKEN).await;
     let dataset = fleet.sample_uri().await;
     let mut jobs = Vec::new();
+    // Long enough that the work wants both workers.
     for _ in 0..4 {
-        jobs.push(submit(&mut client, spec(&dataset, 4)).await.job_id);
+        jobs.push(submit(&mut client, spec(&dataset, 400)).await.job_id);
     }
     wait_for("two workers", WAIT, || async {
         (machines.launched().len() == 2).then_some(())
@@ -175,6 +176,17 @@ async fn a_worker_killed_mid_job_is_replaced_and_its_job_succeeds() {
     })
     .await;
     let (victim, pid) = machines.current().into_iter().next().expect("a worker");
+    // Killed while it runs the task, as its registry entry says.
+    let workers = async_nats::jetstream::new(fleet.nats_client().await)
+        .get_key_value(trainyard_core::topology::WORKERS_BUCKET)
+        .await
+        .expect("registry");
+    wait_for("the worker busy", WAIT, || async {
+        let value = workers.get(&victim).await.ok()??;
+        let entry: trainyard_core::registry::Entry = serde_json::from_slice(&value).ok()?;
+        (entry.busy_slots > 0).then_some(())
+    })
+    .await;
     kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill -9");
     wait_for("a replacement", WAIT, || async {
         machines
