@@ -191,31 +191,16 @@ impl Autoscaler {
                 view(m, activity, since)
             })
             .collect();
-        let backlog = match self
+        // No data (the backlog cannot be read): nothing is started or
+        // released on a guess; only the pool's floor (`min_workers`) is kept
+        // and exited machines replaced.
+        let (backlog, no_data) = match self
             .backlog
             .read(&self.config, pool, policy.seconds_per_task)
             .await
         {
-            Ok(backlog) => backlog,
-            Err(error) => {
-                // No data: nothing is started or released on a guess.
-                let record = DecisionRecord {
-                    at_ms: now,
-                    pending: 0,
-                    ack_pending: 0,
-                    work_secs: 0.0,
-                    live: 0,
-                    busy: 0,
-                    wanted: 0,
-                    launch: vec![],
-                    release: vec![],
-                    drain: vec![],
-                    reason: "no_data".into(),
-                    error: error.to_string(),
-                };
-                self.record(pool, record, &views).await;
-                return true;
-            }
+            Ok(backlog) => (backlog, None),
+            Err(error) => (plan::Backlog::default(), Some(error.to_string())),
         };
         let (mut memory, revision) = match read_memory(&self.buckets.state, pool).await {
             Ok(found) => found,
@@ -229,7 +214,17 @@ impl Autoscaler {
             backlog,
             machines: views.clone(),
         };
-        let decision = plan::plan(policy, &observation, memory.planner());
+        let mut decision = plan::plan(policy, &observation, memory.planner());
+        if no_data.is_some() {
+            let exited: Vec<String> = views
+                .iter()
+                .filter(|v| v.activity == Activity::Exited)
+                .map(|v| v.name.clone())
+                .collect();
+            decision.release.retain(|name| exited.contains(name));
+            decision.drain.clear();
+            decision.memory.last_down_ms = memory.last_down_ms;
+        }
         let names: Vec<String> = (0..u64::from(decision.launch))
             .map(|i| machine_name(&self.config.fleet_name, pool, memory.next_index + i))
             .collect();
@@ -293,6 +288,10 @@ impl Autoscaler {
             if let Some(machine) = machines.iter().find(|m| &m.name == name) {
                 self.drain((*machine).clone());
             }
+        }
+        if let Some(error) = no_data {
+            record.reason = "no_data".into();
+            errors.insert(0, error);
         }
         record.error = errors.join("; ");
         self.record(pool, record, &views).await;
