@@ -120,6 +120,7 @@ async fn a_pool_at_zero_grows_with_its_backlog_and_returns_to_zero() {
         launched.len()
     );
     replica.stop().await;
+    drop(machines); // its workers go before the fleet's folder
     fleet.stop().await;
 }
 
@@ -158,6 +159,7 @@ async fn a_second_replica_takes_over_without_starting_a_machine_twice() {
         "the idle workers stay until idle_secs"
     );
     second.stop().await;
+    drop(machines); // its workers go before the fleet's folder
     fleet.stop().await;
 }
 
@@ -205,5 +207,6 @@ async fn a_worker_killed_mid_job_is_replaced_and_its_job_succeeds() {
     );
     assert_eq!(machines.launched().len(), 2, "{:?}", machines.launched());
     replica.stop().await;
+    drop(machines); // its workers go before the fleet's folder
     fleet.stop().await;
 }
