@@ -219,12 +219,20 @@ impl Provider for LocalProvider {
         if self.alive(&machine.name, &state) {
             let pid = Pid::from_raw(state.pid);
             let _ = kill(pid, Signal::SIGTERM);
-            let deadline = tokio::time::Instant::now() + self.grace;
+            let mut deadline = tokio::time::Instant::now() + self.grace;
+            let mut killed = false;
             while self.alive(&machine.name, &state) {
                 if tokio::time::Instant::now() >= deadline {
+                    if killed {
+                        return Err(ProviderError::Unavailable(format!(
+                            "{} survives SIGKILL",
+                            machine.name
+                        )));
+                    }
                     tracing::warn!(machine = %machine.name, "still running after the grace; SIGKILL");
                     let _ = kill(pid, Signal::SIGKILL);
-                    break;
+                    killed = true;
+                    deadline = tokio::time::Instant::now() + Duration::from_secs(5);
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -255,6 +263,64 @@ mod tests {
         assert_eq!(LocalProvider::binary("deliver"), Some("ty-uploader"));
         assert_eq!(LocalProvider::binary("train.a100"), Some("ty-worker"));
         assert_eq!(LocalProvider::binary("nope"), None);
+    }
+
+    fn launch(name: &str) -> Launch {
+        Launch {
+            name: name.into(),
+            pool: "train.default".into(),
+            env: [("TY_RUNTIME__WORKER_ID".to_string(), name.to_string())].into(),
+            gpu_types: vec![],
+            gpu_count: 0,
+            interruptible: false,
+            bid_per_gpu: 0.0,
+            max_price_per_gpu: 0.0,
+            avoid_hosts: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn machines_are_started_once_listed_and_released() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A stand-in service: runs until signalled.
+        let bin = dir.path().join("bin");
+        std::fs::create_dir_all(&bin).expect("bin");
+        let worker = bin.join("ty-worker");
+        std::fs::write(&worker, "#!/bin/sh\nexec sleep 60\n").expect("script");
+        std::fs::set_permissions(&worker, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let provider = LocalProvider::new(
+            bin,
+            None,
+            dir.path().join("state"),
+            Some(dir.path().join("logs")),
+        )
+        .expect("provider")
+        .with_grace(Duration::from_secs(5));
+        let first = provider.launch(&launch("m-0")).await.expect("launch");
+        let again = provider.launch(&launch("m-0")).await.expect("launch again");
+        assert_eq!(first.id, again.id, "a launch is idempotent by name");
+        let other = provider.launch(&launch("m-1")).await.expect("launch");
+        let listed = provider.list().await.expect("list");
+        assert_eq!(listed.len(), 2);
+        assert!(listed.iter().all(|m| m.state == MachineState::Running));
+        // One dies on its own: listed as exited until released.
+        kill(Pid::from_raw(other.id.parse().unwrap()), Signal::SIGKILL).expect("kill");
+        let exited = crate::test_wait(|| async {
+            provider
+                .list()
+                .await
+                .ok()?
+                .into_iter()
+                .find(|m| m.name == "m-1" && m.state == MachineState::Exited)
+        })
+        .await;
+        provider.release(&exited).await.expect("release the exited");
+        provider.release(&first).await.expect("release the running");
+        provider.release(&first).await.expect("released twice");
+        assert!(provider.list().await.expect("list").is_empty());
+        assert_eq!(start_ticks(first.id.parse().unwrap()), None, "stopped");
+        assert!(dir.path().join("logs/m-0.log").exists());
     }
 
     #[test]
