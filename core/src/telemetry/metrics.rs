@@ -312,9 +312,7 @@ def!(
     "Bytes read from the artifact store or a job's sources."
 );
 
-mod autoscaler;
-pub use autoscaler::{AUTOSCALER_DECISIONS, AUTOSCALER_DOLLARS, AUTOSCALER_MACHINES};
-
+pub mod autoscaler;
 /// Every metric, in documentation order.
 pub const CATALOG: &[MetricDef] = &[
     JOBS_SUBMITTED,
@@ -345,9 +343,9 @@ pub const CATALOG: &[MetricDef] = &[
     MODEL_CACHE_SIZE,
     ARTIFACT_UPLOADED,
     ARTIFACT_DOWNLOADED,
-    AUTOSCALER_DECISIONS,
-    AUTOSCALER_MACHINES,
-    AUTOSCALER_DOLLARS,
+    autoscaler::DECISIONS,
+    autoscaler::MACHINES,
+    autoscaler::DOLLARS,
 ];
 
 /// The series names a metric puts on the Prometheus endpoint (a histogram's

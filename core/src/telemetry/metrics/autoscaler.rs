@@ -6,28 +6,28 @@ use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Gauge, Meter};
 
 def!(
-    AUTOSCALER_DECISIONS,
+    DECISIONS,
     "trainyard_autoscaler_decisions_total",
     "trainyard.autoscaler.decisions",
-    "1",
+    "{decision}",
     Counter,
     ["pool", "reason"],
     "Autoscaler decisions recorded (a change of want, machines or reason), by pool and reason."
 );
 def!(
-    AUTOSCALER_MACHINES,
+    MACHINES,
     "trainyard_autoscaler_machines",
     "trainyard.autoscaler.machines",
-    "1",
+    "{machine}",
     Gauge,
     ["pool", "state"],
     "A pool's machines by activity (starting, idle, busy, draining, exited)."
 );
 def!(
-    AUTOSCALER_DOLLARS,
+    DOLLARS,
     "trainyard_autoscaler_dollars_per_hour",
     "trainyard.autoscaler.dollars_per_hour",
-    "1",
+    "{USD/h}",
     Gauge,
     ["pool"],
     "What a pool's live machines cost, in dollars an hour."
@@ -51,12 +51,12 @@ impl Instruments {
         };
         Self {
             decisions: meter
-                .u64_counter(AUTOSCALER_DECISIONS.otel_name)
-                .with_unit(AUTOSCALER_DECISIONS.unit)
-                .with_description(AUTOSCALER_DECISIONS.help)
+                .u64_counter(DECISIONS.otel_name)
+                .with_unit(DECISIONS.unit)
+                .with_description(DECISIONS.help)
                 .build(),
-            machines: gauge(AUTOSCALER_MACHINES),
-            dollars: gauge(AUTOSCALER_DOLLARS),
+            machines: gauge(MACHINES),
+            dollars: gauge(DOLLARS),
         }
     }
 }
