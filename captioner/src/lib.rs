@@ -99,13 +99,14 @@ pub async fn run(
             }
         });
     }
-    let mut runner = trainyard_core::runtime::RunnerConfig::new(
+    let mut runner = trainyard_core::runtime::RunnerConfig::for_service(
         trainyard_proto::v1::Stage::Prepare,
-        &config.nats,
+        &config,
     );
     runner.concurrency = config.captioner.concurrency;
-    runner.retry = config.retry.clone();
+    let heartbeat = trainyard_core::registry::Heartbeat::for_runner(topo.workers.clone(), &runner);
     let result = trainyard_core::service::run_stage(client, topo, runner, handler, shutdown).await;
+    heartbeat.stop().await;
     stop.cancel();
     loops.wait().await;
     result

@@ -170,6 +170,11 @@ pub struct FleetArgs {
 pub struct DevArgs {
     #[command(flatten)]
     pub fleet: FleetArgs,
+    /// Run the autoscaler with its local provider instead of one captioner,
+    /// worker and uploader: it starts them as processes as the backlog
+    /// needs ([autoscaler.pools], or one of each at most by default).
+    #[arg(long)]
+    pub autoscale: bool,
 }
 
 #[derive(Args, Debug)]

@@ -41,6 +41,49 @@ pub struct FleetOptions {
     pub nats: NatsChoice,
     /// Replaces `coordinator.grpc_addr` (e.g. `127.0.0.1:0`).
     pub grpc_addr: Option<String>,
+    /// The autoscaler (local provider) starts the stage services as
+    /// processes instead of one of each running in-process.
+    pub autoscale: bool,
+}
+
+/// The autoscaler's settings for `yard dev --autoscale`: the local
+/// provider, the services' config (this fleet's, written under
+/// `<data_dir>/autoscale/`) and, unless configured, one captioner and one
+/// uploader kept, and up to one worker of the configured pool.
+fn autoscaled(config: &mut Config, data_dir: &Path) -> anyhow::Result<()> {
+    let dir = data_dir.join("autoscale");
+    std::fs::create_dir_all(&dir)?;
+    let scaler = &mut config.autoscaler;
+    if scaler.provider.is_empty() {
+        scaler.provider = "local".into();
+    }
+    if scaler.pools.is_empty() {
+        let kept = trainyard_core::config::PoolPolicy {
+            min_workers: 1,
+            max_workers: 1,
+            ..Default::default()
+        };
+        let gpu = trainyard_core::config::PoolPolicy {
+            max_workers: 1,
+            idle_secs: 120,
+            ..Default::default()
+        };
+        scaler.pools = [
+            ("prepare".to_string(), kept.clone()),
+            ("deliver".to_string(), kept),
+            (format!("train.{}", config.worker.pool), gpu),
+        ]
+        .into();
+    }
+    if config.autoscaler.local.log_dir.is_none() {
+        config.autoscaler.local.log_dir = Some(dir.join("logs"));
+    }
+    if config.autoscaler.local.config_file.is_none() {
+        let file = dir.join("services.toml");
+        std::fs::write(&file, config.to_toml())?;
+        config.autoscaler.local.config_file = Some(file);
+    }
+    Ok(())
 }
 
 type ServiceResult = (&'static str, anyhow::Result<()>);
@@ -190,17 +233,23 @@ impl Fleet {
                 )
             });
         }
-        {
+        if options.autoscale {
+            autoscaled(&mut config, &data_dir)?;
             let (c, s) = (config.clone(), stop.child_token());
-            services.spawn(async move { ("captioner", trainyard_captioner::run(c, s).await) });
-        }
-        {
-            let (c, s) = (config.clone(), stop.child_token());
-            services.spawn(async move { ("worker", trainyard_worker::run(c, s).await) });
-        }
-        {
-            let (c, s) = (config.clone(), stop.child_token());
-            services.spawn(async move { ("uploader", trainyard_uploader::run(c, s).await) });
+            services.spawn(async move { ("autoscaler", trainyard_autoscaler::run(c, s).await) });
+        } else {
+            {
+                let (c, s) = (config.clone(), stop.child_token());
+                services.spawn(async move { ("captioner", trainyard_captioner::run(c, s).await) });
+            }
+            {
+                let (c, s) = (config.clone(), stop.child_token());
+                services.spawn(async move { ("worker", trainyard_worker::run(c, s).await) });
+            }
+            {
+                let (c, s) = (config.clone(), stop.child_token());
+                services.spawn(async move { ("uploader", trainyard_uploader::run(c, s).await) });
+            }
         }
         let mut fleet = Fleet {
             config,

@@ -74,9 +74,16 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         data_dir: args.fleet.data_dir.clone(),
         nats: NatsChoice::UseOrStart(url),
         grpc_addr: None,
+        autoscale: args.autoscale,
     };
     let mut fleet = Fleet::start(config, options).await?;
     describe_fleet(&fleet, &data_dir.join(client::DEV_TOKEN_FILE));
+    if args.autoscale {
+        println!(
+            "autoscaler   local provider, services' logs in {}",
+            data_dir.join("autoscale").display()
+        );
+    }
     if data_dir != std::path::absolute(".trainyard")? {
         println!(
             "clients: export TY_TOKEN=$(cat {})",
@@ -152,6 +159,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         data_dir: data_dir.clone(),
         nats: nats_url.map_or(NatsChoice::Private, NatsChoice::External),
         grpc_addr,
+        autoscale: false,
     };
     let mut fleet = Fleet::start(config, options).await?;
     let fleet_ready = started.elapsed();

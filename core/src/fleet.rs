@@ -123,6 +123,7 @@ pub fn roles(pools: &[String]) -> Vec<Role> {
         Role::Captioner,
         Role::Uploader,
         Role::Client,
+        Role::Autoscaler,
     ];
     roles.extend(pools.iter().map(|pool| Role::Worker { pool: pool.clone() }));
     roles
@@ -182,7 +183,7 @@ pub fn init(dir: &Path, spec: &FleetSpec) -> Result<FleetFiles, FleetInitError> 
         );
         let secrets_key = at.join("secrets.key").display().to_string();
         let snippet = match role {
-            Role::Client => snippet,
+            Role::Client | Role::Autoscaler => snippet,
             _ => format!("{snippet}\n[secrets]\nkey_file = {secrets_key:?}\n"),
         };
         let snippet = match role {
@@ -335,7 +336,11 @@ mod tests {
             .public_key();
         let auth = std::fs::read_to_string(dir.path().join("auth.conf")).unwrap();
         assert!(auth.contains(&public));
-        assert_eq!(auth.matches("nkey:").count(), 6);
+        // Coordinator, captioner, uploader, client, autoscaler, two pools.
+        assert_eq!(auth.matches("nkey:").count(), 7);
+        let autoscaler =
+            std::fs::read_to_string(files.snippet(&Role::Autoscaler)).expect("autoscaler.toml");
+        assert!(autoscaler.contains("autoscaler.nk") && !autoscaler.contains("secrets.key"));
         let snippet = std::fs::read_to_string(files.snippet(&worker)).unwrap();
         let config: crate::Config = toml::from_str(&snippet).unwrap();
         assert_eq!(config.nats.nkey_seed_file.as_deref(), Some(seed.as_path()));

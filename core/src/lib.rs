@@ -17,6 +17,7 @@ pub mod guard;
 pub mod nats;
 pub mod netguard;
 pub mod process;
+pub mod registry;
 pub mod retry;
 pub mod runtime;
 pub mod secrets;

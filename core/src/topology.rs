@@ -38,6 +38,10 @@ pub const JOBS_BUCKET: &str = "ty_jobs";
 pub const IDEM_BUCKET: &str = "ty_idem";
 pub const WORKERS_BUCKET: &str = "ty_workers";
 pub const CLAIMS_BUCKET: &str = "ty_claims";
+/// The autoscaler's leader lease and each pool's planner memory.
+pub const AUTOSCALER_BUCKET: &str = "ty_autoscaler";
+/// The autoscaler's last decisions and machines per pool, for `yard fleet`.
+pub const FLEET_BUCKET: &str = "ty_fleet";
 /// Each tenant's webhook signing secrets. Created, read and written by the
 /// coordinators only (not by [`ensure`], which every role runs): no other
 /// role needs it, and a NATS account that grants it to another role hands
@@ -371,6 +375,8 @@ pub async fn ensure(
     idem_bucket(js, config).await?;
     let workers = bucket(js, WORKERS_BUCKET, 1, Some(WORKER_HEARTBEAT * 3), replicas).await?;
     let claims = bucket(js, CLAIMS_BUCKET, 1, Some(CLAIM_MAX_AGE), replicas).await?;
+    bucket(js, AUTOSCALER_BUCKET, 1, None, replicas).await?;
+    bucket(js, FLEET_BUCKET, 1, None, replicas).await?;
     Ok(Topology {
         js: js.clone(),
         jobs,

@@ -56,6 +56,7 @@ async fn the_entry_follows_the_cache_and_goes_on_stop() {
         backends: vec!["reference".into()],
         slots: 2,
         cache_max_bytes: 0,
+        occupancy: Default::default(),
     };
     let heartbeat = Heartbeat::start(
         topo.workers.clone(),

@@ -4,6 +4,7 @@
 //! (moto) on loopback for the S3 suites, and helpers that wait on events with
 //! a deadline instead of sleeping.
 
+pub mod autoscale;
 pub mod chaos;
 pub mod hub;
 pub mod kube;

@@ -27,8 +27,10 @@ pub async fn run(
     else {
         return Ok(()); // stopped before NATS was ready
     };
-    let mut runner = RunnerConfig::new(Stage::Deliver, &config.nats);
+    let mut runner = RunnerConfig::for_service(Stage::Deliver, &config);
     runner.concurrency = config.uploader.concurrency;
-    runner.retry = config.retry.clone();
-    trainyard_core::service::run_stage(client, topo, runner, stage, shutdown).await
+    let heartbeat = trainyard_core::registry::Heartbeat::for_runner(topo.workers.clone(), &runner);
+    let result = trainyard_core::service::run_stage(client, topo, runner, stage, shutdown).await;
+    heartbeat.stop().await;
+    result
 }

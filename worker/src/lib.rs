@@ -99,10 +99,9 @@ pub async fn run(
     else {
         return Ok(()); // stopped before NATS was ready
     };
-    let mut runner = RunnerConfig::new(Stage::Train, &config.nats);
+    let mut runner = RunnerConfig::for_service(Stage::Train, &config);
     runner.pool = config.worker.pool.clone();
     runner.concurrency = config.worker.concurrency;
-    runner.retry = config.retry.clone();
     // The trainer gets its own grace after SIGTERM; the runtime waits a bit longer.
     runner.drain_grace = Duration::from_secs(1);
     let heartbeat = registry::Heartbeat::for_stage(topo.workers.clone(), &runner, &stage);

@@ -16,10 +16,14 @@ use tokio_util::sync::CancellationToken;
 use trainyard_core::runtime::RunnerConfig;
 use trainyard_core::topology::{WORKER_HEARTBEAT, worker_key};
 
-/// One worker's entry, JSON in the bucket.
+/// One worker's entry, JSON in the bucket: the fields of every stage's
+/// [`trainyard_core::registry::Entry`] and the worker's own.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerEntry {
     pub worker_id: String,
+    /// Always `train`.
+    #[serde(default)]
+    pub stage: String,
     pub pool: String,
     /// Backends whose `[worker.trainers]` paths are set.
     pub backends: Vec<String>,
@@ -30,8 +34,11 @@ pub struct WorkerEntry {
     pub cache_max_bytes: u64,
     /// Trainings at once.
     pub slots: usize,
-    /// Trainings running now (runs holding a model).
+    /// Trainings running now (tasks taken, or runs holding a model).
     pub busy_slots: usize,
+    /// Since when no task runs (ms since the Unix epoch); 0 while busy.
+    #[serde(default)]
+    pub idle_since: i64,
     /// Milliseconds since the Unix epoch.
     pub started_at: i64,
     /// Milliseconds since the Unix epoch.
@@ -46,6 +53,8 @@ pub struct Identity {
     pub backends: Vec<String>,
     pub slots: usize,
     pub cache_max_bytes: u64,
+    /// The runtime's count of running tasks.
+    pub occupancy: std::sync::Arc<trainyard_core::registry::Occupancy>,
 }
 
 impl Identity {
@@ -60,6 +69,7 @@ impl Identity {
                 .collect(),
             slots: runner.concurrency,
             cache_max_bytes: stage.models.max_bytes(),
+            occupancy: runner.occupancy.clone(),
         }
     }
 }
@@ -86,6 +96,8 @@ impl Heartbeat {
                 tokio::select! {
                     _ = cancelled.cancelled() => break,
                     _ = ticks.tick() => {}
+                    // A task started or ended: say so now.
+                    _ = identity.occupancy.changed() => {}
                 }
                 let entry = snapshot(&identity, &models, started_at);
                 let put = match serde_json::to_vec(&entry) {
@@ -141,13 +153,15 @@ impl Drop for Heartbeat {
 pub fn snapshot(identity: &Identity, models: &Models, started_at: i64) -> WorkerEntry {
     WorkerEntry {
         worker_id: identity.worker_id.clone(),
+        stage: "train".into(),
         pool: identity.pool.clone(),
         backends: identity.backends.clone(),
         models: models.holdings(),
         cache_bytes: models.cache_bytes(),
         cache_max_bytes: identity.cache_max_bytes,
         slots: identity.slots,
-        busy_slots: models.leases(),
+        busy_slots: models.leases().max(identity.occupancy.running()),
+        idle_since: identity.occupancy.idle_since(),
         started_at,
         updated_at: trainyard_core::now_ms(),
     }

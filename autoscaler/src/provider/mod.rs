@@ -4,11 +4,11 @@
 //! after a failover): starting is idempotent by the launch's name, and
 //! releasing a machine already gone is no error.
 
+pub mod kubernetes;
+pub mod local;
 pub mod runpod;
 
 use std::collections::BTreeMap;
-
-pub mod kubernetes;
 
 /// One machine a provider runs for the fleet.
 #[derive(Clone, Debug, PartialEq)]

@@ -45,6 +45,7 @@ pub struct Config {
     pub secrets: SecretsConfig,
     pub quotas: QuotasConfig,
     pub autoscaler: AutoscalerConfig,
+    pub runtime: RuntimeConfig,
 }
 
 mod autoscaler;
@@ -53,6 +54,7 @@ mod nats;
 mod observe;
 mod quotas;
 mod retry;
+mod runtime;
 mod secrets;
 mod services;
 mod store;
@@ -63,6 +65,7 @@ pub use nats::*;
 pub use observe::*;
 pub use quotas::*;
 pub use retry::*;
+pub use runtime::*;
 pub use secrets::*;
 pub use services::*;
 pub use store::*;

@@ -129,6 +129,8 @@ pub struct RunnerConfig {
     pub drain_grace: Duration,
     /// The `[retry]` section; the stage's policy is used.
     pub retry: RetryConfig,
+    /// Tasks running now and since when none, for the registry entry.
+    pub occupancy: Arc<crate::registry::Occupancy>,
 }
 
 impl RunnerConfig {
@@ -141,7 +143,20 @@ impl RunnerConfig {
             nats: nats.clone(),
             drain_grace: Duration::from_secs(30),
             retry: RetryConfig::default(),
+            occupancy: Arc::default(),
         }
+    }
+
+    /// [`RunnerConfig::new`] with the service's config applied: its
+    /// `[retry]` section and the worker id of `[runtime] worker_id` (a
+    /// generated one when empty).
+    pub fn for_service(stage: Stage, config: &crate::Config) -> Self {
+        let mut runner = Self::new(stage, &config.nats);
+        runner.retry = config.retry.clone();
+        if !config.runtime.worker_id.is_empty() {
+            runner.worker_id = config.runtime.worker_id.clone();
+        }
+        runner
     }
 }
 

@@ -15,6 +15,7 @@ pub(super) struct SlotUsage {
     pool: String,
     slots: usize,
     running: std::sync::atomic::AtomicUsize,
+    occupancy: Arc<crate::registry::Occupancy>,
 }
 
 /// A running task; dropping it frees the slot.
@@ -25,6 +26,7 @@ impl Drop for Running<'_> {
         self.0
             .running
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.occupancy.leave();
         telemetry::metrics().running_changed(self.0.stage, &self.0.pool, -1);
     }
 }
@@ -38,12 +40,14 @@ impl SlotUsage {
             pool: config.pool.clone(),
             slots: config.concurrency.max(1),
             running: Default::default(),
+            occupancy: config.occupancy.clone(),
         }
     }
 
     pub(super) fn start(&self) -> Running<'_> {
         self.running
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.occupancy.enter();
         telemetry::metrics().running_changed(self.stage, &self.pool, 1);
         Running(self)
     }

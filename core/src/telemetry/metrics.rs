@@ -312,6 +312,7 @@ def!(
     "Bytes read from the artifact store or a job's sources."
 );
 
+pub mod autoscaler;
 /// Every metric, in documentation order.
 pub const CATALOG: &[MetricDef] = &[
     JOBS_SUBMITTED,
@@ -342,6 +343,9 @@ pub const CATALOG: &[MetricDef] = &[
     MODEL_CACHE_SIZE,
     ARTIFACT_UPLOADED,
     ARTIFACT_DOWNLOADED,
+    autoscaler::DECISIONS,
+    autoscaler::MACHINES,
+    autoscaler::DOLLARS,
 ];
 
 /// The series names a metric puts on the Prometheus endpoint (a histogram's
@@ -428,6 +432,7 @@ pub struct Metrics {
     model_cache_size: Gauge<u64>,
     artifact_uploaded: Counter<u64>,
     artifact_downloaded: Counter<u64>,
+    autoscaler: autoscaler::Instruments,
     boards: Shared,
     _observed: Vec<ObservableGauge<f64>>,
 }
@@ -590,6 +595,7 @@ impl Metrics {
                 .build(),
             artifact_uploaded: counter(ARTIFACT_UPLOADED),
             artifact_downloaded: counter(ARTIFACT_DOWNLOADED),
+            autoscaler: autoscaler::Instruments::new(meter),
             boards,
             _observed: observed_gauges,
         }

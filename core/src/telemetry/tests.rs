@@ -245,6 +245,9 @@ fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)])
 }
 
 fn record_everything(m: &Metrics) {
+    m.autoscaler_decision("train.a100", "scale_up");
+    m.autoscaler_machines("train.a100", "busy", 2);
+    m.autoscaler_dollars("train.a100", 1.5);
     m.job_submitted("acme", "reference");
     m.job_finished("acme", "reference", "succeeded");
     m.stage_finished("train", "a100", "ok", Duration::from_secs(42));

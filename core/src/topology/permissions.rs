@@ -9,6 +9,7 @@
 //! | coordinator | everything under `ty.>`, the JetStream API, every bucket; answer `ty.api.*`; the only one to create streams, buckets and its own consumers, and to read or write `ty_jobs`, `ty_idem`, `ty_webhook_secrets` |
 //! | captioner, worker (per pool), uploader | bind to the streams and buckets; create and pull only its own stage's consumer (a worker: `ty-train-<pool>` filtered on `ty.task.train.<pool>`); read a job record by key (a worker also its job's last checkpoint event, by subject); write its own stage's claims, its registry entry, its stage's result, dead letters and waiting retries (`ty.retry.<stage>.>`), and non-state events; hear cancels |
 //! | client | send `ty.api.*` requests and read the replies |
+//! | autoscaler | read `TY_TASKS`' info, its consumers' info and its messages by sequence (pending train tasks' steps); read the registry `ty_workers`; read and write `ty_autoscaler` (lease, memory) and `ty_fleet` (decisions) |
 //!
 //! Every role reads replies only under its own inbox prefix (`_INBOX_<role>`),
 //! never `_INBOX.>`. No role but the coordinator publishes tasks, cancels or
@@ -31,6 +32,9 @@ pub enum Role {
     Uploader,
     /// Another service calling the job API over NATS.
     Client,
+    /// `ty-autoscaler`: reads backlogs and the registry, keeps its lease,
+    /// memory and decisions in its own buckets.
+    Autoscaler,
 }
 
 /// One role's permissions, as the server's config spells them.
@@ -62,6 +66,7 @@ impl Role {
             Role::Worker { pool } => format!("worker_{pool}"),
             Role::Uploader => "uploader".into(),
             Role::Client => "client".into(),
+            Role::Autoscaler => "autoscaler".into(),
         }
     }
 
@@ -84,7 +89,7 @@ impl Role {
             Role::Captioner => Some((Stage::Prepare, "")),
             Role::Worker { pool } => Some((Stage::Train, pool)),
             Role::Uploader => Some((Stage::Deliver, "")),
-            Role::Coordinator | Role::Client => None,
+            Role::Coordinator | Role::Client | Role::Autoscaler => None,
         }
     }
 
@@ -115,6 +120,34 @@ impl Role {
                 subscribe: vec![inbox],
                 allow_responses: false,
             },
+            Role::Autoscaler => {
+                let api = "$JS.API";
+                let mut publish = vec![
+                    // Backlogs: the task stream's info (with its subjects'
+                    // counts) and its consumers' info, answered by their
+                    // leaders; pending tasks read by sequence (no consumer).
+                    format!("{api}.STREAM.INFO.{TASKS_STREAM}"),
+                    format!("{api}.CONSUMER.INFO.{TASKS_STREAM}.*"),
+                    format!("{api}.STREAM.MSG.GET.{TASKS_STREAM}"),
+                    // The registry, read whole (a listing through an
+                    // ordered consumer on its stream).
+                    format!("{api}.STREAM.INFO.KV_{WORKERS_BUCKET}"),
+                    format!("{api}.DIRECT.GET.KV_{WORKERS_BUCKET}.>"),
+                    format!("{api}.CONSUMER.CREATE.KV_{WORKERS_BUCKET}.>"),
+                    format!("{api}.CONSUMER.DELETE.KV_{WORKERS_BUCKET}.>"),
+                    format!("$JS.FC.KV_{WORKERS_BUCKET}.>"),
+                ];
+                for bucket in [AUTOSCALER_BUCKET, FLEET_BUCKET] {
+                    publish.push(format!("{api}.STREAM.INFO.KV_{bucket}"));
+                    publish.push(format!("{api}.DIRECT.GET.KV_{bucket}.>"));
+                    publish.push(format!("$KV.{bucket}.>"));
+                }
+                Permissions {
+                    publish,
+                    subscribe: vec![inbox],
+                    allow_responses: false,
+                }
+            }
             stage_role => {
                 let (stage, pool) = stage_role.stage().expect("a stage role");
                 let consumer = consumer_name(stage, pool);
@@ -247,6 +280,22 @@ mod tests {
             .inbox_prefix(),
             "_INBOX_worker_a100"
         );
+    }
+
+    #[test]
+    fn the_autoscaler_reads_backlogs_and_writes_only_its_buckets() {
+        let p = Role::Autoscaler.permissions();
+        assert!(
+            p.publish
+                .contains(&"$JS.API.CONSUMER.INFO.TY_TASKS.*".to_string())
+        );
+        assert!(p.publish.contains(&format!("$KV.{AUTOSCALER_BUCKET}.>")));
+        assert!(!p.publish.iter().any(|s| s.starts_with("ty.")
+            || s.contains("CONSUMER.CREATE.TY_TASKS")
+            || s.contains("MSG.NEXT")
+            || s.starts_with(&format!("$KV.{JOBS_BUCKET}"))
+            || s.starts_with(&format!("$KV.{WORKERS_BUCKET}"))));
+        assert_eq!(p.subscribe, ["_INBOX_autoscaler.>"]);
     }
 
     #[test]

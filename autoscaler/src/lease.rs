@@ -1,0 +1,190 @@
+//! What the autoscaler keeps in its `ty_autoscaler` bucket: the leader's
+//! lease (several replicas run, one plans at a time) and each pool's
+//! planner memory, so a new leader continues where the last one stopped.
+//!
+//! The lease is the `leader` key: its holder and when it expires. A
+//! replica takes it by compare-and-set (create when absent, update at the
+//! read revision when it is its own or expired) at the start of every
+//! pass, and acts in that pass only when it holds it. A leader that stops
+//! renewing loses it `lease_ms` later; one whose renewal fails stops
+//! acting at once.
+//!
+//! A pool's memory (`memory.<pool>`) is written by compare-and-set too,
+//! before the machines it names are started: a leader deposed in between
+//! fails the write and starts nothing.
+
+use async_nats::jetstream::kv;
+use serde::{Deserialize, Serialize};
+
+use crate::plan::Memory;
+
+/// The lease's key.
+pub const LEADER_KEY: &str = "leader";
+
+/// The lease's value.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseValue {
+    pub holder: String,
+    /// Milliseconds since the Unix epoch.
+    pub expires_at_ms: i64,
+}
+
+/// Whether `me` may take the lease now, given its current value.
+pub fn may_take(current: Option<&LeaseValue>, me: &str, now_ms: i64) -> bool {
+    match current {
+        None => true,
+        Some(lease) => lease.holder == me || lease.expires_at_ms <= now_ms,
+    }
+}
+
+/// Why a bucket operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error("kv: {0}")]
+    Kv(String),
+    #[error("another replica wrote first")]
+    Lost,
+}
+
+fn kv_err(e: impl std::fmt::Display) -> LeaseError {
+    LeaseError::Kv(e.to_string())
+}
+
+/// One replica's view of the lease.
+pub struct Lease {
+    kv: kv::Store,
+    holder: String,
+    ttl_ms: i64,
+}
+
+impl Lease {
+    pub fn new(kv: kv::Store, holder: String, ttl_ms: u64) -> Self {
+        Self {
+            kv,
+            holder,
+            ttl_ms: ttl_ms.max(1) as i64,
+        }
+    }
+
+    /// This replica's name in the lease.
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
+    /// Takes or renews the lease; `Ok(false)` when another replica holds it.
+    pub async fn acquire(&self, now_ms: i64) -> Result<bool, LeaseError> {
+        let entry = self.kv.entry(LEADER_KEY).await.map_err(kv_err)?;
+        let live = entry.as_ref().filter(|e| e.operation == kv::Operation::Put);
+        let current = live.and_then(|e| serde_json::from_slice::<LeaseValue>(&e.value).ok());
+        if !may_take(current.as_ref(), &self.holder, now_ms) {
+            return Ok(false);
+        }
+        let value = serde_json::to_vec(&LeaseValue {
+            holder: self.holder.clone(),
+            expires_at_ms: now_ms + self.ttl_ms,
+        })
+        .map_err(kv_err)?;
+        let written = match &entry {
+            Some(e) => self
+                .kv
+                .update(LEADER_KEY, value.into(), e.revision)
+                .await
+                .is_ok(),
+            None => self.kv.create(LEADER_KEY, value.into()).await.is_ok(),
+        };
+        Ok(written)
+    }
+
+    /// Gives the lease up (a clean shutdown), if this replica holds it.
+    pub async fn release(&self) {
+        if let Ok(Some(entry)) = self.kv.entry(LEADER_KEY).await
+            && entry.operation == kv::Operation::Put
+            && serde_json::from_slice::<LeaseValue>(&entry.value)
+                .is_ok_and(|l| l.holder == self.holder)
+            && let Err(error) = self
+                .kv
+                .purge_expect_revision(LEADER_KEY, Some(entry.revision))
+                .await
+        {
+            tracing::debug!(%error, "could not give the lease up");
+        }
+    }
+}
+
+/// A pool's memory as kept in the bucket.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolMemory {
+    pub last_up_ms: i64,
+    pub last_down_ms: i64,
+    /// The index of the next machine's name (`<fleet>-<pool>-<index>`):
+    /// never reused, so a launch repeated after a failover finds its
+    /// machine instead of starting another.
+    pub next_index: u64,
+    /// The planner's last machine price seen ([`Memory::price_millis`]).
+    #[serde(default)]
+    pub price_millis: u64,
+}
+
+impl PoolMemory {
+    pub fn planner(&self) -> Memory {
+        Memory {
+            last_up_ms: self.last_up_ms,
+            last_down_ms: self.last_down_ms,
+            price_millis: self.price_millis,
+        }
+    }
+}
+
+/// The key of a pool's memory.
+pub fn memory_key(pool: &str) -> String {
+    format!("memory.{pool}")
+}
+
+/// Reads a pool's memory and its revision (0: none yet).
+pub async fn read_memory(kv: &kv::Store, pool: &str) -> Result<(PoolMemory, u64), LeaseError> {
+    match kv.entry(memory_key(pool)).await.map_err(kv_err)? {
+        Some(e) if e.operation == kv::Operation::Put => Ok((
+            serde_json::from_slice(&e.value).unwrap_or_default(),
+            e.revision,
+        )),
+        Some(e) => Ok((PoolMemory::default(), e.revision)),
+        None => Ok((PoolMemory::default(), 0)),
+    }
+}
+
+/// Writes a pool's memory at `revision` (0: create); the new revision.
+pub async fn write_memory(
+    kv: &kv::Store,
+    pool: &str,
+    memory: &PoolMemory,
+    revision: u64,
+) -> Result<u64, LeaseError> {
+    let value = serde_json::to_vec(memory).map_err(kv_err)?;
+    let key = memory_key(pool);
+    if revision == 0 {
+        kv.create(&key, value.into())
+            .await
+            .map_err(|_| LeaseError::Lost)
+    } else {
+        kv.update(&key, value.into(), revision)
+            .await
+            .map_err(|_| LeaseError::Lost)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lease_goes_to_its_holder_or_anyone_once_expired() {
+        let held = LeaseValue {
+            holder: "a".into(),
+            expires_at_ms: 1_000,
+        };
+        assert!(may_take(None, "b", 0));
+        assert!(may_take(Some(&held), "a", 500));
+        assert!(!may_take(Some(&held), "b", 999));
+        assert!(may_take(Some(&held), "b", 1_000));
+    }
+}

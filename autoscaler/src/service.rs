@@ -1,0 +1,397 @@
+//! The autoscaler's passes: every `interval_ms`, the replica holding the
+//! lease reads each pool's backlog and machines, asks the planner, and
+//! acts — starts machines (named `<fleet>-<pool>-<index>`, the index kept
+//! in the pool's memory so a repeated launch finds its machine), releases
+//! idle and exited ones, drains busy ones it must, and reaps the fleet's
+//! machines no configured pool wants once their worker is gone.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use async_nats::jetstream::kv;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use trainyard_core::config::{AutoscalerConfig, PoolPolicy};
+use trainyard_core::registry::{self, Entry};
+
+use crate::activity::{activity_of, view};
+use crate::backlog::{BacklogReader, stage_of_pool};
+use crate::lease::{Lease, read_memory, write_memory};
+use crate::plan::{self, Activity, MachineView, Observation};
+use crate::provider::{Launch, Machine, MachineState, Provider};
+use crate::record::{self, DecisionRecord};
+
+/// The buckets and handles one replica works with.
+pub struct Buckets {
+    pub js: async_nats::jetstream::Context,
+    /// `ty_workers`: the registry.
+    pub workers: kv::Store,
+    /// `ty_autoscaler`: lease and memory.
+    pub state: kv::Store,
+    /// `ty_fleet`: decisions and machines per pool.
+    pub fleet: kv::Store,
+}
+
+/// One autoscaler replica.
+pub struct Autoscaler {
+    config: AutoscalerConfig,
+    provider: Arc<dyn Provider>,
+    buckets: Buckets,
+    lease: Lease,
+    backlog: BacklogReader,
+    /// When each machine's registry entry was last seen.
+    last_entry: HashMap<String, i64>,
+    /// Hosts to avoid until then (ms).
+    avoid: BTreeMap<String, i64>,
+    /// Machines being drained (released once their task is handed back).
+    draining: Arc<Mutex<HashSet<String>>>,
+    drains: TaskTracker,
+    /// The last decision recorded per pool.
+    last: HashMap<String, DecisionRecord>,
+    leading: bool,
+}
+
+/// A machine name's part for a pool (`train.a100` → `train-a100`).
+fn name_part(pool: &str) -> String {
+    pool.replace('.', "-")
+}
+
+/// The name of a pool's `index`th machine.
+pub fn machine_name(fleet: &str, pool: &str, index: u64) -> String {
+    format!("{fleet}-{}-{index}", name_part(pool))
+}
+
+impl Autoscaler {
+    pub fn new(
+        config: AutoscalerConfig,
+        provider: Arc<dyn Provider>,
+        buckets: Buckets,
+        holder: String,
+    ) -> Self {
+        let lease = Lease::new(buckets.state.clone(), holder, config.lease_ms);
+        let backlog = BacklogReader::new(buckets.js.clone());
+        Self {
+            config,
+            provider,
+            buckets,
+            lease,
+            backlog,
+            last_entry: HashMap::new(),
+            avoid: BTreeMap::new(),
+            draining: Arc::default(),
+            drains: TaskTracker::new(),
+            last: HashMap::new(),
+            leading: false,
+        }
+    }
+
+    /// Runs passes until `shutdown`; then gives the lease up and waits
+    /// for drains under way.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let every = std::time::Duration::from_millis(self.config.interval_ms.max(50));
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = ticks.tick() => {}
+            }
+            self.pass(trainyard_core::now_ms()).await;
+        }
+        self.lease.release().await;
+        self.drains.close();
+        self.drains.wait().await;
+    }
+
+    /// One pass.
+    pub async fn pass(&mut self, now: i64) {
+        match self.lease.acquire(now).await {
+            Ok(true) => {
+                if !self.leading {
+                    tracing::info!(holder = %self.lease.holder(), "autoscaler lease taken");
+                }
+                self.leading = true;
+            }
+            Ok(false) => {
+                if self.leading {
+                    tracing::warn!("autoscaler lease lost; not acting");
+                }
+                self.leading = false;
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot renew the autoscaler lease; not acting");
+                self.leading = false;
+                return;
+            }
+        }
+        let machines = match self.provider.list().await {
+            Ok(machines) => machines,
+            Err(error) => {
+                tracing::warn!(%error, provider = self.provider.name(), "cannot list machines");
+                return;
+            }
+        };
+        let entries: HashMap<String, Entry> = match registry::entries(&self.buckets.workers).await {
+            Ok(entries) => entries
+                .into_iter()
+                .map(|e| (e.worker_id.clone(), e))
+                .collect(),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the registry");
+                return;
+            }
+        };
+        for name in entries.keys() {
+            self.last_entry.insert(name.clone(), now);
+        }
+        self.avoid.retain(|_, until| *until > now);
+        if let Err(error) = self.backlog.learn_from_deliveries(&self.config).await {
+            tracing::debug!(%error, "cannot read finished trainings");
+        }
+        let pools: Vec<(String, PoolPolicy)> = self
+            .config
+            .pools
+            .iter()
+            .map(|(p, policy)| (p.clone(), policy.clone()))
+            .collect();
+        for (pool, policy) in &pools {
+            let mine: Vec<&Machine> = machines.iter().filter(|m| &m.pool == pool).collect();
+            if !self.pool_pass(now, pool, policy, &mine, &entries).await {
+                return; // deposed: stop acting at once
+            }
+        }
+        self.reap_orphans(&machines, &entries).await;
+        let known: HashSet<&str> = machines.iter().map(|m| m.name.as_str()).collect();
+        self.last_entry
+            .retain(|name, _| known.contains(name.as_str()));
+    }
+
+    /// One pool's pass; `false` when the lease turned out lost.
+    async fn pool_pass(
+        &mut self,
+        now: i64,
+        pool: &str,
+        policy: &PoolPolicy,
+        machines: &[&Machine],
+        entries: &HashMap<String, Entry>,
+    ) -> bool {
+        let draining = self.draining.lock().expect("draining").clone();
+        let views: Vec<MachineView> = machines
+            .iter()
+            .map(|m| {
+                let (activity, since) = activity_of(
+                    m,
+                    entries.get(&m.name),
+                    self.last_entry.get(&m.name).copied().unwrap_or(0),
+                    draining.contains(&m.name),
+                    self.config.vanished_after_ms as i64,
+                    now,
+                );
+                view(m, activity, since)
+            })
+            .collect();
+        // No data (the backlog cannot be read): nothing is started or
+        // released on a guess; only the pool's floor (`min_workers`) is kept
+        // and exited machines replaced.
+        let (backlog, no_data) = match self
+            .backlog
+            .read(&self.config, pool, policy.seconds_per_task)
+            .await
+        {
+            Ok(backlog) => (backlog, None),
+            Err(error) => (plan::Backlog::default(), Some(error.to_string())),
+        };
+        let (mut memory, revision) = match read_memory(&self.buckets.state, pool).await {
+            Ok(found) => found,
+            Err(error) => {
+                tracing::warn!(pool, %error, "cannot read the pool's memory");
+                return true;
+            }
+        };
+        let observation = Observation {
+            now_ms: now,
+            backlog,
+            machines: views.clone(),
+        };
+        let mut decision = plan::plan(policy, &observation, memory.planner());
+        if no_data.is_some() {
+            let exited: Vec<String> = views
+                .iter()
+                .filter(|v| v.activity == Activity::Exited)
+                .map(|v| v.name.clone())
+                .collect();
+            decision.release.retain(|name| exited.contains(name));
+            decision.drain.clear();
+            decision.memory.last_down_ms = memory.last_down_ms;
+        }
+        let names: Vec<String> = (0..u64::from(decision.launch))
+            .map(|i| machine_name(&self.config.fleet_name, pool, memory.next_index + i))
+            .collect();
+        let next = crate::lease::PoolMemory {
+            last_up_ms: decision.memory.last_up_ms,
+            last_down_ms: decision.memory.last_down_ms,
+            next_index: memory.next_index + u64::from(decision.launch),
+            price_millis: decision.memory.price_millis,
+        };
+        if next != memory {
+            // Written before acting: a deposed leader fails here.
+            if write_memory(&self.buckets.state, pool, &next, revision)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    pool,
+                    "the pool's memory changed under this replica; not acting"
+                );
+                self.leading = false;
+                return false;
+            }
+            memory = next;
+        }
+        tracing::trace!(pool, next_index = memory.next_index, "pool memory");
+        // Exited machines' hosts are avoided for a while.
+        for machine in machines {
+            let exited = views
+                .iter()
+                .any(|v| v.name == machine.name && v.activity == Activity::Exited);
+            if exited && !machine.host.is_empty() && self.provider.name() != "local" {
+                self.avoid.insert(
+                    machine.host.clone(),
+                    now + self.config.avoid_host_secs as i64 * 1000,
+                );
+            }
+        }
+        let mut record = DecisionRecord::of(now, &backlog, &views, &decision, names.clone());
+        let mut errors = Vec::new();
+        for name in &names {
+            let launch = self.launch_of(pool, policy, name);
+            if let Err(error) = self.provider.launch(&launch).await {
+                errors.push(format!("launch {name}: {error}"));
+            }
+        }
+        for name in &decision.release {
+            let Some(machine) = machines.iter().find(|m| &m.name == name) else {
+                continue;
+            };
+            // An idle machine that took a task since the registry was read stays.
+            if machine.state != MachineState::Exited
+                && let Ok(Some(now_entry)) = self.fresh_entry(name).await
+                && now_entry.busy_slots > 0
+            {
+                continue;
+            }
+            if let Err(error) = self.provider.release(machine).await {
+                errors.push(format!("release {name}: {error}"));
+            }
+        }
+        for name in &decision.drain {
+            if let Some(machine) = machines.iter().find(|m| &m.name == name) {
+                self.drain((*machine).clone());
+            }
+        }
+        if let Some(error) = no_data {
+            record.reason = "no_data".into();
+            errors.insert(0, error);
+        }
+        record.error = errors.join("; ");
+        self.record(pool, record, &views).await;
+        true
+    }
+
+    /// A machine's registry entry as of now.
+    async fn fresh_entry(&self, name: &str) -> Result<Option<Entry>, async_nats::Error> {
+        let key = trainyard_core::topology::worker_key(name);
+        Ok(self
+            .buckets
+            .workers
+            .get(key)
+            .await?
+            .and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    /// What to start for one machine of `pool`.
+    fn launch_of(&self, pool: &str, policy: &PoolPolicy, name: &str) -> Launch {
+        let mut env = policy.env.clone();
+        env.insert("TY_RUNTIME__WORKER_ID".into(), name.to_string());
+        if let Some((trainyard_proto::v1::Stage::Train, gpu_pool)) = stage_of_pool(pool) {
+            env.insert("TY_WORKER__POOL".into(), gpu_pool.to_string());
+        }
+        Launch {
+            name: name.to_string(),
+            pool: pool.to_string(),
+            env,
+            gpu_types: policy.gpu_types.clone(),
+            gpu_count: policy.gpu_count,
+            interruptible: policy.interruptible,
+            bid_per_gpu: policy.bid_per_gpu,
+            max_price_per_gpu: policy.max_price_per_gpu,
+            avoid_hosts: self.avoid.keys().cloned().collect(),
+        }
+    }
+
+    /// Drains a busy machine: the provider's release stops its service
+    /// gracefully (SIGTERM: the worker stops taking tasks and hands its
+    /// task back once its trainer has saved); it counts as draining until
+    /// then.
+    fn drain(&self, machine: Machine) {
+        if !self
+            .draining
+            .lock()
+            .expect("draining")
+            .insert(machine.name.clone())
+        {
+            return; // already draining
+        }
+        let (provider, draining) = (self.provider.clone(), self.draining.clone());
+        // Tracked: `run` waits for drains under way before returning.
+        self.drains.spawn(async move {
+            if let Err(error) = provider.release(&machine).await {
+                tracing::warn!(machine = %machine.name, %error, "drain failed");
+            }
+            draining.lock().expect("draining").remove(&machine.name);
+        });
+    }
+
+    /// Releases the fleet's machines no configured pool wants whose
+    /// worker is gone (or idle).
+    async fn reap_orphans(&self, machines: &[Machine], entries: &HashMap<String, Entry>) {
+        for machine in machines {
+            if self.config.pools.contains_key(&machine.pool) {
+                continue;
+            }
+            let gone = entries.get(&machine.name).is_none_or(|e| e.busy_slots == 0);
+            if gone {
+                tracing::info!(machine = %machine.name, pool = %machine.pool, "reaping an orphan machine");
+                if let Err(error) = self.provider.release(machine).await {
+                    tracing::warn!(machine = %machine.name, %error, "cannot reap");
+                }
+            }
+        }
+    }
+
+    /// Logs and stores a decision when it says something new.
+    async fn record(&mut self, pool: &str, decision: DecisionRecord, views: &[MachineView]) {
+        if !decision.news_after(self.last.get(pool)) {
+            return;
+        }
+        record::trace(pool, &decision);
+        record::count(pool, &decision, views);
+        let mut stored = record::read_pool(&self.buckets.fleet, pool).await;
+        stored.pool = pool.to_string();
+        stored.push(decision.clone(), views);
+        record::write_pool(&self.buckets.fleet, &stored).await;
+        self.last.insert(pool.to_string(), decision);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machine_names_carry_the_fleet_and_the_pool() {
+        assert_eq!(machine_name("yard", "train.a100", 7), "yard-train-a100-7");
+        assert_eq!(machine_name("yard", "prepare", 0), "yard-prepare-0");
+    }
+}
