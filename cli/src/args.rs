@@ -79,6 +79,28 @@ pub enum FleetCommand {
     /// role with least-privilege permissions) and each role's [nats] keys
     /// (<role>.toml) into DIR. Never overwrites.
     Init(FleetInitArgs),
+    /// The autoscaler's view of the fleet: each pool's machines (activity,
+    /// price), backlog, wanted and live counts, its last decisions, and the
+    /// fleet's dollars an hour; read from the bus with an operator's
+    /// identity (`--config` a role file of `yard fleet init`, e.g.
+    /// autoscaler.toml).
+    Status(FleetStatusArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct FleetStatusArgs {
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    /// The identity the config's [nats] keys belong to: `autoscaler` or
+    /// `coordinator`.
+    #[arg(long, default_value = "autoscaler")]
+    pub role: String,
+    /// Decisions shown per pool, newest last.
+    #[arg(long, default_value_t = 5)]
+    pub decisions: usize,
+    /// The pools' records as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

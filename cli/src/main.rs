@@ -4,6 +4,7 @@
 mod args;
 mod client;
 mod fleet;
+mod fleet_status;
 mod jobs;
 mod local;
 mod submit;
@@ -39,6 +40,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Token(TokenCommand::New(args)) => return token::new(&args),
         Command::Secrets(SecretsCommand::Keygen(args)) => return token::keygen(&args),
         Command::Fleet(args::FleetCommand::Init(args)) => return local::fleet_init(args),
+        Command::Fleet(args::FleetCommand::Status(args)) => return fleet_status::run(args).await,
         _ => {}
     }
     let target = client::Target { server, token, ca };

@@ -15,9 +15,11 @@ use trainyard_tests::{Fleet, Services, TOKEN, get, spec, submit, wait_for};
 
 const WAIT: Duration = Duration::from_secs(50);
 
-/// The fleet without workers: the autoscaler starts them.
+/// The fleet without workers, on a secured bus (each service, the
+/// autoscaler and the workers it starts with their own identities): the
+/// autoscaler starts the workers.
 async fn fleet() -> Fleet {
-    Fleet::start_with(
+    Fleet::start_secured(
         Services {
             worker: false,
             ..Services::ALL
@@ -177,7 +179,11 @@ async fn a_worker_killed_mid_job_is_replaced_and_its_job_succeeds() {
         async move { (get(&mut client, &job).await.state() == JobState::Training).then_some(()) }
     })
     .await;
-    let (victim, pid) = machines.current().into_iter().next().expect("a worker");
+    // The job may reach TRAINING before the autoscaler's next pass.
+    let (victim, pid) = wait_for("a worker started", WAIT, || async {
+        machines.current().into_iter().next()
+    })
+    .await;
     // Killed while it runs the task, as its registry entry says.
     let workers = async_nats::jetstream::new(fleet.nats_client().await)
         .get_key_value(trainyard_core::topology::WORKERS_BUCKET)

@@ -88,7 +88,8 @@ pub fn autoscaler_config(fleet: &Fleet, policy: PoolPolicy) -> (Config, Machines
     let log_dir = fleet.dir.path().join("machines");
     let children = fleet.dir.path().join("worker.toml");
     std::fs::write(&children, fleet.worker_config().to_toml()).expect("worker config");
-    let mut config = fleet.config.clone();
+    // Its own identity on a secured fleet.
+    let mut config = fleet.config_as(&trainyard_core::topology::permissions::Role::Autoscaler);
     let scaler = &mut config.autoscaler;
     scaler.provider = "local".into();
     scaler.interval_ms = 200;

@@ -129,10 +129,14 @@ impl Role {
                     format!("{api}.STREAM.INFO.{TASKS_STREAM}"),
                     format!("{api}.CONSUMER.INFO.{TASKS_STREAM}.*"),
                     format!("{api}.STREAM.MSG.GET.{TASKS_STREAM}"),
+                    // Binding the topology: bucket info, never contents.
+                    format!("{api}.STREAM.INFO.KV_{JOBS_BUCKET}"),
+                    format!("{api}.STREAM.INFO.KV_{CLAIMS_BUCKET}"),
                     // The registry, read whole (a listing through an
                     // ordered consumer on its stream).
                     format!("{api}.STREAM.INFO.KV_{WORKERS_BUCKET}"),
                     format!("{api}.DIRECT.GET.KV_{WORKERS_BUCKET}.>"),
+                    format!("{api}.CONSUMER.CREATE.KV_{WORKERS_BUCKET}"),
                     format!("{api}.CONSUMER.CREATE.KV_{WORKERS_BUCKET}.>"),
                     format!("{api}.CONSUMER.DELETE.KV_{WORKERS_BUCKET}.>"),
                     format!("$JS.FC.KV_{WORKERS_BUCKET}.>"),
@@ -142,6 +146,11 @@ impl Role {
                     publish.push(format!("{api}.DIRECT.GET.KV_{bucket}.>"));
                     publish.push(format!("$KV.{bucket}.>"));
                 }
+                // `yard fleet status` under this identity lists the pools.
+                publish.push(format!("{api}.CONSUMER.CREATE.KV_{FLEET_BUCKET}"));
+                publish.push(format!("{api}.CONSUMER.CREATE.KV_{FLEET_BUCKET}.>"));
+                publish.push(format!("{api}.CONSUMER.DELETE.KV_{FLEET_BUCKET}.>"));
+                publish.push(format!("$JS.FC.KV_{FLEET_BUCKET}.>"));
                 Permissions {
                     publish,
                     subscribe: vec![inbox],
