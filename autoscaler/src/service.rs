@@ -312,15 +312,10 @@ impl Autoscaler {
 
     /// What to start for one machine of `pool`.
     fn launch_of(&self, pool: &str, policy: &PoolPolicy, name: &str) -> Launch {
-        let mut env = policy.env.clone();
-        env.insert("TY_RUNTIME__WORKER_ID".into(), name.to_string());
-        if let Some((trainyard_proto::v1::Stage::Train, gpu_pool)) = stage_of_pool(pool) {
-            env.insert("TY_WORKER__POOL".into(), gpu_pool.to_string());
-        }
         Launch {
             name: name.to_string(),
             pool: pool.to_string(),
-            env,
+            env: machine_env(pool, policy, name),
             gpu_types: policy.gpu_types.clone(),
             gpu_count: policy.gpu_count,
             interruptible: policy.interruptible,
@@ -385,9 +380,62 @@ impl Autoscaler {
     }
 }
 
+/// The environment of a machine of `pool` named `name`: the pool's own,
+/// the service's id (the machine's name), its training pool, and on an
+/// interruptible machine a trainer stop grace that fits the provider's
+/// notice (RunPod gives a spot pod 5 s from SIGTERM to SIGKILL: the worker
+/// hands its task back with its last uploaded checkpoint — uploads are
+/// continuous — after at most 2 s of the trainer's own save), unless the
+/// pool's env sets one.
+pub fn machine_env(pool: &str, policy: &PoolPolicy, name: &str) -> BTreeMap<String, String> {
+    let mut env = policy.env.clone();
+    env.insert("TY_RUNTIME__WORKER_ID".into(), name.to_string());
+    if let Some((trainyard_proto::v1::Stage::Train, gpu_pool)) = stage_of_pool(pool) {
+        env.insert("TY_WORKER__POOL".into(), gpu_pool.to_string());
+        if policy.interruptible {
+            env.entry("TY_WORKER__STOP_GRACE_SECS".into())
+                .or_insert_with(|| SPOT_STOP_GRACE_SECS.to_string());
+        }
+    }
+    env
+}
+
+/// A spot worker's trainer stop grace, in seconds (see [`machine_env`]).
+pub const SPOT_STOP_GRACE_SECS: u64 = 2;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_machine_gets_its_id_pool_and_on_spot_a_short_stop_grace() {
+        let policy = PoolPolicy {
+            env: [("TY_EXTRA".to_string(), "1".to_string())].into(),
+            ..Default::default()
+        };
+        let env = machine_env("train.flux", &policy, "yard-train.flux-3");
+        assert_eq!(env["TY_RUNTIME__WORKER_ID"], "yard-train.flux-3");
+        assert_eq!(env["TY_WORKER__POOL"], "flux");
+        assert_eq!(env["TY_EXTRA"], "1");
+        assert!(!env.contains_key("TY_WORKER__STOP_GRACE_SECS"));
+        let spot = PoolPolicy {
+            interruptible: true,
+            ..policy.clone()
+        };
+        assert_eq!(
+            machine_env("train.flux", &spot, "m")["TY_WORKER__STOP_GRACE_SECS"],
+            "2"
+        );
+        let own = PoolPolicy {
+            env: [("TY_WORKER__STOP_GRACE_SECS".to_string(), "1".to_string())].into(),
+            ..spot
+        };
+        assert_eq!(
+            machine_env("train.flux", &own, "m")["TY_WORKER__STOP_GRACE_SECS"],
+            "1"
+        );
+        assert!(!machine_env("prepare", &policy, "m").contains_key("TY_WORKER__POOL"));
+    }
 
     #[test]
     fn machine_names_carry_the_fleet_and_the_pool() {
