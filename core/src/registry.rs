@@ -198,13 +198,21 @@ impl Drop for Heartbeat {
 
 /// Every live entry of the bucket (entries that do not parse are skipped).
 pub async fn entries(kv: &kv::Store) -> Result<Vec<Entry>, async_nats::Error> {
+    entries_as(kv).await
+}
+
+/// Every live entry of the bucket read as `T` (a service's own entry type,
+/// such as the worker's), skipping those that do not parse as one.
+pub async fn entries_as<T: serde::de::DeserializeOwned>(
+    kv: &kv::Store,
+) -> Result<Vec<T>, async_nats::Error> {
     use futures::StreamExt;
     let mut keys = kv.keys().await?;
     let mut out = Vec::new();
     while let Some(key) = keys.next().await {
         let key = key?;
         if let Some(value) = kv.get(&key).await?
-            && let Ok(entry) = serde_json::from_slice::<Entry>(&value)
+            && let Ok(entry) = serde_json::from_slice::<T>(&value)
         {
             out.push(entry);
         }

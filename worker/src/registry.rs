@@ -12,9 +12,8 @@ use crate::train::TrainStage;
 use async_nats::jetstream::kv;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 use trainyard_core::runtime::RunnerConfig;
-use trainyard_core::topology::{WORKER_HEARTBEAT, worker_key};
+use trainyard_core::topology::WORKER_HEARTBEAT;
 
 /// One worker's entry, JSON in the bucket: the fields of every stage's
 /// [`trainyard_core::registry::Entry`] and the worker's own.
@@ -74,52 +73,26 @@ impl Identity {
     }
 }
 
-/// The heartbeat task; [`Heartbeat::stop`] deletes the entry. Dropping it
-/// stops the task too (which then deletes the entry on its own).
-pub struct Heartbeat {
-    stop: CancellationToken,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
+/// The worker's heartbeat: the stage services' heartbeat
+/// ([`trainyard_core::registry::Heartbeat`]) writing the worker's own
+/// entry. [`Heartbeat::stop`] deletes the entry; dropping it stops the
+/// task too (which then deletes the entry on its own).
+pub struct Heartbeat(trainyard_core::registry::Heartbeat);
 
 impl Heartbeat {
-    /// Starts writing the entry now and every `interval`. Errors writing
-    /// are logged and the next beat tries again; on stop the entry is deleted.
+    /// Starts writing the entry now, every `interval` and whenever a task
+    /// starts or ends. Errors writing are logged and the next beat tries
+    /// again; on stop the entry is deleted.
     pub fn start(kv: kv::Store, identity: Identity, models: Models, interval: Duration) -> Self {
-        let stop = CancellationToken::new();
-        let cancelled = stop.clone();
         let started_at = trainyard_core::now_ms();
-        let task = tokio::spawn(async move {
-            let key = worker_key(&identity.worker_id);
-            let mut ticks = tokio::time::interval(interval);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = cancelled.cancelled() => break,
-                    _ = ticks.tick() => {}
-                    // A task started or ended: say so now.
-                    _ = identity.occupancy.changed() => {}
-                }
-                let entry = snapshot(&identity, &models, started_at);
-                let put = match serde_json::to_vec(&entry) {
-                    Ok(json) => kv
-                        .put(&key, json.into())
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                if let Err(e) = put {
-                    tracing::warn!(error = %e, "cannot write this worker's registry entry");
-                }
-            }
-            if let Err(e) = kv.delete(&key).await {
-                tracing::warn!(error = %e, "cannot delete this worker's registry entry");
-            }
-        });
-        Self {
-            stop,
-            task: Some(task),
-        }
+        let (worker_id, occupancy) = (identity.worker_id.clone(), identity.occupancy.clone());
+        Self(trainyard_core::registry::Heartbeat::start(
+            kv,
+            &worker_id,
+            interval,
+            occupancy,
+            move || serde_json::to_vec(&snapshot(&identity, &models, started_at)),
+        ))
     }
 
     /// The heartbeat of a worker running `stage`, every [`WORKER_HEARTBEAT`].
@@ -133,19 +106,8 @@ impl Heartbeat {
     }
 
     /// Stops the heartbeat and waits until the entry is deleted.
-    pub async fn stop(mut self) {
-        self.stop.cancel();
-        if let Some(task) = self.task.take()
-            && let Err(e) = task.await
-        {
-            tracing::warn!(error = %e, "registry heartbeat task failed");
-        }
-    }
-}
-
-impl Drop for Heartbeat {
-    fn drop(&mut self) {
-        self.stop.cancel();
+    pub async fn stop(self) {
+        self.0.stop().await
     }
 }
 
@@ -169,16 +131,5 @@ pub fn snapshot(identity: &Identity, models: &Models, started_at: i64) -> Worker
 
 /// Every live entry of the bucket, for schedulers and tools.
 pub async fn entries(kv: &kv::Store) -> Result<Vec<WorkerEntry>, async_nats::Error> {
-    use futures::StreamExt;
-    let mut keys = kv.keys().await?;
-    let mut out = Vec::new();
-    while let Some(key) = keys.next().await {
-        let key = key?;
-        if let Some(value) = kv.get(&key).await?
-            && let Ok(entry) = serde_json::from_slice::<WorkerEntry>(&value)
-        {
-            out.push(entry);
-        }
-    }
-    Ok(out)
+    trainyard_core::registry::entries_as(kv).await
 }
