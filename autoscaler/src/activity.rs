@@ -86,6 +86,7 @@ mod tests {
             idle_since,
             started_at: 1_500,
             updated_at: 4_000,
+            jobs: vec![],
         }
     }
 

@@ -8,10 +8,13 @@
 //!
 //! Seconds per step are learnt from finished trainings: a deliver task
 //! carries its job's [`TrainSummary`](trainyard_proto::v1::TrainSummary)
-//! (steps, seconds, backend), read while it waits in `TY_TASKS`.
+//! (steps, seconds, backend), read while it waits in `TY_TASKS`. What is
+//! learnt ([`StepCosts`]) is kept in `ty_autoscaler` too (see
+//! [`crate::lease`]), so the next leader starts from it.
 
 use async_nats::jetstream::{self, context::ConsumerInfoErrorKind, stream};
 use prost::Message as _;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use trainyard_core::config::AutoscalerConfig;
 use trainyard_core::topology::{TASKS_STREAM, consumer_name, subject};
@@ -55,15 +58,37 @@ pub fn stage_of_pool(pool: &str) -> Option<(Stage, &str)> {
 }
 
 /// Seconds per training step, per backend: the configured priors, and an
-/// average of finished trainings as they come.
-#[derive(Clone, Debug, Default)]
+/// average of finished trainings as they come. Its JSON is what the leader
+/// keeps under [`crate::lease::LEARNT_KEY`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct StepCosts {
+    /// Seconds per step learnt, by backend.
+    #[serde(default)]
     learnt: BTreeMap<String, f64>,
     /// The last deliver task's sequence whose summary was taken.
+    #[serde(default)]
     seen_up_to: u64,
 }
 
 impl StepCosts {
+    /// `over`'s values on top of `base`'s (a backend only `base` knows
+    /// keeps its value), with deliveries taken up to the later mark of the
+    /// two: a leader taking the lease puts what the bucket holds over what
+    /// it knew, and writes what it learnt over what the bucket holds.
+    pub fn merged(base: &StepCosts, over: &StepCosts) -> StepCosts {
+        let mut learnt = base.learnt.clone();
+        learnt.extend(
+            over.learnt
+                .iter()
+                .filter(|(_, v)| v.is_finite() && **v > 0.0)
+                .map(|(k, v)| (k.clone(), *v)),
+        );
+        StepCosts {
+            learnt,
+            seen_up_to: base.seen_up_to.max(over.seen_up_to),
+        }
+    }
+
     /// Seconds one step of `backend` takes: learnt, else the prior.
     pub fn seconds_per_step(&self, config: &AutoscalerConfig, backend: &str) -> f64 {
         self.learnt
@@ -236,11 +261,17 @@ impl BacklogReader {
     }
 
     /// Learns seconds per step from the summaries of the deliver tasks
-    /// waiting in `TY_TASKS` (each taken once).
+    /// waiting in `TY_TASKS` (each taken once); whether it took any.
     pub async fn learn_from_deliveries(
         &mut self,
         config: &AutoscalerConfig,
-    ) -> Result<(), BacklogError> {
+    ) -> Result<bool, BacklogError> {
+        let before = self.costs.clone();
+        self.take_deliveries(config).await?;
+        Ok(self.costs != before)
+    }
+
+    async fn take_deliveries(&mut self, config: &AutoscalerConfig) -> Result<(), BacklogError> {
         let stream = self.stream().await?;
         let deliver = subject::task(Stage::Deliver, "");
         let mut seq = self.costs.seen_up_to + 1;
@@ -291,5 +322,38 @@ mod tests {
         assert!(after < 4.0 && after > 1.0, "{after}");
         costs.learn(&config, "kohya", 0, 100.0);
         assert_eq!(costs.seconds_per_step(&config, "kohya"), after);
+    }
+
+    #[test]
+    fn step_costs_round_trip_and_merge_with_the_later_on_top() {
+        let config = AutoscalerConfig {
+            default_seconds_per_step: 1.0,
+            ..Default::default()
+        };
+        let mut mine = StepCosts::default();
+        mine.learn(&config, "kohya", 100, 300.0);
+        mine.learn(&config, "ai-toolkit", 10, 50.0);
+        mine.seen_up_to = 7;
+        let json = serde_json::to_string(&mine).expect("json");
+        let read: StepCosts = serde_json::from_str(&json).expect("read back");
+        assert_eq!(read, mine);
+        assert_eq!(
+            serde_json::from_str::<StepCosts>("{}").expect("empty"),
+            StepCosts::default()
+        );
+        let mut stored = StepCosts::default();
+        stored.learn(&config, "kohya", 100, 600.0);
+        stored.seen_up_to = 12;
+        let taken = StepCosts::merged(&mine, &stored);
+        assert_eq!(
+            taken.seconds_per_step(&config, "kohya"),
+            6.0,
+            "the bucket's"
+        );
+        assert_eq!(taken.seconds_per_step(&config, "ai-toolkit"), 5.0, "kept");
+        assert_eq!(taken.seen_up_to, 12);
+        let written = StepCosts::merged(&stored, &mine);
+        assert_eq!(written.seconds_per_step(&config, "kohya"), 3.0, "mine");
+        assert_eq!(written.seen_up_to, 12);
     }
 }

@@ -12,9 +12,17 @@
 //! A pool's memory (`memory.<pool>`) is written by compare-and-set too,
 //! before the machines it names are started: a leader deposed in between
 //! fails the write and starts nothing.
+//!
+//! What a leader learns is kept there too, so a failover does not lose it:
+//! seconds per training step (`learnt`, [`crate::backlog::StepCosts`]) and
+//! the hosts it avoids, with until when (`avoid`, [`AvoidedHosts`]). The
+//! leader merges what it learnt into the stored value and writes it by
+//! compare-and-set ([`persist`]); a replica taking the lease reads both.
 
 use async_nats::jetstream::kv;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 use crate::plan::Memory;
 
@@ -172,9 +180,123 @@ pub async fn write_memory(
     }
 }
 
+/// The key of the seconds per step learnt from finished trainings.
+pub const LEARNT_KEY: &str = "learnt";
+
+/// The key of the hosts avoided.
+pub const AVOID_KEY: &str = "avoid";
+
+/// Hosts to avoid (where machines exited), each until when (ms since the
+/// Unix epoch).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AvoidedHosts {
+    #[serde(default)]
+    pub hosts: BTreeMap<String, i64>,
+}
+
+impl AvoidedHosts {
+    /// Both lists as one, each host until the later of its two times,
+    /// without those over by `now_ms`.
+    pub fn merged(a: &AvoidedHosts, b: &AvoidedHosts, now_ms: i64) -> AvoidedHosts {
+        let mut hosts = a.hosts.clone();
+        for (host, until) in &b.hosts {
+            let at = hosts.entry(host.clone()).or_insert(*until);
+            *at = (*at).max(*until);
+        }
+        hosts.retain(|_, until| *until > now_ms);
+        AvoidedHosts { hosts }
+    }
+}
+
+/// Reads the JSON value under `key` and its revision (0: none yet); no
+/// value when there is none or it does not parse.
+pub async fn read_json<T: DeserializeOwned>(
+    kv: &kv::Store,
+    key: &str,
+) -> Result<(Option<T>, u64), LeaseError> {
+    match kv.entry(key).await.map_err(kv_err)? {
+        Some(e) if e.operation == kv::Operation::Put => {
+            let value = serde_json::from_slice(&e.value)
+                .inspect_err(|error| tracing::warn!(key, %error, "unreadable value; replaced"))
+                .ok();
+            Ok((value, e.revision))
+        }
+        Some(e) => Ok((None, e.revision)),
+        None => Ok((None, 0)),
+    }
+}
+
+/// Writes `value` under `key` at `revision` (0: create); the new revision.
+pub async fn write_json<T: Serialize>(
+    kv: &kv::Store,
+    key: &str,
+    value: &T,
+    revision: u64,
+) -> Result<u64, LeaseError> {
+    let json = serde_json::to_vec(value).map_err(kv_err)?;
+    if revision == 0 {
+        kv.create(key, json.into())
+            .await
+            .map_err(|_| LeaseError::Lost)
+    } else {
+        kv.update(key, json.into(), revision)
+            .await
+            .map_err(|_| LeaseError::Lost)
+    }
+}
+
+/// Writes `merge(stored, ours)` under `key` by compare-and-set, reading
+/// again once when another write came in between; the value written.
+pub async fn persist<T, F>(kv: &kv::Store, key: &str, ours: &T, merge: F) -> Result<T, LeaseError>
+where
+    T: Serialize + DeserializeOwned + Default,
+    F: Fn(&T, &T) -> T,
+{
+    let mut tries = 2;
+    loop {
+        let (stored, revision) = read_json::<T>(kv, key).await?;
+        let value = merge(&stored.unwrap_or_default(), ours);
+        match write_json(kv, key, &value, revision).await {
+            Ok(_) => return Ok(value),
+            Err(LeaseError::Lost) if tries > 1 => tries -= 1,
+            Err(error) => return Err(error),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn avoided_hosts_merge_to_the_later_time_and_drop_the_past() {
+        let a = AvoidedHosts {
+            hosts: [("EU-RO-1".to_string(), 5_000), ("US-TX-3".to_string(), 900)].into(),
+        };
+        let b = AvoidedHosts {
+            hosts: [
+                ("EU-RO-1".to_string(), 7_000),
+                ("CA-MTL-1".to_string(), 3_000),
+            ]
+            .into(),
+        };
+        let merged = AvoidedHosts::merged(&a, &b, 1_000);
+        assert_eq!(
+            merged.hosts,
+            [
+                ("CA-MTL-1".to_string(), 3_000),
+                ("EU-RO-1".to_string(), 7_000)
+            ]
+            .into()
+        );
+        assert_eq!(merged, AvoidedHosts::merged(&b, &a, 1_000), "either way");
+        let json = serde_json::to_string(&merged).expect("json");
+        assert_eq!(json, r#"{"hosts":{"CA-MTL-1":3000,"EU-RO-1":7000}}"#);
+        assert_eq!(
+            serde_json::from_str::<AvoidedHosts>(&json).expect("read back"),
+            merged
+        );
+    }
 
     #[test]
     fn the_lease_goes_to_its_holder_or_anyone_once_expired() {

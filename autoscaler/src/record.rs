@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 
 use crate::plan::{Activity, Backlog, Decision, MachineView};
+use crate::provider::Machine;
+use trainyard_core::registry::Entry;
 
 /// Decisions kept per pool.
 pub const KEPT_DECISIONS: usize = 50;
@@ -75,14 +77,82 @@ impl DecisionRecord {
     }
 }
 
-/// One machine in a pool's entry.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// One machine in a pool's entry. The fields after `dollars_per_hour`
+/// came later: a record written before them reads them as empty.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct MachineRecord {
     pub name: String,
     /// `starting`, `idle`, `busy`, `draining`, `exited`.
     pub activity: String,
     pub since_ms: i64,
     pub dollars_per_hour: f64,
+    /// Its GPU type as its provider names it (empty: none or unknown).
+    #[serde(default)]
+    pub gpu_type: String,
+    /// GPUs of that type (0: unknown).
+    #[serde(default)]
+    pub gpu_count: u32,
+    /// A spot machine, which its provider may take back.
+    #[serde(default)]
+    pub interruptible: bool,
+    /// The host or data centre it runs on, when its provider says.
+    #[serde(default)]
+    pub host: String,
+    /// The jobs whose tasks its service runs now (its registry entry's).
+    #[serde(default)]
+    pub jobs: Vec<String>,
+}
+
+impl MachineRecord {
+    /// The record of `machine` doing what `view` says, with its service's
+    /// registry `entry` if any; `gpu_count` is its pool's (machines are
+    /// started with it).
+    pub fn of(
+        machine: &Machine,
+        view: &MachineView,
+        entry: Option<&Entry>,
+        gpu_count: u32,
+    ) -> Self {
+        Self {
+            name: machine.name.clone(),
+            activity: activity_name(view.activity).into(),
+            since_ms: view.since_ms,
+            dollars_per_hour: machine.dollars_per_hour,
+            gpu_type: machine.gpu_type.clone(),
+            gpu_count: if machine.gpu_type.is_empty() {
+                0
+            } else {
+                gpu_count
+            },
+            interruptible: machine.interruptible,
+            host: machine.host.clone(),
+            jobs: match view.activity {
+                Activity::Busy | Activity::Draining => {
+                    entry.map(|e| e.jobs.clone()).unwrap_or_default()
+                }
+                _ => Vec::new(),
+            },
+        }
+    }
+
+    /// Whether it says something `other` does not, the clock aside (a
+    /// busy machine's `since_ms` follows its heartbeat).
+    pub fn differs(&self, other: &MachineRecord) -> bool {
+        let a = Self {
+            since_ms: 0,
+            ..self.clone()
+        };
+        let b = Self {
+            since_ms: 0,
+            ..other.clone()
+        };
+        a != b
+    }
+}
+
+/// Whether two lists of machines differ, the clock aside.
+pub fn machines_differ(a: &[MachineRecord], b: &[MachineRecord]) -> bool {
+    a.len() != b.len() || a.iter().zip(b).any(|(x, y)| x.differs(y))
 }
 
 /// A pool's entry in `ty_fleet`.
@@ -109,17 +179,9 @@ pub fn activity_name(activity: Activity) -> &'static str {
 impl PoolRecord {
     /// Adds a decision (dropping the oldest past [`KEPT_DECISIONS`]) and
     /// sets the machines.
-    pub fn push(&mut self, decision: DecisionRecord, machines: &[MachineView]) {
+    pub fn push(&mut self, decision: DecisionRecord, machines: Vec<MachineRecord>) {
         self.updated_at_ms = decision.at_ms;
-        self.machines = machines
-            .iter()
-            .map(|m| MachineRecord {
-                name: m.name.clone(),
-                activity: activity_name(m.activity).into(),
-                since_ms: m.since_ms,
-                dollars_per_hour: m.dollars_per_hour,
-            })
-            .collect();
+        self.machines = machines;
         self.decisions.push_back(decision);
         while self.decisions.len() > KEPT_DECISIONS {
             self.decisions.pop_front();
@@ -234,8 +296,77 @@ mod tests {
         assert!(record("steady", &["m"]).news_after(Some(&steady)));
         let mut pool = PoolRecord::default();
         for _ in 0..KEPT_DECISIONS + 5 {
-            pool.push(steady.clone(), &[]);
+            pool.push(steady.clone(), vec![]);
         }
         assert_eq!(pool.decisions.len(), KEPT_DECISIONS);
+    }
+
+    #[test]
+    fn a_machine_record_says_what_it_runs_and_reads_from_before() {
+        let machine = Machine {
+            id: "pod1".into(),
+            name: "yard-train-flux-0".into(),
+            pool: "train.flux".into(),
+            gpu_type: "NVIDIA A100 80GB PCIe".into(),
+            dollars_per_hour: 1.64,
+            interruptible: true,
+            state: crate::provider::MachineState::Running,
+            created_at_ms: 1,
+            host: "EU-RO-1".into(),
+        };
+        let entry = Entry {
+            worker_id: machine.name.clone(),
+            stage: "train".into(),
+            pool: "flux".into(),
+            slots: 1,
+            busy_slots: 1,
+            idle_since: 0,
+            started_at: 1,
+            updated_at: 2,
+            jobs: vec!["job-1".into()],
+        };
+        let busy = MachineView {
+            name: machine.name.clone(),
+            activity: Activity::Busy,
+            since_ms: 2,
+            dollars_per_hour: 1.64,
+        };
+        let record = MachineRecord::of(&machine, &busy, Some(&entry), 2);
+        assert_eq!(
+            (
+                record.gpu_type.as_str(),
+                record.gpu_count,
+                record.interruptible,
+                record.host.as_str(),
+                record.jobs.as_slice()
+            ),
+            (
+                "NVIDIA A100 80GB PCIe",
+                2,
+                true,
+                "EU-RO-1",
+                &["job-1".to_string()][..]
+            )
+        );
+        let idle = MachineView {
+            activity: Activity::Idle,
+            ..busy
+        };
+        let was_idle = MachineRecord::of(&machine, &idle, Some(&entry), 2);
+        assert!(was_idle.jobs.is_empty(), "an idle machine runs no job");
+        assert!(record.differs(&was_idle));
+        let later = MachineRecord {
+            since_ms: 99,
+            ..record.clone()
+        };
+        assert!(!machines_differ(std::slice::from_ref(&record), &[later]));
+        let cpu = Machine {
+            gpu_type: String::new(),
+            ..machine
+        };
+        assert_eq!(MachineRecord::of(&cpu, &idle, None, 1).gpu_count, 0);
+        let old = r#"{"name":"m","activity":"idle","since_ms":1,"dollars_per_hour":0.5}"#;
+        let old: MachineRecord = serde_json::from_str(old).expect("a record from before");
+        assert_eq!((old.gpu_count, old.jobs.len()), (0, 0));
     }
 }

@@ -15,11 +15,13 @@ use trainyard_core::config::{AutoscalerConfig, PoolPolicy};
 use trainyard_core::registry::{self, Entry};
 
 use crate::activity::{activity_of, view};
-use crate::backlog::{BacklogReader, stage_of_pool};
-use crate::lease::{Lease, read_memory, write_memory};
+use crate::backlog::{BacklogReader, StepCosts, stage_of_pool};
+use crate::lease::{
+    AVOID_KEY, AvoidedHosts, LEARNT_KEY, Lease, persist, read_json, read_memory, write_memory,
+};
 use crate::plan::{self, Activity, MachineView, Observation};
 use crate::provider::{Launch, Machine, MachineState, Provider};
-use crate::record::{self, DecisionRecord};
+use crate::record::{self, DecisionRecord, MachineRecord};
 
 /// The buckets and handles one replica works with.
 pub struct Buckets {
@@ -48,6 +50,8 @@ pub struct Autoscaler {
     drains: TaskTracker,
     /// The last decision recorded per pool.
     last: HashMap<String, DecisionRecord>,
+    /// The machines last recorded per pool.
+    last_machines: HashMap<String, Vec<MachineRecord>>,
     leading: bool,
 }
 
@@ -81,6 +85,7 @@ impl Autoscaler {
             draining: Arc::default(),
             drains: TaskTracker::new(),
             last: HashMap::new(),
+            last_machines: HashMap::new(),
             leading: false,
         }
     }
@@ -109,6 +114,7 @@ impl Autoscaler {
             Ok(true) => {
                 if !self.leading {
                     tracing::info!(holder = %self.lease.holder(), "autoscaler lease taken");
+                    self.adopt(now).await;
                 }
                 self.leading = true;
             }
@@ -146,8 +152,10 @@ impl Autoscaler {
             self.last_entry.insert(name.clone(), now);
         }
         self.avoid.retain(|_, until| *until > now);
-        if let Err(error) = self.backlog.learn_from_deliveries(&self.config).await {
-            tracing::debug!(%error, "cannot read finished trainings");
+        match self.backlog.learn_from_deliveries(&self.config).await {
+            Ok(true) => self.keep_learnt().await,
+            Ok(false) => {}
+            Err(error) => tracing::debug!(%error, "cannot read finished trainings"),
         }
         let pools: Vec<(String, PoolPolicy)> = self
             .config
@@ -250,17 +258,25 @@ impl Autoscaler {
             memory = next;
         }
         tracing::trace!(pool, next_index = memory.next_index, "pool memory");
-        // Exited machines' hosts are avoided for a while.
+        // Exited machines' hosts are avoided for a while (kept in the
+        // bucket when one is new, so the next leader avoids them too).
+        let mut newly_avoided = false;
         for machine in machines {
             let exited = views
                 .iter()
                 .any(|v| v.name == machine.name && v.activity == Activity::Exited);
             if exited && !machine.host.is_empty() && self.provider.name() != "local" {
-                self.avoid.insert(
-                    machine.host.clone(),
-                    now + self.config.avoid_host_secs as i64 * 1000,
-                );
+                newly_avoided |= self
+                    .avoid
+                    .insert(
+                        machine.host.clone(),
+                        now + self.config.avoid_host_secs as i64 * 1000,
+                    )
+                    .is_none();
             }
+        }
+        if newly_avoided {
+            self.keep_avoided(now).await;
         }
         let mut record = DecisionRecord::of(now, &backlog, &views, &decision, names.clone());
         let mut errors = Vec::new();
@@ -295,8 +311,66 @@ impl Autoscaler {
             errors.insert(0, error);
         }
         record.error = errors.join("; ");
-        self.record(pool, record, &views).await;
+        let listed = machines
+            .iter()
+            .zip(&views)
+            .map(|(m, v)| MachineRecord::of(m, v, entries.get(&m.name), policy.gpu_count))
+            .collect();
+        self.record(pool, record, &views, listed).await;
         true
+    }
+
+    /// Takes in what earlier leaders learnt (on taking the lease): the
+    /// seconds per step and the hosts avoided kept in `ty_autoscaler`.
+    async fn adopt(&mut self, now: i64) {
+        let state = &self.buckets.state;
+        match read_json::<StepCosts>(state, LEARNT_KEY).await {
+            Ok((Some(stored), _)) => {
+                self.backlog.costs = StepCosts::merged(&self.backlog.costs, &stored);
+            }
+            Ok((None, _)) => {}
+            Err(error) => tracing::warn!(%error, "cannot read the seconds per step learnt"),
+        }
+        match read_json::<AvoidedHosts>(state, AVOID_KEY).await {
+            Ok((Some(stored), _)) => {
+                let mine = AvoidedHosts {
+                    hosts: std::mem::take(&mut self.avoid),
+                };
+                self.avoid = AvoidedHosts::merged(&mine, &stored, now).hosts;
+            }
+            Ok((None, _)) => {}
+            Err(error) => tracing::warn!(%error, "cannot read the hosts avoided"),
+        }
+        tracing::debug!(avoid = ?self.avoid, costs = ?self.backlog.costs, "what earlier leaders learnt");
+    }
+
+    /// Keeps the seconds per step learnt in `ty_autoscaler` (a failure is
+    /// logged: the next thing learnt writes again).
+    async fn keep_learnt(&self) {
+        let kept = persist(
+            &self.buckets.state,
+            LEARNT_KEY,
+            &self.backlog.costs,
+            StepCosts::merged,
+        )
+        .await;
+        if let Err(error) = kept {
+            tracing::warn!(%error, "cannot keep the seconds per step learnt");
+        }
+    }
+
+    /// Keeps the hosts avoided in `ty_autoscaler` (a failure is logged).
+    async fn keep_avoided(&self, now: i64) {
+        let mine = AvoidedHosts {
+            hosts: self.avoid.clone(),
+        };
+        let kept = persist(&self.buckets.state, AVOID_KEY, &mine, |stored, ours| {
+            AvoidedHosts::merged(stored, ours, now)
+        })
+        .await;
+        if let Err(error) = kept {
+            tracing::warn!(%error, "cannot keep the hosts avoided");
+        }
     }
 
     /// A machine's registry entry as of now.
@@ -365,18 +439,36 @@ impl Autoscaler {
         }
     }
 
-    /// Logs and stores a decision when it says something new.
-    async fn record(&mut self, pool: &str, decision: DecisionRecord, views: &[MachineView]) {
-        if !decision.news_after(self.last.get(pool)) {
+    /// Logs and stores a decision when it says something new, and the
+    /// pool's machines when they changed (a machine taking a job).
+    async fn record(
+        &mut self,
+        pool: &str,
+        decision: DecisionRecord,
+        views: &[MachineView],
+        machines: Vec<MachineRecord>,
+    ) {
+        let news = decision.news_after(self.last.get(pool));
+        let moved = self
+            .last_machines
+            .get(pool)
+            .is_none_or(|last| record::machines_differ(last, &machines));
+        if !news && !moved {
             return;
         }
-        record::trace(pool, &decision);
-        record::count(pool, &decision, views);
         let mut stored = record::read_pool(&self.buckets.fleet, pool).await;
         stored.pool = pool.to_string();
-        stored.push(decision.clone(), views);
+        if news {
+            record::trace(pool, &decision);
+            record::count(pool, &decision, views);
+            stored.push(decision.clone(), machines.clone());
+            self.last.insert(pool.to_string(), decision);
+        } else {
+            stored.updated_at_ms = decision.at_ms;
+            stored.machines = machines.clone();
+        }
         record::write_pool(&self.buckets.fleet, &stored).await;
-        self.last.insert(pool.to_string(), decision);
+        self.last_machines.insert(pool.to_string(), machines);
     }
 }
 

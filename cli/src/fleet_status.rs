@@ -1,13 +1,14 @@
 //! `yard fleet status`: what the autoscaler keeps in `ty_fleet` — each
-//! pool's machines and last decisions — read over the bus with an
-//! operator's identity, printed as a table or JSON.
+//! pool's machines (GPUs, price, spot or on demand, host, the jobs they
+//! run) and last decisions — read over the bus with an operator's
+//! identity, printed as a table or JSON.
 
 use crate::args::FleetStatusArgs;
 use crate::client;
 use futures::StreamExt;
 use std::fmt::Write as _;
 use std::process::ExitCode;
-use trainyard_autoscaler::record::PoolRecord;
+use trainyard_autoscaler::record::{MachineRecord, PoolRecord};
 use trainyard_core::topology::FLEET_BUCKET;
 use trainyard_core::topology::permissions::Role;
 
@@ -63,6 +64,16 @@ pub fn dollars_per_hour(pools: &[PoolRecord]) -> f64 {
         .sum()
 }
 
+/// A machine's GPUs: `2x NVIDIA A100 80GB PCIe`, its type alone when the
+/// count is unknown, `-` for none.
+fn gpu(m: &MachineRecord) -> String {
+    match (m.gpu_type.as_str(), m.gpu_count) {
+        ("", _) => "-".into(),
+        (gpu, 0) => gpu.into(),
+        (gpu, n) => format!("{n}x {gpu}"),
+    }
+}
+
 /// A duration in whole units: `42s`, `5m12s`, `3h04m`.
 fn ago(ms: i64) -> String {
     let s = (ms / 1000).max(0);
@@ -110,11 +121,19 @@ pub fn text(pools: &[PoolRecord], now_ms: i64, decisions: usize) -> String {
         for m in &pool.machines {
             let _ = writeln!(
                 out,
-                "  {:<40} {:<9} {:>8}  ${:.2}/h",
+                "  {:<40} {:<9} {:>8}  {:<26} ${:.2}/h {:<6} {:<14} {}",
                 m.name,
                 m.activity,
                 ago(now_ms - m.since_ms),
-                m.dollars_per_hour
+                gpu(m),
+                m.dollars_per_hour,
+                if m.interruptible { "spot" } else { "demand" },
+                if m.host.is_empty() { "-" } else { &m.host },
+                if m.jobs.is_empty() {
+                    "-".to_string()
+                } else {
+                    m.jobs.join(",")
+                },
             );
         }
         let skip = pool.decisions.len().saturating_sub(decisions);
@@ -151,7 +170,7 @@ pub fn text(pools: &[PoolRecord], now_ms: i64, decisions: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use trainyard_autoscaler::record::{DecisionRecord, MachineRecord};
+    use trainyard_autoscaler::record::DecisionRecord;
 
     fn machine(name: &str, activity: &str, dollars: f64) -> MachineRecord {
         MachineRecord {
@@ -159,6 +178,15 @@ mod tests {
             activity: activity.into(),
             since_ms: 0,
             dollars_per_hour: dollars,
+            gpu_type: "NVIDIA L40S".into(),
+            gpu_count: 1,
+            interruptible: activity == "busy",
+            host: "EU-RO-1".into(),
+            jobs: if activity == "busy" {
+                vec!["0192a7e0-job".into()]
+            } else {
+                vec![]
+            },
         }
     }
 
@@ -200,6 +228,31 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("5m12s"), "{text}");
+        let columns = |name: &str| -> Vec<String> {
+            let row = text.lines().find(|l| l.contains(name)).expect("a row");
+            row.split_whitespace().skip(3).map(String::from).collect()
+        };
+        assert_eq!(
+            columns("flux-1"),
+            [
+                "1x",
+                "NVIDIA",
+                "L40S",
+                "$0.69/h",
+                "spot",
+                "EU-RO-1",
+                "0192a7e0-job"
+            ]
+        );
+        assert_eq!(
+            columns("flux-2"),
+            ["1x", "NVIDIA", "L40S", "$0.69/h", "demand", "EU-RO-1", "-"]
+        );
+        let cpu = MachineRecord {
+            gpu_type: String::new(),
+            ..machine("m", "idle", 0.0)
+        };
+        assert_eq!(gpu(&cpu), "-");
         assert!(
             text.contains(
                 "scale_up        pending 3 out 1 live 2 → wanted 3  start trainyard-train.flux-3"

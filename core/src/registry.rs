@@ -42,16 +42,22 @@ pub struct Entry {
     pub started_at: i64,
     /// Milliseconds since the Unix epoch.
     pub updated_at: i64,
+    /// The jobs whose tasks run now (one id per running task).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jobs: Vec<String>,
 }
 
-/// How many tasks a stage runtime runs now, and since when none: shared
-/// by the run loop (which counts) and the heartbeat (which reports).
+/// How many tasks a stage runtime runs now, for which jobs, and since
+/// when none: shared by the run loop (which counts) and the heartbeat
+/// (which reports).
 /// A change wakes the heartbeat, so the entry says busy within moments
 /// of a task's start (the autoscaler releases only idle machines).
 #[derive(Debug)]
 pub struct Occupancy {
     running: AtomicUsize,
     idle_since: AtomicI64,
+    /// The job of each running task (held only to push or remove one).
+    jobs: std::sync::Mutex<Vec<String>>,
     changed: tokio::sync::Notify,
 }
 
@@ -60,21 +66,29 @@ impl Default for Occupancy {
         Self {
             running: AtomicUsize::new(0),
             idle_since: AtomicI64::new(crate::now_ms()),
+            jobs: std::sync::Mutex::default(),
             changed: tokio::sync::Notify::new(),
         }
     }
 }
 
 impl Occupancy {
-    /// A task started.
-    pub fn enter(&self) {
+    /// A task of `job` started.
+    pub fn enter(&self, job: &str) {
+        self.jobs_held().push(job.to_string());
         self.running.fetch_add(1, Ordering::SeqCst);
         self.idle_since.store(0, Ordering::SeqCst);
         self.changed.notify_one();
     }
 
-    /// A task ended.
-    pub fn leave(&self) {
+    /// A task of `job` ended.
+    pub fn leave(&self, job: &str) {
+        {
+            let mut jobs = self.jobs_held();
+            if let Some(at) = jobs.iter().position(|j| j == job) {
+                jobs.swap_remove(at);
+            }
+        }
         if self.running.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.idle_since.store(crate::now_ms(), Ordering::SeqCst);
         }
@@ -94,6 +108,19 @@ impl Occupancy {
     /// Since when no task runs (ms since the epoch); 0 while one does.
     pub fn idle_since(&self) -> i64 {
         self.idle_since.load(Ordering::SeqCst)
+    }
+
+    /// The jobs whose tasks run now, sorted (a job twice when two of its
+    /// tasks run).
+    pub fn jobs(&self) -> Vec<String> {
+        let mut jobs = self.jobs_held().clone();
+        jobs.sort();
+        jobs
+    }
+
+    fn jobs_held(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+        // A list of ids stays whole whatever panicked while holding it.
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -175,6 +202,7 @@ impl Heartbeat {
                 idle_since: occupancy.idle_since(),
                 started_at,
                 updated_at: crate::now_ms(),
+                jobs: occupancy.jobs(),
             })
         })
     }
@@ -228,14 +256,17 @@ mod tests {
     fn occupancy_keeps_since_when_it_is_idle() {
         let o = Occupancy::default();
         assert!(o.idle_since() > 0);
-        o.enter();
-        o.enter();
+        o.enter("job-b");
+        o.enter("job-a");
         assert_eq!((o.running(), o.idle_since()), (2, 0));
-        o.leave();
+        assert_eq!(o.jobs(), ["job-a", "job-b"]);
+        o.leave("job-b");
         assert_eq!(o.idle_since(), 0, "one task still runs");
-        o.leave();
+        assert_eq!(o.jobs(), ["job-a"]);
+        o.leave("job-a");
         assert_eq!(o.running(), 0);
         assert!(o.idle_since() > 0);
+        assert!(o.jobs().is_empty());
     }
 
     #[test]
@@ -244,5 +275,6 @@ mod tests {
             "started_at":1,"updated_at":2,"models":[]}"#;
         let entry: Entry = serde_json::from_str(json).expect("entry");
         assert_eq!((entry.stage.as_str(), entry.idle_since), ("train", 0));
+        assert!(entry.jobs.is_empty(), "an entry from before job ids");
     }
 }

@@ -2,15 +2,16 @@
 //! pool at zero workers grows with its backlog and shrinks back to zero,
 //! without stopping a busy worker; a second replica takes over from a
 //! crashed leader without starting a machine twice; a worker SIGKILLed
-//! mid-job is replaced and its job resumes. Workers are real `ty-worker`
+//! mid-job (its job named in `ty_fleet`) is replaced and its job resumes. Workers are real `ty-worker`
 //! processes (`TY_TEST_BIN_DIR`, or `cargo build --workspace --bins`).
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use std::time::{Duration, Instant};
+use trainyard_autoscaler::record::PoolRecord;
 use trainyard_core::config::PoolPolicy;
 use trainyard_proto::v1::JobState;
-use trainyard_tests::autoscale::{Replica, autoscaler_config, leader};
+use trainyard_tests::autoscale::{POOL, Replica, autoscaler_config, leader};
 use trainyard_tests::{Fleet, Services, TOKEN, get, spec, submit, wait_for};
 
 const WAIT: Duration = Duration::from_secs(50);
@@ -193,6 +194,21 @@ async fn a_worker_killed_mid_job_is_replaced_and_its_job_succeeds() {
         let value = workers.get(&victim).await.ok()??;
         let entry: trainyard_core::registry::Entry = serde_json::from_slice(&value).ok()?;
         (entry.busy_slots > 0).then_some(())
+    })
+    .await;
+    // `yard fleet`'s record names the job the busy machine runs.
+    let fleet_kv = async_nats::jetstream::new(fleet.nats_client().await)
+        .get_key_value(trainyard_core::topology::FLEET_BUCKET)
+        .await
+        .expect("ty_fleet");
+    wait_for("the machine's job in ty_fleet", WAIT, || async {
+        let value = fleet_kv.get(POOL).await.ok()??;
+        let record: PoolRecord = serde_json::from_slice(&value).ok()?;
+        record
+            .machines
+            .iter()
+            .any(|m| m.name == victim && m.activity == "busy" && m.jobs == [job.clone()])
+            .then_some(())
     })
     .await;
     kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill -9");

@@ -17,6 +17,7 @@ mod attacks_secrets;
 mod attacks_store;
 mod attacks_webhooks;
 mod auth;
+mod autoscaler_failover;
 mod autoscaler_k8s;
 mod autoscaler_local;
 mod autoscaler_runpod;

@@ -42,6 +42,9 @@ pub struct WorkerEntry {
     pub started_at: i64,
     /// Milliseconds since the Unix epoch.
     pub updated_at: i64,
+    /// The jobs whose tasks run now.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jobs: Vec<String>,
 }
 
 /// What does not change while the worker runs.
@@ -126,6 +129,7 @@ pub fn snapshot(identity: &Identity, models: &Models, started_at: i64) -> Worker
         idle_since: identity.occupancy.idle_since(),
         started_at,
         updated_at: trainyard_core::now_ms(),
+        jobs: identity.occupancy.jobs(),
     }
 }
 

@@ -1,6 +1,6 @@
 //! `yard fleet status` against a secured bus: it reads the pools the
 //! autoscaler keeps in `ty_fleet` with the autoscaler's identity, as JSON
-//! and as a table.
+//! and as a table (a busy machine with its GPUs, price, host and job).
 
 use trainyard_autoscaler::record::{DecisionRecord, MachineRecord, PoolRecord};
 use trainyard_core::topology::FLEET_BUCKET;
@@ -29,6 +29,11 @@ async fn yard_fleet_status_shows_what_the_autoscaler_recorded() {
             activity: "busy".into(),
             since_ms: now - 90_000,
             dollars_per_hour: 0.69,
+            gpu_type: "NVIDIA RTX A6000".into(),
+            gpu_count: 2,
+            interruptible: true,
+            host: "EU-RO-1".into(),
+            jobs: vec!["0193c0de-0000-7000-8000-000000000001".into()],
         }],
         decisions: [DecisionRecord {
             at_ms: now - 90_000,
@@ -71,6 +76,15 @@ async fn yard_fleet_status_shows_what_the_autoscaler_recorded() {
     let pools: Vec<PoolRecord> = serde_json::from_value(json["pools"].clone()).unwrap();
     assert_eq!(pools, [record]);
     assert_eq!(json["dollars_per_hour"], 0.69);
+    let machine = &json["pools"][0]["machines"][0];
+    assert_eq!(machine["gpu_type"], "NVIDIA RTX A6000");
+    assert_eq!(machine["gpu_count"], 2);
+    assert_eq!(machine["interruptible"], true);
+    assert_eq!(machine["host"], "EU-RO-1");
+    assert_eq!(
+        machine["jobs"],
+        serde_json::json!(["0193c0de-0000-7000-8000-000000000001"])
+    );
     let text = yard(&[]).await;
     assert!(
         text.contains(
@@ -79,6 +93,26 @@ async fn yard_fleet_status_shows_what_the_autoscaler_recorded() {
         "{text}"
     );
     assert!(text.contains("scale_from_zero"), "{text}");
+    // The busy machine's row: its GPUs, price, spot, host and job.
+    let row = text
+        .lines()
+        .find(|l| l.contains("trainyard-train.flux-0") && l.contains("busy"))
+        .unwrap_or_else(|| panic!("no machine row: {text}"));
+    let columns: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        columns[3..],
+        [
+            "2x",
+            "NVIDIA",
+            "RTX",
+            "A6000",
+            "$0.69/h",
+            "spot",
+            "EU-RO-1",
+            "0193c0de-0000-7000-8000-000000000001"
+        ],
+        "{row}"
+    );
     assert!(text.ends_with("fleet $0.69/h\n"), "{text}");
     fleet.stop().await;
 }

@@ -258,7 +258,7 @@ impl Shared {
             log_bytes: held.log_bytes.clone(),
         };
         let started = std::time::Instant::now();
-        let running = self.usage.start();
+        let running = self.usage.start(meta.job.as_str());
         // A cancel sent before the token was registered is in the record.
         let result = match self.stop_reason(&meta).await {
             Some(why) => {

@@ -18,15 +18,15 @@ pub(super) struct SlotUsage {
     occupancy: Arc<crate::registry::Occupancy>,
 }
 
-/// A running task; dropping it frees the slot.
-pub(super) struct Running<'a>(&'a SlotUsage);
+/// A running task of a job; dropping it frees the slot.
+pub(super) struct Running<'a>(&'a SlotUsage, String);
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
         self.0
             .running
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        self.0.occupancy.leave();
+        self.0.occupancy.leave(&self.1);
         telemetry::metrics().running_changed(self.0.stage, &self.0.pool, -1);
     }
 }
@@ -44,12 +44,13 @@ impl SlotUsage {
         }
     }
 
-    pub(super) fn start(&self) -> Running<'_> {
+    /// A task of `job` starts.
+    pub(super) fn start(&self, job: &str) -> Running<'_> {
         self.running
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.occupancy.enter();
+        self.occupancy.enter(job);
         telemetry::metrics().running_changed(self.stage, &self.pool, 1);
-        Running(self)
+        Running(self, job.to_string())
     }
 
     /// Adds busy and idle slot-seconds until `stop`, then once more.
