@@ -20,6 +20,7 @@ mod auth;
 mod autoscaler_k8s;
 mod autoscaler_local;
 mod autoscaler_runpod;
+mod autoscaler_runpod_e2e;
 mod backends;
 mod failures;
 mod faults;
