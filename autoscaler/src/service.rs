@@ -351,7 +351,11 @@ impl Autoscaler {
         };
         match set_stop(&self.buckets.state, &flag).await {
             Ok(true) => {
-                tracing::error!(pool, message, "spend limit reached: scale-up stopped until `yard fleet resume`");
+                tracing::error!(
+                    pool,
+                    message,
+                    "spend limit reached: scale-up stopped until `yard fleet resume`"
+                );
                 flag
             }
             Ok(false) => self.spend_stop().await.unwrap_or(flag),

@@ -11,8 +11,8 @@ use std::fmt::Write as _;
 use std::process::ExitCode;
 use trainyard_autoscaler::lease::{StopFlag, clear_stop, read_stop};
 use trainyard_autoscaler::record::PoolRecord;
-use trainyard_core::topology::{AUTOSCALER_BUCKET, FLEET_BUCKET};
 use trainyard_core::topology::permissions::Role;
+use trainyard_core::topology::{AUTOSCALER_BUCKET, FLEET_BUCKET};
 
 pub async fn run(args: FleetStatusArgs) -> anyhow::Result<ExitCode> {
     let Some(config) = client::load_config(&args.service, "yard", true)? else {
@@ -80,7 +80,9 @@ pub async fn resume(args: FleetResumeArgs) -> anyhow::Result<ExitCode> {
     let client = trainyard_core::nats::connect(&config.nats, &Role::Autoscaler).await?;
     let js = async_nats::jetstream::new(client);
     let state = js.get_key_value(AUTOSCALER_BUCKET).await.map_err(|e| {
-        anyhow::anyhow!("no autoscaler state ({AUTOSCALER_BUCKET}): {e}; is the autoscaler running?")
+        anyhow::anyhow!(
+            "no autoscaler state ({AUTOSCALER_BUCKET}): {e}; is the autoscaler running?"
+        )
     })?;
     match clear_stop(&state).await? {
         Some(flag) => println!(

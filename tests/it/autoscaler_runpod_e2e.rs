@@ -203,7 +203,10 @@ async fn runpod_pods_run_workers_stop_at_the_spend_limit_and_survive_preemption(
         },
     )]
     .into();
-    config.autoscaler.validate().expect("secrets only by reference");
+    config
+        .autoscaler
+        .validate()
+        .expect("secrets only by reference");
 
     let js = async_nats::jetstream::new(fleet.nats_client_as(&Role::Autoscaler).await);
     let replica = Replica::start(&config);
@@ -232,12 +235,14 @@ async fn runpod_pods_run_workers_stop_at_the_spend_limit_and_survive_preemption(
         read_stop(&state).await.ok().flatten()
     })
     .await;
-    assert_eq!((flag.reason.as_str(), flag.pool.as_str()), (STOP_SPEND_LIMIT, POOL));
+    assert_eq!(
+        (flag.reason.as_str(), flag.pool.as_str()),
+        (STOP_SPEND_LIMIT, POOL)
+    );
     // Several passes later, with the job waiting: still no other create.
     let listed = fake.calls_of("myself").len();
     wait_for("passes while stopped", WAIT, || async {
-        let record: PoolRecord =
-            serde_json::from_slice(&fleet_kv.get(POOL).await.ok()??).ok()?;
+        let record: PoolRecord = serde_json::from_slice(&fleet_kv.get(POOL).await.ok()??).ok()?;
         let last = record.decisions.back()?;
         (fake.calls_of("myself").len() >= listed + 5 && last.reason == SPEND_STOP_REASON)
             .then_some(())
@@ -260,6 +265,24 @@ async fn runpod_pods_run_workers_stop_at_the_spend_limit_and_survive_preemption(
         fake.pods().iter().filter(|p| p.name == first_name).count(),
         1
     );
+    // Its worker joined the secured bus: its credentials came from the
+    // secrets, through the entrypoint, into files only its user reads.
+    let workers = js
+        .get_key_value(trainyard_core::topology::WORKERS_BUCKET)
+        .await
+        .expect("ty_workers");
+    wait_for("the pod's worker registered", WAIT, || async {
+        let key = trainyard_core::topology::worker_key(&first_name);
+        workers.get(key).await.ok()?.map(|_| ())
+    })
+    .await;
+    let seed = dir.join("pods").join(&first_id).join("run/nkey.seed");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&seed)
+            .expect("the seed file")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
 
     // Preempted after its first checkpoint upload.
     wait_for("a first checkpoint", WAIT, || async {
@@ -275,14 +298,20 @@ async fn runpod_pods_run_workers_stop_at_the_spend_limit_and_survive_preemption(
     let gone_ms = trainyard_core::now_ms();
     let notice = preempted_at.elapsed();
     let (_, second_name) = wait_for("a replacement pod", WAIT, || async {
-        running_pods(&fake).into_iter().find(|(id, _)| *id != first_id)
+        running_pods(&fake)
+            .into_iter()
+            .find(|(id, _)| *id != first_id)
     })
     .await;
     let resumed_at = wait_for("training resumed", WAIT, || async {
         events.steps(gone_ms, false).first().copied()
     })
     .await;
-    let last_step = events.steps(gone_ms, true).into_iter().max().expect("steps");
+    let last_step = events
+        .steps(gone_ms, true)
+        .into_iter()
+        .max()
+        .expect("steps");
     let last_checkpoint = events
         .checkpoints_until(gone_ms)
         .into_iter()
@@ -311,10 +340,19 @@ async fn runpod_pods_run_workers_stop_at_the_spend_limit_and_survive_preemption(
         }
     })
     .await;
-    assert_eq!(state_now, JobState::Succeeded, "{}", fake.pod_log(&first_id));
+    assert_eq!(
+        state_now,
+        JobState::Succeeded,
+        "{}",
+        fake.pod_log(&first_id)
+    );
     // The preempted pod was terminated; two pods made in all.
     assert!(!fake.pods().iter().any(|p| p.id == first_id));
-    assert_eq!(fake.calls_of(CREATE).len(), 3, "refused, lost reply, replacement");
+    assert_eq!(
+        fake.calls_of(CREATE).len(),
+        3,
+        "refused, lost reply, replacement"
+    );
 
     replica.stop().await;
     drop(fake); // its pods' processes go before the fleet's folder

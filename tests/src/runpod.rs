@@ -267,9 +267,7 @@ impl FakeRunpod {
 
     /// An account secret, referenced as `{{ RUNPOD_SECRET_<name> }}`.
     pub fn set_secret(&self, name: &str, value: &str) {
-        lock(&self.inner)
-            .secrets
-            .insert(name.into(), value.into());
+        lock(&self.inner).secrets.insert(name.into(), value.into());
     }
 
     /// Whether the pod's container process runs.

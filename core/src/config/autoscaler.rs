@@ -90,11 +90,7 @@ pub fn is_runpod_secret_ref(value: &str) -> bool {
 /// The secret named by `{{ RUNPOD_SECRET_<name> }}` (spaces inside the
 /// braces optional), if `value` is exactly one reference.
 pub fn runpod_secret_name(value: &str) -> Option<&str> {
-    let inner = value
-        .trim()
-        .strip_prefix("{{")?
-        .strip_suffix("}}")?
-        .trim();
+    let inner = value.trim().strip_prefix("{{")?.strip_suffix("}}")?.trim();
     let name = inner.strip_prefix("RUNPOD_SECRET_")?;
     (!name.is_empty()
         && name
@@ -141,9 +137,8 @@ impl AutoscalerConfig {
         for (place, env) in places {
             for (key, value) in env {
                 let what = literal_credential(value).or_else(|| {
-                    (RUNPOD_CREDENTIAL_KEYS.contains(&key.as_str())
-                        && !is_runpod_secret_ref(value))
-                    .then_some("a credential")
+                    (RUNPOD_CREDENTIAL_KEYS.contains(&key.as_str()) && !is_runpod_secret_ref(value))
+                        .then_some("a credential")
                 });
                 if let Some(what) = what {
                     return Err(AutoscalerConfigError::PlaintextCredential {
@@ -356,17 +351,11 @@ mod tests {
             ],
         );
         assert_eq!(ok.validate(), Ok(()));
-        assert_eq!(
-            runpod_secret_name("{{ RUNPOD_SECRET_a_b }}"),
-            Some("a_b")
-        );
+        assert_eq!(runpod_secret_name("{{ RUNPOD_SECRET_a_b }}"), Some("a_b"));
         let cases = [
             runpod(&[], &[("TY_NKEY_SEED", SEED)]),
             runpod(&[("ANY", SEED)], &[]),
-            runpod(
-                &[("TLS_KEY", "-----BEGIN PRIVATE KEY-----\nMIIE\n")],
-                &[],
-            ),
+            runpod(&[("TLS_KEY", "-----BEGIN PRIVATE KEY-----\nMIIE\n")], &[]),
             runpod(&[], &[("TY_SECRETS_KEY", "c2VjcmV0")]),
             runpod(&[], &[("TY_NKEY_SEED", "x {{ RUNPOD_SECRET_a }}")]),
         ];
@@ -384,7 +373,10 @@ mod tests {
         else {
             panic!("refused");
         };
-        assert_eq!((place.as_str(), key.as_str()), ("autoscaler.pools.\"train.flux\"", "TY_NKEY_SEED"));
+        assert_eq!(
+            (place.as_str(), key.as_str()),
+            ("autoscaler.pools.\"train.flux\"", "TY_NKEY_SEED")
+        );
         // Other providers pass their env to processes they start themselves.
         let local = AutoscalerConfig {
             provider: "local".into(),
