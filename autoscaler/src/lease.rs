@@ -18,6 +18,10 @@
 //! the hosts it avoids, with until when (`avoid`, [`AvoidedHosts`]). The
 //! leader merges what it learnt into the stored value and writes it by
 //! compare-and-set ([`persist`]); a replica taking the lease reads both.
+//!
+//! The stop flag (`stop`) is set when the provider reports the account's
+//! spend limit: from then on no pool starts a machine (releases, drains
+//! and reaping go on) until an operator clears it (`yard fleet resume`).
 
 use async_nats::jetstream::kv;
 use serde::de::DeserializeOwned;
@@ -262,6 +266,70 @@ where
             Err(error) => return Err(error),
         }
     }
+}
+
+/// The stop flag's key.
+pub const STOP_KEY: &str = "stop";
+
+/// Why scale-up stopped: set by the pass that met the provider's spend
+/// limit, cleared only by an operator.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopFlag {
+    /// `spend_limit`.
+    pub reason: String,
+    /// What the provider said.
+    pub message: String,
+    /// The pool whose launch met the limit.
+    pub pool: String,
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: i64,
+}
+
+/// The reason a spend limit sets.
+pub const STOP_SPEND_LIMIT: &str = "spend_limit";
+
+/// The stop flag, if set.
+pub async fn read_stop(kv: &kv::Store) -> Result<Option<StopFlag>, LeaseError> {
+    match kv.entry(STOP_KEY).await.map_err(kv_err)? {
+        Some(e) if e.operation == kv::Operation::Put => {
+            // A flag we cannot read still stops: better idle than overspent.
+            Ok(Some(serde_json::from_slice(&e.value).unwrap_or(StopFlag {
+                reason: "unreadable".into(),
+                message: String::from_utf8_lossy(&e.value).into_owned(),
+                pool: String::new(),
+                at_ms: 0,
+            })))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Sets the stop flag unless one is set already (the first reason stays);
+/// `Ok(true)` when this call set it.
+pub async fn set_stop(kv: &kv::Store, flag: &StopFlag) -> Result<bool, LeaseError> {
+    let value = serde_json::to_vec(flag).map_err(kv_err)?;
+    match kv.entry(STOP_KEY).await.map_err(kv_err)? {
+        Some(e) if e.operation == kv::Operation::Put => Ok(false),
+        Some(e) => kv
+            .update(STOP_KEY, value.into(), e.revision)
+            .await
+            .map(|_| true)
+            .map_err(|_| LeaseError::Lost),
+        None => kv
+            .create(STOP_KEY, value.into())
+            .await
+            .map(|_| true)
+            .map_err(|_| LeaseError::Lost),
+    }
+}
+
+/// Clears the stop flag; the flag that was set, if any.
+pub async fn clear_stop(kv: &kv::Store) -> Result<Option<StopFlag>, LeaseError> {
+    let current = read_stop(kv).await?;
+    if current.is_some() {
+        kv.delete(STOP_KEY).await.map_err(kv_err)?;
+    }
+    Ok(current)
 }
 
 #[cfg(test)]

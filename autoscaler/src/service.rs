@@ -3,7 +3,10 @@
 //! acts — starts machines (named `<fleet>-<pool>-<index>`, the index kept
 //! in the pool's memory so a repeated launch finds its machine), releases
 //! idle and exited ones, drains busy ones it must, and reaps the fleet's
-//! machines no configured pool wants once their worker is gone.
+//! machines no configured pool wants once their worker is gone. A launch
+//! refused for the account's spend limit sets the stop flag
+//! ([`crate::lease::StopFlag`]): no pool starts anything until an operator
+//! clears it, and each such pass is recorded as `spend_stop`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -17,10 +20,11 @@ use trainyard_core::registry::{self, Entry};
 use crate::activity::{activity_of, view};
 use crate::backlog::{BacklogReader, StepCosts, stage_of_pool};
 use crate::lease::{
-    AVOID_KEY, AvoidedHosts, LEARNT_KEY, Lease, persist, read_json, read_memory, write_memory,
+    AVOID_KEY, AvoidedHosts, LEARNT_KEY, Lease, STOP_SPEND_LIMIT, StopFlag, persist, read_json,
+    read_memory, read_stop, set_stop, write_memory,
 };
 use crate::plan::{self, Activity, MachineView, Observation};
-use crate::provider::{Launch, Machine, MachineState, Provider};
+use crate::provider::{Launch, Machine, MachineState, Provider, ProviderError};
 use crate::record::{self, DecisionRecord, MachineRecord};
 
 /// The buckets and handles one replica works with.
@@ -233,6 +237,17 @@ impl Autoscaler {
             decision.drain.clear();
             decision.memory.last_down_ms = memory.last_down_ms;
         }
+        // The spend limit stopped scale-up: nothing starts until an
+        // operator clears the flag (releases and drains go on).
+        let stopped = if decision.launch > 0 {
+            self.spend_stop().await
+        } else {
+            None
+        };
+        if stopped.is_some() {
+            decision.launch = 0;
+            decision.memory.last_up_ms = memory.last_up_ms;
+        }
         let names: Vec<String> = (0..u64::from(decision.launch))
             .map(|i| machine_name(&self.config.fleet_name, pool, memory.next_index + i))
             .collect();
@@ -280,10 +295,17 @@ impl Autoscaler {
         }
         let mut record = DecisionRecord::of(now, &backlog, &views, &decision, names.clone());
         let mut errors = Vec::new();
+        let mut spend_stop = stopped;
         for name in &names {
             let launch = self.launch_of(pool, policy, name);
-            if let Err(error) = self.provider.launch(&launch).await {
-                errors.push(format!("launch {name}: {error}"));
+            match self.provider.launch(&launch).await {
+                Ok(_) => {}
+                Err(ProviderError::SpendLimit(message)) => {
+                    errors.push(format!("launch {name}: spend limit: {message}"));
+                    spend_stop = Some(self.stop_for_spend(now, pool, &message).await);
+                    break; // not one more create
+                }
+                Err(error) => errors.push(format!("launch {name}: {error}")),
             }
         }
         for name in &decision.release {
@@ -309,6 +331,13 @@ impl Autoscaler {
         if let Some(error) = no_data {
             record.reason = "no_data".into();
             errors.insert(0, error);
+        }
+        if let Some(flag) = spend_stop {
+            record.reason = SPEND_STOP_REASON.into();
+            errors.push(format!(
+                "scale-up stopped since {} by pool {} ({}): `yard fleet resume` clears it",
+                flag.at_ms, flag.pool, flag.reason
+            ));
         }
         record.error = errors.join("; ");
         let listed = machines
@@ -370,6 +399,43 @@ impl Autoscaler {
         .await;
         if let Err(error) = kept {
             tracing::warn!(%error, "cannot keep the hosts avoided");
+        }
+    }
+
+    /// The stop flag, if set (unreadable: not stopped, and said so).
+    async fn spend_stop(&self) -> Option<StopFlag> {
+        match read_stop(&self.buckets.state).await {
+            Ok(flag) => flag,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the stop flag");
+                None
+            }
+        }
+    }
+
+    /// Sets the stop flag for a spend limit met by `pool`'s launch; the
+    /// flag in force (the first one set wins).
+    async fn stop_for_spend(&self, now: i64, pool: &str, message: &str) -> StopFlag {
+        let flag = StopFlag {
+            reason: STOP_SPEND_LIMIT.into(),
+            message: message.to_string(),
+            pool: pool.to_string(),
+            at_ms: now,
+        };
+        match set_stop(&self.buckets.state, &flag).await {
+            Ok(true) => {
+                tracing::error!(
+                    pool,
+                    message,
+                    "spend limit reached: scale-up stopped until `yard fleet resume`"
+                );
+                flag
+            }
+            Ok(false) => self.spend_stop().await.unwrap_or(flag),
+            Err(error) => {
+                tracing::warn!(pool, %error, "cannot write the stop flag");
+                flag
+            }
         }
     }
 
@@ -491,6 +557,10 @@ pub fn machine_env(pool: &str, policy: &PoolPolicy, name: &str) -> BTreeMap<Stri
     }
     env
 }
+
+/// The decision reason of a pass that would have started machines while
+/// scale-up is stopped (the spend limit).
+pub const SPEND_STOP_REASON: &str = "spend_stop";
 
 /// A spot worker's trainer stop grace, in seconds (see [`machine_env`]).
 pub const SPOT_STOP_GRACE_SECS: u64 = 2;

@@ -85,6 +85,16 @@ pub enum FleetCommand {
     /// identity (`--config` a role file of `yard fleet init`, e.g.
     /// autoscaler.toml).
     Status(FleetStatusArgs),
+    /// Clear the autoscaler's stop flag (set when the provider reported the
+    /// account's spend limit): pools start machines again. Raise the limit
+    /// first. `--config` is the autoscaler's role file.
+    Resume(FleetResumeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct FleetResumeArgs {
+    #[command(flatten)]
+    pub service: ServiceArgs,
 }
 
 #[derive(Args, Debug)]

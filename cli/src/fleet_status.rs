@@ -1,16 +1,19 @@
 //! `yard fleet status`: what the autoscaler keeps in `ty_fleet` — each
 //! pool's machines (GPUs, price, spot or on demand, host, the jobs they
 //! run) and last decisions — read over the bus with an operator's
-//! identity, printed as a table or JSON.
+//! identity, printed as a table or JSON, with the stop flag of
+//! `ty_autoscaler` first when scale-up is stopped. `yard fleet resume`
+//! clears that flag.
 
-use crate::args::FleetStatusArgs;
+use crate::args::{FleetResumeArgs, FleetStatusArgs};
 use crate::client;
 use futures::StreamExt;
 use std::fmt::Write as _;
 use std::process::ExitCode;
+use trainyard_autoscaler::lease::{StopFlag, clear_stop, read_stop};
 use trainyard_autoscaler::record::{MachineRecord, PoolRecord};
-use trainyard_core::topology::FLEET_BUCKET;
 use trainyard_core::topology::permissions::Role;
+use trainyard_core::topology::{AUTOSCALER_BUCKET, FLEET_BUCKET};
 
 pub async fn run(args: FleetStatusArgs) -> anyhow::Result<ExitCode> {
     let Some(config) = client::load_config(&args.service, "yard", true)? else {
@@ -42,16 +45,68 @@ pub async fn run(args: FleetStatusArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    // The stop flag, where this identity may read it.
+    let stop = match js.get_key_value(AUTOSCALER_BUCKET).await {
+        Ok(state) => read_stop(&state).await.unwrap_or_else(|error| {
+            eprintln!("warning: cannot read the stop flag: {error}");
+            None
+        }),
+        Err(error) => {
+            eprintln!("warning: cannot read the stop flag ({AUTOSCALER_BUCKET}): {error}");
+            None
+        }
+    };
     if args.json {
         let json = serde_json::json!({
+            "stop": stop,
             "pools": pools,
             "dollars_per_hour": dollars_per_hour(&pools),
         });
         println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
-        print!("{}", text(&pools, trainyard_core::now_ms(), args.decisions));
+        let now = trainyard_core::now_ms();
+        if let Some(flag) = &stop {
+            print!("{}", stop_line(flag, now));
+        }
+        print!("{}", text(&pools, now, args.decisions));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `yard fleet resume`: clears the stop flag with the autoscaler's identity.
+pub async fn resume(args: FleetResumeArgs) -> anyhow::Result<ExitCode> {
+    let Some(config) = client::load_config(&args.service, "yard", true)? else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let client = trainyard_core::nats::connect(&config.nats, &Role::Autoscaler).await?;
+    let js = async_nats::jetstream::new(client);
+    let state = js.get_key_value(AUTOSCALER_BUCKET).await.map_err(|e| {
+        anyhow::anyhow!(
+            "no autoscaler state ({AUTOSCALER_BUCKET}): {e}; is the autoscaler running?"
+        )
+    })?;
+    match clear_stop(&state).await? {
+        Some(flag) => println!(
+            "resumed: scale-up had stopped {} ago ({} in pool {}: {})",
+            ago(trainyard_core::now_ms() - flag.at_ms),
+            flag.reason,
+            flag.pool,
+            flag.message
+        ),
+        None => println!("not stopped: nothing to resume"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The line `yard fleet status` starts with while scale-up is stopped.
+pub fn stop_line(flag: &StopFlag, now_ms: i64) -> String {
+    format!(
+        "SCALE-UP STOPPED {} ago: {} in pool {} ({}); raise the limit, then `yard fleet resume`\n",
+        ago(now_ms - flag.at_ms),
+        flag.reason,
+        flag.pool,
+        flag.message
+    )
 }
 
 /// What the fleet's machines that still live cost, in dollars an hour.
@@ -262,5 +317,21 @@ mod tests {
         assert!(text.ends_with("fleet $1.38/h\n"), "{text}");
         assert!((dollars_per_hour(&[pool]) - 1.38).abs() < 1e-9);
         assert!(super::text(&[], 0, 5).starts_with("no pools yet"));
+    }
+
+    #[test]
+    fn a_stop_is_one_line_naming_its_reason_pool_and_the_way_out() {
+        let flag = StopFlag {
+            reason: "spend_limit".into(),
+            message: "You have reached your spend limit".into(),
+            pool: "train.flux".into(),
+            at_ms: 0,
+        };
+        let line = stop_line(&flag, 90_000);
+        assert!(
+            line.starts_with("SCALE-UP STOPPED 1m30s ago: spend_limit in pool train.flux"),
+            "{line}"
+        );
+        assert!(line.contains("yard fleet resume"), "{line}");
     }
 }

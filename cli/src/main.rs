@@ -41,6 +41,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Secrets(SecretsCommand::Keygen(args)) => return token::keygen(&args),
         Command::Fleet(args::FleetCommand::Init(args)) => return local::fleet_init(args),
         Command::Fleet(args::FleetCommand::Status(args)) => return fleet_status::run(args).await,
+        Command::Fleet(args::FleetCommand::Resume(args)) => {
+            return fleet_status::resume(args).await;
+        }
         _ => {}
     }
     let target = client::Target { server, token, ca };

@@ -8,9 +8,16 @@
 #   TY_NKEY_SEED      the pool's role nkey seed (SU…)   → TY_NATS__NKEY_SEED_FILE
 #   TY_NATS_CA_PEM    the CA of the NATS server's cert   → TY_NATS__TLS_CA_FILE
 #   TY_SECRETS_KEY    the fleet key that opens job secrets → TY_SECRETS__KEY_FILE
+# On RunPod their values are account secrets ({{ RUNPOD_SECRET_<name> }}),
+# resolved by RunPod when the pod boots.
+# Overridable (tests run this script outside a container):
+#   TY_ENTRYPOINT_DIR     where the files go (default /run/trainyard)
+#   TY_TRAINER_ENV_FILE   the trainer paths, sourced if present (default /opt/trainer.env)
 set -eu
 umask 077
-dir=/run/trainyard
+dir=${TY_ENTRYPOINT_DIR:-/run/trainyard}
+trainer_env=${TY_TRAINER_ENV_FILE:-/opt/trainer.env}
+unset TY_ENTRYPOINT_DIR TY_TRAINER_ENV_FILE
 mkdir -p "$dir"
 if [ -n "${TY_NKEY_SEED:-}" ]; then
   printf '%s\n' "$TY_NKEY_SEED" > "$dir/nkey.seed"
@@ -25,5 +32,7 @@ if [ -n "${TY_SECRETS_KEY:-}" ]; then
   export TY_SECRETS__KEY_FILE="$dir/secrets.key"
 fi
 unset TY_NKEY_SEED TY_NATS_CA_PEM TY_SECRETS_KEY
-. /opt/trainer.env
+if [ -f "$trainer_env" ]; then
+  . "$trainer_env"
+fi
 exec "$@"

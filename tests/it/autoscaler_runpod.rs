@@ -1,14 +1,15 @@
 //! The `runpod` provider against a stand-in of RunPod's GraphQL API
 //! (`trainyard_tests::runpod`): GPU type order, stock, price caps, bids,
 //! the spend limit, retries (5xx, 429 with `Retry-After`, a lost create
-//! reply), release, listing by the fleet's tag, and the API key kept out
-//! of errors and `Debug`.
+//! reply), release, listing by the fleet's tag, the API key kept out of
+//! errors and `Debug`, and the stand-in's pods booting as processes with
+//! their secrets (`tests/it/autoscaler_runpod_e2e.rs` runs workers in them).
 
 use std::time::Duration;
 use trainyard_autoscaler::provider::runpod::{RetrySettings, RunpodProvider};
 use trainyard_autoscaler::provider::{Launch, MachineState, Provider, ProviderError};
 use trainyard_core::config::{AutoscalerConfig, PoolPolicy};
-use trainyard_tests::runpod::{FakeGpuType, FakeRunpod};
+use trainyard_tests::runpod::{FakeGpuType, FakeRunpod, PodRunner};
 
 const KEY: &str = "rpa_7c1d9e0TESTKEY4a2b";
 const FLEET: &str = "yard";
@@ -434,4 +435,88 @@ async fn a_request_refused_on_every_type_is_refused_not_out_of_stock() {
         .expect_err("bad request");
     assert!(matches!(err, ProviderError::Refused(_)), "{err:?}");
     assert!(r.fake.pods().is_empty());
+}
+
+/// The stand-in's pods as processes: the entrypoint runs with the pod's
+/// env, secrets resolved (the value is written only to the pod's 0600
+/// file); a pod naming a secret that does not exist never starts and stays
+/// pending; a release sends SIGTERM and the container ends.
+#[tokio::test]
+async fn pods_boot_with_their_secrets_and_terminate_stops_them() {
+    let r = rig_with(KEY, |c| {
+        c.runpod.env.insert(
+            "TY_NKEY_SEED".into(),
+            "{{ RUNPOD_SECRET_ty_worker_gpu_nk }}".into(),
+        );
+    })
+    .await;
+    r.fake.add_gpu_type(FakeGpuType::new(A4090, 0.7, 0.35, 4));
+    r.fake.set_secret("ty_worker_gpu_nk", "SUSEEDVALUE");
+    let pods = tempfile::tempdir().expect("tempdir");
+    r.fake.run_pods(PodRunner {
+        entrypoint: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/runpod/entrypoint.sh"),
+        // The image's command: says what it was given, then waits.
+        command: [
+            "sh",
+            "-c",
+            "echo \"seed=$TY_NATS__NKEY_SEED_FILE raw=${TY_NKEY_SEED:-}\"; exec sleep 60",
+        ]
+        .map(String::from)
+        .to_vec(),
+        bin_dir: pods.path().join("bin"),
+        image_env: Default::default(),
+        dir: pods.path().to_owned(),
+    });
+    let m = r
+        .provider
+        .launch(&launch("a", &[A4090]))
+        .await
+        .expect("launch");
+    let log = trainyard_tests::wait_for("the pod's output", Duration::from_secs(10), || async {
+        let log = r.fake.pod_log(&m.id);
+        log.contains("raw=").then_some(log)
+    })
+    .await;
+    let seed_file = pods.path().join(&m.id).join("run/nkey.seed");
+    assert!(
+        log.contains(&format!("seed={} raw=\n", seed_file.display())),
+        "{log}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&seed_file).unwrap(),
+        "SUSEEDVALUE\n"
+    );
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&seed_file).unwrap().permissions()
+        ) & 0o777,
+        0o600
+    );
+    assert!(r.fake.pod_running(&m.id));
+    r.provider.release(&m).await.expect("release");
+    let exit = trainyard_tests::wait_for("the pod stopped", Duration::from_secs(10), || async {
+        r.fake.pod_exit(&m.id)
+    })
+    .await;
+    assert!(!exit.killed, "sleep ends on SIGTERM: {exit:?}");
+
+    // A secret that does not exist: the container never starts.
+    r.fake.set_secret("ty_worker_gpu_nk", "unused");
+    let mut missing = launch("b", &[A4090]);
+    missing.env.insert(
+        "TY_SECRETS_KEY".into(),
+        "{{ RUNPOD_SECRET_nowhere }}".into(),
+    );
+    let b = r.provider.launch(&missing).await.expect("launch");
+    assert!(
+        r.fake
+            .pod_boot_error(&b.id)
+            .is_some_and(|e| e.contains("nowhere")),
+        "{:?}",
+        r.fake.pod_boot_error(&b.id)
+    );
+    assert!(!r.fake.pod_running(&b.id));
+    let listed = r.provider.list().await.expect("list");
+    assert_eq!(listed[0].state, MachineState::Pending);
 }

@@ -21,6 +21,7 @@ mod autoscaler_failover;
 mod autoscaler_k8s;
 mod autoscaler_local;
 mod autoscaler_runpod;
+mod autoscaler_runpod_e2e;
 mod backends;
 mod failures;
 mod faults;

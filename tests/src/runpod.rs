@@ -21,15 +21,25 @@
 //! with prices, real capacity and the advertised `stockStatus` (which, as on
 //! RunPod, is no promise), pods, an hourly spend limit ($80 by default, as
 //! RunPod's accounts), and faults: the next calls answering a status (with
-//! `Retry-After`), a create carried out whose reply comes too late, a pod
-//! preempted. Every request is recorded.
+//! `Retry-After`), a create carried out whose reply comes too late or is
+//! lost (the connection drops mid-answer), a pod preempted. Every request
+//! is recorded.
+//!
+//! With a [`PodRunner`] ([`FakeRunpod::run_pods`]) pods run for real: see
+//! [`pods`] — secrets resolved from [`FakeRunpod::set_secret`]'s table, the
+//! image's entrypoint and command started with the pod's env, SIGTERM then
+//! SIGKILL on terminate and on a spot preemption.
+
+mod pods;
+
+pub use pods::{PodExit, PodRunner, SPOT_NOTICE, TERMINATE_GRACE, resolve_secrets};
 
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -131,8 +141,16 @@ struct Inner {
     /// A create error to answer to the next creates, instead of placing.
     create_error: Option<String>,
     new_pods_run: bool,
+    /// The next create is carried out but its reply is lost.
+    drop_create: bool,
     next_id: u64,
     calls: Vec<Call>,
+    /// Pods run as processes when set.
+    runner: Option<PodRunner>,
+    /// The account's secrets, by name.
+    secrets: BTreeMap<String, String>,
+    /// The processes of pods, by pod id.
+    processes: HashMap<String, pods::PodProcess>,
 }
 
 type Shared = Arc<Mutex<Inner>>;
@@ -149,8 +167,12 @@ pub struct FakeRunpod {
 }
 
 impl Drop for FakeRunpod {
+    /// No pod's process outlives the stand-in.
     fn drop(&mut self) {
         self.stop.cancel();
+        for process in lock(&self.inner).processes.values() {
+            process.kill_now();
+        }
     }
 }
 
@@ -170,8 +192,12 @@ impl FakeRunpod {
             slow_create: None,
             create_error: None,
             new_pods_run: true,
+            drop_create: false,
             next_id: 1,
             calls: Vec::new(),
+            runner: None,
+            secrets: BTreeMap::new(),
+            processes: HashMap::new(),
         }));
         let app = axum::Router::new()
             .route("/graphql", axum::routing::post(graphql))
@@ -228,6 +254,53 @@ impl FakeRunpod {
         lock(&self.inner).slow_create = Some(delay);
     }
 
+    /// The next create makes its pod but its reply is lost: the
+    /// connection drops after the status line.
+    pub fn drop_next_create_reply(&self) {
+        lock(&self.inner).drop_create = true;
+    }
+
+    /// Pods created from now on run as processes.
+    pub fn run_pods(&self, runner: PodRunner) {
+        lock(&self.inner).runner = Some(runner);
+    }
+
+    /// An account secret, referenced as `{{ RUNPOD_SECRET_<name> }}`.
+    pub fn set_secret(&self, name: &str, value: &str) {
+        lock(&self.inner).secrets.insert(name.into(), value.into());
+    }
+
+    /// Whether the pod's container process runs.
+    pub fn pod_running(&self, id: &str) -> bool {
+        lock(&self.inner)
+            .processes
+            .get(id)
+            .is_some_and(|p| p.running())
+    }
+
+    /// How the pod's container process ended, once it has.
+    pub fn pod_exit(&self, id: &str) -> Option<PodExit> {
+        lock(&self.inner)
+            .processes
+            .get(id)
+            .and_then(|p| p.exit.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    /// Why the pod's container never started (a secret that does not exist).
+    pub fn pod_boot_error(&self, id: &str) -> Option<String> {
+        lock(&self.inner)
+            .processes
+            .get(id)
+            .and_then(|p| p.boot_error.clone())
+    }
+
+    /// What the pod's container wrote.
+    pub fn pod_log(&self, id: &str) -> String {
+        let dir = lock(&self.inner).processes.get(id).map(|p| p.dir.clone());
+        dir.and_then(|d| std::fs::read_to_string(d.join("pod.log")).ok())
+            .unwrap_or_default()
+    }
+
     /// Creates answer this GraphQL error (`None`: place as usual).
     pub fn refuse_creates(&self, message: Option<&str>) {
         lock(&self.inner).create_error = message.map(str::to_string);
@@ -263,13 +336,17 @@ impl FakeRunpod {
         id
     }
 
-    /// A spot pod taken back: `EXITED`, no runtime, no cost.
+    /// A spot pod taken back: `EXITED`, no runtime, no cost; its process
+    /// gets SIGTERM and SIGKILL [`SPOT_NOTICE`] later.
     pub fn preempt(&self, id: &str) {
         let mut inner = lock(&self.inner);
         if let Some(pod) = inner.pods.iter_mut().find(|p| p.id == id) {
             pod.desired_status = "EXITED".into();
             pod.running = false;
             pod.cost_per_hr = 0.0;
+        }
+        if let Some(process) = inner.processes.get(id) {
+            process.stop(SPOT_NOTICE);
         }
     }
 
@@ -385,12 +462,17 @@ impl Inner {
             running: self.new_pods_run,
             input: input.clone(),
         };
+        if let Some(runner) = &self.runner {
+            let process = pods::boot(runner, &pod.id, &pod.env, &self.secrets);
+            self.processes.insert(pod.id.clone(), process);
+        }
         self.pods.push(pod.clone());
         Ok(pod)
     }
 }
 
-fn pod_json(pod: &FakePod, display: &str) -> Value {
+fn pod_json(pod: &FakePod, display: &str, process_runs: Option<bool>) -> Value {
+    let running = pod.running && process_runs.unwrap_or(true);
     json!({
         "id": pod.id,
         "name": pod.name,
@@ -406,7 +488,7 @@ fn pod_json(pod: &FakePod, display: &str) -> Value {
             "dataCenterId": pod.data_center,
             "gpuDisplayName": display,
         },
-        "runtime": if pod.running {
+        "runtime": if running {
             json!({ "uptimeInSeconds": 11, "gpus": [], "ports": [] })
         } else {
             Value::Null
@@ -437,6 +519,19 @@ fn json_response(status: StatusCode, body: Value) -> Response {
         body.to_string(),
     )
         .into_response()
+}
+
+/// A 200 whose body fails mid-way: the connection drops, the client
+/// never reads the answer.
+fn lost_reply() -> Response {
+    let body = axum::body::Body::from_stream(futures::stream::once(async {
+        Err::<Bytes, std::io::Error>(std::io::Error::other("connection lost"))
+    }));
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(axum::http::header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .expect("response")
 }
 
 fn graphql_error(message: &str) -> Response {
@@ -539,7 +634,8 @@ fn answer(inner: &Shared, headers: &HeaderMap, body: &[u8]) -> (Response, Option
                         .find(|t| t.id == p.gpu_type)
                         .map(|t| t.display_name.clone())
                         .unwrap_or_else(|| p.gpu_type.clone());
-                    pod_json(p, &display)
+                    let runs = state.processes.get(&p.id).map(|proc| proc.running());
+                    pod_json(p, &display, runs)
                 })
                 .collect();
             Ok(json!({ "myself": { "id": "user", "pods": pods } }))
@@ -548,7 +644,12 @@ fn answer(inner: &Shared, headers: &HeaderMap, body: &[u8]) -> (Response, Option
             match state.create(&input, op == "podRentInterruptable") {
                 Ok(pod) => {
                     let display = pod.gpu_type.trim_start_matches("NVIDIA ").to_string();
-                    let reply = json!({ op: pod_json(&pod, &display) });
+                    let runs = state.processes.get(&pod.id).map(|p| p.running());
+                    let reply = json!({ op: pod_json(&pod, &display, runs) });
+                    if std::mem::take(&mut state.drop_create) {
+                        state.calls.push(call);
+                        return (lost_reply(), None);
+                    }
                     if let Some(delay) = state.slow_create.take() {
                         state.calls.push(call);
                         let response = json_response(StatusCode::OK, json!({ "data": reply }));
@@ -563,6 +664,9 @@ fn answer(inner: &Shared, headers: &HeaderMap, body: &[u8]) -> (Response, Option
             let id = input.get("podId").and_then(Value::as_str).unwrap_or("");
             let before = state.pods.len();
             state.pods.retain(|p| p.id != id);
+            if let Some(process) = state.processes.get(id) {
+                process.stop(TERMINATE_GRACE);
+            }
             if state.pods.len() == before {
                 Err(format!("pod {id} not found"))
             } else {

@@ -60,6 +60,99 @@ impl Default for AutoscalerConfig {
     }
 }
 
+/// Environment keys that carry a worker's credentials: on RunPod each must
+/// be a RunPod secret reference (`{{ RUNPOD_SECRET_<name> }}`), resolved
+/// by RunPod when the pod boots, so the autoscaler never holds them.
+pub const RUNPOD_CREDENTIAL_KEYS: [&str; 2] = ["TY_NKEY_SEED", "TY_SECRETS_KEY"];
+
+/// Why an `[autoscaler]` section is refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AutoscalerConfigError {
+    /// A pod env value is a credential in plain text.
+    #[error(
+        "{place}: env {key} holds {what} in plain text; put it in a RunPod secret and write \
+         {key} = \"{{{{ RUNPOD_SECRET_<name> }}}}\" (deploy/runpod/README.md)"
+    )]
+    PlaintextCredential {
+        /// `autoscaler.runpod` or `autoscaler.pools.<pool>`.
+        place: String,
+        key: String,
+        /// What it looks like (`an nkey seed`, `a private key`, …).
+        what: &'static str,
+    },
+}
+
+/// Whether `value` is one RunPod secret reference and nothing else.
+pub fn is_runpod_secret_ref(value: &str) -> bool {
+    runpod_secret_name(value).is_some()
+}
+
+/// The secret named by `{{ RUNPOD_SECRET_<name> }}` (spaces inside the
+/// braces optional), if `value` is exactly one reference.
+pub fn runpod_secret_name(value: &str) -> Option<&str> {
+    let inner = value.trim().strip_prefix("{{")?.strip_suffix("}}")?.trim();
+    let name = inner.strip_prefix("RUNPOD_SECRET_")?;
+    (!name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
+    .then_some(name)
+}
+
+/// What a literal credential in `value` looks like, if it looks like one:
+/// an nkey seed (`S` + type letter + base32, 58 characters) or a PEM
+/// private key.
+pub fn literal_credential(value: &str) -> Option<&'static str> {
+    let v = value.trim();
+    let bytes = v.as_bytes();
+    let seed = bytes.len() == 58
+        && bytes[0] == b'S'
+        && matches!(bytes[1], b'U' | b'A' | b'O' | b'N' | b'C' | b'X')
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(b));
+    if seed {
+        Some("an nkey seed")
+    } else if v.contains("-----BEGIN") && v.contains("PRIVATE KEY") {
+        Some("a private key")
+    } else {
+        None
+    }
+}
+
+impl AutoscalerConfig {
+    /// Checks what the loader cannot: with the `runpod` provider, no pod
+    /// env value (`[autoscaler.runpod] env`, each pool's `env`) is a
+    /// literal nkey seed or private key, and the credential keys
+    /// ([`RUNPOD_CREDENTIAL_KEYS`]) are RunPod secret references.
+    pub fn validate(&self) -> Result<(), AutoscalerConfigError> {
+        if self.provider != "runpod" {
+            return Ok(());
+        }
+        let places = std::iter::once(("autoscaler.runpod".to_string(), &self.runpod.env)).chain(
+            self.pools
+                .iter()
+                .map(|(pool, policy)| (format!("autoscaler.pools.{pool:?}"), &policy.env)),
+        );
+        for (place, env) in places {
+            for (key, value) in env {
+                let what = literal_credential(value).or_else(|| {
+                    (RUNPOD_CREDENTIAL_KEYS.contains(&key.as_str()) && !is_runpod_secret_ref(value))
+                        .then_some("a credential")
+                });
+                if let Some(what) = what {
+                    return Err(AutoscalerConfigError::PlaintextCredential {
+                        place,
+                        key: key.clone(),
+                        what,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// How one pool is sized (`[autoscaler.pools.<pool>]`).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -168,8 +261,11 @@ pub struct RunpodConfig {
     pub container_disk_gb: u32,
     /// Data centres machines may run in (empty: any).
     pub data_center_ids: Vec<String>,
-    /// Environment every pod gets (the fleet's NATS URL, store, …); each
-    /// pool's role credentials are added by the autoscaler.
+    /// Environment every pod gets (the fleet's NATS URL, store, …).
+    /// Credentials only as RunPod secret references, resolved by RunPod
+    /// when the pod boots: each pool's `env` names its role's seed
+    /// (`TY_NKEY_SEED = "{{ RUNPOD_SECRET_ty_worker_flux_nk }}"`); a literal
+    /// seed or private key is refused ([`AutoscalerConfig::validate`]).
     pub env: BTreeMap<String, String>,
 }
 
@@ -214,5 +310,78 @@ impl Default for KubernetesConfig {
             ca_file: None,
             deployments: BTreeMap::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: &str = "SUAMLK2ZNL35WSMW37E7UD4VZ7ELPKW7DHC3BWBSD2GCZ7IUQQXZIORRBU";
+
+    fn runpod(env: &[(&str, &str)], pool_env: &[(&str, &str)]) -> AutoscalerConfig {
+        let map = |kv: &[(&str, &str)]| {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        let mut config = AutoscalerConfig {
+            provider: "runpod".into(),
+            ..Default::default()
+        };
+        config.runpod.env = map(env);
+        config.pools.insert(
+            "train.flux".into(),
+            PoolPolicy {
+                env: map(pool_env),
+                ..Default::default()
+            },
+        );
+        config
+    }
+
+    #[test]
+    fn secret_references_pass_and_literal_credentials_are_refused() {
+        let ok = runpod(
+            &[("TY_NATS__URL", "tls://bus:4222")],
+            &[
+                ("TY_NKEY_SEED", "{{ RUNPOD_SECRET_ty_train_flux_seed }}"),
+                ("TY_SECRETS_KEY", "{{RUNPOD_SECRET_ty_secrets_key}}"),
+                ("TY_NATS_CA_PEM", "-----BEGIN CERTIFICATE-----\nMIIB\n"),
+            ],
+        );
+        assert_eq!(ok.validate(), Ok(()));
+        assert_eq!(runpod_secret_name("{{ RUNPOD_SECRET_a_b }}"), Some("a_b"));
+        let cases = [
+            runpod(&[], &[("TY_NKEY_SEED", SEED)]),
+            runpod(&[("ANY", SEED)], &[]),
+            runpod(&[("TLS_KEY", "-----BEGIN PRIVATE KEY-----\nMIIE\n")], &[]),
+            runpod(&[], &[("TY_SECRETS_KEY", "c2VjcmV0")]),
+            runpod(&[], &[("TY_NKEY_SEED", "x {{ RUNPOD_SECRET_a }}")]),
+        ];
+        for config in cases {
+            assert!(
+                matches!(
+                    config.validate(),
+                    Err(AutoscalerConfigError::PlaintextCredential { .. })
+                ),
+                "{config:?}"
+            );
+        }
+        let Err(AutoscalerConfigError::PlaintextCredential { place, key, .. }) =
+            runpod(&[], &[("TY_NKEY_SEED", SEED)]).validate()
+        else {
+            panic!("refused");
+        };
+        assert_eq!(
+            (place.as_str(), key.as_str()),
+            ("autoscaler.pools.\"train.flux\"", "TY_NKEY_SEED")
+        );
+        // Other providers pass their env to processes they start themselves.
+        let local = AutoscalerConfig {
+            provider: "local".into(),
+            ..runpod(&[("ANY", SEED)], &[])
+        };
+        assert_eq!(local.validate(), Ok(()));
     }
 }

@@ -249,6 +249,9 @@ impl Config {
                 ));
             }
         }
+        self.autoscaler
+            .validate()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let hooks = &self.webhooks;
         if hooks.timeout_secs == 0 || hooks.max_attempts == 0 {
             return bad("webhooks.timeout_secs and webhooks.max_attempts must be at least 1");
