@@ -3,7 +3,8 @@
 //!
 //! - **Exited**: its provider says so, or it runs without an entry for
 //!   `vanished_after_ms` (never registered, or its entry expired);
-//! - **Draining**: the autoscaler is draining it;
+//! - **Draining**: the autoscaler is draining it, or its entry says it
+//!   drains (so a new leader carries on its predecessor's drains);
 //! - **Starting**: no entry yet;
 //! - **Busy**: its entry has a task running;
 //! - **Idle**: its entry has none, since `idle_since`.
@@ -13,7 +14,7 @@ use crate::provider::{Machine, MachineState};
 use trainyard_core::registry::Entry;
 
 /// One machine's activity. `last_entry_ms` is when its entry was last
-/// seen (0: never); `draining` whether the autoscaler drains it.
+/// seen (0: never); `draining` whether this replica drains it.
 pub fn activity_of(
     machine: &Machine,
     entry: Option<&Entry>,
@@ -25,7 +26,7 @@ pub fn activity_of(
     if machine.state == MachineState::Exited {
         return (Activity::Exited, now_ms);
     }
-    if draining {
+    if draining || entry.is_some_and(|e| e.draining) {
         return (Activity::Draining, now_ms);
     }
     let Some(entry) = entry else {
@@ -84,6 +85,7 @@ mod tests {
             slots: 1,
             busy_slots: busy,
             idle_since,
+            draining: false,
             started_at: 1_500,
             updated_at: 4_000,
         }
@@ -142,6 +144,13 @@ mod tests {
         }
         let (_, since) = activity_of(&running, Some(&entry(0, 3_000)), 0, false, 10_000, 5_000);
         assert_eq!(since, 3_000);
+        // Draining by its entry, whatever this replica remembers.
+        let asked = Entry {
+            draining: true,
+            ..entry(1, 0)
+        };
+        let (got, _) = activity_of(&running, Some(&asked), 0, false, 10_000, 5_000);
+        assert_eq!(got, Activity::Draining);
         let exited = machine(MachineState::Exited);
         let (got, _) = activity_of(&exited, Some(&entry(1, 0)), 0, false, 10_000, 5_000);
         assert_eq!(got, Activity::Exited);
