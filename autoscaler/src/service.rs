@@ -184,7 +184,8 @@ impl Autoscaler {
         let known: HashSet<&str> = machines.iter().map(|m| m.name.as_str()).collect();
         self.last_entry
             .retain(|name, _| known.contains(name.as_str()));
-        self.draining.retain(|name, _| known.contains(name.as_str()));
+        self.draining
+            .retain(|name, _| known.contains(name.as_str()));
     }
 
     /// One pool's pass; `false` when the lease turned out lost.
@@ -385,8 +386,8 @@ impl Autoscaler {
                 false
             }
         };
-        let timeout_ms = i64::try_from(self.config.drain_timeout_secs.saturating_mul(1000))
-            .unwrap_or(i64::MAX);
+        let timeout_ms =
+            i64::try_from(self.config.drain_timeout_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
         let outcome = if drained {
             Drain::Drained
         } else if now - since >= timeout_ms {
@@ -438,10 +439,14 @@ impl Autoscaler {
                     Ok(reply) => {
                         tracing::debug!(machine = %name, busy_slots = reply.busy_slots, "draining")
                     }
-                    Err(error) => tracing::warn!(machine = %name, %error, "a drain reply that does not parse"),
+                    Err(error) => {
+                        tracing::warn!(machine = %name, %error, "a drain reply that does not parse")
+                    }
                 },
                 // Not answered (not listening yet, or gone): the next pass asks again.
-                Ok(Err(error)) => tracing::debug!(machine = %name, %error, "drain request not answered"),
+                Ok(Err(error)) => {
+                    tracing::debug!(machine = %name, %error, "drain request not answered")
+                }
                 Err(_) => tracing::debug!(machine = %name, "drain request not answered in time"),
             }
         });

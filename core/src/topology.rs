@@ -777,7 +777,11 @@ mod tests {
             "ty.control.drain.train.a100.*"
         );
         for bad in ["", "a.b", "a*", "a>", "a b"] {
-            assert_eq!(subject::drain(Stage::Deliver, "default", bad), None, "{bad:?}");
+            assert_eq!(
+                subject::drain(Stage::Deliver, "default", bad),
+                None,
+                "{bad:?}"
+            );
         }
         assert_eq!(subject::drain(Stage::Train, "a.b", "w"), None);
         // A drain is never taken for a cancel.

@@ -333,7 +333,10 @@ async fn a_busy_worker_over_a_lowered_cap_is_drained_then_released() {
     let handed_back = at("trainer stopped; task handed back");
     let terminated = at(SIGTERM_NOTE);
     assert!(asked < saving && saving < handed_back && handed_back < terminated);
-    assert!(!log.contains(SIGKILL_NOTE), "the drained worker was SIGKILLed");
+    assert!(
+        !log.contains(SIGKILL_NOTE),
+        "the drained worker was SIGKILLed"
+    );
     assert!(
         log[terminated..].contains("stage runtime stopped"),
         "it exited by itself"

@@ -10,13 +10,15 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use trainyard_core::claim::Claims;
 use trainyard_core::registry::{Entry, Heartbeat};
 use trainyard_core::runtime::{
     DrainReply, RunnerConfig, StageError, StageHandler, TaskContext, run_stage,
 };
-use trainyard_core::claim::Claims;
 use trainyard_core::topology::{self, subject};
-use trainyard_proto::v1::{Artifact, JobState, Stage, TrainOutput, TrainTask, stage_result::Outcome};
+use trainyard_proto::v1::{
+    Artifact, JobState, Stage, TrainOutput, TrainTask, stage_result::Outcome,
+};
 use trainyard_tests::*;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -162,7 +164,10 @@ async fn a_drain_request_stops_pulling_and_hands_the_running_task_back() {
         }
     })
     .await;
-    assert!(started.try_recv().is_err(), "the drained runtime took a task");
+    assert!(
+        started.try_recv().is_err(),
+        "the drained runtime took a task"
+    );
     // Drained, it is still up, its entry kept, until it is stopped.
     assert!(!drained.is_finished(), "a drained runtime stays up");
     let entry: Entry =
@@ -173,7 +178,10 @@ async fn a_drain_request_stops_pulling_and_hands_the_running_task_back() {
         .await
         .expect("a drained runtime stops at once")
         .expect("runtime task");
-    assert!(workers.get(DRAINED).await.unwrap().is_none(), "entry deleted");
+    assert!(
+        workers.get(DRAINED).await.unwrap().is_none(),
+        "entry deleted"
+    );
     other_stop.cancel();
     other.await.expect("other runtime");
     fleet.stop().await;

@@ -123,7 +123,9 @@ impl LocalProvider {
         let written = std::fs::OpenOptions::new()
             .append(true)
             .open(&path)
-            .and_then(|mut log| std::io::Write::write_all(&mut log, format!("{note}\n").as_bytes()));
+            .and_then(|mut log| {
+                std::io::Write::write_all(&mut log, format!("{note}\n").as_bytes())
+            });
         if let Err(error) = written {
             tracing::debug!(machine = name, %error, "cannot note a release in the machine's log");
         }

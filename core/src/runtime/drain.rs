@@ -36,7 +36,11 @@ pub(super) struct Drains {
 
 impl Drains {
     /// Answers drain requests until `stop` (or the subscription ends).
-    pub(super) async fn listen(self, mut requests: async_nats::Subscriber, stop: CancellationToken) {
+    pub(super) async fn listen(
+        self,
+        mut requests: async_nats::Subscriber,
+        stop: CancellationToken,
+    ) {
         loop {
             let request = tokio::select! {
                 _ = stop.cancelled() => break,

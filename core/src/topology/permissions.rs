@@ -307,11 +307,15 @@ mod tests {
         );
         assert!(p.publish.contains(&format!("$KV.{AUTOSCALER_BUCKET}.>")));
         assert!(p.publish.contains(&"ty.control.drain.>".to_string()));
-        assert!(!p.publish.iter().any(|s| (s.starts_with("ty.") && s != "ty.control.drain.>")
-            || s.contains("CONSUMER.CREATE.TY_TASKS")
-            || s.contains("MSG.NEXT")
-            || s.starts_with(&format!("$KV.{JOBS_BUCKET}"))
-            || s.starts_with(&format!("$KV.{WORKERS_BUCKET}"))));
+        assert!(
+            !p.publish
+                .iter()
+                .any(|s| (s.starts_with("ty.") && s != "ty.control.drain.>")
+                    || s.contains("CONSUMER.CREATE.TY_TASKS")
+                    || s.contains("MSG.NEXT")
+                    || s.starts_with(&format!("$KV.{JOBS_BUCKET}"))
+                    || s.starts_with(&format!("$KV.{WORKERS_BUCKET}")))
+        );
         assert_eq!(p.subscribe, ["_INBOX_autoscaler.>"]);
     }
 
@@ -337,7 +341,11 @@ mod tests {
             pool: "a100".into(),
         }
         .permissions();
-        assert!(worker.subscribe.contains(&"ty.control.drain.train.a100.*".into()));
+        assert!(
+            worker
+                .subscribe
+                .contains(&"ty.control.drain.train.a100.*".into())
+        );
         assert!(worker.allow_responses);
         assert!(
             !worker
@@ -347,8 +355,17 @@ mod tests {
         );
         assert!(drain.starts_with("ty.control.drain.train.a100."));
         let captioner = Role::Captioner.permissions();
-        assert!(captioner.subscribe.contains(&"ty.control.drain.prepare.*".into()));
-        assert!(!captioner.subscribe.iter().any(|s| s.contains("drain.train")));
+        assert!(
+            captioner
+                .subscribe
+                .contains(&"ty.control.drain.prepare.*".into())
+        );
+        assert!(
+            !captioner
+                .subscribe
+                .iter()
+                .any(|s| s.contains("drain.train"))
+        );
         assert!(
             Role::Uploader
                 .permissions()
