@@ -26,7 +26,7 @@ use trainyard_core::registry::{self, Entry};
 use trainyard_core::runtime::DrainReply;
 use trainyard_core::topology::subject;
 
-use crate::activity::{activity_of, view};
+use crate::activity::{DrainStep, activity_of, drain_step, view};
 use crate::backlog::{BacklogReader, stage_of_pool};
 use crate::lease::{Lease, read_memory, write_memory};
 use crate::plan::{self, Activity, MachineView, Observation};
@@ -318,9 +318,9 @@ impl Autoscaler {
         }
         for machine in &to_drain {
             match self.drain(machine, now).await {
-                Drain::Asked => {}
-                Drain::Drained => record.release.push(machine.name.clone()),
-                Drain::TimedOut => {
+                DrainStep::Ask => {}
+                DrainStep::Release => record.release.push(machine.name.clone()),
+                DrainStep::ReleaseLate => {
                     record.release.push(machine.name.clone());
                     errors.push(format!(
                         "drain {}: not drained after {}s; released anyway",
@@ -369,34 +369,32 @@ impl Autoscaler {
     /// running — or is gone, or once `drain_timeout_secs` passed since
     /// this replica began or found the drain; else its service is asked
     /// (again) to drain.
-    async fn drain(&mut self, machine: &Machine, now: i64) -> Drain {
+    async fn drain(&mut self, machine: &Machine, now: i64) -> DrainStep {
         let name = machine.name.clone();
         if self.releasing.lock().expect("releasing").contains(&name) {
-            return Drain::Asked; // its release is under way
+            return DrainStep::Ask; // its release is under way
         }
         let since = *self.draining.entry(name.clone()).or_insert_with(|| {
             tracing::info!(machine = %name, "draining a busy machine");
             now
         });
-        let drained = match self.fresh_entry(&name).await {
-            Ok(None) => true,
-            Ok(Some(entry)) => entry.draining && entry.busy_slots == 0,
-            Err(error) => {
-                tracing::warn!(machine = %name, %error, "cannot read a draining machine's entry");
-                false
-            }
-        };
+        let fresh = self.fresh_entry(&name).await.map_err(|error| {
+            tracing::warn!(machine = %name, %error, "cannot read a draining machine's entry");
+        });
         let timeout_ms =
             i64::try_from(self.config.drain_timeout_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
-        let outcome = if drained {
-            Drain::Drained
-        } else if now - since >= timeout_ms {
-            tracing::warn!(machine = %name, "not drained in time; releasing it anyway");
-            Drain::TimedOut
-        } else {
-            self.ask_to_drain(machine);
-            return Drain::Asked;
-        };
+        let fresh = fresh.as_ref().map(Option::as_ref).map_err(|_| ());
+        let step = drain_step(fresh, since, now, timeout_ms);
+        match step {
+            DrainStep::Ask => {
+                self.ask_to_drain(machine);
+                return step;
+            }
+            DrainStep::ReleaseLate => {
+                tracing::warn!(machine = %name, "not drained in time; releasing it anyway")
+            }
+            DrainStep::Release => {}
+        }
         self.releasing
             .lock()
             .expect("releasing")
@@ -417,7 +415,7 @@ impl Autoscaler {
             }
             releasing.lock().expect("releasing").remove(&machine.name);
         });
-        outcome
+        step
     }
 
     /// Sends a machine's service a drain request (by a task of its own,
@@ -502,17 +500,6 @@ pub fn machine_env(pool: &str, policy: &PoolPolicy, name: &str) -> BTreeMap<Stri
         }
     }
     env
-}
-
-/// How one pass of a drain ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Drain {
-    /// Its service was asked (again); not drained yet.
-    Asked,
-    /// Its entry says it drained (or is gone): released.
-    Drained,
-    /// Past `drain_timeout_secs`: released anyway.
-    TimedOut,
 }
 
 /// How long a drain request waits for its answer.
