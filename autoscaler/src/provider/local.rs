@@ -358,6 +358,42 @@ mod tests {
         assert!(!log.contains(SIGKILL_NOTE), "{log}");
     }
 
+    #[tokio::test]
+    async fn a_machine_that_outlives_the_grace_is_killed_and_its_log_says_so() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A stand-in service that ignores SIGTERM.
+        let bin = dir.path().join("bin");
+        std::fs::create_dir_all(&bin).expect("bin");
+        let worker = bin.join("ty-worker");
+        std::fs::write(
+            &worker,
+            "#!/bin/sh\ntrap '' TERM\necho ignoring\nexec sleep 60\n",
+        )
+        .expect("script");
+        std::fs::set_permissions(&worker, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let provider = LocalProvider::new(
+            bin,
+            None,
+            dir.path().join("state"),
+            Some(dir.path().join("logs")),
+        )
+        .expect("provider")
+        .with_grace(Duration::from_millis(200));
+        let stubborn = provider.launch(&launch("m-0")).await.expect("launch");
+        let log = dir.path().join("logs/m-0.log");
+        crate::test_wait(|| async {
+            let ready = std::fs::read_to_string(&log).ok()?.contains("ignoring");
+            ready.then_some(())
+        })
+        .await;
+        provider.release(&stubborn).await.expect("release");
+        assert_eq!(start_ticks(stubborn.id.parse().unwrap()), None, "killed");
+        let log = std::fs::read_to_string(&log).expect("log");
+        let (term, kill) = (log.find(SIGTERM_NOTE), log.find(SIGKILL_NOTE));
+        assert!(term.is_some() && kill.is_some() && term < kill, "{log}");
+    }
+
     #[test]
     fn this_process_has_a_start_time() {
         let me = std::process::id() as i32;
