@@ -3,17 +3,21 @@
 //!
 //! - **Exited**: its provider says so, or it runs without an entry for
 //!   `vanished_after_ms` (never registered, or its entry expired);
-//! - **Draining**: the autoscaler is draining it;
+//! - **Draining**: the autoscaler is draining it, or its entry says it
+//!   drains (so a new leader carries on its predecessor's drains);
 //! - **Starting**: no entry yet;
 //! - **Busy**: its entry has a task running;
 //! - **Idle**: its entry has none, since `idle_since`.
+//!
+//! A draining machine is released once its entry says it drained
+//! ([`drain_step`]).
 
 use crate::plan::{Activity, MachineView};
 use crate::provider::{Machine, MachineState};
 use trainyard_core::registry::Entry;
 
 /// One machine's activity. `last_entry_ms` is when its entry was last
-/// seen (0: never); `draining` whether the autoscaler drains it.
+/// seen (0: never); `draining` whether this replica drains it.
 pub fn activity_of(
     machine: &Machine,
     entry: Option<&Entry>,
@@ -25,7 +29,7 @@ pub fn activity_of(
     if machine.state == MachineState::Exited {
         return (Activity::Exited, now_ms);
     }
-    if draining {
+    if draining || entry.is_some_and(|e| e.draining) {
         return (Activity::Draining, now_ms);
     }
     let Some(entry) = entry else {
@@ -45,6 +49,40 @@ pub fn activity_of(
             entry.started_at
         };
         (Activity::Idle, since)
+    }
+}
+
+/// What a pass does about a machine being drained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DrainStep {
+    /// Ask its service (again) to drain.
+    Ask,
+    /// Drained (its entry says `draining` with no task) or gone: release it.
+    Release,
+    /// Not drained within the drain timeout: release it anyway.
+    ReleaseLate,
+}
+
+/// A draining machine's next step, from its fresh registry entry
+/// (`Ok(None)`: gone; `Err(())`: unreadable now), since when it drains and
+/// the drain timeout (ms).
+pub fn drain_step(
+    entry: Result<Option<&Entry>, ()>,
+    since_ms: i64,
+    now_ms: i64,
+    timeout_ms: i64,
+) -> DrainStep {
+    let drained = match entry {
+        Ok(None) => true,
+        Ok(Some(entry)) => entry.draining && entry.busy_slots == 0,
+        Err(()) => false,
+    };
+    if drained {
+        DrainStep::Release
+    } else if now_ms.saturating_sub(since_ms) >= timeout_ms {
+        DrainStep::ReleaseLate
+    } else {
+        DrainStep::Ask
     }
 }
 
@@ -84,6 +122,7 @@ mod tests {
             slots: 1,
             busy_slots: busy,
             idle_since,
+            draining: false,
             started_at: 1_500,
             updated_at: 4_000,
             jobs: vec![],
@@ -143,8 +182,74 @@ mod tests {
         }
         let (_, since) = activity_of(&running, Some(&entry(0, 3_000)), 0, false, 10_000, 5_000);
         assert_eq!(since, 3_000);
+        // Draining by its entry, whatever this replica remembers.
+        let asked = Entry {
+            draining: true,
+            ..entry(1, 0)
+        };
+        let (got, _) = activity_of(&running, Some(&asked), 0, false, 10_000, 5_000);
+        assert_eq!(got, Activity::Draining);
         let exited = machine(MachineState::Exited);
         let (got, _) = activity_of(&exited, Some(&entry(1, 0)), 0, false, 10_000, 5_000);
         assert_eq!(got, Activity::Exited);
+    }
+
+    #[test]
+    fn a_drained_or_gone_machine_is_released_and_a_late_one_anyway() {
+        let draining = |busy| Entry {
+            draining: true,
+            ..entry(busy, 0)
+        };
+        let (since, timeout) = (1_000, 60_000);
+        let rows = [
+            (
+                "asked, not heard yet",
+                Ok(Some(entry(1, 0))),
+                2_000,
+                DrainStep::Ask,
+            ),
+            (
+                "handing its task back",
+                Ok(Some(draining(1))),
+                2_000,
+                DrainStep::Ask,
+            ),
+            ("drained", Ok(Some(draining(0))), 2_000, DrainStep::Release),
+            (
+                "idle, not draining",
+                Ok(Some(entry(0, 1_500))),
+                2_000,
+                DrainStep::Ask,
+            ),
+            ("entry gone", Ok(None), 2_000, DrainStep::Release),
+            ("entry unreadable", Err(()), 2_000, DrainStep::Ask),
+            (
+                "past the timeout",
+                Ok(Some(draining(1))),
+                61_000,
+                DrainStep::ReleaseLate,
+            ),
+            (
+                "unreadable past it",
+                Err(()),
+                61_000,
+                DrainStep::ReleaseLate,
+            ),
+            (
+                "drained past it",
+                Ok(Some(draining(0))),
+                61_000,
+                DrainStep::Release,
+            ),
+        ];
+        for (row, e, now, want) in rows {
+            let got = drain_step(
+                e.as_ref().map(Option::as_ref).map_err(|_| ()),
+                since,
+                now,
+                timeout,
+            );
+            assert_eq!(got, want, "{row}");
+        }
     }
 }

@@ -74,7 +74,7 @@ pub async fn provider_of(config: &Config) -> anyhow::Result<Arc<dyn provider::Pr
 /// Runs the autoscaler until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let provider = provider_of(&config).await?;
-    let Some((_client, topo)) =
+    let Some((client, topo)) =
         trainyard_core::service::connect(&config, &Role::Autoscaler, &shutdown).await?
     else {
         return Ok(()); // stopped before NATS was ready
@@ -94,6 +94,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let holder = format!("autoscaler-{}", uuid::Uuid::now_v7().simple());
     tracing::info!(%holder, provider = provider.name(), pools = ?config.autoscaler.pools.keys().collect::<Vec<_>>(), "autoscaler started");
     let buckets = service::Buckets {
+        nats: client,
         js,
         workers: topo.workers.clone(),
         state,

@@ -321,6 +321,7 @@ mod tests {
             slots: 1,
             busy_slots: 1,
             idle_since: 0,
+            draining: false,
             started_at: 1,
             updated_at: 2,
             jobs: vec!["job-1".into()],

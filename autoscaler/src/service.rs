@@ -7,17 +7,29 @@
 //! refused for the account's spend limit sets the stop flag
 //! ([`crate::lease::StopFlag`]): no pool starts anything until an operator
 //! clears it, and each such pass is recorded as `spend_stop`.
+//!
+//! A drain is a request, not a stop: each pass while a machine drains, its
+//! service is asked again ([`subject::drain`]; it stops taking tasks and
+//! hands its running ones back as on shutdown, its trainer saving through
+//! its backend's graceful stop), and the machine is released only once its
+//! fresh registry entry says `draining` with no task running (or the entry
+//! is gone), or after `drain_timeout_secs` anyway (the decision's error
+//! says so). A machine whose entry says `draining` is draining for any
+//! replica, so a new leader carries on a drain the last one began.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use trainyard_core::config::{AutoscalerConfig, PoolPolicy};
 use trainyard_core::registry::{self, Entry};
+use trainyard_core::runtime::DrainReply;
+use trainyard_core::topology::subject;
 
-use crate::activity::{activity_of, view};
+use crate::activity::{DrainStep, activity_of, drain_step, view};
 use crate::backlog::{BacklogReader, StepCosts, stage_of_pool};
 use crate::lease::{
     AVOID_KEY, AvoidedHosts, LEARNT_KEY, Lease, STOP_SPEND_LIMIT, StopFlag, persist, read_json,
@@ -29,6 +41,8 @@ use crate::record::{self, DecisionRecord, MachineRecord};
 
 /// The buckets and handles one replica works with.
 pub struct Buckets {
+    /// Core NATS, for drain requests.
+    pub nats: async_nats::Client,
     pub js: async_nats::jetstream::Context,
     /// `ty_workers`: the registry.
     pub workers: kv::Store,
@@ -49,8 +63,12 @@ pub struct Autoscaler {
     last_entry: HashMap<String, i64>,
     /// Hosts to avoid until then (ms).
     avoid: BTreeMap<String, i64>,
-    /// Machines being drained (released once their task is handed back).
-    draining: Arc<Mutex<HashSet<String>>>,
+    /// Machines this replica drains, and since when (ms); released once
+    /// their service says it drained.
+    draining: HashMap<String, i64>,
+    /// Drained machines whose release is under way.
+    releasing: Arc<Mutex<HashSet<String>>>,
+    /// Drain requests and releases under way.
     drains: TaskTracker,
     /// The last decision recorded per pool.
     last: HashMap<String, DecisionRecord>,
@@ -86,7 +104,8 @@ impl Autoscaler {
             backlog,
             last_entry: HashMap::new(),
             avoid: BTreeMap::new(),
-            draining: Arc::default(),
+            draining: HashMap::new(),
+            releasing: Arc::default(),
             drains: TaskTracker::new(),
             last: HashMap::new(),
             last_machines: HashMap::new(),
@@ -177,6 +196,8 @@ impl Autoscaler {
         let known: HashSet<&str> = machines.iter().map(|m| m.name.as_str()).collect();
         self.last_entry
             .retain(|name, _| known.contains(name.as_str()));
+        self.draining
+            .retain(|name, _| known.contains(name.as_str()));
     }
 
     /// One pool's pass; `false` when the lease turned out lost.
@@ -188,15 +209,14 @@ impl Autoscaler {
         machines: &[&Machine],
         entries: &HashMap<String, Entry>,
     ) -> bool {
-        let draining = self.draining.lock().expect("draining").clone();
-        let views: Vec<MachineView> = machines
+        let mut views: Vec<MachineView> = machines
             .iter()
             .map(|m| {
                 let (activity, since) = activity_of(
                     m,
                     entries.get(&m.name),
                     self.last_entry.get(&m.name).copied().unwrap_or(0),
-                    draining.contains(&m.name),
+                    self.draining.contains_key(&m.name),
                     self.config.vanished_after_ms as i64,
                     now,
                 );
@@ -248,6 +268,17 @@ impl Autoscaler {
             decision.launch = 0;
             decision.memory.last_up_ms = memory.last_up_ms;
         }
+        // Busy machines to drain now, and those draining already (by this
+        // replica, or by their entry): each is asked again, or released.
+        let to_drain: Vec<Machine> = views
+            .iter_mut()
+            .filter(|v| v.activity == Activity::Draining || decision.drain.contains(&v.name))
+            .filter_map(|v| {
+                v.activity = Activity::Draining;
+                let machine = machines.iter().find(|m| m.name == v.name)?;
+                (machine.state != MachineState::Exited).then(|| (*machine).clone())
+            })
+            .collect();
         let names: Vec<String> = (0..u64::from(decision.launch))
             .map(|i| machine_name(&self.config.fleet_name, pool, memory.next_index + i))
             .collect();
@@ -323,9 +354,17 @@ impl Autoscaler {
                 errors.push(format!("release {name}: {error}"));
             }
         }
-        for name in &decision.drain {
-            if let Some(machine) = machines.iter().find(|m| &m.name == name) {
-                self.drain((*machine).clone());
+        for machine in &to_drain {
+            match self.drain(machine, now).await {
+                DrainStep::Ask => {}
+                DrainStep::Release => record.release.push(machine.name.clone()),
+                DrainStep::ReleaseLate => {
+                    record.release.push(machine.name.clone());
+                    errors.push(format!(
+                        "drain {}: not drained after {}s; released anyway",
+                        machine.name, self.config.drain_timeout_secs
+                    ));
+                }
             }
         }
         if let Some(error) = no_data {
@@ -465,26 +504,89 @@ impl Autoscaler {
         }
     }
 
-    /// Drains a busy machine: the provider's release stops its service
-    /// gracefully (SIGTERM: the worker stops taking tasks and hands its
-    /// task back once its trainer has saved); it counts as draining until
-    /// then.
-    fn drain(&self, machine: Machine) {
-        if !self
-            .draining
-            .lock()
-            .expect("draining")
-            .insert(machine.name.clone())
-        {
-            return; // already draining
+    /// One pass of a machine's drain: released (by a task of its own)
+    /// once its fresh registry entry says it drained — `draining`, no task
+    /// running — or is gone, or once `drain_timeout_secs` passed since
+    /// this replica began or found the drain; else its service is asked
+    /// (again) to drain.
+    async fn drain(&mut self, machine: &Machine, now: i64) -> DrainStep {
+        let name = machine.name.clone();
+        if self.releasing.lock().expect("releasing").contains(&name) {
+            return DrainStep::Ask; // its release is under way
         }
-        let (provider, draining) = (self.provider.clone(), self.draining.clone());
-        // Tracked: `run` waits for drains under way before returning.
-        self.drains.spawn(async move {
-            if let Err(error) = provider.release(&machine).await {
-                tracing::warn!(machine = %machine.name, %error, "drain failed");
+        let since = *self.draining.entry(name.clone()).or_insert_with(|| {
+            tracing::info!(machine = %name, "draining a busy machine");
+            now
+        });
+        let fresh = self.fresh_entry(&name).await.map_err(|error| {
+            tracing::warn!(machine = %name, %error, "cannot read a draining machine's entry");
+        });
+        let timeout_ms =
+            i64::try_from(self.config.drain_timeout_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        let fresh = fresh.as_ref().map(Option::as_ref).map_err(|_| ());
+        let step = drain_step(fresh, since, now, timeout_ms);
+        match step {
+            DrainStep::Ask => {
+                self.ask_to_drain(machine);
+                return step;
             }
-            draining.lock().expect("draining").remove(&machine.name);
+            DrainStep::ReleaseLate => {
+                tracing::warn!(machine = %name, "not drained in time; releasing it anyway")
+            }
+            DrainStep::Release => {}
+        }
+        self.releasing
+            .lock()
+            .expect("releasing")
+            .insert(name.clone());
+        let (provider, releasing, machine) = (
+            self.provider.clone(),
+            self.releasing.clone(),
+            machine.clone(),
+        );
+        // Tracked: `run` waits for it. The machine stays listed (and
+        // draining) until released; a failed release is tried again.
+        self.drains.spawn(async move {
+            match provider.release(&machine).await {
+                Ok(()) => tracing::info!(machine = %machine.name, "drained machine released"),
+                Err(error) => {
+                    tracing::warn!(machine = %machine.name, %error, "cannot release a drained machine")
+                }
+            }
+            releasing.lock().expect("releasing").remove(&machine.name);
+        });
+        step
+    }
+
+    /// Sends a machine's service a drain request (by a task of its own,
+    /// waiting [`DRAIN_REQUEST_WAIT`] at most for the answer).
+    fn ask_to_drain(&self, machine: &Machine) {
+        let Some(subject) = crate::backlog::stage_of_pool(&machine.pool)
+            .and_then(|(stage, pool)| subject::drain(stage, pool, &machine.name))
+        else {
+            tracing::warn!(machine = %machine.name, pool = %machine.pool, "no drain subject for this machine; released after the drain timeout");
+            return;
+        };
+        let (client, name) = (self.buckets.nats.clone(), machine.name.clone());
+        // Tracked; ends with the answer or the wait.
+        self.drains.spawn(async move {
+            let answer =
+                tokio::time::timeout(DRAIN_REQUEST_WAIT, client.request(subject, "".into())).await;
+            match answer {
+                Ok(Ok(reply)) => match serde_json::from_slice::<DrainReply>(&reply.payload) {
+                    Ok(reply) => {
+                        tracing::debug!(machine = %name, busy_slots = reply.busy_slots, "draining")
+                    }
+                    Err(error) => {
+                        tracing::warn!(machine = %name, %error, "a drain reply that does not parse")
+                    }
+                },
+                // Not answered (not listening yet, or gone): the next pass asks again.
+                Ok(Err(error)) => {
+                    tracing::debug!(machine = %name, %error, "drain request not answered")
+                }
+                Err(_) => tracing::debug!(machine = %name, "drain request not answered in time"),
+            }
         });
     }
 
@@ -561,6 +663,9 @@ pub fn machine_env(pool: &str, policy: &PoolPolicy, name: &str) -> BTreeMap<Stri
 /// The decision reason of a pass that would have started machines while
 /// scale-up is stopped (the spend limit).
 pub const SPEND_STOP_REASON: &str = "spend_stop";
+
+/// How long a drain request waits for its answer.
+const DRAIN_REQUEST_WAIT: Duration = Duration::from_secs(2);
 
 /// A spot worker's trainer stop grace, in seconds (see [`machine_env`]).
 pub const SPOT_STOP_GRACE_SECS: u64 = 2;

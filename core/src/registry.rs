@@ -3,7 +3,8 @@
 //! rewritten every [`WORKER_HEARTBEAT`]; entries expire after three missed
 //! beats, so a crashed service drops out by itself, and a clean shutdown
 //! deletes its entry. The autoscaler reads it to tell a machine's activity
-//! (starting: no entry yet; idle since when; busy).
+//! (starting: no entry yet; idle since when; busy; draining: asked to
+//! drain, taking no task — released once it runs none either).
 //!
 //! [`Entry`] holds the fields every stage writes; a worker's entry adds
 //! its own (backends, cached models: `trainyard_worker::registry`) to the
@@ -13,7 +14,7 @@ use crate::runtime::RunnerConfig;
 use crate::topology::{WORKER_HEARTBEAT, worker_key};
 use async_nats::jetstream::kv;
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -38,6 +39,11 @@ pub struct Entry {
     /// Since when no task runs (ms since the Unix epoch); 0 while busy.
     #[serde(default)]
     pub idle_since: i64,
+    /// Asked to drain: it takes no task any more, hands its running ones
+    /// back, and waits to be terminated (false in entries from before
+    /// draining).
+    #[serde(default)]
+    pub draining: bool,
     /// Milliseconds since the Unix epoch.
     pub started_at: i64,
     /// Milliseconds since the Unix epoch.
@@ -47,17 +53,18 @@ pub struct Entry {
     pub jobs: Vec<String>,
 }
 
-/// How many tasks a stage runtime runs now, for which jobs, and since
-/// when none: shared by the run loop (which counts) and the heartbeat
-/// (which reports).
-/// A change wakes the heartbeat, so the entry says busy within moments
-/// of a task's start (the autoscaler releases only idle machines).
+/// How many tasks a stage runtime runs now, for which jobs, since when
+/// none, and whether it drains: shared by the run loop (which counts) and
+/// the heartbeat (which reports). A change wakes the heartbeat, so the
+/// entry says busy within moments of a task's start (the autoscaler
+/// releases only idle machines), and draining as soon as a drain is asked.
 #[derive(Debug)]
 pub struct Occupancy {
     running: AtomicUsize,
     idle_since: AtomicI64,
     /// The job of each running task (held only to push or remove one).
     jobs: std::sync::Mutex<Vec<String>>,
+    draining: AtomicBool,
     changed: tokio::sync::Notify,
 }
 
@@ -67,6 +74,7 @@ impl Default for Occupancy {
             running: AtomicUsize::new(0),
             idle_since: AtomicI64::new(crate::now_ms()),
             jobs: std::sync::Mutex::default(),
+            draining: AtomicBool::new(false),
             changed: tokio::sync::Notify::new(),
         }
     }
@@ -121,6 +129,20 @@ impl Occupancy {
     fn jobs_held(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
         // A list of ids stays whole whatever panicked while holding it.
         self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The service was asked to drain; true the first time. It stays so.
+    pub fn drain(&self) -> bool {
+        let first = !self.draining.swap(true, Ordering::SeqCst);
+        if first {
+            self.changed.notify_one();
+        }
+        first
+    }
+
+    /// Whether the service drains.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
     }
 }
 
@@ -200,6 +222,7 @@ impl Heartbeat {
                 slots,
                 busy_slots: occupancy.running(),
                 idle_since: occupancy.idle_since(),
+                draining: occupancy.draining(),
                 started_at,
                 updated_at: crate::now_ms(),
                 jobs: occupancy.jobs(),
@@ -267,6 +290,10 @@ mod tests {
         assert_eq!(o.running(), 0);
         assert!(o.idle_since() > 0);
         assert!(o.jobs().is_empty());
+        assert!(!o.draining());
+        assert!(o.drain(), "the first request drains");
+        assert!(!o.drain(), "a second one changes nothing");
+        assert!(o.draining());
     }
 
     #[test]
@@ -276,5 +303,6 @@ mod tests {
         let entry: Entry = serde_json::from_str(json).expect("entry");
         assert_eq!((entry.stage.as_str(), entry.idle_since), ("train", 0));
         assert!(entry.jobs.is_empty(), "an entry from before job ids");
+        assert!(!entry.draining, "an older entry is not draining");
     }
 }

@@ -14,8 +14,10 @@
 //! | `ty_webhook_secrets` | KV, coordinators only | `<tenant>` → the tenant's webhook signing secrets ([`TenantWebhookSecrets`](trainyard_proto::v1::TenantWebhookSecrets)) |
 //!
 //! Plain NATS request/reply (no stream): `ty.api.<op>` (the job API, served
-//! by the coordinators) and `ty.preflight` (a job's preflight without a job,
-//! served by the captioners in the [`PREFLIGHT_QUEUE`] queue group).
+//! by the coordinators), `ty.preflight` (a job's preflight without a job,
+//! served by the captioners in the [`PREFLIGHT_QUEUE`] queue group) and
+//! `ty.control.drain.<stage>[.<pool>].<worker id>` (the autoscaler asking one
+//! stage service to drain, [`subject::drain`]).
 
 use crate::config::NatsConfig;
 use async_nats::jetstream::{self, consumer, kv, stream};
@@ -214,6 +216,44 @@ pub mod subject {
 
     pub fn all_cancels() -> &'static str {
         "ty.control.*.cancel"
+    }
+
+    /// Where the autoscaler asks one stage service to drain (core NATS
+    /// request/reply, answered with a
+    /// [`DrainReply`](crate::runtime::DrainReply)):
+    /// `ty.control.drain.train.<pool>.<worker id>` for a worker,
+    /// `ty.control.drain.<stage>.<worker id>` for the other stages, so each
+    /// stage role hears only its own ([`drains_of`]). `None` when the worker
+    /// id (or the pool) is not one subject token.
+    pub fn drain(stage: Stage, pool: &str, worker_id: &str) -> Option<String> {
+        let token = |s: &str| {
+            !s.is_empty()
+                && !s
+                    .chars()
+                    .any(|c| matches!(c, '.' | '*' | '>') || c.is_whitespace())
+        };
+        if !token(worker_id) || (stage == Stage::Train && !token(pool)) {
+            return None;
+        }
+        Some(format!("{}.{worker_id}", drain_prefix(stage, pool)))
+    }
+
+    /// Every drain request of one stage (and pool, for training): what its
+    /// services subscribe to.
+    pub fn drains_of(stage: Stage, pool: &str) -> String {
+        format!("{}.*", drain_prefix(stage, pool))
+    }
+
+    fn drain_prefix(stage: Stage, pool: &str) -> String {
+        match stage {
+            Stage::Train => format!("ty.control.drain.train.{pool}"),
+            other => format!("ty.control.drain.{}", other.name()),
+        }
+    }
+
+    /// Every drain request: what the autoscaler may send.
+    pub fn all_drains() -> &'static str {
+        "ty.control.drain.>"
     }
 
     /// The job id in a cancel subject.
@@ -724,6 +764,20 @@ mod tests {
             "ty.event.acme.j-1.progress"
         );
         assert_eq!(subject::job_of_cancel(&subject::cancel(&job)), Some(job));
+        let drain = subject::drain;
+        assert_eq!(
+            drain(Stage::Train, "a100", "m-3").as_deref(),
+            Some("ty.control.drain.train.a100.m-3")
+        );
+        assert_eq!(
+            drain(Stage::Prepare, "x", "c-1").as_deref(),
+            Some("ty.control.drain.prepare.c-1")
+        );
+        // Not one token: no subject. A drain is never taken for a cancel.
+        let bad = ["", "a.b", "a*", "a>", "a b"];
+        assert!(bad.iter().all(|w| drain(Stage::Deliver, "x", w).is_none()));
+        assert_eq!(drain(Stage::Train, "a.b", "w"), None);
+        assert_eq!(subject::job_of_cancel("ty.control.drain.x.cancel"), None);
         assert_eq!(ApiOp::from_name("list"), Some(ApiOp::List));
         assert_eq!(
             ApiOp::from_name("rotate_webhook_secret"),

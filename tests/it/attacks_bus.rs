@@ -3,7 +3,7 @@
 //! works with each service's least privilege, and everything outside a
 //! role's permissions fails — connecting without an identity or without
 //! TLS, reading the job records, the tasks or other roles' replies,
-//! forging tasks, results, cancels and state events, a worker taking
+//! forging tasks, results, cancels, drain requests and state events, a worker taking
 //! another pool's tasks — and a service refuses an open bus.
 
 use async_nats::jetstream;
@@ -271,6 +271,8 @@ async fn other_roles_cannot_forge_records_tasks_results_or_state_events() {
     ];
 
     let state_event = subject::event(&tenant, &job, topology::EventKind::State);
+    // Only the autoscaler asks a service to drain.
+    let drain = subject::drain(Stage::Train, "default", "w-1").expect("drain subject");
     let forged: [(Role, Vec<String>); 2] = [
         (
             worker(),
@@ -282,6 +284,7 @@ async fn other_roles_cannot_forge_records_tasks_results_or_state_events() {
                 subject::result(Stage::Deliver),
                 subject::result(Stage::Prepare),
                 state_event.clone(),
+                drain.clone(),
             ],
         ),
         (
@@ -291,6 +294,7 @@ async fn other_roles_cannot_forge_records_tasks_results_or_state_events() {
                 subject::task(Stage::Deliver, ""),
                 subject::result(Stage::Train),
                 state_event.clone(),
+                drain.clone(),
             ],
         ),
     ];

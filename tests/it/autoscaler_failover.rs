@@ -63,8 +63,10 @@ async fn replica(
     config: &AutoscalerConfig,
     holder: &str,
 ) -> (Autoscaler, Arc<RunpodProvider>) {
-    let js = async_nats::jetstream::new(fleet.nats_client().await);
+    let nats = fleet.nats_client().await;
+    let js = async_nats::jetstream::new(nats.clone());
     let buckets = Buckets {
+        nats,
         workers: js.get_key_value(WORKERS_BUCKET).await.expect("ty_workers"),
         state: js.get_key_value(AUTOSCALER_BUCKET).await.expect("state"),
         fleet: js.get_key_value(FLEET_BUCKET).await.expect("ty_fleet"),

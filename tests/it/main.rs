@@ -23,6 +23,7 @@ mod autoscaler_local;
 mod autoscaler_runpod;
 mod autoscaler_runpod_e2e;
 mod backends;
+mod drain;
 mod failures;
 mod faults;
 mod fencing;

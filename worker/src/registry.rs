@@ -38,6 +38,9 @@ pub struct WorkerEntry {
     /// Since when no task runs (ms since the Unix epoch); 0 while busy.
     #[serde(default)]
     pub idle_since: i64,
+    /// Asked to drain (see [`trainyard_core::registry::Entry::draining`]).
+    #[serde(default)]
+    pub draining: bool,
     /// Milliseconds since the Unix epoch.
     pub started_at: i64,
     /// Milliseconds since the Unix epoch.
@@ -127,6 +130,7 @@ pub fn snapshot(identity: &Identity, models: &Models, started_at: i64) -> Worker
         slots: identity.slots,
         busy_slots: models.leases().max(identity.occupancy.running()),
         idle_since: identity.occupancy.idle_since(),
+        draining: identity.occupancy.draining(),
         started_at,
         updated_at: trainyard_core::now_ms(),
         jobs: identity.occupancy.jobs(),

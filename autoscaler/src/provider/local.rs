@@ -11,8 +11,10 @@
 //! outlive the replica that started them, as pods outlive theirs). A
 //! process that is gone without being released lists as exited until it
 //! is. Releasing sends SIGTERM (a worker stops taking tasks and hands a
-//! running one back once its trainer has saved), waits, and SIGKILLs after
-//! a grace.
+//! running one back once its trainer has saved; a drained one runs
+//! nothing and exits at once), waits, and SIGKILLs after a grace. Each
+//! signal is noted in the machine's log ([`SIGTERM_NOTE`],
+//! [`SIGKILL_NOTE`]), so its log tells how it was stopped.
 
 use super::{Launch, Machine, MachineState, Provider, ProviderError};
 use nix::sys::signal::{Signal, kill};
@@ -26,6 +28,11 @@ use std::time::Duration;
 
 /// How long a released machine has to exit after SIGTERM.
 pub const RELEASE_GRACE: Duration = Duration::from_secs(60);
+
+/// The line a release adds to the machine's log when it sends SIGTERM.
+pub const SIGTERM_NOTE: &str = "[local provider] release: SIGTERM";
+/// The line a release adds when the machine outlived the grace: SIGKILL.
+pub const SIGKILL_NOTE: &str = "[local provider] release: still running after the grace; SIGKILL";
 
 /// A machine's state file.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -104,6 +111,26 @@ impl LocalProvider {
         }
     }
 
+    fn log_path(&self, name: &str) -> Option<PathBuf> {
+        Some(self.log_dir.as_ref()?.join(format!("{name}.log")))
+    }
+
+    /// Adds `note` to the machine's log (when it has one).
+    fn note(&self, name: &str, note: &str) {
+        let Some(path) = self.log_path(name) else {
+            return;
+        };
+        let written = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut log| {
+                std::io::Write::write_all(&mut log, format!("{note}\n").as_bytes())
+            });
+        if let Err(error) = written {
+            tracing::debug!(machine = name, %error, "cannot note a release in the machine's log");
+        }
+    }
+
     fn state_path(&self, name: &str) -> PathBuf {
         self.state_dir.join(format!("{name}.json"))
     }
@@ -149,9 +176,13 @@ impl LocalProvider {
             command.arg("--config").arg(file);
         }
         command.envs(&launch.env).stdin(Stdio::null());
-        if let Some(dir) = &self.log_dir {
-            let log =
-                std::fs::File::create(dir.join(format!("{}.log", launch.name))).map_err(io_err)?;
+        if let Some(path) = self.log_path(&launch.name) {
+            // Appending, as the provider's notes are.
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(io_err)?;
             let err = log.try_clone().map_err(io_err)?;
             command.stdout(log).stderr(err);
         }
@@ -218,6 +249,7 @@ impl Provider for LocalProvider {
         };
         if self.alive(&machine.name, &state) {
             let pid = Pid::from_raw(state.pid);
+            self.note(&machine.name, SIGTERM_NOTE);
             let _ = kill(pid, Signal::SIGTERM);
             let mut deadline = tokio::time::Instant::now() + self.grace;
             let mut killed = false;
@@ -230,6 +262,7 @@ impl Provider for LocalProvider {
                         )));
                     }
                     tracing::warn!(machine = %machine.name, "still running after the grace; SIGKILL");
+                    self.note(&machine.name, SIGKILL_NOTE);
                     let _ = kill(pid, Signal::SIGKILL);
                     killed = true;
                     deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -320,7 +353,45 @@ mod tests {
         provider.release(&first).await.expect("released twice");
         assert!(provider.list().await.expect("list").is_empty());
         assert_eq!(start_ticks(first.id.parse().unwrap()), None, "stopped");
-        assert!(dir.path().join("logs/m-0.log").exists());
+        let log = std::fs::read_to_string(dir.path().join("logs/m-0.log")).expect("log");
+        assert!(log.contains(SIGTERM_NOTE), "{log}");
+        assert!(!log.contains(SIGKILL_NOTE), "{log}");
+    }
+
+    #[tokio::test]
+    async fn a_machine_that_outlives_the_grace_is_killed_and_its_log_says_so() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A stand-in service that ignores SIGTERM.
+        let bin = dir.path().join("bin");
+        std::fs::create_dir_all(&bin).expect("bin");
+        let worker = bin.join("ty-worker");
+        std::fs::write(
+            &worker,
+            "#!/bin/sh\ntrap '' TERM\necho ignoring\nexec sleep 60\n",
+        )
+        .expect("script");
+        std::fs::set_permissions(&worker, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let provider = LocalProvider::new(
+            bin,
+            None,
+            dir.path().join("state"),
+            Some(dir.path().join("logs")),
+        )
+        .expect("provider")
+        .with_grace(Duration::from_millis(200));
+        let stubborn = provider.launch(&launch("m-0")).await.expect("launch");
+        let log = dir.path().join("logs/m-0.log");
+        crate::test_wait(|| async {
+            let ready = std::fs::read_to_string(&log).ok()?.contains("ignoring");
+            ready.then_some(())
+        })
+        .await;
+        provider.release(&stubborn).await.expect("release");
+        assert_eq!(start_ticks(stubborn.id.parse().unwrap()), None, "killed");
+        let log = std::fs::read_to_string(&log).expect("log");
+        let (term, kill) = (log.find(SIGTERM_NOTE), log.find(SIGKILL_NOTE));
+        assert!(term.is_some() && kill.is_some() && term < kill, "{log}");
     }
 
     #[test]

@@ -28,6 +28,12 @@ pub struct AutoscalerConfig {
     /// A machine that vanished (preempted, or lost) makes its host and
     /// data centre avoided this long for new machines.
     pub avoid_host_secs: u64,
+    /// A busy machine being drained is released once its service says it
+    /// drained (taking nothing, running nothing), or after this many
+    /// seconds anyway (recorded as the decision's error): more than a
+    /// worker's drain grace, its trainer's stop grace and the upload of
+    /// its last checkpoint.
+    pub drain_timeout_secs: u64,
     /// The prior of a training step's duration, in seconds, per backend
     /// (`reference`, `kohya`, …) or per `backend/gpu type`; learnt from
     /// finished jobs' summaries as they come.
@@ -50,6 +56,7 @@ impl Default for AutoscalerConfig {
             lease_ms: 10_000,
             vanished_after_ms: 10_000,
             avoid_host_secs: 1_800,
+            drain_timeout_secs: 300,
             seconds_per_step: BTreeMap::new(),
             default_seconds_per_step: 1.5,
             pools: BTreeMap::new(),

@@ -83,9 +83,13 @@
 //! the task. Shutdown stops pulling at once, lets
 //! running tasks finish for the drain grace, then cancels their
 //! [`TaskContext::stop`] token and waits for them to hand the task back.
+//! A drain request from the autoscaler (`drain.rs`) does the same without
+//! a shutdown: the service then stays up taking nothing, its registry
+//! entry `draining`, until it is terminated.
 
 mod admit;
 mod control;
+mod drain;
 mod execute;
 mod heartbeat;
 mod plan;
@@ -97,6 +101,7 @@ mod tests;
 mod waiting;
 
 pub use control::deadline_ms;
+pub use drain::DrainReply;
 pub use stage::{StageError, StageHandler, StageTask, TaskContext, TaskMeta, job_error};
 
 use crate::claim::Claims;
@@ -192,14 +197,34 @@ pub async fn run_stage<H: StageHandler>(
     let inflight: Inflight = Arc::default();
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
+    // Cancelled by shutdown, or by a drain request: pulling stops.
+    let drain = shutdown.child_token();
+    let listeners = TaskTracker::new();
+    let listening = CancellationToken::new();
     let cancels = client.subscribe(subject::all_cancels()).await?;
-    let cancel_listener = shutdown.child_token();
-    // Lives until shutdown; it only cancels tokens.
-    tracker.spawn(listen_for_cancels(
+    // Lives until the running tasks are done; it only cancels tokens.
+    listeners.spawn(listen_for_cancels(
         cancels,
         inflight.clone(),
-        cancel_listener.clone(),
+        listening.clone(),
     ));
+    match subject::drain(config.stage, &config.pool, &config.worker_id) {
+        Some(drains) => {
+            let requests = client.subscribe(drains).await?;
+            let drains = drain::Drains {
+                client: client.clone(),
+                worker_id: config.worker_id.clone(),
+                occupancy: config.occupancy.clone(),
+                drain: drain.clone(),
+            };
+            // Lives until the service stops: a drained service still answers.
+            listeners.spawn(drains.listen(requests, listening.clone()));
+        }
+        None => tracing::warn!(
+            worker = %config.worker_id,
+            "the worker id is not one subject token: this service cannot be drained, only stopped"
+        ),
+    }
     let slots = Arc::new(Semaphore::new(config.concurrency.max(1)));
     let usage = Arc::new(SlotUsage::new(&config));
     // Not tracked: it ends after the drain, once no task runs.
@@ -218,7 +243,7 @@ pub async fn run_stage<H: StageHandler>(
         worker = %config.worker_id,
         "stage runtime started"
     );
-    while let Some((message, permit)) = pull_in_slot(&consumer, &slots, &shutdown).await {
+    while let Some((message, permit)) = pull_in_slot(&consumer, &slots, &drain).await {
         let shared = shared.clone();
         let handler = handler.clone();
         let stop = stop.clone();
@@ -231,7 +256,6 @@ pub async fn run_stage<H: StageHandler>(
             .with_current_subscriber(),
         );
     }
-    cancel_listener.cancel();
     tracker.close();
     if tokio::time::timeout(config.drain_grace, tracker.wait())
         .await
@@ -241,6 +265,16 @@ pub async fn run_stage<H: StageHandler>(
         stop.cancel();
         tracker.wait().await;
     }
+    if !shutdown.is_cancelled() {
+        tracing::info!(
+            worker = %config.worker_id,
+            "drained: running nothing and taking nothing until stopped"
+        );
+        shutdown.cancelled().await;
+    }
+    listening.cancel();
+    listeners.close();
+    listeners.wait().await;
     accounting.cancel();
     let _ = accounting_task.await;
     tracing::info!(stage = config.stage.name(), "stage runtime stopped");

@@ -152,7 +152,8 @@ pub struct TaskContext {
     /// claim on the task to another one: stop at once (kill the trainer);
     /// whatever the handler returns then is dropped.
     pub cancel: CancellationToken,
-    /// Cancelled when the service must hand the task back (shutdown past its grace).
+    /// Cancelled when the service must hand the task back (shutdown, or a
+    /// drain request, past the drain grace).
     pub stop: CancellationToken,
     /// Bytes of log events the job has published from this stage so far,
     /// over all its attempts (carried by the task's claim,

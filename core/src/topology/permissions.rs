@@ -7,14 +7,15 @@
 //! | role | may |
 //! |---|---|
 //! | coordinator | everything under `ty.>`, the JetStream API, every bucket; answer `ty.api.*`; the only one to create streams, buckets and its own consumers, and to read or write `ty_jobs`, `ty_idem`, `ty_webhook_secrets` |
-//! | captioner, worker (per pool), uploader | bind to the streams and buckets; create and pull only its own stage's consumer (a worker: `ty-train-<pool>` filtered on `ty.task.train.<pool>`); read a job record by key (a worker also its job's last checkpoint event, by subject); write its own stage's claims, its registry entry, its stage's result, dead letters and waiting retries (`ty.retry.<stage>.>`), and non-state events; hear cancels |
+//! | captioner, worker (per pool), uploader | bind to the streams and buckets; create and pull only its own stage's consumer (a worker: `ty-train-<pool>` filtered on `ty.task.train.<pool>`); read a job record by key (a worker also its job's last checkpoint event, by subject); write its own stage's claims, its registry entry, its stage's result, dead letters and waiting retries (`ty.retry.<stage>.>`), and non-state events; hear cancels, and drain requests for its own stage (and pool) only (`ty.control.drain.train.<pool>.*`, `ty.control.drain.<stage>.*`), answering them |
 //! | client | send `ty.api.*` requests and read the replies |
-//! | autoscaler | read `TY_TASKS`' info, its consumers' info and its messages by sequence (pending train tasks' steps); read the registry `ty_workers`; read and write `ty_autoscaler` (lease, memory) and `ty_fleet` (decisions) |
+//! | autoscaler | read `TY_TASKS`' info, its consumers' info and its messages by sequence (pending train tasks' steps); read the registry `ty_workers`; read and write `ty_autoscaler` (lease, memory) and `ty_fleet` (decisions); ask a stage service to drain (`ty.control.drain.>`) |
 //!
 //! Every role reads replies only under its own inbox prefix (`_INBOX_<role>`),
 //! never `_INBOX.>`. No role but the coordinator publishes tasks, cancels or
 //! state events, or subscribes to `ty.api.>` (its requests carry clients'
-//! bearer tokens).
+//! bearer tokens); none but the autoscaler (and the coordinator, under its
+//! `ty.>`) sends drain requests — a client cannot stop a worker.
 
 use super::*;
 
@@ -146,6 +147,8 @@ impl Role {
                     publish.push(format!("{api}.DIRECT.GET.KV_{bucket}.>"));
                     publish.push(format!("$KV.{bucket}.>"));
                 }
+                // Drain requests to stage services, answered in its inbox.
+                publish.push(subject::all_drains().to_string());
                 // `yard fleet status` under this identity lists the pools.
                 publish.push(format!("{api}.CONSUMER.CREATE.KV_{FLEET_BUCKET}"));
                 publish.push(format!("{api}.CONSUMER.CREATE.KV_{FLEET_BUCKET}.>"));
@@ -201,16 +204,20 @@ impl Role {
                         EventKind::Checkpoint.name()
                     ));
                 }
-                let mut subscribe = vec![subject::all_cancels().to_string(), inbox];
-                let mut allow_responses = false;
+                let mut subscribe = vec![
+                    subject::all_cancels().to_string(),
+                    // The autoscaler's drain requests for this stage (and
+                    // pool) only, answered (hence the responses).
+                    subject::drains_of(stage, pool),
+                    inbox,
+                ];
                 if matches!(stage_role, Role::Captioner) {
                     subscribe.push(format!("{} {PREFLIGHT_QUEUE}", subject::preflight()));
-                    allow_responses = true;
                 }
                 Permissions {
                     publish,
                     subscribe,
-                    allow_responses,
+                    allow_responses: true,
                 }
             }
         }
@@ -299,12 +306,73 @@ mod tests {
                 .contains(&"$JS.API.CONSUMER.INFO.TY_TASKS.*".to_string())
         );
         assert!(p.publish.contains(&format!("$KV.{AUTOSCALER_BUCKET}.>")));
-        assert!(!p.publish.iter().any(|s| s.starts_with("ty.")
-            || s.contains("CONSUMER.CREATE.TY_TASKS")
-            || s.contains("MSG.NEXT")
-            || s.starts_with(&format!("$KV.{JOBS_BUCKET}"))
-            || s.starts_with(&format!("$KV.{WORKERS_BUCKET}"))));
+        assert!(p.publish.contains(&"ty.control.drain.>".to_string()));
+        assert!(
+            !p.publish
+                .iter()
+                .any(|s| (s.starts_with("ty.") && s != "ty.control.drain.>")
+                    || s.contains("CONSUMER.CREATE.TY_TASKS")
+                    || s.contains("MSG.NEXT")
+                    || s.starts_with(&format!("$KV.{JOBS_BUCKET}"))
+                    || s.starts_with(&format!("$KV.{WORKERS_BUCKET}")))
+        );
         assert_eq!(p.subscribe, ["_INBOX_autoscaler.>"]);
+    }
+
+    #[test]
+    fn only_the_autoscaler_sends_drains_and_each_stage_hears_its_own() {
+        let drain = subject::drain(Stage::Train, "a100", "w-1").expect("subject");
+        for role in [
+            Role::Client,
+            Role::Captioner,
+            Role::Uploader,
+            Role::Worker {
+                pool: "a100".into(),
+            },
+        ] {
+            let p = role.permissions();
+            assert!(
+                !p.publish.iter().any(|s| s.starts_with("ty.control")),
+                "{} may send drains",
+                role.name()
+            );
+        }
+        let worker = Role::Worker {
+            pool: "a100".into(),
+        }
+        .permissions();
+        assert!(
+            worker
+                .subscribe
+                .contains(&"ty.control.drain.train.a100.*".into())
+        );
+        assert!(worker.allow_responses);
+        assert!(
+            !worker
+                .subscribe
+                .iter()
+                .any(|s| s.starts_with("ty.control.drain") && s != "ty.control.drain.train.a100.*")
+        );
+        assert!(drain.starts_with("ty.control.drain.train.a100."));
+        let captioner = Role::Captioner.permissions();
+        assert!(
+            captioner
+                .subscribe
+                .contains(&"ty.control.drain.prepare.*".into())
+        );
+        assert!(
+            !captioner
+                .subscribe
+                .iter()
+                .any(|s| s.contains("drain.train"))
+        );
+        assert!(
+            Role::Uploader
+                .permissions()
+                .subscribe
+                .contains(&"ty.control.drain.deliver.*".into())
+        );
+        assert!(!Role::Client.permissions().allow_responses);
     }
 
     #[test]
