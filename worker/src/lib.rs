@@ -36,7 +36,19 @@ pub async fn run(
     })?;
     let store = ArtifactStore::open_with(&config.store.uri, &config.store.s3)?.for_stage("train");
     std::fs::create_dir_all(&config.worker.work_dir)?;
-    std::fs::create_dir_all(&config.worker.model_cache_dir)?;
+    // Held for the process's life: no other worker writes this folder.
+    let cache_folder = models::claim::claim(&config.worker.model_cache_dir).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot claim the model cache folder {}: {e}",
+            config.worker.model_cache_dir.display()
+        )
+    })?;
+    if cache_folder.dir != config.worker.model_cache_dir {
+        tracing::info!(
+            folder = %cache_folder.dir.display(),
+            "the configured model cache folder is another worker's; using a sibling"
+        );
+    }
     // Loading NVML may take a while where a driver is present.
     let gpus = tokio::task::spawn_blocking(gpu::Gpus::probe)
         .await
@@ -53,7 +65,7 @@ pub async fn run(
     let stage = train::TrainStage {
         models: models::Models::new(
             store.clone(),
-            std::fs::canonicalize(&config.worker.model_cache_dir)?,
+            std::fs::canonicalize(&cache_folder.dir)?,
             trainer_bin.clone(),
             &config.worker.hf_endpoint,
             config.worker.model_cache_max_bytes,
@@ -118,6 +130,7 @@ pub async fn run(
         let _ = sampler.await;
     }
     heartbeat.stop().await;
+    drop(cache_folder);
     result
 }
 

@@ -21,6 +21,7 @@
 //! held the files cannot be evicted.
 
 mod cache;
+pub mod claim;
 mod hub;
 
 pub use cache::CachedModel;
