@@ -21,6 +21,7 @@ mod autoscaler_k8s;
 mod autoscaler_local;
 mod autoscaler_runpod;
 mod backends;
+mod deploy_one_box;
 mod failures;
 mod faults;
 mod fencing;
