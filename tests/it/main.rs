@@ -18,6 +18,7 @@ mod attacks_store;
 mod attacks_webhooks;
 mod auth;
 mod autoscaler_k8s;
+mod autoscaler_k8s_e2e;
 mod autoscaler_local;
 mod autoscaler_runpod;
 mod backends;
