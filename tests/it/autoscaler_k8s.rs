@@ -212,9 +212,8 @@ async fn release_removes_the_annotated_pod_first() {
     assert_eq!(machines.len(), 3);
     // Neither the oldest nor the newest: the one the controller would not
     // pick by itself.
-    let mut by_name = machines.clone();
-    by_name.sort_by(|a, b| a.name.cmp(&b.name));
-    let victim = by_name[1].clone();
+    let middle = f.kube.pods(DEPLOYMENT)[1].name.clone();
+    let victim = machines.iter().find(|m| m.name == middle).unwrap().clone();
 
     f.provider.release(&victim).await.unwrap();
     assert_eq!(f.kube.replicas(DEPLOYMENT), 2);
@@ -226,6 +225,13 @@ async fn release_removes_the_annotated_pod_first() {
         .collect();
     assert_eq!(left.len(), 2);
     assert!(!left.contains(&victim.name), "{left:?}");
+    let removed: Vec<(String, i64)> = f
+        .kube
+        .removed()
+        .into_iter()
+        .map(|r| (r.name, r.deletion_cost))
+        .collect();
+    assert_eq!(removed, [(victim.name.clone(), i64::from(i32::MIN))]);
 
     let patch = f
         .kube

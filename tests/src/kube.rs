@@ -14,9 +14,18 @@
 //!
 //! Every request must carry `Authorization: Bearer <token>` (else 401). As
 //! a Deployment's replicas change, pods are made or deleted like its
-//! ReplicaSet would: pending pods go before running ones, then the lowest
-//! `controller.kubernetes.io/pod-deletion-cost`, then the newest. Each
-//! request is recorded; a test may script failures of the next requests.
+//! ReplicaSet would (named `<deployment>-<template hash>-<5 random
+//! characters>`): pending and not-ready pods go before ready ones, then the
+//! lowest `controller.kubernetes.io/pod-deletion-cost`, then the newest.
+//! Each request is recorded; a test may script failures of the next
+//! requests.
+//!
+//! A Deployment added with a [`PodTemplate`] runs its pods for real
+//! ([`kubelet`]): each pod is a child process (a real `ty-worker`, say)
+//! with the pod's name in its environment; a deleted pod is `Terminating`
+//! (listed with its `deletionTimestamp`) until its process has ended after
+//! SIGTERM, or been SIGKILLed after the pod's grace, and then gone. Every
+//! pod the ReplicaSet deleted is kept as a [`RemovedPod`].
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -25,8 +34,13 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::Weak;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio_util::sync::CancellationToken;
+
+mod kubelet;
+
+pub use kubelet::PodTemplate;
 
 /// The annotation that ranks pods for deletion.
 pub const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
@@ -57,7 +71,15 @@ pub struct FakePod {
     /// `Pending` or `Running`.
     pub phase: String,
     pub annotations: BTreeMap<String, String>,
+    /// Its process, on a Deployment with a [`PodTemplate`].
+    pub pid: Option<u32>,
+    /// Being deleted (`Terminating`): its process is stopping.
+    pub deleting: bool,
+    /// Its process exited on its own (`CrashLoopBackOff`).
+    pub crashed: bool,
     seq: u64,
+    created_ms: i64,
+    deleted_ms: Option<i64>,
 }
 
 impl FakePod {
@@ -67,11 +89,41 @@ impl FakePod {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     }
+
+    fn ready(&self) -> bool {
+        self.phase == "Running" && !self.crashed
+    }
+}
+
+/// How a deleted pod's process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodExit {
+    /// It exited within the grace after SIGTERM, with this code.
+    Terminated(Option<i32>),
+    /// It still ran when the grace was over: SIGKILLed.
+    Killed,
+    /// It had exited on its own before the pod was deleted.
+    Crashed(Option<i32>),
+}
+
+/// A pod its ReplicaSet deleted, once it is gone.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RemovedPod {
+    pub name: String,
+    pub deployment: String,
+    /// Its `pod-deletion-cost` when the ReplicaSet chose it.
+    pub deletion_cost: i64,
+    /// When its deletion started and when it was gone (ms since the epoch).
+    pub deleted_at_ms: i64,
+    pub gone_at_ms: i64,
+    /// How its process ended (`None`: it had none).
+    pub exit: Option<PodExit>,
 }
 
 struct Deployment {
     match_labels: BTreeMap<String, String>,
     replicas: i32,
+    template: Option<PodTemplate>,
 }
 
 #[derive(Default)]
@@ -92,6 +144,85 @@ struct Inner {
     lost_answers: u32,
     /// The phase new pods start in.
     new_pod_phase: String,
+    /// Pods deleted and gone, in that order.
+    removed: Vec<RemovedPod>,
+    /// Per running pod, what stops its process.
+    terminators: BTreeMap<String, CancellationToken>,
+    /// This state, for the pods' runners.
+    me: Weak<Mutex<Inner>>,
+    /// Ends every pod's process (the stand-in is dropped).
+    stop: CancellationToken,
+}
+
+impl Inner {
+    /// A pod's process exited on its own.
+    fn crashed(&mut self, pod: &str) {
+        if let Some(p) = self.pods.iter_mut().find(|p| p.name == pod) {
+            p.crashed = true;
+        }
+    }
+
+    /// A deleted pod is gone.
+    fn gone(&mut self, pod: &str, exit: Option<PodExit>) {
+        let Some(i) = self.pods.iter().position(|p| p.name == pod) else {
+            return;
+        };
+        let p = self.pods.remove(i);
+        self.terminators.remove(pod);
+        self.version += 1;
+        self.removed.push(RemovedPod {
+            deletion_cost: p.deletion_cost(),
+            deleted_at_ms: p.deleted_ms.unwrap_or_default(),
+            gone_at_ms: now_ms(),
+            name: p.name,
+            deployment: p.deployment,
+            exit,
+        });
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+/// An RFC 3339 UTC time, as the API writes them (whole seconds).
+fn rfc3339(ms: i64) -> String {
+    let (days, secs) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000) / 1000);
+    // The civil date of a day number (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// Five characters of the alphabet Kubernetes names pods with.
+fn random_suffix(seq: u64) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(seq);
+    let mut bits = hasher.finish();
+    (0..5)
+        .map(|_| {
+            let c = ALPHABET[(bits % ALPHABET.len() as u64) as usize];
+            bits /= ALPHABET.len() as u64;
+            c as char
+        })
+        .collect()
 }
 
 fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -106,8 +237,17 @@ pub struct FakeKube {
 }
 
 impl Drop for FakeKube {
+    /// The server stops, and no pod's process outlives it.
     fn drop(&mut self) {
         self.stop.cancel();
+        let inner = lock(&self.inner);
+        inner.stop.cancel();
+        for pid in inner.pods.iter().filter_map(|p| p.pid) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
     }
 }
 
@@ -118,13 +258,16 @@ impl FakeKube {
             .await
             .expect("bind the stand-in kube api");
         let addr = listener.local_addr().expect("its address");
-        let inner = Arc::new(Mutex::new(Inner {
-            token: token.into(),
-            namespace: namespace.into(),
-            version: 1000,
-            new_pod_phase: "Running".into(),
-            ..Default::default()
-        }));
+        let inner = Arc::new_cyclic(|me| {
+            Mutex::new(Inner {
+                token: token.into(),
+                namespace: namespace.into(),
+                version: 1000,
+                new_pod_phase: "Running".into(),
+                me: me.clone(),
+                ..Default::default()
+            })
+        });
         let app = axum::Router::new()
             .fallback(handle)
             .with_state(inner.clone());
@@ -145,6 +288,16 @@ impl FakeKube {
 
     /// Adds a Deployment selecting `app=<name>` with `replicas` pods.
     pub fn add_deployment(&self, name: &str, replicas: i32) {
+        self.add(name, replicas, None);
+    }
+
+    /// Adds a Deployment whose pods run `template` for real, one process
+    /// each (call inside a Tokio runtime).
+    pub fn add_deployment_running(&self, name: &str, replicas: i32, template: PodTemplate) {
+        self.add(name, replicas, Some(template));
+    }
+
+    fn add(&self, name: &str, replicas: i32, template: Option<PodTemplate>) {
         let mut inner = lock(&self.inner);
         inner.version += 1;
         let version = inner.version;
@@ -155,6 +308,7 @@ impl FakeKube {
                 Deployment {
                     match_labels,
                     replicas,
+                    template,
                 },
                 version,
             ),
@@ -179,6 +333,11 @@ impl FakeKube {
             .filter(|p| p.deployment == deployment)
             .cloned()
             .collect()
+    }
+
+    /// The pods the ReplicaSets deleted that are gone, in that order.
+    pub fn removed(&self) -> Vec<RemovedPod> {
+        lock(&self.inner).removed.clone()
     }
 
     pub fn requests(&self) -> Vec<Request> {
@@ -233,47 +392,94 @@ fn selector(labels: &BTreeMap<String, String>) -> String {
         .join(",")
 }
 
-/// Makes or deletes pods until the Deployment has its replicas.
+/// Makes or deletes pods until the Deployment has its replicas (pods
+/// being deleted no longer count).
 fn reconcile(inner: &mut Inner, deployment: &str) {
     let want = inner.deployments[deployment].0.replicas.max(0) as usize;
     loop {
         let have: Vec<&FakePod> = inner
             .pods
             .iter()
-            .filter(|p| p.deployment == deployment)
+            .filter(|p| p.deployment == deployment && !p.deleting)
             .collect();
         if have.len() < want {
-            inner.pod_seq += 1;
-            let pod = FakePod {
-                name: format!("{deployment}-7d9c5b8f4-{:05}", inner.pod_seq),
-                deployment: deployment.into(),
-                phase: inner.new_pod_phase.clone(),
-                annotations: BTreeMap::new(),
-                seq: inner.pod_seq,
-            };
-            inner.pods.push(pod);
+            make_pod(inner, deployment);
         } else if have.len() > want {
             let victim = have
                 .iter()
-                .min_by_key(|p| {
-                    (
-                        p.phase == "Running",
-                        p.deletion_cost(),
-                        std::cmp::Reverse(p.seq),
-                    )
-                })
+                .min_by_key(|p| (p.ready(), p.deletion_cost(), std::cmp::Reverse(p.seq)))
                 .map(|p| p.name.clone())
                 .expect("a pod");
-            inner.pods.retain(|p| p.name != victim);
+            delete_pod(inner, &victim);
         } else {
             return;
         }
     }
 }
 
+fn make_pod(inner: &mut Inner, deployment: &str) {
+    inner.pod_seq += 1;
+    inner.version += 1;
+    let seq = inner.pod_seq;
+    let mut pod = FakePod {
+        name: format!("{deployment}-7d9c5b8f4-{}", random_suffix(seq)),
+        deployment: deployment.into(),
+        phase: inner.new_pod_phase.clone(),
+        annotations: BTreeMap::new(),
+        pid: None,
+        deleting: false,
+        crashed: false,
+        seq,
+        created_ms: now_ms(),
+        deleted_ms: None,
+    };
+    if let Some(template) = inner.deployments[deployment].0.template.clone() {
+        let terminate = CancellationToken::new();
+        pod.phase = "Running".into();
+        match kubelet::start(
+            inner.me.clone(),
+            &template,
+            &pod.name,
+            terminate.clone(),
+            inner.stop.clone(),
+        ) {
+            Ok(pid) => {
+                pod.pid = Some(pid);
+                inner.terminators.insert(pod.name.clone(), terminate);
+            }
+            Err(error) => {
+                tracing::warn!(pod = %pod.name, %error, "the pod's container did not start");
+                pod.crashed = true;
+            }
+        }
+    }
+    inner.pods.push(pod);
+}
+
+/// Starts deleting a pod: one with a process stops it first, one without
+/// is gone at once.
+fn delete_pod(inner: &mut Inner, name: &str) {
+    inner.version += 1;
+    let pod = inner
+        .pods
+        .iter_mut()
+        .find(|p| p.name == name)
+        .expect("the pod");
+    pod.deleting = true;
+    pod.deleted_ms = Some(now_ms());
+    match inner.terminators.get(name) {
+        Some(terminate) => terminate.cancel(),
+        None => inner.gone(name, None),
+    }
+}
+
 fn scale_json(inner: &Inner, name: &str) -> Value {
     let (d, version) = &inner.deployments[name];
-    let running = inner.pods.iter().filter(|p| p.deployment == name).count();
+    let running = inner
+        .pods
+        .iter()
+        .filter(|p| p.deployment == name && !p.deleting)
+        .count();
     json!({
         "apiVersion": "autoscaling/v1", "kind": "Scale",
         "metadata": {
@@ -287,32 +493,46 @@ fn scale_json(inner: &Inner, name: &str) -> Value {
 }
 
 fn pod_json(inner: &Inner, pod: &FakePod) -> Value {
-    let labels = &inner.deployments[&pod.deployment].0.match_labels;
+    let (deployment, _) = &inner.deployments[&pod.deployment];
     let running = pod.phase == "Running";
-    let state = if running {
-        json!({"running": {"startedAt": "2026-12-06T19:00:05Z"}})
+    let started = rfc3339(pod.created_ms);
+    let state = if pod.crashed {
+        json!({"waiting": {"reason": "CrashLoopBackOff",
+                           "message": "back-off restarting failed container"}})
+    } else if running {
+        json!({"running": {"startedAt": started}})
     } else {
         json!({"waiting": {"reason": "ContainerCreating"}})
     };
+    let mut metadata = json!({
+        "name": pod.name, "namespace": inner.namespace,
+        "uid": format!("00000000-0000-0000-0000-{:012}", pod.seq),
+        "resourceVersion": inner.version.to_string(),
+        "creationTimestamp": started,
+        "labels": deployment.match_labels, "annotations": pod.annotations,
+        "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                              "name": format!("{}-7d9c5b8f4", pod.deployment),
+                              "uid": "rs", "controller": true}],
+    });
+    if let Some(deleted) = pod.deleted_ms {
+        let grace = deployment
+            .template
+            .as_ref()
+            .map_or(30, |t| t.termination_grace.as_secs());
+        metadata["deletionTimestamp"] = json!(rfc3339(deleted + grace as i64 * 1000));
+        metadata["deletionGracePeriodSeconds"] = json!(grace);
+    }
     json!({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {
-            "name": pod.name, "namespace": inner.namespace,
-            "uid": format!("00000000-0000-0000-0000-{:012}", pod.seq),
-            "resourceVersion": inner.version.to_string(),
-            "creationTimestamp": format!("2026-12-06T19:{:02}:00Z", pod.seq % 60),
-            "labels": labels, "annotations": pod.annotations,
-            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
-                                  "name": format!("{}-7d9c5b8f4", pod.deployment),
-                                  "uid": "rs", "controller": true}],
-        },
+        "metadata": metadata,
         "spec": {
             "nodeName": if running { "gpu-node-1" } else { "" },
             "containers": [{"name": "worker", "image": "trainyard:latest"}],
         },
         "status": {
             "phase": pod.phase,
-            "containerStatuses": [{"name": "worker", "ready": running, "restartCount": 0,
+            "containerStatuses": [{"name": "worker", "ready": pod.ready() && !pod.deleting,
+                                   "restartCount": u32::from(pod.crashed),
                                    "image": "trainyard:latest", "state": state}],
         },
     })
