@@ -532,7 +532,10 @@ impl ArtifactStore {
 
     /// A local store writes a multipart upload to `<file>#<n>` and renames it
     /// when complete; a process killed mid-upload leaves that staging file
-    /// behind, visible next to the real ones. Writing the key again removes it.
+    /// behind, visible next to the real ones. Writing the key again removes
+    /// it once nothing has written it for [`STALE_STAGING`]: a staging file
+    /// written more recently is another process's upload under way (two
+    /// workers storing the same shared model), not a leftover.
     async fn remove_stale_staging(&self, key: &str) {
         let Some(root) = self.root.strip_prefix("file://") else {
             return;
@@ -550,6 +553,7 @@ impl ArtifactStore {
             if file
                 .strip_prefix(&stem)
                 .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+                && is_stale(&entry).await
             {
                 let _ = tokio::fs::remove_file(entry.path()).await;
             }
@@ -635,18 +639,41 @@ pub async fn sha256_file(path: &Path) -> Result<(u64, String), StoreError> {
     })?
 }
 
+/// How long a local store's staging file goes unwritten before a new
+/// upload of its key takes it for a killed upload's leftover.
+pub const STALE_STAGING: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Whether a staging file has gone unwritten for [`STALE_STAGING`].
+async fn is_stale(entry: &tokio::fs::DirEntry) -> bool {
+    entry
+        .metadata()
+        .await
+        .and_then(|m| m.modified())
+        .is_ok_and(|at| at.elapsed().is_ok_and(|idle| idle >= STALE_STAGING))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn writing_a_key_again_removes_a_killed_uploads_staging_file() {
+    async fn writing_a_key_again_removes_a_killed_uploads_staging_file_not_one_under_way() {
         let dir = tempfile::tempdir().unwrap();
         let store = ArtifactStore::open(&dir.path().join("store").display().to_string()).unwrap();
         let folder = dir.path().join("store/jobs/j1/output");
         std::fs::create_dir_all(&folder).unwrap();
-        // What a process killed mid-upload leaves behind.
-        std::fs::write(folder.join("lora.safetensors#1"), b"partial").unwrap();
+        // What a process killed mid-upload leaves behind, unwritten since.
+        let killed = folder.join("lora.safetensors#1");
+        std::fs::write(&killed, b"partial").unwrap();
+        let long_ago = std::time::SystemTime::now() - STALE_STAGING * 2;
+        std::fs::File::options()
+            .write(true)
+            .open(&killed)
+            .unwrap()
+            .set_modified(long_ago)
+            .unwrap();
+        // Another process's upload of the same key, under way.
+        std::fs::write(folder.join("lora.safetensors#2"), b"being written").unwrap();
         std::fs::write(folder.join("lora.safetensors#notes"), b"kept").unwrap();
         let local = dir.path().join("lora.safetensors");
         std::fs::write(&local, b"whole adapter").unwrap();
@@ -659,7 +686,14 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         names.sort();
-        assert_eq!(names, ["lora.safetensors", "lora.safetensors#notes"]);
+        assert_eq!(
+            names,
+            [
+                "lora.safetensors",
+                "lora.safetensors#2",
+                "lora.safetensors#notes"
+            ]
+        );
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //! The kernel drops the lock when the process ends, however it ends: a
 //! crashed worker's folder is free for the next one at once.
 
-use std::fs::{File, OpenOptions, TryLockError};
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
+use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -20,7 +22,7 @@ pub const MAX_CACHE_FOLDERS: usize = 64;
 #[derive(Debug)]
 pub struct CacheClaim {
     pub dir: PathBuf,
-    _owner: File,
+    _owner: Flock<File>,
 }
 
 /// The `k`th candidate for `dir` (1: `dir` itself).
@@ -41,20 +43,20 @@ pub fn claim(dir: &Path) -> std::io::Result<CacheClaim> {
     for k in 1..=MAX_CACHE_FOLDERS {
         let dir = candidate(dir, k);
         std::fs::create_dir_all(&dir)?;
-        let mut owner = OpenOptions::new()
+        let owner = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(dir.join(".owner"))?;
-        match owner.try_lock() {
-            Ok(()) => {
+        match Flock::lock(owner, FlockArg::LockExclusiveNonblock) {
+            Ok(mut owner) => {
                 // Who holds it, for an operator looking at the folder.
                 owner.set_len(0)?;
                 writeln!(owner, "{}", std::process::id())?;
                 return Ok(CacheClaim { dir, _owner: owner });
             }
-            Err(TryLockError::WouldBlock) => continue,
-            Err(TryLockError::Error(error)) => return Err(error),
+            Err((_, Errno::EWOULDBLOCK)) => continue,
+            Err((_, errno)) => return Err(errno.into()),
         }
     }
     Err(std::io::Error::other(format!(
