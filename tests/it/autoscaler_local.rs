@@ -122,6 +122,9 @@ async fn a_pool_at_zero_grows_with_its_backlog_and_returns_to_zero() {
         !logs.contains("handing running tasks back"),
         "a busy worker was stopped"
     );
+    // Every release was the graceful one: SIGTERM, and the worker exited.
+    assert!(logs.contains(SIGTERM_NOTE), "no machine was released");
+    assert!(!logs.contains(SIGKILL_NOTE), "a worker was SIGKILLed");
     println!(
         "backlog -> first new worker: {:.1}s; last job -> zero: {:.1}s; jobs lost: {}; machines launched: {}",
         first_worker.as_secs_f64(),
