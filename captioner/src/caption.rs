@@ -15,6 +15,8 @@
 //! template `"a photo of {trigger}"`): its output only gets `[trigger]`
 //! replaced, so it does not become `"tyzx, a photo of tyzx"`.
 
+pub mod tidy;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
