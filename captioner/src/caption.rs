@@ -15,6 +15,7 @@
 //! template `"a photo of {trigger}"`): its output only gets `[trigger]`
 //! replaced, so it does not become `"tyzx, a photo of tyzx"`.
 
+pub mod cache;
 pub mod tidy;
 
 use std::path::PathBuf;
