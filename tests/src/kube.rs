@@ -190,23 +190,9 @@ fn now_ms() -> i64 {
 
 /// An RFC 3339 UTC time, as the API writes them (whole seconds).
 fn rfc3339(ms: i64) -> String {
-    let (days, secs) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000) / 1000);
-    // The civil date of a day number (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
+    // `YYYY-MM-DDTHH:MM:SS` of the core's `….mmmZ`.
+    let full = trainyard_core::rfc3339(ms);
+    format!("{}Z", &full[..19])
 }
 
 /// Five characters of the alphabet Kubernetes names pods with.
