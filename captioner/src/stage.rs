@@ -130,6 +130,7 @@ impl PrepareStage {
             captioned: images - sidecar,
             sidecar_captions: sidecar,
             dropped: dropped_summary(&manifest.dropped),
+            ..Default::default()
         }))
     }
 }

@@ -123,6 +123,7 @@ fn demo_spec(steps: u32, dataset_dir: &Path, outputs: &Path) -> JobSpec {
         }),
         destinations: vec![Destination {
             uri: outputs.to_string_lossy().into_owned(),
+            ..Default::default()
         }],
         labels: [(
             "source".to_string(),

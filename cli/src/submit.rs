@@ -119,7 +119,10 @@ fn destination(raw: &str) -> anyhow::Result<Destination> {
             .to_string_lossy()
             .into_owned()
     };
-    Ok(Destination { uri })
+    Ok(Destination {
+        uri,
+        ..Default::default()
+    })
 }
 
 /// `--extra key=value`: an integer, a number, a boolean, else text.

@@ -260,6 +260,7 @@ mod tests {
                 uri: "file:///s/jobs/j-1/output/lora.safetensors".into(),
                 size: 2048,
                 sha256: "ab".into(),
+                ..Default::default()
             }],
             ..Default::default()
         };

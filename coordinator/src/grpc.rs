@@ -108,6 +108,27 @@ impl JobService for GrpcJobService {
         .await
     }
 
+    async fn get_captions(
+        &self,
+        _request: Request<trainyard_proto::v1::GetCaptionsRequest>,
+    ) -> Result<Response<trainyard_proto::v1::Captions>, Status> {
+        Err(Status::unimplemented("GetCaptions is not served yet"))
+    }
+
+    async fn update_captions(
+        &self,
+        _request: Request<trainyard_proto::v1::UpdateCaptionsRequest>,
+    ) -> Result<Response<trainyard_proto::v1::Captions>, Status> {
+        Err(Status::unimplemented("UpdateCaptions is not served yet"))
+    }
+
+    async fn approve_captions(
+        &self,
+        _request: Request<trainyard_proto::v1::ApproveCaptionsRequest>,
+    ) -> Result<Response<trainyard_proto::v1::ApproveCaptionsResponse>, Status> {
+        Err(Status::unimplemented("ApproveCaptions is not served yet"))
+    }
+
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         let span = Self::span(&request, "Get", Some(&request.get_ref().job_id));
         async {

@@ -635,6 +635,7 @@ mod tests {
                 uri: "s3://b/jobs/job1/lora.safetensors".into(),
                 size: 42,
                 sha256: "ab".repeat(32),
+                ..Default::default()
             }],
             error: Some(JobError {
                 message: "dataset has no images".into(),

@@ -71,6 +71,7 @@ async fn child() {
     let mut spec = spec(&fleet.sample_uri().await, 20);
     spec.destinations.push(Destination {
         uri: "s3://deliveries/out".into(),
+        ..Default::default()
     });
     let mut secrets: Secrets = s3.job_secrets();
     secrets.hf_token = HF_TOKEN.into();

@@ -31,7 +31,10 @@ async fn refused(client: &mut Client, spec: JobSpec) -> tonic::Status {
 }
 
 fn destination(uri: impl Into<String>) -> Destination {
-    Destination { uri: uri.into() }
+    Destination {
+        uri: uri.into(),
+        ..Default::default()
+    }
 }
 
 fn file_uri(path: &Path) -> String {

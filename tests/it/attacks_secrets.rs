@@ -87,6 +87,7 @@ async fn no_secret_value_reaches_the_bus_the_streams_or_the_api() {
     let mut spec = spec(&fleet.sample_uri().await, 20);
     spec.destinations.push(Destination {
         uri: "s3://deliveries/out".into(),
+        ..Default::default()
     });
     let mut secrets: Secrets = s3.job_secrets();
     secrets.hf_token = HF_TOKEN.into();

@@ -227,12 +227,15 @@ async fn destinations_that_cannot_be_written() {
     spec.destinations = vec![
         Destination {
             uri: format!("file://{}", allowed.join("ok").display()),
+            ..Default::default()
         },
         Destination {
             uri: format!("file://{}", outside.display()),
+            ..Default::default()
         },
         Destination {
             uri: format!("file://{}", a_file.join("out").display()),
+            ..Default::default()
         },
     ];
     // Outside the roots: refused by the submission checks.
@@ -375,6 +378,7 @@ async fn a_job_failing_preflight_fails_at_once_with_every_problem() {
     let outside = a_file.join("out");
     spec.destinations = vec![Destination {
         uri: outside.display().to_string(),
+        ..Default::default()
     }];
     let job = submit(&mut client, spec).await;
     let events = watch_all(&mut client, &job.job_id, Duration::from_secs(120)).await;
@@ -474,9 +478,11 @@ async fn an_s3_destination_without_its_bucket() {
     spec.destinations = vec![
         Destination {
             uri: "s3://deliveries/out".into(),
+            ..Default::default()
         },
         Destination {
             uri: "s3://no-such-bucket/out".into(),
+            ..Default::default()
         },
     ];
     spec.secrets = Some(s3.job_secrets());

@@ -221,6 +221,7 @@ async fn a_job_delivers_to_an_s3_destination() {
     let mut spec = spec(&fleet.sample_uri().await, 30);
     spec.destinations.push(Destination {
         uri: "s3://deliveries/out".into(),
+        ..Default::default()
     });
     spec.secrets = Some(s3.job_secrets());
     let record = run_job(&fleet, spec).await;

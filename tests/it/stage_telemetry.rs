@@ -316,9 +316,11 @@ async fn a_deliver_task_traces_one_span_per_destination() {
     spec.destinations = vec![
         Destination {
             uri: format!("file://{}", outputs.display()),
+            ..Default::default()
         },
         Destination {
             uri: "s3://deliveries/adapters".into(),
+            ..Default::default()
         },
     ];
     spec.secrets = Some(s3.job_secrets());

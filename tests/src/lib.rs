@@ -488,6 +488,7 @@ pub fn spec(dataset_uri: &str, steps: u32) -> JobSpec {
 pub fn with_destination(mut spec: JobSpec, dir: &Path) -> JobSpec {
     spec.destinations.push(Destination {
         uri: format!("file://{}", dir.display()),
+        ..Default::default()
     });
     spec
 }

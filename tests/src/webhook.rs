@@ -215,6 +215,7 @@ pub fn job_record(
             training_at_ms: reached(JobState::Training),
             delivering_at_ms: reached(JobState::Delivering),
             finished_at_ms: if state.is_final() { now } else { 0 },
+            ..Default::default()
         }),
         final_event_stored: true,
         ..Default::default()

@@ -275,6 +275,7 @@ impl DeliverStage {
                 uri: copy.uri,
                 size: copy.size,
                 sha256: copy.sha256,
+                ..Default::default()
             });
         }
         Ok(delivered)
@@ -434,6 +435,7 @@ async fn already_there(
             uri: store.uri(key),
             size,
             sha256,
+            ..Default::default()
         })),
         Err(StoreError::Checksum { actual, .. }) => {
             tracing::warn!(key, %actual, expected = %artifact.sha256, "a different object is in the way; copying again");

@@ -270,12 +270,15 @@ async fn missing_models_and_unwritable_destinations_are_problems() {
         s.destinations = vec![
             Destination {
                 uri: format!("file://{}/ok/sub", allowed.display()),
+                ..Default::default()
             },
             Destination {
                 uri: format!("file://{}/sub", file.display()),
+                ..Default::default()
             },
             Destination {
                 uri: "/srv/elsewhere".into(),
+                ..Default::default()
             },
         ];
         let report = access.run("acme", &s).await;

@@ -292,6 +292,7 @@ impl ArtifactStore {
             uri: self.uri(key),
             size,
             sha256,
+            ..Default::default()
         }
     }
 

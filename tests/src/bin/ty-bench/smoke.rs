@@ -318,6 +318,7 @@ impl SmokeJob {
         spec.pool = self.pool.clone();
         spec.destinations = vec![Destination {
             uri: format!("file://{}", outputs.display()),
+            ..Default::default()
         }];
         if !self.hf_token.is_empty() {
             spec.secrets = Some(Secrets {
