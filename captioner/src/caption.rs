@@ -27,7 +27,29 @@ use tracing::Instrument;
 
 use crate::manifest::CaptionSource;
 
-/// One image to caption, as written in the prepared folder.
+/// What a dataset file is, for the backends that treat them apart.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Media {
+    #[default]
+    Image,
+    /// A clip (`.mp4`, `.webm`, `.mov`, or a `.gif` taken as video), as
+    /// `ffprobe` described it.
+    Video(VideoInfo),
+}
+
+/// A clip's stream facts, from `ffprobe`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VideoInfo {
+    pub duration_ms: u64,
+    /// Frames per second × 1000 (rounded), e.g. 16_000 or 29_970.
+    pub fps_milli: u32,
+    /// Frames in the clip (counted or duration × rate).
+    pub frames: u64,
+    /// The video stream's codec name, e.g. `h264`, `vp9`.
+    pub codec: String,
+}
+
+/// One image or clip to caption, as written in the prepared folder.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageInfo {
     /// The image file in the prepared folder (backends read it from here).
@@ -45,6 +67,8 @@ pub struct ImageInfo {
     pub height: u32,
     /// The job's trigger word, possibly empty.
     pub trigger_word: String,
+    /// An image, or a clip with its stream facts.
+    pub media: Media,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -406,6 +430,7 @@ mod tests {
             width: 64,
             height: 64,
             trigger_word: "tyzx".to_owned(),
+            media: Media::Image,
         }
     }
 

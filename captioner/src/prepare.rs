@@ -227,6 +227,7 @@ pub async fn prepare_local(
                 width: w.source.width,
                 height: w.source.height,
                 trigger_word: policy.trigger_word.clone(),
+                media: crate::caption::Media::Image,
             },
             sidecar: w.source.candidate.sidecar.clone(),
         })
