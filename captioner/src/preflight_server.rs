@@ -74,7 +74,7 @@ impl CaptionBackend for DryRun<'_> {
 
 impl PreflightServer {
     pub fn new(config: &Config) -> anyhow::Result<Self> {
-        let store = ArtifactStore::open_with(&config.store.uri, &config.store.s3)?;
+        let store = ArtifactStore::open_config(&config.store)?;
         Ok(Self {
             datasets: Datasets::new(config, store.clone())?,
             access: access_checks(config, store)?,

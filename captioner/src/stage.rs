@@ -35,7 +35,7 @@ pub struct PrepareStage {
 
 impl PrepareStage {
     pub fn new(config: &Config) -> anyhow::Result<Self> {
-        let store = ArtifactStore::open_with(&config.store.uri, &config.store.s3)?;
+        let store = ArtifactStore::open_config(&config.store)?;
         Ok(Self {
             datasets: Datasets::new(config, store.clone())?,
             access: access_checks(config, store.clone())?,

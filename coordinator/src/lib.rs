@@ -92,8 +92,7 @@ pub async fn run(
     } else {
         None
     };
-    let store =
-        trainyard_core::store::ArtifactStore::open_with(&config.store.uri, &config.store.s3)?;
+    let store = trainyard_core::store::ArtifactStore::open_config(&config.store)?;
     let api = api::JobApi {
         repo: repo.clone(),
         idem: idem.clone(),

@@ -217,7 +217,7 @@ impl Fleet {
             config.nats.url = nats.url();
             (nats, None)
         };
-        let store = ArtifactStore::open_with(&config.store.uri, &config.store.s3).expect("store");
+        let store = ArtifactStore::open_config(&config.store).expect("store");
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let mut fleet = Fleet {

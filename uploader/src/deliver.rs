@@ -101,7 +101,7 @@ impl DeliverStage {
     pub fn new(config: &Config) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&config.uploader.work_dir)?;
         Ok(Self {
-            store: ArtifactStore::open_with(&config.store.uri, &config.store.s3)?,
+            store: ArtifactStore::open_config(&config.store)?,
             work_root: std::fs::canonicalize(&config.uploader.work_dir)?,
             destinations: Destinations::from_config(config),
             secrets: trainyard_core::secrets::Keyring::from_config(&config.secrets)?,

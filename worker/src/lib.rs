@@ -34,7 +34,7 @@ pub async fn run(
             trainyard_core::guard::BINARY
         )
     })?;
-    let store = ArtifactStore::open_with(&config.store.uri, &config.store.s3)?.for_stage("train");
+    let store = ArtifactStore::open_config(&config.store)?.for_stage("train");
     std::fs::create_dir_all(&config.worker.work_dir)?;
     // Held for the process's life: no other worker writes this folder.
     let cache_folder = models::claim::claim(&config.worker.model_cache_dir).map_err(|e| {

@@ -1,4 +1,5 @@
-//! The `[destinations]` section: fleet-held credentials for `s3://` destinations.
+//! The `[destinations]` section: fleet-held credentials for `s3://`, `gs://`
+//! and `az://` destinations.
 
 use super::REDACTED;
 use serde::{Deserialize, Serialize};
@@ -35,6 +36,15 @@ pub struct DestinationCredential {
     /// Unset: true exactly when the endpoint starts with `http://`.
     pub allow_http: Option<bool>,
     pub virtual_hosted_style: Option<bool>,
+    /// `gs://`: a service account's JSON key (redacted when printed). Its
+    /// `gcs_base_url` (or `endpoint`) names a GCS-compatible server.
+    pub gcs_service_account_key: Option<String>,
+    /// `az://`: the storage account's name.
+    pub azure_account: Option<String>,
+    /// `az://`: the account's key (redacted when printed).
+    pub azure_access_key: Option<String>,
+    /// `az://`: a SAS token instead of the key (redacted when printed).
+    pub azure_sas_token: Option<String>,
 }
 
 impl DestinationCredential {
@@ -44,8 +54,15 @@ impl DestinationCredential {
         if !shown.secret_access_key.is_empty() {
             shown.secret_access_key = REDACTED.into();
         }
-        if shown.session_token.is_some() {
-            shown.session_token = Some(REDACTED.into());
+        for secret in [
+            &mut shown.session_token,
+            &mut shown.gcs_service_account_key,
+            &mut shown.azure_access_key,
+            &mut shown.azure_sas_token,
+        ] {
+            if secret.is_some() {
+                *secret = Some(REDACTED.into());
+            }
         }
         shown
     }
@@ -63,6 +80,10 @@ impl std::fmt::Debug for DestinationCredential {
             .field("region", &shown.region)
             .field("allow_http", &shown.allow_http)
             .field("virtual_hosted_style", &shown.virtual_hosted_style)
+            .field("gcs_service_account_key", &shown.gcs_service_account_key)
+            .field("azure_account", &shown.azure_account)
+            .field("azure_access_key", &shown.azure_access_key)
+            .field("azure_sas_token", &shown.azure_sas_token)
             .finish()
     }
 }

@@ -313,6 +313,8 @@ impl Config {
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
         shown.store.s3 = shown.store.s3.redacted();
+        shown.store.gcs = shown.store.gcs.redacted();
+        shown.store.azure = shown.store.azure.redacted();
         shown.webhooks = shown.webhooks.redacted();
         for credential in shown.destinations.credentials.values_mut() {
             *credential = credential.redacted();

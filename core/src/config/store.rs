@@ -5,11 +5,15 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// The artifact store: `file:///abs/dir`, a local path, or `s3://bucket/prefix`.
+    /// The artifact store: `file:///abs/dir`, a local path,
+    /// `s3://bucket/prefix`, `gs://bucket/prefix` or `az://container/prefix`.
     pub uri: String,
-    /// How `s3://` URIs are reached: the artifact store's and the uploader's
-    /// destinations alike.
+    /// How an `s3://` store is reached (destinations never use it).
     pub s3: S3Options,
+    /// How a `gs://` store is reached (destinations never use it).
+    pub gcs: GcsOptions,
+    /// How an `az://` store is reached (destinations never use it).
+    pub azure: AzureOptions,
     /// Largest base model a spec may name in the store (a `.safetensors`
     /// below its tenant's prefix), checked before it is fetched. Datasets
     /// read from the store are capped by `[captioner] max_dataset_bytes`
@@ -30,6 +34,8 @@ impl Default for StoreConfig {
         Self {
             uri: ".trainyard/store".into(),
             s3: S3Options::default(),
+            gcs: GcsOptions::default(),
+            azure: AzureOptions::default(),
             max_model_bytes: 64 << 30,
             max_upload_bytes: 4 << 30,
             max_upload_files: 20_000,
@@ -88,6 +94,91 @@ impl std::fmt::Debug for S3Options {
             .field("secret_access_key", &shown.secret_access_key)
             .field("allow_http", &shown.allow_http)
             .field("virtual_hosted_style", &shown.virtual_hosted_style)
+            .finish()
+    }
+}
+
+/// The `[store.gcs]` table: how a `gs://` artifact store is reached. Unset
+/// fields fall back to the `GOOGLE_*` environment (`GOOGLE_SERVICE_ACCOUNT`,
+/// `GOOGLE_SERVICE_ACCOUNT_KEY`, `GOOGLE_APPLICATION_CREDENTIALS`), then to
+/// the machine's instance credentials.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GcsOptions {
+    /// A service account's JSON key, inline (redacted when printed).
+    pub service_account_key: Option<String>,
+    /// A service account's JSON key file.
+    pub service_account_path: Option<String>,
+    /// A GCS-compatible server, e.g. an emulator's `http://127.0.0.1:4443`.
+    pub base_url: Option<String>,
+}
+
+impl GcsOptions {
+    /// A copy safe to show: the inline key, when set, is [`REDACTED`].
+    pub fn redacted(&self) -> GcsOptions {
+        let mut shown = self.clone();
+        if shown.service_account_key.is_some() {
+            shown.service_account_key = Some(REDACTED.into());
+        }
+        shown
+    }
+}
+
+impl std::fmt::Debug for GcsOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = self.redacted();
+        f.debug_struct("GcsOptions")
+            .field("service_account_key", &shown.service_account_key)
+            .field("service_account_path", &shown.service_account_path)
+            .field("base_url", &shown.base_url)
+            .finish()
+    }
+}
+
+/// The `[store.azure]` table: how an `az://` artifact store is reached.
+/// Unset fields fall back to the `AZURE_*` environment
+/// (`AZURE_STORAGE_ACCOUNT_NAME`, `AZURE_STORAGE_ACCOUNT_KEY`, …), then to
+/// the machine's managed identity.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AzureOptions {
+    /// The storage account's name.
+    pub account: Option<String>,
+    /// The account's key (redacted when printed).
+    pub access_key: Option<String>,
+    /// A SAS token instead of the key (redacted when printed).
+    pub sas_token: Option<String>,
+    /// The account's blob endpoint, e.g. Azurite's
+    /// `http://127.0.0.1:10000/devstoreaccount1`. Unset:
+    /// `https://<account>.blob.core.windows.net`.
+    pub endpoint: Option<String>,
+    /// Allow a plain `http://` endpoint. Unset: true exactly when the
+    /// endpoint starts with `http://`.
+    pub allow_http: Option<bool>,
+}
+
+impl AzureOptions {
+    /// A copy safe to show: the key and token, when set, are [`REDACTED`].
+    pub fn redacted(&self) -> AzureOptions {
+        let mut shown = self.clone();
+        for secret in [&mut shown.access_key, &mut shown.sas_token] {
+            if secret.is_some() {
+                *secret = Some(REDACTED.into());
+            }
+        }
+        shown
+    }
+}
+
+impl std::fmt::Debug for AzureOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = self.redacted();
+        f.debug_struct("AzureOptions")
+            .field("account", &shown.account)
+            .field("access_key", &shown.access_key)
+            .field("sas_token", &shown.sas_token)
+            .field("endpoint", &shown.endpoint)
+            .field("allow_http", &shown.allow_http)
             .finish()
     }
 }

@@ -1,5 +1,6 @@
 //! Delivery destinations: where a job's outputs go besides the artifact
-//! store (`file:///abs/dir`, an absolute path, or `s3://bucket/prefix`).
+//! store (`file:///abs/dir`, an absolute path, `s3://bucket/prefix`,
+//! `gs://bucket/prefix`, `az://container/prefix` or `azure://…`).
 //!
 //! One type decides which destinations a job may use and opens them, so
 //! the coordinator (at submission), preflight (which probes them before a
@@ -19,35 +20,40 @@
 //!   its job supplies in `secrets.values` ([`secret_keys`]) or a fleet
 //!   credential named in its URI (`s3://bucket/prefix?credential=<name>`,
 //!   `[destinations.credentials.<name>]`) that lists the job's tenant.
-//! - A job-supplied endpoint (`AWS_ENDPOINT_URL`) and whatever a job's
-//!   bucket name resolves to go through the address guard
+//!   `gs://` and `az://` follow the same rule (`remote.rs`): a service
+//!   account's JSON key, or an account name with its key or a SAS token,
+//!   from the job's `secrets.values` or a named fleet credential; never
+//!   `[store.gcs]`, `[store.azure]`, the `GOOGLE_*`/`AZURE_*` environment,
+//!   the metadata server or a managed identity.
+//! - A job-supplied endpoint (`AWS_ENDPOINT_URL`, `GOOGLE_STORAGE_BASE_URL`
+//!   or a key's `gcs_base_url`, `AZURE_STORAGE_ENDPOINT`) and whatever a
+//!   job's bucket name resolves to go through the address guard
 //!   ([`crate::netguard`]): no private, loopback or link-local address, on
 //!   any redirect hop, unless `[destinations] allow_private_endpoints`.
 //!   A fleet credential's endpoint is the operator's, and trusted.
-//! - No destination may overlap the artifact store: not its bucket, not its
-//!   folder.
+//! - No destination may overlap the artifact store: not its bucket (of the
+//!   same cloud), not its folder.
 //!
 //! [`Destinations::probe`] answers "could the uploader write here now?"
 //! without leaving anything behind: a local folder is checked where it is
 //! (or, when it does not exist yet, at the nearest existing parent the
 //! uploader would create it under) by creating and removing a probe file;
-//! an S3 destination gets a real put and delete of a small probe object.
+//! a bucket (S3, GCS, Azure) gets a real put and delete of a small probe
+//! object.
 
 use crate::config::{Config, DestinationCredential};
-use crate::netguard::{Guard, GuardedResolver};
 use crate::redact::display_url;
 use crate::store::{ArtifactStore, StoreError};
 use bytes::Bytes;
-use object_store::aws::AmazonS3Builder;
-use object_store::client::{ClientConfigKey, ClientOptions, HttpClient, HttpConnector};
+use remote::Cloud;
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
 use trainyard_proto::v1::Secrets;
 
-/// The `secrets.values` keys an `s3://` destination's job credentials are
-/// read from (the AWS names).
+mod remote;
+
+/// The `secrets.values` keys a bucket destination's job credentials are
+/// read from (each cloud's own names).
 pub mod secret_keys {
     pub const ACCESS_KEY_ID: &str = "AWS_ACCESS_KEY_ID";
     pub const SECRET_ACCESS_KEY: &str = "AWS_SECRET_ACCESS_KEY";
@@ -57,13 +63,28 @@ pub mod secret_keys {
     pub const ENDPOINT_URL: &str = "AWS_ENDPOINT_URL";
     /// Optional: unset: `us-east-1`.
     pub const REGION: &str = "AWS_REGION";
+    /// `gs://`: a service account's JSON key, whole.
+    pub const GCS_SERVICE_ACCOUNT_KEY: &str = "GOOGLE_SERVICE_ACCOUNT_KEY";
+    /// `gs://`, optional: a GCS-compatible server; unset: the key's
+    /// `gcs_base_url`, else Google's.
+    pub const GCS_BASE_URL: &str = "GOOGLE_STORAGE_BASE_URL";
+    /// `az://`: the storage account's name.
+    pub const AZURE_ACCOUNT: &str = "AZURE_STORAGE_ACCOUNT_NAME";
+    /// `az://`: the account's key (or give [`AZURE_SAS_TOKEN`]).
+    pub const AZURE_ACCOUNT_KEY: &str = "AZURE_STORAGE_ACCOUNT_KEY";
+    /// `az://`: a SAS token for the container (such a destination cannot
+    /// sign download URLs).
+    pub const AZURE_SAS_TOKEN: &str = "AZURE_STORAGE_SAS_TOKEN";
+    /// `az://`, optional: the account's blob endpoint; unset:
+    /// `https://<account>.blob.core.windows.net`.
+    pub const AZURE_ENDPOINT: &str = "AZURE_STORAGE_ENDPOINT";
 }
 
 /// Why a destination may not be used at all. Messages name the destination
 /// without credentials or query.
 #[derive(Debug, thiserror::Error)]
 pub enum DestinationError {
-    #[error("{uri} is not a file:///, s3:// or absolute path destination")]
+    #[error("{uri} is not a file:///, s3://, gs://, az:// or absolute path destination")]
     BadUri { uri: String },
     #[error("{uri} must not contain '..'")]
     ParentDir { uri: String },
@@ -72,18 +93,20 @@ pub enum DestinationError {
     #[error("{uri} overlaps the fleet's artifact store")]
     StoreOverlap { uri: String },
     #[error(
-        "{uri} needs credentials: set secrets.values {} and {}, or name a fleet credential \
-         with ?credential=<name>; the fleet's own keys are never used for destinations",
-        secret_keys::ACCESS_KEY_ID,
-        secret_keys::SECRET_ACCESS_KEY
+        "{uri} needs credentials: set secrets.values {needs}, or name a fleet credential \
+         with ?credential=<name>; the fleet's own keys are never used for destinations"
     )]
-    NoCredentials { uri: String },
+    NoCredentials { uri: String, needs: &'static str },
     #[error("{uri}: no destination credential {name:?} is open to this tenant")]
     UnknownCredential { uri: String, name: String },
     #[error("{uri}: only the query ?credential=<name> is understood")]
     BadQuery { uri: String },
-    #[error("{uri}: secrets.values {}: {problem}", secret_keys::ENDPOINT_URL)]
-    Endpoint { uri: String, problem: String },
+    #[error("{uri}: the endpoint {key}: {problem}")]
+    Endpoint {
+        uri: String,
+        key: &'static str,
+        problem: String,
+    },
     #[error("destination {uri}: {source}")]
     Open { uri: String, source: StoreError },
 }
@@ -133,35 +156,27 @@ enum StoreLocation {
     #[default]
     Unknown,
     Local(PathBuf),
-    Bucket(String),
+    Bucket(Cloud, String),
 }
 
 /// A destination URI, taken apart.
 enum Parsed<'a> {
     Local(&'a Path),
-    S3 {
-        bucket: &'a str,
-        prefix: &'a str,
-        credential: Option<&'a str>,
-    },
+    Bucket(Bucket<'a>),
 }
 
-/// The keys an `s3://` destination is reached with.
-struct S3Access<'a> {
-    access_key_id: &'a str,
-    secret_access_key: &'a str,
-    session_token: Option<&'a str>,
-    endpoint: Option<&'a str>,
-    region: Option<&'a str>,
-    allow_http: Option<bool>,
-    virtual_hosted_style: Option<bool>,
-    /// The job's own: reached only through the address guard.
-    guard: Option<Guard>,
+/// A bucket destination (`s3://`, `gs://`, `az://`), taken apart.
+#[derive(Clone, Copy)]
+struct Bucket<'a> {
+    cloud: Cloud,
+    bucket: &'a str,
+    prefix: &'a str,
+    credential: Option<&'a str>,
 }
 
 fn parse(uri: &str) -> Result<Parsed<'_>, DestinationError> {
     let shown = || display_url(uri);
-    if let Some(rest) = uri.strip_prefix("s3://") {
+    if let Some((cloud, rest)) = Cloud::strip(uri) {
         let (location, query) = match rest.split_once('?') {
             Some((location, query)) => (location, Some(query)),
             None => (rest, None),
@@ -180,11 +195,12 @@ fn parse(uri: &str) -> Result<Parsed<'_>, DestinationError> {
                 _ => return Err(DestinationError::BadQuery { uri: shown() }),
             },
         };
-        return Ok(Parsed::S3 {
+        return Ok(Parsed::Bucket(Bucket {
+            cloud,
             bucket,
             prefix,
             credential,
-        });
+        }));
     }
     let path = uri
         .strip_prefix("file://")
@@ -234,7 +250,7 @@ impl Destinations {
         credentials: BTreeMap<String, DestinationCredential>,
     ) -> Self {
         let store = match parse(store_uri) {
-            Ok(Parsed::S3 { bucket, .. }) => StoreLocation::Bucket(bucket.to_owned()),
+            Ok(Parsed::Bucket(b)) => StoreLocation::Bucket(b.cloud, b.bucket.to_owned()),
             Ok(Parsed::Local(path)) => StoreLocation::Local(path.to_owned()),
             // A relative store path: the folder it names from here.
             Err(_) if !store_uri.contains("://") && !store_uri.is_empty() => {
@@ -252,7 +268,7 @@ impl Destinations {
         }
     }
 
-    /// Lets job-supplied S3 endpoints be private addresses (a fleet on
+    /// Lets job-supplied S3, GCS and Azure endpoints be private addresses (a fleet on
     /// one private network, the tests' loopback S3 server).
     pub fn allow_private_endpoints(mut self, allow: bool) -> Self {
         self.allow_private_endpoints = allow;
@@ -271,9 +287,9 @@ impl Destinations {
     }
 
     /// Whether `tenant`'s job (with `secrets`) may use `uri`: a local
-    /// folder inside an allowed root once symlinks are resolved, an
-    /// `s3://` destination outside the store's bucket with credentials of
-    /// its own. Touches no folder outside the roots.
+    /// folder inside an allowed root once symlinks are resolved, a bucket
+    /// destination outside the store's bucket with credentials of its own.
+    /// Touches no folder outside the roots.
     pub fn check(
         &self,
         tenant: &str,
@@ -282,15 +298,15 @@ impl Destinations {
     ) -> Result<(), DestinationError> {
         match parse(uri)? {
             Parsed::Local(path) => self.confine(uri, path).map(|_| ()),
-            Parsed::S3 {
-                bucket, credential, ..
-            } => {
-                if matches!(&self.store, StoreLocation::Bucket(store) if store == bucket) {
+            Parsed::Bucket(b) => {
+                if matches!(&self.store, StoreLocation::Bucket(cloud, store)
+                    if *cloud == b.cloud && store == b.bucket)
+                {
                     return Err(DestinationError::StoreOverlap {
                         uri: display_url(uri),
                     });
                 }
-                self.access(tenant, uri, credential, secrets).map(|_| ())
+                self.open_bucket(tenant, uri, b, secrets).map(|_| ())
             }
         }
     }
@@ -325,80 +341,6 @@ impl Destinations {
         Ok(resolved)
     }
 
-    /// The keys for an `s3://` destination: the named fleet credential
-    /// when the URI names one (and lists `tenant`), else the job's.
-    fn access<'a>(
-        &'a self,
-        tenant: &str,
-        uri: &str,
-        credential: Option<&str>,
-        secrets: Option<&'a Secrets>,
-    ) -> Result<S3Access<'a>, DestinationError> {
-        if let Some(name) = credential {
-            let found = self
-                .credentials
-                .get(name)
-                .filter(|c| c.tenants.iter().any(|t| t == tenant))
-                .ok_or_else(|| DestinationError::UnknownCredential {
-                    uri: display_url(uri),
-                    name: name.to_owned(),
-                })?;
-            return Ok(S3Access {
-                access_key_id: &found.access_key_id,
-                secret_access_key: &found.secret_access_key,
-                session_token: found.session_token.as_deref(),
-                endpoint: found.endpoint.as_deref(),
-                region: found.region.as_deref(),
-                allow_http: found.allow_http,
-                virtual_hosted_style: found.virtual_hosted_style,
-                guard: None,
-            });
-        }
-        let value = |key: &str| {
-            secrets
-                .and_then(|s| s.values.get(key))
-                .map(String::as_str)
-                .filter(|v| !v.is_empty())
-        };
-        match (
-            value(secret_keys::ACCESS_KEY_ID),
-            value(secret_keys::SECRET_ACCESS_KEY),
-        ) {
-            (Some(access_key_id), Some(secret_access_key)) => {
-                let guard = Guard {
-                    allow_private: self.allow_private_endpoints,
-                    trusted_hosts: Arc::from([]),
-                    max_redirects: 3,
-                };
-                let endpoint = value(secret_keys::ENDPOINT_URL);
-                if let Some(endpoint) = endpoint {
-                    let problem = |problem: String| DestinationError::Endpoint {
-                        uri: display_url(uri),
-                        problem,
-                    };
-                    let url = url::Url::parse(endpoint)
-                        .map_err(|e| problem(format!("is not a valid url: {e}")))?;
-                    guard
-                        .check_url(&url)
-                        .map_err(|refusal| problem(refusal.to_string()))?;
-                }
-                Ok(S3Access {
-                    access_key_id,
-                    secret_access_key,
-                    session_token: value(secret_keys::SESSION_TOKEN),
-                    endpoint,
-                    region: value(secret_keys::REGION),
-                    allow_http: None,
-                    virtual_hosted_style: None,
-                    guard: Some(guard),
-                })
-            }
-            _ => Err(DestinationError::NoCredentials {
-                uri: display_url(uri),
-            }),
-        }
-    }
-
     /// Opens `uri` as a store for writing (a local folder is created when
     /// missing), after [`Destinations::check`] again on the disk as it is
     /// now, and once more on the folder the store opened.
@@ -422,14 +364,7 @@ impl Destinations {
                 self.confine(uri, Path::new(opened))?;
                 Ok(store)
             }
-            Parsed::S3 {
-                bucket,
-                prefix,
-                credential,
-            } => {
-                let access = self.access(tenant, uri, credential, secrets)?;
-                ArtifactStore::open_s3(s3_builder(bucket, &access), prefix).map_err(open_error)
-            }
+            Parsed::Bucket(b) => self.open_bucket(tenant, uri, b, secrets),
         }
     }
 
@@ -451,60 +386,11 @@ impl Destinations {
                 .await
                 .map_err(|e| ProbeError::new(ProbeFailure::Unavailable, e.to_string()))?
             }
-            Parsed::S3 { .. } => {
+            Parsed::Bucket(_) => {
                 let store = self.open(tenant, uri, secrets).map_err(refused)?;
                 probe_remote(uri, &store).await
             }
         }
-    }
-}
-
-/// A builder that knows only `access`: never the environment, the
-/// instance role, or `[store.s3]`.
-fn s3_builder(bucket: &str, access: &S3Access<'_>) -> AmazonS3Builder {
-    let mut builder = AmazonS3Builder::new()
-        .with_bucket_name(bucket)
-        .with_access_key_id(access.access_key_id)
-        .with_secret_access_key(access.secret_access_key)
-        .with_region(access.region.unwrap_or("us-east-1"));
-    if let Some(token) = access.session_token {
-        builder = builder.with_token(token);
-    }
-    if let Some(endpoint) = access.endpoint {
-        builder = builder.with_endpoint(endpoint);
-    }
-    if let Some(virtual_hosted) = access.virtual_hosted_style {
-        builder = builder.with_virtual_hosted_style_request(virtual_hosted);
-    }
-    if let Some(guard) = &access.guard {
-        builder = builder.with_http_connector(GuardedConnector(guard.clone()));
-    }
-    let plain_http = access.endpoint.is_some_and(|e| e.starts_with("http://"));
-    builder.with_allow_http(access.allow_http.unwrap_or(plain_http))
-}
-
-/// HTTP for a job's own S3 endpoint: every name resolved through the
-/// address guard, every redirect hop checked.
-#[derive(Debug)]
-struct GuardedConnector(Guard);
-
-impl HttpConnector for GuardedConnector {
-    fn connect(&self, options: &ClientOptions) -> object_store::Result<HttpClient> {
-        let allow_http = options
-            .get_config_value(&ClientConfigKey::AllowHttp)
-            .is_some_and(|v| v == "true");
-        let client = reqwest::Client::builder()
-            .dns_resolver(GuardedResolver(self.0.clone()))
-            .redirect(self.0.clone().redirect_policy())
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(120))
-            .https_only(!allow_http)
-            .build()
-            .map_err(|e| object_store::Error::Generic {
-                store: "S3",
-                source: Box::new(e),
-            })?;
-        Ok(HttpClient::new(client))
     }
 }
 

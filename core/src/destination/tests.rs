@@ -205,3 +205,118 @@ fn s3_destinations_need_their_own_credentials_and_another_bucket() {
         );
     }
 }
+
+/// A GCS key that needs no private key (`disable_oauth`), as emulators take.
+fn gcs_key(base_url: Option<&str>) -> String {
+    let mut key = serde_json::json!({
+        "private_key": "",
+        "private_key_id": "",
+        "client_email": "deliver@acme.iam.gserviceaccount.com",
+        "disable_oauth": true,
+    });
+    if let Some(base_url) = base_url {
+        key["gcs_base_url"] = base_url.into();
+    }
+    key.to_string()
+}
+
+#[test]
+fn gcs_and_azure_destinations_follow_the_s3_rules() {
+    let fleet = DestinationCredential {
+        tenants: vec!["acme".into()],
+        azure_account: Some("fleetacct".into()),
+        azure_access_key: Some("a2V5".into()),
+        ..Default::default()
+    };
+    let google = DestinationCredential {
+        tenants: vec!["acme".into()],
+        gcs_service_account_key: Some(gcs_key(None)),
+        ..Default::default()
+    };
+    let rules = Destinations::new(
+        Vec::new(),
+        "gs://fleet/store",
+        [("az".to_string(), fleet), ("gcs".to_string(), google)].into(),
+    );
+    // No keys: refused, naming what to set.
+    for uri in ["gs://out/x", "az://box/x", "azure://box/x"] {
+        let error = rules.check("acme", uri, None).unwrap_err();
+        assert!(
+            matches!(error, DestinationError::NoCredentials { .. }),
+            "{uri}: {error}"
+        );
+    }
+    // An account without a key or SAS token would fall back to a managed
+    // identity: refused.
+    let account_only = secrets(&[(secret_keys::AZURE_ACCOUNT, "acct")]);
+    assert!(matches!(
+        rules.check("acme", "az://box/x", Some(&account_only)),
+        Err(DestinationError::NoCredentials { .. })
+    ));
+    let azure = secrets(&[
+        (secret_keys::AZURE_ACCOUNT, "acct"),
+        (secret_keys::AZURE_ACCOUNT_KEY, "a2V5"),
+    ]);
+    rules.check("acme", "az://box/x", Some(&azure)).unwrap();
+    let store = rules.open("acme", "azure://box/x/", Some(&azure)).unwrap();
+    assert_eq!(store.root(), "az://box/x");
+    let google = secrets(&[(secret_keys::GCS_SERVICE_ACCOUNT_KEY, &gcs_key(None))]);
+    rules.check("acme", "gs://out/x", Some(&google)).unwrap();
+    // The store's bucket, in the same cloud only.
+    assert!(matches!(
+        rules.check("acme", "gs://fleet/other", Some(&google)),
+        Err(DestinationError::StoreOverlap { .. })
+    ));
+    rules
+        .check("acme", "az://fleet/other", Some(&azure))
+        .unwrap();
+    // Fleet credentials: only for the tenants they list.
+    rules
+        .check("acme", "az://box/x?credential=az", None)
+        .unwrap();
+    rules
+        .check("acme", "gs://out/x?credential=gcs", None)
+        .unwrap();
+    for (tenant, uri) in [
+        ("globex", "az://box/x?credential=az"),
+        ("acme", "gs://out/x?credential=az"),
+    ] {
+        let error = rules.check(tenant, uri, None).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                DestinationError::UnknownCredential { .. } | DestinationError::NoCredentials { .. }
+            ),
+            "{tenant} {uri}: {error}"
+        );
+    }
+    // A job's own endpoints go through the address guard: given on their
+    // own, or inside the service account's key.
+    let private = "http://169.254.169.254";
+    for own in [
+        secrets(&[
+            (secret_keys::GCS_SERVICE_ACCOUNT_KEY, &gcs_key(None)),
+            (secret_keys::GCS_BASE_URL, private),
+        ]),
+        secrets(&[(
+            secret_keys::GCS_SERVICE_ACCOUNT_KEY,
+            &gcs_key(Some(private)),
+        )]),
+    ] {
+        assert!(matches!(
+            rules.check("acme", "gs://out/x", Some(&own)),
+            Err(DestinationError::Endpoint { .. })
+        ));
+    }
+    let mut own = azure.clone();
+    own.values
+        .insert(secret_keys::AZURE_ENDPOINT.into(), private.into());
+    assert!(matches!(
+        rules.check("acme", "az://box/x", Some(&own)),
+        Err(DestinationError::Endpoint { .. })
+    ));
+    assert!(matches!(
+        rules.check("acme", "gs://out/../x", Some(&google)),
+        Err(DestinationError::ParentDir { .. })
+    ));
+}

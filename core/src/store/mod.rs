@@ -1,8 +1,9 @@
 //! The artifact store: one `object_store` abstraction for every byte a job
 //! produces or consumes. A store is opened at a URI (`file:///abs/dir`, a
 //! local path, or `s3://bucket/prefix`, configured by [`S3Options`] — the
-//! `[store.s3]` table — over the usual `AWS_*` variables) and addresses
-//! objects by keys below it.
+//! `[store.s3]` table — over the usual `AWS_*` variables; `gs://` and
+//! `az://` ones by `[store.gcs]` and `[store.azure]`, in `cloud.rs`) and
+//! addresses objects by keys below it.
 //!
 //! Layout by tenant (see [`keys`]): `tenants/<tenant>/uploads/<id>/…`,
 //! `tenants/<tenant>/jobs/<job>/{dataset,checkpoints/<step>,output,logs}/…`,
@@ -37,12 +38,13 @@ use trainyard_proto::TenantId;
 use trainyard_proto::v1::Artifact;
 
 mod checkpoint;
+mod cloud;
 pub mod keys;
 mod presign;
 pub mod scope;
 mod stream;
 
-pub use crate::config::S3Options;
+pub use crate::config::{AzureOptions, GcsOptions, S3Options};
 pub use checkpoint::{CheckpointFile, CheckpointManifest};
 pub use presign::{CHECKSUM_HEADER, get_url, put_url};
 pub use scope::{ReadCaps, ScopeError};
@@ -57,7 +59,7 @@ const PART: usize = 8 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("unsupported store uri {0:?}: use file://, a local path or s3://")]
+    #[error("unsupported store uri {0:?}: use file://, a local path, s3://, gs:// or az://")]
     BadUri(String),
     #[error("object {0} not found")]
     NotFound(String),
@@ -75,7 +77,7 @@ pub enum StoreError {
     TooManyFiles { uri: String, max: usize },
     #[error("{uri} holds more than {max} bytes (the cap of one read)")]
     TooLarge { uri: String, max: u64 },
-    #[error("the artifact store {0} cannot sign URLs (only an s3:// one can)")]
+    #[error("the store {0} cannot sign URLs (a local one cannot; nor one reached by a SAS token)")]
     CannotSign(String),
     #[error("artifact store: {0}")]
     Backend(#[from] object_store::Error),
@@ -116,7 +118,7 @@ pub struct ArtifactStore {
     prefix: StorePath,
     /// The stage label its byte counters carry; `None` counts nothing.
     stage: Option<&'static str>,
-    /// Signs presigned URLs (`presign.rs`): set for an S3 store only.
+    /// Signs presigned URLs (`presign.rs`): set for an S3, GCS or Azure store.
     signer: Option<Arc<dyn object_store::signer::Signer>>,
 }
 

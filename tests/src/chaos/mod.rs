@@ -160,7 +160,7 @@ impl Chaos {
         config.worker.stop_grace_secs = 5;
         config.uploader.allowed_local_roots = vec![dir.path().to_owned()];
         tweak(&mut config);
-        let store = ArtifactStore::open_with(&config.store.uri, &config.store.s3).expect("store");
+        let store = ArtifactStore::open_config(&config.store).expect("store");
         Chaos {
             dir,
             nats,
