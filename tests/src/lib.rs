@@ -5,7 +5,9 @@
 //! a deadline instead of sleeping.
 
 pub mod autoscale;
+pub mod azurite;
 pub mod chaos;
+pub mod gcs;
 pub mod hub;
 pub mod kube;
 pub mod otlp;
