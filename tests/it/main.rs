@@ -24,6 +24,7 @@ mod autoscaler_local;
 mod autoscaler_runpod;
 mod autoscaler_runpod_e2e;
 mod backends;
+mod cloud_delivery;
 mod cloud_stores;
 mod deploy_one_box;
 mod drain;

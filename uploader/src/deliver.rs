@@ -8,12 +8,13 @@ use std::path::{Path, PathBuf};
 use tracing::Instrument;
 use trainyard_core::Config;
 use trainyard_core::destination::Destinations;
+use trainyard_core::destination::chain;
 use trainyard_core::redact::{display_url, redact_in};
 use trainyard_core::runtime::{StageError, StageHandler, TaskContext};
 use trainyard_core::store::{ArtifactStore, StoreError, keys};
 use trainyard_proto::v1::{
-    Artifact, DeliverOutput, DeliverTask, DeliveredFile, ErrorKind, JobSpec, Secrets,
-    stage_result::Outcome,
+    Artifact, DeliverOutput, DeliverTask, DeliveredFile, ErrorKind, JobSpec, LogLine, Secrets,
+    Stage, job_event::Kind, stage_result::Outcome,
 };
 
 pub struct DeliverStage {
@@ -136,47 +137,58 @@ impl DeliverStage {
                 "nothing to deliver: the training stage stored no output",
             ));
         }
-        let mut targets = vec![Target {
-            label: String::new(),
-            store: self.store.clone(),
-            prefix: keys::output(&ctx.meta.tenant, &ctx.meta.job),
-        }];
+        // Every destination is opened (and so checked) before any byte
+        // moves; one that cannot be opened is its chain's failure.
+        let mut opened = Vec::with_capacity(spec.destinations.len());
         for destination in &spec.destinations {
-            targets.push(Target {
-                label: destination.uri.clone(),
-                store: self.destination(&task.tenant, &destination.uri, spec.secrets.as_ref())?,
-                prefix: job.to_string(),
-            });
+            opened.push(Some(
+                self.destination(&task.tenant, &destination.uri, spec.secrets.as_ref())
+                    .map(|store| Target {
+                        label: destination.uri.clone(),
+                        store,
+                        prefix: job.to_string(),
+                    }),
+            ));
+        }
+        // A chain none of whose members can even be opened fails the job
+        // now, before a byte moves, as a single destination always has.
+        for members in chain::chains(&spec.destinations) {
+            if members.iter().all(|&m| matches!(opened[m], Some(Err(_))))
+                && let Some(&last) = members.last()
+                && let Some(Err(error)) = opened[last].take()
+            {
+                return Err(error);
+            }
         }
         let own = keys::job(&ctx.meta.tenant, &ctx.meta.job);
         let locals = self.fetch_all(&task.artifacts, &own, work).await?;
         // Per artifact, its copy in each target, in target order.
         let mut copies: Vec<Vec<DeliveredFile>> = vec![Vec::new(); task.artifacts.len()];
-        for target in &targets {
-            let span = target.span();
-            let mut tally = Tally::default();
-            let result = self
-                .deliver_to(target, &task.artifacts, &locals, ctx, work, &mut tally)
-                .instrument(span.clone())
-                .await;
-            span.record("trainyard.files", tally.files);
-            span.record("trainyard.bytes", tally.bytes);
-            trainyard_core::telemetry::metrics().artifact_uploaded("deliver", tally.bytes);
-            let delivered = match result {
-                Ok(delivered) => delivered,
-                Err(error) => {
-                    span.record("trainyard.outcome", "error");
-                    return Err(error);
-                }
-            };
-            span.record(
-                "trainyard.outcome",
-                if tally.copied > 0 {
-                    "verified"
-                } else {
-                    "already_present"
-                },
-            );
+        let output = Target {
+            label: String::new(),
+            store: self.store.clone(),
+            prefix: keys::output(&ctx.meta.tenant, &ctx.meta.job),
+        };
+        let delivered = self
+            .deliver_target(&output, &task.artifacts, &locals, ctx, work)
+            .await?;
+        let mut targets = vec![output];
+        for (copy, list) in delivered.into_iter().zip(copies.iter_mut()) {
+            list.push(copy);
+        }
+        for members in chain::chains(&spec.destinations) {
+            let (target, delivered) = self
+                .deliver_chain(
+                    &members,
+                    &mut opened,
+                    &spec,
+                    &task.artifacts,
+                    &locals,
+                    ctx,
+                    work,
+                )
+                .await?;
+            targets.push(target);
             for (copy, list) in delivered.into_iter().zip(copies.iter_mut()) {
                 list.push(copy);
             }
@@ -220,6 +232,94 @@ impl DeliverStage {
             files: copies.into_iter().flatten().collect(),
             manifest_uri,
         }))
+    }
+
+    /// One chain of destinations ([`chain`]): each member in order until one
+    /// takes every artifact; a failure before the last is noted on the
+    /// job's events (the destination named without credentials, the reason
+    /// redacted) and the next is tried; the last one's failure is the
+    /// job's. A cancelled or stopping task stops at once.
+    #[allow(clippy::too_many_arguments)]
+    async fn deliver_chain(
+        &self,
+        members: &[usize],
+        opened: &mut [Option<Result<Target, StageError>>],
+        spec: &JobSpec,
+        artifacts: &[Artifact],
+        locals: &[PathBuf],
+        ctx: &TaskContext,
+        work: &Path,
+    ) -> Result<(Target, Vec<DeliveredFile>), StageError> {
+        let mut members = members.iter().peekable();
+        while let Some(&index) = members.next() {
+            let result = match opened[index]
+                .take()
+                .expect("each destination is tried once")
+            {
+                Ok(target) => self
+                    .deliver_target(&target, artifacts, locals, ctx, work)
+                    .await
+                    .map(|delivered| (target, delivered)),
+                Err(error) => Err(error),
+            };
+            let error = match result {
+                Ok(done) => return Ok(done),
+                Err(error @ (StageError::Cancelled | StageError::Interrupted)) => {
+                    return Err(error);
+                }
+                Err(error) => error,
+            };
+            let Some(&&next) = members.peek() else {
+                return Err(error);
+            };
+            let uri = &spec.destinations[index].uri;
+            let line = format!(
+                "destination {} failed: {}; trying the next one, {}",
+                display_url(uri),
+                redact_in(&error.to_string(), uri),
+                display_url(&spec.destinations[next].uri),
+            );
+            tracing::warn!(job = %ctx.meta.job, "{line}");
+            ctx.events
+                .emit(Kind::Log(LogLine {
+                    stage: Stage::Deliver as i32,
+                    stream: "uploader".into(),
+                    line,
+                }))
+                .await;
+        }
+        Err(StageError::fail(
+            ErrorKind::Internal,
+            "an empty destination chain",
+        ))
+    }
+
+    /// Every artifact to `target`, inside its span (`deliver.output` or
+    /// `deliver.destination`), counting what moved.
+    async fn deliver_target(
+        &self,
+        target: &Target,
+        artifacts: &[Artifact],
+        locals: &[PathBuf],
+        ctx: &TaskContext,
+        work: &Path,
+    ) -> Result<Vec<DeliveredFile>, StageError> {
+        let span = target.span();
+        let mut tally = Tally::default();
+        let result = self
+            .deliver_to(target, artifacts, locals, ctx, work, &mut tally)
+            .instrument(span.clone())
+            .await;
+        span.record("trainyard.files", tally.files);
+        span.record("trainyard.bytes", tally.bytes);
+        trainyard_core::telemetry::metrics().artifact_uploaded("deliver", tally.bytes);
+        let outcome = match (&result, tally.copied) {
+            (Err(_), _) => "error",
+            (Ok(_), 0) => "already_present",
+            (Ok(_), _) => "verified",
+        };
+        span.record("trainyard.outcome", outcome);
+        result
     }
 
     /// Every artifact to `target`, in order: kept when it is already

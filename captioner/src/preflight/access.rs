@@ -190,7 +190,21 @@ impl AccessChecks {
             )
         });
         let mut report = Report::default();
-        for (raw, result) in futures::future::join_all(probes).await {
+        let mut results: Vec<_> = futures::future::join_all(probes).await;
+        // A chain (`on_error = "next"`) is a problem only when none of its
+        // members can be written; then its last member's answer is the one.
+        for members in trainyard_core::destination::chain::chains(&spec.destinations) {
+            if members.iter().any(|&m| results[m].1.is_ok()) {
+                for &m in &members {
+                    results[m].1 = Ok(());
+                }
+            } else if let Some((_, rest)) = members.split_last() {
+                for &m in rest {
+                    results[m].1 = Ok(());
+                }
+            }
+        }
+        for (raw, result) in results {
             let Err(error) = result else { continue };
             // Messages name the destination: never with its credentials.
             let uri = display_url(raw);

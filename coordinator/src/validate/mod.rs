@@ -59,6 +59,13 @@ fn is_store_uri(uri: &str) -> bool {
     uri.starts_with("file:///") || uri.starts_with("s3://") || uri.starts_with('/')
 }
 
+/// A destination: a store URI, or a GCS or Azure bucket.
+fn is_bucket_destination(uri: &str) -> bool {
+    ["gs://", "az://", "azure://"]
+        .iter()
+        .any(|scheme| uri.starts_with(scheme))
+}
+
 /// Collects problems; checks go on after one fails, so a client sees every
 /// problem of its spec at once.
 #[derive(Default)]
@@ -118,11 +125,11 @@ pub fn normalise(mut spec: JobSpec) -> Result<JobSpec, Invalid> {
     normalise_model(&mut spec, &mut p);
     normalise_caption(&mut spec, &mut p);
     for (i, destination) in spec.destinations.iter().enumerate() {
-        if !is_store_uri(&destination.uri) {
+        if !is_store_uri(&destination.uri) && !is_bucket_destination(&destination.uri) {
             p.add(
                 &format!("destinations[{i}].uri"),
                 format!(
-                    "{} is not a file:///, s3:// or absolute path",
+                    "{} is not a file:///, s3://, gs://, az:// or absolute path",
                     trainyard_core::redact::display_url(&destination.uri)
                 ),
             );
@@ -174,6 +181,11 @@ pub fn check_destinations(
             };
             p.add(&format!("destinations[{i}].uri"), problem);
         }
+    }
+    if let Err((i, problem)) =
+        trainyard_core::destination::chain::check_on_error(&spec.destinations)
+    {
+        p.add(&format!("destinations[{i}].on_error"), problem);
     }
     if p.0.is_empty() {
         Ok(())

@@ -50,6 +50,7 @@ use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 use trainyard_proto::v1::Secrets;
 
+pub mod chain;
 mod remote;
 
 /// The `secrets.values` keys a bucket destination's job credentials are
