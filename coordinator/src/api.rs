@@ -142,6 +142,9 @@ pub struct JobApi {
     /// The artifact store's root URI: a spec may name only its tenant's
     /// prefix below it.
     pub store_root: String,
+    /// Signs the download URLs of the outputs `Get` and `List` show;
+    /// `None`: they show none.
+    pub download_urls: Option<std::sync::Arc<crate::downloads::DownloadUrls>>,
 }
 
 /// The `ty_idem` key of a tenant's idempotency key.
@@ -411,7 +414,18 @@ impl JobApi {
 
     pub async fn get(&self, tenant: &TenantId, job_id: &str) -> Result<JobRecord, ApiError> {
         let job = parse_job(job_id)?;
-        Ok(self.repo.get(tenant, &job).await?.record.redacted())
+        let record = self.repo.get(tenant, &job).await?.record;
+        Ok(self.shown(record).await)
+    }
+
+    /// A record as a client sees it: download URLs filled (from the
+    /// stored record, whose sealed secrets a destination signs with), then
+    /// redacted.
+    async fn shown(&self, mut record: JobRecord) -> JobRecord {
+        if let Some(urls) = &self.download_urls {
+            urls.fill(&mut record).await;
+        }
+        record.redacted()
     }
 
     pub async fn list(
@@ -451,7 +465,7 @@ impl JobApi {
                     .unwrap_or_default();
                 break;
             }
-            jobs.push(record.redacted());
+            jobs.push(self.shown(record).await);
         }
         Ok(ListResponse {
             jobs,

@@ -16,6 +16,7 @@
 pub mod api;
 pub mod auth;
 pub mod backlog;
+pub mod downloads;
 pub mod effects;
 pub mod grpc;
 pub mod job;
@@ -93,6 +94,18 @@ pub async fn run(
         None
     };
     let store = trainyard_core::store::ArtifactStore::open_config(&config.store)?;
+    let listener = TcpListener::bind(&config.coordinator.grpc_addr).await?;
+    let addr = listener.local_addr()?;
+    let download_urls = Arc::new(downloads::DownloadUrls::new(
+        store.clone(),
+        Duration::from_secs(config.coordinator.download_url_ttl_secs),
+        config.coordinator.public_url.clone().unwrap_or_else(|| {
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            format!("{scheme}://{addr}")
+        }),
+        trainyard_core::destination::Destinations::from_config(&config),
+        secrets.clone(),
+    ));
     let api = api::JobApi {
         repo: repo.clone(),
         idem: idem.clone(),
@@ -106,10 +119,12 @@ pub async fn run(
         secrets,
         max_spec_bytes: config.coordinator.max_spec_bytes,
         store_root: store.root().to_string(),
+        download_urls: Some(download_urls.clone()),
     };
     let deliverer = match webhook_secrets {
         Some(secrets) => {
             webhooks::Deliverer::new(&config.webhooks, repo.clone(), js.clone(), secrets)?
+                .map(|d| d.with_download_urls(download_urls.clone()))
         }
         None => None,
     };
@@ -138,8 +153,6 @@ pub async fn run(
     let api_requests = nats_api::subscribe(&client)
         .await
         .map_err(|e| anyhow::anyhow!("cannot subscribe to the NATS API: {e}"))?;
-    let listener = TcpListener::bind(&config.coordinator.grpc_addr).await?;
-    let addr = listener.local_addr()?;
     tracing::info!(%addr, tls = tls.is_some(), "gRPC listening");
     if let Some(ready) = ready {
         let _ = ready.send(addr);
@@ -262,7 +275,10 @@ pub async fn run(
     if let Some(tls) = tls {
         server = server.tls_config(tls)?;
     }
+    // HTTP/1.1 beside gRPC: the download route of a local store's URLs.
     server
+        .accept_http1(true)
+        .add_routes(tonic::service::Routes::from(download_urls.router()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service)

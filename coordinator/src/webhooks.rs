@@ -52,7 +52,7 @@
 pub mod secrets;
 mod sign;
 
-pub use sign::{Secret, SecretError, signature};
+pub use sign::{Secret, SecretError, hmac_sha256, signature};
 
 pub use secrets::{SecretStore, SecretStoreError, TenantSecrets};
 
@@ -155,8 +155,17 @@ pub fn messages_for(record: &JobRecord, state: JobState, at_ms: i64) -> Vec<Outg
         .collect()
 }
 
-/// The JSON body: ids, name, labels, state, error or outputs. Never the
-/// spec itself, so never a secret.
+/// An output's `download_url` and `download_url_expires_at` (RFC 3339),
+/// when it has one.
+fn with_download_url(shown: &mut serde_json::Value, url: &str, expires_at_ms: i64) {
+    if !url.is_empty() {
+        shown["download_url"] = url.into();
+        shown["download_url_expires_at"] = trainyard_core::rfc3339(expires_at_ms).into();
+    }
+}
+
+/// The JSON body: ids, name, labels, state, error or outputs (with their
+/// download URLs). Never the spec itself, so never a secret.
 fn body(record: &JobRecord, kind: &str, state: JobState, at_ms: i64) -> Vec<u8> {
     let spec = record.spec.clone().unwrap_or_default().redacted();
     let mut data = serde_json::json!({
@@ -182,12 +191,20 @@ fn body(record: &JobRecord, kind: &str, state: JobState, at_ms: i64) -> Vec<u8> 
         data["artifacts"] = record
             .artifacts
             .iter()
-            .map(|a| serde_json::json!({"name": a.name, "uri": a.uri, "size": a.size, "sha256": a.sha256}))
+            .map(|a| {
+                let mut shown = serde_json::json!({"name": a.name, "uri": a.uri, "size": a.size, "sha256": a.sha256});
+                with_download_url(&mut shown, &a.download_url, a.download_url_expires_at_ms);
+                shown
+            })
             .collect();
         data["delivered"] = record
             .delivered
             .iter()
-            .map(|d| serde_json::json!({"destination": d.destination, "uri": d.uri, "size": d.size, "sha256": d.sha256}))
+            .map(|d| {
+                let mut shown = serde_json::json!({"destination": d.destination, "uri": d.uri, "size": d.size, "sha256": d.sha256});
+                with_download_url(&mut shown, &d.download_url, d.download_url_expires_at_ms);
+                shown
+            })
             .collect();
     }
     serde_json::to_vec(&serde_json::json!({
@@ -221,9 +238,20 @@ pub struct Deliverer {
     secrets: SecretStore,
     policy: retry::Policy,
     max_age: Duration,
+    /// Signs the outputs' download URLs a `job.completed` body carries.
+    download_urls: Option<std::sync::Arc<crate::downloads::DownloadUrls>>,
 }
 
 impl Deliverer {
+    /// `job.completed` bodies carry download URLs signed by `urls`.
+    pub fn with_download_urls(
+        mut self,
+        urls: std::sync::Arc<crate::downloads::DownloadUrls>,
+    ) -> Self {
+        self.download_urls = Some(urls);
+        self
+    }
+
     /// `None` when webhooks are off. Each delivery is signed with its
     /// tenant's secrets from `secrets`.
     pub fn new(
@@ -259,6 +287,7 @@ impl Deliverer {
             secrets,
             policy,
             max_age: Duration::from_secs(config.max_age_secs.max(1)),
+            download_urls: None,
         }))
     }
 
@@ -346,6 +375,12 @@ impl Deliverer {
                 return AckKind::Ack;
             }
         };
+        let mut record = record;
+        if claimed == JobState::Succeeded
+            && let Some(urls) = &self.download_urls
+        {
+            urls.fill(&mut record).await;
+        }
         let outgoing = messages_for(&record, claimed, at_ms);
         if outgoing.is_empty() {
             return AckKind::Ack;

@@ -152,6 +152,18 @@ impl Keyring {
         Ok(Keyring { keys })
     }
 
+    /// A 32-byte key for `purpose` (signing download links, …), derived
+    /// from the sealing key so every coordinator of the fleet agrees on it
+    /// and it rotates with it; it reveals nothing of the sealing key.
+    pub fn derive(&self, purpose: &str) -> [u8; 32] {
+        use sha2::Digest;
+        let mut hasher = sha2::Sha256::new();
+        hasher.update(b"trainyard derived key\0");
+        hasher.update(self.keys[0].1.as_slice());
+        hasher.update(purpose.as_bytes());
+        hasher.finalize().into()
+    }
+
     /// The id of the key that seals.
     pub fn current_key_id(&self) -> &str {
         &self.keys[0].0

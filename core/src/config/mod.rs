@@ -153,6 +153,9 @@ impl Config {
         if !(1..=604_800).contains(&self.store.presign_expiry_secs) {
             return bad("store.presign_expiry_secs must be from 1 to 604800 (seven days)");
         }
+        if !(1..=604_800).contains(&self.coordinator.download_url_ttl_secs) {
+            return bad("coordinator.download_url_ttl_secs must be from 1 to 604800 (seven days)");
+        }
         for (key, tenant) in &self.coordinator.tokens {
             if crate::auth::parse_token_key(key).is_none() {
                 return bad(

@@ -46,6 +46,13 @@ pub struct CoordinatorConfig {
     /// limit (and a quarter of the server's `max_payload` is the ceiling
     /// whatever this says).
     pub max_spec_bytes: usize,
+    /// How long the download URLs `Get`, `List` and the `job.completed`
+    /// webhook hand out stay good, in seconds (1 to 604800).
+    pub download_url_ttl_secs: u64,
+    /// The coordinator's address as clients reach it, for the download
+    /// URLs of a local artifact store (`https://yard.example.com:50051`).
+    /// Unset: the gRPC listener's own address (`https://` with TLS).
+    pub public_url: Option<String>,
 }
 
 impl Default for CoordinatorConfig {
@@ -62,6 +69,8 @@ impl Default for CoordinatorConfig {
             validate_timeout_secs: 300,
             backlog_interval_secs: 5,
             max_spec_bytes: 64 << 10,
+            download_url_ttl_secs: 3600,
+            public_url: None,
         }
     }
 }
