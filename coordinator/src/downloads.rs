@@ -13,10 +13,12 @@
 //!   key (a key of this process's own when the fleet has none). The route
 //!   checks the MAC in constant time and the expiry, and serves only keys
 //!   below a job's `output/`, streaming the exact bytes with their length.
-//! - A delivered file in a bucket destination is signed with the job's own
-//!   keys (or its fleet credential), opened under the same rules as the
-//!   uploader used; one that cannot sign (a local folder, a SAS-token
-//!   container) gets no URL.
+//! - A delivered file in a bucket destination reached through a fleet
+//!   credential (`?credential=<name>`, opened under the same rules as the
+//!   uploader used) is signed with that credential. One reached with the
+//!   job's own keys gets no URL: a final job's sealed secrets are dropped
+//!   from its record (`repo.rs`), and the tenant holds those keys and can
+//!   sign for itself. Nor does a local folder or a SAS-token container.
 //!
 //! Only keys of the record's own tenant and job are ever signed: the key
 //! is checked against `tenants/<tenant>/jobs/<job>/output/` before signing.
@@ -207,8 +209,9 @@ impl DownloadUrls {
         }
     }
 
-    /// A URL a bucket destination signs for `uri`, opened with the job's
-    /// keys under the destination rules.
+    /// A URL a bucket destination signs for `uri`, opened under the
+    /// destination rules (a fleet credential; the job's keys while the
+    /// record still holds them).
     async fn destination_url(
         &self,
         tenant: &str,

@@ -5,9 +5,11 @@
 
 use sha2::{Digest, Sha256};
 use std::time::Duration;
+use trainyard_core::config::DestinationCredential;
 use trainyard_core::destination::secret_keys;
 use trainyard_proto::v1::{Destination, JobRecord, JobSpec, JobState, job_event::Kind};
 use trainyard_tests::azurite::Azurite;
+use trainyard_tests::gcs::GcsServer;
 use trainyard_tests::*;
 
 /// Runs `spec` to its end; the final record and the log lines on the way.
@@ -88,9 +90,150 @@ async fn a_chain_falls_back_past_a_bucket_that_refuses_its_keys() {
 }
 
 /// sha256 of what `url` answers, with its status.
-pub async fn fetch_sha256(url: &str) -> (u16, String) {
+async fn fetch_sha256(url: &str) -> (u16, String) {
     let response = reqwest::get(url).await.expect("get");
     let status = response.status().as_u16();
     let body = response.bytes().await.expect("body");
     (status, hex::encode(Sha256::digest(&body)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_delivers_to_azure_and_gcs_and_get_hands_out_urls_of_its_bytes() {
+    let azurite = Azurite::start();
+    azurite.create_container("deliveries").await;
+    let gcs = GcsServer::start().await;
+    gcs.create_bucket("deliveries");
+    // Azure through the fleet's credential (so Get can sign its copies),
+    // GCS with the job's own service account key.
+    let credential = DestinationCredential {
+        tenants: vec!["acme".into()],
+        azure_account: Some(trainyard_tests::azurite::ACCOUNT.into()),
+        azure_access_key: Some(trainyard_tests::azurite::ACCOUNT_KEY.into()),
+        endpoint: Some(azurite.endpoint.clone()),
+        ..Default::default()
+    };
+    let fleet = Fleet::start_with(Services::ALL, |config| {
+        config
+            .destinations
+            .credentials
+            .insert("azurite".into(), credential);
+    })
+    .await;
+    let mut spec = spec(&fleet.sample_uri().await, 20);
+    let mut secrets = trainyard_proto::v1::Secrets::default();
+    secrets.values.insert(
+        secret_keys::GCS_SERVICE_ACCOUNT_KEY.into(),
+        gcs.service_account_key(),
+    );
+    spec.secrets = Some(secrets);
+    spec.destinations = [
+        "az://deliveries/out?credential=azurite",
+        "gs://deliveries/out",
+    ]
+    .into_iter()
+    .map(|uri| Destination {
+        uri: uri.into(),
+        ..Default::default()
+    })
+    .collect();
+    let (record, lines) = run(&fleet, spec).await;
+    assert_eq!(record.state(), JobState::Succeeded, "{lines:#?}");
+    let adapter = record
+        .artifacts
+        .iter()
+        .find(|a| a.name == "lora.safetensors")
+        .expect("adapter");
+    let key = format!("out/{}/lora.safetensors", record.job_id);
+    let in_azure = azurite
+        .store("deliveries")
+        .get_bytes(&key)
+        .await
+        .expect("azure object");
+    assert_eq!(hex::encode(Sha256::digest(&in_azure)), adapter.sha256);
+    let in_gcs = gcs.object("deliveries", &key).expect("gcs object");
+    assert_eq!(hex::encode(Sha256::digest(&in_gcs)), adapter.sha256);
+    assert!(
+        gcs.keys("deliveries")
+            .contains(&format!("out/{}/manifest.json", record.job_id)),
+        "{:?}",
+        gcs.keys("deliveries")
+    );
+    // Get signs a URL per output: the coordinator's route for the local
+    // store, each bucket's own signer for the delivered copies.
+    let mut client = fleet.client(TOKEN).await;
+    let shown = get(&mut client, &record.job_id).await;
+    let now = trainyard_core::now_ms();
+    for artifact in &shown.artifacts {
+        assert!(
+            artifact.download_url.contains("/v1/download/"),
+            "{artifact:?}"
+        );
+        assert!(artifact.download_url_expires_at_ms > now);
+        assert_eq!(
+            fetch_sha256(&artifact.download_url).await,
+            (200, artifact.sha256.clone()),
+            "{}",
+            artifact.name
+        );
+    }
+    let mut signed = 0;
+    for file in &shown.delivered {
+        if file.destination.starts_with("az://") {
+            assert!(!file.download_url.is_empty(), "{file:?}");
+            assert!(file.download_url.contains("sig="), "a SAS: {file:?}");
+            assert_eq!(
+                fetch_sha256(&file.download_url).await,
+                (200, file.sha256.clone()),
+                "{}",
+                file.uri
+            );
+            signed += 1;
+        } else if file.destination.starts_with("gs://") {
+            // The job's own key is gone with its secrets once it ended.
+            assert!(file.download_url.is_empty(), "{file:?}");
+        }
+    }
+    assert_eq!(signed, 1, "{:?}", shown.delivered);
+
+    // The route refuses a token with a changed character, and one whose
+    // time has passed (made with the fleet's key and an expiry in the past).
+    let url = &shown.artifacts[0].download_url;
+    let (base, token) = url.split_once("/v1/download/").expect("route");
+    let mut tampered = token.to_string();
+    let last = tampered.pop().expect("token");
+    tampered.push(if last == 'A' { 'B' } else { 'A' });
+    let (status, _) = fetch_sha256(&format!("{base}/v1/download/{tampered}")).await;
+    assert_eq!(status, 403);
+    let keyring = trainyard_core::secrets::Keyring::load(
+        fleet.config.secrets.key_file.as_deref().expect("key file"),
+    )
+    .expect("keyring");
+    let fleet_urls = trainyard_coordinator::downloads::DownloadUrls::new(
+        fleet.store.clone(),
+        Duration::from_secs(60),
+        base.to_string(),
+        Default::default(),
+        Some(std::sync::Arc::new(keyring)),
+    );
+    let output_key = fleet.store.key_of(&shown.artifacts[0].uri).expect("key");
+    let expired = fleet_urls.token(&output_key, now - 1);
+    let (status, _) = fetch_sha256(&format!("{base}/v1/download/{expired}")).await;
+    assert_eq!(status, 403, "an expired link");
+    let fresh = fleet_urls.token(&output_key, now + 60_000);
+    assert_eq!(
+        fetch_sha256(&format!("{base}/v1/download/{fresh}")).await,
+        (200, shown.artifacts[0].sha256.clone()),
+        "the same key, unexpired, under the fleet's key"
+    );
+    // Another tenant's job is not theirs to Get, so never signed for them.
+    let mut other = fleet.client(OTHER_TOKEN).await;
+    assert!(
+        other
+            .get(trainyard_proto::v1::GetRequest {
+                job_id: record.job_id.clone(),
+            })
+            .await
+            .is_err()
+    );
+    fleet.stop().await;
 }

@@ -121,7 +121,8 @@ impl Destinations {
                 if let Some(endpoint) = &c.endpoint {
                     builder = builder.with_base_url(endpoint);
                 }
-                let http = c.allow_http.unwrap_or(plain_http(c.endpoint.as_deref()));
+                let base = c.endpoint.clone().or_else(|| base_in_key(key));
+                let http = c.allow_http.unwrap_or(plain_http(base.as_deref()));
                 builder = builder.with_client_options(ClientOptions::new().with_allow_http(http));
                 ArtifactStore::open_gcs(builder, prefix)
             }
@@ -168,6 +169,15 @@ fn value<'s>(secrets: &'s Secrets, key: &str) -> Option<&'s str> {
         .get(key)
         .map(String::as_str)
         .filter(|v| !v.is_empty())
+}
+
+/// The server a service account's key names (`gcs_base_url`), if any.
+fn base_in_key(key: &str) -> Option<String> {
+    serde_json::from_str::<serde_json::Value>(key)
+        .ok()?
+        .get("gcs_base_url")?
+        .as_str()
+        .map(str::to_owned)
 }
 
 fn plain_http(endpoint: Option<&str>) -> bool {
@@ -226,9 +236,7 @@ impl Job<'_> {
         Some((|| {
             // The key itself may name a server (`gcs_base_url`): it is the
             // job's too, and checked like one given on its own.
-            let in_key = serde_json::from_str::<serde_json::Value>(key)
-                .ok()
-                .and_then(|v| v.get("gcs_base_url")?.as_str().map(str::to_owned));
+            let in_key = base_in_key(key);
             let base = value(secrets, secret_keys::GCS_BASE_URL).map(str::to_owned);
             for endpoint in [&base, &in_key].into_iter().flatten() {
                 self.endpoint(secret_keys::GCS_BASE_URL, endpoint)?;
