@@ -154,6 +154,7 @@ pub fn record_text(record: &JobRecord) -> String {
                 HumanBytes(a.size).to_string(),
                 a.uri
             );
+            download_line(&mut out, &a.download_url, a.download_url_expires_at_ms);
         }
     }
     if !record.delivered.is_empty() {
@@ -165,12 +166,25 @@ pub fn record_text(record: &JobRecord) -> String {
                 HumanBytes(d.size).to_string(),
                 display_uri(&d.uri)
             );
+            download_line(&mut out, &d.download_url, d.download_url_expires_at_ms);
         }
     }
     if !record.manifest_uri.is_empty() {
         let _ = writeln!(out, "manifest {}", display_uri(&record.manifest_uri));
     }
     out
+}
+
+/// An output's signed download URL, when the coordinator gave one, and
+/// when it stops working.
+fn download_line(out: &mut String, url: &str, expires_at_ms: i64) {
+    if !url.is_empty() {
+        let _ = writeln!(
+            out,
+            "    download (until {}) {url}",
+            trainyard_core::rfc3339(expires_at_ms)
+        );
+    }
 }
 
 /// What `yard validate` prints: every problem, the warnings, the estimate,
@@ -260,11 +274,18 @@ mod tests {
                 uri: "file:///s/jobs/j-1/output/lora.safetensors".into(),
                 size: 2048,
                 sha256: "ab".into(),
-                ..Default::default()
+                download_url: "http://yard:50051/v1/download/t.m".into(),
+                download_url_expires_at_ms: 1_796_617_210_824,
             }],
             ..Default::default()
         };
         let text = record_text(&record);
+        assert!(
+            text.contains(
+                "download (until 2026-12-07T04:20:10.824Z) http://yard:50051/v1/download/t.m"
+            ),
+            "{text}"
+        );
         assert!(text.contains("state    FAILED"));
         assert!(text.contains("prepare failed (bad_dataset): no usable image"));
         assert!(text.contains("lora.safetensors"));
