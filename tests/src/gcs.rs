@@ -170,8 +170,11 @@ fn etag(data: &[u8]) -> String {
 /// `GOOG4-RSA-SHA256` verification of a signed URL, as Google documents it:
 /// the canonical request over the path, the query without the signature,
 /// and the signed `host`.
-fn signed_url_ok(shared: &Shared, method: &Method, uri: &Uri) -> Result<(), Response> {
-    let denied = |why: &str| xml_error(StatusCode::FORBIDDEN, "AccessDenied", why);
+/// A refused request: its status, error code and message.
+struct Refusal(StatusCode, &'static str, &'static str);
+
+fn signed_url_ok(shared: &Shared, method: &Method, uri: &Uri) -> Result<(), Refusal> {
+    let denied = |why: &'static str| Refusal(StatusCode::FORBIDDEN, "AccessDenied", why);
     let pairs: Vec<(String, String)> =
         url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
             .map(|(k, v)| (k.into_owned(), v.into_owned()))
@@ -234,9 +237,9 @@ fn signed_url_ok(shared: &Shared, method: &Method, uri: &Uri) -> Result<(), Resp
 }
 
 /// A bearer JWT signed (RS256) by the test key.
-fn bearer_ok(shared: &Shared, headers: &HeaderMap) -> Result<(), Response> {
+fn bearer_ok(shared: &Shared, headers: &HeaderMap) -> Result<(), Refusal> {
     let unauthorized =
-        |why: &str| xml_error(StatusCode::UNAUTHORIZED, "AuthenticationRequired", why);
+        |why: &'static str| Refusal(StatusCode::UNAUTHORIZED, "AuthenticationRequired", why);
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -275,8 +278,8 @@ async fn handle(
     } else {
         bearer_ok(&shared, &headers)
     };
-    if let Err(refused) = authorized {
-        return refused;
+    if let Err(Refusal(status, code, message)) = authorized {
+        return xml_error(status, code, message);
     }
     let path = uri.path().trim_start_matches('/');
     let (bucket, object) = path.split_once('/').unwrap_or((path, ""));
