@@ -141,7 +141,7 @@ impl DownloadUrls {
     /// A URL for `key` of the artifact store, good until `expires_at_ms`.
     async fn store_url(&self, key: &str, expires_at_ms: i64) -> Option<String> {
         if self.store.can_sign() {
-            return self.store.presign_get(key, self.ttl).await.ok();
+            return self.store.presign_get(key, until(expires_at_ms)).await.ok();
         }
         Some(format!(
             "{}{ROUTE}{}",
@@ -154,6 +154,20 @@ impl DownloadUrls {
     /// its sealed secrets; redact it after). Outputs that cannot be signed
     /// keep an empty URL.
     pub async fn fill(&self, record: &mut JobRecord) {
+        let expires_at_ms =
+            trainyard_core::now_ms() + i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX / 2);
+        self.fill_until(record, expires_at_ms).await;
+    }
+
+    /// [`Self::fill`] with URLs good until `from_ms` + the TTL: a webhook
+    /// anchors them at its event, so a retried message carries the same
+    /// local-store links (a bucket signs each time anew).
+    pub async fn fill_from(&self, record: &mut JobRecord, from_ms: i64) {
+        let expires_at_ms = from_ms + i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX / 2);
+        self.fill_until(record, expires_at_ms).await;
+    }
+
+    async fn fill_until(&self, record: &mut JobRecord, expires_at_ms: i64) {
         let (Ok(tenant), Ok(job)) = (
             TenantId::parse(&record.tenant),
             JobId::parse(&record.job_id),
@@ -161,8 +175,6 @@ impl DownloadUrls {
             return;
         };
         let own = format!("{}/", keys::output(&tenant, &job));
-        let expires_at_ms =
-            trainyard_core::now_ms() + i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX / 2);
         for artifact in &mut record.artifacts {
             let Some(key) = self.store.key_of(&artifact.uri) else {
                 continue;
@@ -197,6 +209,7 @@ impl DownloadUrls {
                     &file.destination,
                     &file.uri,
                     secrets.as_ref(),
+                    expires_at_ms,
                 )
                 .await
             } else {
@@ -218,10 +231,11 @@ impl DownloadUrls {
         destination: &str,
         uri: &str,
         secrets: Option<&trainyard_proto::v1::Secrets>,
+        expires_at_ms: i64,
     ) -> Option<String> {
         let store = self.destinations.open(tenant, destination, secrets).ok()?;
         let key = store.key_of(uri)?;
-        store.presign_get(&key, self.ttl).await.ok()
+        store.presign_get(&key, until(expires_at_ms)).await.ok()
     }
 
     /// The route: `GET /v1/download/<token>`.
@@ -230,6 +244,12 @@ impl DownloadUrls {
             .route(&format!("{ROUTE}{{token}}"), axum::routing::get(serve))
             .with_state(self)
     }
+}
+
+/// How long from now until `expires_at_ms` (at least a second).
+fn until(expires_at_ms: i64) -> Duration {
+    let left = expires_at_ms.saturating_sub(trainyard_core::now_ms());
+    Duration::from_millis(u64::try_from(left).unwrap_or(0).max(1000))
 }
 
 /// Streams the object a valid token grants, with its length.

@@ -379,7 +379,7 @@ impl Deliverer {
         if claimed == JobState::Succeeded
             && let Some(urls) = &self.download_urls
         {
-            urls.fill(&mut record).await;
+            urls.fill_from(&mut record, at_ms).await;
         }
         let outgoing = messages_for(&record, claimed, at_ms);
         if outgoing.is_empty() {
