@@ -35,7 +35,8 @@ pub mod datasets;
 mod error;
 pub mod fetch;
 mod images;
-pub mod manifest;
+/// The prepared dataset's manifest, shared with the coordinator (caption review).
+pub use trainyard_core::manifest;
 pub mod preflight;
 pub mod preflight_server;
 mod prepare;

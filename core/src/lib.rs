@@ -11,6 +11,7 @@ pub mod auth;
 pub mod claim;
 pub mod config;
 pub mod destination;
+pub mod manifest;
 pub mod events;
 pub mod fleet;
 pub mod guard;

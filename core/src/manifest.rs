@@ -4,6 +4,10 @@
 //! uploaded last) so the training stage can verify every image by size and
 //! sha256 before it spends GPU time, and so users can see which captions
 //! came from where and which files were dropped and why.
+//!
+//! Here in `core` because two services read it: the captioner writes it,
+//! the coordinator reads it for `GetCaptions` and writes a reviewed
+//! dataset's captions back (`coordinator::review`).
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -65,6 +69,10 @@ pub enum CaptionSource {
 }
 
 impl CaptionSource {
+    /// The source of a caption a person changed in review.
+    pub const EDITED: &'static str = "edited";
+
+
     /// `"sidecar"` or `"backend"`: where a caption came from, without the
     /// backend's name (a span attribute).
     pub fn kind(&self) -> &'static str {
@@ -162,7 +170,7 @@ pub fn sha256_file_blocking(path: &Path) -> io::Result<(String, u64)> {
 }
 
 /// Copies `src` to a new file `dst` and hashes the bytes in the same pass.
-pub(crate) fn copy_file_hashed_blocking(src: &Path, dst: &Path) -> io::Result<(String, u64)> {
+pub fn copy_file_hashed_blocking(src: &Path, dst: &Path) -> io::Result<(String, u64)> {
     let mut out = File::create_new(dst)?;
     let result = copy_hashed(&mut File::open(src)?, &mut out)?;
     out.sync_all()?;
