@@ -38,6 +38,10 @@ pub enum ApiError {
     RateLimited(String),
     #[error("{0}")]
     NotFound(String),
+    /// A version the caller named is not the current one (caption review):
+    /// the message names the current one.
+    #[error("{0}")]
+    Aborted(String),
     #[error("{0}")]
     Unavailable(String),
     /// The fleet is not set up for this operation.
@@ -73,6 +77,7 @@ impl ApiError {
             ApiError::Unauthenticated => tonic::Code::Unauthenticated,
             ApiError::RateLimited(_) => tonic::Code::ResourceExhausted,
             ApiError::NotFound(_) => tonic::Code::NotFound,
+            ApiError::Aborted(_) => tonic::Code::Aborted,
             ApiError::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
             ApiError::ResourceExhausted(_) => tonic::Code::ResourceExhausted,
             ApiError::Unavailable(_)
@@ -142,6 +147,8 @@ pub struct JobApi {
     /// The artifact store's root URI: a spec may name only its tenant's
     /// prefix below it.
     pub store_root: String,
+    /// The artifact store: a job's captions for review (`review`).
+    pub store: trainyard_core::store::ArtifactStore,
 }
 
 /// The `ty_idem` key of a tenant's idempotency key.
@@ -166,7 +173,7 @@ fn seal(
     })
 }
 
-fn parse_job(id: &str) -> Result<JobId, ApiError> {
+pub(crate) fn parse_job(id: &str) -> Result<JobId, ApiError> {
     JobId::parse(id).map_err(|e| ApiError::Invalid(format!("job_id: {e}")))
 }
 

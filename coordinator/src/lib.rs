@@ -25,6 +25,7 @@ pub mod quota;
 pub mod reconcile;
 pub mod repo;
 pub mod results;
+pub mod review;
 pub mod trace;
 pub mod transfer;
 pub mod validate;
@@ -107,6 +108,7 @@ pub async fn run(
         secrets,
         max_spec_bytes: config.coordinator.max_spec_bytes,
         store_root: store.root().to_string(),
+        store: store.clone(),
     };
     let deliverer = match webhook_secrets {
         Some(secrets) => {
