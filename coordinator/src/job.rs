@@ -550,7 +550,9 @@ mod tests {
             assert_eq!(next.captions_version, 1, "every prepared job has version 1");
             assert_eq!(next.dataset_uri, "file:///d");
             assert!(
-                effects.iter().any(|e| matches!(e, Effect::EmitState(s) if s.state() == state)),
+                effects
+                    .iter()
+                    .any(|e| matches!(e, Effect::EmitState(s) if s.state() == state)),
                 "a state event for {state:?}"
             );
             let times = next.times.unwrap();

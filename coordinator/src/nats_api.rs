@@ -18,8 +18,9 @@ use trainyard_core::telemetry::propagation::{self, JobAttrs};
 use trainyard_core::topology::{self, AUTH_HEADER, ApiOp, subject};
 use trainyard_proto::JobId;
 use trainyard_proto::v1::{
-    ApiReply, ApproveCaptionsRequest, CancelRequest, GetCaptionsRequest, GetMetricsRequest, GetRequest, GetResponse, ListRequest,
-    SubmitRequest, UpdateCaptionsRequest, ValidateRequest, api_reply::Result as Reply,
+    ApiReply, ApproveCaptionsRequest, CancelRequest, GetCaptionsRequest, GetMetricsRequest,
+    GetRequest, GetResponse, ListRequest, SubmitRequest, UpdateCaptionsRequest, ValidateRequest,
+    api_reply::Result as Reply,
 };
 
 /// Requests one coordinator answers at once; more wait in the subscription.

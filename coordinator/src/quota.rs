@@ -401,7 +401,10 @@ mod tests {
             "{refused:?}"
         );
         let ended = job(2, Succeeded, false);
-        assert_eq!(approve(&[waiting.clone(), ended], &running_one, "j-1"), None);
+        assert_eq!(
+            approve(&[waiting.clone(), ended], &running_one, "j-1"),
+            None
+        );
         assert_eq!(approve(&[waiting, other], &quota(0, 0), "j-1"), None);
     }
 

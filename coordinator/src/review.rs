@@ -152,7 +152,10 @@ pub fn apply_edits(
 
 /// The entries of `approved` whose caption differs from `stored`'s (the
 /// caption files an approval must write), as (caption file, caption).
-pub fn changed_files(stored: &DatasetManifest, approved: &DatasetManifest) -> Vec<(String, String)> {
+pub fn changed_files(
+    stored: &DatasetManifest,
+    approved: &DatasetManifest,
+) -> Vec<(String, String)> {
     let old: HashMap<&str, &str> = stored
         .images
         .iter()
@@ -214,9 +217,9 @@ impl JobApi {
             Err(StoreError::NotFound(_)) => return Ok(None),
             Err(e) => return Err(store_error(e)),
         };
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| ApiError::Internal(format!("a stored caption manifest is unreadable: {e}")))
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            ApiError::Internal(format!("a stored caption manifest is unreadable: {e}"))
+        })
     }
 
     /// The prepared dataset's manifest as stored now.
@@ -228,7 +231,9 @@ impl JobApi {
         self.read_manifest(&keys::dataset_file(tenant, job, MANIFEST_FILE_NAME))
             .await?
             .ok_or_else(|| {
-                ApiError::NotFound("the job's prepared dataset has no manifest (past its ttl?)".into())
+                ApiError::NotFound(
+                    "the job's prepared dataset has no manifest (past its ttl?)".into(),
+                )
             })
     }
 
@@ -245,7 +250,10 @@ impl JobApi {
     ) -> Result<(DatasetManifest, u32), ApiError> {
         let current = current_version(record);
         for version in (2..=current).rev() {
-            if let Some(manifest) = self.read_manifest(&keys::captions(tenant, job, version)).await? {
+            if let Some(manifest) = self
+                .read_manifest(&keys::captions(tenant, job, version))
+                .await?
+            {
                 return Ok((manifest, version));
             }
             let recent =
@@ -261,7 +269,11 @@ impl JobApi {
 
     /// The captions of a prepared job (any state once prepared), with the
     /// version an update must name.
-    pub async fn get_captions(&self, tenant: &TenantId, job_id: &str) -> Result<Captions, ApiError> {
+    pub async fn get_captions(
+        &self,
+        tenant: &TenantId,
+        job_id: &str,
+    ) -> Result<Captions, ApiError> {
         let job = parse_job(job_id)?;
         let record = self.repo.get(tenant, &job).await?.record;
         if current_version(&record) == 0 {
@@ -367,8 +379,7 @@ impl JobApi {
                 Ok(answer(record))
             } else if !job::wants_review(&record) {
                 Err(ApiError::FailedPrecondition(
-                    "job was not submitted with caption.review: there is nothing to approve"
-                        .into(),
+                    "job was not submitted with caption.review: there is nothing to approve".into(),
                 ))
             } else {
                 Err(not_in_review(&record))
@@ -441,7 +452,11 @@ impl JobApi {
         let files = changed_files(&stored, approved);
         let mut writes = futures::stream::iter(files.into_iter().map(|(file, caption)| {
             let key = keys::dataset_file(tenant, job, &file);
-            async move { self.store.put_bytes(&key, caption.into_bytes().into()).await }
+            async move {
+                self.store
+                    .put_bytes(&key, caption.into_bytes().into())
+                    .await
+            }
         }))
         .buffer_unordered(WRITES_AT_ONCE);
         while let Some(written) = writes.next().await {
@@ -451,7 +466,10 @@ impl JobApi {
             .map_err(|e| ApiError::Internal(format!("manifest: {e}")))?;
         json.push(b'\n');
         self.store
-            .put_bytes(&keys::dataset_file(tenant, job, MANIFEST_FILE_NAME), json.into())
+            .put_bytes(
+                &keys::dataset_file(tenant, job, MANIFEST_FILE_NAME),
+                json.into(),
+            )
             .await
             .map_err(store_error)?;
         Ok(())
@@ -540,7 +558,11 @@ mod tests {
 
     #[test]
     fn approval_writes_only_the_changed_caption_files() {
-        let stored = manifest(&[("a.png", "ohwx a"), ("b.png", "ohwx b"), ("c.mp4", "ohwx c")]);
+        let stored = manifest(&[
+            ("a.png", "ohwx a"),
+            ("b.png", "ohwx b"),
+            ("c.mp4", "ohwx c"),
+        ]);
         let mut approved = stored.clone();
         apply_edits(&mut approved, &[edit("c.mp4", "ohwx a clip")]).unwrap();
         assert_eq!(

@@ -72,7 +72,6 @@ impl CaptionSource {
     /// The source of a caption a person changed in review.
     pub const EDITED: &'static str = "edited";
 
-
     /// `"sidecar"` or `"backend"`: where a caption came from, without the
     /// backend's name (a span attribute).
     pub fn kind(&self) -> &'static str {
