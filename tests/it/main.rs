@@ -41,6 +41,7 @@ mod prometheus;
 mod reconcile;
 mod registry;
 mod retry;
+mod review;
 mod s3;
 mod stage_telemetry;
 mod startup;

@@ -90,6 +90,7 @@ async fn a_lost_final_state_event_still_ends_watch_and_is_published_again_once()
         secrets: None,
         max_spec_bytes: trainyard_core::config::CoordinatorConfig::default().max_spec_bytes,
         store_root: fleet.store.root().to_string(),
+        store: fleet.store.clone(),
     };
     let tenant = TenantId::parse("acme").unwrap();
     let sample = fleet.sample_uri().await;
