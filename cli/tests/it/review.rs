@@ -84,7 +84,7 @@ async fn captions_are_exported_edited_applied_and_approved() {
     assert!(!stale.status.success());
     let stderr = String::from_utf8_lossy(&stale.stderr);
     assert!(
-        stderr.contains("Aborted") && stderr.contains("version 2"),
+        stderr.contains("ABORTED") && stderr.contains("version 2"),
         "{stderr}"
     );
     let printed = ok(&yard(&fleet, &["captions", &job]).await);
