@@ -28,6 +28,7 @@ pub struct Datasets {
     store: ArtifactStore,
     client: GuardedClient,
     limits: UnpackLimits,
+    video: crate::VideoSettings,
     /// Work folders are made below this one.
     pub work_root: PathBuf,
 }
@@ -59,6 +60,7 @@ impl Datasets {
             client: GuardedClient::new(policy)?,
             work_root: std::fs::canonicalize(&config.captioner.work_dir)?,
             limits,
+            video: crate::VideoSettings::from_config(&config.captioner.video),
         })
     }
 
@@ -96,6 +98,7 @@ impl Datasets {
             trigger_word: caption.trigger_word,
             overwrite_sidecar: caption.overwrite_sidecar,
             limits: self.limits,
+            video: self.video.clone(),
             ..PrepareSettings::default()
         };
         note("unpacking, validating and captioning").await;
