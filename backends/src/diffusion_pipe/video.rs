@@ -93,7 +93,12 @@ pub fn clips_in(dataset_dir: &Path) -> Vec<(String, u64)> {
         .into_iter()
         .flatten()
         .filter(|e| e["media"] == "video")
-        .filter_map(|e| Some((e["file"].as_str()?.to_owned(), e["video"]["frames"].as_u64()?)))
+        .filter_map(|e| {
+            Some((
+                e["file"].as_str()?.to_owned(),
+                e["video"]["frames"].as_u64()?,
+            ))
+        })
         .collect()
 }
 
@@ -126,7 +131,10 @@ mod tests {
     #[test]
     fn clips_shorter_than_every_video_bucket_are_named() {
         let clips = vec![("a.mp4".to_owned(), 16), ("b.mp4".to_owned(), 40)];
-        let short: Vec<&str> = too_short(&[1, 33], &clips).iter().map(|c| c.0.as_str()).collect();
+        let short: Vec<&str> = too_short(&[1, 33], &clips)
+            .iter()
+            .map(|c| c.0.as_str())
+            .collect();
         assert_eq!(short, ["a.mp4"]);
         assert!(too_short(&[1, 9, 33], &clips).is_empty());
         assert_eq!(too_short(&[1], &clips).len(), 2);

@@ -724,7 +724,10 @@ fn a_wan_video_dataset_gets_frame_buckets() {
         table["frame_buckets"],
         toml::Value::Array(vec![1.into(), 33.into(), 65.into()])
     );
-    assert_eq!(table["video_clip_mode"].as_str(), Some("multiple_overlapping"));
+    assert_eq!(
+        table["video_clip_mode"].as_str(),
+        Some("multiple_overlapping")
+    );
 
     let mut s = settings();
     s.extras
@@ -735,12 +738,18 @@ fn a_wan_video_dataset_gets_frame_buckets() {
     let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
     assert_eq!(
         fields,
-        ["training.extras.frame_buckets", "training.extras.video_clip_mode"]
+        [
+            "training.extras.frame_buckets",
+            "training.extras.video_clip_mode"
+        ]
     );
     assert!(!backend().check(&s, ModelFamily::Sdxl).is_empty());
 
     let mut run = inputs(
-        model(ModelFamily::Sdxl, &[(part::CHECKPOINT, "/models/sdxl.safetensors")]),
+        model(
+            ModelFamily::Sdxl,
+            &[(part::CHECKPOINT, "/models/sdxl.safetensors")],
+        ),
         settings(),
     );
     run.dataset_dir = tmp.path().to_owned();

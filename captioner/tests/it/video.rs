@@ -5,10 +5,12 @@
 use crate::common::{self, clip, dropped, settings, within};
 
 use trainyard_captioner::manifest::sha256_file;
+use trainyard_captioner::preflight as check;
 use trainyard_captioner::{
     CaptionSource, DropReason, LocalInput, MediaKind, PrepareError, TemplateCaptioner,
     prepare_local,
 };
+use trainyard_proto::v1::{ExtraValue, JobSpec, ModelRef, TrainingSettings, extra_value};
 
 #[tokio::test]
 async fn clips_beside_images_are_probed_and_captioned() {
@@ -184,6 +186,86 @@ async fn a_missing_or_hanging_ffprobe_is_named() {
             matches!(&err, PrepareError::NoUsableImages { bad } if bad == &["a.mp4"]),
             "{err:?}"
         );
+    })
+    .await
+}
+
+fn video_spec(backend: &str, family: &str, frame_buckets: Option<&str>) -> JobSpec {
+    let mut training = TrainingSettings {
+        backend: backend.into(),
+        steps: 10,
+        resolution: 32,
+        repeats: 1,
+        batch_size: 1,
+        ..Default::default()
+    };
+    if let Some(text) = frame_buckets {
+        training.extras.insert(
+            "frame_buckets".into(),
+            ExtraValue {
+                kind: Some(extra_value::Kind::Text(text.into())),
+            },
+        );
+    }
+    JobSpec {
+        training: Some(training),
+        base_model: Some(ModelRef {
+            uri: "hf://some/model".into(),
+            family: family.into(),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Clips against the trainer: an image-only backend or family is a problem
+/// naming the clips, diffusion-pipe's Wan takes them, and a frame bucket
+/// longer than a clip names the clip.
+#[tokio::test]
+async fn preflight_holds_clips_to_the_trainers_needs() {
+    within(async {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        clip(&data.join("short.mp4"), "64x48", 16, 1.0);
+        clip(&data.join("long.mp4"), "64x48", 16, 2.5);
+        let prepared = prepare_local(
+            LocalInput::Dir(data),
+            &tmp.path().join("work"),
+            &settings(""),
+            &TemplateCaptioner::default(),
+        )
+        .await
+        .unwrap();
+        let problems = |spec: &JobSpec| {
+            let report = check::video::check(spec, &prepared.manifest);
+            report
+                .problems
+                .iter()
+                .map(|p| (p.check.clone(), p.message.clone()))
+                .collect::<Vec<_>>()
+        };
+        for (backend, family) in [
+            ("kohya", "sdxl"),
+            ("reference", "reference"),
+            ("diffusion-pipe", "flux"),
+        ] {
+            let found = problems(&video_spec(backend, family, None));
+            assert_eq!(found.len(), 1, "{backend}: {found:?}");
+            assert_eq!(found[0].0, "dataset.videos");
+            assert!(found[0].1.contains("long.mp4, short.mp4"), "{}", found[0].1);
+            assert!(found[0].1.contains("images only"), "{}", found[0].1);
+        }
+        assert!(problems(&video_spec("diffusion-pipe", "wan", None)).is_empty());
+        assert!(problems(&video_spec("diffusion-pipe", "wan", Some("1, 13"))).is_empty());
+        let found = problems(&video_spec("diffusion-pipe", "wan", Some("1, 33")));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].0, "dataset.frame_buckets");
+        assert!(
+            found[0].1.contains("short.mp4 (16 frames)"),
+            "{}",
+            found[0].1
+        );
+        assert!(!found[0].1.contains("long.mp4"), "{}", found[0].1);
     })
     .await
 }
