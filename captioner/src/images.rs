@@ -40,6 +40,9 @@ pub type BadImage = (DropReason, String);
 /// Width and height of a usable image, or why it is unusable.
 pub type ImageCheck = Result<(u32, u32), BadImage>;
 
+/// Width, height and kind of a usable image or clip, or why it is unusable.
+type MediaCheck = Result<(u32, u32, Media), BadImage>;
+
 /// A decoded (image) or probed (clip) and accepted candidate.
 #[derive(Debug, Clone)]
 pub struct GoodImage {
@@ -71,23 +74,22 @@ pub async fn check_all(
     candidates: Vec<Candidate>,
     video: &VideoSettings,
 ) -> Result<(Vec<GoodImage>, Vec<DroppedFile>), PrepareError> {
-    let checked: Vec<(Candidate, Result<(u32, u32, Media), BadImage>)> =
-        futures::stream::iter(candidates)
-            .map(|candidate| async move {
-                let path = candidate.path.clone();
-                let result = match candidate.kind {
-                    MediaKind::Image => blocking(move || check_image_blocking(&path))
-                        .await?
-                        .map(|(w, h)| (w, h, Media::Image)),
-                    MediaKind::Video => crate::video::check_clip(&path, video)
-                        .await?
-                        .map(|facts| (facts.width, facts.height, Media::Video(facts.info()))),
-                };
-                Ok::<_, PrepareError>((candidate, result))
-            })
-            .buffered(parallelism())
-            .try_collect()
-            .await?;
+    let checked: Vec<(Candidate, MediaCheck)> = futures::stream::iter(candidates)
+        .map(|candidate| async move {
+            let path = candidate.path.clone();
+            let result = match candidate.kind {
+                MediaKind::Image => blocking(move || check_image_blocking(&path))
+                    .await?
+                    .map(|(w, h)| (w, h, Media::Image)),
+                MediaKind::Video => crate::video::check_clip(&path, video)
+                    .await?
+                    .map(|facts| (facts.width, facts.height, Media::Video(facts.info()))),
+            };
+            Ok::<_, PrepareError>((candidate, result))
+        })
+        .buffered(parallelism())
+        .try_collect()
+        .await?;
     let mut good = Vec::new();
     let mut bad = Vec::new();
     for (candidate, result) in checked {

@@ -136,7 +136,6 @@ impl PrepareStage {
             sidecar_captions: sidecar,
             dropped: dropped_summary(&manifest.dropped),
             video_count: videos as u32,
-            ..Default::default()
         }))
     }
 }
