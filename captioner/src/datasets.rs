@@ -98,7 +98,10 @@ impl Datasets {
             trigger_word: caption.trigger_word,
             overwrite_sidecar: caption.overwrite_sidecar,
             limits: self.limits,
-            video: self.video.clone(),
+            video: crate::VideoSettings {
+                gif_as_video: trains_video(spec),
+                ..self.video.clone()
+            },
             ..PrepareSettings::default()
         };
         note("unpacking, validating and captioning").await;
@@ -220,6 +223,27 @@ impl Datasets {
             ));
         }
         Ok(LocalInput::Dir(dir))
+    }
+}
+
+/// Whether `spec`'s backend trains its model family on video, so an
+/// animated gif is a clip rather than a still.
+fn trains_video(spec: &JobSpec) -> bool {
+    let backend = spec
+        .training
+        .as_ref()
+        .map(|t| t.backend.as_str())
+        .unwrap_or_default();
+    let family = spec
+        .base_model
+        .as_ref()
+        .and_then(|m| trainyard_models::ModelFamily::from_name(&m.family));
+    match (
+        trainyard_backends::by_name(backend, &Default::default()),
+        family,
+    ) {
+        (Some(trainer), Some(family)) => trainer.trains_video(family),
+        _ => false,
     }
 }
 

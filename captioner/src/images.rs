@@ -69,27 +69,41 @@ fn parallelism() -> usize {
 }
 
 /// Decodes every image and probes every clip; returns the good ones (in
-/// input order) and a dropped entry for each bad one.
+/// input order) and a dropped entry for each bad one. An animated gif that
+/// becomes a clip ([`VideoSettings::gif_as_video`]) is converted into
+/// `scratch` and its candidate points at the mp4 from then on.
 pub async fn check_all(
     candidates: Vec<Candidate>,
     video: &VideoSettings,
+    scratch: &Path,
 ) -> Result<(Vec<GoodImage>, Vec<DroppedFile>), PrepareError> {
-    let checked: Vec<(Candidate, MediaCheck)> = futures::stream::iter(candidates)
-        .map(|candidate| async move {
-            let path = candidate.path.clone();
-            let result = match candidate.kind {
-                MediaKind::Image => blocking(move || check_image_blocking(&path))
-                    .await?
-                    .map(|(w, h)| (w, h, Media::Image)),
-                MediaKind::Video => crate::video::check_clip(&path, video)
-                    .await?
-                    .map(|facts| (facts.width, facts.height, Media::Video(facts.info()))),
-            };
-            Ok::<_, PrepareError>((candidate, result))
-        })
-        .buffered(parallelism())
-        .try_collect()
-        .await?;
+    let checked: Vec<(Candidate, MediaCheck)> =
+        futures::stream::iter(candidates.into_iter().enumerate())
+            .map(|(i, mut candidate)| async move {
+                let path = candidate.path.clone();
+                let result = match candidate.kind {
+                    MediaKind::Image if crate::video::is_animated_gif(&path, video).await? => {
+                        let mp4 = scratch.join(format!("gif-{i}.mp4"));
+                        let converted = crate::video::gif_to_mp4(&path, &mp4, video).await?;
+                        if converted.is_ok() {
+                            candidate.path = mp4;
+                            candidate.kind = MediaKind::Video;
+                        }
+                        converted
+                            .map(|facts| (facts.width, facts.height, Media::Video(facts.info())))
+                    }
+                    MediaKind::Image => blocking(move || check_image_blocking(&path))
+                        .await?
+                        .map(|(w, h)| (w, h, Media::Image)),
+                    MediaKind::Video => crate::video::check_clip(&path, video)
+                        .await?
+                        .map(|facts| (facts.width, facts.height, Media::Video(facts.info()))),
+                };
+                Ok::<_, PrepareError>((candidate, result))
+            })
+            .buffered(parallelism())
+            .try_collect()
+            .await?;
     let mut good = Vec::new();
     let mut bad = Vec::new();
     for (candidate, result) in checked {
@@ -148,7 +162,11 @@ pub fn output_names(images: &[GoodImage]) -> Vec<(String, String)> {
                 .chars()
                 .map(|c| if c.is_control() { '_' } else { c })
                 .collect();
-            let ext = output_ext(ext);
+            // An animated gif that became a clip is an mp4 now.
+            let ext = match image.media {
+                Media::Video(_) if ext.eq_ignore_ascii_case("gif") => "mp4",
+                _ => output_ext(ext),
+            };
             let mut unique = stem.clone();
             let mut n = 1;
             while !used.insert(unique.to_lowercase()) {
@@ -173,6 +191,8 @@ fn output_ext(ext: &str) -> &'static str {
     }
 }
 
+/// bmp and gif are re-encoded to PNG; a gif converted to a clip is an mp4
+/// already (its candidate's path).
 fn needs_reencode(path: &Path) -> bool {
     let ext = path
         .extension()

@@ -200,7 +200,7 @@ pub async fn prepare_local(
         trainyard.images = images.len(),
         trainyard.rejected = tracing::field::Empty,
     );
-    let (good, bad) = check_all(images, &settings.video)
+    let (good, bad) = check_all(images, &settings.video, &scratch)
         .instrument(validate.clone())
         .await?;
     validate.record("trainyard.rejected", bad.len());

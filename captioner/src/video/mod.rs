@@ -15,10 +15,13 @@
 //! make it fetch URLs) and only the container formats clips come in
 //! (`-format_whitelist`).
 //!
-//! `.gif` stays an image (its first frame, re-encoded to PNG) for every
-//! trainer: the video trainers read gifs differently (diffusion-pipe through
-//! imageio's list of video extensions, others not at all), so an animated
-//! gif meant as a clip should be converted to `.mp4` first.
+//! `.gif` is an image (its first frame, re-encoded to PNG), except in a
+//! dataset for a backend and model that train on video
+//! ([`VideoSettings::gif_as_video`]): there a gif ffprobe reads as more
+//! than one frame is a clip, converted to H.264 `.mp4` with `ffmpeg` (the
+//! video trainers read gifs differently or not at all, mp4 all the same)
+//! and described by probing the mp4, so the facts are those of the file the
+//! trainer reads.
 
 pub mod ffprobe;
 
@@ -38,8 +41,9 @@ pub use ffprobe::ProbeFacts;
 /// Extensions collected as video clips (compared lower-case).
 pub const VIDEO_EXTENSIONS: &[&str] = &["mp4", "webm", "mov"];
 
-/// The demuxers ffprobe may use: the containers of [`VIDEO_EXTENSIONS`].
-const FORMATS: &str = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm";
+/// The demuxers ffprobe may use: the containers of [`VIDEO_EXTENSIONS`],
+/// and gif.
+const FORMATS: &str = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,gif";
 
 /// Most bytes of ffprobe's answer read; more is not an answer about one clip.
 const MAX_ANSWER_BYTES: usize = 1 << 20;
@@ -58,14 +62,19 @@ pub struct ClipLimits {
 #[derive(Clone, Debug, PartialEq)]
 pub struct VideoSettings {
     pub ffprobe: PathBuf,
+    pub ffmpeg: PathBuf,
     pub timeout: Duration,
     pub limits: ClipLimits,
+    /// An animated gif is a clip (the job trains a video model); off, every
+    /// gif is a still image.
+    pub gif_as_video: bool,
 }
 
 impl VideoSettings {
     pub fn from_config(config: &VideoConfig) -> Self {
         Self {
             ffprobe: config.ffprobe.clone(),
+            ffmpeg: config.ffmpeg.clone(),
             timeout: Duration::from_secs(config.probe_timeout_secs),
             limits: ClipLimits {
                 max_seconds: config.max_clip_seconds,
@@ -73,6 +82,7 @@ impl VideoSettings {
                 max_bytes: config.max_clip_bytes,
                 max_side: config.max_clip_side,
             },
+            gif_as_video: false,
         }
     }
 }
@@ -164,13 +174,80 @@ pub async fn check_clip(
     })
 }
 
+/// Whether `path` is an animated gif that becomes a clip under `settings`.
+pub async fn is_animated_gif(path: &Path, settings: &VideoSettings) -> Result<bool, PrepareError> {
+    let gif = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gif"));
+    if !(settings.gif_as_video && gif) {
+        return Ok(false);
+    }
+    Ok(match run_ffprobe(path, settings).await? {
+        Ok(answer) => ffprobe::parse(&answer).is_ok_and(|facts| facts.frames > 1),
+        Err(_) => false,
+    })
+}
+
+/// Converts the gif at `src` to an H.264 mp4 at `dst` (even sides, the
+/// gif's own frame timing) and probes the result; `Err` says why the gif
+/// cannot be a clip.
+pub async fn gif_to_mp4(
+    src: &Path,
+    dst: &Path,
+    settings: &VideoSettings,
+) -> Result<Result<ProbeFacts, BadImage>, PrepareError> {
+    let args: Vec<OsString> = [
+        "-v",
+        "error",
+        "-nostdin",
+        "-protocol_whitelist",
+        "file",
+        "-f",
+        "gif",
+        "-i",
+    ]
+    .into_iter()
+    .map(OsString::from)
+    .chain([file_url(src)])
+    .chain(
+        [
+            "-an",
+            "-fps_mode",
+            "passthrough",
+            "-vf",
+            "scale=trunc(iw/2)*2:trunc(ih/2)*2",
+            "-c:v",
+            "libx264",
+            "-pix_fmt",
+            "yuv420p",
+            "-movflags",
+            "+faststart",
+            "-f",
+            "mp4",
+        ]
+        .into_iter()
+        .map(OsString::from),
+    )
+    .chain([file_url(dst)])
+    .collect();
+    if let Err(detail) = run(&settings.ffmpeg, args, dst, settings).await? {
+        return Ok(Err((DropReason::Undecodable, detail)));
+    }
+    check_clip(dst, settings).await
+}
+
+fn file_url(path: &Path) -> OsString {
+    let mut url = OsString::from("file:");
+    url.push(path.as_os_str());
+    url
+}
+
 /// ffprobe's JSON answer about `path`, or what it said when it failed.
 async fn run_ffprobe(
     path: &Path,
     settings: &VideoSettings,
 ) -> Result<Result<Vec<u8>, String>, PrepareError> {
-    let mut target = OsString::from("file:");
-    target.push(path.as_os_str());
+    let target = file_url(path);
     let args: Vec<OsString> = [
         "-v",
         "error",
@@ -189,20 +266,31 @@ async fn run_ffprobe(
     .map(OsString::from)
     .chain([target])
     .collect();
+    run(&settings.ffprobe, args, path, settings).await
+}
+
+/// Runs `program` (ffprobe or ffmpeg) on a file next to `near`: its stdout,
+/// or what it said when it failed or ran past the timeout.
+async fn run(
+    program: &Path,
+    args: Vec<OsString>,
+    near: &Path,
+    settings: &VideoSettings,
+) -> Result<Result<Vec<u8>, String>, PrepareError> {
     let spec = CommandSpec {
-        program: settings.ffprobe.clone(),
+        program: program.to_owned(),
         args,
-        cwd: path.parent().unwrap_or(Path::new("/")).to_owned(),
+        cwd: near.parent().unwrap_or(Path::new("/")).to_owned(),
         env: Vec::new(),
     };
     let (mut child, mut lines) = ChildGroup::spawn(&spec).map_err(|error| match error.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
             PrepareError::NoProbe {
-                program: settings.ffprobe.clone(),
+                program: program.to_owned(),
                 error: error.to_string(),
             }
         }
-        _ => PrepareError::io(&settings.ffprobe)(error),
+        _ => PrepareError::io(program)(error),
     })?;
     let run = async {
         let (mut answer, mut said, mut overflow) = (Vec::new(), None, false);
@@ -220,14 +308,17 @@ async fn run_ffprobe(
         (answer, said, overflow, status)
     };
     let outcome = tokio::time::timeout(settings.timeout, run).await;
+    let tool = program
+        .file_name()
+        .map_or_else(|| "ffprobe".into(), |n| n.to_string_lossy());
     let Ok((answer, said, overflow, status)) = outcome else {
         let _ = child.kill().await;
         return Ok(Err(format!(
-            "ffprobe did not finish within {} s",
+            "{tool} did not finish within {} s",
             settings.timeout.as_secs()
         )));
     };
-    let status = status.map_err(PrepareError::io(&settings.ffprobe))?;
+    let status = status.map_err(PrepareError::io(program))?;
     Ok(if overflow {
         Err(format!(
             "ffprobe's answer is larger than {MAX_ANSWER_BYTES} bytes"
@@ -236,11 +327,11 @@ async fn run_ffprobe(
         Ok(answer)
     } else {
         Err(said.map_or_else(
-            || format!("ffprobe failed ({status})"),
+            || format!("{tool} failed ({status})"),
             |said| {
                 // ffprobe names the file first; the name is the user's own.
                 let reason = said.rsplit(": ").next().unwrap_or(&said);
-                format!("ffprobe cannot read it: {reason}")
+                format!("{tool} cannot read it: {reason}")
             },
         ))
     })

@@ -269,3 +269,68 @@ async fn preflight_holds_clips_to_the_trainers_needs() {
     })
     .await
 }
+
+/// An animated gif is a clip (converted to mp4) only for a job that trains
+/// on video; a one-frame gif, and every gif otherwise, is a still.
+#[tokio::test]
+async fn an_animated_gif_is_a_clip_only_for_video_training() {
+    within(async {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        clip(&data.join("anim.gif"), "33x21", 8, 1.0);
+        std::fs::write(
+            data.join("still.gif"),
+            common::encode(24, 24, [1, 2, 3], image::ImageFormat::Gif),
+        )
+        .unwrap();
+        std::fs::write(data.join("anim.txt"), "a moving pattern").unwrap();
+        let media = |prepared: &trainyard_captioner::PreparedDataset| {
+            prepared
+                .manifest
+                .images
+                .iter()
+                .map(|e| (e.file.clone(), e.media, e.video.as_ref().map(|v| v.frames)))
+                .collect::<Vec<_>>()
+        };
+        let stills = prepare_local(
+            LocalInput::Dir(data.clone()),
+            &tmp.path().join("work-a"),
+            &settings(""),
+            &TemplateCaptioner::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            media(&stills),
+            [
+                ("anim.png".to_owned(), MediaKind::Image, None),
+                ("still.png".to_owned(), MediaKind::Image, None),
+            ]
+        );
+        let mut video = settings("");
+        video.video.gif_as_video = true;
+        let clips = prepare_local(
+            LocalInput::Dir(data),
+            &tmp.path().join("work-b"),
+            &video,
+            &TemplateCaptioner::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            media(&clips),
+            [
+                ("anim.mp4".to_owned(), MediaKind::Video, Some(8)),
+                ("still.png".to_owned(), MediaKind::Image, None),
+            ]
+        );
+        let anim = &clips.manifest.images[0];
+        assert_eq!(anim.caption, "a moving pattern");
+        assert_eq!(anim.video.as_ref().unwrap().codec, "h264");
+        // Even sides for H.264.
+        assert_eq!((anim.width, anim.height), (32, 20));
+        assert!(clips.dir.join("anim.mp4").is_file());
+    })
+    .await
+}

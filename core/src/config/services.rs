@@ -106,7 +106,10 @@ pub struct VideoConfig {
     /// The `ffprobe` program (Debian's `ffmpeg` package); a bare name is
     /// looked up on PATH.
     pub ffprobe: PathBuf,
-    /// Seconds one `ffprobe` run may take before it is killed and the clip
+    /// The `ffmpeg` program: an animated gif in a dataset for a video model
+    /// becomes an mp4 clip with it.
+    pub ffmpeg: PathBuf,
+    /// Seconds one `ffprobe` (or gif conversion) run may take before it is killed and the clip
     /// counted unreadable.
     pub probe_timeout_secs: u64,
     /// Longest clip, in seconds.
@@ -123,6 +126,7 @@ impl Default for VideoConfig {
     fn default() -> Self {
         Self {
             ffprobe: "ffprobe".into(),
+            ffmpeg: "ffmpeg".into(),
             probe_timeout_secs: 30,
             max_clip_seconds: 60.0,
             max_clip_frames: 3_600,

@@ -265,7 +265,7 @@ impl Drop for TestServer {
 pub fn clip(path: &Path, size: &str, rate: u32, secs: f64) {
     let source = format!("testsrc=size={size}:rate={rate}:duration={secs}");
     let mut args = vec!["-v", "error", "-y", "-f", "lavfi", "-i", &source];
-    if path.extension().is_some_and(|e| e != "webm") {
+    if path.extension().is_some_and(|e| e == "mp4" || e == "mov") {
         args.extend(["-pix_fmt", "yuv420p"]);
     }
     let status = std::process::Command::new("ffmpeg")
