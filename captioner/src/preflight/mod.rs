@@ -237,7 +237,7 @@ pub fn finding(error: DatasetError, spec: &JobSpec) -> Finding {
     let too_few = match &error {
         DatasetError::Prepare(PrepareError::NoUsableImages { bad }) => {
             let detail = if bad.is_empty() {
-                "no image files found".to_owned()
+                "no image or video files found".to_owned()
             } else {
                 format!(
                     "unreadable, too small or over the clip limits: {}",
