@@ -466,6 +466,10 @@ mod tests {
             "quotas.tenants.acme={ max_gpu_hours_per_day = -0.5 }",
             "retry.fleet_max_delay_ms=0",
             "nats.max_ack_pending=0",
+            "captioner.video.max_clip_seconds=0",
+            "captioner.video.max_clip_seconds=nan",
+            "captioner.video.max_clip_frames=0",
+            "captioner.video.nope=1",
         ] {
             let err = Config::load_from(None, &[], &[bad.to_string()]).unwrap_err();
             assert!(matches!(err, ConfigError::Invalid(_)), "{bad}: {err}");
