@@ -28,6 +28,7 @@ pub struct Datasets {
     store: ArtifactStore,
     client: GuardedClient,
     limits: UnpackLimits,
+    video: crate::VideoSettings,
     /// Work folders are made below this one.
     pub work_root: PathBuf,
 }
@@ -59,6 +60,7 @@ impl Datasets {
             client: GuardedClient::new(policy)?,
             work_root: std::fs::canonicalize(&config.captioner.work_dir)?,
             limits,
+            video: crate::VideoSettings::from_config(&config.captioner.video),
         })
     }
 
@@ -96,6 +98,10 @@ impl Datasets {
             trigger_word: caption.trigger_word,
             overwrite_sidecar: caption.overwrite_sidecar,
             limits: self.limits,
+            video: crate::VideoSettings {
+                gif_as_video: trains_video(spec),
+                ..self.video.clone()
+            },
             ..PrepareSettings::default()
         };
         note("unpacking, validating and captioning").await;
@@ -217,6 +223,27 @@ impl Datasets {
             ));
         }
         Ok(LocalInput::Dir(dir))
+    }
+}
+
+/// Whether `spec`'s backend trains its model family on video, so an
+/// animated gif is a clip rather than a still.
+fn trains_video(spec: &JobSpec) -> bool {
+    let backend = spec
+        .training
+        .as_ref()
+        .map(|t| t.backend.as_str())
+        .unwrap_or_default();
+    let family = spec
+        .base_model
+        .as_ref()
+        .and_then(|m| trainyard_models::ModelFamily::from_name(&m.family));
+    match (
+        trainyard_backends::by_name(backend, &Default::default()),
+        family,
+    ) {
+        (Some(trainer), Some(family)) => trainer.trains_video(family),
+        _ => false,
     }
 }
 

@@ -93,7 +93,12 @@ impl PrepareStage {
         ctx: &TaskContext,
     ) -> Result<Outcome, StageError> {
         let manifest = &prepared.manifest;
+        let videos = manifest.videos().count();
         ctx.note(&match manifest.texts.len() {
+            0 if videos > 0 => format!(
+                "storing {} images and {videos} video clips",
+                manifest.images.len() - videos
+            ),
             0 => format!("storing {} images", manifest.images.len()),
             n => format!("storing {n} text file{}", if n == 1 { "" } else { "s" }),
         })
@@ -130,7 +135,7 @@ impl PrepareStage {
             captioned: images - sidecar,
             sidecar_captions: sidecar,
             dropped: dropped_summary(&manifest.dropped),
-            ..Default::default()
+            video_count: videos as u32,
         }))
     }
 }

@@ -49,4 +49,5 @@ mod stuck;
 mod telemetry;
 mod trace;
 mod trainer_logs;
+mod video;
 mod webhooks;

@@ -190,6 +190,18 @@ impl Config {
         {
             return bad("nats.inbox_prefix may hold only ascii letters, digits, '-' and '_'");
         }
+        let video = &self.captioner.video;
+        if !(video.max_clip_seconds.is_finite() && video.max_clip_seconds > 0.0)
+            || video.max_clip_frames == 0
+            || video.max_clip_bytes == 0
+            || video.max_clip_side == 0
+            || video.probe_timeout_secs == 0
+        {
+            return bad(
+                "captioner.video: max_clip_seconds, max_clip_frames, max_clip_bytes, max_clip_side \
+                 and probe_timeout_secs must be above 0",
+            );
+        }
         if self.nats.max_deliver == 0 {
             return bad("nats.max_deliver must be at least 1");
         }
@@ -454,6 +466,10 @@ mod tests {
             "quotas.tenants.acme={ max_gpu_hours_per_day = -0.5 }",
             "retry.fleet_max_delay_ms=0",
             "nats.max_ack_pending=0",
+            "captioner.video.max_clip_seconds=0",
+            "captioner.video.max_clip_seconds=nan",
+            "captioner.video.max_clip_frames=0",
+            "captioner.video.nope=1",
         ] {
             let err = Config::load_from(None, &[], &[bad.to_string()]).unwrap_err();
             assert!(matches!(err, ConfigError::Invalid(_)), "{bad}: {err}");
