@@ -49,6 +49,17 @@ pub struct VideoInfo {
     pub codec: String,
 }
 
+impl From<&VideoInfo> for crate::manifest::VideoFacts {
+    fn from(info: &VideoInfo) -> Self {
+        Self {
+            duration_ms: info.duration_ms,
+            fps_milli: info.fps_milli,
+            frames: info.frames,
+            codec: info.codec.clone(),
+        }
+    }
+}
+
 /// One image or clip to caption, as written in the prepared folder.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageInfo {

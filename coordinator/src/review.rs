@@ -39,7 +39,7 @@ use crate::job::{self, Decision, Event};
 use futures::StreamExt;
 use std::collections::{BTreeMap, HashMap};
 use tracing::Instrument;
-use trainyard_core::manifest::{CaptionSource, DatasetManifest, MANIFEST_FILE_NAME};
+use trainyard_core::manifest::{CaptionSource, DatasetManifest, MANIFEST_FILE_NAME, MediaKind};
 use trainyard_core::store::{StoreError, keys};
 use trainyard_proto::v1::{
     ApproveCaptionsResponse, CaptionEntry, Captions, JobRecord, JobState, UpdateCaptionsRequest,
@@ -59,15 +59,11 @@ const MAX_MANIFEST_BYTES: u64 = 64 << 20;
 /// Caption files written at once on approval.
 const WRITES_AT_ONCE: usize = 16;
 
-/// File extensions of video entries (the rest are images).
-const VIDEO_EXTENSIONS: [&str; 5] = ["mp4", "webm", "mov", "mkv", "gif"];
-
-/// `"image"` or `"video"`, from a dataset file's extension.
-pub fn media_of(file: &str) -> &'static str {
-    let ext = file.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase());
-    match ext {
-        Some(e) if VIDEO_EXTENSIONS.contains(&e.as_str()) => "video",
-        _ => "image",
+/// `"image"` or `"video"`, as the manifest records it.
+pub fn media_name(media: MediaKind) -> &'static str {
+    match media {
+        MediaKind::Image => "image",
+        MediaKind::Video => "video",
     }
 }
 
@@ -80,7 +76,7 @@ pub fn entries(manifest: &DatasetManifest) -> Vec<CaptionEntry> {
             path: e.file.clone(),
             caption: e.caption.clone(),
             source: String::from(e.caption_source.clone()),
-            media: media_of(&e.file).to_string(),
+            media: media_name(e.media).to_string(),
         })
         .collect()
 }
@@ -497,6 +493,12 @@ mod tests {
                     sha256: "ab".into(),
                     caption: caption.to_string(),
                     caption_source: CaptionSource::Backend("template".into()),
+                    media: if file.ends_with(".mp4") {
+                        MediaKind::Video
+                    } else {
+                        MediaKind::Image
+                    },
+                    video: None,
                 })
                 .collect(),
             dropped: vec![],
@@ -570,7 +572,5 @@ mod tests {
             [("c.txt".to_string(), "ohwx a clip".to_string())]
         );
         assert!(changed_files(&approved, &approved).is_empty());
-        assert_eq!(media_of("c.mp4"), "video");
-        assert_eq!(media_of("d.JPG"), "image");
     }
 }

@@ -85,17 +85,6 @@ pub struct VideoFacts {
     pub codec: String,
 }
 
-impl From<&crate::caption::VideoInfo> for VideoFacts {
-    fn from(info: &crate::caption::VideoInfo) -> Self {
-        Self {
-            duration_ms: info.duration_ms,
-            fps_milli: info.fps_milli,
-            frames: info.frames,
-            codec: info.codec.clone(),
-        }
-    }
-}
-
 impl DatasetManifest {
     /// The entries that are clips.
     pub fn videos(&self) -> impl Iterator<Item = &ManifestEntry> {
