@@ -107,6 +107,15 @@ pub fn is_hf(uri: &str) -> bool {
     uri.starts_with("hf://")
 }
 
+/// Whether `license` can be a model card's license tag: a Hub license id
+/// (`apache-2.0`, `openrail++`, `other`, …), checked for its form only.
+pub fn valid_license(license: &str) -> bool {
+    (1..=64).contains(&license.len())
+        && license
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.+".contains(&b))
+}
+
 /// Takes an `hf://` URI apart and checks each part.
 pub fn parse(uri: &str) -> Result<HfTarget, HfUriError> {
     let shown = || display_url(uri);
@@ -443,6 +452,16 @@ mod tests {
                 matches!(parse(uri), Err(HfUriError::BadQuery { .. })),
                 "{uri}"
             );
+        }
+    }
+
+    #[test]
+    fn licenses_are_hub_ids() {
+        for ok in ["other", "apache-2.0", "openrail++", "cc-by-nc-4.0"] {
+            assert!(valid_license(ok), "{ok}");
+        }
+        for bad in ["", "MIT", "mit\nx: y", "a b", &"a".repeat(65)] {
+            assert!(!valid_license(bad), "{bad}");
         }
     }
 

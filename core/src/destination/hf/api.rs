@@ -25,8 +25,9 @@
 //!   "sha256", oid, size}`) lines → `{commitOid, commitUrl}`. A head that
 //!   moved past `parentCommit` answers 412 (or 409): [`HubApiError::Conflict`].
 //!
-//! The token goes as `Authorization: Bearer` to the Hub's own origin only,
-//! never to the storage URLs its LFS actions hand out (they are signed).
+//! The token goes as `Authorization: Bearer` to the Hub's own origin only
+//! (the API and the `verify` action), never to the storage URLs its LFS
+//! `upload` actions hand out (they are signed), even on the Hub's origin.
 //! This client never retries: [`HubApiError::is_retryable`] and
 //! [`HubApiError::retry_after`] tell the stage runtime, which owns
 //! redelivery; only a parent-commit conflict is retried by the caller.
@@ -385,6 +386,12 @@ impl HubApi {
         url
     }
 
+    /// A request to the storage URLs of an LFS action: signed, so never
+    /// with the token, whatever their origin.
+    fn storage_request(&self, method: Method, url: Url) -> reqwest::RequestBuilder {
+        self.client.request(method, url)
+    }
+
     fn request(&self, method: Method, url: Url) -> reqwest::RequestBuilder {
         let request = self.client.request(method, url.clone());
         if url.origin() == self.endpoint.origin() {
@@ -635,7 +642,7 @@ impl HubApi {
                         .await
                         .map_err(|e| io(local, e))?;
                     let request = self
-                        .request(Method::PUT, href)
+                        .storage_request(Method::PUT, href)
                         .headers(action_headers(upload))
                         .header(header::CONTENT_LENGTH, size)
                         .body(reqwest::Body::from(file));
@@ -726,7 +733,7 @@ impl HubApi {
                 what,
             )?;
             let response = self
-                .send(self.request(Method::PUT, url).body(buffer), what)
+                .send(self.storage_request(Method::PUT, url).body(buffer), what)
                 .await?;
             let etag = response
                 .headers()
@@ -742,7 +749,7 @@ impl HubApi {
         }
         let body = serde_json::json!({"oid": oid, "parts": done});
         let request = self
-            .request(Method::POST, href)
+            .storage_request(Method::POST, href)
             .header(header::ACCEPT, LFS_JSON)
             .header(header::CONTENT_TYPE, LFS_JSON)
             .body(serde_json::to_vec(&body).unwrap_or_default());
