@@ -303,6 +303,33 @@ async fn a_refused_token_fails_the_job_with_auth_naming_the_destination() {
     fleet.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_and_server_errors_go_back_to_the_runtime_with_retry_after() {
+    let (hub, fleet) = setup().await;
+    let (job, task) = deliver_task(&fleet, hf_spec("hf://me/my-lora", HF_TOKEN), 512).await;
+    for (status, retry_after, delay) in [(429, Some(7), 7), (503, None, 0)] {
+        hub.inject_commit_failure(status, retry_after);
+        match deliver(&fleet, &job, task.clone()).await {
+            Err(StageError::Retry { error, delay: d }) => {
+                assert_eq!(error.kind(), ErrorKind::Storage, "{error:?}");
+                assert!(error.retryable);
+                assert_eq!(d, Duration::from_secs(delay), "{status}");
+                assert!(
+                    error.message.contains("hf://me/my-lora"),
+                    "{}",
+                    error.message
+                );
+            }
+            other => panic!("{status}: expected a retry, got {other:?}"),
+        }
+    }
+    assert_eq!(job_commits(&hub, REPO, &job), 0);
+    // The next delivery goes through, once.
+    deliver(&fleet, &job, task).await.expect("delivered");
+    assert_eq!(job_commits(&hub, REPO, &job), 1);
+    fleet.stop().await;
+}
+
 #[tokio::test]
 async fn the_probe_checks_the_token_and_namespace_without_creating_anything() {
     let hub = FakeHub::start("unused").await;

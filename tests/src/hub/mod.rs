@@ -21,6 +21,7 @@
 //! commit listings; committed files are readable through the resolve route
 //! above at the branch, or at the commit.
 
+mod lfs;
 mod upload;
 
 pub use upload::{FakeCommit, FakeUser};

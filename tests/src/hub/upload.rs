@@ -29,19 +29,15 @@
 //! Every write needs a token of a user who may write in the namespace
 //! ([`FakeHub::add_user`]): 401 without one, 403 when it may not.
 
-use super::{FakeFile, FakeHub, FakeRepo, Inner, error, lock};
+use super::{FakeFile, FakeHub, FakeRepo, Inner, error, lfs, lock};
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::Response;
 use base64::Engine as _;
 use bytes::Bytes;
-use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-
-/// Files over this go through LFS whatever their name.
-const LFS_THRESHOLD: u64 = 10 * 1024 * 1024;
 
 /// Who a token is.
 #[derive(Clone, Debug)]
@@ -87,14 +83,16 @@ pub struct FakeCommit {
 pub(super) struct Writes {
     users: Mutex<HashMap<String, FakeUser>>,
     /// Stored LFS objects by sha256.
-    lfs: Mutex<HashMap<String, Bytes>>,
-    parts: Mutex<HashMap<(String, u32), Bytes>>,
-    multipart_chunk: Mutex<Option<u64>>,
+    pub(super) lfs: Mutex<HashMap<String, Bytes>>,
+    pub(super) parts: Mutex<HashMap<(String, u32), Bytes>>,
+    pub(super) multipart_chunk: Mutex<Option<u64>>,
     conflicts: AtomicUsize,
+    /// The next commit's answer instead of committing: status, Retry-After.
+    commit_failure: Mutex<Option<(StatusCode, Option<u64>)>>,
     created: Mutex<Vec<(String, bool)>>,
     commit_requests: AtomicUsize,
-    lfs_puts: AtomicUsize,
-    token_sent_to_storage: AtomicBool,
+    pub(super) lfs_puts: AtomicUsize,
+    pub(super) token_sent_to_storage: AtomicBool,
 }
 
 impl FakeHub {
@@ -107,6 +105,13 @@ impl FakeHub {
     /// branch just before them (412).
     pub fn inject_conflicts(&self, n: usize) {
         self.inner.writes.conflicts.store(n, Ordering::SeqCst);
+    }
+
+    /// The next commit request is answered with `status` (and a
+    /// `Retry-After` of `retry_after` seconds) and changes nothing.
+    pub fn inject_commit_failure(&self, status: u16, retry_after: Option<u64>) {
+        let status = StatusCode::from_u16(status).expect("status");
+        *lock(&self.inner.writes.commit_failure) = Some((status, retry_after));
     }
 
     /// LFS uploads of objects larger than `chunk` go in parts.
@@ -147,7 +152,7 @@ impl FakeHub {
     }
 }
 
-fn json(status: StatusCode, value: serde_json::Value) -> Response {
+pub(super) fn json(status: StatusCode, value: serde_json::Value) -> Response {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "application/json")
@@ -155,7 +160,7 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response {
         .expect("response")
 }
 
-fn refusal(status: StatusCode, message: &str) -> Response {
+pub(super) fn refusal(status: StatusCode, message: &str) -> Response {
     json(status, serde_json::json!({"error": message}))
 }
 
@@ -178,7 +183,7 @@ pub(super) fn may_read(inner: &Inner, repo: &str, headers: &HeaderMap) -> bool {
 }
 
 /// The caller, if it may write in `repo`'s namespace, else the refusal.
-fn writer(inner: &Inner, repo: &str, headers: &HeaderMap) -> Result<FakeUser, Response> {
+pub(super) fn writer(inner: &Inner, repo: &str, headers: &HeaderMap) -> Result<FakeUser, Response> {
     let Some(user) = user(inner, headers) else {
         return Err(refusal(
             StatusCode::UNAUTHORIZED,
@@ -195,7 +200,7 @@ fn writer(inner: &Inner, repo: &str, headers: &HeaderMap) -> Result<FakeUser, Re
     Ok(user)
 }
 
-fn endpoint(inner: &Inner) -> String {
+pub(super) fn endpoint(inner: &Inner) -> String {
     format!("http://{}", lock(&inner.addr).expect("address"))
 }
 
@@ -232,7 +237,7 @@ pub(super) fn route(
             create_branch(inner, &format!("{org}/{name}"), branch, headers)
         }
         (&Method::POST, ["api", "models", org, name, "preupload", _rev]) => {
-            preupload(inner, &format!("{org}/{name}"), headers, body)
+            lfs::preupload(inner, &format!("{org}/{name}"), headers, body)
         }
         (&Method::POST, ["api", "models", org, name, "commit", rev]) => {
             commit(inner, &format!("{org}/{name}"), rev, headers, body)
@@ -242,18 +247,20 @@ pub(super) fn route(
         }
         (&Method::POST, [org, git, "info", "lfs", "objects", "batch"]) if git.ends_with(".git") => {
             let repo = format!("{org}/{}", git.trim_end_matches(".git"));
-            batch(inner, &repo, headers, body)
+            lfs::batch(inner, &repo, headers, body)
         }
         (&Method::POST, [_org, git, "info", "lfs", "objects", "verify"])
             if git.ends_with(".git") =>
         {
-            verify(inner, body)
+            lfs::verify(inner, body)
         }
-        (&Method::PUT, ["lfs-storage", oid]) => store_object(inner, oid, headers, body),
+        (&Method::PUT, ["lfs-storage", oid]) => lfs::store_object(inner, oid, headers, body),
         (&Method::PUT, ["lfs-storage", oid, "part", number]) => {
-            store_part(inner, oid, number, headers, body)
+            lfs::store_part(inner, oid, number, headers, body)
         }
-        (&Method::POST, ["lfs-storage", oid, "complete"]) => complete(inner, oid, headers, body),
+        (&Method::POST, ["lfs-storage", oid, "complete"]) => {
+            lfs::complete(inner, oid, headers, body)
+        }
         _ => return None,
     })
 }
@@ -392,198 +399,18 @@ fn create_branch(inner: &Inner, repo: &str, branch: &str, headers: &HeaderMap) -
     json(StatusCode::OK, serde_json::json!({}))
 }
 
-fn wants_lfs(path: &str, size: u64, sample: &[u8]) -> bool {
-    super::is_lfs(path) || path.ends_with(".pt") || size > LFS_THRESHOLD || sample.contains(&0)
-}
-
-fn preupload(inner: &Inner, repo: &str, headers: &HeaderMap, body: &Bytes) -> Response {
-    if let Err(refused) = writer(inner, repo, headers) {
-        return refused;
-    }
-    if !lock(&inner.repos).contains_key(repo) {
-        return error(StatusCode::NOT_FOUND, "RepoNotFound");
-    }
-    let Ok(request) = serde_json::from_slice::<serde_json::Value>(body) else {
-        return refusal(StatusCode::BAD_REQUEST, "body is not JSON");
-    };
-    let mut files = Vec::new();
-    for file in request["files"].as_array().into_iter().flatten() {
-        let path = file["path"].as_str().unwrap_or_default();
-        let size = file["size"].as_u64().unwrap_or_default();
-        let Some(sample) = file["sample"]
-            .as_str()
-            .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
-        else {
-            return refusal(StatusCode::BAD_REQUEST, "sample is not base64");
-        };
-        let mode = if wants_lfs(path, size, &sample) {
-            "lfs"
-        } else {
-            "regular"
-        };
-        files.push(serde_json::json!({"path": path, "uploadMode": mode, "shouldIgnore": false}));
-    }
-    json(StatusCode::OK, serde_json::json!({"files": files}))
-}
-
-fn batch(inner: &Inner, repo: &str, headers: &HeaderMap, body: &Bytes) -> Response {
-    if let Err(refused) = writer(inner, repo, headers) {
-        return refused;
-    }
-    let lfs_json = "application/vnd.git-lfs+json";
-    if headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) != Some(lfs_json) {
-        return refusal(
-            StatusCode::NOT_ACCEPTABLE,
-            "Accept must be the LFS media type",
-        );
-    }
-    let Ok(request) = serde_json::from_slice::<serde_json::Value>(body) else {
-        return refusal(StatusCode::BAD_REQUEST, "body is not JSON");
-    };
-    if request["operation"] != "upload" || request["hash_algo"] != "sha256" {
-        return refusal(StatusCode::BAD_REQUEST, "only sha256 uploads here");
-    }
-    let base = endpoint(inner);
-    let chunk = *lock(&inner.writes.multipart_chunk);
-    let stored = lock(&inner.writes.lfs);
-    let mut objects = Vec::new();
-    for object in request["objects"].as_array().into_iter().flatten() {
-        let oid = object["oid"].as_str().unwrap_or_default().to_owned();
-        let size = object["size"].as_u64().unwrap_or_default();
-        if stored.contains_key(&oid) {
-            objects.push(serde_json::json!({"oid": oid, "size": size}));
-            continue;
-        }
-        let verify = serde_json::json!({
-            "href": format!("{base}/{repo}.git/info/lfs/objects/verify"),
-            "header": {"Authorization": "Basic dmVyaWZ5OnRva2Vu"},
-        });
-        let upload = match chunk.filter(|c| size > *c) {
-            Some(chunk) => {
-                let mut header = serde_json::json!({"chunk_size": chunk.to_string()});
-                for part in 1..=size.div_ceil(chunk) {
-                    header[part.to_string()] =
-                        format!("{base}/lfs-storage/{oid}/part/{part}?X-Amz-Signature=sig").into();
-                }
-                serde_json::json!({"href": format!("{base}/lfs-storage/{oid}/complete"), "header": header})
-            }
-            None => serde_json::json!({
-                "href": format!("{base}/lfs-storage/{oid}?X-Amz-Signature=sig"),
-                "header": {},
-            }),
-        };
-        objects.push(serde_json::json!({
-            "oid": oid,
-            "size": size,
-            "authenticated": true,
-            "actions": {"upload": upload, "verify": verify},
-        }));
-    }
-    let transfer = if chunk.is_some() {
-        "multipart"
-    } else {
-        "basic"
-    };
-    Response::builder()
-        .header(header::CONTENT_TYPE, lfs_json)
-        .body(Body::from(
-            serde_json::to_vec(&serde_json::json!({
-                "transfer": transfer,
-                "objects": objects,
-                "hash_algo": "sha256",
-            }))
-            .expect("json"),
-        ))
-        .expect("response")
-}
-
-fn note_storage_request(inner: &Inner, headers: &HeaderMap) {
-    inner.writes.lfs_puts.fetch_add(1, Ordering::SeqCst);
-    if headers.contains_key(header::AUTHORIZATION) {
-        inner
-            .writes
-            .token_sent_to_storage
-            .store(true, Ordering::SeqCst);
-    }
-}
-
-fn store_object(inner: &Inner, oid: &str, headers: &HeaderMap, body: &Bytes) -> Response {
-    note_storage_request(inner, headers);
-    if hex::encode(Sha256::digest(body)) != oid {
-        return refusal(StatusCode::BAD_REQUEST, "the body does not match the oid");
-    }
-    lock(&inner.writes.lfs).insert(oid.to_owned(), body.clone());
-    Response::new(Body::empty())
-}
-
-fn store_part(
-    inner: &Inner,
-    oid: &str,
-    number: &str,
-    headers: &HeaderMap,
-    body: &Bytes,
-) -> Response {
-    note_storage_request(inner, headers);
-    let Ok(number) = number.parse::<u32>() else {
-        return refusal(StatusCode::BAD_REQUEST, "bad part number");
-    };
-    lock(&inner.writes.parts).insert((oid.to_owned(), number), body.clone());
-    Response::builder()
-        .header(header::ETAG, format!("\"etag-{number}\""))
-        .body(Body::empty())
-        .expect("response")
-}
-
-fn complete(inner: &Inner, oid: &str, headers: &HeaderMap, body: &Bytes) -> Response {
-    if headers.contains_key(header::AUTHORIZATION) {
-        inner
-            .writes
-            .token_sent_to_storage
-            .store(true, Ordering::SeqCst);
-    }
-    let Ok(request) = serde_json::from_slice::<serde_json::Value>(body) else {
-        return refusal(StatusCode::BAD_REQUEST, "body is not JSON");
-    };
-    let mut parts = lock(&inner.writes.parts);
-    let mut data = Vec::new();
-    for (i, part) in request["parts"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .enumerate()
-    {
-        let number = part["partNumber"].as_u64().unwrap_or_default() as u32;
-        let etag = part["etag"].as_str().unwrap_or_default();
-        if number != i as u32 + 1 || etag != format!("\"etag-{number}\"") {
-            return refusal(StatusCode::BAD_REQUEST, "parts out of order or wrong etag");
-        }
-        match parts.remove(&(oid.to_owned(), number)) {
-            Some(bytes) => data.extend_from_slice(&bytes),
-            None => return refusal(StatusCode::BAD_REQUEST, "a part was never uploaded"),
-        }
-    }
-    if request["oid"] != oid || hex::encode(Sha256::digest(&data)) != oid {
-        return refusal(StatusCode::BAD_REQUEST, "the parts do not match the oid");
-    }
-    lock(&inner.writes.lfs).insert(oid.to_owned(), Bytes::from(data));
-    json(StatusCode::OK, serde_json::json!({}))
-}
-
-fn verify(inner: &Inner, body: &Bytes) -> Response {
-    let Ok(request) = serde_json::from_slice::<serde_json::Value>(body) else {
-        return refusal(StatusCode::BAD_REQUEST, "body is not JSON");
-    };
-    let oid = request["oid"].as_str().unwrap_or_default();
-    match lock(&inner.writes.lfs).get(oid) {
-        Some(data) if Some(data.len() as u64) == request["size"].as_u64() => {
-            json(StatusCode::OK, serde_json::json!({}))
-        }
-        _ => refusal(StatusCode::NOT_FOUND, "object not stored"),
-    }
-}
-
 fn commit(inner: &Inner, repo: &str, rev: &str, headers: &HeaderMap, body: &Bytes) -> Response {
     inner.writes.commit_requests.fetch_add(1, Ordering::SeqCst);
+    if let Some((status, retry_after)) = lock(&inner.writes.commit_failure).take() {
+        let mut response = refusal(status, "injected failure");
+        if let Some(secs) = retry_after {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                secs.to_string().parse().expect("header"),
+            );
+        }
+        return response;
+    }
     if let Err(refused) = writer(inner, repo, headers) {
         return refused;
     }
