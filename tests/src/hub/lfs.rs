@@ -22,7 +22,7 @@ fn wants_lfs(path: &str, size: u64, sample: &[u8]) -> bool {
 
 pub(super) fn preupload(inner: &Inner, repo: &str, headers: &HeaderMap, body: &Bytes) -> Response {
     if let Err(refused) = writer(inner, repo, headers) {
-        return refused;
+        return *refused;
     }
     if !lock(&inner.repos).contains_key(repo) {
         return error(StatusCode::NOT_FOUND, "RepoNotFound");
@@ -52,7 +52,7 @@ pub(super) fn preupload(inner: &Inner, repo: &str, headers: &HeaderMap, body: &B
 
 pub(super) fn batch(inner: &Inner, repo: &str, headers: &HeaderMap, body: &Bytes) -> Response {
     if let Err(refused) = writer(inner, repo, headers) {
-        return refused;
+        return *refused;
     }
     let lfs_json = "application/vnd.git-lfs+json";
     if headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) != Some(lfs_json) {

@@ -183,19 +183,23 @@ pub(super) fn may_read(inner: &Inner, repo: &str, headers: &HeaderMap) -> bool {
 }
 
 /// The caller, if it may write in `repo`'s namespace, else the refusal.
-pub(super) fn writer(inner: &Inner, repo: &str, headers: &HeaderMap) -> Result<FakeUser, Response> {
+pub(super) fn writer(
+    inner: &Inner,
+    repo: &str,
+    headers: &HeaderMap,
+) -> Result<FakeUser, Box<Response>> {
     let Some(user) = user(inner, headers) else {
-        return Err(refusal(
+        return Err(Box::new(refusal(
             StatusCode::UNAUTHORIZED,
             "Invalid credentials in Authorization header",
-        ));
+        )));
     };
     let namespace = repo.split('/').next().unwrap_or_default();
     if !user.may(namespace, true) {
-        return Err(refusal(
+        return Err(Box::new(refusal(
             StatusCode::FORBIDDEN,
             "You don't have the rights to write in this namespace",
-        ));
+        )));
     }
     Ok(user)
 }
@@ -344,7 +348,7 @@ fn create(inner: &Inner, headers: &HeaderMap, body: &Bytes) -> Response {
         .unwrap_or_default();
     let repo = format!("{namespace}/{name}");
     if let Err(refused) = writer(inner, &repo, headers) {
-        return refused;
+        return *refused;
     }
     if request["type"].as_str().is_some_and(|t| t != "model") {
         return refusal(StatusCode::BAD_REQUEST, "only model repositories here");
@@ -381,7 +385,7 @@ fn create(inner: &Inner, headers: &HeaderMap, body: &Bytes) -> Response {
 
 fn create_branch(inner: &Inner, repo: &str, branch: &str, headers: &HeaderMap) -> Response {
     if let Err(refused) = writer(inner, repo, headers) {
-        return refused;
+        return *refused;
     }
     let mut repos = lock(&inner.repos);
     let Some(found) = repos.get_mut(repo) else {
@@ -412,7 +416,7 @@ fn commit(inner: &Inner, repo: &str, rev: &str, headers: &HeaderMap, body: &Byte
         return response;
     }
     if let Err(refused) = writer(inner, repo, headers) {
-        return refused;
+        return *refused;
     }
     if headers
         .get(header::CONTENT_TYPE)

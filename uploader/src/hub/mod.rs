@@ -286,7 +286,7 @@ impl HubTarget {
             });
         }
         let lfs = api.preupload(repo, revision, &samples).await?;
-        let is_lfs = |f: &CommitFile| lfs.iter().any(|p| *p == f.path);
+        let is_lfs = |f: &CommitFile| lfs.contains(&f.path);
         let objects: Vec<(String, u64)> = files
             .iter()
             .filter(|f| is_lfs(f))
