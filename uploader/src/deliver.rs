@@ -5,7 +5,8 @@
 //! ([`crate::hub`]).
 
 use crate::attributes::scheme_and_bucket;
-use crate::hub::{HubTarget, card};
+use crate::hub::HubTarget;
+use crate::hub::job::JobInput;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use tracing::Instrument;
@@ -139,96 +140,6 @@ impl DeliverStage {
             .map_err(refused)
     }
 
-    /// Up to [`card::MAX_SAMPLES`] distinct captions of the job's prepared
-    /// dataset (its `manifest.json`), for a model card; none when it cannot
-    /// be read.
-    async fn samples(&self, ctx: &TaskContext, dataset_uri: &str) -> Vec<String> {
-        let Ok(key) = self.store.tenant_key(&ctx.meta.tenant, dataset_uri) else {
-            return Vec::new();
-        };
-        let key = format!("{}/manifest.json", key.trim_end_matches('/'));
-        let Ok(bytes) = self.store.get_bytes(&key).await else {
-            return Vec::new();
-        };
-        let manifest: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-        let mut samples: Vec<String> = Vec::new();
-        for image in manifest["images"].as_array().into_iter().flatten() {
-            if let Some(caption) = image["caption"].as_str().filter(|c| !c.trim().is_empty())
-                && !samples.iter().any(|s| s == caption)
-            {
-                samples.push(caption.to_owned());
-                if samples.len() == card::MAX_SAMPLES {
-                    break;
-                }
-            }
-        }
-        samples
-    }
-
-    /// Every artifact, the model card and the manifest to an `hf://`
-    /// destination, in one commit.
-    #[allow(clippy::too_many_arguments)]
-    async fn deliver_hub(
-        &self,
-        hub: &HubTarget,
-        artifacts: &[Artifact],
-        locals: &[PathBuf],
-        input: &HubInput<'_>,
-        ctx: &TaskContext,
-        work: &Path,
-        tally: &mut Tally,
-    ) -> Result<Vec<DeliveredFile>, StageError> {
-        let repo = hub.dest.target.repo.as_str();
-        ctx.note(&format!(
-            "delivering {} files to hf://{repo}",
-            artifacts.len()
-        ))
-        .await;
-        let paths = hub.paths(artifacts);
-        let files: Vec<(String, u64, String)> = paths
-            .iter()
-            .zip(artifacts)
-            .map(|(path, a)| (path.clone(), a.size, a.sha256.clone()))
-            .collect();
-        let samples = self.samples(ctx, input.dataset_uri).await;
-        let card = card::model_card(&card::CardInput {
-            repo,
-            spec: input.spec,
-            summary: input.train,
-            license: &hub.license,
-            files: &files,
-            samples: &samples,
-        });
-        let manifest = manifest_body(
-            input.job,
-            input.spec,
-            input.train,
-            artifacts,
-            hub.branch_uris(artifacts),
-        );
-        let name = if input.spec.name.is_empty() {
-            input.job
-        } else {
-            input.spec.name.as_str()
-        };
-        let delivery = crate::hub::Delivery {
-            job: input.job,
-            artifacts,
-            locals,
-            card,
-            manifest,
-            summary: format!("Trainyard: {}", name.lines().next().unwrap_or_default()),
-            work,
-        };
-        let delivered = hub.deliver(&delivery, ctx).await?;
-        tally.files += delivered.files.len() as u64;
-        tally.bytes += delivered.uploaded_bytes;
-        if delivered.committed {
-            tally.copied += delivered.files.len() as u64;
-        }
-        Ok(delivered.files)
-    }
-
     async fn deliver(
         &self,
         task: DeliverTask,
@@ -256,7 +167,7 @@ impl DeliverStage {
             });
         }
         let train = task.summary.unwrap_or_default();
-        let hub_input = HubInput {
+        let hub_input = JobInput {
             job,
             spec: &spec,
             train: &train,
@@ -330,7 +241,7 @@ impl DeliverStage {
         target: &Target,
         artifacts: &[Artifact],
         locals: &[PathBuf],
-        hub_input: &HubInput<'_>,
+        hub_input: &JobInput<'_>,
         ctx: &TaskContext,
         work: &Path,
         tally: &mut Tally,
@@ -343,9 +254,22 @@ impl DeliverStage {
         let store = match sink {
             Sink::Store(store) => store,
             Sink::Hub(hub) => {
-                return self
-                    .deliver_hub(hub, artifacts, locals, hub_input, ctx, work, tally)
-                    .await;
+                let delivered = crate::hub::job::deliver(
+                    hub,
+                    &self.store,
+                    artifacts,
+                    locals,
+                    hub_input,
+                    ctx,
+                    work,
+                )
+                .await?;
+                tally.files += delivered.files.len() as u64;
+                tally.bytes += delivered.uploaded_bytes;
+                if delivered.committed {
+                    tally.copied += delivered.files.len() as u64;
+                }
+                return Ok(delivered.files);
             }
         };
         let shown = display_url(store.root());
@@ -469,16 +393,8 @@ enum Sink {
     Hub(Box<HubTarget>),
 }
 
-/// What an `hf://` delivery needs of the task.
-struct HubInput<'a> {
-    job: &'a str,
-    spec: &'a JobSpec,
-    train: &'a TrainSummary,
-    dataset_uri: &'a str,
-}
-
 /// The manifest of `job`'s delivery, each artifact with its `uris`.
-fn manifest_body(
+pub(crate) fn manifest_body(
     job: &str,
     spec: &JobSpec,
     train: &TrainSummary,

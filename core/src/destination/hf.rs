@@ -43,7 +43,7 @@ pub struct HfRules {
 impl Default for HfRules {
     fn default() -> Self {
         Self {
-            endpoint: "https://huggingface.co".into(),
+            endpoint: crate::config::HfDestinationsConfig::default().endpoint,
         }
     }
 }

@@ -24,6 +24,7 @@
 //! that keeps moving past [`COMMIT_ATTEMPTS`] is retried later the same way.
 
 pub mod card;
+pub mod job;
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};

@@ -32,9 +32,16 @@
 //! [`HubApiError::retry_after`] tell the stage runtime, which owns
 //! redelivery; only a parent-commit conflict is retried by the caller.
 
+mod error;
+mod lfs;
+
+pub use error::HubApiError;
+pub use lfs::{LfsAction, LfsActions, LfsObject, LfsObjectError};
+
 use base64::Engine as _;
-use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
-use reqwest::{Method, StatusCode, Url};
+use error::error_of;
+use reqwest::header;
+use reqwest::{Method, Url};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::Duration;
@@ -42,76 +49,6 @@ use std::time::Duration;
 const LFS_JSON: &str = "application/vnd.git-lfs+json";
 /// Bytes of a file's start the preupload call sees.
 pub const SAMPLE_BYTES: usize = 512;
-
-/// Why a Hub request failed.
-#[derive(Debug, thiserror::Error)]
-pub enum HubApiError {
-    #[error("invalid hub endpoint {0:?}")]
-    InvalidEndpoint(String),
-    /// 401/403: the token is missing, wrong, or may not do this.
-    #[error("the hub refused the token (http {status}{})", code_suffix(code))]
-    Auth { status: u16, code: Option<String> },
-    #[error("{what} not found on the hub{}", code_suffix(code))]
-    NotFound { what: String, code: Option<String> },
-    /// The branch moved past the parent commit (412, or 409 on commit).
-    #[error("the branch moved while committing (http {status})")]
-    Conflict { status: u16 },
-    #[error("the hub is rate limiting requests (http 429)")]
-    RateLimited { retry_after: Option<Duration> },
-    #[error("the hub answered http {status} for {what}")]
-    Server {
-        status: u16,
-        what: String,
-        retry_after: Option<Duration>,
-    },
-    /// Any other refusal (400, 413, 422…): trying again will not help.
-    #[error("the hub refused {what} (http {status}): {message}")]
-    Refused {
-        status: u16,
-        what: String,
-        message: String,
-    },
-    #[error("cannot reach the hub for {what}: {message}")]
-    Network { what: String, message: String },
-    #[error("unexpected answer from the hub for {what}: {message}")]
-    Protocol { what: String, message: String },
-    #[error("local file {path}: {message}")]
-    Io { path: String, message: String },
-}
-
-fn code_suffix(code: &Option<String>) -> String {
-    code.as_deref()
-        .map(|c| format!(", {c}"))
-        .unwrap_or_default()
-}
-
-impl HubApiError {
-    pub fn is_auth(&self) -> bool {
-        matches!(self, HubApiError::Auth { .. })
-    }
-
-    /// Whether trying again later can help.
-    pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            HubApiError::RateLimited { .. }
-                | HubApiError::Server { .. }
-                | HubApiError::Network { .. }
-                | HubApiError::Protocol { .. }
-                | HubApiError::Io { .. }
-        )
-    }
-
-    /// How long the Hub asked us to wait, when it said.
-    pub fn retry_after(&self) -> Option<Duration> {
-        match self {
-            HubApiError::RateLimited { retry_after } | HubApiError::Server { retry_after, .. } => {
-                *retry_after
-            }
-            _ => None,
-        }
-    }
-}
 
 /// What `whoami-v2` says about a token.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -217,41 +154,6 @@ struct PreuploadAnswer {
 struct PreuploadMode {
     path: String,
     upload_mode: String,
-}
-
-/// One object of an LFS batch answer.
-#[derive(Clone, Debug, Deserialize)]
-pub struct LfsObject {
-    pub oid: String,
-    pub size: u64,
-    #[serde(default)]
-    pub actions: Option<LfsActions>,
-    #[serde(default)]
-    pub error: Option<LfsObjectError>,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-pub struct LfsActions {
-    pub upload: Option<LfsAction>,
-    pub verify: Option<LfsAction>,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-pub struct LfsAction {
-    pub href: String,
-    #[serde(default)]
-    pub header: std::collections::BTreeMap<String, String>,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-pub struct LfsObjectError {
-    pub code: i64,
-    pub message: String,
-}
-
-#[derive(Deserialize)]
-struct LfsBatchAnswer {
-    objects: Vec<LfsObject>,
 }
 
 #[derive(Deserialize)]
@@ -581,182 +483,6 @@ impl HubApi {
         Ok(lfs)
     }
 
-    /// The LFS batch call for uploading `objects` (`(sha256, size)`).
-    pub async fn lfs_batch(
-        &self,
-        repo: &str,
-        revision: &str,
-        objects: &[(String, u64)],
-    ) -> Result<Vec<LfsObject>, HubApiError> {
-        let what = format!("the LFS batch of {repo}");
-        let url = self.url(&[&format!("{repo}.git"), "info", "lfs", "objects", "batch"]);
-        let body = serde_json::json!({
-            "operation": "upload",
-            "transfers": ["basic", "multipart"],
-            "objects": objects
-                .iter()
-                .map(|(oid, size)| serde_json::json!({"oid": oid, "size": size}))
-                .collect::<Vec<_>>(),
-            "hash_algo": "sha256",
-            "ref": {"name": revision},
-        });
-        let request = self
-            .request(Method::POST, url)
-            .header(header::ACCEPT, LFS_JSON)
-            .header(header::CONTENT_TYPE, LFS_JSON)
-            .body(serde_json::to_vec(&body).unwrap_or_default());
-        let response = self.send(request, &what).await?;
-        let answer: LfsBatchAnswer = Self::json(response, &what).await?;
-        Ok(answer.objects)
-    }
-
-    /// Uploads `local` (`size` bytes, sha256 `oid`) as `object`'s actions
-    /// say: nothing when it is already stored, one `PUT`, or parts and a
-    /// completion; then the `verify` action when given.
-    pub async fn lfs_upload(
-        &self,
-        object: &LfsObject,
-        local: &Path,
-        size: u64,
-    ) -> Result<(), HubApiError> {
-        if let Some(error) = &object.error {
-            return Err(lfs_object_error(&object.oid, error));
-        }
-        let Some(actions) = &object.actions else {
-            return Ok(());
-        };
-        let what = format!("the upload of LFS object {}", object.oid);
-        if let Some(upload) = &actions.upload {
-            let href = self.action_url(upload, &what)?;
-            match upload.header.get("chunk_size") {
-                Some(chunk) => {
-                    let chunk: u64 = chunk.parse().map_err(|_| HubApiError::Protocol {
-                        what: what.clone(),
-                        message: format!("chunk_size {chunk:?} is not a number"),
-                    })?;
-                    self.upload_parts(upload, href, chunk, local, size, &object.oid, &what)
-                        .await?;
-                }
-                None => {
-                    let file = tokio::fs::File::open(local)
-                        .await
-                        .map_err(|e| io(local, e))?;
-                    let request = self
-                        .storage_request(Method::PUT, href)
-                        .headers(action_headers(upload))
-                        .header(header::CONTENT_LENGTH, size)
-                        .body(reqwest::Body::from(file));
-                    self.send(request, &what).await?;
-                }
-            }
-        }
-        if let Some(verify) = &actions.verify {
-            let href = self.action_url(verify, &what)?;
-            let body = serde_json::json!({"oid": object.oid, "size": size});
-            let request = self
-                .request(Method::POST, href)
-                .headers(action_headers(verify))
-                .header(header::ACCEPT, LFS_JSON)
-                .header(header::CONTENT_TYPE, LFS_JSON)
-                .body(serde_json::to_vec(&body).unwrap_or_default());
-            self.send(request, &format!("the verification of {}", object.oid))
-                .await?;
-        }
-        Ok(())
-    }
-
-    fn action_url(&self, action: &LfsAction, what: &str) -> Result<Url, HubApiError> {
-        let url = self
-            .endpoint
-            .join(&action.href)
-            .map_err(|e| HubApiError::Protocol {
-                what: what.to_owned(),
-                message: format!("bad href: {e}"),
-            })?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(HubApiError::Protocol {
-                what: what.to_owned(),
-                message: "the href is not http(s)".into(),
-            });
-        }
-        Ok(url)
-    }
-
-    /// The multipart transfer: each part's `PUT` to the URL under its
-    /// number in the action's header, then the completion with their etags.
-    #[allow(clippy::too_many_arguments)]
-    async fn upload_parts(
-        &self,
-        upload: &LfsAction,
-        href: Url,
-        chunk: u64,
-        local: &Path,
-        size: u64,
-        oid: &str,
-        what: &str,
-    ) -> Result<(), HubApiError> {
-        use tokio::io::{AsyncReadExt, AsyncSeekExt};
-        let mut parts: Vec<(u32, &String)> = upload
-            .header
-            .iter()
-            .filter_map(|(k, v)| k.parse::<u32>().ok().map(|n| (n, v)))
-            .collect();
-        parts.sort();
-        if chunk == 0 || parts.len() as u64 != size.div_ceil(chunk) {
-            return Err(HubApiError::Protocol {
-                what: what.to_owned(),
-                message: format!(
-                    "{} part URLs for {size} bytes in chunks of {chunk}",
-                    parts.len()
-                ),
-            });
-        }
-        let mut file = tokio::fs::File::open(local)
-            .await
-            .map_err(|e| io(local, e))?;
-        let mut done = Vec::with_capacity(parts.len());
-        for (index, (number, part_url)) in parts.iter().enumerate() {
-            let start = index as u64 * chunk;
-            let len = chunk.min(size - start);
-            file.seek(std::io::SeekFrom::Start(start))
-                .await
-                .map_err(|e| io(local, e))?;
-            let mut buffer = vec![0u8; len as usize];
-            file.read_exact(&mut buffer)
-                .await
-                .map_err(|e| io(local, e))?;
-            let url = self.action_url(
-                &LfsAction {
-                    href: (*part_url).clone(),
-                    header: Default::default(),
-                },
-                what,
-            )?;
-            let response = self
-                .send(self.storage_request(Method::PUT, url).body(buffer), what)
-                .await?;
-            let etag = response
-                .headers()
-                .get(header::ETAG)
-                .and_then(|v| v.to_str().ok())
-                .filter(|v| !v.is_empty())
-                .ok_or_else(|| HubApiError::Protocol {
-                    what: what.to_owned(),
-                    message: format!("no etag for part {number}"),
-                })?
-                .to_owned();
-            done.push(serde_json::json!({"partNumber": number, "etag": etag}));
-        }
-        let body = serde_json::json!({"oid": oid, "parts": done});
-        let request = self
-            .storage_request(Method::POST, href)
-            .header(header::ACCEPT, LFS_JSON)
-            .header(header::CONTENT_TYPE, LFS_JSON)
-            .body(serde_json::to_vec(&body).unwrap_or_default());
-        self.send(request, what).await?;
-        Ok(())
-    }
-
     /// Commits `body` ([`commit_body`]) to `revision`; its commit id.
     pub async fn commit(
         &self,
@@ -798,99 +524,6 @@ fn io(path: &Path, e: std::io::Error) -> HubApiError {
     HubApiError::Io {
         path: path.display().to_string(),
         message: e.to_string(),
-    }
-}
-
-fn lfs_object_error(oid: &str, error: &LfsObjectError) -> HubApiError {
-    let what = format!("LFS object {oid}");
-    match error.code {
-        401 | 403 => HubApiError::Auth {
-            status: error.code as u16,
-            code: None,
-        },
-        500..=599 => HubApiError::Server {
-            status: error.code as u16,
-            what,
-            retry_after: None,
-        },
-        code => HubApiError::Refused {
-            status: u16::try_from(code).unwrap_or(0),
-            what,
-            message: error.message.chars().take(200).collect(),
-        },
-    }
-}
-
-/// An action's headers, but for the multipart bookkeeping ones.
-fn action_headers(action: &LfsAction) -> HeaderMap {
-    let mut headers = HeaderMap::new();
-    for (name, value) in &action.header {
-        if name == "chunk_size" || name.parse::<u32>().is_ok() {
-            continue;
-        }
-        if let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_str(value),
-        ) {
-            headers.insert(name, value);
-        }
-    }
-    headers
-}
-
-fn retry_after(response: &reqwest::Response) -> Option<Duration> {
-    let value = response.headers().get(header::RETRY_AFTER)?.to_str().ok()?;
-    value.trim().parse::<u64>().ok().map(Duration::from_secs)
-}
-
-/// The error a non-success answer means.
-async fn error_of(response: reqwest::Response, what: &str) -> HubApiError {
-    let status = response.status();
-    let code = response
-        .headers()
-        .get("x-error-code")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let wait = retry_after(&response);
-    match status {
-        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
-            if !matches!(
-                code.as_deref(),
-                Some("RepoNotFound" | "RevisionNotFound" | "EntryNotFound")
-            ) =>
-        {
-            HubApiError::Auth {
-                status: status.as_u16(),
-                code,
-            }
-        }
-        StatusCode::NOT_FOUND | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-            HubApiError::NotFound {
-                what: what.to_owned(),
-                code,
-            }
-        }
-        StatusCode::PRECONDITION_FAILED | StatusCode::CONFLICT => HubApiError::Conflict {
-            status: status.as_u16(),
-        },
-        StatusCode::TOO_MANY_REQUESTS => HubApiError::RateLimited { retry_after: wait },
-        s if s.is_server_error() => HubApiError::Server {
-            status: s.as_u16(),
-            what: what.to_owned(),
-            retry_after: wait,
-        },
-        s => {
-            let body = response.text().await.unwrap_or_default();
-            let message = serde_json::from_str::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
-                .unwrap_or(body);
-            HubApiError::Refused {
-                status: s.as_u16(),
-                what: what.to_owned(),
-                message: message.chars().take(300).collect(),
-            }
-        }
     }
 }
 
@@ -954,21 +587,5 @@ mod tests {
             "https://hub.example/api/models/me/r/commit/my%20branch"
         );
         assert!(HubApi::new("ftp://x", "t").is_err());
-    }
-
-    #[test]
-    fn action_headers_keep_only_real_headers() {
-        let action = LfsAction {
-            href: "https://s3.example/put".into(),
-            header: [
-                ("chunk_size".to_string(), "10".to_string()),
-                ("1".to_string(), "https://s3.example/1".to_string()),
-                ("x-amz-meta".to_string(), "v".to_string()),
-            ]
-            .into(),
-        };
-        let headers = action_headers(&action);
-        assert_eq!(headers.len(), 1);
-        assert_eq!(headers["x-amz-meta"], "v");
     }
 }
