@@ -381,8 +381,39 @@ async fn a_job_delivered_to_the_hub_succeeds_with_its_commit() {
     })
     .await;
     let mut client = fleet.client(TOKEN).await;
+    let sample = fleet.sample_uri().await;
+    // Refused at submission: a name the Hub would refuse, no token, a
+    // license that is not an id.
+    for (uri, token, license, field) in [
+        ("hf://me/bad--name", HF_TOKEN, "", "destinations[0].uri"),
+        ("hf://me/my-lora", "", "", "destinations[0].uri"),
+        (
+            "hf://me/my-lora",
+            HF_TOKEN,
+            "MIT License",
+            "destinations[0].license",
+        ),
+    ] {
+        let mut bad = hf_spec(uri, token);
+        bad.dataset = trainyard_tests::spec(&sample, 10).dataset;
+        bad.destinations[0].license = license.into();
+        let status = client
+            .submit(trainyard_proto::v1::SubmitRequest { spec: Some(bad) })
+            .await
+            .expect_err("refused");
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{uri}: {status:?}"
+        );
+        assert!(
+            status.message().contains(field),
+            "{uri}: {}",
+            status.message()
+        );
+    }
     let mut spec = hf_spec("hf://me/my-lora", HF_TOKEN);
-    spec.dataset = trainyard_tests::spec(&fleet.sample_uri().await, 10).dataset;
+    spec.dataset = trainyard_tests::spec(&sample, 10).dataset;
     spec.destinations[0].public = true;
     spec.destinations[0].license = "apache-2.0".into();
     let job = submit(&mut client, spec).await;
