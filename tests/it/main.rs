@@ -30,6 +30,7 @@ mod failures;
 mod faults;
 mod fencing;
 mod gpu_smoke;
+mod hub_delivery;
 mod lifetimes;
 mod model_cache;
 mod orphans;

@@ -1,19 +1,23 @@
 //! One delivery: fetch each output from the artifact store (checking the
 //! sha256 the worker recorded), copy it to each destination, read the copy
-//! back to verify it, then write the manifest.
+//! back to verify it, then write the manifest. An `hf://` destination
+//! takes the files, a model card and the manifest in one commit instead
+//! ([`crate::hub`]).
 
 use crate::attributes::scheme_and_bucket;
+use crate::hub::HubTarget;
+use crate::hub::job::JobInput;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use tracing::Instrument;
 use trainyard_core::Config;
-use trainyard_core::destination::Destinations;
+use trainyard_core::destination::{Destinations, hf};
 use trainyard_core::redact::{display_url, redact_in};
 use trainyard_core::runtime::{StageError, StageHandler, TaskContext};
 use trainyard_core::store::{ArtifactStore, StoreError, keys};
 use trainyard_proto::v1::{
-    Artifact, DeliverOutput, DeliverTask, DeliveredFile, ErrorKind, JobSpec, Secrets,
-    stage_result::Outcome,
+    Artifact, DeliverOutput, DeliverTask, DeliveredFile, Destination, ErrorKind, JobSpec, Secrets,
+    TrainSummary, stage_result::Outcome,
 };
 
 pub struct DeliverStage {
@@ -114,12 +118,26 @@ impl DeliverStage {
     fn destination(
         &self,
         tenant: &str,
-        uri: &str,
+        destination: &Destination,
         secrets: Option<&Secrets>,
-    ) -> Result<ArtifactStore, StageError> {
+    ) -> Result<Sink, StageError> {
+        let uri = destination.uri.as_str();
+        let refused = |e: trainyard_core::destination::DestinationError| {
+            StageError::fail(ErrorKind::InvalidSpec, redact_in(&e.to_string(), uri))
+        };
+        if hf::is_hf(uri) {
+            let dest = self.destinations.open_hf(uri, secrets).map_err(refused)?;
+            return Ok(Sink::Hub(Box::new(HubTarget {
+                dest,
+                label: uri.to_owned(),
+                public: destination.public,
+                license: destination.license.clone(),
+            })));
+        }
         self.destinations
             .open(tenant, uri, secrets)
-            .map_err(|e| StageError::fail(ErrorKind::InvalidSpec, redact_in(&e.to_string(), uri)))
+            .map(Sink::Store)
+            .map_err(refused)
     }
 
     async fn deliver(
@@ -138,16 +156,23 @@ impl DeliverStage {
         }
         let mut targets = vec![Target {
             label: String::new(),
-            store: self.store.clone(),
+            sink: Sink::Store(self.store.clone()),
             prefix: keys::output(&ctx.meta.tenant, &ctx.meta.job),
         }];
         for destination in &spec.destinations {
             targets.push(Target {
                 label: destination.uri.clone(),
-                store: self.destination(&task.tenant, &destination.uri, spec.secrets.as_ref())?,
+                sink: self.destination(&task.tenant, destination, spec.secrets.as_ref())?,
                 prefix: job.to_string(),
             });
         }
+        let train = task.summary.unwrap_or_default();
+        let hub_input = JobInput {
+            job,
+            spec: &spec,
+            train: &train,
+            dataset_uri: &task.dataset_uri,
+        };
         let own = keys::job(&ctx.meta.tenant, &ctx.meta.job);
         let locals = self.fetch_all(&task.artifacts, &own, work).await?;
         // Per artifact, its copy in each target, in target order.
@@ -156,7 +181,15 @@ impl DeliverStage {
             let span = target.span();
             let mut tally = Tally::default();
             let result = self
-                .deliver_to(target, &task.artifacts, &locals, ctx, work, &mut tally)
+                .deliver_to(
+                    target,
+                    &task.artifacts,
+                    &locals,
+                    &hub_input,
+                    ctx,
+                    work,
+                    &mut tally,
+                )
                 .instrument(span.clone())
                 .await;
             span.record("trainyard.files", tally.files);
@@ -181,34 +214,11 @@ impl DeliverStage {
                 list.push(copy);
             }
         }
-        let files = task
-            .artifacts
+        let uris = copies
             .iter()
-            .zip(&copies)
-            .map(|(artifact, copies)| ManifestFile {
-                name: artifact.name.clone(),
-                size: artifact.size,
-                sha256: artifact.sha256.clone(),
-                uris: copies.iter().map(|c| c.uri.clone()).collect(),
-            })
+            .map(|copies| copies.iter().map(|c| c.uri.clone()).collect())
             .collect();
-        let train = task.summary.unwrap_or_default();
-        let manifest = Manifest {
-            version: 1,
-            job_id: job,
-            name: &spec.name,
-            files,
-            spec: summary(&spec),
-            metrics: Metrics {
-                steps: train.steps,
-                loss_first: finite(train.loss_first),
-                loss_last: finite(train.loss_last),
-                train_seconds: train.seconds,
-                image_count: None,
-            },
-            delivered_at_ms: trainyard_core::now_ms(),
-        };
-        let body = bytes::Bytes::from(serde_json::to_vec_pretty(&manifest).unwrap_or_default());
+        let body = manifest_body(job, &spec, &train, &task.artifacts, uris);
         let span = tracing::info_span!(
             "deliver.manifest",
             trainyard.destinations = targets.len(),
@@ -223,21 +233,45 @@ impl DeliverStage {
     }
 
     /// Every artifact to `target`, in order: kept when it is already
-    /// there whole, else copied and read back.
+    /// there whole, else copied and read back. An `hf://` destination
+    /// gets them in one commit with a model card and the manifest.
+    #[allow(clippy::too_many_arguments)]
     async fn deliver_to(
         &self,
         target: &Target,
         artifacts: &[Artifact],
         locals: &[PathBuf],
+        hub_input: &JobInput<'_>,
         ctx: &TaskContext,
         work: &Path,
         tally: &mut Tally,
     ) -> Result<Vec<DeliveredFile>, StageError> {
         let Target {
             label,
-            store,
+            sink,
             prefix,
         } = target;
+        let store = match sink {
+            Sink::Store(store) => store,
+            Sink::Hub(hub) => {
+                let delivered = crate::hub::job::deliver(
+                    hub,
+                    &self.store,
+                    artifacts,
+                    locals,
+                    hub_input,
+                    ctx,
+                    work,
+                )
+                .await?;
+                tally.files += delivered.files.len() as u64;
+                tally.bytes += delivered.uploaded_bytes;
+                if delivered.committed {
+                    tally.copied += delivered.files.len() as u64;
+                }
+                return Ok(delivered.files);
+            }
+        };
         let shown = display_url(store.root());
         let mut delivered = Vec::with_capacity(artifacts.len());
         for (artifact, local) in artifacts.iter().zip(locals) {
@@ -348,8 +382,51 @@ impl DeliverStage {
 /// (`label` empty).
 struct Target {
     label: String,
-    store: ArtifactStore,
+    sink: Sink,
     prefix: String,
+}
+
+/// What a target writes to.
+enum Sink {
+    Store(ArtifactStore),
+    /// An `hf://` repository: one commit with the files, card and manifest.
+    Hub(Box<HubTarget>),
+}
+
+/// The manifest of `job`'s delivery, each artifact with its `uris`.
+pub(crate) fn manifest_body(
+    job: &str,
+    spec: &JobSpec,
+    train: &TrainSummary,
+    artifacts: &[Artifact],
+    uris: Vec<Vec<String>>,
+) -> bytes::Bytes {
+    let files = artifacts
+        .iter()
+        .zip(uris)
+        .map(|(artifact, uris)| ManifestFile {
+            name: artifact.name.clone(),
+            size: artifact.size,
+            sha256: artifact.sha256.clone(),
+            uris,
+        })
+        .collect();
+    let manifest = Manifest {
+        version: 1,
+        job_id: job,
+        name: &spec.name,
+        files,
+        spec: summary(spec),
+        metrics: Metrics {
+            steps: train.steps,
+            loss_first: finite(train.loss_first),
+            loss_last: finite(train.loss_last),
+            train_seconds: train.seconds,
+            image_count: None,
+        },
+        delivered_at_ms: trainyard_core::now_ms(),
+    };
+    bytes::Bytes::from(serde_json::to_vec_pretty(&manifest).unwrap_or_default())
 }
 
 impl Target {
@@ -357,10 +434,9 @@ impl Target {
     /// scheme and bucket (never credentials or a query);
     /// `deliver.output` for the artifact store's copy.
     fn span(&self) -> tracing::Span {
-        let (scheme, bucket) = scheme_and_bucket(if self.label.is_empty() {
-            self.store.root()
-        } else {
-            &self.label
+        let (scheme, bucket) = scheme_and_bucket(match &self.sink {
+            Sink::Store(store) if self.label.is_empty() => store.root(),
+            _ => &self.label,
         });
         macro_rules! span {
             ($name:literal) => {
@@ -397,12 +473,15 @@ struct Tally {
     bytes: u64,
 }
 
-/// Writes the manifest to every target; returns the first one's URI.
+/// Writes the manifest to every target (an `hf://` one has it in its
+/// commit already); returns the first one's URI.
 async fn write_manifest(targets: &[Target], body: bytes::Bytes) -> Result<String, StageError> {
     let mut manifest_uri = String::new();
     for target in targets {
-        let stored = target
-            .store
+        let Sink::Store(store) = &target.sink else {
+            continue;
+        };
+        let stored = store
             .put_bytes(&format!("{}/manifest.json", target.prefix), body.clone())
             .await
             .map_err(store_error)?;

@@ -11,7 +11,7 @@ pub use store::check_store_refs;
 pub use webhook::SubmitRules;
 
 use trainyard_backends::BACKENDS;
-use trainyard_core::destination::{DestinationError, Destinations};
+use trainyard_core::destination::{DestinationError, Destinations, hf};
 use trainyard_models::ModelSource;
 use trainyard_proto::TenantId;
 use trainyard_proto::v1::{
@@ -118,7 +118,12 @@ pub fn normalise(mut spec: JobSpec) -> Result<JobSpec, Invalid> {
     normalise_model(&mut spec, &mut p);
     normalise_caption(&mut spec, &mut p);
     for (i, destination) in spec.destinations.iter().enumerate() {
-        if !is_store_uri(&destination.uri) {
+        p.check(
+            destination.license.is_empty() || hf::valid_license(&destination.license),
+            &format!("destinations[{i}].license"),
+            "must be a Hub license id: lowercase letters, digits, '.', '-' and '+' (e.g. apache-2.0, other)",
+        );
+        if !is_store_uri(&destination.uri) && !hf::is_hf(&destination.uri) {
             p.add(
                 &format!("destinations[{i}].uri"),
                 format!(

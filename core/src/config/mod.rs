@@ -291,6 +291,9 @@ impl Config {
         if self.nats.event_max_bytes < 1 << 20 || self.nats.dlq_max_bytes < 1 << 20 {
             return bad("nats.event_max_bytes and nats.dlq_max_bytes must be at least 1048576");
         }
+        if crate::destination::hf::api::HubApi::new(&self.destinations.hf.endpoint, "").is_err() {
+            return bad("destinations.hf.endpoint must be an http(s) URL");
+        }
         for (name, credential) in &self.destinations.credentials {
             if credential.access_key_id.is_empty() || credential.secret_access_key.is_empty() {
                 return bad(&format!(

@@ -32,6 +32,9 @@
 //! (or, when it does not exist yet, at the nearest existing parent the
 //! uploader would create it under) by creating and removing a probe file;
 //! an S3 destination gets a real put and delete of a small probe object.
+//!
+//! `hf://org/repo[@branch][/path]` destinations (a Hugging Face model
+//! repository, with the job's token, on the fleet's Hub) are in [`hf`].
 
 use crate::config::{Config, DestinationCredential};
 use crate::netguard::{Guard, GuardedResolver};
@@ -45,6 +48,8 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use trainyard_proto::v1::Secrets;
+
+pub mod hf;
 
 /// The `secrets.values` keys an `s3://` destination's job credentials are
 /// read from (the AWS names).
@@ -86,6 +91,8 @@ pub enum DestinationError {
     Endpoint { uri: String, problem: String },
     #[error("destination {uri}: {source}")]
     Open { uri: String, source: StoreError },
+    #[error(transparent)]
+    Hf(#[from] hf::HfUriError),
 }
 
 /// What a failed probe means for the job.
@@ -125,6 +132,7 @@ pub struct Destinations {
     store: StoreLocation,
     credentials: BTreeMap<String, DestinationCredential>,
     allow_private_endpoints: bool,
+    hf: hf::HfRules,
 }
 
 /// Where the artifact store is.
@@ -249,6 +257,7 @@ impl Destinations {
             store,
             credentials,
             allow_private_endpoints: false,
+            hf: hf::HfRules::default(),
         }
     }
 
@@ -259,8 +268,15 @@ impl Destinations {
         self
     }
 
+    /// The Hub `hf://` destinations are written to.
+    pub fn hf_endpoint(mut self, endpoint: &str) -> Self {
+        self.hf.endpoint = endpoint.to_owned();
+        self
+    }
+
     /// The rules `config` sets: `[uploader] allowed_local_roots`, the
-    /// artifact store `store.uri`, `[destinations.credentials]`.
+    /// artifact store `store.uri`, `[destinations.credentials]`,
+    /// `[destinations.hf] endpoint`.
     pub fn from_config(config: &Config) -> Self {
         Self::new(
             config.uploader.allowed_local_roots.clone(),
@@ -268,6 +284,7 @@ impl Destinations {
             config.destinations.credentials.clone(),
         )
         .allow_private_endpoints(config.destinations.allow_private_endpoints)
+        .hf_endpoint(&config.destinations.hf.endpoint)
     }
 
     /// Whether `tenant`'s job (with `secrets`) may use `uri`: a local
@@ -280,6 +297,9 @@ impl Destinations {
         uri: &str,
         secrets: Option<&Secrets>,
     ) -> Result<(), DestinationError> {
+        if hf::is_hf(uri) {
+            return self.check_hf(uri, secrets).map(|_| ());
+        }
         match parse(uri)? {
             Parsed::Local(path) => self.confine(uri, path).map(|_| ()),
             Parsed::S3 {
@@ -440,6 +460,9 @@ impl Destinations {
         uri: &str,
         secrets: Option<&Secrets>,
     ) -> Result<(), ProbeError> {
+        if hf::is_hf(uri) {
+            return self.probe_hf(uri, secrets).await;
+        }
         let refused = |e: DestinationError| ProbeError::new(ProbeFailure::Refused, e.to_string());
         match parse(uri).map_err(refused)? {
             Parsed::Local(path) => {
