@@ -183,9 +183,24 @@ impl CaptionBackend for GeminiCaptioner {
     }
 
     async fn caption(&self, image: &ImageInfo) -> Result<String, CaptionError> {
-        let kind = media_type(&image.path).ok_or_else(|| CaptionError::Rejected {
-            message: format!("{}: not a file type gemini reads", image.file_name),
-        })?;
+        self.ask(image)
+            .await
+            .map_err(|e| http::redact(e, Some(&self.api_key)))
+    }
+}
+
+impl GeminiCaptioner {
+    async fn ask(&self, image: &ImageInfo) -> Result<String, CaptionError> {
+        let kind = match media_type(&image.path) {
+            // Gemini's own name for QuickTime.
+            Some("video/quicktime") => "video/mov",
+            Some(kind) => kind,
+            None => {
+                return Err(CaptionError::Rejected {
+                    message: format!("{}: not a file type gemini reads", image.file_name),
+                });
+            }
+        };
         let bytes = http::read_file(&image.path).await?;
         let prompt = self.prompts.for_media(&image.media);
         // base64 is 4/3 of the bytes; the rest of the request is small.

@@ -106,6 +106,32 @@ pub async fn read_answer(
     })
 }
 
+/// `error` with every occurrence of `secret` in its message replaced: a
+/// server's error text may quote the key it was sent, and messages reach
+/// logs and the job's failure.
+pub fn redact(error: CaptionError, secret: Option<&str>) -> CaptionError {
+    let Some(secret) = secret.filter(|s| s.len() >= 4) else {
+        return error;
+    };
+    let clean = |m: String| m.replace(secret, "[redacted]");
+    match error {
+        CaptionError::Unavailable {
+            message,
+            retry_after,
+        } => CaptionError::Unavailable {
+            message: clean(message),
+            retry_after,
+        },
+        CaptionError::Rejected { message } => CaptionError::Rejected {
+            message: clean(message),
+        },
+        CaptionError::InvalidOutput { message } => CaptionError::InvalidOutput {
+            message: clean(message),
+        },
+        CaptionError::Timeout => CaptionError::Timeout,
+    }
+}
+
 /// A JSON answer as `T`; anything else is [`CaptionError::InvalidOutput`].
 pub fn parse<T: serde::de::DeserializeOwned>(server: &str, body: &[u8]) -> Result<T, CaptionError> {
     serde_json::from_slice(body).map_err(|e| CaptionError::InvalidOutput {
@@ -159,5 +185,12 @@ mod tests {
         assert_eq!(media_type(Path::new("clip.mov")), Some("video/quicktime"));
         assert_eq!(media_type(Path::new("notes.txt")), None);
         assert_eq!(data_url("image/png", b"abc"), "data:image/png;base64,YWJj");
+        let error = CaptionError::Rejected {
+            message: "401: Incorrect API key provided: sk-secret-1".into(),
+        };
+        assert_eq!(
+            redact(error, Some("sk-secret-1")).to_string(),
+            "caption backend rejected the image: 401: Incorrect API key provided: [redacted]"
+        );
     }
 }

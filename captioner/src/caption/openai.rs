@@ -131,6 +131,14 @@ impl CaptionBackend for OpenAiCaptioner {
     }
 
     async fn caption(&self, image: &ImageInfo) -> Result<String, CaptionError> {
+        self.ask(image)
+            .await
+            .map_err(|e| http::redact(e, self.api_key.as_deref()))
+    }
+}
+
+impl OpenAiCaptioner {
+    async fn ask(&self, image: &ImageInfo) -> Result<String, CaptionError> {
         if let Some(guard) = &self.guard {
             http::check_tenant_url(guard, &self.url)?;
         }
