@@ -439,8 +439,10 @@ fn standin_command() -> PathBuf {
 #[tokio::test]
 async fn a_command_captions_by_its_contract_and_its_failures_are_kinds() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = CaptionConfig::default();
-    config.max_attempts = 1;
+    let mut config = CaptionConfig {
+        max_attempts: 1,
+        ..CaptionConfig::default()
+    };
     config.commands.insert(
         "stub".into(),
         CaptionCommand {
