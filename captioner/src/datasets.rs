@@ -4,7 +4,7 @@
 //! [`crate::text::prepare_text`]. Failures are [`DatasetError`]s, which
 //! preflight turns into problems (or a retry).
 
-use crate::caption::{CaptionBackend, TemplateCaptioner};
+use crate::caption::CaptionBackend;
 use crate::error::DatasetError;
 use crate::preflight::{self, AccessChecks};
 use crate::{
@@ -20,7 +20,7 @@ use trainyard_core::runtime::{StageError, TaskContext};
 use trainyard_core::store::{ArtifactStore, ReadCaps, StoreError};
 use trainyard_models::hub::HubClient;
 use trainyard_proto::TenantId;
-use trainyard_proto::v1::{CaptionSettings, ErrorKind, JobSpec, dataset_source::Source};
+use trainyard_proto::v1::{ErrorKind, JobSpec, dataset_source::Source};
 
 /// Fetching and preparing a job's dataset, shared by the stage and the
 /// `Validate` responder.
@@ -31,15 +31,6 @@ pub struct Datasets {
     video: crate::VideoSettings,
     /// Work folders are made below this one.
     pub work_root: PathBuf,
-}
-
-/// The caption backend a job's settings select.
-pub fn caption_backend(caption: &CaptionSettings) -> TemplateCaptioner {
-    if caption.template.is_empty() {
-        TemplateCaptioner::default()
-    } else {
-        TemplateCaptioner::new(caption.template.clone())
-    }
 }
 
 impl Datasets {

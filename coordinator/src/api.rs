@@ -135,6 +135,8 @@ pub struct JobApi {
     pub validate_timeout: Duration,
     /// What a job's webhook must satisfy on this fleet.
     pub webhooks: crate::validate::SubmitRules,
+    /// What the fleet's `[captioner.caption]` allows a job's captions.
+    pub captions: crate::validate::CaptionRules,
     /// The tenants' webhook signing secrets; `None` when webhooks are off.
     pub webhook_secrets: Option<crate::webhooks::SecretStore>,
     /// Which destinations a job may use on this fleet.
@@ -229,6 +231,16 @@ impl JobApi {
         Ok(secrets.response(trainyard_core::now_ms()))
     }
 
+    /// The fleet-dependent caption checks, every problem at once.
+    fn check_captions(&self, spec: &JobSpec) -> Result<(), validate::Invalid> {
+        let problems = self.captions.check(spec);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(validate::Invalid(problems))
+        }
+    }
+
     pub async fn submit(
         &self,
         tenant: &TenantId,
@@ -241,6 +253,7 @@ impl JobApi {
         self.webhooks
             .check(&spec)
             .map_err(|e| validate::Invalid(vec![e]))?;
+        self.check_captions(&spec)?;
         validate::check_destinations(&self.destinations, tenant, &spec)?;
         validate::check_store_refs(&self.store_root, tenant, &spec)?;
         let mut job = JobId::generate();
@@ -361,6 +374,7 @@ impl JobApi {
             self.webhooks
                 .check(&spec)
                 .map_err(|e| validate::Invalid(vec![e]))?;
+            self.check_captions(&spec)?;
             validate::check_destinations(&self.destinations, tenant, &spec)?;
             validate::check_store_refs(&self.store_root, tenant, &spec)?;
             Ok(spec)

@@ -103,6 +103,7 @@ pub async fn run(
         client: client.clone(),
         validate_timeout: Duration::from_secs(config.coordinator.validate_timeout_secs.max(1)),
         webhooks: validate::SubmitRules::from_config(&config.webhooks),
+        captions: validate::CaptionRules::from_config(&config.captioner.caption),
         webhook_secrets: webhook_secrets.clone(),
         destinations: trainyard_core::destination::Destinations::from_config(&config),
         secrets,

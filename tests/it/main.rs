@@ -24,6 +24,7 @@ mod autoscaler_local;
 mod autoscaler_runpod;
 mod autoscaler_runpod_e2e;
 mod backends;
+mod captions;
 mod deploy_one_box;
 mod drain;
 mod failures;

@@ -85,6 +85,7 @@ async fn a_lost_final_state_event_still_ends_watch_and_is_published_again_once()
         client: nats,
         validate_timeout: Duration::from_secs(5),
         webhooks: Default::default(),
+        captions: Default::default(),
         webhook_secrets: None,
         destinations: Default::default(),
         secrets: None,

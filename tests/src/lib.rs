@@ -6,8 +6,10 @@
 
 pub mod autoscale;
 pub mod chaos;
+pub mod gemini;
 pub mod hub;
 pub mod kube;
+pub mod openai;
 pub mod otlp;
 pub mod prom;
 pub mod runpod;

@@ -4,9 +4,11 @@
 //! failed job an hour later. Valid specs are normalised: unset optional
 //! values get their documented defaults, and the stored spec is explicit.
 
+mod caption;
 mod store;
 mod webhook;
 
+pub use caption::CaptionRules;
 pub use store::check_store_refs;
 pub use webhook::SubmitRules;
 
@@ -382,23 +384,12 @@ fn normalise_model(spec: &mut JobSpec, p: &mut Problems) {
 
 fn normalise_caption(spec: &mut JobSpec, p: &mut Problems) {
     let caption = spec.caption.get_or_insert_default();
-    if caption.backend.is_empty() {
-        caption.backend = "template".into();
-    }
-    if caption.backend != "template" {
-        p.add(
-            "caption.backend",
-            format!(
-                "unknown caption backend {:?}; known: template",
-                caption.backend
-            ),
-        );
-    }
     p.check(
         caption.trigger_word.len() <= 100 && !caption.trigger_word.contains(['\n', '\r']),
         "caption.trigger_word",
         "must be one line of at most 100 characters",
     );
+    caption::normalise(spec, p);
 }
 
 #[cfg(test)]

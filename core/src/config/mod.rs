@@ -49,6 +49,7 @@ pub struct Config {
 }
 
 mod autoscaler;
+mod caption;
 mod destinations;
 mod nats;
 mod observe;
@@ -60,6 +61,7 @@ mod services;
 mod store;
 
 pub use autoscaler::*;
+pub use caption::*;
 pub use destinations::*;
 pub use nats::*;
 pub use observe::*;
@@ -142,6 +144,10 @@ impl Config {
         if self.store.uri.is_empty() {
             return bad("store.uri is empty");
         }
+        self.captioner
+            .caption
+            .validate()
+            .map_err(ConfigError::Invalid)?;
         if self.store.max_model_bytes == 0
             || self.store.max_upload_bytes == 0
             || self.store.max_upload_files == 0

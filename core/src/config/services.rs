@@ -78,6 +78,8 @@ pub struct CaptionerConfig {
     pub max_dataset_bytes: u64,
     /// Most files in one dataset archive.
     pub max_files: usize,
+    /// The caption backends (`[captioner.caption]`).
+    pub caption: super::CaptionConfig,
     /// Video clips in datasets (`[captioner.video]`).
     pub video: VideoConfig,
 }
@@ -90,6 +92,7 @@ impl Default for CaptionerConfig {
             allow_private_urls: false,
             max_dataset_bytes: 4 << 30,
             max_files: 20_000,
+            caption: super::CaptionConfig::default(),
             video: VideoConfig::default(),
         }
     }
