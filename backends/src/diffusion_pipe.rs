@@ -3,7 +3,9 @@
 //! reference, section 3).
 //!
 //! - **Inputs.** A main config TOML and a dataset TOML, both written to the
-//!   run folder and serialised from the structs below. `output_dir` is the
+//!   run folder and serialised from the structs below. The dataset folder
+//!   holds images and, for Wan, video clips side by side, as diffusion-pipe
+//!   reads them; a dataset with clips gets `frame_buckets` ([`video`]). `output_dir` is the
 //!   job's own output folder: diffusion-pipe puts each run in a new
 //!   `<UTC %Y%m%d_%H-%M-%S>/` folder there and, when resuming, picks
 //!   `sorted(glob(output_dir/*))[-1]`, so that folder holds nothing but run
@@ -42,6 +44,7 @@
 
 mod config;
 mod output;
+pub mod video;
 
 pub use config::DEFAULT_CHECKPOINT_MINUTES;
 
@@ -80,6 +83,12 @@ impl DiffusionPipe {
     pub fn new(deepspeed: PathBuf, dir: PathBuf) -> Self {
         Self { deepspeed, dir }
     }
+}
+
+/// Whether diffusion-pipe trains `family` on video clips: Wan here (its
+/// HunyuanVideo and LTX-Video types are not families of ours yet).
+pub fn trains_video(family: ModelFamily) -> bool {
+    family == ModelFamily::Wan
 }
 
 /// The default rendezvous port of DeepSpeed (`TORCH_DISTRIBUTED_DEFAULT_PORT`)
@@ -198,6 +207,10 @@ impl TrainerBackend for DiffusionPipe {
 
     fn check(&self, settings: &TrainingSettings, family: ModelFamily) -> Vec<SettingProblem> {
         config::check(settings, family)
+    }
+
+    fn trains_video(&self, family: ModelFamily) -> bool {
+        trains_video(family)
     }
 
     fn render(&self, inputs: &TrainInputs) -> Result<Launch, BackendError> {

@@ -216,6 +216,11 @@ pub trait TrainerBackend: Send + Sync {
     /// Every problem with the settings for this family, before any file is
     /// fetched (extras against the allow-list, unsupported combinations).
     fn check(&self, settings: &TrainingSettings, family: ModelFamily) -> Vec<SettingProblem>;
+    /// Whether this backend trains `family` on video clips (a dataset with
+    /// clips is refused by preflight otherwise).
+    fn trains_video(&self, _family: ModelFamily) -> bool {
+        false
+    }
     /// Whether the run wants a loopback webhook URL.
     fn wants_webhook(&self) -> bool {
         false

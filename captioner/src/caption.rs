@@ -16,6 +16,14 @@
 //! replaced, so it does not become `"tyzx, a photo of tyzx"`.
 
 pub mod cache;
+pub mod chain;
+pub mod command;
+mod frames;
+pub mod gemini;
+pub mod http;
+pub mod openai;
+pub mod prompts;
+pub mod select;
 pub mod tidy;
 
 use std::path::PathBuf;
@@ -47,6 +55,17 @@ pub struct VideoInfo {
     pub frames: u64,
     /// The video stream's codec name, e.g. `h264`, `vp9`.
     pub codec: String,
+}
+
+impl From<&VideoInfo> for crate::manifest::VideoFacts {
+    fn from(info: &VideoInfo) -> Self {
+        Self {
+            duration_ms: info.duration_ms,
+            fps_milli: info.fps_milli,
+            frames: info.frames,
+            codec: info.codec.clone(),
+        }
+    }
 }
 
 /// One image or clip to caption, as written in the prepared folder.
@@ -124,7 +143,39 @@ pub trait CaptionBackend: Send + Sync {
         false
     }
 
+    /// Files this backend captions at once, when it decides (a job's
+    /// `caption.concurrency` under the fleet's cap); `None`: the caller's.
+    fn concurrency(&self) -> Option<usize> {
+        None
+    }
+
     async fn caption(&self, image: &ImageInfo) -> Result<String, CaptionError>;
+
+    /// The caption of `image` and who wrote it, with the policy's retries
+    /// of retryable errors. Backends made of others (the cache, a
+    /// fallback: [`chain::Chain`]) override it.
+    async fn caption_sourced(
+        &self,
+        image: &ImageInfo,
+        policy: &CaptionPolicy,
+    ) -> Result<Captioned, CaptionError> {
+        let text = caption_with_retries(self, image, policy).await?;
+        Ok(Captioned {
+            text,
+            source: self.name().to_owned(),
+            places_trigger: self.inserts_trigger(),
+        })
+    }
+}
+
+/// A caption and the backend that wrote it (as the manifest records it,
+/// e.g. `openai:<model>`, `cache:openai:<model>`, `template`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Captioned {
+    pub text: String,
+    pub source: String,
+    /// The text already places the trigger word ([`CaptionBackend::inserts_trigger`]).
+    pub places_trigger: bool,
 }
 
 /// Captions from a template with `{trigger}`, `{stem}` (the user's file
@@ -299,7 +350,7 @@ pub async fn caption_all(
     backend: &dyn CaptionBackend,
     policy: &CaptionPolicy,
 ) -> Result<Vec<FinalCaption>, CaptionFailed> {
-    let concurrency = policy.concurrency.max(1);
+    let concurrency = backend.concurrency().unwrap_or(policy.concurrency).max(1);
     let span = tracing::info_span!(
         "prepare.caption",
         trainyard.caption.backend = backend.name(),
@@ -365,26 +416,30 @@ async fn final_caption(
             source: CaptionSource::Sidecar,
         });
     }
-    let raw = caption_with_retries(backend, &job.image, policy)
+    let captioned = backend
+        .caption_sourced(&job.image, policy)
         .await
         .map_err(|error| CaptionFailed {
             file: job.image.file_name.clone(),
             error,
         })?;
-    let raw = normalize_caption(&raw);
-    let text = if backend.inserts_trigger() && !trigger.trim().is_empty() {
+    let raw = normalize_caption(&captioned.text);
+    let text = if captioned.places_trigger && !trigger.trim().is_empty() {
         raw.replace("[trigger]", trigger.trim())
     } else {
         apply_trigger(&raw, trigger)
     };
     Ok(FinalCaption {
         text,
-        source: CaptionSource::Backend(backend.name().to_owned()),
+        source: CaptionSource::Backend(captioned.source),
     })
 }
 
-async fn caption_with_retries(
-    backend: &dyn CaptionBackend,
+/// Calls `backend` for `image`, again on a retryable error up to
+/// `policy.max_attempts` tries, waiting the server's `Retry-After` or the
+/// doubling `retry_delay` (at most a minute) in between.
+pub(crate) async fn caption_with_retries<B: CaptionBackend + ?Sized>(
+    backend: &B,
     image: &ImageInfo,
     policy: &CaptionPolicy,
 ) -> Result<String, CaptionError> {

@@ -9,12 +9,13 @@
 //!   files and folders are ignored silently;
 //! - a root holding exactly one folder and no files is replaced by that
 //!   folder, repeatedly, so names are relative to the real dataset root;
-//! - images (png, jpg, jpeg, webp, bmp, gif, any case) are collected from
-//!   every sub-folder, sorted by relative name;
+//! - images (png, jpg, jpeg, webp, bmp, gif, any case) and video clips
+//!   (mp4, webm, mov) are collected from every sub-folder, sorted by
+//!   relative name;
 //! - a `.zip` inside is expanded through the guarded unpacker into scratch
 //!   space, sharing the dataset's [`UnpackBudget`], up to
 //!   `max_nested_depth`; its files are named `inner.zip/file.png`;
-//! - `<stem>.txt` next to an image is its caption (UTF-8, one line);
+//! - `<stem>.txt` next to an image or clip is its caption (UTF-8, one line);
 //! - symlinks are never followed, and everything else is reported in
 //!   [`DroppedFile`]s.
 //!
@@ -28,7 +29,7 @@ use std::path::{Path, PathBuf};
 
 use crate::caption::normalize_caption;
 use crate::error::PrepareError;
-use crate::manifest::{DropReason, DroppedFile};
+use crate::manifest::{DropReason, DroppedFile, MediaKind};
 use crate::unpack::{SkipKind, UnpackBudget, UnpackError, unpack_zip_blocking};
 
 /// Extensions collected as images (compared lower-case).
@@ -40,12 +41,14 @@ const MAX_FOLDER_LEVELS: usize = 32;
 /// Sidecar captions larger than this are refused as not being captions.
 const MAX_CAPTION_BYTES: u64 = 64 * 1024;
 
-/// An image found in the input, not yet decoded.
+/// An image or clip found in the input, not yet decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Candidate {
     /// Relative to the (flattened) dataset root, `/`-separated.
     pub rel: String,
     pub path: PathBuf,
+    /// By extension: an image, or a clip (`crate::video::VIDEO_EXTENSIONS`).
+    pub kind: MediaKind,
     /// Normalised sidecar caption; `None` when absent or empty.
     pub sidecar: Option<String>,
 }
@@ -191,10 +194,18 @@ impl<'a> Walker<'a> {
         let rel = format!("{dir_key}{name}");
         let (stem, ext) = split_ext(name);
         let ext = ext.to_ascii_lowercase();
-        if IMAGE_EXTENSIONS.contains(&ext.as_str()) {
+        let kind = if IMAGE_EXTENSIONS.contains(&ext.as_str()) {
+            Some(MediaKind::Image)
+        } else if crate::video::VIDEO_EXTENSIONS.contains(&ext.as_str()) {
+            Some(MediaKind::Video)
+        } else {
+            None
+        };
+        if let Some(kind) = kind {
             let candidate = Candidate {
                 rel,
                 path: path.to_owned(),
+                kind,
                 sidecar: None,
             };
             self.images

@@ -4,7 +4,7 @@
 //! [`crate::text::prepare_text`]. Failures are [`DatasetError`]s, which
 //! preflight turns into problems (or a retry).
 
-use crate::caption::{CaptionBackend, TemplateCaptioner};
+use crate::caption::CaptionBackend;
 use crate::error::DatasetError;
 use crate::preflight::{self, AccessChecks};
 use crate::{
@@ -20,7 +20,7 @@ use trainyard_core::runtime::{StageError, TaskContext};
 use trainyard_core::store::{ArtifactStore, ReadCaps, StoreError};
 use trainyard_models::hub::HubClient;
 use trainyard_proto::TenantId;
-use trainyard_proto::v1::{CaptionSettings, ErrorKind, JobSpec, dataset_source::Source};
+use trainyard_proto::v1::{ErrorKind, JobSpec, dataset_source::Source};
 
 /// Fetching and preparing a job's dataset, shared by the stage and the
 /// `Validate` responder.
@@ -28,17 +28,9 @@ pub struct Datasets {
     store: ArtifactStore,
     client: GuardedClient,
     limits: UnpackLimits,
+    video: crate::VideoSettings,
     /// Work folders are made below this one.
     pub work_root: PathBuf,
-}
-
-/// The caption backend a job's settings select.
-pub fn caption_backend(caption: &CaptionSettings) -> TemplateCaptioner {
-    if caption.template.is_empty() {
-        TemplateCaptioner::default()
-    } else {
-        TemplateCaptioner::new(caption.template.clone())
-    }
 }
 
 impl Datasets {
@@ -59,6 +51,7 @@ impl Datasets {
             client: GuardedClient::new(policy)?,
             work_root: std::fs::canonicalize(&config.captioner.work_dir)?,
             limits,
+            video: crate::VideoSettings::from_config(&config.captioner.video),
         })
     }
 
@@ -96,6 +89,10 @@ impl Datasets {
             trigger_word: caption.trigger_word,
             overwrite_sidecar: caption.overwrite_sidecar,
             limits: self.limits,
+            video: crate::VideoSettings {
+                gif_as_video: trains_video(spec),
+                ..self.video.clone()
+            },
             ..PrepareSettings::default()
         };
         note("unpacking, validating and captioning").await;
@@ -217,6 +214,27 @@ impl Datasets {
             ));
         }
         Ok(LocalInput::Dir(dir))
+    }
+}
+
+/// Whether `spec`'s backend trains its model family on video, so an
+/// animated gif is a clip rather than a still.
+fn trains_video(spec: &JobSpec) -> bool {
+    let backend = spec
+        .training
+        .as_ref()
+        .map(|t| t.backend.as_str())
+        .unwrap_or_default();
+    let family = spec
+        .base_model
+        .as_ref()
+        .and_then(|m| trainyard_models::ModelFamily::from_name(&m.family));
+    match (
+        trainyard_backends::by_name(backend, &Default::default()),
+        family,
+    ) {
+        (Some(trainer), Some(family)) => trainer.trains_video(family),
+        _ => false,
     }
 }
 

@@ -31,10 +31,17 @@ pub enum PrepareError {
     InputTooLarge { limit: u64 },
     #[error("{}", no_usable_images_message(bad))]
     NoUsableImages {
-        /// Every image that failed to decode or was too small, by its name
-        /// relative to the dataset root.
+        /// Every image or clip that failed to decode, was too small or over a
+        /// clip limit, by its name relative to the dataset root.
         bad: Vec<String>,
     },
+    /// `ffprobe` cannot be started, so the dataset's clips cannot be read.
+    #[error(
+        "cannot run {} to read the dataset's video clips: {error}; install Debian's ffmpeg \
+         package (scripts/install-ffmpeg) or set captioner.video.ffprobe",
+        program.display()
+    )]
+    NoProbe { program: PathBuf, error: String },
     #[error("dataset has {found} usable images, fewer than min_images ({required})")]
     TooFewImages { found: usize, required: usize },
     #[error("{}", no_text_dataset_message(found))]
@@ -63,10 +70,10 @@ impl From<CaptionFailed> for PrepareError {
 
 fn no_usable_images_message(bad: &[String]) -> String {
     if bad.is_empty() {
-        "no usable images in the dataset: no image files found".to_owned()
+        "no usable images in the dataset: no image or video files found".to_owned()
     } else {
         format!(
-            "no usable images in the dataset; unreadable or too small: {}",
+            "no usable images in the dataset; unreadable, too small or over the clip limits: {}",
             crate::preflight::list_names(bad)
         )
     }
@@ -97,7 +104,8 @@ impl PrepareError {
             | PrepareError::NoUsableImages { .. }
             | PrepareError::TooFewImages { .. }
             | PrepareError::NoTextDataset { .. }
-            | PrepareError::InvalidSettings { .. } => false,
+            | PrepareError::InvalidSettings { .. }
+            | PrepareError::NoProbe { .. } => false,
         }
     }
 
@@ -150,7 +158,9 @@ fn prepare_error(error: PrepareError) -> StageError {
     let kind = match &error {
         PrepareError::Fetch(_) => ErrorKind::Fetch,
         PrepareError::InvalidSettings { .. } => ErrorKind::InvalidSpec,
-        PrepareError::Io { .. } | PrepareError::Interrupted => ErrorKind::Internal,
+        PrepareError::Io { .. } | PrepareError::Interrupted | PrepareError::NoProbe { .. } => {
+            ErrorKind::Internal
+        }
         _ => ErrorKind::BadDataset,
     };
     if error.is_retryable() {

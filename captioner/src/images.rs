@@ -1,4 +1,5 @@
-//! Validating candidate images and writing them into the prepared folder.
+//! Validating candidate images and clips and writing them into the
+//! prepared folder.
 //!
 //! Every image is fully decoded (not just its header read), so a truncated
 //! upload or a text file renamed `.png` is caught here and not by a trainer
@@ -10,6 +11,8 @@
 //! generation loss, and the manifest's sha256 is of the user's own bytes),
 //! with the extension lower-cased. bmp and gif are re-encoded to PNG (gif:
 //! first frame), because several trainers accept only png/jpg/webp.
+//! Clips are probed, not decoded ([`crate::video`]), and copied byte for
+//! byte with the extension lower-cased.
 //! Output names are the original file names; when two images would share a
 //! stem (case-insensitively, after flattening sub-folders) the later one
 //! gets `_2`, `_3`, … so every image has its own `<stem>.txt`.
@@ -21,9 +24,12 @@ use std::path::{Path, PathBuf};
 use futures::{StreamExt, TryStreamExt};
 use image::{ImageFormat, ImageReader, Limits};
 
+use crate::caption::Media;
 use crate::collect::{Candidate, split_ext};
 use crate::error::{PrepareError, blocking};
+use crate::manifest::MediaKind;
 use crate::manifest::{DropReason, DroppedFile, copy_file_hashed_blocking, sha256_file_blocking};
+use crate::video::VideoSettings;
 
 /// Images smaller than this on either side are refused.
 pub const MIN_SIDE: u32 = 8;
@@ -34,12 +40,17 @@ pub type BadImage = (DropReason, String);
 /// Width and height of a usable image, or why it is unusable.
 pub type ImageCheck = Result<(u32, u32), BadImage>;
 
-/// A decoded-and-accepted candidate.
+/// Width, height and kind of a usable image or clip, or why it is unusable.
+type MediaCheck = Result<(u32, u32, Media), BadImage>;
+
+/// A decoded (image) or probed (clip) and accepted candidate.
 #[derive(Debug, Clone)]
 pub struct GoodImage {
     pub candidate: Candidate,
     pub width: u32,
     pub height: u32,
+    /// An image, or a clip with its stream facts.
+    pub media: Media,
 }
 
 /// An image written to the prepared folder.
@@ -57,28 +68,51 @@ fn parallelism() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4))
 }
 
-/// Decodes every candidate; returns the good ones (in input order) and a
-/// dropped entry for each bad one.
+/// Decodes every image and probes every clip; returns the good ones (in
+/// input order) and a dropped entry for each bad one. An animated gif that
+/// becomes a clip ([`VideoSettings::gif_as_video`]) is converted into
+/// `scratch` and its candidate points at the mp4 from then on.
 pub async fn check_all(
     candidates: Vec<Candidate>,
+    video: &VideoSettings,
+    scratch: &Path,
 ) -> Result<(Vec<GoodImage>, Vec<DroppedFile>), PrepareError> {
-    let checked: Vec<(Candidate, ImageCheck)> = futures::stream::iter(candidates)
-        .map(|candidate| async move {
-            let path = candidate.path.clone();
-            let result = blocking(move || check_image_blocking(&path)).await?;
-            Ok::<_, PrepareError>((candidate, result))
-        })
-        .buffered(parallelism())
-        .try_collect()
-        .await?;
+    let checked: Vec<(Candidate, MediaCheck)> =
+        futures::stream::iter(candidates.into_iter().enumerate())
+            .map(|(i, mut candidate)| async move {
+                let path = candidate.path.clone();
+                let result = match candidate.kind {
+                    MediaKind::Image if crate::video::is_animated_gif(&path, video).await? => {
+                        let mp4 = scratch.join(format!("gif-{i}.mp4"));
+                        let converted = crate::video::gif_to_mp4(&path, &mp4, video).await?;
+                        if converted.is_ok() {
+                            candidate.path = mp4;
+                            candidate.kind = MediaKind::Video;
+                        }
+                        converted
+                            .map(|facts| (facts.width, facts.height, Media::Video(facts.info())))
+                    }
+                    MediaKind::Image => blocking(move || check_image_blocking(&path))
+                        .await?
+                        .map(|(w, h)| (w, h, Media::Image)),
+                    MediaKind::Video => crate::video::check_clip(&path, video)
+                        .await?
+                        .map(|facts| (facts.width, facts.height, Media::Video(facts.info()))),
+                };
+                Ok::<_, PrepareError>((candidate, result))
+            })
+            .buffered(parallelism())
+            .try_collect()
+            .await?;
     let mut good = Vec::new();
     let mut bad = Vec::new();
     for (candidate, result) in checked {
         match result {
-            Ok((width, height)) => good.push(GoodImage {
+            Ok((width, height, media)) => good.push(GoodImage {
                 candidate,
                 width,
                 height,
+                media,
             }),
             Err((reason, detail)) => bad.push(DroppedFile {
                 name: candidate.rel,
@@ -128,7 +162,11 @@ pub fn output_names(images: &[GoodImage]) -> Vec<(String, String)> {
                 .chars()
                 .map(|c| if c.is_control() { '_' } else { c })
                 .collect();
-            let ext = output_ext(ext);
+            // An animated gif that became a clip is an mp4 now.
+            let ext = match image.media {
+                Media::Video(_) if ext.eq_ignore_ascii_case("gif") => "mp4",
+                _ => output_ext(ext),
+            };
             let mut unique = stem.clone();
             let mut n = 1;
             while !used.insert(unique.to_lowercase()) {
@@ -146,10 +184,15 @@ fn output_ext(ext: &str) -> &'static str {
         "jpg" => "jpg",
         "jpeg" => "jpeg",
         "webp" => "webp",
+        "mp4" => "mp4",
+        "webm" => "webm",
+        "mov" => "mov",
         _ => "png", // bmp, gif: re-encoded
     }
 }
 
+/// bmp and gif are re-encoded to PNG; a gif converted to a clip is an mp4
+/// already (its candidate's path).
 fn needs_reencode(path: &Path) -> bool {
     let ext = path
         .extension()

@@ -14,6 +14,7 @@
 //!   bounded size and entry count);
 //! - `collect` and `images` (internal): junk removal, flattening, nested
 //!   zips, sidecars, full decode of every image, the prepared folder;
+//! - [`video`]: video clips, probed with `ffprobe` and held to limits;
 //! - [`caption`]: caption backends and the caption/trigger-word policy;
 //! - [`manifest`]: `manifest.json` with sizes and sha256 per image;
 //! - [`text`]: datasets for language models (one `train.jsonl`);
@@ -35,7 +36,8 @@ pub mod datasets;
 mod error;
 pub mod fetch;
 mod images;
-pub mod manifest;
+/// The prepared dataset's manifest, shared with the coordinator (caption review).
+pub use trainyard_core::manifest;
 pub mod preflight;
 pub mod preflight_server;
 mod prepare;
@@ -44,6 +46,7 @@ mod source;
 pub mod stage;
 pub mod text;
 pub mod unpack;
+pub mod video;
 
 pub use caption::{CaptionBackend, CaptionError, ImageInfo, TemplateCaptioner};
 pub use collect::IMAGE_EXTENSIONS;
@@ -51,11 +54,13 @@ pub use error::{DatasetError, PrepareError};
 pub use fetch::{FetchError, FetchPolicy, GuardedClient};
 pub use images::MIN_SIDE;
 pub use manifest::{
-    CaptionSource, DatasetManifest, DropReason, DroppedFile, ManifestEntry, TextEntry,
+    CaptionSource, DatasetManifest, DropReason, DroppedFile, ManifestEntry, MediaKind, TextEntry,
+    VideoFacts,
 };
 pub use prepare::{LocalInput, PrepareSettings, PreparedDataset, prepare_local};
 pub use source::{RemoteSource, fetch_images, fetch_source, fetch_zip};
 pub use unpack::{UnpackError, UnpackLimits};
+pub use video::{VIDEO_EXTENSIONS, VideoSettings};
 
 use trainyard_core::supervise::{Policy, Supervisor};
 

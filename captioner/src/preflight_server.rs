@@ -14,8 +14,9 @@
 //! backend would caption them. A local backend (the template) runs, so the
 //! caption checks see the real captions.
 
+use crate::caption::select::CaptionSetup;
 use crate::caption::{CaptionBackend, CaptionError, ImageInfo};
-use crate::datasets::{Datasets, access_checks, caption_backend};
+use crate::datasets::{Datasets, access_checks};
 use crate::manifest::CaptionSource;
 use crate::preflight::Checked;
 use crate::preflight::{AccessChecks, Report, check};
@@ -38,6 +39,8 @@ pub struct PreflightServer {
     access: AccessChecks,
     /// Opens the request's sealed secrets (sealed for the tenant, no job).
     secrets: Option<trainyard_core::secrets::Keyring>,
+    /// Builds the jobs' caption backends (never called here unless local).
+    captions: CaptionSetup,
 }
 
 /// Stands in for a caption backend during `Validate`: a local one captions
@@ -79,6 +82,8 @@ impl PreflightServer {
             datasets: Datasets::new(config, store.clone())?,
             access: access_checks(config, store)?,
             secrets: trainyard_core::secrets::Keyring::from_config(&config.secrets)?,
+            captions: CaptionSetup::new(&config.captioner.caption, None)?
+                .with_ffmpeg(config.captioner.video.ffmpeg.clone()),
         })
     }
 
@@ -97,8 +102,6 @@ impl PreflightServer {
             report.merge(self.access.run(tenant, spec).await);
             return report;
         }
-        let backend = caption_backend(&spec.caption.clone().unwrap_or_default());
-        let captioner = DryRun(&backend);
         let tenant_id = match TenantId::parse(tenant) {
             Ok(tenant) => tenant,
             Err(e) => {
@@ -107,6 +110,16 @@ impl PreflightServer {
                 return report;
             }
         };
+        // Built without secrets: a remote backend is never called here.
+        let caption = spec.caption.clone().unwrap_or_default();
+        let (backend, setup_problem) = match self.captions.backend(&tenant_id, &caption, None) {
+            Ok(backend) => (backend, None),
+            Err(e) => (
+                Box::new(crate::caption::select::template_of(&caption)) as Box<dyn CaptionBackend>,
+                Some(e),
+            ),
+        };
+        let captioner = DryRun(&*backend);
         let (dataset, access) = tokio::join!(
             self.datasets
                 .prepare(&tenant_id, spec, &work, &captioner, None),
@@ -146,6 +159,13 @@ impl PreflightServer {
                 check::DATASET,
                 format!("the check was interrupted ({error:?}); retry"),
             ),
+        }
+        if let Some(e) = setup_problem {
+            report.problem(
+                check::DATASET,
+                trainyard_proto::v1::ErrorKind::InvalidSpec,
+                e.to_string(),
+            );
         }
         if let Err(error) = tokio::fs::remove_dir_all(&work).await {
             tracing::warn!(path = %work.display(), %error, "could not remove a preflight work dir");

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! LocalInput ─▶ unpack (guarded) ─▶ collect (junk, flatten, nested zips, sidecars)
-//!            ─▶ decode every image ─▶ copy into prepared/ + sha256
+//!            ─▶ decode every image, probe every clip ─▶ copy into prepared/ + sha256
 //!            ─▶ caption (sidecar | backend, trigger word) ─▶ <stem>.txt ─▶ manifest.json
 //! ```
 //!
@@ -24,9 +24,10 @@ use crate::collect::{Collected, collect_dir, collect_files, dropped_from_skip};
 use crate::error::{PrepareError, blocking};
 use crate::images::{check_all, write_all};
 use crate::manifest::{
-    DatasetManifest, DropReason, MANIFEST_FILE_NAME, MANIFEST_VERSION, ManifestEntry,
+    DatasetManifest, DropReason, MANIFEST_FILE_NAME, MANIFEST_VERSION, ManifestEntry, MediaKind,
 };
 use crate::unpack::{UnpackBudget, UnpackLimits, unpack_zip_blocking};
+use crate::video::VideoSettings;
 
 /// A dataset already on local disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +58,8 @@ pub struct PrepareSettings {
     pub limits: UnpackLimits,
     /// Fewer usable images than this fails the job.
     pub min_images: usize,
+    /// How clips are probed and the limits they are held to.
+    pub video: VideoSettings,
 }
 
 impl Default for PrepareSettings {
@@ -70,6 +73,7 @@ impl Default for PrepareSettings {
             caption_retry_delay: Duration::from_secs(1),
             limits: UnpackLimits::default(),
             min_images: 1,
+            video: VideoSettings::default(),
         }
     }
 }
@@ -196,7 +200,9 @@ pub async fn prepare_local(
         trainyard.images = images.len(),
         trainyard.rejected = tracing::field::Empty,
     );
-    let (good, bad) = check_all(images).instrument(validate.clone()).await?;
+    let (good, bad) = check_all(images, &settings.video, &scratch)
+        .instrument(validate.clone())
+        .await?;
     validate.record("trainyard.rejected", bad.len());
     drop(validate);
     if good.is_empty() {
@@ -227,7 +233,7 @@ pub async fn prepare_local(
                 width: w.source.width,
                 height: w.source.height,
                 trigger_word: policy.trigger_word.clone(),
-                media: crate::caption::Media::Image,
+                media: w.source.media.clone(),
             },
             sidecar: w.source.candidate.sidecar.clone(),
         })
@@ -250,6 +256,14 @@ pub async fn prepare_local(
             sha256: image.sha256,
             caption: caption.text,
             caption_source: caption.source,
+            media: match &image.source.media {
+                crate::caption::Media::Image => MediaKind::Image,
+                crate::caption::Media::Video(_) => MediaKind::Video,
+            },
+            video: match &image.source.media {
+                crate::caption::Media::Image => None,
+                crate::caption::Media::Video(info) => Some(info.into()),
+            },
         });
     }
     let manifest = DatasetManifest {
@@ -270,10 +284,16 @@ pub async fn prepare_local(
     let bad_images = manifest
         .dropped
         .iter()
-        .filter(|d| matches!(d.reason, DropReason::Undecodable | DropReason::TooSmall))
+        .filter(|d| {
+            matches!(
+                d.reason,
+                DropReason::Undecodable | DropReason::TooSmall | DropReason::OverLimit
+            )
+        })
         .count();
     tracing::info!(
         images = manifest.images.len(),
+        videos = manifest.videos().count(),
         bad_images,
         dropped = manifest.dropped.len(),
         "prepared dataset"

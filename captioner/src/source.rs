@@ -128,7 +128,7 @@ pub async fn fetch_images(
 }
 
 /// A safe stem (ASCII letters, digits, `._-`; at most 100 chars) and a
-/// known image extension, from the URL's last path segment.
+/// known image or clip extension, from the URL's last path segment.
 fn name_from_url(url: &reqwest::Url) -> (Option<String>, Option<String>) {
     let last = url
         .path_segments()
@@ -136,7 +136,9 @@ fn name_from_url(url: &reqwest::Url) -> (Option<String>, Option<String>) {
         .unwrap_or("");
     let (stem, ext) = split_ext(last);
     let ext = ext.to_ascii_lowercase();
-    let ext = IMAGE_EXTENSIONS.contains(&ext.as_str()).then_some(ext);
+    let ext = (IMAGE_EXTENSIONS.contains(&ext.as_str())
+        || crate::video::VIDEO_EXTENSIONS.contains(&ext.as_str()))
+    .then_some(ext);
     let stem: String = stem
         .chars()
         .map(|c| {
@@ -160,6 +162,9 @@ fn ext_from_content_type(content_type: Option<&str>) -> Option<&'static str> {
         "image/webp" => Some("webp"),
         "image/gif" => Some("gif"),
         "image/bmp" | "image/x-ms-bmp" => Some("bmp"),
+        "video/mp4" => Some("mp4"),
+        "video/webm" => Some("webm"),
+        "video/quicktime" => Some("mov"),
         "application/zip" | "application/x-zip-compressed" => Some("zip"),
         _ => None,
     }
@@ -195,6 +200,11 @@ mod tests {
         assert_eq!(
             name_from_url(&url),
             (Some("My_20Cat".into()), Some("jpg".into()))
+        );
+        let url = reqwest::Url::parse("https://x.example/clips/walk.MP4").unwrap();
+        assert_eq!(
+            name_from_url(&url),
+            (Some("walk".into()), Some("mp4".into()))
         );
         let url = reqwest::Url::parse("https://x.example/img").unwrap();
         assert_eq!(name_from_url(&url), (Some("img".into()), None));

@@ -14,7 +14,8 @@
 //! server's delay, a zip with no usable image fails the job.
 
 use crate::PreparedDataset;
-use crate::datasets::{Datasets, access_checks, caption_backend};
+use crate::caption::select::CaptionSetup;
+use crate::datasets::{Datasets, access_checks};
 use crate::preflight::{self, AccessChecks, Checked};
 use std::path::Path;
 use std::time::Duration;
@@ -31,6 +32,8 @@ pub struct PrepareStage {
     access: AccessChecks,
     /// Opens the jobs' sealed secrets (the Hub token of the access checks).
     secrets: Option<Keyring>,
+    /// Builds each job's caption backend (`[captioner.caption]`).
+    captions: CaptionSetup,
 }
 
 impl PrepareStage {
@@ -39,6 +42,8 @@ impl PrepareStage {
         Ok(Self {
             datasets: Datasets::new(config, store.clone())?,
             access: access_checks(config, store.clone())?,
+            captions: CaptionSetup::new(&config.captioner.caption, Some(store.clone()))?
+                .with_ffmpeg(config.captioner.video.ffmpeg.clone()),
             store,
             secrets: Keyring::from_config(&config.secrets)?,
         })
@@ -53,10 +58,14 @@ impl PrepareStage {
         let spec = task
             .spec
             .ok_or_else(|| StageError::fail(ErrorKind::InvalidSpec, "task has no job spec"))?;
-        let captioner = caption_backend(&spec.caption.clone().unwrap_or_default());
+        let captioner = self.captions.backend(
+            &ctx.meta.tenant,
+            &spec.caption.clone().unwrap_or_default(),
+            Some(&spec.secrets.clone().unwrap_or_default()),
+        )?;
         let (dataset, access) = tokio::join!(
             self.datasets
-                .prepare(&ctx.meta.tenant, &spec, work, &captioner, Some(ctx)),
+                .prepare(&ctx.meta.tenant, &spec, work, &*captioner, Some(ctx)),
             self.access.run(&task.tenant, &spec)
         );
         let Checked {
@@ -93,7 +102,12 @@ impl PrepareStage {
         ctx: &TaskContext,
     ) -> Result<Outcome, StageError> {
         let manifest = &prepared.manifest;
+        let videos = manifest.videos().count();
         ctx.note(&match manifest.texts.len() {
+            0 if videos > 0 => format!(
+                "storing {} images and {videos} video clips",
+                manifest.images.len() - videos
+            ),
             0 => format!("storing {} images", manifest.images.len()),
             n => format!("storing {n} text file{}", if n == 1 { "" } else { "s" }),
         })
@@ -130,7 +144,7 @@ impl PrepareStage {
             captioned: images - sidecar,
             sidecar_captions: sidecar,
             dropped: dropped_summary(&manifest.dropped),
-            ..Default::default()
+            video_count: videos as u32,
         }))
     }
 }

@@ -52,8 +52,14 @@ pub enum Command {
     List(ListArgs),
     /// Show one job.
     Get(GetArgs),
-    /// Cancel a job.
+    /// Cancel a job (also how a job's captions are rejected in review).
     Cancel(CancelArgs),
+    /// Print a prepared job's captions, or edit them as files: `--export
+    /// DIR` writes one `<name>.txt` per file, `--apply DIR` sends the ones
+    /// you changed (only while the job is AWAITING_REVIEW).
+    Captions(CaptionsArgs),
+    /// Approve the captions of a job AWAITING_REVIEW: it trains.
+    Approve(ApproveArgs),
     /// Download a job's outputs into a folder, verifying each sha256.
     Fetch(FetchArgs),
     /// Print a job's training metrics (loss, learning rate, ...) by step.
@@ -364,6 +370,30 @@ pub struct CancelArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct CaptionsArgs {
+    pub job: String,
+    /// Write each caption to DIR/<name>.txt, with the version they were
+    /// read at in DIR/yard-captions.json.
+    #[arg(long, value_name = "DIR", conflicts_with = "apply")]
+    pub export: Option<PathBuf>,
+    /// Send the captions changed in DIR since `--export` (refused if the
+    /// job's captions changed meanwhile).
+    #[arg(long, value_name = "DIR")]
+    pub apply: Option<PathBuf>,
+    /// The captions as protobuf JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ApproveArgs {
+    pub job: String,
+    /// Approve only if the captions are still at this version.
+    #[arg(long)]
+    pub version: Option<u32>,
+}
+
+#[derive(Args, Debug)]
 pub struct FetchArgs {
     pub job: String,
     /// Folder to download into (created when missing).
@@ -377,6 +407,7 @@ pub struct FetchArgs {
 pub enum StateArg {
     Queued,
     Preparing,
+    AwaitingReview,
     Training,
     Delivering,
     Succeeded,
@@ -389,6 +420,7 @@ impl From<StateArg> for JobState {
         match state {
             StateArg::Queued => JobState::Queued,
             StateArg::Preparing => JobState::Preparing,
+            StateArg::AwaitingReview => JobState::AwaitingReview,
             StateArg::Training => JobState::Training,
             StateArg::Delivering => JobState::Delivering,
             StateArg::Succeeded => JobState::Succeeded,

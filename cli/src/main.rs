@@ -2,6 +2,7 @@
 //! print any error as `error: …` and exit non-zero; never a panic.
 
 mod args;
+mod captions;
 mod client;
 mod fleet;
 mod fleet_status;
@@ -62,6 +63,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::List(args) => jobs::list(&mut connect().await?, args).await,
         Command::Get(args) => jobs::get(&mut connect().await?, args).await,
         Command::Cancel(args) => jobs::cancel(&mut connect().await?, args).await,
+        Command::Captions(args) => captions::run(&mut connect().await?, args).await,
+        Command::Approve(args) => captions::approve(&mut connect().await?, args).await,
         Command::Fetch(args) => jobs::fetch(&mut connect().await?, args).await,
         Command::Metrics(args) => jobs::metrics(&mut connect().await?, args).await,
         Command::Webhooks(command) => webhooks::run(&mut connect().await?, command).await,

@@ -37,8 +37,10 @@ fn is_image_url(url: &str) -> bool {
         .next()
         .unwrap_or(url)
         .to_ascii_lowercase();
-    path.rsplit_once('.')
-        .is_some_and(|(_, ext)| trainyard_captioner::IMAGE_EXTENSIONS.contains(&ext))
+    path.rsplit_once('.').is_some_and(|(_, ext)| {
+        trainyard_captioner::IMAGE_EXTENSIONS.contains(&ext)
+            || trainyard_captioner::VIDEO_EXTENSIONS.contains(&ext)
+    })
 }
 
 /// Classifies the positional sources of `yard submit`.
@@ -52,8 +54,10 @@ pub fn classify(sources: &[String]) -> anyhow::Result<DatasetArg> {
         }
         if let Some(bad) = sources.iter().find(|s| !is_http(s) || !is_image_url(s)) {
             bail!(
-                "{bad:?} is not an image URL; several sources must all be http(s) image URLs ({})",
-                trainyard_captioner::IMAGE_EXTENSIONS.join(", ")
+                "{bad:?} is not an image or clip URL; several sources must all be http(s) image or \
+                 clip URLs ({}, {})",
+                trainyard_captioner::IMAGE_EXTENSIONS.join(", "),
+                trainyard_captioner::VIDEO_EXTENSIONS.join(", ")
             );
         }
         return Ok(DatasetArg::ImageUrls(sources.to_vec()));

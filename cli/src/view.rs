@@ -51,6 +51,8 @@ pub fn list_line(record: &JobRecord, now_ms: i64) -> String {
     let mut progress = String::new();
     if !record.quota_hold.is_empty() && !record.state().is_final() {
         progress.push_str("held");
+    } else if record.state() == JobState::AwaitingReview {
+        progress.push_str("review");
     } else if let Some(p) = &record.progress
         && !record.state().is_final()
     {
@@ -70,6 +72,15 @@ pub fn list_line(record: &JobRecord, now_ms: i64) -> String {
         state_name(record.state()),
         progress,
         age
+    )
+}
+
+/// What a job awaiting caption review waits for, and the commands.
+pub fn review_hint(record: &JobRecord) -> String {
+    let job = &record.job_id;
+    format!(
+        "awaiting review of captions v{}: yard captions {job}, then yard approve {job} (or yard cancel {job})",
+        record.captions_version.max(1)
     )
 }
 
@@ -94,6 +105,9 @@ pub fn record_text(record: &JobRecord) -> String {
     if !record.quota_hold.is_empty() && !state.is_final() {
         let _ = writeln!(out, "held     {}", record.quota_hold);
     }
+    if state == JobState::AwaitingReview {
+        let _ = writeln!(out, "review   {}", review_hint(record));
+    }
     if let Some(error) = &record.error {
         let _ = writeln!(out, "error    {}", error_line(error));
     }
@@ -105,9 +119,15 @@ pub fn record_text(record: &JobRecord) -> String {
     }
     if let Some(t) = &record.times {
         let mut parts = Vec::new();
+        let prepared = if t.awaiting_review_at_ms > 0 {
+            t.awaiting_review_at_ms
+        } else {
+            t.training_at_ms
+        };
         let stages = [
             ("queued", t.queued_at_ms, t.preparing_at_ms),
-            ("prepare", t.preparing_at_ms, t.training_at_ms),
+            ("prepare", t.preparing_at_ms, prepared),
+            ("review", t.awaiting_review_at_ms, t.training_at_ms),
             ("train", t.training_at_ms, t.delivering_at_ms),
             ("deliver", t.delivering_at_ms, t.finished_at_ms),
         ];
@@ -224,11 +244,16 @@ pub fn validate_text(reply: &ValidateReply) -> String {
 
 /// The record as canonical protobuf JSON, from the contract's descriptors.
 pub fn record_json(record: &JobRecord, pretty: bool) -> anyhow::Result<String> {
+    proto_json("trainyard.v1.JobRecord", record, pretty)
+}
+
+/// A message of the contract (by its full `name`) as canonical protobuf JSON.
+pub fn proto_json(name: &str, value: &impl Message, pretty: bool) -> anyhow::Result<String> {
     let pool = DescriptorPool::decode(trainyard_proto::v1::FILE_DESCRIPTOR_SET)?;
     let descriptor = pool
-        .get_message_by_name("trainyard.v1.JobRecord")
-        .ok_or_else(|| anyhow::anyhow!("the contract has no trainyard.v1.JobRecord"))?;
-    let message = DynamicMessage::decode(descriptor, record.encode_to_vec().as_slice())?;
+        .get_message_by_name(name)
+        .ok_or_else(|| anyhow::anyhow!("the contract has no {name}"))?;
+    let message = DynamicMessage::decode(descriptor, value.encode_to_vec().as_slice())?;
     Ok(if pretty {
         serde_json::to_string_pretty(&message)?
     } else {
@@ -309,6 +334,26 @@ mod tests {
         assert!(list_line(&record, 0).contains("held"));
         record.state = JobState::Cancelled as i32;
         assert!(!record_text(&record).contains("held"));
+    }
+
+    #[test]
+    fn a_job_in_review_says_how_to_review_it() {
+        let record = JobRecord {
+            job_id: "j-1".into(),
+            state: JobState::AwaitingReview as i32,
+            stage: Stage::Prepare as i32,
+            attempt: 1,
+            captions_version: 2,
+            ..Default::default()
+        };
+        let text = record_text(&record);
+        assert!(text.contains("AWAITING_REVIEW"), "{text}");
+        assert!(
+            text.contains("yard captions j-1, then yard approve j-1"),
+            "{text}"
+        );
+        assert!(text.contains("captions v2"), "{text}");
+        assert!(list_line(&record, 0).contains("review"));
     }
 
     #[test]

@@ -49,7 +49,14 @@ pub async fn watch(
             Err(status) => break Err(status),
         };
         match event.kind {
-            Some(Kind::State(change)) => view.state(&change),
+            Some(Kind::State(change)) => {
+                view.state(&change);
+                if change.state() == JobState::AwaitingReview {
+                    view.line(&format!(
+                        "awaiting review: yard captions {job_id}, then yard approve {job_id} (or yard cancel {job_id})"
+                    ));
+                }
+            }
             Some(Kind::Progress(p)) => {
                 if p.stage == Stage::Train as i32 && p.step >= 1 && first_step_at_ms.is_none() {
                     first_step_at_ms = Some(event.at_ms);

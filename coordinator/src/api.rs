@@ -38,6 +38,10 @@ pub enum ApiError {
     RateLimited(String),
     #[error("{0}")]
     NotFound(String),
+    /// A version the caller named is not the current one (caption review):
+    /// the message names the current one.
+    #[error("{0}")]
+    Aborted(String),
     #[error("{0}")]
     Unavailable(String),
     /// The fleet is not set up for this operation.
@@ -73,6 +77,7 @@ impl ApiError {
             ApiError::Unauthenticated => tonic::Code::Unauthenticated,
             ApiError::RateLimited(_) => tonic::Code::ResourceExhausted,
             ApiError::NotFound(_) => tonic::Code::NotFound,
+            ApiError::Aborted(_) => tonic::Code::Aborted,
             ApiError::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
             ApiError::ResourceExhausted(_) => tonic::Code::ResourceExhausted,
             ApiError::Unavailable(_)
@@ -130,6 +135,8 @@ pub struct JobApi {
     pub validate_timeout: Duration,
     /// What a job's webhook must satisfy on this fleet.
     pub webhooks: crate::validate::SubmitRules,
+    /// What the fleet's `[captioner.caption]` allows a job's captions.
+    pub captions: crate::validate::CaptionRules,
     /// The tenants' webhook signing secrets; `None` when webhooks are off.
     pub webhook_secrets: Option<crate::webhooks::SecretStore>,
     /// Which destinations a job may use on this fleet.
@@ -145,6 +152,8 @@ pub struct JobApi {
     /// Signs the download URLs of the outputs `Get` and `List` show;
     /// `None`: they show none.
     pub download_urls: Option<std::sync::Arc<crate::downloads::DownloadUrls>>,
+    /// The artifact store: a job's captions for review (`review`).
+    pub store: trainyard_core::store::ArtifactStore,
 }
 
 /// The `ty_idem` key of a tenant's idempotency key.
@@ -169,7 +178,7 @@ fn seal(
     })
 }
 
-fn parse_job(id: &str) -> Result<JobId, ApiError> {
+pub(crate) fn parse_job(id: &str) -> Result<JobId, ApiError> {
     JobId::parse(id).map_err(|e| ApiError::Invalid(format!("job_id: {e}")))
 }
 
@@ -225,6 +234,16 @@ impl JobApi {
         Ok(secrets.response(trainyard_core::now_ms()))
     }
 
+    /// The fleet-dependent caption checks, every problem at once.
+    fn check_captions(&self, spec: &JobSpec) -> Result<(), validate::Invalid> {
+        let problems = self.captions.check(spec);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(validate::Invalid(problems))
+        }
+    }
+
     pub async fn submit(
         &self,
         tenant: &TenantId,
@@ -237,6 +256,7 @@ impl JobApi {
         self.webhooks
             .check(&spec)
             .map_err(|e| validate::Invalid(vec![e]))?;
+        self.check_captions(&spec)?;
         validate::check_destinations(&self.destinations, tenant, &spec)?;
         validate::check_store_refs(&self.store_root, tenant, &spec)?;
         let mut job = JobId::generate();
@@ -357,6 +377,7 @@ impl JobApi {
             self.webhooks
                 .check(&spec)
                 .map_err(|e| validate::Invalid(vec![e]))?;
+            self.check_captions(&spec)?;
             validate::check_destinations(&self.destinations, tenant, &spec)?;
             validate::check_store_refs(&self.store_root, tenant, &spec)?;
             Ok(spec)

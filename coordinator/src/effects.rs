@@ -93,7 +93,10 @@ impl Effects {
                             .for_tenant(tenant.as_str())
                             .max_running_tasks
                             .any();
-                    if is_final || left_a_stage {
+                    // A job awaiting review holds neither a running slot
+                    // nor its stage's (`quota`): its tenant's held jobs may start.
+                    let awaits_review = entered == JobState::AwaitingReview;
+                    if is_final || left_a_stage || awaits_review {
                         self.start_held(&tenant).await;
                     }
                 }

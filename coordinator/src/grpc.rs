@@ -11,6 +11,10 @@ use tracing::Instrument;
 use trainyard_core::telemetry::propagation::{self, JobAttrs};
 use trainyard_proto::v1::job_service_server::JobService;
 use trainyard_proto::v1::{
+    ApproveCaptionsRequest, ApproveCaptionsResponse, Captions, GetCaptionsRequest,
+    UpdateCaptionsRequest,
+};
+use trainyard_proto::v1::{
     CancelRequest, CancelResponse, CreateDownloadResponse, CreateUploadRequest,
     CreateUploadResponse, DeleteUploadRequest, DeleteUploadResponse, DownloadChunk,
     DownloadRequest, GetMetricsRequest, GetMetricsResponse, GetRequest, GetResponse,
@@ -110,23 +114,57 @@ impl JobService for GrpcJobService {
 
     async fn get_captions(
         &self,
-        _request: Request<trainyard_proto::v1::GetCaptionsRequest>,
-    ) -> Result<Response<trainyard_proto::v1::Captions>, Status> {
-        Err(Status::unimplemented("GetCaptions is not served yet"))
+        request: Request<GetCaptionsRequest>,
+    ) -> Result<Response<Captions>, Status> {
+        let span = Self::span(&request, "GetCaptions", Some(&request.get_ref().job_id));
+        async {
+            let tenant = self.tenant(&request)?;
+            record_tenant(&tenant);
+            self.api
+                .get_captions(&tenant, &request.get_ref().job_id)
+                .await
+                .map(Response::new)
+                .map_err(|e| e.to_status())
+        }
+        .instrument(span)
+        .await
     }
 
     async fn update_captions(
         &self,
-        _request: Request<trainyard_proto::v1::UpdateCaptionsRequest>,
-    ) -> Result<Response<trainyard_proto::v1::Captions>, Status> {
-        Err(Status::unimplemented("UpdateCaptions is not served yet"))
+        request: Request<UpdateCaptionsRequest>,
+    ) -> Result<Response<Captions>, Status> {
+        let span = Self::span(&request, "UpdateCaptions", Some(&request.get_ref().job_id));
+        async {
+            let tenant = self.tenant(&request)?;
+            record_tenant(&tenant);
+            self.api
+                .update_captions(&tenant, request.get_ref())
+                .await
+                .map(Response::new)
+                .map_err(|e| e.to_status())
+        }
+        .instrument(span)
+        .await
     }
 
     async fn approve_captions(
         &self,
-        _request: Request<trainyard_proto::v1::ApproveCaptionsRequest>,
-    ) -> Result<Response<trainyard_proto::v1::ApproveCaptionsResponse>, Status> {
-        Err(Status::unimplemented("ApproveCaptions is not served yet"))
+        request: Request<ApproveCaptionsRequest>,
+    ) -> Result<Response<ApproveCaptionsResponse>, Status> {
+        let span = Self::span(&request, "ApproveCaptions", Some(&request.get_ref().job_id));
+        async {
+            let tenant = self.tenant(&request)?;
+            record_tenant(&tenant);
+            let request = request.get_ref();
+            self.api
+                .approve_captions(&tenant, &request.job_id, request.version)
+                .await
+                .map(Response::new)
+                .map_err(|e| e.to_status())
+        }
+        .instrument(span)
+        .await
     }
 
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {

@@ -6,6 +6,16 @@
 //! non-final state `FAILED` or `CANCELLED`. A result counts only for the
 //! record's current stage and attempt; anything else is ignored, so a
 //! redelivered or late result changes nothing.
+//!
+//! Caption review (`caption.review`): the prepare result moves the job to
+//! `AWAITING_REVIEW` instead of `TRAINING`, still at the prepare stage and
+//! with no task at all ([`current_task`] is `None`), so nothing holds a GPU
+//! or a consumer slot and the reconciler has nothing to republish. Its
+//! deadline is paused ([`trainyard_core::runtime::deadline_ms`]); on
+//! [`Event::Approve`] the time spent waiting is added to
+//! `review_paused_ms` and the job moves on exactly as an unreviewed job's
+//! prepare result would have moved it. Rejecting is [`Event::Cancel`].
+//! Every prepared job has `captions_version` 1 (`UpdateCaptions` raises it).
 
 use trainyard_proto::v1::{
     Checkpoint, DeliverTask, JobRecord, JobState, PrepareTask, Stage, StageResult, StateChanged,
@@ -19,6 +29,9 @@ pub enum Event {
     Result(Box<StageResult>),
     /// A client asked to cancel.
     Cancel { reason: String },
+    /// A client approved the captions of a job in `AWAITING_REVIEW` (the
+    /// API checks the version first).
+    Approve,
 }
 
 /// A task to publish.
@@ -76,12 +89,49 @@ pub fn transition(record: &JobRecord, event: &Event, now_ms: i64) -> Decision {
             Decision::Apply(Box::new(next), effects)
         }
         Event::Result(result) => on_result(record, result, now_ms),
+        Event::Approve => approve(record, now_ms),
     }
+}
+
+/// `AWAITING_REVIEW → TRAINING`: the train task published as for an
+/// unreviewed job, the time in review added to the paused time.
+fn approve(record: &JobRecord, now_ms: i64) -> Decision {
+    if record.state() != JobState::AwaitingReview {
+        return Decision::Ignore("job is not awaiting review");
+    }
+    let mut next = record.clone();
+    let times = next.times.get_or_insert_default();
+    let waited = now_ms.saturating_sub(times.awaiting_review_at_ms).max(0);
+    next.review_paused_ms = next.review_paused_ms.saturating_add(waited as u64);
+    into_training(&mut next, now_ms);
+    advance(next)
+}
+
+/// The record moved to the first attempt of training.
+fn into_training(next: &mut JobRecord, now_ms: i64) {
+    next.updated_at_ms = now_ms;
+    next.state = JobState::Training as i32;
+    next.stage = Stage::Train as i32;
+    next.attempt = 1;
+    next.times.get_or_insert_default().training_at_ms = now_ms;
+}
+
+/// Whether a job's spec asks for its captions to be reviewed.
+pub fn wants_review(record: &JobRecord) -> bool {
+    record
+        .spec
+        .as_ref()
+        .and_then(|s| s.caption.as_ref())
+        .is_some_and(|c| c.review)
 }
 
 fn on_result(record: &JobRecord, result: &StageResult, now_ms: i64) -> Decision {
     if result.stage != record.stage || result.attempt != record.attempt {
         return Decision::Ignore("result for another stage or attempt");
+    }
+    if record.state() == JobState::AwaitingReview {
+        // Prepared already (a redelivered prepare result): no task is out.
+        return Decision::Ignore("job awaiting review");
     }
     let Some(outcome) = &result.outcome else {
         return Decision::Ignore("result without an outcome");
@@ -119,10 +169,14 @@ fn on_result(record: &JobRecord, result: &StageResult, now_ms: i64) -> Decision 
         (Stage::Prepare, Outcome::Prepared(out)) => {
             next.dataset_uri = out.dataset_uri.clone();
             next.image_count = out.image_count;
-            next.state = JobState::Training as i32;
-            next.stage = Stage::Train as i32;
-            next.attempt = 1;
-            times.training_at_ms = now_ms;
+            next.captions_version = 1;
+            if wants_review(record) {
+                next.state = JobState::AwaitingReview as i32;
+                times.awaiting_review_at_ms = now_ms;
+                let effects = vec![Effect::EmitState(state_changed(&next))];
+                return Decision::Apply(Box::new(next), effects);
+            }
+            into_training(&mut next, now_ms);
             advance(next)
         }
         (Stage::Train, Outcome::Trained(out)) => {
@@ -169,11 +223,14 @@ pub fn state_changed(record: &JobRecord) -> StateChanged {
     }
 }
 
-/// The task of the record's current stage and attempt; `None` when final
-/// or held by its tenant's quota. Publishing it again is safe: its dedup
-/// id is the same.
+/// The task of the record's current stage and attempt; `None` when final,
+/// awaiting review or held by its tenant's quota. Publishing it again is
+/// safe: its dedup id is the same.
 pub fn current_task(record: &JobRecord) -> Option<Task> {
-    if record.state().is_final() || !record.quota_hold.is_empty() {
+    if record.state().is_final()
+        || record.state() == JobState::AwaitingReview
+        || !record.quota_hold.is_empty()
+    {
         return None;
     }
     let spec = record.spec.clone();
@@ -218,11 +275,12 @@ pub fn is_legal(from: JobState, to: JobState) -> bool {
     matches!(
         (from, to),
         (Queued, Preparing)
-            | (Queued | Preparing, Training)
+            | (Queued | Preparing, Training | AwaitingReview)
+            | (AwaitingReview, Training)
             | (Training, Delivering)
             | (Delivering, Succeeded)
             | (
-                Queued | Preparing | Training | Delivering,
+                Queued | Preparing | AwaitingReview | Training | Delivering,
                 Failed | Cancelled
             )
     )
@@ -449,10 +507,139 @@ mod tests {
         assert_eq!(cancelled.state(), JobState::Cancelled);
     }
 
+    fn reviewed(review: bool) -> JobRecord {
+        let mut record = queued();
+        record.spec = Some(trainyard_proto::v1::JobSpec {
+            caption: Some(trainyard_proto::v1::CaptionSettings {
+                review,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        record
+    }
+
+    fn prepared() -> Event {
+        result(
+            Stage::Prepare,
+            1,
+            Outcome::Prepared(PrepareOutput {
+                dataset_uri: "file:///d".into(),
+                ..Default::default()
+            }),
+        )
+    }
+
+    fn publishes_train(effects: &[Effect]) -> bool {
+        effects
+            .iter()
+            .any(|e| matches!(e, Effect::Publish(t) if matches!(&**t, Task::Train(t) if t.dataset_uri == "file:///d")))
+    }
+
+    /// Each row: whether the spec asks for review → the state a prepare
+    /// result leads to, whether a train task goes out.
+    #[test]
+    fn a_prepare_result_trains_or_waits_for_review() {
+        for (review, state, trains) in [
+            (false, JobState::Training, true),
+            (true, JobState::AwaitingReview, false),
+        ] {
+            let (next, effects) = apply(&reviewed(review), prepared());
+            assert_eq!(next.state(), state, "review {review}");
+            assert_eq!(publishes_train(&effects), trains, "review {review}");
+            assert_eq!(next.captions_version, 1, "every prepared job has version 1");
+            assert_eq!(next.dataset_uri, "file:///d");
+            assert!(
+                effects
+                    .iter()
+                    .any(|e| matches!(e, Effect::EmitState(s) if s.state() == state)),
+                "a state event for {state:?}"
+            );
+            let times = next.times.unwrap();
+            assert_eq!(times.awaiting_review_at_ms > 0, review);
+            assert_eq!(times.training_at_ms > 0, !review);
+        }
+    }
+
+    #[test]
+    fn a_job_in_review_has_no_task_and_ignores_results() {
+        let (waiting, _) = apply(&reviewed(true), prepared());
+        assert_eq!(waiting.stage(), Stage::Prepare);
+        assert_eq!(current_task(&waiting), None, "nothing to republish");
+        // The prepare result redelivered changes nothing.
+        assert!(matches!(
+            transition(&waiting, &prepared(), 3),
+            Decision::Ignore(_)
+        ));
+        let failed = result(
+            Stage::Prepare,
+            1,
+            Outcome::Failed(trainyard_proto::v1::JobError::default()),
+        );
+        assert!(matches!(
+            transition(&waiting, &failed, 3),
+            Decision::Ignore(_)
+        ));
+    }
+
+    #[test]
+    fn approve_trains_once_and_counts_the_pause() {
+        let (waiting, _) = apply(&reviewed(true), prepared()); // at 2 ms
+        let Decision::Apply(training, effects) = transition(&waiting, &Event::Approve, 5_002)
+        else {
+            panic!("approve ignored");
+        };
+        assert!(is_legal(waiting.state(), training.state()));
+        assert_eq!(training.state(), JobState::Training);
+        assert_eq!((training.stage(), training.attempt), (Stage::Train, 1));
+        assert_eq!(training.review_paused_ms, 5_000);
+        assert_eq!(training.times.unwrap().training_at_ms, 5_002);
+        assert!(publishes_train(&effects));
+        // Exactly the task an unreviewed job's prepare result publishes.
+        let (direct, direct_effects) = apply(&reviewed(false), prepared());
+        let without_spec = |record: &JobRecord| match current_task(record) {
+            Some(Task::Train(task)) => TrainTask { spec: None, ..task },
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(without_spec(&training), without_spec(&direct));
+        assert_eq!(publishes_train(&direct_effects), publishes_train(&effects));
+        // A repeat, or an approve of a job never in review, changes nothing.
+        assert!(matches!(
+            transition(&training, &Event::Approve, 6_000),
+            Decision::Ignore(_)
+        ));
+        assert!(matches!(
+            transition(&queued(), &Event::Approve, 6_000),
+            Decision::Ignore(_)
+        ));
+    }
+
+    #[test]
+    fn rejecting_in_review_is_a_cancel() {
+        let (waiting, _) = apply(&reviewed(true), prepared());
+        let (cancelled, effects) = apply(
+            &waiting,
+            Event::Cancel {
+                reason: "captions rejected".into(),
+            },
+        );
+        assert_eq!(cancelled.state(), JobState::Cancelled);
+        assert!(effects.iter().any(|e| matches!(e, Effect::EmitState(_))));
+        assert!(matches!(
+            transition(&cancelled, &Event::Approve, 9),
+            Decision::Ignore(_)
+        ));
+    }
+
     #[test]
     fn legal_transitions() {
         assert!(is_legal(JobState::Queued, JobState::Preparing));
         assert!(!is_legal(JobState::Succeeded, JobState::Failed));
         assert!(!is_legal(JobState::Training, JobState::Preparing));
+        assert!(is_legal(JobState::Preparing, JobState::AwaitingReview));
+        assert!(is_legal(JobState::AwaitingReview, JobState::Training));
+        assert!(is_legal(JobState::AwaitingReview, JobState::Cancelled));
+        assert!(!is_legal(JobState::AwaitingReview, JobState::Delivering));
+        assert!(!is_legal(JobState::Training, JobState::AwaitingReview));
     }
 }

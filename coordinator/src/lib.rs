@@ -26,6 +26,7 @@ pub mod quota;
 pub mod reconcile;
 pub mod repo;
 pub mod results;
+pub mod review;
 pub mod trace;
 pub mod transfer;
 pub mod validate;
@@ -114,12 +115,14 @@ pub async fn run(
         client: client.clone(),
         validate_timeout: Duration::from_secs(config.coordinator.validate_timeout_secs.max(1)),
         webhooks: validate::SubmitRules::from_config(&config.webhooks),
+        captions: validate::CaptionRules::from_config(&config.captioner.caption),
         webhook_secrets: webhook_secrets.clone(),
         destinations: trainyard_core::destination::Destinations::from_config(&config),
         secrets,
         max_spec_bytes: config.coordinator.max_spec_bytes,
         store_root: store.root().to_string(),
         download_urls: Some(download_urls.clone()),
+        store: store.clone(),
     };
     let deliverer = match webhook_secrets {
         Some(secrets) => {

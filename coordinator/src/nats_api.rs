@@ -18,8 +18,9 @@ use trainyard_core::telemetry::propagation::{self, JobAttrs};
 use trainyard_core::topology::{self, AUTH_HEADER, ApiOp, subject};
 use trainyard_proto::JobId;
 use trainyard_proto::v1::{
-    ApiReply, CancelRequest, GetMetricsRequest, GetRequest, GetResponse, ListRequest,
-    SubmitRequest, ValidateRequest, api_reply::Result as Reply,
+    ApiReply, ApproveCaptionsRequest, CancelRequest, GetCaptionsRequest, GetMetricsRequest,
+    GetRequest, GetResponse, ListRequest, SubmitRequest, UpdateCaptionsRequest, ValidateRequest,
+    api_reply::Result as Reply,
 };
 
 /// Requests one coordinator answers at once; more wait in the subscription.
@@ -148,6 +149,24 @@ async fn handle(
         ApiOp::WebhookSecret => Reply::WebhookSecret(api.webhook_secret(&tenant).await?),
         ApiOp::RotateWebhookSecret => {
             Reply::WebhookSecret(api.rotate_webhook_secret(&tenant).await?)
+        }
+        ApiOp::GetCaptions => {
+            let request = GetCaptionsRequest::decode(payload).map_err(bad)?;
+            record_job_id(&request.job_id);
+            Reply::Captions(api.get_captions(&tenant, &request.job_id).await?)
+        }
+        ApiOp::UpdateCaptions => {
+            let request = UpdateCaptionsRequest::decode(payload).map_err(bad)?;
+            record_job_id(&request.job_id);
+            Reply::Captions(api.update_captions(&tenant, &request).await?)
+        }
+        ApiOp::ApproveCaptions => {
+            let request = ApproveCaptionsRequest::decode(payload).map_err(bad)?;
+            record_job_id(&request.job_id);
+            Reply::ApproveCaptions(
+                api.approve_captions(&tenant, &request.job_id, request.version)
+                    .await?,
+            )
         }
     })
 }

@@ -32,6 +32,17 @@
 //!   A budget is checked before a job starts, not while it trains: the
 //!   last job may pass it by its own length.
 //!
+//! - **Caption review**: a job in `AWAITING_REVIEW` counts for none of
+//!   these. It has no task (no stage or pool slot), spends no GPU time (its
+//!   `training_at_ms` is set only on approval) and is not a running job, so
+//!   a job nobody reviews never keeps its tenant's other jobs waiting.
+//!   Approval ([`approve`]) needs a running slot: a tenant running its
+//!   `max_running_jobs` has the approval refused (RESOURCE_EXHAUSTED, with
+//!   the reason; the job keeps waiting and is approved again later), so
+//!   reviews never let a tenant run more jobs than its quota. The approved
+//!   job enters training like any prepared job, held at its pool's task
+//!   quota ([`hold_at_stage`]) when that is full.
+//!
 //! Counting reads every record of the tenant (its keys in `ty_jobs`), so a
 //! submission costs one read per job the tenant keeps (finished ones
 //! until their TTL). Coordinator replicas count apart: two replicas
@@ -64,9 +75,27 @@ fn held_at_admission(record: &JobRecord) -> bool {
 }
 
 /// A record that holds one of its tenant's running slots: started, not
-/// final (a job held at a later stage keeps its slot).
+/// final, not awaiting caption review (a job held at a later stage keeps
+/// its slot).
 pub fn is_running(record: &JobRecord) -> bool {
-    !record.state().is_final() && !held_at_admission(record)
+    !record.state().is_final()
+        && record.state() != JobState::AwaitingReview
+        && !held_at_admission(record)
+}
+
+/// Why the approval of `job` (awaiting review) must wait, if it must: its
+/// tenant, with `records`, runs its `max_running_jobs` already.
+pub fn approve(records: &[JobRecord], quota: &Quota, job: &str) -> Option<String> {
+    let max = quota.max_running_jobs?;
+    let running = records
+        .iter()
+        .filter(|r| r.job_id != job && is_running(r))
+        .count();
+    (running >= max as usize).then(|| {
+        format!(
+            "the tenant runs {running} jobs, its quota is {max} (quotas.max_running_jobs); approve again when one ends"
+        )
+    })
 }
 
 /// The pool a job trains in.
@@ -90,9 +119,11 @@ pub fn slot_of(record: &JobRecord) -> Option<TaskSlot> {
     }
 }
 
-/// Whether a record's task is out in `slot` (published, not held).
+/// Whether a record's task is out in `slot` (published, not held, not
+/// awaiting review).
 fn occupies(record: &JobRecord, slot: &TaskSlot) -> bool {
     !record.state().is_final()
+        && record.state() != JobState::AwaitingReview
         && record.quota_hold.is_empty()
         && slot_of(record).as_ref() == Some(slot)
 }
@@ -129,7 +160,7 @@ pub fn hold_at_stage(
     next: &mut JobRecord,
     effects: &mut Vec<Effect>,
 ) -> bool {
-    if next.state().is_final() {
+    if next.state().is_final() || next.state() == JobState::AwaitingReview {
         return false;
     }
     let Some(reason) =
@@ -222,7 +253,11 @@ pub fn to_start<'a>(records: &'a [JobRecord], quota: &Quota, now_ms: i64) -> Vec
     let mut out_in: std::collections::HashMap<TaskSlot, usize> = Default::default();
     for slot in records
         .iter()
-        .filter(|r| !r.state().is_final() && r.quota_hold.is_empty())
+        .filter(|r| {
+            !r.state().is_final()
+                && r.state() != JobState::AwaitingReview
+                && r.quota_hold.is_empty()
+        })
         .filter_map(slot_of)
     {
         *out_in.entry(slot).or_default() += 1;
@@ -282,7 +317,7 @@ mod tests {
 
     fn job(n: i64, state: JobState, held: bool) -> JobRecord {
         let stage = match state {
-            JobState::Queued | JobState::Preparing => Stage::Prepare,
+            JobState::Queued | JobState::Preparing | JobState::AwaitingReview => Stage::Prepare,
             JobState::Delivering | JobState::Succeeded => Stage::Deliver,
             _ => Stage::Train,
         };
@@ -329,6 +364,48 @@ mod tests {
             ..Default::default()
         });
         record
+    }
+
+    /// A job awaiting caption review holds no running slot, no task slot
+    /// and no GPU time; its approval needs a running slot.
+    #[test]
+    fn a_job_in_review_counts_for_no_quota_until_approved() {
+        use JobState::*;
+        let waiting = job(1, AwaitingReview, false);
+        assert!(!is_running(&waiting));
+        let running_one = quota(0, 1);
+        // Another job of the tenant starts beside it (running quota 1)…
+        assert_eq!(
+            admit(std::slice::from_ref(&waiting), &running_one, 0),
+            Admission::Start
+        );
+        // …and in the prepare stage (task quota 1).
+        assert_eq!(
+            admit(std::slice::from_ref(&waiting), &tasks(1, 1, &[]), 0),
+            Admission::Start
+        );
+        let held = job(2, Queued, true);
+        assert_eq!(
+            to_start(&[waiting.clone(), held.clone()], &running_one, 0).len(),
+            1,
+            "a held job starts though one waits for review"
+        );
+        assert_eq!(gpu_hours(std::slice::from_ref(&waiting), 10 * H), 0.0);
+        // Approval: refused while the other job runs, fine once it ended.
+        let other = job(2, Training, false);
+        let refused = approve(&[waiting.clone(), other.clone()], &running_one, "j-1");
+        assert!(
+            refused
+                .as_deref()
+                .is_some_and(|r| r.contains("max_running_jobs")),
+            "{refused:?}"
+        );
+        let ended = job(2, Succeeded, false);
+        assert_eq!(
+            approve(&[waiting.clone(), ended], &running_one, "j-1"),
+            None
+        );
+        assert_eq!(approve(&[waiting, other], &quota(0, 0), "j-1"), None);
     }
 
     #[test]

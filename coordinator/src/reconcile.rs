@@ -199,6 +199,10 @@ impl Reconciler {
                 held.insert(tenant);
                 continue;
             }
+            if record.state() == JobState::AwaitingReview {
+                // No task to lose: it waits for a person's approval.
+                continue;
+            }
             if !stale {
                 continue;
             }
@@ -474,15 +478,15 @@ async fn next_attempt(repo: &JobRepo, effects: &Effects, seen: &JobRecord, now: 
     }
 }
 
-/// The failed record of a job past its deadline, or `None`.
+/// The failed record of a job past its deadline, or `None`. The deadline
+/// is the stage runtime's ([`trainyard_core::runtime::deadline_ms`]): time
+/// spent awaiting caption review does not count.
 pub fn deadline_exceeded(record: &JobRecord, now_ms: i64) -> Option<JobRecord> {
     let timeout = record.spec.as_ref()?.timeout_secs;
-    if timeout == 0 || record.state().is_final() {
+    if record.state().is_final() {
         return None;
     }
-    let deadline = record
-        .created_at_ms
-        .saturating_add(i64::try_from(timeout.saturating_mul(1000)).unwrap_or(i64::MAX));
+    let deadline = trainyard_core::runtime::deadline_ms(record)?;
     if now_ms < deadline {
         return None;
     }
@@ -564,6 +568,16 @@ mod tests {
             deadline_exceeded(&record(JobState::Succeeded, 10, 0), i64::MAX),
             None
         );
+    }
+
+    #[test]
+    fn a_job_in_review_is_past_no_deadline_and_gets_its_pause_back() {
+        let waiting = record(JobState::AwaitingReview, 1, 0);
+        assert_eq!(deadline_exceeded(&waiting, i64::MAX), None);
+        let mut approved = record(JobState::Training, 10, 0);
+        approved.review_paused_ms = 60_000;
+        assert_eq!(deadline_exceeded(&approved, 70_999), None);
+        assert!(deadline_exceeded(&approved, 71_000).is_some());
     }
 
     #[test]

@@ -176,7 +176,7 @@ async fn apply(
 /// tenant's records are read only when the stage has a limit; when they
 /// cannot be read the job goes on unheld (quotas are soft, as across
 /// coordinator replicas).
-async fn hold_if_full(
+pub(crate) async fn hold_if_full(
     repo: &JobRepo,
     effects: &Effects,
     tenant: &TenantId,

@@ -97,6 +97,7 @@ pub fn held_state(record: &JobRecord, claimed: JobState) -> Option<i64> {
             .then(|| reached(times.finished_at_ms).unwrap_or(record.updated_at_ms)),
         JobState::Queued => reached(times.queued_at_ms).or(reached(record.created_at_ms)),
         JobState::Preparing => reached(times.preparing_at_ms),
+        JobState::AwaitingReview => reached(times.awaiting_review_at_ms),
         JobState::Training => reached(times.training_at_ms),
         JobState::Delivering => reached(times.delivering_at_ms),
         _ => None,
@@ -183,6 +184,9 @@ fn body(record: &JobRecord, kind: &str, state: JobState, at_ms: i64) -> Vec<u8> 
             "message": error.message,
             "stage": error.stage().name(),
         });
+    }
+    if state == JobState::AwaitingReview {
+        data["captions_version"] = record.captions_version.into();
     }
     if state == JobState::Cancelled && !record.cancel_reason.is_empty() {
         data["cancel_reason"] = record.cancel_reason.clone().into();
@@ -625,6 +629,7 @@ mod tests {
             (JobState::Queued, Some(10)),
             (JobState::Preparing, Some(20)),
             (JobState::Training, Some(30)),
+            (JobState::AwaitingReview, None),
             (JobState::Delivering, None),
             (JobState::Succeeded, None),
             (JobState::Failed, None),
@@ -633,6 +638,9 @@ mod tests {
         ] {
             assert_eq!(held_state(&rec, claimed), held, "{claimed:?}");
         }
+        // A job that waited for caption review, now or before it trained.
+        rec.times.as_mut().unwrap().awaiting_review_at_ms = 25;
+        assert_eq!(held_state(&rec, JobState::AwaitingReview), Some(25));
         rec.state = JobState::Failed as i32;
         rec.times.as_mut().unwrap().finished_at_ms = 40;
         assert_eq!(held_state(&rec, JobState::Failed), Some(40));

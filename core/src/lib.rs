@@ -14,6 +14,7 @@ pub mod destination;
 pub mod events;
 pub mod fleet;
 pub mod guard;
+pub mod manifest;
 pub mod nats;
 pub mod netguard;
 pub mod process;

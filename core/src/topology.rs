@@ -117,6 +117,10 @@ pub enum ApiOp {
     GetMetrics,
     WebhookSecret,
     RotateWebhookSecret,
+    /// Caption review: a prepared job's captions, edits, approval.
+    GetCaptions,
+    UpdateCaptions,
+    ApproveCaptions,
 }
 
 impl ApiOp {
@@ -130,6 +134,9 @@ impl ApiOp {
             ApiOp::GetMetrics => "metrics",
             ApiOp::WebhookSecret => "webhook_secret",
             ApiOp::RotateWebhookSecret => "rotate_webhook_secret",
+            ApiOp::GetCaptions => "get_captions",
+            ApiOp::UpdateCaptions => "update_captions",
+            ApiOp::ApproveCaptions => "approve_captions",
         }
     }
 
@@ -143,6 +150,9 @@ impl ApiOp {
             ApiOp::GetMetrics,
             ApiOp::WebhookSecret,
             ApiOp::RotateWebhookSecret,
+            ApiOp::GetCaptions,
+            ApiOp::UpdateCaptions,
+            ApiOp::ApproveCaptions,
         ]
         .into_iter()
         .find(|op| op.name() == name)

@@ -116,7 +116,7 @@ async fn too_few_images() {
     let reply = validate(&mut client, &spec(&zip, 10)).await;
     assert_eq!(
         only_problem(&reply, "dataset.images"),
-        "the dataset has 0 usable images (unreadable or too small: broken.png); \
+        "the dataset has 0 usable images (unreadable, too small or over the clip limits: broken.png); \
          at least 1 is needed: reference needs at least one image to train on"
     );
     assert!(reply.estimate.is_none());

@@ -85,12 +85,14 @@ async fn a_lost_final_state_event_still_ends_watch_and_is_published_again_once()
         client: nats,
         validate_timeout: Duration::from_secs(5),
         webhooks: Default::default(),
+        captions: Default::default(),
         webhook_secrets: None,
         destinations: Default::default(),
         secrets: None,
         max_spec_bytes: trainyard_core::config::CoordinatorConfig::default().max_spec_bytes,
         store_root: fleet.store.root().to_string(),
         download_urls: None,
+        store: fleet.store.clone(),
     };
     let tenant = TenantId::parse("acme").unwrap();
     let sample = fleet.sample_uri().await;

@@ -1,20 +1,23 @@
 //! One delivery: fetch each output from the artifact store (checking the
 //! sha256 the worker recorded), copy it to each destination, read the copy
-//! back to verify it, then write the manifest.
+//! back to verify it, then write the manifest. An `hf://` destination
+//! takes the files, a model card and the manifest in one commit instead
+//! ([`crate::hub`]).
 
 use crate::attributes::scheme_and_bucket;
+use crate::hub::HubTarget;
+use crate::hub::job::JobInput;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use tracing::Instrument;
 use trainyard_core::Config;
-use trainyard_core::destination::Destinations;
-use trainyard_core::destination::chain;
+use trainyard_core::destination::{Destinations, chain, hf};
 use trainyard_core::redact::{display_url, redact_in};
 use trainyard_core::runtime::{StageError, StageHandler, TaskContext};
 use trainyard_core::store::{ArtifactStore, StoreError, keys};
 use trainyard_proto::v1::{
-    Artifact, DeliverOutput, DeliverTask, DeliveredFile, ErrorKind, JobSpec, LogLine, Secrets,
-    Stage, job_event::Kind, stage_result::Outcome,
+    Artifact, DeliverOutput, DeliverTask, DeliveredFile, Destination, ErrorKind, JobSpec, LogLine,
+    Secrets, Stage, TrainSummary, job_event::Kind, stage_result::Outcome,
 };
 
 pub struct DeliverStage {
@@ -115,12 +118,26 @@ impl DeliverStage {
     fn destination(
         &self,
         tenant: &str,
-        uri: &str,
+        destination: &Destination,
         secrets: Option<&Secrets>,
-    ) -> Result<ArtifactStore, StageError> {
+    ) -> Result<Sink, StageError> {
+        let uri = destination.uri.as_str();
+        let refused = |e: trainyard_core::destination::DestinationError| {
+            StageError::fail(ErrorKind::InvalidSpec, redact_in(&e.to_string(), uri))
+        };
+        if hf::is_hf(uri) {
+            let dest = self.destinations.open_hf(uri, secrets).map_err(refused)?;
+            return Ok(Sink::Hub(Box::new(HubTarget {
+                dest,
+                label: uri.to_owned(),
+                public: destination.public,
+                license: destination.license.clone(),
+            })));
+        }
         self.destinations
             .open(tenant, uri, secrets)
-            .map_err(|e| StageError::fail(ErrorKind::InvalidSpec, redact_in(&e.to_string(), uri)))
+            .map(Sink::Store)
+            .map_err(refused)
     }
 
     async fn deliver(
@@ -142,10 +159,10 @@ impl DeliverStage {
         let mut opened = Vec::with_capacity(spec.destinations.len());
         for destination in &spec.destinations {
             opened.push(Some(
-                self.destination(&task.tenant, &destination.uri, spec.secrets.as_ref())
-                    .map(|store| Target {
+                self.destination(&task.tenant, destination, spec.secrets.as_ref())
+                    .map(|sink| Target {
                         label: destination.uri.clone(),
-                        store,
+                        sink,
                         prefix: job.to_string(),
                     }),
             ));
@@ -160,67 +177,48 @@ impl DeliverStage {
                 return Err(error);
             }
         }
+        let train = task.summary.unwrap_or_default();
+        let hub_input = JobInput {
+            job,
+            spec: &spec,
+            train: &train,
+            dataset_uri: &task.dataset_uri,
+        };
         let own = keys::job(&ctx.meta.tenant, &ctx.meta.job);
         let locals = self.fetch_all(&task.artifacts, &own, work).await?;
+        let delivery = Delivery {
+            artifacts: &task.artifacts,
+            locals: &locals,
+            hub_input: &hub_input,
+            ctx,
+            work,
+        };
         // Per artifact, its copy in each target, in target order.
         let mut copies: Vec<Vec<DeliveredFile>> = vec![Vec::new(); task.artifacts.len()];
         let output = Target {
             label: String::new(),
-            store: self.store.clone(),
+            sink: Sink::Store(self.store.clone()),
             prefix: keys::output(&ctx.meta.tenant, &ctx.meta.job),
         };
-        let delivered = self
-            .deliver_target(&output, &task.artifacts, &locals, ctx, work)
-            .await?;
+        let delivered = self.deliver_target(&output, &delivery).await?;
         let mut targets = vec![output];
         for (copy, list) in delivered.into_iter().zip(copies.iter_mut()) {
             list.push(copy);
         }
         for members in chain::chains(&spec.destinations) {
             let (target, delivered) = self
-                .deliver_chain(
-                    &members,
-                    &mut opened,
-                    &spec,
-                    &task.artifacts,
-                    &locals,
-                    ctx,
-                    work,
-                )
+                .deliver_chain(&members, &mut opened, &spec, &delivery)
                 .await?;
             targets.push(target);
             for (copy, list) in delivered.into_iter().zip(copies.iter_mut()) {
                 list.push(copy);
             }
         }
-        let files = task
-            .artifacts
+        let uris = copies
             .iter()
-            .zip(&copies)
-            .map(|(artifact, copies)| ManifestFile {
-                name: artifact.name.clone(),
-                size: artifact.size,
-                sha256: artifact.sha256.clone(),
-                uris: copies.iter().map(|c| c.uri.clone()).collect(),
-            })
+            .map(|copies| copies.iter().map(|c| c.uri.clone()).collect())
             .collect();
-        let train = task.summary.unwrap_or_default();
-        let manifest = Manifest {
-            version: 1,
-            job_id: job,
-            name: &spec.name,
-            files,
-            spec: summary(&spec),
-            metrics: Metrics {
-                steps: train.steps,
-                loss_first: finite(train.loss_first),
-                loss_last: finite(train.loss_last),
-                train_seconds: train.seconds,
-                image_count: None,
-            },
-            delivered_at_ms: trainyard_core::now_ms(),
-        };
-        let body = bytes::Bytes::from(serde_json::to_vec_pretty(&manifest).unwrap_or_default());
+        let body = manifest_body(job, &spec, &train, &task.artifacts, uris);
         let span = tracing::info_span!(
             "deliver.manifest",
             trainyard.destinations = targets.len(),
@@ -239,17 +237,14 @@ impl DeliverStage {
     /// job's events (the destination named without credentials, the reason
     /// redacted) and the next is tried; the last one's failure is the
     /// job's. A cancelled or stopping task stops at once.
-    #[allow(clippy::too_many_arguments)]
     async fn deliver_chain(
         &self,
         members: &[usize],
         opened: &mut [Option<Result<Target, StageError>>],
         spec: &JobSpec,
-        artifacts: &[Artifact],
-        locals: &[PathBuf],
-        ctx: &TaskContext,
-        work: &Path,
+        delivery: &Delivery<'_>,
     ) -> Result<(Target, Vec<DeliveredFile>), StageError> {
+        let ctx = delivery.ctx;
         let mut members = members.iter().peekable();
         while let Some(&index) = members.next() {
             let result = match opened[index]
@@ -257,7 +252,7 @@ impl DeliverStage {
                 .expect("each destination is tried once")
             {
                 Ok(target) => self
-                    .deliver_target(&target, artifacts, locals, ctx, work)
+                    .deliver_target(&target, delivery)
                     .await
                     .map(|delivered| (target, delivered)),
                 Err(error) => Err(error),
@@ -299,15 +294,12 @@ impl DeliverStage {
     async fn deliver_target(
         &self,
         target: &Target,
-        artifacts: &[Artifact],
-        locals: &[PathBuf],
-        ctx: &TaskContext,
-        work: &Path,
+        delivery: &Delivery<'_>,
     ) -> Result<Vec<DeliveredFile>, StageError> {
         let span = target.span();
         let mut tally = Tally::default();
         let result = self
-            .deliver_to(target, artifacts, locals, ctx, work, &mut tally)
+            .deliver_to(target, delivery, &mut tally)
             .instrument(span.clone())
             .await;
         span.record("trainyard.files", tally.files);
@@ -323,21 +315,47 @@ impl DeliverStage {
     }
 
     /// Every artifact to `target`, in order: kept when it is already
-    /// there whole, else copied and read back.
+    /// there whole, else copied and read back. An `hf://` destination
+    /// gets them in one commit with a model card and the manifest.
     async fn deliver_to(
         &self,
         target: &Target,
-        artifacts: &[Artifact],
-        locals: &[PathBuf],
-        ctx: &TaskContext,
-        work: &Path,
+        delivery: &Delivery<'_>,
         tally: &mut Tally,
     ) -> Result<Vec<DeliveredFile>, StageError> {
+        let Delivery {
+            artifacts,
+            locals,
+            hub_input,
+            ctx,
+            work,
+        } = *delivery;
         let Target {
             label,
-            store,
+            sink,
             prefix,
         } = target;
+        let store = match sink {
+            Sink::Store(store) => store,
+            Sink::Hub(hub) => {
+                let delivered = crate::hub::job::deliver(
+                    hub,
+                    &self.store,
+                    artifacts,
+                    locals,
+                    hub_input,
+                    ctx,
+                    work,
+                )
+                .await?;
+                tally.files += delivered.files.len() as u64;
+                tally.bytes += delivered.uploaded_bytes;
+                if delivered.committed {
+                    tally.copied += delivered.files.len() as u64;
+                }
+                return Ok(delivered.files);
+            }
+        };
         let shown = display_url(store.root());
         let mut delivered = Vec::with_capacity(artifacts.len());
         for (artifact, local) in artifacts.iter().zip(locals) {
@@ -443,13 +461,67 @@ impl DeliverStage {
     }
 }
 
+/// What every target of one delivery gets: the artifacts, their local
+/// copies, the job (for a Hub commit's card), and the task.
+#[derive(Clone, Copy)]
+struct Delivery<'a> {
+    artifacts: &'a [Artifact],
+    locals: &'a [PathBuf],
+    hub_input: &'a JobInput<'a>,
+    ctx: &'a TaskContext,
+    work: &'a Path,
+}
+
 /// Where one delivery goes: a destination of the spec (`label` is its
 /// URI) or the artifact store's `tenants/<tenant>/jobs/<job>/output/`
 /// (`label` empty).
 struct Target {
     label: String,
-    store: ArtifactStore,
+    sink: Sink,
     prefix: String,
+}
+
+/// What a target writes to.
+enum Sink {
+    Store(ArtifactStore),
+    /// An `hf://` repository: one commit with the files, card and manifest.
+    Hub(Box<HubTarget>),
+}
+
+/// The manifest of `job`'s delivery, each artifact with its `uris`.
+pub(crate) fn manifest_body(
+    job: &str,
+    spec: &JobSpec,
+    train: &TrainSummary,
+    artifacts: &[Artifact],
+    uris: Vec<Vec<String>>,
+) -> bytes::Bytes {
+    let files = artifacts
+        .iter()
+        .zip(uris)
+        .map(|(artifact, uris)| ManifestFile {
+            name: artifact.name.clone(),
+            size: artifact.size,
+            sha256: artifact.sha256.clone(),
+            uris,
+        })
+        .collect();
+    let manifest = Manifest {
+        version: 1,
+        job_id: job,
+        name: &spec.name,
+        files,
+        spec: summary(spec),
+        metrics: Metrics {
+            steps: train.steps,
+            loss_first: finite(train.loss_first),
+            loss_last: finite(train.loss_last),
+            train_seconds: train.seconds,
+            image_count: None,
+        },
+        delivered_at_ms: trainyard_core::now_ms(),
+    };
+    bytes::Bytes::from(serde_json::to_vec_pretty(&manifest).unwrap_or_default())
 }
 
 impl Target {
@@ -457,10 +529,9 @@ impl Target {
     /// scheme and bucket (never credentials or a query);
     /// `deliver.output` for the artifact store's copy.
     fn span(&self) -> tracing::Span {
-        let (scheme, bucket) = scheme_and_bucket(if self.label.is_empty() {
-            self.store.root()
-        } else {
-            &self.label
+        let (scheme, bucket) = scheme_and_bucket(match &self.sink {
+            Sink::Store(store) if self.label.is_empty() => store.root(),
+            _ => &self.label,
         });
         macro_rules! span {
             ($name:literal) => {
@@ -497,12 +568,15 @@ struct Tally {
     bytes: u64,
 }
 
-/// Writes the manifest to every target; returns the first one's URI.
+/// Writes the manifest to every target (an `hf://` one has it in its
+/// commit already); returns the first one's URI.
 async fn write_manifest(targets: &[Target], body: bytes::Bytes) -> Result<String, StageError> {
     let mut manifest_uri = String::new();
     for target in targets {
-        let stored = target
-            .store
+        let Sink::Store(store) = &target.sink else {
+            continue;
+        };
+        let stored = store
             .put_bytes(&format!("{}/manifest.json", target.prefix), body.clone())
             .await
             .map_err(store_error)?;

@@ -2,11 +2,13 @@
 //! destination in its spec and to the artifact store's `jobs/<job>/output/`,
 //! verifies each copy's sha256 by reading it back, and writes a
 //! `manifest.json` (files, sizes, sha256, a summary of the spec, final
-//! metrics) beside them.
+//! metrics) beside them. An `hf://` destination gets all of it in one
+//! commit, with a model card ([`hub`]).
 
 pub mod attributes;
 pub mod deliver;
 pub mod fault;
+pub mod hub;
 
 use trainyard_core::Config;
 use trainyard_core::runtime::RunnerConfig;

@@ -61,7 +61,9 @@ const fn tunable(
 
 /// The extras this backend accepts, all real diffusion-pipe keys. Each goes
 /// to the key of the same name in the section given, except
-/// `optimizer_type`, which is `[optimizer] type`. Main config:
+/// `optimizer_type`, which is `[optimizer] type`, and `frame_buckets`, text
+/// such as `"1, 33"` written as the dataset TOML's list (see
+/// [`super::video`]). Main config:
 /// `gradient_accumulation_steps`, `gradient_clipping`, `warmup_steps`,
 /// `blocks_to_swap`, `activation_checkpointing` (default true),
 /// `save_dtype`, `caching_batch_size`, `map_num_proc`, `compile`,
@@ -114,6 +116,8 @@ const TUNABLES: &[Tunable] = {
         tunable("min_ar", Float, Dataset, ALL),
         tunable("max_ar", Float, Dataset, ALL),
         tunable("num_ar_buckets", Int, Dataset, ALL),
+        tunable("frame_buckets", Text, Dataset, &[Wan]),
+        tunable("video_clip_mode", Text, Dataset, &[Wan]),
     ]
 };
 
@@ -226,6 +230,9 @@ fn takes_betas_and_eps(optimizer_type: &str) -> bool {
 struct DatasetConfig<'a> {
     resolutions: [u32; 1],
     enable_ar_bucket: bool,
+    /// Set when the run has clips or the extra asks (see [`super::video`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frame_buckets: Option<Vec<u32>>,
     /// `min_ar`, `max_ar`, `num_ar_buckets`: read without defaults when AR
     /// bucketing is on, so always written.
     #[serde(flatten)]
@@ -333,6 +340,19 @@ fn value_problems(extras: &BTreeMap<String, Extra>) -> Vec<SettingProblem> {
             format!("{v:?} must be logit_normal or uniform"),
         ));
     }
+    if let Some(v) = extra_text(extras, "frame_buckets")
+        && let Err(problem) = super::video::parse_frame_buckets(v)
+    {
+        problems.push(SettingProblem::extra("frame_buckets", problem));
+    }
+    if let Some(v) = extra_text(extras, "video_clip_mode")
+        && !VIDEO_CLIP_MODES.contains(&v)
+    {
+        problems.push(SettingProblem::extra(
+            "video_clip_mode",
+            format!("{v:?} must be one of {}", VIDEO_CLIP_MODES.join(", ")),
+        ));
+    }
     if extras.contains_key("checkpoint_every_n_minutes")
         && extras.contains_key("checkpoint_every_n_epochs")
     {
@@ -371,6 +391,9 @@ fn value_problems(extras: &BTreeMap<String, Extra>) -> Vec<SettingProblem> {
     }
     problems
 }
+
+/// How diffusion-pipe cuts a clip longer than its frame bucket.
+const VIDEO_CLIP_MODES: &[&str] = &["single_beginning", "single_middle", "multiple_overlapping"];
 
 fn invalid(problems: Vec<SettingProblem>) -> BackendError {
     BackendError::invalid(&problems)
@@ -445,6 +468,8 @@ pub(super) fn render(
             (Section::Model, _) => {
                 model.tuning.insert(t.key, value.clone());
             }
+            // A list in the TOML, not the extra's text.
+            (Section::Dataset, _) if t.key == "frame_buckets" => {}
             (Section::Dataset, _) => {
                 dataset.insert(t.key, value.clone());
             }
@@ -487,9 +512,20 @@ pub(super) fn render(
         },
         optimizer,
     };
+    let clips = super::video::clips_in(&inputs.dataset_dir);
+    if !clips.is_empty() && !super::trains_video(family) {
+        return Err(BackendError::InvalidSettings(format!(
+            "the dataset holds {} video clips; {NAME} trains {family} on images only",
+            clips.len()
+        )));
+    }
+    let frames: Vec<u64> = clips.iter().map(|(_, frames)| *frames).collect();
+    let frame_buckets = super::video::frame_buckets(extra_text(&extras, "frame_buckets"), &frames)
+        .map_err(|problem| invalid(vec![SettingProblem::extra("frame_buckets", problem)]))?;
     let dataset = DatasetConfig {
         resolutions: [s.resolution],
         enable_ar_bucket: true,
+        frame_buckets,
         tuning: dataset,
         directory: [Directory {
             path: &inputs.dataset_dir,

@@ -673,3 +673,90 @@ fn output_folder_lookups_follow_the_newest_run_folder() {
         Some(run.join("step1201/lora.safetensors"))
     );
 }
+
+/// A prepared dataset folder whose manifest lists `clips` (name, frames)
+/// beside one image, as the captioner writes it.
+fn dataset_with_clips(dir: &Path, clips: &[(&str, u64)]) {
+    let mut images = vec![serde_json::json!({"file": "still.png", "media": "image"})];
+    images.extend(clips.iter().map(|(file, frames)| {
+        serde_json::json!({"file": file, "media": "video",
+            "video": {"duration_ms": 1000, "fps_milli": 16000, "frames": frames, "codec": "h264"}})
+    }));
+    let manifest = serde_json::json!({ "images": images });
+    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+}
+
+fn dataset_toml(inputs: &TrainInputs) -> Result<toml::Table, trainyard_backends::BackendError> {
+    let launch = backend().render(inputs)?;
+    Ok(toml::from_str(std::str::from_utf8(&launch.files[1].1).unwrap()).unwrap())
+}
+
+/// Wan with clips: frame buckets from the shortest clip, or the extra's,
+/// and `video_clip_mode` passed on; an image family with clips is refused.
+#[test]
+fn a_wan_video_dataset_gets_frame_buckets() {
+    let tmp = tempfile::tempdir().unwrap();
+    dataset_with_clips(tmp.path(), &[("walk.mp4", 16), ("run.mp4", 120)]);
+    let wan = || model(ModelFamily::Wan, &[(part::CKPT_DIR, "/models/wan/ckpt")]);
+    let mut run = inputs(wan(), settings());
+    run.dataset_dir = tmp.path().to_owned();
+    let table = dataset_toml(&run).unwrap();
+    assert_eq!(
+        table["frame_buckets"],
+        toml::Value::Array(vec![1.into(), 13.into()])
+    );
+    assert_eq!(
+        table["directory"][0]["path"].as_str(),
+        Some(tmp.path().to_str().unwrap())
+    );
+
+    let mut s = settings();
+    s.extras
+        .insert("frame_buckets".into(), extra(Kind::Text("33, 65".into())));
+    s.extras.insert(
+        "video_clip_mode".into(),
+        extra(Kind::Text("multiple_overlapping".into())),
+    );
+    let mut run = inputs(wan(), s);
+    run.dataset_dir = tmp.path().to_owned();
+    let table = dataset_toml(&run).unwrap();
+    assert_eq!(
+        table["frame_buckets"],
+        toml::Value::Array(vec![1.into(), 33.into(), 65.into()])
+    );
+    assert_eq!(
+        table["video_clip_mode"].as_str(),
+        Some("multiple_overlapping")
+    );
+
+    let mut s = settings();
+    s.extras
+        .insert("video_clip_mode".into(), extra(Kind::Text("middle".into())));
+    s.extras
+        .insert("frame_buckets".into(), extra(Kind::Text("1, x".into())));
+    let problems = backend().check(&s, ModelFamily::Wan);
+    let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "training.extras.frame_buckets",
+            "training.extras.video_clip_mode"
+        ]
+    );
+    assert!(!backend().check(&s, ModelFamily::Sdxl).is_empty());
+
+    let mut run = inputs(
+        model(
+            ModelFamily::Sdxl,
+            &[(part::CHECKPOINT, "/models/sdxl.safetensors")],
+        ),
+        settings(),
+    );
+    run.dataset_dir = tmp.path().to_owned();
+    assert!(matches!(
+        dataset_toml(&run),
+        Err(trainyard_backends::BackendError::InvalidSettings(_))
+    ));
+    assert!(backend().trains_video(ModelFamily::Wan));
+    assert!(!backend().trains_video(ModelFamily::Flux));
+}

@@ -323,7 +323,9 @@ fn part_path(dest: &Path) -> PathBuf {
     dest.with_file_name(name)
 }
 
-fn retry_after(response: &reqwest::Response, status: StatusCode) -> Option<Duration> {
+/// The delay a 429 or 503 `response` asks for in `Retry-After` (shared
+/// with the caption backends).
+pub(crate) fn retry_after(response: &reqwest::Response, status: StatusCode) -> Option<Duration> {
     if !matches!(status.as_u16(), 429 | 503) {
         return None;
     }

@@ -229,10 +229,11 @@ fn are(n: usize, one: &str, many: &str) -> String {
 
 fn drop_reason(reason: DropReason) -> &'static str {
     match reason {
-        DropReason::Undecodable => "not a readable image",
+        DropReason::Undecodable => "not a readable image or clip",
         DropReason::TooSmall => "too small",
-        DropReason::UnsupportedType => "not an image or caption",
-        DropReason::OrphanCaption => "caption without an image",
+        DropReason::OverLimit => "clip over the limits",
+        DropReason::UnsupportedType => "not an image, clip or caption",
+        DropReason::OrphanCaption => "caption without an image or clip",
         DropReason::InvalidCaption => "unreadable caption",
         DropReason::Symlink => "symbolic link",
         DropReason::SpecialFile => "not a regular file",

@@ -11,6 +11,9 @@
 //! - [`images`]: the prepared image dataset against the backend and the
 //!   settings: enough images, image sizes against the resolution, caption
 //!   coverage, the trigger word, and the step estimate;
+//! - [`video`]: the dataset's clips against the backend: one that trains
+//!   the model family on images only cannot use them, and diffusion-pipe's
+//!   frame buckets must not skip any;
 //! - [`text`]: a language model's `train.jsonl` against the method, and the
 //!   step estimate in examples;
 //! - [`access`]: the base model is there and readable with the job's token,
@@ -24,6 +27,7 @@
 pub mod access;
 pub mod images;
 pub mod text;
+pub mod video;
 
 pub use access::AccessChecks;
 
@@ -43,6 +47,8 @@ pub mod check {
     pub const RESOLUTION: &str = "dataset.resolution";
     pub const CAPTIONS: &str = "dataset.captions";
     pub const TRIGGER_WORD: &str = "dataset.trigger_word";
+    pub const VIDEOS: &str = super::video::VIDEOS;
+    pub const FRAME_BUCKETS: &str = super::video::FRAME_BUCKETS;
     pub const JSONL: &str = "dataset.jsonl";
     pub const DATASET: &str = "dataset";
     pub const BASE_MODEL: &str = "base_model";
@@ -231,9 +237,12 @@ pub fn finding(error: DatasetError, spec: &JobSpec) -> Finding {
     let too_few = match &error {
         DatasetError::Prepare(PrepareError::NoUsableImages { bad }) => {
             let detail = if bad.is_empty() {
-                "no image files found".to_owned()
+                "no image or video files found".to_owned()
             } else {
-                format!("unreadable or too small: {}", list_names(bad))
+                format!(
+                    "unreadable, too small or over the clip limits: {}",
+                    list_names(bad)
+                )
             };
             Some((0, Some(detail)))
         }
@@ -268,7 +277,9 @@ pub async fn check_dataset(spec: &JobSpec, dataset: &PreparedDataset) -> Report 
     if is_text(spec) {
         text::check(spec, dataset).await
     } else {
-        images::check(spec, dataset).await
+        let mut report = images::check(spec, dataset).await;
+        report.merge(video::check(spec, &dataset.manifest));
+        report
     }
 }
 

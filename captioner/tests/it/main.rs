@@ -12,3 +12,4 @@ mod prepare;
 mod sample;
 mod text;
 mod unpack;
+mod video;

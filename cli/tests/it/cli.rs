@@ -65,7 +65,7 @@ fn mixing_image_urls_with_other_sources_is_refused() {
     let output = yard(&["submit", "https://x.test/a.png", "https://x.test/b.zip"]);
     assert!(!output.status.success());
     assert!(
-        stderr(&output).contains("not an image URL"),
+        stderr(&output).contains("not an image or clip URL"),
         "{}",
         stderr(&output)
     );

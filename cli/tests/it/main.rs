@@ -7,6 +7,7 @@ mod cli;
 mod fleet_resume;
 mod fleet_status;
 mod observability;
+mod review;
 mod tls;
 mod transfer;
 mod validate;

@@ -4,14 +4,16 @@
 //! failed job an hour later. Valid specs are normalised: unset optional
 //! values get their documented defaults, and the stored spec is explicit.
 
+mod caption;
 mod store;
 mod webhook;
 
+pub use caption::CaptionRules;
 pub use store::check_store_refs;
 pub use webhook::SubmitRules;
 
 use trainyard_backends::BACKENDS;
-use trainyard_core::destination::{DestinationError, Destinations};
+use trainyard_core::destination::{DestinationError, Destinations, hf};
 use trainyard_models::ModelSource;
 use trainyard_proto::TenantId;
 use trainyard_proto::v1::{
@@ -125,11 +127,19 @@ pub fn normalise(mut spec: JobSpec) -> Result<JobSpec, Invalid> {
     normalise_model(&mut spec, &mut p);
     normalise_caption(&mut spec, &mut p);
     for (i, destination) in spec.destinations.iter().enumerate() {
-        if !is_store_uri(&destination.uri) && !is_bucket_destination(&destination.uri) {
+        p.check(
+            destination.license.is_empty() || hf::valid_license(&destination.license),
+            &format!("destinations[{i}].license"),
+            "must be a Hub license id: lowercase letters, digits, '.', '-' and '+' (e.g. apache-2.0, other)",
+        );
+        if !is_store_uri(&destination.uri)
+            && !is_bucket_destination(&destination.uri)
+            && !hf::is_hf(&destination.uri)
+        {
             p.add(
                 &format!("destinations[{i}].uri"),
                 format!(
-                    "{} is not a file:///, s3://, gs://, az:// or absolute path",
+                    "{} is not a file:///, s3://, gs://, az://, hf:// or absolute path",
                     trainyard_core::redact::display_url(&destination.uri)
                 ),
             );
@@ -389,23 +399,12 @@ fn normalise_model(spec: &mut JobSpec, p: &mut Problems) {
 
 fn normalise_caption(spec: &mut JobSpec, p: &mut Problems) {
     let caption = spec.caption.get_or_insert_default();
-    if caption.backend.is_empty() {
-        caption.backend = "template".into();
-    }
-    if caption.backend != "template" {
-        p.add(
-            "caption.backend",
-            format!(
-                "unknown caption backend {:?}; known: template",
-                caption.backend
-            ),
-        );
-    }
     p.check(
         caption.trigger_word.len() <= 100 && !caption.trigger_word.contains(['\n', '\r']),
         "caption.trigger_word",
         "must be one line of at most 100 characters",
     );
+    caption::normalise(spec, p);
 }
 
 #[cfg(test)]

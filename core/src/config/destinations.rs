@@ -16,6 +16,25 @@ pub struct DestinationsConfig {
     /// Let a job's own S3 endpoint (`AWS_ENDPOINT_URL`) be a private,
     /// loopback or link-local address. Off: the address guard refuses them.
     pub allow_private_endpoints: bool,
+    /// `hf://` destinations.
+    pub hf: HfDestinationsConfig,
+}
+
+/// The `[destinations.hf]` table.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HfDestinationsConfig {
+    /// The Hub every `hf://` destination is written to (the fleet's, never
+    /// a tenant's choice). Unset: `https://huggingface.co`.
+    pub endpoint: String,
+}
+
+impl Default for HfDestinationsConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: "https://huggingface.co".into(),
+        }
+    }
 }
 
 /// One `[destinations.credentials.<name>]` table.

@@ -49,6 +49,7 @@ pub struct Config {
 }
 
 mod autoscaler;
+mod caption;
 mod destinations;
 mod nats;
 mod observe;
@@ -60,6 +61,7 @@ mod services;
 mod store;
 
 pub use autoscaler::*;
+pub use caption::*;
 pub use destinations::*;
 pub use nats::*;
 pub use observe::*;
@@ -142,6 +144,10 @@ impl Config {
         if self.store.uri.is_empty() {
             return bad("store.uri is empty");
         }
+        self.captioner
+            .caption
+            .validate()
+            .map_err(ConfigError::Invalid)?;
         if self.store.max_model_bytes == 0
             || self.store.max_upload_bytes == 0
             || self.store.max_upload_files == 0
@@ -192,6 +198,18 @@ impl Config {
                     .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
         {
             return bad("nats.inbox_prefix may hold only ascii letters, digits, '-' and '_'");
+        }
+        let video = &self.captioner.video;
+        if !(video.max_clip_seconds.is_finite() && video.max_clip_seconds > 0.0)
+            || video.max_clip_frames == 0
+            || video.max_clip_bytes == 0
+            || video.max_clip_side == 0
+            || video.probe_timeout_secs == 0
+        {
+            return bad(
+                "captioner.video: max_clip_seconds, max_clip_frames, max_clip_bytes, max_clip_side \
+                 and probe_timeout_secs must be above 0",
+            );
         }
         if self.nats.max_deliver == 0 {
             return bad("nats.max_deliver must be at least 1");
@@ -281,6 +299,9 @@ impl Config {
         // Room for a few of the largest events (a log event is up to 256 KiB).
         if self.nats.event_max_bytes < 1 << 20 || self.nats.dlq_max_bytes < 1 << 20 {
             return bad("nats.event_max_bytes and nats.dlq_max_bytes must be at least 1048576");
+        }
+        if crate::destination::hf::api::HubApi::new(&self.destinations.hf.endpoint, "").is_err() {
+            return bad("destinations.hf.endpoint must be an http(s) URL");
         }
         for (name, credential) in &self.destinations.credentials {
             if credential.access_key_id.is_empty() || credential.secret_access_key.is_empty() {
@@ -459,6 +480,10 @@ mod tests {
             "quotas.tenants.acme={ max_gpu_hours_per_day = -0.5 }",
             "retry.fleet_max_delay_ms=0",
             "nats.max_ack_pending=0",
+            "captioner.video.max_clip_seconds=0",
+            "captioner.video.max_clip_seconds=nan",
+            "captioner.video.max_clip_frames=0",
+            "captioner.video.nope=1",
         ] {
             let err = Config::load_from(None, &[], &[bad.to_string()]).unwrap_err();
             assert!(matches!(err, ConfigError::Invalid(_)), "{bad}: {err}");

@@ -87,6 +87,10 @@ pub struct CaptionerConfig {
     pub max_dataset_bytes: u64,
     /// Most files in one dataset archive.
     pub max_files: usize,
+    /// The caption backends (`[captioner.caption]`).
+    pub caption: super::CaptionConfig,
+    /// Video clips in datasets (`[captioner.video]`).
+    pub video: VideoConfig,
 }
 
 impl Default for CaptionerConfig {
@@ -97,6 +101,49 @@ impl Default for CaptionerConfig {
             allow_private_urls: false,
             max_dataset_bytes: 4 << 30,
             max_files: 20_000,
+            caption: super::CaptionConfig::default(),
+            video: VideoConfig::default(),
+        }
+    }
+}
+
+/// `[captioner.video]`: how clips (`.mp4`, `.webm`, `.mov`) are probed and
+/// which are too big to train on. A clip over any limit is dropped by name,
+/// like an unreadable image. The defaults suit Wan and HunyuanVideo LoRAs,
+/// which train on a few seconds (33–129 frames) at 480p–720p: a minute of
+/// 60 fps 4K is far past anything they use.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VideoConfig {
+    /// The `ffprobe` program (Debian's `ffmpeg` package); a bare name is
+    /// looked up on PATH.
+    pub ffprobe: PathBuf,
+    /// The `ffmpeg` program: an animated gif in a dataset for a video model
+    /// becomes an mp4 clip with it.
+    pub ffmpeg: PathBuf,
+    /// Seconds one `ffprobe` (or gif conversion) run may take before it is killed and the clip
+    /// counted unreadable.
+    pub probe_timeout_secs: u64,
+    /// Longest clip, in seconds.
+    pub max_clip_seconds: f64,
+    /// Most frames in one clip.
+    pub max_clip_frames: u64,
+    /// Largest clip file, in bytes.
+    pub max_clip_bytes: u64,
+    /// Longest side of a clip's picture, in pixels.
+    pub max_clip_side: u32,
+}
+
+impl Default for VideoConfig {
+    fn default() -> Self {
+        Self {
+            ffprobe: "ffprobe".into(),
+            ffmpeg: "ffmpeg".into(),
+            probe_timeout_secs: 30,
+            max_clip_seconds: 60.0,
+            max_clip_frames: 3_600,
+            max_clip_bytes: 1 << 30,
+            max_clip_side: 3_840,
         }
     }
 }

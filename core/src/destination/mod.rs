@@ -40,6 +40,9 @@
 //! uploader would create it under) by creating and removing a probe file;
 //! a bucket (S3, GCS, Azure) gets a real put and delete of a small probe
 //! object.
+//!
+//! `hf://org/repo[@branch][/path]` destinations (a Hugging Face model
+//! repository, with the job's token, on the fleet's Hub) are in [`hf`].
 
 use crate::config::{Config, DestinationCredential};
 use crate::redact::display_url;
@@ -51,6 +54,7 @@ use std::path::{Component, Path, PathBuf};
 use trainyard_proto::v1::Secrets;
 
 pub mod chain;
+pub mod hf;
 mod remote;
 
 /// The `secrets.values` keys a bucket destination's job credentials are
@@ -110,6 +114,8 @@ pub enum DestinationError {
     },
     #[error("destination {uri}: {source}")]
     Open { uri: String, source: StoreError },
+    #[error(transparent)]
+    Hf(#[from] hf::HfUriError),
 }
 
 /// What a failed probe means for the job.
@@ -149,6 +155,7 @@ pub struct Destinations {
     store: StoreLocation,
     credentials: BTreeMap<String, DestinationCredential>,
     allow_private_endpoints: bool,
+    hf: hf::HfRules,
 }
 
 /// Where the artifact store is.
@@ -266,6 +273,7 @@ impl Destinations {
             store,
             credentials,
             allow_private_endpoints: false,
+            hf: hf::HfRules::default(),
         }
     }
 
@@ -276,8 +284,15 @@ impl Destinations {
         self
     }
 
+    /// The Hub `hf://` destinations are written to.
+    pub fn hf_endpoint(mut self, endpoint: &str) -> Self {
+        self.hf.endpoint = endpoint.to_owned();
+        self
+    }
+
     /// The rules `config` sets: `[uploader] allowed_local_roots`, the
-    /// artifact store `store.uri`, `[destinations.credentials]`.
+    /// artifact store `store.uri`, `[destinations.credentials]`,
+    /// `[destinations.hf] endpoint`.
     pub fn from_config(config: &Config) -> Self {
         Self::new(
             config.uploader.allowed_local_roots.clone(),
@@ -285,6 +300,7 @@ impl Destinations {
             config.destinations.credentials.clone(),
         )
         .allow_private_endpoints(config.destinations.allow_private_endpoints)
+        .hf_endpoint(&config.destinations.hf.endpoint)
     }
 
     /// Whether `tenant`'s job (with `secrets`) may use `uri`: a local
@@ -297,6 +313,9 @@ impl Destinations {
         uri: &str,
         secrets: Option<&Secrets>,
     ) -> Result<(), DestinationError> {
+        if hf::is_hf(uri) {
+            return self.check_hf(uri, secrets).map(|_| ());
+        }
         match parse(uri)? {
             Parsed::Local(path) => self.confine(uri, path).map(|_| ()),
             Parsed::Bucket(b) => {
@@ -376,6 +395,9 @@ impl Destinations {
         uri: &str,
         secrets: Option<&Secrets>,
     ) -> Result<(), ProbeError> {
+        if hf::is_hf(uri) {
+            return self.probe_hf(uri, secrets).await;
+        }
         let refused = |e: DestinationError| ProbeError::new(ProbeFailure::Refused, e.to_string());
         match parse(uri).map_err(refused)? {
             Parsed::Local(path) => {

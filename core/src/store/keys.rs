@@ -61,6 +61,18 @@ pub fn dataset(tenant: &TenantId, job_id: &JobId) -> String {
     format!("{}/dataset", job(tenant, job_id))
 }
 
+/// A file of a job's prepared dataset (`manifest.json`, `<stem>.txt`).
+pub fn dataset_file(tenant: &TenantId, job_id: &JobId, name: &str) -> String {
+    format!("{}/{name}", dataset(tenant, job_id))
+}
+
+/// The captions of a job at `version` (2 and up: version 1 is the
+/// prepared dataset's manifest), written once by the `UpdateCaptions`
+/// that reserved that version.
+pub fn captions(tenant: &TenantId, job_id: &JobId, version: u32) -> String {
+    format!("{}/captions/v{version:06}.json", job(tenant, job_id))
+}
+
 pub fn input(tenant: &TenantId, job_id: &JobId) -> String {
     format!("{}/input", job(tenant, job_id))
 }

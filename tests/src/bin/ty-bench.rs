@@ -15,11 +15,17 @@
 //! first training step and the pipeline's throughput on an open bus and on
 //! one with identities and TLS (`yard fleet init`'s files).
 //!
+//! `ty-bench captions [--images 64] [--latency-ms 50]`: captioning
+//! throughput against the OpenAI-compatible stand-in at concurrency 1, 4
+//! and 16, and the caption cache's hit path cost per image (`captions`).
+//!
 //! `ty-bench gpu-smoke [--only kohya,trl] [--steps 4] [--timeout 1800]`: on a
 //! machine with its trainers installed, each backend trains a few steps
 //! through this fleet and a pass/fail table is printed (`smoke`; README's
 //! "GPU smoke test").
 
+#[path = "ty-bench/captions.rs"]
+mod captions;
 #[path = "ty-bench/fleet.rs"]
 mod fleet;
 #[path = "ty-bench/smoke.rs"]
@@ -263,6 +269,11 @@ async fn main() -> anyhow::Result<ExitCode> {
     match std::env::args().nth(1).as_deref() {
         Some("tracing") => return tracing_overhead().await.map(|()| ExitCode::SUCCESS),
         Some("bus") => return bus_overhead().await.map(|()| ExitCode::SUCCESS),
+        Some("captions") => {
+            return captions::main(arg("--images", 64), arg("--latency-ms", 50))
+                .await
+                .map(|()| ExitCode::SUCCESS);
+        }
         Some("gpu-smoke") => {
             let args: Vec<String> = std::env::args().skip(2).collect();
             let code = smoke::main(&args).await;

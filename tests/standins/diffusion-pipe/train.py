@@ -19,7 +19,10 @@ order and prints its lines, writes its layout and honours its flags.
   alpha, KeyError for a dtype not in DTYPE_MAP), the model type dispatch, the
   model paths it was given (and the `merge_adapters` files), the optimizer's
   keyword arguments for the built-in optimizer types, the dataset folder and
-  `min_ar`/`max_ar`/`num_ar_buckets`.
+  `min_ar`/`max_ar`/`num_ar_buckets`; clips (counted with ffprobe, as the
+  real one counts them by decoding) go to the longest `frame_buckets` entry
+  not longer than they are, or are skipped as too short, and a line
+  `stand-in: video <file> frames=N bucket=B` says where each went.
 - Z-Image-Turbo without `merge_adapters`: see `check_turbo_adapter`.
 - A fresh run creates `output_dir/<UTC %Y%m%d_%H-%M-%S>/` and copies both
   TOMLs there; `--resume_from_checkpoint` with no value uses the newest run
@@ -74,6 +77,24 @@ args = parser.parse_args()
 DTYPE_MAP = {'float32', 'float16', 'bfloat16', 'float8', 'float8_e4m3fn', 'float8_e5m2'}
 MODEL_TYPES = ('flux', 'sdxl', 'wan', 'qwen_image', 'z_image', 'ltx-video', 'hunyuan-video', 'chroma', 'lumina_2')
 SKIPPED_SUFFIXES = ('.txt', '.npz', '.json', '.parquet', '.bak', '.db')
+# imageio's video extensions that matter here (the real one reads them all).
+VIDEO_SUFFIXES = ('.mp4', '.webm', '.mov', '.mkv', '.avi')
+
+
+def count_frames(path):
+    """Frames of a clip, counted by decoding it as the real one does through
+    imageio (here with ffprobe -count_frames); None, with the real warning,
+    when it cannot be opened."""
+    import subprocess
+    probe = subprocess.run(
+        ['ffprobe', '-v', 'error', '-select_streams', 'v:0', '-count_frames',
+         '-show_entries', 'stream=nb_read_frames', '-of', 'csv=p=0', path],
+        capture_output=True, text=True)
+    try:
+        return int(probe.stdout.strip().split(',')[0])
+    except ValueError:
+        print(f'Media file {path} could not be opened. Skipping. The exception was: {probe.stderr.strip()}')
+        return None
 
 
 def missing(path):
@@ -253,15 +274,32 @@ def load_dataset(dataset_config, model_type):
                        and not f.endswith(SKIPPED_SUFFIXES))
         assert len(files) > 0, f'Directory {path} had no images/videos!'
         skip_empty = directory.get('skip_empty_caption', dataset_config.get('skip_empty_caption', True))
-        captioned = 0
+        frame_buckets = sorted(set(directory.get('frame_buckets', dataset_config.get('frame_buckets', [1]))) | {1})
+        buckets = {}
         for f in files:
-            if os.path.exists(os.path.splitext(f)[0] + '.txt') or not skip_empty:
-                captioned += 1
-            else:
+            if not (os.path.exists(os.path.splitext(f)[0] + '.txt') or not skip_empty):
                 print(f'Cound not find caption for {f}. Skipping image.')
-        print('caching latents: (1.0, 1)')
-        print('caching text embeddings: (1.0, 1)')
-        examples += captioned * num_repeats * max(len(resolutions), 1)
+                continue
+            frames = 1
+            if os.path.splitext(f)[1].lower() in VIDEO_SUFFIXES:
+                frames = count_frames(f)
+                if frames is None:
+                    continue
+            # _find_closest_ar_bucket: the longest bucket not longer than
+            # the clip; a video never goes to the image bucket.
+            fitting = [b for b in frame_buckets if b <= frames]
+            if not fitting or (frames > 1 and fitting[-1] == 1):
+                print(f'video with frames={frames} is being skipped because it is too short')
+                continue
+            bucket = fitting[-1]
+            if frames > 1:
+                # Not a line of the real trainer: says which clip went where.
+                print(f'stand-in: video {os.path.basename(f)} frames={frames} bucket={bucket}')
+            buckets[bucket] = buckets.get(bucket, 0) + 1
+        for bucket in sorted(buckets):
+            print(f'caching latents: (1.0, {bucket})')
+            print(f'caching text embeddings: (1.0, {bucket})')
+        examples += sum(buckets.values()) * num_repeats * max(len(resolutions), 1)
     return examples
 
 

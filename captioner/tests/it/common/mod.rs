@@ -258,3 +258,24 @@ impl Drop for TestServer {
         self.task.abort();
     }
 }
+
+/// Writes a test-pattern clip with `ffmpeg` (`scripts/install-ffmpeg`):
+/// `size` such as `64x48`, `rate` frames a second, `secs` long; the
+/// container follows the extension of `path`.
+pub fn clip(path: &Path, size: &str, rate: u32, secs: f64) {
+    let source = format!("testsrc=size={size}:rate={rate}:duration={secs}");
+    let mut args = vec!["-v", "error", "-y", "-f", "lavfi", "-i", &source];
+    if path.extension().is_some_and(|e| e == "mp4" || e == "mov") {
+        args.extend(["-pix_fmt", "yuv420p"]);
+    }
+    let status = std::process::Command::new("ffmpeg")
+        .args(&args)
+        .arg(path)
+        .status()
+        .expect("ffmpeg runs (scripts/install-ffmpeg installs it)");
+    assert!(
+        status.success(),
+        "ffmpeg could not write {}",
+        path.display()
+    );
+}

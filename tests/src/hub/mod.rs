@@ -14,6 +14,17 @@
 //! Faults can be injected per file (a corrupted body, a connection dropped
 //! half-way), downloads can be held until released, and every request is
 //! counted so tests can assert how many downloads happened.
+//!
+//! The write side ([`upload`]): `whoami-v2`, repository create, branch
+//! create, preupload, the LFS batch API with its upload and verify URLs on
+//! this same server, NDJSON commits checked against `parentCommit`, and
+//! commit listings; committed files are readable through the resolve route
+//! above at the branch, or at the commit.
+
+mod lfs;
+mod upload;
+
+pub use upload::{FakeCommit, FakeUser};
 
 use axum::body::Body;
 use axum::extract::State;
@@ -54,6 +65,28 @@ pub struct FakeRepo {
     pub commit: String,
     pub gated: bool,
     pub files: BTreeMap<String, FakeFile>,
+    /// Visible only to its namespace's users (repositories made by a
+    /// create request).
+    pub private: bool,
+    /// Branches besides `main`, by name: their head commit.
+    pub branches: BTreeMap<String, String>,
+    /// Every commit's files, by commit id (for commits made by requests).
+    pub snapshots: BTreeMap<String, BTreeMap<String, FakeFile>>,
+    /// Commits made by requests, oldest first.
+    pub log: Vec<FakeCommit>,
+}
+
+impl FakeRepo {
+    /// The commit and files `rev` (a branch or a commit id) names.
+    pub fn at(&self, rev: &str) -> Option<(String, BTreeMap<String, FakeFile>)> {
+        if rev == "main" || rev == self.commit {
+            return Some((self.commit.clone(), self.files.clone()));
+        }
+        let commit = self.branches.get(rev).map(String::as_str).unwrap_or(rev);
+        self.snapshots
+            .get(commit)
+            .map(|files| (commit.to_owned(), files.clone()))
+    }
 }
 
 /// A misbehaviour of the next download(s) of one file.
@@ -80,6 +113,8 @@ pub struct FileRequests {
 #[derive(Default)]
 struct Inner {
     repos: Mutex<BTreeMap<String, FakeRepo>>,
+    /// The write side's state.
+    writes: upload::Writes,
     token: Mutex<String>,
     faults: Mutex<HashMap<String, Fault>>,
     /// Keyed by `<repo>/<path>`.
@@ -376,6 +411,9 @@ fn access(
     let Some(found) = lock(&inner.repos).get(repo).cloned() else {
         return Err((StatusCode::NOT_FOUND, "RepoNotFound"));
     };
+    if found.private && !upload::may_read(inner, repo, headers) {
+        return Err((StatusCode::NOT_FOUND, "RepoNotFound"));
+    }
     if found.gated {
         let bearer = headers
             .get(header::AUTHORIZATION)
@@ -397,9 +435,13 @@ async fn handle(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
+    body: Bytes,
 ) -> Response {
     let path = uri.path().trim_start_matches('/').to_string();
     let segments: Vec<String> = path.split('/').map(percent_decode).collect();
+    if let Some(response) = upload::route(&inner, &method, &segments, &headers, &body) {
+        return response;
+    }
     if let Some(rest) = path.strip_prefix("cdn/") {
         return cdn(&inner, &method, rest, &headers).await;
     }
@@ -444,11 +486,10 @@ fn revision(inner: &Inner, repo: &str, rev: &str, blobs: bool, headers: &HeaderM
         Ok(found) => found,
         Err((status, code)) => return error(status, code),
     };
-    if rev != "main" && rev != found.commit {
+    let Some((commit, files)) = found.at(rev) else {
         return error(StatusCode::NOT_FOUND, "RevisionNotFound");
-    }
-    let siblings: Vec<serde_json::Value> = found
-        .files
+    };
+    let siblings: Vec<serde_json::Value> = files
         .iter()
         .map(|(name, file)| {
             if !blobs {
@@ -469,7 +510,7 @@ fn revision(inner: &Inner, repo: &str, rev: &str, blobs: bool, headers: &HeaderM
             sibling
         })
         .collect();
-    let body = serde_json::json!({"id": repo, "sha": found.commit, "siblings": siblings});
+    let body = serde_json::json!({"id": repo, "sha": commit, "siblings": siblings});
     Response::builder()
         .header(header::CONTENT_TYPE, "application/json")
         .body(Body::from(serde_json::to_vec(&body).expect("json")))
@@ -488,10 +529,10 @@ async fn resolve(
         Ok(found) => found,
         Err((status, code)) => return error(status, code),
     };
-    if rev != "main" && rev != found.commit {
+    let Some((commit, files)) = found.at(rev) else {
         return error(StatusCode::NOT_FOUND, "RevisionNotFound");
-    }
-    let Some(file) = found.files.get(path).cloned() else {
+    };
+    let Some(file) = files.get(path).cloned() else {
         return error(StatusCode::NOT_FOUND, "EntryNotFound");
     };
     let key = format!("{repo}/{path}");
@@ -507,7 +548,7 @@ async fn resolve(
         return Response::builder()
             .status(StatusCode::FOUND)
             .header(header::LOCATION, location)
-            .header("x-repo-commit", &found.commit)
+            .header("x-repo-commit", &commit)
             .header("x-linked-etag", format!("\"{}\"", file.sha256()))
             .header("x-linked-size", file.data.len().to_string())
             .header(header::ETAG, format!("\"{}\"", file.git_blob_id()))
@@ -518,7 +559,7 @@ async fn resolve(
     let h = response.headers_mut();
     h.insert(
         "x-repo-commit",
-        HeaderValue::from_str(&found.commit).expect("header"),
+        HeaderValue::from_str(&commit).expect("header"),
     );
     h.insert(
         header::ETAG,
@@ -530,8 +571,9 @@ async fn resolve(
 async fn cdn(inner: &Inner, method: &Method, rest: &str, headers: &HeaderMap) -> Response {
     let sha = rest.split('?').next().unwrap_or_default();
     let found = lock(&inner.repos).iter().find_map(|(repo, r)| {
-        r.files
-            .iter()
+        std::iter::once(&r.files)
+            .chain(r.snapshots.values())
+            .flat_map(|files| files.iter())
             .find(|(_, f)| f.lfs && f.sha256() == sha)
             .map(|(path, f)| (format!("{repo}/{path}"), f.clone()))
     });

@@ -4,6 +4,10 @@
 //! uploaded last) so the training stage can verify every image by size and
 //! sha256 before it spends GPU time, and so users can see which captions
 //! came from where and which files were dropped and why.
+//!
+//! Here in `core` because two services read it: the captioner writes it,
+//! the coordinator reads it for `GetCaptions` and writes a reviewed
+//! dataset's captions back (`coordinator::review`).
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -38,8 +42,8 @@ pub struct TextEntry {
     pub sha256: String,
 }
 
-/// One image of the prepared dataset. Paths are file names inside the
-/// prepared folder.
+/// One image or clip of the prepared dataset. Paths are file names inside
+/// the prepared folder.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ManifestEntry {
     pub file: String,
@@ -53,6 +57,39 @@ pub struct ManifestEntry {
     /// The final caption, exactly as written to `caption_file`.
     pub caption: String,
     pub caption_source: CaptionSource,
+    /// An image or a clip; manifests written before clips were accepted
+    /// have no `media` and hold images only.
+    #[serde(default)]
+    pub media: MediaKind,
+    /// A clip's stream facts, from `ffprobe`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub video: Option<VideoFacts>,
+}
+
+/// What a dataset file is. Serialised `"image"` or `"video"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MediaKind {
+    #[default]
+    Image,
+    Video,
+}
+
+/// A clip's facts in the manifest (`width`/`height` are the entry's).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VideoFacts {
+    pub duration_ms: u64,
+    /// Frames per second × 1000.
+    pub fps_milli: u32,
+    pub frames: u64,
+    pub codec: String,
+}
+
+impl DatasetManifest {
+    /// The entries that are clips.
+    pub fn videos(&self) -> impl Iterator<Item = &ManifestEntry> {
+        self.images.iter().filter(|e| e.media == MediaKind::Video)
+    }
 }
 
 /// Where a caption came from: the user's sidecar `.txt`, or a backend by
@@ -65,6 +102,9 @@ pub enum CaptionSource {
 }
 
 impl CaptionSource {
+    /// The source of a caption a person changed in review.
+    pub const EDITED: &'static str = "edited";
+
     /// `"sidecar"` or `"backend"`: where a caption came from, without the
     /// backend's name (a span attribute).
     pub fn kind(&self) -> &'static str {
@@ -110,8 +150,12 @@ pub struct DroppedFile {
 #[serde(rename_all = "snake_case")]
 pub enum DropReason {
     /// The image crate could not decode it (corrupt, truncated, wrong
-    /// format behind an image extension).
+    /// format behind an image extension), or, for a clip, ffprobe could not
+    /// read it or found no video stream or no frames.
     Undecodable,
+    /// A clip over a `[captioner.video]` limit: length, frames, bytes or
+    /// picture size.
+    OverLimit,
     /// Smaller than the minimum side length.
     TooSmall,
     /// Not an image, caption or zip.
@@ -162,7 +206,7 @@ pub fn sha256_file_blocking(path: &Path) -> io::Result<(String, u64)> {
 }
 
 /// Copies `src` to a new file `dst` and hashes the bytes in the same pass.
-pub(crate) fn copy_file_hashed_blocking(src: &Path, dst: &Path) -> io::Result<(String, u64)> {
+pub fn copy_file_hashed_blocking(src: &Path, dst: &Path) -> io::Result<(String, u64)> {
     let mut out = File::create_new(dst)?;
     let result = copy_hashed(&mut File::open(src)?, &mut out)?;
     out.sync_all()?;
@@ -197,6 +241,30 @@ mod tests {
         assert_eq!(json, "\"template\"");
         let back: CaptionSource = serde_json::from_str("\"sidecar\"").unwrap();
         assert_eq!(back, CaptionSource::Sidecar);
+    }
+
+    #[test]
+    fn entries_without_media_read_as_images_and_clips_keep_their_facts() {
+        let old = r#"{"file":"a.png","caption_file":"a.txt","width":8,"height":8,"size":1,
+            "sha256":"00","caption":"x","caption_source":"sidecar"}"#;
+        let entry: ManifestEntry = serde_json::from_str(old).unwrap();
+        assert_eq!((entry.media, entry.video), (MediaKind::Image, None));
+        let clip = ManifestEntry {
+            file: "a.mp4".into(),
+            media: MediaKind::Video,
+            video: Some(VideoFacts {
+                duration_ms: 1000,
+                fps_milli: 16_000,
+                frames: 16,
+                codec: "h264".into(),
+            }),
+            ..entry
+        };
+        let json = serde_json::to_value(&clip).unwrap();
+        assert_eq!(json["media"], "video");
+        assert_eq!(json["video"]["frames"], 16);
+        let back: ManifestEntry = serde_json::from_value(json).unwrap();
+        assert_eq!(back, clip);
     }
 
     #[test]

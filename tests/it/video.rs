@@ -1,0 +1,155 @@
+//! A Wan LoRA on video clips through the whole fleet, against the
+//! diffusion-pipe stand-in: the captioner probes the clips with the real
+//! `ffprobe` and drops a corrupt one by name, the worker carries the clips
+//! through its checksum verification unchanged, the rendered dataset TOML
+//! gets frame buckets that fit the clips, and the stand-in trains on every
+//! clip. A dataset whose only clip is corrupt fails, naming it.
+
+use std::path::Path;
+use std::time::Duration;
+use trainyard_core::store::keys;
+use trainyard_proto::v1::{JobState, ModelRef, Secrets, job_event::Kind};
+use trainyard_proto::{JobId, TenantId};
+use trainyard_tests::hub::FakeHub;
+use trainyard_tests::*;
+
+const HF_TOKEN: &str = "hf_test_token_video";
+const WAN: &str = "wan2.1-t2v-1.3b";
+
+/// A test-pattern clip written by ffmpeg (`scripts/install-ffmpeg`).
+fn clip(path: &Path, rate: u32, secs: f64) {
+    let source = format!("testsrc=size=64x48:rate={rate}:duration={secs}");
+    let status = std::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-y", "-f", "lavfi", "-i", &source])
+        .args(["-pix_fmt", "yuv420p"])
+        .arg(path)
+        .status()
+        .expect("ffmpeg runs");
+    assert!(status.success());
+}
+
+fn wan_spec(dataset: &str, outputs: &Path) -> trainyard_proto::v1::JobSpec {
+    let mut spec = with_destination(spec(dataset, 4), outputs);
+    let training = spec.training.as_mut().unwrap();
+    training.backend = "diffusion-pipe".into();
+    training.batch_size = 1;
+    training.save_every = 0;
+    spec.base_model = Some(ModelRef {
+        uri: WAN.into(),
+        ..Default::default()
+    });
+    spec.secrets = Some(Secrets {
+        hf_token: HF_TOKEN.into(),
+        ..Default::default()
+    });
+    spec
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wan_video_dataset_trains_with_diffusion_pipe_and_a_corrupt_clip_is_named() {
+    let hub = FakeHub::start(HF_TOKEN).await;
+    hub.add_presets(&[WAN]);
+    let standins = Path::new(env!("CARGO_MANIFEST_DIR")).join("standins");
+    let fleet = Fleet::start_with(Services::ALL, |c| {
+        c.worker.hf_endpoint = hub.endpoint();
+        c.worker.trainers.deepspeed = standins.join("bin/deepspeed");
+        c.worker.trainers.diffusion_pipe_dir = standins.join("diffusion-pipe");
+        c.worker.trainers.env = [("STANDIN_STEP_SECONDS".to_string(), "0.02".to_string())].into();
+    })
+    .await;
+    let mut client = fleet.client(TOKEN).await;
+    let outputs = fleet.outputs_dir();
+
+    // Two clips (16 and 40 frames), one with a sidecar caption, and a
+    // corrupt one: random bytes named .mp4.
+    let local = fleet.dir.path().join("clips");
+    std::fs::create_dir_all(&local).unwrap();
+    clip(&local.join("walk.mp4"), 16, 1.0);
+    clip(&local.join("run.mp4"), 20, 2.0);
+    std::fs::write(local.join("run.txt"), "tyzx running in a test pattern").unwrap();
+    let noise: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    std::fs::write(local.join("broken.mp4"), &noise).unwrap();
+    let key = upload_key("acme", "clips");
+    fleet.store.put_dir(&local, &key, &[]).await.unwrap();
+    let job = submit(&mut client, wan_spec(&fleet.store.uri(&key), &outputs)).await;
+    let events = watch_all(&mut client, &job.job_id, Duration::from_secs(60)).await;
+    let record = get(&mut client, &job.job_id).await;
+    assert_eq!(
+        record.state(),
+        JobState::Succeeded,
+        "{:?}\n{events:#?}",
+        record.error
+    );
+    assert_eq!(record.image_count, 2);
+
+    // The prepared dataset: both clips as videos, the corrupt one dropped by name.
+    let dataset = keys::dataset(
+        &TenantId::parse("acme").unwrap(),
+        &JobId::parse(&job.job_id).unwrap(),
+    );
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &fleet
+            .store
+            .get_bytes(&format!("{dataset}/manifest.json"))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let clips: Vec<(&str, &str, u64)> = manifest["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["file"].as_str().unwrap(),
+                e["media"].as_str().unwrap(),
+                e["video"]["frames"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(clips, [("run.mp4", "video", 40), ("walk.mp4", "video", 16)]);
+    assert_eq!(manifest["dropped"][0]["name"], "broken.mp4");
+    assert_eq!(manifest["dropped"][0]["reason"], "undecodable");
+
+    // The trainer saw both clips in a frame bucket that fits the shorter
+    // (16 frames → 13), as the rendered dataset.toml set it.
+    let log: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(Kind::Log(line)) => Some(line.line.as_str()),
+            _ => None,
+        })
+        .collect();
+    for expected in [
+        "stand-in: video run.mp4 frames=40 bucket=13",
+        "stand-in: video walk.mp4 frames=16 bucket=13",
+        "caching latents: (1.0, 13)",
+    ] {
+        assert!(
+            log.iter().any(|l| l.contains(expected)),
+            "{expected} in {log:#?}"
+        );
+    }
+    assert!(
+        outputs
+            .join(&job.job_id)
+            .join("adapter_model.safetensors")
+            .is_file()
+    );
+
+    // Only a corrupt clip: the job fails, naming it.
+    let only = fleet.dir.path().join("broken-only");
+    std::fs::create_dir_all(&only).unwrap();
+    std::fs::write(only.join("broken.mp4"), &noise).unwrap();
+    let key = upload_key("acme", "broken-only");
+    fleet.store.put_dir(&only, &key, &[]).await.unwrap();
+    let job = submit(&mut client, wan_spec(&fleet.store.uri(&key), &outputs)).await;
+    watch_all(&mut client, &job.job_id, Duration::from_secs(30)).await;
+    let record = get(&mut client, &job.job_id).await;
+    assert_eq!(record.state(), JobState::Failed);
+    let error = record.error.expect("error");
+    assert!(error.message.contains("broken.mp4"), "{}", error.message);
+    fleet.stop().await;
+}
