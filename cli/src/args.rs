@@ -282,9 +282,39 @@ pub struct SubmitArgs {
     /// GPU pool that trains the job.
     #[arg(long)]
     pub pool: Option<String>,
-    /// Where outputs are delivered besides the artifact store: a folder or a URI (repeatable).
+    /// Where outputs are delivered besides the artifact store: a folder or a
+    /// URI — file://, s3://, gs://, az://, hf://org/repo[@branch][/path] (repeatable).
     #[arg(long = "dest", value_name = "DIR_OR_URI")]
     pub destinations: Vec<String>,
+    /// The --dest destinations are one fallback chain: tried in order, the
+    /// first that succeeds is the delivery (each failure noted in the job's
+    /// events).
+    #[arg(long)]
+    pub dest_chain: bool,
+    /// Caption backend: template (default), openai, gemini or command.
+    #[arg(long)]
+    pub caption_backend: Option<String>,
+    /// The captioning model (openai: the served model; gemini: e.g.
+    /// gemini-2.5-flash); default: the fleet's.
+    #[arg(long)]
+    pub caption_model: Option<String>,
+    /// The instruction sent with each image or clip (default: the model
+    /// family's).
+    #[arg(long)]
+    pub caption_prompt: Option<String>,
+    /// The fleet's caption program, for --caption-backend command.
+    #[arg(long)]
+    pub caption_command: Option<String>,
+    /// A backend tried for a file the first could not caption (e.g. template).
+    #[arg(long)]
+    pub caption_fallback: Option<String>,
+    /// What a file no backend could caption does: fail (default) or template.
+    #[arg(long)]
+    pub caption_on_error: Option<String>,
+    /// Stop after captioning until the captions are approved (`yard
+    /// captions`, `yard approve`).
+    #[arg(long)]
+    pub review: bool,
     /// Submitting again with the same key returns the first job.
     #[arg(long)]
     pub idempotency_key: Option<String>,

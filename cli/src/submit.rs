@@ -17,6 +17,18 @@ use trainyard_proto::v1::{
     ModelRef, Secrets, SubmitRequest, TrainingSettings, Webhook, extra_value,
 };
 
+/// With `chain`, every destination but the last says `on_error = next`:
+/// the first that succeeds is the delivery.
+fn chained(mut destinations: Vec<Destination>, chain: bool) -> Vec<Destination> {
+    let last = destinations.len().saturating_sub(1);
+    if chain {
+        for destination in &mut destinations[..last] {
+            destination.on_error = "next".into();
+        }
+    }
+    destinations
+}
+
 /// Where a dataset comes from, as given on the command line.
 #[derive(Debug, PartialEq, Eq)]
 pub enum DatasetArg {
@@ -152,6 +164,13 @@ pub fn spec_from_args(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
         dataset: None,
         caption: Some(CaptionSettings {
             trigger_word: args.trigger.clone().unwrap_or_default(),
+            backend: args.caption_backend.clone().unwrap_or_default(),
+            model: args.caption_model.clone().unwrap_or_default(),
+            prompt: args.caption_prompt.clone().unwrap_or_default(),
+            command: args.caption_command.clone().unwrap_or_default(),
+            fallback: args.caption_fallback.clone().unwrap_or_default(),
+            on_error: args.caption_on_error.clone().unwrap_or_default(),
+            review: args.review,
             ..Default::default()
         }),
         base_model: args.model.clone().map(|uri| ModelRef {
@@ -176,11 +195,13 @@ pub fn spec_from_args(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
                 .collect(),
             method: args.method.clone().unwrap_or_default(),
         }),
-        destinations: args
-            .destinations
-            .iter()
-            .map(|d| destination(d))
-            .collect::<anyhow::Result<_>>()?,
+        destinations: chained(
+            args.destinations
+                .iter()
+                .map(|d| destination(d))
+                .collect::<anyhow::Result<_>>()?,
+            args.dest_chain,
+        ),
         secrets: args.hf_token.clone().map(|hf_token| Secrets {
             hf_token,
             ..Default::default()
@@ -285,5 +306,54 @@ mod tests {
         let no_url: Result<_, clap::Error> = parse(&["--webhook-event", "state"]);
         assert!(no_url.is_err());
         assert!(parse(&["--webhook", "https://h.test/x", "--webhook-event", "done"]).is_err());
+    }
+
+    #[test]
+    fn caption_and_chain_flags_make_the_spec() {
+        use clap::Parser;
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["yard", "submit", "s3://b/uploads/x"];
+            argv.extend_from_slice(extra);
+            match crate::args::Cli::try_parse_from(argv).unwrap().command {
+                crate::args::Command::Submit(args) => spec_from_args(&args).unwrap(),
+                _ => unreachable!(),
+            }
+        };
+        let plain = parse(&["--dest", "hf://me/lora", "--dest", "s3://b/out"]);
+        let caption = plain.caption.unwrap();
+        assert_eq!((caption.backend.as_str(), caption.review), ("", false));
+        assert!(plain.destinations.iter().all(|d| d.on_error.is_empty()));
+        let spec = parse(&[
+            "--caption-backend",
+            "openai",
+            "--caption-model",
+            "joycaption",
+            "--caption-fallback",
+            "template",
+            "--review",
+            "--dest",
+            "hf://me/lora",
+            "--dest",
+            "s3://b/out",
+            "--dest",
+            "file:///srv/out",
+            "--dest-chain",
+        ]);
+        let caption = spec.caption.unwrap();
+        assert_eq!(
+            (
+                caption.backend.as_str(),
+                caption.model.as_str(),
+                caption.fallback.as_str(),
+                caption.review
+            ),
+            ("openai", "joycaption", "template", true)
+        );
+        let on_error: Vec<&str> = spec
+            .destinations
+            .iter()
+            .map(|d| d.on_error.as_str())
+            .collect();
+        assert_eq!(on_error, ["next", "next", ""]);
     }
 }
