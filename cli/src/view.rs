@@ -143,7 +143,15 @@ pub fn record_text(record: &JobRecord) -> String {
             let _ = writeln!(out, "times    {}", parts.join(", "));
         }
     }
-    if record.image_count > 0 {
+    if record.video_count > 0 {
+        let _ = writeln!(
+            out,
+            "dataset  {} files ({} images, {} clips)",
+            record.image_count,
+            record.image_count.saturating_sub(record.video_count),
+            record.video_count
+        );
+    } else if record.image_count > 0 {
         let _ = writeln!(out, "dataset  {} images", record.image_count);
     }
     if let Some(s) = &record.summary {

@@ -169,6 +169,7 @@ fn on_result(record: &JobRecord, result: &StageResult, now_ms: i64) -> Decision 
         (Stage::Prepare, Outcome::Prepared(out)) => {
             next.dataset_uri = out.dataset_uri.clone();
             next.image_count = out.image_count;
+            next.video_count = out.video_count;
             next.captions_version = 1;
             if wants_review(record) {
                 next.state = JobState::AwaitingReview as i32;

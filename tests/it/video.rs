@@ -82,7 +82,7 @@ async fn a_wan_video_dataset_trains_with_diffusion_pipe_and_a_corrupt_clip_is_na
         "{:?}\n{events:#?}",
         record.error
     );
-    assert_eq!(record.image_count, 2);
+    assert_eq!((record.image_count, record.video_count), (2, 2));
 
     // The prepared dataset: both clips as videos, the corrupt one dropped by name.
     let dataset = keys::dataset(
