@@ -4,7 +4,6 @@
 //! Shared Key and SAS signatures like Azure does, against its well-known
 //! development account.
 
-use std::io::BufRead;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -69,22 +68,8 @@ impl Azurite {
             Box::new(stdout) as Box<dyn std::io::Read + Send>,
             Box::new(stderr),
         ] {
-            let (lines, port_tx) = (log.clone(), port_tx.clone());
-            std::thread::spawn(move || {
-                for line in std::io::BufReader::new(stream).lines() {
-                    let Ok(line) = line else { break };
-                    if let Some(port) = line
-                        .split_once("listens on http://127.0.0.1:")
-                        .and_then(|(_, rest)| rest.trim().parse::<u16>().ok())
-                    {
-                        let _ = port_tx.send(port);
-                    }
-                    let mut lines = lines.lock().expect("log");
-                    lines.push(line);
-                    let excess = lines.len().saturating_sub(200);
-                    lines.drain(..excess);
-                }
-            });
+            let marker = "listens on http://127.0.0.1:";
+            crate::drain_for_port(stream, marker, log.clone(), port_tx.clone());
         }
         let mut server = Azurite {
             endpoint: String::new(),

@@ -591,7 +591,6 @@ impl S3Server {
     /// Starts moto (`python3 -m moto.server`, from `.trainyard/tools` or the
     /// Python path) and waits until it accepts connections.
     pub fn start() -> S3Server {
-        use std::io::BufRead;
         use std::process::{Command, Stdio};
         let tools = workspace_root().join(S3_TOOLS_DIR);
         let python_path = match std::env::var_os("PYTHONPATH") {
@@ -616,22 +615,7 @@ impl S3Server {
         let stderr = child.stderr.take().expect("stderr");
         let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let (port_tx, port_rx) = std::sync::mpsc::channel::<u16>();
-        let lines = log.clone();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Some(port) = line
-                    .split_once("Running on http://127.0.0.1:")
-                    .and_then(|(_, rest)| rest.trim().parse::<u16>().ok())
-                {
-                    let _ = port_tx.send(port);
-                }
-                let mut lines = lines.lock().expect("log");
-                lines.push(line);
-                let excess = lines.len().saturating_sub(200);
-                lines.drain(..excess);
-            }
-        });
+        drain_for_port(stderr, "Running on http://127.0.0.1:", log.clone(), port_tx);
         let mut server = S3Server {
             endpoint: String::new(),
             child,
@@ -727,4 +711,32 @@ impl Drop for S3Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Reads a server's output `stream` line by line on a thread of its own
+/// (so the server never blocks on a full pipe), keeps its last 200 lines in
+/// `log`, and sends the port of the first line holding `marker` followed by
+/// a port number.
+pub(crate) fn drain_for_port(
+    stream: impl std::io::Read + Send + 'static,
+    marker: &'static str,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    port_tx: std::sync::mpsc::Sender<u16>,
+) {
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            if let Some(port) = line
+                .split_once(marker)
+                .and_then(|(_, rest)| rest.trim().parse::<u16>().ok())
+            {
+                let _ = port_tx.send(port);
+            }
+            let mut lines = log.lock().expect("log");
+            lines.push(line);
+            let excess = lines.len().saturating_sub(200);
+            lines.drain(..excess);
+        }
+    });
 }
