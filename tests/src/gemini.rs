@@ -84,13 +84,7 @@ impl FakeGemini {
             .route("/v1beta/files/{id}", axum::routing::get(get_file))
             .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
             .with_state(inner.clone());
-        let stop = CancellationToken::new();
-        let stopped = stop.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(stopped.cancelled_owned())
-                .await;
-        });
+        let stop = crate::serve_until_stopped(listener, app);
         Self { inner, addr, stop }
     }
 

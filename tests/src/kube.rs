@@ -257,13 +257,7 @@ impl FakeKube {
         let app = axum::Router::new()
             .fallback(handle)
             .with_state(inner.clone());
-        let stop = CancellationToken::new();
-        let stopped = stop.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(stopped.cancelled_owned())
-                .await;
-        });
+        let stop = crate::serve_until_stopped(listener, app);
         Self { addr, inner, stop }
     }
 

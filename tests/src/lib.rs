@@ -740,3 +740,19 @@ pub(crate) fn drain_for_port(
         }
     });
 }
+
+/// Serves `app` on `listener` (a loopback stand-in) until the returned
+/// token is cancelled.
+pub(crate) fn serve_until_stopped(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+) -> CancellationToken {
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(stopped.cancelled_owned())
+            .await;
+    });
+    stop
+}

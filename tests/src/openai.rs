@@ -82,13 +82,7 @@ impl FakeOpenAi {
         let app = axum::Router::new()
             .route("/v1/chat/completions", axum::routing::post(complete))
             .with_state(inner.clone());
-        let stop = CancellationToken::new();
-        let stopped = stop.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(stopped.cancelled_owned())
-                .await;
-        });
+        let stop = crate::serve_until_stopped(listener, app);
         Self { inner, addr, stop }
     }
 

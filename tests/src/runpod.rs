@@ -202,13 +202,7 @@ impl FakeRunpod {
         let app = axum::Router::new()
             .route("/graphql", axum::routing::post(graphql))
             .with_state(inner.clone());
-        let stop = CancellationToken::new();
-        let stopped = stop.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(stopped.cancelled_owned())
-                .await;
-        });
+        let stop = crate::serve_until_stopped(listener, app);
         Self { inner, addr, stop }
     }
 
