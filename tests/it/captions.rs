@@ -426,6 +426,7 @@ async fn gemini_sends_small_files_inline_and_uploads_large_ones() {
     );
     assert_eq!(server.uploads(), [("video/mp4".to_string(), size as usize)]);
     assert!(server.polls() >= 1, "waited for ACTIVE");
+    assert_eq!(server.stored_files(), 0, "the upload was deleted after use");
     let parts = &server.generates()[1].parts;
     assert!(
         matches!(&parts[0], SeenPart::File { mime_type, uri } if mime_type == "video/mp4" && uri.ends_with("/v1beta/files/f1"))

@@ -9,6 +9,7 @@
 //!   bytes then go there with `upload, finalize` and the answer is the
 //!   `file` (`name`, `uri`, `state: PROCESSING`).
 //! - `GET /v1beta/files/{id}`: the file, `ACTIVE` from the first look on.
+//! - `DELETE /v1beta/files/{id}`: removes it (`{}`), 404 when unknown.
 //!
 //! A wrong key answers 403 `PERMISSION_DENIED`. Every generate request's
 //! parts are recorded.
@@ -51,7 +52,11 @@ struct Inner {
     key: String,
     addr: Mutex<Option<SocketAddr>>,
     generates: Mutex<Vec<Generate>>,
+    /// Files stored now, by id.
     uploads: Mutex<HashMap<String, Upload>>,
+    /// Every finalised upload, deleted or not: (mime type, bytes).
+    finished: Mutex<Vec<(String, usize)>>,
+    next_id: Mutex<usize>,
     polls: Mutex<usize>,
 }
 
@@ -81,7 +86,10 @@ impl FakeGemini {
             .route("/v1beta/models/{call}", axum::routing::post(generate))
             .route("/upload/v1beta/files", axum::routing::post(start_upload))
             .route("/upload/session/{id}", axum::routing::post(finish_upload))
-            .route("/v1beta/files/{id}", axum::routing::get(get_file))
+            .route(
+                "/v1beta/files/{id}",
+                axum::routing::get(get_file).delete(delete_file),
+            )
             .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
             .with_state(inner.clone());
         let stop = crate::serve_until_stopped(listener, app);
@@ -97,12 +105,14 @@ impl FakeGemini {
         lock(&self.inner.generates).clone()
     }
 
-    /// Files uploaded and finalised: (mime type, bytes).
+    /// Files uploaded and finalised, deleted since or not: (mime type, bytes).
     pub fn uploads(&self) -> Vec<(String, usize)> {
-        lock(&self.inner.uploads)
-            .values()
-            .filter_map(|u| Some((u.mime_type.clone(), u.bytes?)))
-            .collect()
+        lock(&self.inner.finished).clone()
+    }
+
+    /// Files uploaded and not deleted.
+    pub fn stored_files(&self) -> usize {
+        lock(&self.inner.uploads).len()
     }
 
     /// Looks at an uploaded file's state.
@@ -209,7 +219,11 @@ async fn start_upload(State(inner): State<Arc<Inner>>, headers: HeaderMap) -> Re
     {
         return StatusCode::BAD_REQUEST.into_response();
     }
-    let id = format!("f{}", lock(&inner.uploads).len() + 1);
+    let id = {
+        let mut next = lock(&inner.next_id);
+        *next += 1;
+        format!("f{next}")
+    };
     let declared = header(&headers, "x-goog-upload-header-content-length")
         .parse()
         .unwrap_or(0);
@@ -268,6 +282,7 @@ async fn finish_upload(
         upload.bytes = Some(body.len());
         upload.clone()
     };
+    lock(&inner.finished).push((upload.mime_type.clone(), body.len()));
     json(
         StatusCode::OK,
         serde_json::json!({"file": file_json(&inner, &id, &upload, "PROCESSING")}),
@@ -287,4 +302,18 @@ async fn get_file(
         return StatusCode::NOT_FOUND.into_response();
     };
     json(StatusCode::OK, file_json(&inner, &id, &upload, "ACTIVE"))
+}
+
+async fn delete_file(
+    State(inner): State<Arc<Inner>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(denied) = denied(&inner, &headers) {
+        return denied;
+    }
+    match lock(&inner.uploads).remove(&id) {
+        Some(_) => json(StatusCode::OK, serde_json::json!({})),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
 }

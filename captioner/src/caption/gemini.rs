@@ -7,8 +7,12 @@
 //! Files API's resumable upload (`POST /upload/v1beta/files` to start,
 //! the bytes to the returned `X-Goog-Upload-URL` with `upload, finalize`),
 //! is polled (`GET /v1beta/files/<id>`) until `ACTIVE` as the docs require
-//! for video, and is then named by a `file_data` part. The caption is the
-//! text of the first candidate's parts. The base URL is fleet config.
+//! for video, and is then named by a `file_data` part. The uploaded file
+//! is deleted (`DELETE /v1beta/files/<id>`) as soon as its caption is
+//! answered or the attempt fails: the API would otherwise keep a tenant's
+//! clip for two days under the key's project. A failed delete is logged
+//! and does not fail the caption. The caption is the text of the first
+//! candidate's parts. The base URL is fleet config.
 
 use std::time::Duration;
 
@@ -116,13 +120,14 @@ impl GeminiCaptioner {
     }
 
     /// Uploads `bytes` through the resumable Files API and waits until the
-    /// file is `ACTIVE`; returns its URI.
+    /// file is `ACTIVE`; returns its name (`files/<id>`) and URI. A file
+    /// that never becomes usable is deleted before the error returns.
     async fn upload(
         &self,
         bytes: Vec<u8>,
         kind: &str,
         display: &str,
-    ) -> Result<String, CaptionError> {
+    ) -> Result<(String, String), CaptionError> {
         let start = self
             .client
             .post(format!("{}/upload/v1beta/files", self.base))
@@ -152,7 +157,23 @@ impl GeminiCaptioner {
             .header("X-Goog-Upload-Command", "upload, finalize")
             .body(bytes);
         let answer = read_answer(SERVER, self.send(finish).await?).await?;
-        let mut file = http::parse::<Uploaded>(SERVER, &answer)?.file;
+        let file = http::parse::<Uploaded>(SERVER, &answer)?.file;
+        let name = file.name.clone();
+        match self.until_active(file, display).await {
+            Ok(uri) => Ok((name, uri)),
+            Err(e) => {
+                self.delete(&name).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Polls an uploaded file until it is `ACTIVE`; returns its URI.
+    async fn until_active(
+        &self,
+        mut file: FileInfo,
+        display: &str,
+    ) -> Result<String, CaptionError> {
         let deadline = tokio::time::Instant::now() + self.ready_within;
         let mut wait = self.poll;
         while file.state != "ACTIVE" {
@@ -173,6 +194,20 @@ impl GeminiCaptioner {
             file = http::parse::<FileInfo>(SERVER, &answer)?;
         }
         Ok(file.uri)
+    }
+
+    /// Deletes an uploaded file; a failure is logged (without the key) and
+    /// left to the API's own two-day expiry.
+    async fn delete(&self, name: &str) {
+        let request = self.client.delete(format!("{}/v1beta/{name}", self.base));
+        let result = match self.send(request).await {
+            Ok(response) => read_answer(SERVER, response).await.map(drop),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            let e = http::redact(e, Some(&self.api_key));
+            tracing::warn!(file = name, error = %e, "could not delete an uploaded file from gemini");
+        }
     }
 }
 
@@ -205,12 +240,23 @@ impl GeminiCaptioner {
         let prompt = self.prompts.for_media(&image.media);
         // base64 is 4/3 of the bytes; the rest of the request is small.
         let request_size = (bytes.len() as u64).div_ceil(3) * 4 + prompt.len() as u64 + 4096;
-        let file_part = if request_size <= self.inline_max_bytes {
-            json!({"inline_data": {"mime_type": kind, "data": http::base64(&bytes)}})
-        } else {
-            let uri = self.upload(bytes, kind, &image.file_name).await?;
-            json!({"file_data": {"mime_type": kind, "file_uri": uri}})
-        };
+        if request_size <= self.inline_max_bytes {
+            let part = json!({"inline_data": {"mime_type": kind, "data": http::base64(&bytes)}});
+            return self.generate(part, prompt).await;
+        }
+        let (name, uri) = self.upload(bytes, kind, &image.file_name).await?;
+        let part = json!({"file_data": {"mime_type": kind, "file_uri": uri}});
+        let answer = self.generate(part, prompt).await;
+        self.delete(&name).await;
+        answer
+    }
+
+    /// One `generateContent` call on `file_part` and the prompt.
+    async fn generate(
+        &self,
+        file_part: serde_json::Value,
+        prompt: &str,
+    ) -> Result<String, CaptionError> {
         let mut body = json!({
             "contents": [{"role": "user", "parts": [file_part, {"text": prompt}]}],
             "generationConfig": {

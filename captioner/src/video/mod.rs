@@ -1,12 +1,16 @@
 //! Video clips in datasets: `.mp4`, `.webm` and `.mov`, probed with
 //! `ffprobe` (Debian's `ffmpeg` package; `scripts/install-ffmpeg`).
 //!
-//! A clip is never decoded here, only described: duration, frame rate,
-//! frame count, picture size and codec ([`ffprobe`] reads the answer). A
-//! clip ffprobe cannot read, with no video stream, or with no frames is
-//! dropped as undecodable; one over a `[captioner.video]` limit (length,
-//! frames, bytes, picture side) is dropped as over the limit, both by name
-//! like a broken image. Kept clips are copied byte for byte.
+//! A clip is first described: duration, frame rate, frame count, picture
+//! size and codec ([`ffprobe`] reads the answer, from the container's
+//! header). A clip ffprobe cannot read, with no video stream, or with no
+//! frames is dropped as undecodable; one over a `[captioner.video]` limit
+//! (length, frames, bytes, picture side) is dropped as over the limit, both
+//! by name like a broken image. A clip within the limits is then decoded
+//! once, its first video stream to nothing (`ffmpeg -xerror … -f null`,
+//! `decode_check`): a sound header over corrupt picture data passes the
+//! probe, and the trainer would meet it an hour into a GPU job. The limits
+//! bound what the decode costs. Kept clips are copied byte for byte.
 //!
 //! ffprobe reads untrusted files, so it runs like every other child
 //! (`trainyard_core::process`: its own process group, the allow-listed
@@ -65,6 +69,9 @@ pub struct VideoSettings {
     pub ffmpeg: PathBuf,
     pub timeout: Duration,
     pub limits: ClipLimits,
+    /// Decode each clip once after its probe, within this time; `None`
+    /// trusts the header.
+    pub decode_within: Option<Duration>,
     /// An animated gif is a clip (the job trains a video model); off, every
     /// gif is a still image.
     pub gif_as_video: bool,
@@ -82,6 +89,9 @@ impl VideoSettings {
                 max_bytes: config.max_clip_bytes,
                 max_side: config.max_clip_side,
             },
+            decode_within: config
+                .decode_check
+                .then(|| Duration::from_secs(config.decode_timeout_secs)),
             gif_as_video: false,
         }
     }
@@ -168,10 +178,52 @@ pub async fn check_clip(
         Ok(answer) => ffprobe::parse(&answer),
         Err(detail) => Err(detail),
     };
-    Ok(match facts {
-        Ok(facts) => check_limits(&facts, size, &settings.limits).map(|()| facts),
-        Err(detail) => Err((DropReason::Undecodable, detail)),
-    })
+    let facts = match facts {
+        Ok(facts) => facts,
+        Err(detail) => return Ok(Err((DropReason::Undecodable, detail))),
+    };
+    if let Err(bad) = check_limits(&facts, size, &settings.limits) {
+        return Ok(Err(bad));
+    }
+    if let Some(within) = settings.decode_within
+        && let Err(detail) = decode(path, within, settings).await?
+    {
+        return Ok(Err((DropReason::Undecodable, detail)));
+    }
+    Ok(Ok(facts))
+}
+
+/// Decodes the first video stream of the clip at `path` to nothing,
+/// stopping at the first error (`-xerror`); `Err` is what ffmpeg said.
+async fn decode(
+    path: &Path,
+    within: Duration,
+    settings: &VideoSettings,
+) -> Result<Result<(), String>, PrepareError> {
+    let args: Vec<OsString> = [
+        "-v",
+        "error",
+        "-nostdin",
+        "-xerror",
+        "-protocol_whitelist",
+        "file",
+        "-format_whitelist",
+        FORMATS,
+        "-i",
+    ]
+    .into_iter()
+    .map(OsString::from)
+    .chain([file_url(path)])
+    .chain(
+        ["-map", "0:v:0", "-an", "-f", "null", "-"]
+            .into_iter()
+            .map(OsString::from),
+    )
+    .collect();
+    let ran = run(&settings.ffmpeg, args, path, within).await?;
+    Ok(ran
+        .map(drop)
+        .map_err(|said| said.replacen("cannot read it", "cannot decode it", 1)))
 }
 
 /// Whether `path` is an animated gif that becomes a clip under `settings`.
@@ -230,7 +282,7 @@ pub async fn gif_to_mp4(
     )
     .chain([file_url(dst)])
     .collect();
-    if let Err(detail) = run(&settings.ffmpeg, args, dst, settings).await? {
+    if let Err(detail) = run(&settings.ffmpeg, args, dst, settings.timeout).await? {
         return Ok(Err((DropReason::Undecodable, detail)));
     }
     check_clip(dst, settings).await
@@ -266,7 +318,7 @@ async fn run_ffprobe(
     .map(OsString::from)
     .chain([target])
     .collect();
-    run(&settings.ffprobe, args, path, settings).await
+    run(&settings.ffprobe, args, path, settings.timeout).await
 }
 
 /// Runs `program` (ffprobe or ffmpeg) on a file next to `near`: its stdout,
@@ -275,7 +327,7 @@ async fn run(
     program: &Path,
     args: Vec<OsString>,
     near: &Path,
-    settings: &VideoSettings,
+    timeout: Duration,
 ) -> Result<Result<Vec<u8>, String>, PrepareError> {
     let spec = CommandSpec {
         program: program.to_owned(),
@@ -307,7 +359,7 @@ async fn run(
         let status = child.wait().await;
         (answer, said, overflow, status)
     };
-    let outcome = tokio::time::timeout(settings.timeout, run).await;
+    let outcome = tokio::time::timeout(timeout, run).await;
     let tool = program
         .file_name()
         .map_or_else(|| "ffprobe".into(), |n| n.to_string_lossy());
@@ -315,7 +367,7 @@ async fn run(
         let _ = child.kill().await;
         return Ok(Err(format!(
             "{tool} did not finish within {} s",
-            settings.timeout.as_secs()
+            timeout.as_secs()
         )));
     };
     let status = status.map_err(PrepareError::io(program))?;
@@ -330,7 +382,12 @@ async fn run(
             || format!("{tool} failed ({status})"),
             |said| {
                 // ffprobe names the file first; the name is the user's own.
+                // A decoder's line starts `[h264 @ 0x…] `: an address, no use.
                 let reason = said.rsplit(": ").next().unwrap_or(&said);
+                let reason = match reason.split_once("] ") {
+                    Some((context, rest)) if context.starts_with('[') => rest,
+                    _ => reason,
+                };
                 format!("{tool} cannot read it: {reason}")
             },
         ))

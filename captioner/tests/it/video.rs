@@ -82,10 +82,11 @@ async fn corrupt_and_over_limit_clips_are_dropped_by_name() {
             .collect();
         std::fs::write(data.join("corrupt.mp4"), noise).unwrap();
         std::fs::write(data.join("corrupt.txt"), "never used").unwrap();
+        damaged(&data.join("damaged.mp4"));
         let mut settings = settings("");
         settings.video.limits.max_seconds = 1.5;
         let prepared = prepare_local(
-            LocalInput::Dir(data),
+            LocalInput::Dir(data.clone()),
             &tmp.path().join("work"),
             &settings,
             &TemplateCaptioner::default(),
@@ -103,16 +104,54 @@ async fn corrupt_and_over_limit_clips_are_dropped_by_name() {
             dropped(&prepared),
             [
                 ("corrupt.mp4".to_owned(), DropReason::Undecodable),
+                ("damaged.mp4".to_owned(), DropReason::Undecodable),
                 ("long.mp4".to_owned(), DropReason::OverLimit),
             ]
         );
-        let long = &prepared.manifest.dropped[1];
+        let detail = |i: usize| prepared.manifest.dropped[i].detail.clone().unwrap();
         assert!(
-            long.detail.as_deref().unwrap().contains("max_clip_seconds"),
-            "{long:?}"
+            detail(1).starts_with("ffmpeg cannot decode it: "),
+            "{}",
+            detail(1)
+        );
+        assert!(!detail(1).contains(" @ 0x"), "{}", detail(1));
+        assert!(detail(2).contains("max_clip_seconds"), "{}", detail(2));
+
+        // The header alone passes: it is the decode that catches it.
+        settings.video.decode_within = None;
+        let trusting = prepare_local(
+            LocalInput::Dir(data),
+            &tmp.path().join("work2"),
+            &settings,
+            &TemplateCaptioner::default(),
+        )
+        .await
+        .unwrap();
+        assert!(
+            trusting
+                .manifest
+                .images
+                .iter()
+                .any(|e| e.file == "damaged.mp4"),
+            "{:?}",
+            trusting.manifest.dropped
         );
     })
     .await
+}
+
+/// A clip whose container is sound and whose picture data is not: made by
+/// ffmpeg, then the `mdat` box's payload past its first bytes overwritten.
+fn damaged(path: &std::path::Path) {
+    clip(path, "64x48", 16, 1.0);
+    let mut bytes = std::fs::read(path).unwrap();
+    let at = bytes.windows(4).position(|w| w == b"mdat").unwrap();
+    let size = u32::from_be_bytes(bytes[at - 4..at].try_into().unwrap()) as usize;
+    let end = at - 4 + size;
+    for (i, b) in bytes[at + 64..end].iter_mut().enumerate() {
+        *b = (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[1];
+    }
+    std::fs::write(path, bytes).unwrap();
 }
 
 #[tokio::test]

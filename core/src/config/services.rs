@@ -132,6 +132,14 @@ pub struct VideoConfig {
     pub max_clip_bytes: u64,
     /// Longest side of a clip's picture, in pixels.
     pub max_clip_side: u32,
+    /// Decode every clip once (`ffmpeg -xerror … -f null`) after its probe:
+    /// ffprobe reads only the container's header, so a clip with a sound
+    /// header and corrupt picture data would otherwise pass and fail the
+    /// trainer later. Off saves the decode time on trusted datasets.
+    pub decode_check: bool,
+    /// Seconds one clip's decode check may take before it is killed and
+    /// the clip counted unreadable.
+    pub decode_timeout_secs: u64,
 }
 
 impl Default for VideoConfig {
@@ -144,6 +152,8 @@ impl Default for VideoConfig {
             max_clip_frames: 3_600,
             max_clip_bytes: 1 << 30,
             max_clip_side: 3_840,
+            decode_check: true,
+            decode_timeout_secs: 120,
         }
     }
 }
