@@ -283,7 +283,8 @@ pub struct SubmitArgs {
     #[arg(long)]
     pub pool: Option<String>,
     /// Where outputs are delivered besides the artifact store: a folder or a
-    /// URI — file://, s3://, gs://, az://, hf://org/repo[@branch][/path] (repeatable).
+    /// URI — file://, s3://, gs://, az://, hf://org/repo[@branch][/path]
+    /// (a '/' in the branch written %2F) (repeatable).
     #[arg(long = "dest", value_name = "DIR_OR_URI")]
     pub destinations: Vec<String>,
     /// The --dest destinations are one fallback chain: tried in order, the
@@ -291,6 +292,14 @@ pub struct SubmitArgs {
     /// events).
     #[arg(long)]
     pub dest_chain: bool,
+    /// hf:// destinations: a repository the delivery creates is public
+    /// (default private). An existing repository keeps its visibility.
+    #[arg(long)]
+    pub hf_public: bool,
+    /// hf:// destinations: the model card's license, a Hub license id
+    /// (apache-2.0, mit, openrail++, other…; default other).
+    #[arg(long, value_name = "ID", value_parser = parse_license)]
+    pub license: Option<String>,
     /// Caption backend: template (default), openai, gemini or command.
     #[arg(long)]
     pub caption_backend: Option<String>,
@@ -343,6 +352,21 @@ pub struct SubmitArgs {
     /// Config for the artifact store the upload goes to.
     #[command(flatten)]
     pub service: ServiceArgs,
+}
+
+/// A Hub license id, checked as the coordinator checks
+/// `Destination.license` ([`hf::valid_license`]).
+///
+/// [`hf::valid_license`]: trainyard_core::destination::hf::valid_license
+fn parse_license(raw: &str) -> Result<String, String> {
+    if trainyard_core::destination::hf::valid_license(raw) {
+        Ok(raw.to_string())
+    } else {
+        Err(format!(
+            "{raw:?} is not a Hub license id: lowercase letters, digits, '.', '-' and '+' \
+             (e.g. apache-2.0, mit, other)"
+        ))
+    }
 }
 
 fn parse_label(raw: &str) -> Result<(String, String), String> {

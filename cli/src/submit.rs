@@ -125,6 +125,30 @@ pub async fn remove_upload(source: &DatasetSource, client: &mut Client) {
     }
 }
 
+/// `--hf-public` and `--license` on every `hf://` destination; an error
+/// when there is none for them to apply to.
+fn hub_options(
+    mut destinations: Vec<Destination>,
+    public: bool,
+    license: Option<&str>,
+) -> anyhow::Result<Vec<Destination>> {
+    if !public && license.is_none() {
+        return Ok(destinations);
+    }
+    let mut hub = destinations
+        .iter_mut()
+        .filter(|d| trainyard_core::destination::hf::is_hf(&d.uri))
+        .peekable();
+    if hub.peek().is_none() {
+        bail!("--hf-public and --license apply to hf:// destinations; give one with --dest");
+    }
+    for destination in hub {
+        destination.public = public;
+        destination.license = license.unwrap_or_default().to_string();
+    }
+    Ok(destinations)
+}
+
 /// A destination as the fleet expects it: URIs as given, local folders absolute.
 fn destination(raw: &str) -> anyhow::Result<Destination> {
     let uri = if raw.contains("://") {
@@ -196,10 +220,14 @@ pub fn spec_from_args(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
             method: args.method.clone().unwrap_or_default(),
         }),
         destinations: chained(
-            args.destinations
-                .iter()
-                .map(|d| destination(d))
-                .collect::<anyhow::Result<_>>()?,
+            hub_options(
+                args.destinations
+                    .iter()
+                    .map(|d| destination(d))
+                    .collect::<anyhow::Result<_>>()?,
+                args.hf_public,
+                args.license.as_deref(),
+            )?,
             args.dest_chain,
         ),
         secrets: args.hf_token.clone().map(|hf_token| Secrets {
@@ -355,5 +383,68 @@ mod tests {
             .map(|d| d.on_error.as_str())
             .collect();
         assert_eq!(on_error, ["next", "next", ""]);
+    }
+
+    #[test]
+    fn hub_flags_make_the_hf_destinations_public_and_licensed() {
+        use clap::Parser;
+        let parse = |extra: &[&str]| -> Result<anyhow::Result<JobSpec>, clap::Error> {
+            let mut argv = vec!["yard", "submit", "s3://b/uploads/x"];
+            argv.extend_from_slice(extra);
+            match crate::args::Cli::try_parse_from(argv)?.command {
+                crate::args::Command::Submit(args) => Ok(spec_from_args(&args)),
+                _ => unreachable!(),
+            }
+        };
+        let options = |spec: &JobSpec| -> Vec<(bool, String)> {
+            spec.destinations
+                .iter()
+                .map(|d| (d.public, d.license.clone()))
+                .collect()
+        };
+        let plain = parse(&["--dest", "hf://me/lora"]).unwrap().unwrap();
+        assert_eq!(options(&plain), [(false, String::new())]);
+        let spec = parse(&[
+            "--dest",
+            "hf://me/lora@exp%2Frun-1",
+            "--dest",
+            "s3://b/out",
+            "--dest",
+            "hf://team/lora",
+            "--hf-public",
+            "--license",
+            "openrail++",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            options(&spec),
+            [
+                (true, "openrail++".to_string()),
+                (false, String::new()),
+                (true, "openrail++".to_string()),
+            ]
+        );
+        assert_eq!(spec.destinations[0].uri, "hf://me/lora@exp%2Frun-1");
+        let licensed = parse(&["--dest", "hf://me/lora", "--license", "apache-2.0"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(options(&licensed), [(false, "apache-2.0".to_string())]);
+        // Refused as the coordinator would refuse them.
+        for bad in ["MIT", "mit license", "", "mit\nx: y"] {
+            let error = parse(&["--dest", "hf://me/lora", "--license", bad]).unwrap_err();
+            assert_eq!(
+                error.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{bad:?}"
+            );
+        }
+        // Nothing for them to apply to.
+        assert!(
+            parse(&["--dest", "s3://b/out", "--hf-public"])
+                .unwrap()
+                .is_err()
+        );
+        assert!(parse(&["--license", "mit"]).unwrap().is_err());
     }
 }

@@ -88,8 +88,18 @@ async fn deliver_task(fleet: &Fleet, spec: JobSpec, size: usize) -> (JobId, Deli
     (job, task)
 }
 
-fn context(js: &async_nats::jetstream::Context, job: &JobId) -> TaskContext {
+/// A task context of tenant acme; `created_ms`: when the job was created,
+/// as its record says (`None`: a record without it).
+fn context(
+    js: &async_nats::jetstream::Context,
+    job: &JobId,
+    created_ms: Option<i64>,
+) -> TaskContext {
     let tenant = TenantId::parse("acme").unwrap();
+    let record = trainyard_proto::v1::JobRecord {
+        created_at_ms: created_ms.unwrap_or_default(),
+        ..Default::default()
+    };
     TaskContext {
         meta: TaskMeta {
             tenant: tenant.clone(),
@@ -99,7 +109,7 @@ fn context(js: &async_nats::jetstream::Context, job: &JobId) -> TaskContext {
         stage: Stage::Deliver,
         delivered: 1,
         worker_id: "test".into(),
-        record: Default::default(),
+        record: record.into(),
         events: EventSink::new(js.clone(), tenant, job.clone()),
         cancel: CancellationToken::new(),
         stop: CancellationToken::new(),
@@ -109,9 +119,21 @@ fn context(js: &async_nats::jetstream::Context, job: &JobId) -> TaskContext {
 
 /// Runs the uploader's deliver stage on `task`.
 async fn deliver(fleet: &Fleet, job: &JobId, task: DeliverTask) -> Result<Outcome, StageError> {
+    deliver_created(fleet, job, task, None).await
+}
+
+/// [`deliver`] for a job created at `created_ms`.
+async fn deliver_created(
+    fleet: &Fleet,
+    job: &JobId,
+    task: DeliverTask,
+    created_ms: Option<i64>,
+) -> Result<Outcome, StageError> {
     let parts = fleet.coordinator_parts().await;
     let stage = trainyard_uploader::deliver::DeliverStage::new(&fleet.config).unwrap();
-    stage.handle(task, context(&parts.js, job)).await
+    stage
+        .handle(task, context(&parts.js, job, created_ms))
+        .await
 }
 
 /// The files delivered to the Hub.
@@ -283,6 +305,125 @@ async fn redelivery_finds_the_jobs_commit_and_does_not_commit_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivery_follows_the_hubs_pages_to_the_jobs_commit() {
+    let (hub, fleet) = setup().await;
+    hub.set_commit_page_size(2);
+    let created = trainyard_core::now_ms() - 60_000;
+    let (job, task) = deliver_task(&fleet, hf_spec("hf://me/my-lora", HF_TOKEN), 1024).await;
+    let first = deliver_created(&fleet, &job, task.clone(), Some(created))
+        .await
+        .expect("delivered");
+    let requests = hub.commit_requests();
+    // Others commit to the branch before the task comes again: the job's
+    // commit is now the sixth, on the third page of two.
+    hub.add_commits(REPO, "main", 5, trainyard_core::now_ms());
+    let seen = hub.commit_pages().len();
+    let second = deliver_created(&fleet, &job, task, Some(created))
+        .await
+        .expect("delivered again");
+    assert_eq!(hub.commit_pages()[seen..], [0, 1, 2], "three pages read");
+    assert_eq!(hub.commit_requests(), requests, "no second commit");
+    assert_eq!(job_commits(&hub, REPO, &job), 1);
+    assert_eq!(hub_files(&first), hub_files(&second), "the same commit");
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_walk_stops_at_commits_older_than_the_job_or_at_the_page_cap() {
+    use trainyard_uploader::hub::MAX_COMMIT_PAGES;
+    let (hub, fleet) = setup().await;
+    hub.set_commit_page_size(2);
+    let now = trainyard_core::now_ms();
+    let pages_of = |hub: &FakeHub, from: usize| hub.commit_pages()[from..].to_vec();
+
+    // Ten commits from 2020: the first page is older than the job.
+    const YEAR_2020_MS: i64 = 1_577_836_800_000;
+    hub.add_repo("me/old", Default::default());
+    hub.add_commits("me/old", "main", 10, YEAR_2020_MS);
+    let (job, task) = deliver_task(&fleet, hf_spec("hf://me/old", HF_TOKEN), 512).await;
+    deliver_created(&fleet, &job, task, Some(now))
+        .await
+        .expect("delivered");
+    assert_eq!(pages_of(&hub, 0), [0], "one page read");
+    assert_eq!(job_commits(&hub, "me/old", &job), 1);
+
+    // A job whose creation is unknown reads to the last page (eleven
+    // commits now, six pages).
+    let seen = hub.commit_pages().len();
+    let (job, task) = deliver_task(&fleet, hf_spec("hf://me/old", HF_TOKEN), 512).await;
+    deliver(&fleet, &job, task).await.expect("delivered");
+    assert_eq!(pages_of(&hub, seen), [0, 1, 2, 3, 4, 5]);
+    assert_eq!(job_commits(&hub, "me/old", &job), 1);
+
+    // More commits since the job's creation than the cap covers: the walk
+    // stops at the cap and the delivery commits.
+    hub.add_repo("me/busy", Default::default());
+    hub.add_commits("me/busy", "main", 2 * MAX_COMMIT_PAGES + 1, now);
+    let seen = hub.commit_pages().len();
+    let (job, task) = deliver_task(&fleet, hf_spec("hf://me/busy", HF_TOKEN), 512).await;
+    deliver_created(&fleet, &job, task, Some(now - 3_600_000))
+        .await
+        .expect("delivered");
+    let pages: Vec<usize> = (0..MAX_COMMIT_PAGES).collect();
+    assert_eq!(pages_of(&hub, seen), pages, "the cap's pages, no more");
+    assert_eq!(job_commits(&hub, "me/busy", &job), 1);
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_holding_a_slash_is_created_committed_to_and_found_again() {
+    let (hub, fleet) = setup().await;
+    // `exp/run-1`, written as HfFileSystem reads a revision.
+    let uri = "hf://me/my-lora@exp%2Frun-1/loras/v1";
+    let (job, task) = deliver_task(&fleet, hf_spec(uri, HF_TOKEN), 2048).await;
+    let first = deliver(&fleet, &job, task.clone())
+        .await
+        .expect("delivered");
+    let repo = hub.repo(REPO).unwrap();
+    let head = repo.branches.get("exp/run-1").cloned().expect("the branch");
+    assert_eq!(repo.branches.len(), 1, "{:?}", repo.branches);
+    let files = hub_files(&first);
+    assert_eq!(files[0].commit, head);
+    assert_eq!(
+        files[0].uri,
+        format!("hf://{REPO}@{head}/loras/v1/lora.safetensors")
+    );
+    let (_, committed) = repo.at("exp/run-1").unwrap();
+    assert!(committed.contains_key("loras/v1/lora.safetensors"));
+    assert!(
+        !repo.files.contains_key("loras/v1/README.md"),
+        "main untouched"
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&committed["loras/v1/manifest.json"].data).unwrap();
+    assert_eq!(
+        manifest["files"][0]["uris"][0],
+        format!("hf://{REPO}@exp%2Frun-1/loras/v1/lora.safetensors"),
+        "the branch quoted, so the URI reads back to it"
+    );
+    // The Hub's resolve route reads the branch as one encoded segment.
+    let url = format!(
+        "{}/{REPO}/resolve/exp%2Frun-1/loras/v1/README.md",
+        hub.endpoint()
+    );
+    let card = reqwest::Client::new()
+        .get(&url)
+        .bearer_auth(HF_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(card.status(), 200);
+    assert_eq!(card.headers()["x-repo-commit"], head.as_str());
+
+    // Delivered again: the branch exists, the commit is found.
+    let requests = hub.commit_requests();
+    let second = deliver(&fleet, &job, task).await.expect("delivered again");
+    assert_eq!(hub.commit_requests(), requests, "no second commit");
+    assert_eq!(hub_files(&second), files);
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_token_fails_the_job_with_auth_naming_the_destination() {
     let (hub, fleet) = setup().await;
     let (job, task) = deliver_task(&fleet, hf_spec("hf://me/my-lora", "hf_wrong"), 512).await;
@@ -386,6 +527,12 @@ async fn a_job_delivered_to_the_hub_succeeds_with_its_commit() {
     // license that is not an id.
     for (uri, token, license, field) in [
         ("hf://me/bad--name", HF_TOKEN, "", "destinations[0].uri"),
+        (
+            "hf://me/my-lora@refs%2Fpr%2F1",
+            HF_TOKEN,
+            "",
+            "destinations[0].uri",
+        ),
         ("hf://me/my-lora", "", "", "destinations[0].uri"),
         (
             "hf://me/my-lora",

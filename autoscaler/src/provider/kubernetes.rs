@@ -236,32 +236,7 @@ fn pod_state(pod: &Pod) -> MachineState {
 /// Milliseconds since the epoch of an RFC 3339 UTC time as the API writes
 /// it (`2026-12-06T20:15:00Z`); 0 when it is not one.
 fn epoch_ms(rfc3339: &str) -> i64 {
-    let b = rfc3339.as_bytes();
-    let num = |r: std::ops::Range<usize>| -> Option<i64> {
-        rfc3339.get(r).and_then(|s| s.parse::<i64>().ok())
-    };
-    if b.len() < 20 || b[4] != b'-' || b[10] != b'T' || !rfc3339.ends_with('Z') {
-        return 0;
-    }
-    let (Some(y), Some(m), Some(d), Some(hh), Some(mm), Some(ss)) = (
-        num(0..4),
-        num(5..7),
-        num(8..10),
-        num(11..13),
-        num(14..16),
-        num(17..19),
-    ) else {
-        return 0;
-    };
-    // Days from the civil date (H. Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    ((days * 24 + hh) * 60 + mm) * 60_000 + ss * 1000
+    trainyard_core::parse_rfc3339(rfc3339).unwrap_or(0)
 }
 
 fn now_ms() -> i64 {

@@ -5,9 +5,20 @@
 //!   `namespace/name`, each of ASCII letters, digits, `-`, `_` and `.`, not
 //!   starting or ending with `-` or `.`, no `--` or `..`, at most 96
 //!   characters, the name not ending in `.git`.
-//! - The branch (default `main`) is one segment of letters, digits, `-`,
-//!   `_` and `.` (git's ref rules, without `/`: the first `/` after it
-//!   starts the path); the path has no empty, `.` or `..` segment.
+//! - The branch (default `main`) is read as huggingface_hub's
+//!   `HfFileSystem.resolve_path` reads the revision of an `hf://` path
+//!   (`hf_file_system.py`): it runs from `@` to the next `/`, and is then
+//!   percent-decoded. A branch holding `/` is so written with `%2F`:
+//!   `hf://me/lora@exp%2Frun-1/v1` is the branch `exp/run-1`, folder `v1`,
+//!   while `hf://me/lora@exp/run-1` is the branch `exp`, folder `run-1`.
+//!   Decoded, it holds letters, digits, `-`, `_`, `.` and `/` under git's
+//!   ref rules (no empty component, none starting with `.` or ending with
+//!   `.lock`, no `..`), and is not a `refs/…` name: those are pull requests
+//!   and conversions, which the Hub refuses as branches (`create_branch`
+//!   in `hf_api.py`). URIs we write back quote it the same way
+//!   ([`quote_revision`], upstream's `safe_revision`), and the Hub client
+//!   sends it as one percent-encoded path segment ([`api`]).
+//! - The path has no empty, `.` or `..` segment.
 //! - The token is the job's: `secrets.hf_token`, or the `secrets.values`
 //!   entry named by `?secret=<name>`. Never the fleet's own Hub token (the
 //!   one workers download base models with): the uploader does not read
@@ -96,10 +107,32 @@ impl HfTarget {
         }
     }
 
-    /// `hf://repo@<revision>/<path>`: a file at a commit or branch.
+    /// `hf://repo@<revision>/<path>`: a file at a commit or branch, the
+    /// revision quoted ([`quote_revision`]).
     pub fn uri_of(&self, revision: &str, path_in_repo: &str) -> String {
-        format!("hf://{}@{revision}/{path_in_repo}", self.repo)
+        format!(
+            "hf://{}@{}/{path_in_repo}",
+            self.repo,
+            quote_revision(revision)
+        )
     }
+}
+
+/// A revision as it goes after `@` in an `hf://` URI: every byte but
+/// ASCII letters, digits and `-_.~` percent-encoded, so `exp/run-1` is
+/// `exp%2Frun-1` (huggingface_hub `hf_file_system.py`, `safe_revision`:
+/// `quote(revision, safe="")`). Commit ids and plain branch names are
+/// unchanged.
+pub fn quote_revision(revision: &str) -> String {
+    let mut out = String::with_capacity(revision.len());
+    for b in revision.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Whether `uri` is an `hf://` destination.
@@ -159,12 +192,16 @@ pub fn parse(uri: &str) -> Result<HfTarget, HfUriError> {
     }
     let branch = match branch {
         None => MAIN.to_owned(),
-        Some(branch) => {
-            check_branch(branch).map_err(|problem| HfUriError::BadBranch {
+        Some(raw) => {
+            let bad_branch = |problem: String| HfUriError::BadBranch {
                 uri: shown(),
                 problem,
+            };
+            let branch = crate::percent_decode(raw).ok_or_else(|| {
+                bad_branch("the branch is not valid percent-encoding (write '/' as %2F)".into())
             })?;
-            branch.to_owned()
+            check_branch(&branch).map_err(bad_branch)?;
+            branch
         }
     };
     let path = after.unwrap_or_default().trim_end_matches('/');
@@ -201,25 +238,33 @@ fn check_repo_part(part: &str, what: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A decoded branch name: see the module docs.
 fn check_branch(branch: &str) -> Result<(), String> {
     if branch.is_empty() || branch.len() > MAX_BRANCH {
         return Err(format!("the branch must be 1 to {MAX_BRANCH} characters"));
     }
     if !branch
         .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    {
-        return Err("the branch may hold only ASCII letters, digits, '-', '_' and '.'".into());
-    }
-    if branch.starts_with(['-', '.'])
-        || branch.ends_with('.')
-        || branch.ends_with(".lock")
-        || branch.contains("..")
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
     {
         return Err(
-            "the branch must not start with '-' or '.', end with '.' or '.lock', or hold '..'"
+            "the branch may hold only ASCII letters, digits, '-', '_', '.' and '/' (as %2F)".into(),
+        );
+    }
+    if branch.starts_with('-') || branch.ends_with('.') || branch.contains("..") {
+        return Err("the branch must not start with '-', end with '.', or hold '..'".into());
+    }
+    if branch
+        .split('/')
+        .any(|part| part.is_empty() || part.starts_with('.') || part.ends_with(".lock"))
+    {
+        return Err(
+            "no part of the branch between '/' may be empty, start with '.' or end with '.lock'"
                 .into(),
         );
+    }
+    if branch.split('/').next() == Some("refs") {
+        return Err("refs/… names pull requests and conversions on the Hub, not branches".into());
     }
     Ok(())
 }
@@ -394,6 +439,51 @@ mod tests {
             "hf://acme-org/Flux_LoRA.v2@abc/loras/style/a.safetensors"
         );
         assert_eq!(parse("hf://me/r/sub").unwrap().path, "sub");
+    }
+
+    #[test]
+    fn a_branch_holding_a_slash_is_written_with_2f_as_hf_file_system_reads_it() {
+        let t = parse("hf://me/lora@exp%2Frun-1/loras/v1").unwrap();
+        assert_eq!(
+            (t.branch.as_str(), t.path.as_str()),
+            ("exp/run-1", "loras/v1")
+        );
+        assert_eq!(
+            parse("hf://me/lora@exp%2frun-1").unwrap().branch,
+            "exp/run-1"
+        );
+        // Unencoded, the first '/' after the branch starts the path.
+        let t = parse("hf://me/lora@exp/run-1").unwrap();
+        assert_eq!((t.branch.as_str(), t.path.as_str()), ("exp", "run-1"));
+        // Written back quoted, so the URI parses to the same place.
+        let t = parse("hf://me/lora@a%2Fb%2Fc/x").unwrap();
+        let uri = t.uri_of(&t.branch, "x/f.safetensors");
+        assert_eq!(uri, "hf://me/lora@a%2Fb%2Fc/x/f.safetensors");
+        let again = parse(&uri).unwrap();
+        assert_eq!(
+            (again.branch.as_str(), again.path.as_str()),
+            ("a/b/c", "x/f.safetensors")
+        );
+        assert_eq!(quote_revision("0123abcdef"), "0123abcdef");
+        assert_eq!(quote_revision("v1.0_rc-2~x"), "v1.0_rc-2~x");
+
+        let branch = |uri: &str| matches!(parse(uri), Err(HfUriError::BadBranch { .. }));
+        for uri in [
+            "hf://me/r@exp%2F",
+            "hf://me/r@%2Fexp",
+            "hf://me/r@a%2F%2Fb",
+            "hf://me/r@a%2F.b",
+            "hf://me/r@a.lock%2Fb",
+            "hf://me/r@refs%2Fpr%2F1",
+            "hf://me/r@refs/pr/1",
+            "hf://me/r@a%zz",
+            "hf://me/r@a%2",
+            "hf://me/r@a%3Fb",
+            "hf://me/r@a%C3%A9",
+            "hf://me/r@a%FF",
+        ] {
+            assert!(branch(uri), "{uri}: {:?}", parse(uri));
+        }
     }
 
     #[test]

@@ -182,7 +182,7 @@ pub fn parse_resource_attributes(value: &str) -> Result<Vec<(String, String)>, T
                 "OTEL_RESOURCE_ATTRIBUTES: {pair:?} has an empty key"
             )));
         }
-        let val = percent_decode(val.trim()).ok_or_else(|| {
+        let val = crate::percent_decode(val.trim()).ok_or_else(|| {
             TelemetryError::Config(format!(
                 "OTEL_RESOURCE_ATTRIBUTES: the value of {key:?} is not valid percent-encoded UTF-8"
             ))
@@ -190,23 +190,6 @@ pub fn parse_resource_attributes(value: &str) -> Result<Vec<(String, String)>, T
         out.push((key.to_string(), val));
     }
     Ok(out)
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 impl TelemetrySettings {

@@ -1,6 +1,10 @@
 //! A Hugging Face Hub on loopback for tests, speaking the file-resolve
 //! protocol from an in-memory map of repositories:
 //!
+//! Every path segment is percent-decoded before it is routed, so a
+//! revision holding `/` must come as one `%2F`-encoded segment, as the
+//! Hub wants it; an unencoded one routes nowhere (404).
+//!
 //! - `HEAD|GET /{org}/{repo}/resolve/{revision}/{path}`: LFS files answer
 //!   `302` to `/cdn/<sha256>` with `X-Repo-Commit`, `X-Linked-Etag` (the
 //!   sha256) and `X-Linked-Size`; other files answer `200` with `ETag` (the
@@ -433,7 +437,8 @@ async fn handle(
 ) -> Response {
     let path = uri.path().trim_start_matches('/').to_string();
     let segments: Vec<String> = path.split('/').map(percent_decode).collect();
-    if let Some(response) = upload::route(&inner, &method, &segments, &headers, &body) {
+    if let Some(response) = upload::route(&inner, &method, &segments, uri.query(), &headers, &body)
+    {
         return response;
     }
     if let Some(rest) = path.strip_prefix("cdn/") {

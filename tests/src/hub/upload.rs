@@ -9,7 +9,8 @@
 //! - `POST /api/repos/create` `{name, organization, private, type}` → `{url}`;
 //!   409 when it exists; the repository starts with one commit holding
 //!   `.gitattributes`, as the Hub's do.
-//! - `POST /api/models/{repo}/branch/{branch}` → 200, 409 when it exists.
+//! - `POST /api/models/{repo}/branch/{branch}` → 200, 409 when it exists,
+//!   400 for a `refs/…` name.
 //! - `POST /api/models/{repo}/preupload/{rev}` → `files[].{path,
 //!   uploadMode, shouldIgnore}`: `lfs` for weights' extensions, files over
 //!   10 MB, or a sample holding a NUL byte.
@@ -23,8 +24,11 @@
 //!   commitOid, commitUrl}`; 412 when `parentCommit` is not the head;
 //!   `lfsFile` lines must name stored objects. [`FakeHub::inject_conflicts`]
 //!   makes the next commits meet a head someone else just moved.
-//! - `GET /api/models/{repo}/commits/{rev}` → `[{id, title, message,
-//!   authors, date}]`, newest first.
+//! - `GET /api/models/{repo}/commits/{rev}[?p=N&limit=L]` → `[{id, title,
+//!   message, authors, date}]`, newest first, page `N` (from 0) of
+//!   `min(L, page size)` commits ([`FakeHub::set_commit_page_size`], default
+//!   100), with `Link: <…?p=N+1&limit=L>; rel="next"` while more follow.
+//!   [`FakeHub::add_commits`] adds someone else's commits with a date.
 //!
 //! Every write needs a token of a user who may write in the namespace
 //! ([`FakeHub::add_user`]): 401 without one, 403 when it may not.
@@ -77,7 +81,12 @@ pub struct FakeCommit {
     pub parent: Option<String>,
     pub title: String,
     pub message: String,
+    /// Ms since the epoch; listed as RFC 3339.
+    pub date_ms: i64,
 }
+
+/// Commits per listing page unless [`FakeHub::set_commit_page_size`].
+const COMMIT_PAGE_SIZE: usize = 100;
 
 #[derive(Default)]
 pub(super) struct Writes {
@@ -91,6 +100,10 @@ pub(super) struct Writes {
     commit_failure: Mutex<Option<(StatusCode, Option<u64>)>>,
     created: Mutex<Vec<(String, bool)>>,
     commit_requests: AtomicUsize,
+    /// The largest listing page; `None`: [`COMMIT_PAGE_SIZE`].
+    commit_page_size: Mutex<Option<usize>>,
+    /// The page (`p`) of every commit listing request, in order.
+    commit_pages: Mutex<Vec<usize>>,
     pub(super) lfs_puts: AtomicUsize,
     pub(super) token_sent_to_storage: AtomicBool,
 }
@@ -131,6 +144,42 @@ impl FakeHub {
     /// Commits made in `repo` (its creation's included), oldest first.
     pub fn commits(&self, repo: &str) -> Vec<FakeCommit> {
         self.repo(repo).map(|r| r.log).unwrap_or_default()
+    }
+
+    /// Commit listings answer at most `size` commits a page.
+    pub fn set_commit_page_size(&self, size: usize) {
+        *lock(&self.inner.writes.commit_page_size) = Some(size.max(1));
+    }
+
+    /// The page of every commit listing request so far (0: the first).
+    pub fn commit_pages(&self) -> Vec<usize> {
+        lock(&self.inner.writes.commit_pages).clone()
+    }
+
+    /// `n` commits by someone else on `branch` of `repo`, each dated
+    /// `date_ms` and adding `notes-<i>.txt`.
+    pub fn add_commits(&self, repo: &str, branch: &str, n: usize, date_ms: i64) {
+        let mut repos = lock(&self.inner.repos);
+        let found = repos.get_mut(repo).expect("the repository");
+        for i in 0..n {
+            let (_, mut files) = found.at(branch).expect("the branch");
+            files.insert(
+                format!("notes-{i}.txt"),
+                FakeFile {
+                    data: Bytes::from(format!("someone else's note {i}\n")),
+                    lfs: false,
+                },
+            );
+            record(
+                found,
+                branch,
+                files,
+                &format!("someone else's commit {i}"),
+                "",
+                format!("theirs {i}").as_bytes(),
+            );
+            found.log.last_mut().expect("the commit").date_ms = date_ms;
+        }
     }
 
     /// Commit requests received, accepted or not.
@@ -227,6 +276,7 @@ pub(super) fn route(
     inner: &Inner,
     method: &Method,
     segments: &[String],
+    query: Option<&str>,
     headers: &HeaderMap,
     body: &Bytes,
 ) -> Option<Response> {
@@ -247,7 +297,7 @@ pub(super) fn route(
             commit(inner, &format!("{org}/{name}"), rev, headers, body)
         }
         (&Method::GET, ["api", "models", org, name, "commits", rev]) => {
-            list_commits(inner, &format!("{org}/{name}"), rev, headers)
+            list_commits(inner, &format!("{org}/{name}"), rev, query, headers)
         }
         (&Method::POST, [org, git, "info", "lfs", "objects", "batch"]) if git.ends_with(".git") => {
             let repo = format!("{org}/{}", git.trim_end_matches(".git"));
@@ -330,6 +380,7 @@ fn record(
         parent,
         title: title.to_owned(),
         message: message.to_owned(),
+        date_ms: trainyard_core::now_ms(),
     });
     id
 }
@@ -391,6 +442,9 @@ fn create_branch(inner: &Inner, repo: &str, branch: &str, headers: &HeaderMap) -
     let Some(found) = repos.get_mut(repo) else {
         return error(StatusCode::NOT_FOUND, "RepoNotFound");
     };
+    if branch.starts_with("refs/") {
+        return refusal(StatusCode::BAD_REQUEST, "Invalid reference for a branch");
+    }
     if branch == "main" || found.branches.contains_key(branch) {
         return refusal(StatusCode::CONFLICT, "Reference already exists");
     }
@@ -541,7 +595,13 @@ fn commit(inner: &Inner, repo: &str, rev: &str, headers: &HeaderMap, body: &Byte
     )
 }
 
-fn list_commits(inner: &Inner, repo: &str, rev: &str, headers: &HeaderMap) -> Response {
+fn list_commits(
+    inner: &Inner,
+    repo: &str,
+    rev: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Response {
     let found = match super::access(inner, repo, headers) {
         Ok(found) => found,
         Err((status, code)) => return error(status, code),
@@ -549,21 +609,65 @@ fn list_commits(inner: &Inner, repo: &str, rev: &str, headers: &HeaderMap) -> Re
     let Some((head, _)) = found.at(rev) else {
         return error(StatusCode::NOT_FOUND, "RevisionNotFound");
     };
+    let param = |name: &str| {
+        url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+    };
+    let page: usize = match param("p").map(|p| p.parse()) {
+        None => 0,
+        Some(Ok(p)) => p,
+        Some(Err(_)) => return refusal(StatusCode::BAD_REQUEST, "p is not a page number"),
+    };
+    let limit: Option<usize> = match param("limit").map(|l| l.parse()) {
+        None => None,
+        Some(Ok(l)) if l > 0 => Some(l),
+        Some(_) => return refusal(StatusCode::BAD_REQUEST, "limit is not a positive number"),
+    };
+    lock(&inner.writes.commit_pages).push(page);
+    let largest = lock(&inner.writes.commit_page_size).unwrap_or(COMMIT_PAGE_SIZE);
+    let size = limit.unwrap_or(largest).min(largest);
     let by_id: HashMap<&str, &FakeCommit> = found.log.iter().map(|c| (c.id.as_str(), c)).collect();
-    let mut listed = Vec::new();
+    let mut history = Vec::new();
     let mut next = Some(head);
     while let Some(id) = next {
         let Some(commit) = by_id.get(id.as_str()) else {
             break;
         };
-        listed.push(serde_json::json!({
-            "id": commit.id,
-            "title": commit.title,
-            "message": commit.message,
-            "authors": [{"user": "someone"}],
-            "date": "2026-12-07T00:00:00.000Z",
-        }));
+        history.push(*commit);
         next = commit.parent.clone();
     }
-    json(StatusCode::OK, serde_json::Value::Array(listed))
+    let listed: Vec<serde_json::Value> = history
+        .iter()
+        .skip(page * size)
+        .take(size)
+        .map(|commit| {
+            serde_json::json!({
+                "id": commit.id,
+                "title": commit.title,
+                "message": commit.message,
+                "authors": [{"user": "someone"}],
+                "date": trainyard_core::rfc3339(commit.date_ms),
+            })
+        })
+        .collect();
+    let mut response = json(StatusCode::OK, serde_json::Value::Array(listed));
+    if (page + 1) * size < history.len() {
+        let mut url = url::Url::parse(&endpoint(inner)).expect("endpoint");
+        url.path_segments_mut()
+            .expect("a base")
+            .extend(["api", "models"])
+            .extend(repo.split('/'))
+            .extend(["commits", rev]);
+        let mut query = format!("p={}", page + 1);
+        if let Some(limit) = limit {
+            query.push_str(&format!("&limit={limit}"));
+        }
+        url.set_query(Some(&query));
+        let link = format!("<{url}>; rel=\"next\"");
+        response
+            .headers_mut()
+            .insert(header::LINK, link.parse().expect("header"));
+    }
+    response
 }

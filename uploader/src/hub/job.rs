@@ -95,6 +95,7 @@ pub async fn deliver(
         manifest,
         summary: format!("Trainyard: {}", name.lines().next().unwrap_or_default()),
         work,
+        created_ms: Some(ctx.record.created_at_ms).filter(|ms| *ms > 0),
     };
     hub.deliver(&delivery, ctx).await
 }

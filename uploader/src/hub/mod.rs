@@ -13,11 +13,21 @@
 //! ```
 //!
 //! Re-delivery after a crash (the commit made, the result never sent)
-//! finds the commit by its trailer `Trainyard-Job: <job id>` among the
-//! branch's latest commits and records it instead of committing again; a
+//! finds the commit by its trailer `Trainyard-Job: <job id>` in the
+//! branch's history and records it instead of committing again; a
 //! delivery that raced with another attempt of the same job meets a moved
 //! head, re-reads it, and finds that attempt's commit the same way. LFS
 //! uploads are content-addressed: an object already stored is not sent.
+//!
+//! The history is read page by page from the head, newest first, following
+//! the Hub's `Link` header ([`HubApi::commits`]), and the walk stops at the
+//! trailer, at the last page, at a commit dated before the job was created
+//! (less [`CLOCK_SKEW_MS`]: the job's commit cannot be older; dates are the
+//! Hub's clock, the job's the coordinator's), or after [`MAX_COMMIT_PAGES`]
+//! pages. Past that cap — more commits to the branch since the job was
+//! created than the cap covers — the job's commit is taken as absent and
+//! the delivery commits: at worst a second commit of the same files, never
+//! a lost delivery. [`scan_page`] decides each page; it is pure.
 //!
 //! Errors: a refused token (401/403) fails the job with `AUTH`; 429 and
 //! 5xx go back to the stage runtime with the Hub's `Retry-After`; a head
@@ -41,6 +51,16 @@ use trainyard_proto::v1::{Artifact, DeliveredFile, ErrorKind};
 /// Commits tried against a head that moved before the delivery gives the
 /// task back to the runtime.
 pub const COMMIT_ATTEMPTS: usize = 3;
+/// Pages of history read at most looking for a job's commit: with the
+/// Hub's pages of [`COMMITS_PER_PAGE`] (100), its 2,000 latest commits.
+/// The bound on a re-delivery's requests when the job's creation time is
+/// unknown or the branch is very busy.
+///
+/// [`COMMITS_PER_PAGE`]: trainyard_core::destination::hf::api::COMMITS_PER_PAGE
+pub const MAX_COMMIT_PAGES: usize = 20;
+/// How much older than the job's creation a commit may be dated and the
+/// walk still go on: the Hub's clock and the coordinator's may differ.
+pub const CLOCK_SKEW_MS: i64 = 10 * 60 * 1000;
 /// The trailer that marks a job's commit.
 pub const TRAILER: &str = "Trainyard-Job";
 
@@ -78,6 +98,9 @@ pub struct Delivery<'a> {
     pub summary: String,
     /// Where README.md and manifest.json are written before upload.
     pub work: &'a Path,
+    /// When the job was created (ms since the epoch): its commit is not
+    /// older. `None` when unknown.
+    pub created_ms: Option<i64>,
 }
 
 /// What a delivery did.
@@ -96,15 +119,45 @@ pub fn trailer(job: &str) -> String {
     format!("{TRAILER}: {job}")
 }
 
-/// This job's commit among `commits`, by its trailer line.
-pub fn find_commit<'a>(commits: &'a [CommitEntry], job: &str) -> Option<&'a CommitEntry> {
+/// Whether `commit` has the trailer line `mark` ([`trailer`]).
+fn has_trailer(commit: &CommitEntry, mark: &str) -> bool {
+    commit
+        .message
+        .lines()
+        .chain(commit.title.lines())
+        .any(|line| line.trim() == mark)
+}
+
+/// What one page of history (newest first) says about a job's commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PageScan {
+    /// The job's commit, by id.
+    Found(String),
+    /// A commit dated before the job's creation (less [`CLOCK_SKEW_MS`])
+    /// and no job commit before it: the rest of the history is older still.
+    Older,
+    /// Neither: the next page, if any, may hold it.
+    Continue,
+}
+
+/// Reads one page for `job`'s commit; `created_ms` is when the job was
+/// created (`None`: unknown, never [`PageScan::Older`]). A commit whose
+/// date does not parse is not taken as older.
+pub fn scan_page(commits: &[CommitEntry], job: &str, created_ms: Option<i64>) -> PageScan {
+    let oldest = created_ms.map(|ms| ms.saturating_sub(CLOCK_SKEW_MS));
     let mark = trailer(job);
-    commits.iter().find(|c| {
-        c.message
-            .lines()
-            .chain(c.title.lines())
-            .any(|line| line.trim() == mark)
-    })
+    for commit in commits {
+        if has_trailer(commit, &mark) {
+            return PageScan::Found(commit.id.clone());
+        }
+        let dated = trainyard_core::parse_rfc3339(&commit.date);
+        if let (Some(oldest), Some(date)) = (oldest, dated)
+            && date < oldest
+        {
+            return PageScan::Older;
+        }
+    }
+    PageScan::Continue
 }
 
 impl HubTarget {
@@ -189,15 +242,13 @@ impl HubTarget {
                     what: format!("{repo}@{branch}"),
                     code: None,
                 })?;
-            let commits = api.commits(repo, &head).await?;
-            if let Some(found) = find_commit(&commits, delivery.job) {
+            if let Some(found) = self.job_commit(&head, delivery, ctx).await? {
                 let note = format!(
-                    "{repo}@{branch} already holds this job's commit {}; not committed again",
-                    found.id
+                    "{repo}@{branch} already holds this job's commit {found}; not committed again"
                 );
-                tracing::info!(job = delivery.job, repo, commit = %found.id, "{note}");
+                tracing::info!(job = delivery.job, repo, commit = %found, "{note}");
                 ctx.note(&note).await;
-                return Ok(self.delivered(&files, delivery, &found.id, false, uploaded_bytes));
+                return Ok(self.delivered(&files, delivery, &found, false, uploaded_bytes));
             }
             let ops = match &uploaded {
                 Some(ops) => ops,
@@ -231,6 +282,39 @@ impl HubTarget {
             }
         }
         Err(HubApiError::Conflict { status: 412 })
+    }
+
+    /// The job's commit in the history of `head`, walked page by page as
+    /// the module docs say; `None` when absent (or past the page cap).
+    async fn job_commit(
+        &self,
+        head: &str,
+        delivery: &Delivery<'_>,
+        ctx: &TaskContext,
+    ) -> Result<Option<String>, HubApiError> {
+        let (api, repo) = (self.api(), self.target().repo.as_str());
+        let mut page = api.commits(repo, head).await?;
+        for read in 1..=MAX_COMMIT_PAGES {
+            match scan_page(&page.commits, delivery.job, delivery.created_ms) {
+                PageScan::Found(id) => return Ok(Some(id)),
+                PageScan::Older => return Ok(None),
+                PageScan::Continue => {}
+            }
+            let Some(next) = page.next.take() else {
+                return Ok(None);
+            };
+            if read == MAX_COMMIT_PAGES {
+                let note = format!(
+                    "read the latest {read} pages of {repo}'s history without reaching this \
+                     job's creation nor its commit; committing"
+                );
+                tracing::warn!(job = delivery.job, repo, pages = read, "{note}");
+                ctx.note(&note).await;
+                break;
+            }
+            page = api.next_commits(repo, &next).await?;
+        }
+        Ok(None)
     }
 
     /// The commit's files: each artifact, then `README.md` and
@@ -384,14 +468,83 @@ mod tests {
             id: id.into(),
             title: "Trainyard: x".into(),
             message: message.into(),
+            ..Default::default()
         };
         let commits = [
             commit("c3", "Delivered by Trainyard.\n\nTrainyard-Job: job-10"),
             commit("c2", "Delivered by Trainyard.\n\nTrainyard-Job: job-1"),
             commit("c1", "initial"),
         ];
-        assert_eq!(find_commit(&commits, "job-1").unwrap().id, "c2");
-        assert_eq!(find_commit(&commits, "job-10").unwrap().id, "c3");
-        assert!(find_commit(&commits, "job").is_none());
+        let found = |job: &str| scan_page(&commits, job, None);
+        assert_eq!(found("job-1"), PageScan::Found("c2".into()));
+        assert_eq!(found("job-10"), PageScan::Found("c3".into()));
+        assert_eq!(found("job"), PageScan::Continue);
+    }
+
+    #[test]
+    fn a_page_is_found_older_or_read_on() {
+        let created = trainyard_core::parse_rfc3339("2026-12-07T12:00:00Z");
+        let commit = |id: &str, date: &str, message: &str| CommitEntry {
+            id: id.into(),
+            title: "x".into(),
+            message: message.into(),
+            date: date.into(),
+        };
+        let job = "j-1";
+        let mine = trailer(job);
+        let cases: &[(&str, Vec<CommitEntry>, Option<i64>, PageScan)] = &[
+            ("empty", vec![], created, PageScan::Continue),
+            (
+                "found among newer commits",
+                vec![
+                    commit("c2", "2026-12-07T13:00:00Z", ""),
+                    commit("c1", "2026-12-07T12:30:00Z", &mine),
+                ],
+                created,
+                PageScan::Found("c1".into()),
+            ),
+            (
+                "all newer",
+                vec![commit("c2", "2026-12-07T13:00:00Z", "")],
+                created,
+                PageScan::Continue,
+            ),
+            (
+                "within the clock skew",
+                vec![commit("c1", "2026-12-07T11:55:00Z", "")],
+                created,
+                PageScan::Continue,
+            ),
+            (
+                "older than the job",
+                vec![
+                    commit("c2", "2026-12-07T13:00:00Z", ""),
+                    commit("c1", "2026-12-07T11:00:00Z", ""),
+                    commit("c0", "2026-12-07T10:00:00Z", &mine),
+                ],
+                created,
+                PageScan::Older,
+            ),
+            (
+                "creation unknown",
+                vec![commit("c1", "2020-01-01T00:00:00Z", "")],
+                None,
+                PageScan::Continue,
+            ),
+            (
+                "no date",
+                vec![commit("c1", "", "")],
+                created,
+                PageScan::Continue,
+            ),
+        ];
+        for (name, commits, created, want) in cases {
+            assert_eq!(&scan_page(commits, job, *created), want, "{name}");
+        }
+        assert_eq!(
+            trainyard_core::destination::hf::api::COMMITS_PER_PAGE * MAX_COMMIT_PAGES,
+            2000,
+            "the docs say 2,000"
+        );
     }
 }

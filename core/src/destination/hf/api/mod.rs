@@ -3,8 +3,12 @@
 //!
 //! - `GET /api/whoami-v2`: who the token is, its role, its orgs.
 //! - `GET /api/models/{repo}` (exists?), `GET /api/models/{repo}/revision/{rev}`
-//!   (the head commit, `sha`), `GET /api/models/{repo}/commits/{rev}` (the
-//!   latest commits, newest first: `id`, `title`, `message`).
+//!   (the head commit, `sha`), `GET /api/models/{repo}/commits/{rev}?limit=100`
+//!   (commits newest first: `id`, `title`, `message`, `date`), one page at
+//!   a time: the next page is the `Link: <…>; rel="next"` header's URL,
+//!   which carries its own query (`p=1&limit=100`), as huggingface_hub's
+//!   `utils/_pagination.py` and huggingface.js's `list-commits.ts` follow
+//!   it ([`CommitPage`]).
 //! - `POST /api/repos/create` `{name, organization, private, type}`; 409:
 //!   it exists. `POST /api/models/{repo}/branch/{branch}`; 409: it exists.
 //! - `POST /api/models/{repo}/preupload/{rev}` `{files: [{path, sample
@@ -24,6 +28,11 @@
 //!   (`{path, content, encoding: "base64"}`) and `lfsFile` (`{path, algo:
 //!   "sha256", oid, size}`) lines → `{commitOid, commitUrl}`. A head that
 //!   moved past `parentCommit` answers 412 (or 409): [`HubApiError::Conflict`].
+//!
+//! A revision (`{rev}`, `{branch}`) is always one path segment, every
+//! byte but letters, digits and `-._~` percent-encoded, so a branch
+//! `exp/run-1` goes as `exp%2Frun-1` (huggingface_hub: `quote(revision,
+//! safe="")` in `hf_api.py`); the LFS batch body names it unencoded.
 //!
 //! The token goes as `Authorization: Bearer` to the Hub's own origin only
 //! (the API and the `verify` action), never to the storage URLs its LFS
@@ -126,13 +135,29 @@ struct EntityWire {
 }
 
 /// One commit of a listing.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 pub struct CommitEntry {
     pub id: String,
     #[serde(default)]
     pub title: String,
     #[serde(default)]
     pub message: String,
+    /// RFC 3339 (`2024-01-15T10:30:00.000Z`); empty when the Hub did not say.
+    #[serde(default)]
+    pub date: String,
+}
+
+/// Commits asked for per page; the Hub may send fewer (huggingface.js
+/// `list-commits.ts`: `batchSize`, default 100).
+pub const COMMITS_PER_PAGE: usize = 100;
+
+/// One page of a commit listing.
+#[derive(Clone, Debug, Default)]
+pub struct CommitPage {
+    /// Newest first.
+    pub commits: Vec<CommitEntry>,
+    /// The next page (the `Link` header's `rel="next"`); `None` on the last.
+    pub next: Option<Url>,
 }
 
 /// A file the preupload call classifies.
@@ -439,16 +464,40 @@ impl HubApi {
         }
     }
 
-    /// The latest commits of `revision`, newest first (the Hub's first page).
-    pub async fn commits(
-        &self,
-        repo: &str,
-        revision: &str,
-    ) -> Result<Vec<CommitEntry>, HubApiError> {
+    /// The first page of `revision`'s commits, newest first.
+    pub async fn commits(&self, repo: &str, revision: &str) -> Result<CommitPage, HubApiError> {
+        let mut url = self.repo_url(repo, "commits", revision);
+        url.query_pairs_mut()
+            .append_pair("limit", &COMMITS_PER_PAGE.to_string());
+        self.commit_page(repo, url).await
+    }
+
+    /// The page an earlier one's [`CommitPage::next`] names.
+    pub async fn next_commits(&self, repo: &str, next: &Url) -> Result<CommitPage, HubApiError> {
+        self.commit_page(repo, next.clone()).await
+    }
+
+    async fn commit_page(&self, repo: &str, url: Url) -> Result<CommitPage, HubApiError> {
         let what = format!("the commits of {repo}");
-        let url = self.repo_url(repo, "commits", revision);
-        let response = self.send(self.request(Method::GET, url), &what).await?;
-        Self::json(response, &what).await
+        let response = self
+            .send(self.request(Method::GET, url.clone()), &what)
+            .await?;
+        let next = response
+            .headers()
+            .get_all(header::LINK)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(|v| next_link(v, &url));
+        if let Some(next) = &next
+            && next.origin() != self.endpoint.origin()
+        {
+            return Err(HubApiError::Protocol {
+                what,
+                message: "the next page of commits is on another origin".into(),
+            });
+        }
+        let commits = Self::json(response, &what).await?;
+        Ok(CommitPage { commits, next })
     }
 
     /// Which files the Hub wants through LFS: their paths.
@@ -514,6 +563,27 @@ fn chain(error: reqwest::Error) -> String {
         source = cause.source();
     }
     message
+}
+
+/// The `rel="next"` URL of a `Link` header value (RFC 8288, as GitHub and
+/// the Hub write it: `<url>; rel="next", <url>; rel="last"`), resolved
+/// against the URL it answered.
+pub fn next_link(value: &str, base: &Url) -> Option<Url> {
+    value.split(',').find_map(|link| {
+        let (target, params) = link.trim().strip_prefix('<')?.split_once('>')?;
+        let next = params.split(';').any(|param| {
+            let Some((key, rels)) = param.trim().split_once('=') else {
+                return false;
+            };
+            key.trim().eq_ignore_ascii_case("rel")
+                && rels
+                    .trim()
+                    .trim_matches('"')
+                    .split_ascii_whitespace()
+                    .any(|rel| rel.eq_ignore_ascii_case("next"))
+        });
+        next.then(|| base.join(target.trim()).ok()).flatten()
+    })
 }
 
 fn json_bytes(value: &serde_json::Value) -> Vec<u8> {
@@ -587,5 +657,39 @@ mod tests {
             "https://hub.example/api/models/me/r/commit/my%20branch"
         );
         assert!(HubApi::new("ftp://x", "t").is_err());
+        // A branch holding '/' stays one segment, in every revision path.
+        for action in ["commit", "preupload", "branch", "commits", "revision"] {
+            assert_eq!(
+                api.repo_url("me/r", action, "exp/run-1").as_str(),
+                format!("https://hub.example/api/models/me/r/{action}/exp%2Frun-1")
+            );
+        }
+    }
+
+    #[test]
+    fn the_next_page_is_the_link_headers_rel_next() {
+        let base =
+            Url::parse("https://hub.example/api/models/me/r/commits/main?limit=100").unwrap();
+        let next = |value: &str| next_link(value, &base).map(String::from);
+        assert_eq!(
+            next(r#"<https://hub.example/api/models/me/r/commits/main?p=1&limit=100>; rel="next""#)
+                .as_deref(),
+            Some("https://hub.example/api/models/me/r/commits/main?p=1&limit=100")
+        );
+        assert_eq!(
+            next(r#"<https://h/x?p=0>; rel="prev", <https://h/x?p=2>; rel="next""#).as_deref(),
+            Some("https://h/x?p=2")
+        );
+        assert_eq!(
+            next(r#"</api/models/me/r/commits/main?p=3>;rel=next"#).as_deref(),
+            Some("https://hub.example/api/models/me/r/commits/main?p=3")
+        );
+        assert_eq!(
+            next(r#"<https://h/x?p=9>; title="a"; rel="last next""#).as_deref(),
+            Some("https://h/x?p=9")
+        );
+        assert_eq!(next(r#"<https://h/x?p=9>; rel="last""#), None);
+        assert_eq!(next("garbage"), None);
+        assert_eq!(next(""), None);
     }
 }
