@@ -178,6 +178,15 @@ fn seal(
     })
 }
 
+/// A record as a call other than `Get`/`List` answers it (submit, cancel,
+/// approve): redacted, and with no stored download URL past its time, as
+/// `Get` would show it (only `Get`, `List` and the webhook sign new ones).
+pub(crate) fn answered(record: &JobRecord) -> JobRecord {
+    let mut shown = record.redacted();
+    crate::downloads::drop_expired(&mut shown, trainyard_core::now_ms());
+    shown
+}
+
 pub(crate) fn parse_job(id: &str) -> Result<JobId, ApiError> {
     JobId::parse(id).map_err(|e| ApiError::Invalid(format!("job_id: {e}")))
 }
@@ -278,7 +287,7 @@ impl JobApi {
                         Ok(found) => {
                             self.requeue(&found.record).await?;
                             return Ok(SubmitResponse {
-                                job: Some(found.record.redacted()),
+                                job: Some(answered(&found.record)),
                                 duplicate: true,
                             });
                         }
@@ -319,7 +328,7 @@ impl JobApi {
                 let found = self.repo.get(tenant, &job).await?;
                 self.requeue(&found.record).await?;
                 return Ok(SubmitResponse {
-                    job: Some(found.record.redacted()),
+                    job: Some(answered(&found.record)),
                     duplicate: true,
                 });
             }
@@ -336,7 +345,7 @@ impl JobApi {
                 source,
             })?;
         Ok(SubmitResponse {
-            job: Some(record.redacted()),
+            job: Some(answered(&record)),
             duplicate: false,
         })
     }
@@ -439,10 +448,10 @@ impl JobApi {
         Ok(self.shown(record).await)
     }
 
-    /// A record as a client sees it: download URLs filled (from the
-    /// stored record, whose sealed secrets a destination signs with), then
-    /// redacted.
+    /// A record as a client sees it: stored download URLs past their time
+    /// dropped, the others filled, then redacted.
     async fn shown(&self, mut record: JobRecord) -> JobRecord {
+        crate::downloads::drop_expired(&mut record, trainyard_core::now_ms());
         if let Some(urls) = &self.download_urls {
             urls.fill(&mut record).await;
         }
@@ -534,7 +543,7 @@ impl JobApi {
             None => before,
         };
         Ok(CancelResponse {
-            job: Some(record.redacted()),
+            job: Some(answered(&record)),
         })
     }
 

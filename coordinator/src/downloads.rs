@@ -1,8 +1,10 @@
 //! Signed download URLs: `Get`, `List` and the `job.completed` webhook
 //! hand out, per output, a time-limited URL that fetches exactly its bytes
 //! without credentials (`Artifact.download_url`, `DeliveredFile.download_url`,
-//! each with when it stops working). URLs are made when a record is read,
-//! never stored in it, and never logged.
+//! each with when it stops working). The coordinator makes its URLs when a
+//! record is read and never stores them; the only URLs a record holds are
+//! those the uploader signed (below). None is ever logged or put in an
+//! event.
 //!
 //! - A bucket store (S3, GCS, Azure) signs its own URLs (`object_store`'s
 //!   signer: the bytes go straight from the bucket).
@@ -15,10 +17,29 @@
 //!   below a job's `output/`, streaming the exact bytes with their length.
 //! - A delivered file in a bucket destination reached through a fleet
 //!   credential (`?credential=<name>`, opened under the same rules as the
-//!   uploader used) is signed with that credential. One reached with the
-//!   job's own keys gets no URL: a final job's sealed secrets are dropped
-//!   from its record (`repo.rs`), and the tenant holds those keys and can
-//!   sign for itself. Nor does a local folder or a SAS-token container.
+//!   uploader used) is signed with that credential, on read.
+//! - A delivered file in a bucket destination written with the job's own
+//!   keys ([`destination::uses_job_keys`]) is signed by the uploader at
+//!   delivery, while it still holds them (`uploader/src/deliver.rs`), for
+//!   the task's `download_url_ttl_secs` — this coordinator's own
+//!   `download_url_ttl_secs`, which it sets on every deliver task — and
+//!   stored in the record with its expiry. The coordinator never re-signs
+//!   it: a final job's sealed secrets are dropped from its record
+//!   (`repo.rs`), so it holds no keys to sign with. It is shown as stored
+//!   until it expires, then omitted ([`drop_expired`], both fields
+//!   cleared), alike in `Get`, `List` and the webhook (whose retries may
+//!   come after it). Handing it out keeps the threat model: it reads one
+//!   object of the tenant's own bucket with the tenant's own keys, the
+//!   same bytes as the job's output, and a record is read only by its
+//!   tenant (the repository keys records by tenant; the webhook goes to
+//!   the job's own URL).
+//! - No URL for a local folder (nothing serves it; the artifact store's
+//!   URL fetches the same bytes), nor for an Azure container reached with a
+//!   SAS token (`object_store` cannot make a SAS from a SAS, and handing out
+//!   the tenant's own token would grant its whole scope), nor for an
+//!   `hf://` copy: a Hub `resolve` link is neither time-limited nor free of
+//!   credentials for a private repository, so it does not fit this field;
+//!   the copy's `uri` and `commit` name the exact revision.
 //!
 //! Only keys of the record's own tenant and job are ever signed: the key
 //! is checked against `tenants/<tenant>/jobs/<job>/output/` before signing.
@@ -34,7 +55,7 @@ use futures::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
 use subtle::ConstantTimeEq;
-use trainyard_core::destination::Destinations;
+use trainyard_core::destination::{self, Destinations};
 use trainyard_core::secrets::Keyring;
 use trainyard_core::store::{ArtifactStore, keys};
 use trainyard_proto::v1::JobRecord;
@@ -66,7 +87,6 @@ pub struct DownloadUrls {
     /// `http(s)://host:port` of this coordinator, for local-store URLs.
     base: String,
     destinations: Destinations,
-    secrets: Option<Arc<Keyring>>,
 }
 
 /// A key below some job's `output/`: `tenants/<t>/jobs/<j>/output/<rest>`
@@ -100,7 +120,6 @@ impl DownloadUrls {
             ttl,
             base: base.trim_end_matches('/').to_string(),
             destinations,
-            secrets,
         }
     }
 
@@ -150,9 +169,10 @@ impl DownloadUrls {
         ))
     }
 
-    /// Fills the download URLs of `record`'s outputs (read as stored, with
-    /// its sealed secrets; redact it after). Outputs that cannot be signed
-    /// keep an empty URL.
+    /// Fills the download URLs of `record`'s outputs (read as stored;
+    /// redact it after). A delivered copy the coordinator cannot sign keeps
+    /// what the record holds: the uploader's URL, or none; call
+    /// [`drop_expired`] first so an expired one is not shown.
     pub async fn fill(&self, record: &mut JobRecord) {
         let expires_at_ms =
             trainyard_core::now_ms() + i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX / 2);
@@ -187,12 +207,6 @@ impl DownloadUrls {
                 artifact.download_url_expires_at_ms = expires_at_ms;
             }
         }
-        let secrets = record
-            .spec
-            .as_ref()
-            .and_then(|spec| spec.sealed_secrets.as_ref())
-            .zip(self.secrets.as_deref())
-            .and_then(|(sealed, keyring)| keyring.open(sealed, tenant.as_str(), job.as_str()).ok());
         for file in &mut record.delivered {
             let url = if let Some(key) = self
                 .store
@@ -200,18 +214,15 @@ impl DownloadUrls {
                 .filter(|key| key.starts_with(&own) && is_output_key(key))
             {
                 self.store_url(&key, expires_at_ms).await
+            } else if destination::uses_job_keys(&file.destination) {
+                // Signed by the uploader with the job's keys, or not at all.
+                None
             } else if ["s3://", "gs://", "az://", "azure://"]
                 .iter()
                 .any(|scheme| file.destination.starts_with(scheme))
             {
-                self.destination_url(
-                    tenant.as_str(),
-                    &file.destination,
-                    &file.uri,
-                    secrets.as_ref(),
-                    expires_at_ms,
-                )
-                .await
+                self.destination_url(tenant.as_str(), &file.destination, &file.uri, expires_at_ms)
+                    .await
             } else {
                 None
             };
@@ -222,18 +233,17 @@ impl DownloadUrls {
         }
     }
 
-    /// A URL a bucket destination signs for `uri`, opened under the
-    /// destination rules (a fleet credential; the job's keys while the
-    /// record still holds them).
+    /// A URL a bucket destination reached through a fleet credential signs
+    /// for `uri`, opened under the destination rules (never with a job's
+    /// keys: the coordinator does not open them to sign).
     async fn destination_url(
         &self,
         tenant: &str,
         destination: &str,
         uri: &str,
-        secrets: Option<&trainyard_proto::v1::Secrets>,
         expires_at_ms: i64,
     ) -> Option<String> {
-        let store = self.destinations.open(tenant, destination, secrets).ok()?;
+        let store = self.destinations.open(tenant, destination, None).ok()?;
         let key = store.key_of(uri)?;
         store.presign_get(&key, until(expires_at_ms)).await.ok()
     }
@@ -243,6 +253,29 @@ impl DownloadUrls {
         axum::Router::new()
             .route(&format!("{ROUTE}{{token}}"), axum::routing::get(serve))
             .with_state(self)
+    }
+}
+
+/// Clears every download URL of `record` whose time has passed at
+/// `now_ms` (or that says no time at all), with its expiry: what the
+/// uploader signed is shown only while it works. Run before
+/// [`DownloadUrls::fill`] on every record a client or webhook sees.
+pub fn drop_expired(record: &mut JobRecord, now_ms: i64) {
+    let urls = record
+        .artifacts
+        .iter_mut()
+        .map(|a| (&mut a.download_url, &mut a.download_url_expires_at_ms))
+        .chain(
+            record
+                .delivered
+                .iter_mut()
+                .map(|d| (&mut d.download_url, &mut d.download_url_expires_at_ms)),
+        );
+    for (url, expires_at_ms) in urls {
+        if *expires_at_ms <= now_ms {
+            url.clear();
+            *expires_at_ms = 0;
+        }
     }
 }
 
@@ -302,6 +335,7 @@ async fn serve(State(urls): State<Arc<DownloadUrls>>, Path(token): Path<String>)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use trainyard_proto::v1::DeliveredFile;
 
     fn new_urls() -> DownloadUrls {
         let dir = std::env::temp_dir().join("trainyard-download-urls-test");
@@ -378,5 +412,91 @@ mod tests {
         assert!(url.starts_with("http://127.0.0.1:1/v1/download/"), "{url}");
         assert!(record.artifacts[0].download_url_expires_at_ms > trainyard_core::now_ms());
         assert!(record.artifacts[1].download_url.is_empty());
+    }
+
+    fn delivered(destination: &str, url: &str, expires_at_ms: i64) -> DeliveredFile {
+        DeliveredFile {
+            destination: destination.into(),
+            uri: format!(
+                "{}/j-01a24e6c8e6f71778b82b31c9acb8bb0/lora.safetensors",
+                destination.split('?').next().unwrap()
+            ),
+            download_url: url.into(),
+            download_url_expires_at_ms: expires_at_ms,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn stored_urls_are_shown_until_they_expire_then_omitted() {
+        let mut record = JobRecord {
+            artifacts: vec![trainyard_proto::v1::Artifact {
+                download_url: "https://no-expiry".into(),
+                ..Default::default()
+            }],
+            delivered: vec![
+                delivered("s3://tenant/out", "https://later", 2_000),
+                delivered("gs://tenant/out", "https://sooner", 1_500),
+                delivered("file:///srv/out", "", 0),
+            ],
+            ..Default::default()
+        };
+        let shown = |r: &JobRecord| -> Vec<(String, i64)> {
+            r.delivered
+                .iter()
+                .map(|d| (d.download_url.clone(), d.download_url_expires_at_ms))
+                .collect()
+        };
+        drop_expired(&mut record, 1_499);
+        assert_eq!(
+            shown(&record),
+            [
+                ("https://later".into(), 2_000),
+                ("https://sooner".into(), 1_500),
+                (String::new(), 0)
+            ]
+        );
+        // A URL that names no expiry is never shown.
+        assert_eq!(record.artifacts[0].download_url, "");
+        // At its expiry it is gone, with its time: as if there were none.
+        drop_expired(&mut record, 1_500);
+        assert_eq!(
+            shown(&record),
+            [
+                ("https://later".into(), 2_000),
+                (String::new(), 0),
+                (String::new(), 0)
+            ]
+        );
+        drop_expired(&mut record, 9_999);
+        assert!(
+            shown(&record)
+                .iter()
+                .all(|(url, at)| url.is_empty() && *at == 0)
+        );
+    }
+
+    #[tokio::test]
+    async fn the_uploaders_urls_are_kept_as_stored_and_never_re_signed() {
+        let urls = new_urls();
+        let far = trainyard_core::now_ms() + 3_600_000;
+        let mut record = JobRecord {
+            tenant: "acme".into(),
+            job_id: "j-01a24e6c8e6f71778b82b31c9acb8bb0".into(),
+            delivered: vec![
+                // Written with the job's own keys: the uploader's URL stands.
+                delivered("s3://tenant/out", "https://tenant.s3/signed", far),
+                delivered("az://tenant/out", "https://tenant.blob/signed", far),
+                // A job-keys copy the uploader could not sign stays without.
+                delivered("az://sas/out", "", 0),
+                // A fleet credential this coordinator does not hold: no URL
+                // made, none invented.
+                delivered("s3://fleet/out?credential=gone", "", 0),
+            ],
+            ..Default::default()
+        };
+        let before = record.clone();
+        urls.fill(&mut record).await;
+        assert_eq!(record.delivered, before.delivered);
     }
 }

@@ -49,6 +49,10 @@ pub struct Effects {
     pub repo: JobRepo,
     /// The `[quotas]` section: a job's end starts its tenant's held jobs.
     pub quotas: std::sync::Arc<trainyard_core::config::QuotasConfig>,
+    /// `[coordinator] download_url_ttl_secs`, set on every deliver task
+    /// published: the uploader signs the URLs of copies written with a
+    /// job's own keys for this long (the fleet's one setting).
+    pub download_url_ttl_secs: u64,
 }
 
 impl Effects {
@@ -240,8 +244,11 @@ impl Effects {
         &self,
         tenant: &TenantId,
         job: &JobId,
-        task: Task,
+        mut task: Task,
     ) -> Result<PublishAck, EffectError> {
+        if let Task::Deliver(t) = &mut task {
+            t.download_url_ttl_secs = self.download_url_ttl_secs;
+        }
         let (stage, attempt, pool, payload) = match &task {
             Task::Prepare(t) => (Stage::Prepare, t.attempt, String::new(), t.encode_to_vec()),
             Task::Train(t) => (

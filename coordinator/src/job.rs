@@ -262,6 +262,8 @@ pub fn current_task(record: &JobRecord) -> Option<Task> {
             artifacts: record.artifacts.clone(),
             summary: record.summary.clone(),
             dataset_uri: record.dataset_uri.clone(),
+            // Set by `Effects::publish_task_acked`, from the fleet's config.
+            download_url_ttl_secs: 0,
         }),
         Stage::Unspecified => return None,
     })

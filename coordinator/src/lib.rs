@@ -78,6 +78,7 @@ pub async fn run(
         js: js.clone(),
         repo: repo.clone(),
         quotas: std::sync::Arc::new(config.quotas.clone()),
+        download_url_ttl_secs: config.coordinator.download_url_ttl_secs,
     };
     let webhook_secrets = if config.webhooks.is_enabled() {
         let Some(kv) = topology::until_ready("the webhook secrets bucket", &shutdown, || {

@@ -360,7 +360,7 @@ impl JobApi {
         let record = self.repo.get(tenant, &job).await?.record;
         let current = current_version(&record);
         let answer = |record: JobRecord| ApproveCaptionsResponse {
-            job: Some(record.redacted()),
+            job: Some(crate::api::answered(&record)),
         };
         if version != 0 && version != current {
             return Err(stale(version, current));

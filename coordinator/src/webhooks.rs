@@ -380,6 +380,8 @@ impl Deliverer {
             }
         };
         let mut record = record;
+        // A retry may come after the uploader's URLs expired: not sent then.
+        crate::downloads::drop_expired(&mut record, trainyard_core::now_ms());
         if claimed == JobState::Succeeded
             && let Some(urls) = &self.download_urls
         {

@@ -310,6 +310,7 @@ impl Fleet {
                 js: js.clone(),
                 repo: repo.clone(),
                 quotas: std::sync::Arc::new(self.config.quotas.clone()),
+                download_url_ttl_secs: self.config.coordinator.download_url_ttl_secs,
             },
             idem: trainyard_core::topology::idem_bucket(&js, &self.config.nats)
                 .await

@@ -3,15 +3,30 @@
 //! back to verify it, then write the manifest. An `hf://` destination
 //! takes the files, a model card and the manifest in one commit instead
 //! ([`crate::hub`]).
+//!
+//! A copy in a bucket destination written with the job's own keys (no
+//! fleet credential, [`destination::uses_job_keys`]) gets its download URL
+//! here, signed by the same client that wrote it, while the uploader still
+//! holds those keys: once the job is final its sealed secrets are dropped
+//! from its record, so the coordinator could never sign for it (it signs
+//! the artifact store's and fleet-credential copies itself, on read). The
+//! URL is a GET of that one object, good for the task's
+//! `download_url_ttl_secs` (the coordinator's `[coordinator]
+//! download_url_ttl_secs`), and travels only in the stage result into the
+//! job record, which only its tenant reads; it is never logged nor put in
+//! an event. An Azure container reached with a SAS token cannot sign (a
+//! SAS cannot make another) and gets none; nor does a local folder (nothing
+//! serves it but the artifact store's own URL) or an `hf://` repository.
 
 use crate::attributes::scheme_and_bucket;
 use crate::hub::HubTarget;
 use crate::hub::job::JobInput;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use tracing::Instrument;
 use trainyard_core::Config;
-use trainyard_core::destination::{Destinations, chain, hf};
+use trainyard_core::destination::{self, Destinations, chain, hf};
 use trainyard_core::redact::{display_url, redact_in};
 use trainyard_core::runtime::{StageError, StageHandler, TaskContext};
 use trainyard_core::store::{ArtifactStore, StoreError, keys};
@@ -148,6 +163,7 @@ impl DeliverStage {
     ) -> Result<Outcome, StageError> {
         let spec = task.spec.unwrap_or_default();
         let job = ctx.meta.job.as_str();
+        let url_ttl = Duration::from_secs(task.download_url_ttl_secs);
         if task.artifacts.is_empty() {
             return Err(StageError::fail(
                 ErrorKind::Internal,
@@ -164,6 +180,9 @@ impl DeliverStage {
                         label: destination.uri.clone(),
                         sink,
                         prefix: job.to_string(),
+                        sign_for: (!url_ttl.is_zero()
+                            && destination::uses_job_keys(&destination.uri))
+                        .then_some(url_ttl),
                     }),
             ));
         }
@@ -199,6 +218,7 @@ impl DeliverStage {
             label: String::new(),
             sink: Sink::Store(self.store.clone()),
             prefix: keys::output(&ctx.meta.tenant, &ctx.meta.job),
+            sign_for: None,
         };
         let delivered = self.deliver_target(&output, &delivery).await?;
         let mut targets = vec![output];
@@ -334,6 +354,7 @@ impl DeliverStage {
             label,
             sink,
             prefix,
+            sign_for,
         } = target;
         let store = match sink {
             Sink::Store(store) => store,
@@ -384,6 +405,12 @@ impl DeliverStage {
                 copy
             };
             tally.files += 1;
+            let (download_url, download_url_expires_at_ms) = match sign_for {
+                Some(ttl) => download_url(store, &key, *ttl, label)
+                    .await
+                    .unwrap_or_default(),
+                None => Default::default(),
+            };
             delivered.push(DeliveredFile {
                 destination: if label.is_empty() {
                     store.root().to_string()
@@ -393,6 +420,8 @@ impl DeliverStage {
                 uri: copy.uri,
                 size: copy.size,
                 sha256: copy.sha256,
+                download_url,
+                download_url_expires_at_ms,
                 ..Default::default()
             });
         }
@@ -479,6 +508,9 @@ struct Target {
     label: String,
     sink: Sink,
     prefix: String,
+    /// Sign a download URL per copy, good this long: a bucket destination
+    /// written with the job's own keys, when the task sets a TTL.
+    sign_for: Option<Duration>,
 }
 
 /// What a target writes to.
@@ -633,6 +665,35 @@ fn store_error(error: StoreError) -> StageError {
     }
 }
 
+/// A GET URL for `key` of a destination written with the job's own keys
+/// (`label`), good for `ttl`, and when it stops working (Unix ms). The
+/// expiry is counted from the start of the second of signing, as the
+/// signers count theirs (whole seconds), so it is never later than the
+/// URL's own. A store that cannot sign (an Azure SAS token) gives none;
+/// only the destination and the reason are logged, never the URL.
+async fn download_url(
+    store: &ArtifactStore,
+    key: &str,
+    ttl: Duration,
+    label: &str,
+) -> Option<(String, i64)> {
+    let from_ms = trainyard_core::now_ms() / 1000 * 1000;
+    match store.presign_get(key, ttl).await {
+        Ok(url) => Some((
+            url,
+            from_ms.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2)),
+        )),
+        Err(error) => {
+            tracing::info!(
+                destination = %display_url(label),
+                reason = %redact_in(&error.to_string(), label),
+                "no download url for a delivered copy"
+            );
+            None
+        }
+    }
+}
+
 /// Reads a delivered object back and compares its sha256.
 async fn verify(
     store: &ArtifactStore,
@@ -672,6 +733,60 @@ impl StageHandler for DeliverStage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_copy_written_with_the_jobs_keys_gets_a_url_of_the_fleets_ttl() {
+        let options = trainyard_core::config::S3Options {
+            endpoint: Some("http://127.0.0.1:9".into()),
+            region: Some("us-east-1".into()),
+            access_key_id: Some("tenant-key".into()),
+            secret_access_key: Some("tenant-secret".into()),
+            ..Default::default()
+        };
+        let store = ArtifactStore::open_with("s3://deliveries/out", &options).unwrap();
+        let before = trainyard_core::now_ms();
+        let (url, expires_at_ms) = download_url(
+            &store,
+            "j-1/lora.safetensors",
+            Duration::from_secs(600),
+            "s3://deliveries/out",
+        )
+        .await
+        .expect("signed");
+        let after = trainyard_core::now_ms();
+        assert!(
+            url.starts_with("http://127.0.0.1:9/deliveries/out/j-1/lora.safetensors?"),
+            "{url}"
+        );
+        assert!(url.contains("X-Amz-Expires=600"), "{url}");
+        // Whole seconds, never later than the URL's own expiry.
+        assert_eq!(expires_at_ms % 1000, 0);
+        assert!(expires_at_ms <= after + 600_000, "{expires_at_ms}");
+        assert!(
+            expires_at_ms > before - 1000 + 600_000 - 1,
+            "{expires_at_ms}"
+        );
+
+        // A container reached with a SAS token cannot sign: no URL.
+        let builder = object_store::azure::MicrosoftAzureBuilder::new()
+            .with_account("acct")
+            .with_container_name("deliveries")
+            .with_config(
+                object_store::azure::AzureConfigKey::SasKey,
+                "sv=2022-11-02&ss=b&srt=co&sp=rwl&se=2099-01-01T00:00:00Z&sig=c2ln",
+            );
+        let sas = ArtifactStore::open_azure(builder, "out").unwrap();
+        assert_eq!(
+            download_url(
+                &sas,
+                "j-1/lora.safetensors",
+                Duration::from_secs(600),
+                "az://deliveries/out"
+            )
+            .await,
+            None
+        );
+    }
 
     #[tokio::test]
     async fn an_earlier_copy_is_kept_only_when_its_sha256_matches() {

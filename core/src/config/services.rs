@@ -47,7 +47,10 @@ pub struct CoordinatorConfig {
     /// whatever this says).
     pub max_spec_bytes: usize,
     /// How long the download URLs `Get`, `List` and the `job.completed`
-    /// webhook hand out stay good, in seconds (1 to 604800).
+    /// webhook hand out stay good, in seconds (1 to 604800). The uploader
+    /// signs the URLs of copies written with a job's own keys for as long:
+    /// the coordinator sets this on every deliver task, so it is set here
+    /// only.
     pub download_url_ttl_secs: u64,
     /// The coordinator's address as clients reach it, for the download
     /// URLs of a local artifact store (`https://yard.example.com:50051`).

@@ -222,6 +222,14 @@ fn parse(uri: &str) -> Result<Parsed<'_>, DestinationError> {
     Ok(Parsed::Local(path))
 }
 
+/// Whether `uri` is a bucket destination (`s3://`, `gs://`, `az://`)
+/// written with its job's own keys, not a fleet credential's: only the
+/// uploader, while it holds them, can sign download URLs for its copies
+/// (the coordinator never holds a final job's keys).
+pub fn uses_job_keys(uri: &str) -> bool {
+    matches!(parse(uri), Ok(Parsed::Bucket(b)) if b.credential.is_none())
+}
+
 /// `path` with symlinks resolved: its nearest existing ancestor
 /// canonicalised, the missing rest appended. `None` when an entry exists
 /// but cannot be resolved (a dangling symlink: creating the folder would

@@ -320,3 +320,21 @@ fn gcs_and_azure_destinations_follow_the_s3_rules() {
         Err(DestinationError::ParentDir { .. })
     ));
 }
+
+#[test]
+fn only_buckets_without_a_fleet_credential_use_their_jobs_keys() {
+    for uri in ["s3://b/p", "gs://b", "az://c/p", "azure://c/p"] {
+        assert!(uses_job_keys(uri), "{uri}");
+    }
+    for uri in [
+        "s3://b/p?credential=fleet",
+        "gs://b?credential=fleet",
+        "az://c/p?credential=fleet",
+        "file:///srv/out",
+        "/srv/out",
+        "hf://org/repo",
+        "s3://b/p?other=1",
+    ] {
+        assert!(!uses_job_keys(uri), "{uri}");
+    }
+}
