@@ -16,16 +16,17 @@
 //! instead. diffusers then reads the pipeline's config files (a few KB) of
 //! `stabilityai/stable-diffusion-xl-base-1.0` from the Hub or the HF cache.
 //!
+//! Wan trains on video clips and images from the dataset folder, with
+//! `num_frames` fitted to the clips ([`video`]).
+//!
 //! ai-toolkit cannot be asked to save: SIGINT stops it with `Job stopped`
 //! and exit status 0, without saving.
 
 use super::{
-    BackendError, Extra, ExtraType, FoundCheckpoint, Launch, LineEvent, OutputParser,
-    SettingProblem, StopRequest, Tools, TrainInputs, TrainerBackend, classify_common, error,
-    typed_extras,
+    BackendError, Extra, ExtraType, FoundCheckpoint, Launch, OutputParser, SettingProblem,
+    StopRequest, Tools, TrainInputs, TrainerBackend, classify_common, error, typed_extras,
 };
 use crate::common::{self, Signature, Signatures, unclassified};
-use regex::Regex;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -35,6 +36,9 @@ use std::sync::LazyLock;
 use trainyard_core::process::CommandSpec;
 use trainyard_models::{ModelFamily, part};
 use trainyard_proto::v1::{ErrorKind, JobError, TrainingSettings};
+
+mod output;
+pub mod video;
 
 const NAME: &str = "ai-toolkit";
 
@@ -72,6 +76,9 @@ const OPTIONS: &[(&str, Section, ExtraType)] = &[
     ("caption_dropout_rate", Section::Dataset, ExtraType::Float),
     ("shuffle_tokens", Section::Dataset, ExtraType::Flag),
     ("cache_latents_to_disk", Section::Dataset, ExtraType::Flag),
+    // Wan only (`video::VIDEO_OPTIONS`).
+    ("num_frames", Section::Dataset, ExtraType::Int),
+    ("shrink_video_to_frames", Section::Dataset, ExtraType::Flag),
     ("max_step_saves_to_keep", Section::Save, ExtraType::Int),
 ];
 
@@ -269,10 +276,27 @@ impl TrainerBackend for AiToolkit {
                 format!("{NAME} does not train {family} models"),
             ));
         }
-        if let Err(bad) = typed_extras(NAME, &settings.extras, &EXTRAS) {
-            problems.extend(bad);
+        match typed_extras(NAME, &settings.extras, &EXTRAS) {
+            Ok(extras) => problems.extend(video::problems(&extras, family)),
+            Err(bad) => problems.extend(bad),
         }
         problems
+    }
+
+    fn trains_video(&self, family: ModelFamily) -> bool {
+        video::trains_video(family)
+    }
+
+    fn clip_need(
+        &self,
+        settings: &TrainingSettings,
+        family: ModelFamily,
+        clip_frames: &[u64],
+    ) -> Option<crate::ClipNeed> {
+        let extras = typed_extras(NAME, &settings.extras, &EXTRAS).ok()?;
+        video::trains_video(family)
+            .then(|| video::need(&extras, clip_frames))
+            .flatten()
     }
 
     fn render(&self, inputs: &TrainInputs) -> Result<Launch, BackendError> {
@@ -291,6 +315,16 @@ impl TrainerBackend for AiToolkit {
         }
         let extras = typed_extras(NAME, &s.extras, &EXTRAS).unwrap_or_default();
         let options = |section| section_options(family, section, &extras);
+        let clips = common::video::clips_in(&inputs.dataset_dir);
+        if !clips.is_empty() && !video::trains_video(family) {
+            return Err(BackendError::InvalidSettings(format!(
+                "the dataset holds {} video clips; {NAME} trains {family} on images only",
+                clips.len()
+            )));
+        }
+        let frames: Vec<u64> = clips.iter().map(|(_, frames)| *frames).collect();
+        let mut dataset_options = options(Section::Dataset);
+        dataset_options.extend(video::dataset_options(&extras, &frames));
         let job = JobFile {
             job: "extension",
             config: JobConfig {
@@ -320,7 +354,7 @@ impl TrainerBackend for AiToolkit {
                         caption_ext: "txt",
                         resolution: [s.resolution],
                         num_repeats: s.repeats.max(1),
-                        options: options(Section::Dataset),
+                        options: dataset_options,
                     }],
                     train: Train {
                         batch_size: s.batch_size.max(1),
@@ -350,6 +384,7 @@ impl TrainerBackend for AiToolkit {
             .map_err(|e| BackendError::InvalidSettings(e.to_string()))?;
         Ok(Launch {
             files: vec![(path.clone(), body.into_bytes())],
+            links: Vec::new(),
             command: CommandSpec {
                 program: self.python.clone(),
                 args: vec!["run.py".into(), path.into()],
@@ -364,12 +399,10 @@ impl TrainerBackend for AiToolkit {
     }
 
     fn parser(&self, inputs: &TrainInputs) -> Box<dyn OutputParser> {
-        Box::new(Parser {
-            name: inputs.output_name.clone(),
-            batch_size: inputs.settings.batch_size.max(1),
-            saving: None,
-            resumed: None,
-        })
+        Box::new(output::Parser::new(
+            inputs.output_name.clone(),
+            inputs.settings.batch_size.max(1),
+        ))
     }
 
     fn latest_checkpoint(&self, inputs: &TrainInputs) -> Option<FoundCheckpoint> {
@@ -465,85 +498,6 @@ fn zip_complete(path: &Path) -> bool {
     check().unwrap_or(false)
 }
 
-static STEP_FILE: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"_(\d{9})\.safetensors$").expect("step file regex"));
-static SAVING: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"^Saving at step (\d+)").expect("saving regex"));
-static RESUMING: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"#### IMPORTANT RESUMING FROM (.+) ####").expect("resuming regex")
-});
-static FOUND_STEP: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"^Found step (\d+) in metadata, starting from there").expect("found step regex")
-});
-static COMPLETED: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"^\s*- 1 completed job$").expect("completed regex"));
-
-struct Parser {
-    /// The bar's description is the job name.
-    name: String,
-    batch_size: u32,
-    /// The step announced by `Saving at step N`, for the save lines after it.
-    saving: Option<u32>,
-    resumed: Option<u32>,
-}
-
-impl OutputParser for Parser {
-    fn line(&mut self, line: &str) -> Vec<LineEvent> {
-        if let Some(bar) = common::tqdm(line)
-            && bar.desc == self.name
-        {
-            return vec![LineEvent::Progress {
-                step: bar.n,
-                total: bar.total,
-                loss: common::postfix_value(bar.postfix, "loss").map(|v| v as f32),
-                lr: common::postfix_value(bar.postfix, "lr"),
-                samples_per_sec: bar.it_per_sec.map(|r| r * self.batch_size as f32),
-                epoch: None,
-            }];
-        }
-        let step_of = |re: &Regex, text: &str| -> Option<u32> {
-            re.captures(text)?.get(1)?.as_str().parse().ok()
-        };
-        if let Some(step) = step_of(&SAVING, line) {
-            self.saving = Some(step);
-            return Vec::new();
-        }
-        if let Some(path) = line.strip_prefix("Saved checkpoint to ") {
-            let path = Path::new(path.trim());
-            let step = path.to_str().and_then(|p| step_of(&STEP_FILE, p));
-            self.saving = step;
-            // The final save, `<name>.safetensors`, ends the run; run.py
-            // prints no summary after a success.
-            let last = path.file_name() == Some(format!("{}.safetensors", self.name).as_ref());
-            return match last {
-                true => vec![LineEvent::Saved { step }, LineEvent::Done],
-                false => vec![LineEvent::Saved { step }],
-            };
-        }
-        if line.starts_with("Saved optimizer to ") {
-            return vec![LineEvent::Saved {
-                step: self.saving.take(),
-            }];
-        }
-        let resumed = RESUMING
-            .captures(line)
-            .and_then(|c| step_of(&STEP_FILE, c.get(1)?.as_str().trim()))
-            .or_else(|| step_of(&FOUND_STEP, line));
-        if let Some(step) = resumed {
-            if self.resumed == Some(step) {
-                return Vec::new();
-            }
-            self.resumed = Some(step);
-            return vec![LineEvent::Resumed { step }];
-        }
-        // Versions that print the summary after a success too.
-        if COMPLETED.is_match(line) {
-            return vec![LineEvent::Done];
-        }
-        Vec::new()
-    }
-}
-
 /// ai-toolkit's own failures, checked before the error line and the
 /// shared table.
 static SIGNATURES: Signatures = Signatures::new(&[
@@ -560,7 +514,7 @@ static SIGNATURES: Signatures = Signatures::new(&[
         what: "interrupted: ai-toolkit stopped on SIGINT without saving",
     },
     Signature {
-        pattern: r"no images found in ",
+        pattern: r"no (?:images|videos) found in ",
         kind: ErrorKind::BadDataset,
         retryable: false,
         what: "no usable training data",

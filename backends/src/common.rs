@@ -1,6 +1,9 @@
 //! What every backend shares: the tqdm progress-bar regex, the number token,
 //! and the failure signatures of the Python training stack (the trainers
-//! reference, section 0).
+//! reference, section 0), and [`video`]: the clips of a dataset and the
+//! frame counts the video backends train them at.
+
+pub mod video;
 
 use regex::Regex;
 use std::process::ExitStatus;

@@ -57,7 +57,7 @@ use std::path::{Component, Path, PathBuf};
 use std::process::ExitStatus;
 use trainyard_core::process::CommandSpec;
 use trainyard_models::{ModelFamily, part};
-use trainyard_proto::v1::{JobError, TrainingSettings};
+use trainyard_proto::v1::{JobError, TrainingSettings, extra_value::Kind};
 
 const NAME: &str = "diffusion-pipe";
 const CONFIG_FILE: &str = "config.toml";
@@ -213,6 +213,22 @@ impl TrainerBackend for DiffusionPipe {
         trains_video(family)
     }
 
+    fn clip_need(
+        &self,
+        settings: &TrainingSettings,
+        family: ModelFamily,
+        clip_frames: &[u64],
+    ) -> Option<crate::ClipNeed> {
+        if !trains_video(family) {
+            return None;
+        }
+        let extra = match settings.extras.get("frame_buckets").map(|v| &v.kind) {
+            Some(Some(Kind::Text(text))) => Some(text.as_str()),
+            _ => None,
+        };
+        video::clip_need(extra, clip_frames)
+    }
+
     fn render(&self, inputs: &TrainInputs) -> Result<Launch, BackendError> {
         let config_path = inputs.run_dir.join(CONFIG_FILE);
         let dataset_path = inputs.run_dir.join(DATASET_FILE);
@@ -233,6 +249,7 @@ impl TrainerBackend for DiffusionPipe {
         }
         Ok(Launch {
             files: vec![(config_path, config), (dataset_path, dataset)],
+            links: Vec::new(),
             command: CommandSpec {
                 program: self.deepspeed.clone(),
                 args,

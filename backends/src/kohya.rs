@@ -377,6 +377,7 @@ impl TrainerBackend for Kohya {
         argv.push(args_path.into());
         Ok(Launch {
             files,
+            links: Vec::new(),
             command: CommandSpec {
                 program: self.accelerate.clone(),
                 args: argv,

@@ -28,6 +28,7 @@ use trainyard_core::process::CommandSpec;
 use trainyard_models::ModelFamily;
 use trainyard_proto::v1::{ExtraValue, JobError, TrainingSettings, extra_value::Kind};
 
+pub use common::video::ClipNeed;
 pub use common::{classify_common, error};
 pub use registry::{
     BACKENDS, BackendEntry, REGISTRY, Tool, Tools, by_name, entry, installed, not_installed,
@@ -131,10 +132,16 @@ impl Slot {
     }
 }
 
-/// A rendered run: files to write, then the command.
+/// A rendered run: files to write and links to make, then the command.
 #[derive(Clone, Debug)]
 pub struct Launch {
     pub files: Vec<(PathBuf, Vec<u8>)>,
+    /// Symbolic links `(link, target)` to make before the run, replacing
+    /// whatever is at `link`: a trainer that must see part of the dataset
+    /// folder as a folder of its own (SimpleTuner's image and video
+    /// datasets, which must not share a folder) gets one of links to the
+    /// dataset's files rather than copies of them.
+    pub links: Vec<(PathBuf, PathBuf)>,
     pub command: CommandSpec,
 }
 
@@ -220,6 +227,18 @@ pub trait TrainerBackend: Send + Sync {
     /// clips is refused by preflight otherwise).
     fn trains_video(&self, _family: ModelFamily) -> bool {
         false
+    }
+    /// What a run with `settings` needs of every clip of a dataset whose
+    /// clips have `clip_frames` frames: the same numbers `render` writes,
+    /// for preflight to name the clips the trainer would skip or stretch.
+    /// `None` when it takes clips of any length, or there are none.
+    fn clip_need(
+        &self,
+        _settings: &TrainingSettings,
+        _family: ModelFamily,
+        _clip_frames: &[u64],
+    ) -> Option<ClipNeed> {
+        None
     }
     /// Whether the run wants a loopback webhook URL.
     fn wants_webhook(&self) -> bool {

@@ -204,6 +204,7 @@ impl TrainerBackend for Reference {
             .map_err(|e| BackendError::InvalidSettings(e.to_string()))?;
         Ok(Launch {
             files: vec![(path.clone(), body)],
+            links: Vec::new(),
             command: CommandSpec {
                 program: self.bin.clone(),
                 args: vec!["train".into(), "--config".into(), path.into()],

@@ -3,7 +3,8 @@
 //! A run is `accelerate launch … <site-packages>/simpletuner/train.py` with
 //! `CONFIG_BACKEND=json`: the options go in `config.json` (the CLI flag
 //! names), the data in `multidatabackend.json` (one image backend with
-//! `textfile` captions plus the `text_embeds` backend SimpleTuner requires).
+//! `textfile` captions plus the `text_embeds` backend SimpleTuner requires;
+//! for Wan, a video dataset for the clips, [`video`]).
 //! The `simpletuner train` wrapper is never used: it starts its child in a
 //! new session and orphans it on SIGTERM.
 //!
@@ -22,22 +23,22 @@
 //! training goes on.
 
 use super::{
-    BackendError, Extra, ExtraType, FoundCheckpoint, Launch, LineEvent, OutputParser,
-    SettingProblem, StopRequest, Tools, TrainInputs, TrainerBackend, typed_extras,
+    BackendError, Extra, ExtraType, FoundCheckpoint, Launch, OutputParser, SettingProblem,
+    StopRequest, Tools, TrainInputs, TrainerBackend, typed_extras,
 };
 use crate::common::{self, Signature, Signatures, classify_with, unclassified};
-use regex::Regex;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
-use std::sync::LazyLock;
 use trainyard_core::process::CommandSpec;
 use trainyard_models::{ModelFamily, part};
 use trainyard_proto::v1::{ErrorKind, JobError, TrainingSettings, extra_value::Kind};
 
 mod model;
+mod output;
+pub mod video;
 
 const NAME: &str = "simpletuner";
 
@@ -68,6 +69,23 @@ pub const EXTRAS: &[(&str, ExtraType)] = &[
     ("checkpointing_use_tempdir", ExtraType::Flag),
     ("validation_disable", ExtraType::Flag),
 ];
+
+/// Extras that go to the video dataset's `video` block, not `config.json`
+/// (Wan only, [`video`]).
+pub const VIDEO_EXTRAS: &[(&str, ExtraType)] = &[("num_frames", ExtraType::Int)];
+
+/// Every extra this backend takes.
+fn all_extras() -> Vec<(&'static str, ExtraType)> {
+    EXTRAS.iter().chain(VIDEO_EXTRAS).copied().collect()
+}
+
+/// The `num_frames` extra, when given.
+fn num_frames_extra(settings: &TrainingSettings) -> Option<i64> {
+    match settings.extras.get("num_frames")?.kind.as_ref()? {
+        Kind::Int(n) => Some(*n),
+        _ => None,
+    }
+}
 
 /// `mixed_precision` is also accelerate's launch flag, so it is checked.
 const MIXED_PRECISION: &[&str] = &["bf16", "fp16", "fp8", "no"];
@@ -156,9 +174,9 @@ struct Webhook<'a> {
     log_level: &'static str,
 }
 
-/// The image dataset (`documentation/DATALOADER.md`).
+/// An image or video dataset (`documentation/DATALOADER.md`).
 #[derive(Serialize)]
-struct ImageBackend<'a> {
+struct MediaBackend<'a> {
     id: &'static str,
     #[serde(rename = "type")]
     kind: &'static str,
@@ -172,6 +190,9 @@ struct ImageBackend<'a> {
     crop: bool,
     cache_dir_vae: PathBuf,
     metadata_backend: &'static str,
+    /// A video dataset's frame counts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    video: Option<video::VideoBlock>,
 }
 
 /// The text-embedding cache SimpleTuner refuses to start without.
@@ -207,6 +228,10 @@ fn json(value: &impl Serialize) -> Result<Vec<u8>, BackendError> {
     serde_json::to_vec_pretty(value).map_err(|e| BackendError::InvalidSettings(e.to_string()))
 }
 
+fn to_value(value: &impl Serialize) -> Result<Value, BackendError> {
+    serde_json::to_value(value).map_err(|e| BackendError::InvalidSettings(e.to_string()))
+}
+
 impl TrainerBackend for SimpleTuner {
     fn name(&self) -> &'static str {
         NAME
@@ -228,8 +253,19 @@ impl TrainerBackend for SimpleTuner {
                 format!("{NAME} does not train {family} models"),
             ));
         }
-        if let Err(bad) = typed_extras(NAME, &settings.extras, EXTRAS) {
+        if let Err(bad) = typed_extras(NAME, &settings.extras, &all_extras()) {
             problems.extend(bad);
+        }
+        if let Some(n) = num_frames_extra(settings) {
+            if !video::trains_video(family) {
+                problems.push(SettingProblem::extra(
+                    "num_frames",
+                    format!("{NAME} trains {family} on images only; only wan takes num_frames"),
+                ));
+            } else if n < 1 {
+                // factory.py refuses `num_frames` below 1.
+                problems.push(SettingProblem::extra("num_frames", "must be at least 1"));
+            }
         }
         if let Some(Kind::Text(mp)) = settings
             .extras
@@ -245,6 +281,21 @@ impl TrainerBackend for SimpleTuner {
         problems
     }
 
+    fn trains_video(&self, family: ModelFamily) -> bool {
+        video::trains_video(family)
+    }
+
+    fn clip_need(
+        &self,
+        settings: &TrainingSettings,
+        family: ModelFamily,
+        clip_frames: &[u64],
+    ) -> Option<crate::ClipNeed> {
+        video::trains_video(family)
+            .then(|| video::need(num_frames_extra(settings), clip_frames))
+            .flatten()
+    }
+
     fn wants_webhook(&self) -> bool {
         true
     }
@@ -257,7 +308,10 @@ impl TrainerBackend for SimpleTuner {
         }
         let family = model_family(inputs.model.family).unwrap_or_default();
         let mut options = default_options();
-        options.extend(typed_extras(NAME, &s.extras, EXTRAS).unwrap_or_default());
+        options.extend(typed_extras(NAME, &s.extras, &all_extras()).unwrap_or_default());
+        for (key, _) in VIDEO_EXTRAS {
+            options.remove(*key);
+        }
         let mixed_precision = match options.get("mixed_precision") {
             Some(Extra::Text(mp)) => mp.clone(),
             _ => "bf16".into(),
@@ -303,28 +357,47 @@ impl TrainerBackend for SimpleTuner {
             options,
         };
         let cache = inputs.run_dir.join("cache");
-        let backends = (
-            ImageBackend {
-                id: "subject",
-                kind: "local",
-                dataset_type: "image",
-                instance_data_dir: &inputs.dataset_dir,
-                caption_strategy: "textfile",
-                resolution: s.resolution,
-                resolution_type: "pixel_area",
-                repeats: s.repeats.max(1) - 1,
-                crop: false,
-                cache_dir_vae: cache.join("vae"),
-                metadata_backend: "discovery",
-            },
-            TextEmbedsBackend {
-                id: "text-embeds",
-                kind: "local",
-                dataset_type: "text_embeds",
-                default: true,
-                cache_dir: cache.join("text"),
-            },
-        );
+        let layout = video::layout(inputs, num_frames_extra(s))?;
+        let media = |id, dataset_type, dir, cache_dir_vae, video| MediaBackend {
+            id,
+            kind: "local",
+            dataset_type,
+            instance_data_dir: dir,
+            caption_strategy: "textfile",
+            resolution: s.resolution,
+            resolution_type: "pixel_area",
+            repeats: s.repeats.max(1) - 1,
+            crop: false,
+            cache_dir_vae,
+            metadata_backend: "discovery",
+            video,
+        };
+        let mut backends: Vec<Value> = Vec::new();
+        if let Some(dir) = &layout.images {
+            backends.push(to_value(&media(
+                "subject",
+                "image",
+                dir,
+                cache.join("vae"),
+                None,
+            ))?);
+        }
+        if let Some((dir, block)) = &layout.clips {
+            backends.push(to_value(&media(
+                "clips",
+                "video",
+                dir,
+                cache.join("vae-clips"),
+                Some(block.clone()),
+            ))?);
+        }
+        backends.push(to_value(&TextEmbedsBackend {
+            id: "text-embeds",
+            kind: "local",
+            dataset_type: "text_embeds",
+            default: true,
+            cache_dir: cache.join("text"),
+        })?);
         // A fresh signal file: the trainer acts on counts above the ones it
         // has seen, starting from zero, so a stale count must not carry over.
         let signals = Signals {
@@ -351,6 +424,7 @@ impl TrainerBackend for SimpleTuner {
                 (backends_path, json(&backends)?),
                 (signal_file(inputs), json(&signals)?),
             ],
+            links: layout.links,
             command: CommandSpec {
                 program: self.accelerate.clone(),
                 args: vec![
@@ -368,11 +442,7 @@ impl TrainerBackend for SimpleTuner {
     }
 
     fn parser(&self, inputs: &TrainInputs) -> Box<dyn OutputParser> {
-        Box::new(Parser {
-            batch_size: inputs.settings.batch_size.max(1),
-            resumed: None,
-            saved: None,
-        })
+        Box::new(output::Parser::new(inputs.settings.batch_size.max(1)))
     }
 
     fn latest_checkpoint(&self, inputs: &TrainInputs) -> Option<FoundCheckpoint> {
@@ -436,140 +506,6 @@ fn collect_files(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> std::io::Re
         }
     }
     Ok(())
-}
-
-static EPOCH_DESC: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"^Epoch (\d+)/(\d+),? Steps$").expect("epoch regex"));
-static STEPS_COMPLETED: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"^\s*- Steps completed: (\d+)\s*$").expect("steps regex"));
-static RESUMING: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"Resuming from global_step (\d+)\.").expect("resume regex"));
-static RESUMED_EVENT: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"^Resumed from global_step (\d+)").expect("resumed regex"));
-static CHECKPOINT_DIR: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"checkpoint-(\d+)/?$").expect("checkpoint regex"));
-
-struct Parser {
-    batch_size: u32,
-    /// Resume and save hints arrive from the log and the webhook alike;
-    /// each is reported once per step.
-    resumed: Option<u32>,
-    saved: Option<u32>,
-}
-
-impl Parser {
-    fn resumed(&mut self, step: u32) -> Vec<LineEvent> {
-        if step == 0 || self.resumed == Some(step) {
-            return Vec::new();
-        }
-        self.resumed = Some(step);
-        vec![LineEvent::Resumed { step }]
-    }
-
-    fn saved(&mut self, step: Option<u32>) -> Vec<LineEvent> {
-        if step.is_some() && self.saved == step {
-            return Vec::new();
-        }
-        self.saved = step.or(self.saved);
-        vec![LineEvent::Saved { step }]
-    }
-}
-
-fn capture_u32(regex: &Regex, text: &str) -> Option<u32> {
-    regex.captures(text)?.get(1)?.as_str().parse().ok()
-}
-
-impl OutputParser for Parser {
-    fn line(&mut self, line: &str) -> Vec<LineEvent> {
-        if let Some(bar) = common::tqdm(line)
-            && let Some(desc) = EPOCH_DESC.captures(bar.desc)
-        {
-            return vec![LineEvent::Progress {
-                step: bar.n,
-                total: bar.total,
-                loss: common::postfix_value(bar.postfix, "step_loss").map(|v| v as f32),
-                lr: common::postfix_value(bar.postfix, "lr"),
-                samples_per_sec: bar.it_per_sec.map(|r| r * self.batch_size as f32),
-                epoch: desc[1].parse().ok(),
-            }];
-        }
-        if let Some(step) = capture_u32(&STEPS_COMPLETED, line).or(capture_u32(&RESUMING, line)) {
-            return self.resumed(step);
-        }
-        Vec::new()
-    }
-
-    /// The `raw` webhook bodies (`helpers/webhooks/events.py`): the event
-    /// dict plus `type`, `job_id`, `severity` and `timestamp`. Failures
-    /// (`error`, `training.status` failed) carry no event: `classify`
-    /// reads the same failure from the output lines.
-    fn webhook(&mut self, body: &Value) -> Vec<LineEvent> {
-        let text = |v: &Value, key: &str| v.get(key).and_then(Value::as_str).map(str::to_string);
-        match body.get("type").and_then(Value::as_str) {
-            Some("training.status") => {
-                let Some(progress) = body.get("progress") else {
-                    return Vec::new();
-                };
-                let (Some(step), Some(total)) = (
-                    progress.get("current").and_then(Value::as_f64),
-                    progress.get("total").and_then(Value::as_f64),
-                ) else {
-                    return Vec::new();
-                };
-                let step = step as u32;
-                let metrics = progress.get("metrics");
-                let metric = |key: &str| metrics.and_then(|m| m.get(key)).and_then(Value::as_f64);
-                // The startup status reports the loss accumulator, still 0.
-                let startup = text(progress, "label").as_deref() == Some("Training initialisation");
-                let mut events = vec![LineEvent::Progress {
-                    step,
-                    total: total as u32,
-                    loss: metric("loss").filter(|_| !startup).map(|v| v as f32),
-                    lr: metric("learning_rate"),
-                    samples_per_sec: None,
-                    epoch: metric("epoch").map(|v| v as f32),
-                }];
-                if let Some(value) = metric("grad_norm") {
-                    events.push(LineEvent::Metric {
-                        name: "grad_norm".into(),
-                        value,
-                        step,
-                    });
-                }
-                events
-            }
-            Some("lifecycle.stage") => {
-                let Some(stage) = body.get("stage") else {
-                    return Vec::new();
-                };
-                let message = text(body, "message").unwrap_or_default();
-                match (
-                    text(stage, "key").as_deref(),
-                    text(stage, "status").as_deref(),
-                ) {
-                    // `checkpoint_save completed` comes before the sampler
-                    // state, the manifest and `.guard`: not saved yet.
-                    (Some("training_complete"), Some("completed")) => vec![LineEvent::Done],
-                    (Some("init_resume_checkpoint"), Some("completed")) => {
-                        match capture_u32(&RESUMED_EVENT, &message) {
-                            Some(step) => self.resumed(step),
-                            None => Vec::new(),
-                        }
-                    }
-                    _ => Vec::new(),
-                }
-            }
-            // Sent once the folder is complete and renamed into place.
-            Some("training.checkpoint") => {
-                let path = body
-                    .get("checkpoint")
-                    .and_then(|c| text(c, "path"))
-                    .unwrap_or_default();
-                self.saved(capture_u32(&CHECKPOINT_DIR, &path))
-            }
-            _ => Vec::new(),
-        }
-    }
 }
 
 /// SimpleTuner's own failures, checked in order before the shared table.

@@ -427,6 +427,7 @@ impl TrainerBackend for Trl {
                 (config_path.clone(), body),
                 (driver_path.clone(), DRIVER.as_bytes().to_vec()),
             ],
+            links: Vec::new(),
             command: CommandSpec {
                 program: self.python.clone(),
                 args: vec![driver_path.into(), "--config".into(), config_path.into()],

@@ -1,4 +1,5 @@
 use super::*;
+use crate::LineEvent;
 use std::os::unix::process::ExitStatusExt;
 use trainyard_core::config::TrainerPaths;
 use trainyard_proto::v1::{ExtraValue, extra_value::Kind};
@@ -173,6 +174,75 @@ fn extras_go_to_their_section() {
     assert!(problems[1].contains("quantize: must be a boolean"));
     assert!(b.render(&run).is_err());
     assert_eq!(b.stop_request(&run), StopRequest::Unsupported);
+}
+
+/// Wan on clips: the dataset entry gets `num_frames` fitted to the
+/// shortest clip (4n+1) and `shrink_video_to_frames`, the extras override
+/// both, and preflight's need is the same number; an image family with
+/// clips is refused, and the video extras are Wan's only.
+#[test]
+fn a_wan_video_dataset_gets_num_frames_from_its_clips() {
+    let b = backend();
+    let tmp = tempfile::tempdir().unwrap();
+    crate::test_support::manifest_with_clips(
+        tmp.path(),
+        &["still.png"],
+        &[("walk.mp4", 16), ("run.mp4", 120)],
+    );
+    let mut run = inputs(ModelFamily::Wan);
+    run.dataset_dir = tmp.path().to_owned();
+    let yaml = job(&b.render(&run).unwrap());
+    let dataset = &yaml["config"]["process"][0]["datasets"][0];
+    assert_eq!(dataset["folder_path"], tmp.path().to_str().unwrap());
+    assert_eq!(dataset["num_frames"], 13);
+    assert_eq!(dataset["shrink_video_to_frames"], true);
+    assert_eq!(yaml["config"]["process"][0]["model"]["arch"], "wan21");
+    assert!(b.trains_video(ModelFamily::Wan));
+    let need = b.clip_need(&run.settings, ModelFamily::Wan, &[16, 120]);
+    assert_eq!(need.map(|n| n.frames), Some(Some(13)));
+
+    let extras = &mut run.settings.extras;
+    extras.insert("num_frames".into(), extra(Kind::Int(33)));
+    extras.insert("shrink_video_to_frames".into(), extra(Kind::Flag(false)));
+    let yaml = job(&b.render(&run).unwrap());
+    let dataset = &yaml["config"]["process"][0]["datasets"][0];
+    assert_eq!(dataset["num_frames"], 33);
+    assert_eq!(dataset["shrink_video_to_frames"], false);
+    let need = b
+        .clip_need(&run.settings, ModelFamily::Wan, &[16, 120])
+        .unwrap();
+    assert_eq!(need.frames, Some(33));
+    assert_eq!(need.extra, "num_frames");
+
+    // An image dataset keeps ai-toolkit's default of one frame.
+    let yaml = job(&b.render(&inputs(ModelFamily::Wan)).unwrap());
+    let dataset = &yaml["config"]["process"][0]["datasets"][0];
+    assert!(dataset.get("num_frames").is_none());
+    assert!(dataset.get("shrink_video_to_frames").is_none());
+
+    let mut flux = inputs(ModelFamily::Flux);
+    flux.dataset_dir = tmp.path().to_owned();
+    assert!(matches!(
+        b.render(&flux),
+        Err(BackendError::InvalidSettings(m)) if m.contains("2 video clips")
+    ));
+    assert!(!b.trains_video(ModelFamily::Flux));
+    assert_eq!(b.clip_need(&flux.settings, ModelFamily::Flux, &[16]), None);
+    let problems = b.check(&run.settings, ModelFamily::Flux);
+    let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "training.extras.num_frames",
+            "training.extras.shrink_video_to_frames"
+        ]
+    );
+    run.settings
+        .extras
+        .insert("num_frames".into(), extra(Kind::Int(1)));
+    let problems = b.check(&run.settings, ModelFamily::Wan);
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].problem.contains("at least 2"));
 }
 
 fn events(lines: &[&str]) -> Vec<LineEvent> {

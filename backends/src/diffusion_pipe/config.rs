@@ -512,7 +512,7 @@ pub(super) fn render(
         },
         optimizer,
     };
-    let clips = super::video::clips_in(&inputs.dataset_dir);
+    let clips = crate::common::video::clips_in(&inputs.dataset_dir);
     if !clips.is_empty() && !super::trains_video(family) {
         return Err(BackendError::InvalidSettings(format!(
             "the dataset holds {} video clips; {NAME} trains {family} on images only",

@@ -11,17 +11,21 @@
 //! always added).
 //!
 //! Ours come from `training.extras.frame_buckets` (text such as `"1, 33"`)
-//! when given, else from the clips: one video bucket, the shortest clip's
-//! length rounded down to 4n+1 frames (Wan's VAE compresses time four to
-//! one after the first frame) and at most [`DEFAULT_VIDEO_BUCKET`], so
-//! every clip is trained on. Preflight names the clips a bucket list would
-//! skip, before a GPU is held.
+//! when given, else from the clips: one video bucket, the frames every
+//! video backend derives from the shortest clip (`crate::common::video`:
+//! rounded down to 4n+1, Wan's VAE compressing time four to one after the
+//! first frame, and at most [`MAX_DERIVED_FRAMES`]), so every clip is
+//! trained on. Preflight names the clips a bucket list would skip
+//! ([`clip_need`]), before a GPU is held.
 
-use std::path::Path;
+use crate::common::video::{ClipNeed, MAX_DERIVED_FRAMES, derived_frames};
 
 /// The video bucket of diffusion-pipe's examples (`frame_buckets = [1, 33]`),
 /// the longest a derived bucket gets.
-pub const DEFAULT_VIDEO_BUCKET: u32 = 33;
+pub const DEFAULT_VIDEO_BUCKET: u32 = MAX_DERIVED_FRAMES;
+
+/// Wan's VAE takes `4n + 1` frames.
+const FRAME_STEP: u64 = 4;
 
 /// Most frame buckets the extra may list.
 const MAX_BUCKETS: usize = 8;
@@ -56,50 +60,36 @@ pub fn frame_buckets(extra: Option<&str>, clip_frames: &[u64]) -> Result<Option<
     if let Some(text) = extra {
         return parse_frame_buckets(text).map(Some);
     }
-    let Some(&shortest) = clip_frames.iter().min() else {
-        return Ok(None);
-    };
-    let longest = u64::from(DEFAULT_VIDEO_BUCKET);
-    let bucket = match shortest.min(longest) {
-        n if n >= 5 => ((n - 1) / 4 * 4 + 1) as u32,
-        // Shorter than any useful bucket: preflight names these clips.
-        _ => 5,
-    };
-    Ok(Some(vec![1, bucket]))
+    Ok(derived_frames(clip_frames, FRAME_STEP).map(|bucket| vec![1, bucket]))
 }
 
-/// The clips (name, frames) shorter than every video bucket of `buckets`:
-/// diffusion-pipe skips them.
-pub fn too_short<'a>(buckets: &[u32], clips: &'a [(String, u64)]) -> Vec<&'a (String, u64)> {
-    let shortest = buckets.iter().copied().filter(|&b| b > 1).min();
-    clips
-        .iter()
-        .filter(|(_, frames)| shortest.is_none_or(|b| *frames < u64::from(b)))
-        .collect()
+/// What a run with `buckets` needs of a clip: at least the smallest video
+/// bucket's frames, or diffusion-pipe skips it.
+pub fn need(buckets: &[u32]) -> ClipNeed {
+    ClipNeed {
+        frames: buckets
+            .iter()
+            .copied()
+            .filter(|&b| b > 1)
+            .min()
+            .map(u64::from),
+        set_by: "the smallest video frame bucket",
+        effect: "would skip them",
+        extra: "frame_buckets",
+    }
 }
 
-/// The clips a prepared dataset folder holds, by file name with their frame
-/// counts, from its `manifest.json` (entries with `"media": "video"`). An
-/// unreadable or missing manifest holds none.
-pub fn clips_in(dataset_dir: &Path) -> Vec<(String, u64)> {
-    let Ok(bytes) = std::fs::read(dataset_dir.join("manifest.json")) else {
-        return Vec::new();
-    };
-    let Ok(manifest) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
-        return Vec::new();
-    };
-    manifest["images"]
-        .as_array()
-        .into_iter()
+/// What a run of `extra` (the `frame_buckets` extra) on clips of
+/// `clip_frames` needs of every clip; `None` without clips or with a
+/// malformed extra (the settings checks name that).
+pub fn clip_need(extra: Option<&str>, clip_frames: &[u64]) -> Option<ClipNeed> {
+    if clip_frames.is_empty() {
+        return None;
+    }
+    frame_buckets(extra, clip_frames)
+        .ok()
         .flatten()
-        .filter(|e| e["media"] == "video")
-        .filter_map(|e| {
-            Some((
-                e["file"].as_str()?.to_owned(),
-                e["video"]["frames"].as_u64()?,
-            ))
-        })
-        .collect()
+        .map(|b| need(&b))
 }
 
 #[cfg(test)]
@@ -131,12 +121,17 @@ mod tests {
     #[test]
     fn clips_shorter_than_every_video_bucket_are_named() {
         let clips = vec![("a.mp4".to_owned(), 16), ("b.mp4".to_owned(), 40)];
-        let short: Vec<&str> = too_short(&[1, 33], &clips)
+        let short: Vec<&str> = need(&[1, 33])
+            .too_short(&clips)
             .iter()
             .map(|c| c.0.as_str())
             .collect();
         assert_eq!(short, ["a.mp4"]);
-        assert!(too_short(&[1, 9, 33], &clips).is_empty());
-        assert_eq!(too_short(&[1], &clips).len(), 2);
+        assert!(need(&[1, 9, 33]).too_short(&clips).is_empty());
+        assert_eq!(need(&[1]).too_short(&clips).len(), 2);
+        assert_eq!(clip_need(Some("1, 9"), &[16]).unwrap().frames, Some(9));
+        assert_eq!(clip_need(None, &[16, 40]).unwrap().frames, Some(13));
+        assert_eq!(clip_need(None, &[]), None);
+        assert_eq!(clip_need(Some("x"), &[16]), None);
     }
 }

@@ -1,5 +1,5 @@
 use super::*;
-use crate::Resume;
+use crate::{LineEvent, Resume};
 use serde_json::json;
 use std::collections::HashMap;
 use std::os::unix::process::ExitStatusExt;
@@ -157,6 +157,96 @@ fn extras_override_defaults_and_unknown_ones_are_refused() {
     assert!(problems[0].contains("lora_dim: unknown key for simpletuner"));
     assert!(problems[1].contains("mixed_precision: \"fp64\" is not one of"));
     assert!(b.render(&run).is_err());
+}
+
+/// Wan on clips: a video dataset with its `video` block fitted to the
+/// clips (8n+1 from the shortest, `max_frames` the longest), on the
+/// dataset folder when it holds clips only, on folders of links beside an
+/// image dataset when it holds both; the `num_frames` extra goes to the
+/// block, not `config.json`, and preflight's need is what SimpleTuner
+/// rounds it to. An image family with clips is refused.
+#[test]
+fn a_wan_video_dataset_gets_a_video_backend() {
+    let b = backend();
+    let clips_only = tempfile::tempdir().unwrap();
+    crate::test_support::manifest_with_clips(
+        clips_only.path(),
+        &[],
+        &[("walk.mp4", 16), ("run.mp4", 120)],
+    );
+    let dir = clips_only.path().to_str().unwrap();
+    let mut run = inputs(ModelFamily::Wan);
+    run.dataset_dir = clips_only.path().to_owned();
+    let launch = b.render(&run).unwrap();
+    assert_eq!(
+        file(&launch, "multidatabackend.json"),
+        json!([
+            {"id": "clips", "type": "local", "dataset_type": "video", "instance_data_dir": dir,
+             "caption_strategy": "textfile", "resolution": 1024, "resolution_type": "pixel_area",
+             "repeats": 9, "crop": false, "cache_dir_vae": "/job/cache/vae-clips",
+             "metadata_backend": "discovery",
+             "video": {"num_frames": 9, "min_frames": 9, "max_frames": 120, "is_i2v": false}},
+            {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds", "default": true,
+             "cache_dir": "/job/cache/text"}
+        ])
+    );
+    assert!(launch.links.is_empty());
+    assert!(b.trains_video(ModelFamily::Wan));
+    let need = b.clip_need(&run.settings, ModelFamily::Wan, &[16, 120]);
+    assert_eq!(need.map(|n| n.frames), Some(Some(9)));
+
+    let mixed = tempfile::tempdir().unwrap();
+    crate::test_support::manifest_with_clips(mixed.path(), &["still.png"], &[("walk.mp4", 40)]);
+    run.dataset_dir = mixed.path().to_owned();
+    run.settings
+        .extras
+        .insert("num_frames".into(), extra(Kind::Int(23)));
+    let launch = b.render(&run).unwrap();
+    let backends = file(&launch, "multidatabackend.json");
+    let ids: Vec<&str> = backends
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["subject", "clips", "text-embeds"]);
+    assert_eq!(backends[0]["dataset_type"], "image");
+    assert_eq!(backends[0]["instance_data_dir"], "/job/media/images");
+    assert!(backends[0].get("video").is_none());
+    assert_eq!(backends[1]["instance_data_dir"], "/job/media/clips");
+    assert_eq!(
+        backends[1]["video"],
+        json!({"num_frames": 23, "min_frames": 23, "max_frames": 40, "is_i2v": false})
+    );
+    let data = mixed.path();
+    assert_eq!(
+        launch.links,
+        [
+            ("/job/media/images/still.png".into(), data.join("still.png")),
+            ("/job/media/images/still.txt".into(), data.join("still.txt")),
+            ("/job/media/clips/walk.mp4".into(), data.join("walk.mp4")),
+            ("/job/media/clips/walk.txt".into(), data.join("walk.txt")),
+        ]
+    );
+    assert!(file(&launch, "config.json").get("num_frames").is_none());
+    let need = b.clip_need(&run.settings, ModelFamily::Wan, &[40]).unwrap();
+    assert_eq!((need.frames, need.extra), (Some(17), "num_frames"));
+
+    let mut flux = inputs(ModelFamily::Flux);
+    flux.dataset_dir = mixed.path().to_owned();
+    assert!(matches!(
+        b.render(&flux),
+        Err(BackendError::InvalidSettings(m)) if m.contains("1 video clips")
+    ));
+    assert_eq!(b.clip_need(&flux.settings, ModelFamily::Flux, &[16]), None);
+    let problems = b.check(&run.settings, ModelFamily::Flux);
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].field, "training.extras.num_frames");
+    run.settings
+        .extras
+        .insert("num_frames".into(), extra(Kind::Int(0)));
+    let problems = b.check(&run.settings, ModelFamily::Wan);
+    assert!(problems[0].problem.contains("at least 1"), "{problems:?}");
 }
 
 #[test]

@@ -674,16 +674,8 @@ fn output_folder_lookups_follow_the_newest_run_folder() {
     );
 }
 
-/// A prepared dataset folder whose manifest lists `clips` (name, frames)
-/// beside one image, as the captioner writes it.
 fn dataset_with_clips(dir: &Path, clips: &[(&str, u64)]) {
-    let mut images = vec![serde_json::json!({"file": "still.png", "media": "image"})];
-    images.extend(clips.iter().map(|(file, frames)| {
-        serde_json::json!({"file": file, "media": "video",
-            "video": {"duration_ms": 1000, "fps_milli": 16000, "frames": frames, "codec": "h264"}})
-    }));
-    let manifest = serde_json::json!({ "images": images });
-    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+    support::manifest_with_clips(dir, &["still.png"], clips);
 }
 
 fn dataset_toml(inputs: &TrainInputs) -> Result<toml::Table, trainyard_backends::BackendError> {

@@ -36,6 +36,30 @@ pub fn captioned_dataset<S: AsRef<str>>(dir: &Path, images: impl IntoIterator<It
     std::fs::write(dir.join("manifest.json"), "{}").unwrap();
 }
 
+/// A prepared dataset folder's manifest listing `images` and `clips`
+/// (name, frames), each with its `<stem>.txt` caption file, as the
+/// captioner writes it (the files themselves are not written).
+pub fn manifest_with_clips(dir: &Path, images: &[&str], clips: &[(&str, u64)]) {
+    let caption = |file: &str| {
+        let stem = Path::new(file).file_stem().unwrap().to_str().unwrap();
+        format!("{stem}.txt")
+    };
+    let mut entries: Vec<serde_json::Value> = images
+        .iter()
+        .map(|file| serde_json::json!({"file": file, "caption_file": caption(file), "media": "image"}))
+        .collect();
+    entries.extend(clips.iter().map(|(file, frames)| {
+        serde_json::json!({"file": file, "caption_file": caption(file), "media": "video",
+            "video": {"duration_ms": 1000, "fps_milli": 16000, "frames": frames, "codec": "h264"}})
+    }));
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("manifest.json"),
+        serde_json::json!({ "images": entries }).to_string(),
+    )
+    .unwrap();
+}
+
 /// An empty but well-formed safetensors file (8-byte header length + `{}`
 /// padded to 8 bytes).
 pub fn write_safetensors(path: &Path) {

@@ -12,8 +12,8 @@
 //!   settings: enough images, image sizes against the resolution, caption
 //!   coverage, the trigger word, and the step estimate;
 //! - [`video`]: the dataset's clips against the backend: one that trains
-//!   the model family on images only cannot use them, and diffusion-pipe's
-//!   frame buckets must not skip any;
+//!   the model family on images only cannot use them, and the run's frame
+//!   counts (frame buckets, `num_frames`) must not skip or stretch any;
 //! - [`text`]: a language model's `train.jsonl` against the method, and the
 //!   step estimate in examples;
 //! - [`access`]: the base model is there and readable with the job's token,
@@ -48,7 +48,7 @@ pub mod check {
     pub const CAPTIONS: &str = "dataset.captions";
     pub const TRIGGER_WORD: &str = "dataset.trigger_word";
     pub const VIDEOS: &str = super::video::VIDEOS;
-    pub const FRAME_BUCKETS: &str = super::video::FRAME_BUCKETS;
+    pub const CLIP_FRAMES: &str = super::video::CLIP_FRAMES;
     pub const JSONL: &str = "dataset.jsonl";
     pub const DATASET: &str = "dataset";
     pub const BASE_MODEL: &str = "base_model";

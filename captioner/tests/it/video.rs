@@ -229,7 +229,7 @@ async fn a_missing_or_hanging_ffprobe_is_named() {
     .await
 }
 
-fn video_spec(backend: &str, family: &str, frame_buckets: Option<&str>) -> JobSpec {
+fn video_spec(backend: &str, family: &str, extra: Option<(&str, extra_value::Kind)>) -> JobSpec {
     let mut training = TrainingSettings {
         backend: backend.into(),
         steps: 10,
@@ -238,13 +238,10 @@ fn video_spec(backend: &str, family: &str, frame_buckets: Option<&str>) -> JobSp
         batch_size: 1,
         ..Default::default()
     };
-    if let Some(text) = frame_buckets {
-        training.extras.insert(
-            "frame_buckets".into(),
-            ExtraValue {
-                kind: Some(extra_value::Kind::Text(text.into())),
-            },
-        );
+    if let Some((key, kind)) = extra {
+        training
+            .extras
+            .insert(key.into(), ExtraValue { kind: Some(kind) });
     }
     JobSpec {
         training: Some(training),
@@ -257,8 +254,9 @@ fn video_spec(backend: &str, family: &str, frame_buckets: Option<&str>) -> JobSp
 }
 
 /// Clips against the trainer: an image-only backend or family is a problem
-/// naming the clips, diffusion-pipe's Wan takes them, and a frame bucket
-/// longer than a clip names the clip.
+/// naming the clips; Wan takes them with diffusion-pipe, ai-toolkit and
+/// SimpleTuner, whose derived frame counts fit every clip; a frame count
+/// (bucket, `num_frames`) longer than a clip names the clip.
 #[tokio::test]
 async fn preflight_holds_clips_to_the_trainers_needs() {
     within(async {
@@ -287,24 +285,70 @@ async fn preflight_holds_clips_to_the_trainers_needs() {
             ("kohya", "sdxl"),
             ("reference", "reference"),
             ("diffusion-pipe", "flux"),
+            ("ai-toolkit", "flux"),
+            ("simpletuner", "qwen_image"),
         ] {
             let found = problems(&video_spec(backend, family, None));
             assert_eq!(found.len(), 1, "{backend}: {found:?}");
             assert_eq!(found[0].0, "dataset.videos");
             assert!(found[0].1.contains("long.mp4, short.mp4"), "{}", found[0].1);
             assert!(found[0].1.contains("images only"), "{}", found[0].1);
+            assert!(
+                found[0]
+                    .1
+                    .contains("with diffusion-pipe, simpletuner, ai-toolkit"),
+                "{}",
+                found[0].1
+            );
         }
-        assert!(problems(&video_spec("diffusion-pipe", "wan", None)).is_empty());
-        assert!(problems(&video_spec("diffusion-pipe", "wan", Some("1, 13"))).is_empty());
-        let found = problems(&video_spec("diffusion-pipe", "wan", Some("1, 33")));
-        assert_eq!(found.len(), 1, "{found:?}");
-        assert_eq!(found[0].0, "dataset.frame_buckets");
+        use extra_value::Kind::{Int, Text};
+        for backend in ["diffusion-pipe", "ai-toolkit", "simpletuner"] {
+            assert!(problems(&video_spec(backend, "wan", None)).is_empty());
+        }
         assert!(
-            found[0].1.contains("short.mp4 (16 frames)"),
-            "{}",
-            found[0].1
+            problems(&video_spec(
+                "diffusion-pipe",
+                "wan",
+                Some(("frame_buckets", Text("1, 13".into())))
+            ))
+            .is_empty()
         );
-        assert!(!found[0].1.contains("long.mp4"), "{}", found[0].1);
+        assert!(
+            problems(&video_spec(
+                "ai-toolkit",
+                "wan",
+                Some(("num_frames", Int(16)))
+            ))
+            .is_empty()
+        );
+        // SimpleTuner rounds 23 down to 17 for Wan: still longer than 16.
+        for (backend, key, kind, needs) in [
+            (
+                "diffusion-pipe",
+                "frame_buckets",
+                Text("1, 33".into()),
+                "the smallest video frame bucket (33 frames)",
+            ),
+            (
+                "ai-toolkit",
+                "num_frames",
+                Int(21),
+                "num_frames (21 frames)",
+            ),
+            ("simpletuner", "num_frames", Int(23), "(17 frames)"),
+        ] {
+            let found = problems(&video_spec(backend, "wan", Some((key, kind))));
+            assert_eq!(found.len(), 1, "{backend}: {found:?}");
+            assert_eq!(found[0].0, "dataset.clip_frames");
+            let message = &found[0].1;
+            assert!(message.contains("short.mp4 (16 frames)"), "{message}");
+            assert!(message.contains(needs), "{message}");
+            assert!(
+                message.contains(&format!("training.extras.{key}")),
+                "{message}"
+            );
+            assert!(!message.contains("long.mp4"), "{message}");
+        }
     })
     .await
 }

@@ -1,6 +1,6 @@
 """What the stand-in trainers print and write the same way: tqdm's progress
-bar on a pipe, and safetensors files (writing, and reading the header as
-`safe_open` checks it).
+bar on a pipe, safetensors files (writing, and reading the header as
+`safe_open` checks it), and a clip's frame count.
 
 Each stand-in puts this folder on `sys.path` from its entry script (the
 trl stand-in through `PYTHONPATH`, set by its `python3` wrapper).
@@ -8,6 +8,7 @@ trl stand-in through `PYTHONPATH`, set by its `python3` wrapper).
 import json
 import os
 import struct
+import subprocess
 import sys
 import time
 
@@ -37,6 +38,23 @@ class HFValidationError(ValueError):
 
 
 HFValidationError.__module__ = "huggingface_hub.errors"
+
+
+# ---------------------------------------------------------------- clips
+
+
+def count_frames(path):
+    """A clip's frame count, counted by decoding it (ffprobe -count_frames;
+    the real trainers count with imageio or cv2); None when it cannot be
+    read. No torch, no cv2: the stand-ins need only ffmpeg's ffprobe."""
+    probe = subprocess.run(
+        ["ffprobe", "-v", "error", "-select_streams", "v:0", "-count_frames",
+         "-show_entries", "stream=nb_read_frames", "-of", "csv=p=0", path],
+        capture_output=True, text=True)
+    try:
+        return int(probe.stdout.strip().split(",")[0])
+    except ValueError:
+        return None
 
 
 # ---------------------------------------------------------------- tqdm

@@ -19,6 +19,15 @@ like ai-toolkit at the process level:
 - the bar on stderr, desc = name, initial = the resumed step:
   `name:  13%|...| 250/2000 [..., lr: 1.0e-04 loss: 4.123e-01]`;
 - `Saving at step N`, `Saved checkpoint to ...`, `Saved optimizer to ...`;
+- datasets read as toolkit/data_loader.py reads them: `num_frames` above 1
+  makes a video dataset, which lists the video extensions and the image
+  extensions of its folder (images as one-frame items); at 1 (the default)
+  only images are listed and clips are left out; each clip gives
+  `num_frames` frames evenly spaced over it (`shrink_video_to_frames`,
+  default true, or a clip shorter than `num_frames`: frames repeat), else a
+  run at `fps` from a random start; a line `stand-in: video <file> frames=N
+  num_frames=M` (plus ` stretched` when frames repeat) says what each clip
+  gave. Clips are counted with ffprobe (the real one asks cv2);
 - automatic resume from the newest `<name>*.safetensors` and optimizer.pt
   (`#### IMPORTANT RESUMING FROM ... ####`, `Found step N in metadata,
   starting from there`);
@@ -38,6 +47,7 @@ import glob
 import json
 import math
 import os
+import random
 import sys
 import time
 import traceback
@@ -48,11 +58,14 @@ sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "_shared"))
 
-from standin_common import Bar, HFValidationError, fault, read_safetensors_header, write_safetensors  # noqa: E402
+from standin_common import (  # noqa: E402
+    Bar, HFValidationError, count_frames, fault, read_safetensors_header, write_safetensors)
 from toolkit.yaml_subset import load as load_yaml  # noqa: E402
 import model_files  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+# toolkit/data_loader.py video_extensions.
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".webm", ".mkv", ".wmv", ".m4v", ".flv")
 LORA_MODULES = {
     "flux": ["transformer.transformer_blocks.0.attn.to_q", "transformer.single_transformer_blocks.0.attn.to_k"],
     "qwen_image": ["transformer.transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.0.attn.add_k_proj"],
@@ -199,39 +212,90 @@ class SDTrainer:
                 paths = [p for p in paths if suffix not in p]
         return max(paths, key=os.path.getctime) if paths else None
 
+    def frames_to_extract(self, dataset, total, num_frames, fps=24.0):
+        """dataloader_mixins.py load_and_process_video: the frame indices a
+        clip of `total` frames gives."""
+        last = total - 1
+        if dataset.get("shrink_video_to_frames", True) or total < num_frames:
+            interval = last / (num_frames - 1) if num_frames > 1 else 0
+            return [min(int(round(i * interval)), last) for i in range(num_frames)]
+        step = max(1, int(round(fps / float(dataset.get("fps", 24)))))
+        if total // step < num_frames:
+            interval = last / (num_frames - 1) if num_frames > 1 else 0
+            return [min(int(round(i * interval)), last) for i in range(num_frames)]
+        start = random.randint(0, max(0, last - (num_frames - 1) * step))
+        return [start + i * step for i in range(num_frames)]
+
     def load_datasets(self):
+        """toolkit/data_loader.py AiToolkitDataset, as far as files go."""
         count = 0
         for dataset in self.datasets:
             folder = dataset["folder_path"]
             caption_ext = dataset.get("caption_ext", "txt").lstrip(".")
+            num_frames = int(dataset.get("num_frames", 1))
+            is_video = num_frames > 1 or bool(dataset.get("auto_frame_count", False))
+            extensions = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS if is_video else IMAGE_EXTENSIONS
+            files = sorted(f for f in os.listdir(folder) if f.lower().endswith(extensions) and not f.startswith("."))
+            files = files * max(1, int(dataset.get("num_repeats", 1)))
             print(f"Dataset: {folder}")
-            print("  -  Preprocessing image dimensions")
-            files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
-            with open(os.path.join(folder, ".aitk_size.json"), "w") as handle:
-                json.dump({f: [1024, 1024] for f in files}, handle)
-            print(f"  -  Found {len(files)} images")
-            assert len(files) > 0, f"no images found in {folder}"
+            print(f"  -  Preprocessing {'video' if is_video else 'image'} dimensions")
+            items = []
             for name in files:
+                path = os.path.join(folder, name)
+                if not name.lower().endswith(VIDEO_EXTENSIONS):
+                    items.append((name, 1))
+                    continue
+                if not dataset.get("buckets", True):
+                    raise Exception("Buckets required for video processing")
+                total = count_frames(path)
+                if total is None:
+                    print(f"Error processing video: {path}")
+                    print(f"Error: Could not open video file {path}")
+                    continue
+                if (name, num_frames) not in items:
+                    picked = self.frames_to_extract(dataset, total, num_frames)
+                    stretched = " stretched" if len(set(picked)) < len(picked) else ""
+                    # Not a line of the real trainer: what each clip gave.
+                    print(f"stand-in: video {name} frames={total} num_frames={num_frames}{stretched}")
+                items.append((name, num_frames))
+            with open(os.path.join(folder, ".aitk_size.json"), "w") as handle:
+                json.dump({"__version__": "0.1.2", **{f: [1024, 1024] for f, _ in items}}, handle)
+            if is_video:
+                videos = sum(1 for _, frames in items if frames > 1)
+                images = len(items) - videos
+                print(f"  -  Found {videos} videos and {images} images" if images else f"  -  Found {videos} videos")
+                assert len(items) > 0, f"no videos found in {folder}"
+            else:
+                print(f"  -  Found {len(items)} images")
+                assert len(items) > 0, f"no images found in {folder}"
+            for name, _ in items:
                 caption_file = os.path.join(folder, os.path.splitext(name)[0] + "." + caption_ext)
                 if os.path.exists(caption_file):
                     with open(caption_file, encoding="utf-8") as handle:
                         handle.read()
             resolution = (dataset.get("resolution") or [512])[0]
+            buckets = {}
+            for _, frames in items:
+                # Images and clips never share a bucket (`...x{num_frames}f`).
+                key = f"{resolution}x{resolution}" + (f"x{frames}f" if is_video else "")
+                buckets[key] = buckets.get(key, 0) + 1
             print(f"Bucket sizes for {folder}:")
-            print(f"{resolution}x{resolution}: {len(files)} files")
-            print("1 buckets made")
+            for key, n in buckets.items():
+                print(f"{key}: {n} files")
+            print(f"{len(buckets)} buckets made")
             if dataset.get("cache_latents_to_disk"):
                 print(f"Caching latents for {folder}")
                 print(" - Saving latents to disk")
                 cache = os.path.join(folder, "_latent_cache")
                 os.makedirs(cache, exist_ok=True)
-                bar = ProgressBar(len(files), "Caching latents to disk")
-                for name in files:
+                unique = sorted({name for name, _ in items})
+                bar = ProgressBar(len(unique), "Caching latents to disk")
+                for name in unique:
                     with open(os.path.join(cache, os.path.splitext(name)[0] + ".safetensors"), "wb") as handle:
                         handle.write(b"")
                     bar.update(1)
                 bar.close()
-            count += len(files) * int(dataset.get("num_repeats", 1))
+            count += len(items)
         return count
 
     def save(self, step=None):

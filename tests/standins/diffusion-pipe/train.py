@@ -54,6 +54,7 @@ from datetime import datetime, timezone
 # Leave no __pycache__ in the source tree.
 sys.dont_write_bytecode = True
 import standin_io as dsio  # noqa: E402 (puts ../_shared on sys.path)
+import standin_common  # noqa: E402
 from standin_common import HFValidationError, fault  # noqa: E402
 
 parser = argparse.ArgumentParser()
@@ -83,18 +84,12 @@ VIDEO_SUFFIXES = ('.mp4', '.webm', '.mov', '.mkv', '.avi')
 
 def count_frames(path):
     """Frames of a clip, counted by decoding it as the real one does through
-    imageio (here with ffprobe -count_frames); None, with the real warning,
-    when it cannot be opened."""
-    import subprocess
-    probe = subprocess.run(
-        ['ffprobe', '-v', 'error', '-select_streams', 'v:0', '-count_frames',
-         '-show_entries', 'stream=nb_read_frames', '-of', 'csv=p=0', path],
-        capture_output=True, text=True)
-    try:
-        return int(probe.stdout.strip().split(',')[0])
-    except ValueError:
-        print(f'Media file {path} could not be opened. Skipping. The exception was: {probe.stderr.strip()}')
-        return None
+    imageio (here with ffprobe); None, with the real warning, when it cannot
+    be opened."""
+    frames = standin_common.count_frames(path)
+    if frames is None:
+        print(f'Media file {path} could not be opened. Skipping.')
+    return frames
 
 
 def missing(path):

@@ -23,6 +23,18 @@ SimpleTuner does, and behaves like SimpleTuner at the process level:
   the guard; `training.checkpoint` once the folder is complete;
 - `resume_from_checkpoint: latest`, and a checkpoint at the next step when
   `manual_checkpoint` grows in SIMPLETUNER_ACCELERATE_SIGNAL_FILE;
+- datasets as helpers/data_backend/factory.py and the discovery metadata
+  backend read them: `dataset_type` image or video (plus text_embeds); a
+  video dataset's `video` block completed and checked as factory.py does
+  (num_frames defaults to framerate x 5 with a warning, min_frames to
+  num_frames, min_frames < num_frames refused, Wan's counts rounded down
+  to 8n+1); each clip (counted with ffprobe) trimmed to 8n+1 for Wan,
+  skipped below min_frames or above max_frames, else cut to its first
+  num_frames frames, and a line `stand-in: video <file> frames=N
+  num_frames=M` says so. Every media file of a dataset's folder is listed
+  (images and clips alike, as upstream lists them); a clip in an image
+  dataset or an image in a video dataset fails (DATALOADER.md: "Don't
+  combine images and video in a single dataset");
 - `output_dir/pytorch_lora_weights.safetensors` at the end; SIGINT is caught
   (webhook "interrupted", exit 0, no save); SIGTERM is not handled.
 
@@ -48,7 +60,8 @@ import urllib.request
 sys.dont_write_bytecode = True  # keep the test tree free of __pycache__
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "_shared"))
 from standin_common import (  # noqa: E402
-    Bar, HFValidationError, OutOfMemoryError, fault, read_safetensors_header, write_safetensors)  # noqa: E402
+    Bar, HFValidationError, OutOfMemoryError, count_frames, fault, read_safetensors_header,
+    write_safetensors)
 import model_files  # noqa: E402
 
 MODEL_FAMILIES = [
@@ -57,6 +70,10 @@ MODEL_FAMILIES = [
     "cosmos2image", "qwen_image", "hunyuanvideo", "chroma",
 ]
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+# helpers/training/__init__.py video_file_extensions.
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".flv", ".wmv", ".m4v", ".mpeg", ".mpg", ".3gp", ".ogv")
+DATASET_TYPES = ["image", "video", "audio", "text_embeds", "image_embeds", "conditioning_image_embeds",
+                 "conditioning"]
 CAPTION_STRATEGIES = ["filename", "textfile", "instance_prompt", "instanceprompt", "parquet", "huggingface"]
 OOM_TEXT = (
     "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 23.57 GiB "
@@ -264,8 +281,73 @@ def load_base_model(config):
     model_files.check_component(path, DENOISER.get(family, "transformer"), "diffusers", config.get("variant"))
 
 
+def adjust_video_frames(family, frames):
+    """Wan.adjust_video_frames (helpers/models/wan/model.py): 8n+1, rounded down."""
+    if family != "wan" or frames % 8 == 1:
+        return frames
+    return max(((frames - 1) // 8) * 8 + 1, 1)
+
+
+def video_config(backend, config):
+    """factory.py: a video dataset's `video` block, completed and checked."""
+    video = dict(backend.get("video") or {})
+    if "num_frames" not in video:
+        framerate = int(config.get("framerate") or 30)
+        log("WARNING", f"No `num_frames` was provided for video backend. Defaulting to {framerate * 5} "
+                       f"(5 seconds @ {framerate}fps) to avoid memory implosion/explosion. Reduce value further "
+                       "for lower memory use.")
+        video["num_frames"] = framerate * 5
+    if "min_frames" not in video:
+        log("WARNING", f"No `min_frames` was provided for video backend. Defaulting to {video['num_frames']} "
+                       "frames (num_frames). Reduce num_frames further for lower memory use.")
+        video["min_frames"] = video["num_frames"]
+    if "max_frames" not in video:
+        log("WARNING", "No `max_frames` was provided for video backend. Set this value to avoid scanning huge "
+                       "video files.")
+    flavour = str(config.get("model_flavour") or "").lower()
+    if config["model_family"] == "wan" and flavour.startswith("i2v-"):
+        video["is_i2v"] = True
+    elif "is_i2v" not in video:
+        log("WARNING", "No value for is_i2v was supplied for your dataset. Assuming it is disabled.")
+        video["is_i2v"] = False
+    min_frames, num_frames = video["min_frames"], video["num_frames"]
+    if not any([isinstance(min_frames, int), isinstance(num_frames, int)]):
+        raise ValueError(f"video->min_frames and video->num_frames must be integers. Received "
+                         f"min_frames={min_frames} and num_frames={num_frames}.")
+    if min_frames < 1 or num_frames < 1:
+        raise ValueError(f"video->min_frames and video->num_frames must be greater than 0. Received "
+                         f"min_frames={min_frames} and num_frames={num_frames}.")
+    if min_frames < num_frames:
+        raise ValueError(f"video->min_frames must be greater than or equal to video->num_frames. Received "
+                         f"min_frames={min_frames} and num_frames={num_frames}.")
+    for key in ("min_frames", "num_frames"):
+        adjusted = adjust_video_frames(config["model_family"], video[key])
+        if adjusted != video[key]:
+            log("WARNING", f"(id={backend['id']}) Adjusted video->{key} from {video[key]} to {adjusted} to "
+                           "satisfy Wan model constraints.")
+            video[key] = adjusted
+    return video
+
+
+def media_files(backend, folder):
+    """LocalDataBackend.list_files with every media extension, links followed."""
+    if not folder:
+        raise ValueError("instance_data_dir must be specified.")
+    found = []
+    for root, _dirs, files in os.walk(folder, followlinks=True):
+        found.extend(os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS))
+    kind = backend.get("dataset_type", "image")
+    wrong = [os.path.basename(f) for f in found
+             if f.lower().endswith(VIDEO_EXTENSIONS) != (kind == "video")]
+    if wrong:
+        # Upstream reads them into the wrong kind of dataset; the stand-in says so.
+        raise ValueError(f"(id={backend['id']}) {kind} dataset holds {', '.join(sorted(wrong))}: don't combine "
+                         "images and video in a single dataset (documentation/DATALOADER.md)")
+    return sorted(found)
+
+
 def configure_data_backends(config, hooks):
-    """helpers/data_backend/factory.py: the image dataset and the text embed cache."""
+    """helpers/data_backend/factory.py: the image and video datasets and the text embed cache."""
     path = config["data_backend_config"]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Data backend config file {path} not found.")
@@ -273,27 +355,29 @@ def configure_data_backends(config, hooks):
         backends = json.load(handle)
     if not isinstance(backends, list):
         raise ValueError("Data backend config must be a list of backends.")
-    text_embeds, images = [], []
+    text_embeds, media = [], []
     for backend in backends:
         if not backend.get("id"):
             raise ValueError("Backend configuration must have a non-empty 'id' field.")
         if backend.get("disabled"):
             continue
         kind = backend.get("dataset_type", "image")
+        if kind not in DATASET_TYPES:
+            raise ValueError(f"(id={backend['id']}) dataset_type must be one of {DATASET_TYPES}.")
         if kind == "text_embeds":
             os.makedirs(backend.get("cache_dir", "cache/text"), exist_ok=True)
             text_embeds.append(backend)
-        elif kind == "image":
-            images.append(backend)
+        elif kind in ("image", "video"):
+            media.append(backend)
         else:
-            raise ValueError(f"(id={backend['id']}) dataset_type must be one of ['image', 'text_embeds'].")
+            raise ValueError(f"(id={backend['id']}) this stand-in reads image, video and text_embeds datasets only")
     if not text_embeds:
         raise ValueError("Must provide at least one text embed backend in the data backend config file.")
     if len(text_embeds) > 1 and not any(b.get("default") for b in text_embeds):
         raise ValueError("Must provide a default text embed backend in the data backend config file. "
                          "It requires 'default':true.")
     samples = 0
-    for backend in images:
+    for backend in media:
         bid = backend["id"]
         if backend.get("type", "local") != "local":
             raise ValueError(f"(id={bid}) this stand-in reads type=local backends only")
@@ -302,24 +386,51 @@ def configure_data_backends(config, hooks):
             raise ValueError(f"(id={bid}) caption_strategy must be one of {CAPTION_STRATEGIES}.")
         if backend.get("resolution_type", "pixel") not in ("pixel", "area", "pixel_area"):
             raise ValueError(f"(id={bid}) resolution_type must be one of ['pixel', 'area', 'pixel_area'].")
+        is_video = backend.get("dataset_type", "image") == "video"
+        video = video_config(backend, config) if is_video else None
         folder = backend.get("instance_data_dir")
-        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+        files = media_files(backend, folder)
         log("INFO", f"Configured backend: {{'id': '{bid}', 'instance_data_dir': '{folder}', 'files': {len(files)}}}")
-        if not files:
+        kept = []
+        for path in files:
+            if not is_video:
+                kept.append(path)
+                continue
+            name = os.path.basename(path)
+            frames = count_frames(path)
+            if frames is None:
+                log("ERROR", f"Error processing image: could not read {path}")
+                continue
+            adjusted = adjust_video_frames(config["model_family"], frames)
+            if adjusted != frames:
+                log("INFO", f"(id={bid}) Adjusted video {path} from {frames} to {adjusted} frames to satisfy "
+                            "model constraints.")
+                if adjusted < video["min_frames"]:
+                    log("WARNING", f"(id={bid}) Skipping video {path}: after adjusting from {frames} to {adjusted} "
+                                   f"frames, it is below minimum required {video['min_frames']} frames.")
+                    continue
+            if adjusted < video["min_frames"] or (video.get("max_frames") and adjusted > video["max_frames"]):
+                continue  # meets_resolution_requirements, at debug level upstream
+            # Not a line of the real trainer: what each clip gave (the VAE
+            # cache keeps its first num_frames frames).
+            print(f"stand-in: video {name} frames={frames} num_frames={video['num_frames']}", flush=True)
+            kept.append(path)
+        if not kept:
             raise Exception(f"No images were discovered by the bucket manager in the dataset: {bid}.")
         cache = backend.get("cache_dir_vae", f"cache/vae/{bid}")
         os.makedirs(cache, exist_ok=True)
-        for name in files:
-            stem = os.path.splitext(name)[0]
-            caption = stem
+        for path in kept:
+            stem = os.path.splitext(path)[0]
+            caption = os.path.basename(stem)
             if strategy == "textfile":
-                with open(os.path.join(folder, stem + ".txt"), encoding="utf-8") as handle:
+                with open(stem + ".txt", encoding="utf-8") as handle:
                     caption = handle.read().strip()
-            with open(os.path.join(cache, stem + ".pt"), "w", encoding="utf-8") as handle:
+            with open(os.path.join(cache, os.path.basename(stem) + ".pt"), "w", encoding="utf-8") as handle:
                 handle.write(caption)
-        print(f"(Rank: 0) | Bucket     | Image Count\n------------------------------\n(Rank: 0) | 1.0        | {len(files)}")
-        samples += len(files) * (int(backend.get("repeats", 0)) + 1)
-    log("INFO", f"Collected the following data backends: {[b['id'] for b in images + text_embeds]}")
+        label = "Video Count" if is_video else "Image Count"
+        print(f"(Rank: 0) | Bucket     | {label}\n------------------------------\n(Rank: 0) | 1.0        | {len(kept)}")
+        samples += len(kept) * (int(backend.get("repeats", 0)) + 1)
+    log("INFO", f"Collected the following data backends: {[b['id'] for b in media + text_embeds]}")
     return samples
 
 

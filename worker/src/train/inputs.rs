@@ -326,8 +326,9 @@ impl TrainStage {
         Ok(())
     }
 
-    /// Renders the backend's run, writes its config files, and returns the
-    /// command with the trainer's environment.
+    /// Renders the backend's run, writes its config files, makes its links
+    /// (to dataset files, for a trainer that needs a folder of some of
+    /// them), and returns the command with the trainer's environment.
     pub(super) async fn launch(
         &self,
         backend: &dyn TrainerBackend,
@@ -347,10 +348,31 @@ impl TrainStage {
                 .await
                 .map_err(|e| local_error("cannot write trainer config", e))?;
         }
+        for (link, target) in &launch.links {
+            make_link(link, target).await?;
+        }
         let mut command = launch.command;
         add_env(&mut command.env, receiver, &self.trainer_env);
         Ok(command)
     }
+}
+
+/// A symbolic link at `link` to `target`, replacing what a run before
+/// this one left there.
+async fn make_link(link: &Path, target: &Path) -> Result<(), StageError> {
+    if let Some(parent) = link.parent() {
+        tokio::fs::create_dir_all(parent)
+            .await
+            .map_err(|e| local_error("cannot create link folder", e))?;
+    }
+    match tokio::fs::remove_file(link).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(local_error("cannot replace dataset link", e)),
+    }
+    tokio::fs::symlink(target, link)
+        .await
+        .map_err(|e| local_error("cannot link dataset file", e))
 }
 
 /// Adds the trainer's environment to what the backend set, which wins:
@@ -453,5 +475,21 @@ mod tests {
         let mut env = Vec::new();
         add_env(&mut env, false, &[]);
         assert!(!env.iter().any(|(k, _)| k.eq_ignore_ascii_case("no_proxy")));
+    }
+
+    /// A link is made with its folder, and replaces what an earlier run
+    /// left at its place.
+    #[tokio::test]
+    async fn a_link_replaces_what_was_there() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a.mp4"), tmp.path().join("b.mp4"));
+        std::fs::write(&a, b"a").unwrap();
+        std::fs::write(&b, b"b").unwrap();
+        let link = tmp.path().join("run/media/clips/x.mp4");
+        make_link(&link, &a).await.unwrap();
+        assert_eq!(std::fs::read(&link).unwrap(), b"a");
+        make_link(&link, &b).await.unwrap();
+        assert_eq!(std::fs::read_link(&link).unwrap(), b);
+        assert_eq!(std::fs::read(&link).unwrap(), b"b");
     }
 }
