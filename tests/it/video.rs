@@ -57,14 +57,9 @@ fn backend_spec(backend: &str, dataset: &str, outputs: &Path) -> trainyard_proto
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wan_video_dataset_trains_with_diffusion_pipe_and_a_corrupt_clip_is_named() {
-    let hub = FakeHub::start(HF_TOKEN).await;
-    hub.add_presets(&[WAN]);
-    let standins = Path::new(env!("CARGO_MANIFEST_DIR")).join("standins");
-    let fleet = Fleet::start_with(Services::ALL, |c| {
-        c.worker.hf_endpoint = hub.endpoint();
-        c.worker.trainers.deepspeed = standins.join("bin/deepspeed");
-        c.worker.trainers.diffusion_pipe_dir = standins.join("diffusion-pipe");
-        c.worker.trainers.env = [("STANDIN_STEP_SECONDS".to_string(), "0.02".to_string())].into();
+    let (_hub, fleet) = wan_fleet(|trainers, standins| {
+        trainers.deepspeed = standins.join("bin/deepspeed");
+        trainers.diffusion_pipe_dir = standins.join("diffusion-pipe");
     })
     .await;
     let mut client = fleet.client(TOKEN).await;
@@ -72,11 +67,7 @@ async fn a_wan_video_dataset_trains_with_diffusion_pipe_and_a_corrupt_clip_is_na
 
     // Two clips (16 and 40 frames), one with a sidecar caption, and a
     // corrupt one: random bytes named .mp4.
-    let local = fleet.dir.path().join("clips");
-    std::fs::create_dir_all(&local).unwrap();
-    clip(&local.join("walk.mp4"), 16, 1.0);
-    clip(&local.join("run.mp4"), 20, 2.0);
-    std::fs::write(local.join("run.txt"), "tyzx running in a test pattern").unwrap();
+    let local = two_clips(&fleet);
     let noise: Vec<u8> = (0..4096u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
         .collect();
@@ -164,6 +155,34 @@ async fn a_wan_video_dataset_trains_with_diffusion_pipe_and_a_corrupt_clip_is_na
     fleet.stop().await;
 }
 
+/// A whole fleet whose Hub has the Wan preset and whose trainer paths
+/// `trainer` points at the stand-ins (given their folder), stepping fast.
+async fn wan_fleet(
+    trainer: impl FnOnce(&mut trainyard_core::config::TrainerPaths, &Path),
+) -> (FakeHub, Fleet) {
+    let hub = FakeHub::start(HF_TOKEN).await;
+    hub.add_presets(&[WAN]);
+    let standins = Path::new(env!("CARGO_MANIFEST_DIR")).join("standins");
+    let fleet = Fleet::start_with(Services::ALL, |c| {
+        c.worker.hf_endpoint = hub.endpoint();
+        trainer(&mut c.worker.trainers, &standins);
+        c.worker.trainers.env = [("STANDIN_STEP_SECONDS".to_string(), "0.02".to_string())].into();
+    })
+    .await;
+    (hub, fleet)
+}
+
+/// A local folder `clips` with two clips (16 and 40 frames), the longer
+/// with a sidecar caption.
+fn two_clips(fleet: &Fleet) -> std::path::PathBuf {
+    let local = fleet.dir.path().join("clips");
+    std::fs::create_dir_all(&local).unwrap();
+    clip(&local.join("walk.mp4"), 16, 1.0);
+    clip(&local.join("run.mp4"), 20, 2.0);
+    std::fs::write(local.join("run.txt"), "tyzx running in a test pattern").unwrap();
+    local
+}
+
 /// The log lines of a job's events.
 fn log_lines(events: &[trainyard_proto::v1::JobEvent]) -> Vec<&str> {
     events
@@ -184,23 +203,11 @@ async fn clips_and_a_still_train_with(
     expected: &[&str],
     adapter: &str,
 ) {
-    let hub = FakeHub::start(HF_TOKEN).await;
-    hub.add_presets(&[WAN]);
-    let standins = Path::new(env!("CARGO_MANIFEST_DIR")).join("standins");
-    let fleet = Fleet::start_with(Services::ALL, |c| {
-        c.worker.hf_endpoint = hub.endpoint();
-        trainer(&mut c.worker.trainers, &standins);
-        c.worker.trainers.env = [("STANDIN_STEP_SECONDS".to_string(), "0.02".to_string())].into();
-    })
-    .await;
+    let (_hub, fleet) = wan_fleet(trainer).await;
     let mut client = fleet.client(TOKEN).await;
     let outputs = fleet.outputs_dir();
 
-    let local = fleet.dir.path().join("clips");
-    std::fs::create_dir_all(&local).unwrap();
-    clip(&local.join("walk.mp4"), 16, 1.0);
-    clip(&local.join("run.mp4"), 20, 2.0);
-    std::fs::write(local.join("run.txt"), "tyzx running in a test pattern").unwrap();
+    let local = two_clips(&fleet);
     image::RgbImage::from_pixel(64, 64, image::Rgb([200, 40, 40]))
         .save(local.join("still.png"))
         .unwrap();
