@@ -317,10 +317,7 @@ impl TrainerBackend for AiToolkit {
         let options = |section| section_options(family, section, &extras);
         let clips = common::video::clips_in(&inputs.dataset_dir);
         if !clips.is_empty() && !video::trains_video(family) {
-            return Err(BackendError::InvalidSettings(format!(
-                "the dataset holds {} video clips; {NAME} trains {family} on images only",
-                clips.len()
-            )));
+            return Err(common::video::images_only(clips.len(), NAME, family));
         }
         let frames: Vec<u64> = clips.iter().map(|(_, frames)| *frames).collect();
         let mut dataset_options = options(Section::Dataset);

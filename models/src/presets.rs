@@ -466,10 +466,18 @@ fn parse_hub(rest: &str) -> Result<HubRef, String> {
     if !valid_repo_segment(org) || !valid_repo_segment(name) {
         return Err(bad("invalid organisation or repository name"));
     }
+    // A revision holding '/' (a branch `exp/run-1`, `refs/pr/1`) is written
+    // `%2F` after `@`, as huggingface_hub's `HfFileSystem` writes it, and
+    // as the uploader's manifests name a copy on such a branch.
+    let revision = trainyard_core::percent_decode(revision)
+        .ok_or_else(|| bad("invalid revision (write '/' as %2F)"))?;
     if revision.is_empty()
         || !revision
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
+        || revision
+            .split('/')
+            .any(|s| s.is_empty() || s == "." || s == ".." || s.starts_with('.'))
     {
         return Err(bad("invalid revision"));
     }
@@ -484,7 +492,7 @@ fn parse_hub(rest: &str) -> Result<HubRef, String> {
     };
     Ok(HubRef {
         repo: format!("{org}/{name}"),
-        revision: revision.to_string(),
+        revision,
         path,
     })
 }
@@ -542,10 +550,22 @@ mod tests {
                 path: None,
             }))
         );
+        // A revision holding '/' is written %2F (HfFileSystem's form).
+        assert_eq!(
+            ModelSource::parse("hf://org/repo@refs%2Fpr%2F1/x.safetensors"),
+            Ok(ModelSource::Hub(HubRef {
+                repo: "org/repo".into(),
+                revision: "refs/pr/1".into(),
+                path: Some("x.safetensors".into()),
+            }))
+        );
         for bad in [
             "hf://org",
             "hf://../x/y",
             "hf://org/repo@/f",
+            "hf://org/repo@a%2F..%2Fb/f",
+            "hf://org/repo@%2Fmain/f",
+            "hf://org/repo@%ZZ/f",
             "hf://org/repo@main/../etc/passwd",
             "file:///models/x.bin",
             "llama",

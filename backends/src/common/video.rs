@@ -83,6 +83,22 @@ pub fn clips_in(dataset_dir: &Path) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// The refusal of a dataset with `clips` clips by a backend that trains
+/// `family` on images only.
+pub fn images_only(
+    clips: usize,
+    backend: &str,
+    family: impl std::fmt::Display,
+) -> crate::BackendError {
+    let clips = match clips {
+        1 => "1 video clip".to_owned(),
+        n => format!("{n} video clips"),
+    };
+    crate::BackendError::InvalidSettings(format!(
+        "the dataset holds {clips}; {backend} trains {family} on images only"
+    ))
+}
+
 /// `frames` rounded down to the nearest `step·n + 1` (n ≥ 0).
 pub fn round_down(frames: u64, step: u64) -> u64 {
     let step = step.max(1);

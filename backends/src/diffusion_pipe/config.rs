@@ -514,10 +514,7 @@ pub(super) fn render(
     };
     let clips = crate::common::video::clips_in(&inputs.dataset_dir);
     if !clips.is_empty() && !super::trains_video(family) {
-        return Err(BackendError::InvalidSettings(format!(
-            "the dataset holds {} video clips; {NAME} trains {family} on images only",
-            clips.len()
-        )));
+        return Err(crate::common::video::images_only(clips.len(), NAME, family));
     }
     let frames: Vec<u64> = clips.iter().map(|(_, frames)| *frames).collect();
     let frame_buckets = super::video::frame_buckets(extra_text(&extras, "frame_buckets"), &frames)

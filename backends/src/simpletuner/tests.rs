@@ -236,7 +236,7 @@ fn a_wan_video_dataset_gets_a_video_backend() {
     flux.dataset_dir = mixed.path().to_owned();
     assert!(matches!(
         b.render(&flux),
-        Err(BackendError::InvalidSettings(m)) if m.contains("1 video clips")
+        Err(BackendError::InvalidSettings(m)) if m.contains("holds 1 video clip;")
     ));
     assert_eq!(b.clip_need(&flux.settings, ModelFamily::Flux, &[16]), None);
     let problems = b.check(&run.settings, ModelFamily::Flux);

@@ -139,11 +139,11 @@ pub(super) fn layout(
         });
     }
     if !trains_video(family) {
-        return Err(BackendError::InvalidSettings(format!(
-            "the dataset holds {} video clips; {} trains {family} on images only",
+        return Err(crate::common::video::images_only(
             clips.len(),
-            super::NAME
-        )));
+            super::NAME,
+            family,
+        ));
     }
     let frames: Vec<u64> = clips.iter().filter_map(|c| c.frames).collect();
     let num_frames = num_frames(num_frames_extra, &frames).unwrap_or(1);
