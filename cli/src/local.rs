@@ -174,9 +174,17 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         _ = signal.cancelled() => Err(anyhow::anyhow!("interrupted")),
     };
     let stopped = fleet.stop().await;
-    let run = result?;
+    let mut run = result?;
     stopped?;
 
+    // The demo's fleet has stopped: its download URLs (served by its
+    // coordinator) would answer nothing, so the files' paths stand alone.
+    for a in &mut run.record.artifacts {
+        a.download_url.clear();
+    }
+    for d in &mut run.record.delivered {
+        d.download_url.clear();
+    }
     print!("{}", record_text(&run.record));
     if run.record.state() == JobState::Succeeded {
         // The copy in the demo's outputs folder, else any delivered adapter.

@@ -4,6 +4,7 @@
 //! `tests/submit_trace.rs`.
 
 mod cli;
+mod demo;
 mod fleet_resume;
 mod fleet_status;
 mod observability;
