@@ -335,7 +335,7 @@ impl HubTarget {
         let folder = delivery.work.join("hub");
         tokio::fs::create_dir_all(&folder)
             .await
-            .map_err(|e| io(&folder, e))?;
+            .map_err(|e| HubApiError::io(&folder, e))?;
         for (name, bytes) in [
             ("README.md", Bytes::from(delivery.card.clone())),
             ("manifest.json", delivery.manifest.clone()),
@@ -343,7 +343,7 @@ impl HubTarget {
             let local = folder.join(name);
             tokio::fs::write(&local, &bytes)
                 .await
-                .map_err(|e| io(&local, e))?;
+                .map_err(|e| HubApiError::io(&local, e))?;
             files.push(CommitFile {
                 path: target.path_of(name),
                 local,
@@ -402,7 +402,7 @@ impl HubTarget {
                     path: file.path.clone(),
                     content: tokio::fs::read(&file.local)
                         .await
-                        .map_err(|e| io(&file.local, e))?,
+                        .map_err(|e| HubApiError::io(&file.local, e))?,
                 }
             });
         }
@@ -442,20 +442,15 @@ impl HubTarget {
 async fn sample(path: &Path) -> Result<String, HubApiError> {
     use base64::Engine as _;
     use tokio::io::AsyncReadExt;
-    let file = tokio::fs::File::open(path).await.map_err(|e| io(path, e))?;
+    let file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| HubApiError::io(path, e))?;
     let mut head = Vec::with_capacity(SAMPLE_BYTES);
     file.take(SAMPLE_BYTES as u64)
         .read_to_end(&mut head)
         .await
-        .map_err(|e| io(path, e))?;
+        .map_err(|e| HubApiError::io(path, e))?;
     Ok(base64::engine::general_purpose::STANDARD.encode(head))
-}
-
-fn io(path: &Path, e: std::io::Error) -> HubApiError {
-    HubApiError::Io {
-        path: path.display().to_string(),
-        message: e.to_string(),
-    }
 }
 
 #[cfg(test)]

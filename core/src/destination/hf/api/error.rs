@@ -48,6 +48,14 @@ fn code_suffix(code: &Option<String>) -> String {
 }
 
 impl HubApiError {
+    /// A local file at `path` could not be read.
+    pub fn io(path: &std::path::Path, e: std::io::Error) -> Self {
+        HubApiError::Io {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        }
+    }
+
     pub fn is_auth(&self) -> bool {
         matches!(self, HubApiError::Auth { .. })
     }

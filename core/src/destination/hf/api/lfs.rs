@@ -2,7 +2,7 @@
 //! (one body, or parts and a completion) without the token, and the
 //! `verify` action. See the module docs of [`super`].
 
-use super::{HubApi, HubApiError, LFS_JSON, io};
+use super::{HubApi, HubApiError, LFS_JSON};
 use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
 use reqwest::{Method, Url};
 use serde::Deserialize;
@@ -103,7 +103,7 @@ impl HubApi {
                 None => {
                     let file = tokio::fs::File::open(local)
                         .await
-                        .map_err(|e| io(local, e))?;
+                        .map_err(|e| HubApiError::io(local, e))?;
                     let request = self
                         .storage_request(Method::PUT, href)
                         .headers(action_headers(upload))
@@ -176,18 +176,18 @@ impl HubApi {
         }
         let mut file = tokio::fs::File::open(local)
             .await
-            .map_err(|e| io(local, e))?;
+            .map_err(|e| HubApiError::io(local, e))?;
         let mut done = Vec::with_capacity(parts.len());
         for (index, (number, part_url)) in parts.iter().enumerate() {
             let start = index as u64 * chunk;
             let len = chunk.min(size - start);
             file.seek(std::io::SeekFrom::Start(start))
                 .await
-                .map_err(|e| io(local, e))?;
+                .map_err(|e| HubApiError::io(local, e))?;
             let mut buffer = vec![0u8; len as usize];
             file.read_exact(&mut buffer)
                 .await
-                .map_err(|e| io(local, e))?;
+                .map_err(|e| HubApiError::io(local, e))?;
             let url = self.action_url(
                 &LfsAction {
                     href: (*part_url).clone(),

@@ -52,7 +52,6 @@ use error::error_of;
 use reqwest::header;
 use reqwest::{Method, Url};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
 use std::time::Duration;
 
 const LFS_JSON: &str = "application/vnd.git-lfs+json";
@@ -588,13 +587,6 @@ pub fn next_link(value: &str, base: &Url) -> Option<Url> {
 
 fn json_bytes(value: &serde_json::Value) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_default()
-}
-
-fn io(path: &Path, e: std::io::Error) -> HubApiError {
-    HubApiError::Io {
-        path: path.display().to_string(),
-        message: e.to_string(),
-    }
 }
 
 #[cfg(test)]
